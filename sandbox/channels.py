@@ -1,0 +1,192 @@
+"""The long-lived channels of one sandbox: its SFTP client and its pool of persistent shells."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import asyncssh
+
+from .endpoint import SSHEndpoint
+from .errors import ConnectionLost
+from .pool import CONNECTION_GONE, ConnectionPool, Lease
+from .shell import PersistentShell, ShellDied, ShellInfo
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Errors after which an SFTP client or shell is dead and must be reopened.
+CHANNEL_GONE = (*CONNECTION_GONE, ShellDied, ConnectionLost, asyncssh.SFTPConnectionLost, asyncssh.SFTPEOFError)
+
+
+class SFTPChannel:
+    """One SFTP client per sandbox, opened on first use and reopened after its connection died."""
+
+    def __init__(self, endpoint: SSHEndpoint, pool: ConnectionPool) -> None:
+        self._endpoint = endpoint
+        self._pool = pool
+        self._client: asyncssh.SFTPClient | None = None
+        self._lease: Lease | None = None
+        self._lock = asyncio.Lock()
+
+    async def client(self) -> asyncssh.SFTPClient:
+        client = self._client
+        if client is not None and self._lease is not None and self._lease.alive:
+            return client
+        async with self._lock:
+            if self._client is None or self._lease is None or not self._lease.alive:
+                self._discard()
+                self._client, self._lease = await self._pool.open_session(
+                    self._endpoint, lambda conn: conn.start_sftp_client()
+                )
+            return self._client
+
+    def invalidate(self) -> None:
+        """Forget a client that failed with a connection error, so the next call reopens it."""
+        self._discard()
+
+    async def retrying(self, operation: Callable[[asyncssh.SFTPClient], Awaitable[T]]) -> T:
+        """Run a read-only operation, retrying once on a fresh connection if the old one died."""
+        try:
+            return await operation(await self.client())
+        except CHANNEL_GONE:
+            log.info("SFTP to %s lost; re-dialing", self._endpoint.display)
+            self._discard()
+            try:
+                return await operation(await self.client())
+            except CHANNEL_GONE as exc:
+                self._discard()
+                raise ConnectionLost(f"{self._endpoint.display}: connection lost: {exc}") from None
+
+    async def once(self, operation: Callable[[asyncssh.SFTPClient], Awaitable[T]]) -> T:
+        """Run an operation with side effects; a dead connection becomes ConnectionLost."""
+        try:
+            return await operation(await self.client())
+        except CHANNEL_GONE as exc:
+            self._discard()
+            raise ConnectionLost(
+                f"{self._endpoint.display}: connection lost during the operation; it may or may not "
+                f"have taken effect, check before retrying ({exc})"
+            ) from None
+
+    def _discard(self) -> None:
+        if self._client is not None:
+            self._client.exit()
+        if self._lease is not None:
+            self._lease.release()
+        self._client, self._lease = None, None
+
+    async def close(self) -> None:
+        client, lease = self._client, self._lease
+        self._client, self._lease = None, None
+        if client is not None:
+            client.exit()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.wait_closed(), 2)
+        if lease is not None:
+            lease.release()
+
+
+class _Slot:
+    def __init__(self, shell: PersistentShell, lease: Lease) -> None:
+        self.shell, self.lease = shell, lease
+
+    @property
+    def alive(self) -> bool:
+        return self.lease.alive and self.shell.alive
+
+
+class ShellPool:
+    """Up to `size` persistent shells for one sandbox; callers borrow one for each command."""
+
+    def __init__(self, endpoint: SSHEndpoint, pool: ConnectionPool, size: int = 4, boot_timeout: float = 60) -> None:
+        self._endpoint = endpoint
+        self._pool = pool
+        self.size = size
+        self.boot_timeout = boot_timeout
+        self._idle: list[_Slot] = []
+        self._count = 0  # open or opening
+        self._changed = asyncio.Condition()
+        self._closing: set[asyncio.Task[None]] = set()
+        self.info: ShellInfo | None = None
+
+    @contextlib.asynccontextmanager
+    async def borrow(self) -> AsyncIterator[PersistentShell]:
+        """A shell for one command. A shell that failed is closed rather than returned."""
+        slot = await self._acquire()
+        healthy = False
+        try:
+            yield slot.shell
+            healthy = True
+        finally:
+            await self._give_back(slot, healthy)
+
+    def try_borrow_idle(self) -> _Slot | None:
+        """An idle shell right now, or None (used to send signals without waiting)."""
+        while self._idle:
+            slot = self._idle.pop()
+            if slot.alive:
+                return slot
+            self._drop(slot)
+        return None
+
+    async def give_back(self, slot: _Slot, healthy: bool) -> None:
+        await self._give_back(slot, healthy)
+
+    async def exec_once(self, command: str) -> asyncssh.SSHCompletedProcess:
+        """Run `command` on a fresh exec channel: for when every shell is busy."""
+        result, lease = await self._pool.open_session(self._endpoint, lambda conn: conn.run(command, check=False))
+        lease.release()
+        return result
+
+    async def _acquire(self) -> _Slot:
+        async with self._changed:
+            while True:
+                slot = self.try_borrow_idle()
+                if slot is not None:
+                    return slot
+                if self._count < self.size:
+                    self._count += 1
+                    break
+                await self._changed.wait()
+        try:
+            shell, lease = await self._pool.open_session(
+                self._endpoint, lambda conn: PersistentShell.start(conn, self.boot_timeout)
+            )
+        except BaseException:
+            async with self._changed:
+                self._count -= 1
+                self._changed.notify()
+            raise
+        self.info = shell.info
+        return _Slot(shell, lease)
+
+    async def _give_back(self, slot: _Slot, healthy: bool) -> None:
+        if healthy and slot.alive:
+            self._idle.append(slot)
+            async with self._changed:
+                self._changed.notify()
+        else:
+            await self._close_slot(slot)
+
+    def _drop(self, slot: _Slot) -> None:
+        task = asyncio.get_running_loop().create_task(self._close_slot(slot))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_slot(self, slot: _Slot) -> None:
+        self._count -= 1
+        try:
+            await slot.shell.close()
+        finally:
+            slot.lease.release()
+            async with self._changed:
+                self._changed.notify()
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for slot in idle:
+            await self._close_slot(slot)

@@ -1,0 +1,168 @@
+"""Dial one SSH connection for an endpoint: jump hosts, credentials, host-key pinning, clear errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import asyncssh
+
+from .endpoint import SSHEndpoint
+from .errors import AuthFailed, ConnectError, ConnectTimeout, HostKeyMismatch, Unreachable
+from .hostkeys import HostKeyPins, fingerprint_of, openssh_line
+
+KEEPALIVE_COUNT_MAX = 3
+_hop_closers: set[asyncio.Task[None]] = set()
+
+
+class _PinningClient(asyncssh.SSHClient):
+    """Accepts the pinned key, pins an unknown one, and remembers a mismatch so dial() can report it."""
+
+    def __init__(self, endpoint: SSHEndpoint, pins: HostKeyPins) -> None:
+        self._endpoint = endpoint
+        self._pins = pins
+        self.mismatch: tuple[str, str] | None = None
+        self.first_seen: str | None = None
+
+    def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
+        presented = openssh_line(key)
+        pinned = self._endpoint.host_key or self._pins.get(self._endpoint.host, self._endpoint.port)
+        if pinned is None:
+            # Pinned by dial() once login succeeded: only then has the server proved it holds the key.
+            self.first_seen = presented
+            return True
+        if _same_key(pinned, presented):
+            return True
+        self.mismatch = (fingerprint_of(pinned), fingerprint_of(presented))
+        return False
+
+
+def _same_key(a: str, b: str) -> bool:
+    return a.split()[:2] == b.split()[:2]
+
+
+def _connect_options(endpoint: SSHEndpoint, pinned: str | None) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "username": endpoint.login,
+        # We resolved ~/.ssh/config ourselves (SSHEndpoint.resolve); don't let asyncssh apply it again.
+        "config": None,
+        # An empty trust list routes every key through _PinningClient.validate_host_public_key.
+        "known_hosts": ([], [], []),
+        "connect_timeout": endpoint.connect_timeout,
+        "login_timeout": endpoint.login_timeout,
+        "keepalive_interval": endpoint.keepalive_interval or None,
+        "keepalive_count_max": KEEPALIVE_COUNT_MAX,
+        "gss_host": None,
+        "kbdint_auth": False,
+    }
+    if pinned:
+        # Ask for the pinned key's algorithm, or a server with several keys may show another one.
+        options["server_host_key_algs"] = [pinned.split()[0]]
+    if endpoint.token is not None:
+        # Gateway auth: the token is the user name and "none" auth is the only method offered.
+        options.update(client_keys=None, agent_path=None, password=None, preferred_auth="none")
+        return options
+    keys: list[Any] = list(endpoint.key_paths)
+    if endpoint.key_material is not None:
+        keys.append(asyncssh.import_private_key(endpoint.key_material.get_secret_value()))
+    if keys:
+        options["client_keys"] = keys
+    if not endpoint.use_agent:
+        options["agent_path"] = None
+    if endpoint.password is not None:
+        options["password"] = endpoint.password.get_secret_value()
+    return options
+
+
+async def dial(endpoint: SSHEndpoint, pins: HostKeyPins) -> asyncssh.SSHClientConnection:
+    """Open a connection to `endpoint`, through its jump hosts.
+
+    Raises:
+        HostKeyMismatch: the server's key differs from the pinned one.
+        AuthFailed: every credential was refused.
+        ConnectTimeout: connect or login took longer than the endpoint allows.
+        Unreachable: the address could not be reached.
+    """
+    tunnel: asyncssh.SSHClientConnection | None = None
+    hops: list[asyncssh.SSHClientConnection] = []
+    try:
+        for hop in endpoint.jump:
+            tunnel = await _dial_one(hop, pins, tunnel)
+            hops.append(tunnel)
+        conn = await _dial_one(endpoint, pins, tunnel)
+    except BaseException:
+        for hop_conn in reversed(hops):
+            hop_conn.close()
+        raise
+    if hops:
+        # The jump connections live exactly as long as the connection through them.
+        async def close_hops() -> None:
+            await conn.wait_closed()
+            for hop_conn in reversed(hops):
+                hop_conn.close()
+
+        task = asyncio.get_running_loop().create_task(close_hops())
+        _hop_closers.add(task)
+        task.add_done_callback(_hop_closers.discard)
+    return conn
+
+
+async def _dial_one(
+    endpoint: SSHEndpoint, pins: HostKeyPins, tunnel: asyncssh.SSHClientConnection | None
+) -> asyncssh.SSHClientConnection:
+    pinned = endpoint.host_key or pins.get(endpoint.host, endpoint.port)
+    client = _PinningClient(endpoint, pins)
+    options = _connect_options(endpoint, pinned)
+    if tunnel is not None:
+        options["tunnel"] = tunnel
+    sock = None
+    try:
+        if endpoint.socket_factory is not None:
+            sock = await asyncio.wait_for(endpoint.socket_factory(), endpoint.connect_timeout)
+            options["sock"] = sock
+        conn, _ = await asyncssh.create_connection(lambda: client, endpoint.host, endpoint.port, **options)
+        if client.first_seen is not None:
+            pins.pin(endpoint.host, endpoint.port, client.first_seen)
+        return conn
+    except asyncssh.HostKeyNotVerifiable as exc:
+        if client.mismatch:
+            raise HostKeyMismatch(endpoint.host, endpoint.port, *client.mismatch) from None
+        raise ConnectError(f"{endpoint.display}: host key not accepted: {exc.reason}") from None
+    except asyncssh.PermissionDenied:
+        raise AuthFailed(
+            f"{endpoint.display}: authentication failed; the server refused {_offered(endpoint)}. "
+            "Check the user name and that the key is in the account's authorized_keys"
+        ) from None
+    except (TimeoutError, asyncio.TimeoutError):
+        raise ConnectTimeout(
+            f"{endpoint.display}: no SSH session within {endpoint.connect_timeout:g}s (connect) / "
+            f"{endpoint.login_timeout:g}s (login); check that the host is up and the port is right"
+        ) from None
+    except asyncssh.ConnectionLost as exc:
+        if "timeout" in (exc.reason or "").lower():
+            raise ConnectTimeout(
+                f"{endpoint.display}: login did not finish within {endpoint.login_timeout:g}s"
+            ) from None
+        raise Unreachable(f"{endpoint.display}: connection closed during login: {exc.reason}") from None
+    except (OSError, asyncssh.DisconnectError) as exc:
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise Unreachable(f"{endpoint.display}: cannot connect: {reason}") from None
+
+
+def _offered(endpoint: SSHEndpoint) -> str:
+    if endpoint.token is not None:
+        return "the gateway token"
+    offered = []
+    if endpoint.key_paths or endpoint.key_material:
+        offered.append("the configured key")
+    else:
+        offered.append("the default keys in ~/.ssh")
+    if endpoint.use_agent:
+        offered.append("the ssh-agent's keys")
+    if endpoint.password is not None:
+        offered.append("the password")
+    return ", ".join(offered)

@@ -1,0 +1,160 @@
+"""Typed errors raised by the sandbox engine.
+
+Every message says what happened and what to do next: the MCP layer hands them to agents verbatim.
+"""
+
+from __future__ import annotations
+
+
+class SandboxError(Exception):
+    """Base class of everything tether's engine raises on purpose."""
+
+
+# --- connecting -------------------------------------------------------------------------------------
+
+
+class ConnectError(SandboxError):
+    """The SSH connection could not be established."""
+
+
+class Unreachable(ConnectError):
+    """Nothing answered at the endpoint's address."""
+
+
+class ConnectTimeout(ConnectError):
+    """Connecting or logging in took longer than allowed."""
+
+
+class AuthFailed(ConnectError):
+    """The server refused every credential offered."""
+
+
+class HostKeyMismatch(ConnectError):
+    """The server's host key differs from the one pinned on first use."""
+
+    def __init__(self, host: str, port: int, pinned: str, presented: str) -> None:
+        self.host, self.port, self.pinned, self.presented = host, port, pinned, presented
+        super().__init__(
+            f"host key for {host}:{port} changed: pinned {pinned}, server presented {presented}. "
+            "This can mean the machine was rebuilt, or that someone is intercepting the connection. "
+            f"If you expect the change, remove the pin with `tether forget-host {host}:{port}` and retry."
+        )
+
+
+class ConnectionLost(SandboxError):
+    """The connection died while an operation that cannot be retried safely was in flight."""
+
+
+class InvalidEndpoint(SandboxError, ValueError):
+    """An SSH address or ssh_config alias could not be understood."""
+
+
+# --- files ------------------------------------------------------------------------------------------
+
+
+class FileOperationError(SandboxError):
+    """A file operation failed; `path` names the remote path."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        super().__init__(message)
+
+
+class FileNotFound(FileOperationError, FileNotFoundError):
+    def __init__(self, path: str, hint: str = "") -> None:
+        super().__init__(path, f"{path}: no such file or directory{hint or '; check the path with glob'}")
+
+
+class IsADirectory(FileOperationError, IsADirectoryError):
+    def __init__(self, path: str) -> None:
+        super().__init__(path, f"{path} is a directory; list its files with glob (pattern '*', path '{path}')")
+
+
+class NotADirectory(FileOperationError, NotADirectoryError):
+    def __init__(self, path: str) -> None:
+        super().__init__(path, f"{path}: a component of the path is not a directory")
+
+
+class PermissionDenied(FileOperationError, PermissionError):
+    def __init__(self, path: str) -> None:
+        super().__init__(path, f"{path}: permission denied for the sandbox user")
+
+
+class BinaryFile(FileOperationError):
+    def __init__(self, path: str, size: int) -> None:
+        self.size = size
+        super().__init__(
+            path, f"{path} is a binary file ({size} bytes); fetch it with download instead of reading it as text"
+        )
+
+
+class FileTooLarge(FileOperationError):
+    def __init__(self, path: str, size: int, limit: int) -> None:
+        self.size, self.limit = size, limit
+        super().__init__(path, f"{path} is {size} bytes, over the {limit}-byte limit; use download instead")
+
+
+class NoMatch(FileOperationError):
+    """An edit's old_string does not occur in the file."""
+
+    def __init__(self, path: str, edit_index: int | None = None) -> None:
+        self.edit_index = edit_index
+        which = f"edit {edit_index}: " if edit_index is not None else ""
+        super().__init__(
+            path,
+            f"{which}old_string not found in {path}; read the file again and copy the text exactly, "
+            "including whitespace and indentation",
+        )
+
+
+class NotUnique(FileOperationError):
+    """An edit's old_string occurs more than once and replace_all was not set."""
+
+    def __init__(self, path: str, count: int, lines: list[int], edit_index: int | None = None) -> None:
+        self.count, self.lines, self.edit_index = count, lines, edit_index
+        which = f"edit {edit_index}: " if edit_index is not None else ""
+        shown = ", ".join(str(n) for n in lines[:20]) + (", …" if len(lines) > 20 else "")
+        super().__init__(
+            path,
+            f"{which}old_string matches {count} times in {path} (lines {shown}): "
+            "add surrounding context to make it unique, or set replace_all",
+        )
+
+
+class InvalidEdit(FileOperationError, ValueError):
+    """An edit that can never apply (old == new, empty old_string on a non-empty file, …)."""
+
+    def __init__(self, path: str, reason: str, edit_index: int | None = None) -> None:
+        self.edit_index = edit_index
+        which = f"edit {edit_index}: " if edit_index is not None else ""
+        super().__init__(path, f"{which}{reason}")
+
+
+class EditConflict(FileOperationError):
+    """The file changed between tether reading it and writing the edit back."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            path, f"{path} changed while the edit was being applied; nothing was written. Read it again and retry"
+        )
+
+
+# --- commands and jobs ------------------------------------------------------------------------------
+
+
+class CommandTimeout(SandboxError):
+    """Raised only by callers that ask for it; `run` itself reports timeouts in its result."""
+
+    def __init__(self, command: str, timeout: float) -> None:
+        self.command, self.timeout = command, timeout
+        super().__init__(f"command timed out after {timeout:g}s and was killed: {command[:200]}")
+
+
+class JobNotFound(SandboxError, LookupError):
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"no background job {job_id!r} in this sandbox; list jobs with job_list")
+
+
+class InvalidArgument(SandboxError, ValueError):
+    """An argument that tether refuses before anything is sent."""

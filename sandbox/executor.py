@@ -1,0 +1,285 @@
+"""Running commands in a sandbox: cwd and env per call, timeouts, output caps, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import posixpath
+import re
+import secrets
+import shlex
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import asyncssh
+
+from .channels import CHANNEL_GONE, SFTPChannel, ShellPool
+from .errors import ConnectionLost, InvalidArgument
+from .shell import PersistentShell
+
+log = logging.getLogger(__name__)
+
+MAX_OUTPUT_CHARS = 30_000
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+SIGNALS = ("HUP", "INT", "QUIT", "KILL", "TERM", "USR1", "USR2", "CONT", "STOP")
+
+
+@dataclass
+class RunResult:
+    """What `run` returns. `stdout_path`/`stderr_path` name the remote file with the whole stream
+    when it was cut to the cap."""
+
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    timed_out: bool
+    truncated: bool
+    duration_ms: float
+    cwd: str
+    stdout_path: str | None = None
+    stderr_path: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+
+@dataclass
+class RawResult:
+    """`exec_raw`'s result: whole streams as bytes, for tether's own tools (grep, glob, jobs)."""
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    stdout_truncated: bool
+
+
+def build_script(command: str | Sequence[str], env: Mapping[str, str] | None) -> str:
+    """The text the child evaluates: env exports, then the command.
+
+    A string is shell code (it is what the agent asked to run). A sequence is an argv whose every
+    element is quoted, so no part of it is ever interpreted by a shell.
+    """
+    if isinstance(command, str):
+        text = command
+    else:
+        if not command:
+            raise InvalidArgument("empty command")
+        text = " ".join(shlex.quote(str(part)) for part in command)
+    if not text.strip():
+        raise InvalidArgument("empty command")
+    if "\0" in text:
+        raise InvalidArgument("a command cannot contain NUL bytes")
+    exports = []
+    for name, value in (env or {}).items():
+        if not _ENV_NAME.match(name):
+            raise InvalidArgument(f"invalid environment variable name {name!r}")
+        if "\0" in value:
+            raise InvalidArgument(f"environment variable {name} contains a NUL byte")
+        exports.append(f"export {name}={shlex.quote(value)}")
+    return "\n".join([*exports, text]) if exports else text
+
+
+def cap_text(data: bytes, max_chars: int) -> tuple[str, bool]:
+    """Decode and keep the head and tail when longer than `max_chars` characters."""
+    text = data.decode("utf-8", "replace")
+    if len(text) <= max_chars:
+        return text, False
+    return _head_tail(text[: max_chars], text[-max_chars:], len(text), max_chars), True
+
+
+def _head_tail(head_source: str, tail_source: str, total: int | None, max_chars: int) -> str:
+    half = max_chars // 2
+    omitted = f"{total - 2 * half} characters" if total is not None else "output"
+    return f"{head_source[:half]}\n… [{omitted} omitted] …\n{tail_source[-half:]}"
+
+
+class Executor:
+    """Runs commands through a sandbox's shell pool; output files are read back over SFTP."""
+
+    def __init__(self, shells: ShellPool, sftp: SFTPChannel) -> None:
+        self._shells = shells
+        self._sftp = sftp
+        self.cwd: str | None = None
+        self._cleanup: set[asyncio.Task[None]] = set()
+
+    # -- public --------------------------------------------------------------------------------------
+
+    async def run(
+        self,
+        command: str | Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 120.0,
+        max_chars: int = MAX_OUTPUT_CHARS,
+    ) -> RunResult:
+        """Run a command; see `Sandbox.run`."""
+        script = build_script(command, env)
+        if timeout <= 0:
+            raise InvalidArgument("timeout must be positive")
+        started = time.monotonic()
+        async with self._shells.borrow() as shell:
+            start_dir = self._resolve_cwd(shell, cwd)
+            command_id = secrets.token_hex(8)
+            finished, timed_out = await self._execute(shell, command_id, start_dir, script, timeout)
+            self.cwd = finished.cwd or start_dir
+            run_dir = shell.info.run_dir
+        stdout, out_cut, out_path = await self._collect(f"{run_dir}/{command_id}.o", finished.has_stdout, max_chars)
+        stderr, err_cut, err_path = await self._collect(f"{run_dir}/{command_id}.e", finished.has_stderr, max_chars)
+        self._remove_later(f"{run_dir}/{command_id}.c", *(p for p, keep in
+                           ((f"{run_dir}/{command_id}.o", out_cut), (f"{run_dir}/{command_id}.e", err_cut)) if not keep))
+        exit_code = None if timed_out else finished.exit_code
+        return RunResult(
+            exit_code=exit_code,
+            stdout=stdout,
+            stderr=stderr,
+            timed_out=timed_out,
+            truncated=out_cut or err_cut,
+            duration_ms=round((time.monotonic() - started) * 1000, 3),
+            cwd=self.cwd,
+            stdout_path=out_path,
+            stderr_path=err_path,
+        )
+
+    async def exec_raw(
+        self, argv: Sequence[str], *, cwd: str | None = None, timeout: float = 120.0, max_bytes: int = 8 << 20
+    ) -> RawResult:
+        """Run an argv for tether itself; the session cwd is neither used nor changed unless `cwd` is None."""
+        script = build_script(argv, None)
+        async with self._shells.borrow() as shell:
+            start_dir = self._resolve_cwd(shell, cwd)
+            command_id = secrets.token_hex(8)
+            finished, timed_out = await self._execute(shell, command_id, start_dir, script, timeout)
+            run_dir = shell.info.run_dir
+        paths = [f"{run_dir}/{command_id}.{s}" for s in "oec"]
+        stdout, cut = await self._read_head(paths[0], max_bytes) if finished.has_stdout else (b"", False)
+        stderr, _ = await self._read_head(paths[1], 64 << 10) if finished.has_stderr else (b"", False)
+        self._remove_later(*paths)
+        if timed_out:
+            raise TimeoutError(f"{argv[0]} did not finish within {timeout:g}s")
+        return RawResult(finished.exit_code, stdout, stderr, cut)
+
+    async def signal_group(self, pid: int, signal: str = "KILL") -> None:
+        """Send `signal` to the process group `pid` leads (and to `pid` itself, should it lead none)."""
+        if signal not in SIGNALS:
+            raise InvalidArgument(f"unknown signal {signal!r}; use one of {', '.join(SIGNALS)}")
+        script = f"kill -{signal} -{int(pid)} 2>/dev/null || kill -{signal} {int(pid)} 2>/dev/null; true"
+        slot = self._shells.try_borrow_idle()
+        if slot is not None:
+            healthy = False
+            try:
+                command_id = secrets.token_hex(8)
+                home = slot.shell.info.home
+                await slot.shell.begin(command_id, home, script)
+                await slot.shell.finish(command_id)
+                self._remove_later(*(f"{slot.shell.info.run_dir}/{command_id}.{s}" for s in "oec"))
+                healthy = True
+                return
+            except CHANNEL_GONE:
+                pass
+            finally:
+                await self._shells.give_back(slot, healthy)
+        # Every shell is busy: one exec channel, whatever the user's shell start-up costs.
+        await self._shells.exec_once(script)
+
+    async def home(self) -> str:
+        """The sandbox user's home directory (starts a shell if none has yet)."""
+        if self._shells.info is None:
+            async with self._shells.borrow():
+                pass
+        assert self._shells.info is not None
+        return self._shells.info.home
+
+    async def close(self) -> None:
+        if self._cleanup:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.gather(*self._cleanup, return_exceptions=True), 5)
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    def _resolve_cwd(self, shell: PersistentShell, cwd: str | None) -> str:
+        base = self.cwd or shell.info.home
+        if cwd is None:
+            return base
+        if cwd == "~" or cwd.startswith("~/"):
+            cwd = shell.info.home + cwd[1:]
+        return posixpath.normpath(posixpath.join(base, cwd))
+
+    async def _execute(
+        self, shell: PersistentShell, command_id: str, cwd: str, script: str, timeout: float
+    ) -> tuple[object, bool]:
+        pid: int | None = None
+        try:
+            pid = await shell.begin(command_id, cwd, script)
+            try:
+                async with asyncio.timeout(timeout):
+                    return await shell.finish(command_id), False
+            except TimeoutError:
+                await self.signal_group(pid, "KILL")
+                return await shell.finish(command_id), True
+        except asyncio.CancelledError:
+            # The caller gave up (an MCP cancel, a KeyboardInterrupt): the remote work must stop too.
+            # The borrowed shell is discarded (its record would arrive late); a background task kills
+            # the process group through another shell.
+            if pid is not None:
+                task = asyncio.get_running_loop().create_task(self._kill_quietly(pid))
+                self._cleanup.add(task)
+                task.add_done_callback(self._cleanup.discard)
+            raise
+        except CHANNEL_GONE as exc:
+            raise ConnectionLost(
+                f"connection lost while the command was running; it may have been cut short "
+                f"or may still be running on the box ({exc})"
+            ) from None
+
+    async def _kill_quietly(self, pid: int) -> None:
+        try:
+            await self.signal_group(pid, "KILL")
+        except Exception as exc:  # the connection may be gone too; nothing else can be done from here
+            log.warning("could not kill process group %d after cancellation: %s", pid, exc)
+
+    async def _collect(self, path: str, present: bool, max_chars: int) -> tuple[str, bool, str | None]:
+        """The stream's text capped to `max_chars` (head + tail), whether it was cut, and its path if so."""
+        if not present:
+            return "", False, None
+
+        async def read(sftp: asyncssh.SFTPClient) -> tuple[str, bool]:
+            async with sftp.open(path, "rb") as f:
+                size = (await f.stat()).size or 0
+                # A character is at most 4 bytes: reading 4 × max_chars is enough to decide.
+                if size <= 4 * max_chars:
+                    return cap_text(await f.read(), max_chars)
+                head = (await f.read(4 * max_chars)).decode("utf-8", "replace")
+                await f.seek(size - 4 * max_chars)
+                tail = (await f.read(4 * max_chars)).decode("utf-8", "replace")
+                return _head_tail(head, tail, None, max_chars), True
+
+        text, cut = await self._sftp.retrying(read)
+        if cut:
+            text += f"\n[output cut to {max_chars} characters; the whole stream is in {path}]"
+        return text, cut, path if cut else None
+
+    async def _read_head(self, path: str, max_bytes: int) -> tuple[bytes, bool]:
+        async def read(sftp: asyncssh.SFTPClient) -> tuple[bytes, bool]:
+            async with sftp.open(path, "rb") as f:
+                data = await f.read(max_bytes + 1)
+            return data[:max_bytes], len(data) > max_bytes
+
+        return await self._sftp.retrying(read)
+
+    def _remove_later(self, *paths: str) -> None:
+        """Delete finished commands' files off the hot path; a failure only leaves a small file behind."""
+        if not paths:
+            return
+
+        async def remove() -> None:
+            with contextlib.suppress(Exception):
+                sftp = await self._sftp.client()
+                await asyncio.gather(*(sftp.remove(p) for p in paths), return_exceptions=True)
+
+        task = asyncio.get_running_loop().create_task(remove())
+        self._cleanup.add(task)
+        task.add_done_callback(self._cleanup.discard)

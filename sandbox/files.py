@@ -1,0 +1,465 @@
+"""File operations over SFTP with the semantics agents are trained on (Claude Code's Read/Write/Edit)."""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import posixpath
+import secrets
+import stat as stat_module
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import asyncssh
+
+from .channels import SFTPChannel
+from .errors import (
+    BinaryFile,
+    EditConflict,
+    FileNotFound,
+    FileOperationError,
+    FileTooLarge,
+    InvalidArgument,
+    InvalidEdit,
+    IsADirectory,
+    NoMatch,
+    NotADirectory,
+    NotUnique,
+    PermissionDenied,
+)
+
+DEFAULT_LINE_LIMIT = 2000
+MAX_LINE_CHARS = 2000
+MAX_IMAGE_BYTES = 5 * 1024 * 1024
+MAX_TEXT_BYTES = 256 * 1024 * 1024  # read() refuses bigger files: download them
+MAX_EDIT_BYTES = 64 * 1024 * 1024
+BINARY_SNIFF_BYTES = 8192
+
+IMAGE_TYPES = {  # extension → (MIME type, magic prefix check)
+    ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif", ".webp": "image/webp",
+}
+
+FileType = Literal["file", "directory", "symlink", "other"]
+
+
+@dataclass
+class Image:
+    path: str
+    mime_type: str
+    data: bytes
+
+
+@dataclass
+class ReadResult:
+    """A window of a text file as `cat -n` shows it."""
+
+    path: str
+    text: str  # numbered lines
+    start_line: int
+    end_line: int  # last line shown (start_line - 1 when none)
+    total_lines: int
+    lines_cut: int  # lines longer than MAX_LINE_CHARS that were shortened
+
+    @property
+    def more_after(self) -> bool:
+        return self.end_line < self.total_lines
+
+
+@dataclass
+class WriteResult:
+    path: str
+    bytes: int
+    created: bool
+
+
+@dataclass
+class EditResult:
+    path: str
+    replacements: int
+    diff: str
+
+
+@dataclass
+class Edit:
+    old_string: str
+    new_string: str
+    replace_all: bool = False
+
+
+@dataclass
+class FileStat:
+    path: str
+    type: FileType
+    size: int
+    mode: int  # permission bits
+    mtime: float
+    symlink_target: str | None = None
+
+
+def sftp_error(path: str, exc: Exception) -> Exception:
+    """The typed error for an SFTP failure on `path`."""
+    if isinstance(exc, asyncssh.SFTPNoSuchFile):
+        return FileNotFound(path)
+    if isinstance(exc, asyncssh.SFTPPermissionDenied):
+        return PermissionDenied(path)
+    if isinstance(exc, asyncssh.SFTPNotADirectory):
+        return NotADirectory(path)
+    if isinstance(exc, asyncssh.SFTPFileIsADirectory):
+        return IsADirectory(path)
+    if isinstance(exc, asyncssh.SFTPError):
+        return FileOperationError(path, f"{path}: {exc.reason}")
+    return exc
+
+
+def _kind(attrs: asyncssh.SFTPAttrs) -> FileType:
+    mode = attrs.permissions or 0
+    if stat_module.S_ISDIR(mode):
+        return "directory"
+    if stat_module.S_ISREG(mode):
+        return "file"
+    if stat_module.S_ISLNK(mode):
+        return "symlink"
+    return "other"
+
+
+def _looks_binary(head: bytes) -> bool:
+    return b"\0" in head[:BINARY_SNIFF_BYTES]
+
+
+def number_lines(lines: Sequence[str], first: int) -> tuple[str, int]:
+    """`cat -n` formatting; lines over MAX_LINE_CHARS are cut with a marker. Returns (text, lines cut)."""
+    out, cut = [], 0
+    for number, line in enumerate(lines, first):
+        if len(line) > MAX_LINE_CHARS:
+            line = f"{line[:MAX_LINE_CHARS]}… [line cut: {len(line)} characters]"
+            cut += 1
+        out.append(f"{number:>6}\t{line}")
+    return "\n".join(out), cut
+
+
+def split_lines(text: str) -> list[str]:
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def line_numbers_of(text: str, needle: str) -> list[int]:
+    """1-based line numbers where each occurrence of `needle` starts."""
+    numbers, at = [], text.find(needle)
+    while at >= 0:
+        numbers.append(text.count("\n", 0, at) + 1)
+        at = text.find(needle, at + max(1, len(needle)))
+    return numbers
+
+
+def apply_edits(path: str, text: str, edits: Sequence[Edit], indexed: bool) -> tuple[str, int]:
+    """Apply edits in order to `text`; raise on the first that cannot apply. Returns (text, replacements)."""
+    total = 0
+    for index, edit in enumerate(edits):
+        which = index if indexed else None
+        if edit.old_string == edit.new_string:
+            raise InvalidEdit(path, "old_string and new_string are identical; nothing to change", which)
+        if edit.old_string == "":
+            if text:
+                raise InvalidEdit(path, "old_string is empty but the file is not; quote the text to replace", which)
+            text, total = edit.new_string, total + 1
+            continue
+        count = text.count(edit.old_string)
+        if count == 0:
+            raise NoMatch(path, which)
+        if count > 1 and not edit.replace_all:
+            raise NotUnique(path, count, line_numbers_of(text, edit.old_string), which)
+        text = text.replace(edit.old_string, edit.new_string) if edit.replace_all else text.replace(
+            edit.old_string, edit.new_string, 1
+        )
+        total += count if edit.replace_all else 1
+    return text, total
+
+
+def unified_diff(path: str, before: str, after: str) -> str:
+    return "".join(
+        difflib.unified_diff(
+            before.splitlines(keepends=True), after.splitlines(keepends=True), f"a{path}" if path.startswith("/")
+            else f"a/{path}", f"b{path}" if path.startswith("/") else f"b/{path}", n=3
+        )
+    )
+
+
+class Files:
+    """SFTP file operations. Paths given here are already absolute (the Sandbox resolves them)."""
+
+    def __init__(self, sftp: SFTPChannel) -> None:
+        self._sftp = sftp
+
+    # -- read ----------------------------------------------------------------------------------------
+
+    async def read(self, path: str, offset: int = 1, limit: int = DEFAULT_LINE_LIMIT) -> ReadResult | Image:
+        """A window of numbered lines, or the bytes of an image.
+
+        Raises: FileNotFound, IsADirectory, BinaryFile, FileTooLarge, PermissionDenied.
+        """
+        if offset < 1:
+            raise InvalidArgument("offset is a 1-based line number; it must be at least 1")
+        if limit < 1:
+            raise InvalidArgument("limit must be at least 1")
+
+        async def read(sftp: asyncssh.SFTPClient) -> tuple[asyncssh.SFTPAttrs, bytes]:
+            try:
+                async with sftp.open(path, "rb") as f:
+                    attrs = await f.stat()
+                    if _kind(attrs) == "directory":
+                        raise IsADirectory(path)
+                    size = attrs.size or 0
+                    limit_bytes = MAX_IMAGE_BYTES if _image_type(path) else MAX_TEXT_BYTES
+                    if size > limit_bytes:
+                        raise FileTooLarge(path, size, limit_bytes)
+                    return attrs, await f.read()
+            except asyncssh.SFTPError as exc:
+                raise sftp_error(path, exc) from None
+
+        attrs, data = await self._sftp.retrying(read)
+        mime = _image_type(path)
+        if mime and _image_magic_ok(mime, data):
+            return Image(path, mime, data)
+        if _looks_binary(data):
+            raise BinaryFile(path, len(data))
+        lines = split_lines(data.decode("utf-8", "replace"))
+        window = lines[offset - 1 : offset - 1 + limit]
+        text, cut = number_lines(window, offset)
+        return ReadResult(path, text, offset, offset + len(window) - 1, len(lines), cut)
+
+    async def read_bytes(self, path: str, max_bytes: int = MAX_TEXT_BYTES) -> bytes:
+        async def read(sftp: asyncssh.SFTPClient) -> bytes:
+            try:
+                async with sftp.open(path, "rb") as f:
+                    attrs = await f.stat()
+                    if _kind(attrs) == "directory":
+                        raise IsADirectory(path)
+                    if (attrs.size or 0) > max_bytes:
+                        raise FileTooLarge(path, attrs.size or 0, max_bytes)
+                    return await f.read()
+            except asyncssh.SFTPError as exc:
+                raise sftp_error(path, exc) from None
+
+        return await self._sftp.retrying(read)
+
+    # -- write ---------------------------------------------------------------------------------------
+
+    async def write(self, path: str, content: str | bytes) -> WriteResult:
+        """Atomically replace (or create) `path`: temp file in the same directory, then rename.
+
+        Parent directories are created; an existing file keeps its permission bits; writing through
+        a symlink replaces the file it points to, not the link.
+        """
+        data = content.encode() if isinstance(content, str) else content
+        target, existing = await self._write_target(path)
+        if existing is not None and _kind(existing) == "directory":
+            raise IsADirectory(path)
+        mode = (existing.permissions or 0) & 0o7777 if existing is not None else None
+        await self._sftp.once(lambda sftp: self._replace(sftp, target, data, mode, expect=None))
+        return WriteResult(path, len(data), existing is None)
+
+    async def _write_target(self, path: str) -> tuple[str, asyncssh.SFTPAttrs | None]:
+        """The path to replace (a symlink's target) and its current attributes (None if absent)."""
+
+        async def look(sftp: asyncssh.SFTPClient) -> tuple[str, asyncssh.SFTPAttrs | None]:
+            try:
+                attrs = await sftp.lstat(path)
+            except asyncssh.SFTPNoSuchFile:
+                return path, None
+            except asyncssh.SFTPError as exc:
+                raise sftp_error(path, exc) from None
+            if _kind(attrs) != "symlink":
+                return path, attrs
+            try:
+                target = await sftp.realpath(path)
+                return target, await sftp.stat(target)
+            except asyncssh.SFTPNoSuchFile:
+                # A dangling link: create the file it names.
+                link = await sftp.readlink(path)
+                return posixpath.join(posixpath.dirname(path), link), None
+
+        return await self._sftp.retrying(look)
+
+    async def _replace(
+        self, sftp: asyncssh.SFTPClient, path: str, data: bytes, mode: int | None, expect: bytes | None
+    ) -> None:
+        """Write `data` to a temp file beside `path` and rename it over `path`.
+
+        With `expect`, the current content is compared just before the rename and EditConflict
+        raised if it changed since it was read.
+        """
+        directory, name = posixpath.split(path)
+        temp = posixpath.join(directory, f".{name}.tether-{secrets.token_hex(4)}.tmp")
+        try:
+            try:
+                f = await sftp.open(temp, "xb")
+            except asyncssh.SFTPNoSuchFile:
+                await sftp.makedirs(directory, exist_ok=True)
+                f = await sftp.open(temp, "xb")
+        except asyncssh.SFTPError as exc:
+            raise sftp_error(directory if isinstance(exc, asyncssh.SFTPNoSuchFile) else path, exc) from None
+        renamed = False
+        try:
+            async with f:
+                pending = [f.write(data)] if data else []
+                if mode is not None:
+                    pending.append(f.chmod(mode))
+                await asyncio.gather(*pending)
+            if expect is not None:
+                try:
+                    async with sftp.open(path, "rb") as current:
+                        if await current.read() != expect:
+                            raise EditConflict(path)
+                except asyncssh.SFTPNoSuchFile:
+                    raise EditConflict(path) from None
+            await sftp.posix_rename(temp, path)
+            renamed = True
+        except asyncssh.SFTPError as exc:
+            raise sftp_error(path, exc) from None
+        finally:
+            if not renamed:
+                try:
+                    await sftp.remove(temp)
+                except (asyncssh.SFTPError, asyncssh.Error, OSError):
+                    pass
+
+    # -- edit ----------------------------------------------------------------------------------------
+
+    async def edit(self, path: str, old_string: str, new_string: str, replace_all: bool = False) -> EditResult:
+        """Replace one exact occurrence (or every one, with replace_all). See `multi_edit`."""
+        return await self._edit(path, [Edit(old_string, new_string, replace_all)], indexed=False)
+
+    async def multi_edit(self, path: str, edits: Sequence[Edit]) -> EditResult:
+        """Apply edits in order to the file's text, then write once: all of them or none.
+
+        Raises: FileNotFound, NoMatch, NotUnique, InvalidEdit (naming the failing edit's index),
+        EditConflict (the file changed while the edit was applied), BinaryFile.
+        """
+        if not edits:
+            raise InvalidArgument("multi_edit needs at least one edit")
+        return await self._edit(path, list(edits), indexed=True)
+
+    async def _edit(self, path: str, edits: list[Edit], indexed: bool) -> EditResult:
+        target, existing = await self._write_target(path)
+        if existing is None:
+            # Claude Code's convention: an empty old_string on a missing file creates it.
+            if edits[0].old_string == "":
+                after, count = apply_edits(path, "", edits, indexed)
+                await self.write(path, after)
+                return EditResult(path, count, unified_diff(path, "", after))
+            raise FileNotFound(path, "; create it with write, or check the path with glob")
+        if _kind(existing) == "directory":
+            raise IsADirectory(path)
+        if (existing.size or 0) > MAX_EDIT_BYTES:
+            raise FileTooLarge(path, existing.size or 0, MAX_EDIT_BYTES)
+
+        async def read(sftp: asyncssh.SFTPClient) -> bytes:
+            try:
+                async with sftp.open(target, "rb") as f:
+                    return await f.read()
+            except asyncssh.SFTPError as exc:
+                raise sftp_error(path, exc) from None
+
+        original = await self._sftp.retrying(read)
+        if _looks_binary(original):
+            raise BinaryFile(path, len(original))
+        try:
+            before = original.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FileOperationError(path, f"{path} is not UTF-8 text; edit refuses to re-encode it") from None
+        after, count = apply_edits(path, before, edits, indexed)
+        mode = (existing.permissions or 0) & 0o7777
+        await self._sftp.once(lambda sftp: self._replace(sftp, target, after.encode(), mode, expect=original))
+        return EditResult(path, count, unified_diff(path, before, after))
+
+    # -- metadata ------------------------------------------------------------------------------------
+
+    async def stat(self, path: str) -> FileStat:
+        """Type, size, permission bits and mtime; a symlink is followed and its target named."""
+
+        async def look(sftp: asyncssh.SFTPClient) -> FileStat:
+            try:
+                attrs = await sftp.lstat(path)
+                target = None
+                if _kind(attrs) == "symlink":
+                    target = await sftp.readlink(path)
+                    try:
+                        attrs = await sftp.stat(path)
+                    except asyncssh.SFTPNoSuchFile:
+                        pass  # dangling: report the link itself
+            except asyncssh.SFTPError as exc:
+                raise sftp_error(path, exc) from None
+            return FileStat(path, _kind(attrs), attrs.size or 0, (attrs.permissions or 0) & 0o7777,
+                            float(attrs.mtime or 0), target)
+
+        return await self._sftp.retrying(look)
+
+    async def exists(self, path: str) -> bool:
+        try:
+            await self.stat(path)
+        except FileNotFound:
+            return False
+        return True
+
+    async def list_dir(self, path: str) -> list[FileStat]:
+        """Entries of a directory (without . and ..), sorted by name."""
+
+        async def listing(sftp: asyncssh.SFTPClient) -> list[FileStat]:
+            try:
+                names = await sftp.readdir(path)
+            except asyncssh.SFTPError as exc:
+                raise sftp_error(path, exc) from None
+            entries = []
+            for entry in names:
+                name = entry.filename if isinstance(entry.filename, str) else entry.filename.decode(
+                    "utf-8", "surrogateescape")
+                if name in (".", ".."):
+                    continue
+                attrs = entry.attrs
+                entries.append(FileStat(posixpath.join(path, name), _kind(attrs), attrs.size or 0,
+                                        (attrs.permissions or 0) & 0o7777, float(attrs.mtime or 0)))
+            return sorted(entries, key=lambda e: e.path)
+
+        try:
+            return await self._sftp.retrying(listing)
+        except FileOperationError as exc:
+            if isinstance(exc, FileNotFound | PermissionDenied):
+                raise
+            stat = await self.stat(path)
+            if stat.type != "directory":
+                raise NotADirectory(path) from None
+            raise
+
+    async def remove(self, path: str) -> None:
+        async def remove(sftp: asyncssh.SFTPClient) -> None:
+            try:
+                await sftp.remove(path)
+            except asyncssh.SFTPError as exc:
+                raise sftp_error(path, exc) from None
+
+        await self._sftp.once(remove)
+
+    async def makedirs(self, path: str) -> None:
+        async def make(sftp: asyncssh.SFTPClient) -> None:
+            try:
+                await sftp.makedirs(path, exist_ok=True)
+            except asyncssh.SFTPError as exc:
+                raise sftp_error(path, exc) from None
+
+        await self._sftp.once(make)
+
+
+def _image_type(path: str) -> str | None:
+    return IMAGE_TYPES.get(posixpath.splitext(path)[1].lower())
+
+
+def _image_magic_ok(mime: str, data: bytes) -> bool:
+    return {
+        "image/png": data.startswith(b"\x89PNG\r\n\x1a\n"),
+        "image/jpeg": data.startswith(b"\xff\xd8\xff"),
+        "image/gif": data[:6] in (b"GIF87a", b"GIF89a"),
+        "image/webp": data[:4] == b"RIFF" and data[8:12] == b"WEBP",
+    }[mime]

@@ -1,0 +1,47 @@
+"""Trust on first use: the first host key a server shows is pinned; a different one later is refused."""
+
+from __future__ import annotations
+
+import time
+
+import asyncssh
+
+from .state import StateStore
+
+
+def openssh_line(key: asyncssh.SSHKey) -> str:
+    """`ssh-ed25519 AAAA…` without a comment, the form we store and compare."""
+    algorithm, blob = key.export_public_key("openssh").decode().split()[:2]
+    return f"{algorithm} {blob}"
+
+
+def fingerprint_of(line: str) -> str:
+    return asyncssh.import_public_key(line).get_fingerprint("sha256")
+
+
+class HostKeyPins:
+    """The `host_keys` table of the state store, keyed by the host name as tether dials it and the port."""
+
+    def __init__(self, store: StateStore) -> None:
+        self._store = store
+
+    def get(self, host: str, port: int) -> str | None:
+        rows = self._store.query("SELECT key FROM host_keys WHERE host = ? AND port = ?", (host, port))
+        return rows[0]["key"] if rows else None
+
+    def pin(self, host: str, port: int, line: str) -> None:
+        """Record `line` unless a key is already pinned (a concurrent first use must not overwrite)."""
+        with self._store.transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO host_keys (host, port, key, fingerprint, first_seen)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (host, port, line, fingerprint_of(line), time.time()),
+            )
+
+    def forget(self, host: str, port: int) -> bool:
+        with self._store.transaction() as db:
+            return db.execute("DELETE FROM host_keys WHERE host = ? AND port = ?", (host, port)).rowcount > 0
+
+    def all(self) -> list[tuple[str, int, str]]:
+        rows = self._store.query("SELECT host, port, fingerprint FROM host_keys ORDER BY host, port")
+        return [(r["host"], r["port"], r["fingerprint"]) for r in rows]

@@ -1,0 +1,267 @@
+"""Background jobs: detached (setsid) commands whose state lives in files on the box.
+
+Each job has a directory ~/.tether/jobs/<id>/ with `meta.json` (command, cwd, start time), `pid`
+(its process group), `stdout`, `stderr` and, once it ended, `exit`. Because all of it is on the box,
+jobs survive tether disconnecting, re-dialing, or restarting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import json
+import re
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import asyncssh
+
+from .channels import CHANNEL_GONE, SFTPChannel, ShellPool
+from .errors import ConnectionLost, InvalidArgument, JobNotFound
+from .executor import MAX_OUTPUT_CHARS, SIGNALS, Executor, build_script
+
+JobStatus = Literal["running", "exited"]
+_JOB_ID = re.compile(r"^j-[0-9a-f]{8}$")
+POLL_INTERVAL = 0.05
+
+
+@dataclass
+class Job:
+    id: str
+    command: str
+    cwd: str
+    started_at: float
+    status: JobStatus
+    exit_code: int | None = None
+    pid: int | None = None
+    signal: str | None = None  # the last signal job_kill sent
+
+
+@dataclass
+class JobOutput:
+    job_id: str
+    stdout: str
+    stderr: str
+    status: JobStatus
+    exit_code: int | None
+    more: bool = False  # output remains beyond what this call returned (capped); call again
+
+
+@dataclass
+class _Cursor:
+    stdout: int = 0
+    stderr: int = 0
+
+
+@dataclass
+class _Files:
+    meta: dict[str, object] = field(default_factory=dict)
+    pid: int | None = None
+    exit_code: int | None = None
+    signal: str | None = None
+
+
+class Jobs:
+    def __init__(self, executor: Executor, shells: ShellPool, sftp: SFTPChannel) -> None:
+        self._executor = executor
+        self._shells = shells
+        self._sftp = sftp
+        self._cursors: dict[str, _Cursor] = {}
+
+    async def _jobs_dir(self) -> str:
+        home = await self._executor.home()
+        return f"{home}/.tether/jobs"
+
+    async def start(self, command: str, *, cwd: str, env: Mapping[str, str] | None = None) -> Job:
+        """Start `command` in its own session; returns once it has a pid."""
+        script = build_script(command, env)
+        job_id = f"j-{secrets.token_hex(4)}"
+        directory = f"{await self._jobs_dir()}/{job_id}"
+        started = time.time()
+        meta = {"command": command, "cwd": cwd, "started_at": started}
+
+        async def prepare(sftp: asyncssh.SFTPClient) -> None:
+            await sftp.makedirs(directory, exist_ok=True)
+            async with sftp.open(f"{directory}/meta.json", "w") as f:
+                await f.write(json.dumps(meta))
+
+        await self._sftp.once(prepare)
+        async with self._shells.borrow() as shell:
+            try:
+                reply = await shell.call("job", directory, cwd, script)
+            except CHANNEL_GONE as exc:
+                raise ConnectionLost(f"connection lost while starting the job; check job_list ({exc})") from None
+        self._cursors[job_id] = _Cursor()
+        return Job(job_id, command, cwd, started, "running", pid=int(reply[0]))
+
+    async def output(self, job_id: str, wait_ms: int = 0, max_chars: int = MAX_OUTPUT_CHARS) -> JobOutput:
+        """New output since the previous call, waiting up to `wait_ms` for some when there is none."""
+        directory = await self._directory(job_id)
+        cursor = self._cursors.setdefault(job_id, _Cursor())
+        deadline = time.monotonic() + max(0, wait_ms) / 1000
+        while True:
+            # State before sizes: once `exit` exists the output files are complete, so the sizes
+            # read afterwards cover everything the job wrote.
+            state = await self._read_state(directory)
+            running = await self._running(state)
+            sizes = await self._sftp.retrying(lambda sftp: _sizes(sftp, directory))
+            grew = sizes[0] > cursor.stdout or sizes[1] > cursor.stderr
+            if grew or not running or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(POLL_INTERVAL)
+        stdout, out_more = await self._read_from(f"{directory}/stdout", cursor, "stdout", sizes[0], max_chars)
+        stderr, err_more = await self._read_from(f"{directory}/stderr", cursor, "stderr", sizes[1], max_chars)
+        return JobOutput(job_id, stdout, stderr, "running" if running else "exited",
+                         None if running else state.exit_code, out_more or err_more)
+
+    async def list(self) -> list[Job]:
+        """Every job tether started on this box, newest first."""
+        root = await self._jobs_dir()
+
+        async def names(sftp: asyncssh.SFTPClient) -> list[str]:
+            try:
+                return [n for n in await sftp.listdir(root) if _JOB_ID.match(n)]
+            except asyncssh.SFTPNoSuchFile:
+                return []
+
+        ids = await self._sftp.retrying(names)
+        states = await asyncio.gather(*(self._read_state(f"{root}/{i}") for i in ids))
+        alive = await self._alive_pids([s.pid for s in states if s.pid and s.exit_code is None])
+        jobs = [self._job(i, s, alive) for i, s in zip(ids, states, strict=True)]
+        return sorted(jobs, key=lambda j: j.started_at, reverse=True)
+
+    async def get(self, job_id: str) -> Job:
+        state = await self._read_state(await self._directory(job_id))
+        alive = await self._alive_pids([state.pid] if state.pid and state.exit_code is None else [])
+        return self._job(job_id, state, alive)
+
+    async def kill(self, job_id: str, signal: str = "TERM") -> Job:
+        """Send `signal` to the job's process group and wait briefly for it to end."""
+        signal = signal.upper().removeprefix("SIG")
+        if signal not in SIGNALS:
+            raise InvalidArgument(f"unknown signal {signal!r}; use one of {', '.join(SIGNALS)}")
+        directory = await self._directory(job_id)
+        state = await self._read_state(directory)
+        if state.pid is None:
+            raise JobNotFound(job_id)
+
+        async def note(sftp: asyncssh.SFTPClient) -> None:
+            async with sftp.open(f"{directory}/signal", "w") as f:
+                await f.write(signal)
+
+        await self._sftp.once(note)
+        if state.exit_code is None:
+            await self._executor.signal_group(state.pid, signal)
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline:
+                job = await self.get(job_id)
+                if job.status == "exited" or signal in ("STOP", "CONT", "USR1", "USR2"):
+                    return job
+                await asyncio.sleep(POLL_INTERVAL)
+        return await self.get(job_id)
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    async def _directory(self, job_id: str) -> str:
+        if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
+            raise JobNotFound(str(job_id))
+        directory = f"{await self._jobs_dir()}/{job_id}"
+
+        async def exists(sftp: asyncssh.SFTPClient) -> bool:
+            return await sftp.exists(f"{directory}/meta.json")
+
+        if not await self._sftp.retrying(exists):
+            raise JobNotFound(job_id)
+        return directory
+
+    async def _read_state(self, directory: str) -> _Files:
+        async def read(sftp: asyncssh.SFTPClient) -> _Files:
+            meta, pid, exit_code, signal = await asyncio.gather(
+                *(_read_small(sftp, f"{directory}/{name}") for name in ("meta.json", "pid", "exit", "signal"))
+            )
+            files = _Files()
+            try:
+                files.meta = json.loads(meta) if meta else {}
+            except ValueError:
+                files.meta = {}
+            files.pid = int(pid) if pid and pid.strip().isdigit() else None
+            files.exit_code = int(exit_code) if exit_code and exit_code.strip().lstrip("-").isdigit() else None
+            files.signal = signal.strip() or None if signal else None
+            return files
+
+        return await self._sftp.retrying(read)
+
+    async def _running(self, state: _Files) -> bool:
+        if state.exit_code is not None:
+            return False
+        if state.pid is None:
+            return True  # started a moment ago: the wrapper has not written its pid yet
+        return state.pid in await self._alive_pids([state.pid])
+
+    async def _alive_pids(self, pids: list[int | None]) -> set[int]:
+        wanted = [str(p) for p in pids if p]
+        if not wanted:
+            return set()
+        async with self._shells.borrow() as shell:
+            reply = await shell.call("alive", *wanted)
+        return {int(p) for p in reply if p}
+
+    def _job(self, job_id: str, state: _Files, alive: set[int]) -> Job:
+        running = state.exit_code is None and (state.pid is None or state.pid in alive)
+        meta = state.meta
+        return Job(
+            id=job_id,
+            command=str(meta.get("command", "")),
+            cwd=str(meta.get("cwd", "")),
+            started_at=float(meta.get("started_at", 0) or 0),  # type: ignore[arg-type]
+            status="running" if running else "exited",
+            exit_code=None if running else state.exit_code,
+            pid=state.pid,
+            signal=state.signal,
+        )
+
+    async def _read_from(self, path: str, cursor: _Cursor, stream: str, size: int, max_chars: int) -> tuple[str, bool]:
+        """Text from the cursor on, at most `max_chars` bytes (so at most that many characters).
+
+        An incomplete UTF-8 sequence at the end stays unread until the next call.
+        """
+        offset = getattr(cursor, stream)
+        if size <= offset:
+            return "", False
+
+        async def read(sftp: asyncssh.SFTPClient) -> bytes:
+            try:
+                async with sftp.open(path, "rb") as f:
+                    await f.seek(offset)
+                    return await f.read(max_chars)
+            except asyncssh.SFTPNoSuchFile:
+                return b""
+
+        data = await self._sftp.retrying(read)
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        text = decoder.decode(data, final=False)
+        consumed = len(data) - len(decoder.getstate()[0])
+        setattr(cursor, stream, offset + consumed)
+        return text, offset + consumed < size
+
+
+async def _read_small(sftp: asyncssh.SFTPClient, path: str) -> str | None:
+    try:
+        async with sftp.open(path, "r") as f:
+            return await f.read(64 << 10)
+    except asyncssh.SFTPNoSuchFile:
+        return None
+
+
+async def _sizes(sftp: asyncssh.SFTPClient, directory: str) -> tuple[int, int]:
+    async def size(name: str) -> int:
+        try:
+            return (await sftp.stat(f"{directory}/{name}")).size or 0
+        except asyncssh.SFTPNoSuchFile:
+            return 0
+
+    out, err = await asyncio.gather(size("stdout"), size("stderr"))
+    return out, err

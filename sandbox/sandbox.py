@@ -1,0 +1,242 @@
+"""`Sandbox`: everything an agent does on one machine, as coroutines over one SSH endpoint."""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import asyncssh
+
+from .channels import SFTPChannel, ShellPool
+from .endpoint import SSHEndpoint
+from .errors import InvalidArgument
+from .executor import MAX_OUTPUT_CHARS, Executor, RunResult
+from .files import Edit, EditResult, Files, FileStat, Image, ReadResult, WriteResult
+from .jobs import Job, JobOutput, Jobs
+from .pool import ConnectionPool, default_pool
+from .search import GlobResult, GrepResult, Search
+from .transfer import Progress, Transfers
+
+
+class Sandbox:
+    """A machine reachable over SSH, and what an agent can do on it.
+
+    Commands run in a small pool of persistent shells; files move over one SFTP channel; both share
+    a pooled connection. Relative paths (and `cwd` arguments) are relative to the sandbox's current
+    directory: where the last `run` ended, initially the login user's home.
+
+    Use it as an async context manager, or call `close()`.
+    """
+
+    def __init__(
+        self,
+        endpoint: SSHEndpoint,
+        *,
+        pool: ConnectionPool | None = None,
+        shells: int = 4,
+        boot_timeout: float = 60.0,
+        name: str | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.name = name or endpoint.display
+        self._pool = pool
+        self._shells_size = shells
+        self._boot_timeout = boot_timeout
+        self._parts: _Parts | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Sandbox:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Open the connection and the SFTP channel now (otherwise the first operation does).
+
+        Raises: HostKeyMismatch, AuthFailed, ConnectTimeout, Unreachable.
+        """
+        await self._p.sftp.client()
+
+    async def close(self) -> None:
+        """Close this sandbox's shells and SFTP channel. Background jobs keep running on the box."""
+        parts, self._parts = self._parts, None
+        if parts is None:
+            return
+        await parts.executor.close()
+        await parts.shells.close()
+        await parts.sftp.close()
+
+    @property
+    def _p(self) -> _Parts:
+        if self._parts is None:
+            self._parts = _Parts(self.endpoint, self._pool or default_pool(), self._shells_size, self._boot_timeout)
+        return self._parts
+
+    # -- paths ---------------------------------------------------------------------------------------
+
+    async def home(self) -> str:
+        """The login user's home directory on the box."""
+        parts = self._p
+        if parts.home is None:
+            parts.home = await parts.sftp.retrying(lambda sftp: sftp.realpath("."))
+        return parts.home
+
+    async def cwd(self) -> str:
+        """Where the next `run` starts, and what relative paths are relative to."""
+        return self._p.executor.cwd or await self.home()
+
+    async def resolve(self, path: str) -> str:
+        """An absolute remote path: `~` expanded, relative paths joined to `cwd()`."""
+        if not isinstance(path, str) or not path:
+            raise InvalidArgument("path must be a non-empty string")
+        if "\0" in path:
+            raise InvalidArgument("a path cannot contain NUL bytes")
+        if path == "~" or path.startswith("~/"):
+            path = await self.home() + path[1:]
+        elif not path.startswith("/"):
+            path = posixpath.join(await self.cwd(), path)
+        normalized = posixpath.normpath(path)
+        # normpath turns '//x' into '//x' on POSIX; a single leading slash is what SFTP servers expect.
+        return "/" + normalized.lstrip("/")
+
+    # -- commands ------------------------------------------------------------------------------------
+
+    async def run(
+        self,
+        command: str | Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 120.0,
+        max_chars: int = MAX_OUTPUT_CHARS,
+    ) -> RunResult:
+        """Run a command in a persistent shell and wait for it.
+
+        `command` is shell code as a string, or an argv (each element quoted, never interpreted).
+        It runs in its own process group with stdin from /dev/null. On timeout the whole group is
+        killed and the output so far returned with `timed_out`; cancelling the coroutine kills it too.
+        Each stream is capped at `max_chars` characters (head + tail); the whole stream then stays
+        in the remote file named by `stdout_path`/`stderr_path`. The directory the command ends in
+        becomes `cwd()`.
+
+        Raises: ConnectionLost (the connection died while the command ran), InvalidArgument.
+        """
+        return await self._p.executor.run(command, cwd=cwd, env=env, timeout=timeout, max_chars=max_chars)
+
+    # -- files ---------------------------------------------------------------------------------------
+
+    async def read(self, path: str, offset: int = 1, limit: int = 2000) -> ReadResult | Image:
+        """Numbered lines `offset`..`offset+limit-1` of a text file, or an image's bytes.
+
+        Raises: FileNotFound, IsADirectory, BinaryFile, FileTooLarge, PermissionDenied.
+        """
+        return await self._p.files.read(await self.resolve(path), offset, limit)
+
+    async def read_text(self, path: str) -> str:
+        """The whole file as text (UTF-8, undecodable bytes replaced)."""
+        return (await self.read_bytes(path)).decode("utf-8", "replace")
+
+    async def read_bytes(self, path: str) -> bytes:
+        return await self._p.files.read_bytes(await self.resolve(path))
+
+    async def write(self, path: str, content: str | bytes) -> WriteResult:
+        """Create or atomically replace a file; parents are created and an existing mode kept."""
+        return await self._p.files.write(await self.resolve(path), content)
+
+    async def edit(self, path: str, old_string: str, new_string: str, replace_all: bool = False) -> EditResult:
+        """Replace an exact, unique occurrence of `old_string` (every one with `replace_all`).
+
+        Raises: NoMatch, NotUnique (with the matching line numbers), InvalidEdit, EditConflict,
+        FileNotFound, BinaryFile.
+        """
+        return await self._p.files.edit(await self.resolve(path), old_string, new_string, replace_all)
+
+    async def multi_edit(self, path: str, edits: Sequence[Edit | Mapping[str, Any]]) -> EditResult:
+        """Apply several edits in order, all or nothing; errors name the failing edit's index."""
+        parsed = [e if isinstance(e, Edit) else Edit(**e) for e in edits]
+        return await self._p.files.multi_edit(await self.resolve(path), parsed)
+
+    async def stat(self, path: str) -> FileStat:
+        return await self._p.files.stat(await self.resolve(path))
+
+    async def exists(self, path: str) -> bool:
+        return await self._p.files.exists(await self.resolve(path))
+
+    async def list_dir(self, path: str = ".") -> list[FileStat]:
+        return await self._p.files.list_dir(await self.resolve(path))
+
+    async def remove(self, path: str) -> None:
+        await self._p.files.remove(await self.resolve(path))
+
+    async def makedirs(self, path: str) -> None:
+        await self._p.files.makedirs(await self.resolve(path))
+
+    # -- search --------------------------------------------------------------------------------------
+
+    async def glob(self, pattern: str, path: str | None = None) -> GlobResult:
+        """Files matching `pattern` under `path` (default: cwd), newest first, at most 100."""
+        return await self._p.search.glob(pattern, await self.resolve(path or "."))
+
+    async def grep(self, pattern: str, path: str | None = None, **options: Any) -> GrepResult:
+        """Search file contents; see `Search.grep` for the options (ripgrep semantics)."""
+        return await self._p.search.grep(pattern, await self.resolve(path or "."), **options)
+
+    # -- background jobs -----------------------------------------------------------------------------
+
+    async def start_job(
+        self, command: str, *, cwd: str | None = None, env: Mapping[str, str] | None = None
+    ) -> Job:
+        """Start `command` detached (setsid), its output in files under ~/.tether/jobs/<id>/."""
+        return await self._p.jobs.start(command, cwd=await self.resolve(cwd) if cwd else await self.cwd(), env=env)
+
+    async def job_output(self, job_id: str, wait_ms: int = 0) -> JobOutput:
+        """Output since the previous call, waiting up to `wait_ms` for more; status and exit code."""
+        return await self._p.jobs.output(job_id, wait_ms)
+
+    async def job_list(self) -> list[Job]:
+        return await self._p.jobs.list()
+
+    async def job_kill(self, job_id: str, signal: str = "TERM") -> Job:
+        return await self._p.jobs.kill(job_id, signal)
+
+    # -- transfers -----------------------------------------------------------------------------------
+
+    async def upload(self, local: str | Path, remote: str, progress: Progress | None = None) -> int:
+        """Copy a local file to the box (pipelined SFTP, atomic rename at the end). Returns bytes sent."""
+        return await self._p.transfers.upload(Path(local), await self.resolve(remote), progress)
+
+    async def download(self, remote: str, local: str | Path, progress: Progress | None = None) -> int:
+        """Copy a file from the box (pipelined SFTP, atomic rename at the end). Returns bytes received."""
+        return await self._p.transfers.download(await self.resolve(remote), Path(local), progress)
+
+    # -- low level -----------------------------------------------------------------------------------
+
+    async def connection(self) -> asyncssh.SSHClientConnection:
+        """The pooled connection, for port forwards (they don't count against the session budget)."""
+        return await self._p.pool.connection(self.endpoint)
+
+    async def signal_group(self, pid: int, signal: str = "KILL") -> None:
+        await self._p.executor.signal_group(pid, signal)
+
+
+class _Parts:
+    """The objects a connected sandbox is made of, created on first use."""
+
+    def __init__(self, endpoint: SSHEndpoint, pool: ConnectionPool, shells: int, boot_timeout: float) -> None:
+        self.pool = pool
+        self.sftp = SFTPChannel(endpoint, pool)
+        self.shells = ShellPool(endpoint, pool, shells, boot_timeout)
+        self.executor = Executor(self.shells, self.sftp)
+        self.files = Files(self.sftp)
+        self.search = Search(self.executor, self.shells, self.files)
+        self.jobs = Jobs(self.executor, self.shells, self.sftp)
+        self.transfers = Transfers(self.sftp)
+        self.home: str | None = None

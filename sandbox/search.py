@@ -1,0 +1,261 @@
+"""grep and glob on the box: ripgrep when it is installed, POSIX grep/find otherwise.
+
+Every pattern, glob and path is passed as its own quoted argument (after `-e` or `--`), never as
+shell text, so nothing an agent sends can be read as an option or as code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from .channels import ShellPool
+from .errors import FileNotFound, InvalidArgument
+from .executor import Executor
+from .files import Files
+
+GLOB_LIMIT = 100
+GREP_MAX_CHARS = 30_000
+GrepMode = Literal["files_with_matches", "content", "count"]
+GREP_MODES = ("files_with_matches", "content", "count")
+
+
+@dataclass
+class GlobResult:
+    files: list[str]  # newest first
+    truncated: bool
+
+
+@dataclass
+class GrepResult:
+    mode: GrepMode
+    text: str  # in ripgrep's own formats: paths; path:line:text (context path-line-text); path:N
+    lines: int  # lines in `text`
+    truncated: bool
+    engine: Literal["rg", "grep"]
+
+
+def glob_to_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a glob with `**`, `*`, `?`, `[…]` and `{a,b}` to a regex over '/'-separated paths.
+
+    A pattern without '/' matches at the top level only (`*.py`); use `**/*.py` to recurse, as in
+    Claude Code's Glob tool.
+    """
+    out, i, depth = [], 0, 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]+/)*")
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            end = pattern.find("]", i + 2 if pattern[i + 1 : i + 2] in ("!", "]") else i + 1)
+            if end < 0:
+                out.append(re.escape(c))
+            else:
+                body = pattern[i + 1 : end]
+                if body.startswith("!"):
+                    body = "^" + body[1:]
+                out.append(f"[{body.replace(chr(92), chr(92) * 2)}]")
+                i = end
+        elif c == "{":
+            out.append("(?:")
+            depth += 1
+        elif c == "}" and depth:
+            out.append(")")
+            depth -= 1
+        elif c == "," and depth:
+            out.append("|")
+        else:
+            out.append(re.escape(c))
+        i += 1
+    if depth:
+        raise InvalidArgument(f"unbalanced braces in glob {pattern!r}")
+    return re.compile("".join(out) + r"\Z", re.DOTALL)
+
+
+class Search:
+    def __init__(self, executor: Executor, shells: ShellPool, files: Files) -> None:
+        self._executor = executor
+        self._shells = shells
+        self._files = files
+
+    async def _has_rg(self) -> bool:
+        if self._shells.info is None:
+            await self._executor.home()
+        assert self._shells.info is not None
+        return self._shells.info.has_rg
+
+    # -- glob ----------------------------------------------------------------------------------------
+
+    async def glob(self, pattern: str, root: str) -> GlobResult:
+        """Files under `root` whose path relative to it matches `pattern`, newest first (≤ 100).
+
+        With ripgrep, .gitignore'd files are skipped; hidden files are included; .git never is.
+        """
+        if not pattern:
+            raise InvalidArgument("glob pattern is empty")
+        if pattern.startswith("/"):
+            # An absolute pattern: search from its longest literal directory prefix.
+            prefix = pattern.split("*")[0].split("?")[0].split("[")[0].split("{")[0]
+            root, pattern = prefix.rsplit("/", 1)[0] or "/", pattern[len(prefix.rsplit("/", 1)[0]) + 1 :]
+        matcher = glob_to_regex(pattern)
+        await self._require_directory(root)
+        if await self._has_rg():
+            argv = ["rg", "--files", "--hidden", "--glob", "!.git", "--sortr", "modified", "--null",
+                    "--no-config", "--", root]
+            raw = await self._executor.exec_raw(argv, cwd=root)
+            names = [n for n in raw.stdout.decode("utf-8", "surrogateescape").split("\0") if n]
+            matches = [n for n in names if matcher.match(_relative(n, root))]
+            return GlobResult(matches[:GLOB_LIMIT], len(matches) > GLOB_LIMIT or raw.stdout_truncated)
+        argv = ["find", root, "-path", f"{root.rstrip('/')}/.git", "-prune", "-o", "-type", "f", "-print"]
+        raw = await self._executor.exec_raw(argv, cwd=root)
+        names = [n for n in raw.stdout.decode("utf-8", "surrogateescape").split("\n") if n]
+        matches = [n for n in names if matcher.match(_relative(n, root))]
+        # POSIX find cannot print mtimes: stat the candidates over SFTP (pipelined) and sort.
+        candidates = matches[:2000]
+        stats = await asyncio.gather(*(self._files.stat(n) for n in candidates), return_exceptions=True)
+        dated = sorted(
+            ((s.mtime, n) for s, n in zip(stats, candidates, strict=True) if not isinstance(s, BaseException)),
+            key=lambda t: (-t[0], t[1]),
+        )
+        return GlobResult([n for _, n in dated[:GLOB_LIMIT]], len(matches) > GLOB_LIMIT)
+
+    # -- grep ----------------------------------------------------------------------------------------
+
+    async def grep(
+        self,
+        pattern: str,
+        root: str,
+        *,
+        glob: str | None = None,
+        type: str | None = None,
+        output_mode: GrepMode = "files_with_matches",
+        before: int | None = None,
+        after: int | None = None,
+        context: int | None = None,
+        line_numbers: bool = True,
+        case_insensitive: bool = False,
+        multiline: bool = False,
+        head_limit: int | None = None,
+    ) -> GrepResult:
+        """Search file contents under `root` (a file or a directory) for a regular expression.
+
+        Modes as in ripgrep: `files_with_matches` (one path per line, newest first), `content`
+        (`path:line:text`, context lines `path-line-text`), `count` (`path:N`). `head_limit` keeps the
+        first N lines. Without ripgrep on the box, POSIX `grep -E` is used: `type` and `multiline`
+        need ripgrep, and the regex dialect is ERE instead of Rust's.
+        """
+        if not pattern:
+            raise InvalidArgument("grep pattern is empty")
+        if output_mode not in GREP_MODES:
+            raise InvalidArgument(f"output_mode must be one of {', '.join(GREP_MODES)}")
+        for name, value in (("before", before), ("after", after), ("context", context), ("head_limit", head_limit)):
+            if value is not None and value < 0:
+                raise InvalidArgument(f"{name} must be zero or more")
+        await self._require_exists(root)
+        use_rg = await self._has_rg()
+        argv = (self._rg_argv if use_rg else self._grep_argv)(
+            pattern, root, glob=glob, type=type, output_mode=output_mode, before=before, after=after,
+            context=context, line_numbers=line_numbers, case_insensitive=case_insensitive, multiline=multiline,
+        )
+        raw = await self._executor.exec_raw(argv, cwd=root)
+        if raw.exit_code not in (0, 1) and not raw.stdout:
+            message = raw.stderr.decode("utf-8", "replace").strip() or f"exit code {raw.exit_code}"
+            raise InvalidArgument(f"grep failed: {message}")
+        lines = raw.stdout.decode("utf-8", "replace").splitlines()
+        if output_mode == "count" and not use_rg:
+            lines = [line for line in lines if not line.endswith(":0")]
+        truncated = raw.stdout_truncated
+        if head_limit is not None and len(lines) > head_limit:
+            lines, truncated = lines[:head_limit], True
+        text, size = [], 0
+        for line in lines:
+            size += len(line) + 1
+            if size > GREP_MAX_CHARS:
+                truncated = True
+                break
+            text.append(line)
+        return GrepResult(output_mode, "\n".join(text), len(text), truncated, "rg" if use_rg else "grep")
+
+    @staticmethod
+    def _rg_argv(pattern: str, root: str, *, glob: str | None, type: str | None, output_mode: str,
+                 before: int | None, after: int | None, context: int | None, line_numbers: bool,
+                 case_insensitive: bool, multiline: bool) -> list[str]:
+        argv = ["rg", "--no-config", "--color=never", "--hidden", "--glob", "!.git", "--max-columns=2000",
+                "--max-columns-preview"]
+        if output_mode == "files_with_matches":
+            argv += ["--files-with-matches", "--sortr=modified"]
+        elif output_mode == "count":
+            argv += ["--count", "--with-filename", "--sort=path"]
+        else:
+            argv += ["--with-filename", "--no-heading", "--sort=path"]
+            argv += ["--line-number"] if line_numbers else ["--no-line-number"]
+            if context is not None:
+                argv += ["--context", str(context)]
+            if before is not None:
+                argv += ["--before-context", str(before)]
+            if after is not None:
+                argv += ["--after-context", str(after)]
+        if case_insensitive:
+            argv.append("--ignore-case")
+        if multiline:
+            argv += ["--multiline", "--multiline-dotall"]
+        if glob:
+            argv += ["--glob", glob]
+        if type:
+            argv += ["--type", type]
+        return [*argv, "--regexp", pattern, "--", root]
+
+    @staticmethod
+    def _grep_argv(pattern: str, root: str, *, glob: str | None, type: str | None, output_mode: str,
+                   before: int | None, after: int | None, context: int | None, line_numbers: bool,
+                   case_insensitive: bool, multiline: bool) -> list[str]:
+        if multiline:
+            raise InvalidArgument("multiline search needs ripgrep (rg) on the box; install it or search line by line")
+        if type:
+            raise InvalidArgument(f"type filters need ripgrep (rg) on the box; use glob='*.{type}' instead")
+        argv = ["grep", "-r", "-E", "-I"]
+        if output_mode == "files_with_matches":
+            argv.append("-l")
+        elif output_mode == "count":
+            argv += ["-c", "-H"]
+        else:
+            argv.append("-H")
+            if line_numbers:
+                argv.append("-n")
+            if context is not None:
+                argv += ["-C", str(context)]
+            if before is not None:
+                argv += ["-B", str(before)]
+            if after is not None:
+                argv += ["-A", str(after)]
+        if case_insensitive:
+            argv.append("-i")
+        if glob:
+            argv.append(f"--include={glob}")
+        return [*argv, "-e", pattern, "--", root]
+
+    async def _require_exists(self, path: str) -> None:
+        if not await self._files.exists(path):
+            raise FileNotFound(path)
+
+    async def _require_directory(self, path: str) -> None:
+        stat = await self._files.stat(path)
+        if stat.type != "directory":
+            raise InvalidArgument(f"{path} is not a directory; glob searches directories")
+
+
+def _relative(path: str, root: str) -> str:
+    root = root.rstrip("/") + "/"
+    return path[len(root):] if path.startswith(root) else path

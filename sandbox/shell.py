@@ -1,0 +1,268 @@
+"""A persistent shell on one SSH channel, running one command at a time.
+
+Why: opening a channel per command costs the server's session setup plus the user's shell start-up
+(tens of milliseconds when .bashrc runs pyenv or nvm). One long-lived shell pays that once; each
+command then costs a fork (bash) or a fork and an exec (other shells) on the box, and one round trip.
+
+How: the channel runs the user's login shell once (`"$SHELL" -l`, so their PATH is there); it reads a
+small protocol from stdin. Each command is started by `__t_run` as a child in its own process group
+(bash job control, or setsid), so the whole group can be killed; stdin is /dev/null and stdout and
+stderr go to files under ~/.tether/run/. The shell answers with two NUL-terminated records: `ID S PID`
+when the child started and `ID E EXIT HAS_OUT HAS_ERR CWD` when it ended. Nothing the agent sends is
+spliced into a shell line: the command text and the cwd travel as single-quoted arguments of
+`__t_run`, and the child runs the command with `eval`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import shlex
+from dataclasses import dataclass
+
+import asyncssh
+
+from .errors import ConnectionLost, ConnectTimeout
+
+# The exec request (run by sshd as `$SHELL -c …`) starts the user's login shell once, so their
+# profile sets PATH and friends. A bash login shell stays and reads the protocol itself (bash reads
+# a pipe byte by byte, so nothing is swallowed); any other shell becomes /bin/sh after its profile
+# ran, so that only that sh ever reads stdin (dash reads ahead). csh and fish can't parse this line
+# and exit at once: PersistentShell.start then falls back to `exec /bin/sh -l`.
+BOOT_COMMAND = "case ${SHELL##*/} in bash) exec \"$SHELL\" -l ;; *) exec \"$SHELL\" -l -c 'exec /bin/sh' ;; esac"
+FALLBACK_BOOT_COMMAND = "exec /bin/sh -l"
+
+# How a command is started, `exec` mode: a new shell in its own session (setsid). $1 cwd, $2 the
+# command (already prefixed with env exports), $3 the cwd file. The EXIT trap records where the
+# command ended so the next command can start there.
+_CHILD = (
+    "trap 'pwd >\"$3\" 2>/dev/null' EXIT; "
+    "command cd -- \"$1\" 2>/dev/null || { printf 'tether: directory %s is gone; running in %s\\n' \"$1\" \"$HOME\" >&2; "
+    "command cd || exit 125; }; "
+    "set --; eval \"$2\""
+)
+
+# A background job's wrapper. $1 cwd, $2 the command, $3 the job's directory. The wrapper lives in
+# the job's process group but shrugs off TERM/INT/HUP (a no-op trap, which children do not inherit)
+# so that it can record the exit status after `job_kill`; the command runs in a subshell with the
+# default dispositions, in the foreground so that INT is not ignored.
+_JOB = (
+    "printf '%s\\n' \"$$\" >\"$3/pid\"; "
+    "command cd -- \"$1\" || { printf '125\\n' >\"$3/exit\"; exit 125; }; "
+    "trap : TERM INT HUP; "
+    "( trap - TERM INT HUP; set --; eval \"$2\" ); "
+    "__s=$?; printf '%s\\n' \"$__s\" >\"$3/exit.tmp\" && mv -f \"$3/exit.tmp\" \"$3/exit\""
+)
+
+_INIT = r"""
+set +e +u 2>/dev/null
+unalias -a 2>/dev/null
+SHLVL=1; export SHLVL
+__T="$HOME/.tether"
+mkdir -p "$__T/run" "$__T/jobs" 2>/dev/null
+case "${SHELL##*/}" in
+  bash|zsh|ksh|mksh|dash|ash|sh) __TSH=$SHELL ;;
+  *) __TSH=/bin/sh ;;
+esac
+[ -x "$__TSH" ] || __TSH=/bin/sh
+__TCHILD=__CHILD__
+__TJOB=__JOB__
+if command -v setsid >/dev/null 2>&1; then
+  __TPG=setsid
+  __t_bg() { setsid "$@" </dev/null >"$__o" 2>"$__e" & }
+elif command -v perl >/dev/null 2>&1; then
+  __TPG=perl
+  __t_bg() { perl -e 'setpgrp(0,0); exec {$ARGV[0]} @ARGV or exit 127' "$@" </dev/null >"$__o" 2>"$__e" & }
+else
+  __TPG=none
+  __t_bg() { "$@" </dev/null >"$__o" 2>"$__e" & }
+fi
+if [ -n "${BASH_VERSION:-}" ] && set -m 2>/dev/null && case $- in *m*) true ;; *) false ;; esac; then
+  # `fork` mode: with job control on, every background job gets its own process group, so a
+  # forked subshell is enough; no exec, and the functions the profile defined (nvm, …) still work.
+  __TPG=fork
+  __t_spawn() {
+    ( set +m; trap 'command pwd >"$__c" 2>/dev/null' EXIT
+      __d=$1; __s=$2; set --
+      command cd -- "$__d" 2>/dev/null || { printf 'tether: directory %s is gone; running in %s\n' "$__d" "$HOME" >&2; command cd || exit 125; }
+      eval "$__s"
+    ) </dev/null >"$__o" 2>"$__e" &
+  }
+else
+  __t_spawn() { __t_bg "$__TSH" -c "$__TCHILD" tether "$1" "$2" "$__c"; }
+fi
+__t_run() {
+  __o="$__T/run/$1.o"; __e="$__T/run/$1.e"; __c="$__T/run/$1.c"
+  __t_spawn "$2" "$3"
+  __p=$!
+  printf '%s S %s\0' "$1" "$__p"
+  wait "$__p"; __x=$?
+  __cwd=
+  if [ -s "$__c" ]; then
+    while IFS= read -r __l || [ -n "$__l" ]; do __cwd="${__cwd:+$__cwd
+}$__l"; done <"$__c"
+  fi
+  __so=0; [ -s "$__o" ] && __so=1
+  __se=0; [ -s "$__e" ] && __se=1
+  printf '%s E %s %s %s %s\0' "$1" "$__x" "$__so" "$__se" "$__cwd"
+}
+__t_job() {
+  __o="$2/stdout"; __e="$2/stderr"
+  __t_bg "$__TSH" -c "$__TJOB" tether "$3" "$4" "$2"
+  printf '%s R %s\0' "$1" "$!"
+}
+__t_alive() {
+  __i=$1; shift; __a=
+  for __p in "$@"; do kill -0 "$__p" 2>/dev/null && __a="$__a $__p"; done
+  printf '%s R%s\0' "$__i" "$__a"
+}
+__t_kill() {
+  kill -"$2" -"$3" 2>/dev/null || kill -"$2" "$3" 2>/dev/null
+  printf '%s R %s\0' "$1" "$?"
+}
+__rg=0; command -v rg >/dev/null 2>&1 && __rg=1
+printf 'READY %s %s %s %s %s\0' "__NONCE__" "$__TPG" "$__rg" "$__TSH" "$HOME"
+""".replace("__CHILD__", shlex.quote(_CHILD)).replace("__JOB__", shlex.quote(_JOB))
+
+
+@dataclass(frozen=True)
+class ShellInfo:
+    """What a shell learned about its box when it started."""
+
+    home: str
+    shell: str  # the shell commands run in
+    process_groups: str  # "fork" (bash job control), "setsid", "perl" or "none": how commands get their own group
+    has_rg: bool
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.home}/.tether/run"
+
+    @property
+    def jobs_dir(self) -> str:
+        return f"{self.home}/.tether/jobs"
+
+
+@dataclass(frozen=True)
+class Finished:
+    exit_code: int
+    has_stdout: bool
+    has_stderr: bool
+    cwd: str | None
+
+
+class ShellDied(ConnectionLost):
+    """The shell's channel closed (the connection died, or something killed the shell)."""
+
+
+class PersistentShell:
+    """One shell process on one channel. Not safe for concurrent use: one command at a time."""
+
+    def __init__(self, process: asyncssh.SSHClientProcess[bytes], info: ShellInfo) -> None:
+        self._process = process
+        self.info = info
+        self._stderr_tail = b""
+        self._stderr_task = asyncio.get_running_loop().create_task(self._drain_stderr())
+
+    @classmethod
+    async def start(cls, conn: asyncssh.SSHClientConnection, timeout: float) -> PersistentShell:
+        """Open the channel, start the login shell and wait for it to report ready.
+
+        Raises:
+            ConnectTimeout: the shell did not report ready within `timeout` (a profile that waits
+                for input, or a login shell that cannot run `-l -c`).
+            asyncssh.ChannelOpenError: the server refused the channel (the pool handles it).
+        """
+        try:
+            return await cls._start(conn, BOOT_COMMAND, timeout)
+        except ShellDied:
+            # Login shells that don't understand `-l -c` (csh, tcsh) exit at once: fall back to sh -l.
+            return await cls._start(conn, FALLBACK_BOOT_COMMAND, timeout)
+
+    @classmethod
+    async def _start(cls, conn: asyncssh.SSHClientConnection, command: str, timeout: float) -> PersistentShell:
+        process = await conn.create_process(command, encoding=None)
+        nonce = secrets.token_hex(8)
+        try:
+            process.stdin.write(_INIT.replace("__NONCE__", nonce).encode())
+            marker = f"READY {nonce} ".encode()
+            async with asyncio.timeout(timeout):
+                while True:
+                    record = await _read_record(process)
+                    # Anything a profile printed before our marker is not ours: skip it.
+                    at = record.find(marker)
+                    if at >= 0:
+                        break
+        except TimeoutError:
+            process.close()
+            raise ConnectTimeout(f"the login shell did not start within {timeout:g}s") from None
+        except BaseException:
+            process.close()
+            raise
+        pg, rg, shell, home = record[at + len(marker):].decode("utf-8", "surrogateescape").split(" ", 3)
+        info = ShellInfo(home=home, shell=shell, process_groups=pg, has_rg=rg == "1")
+        return cls(process, info)
+
+    @property
+    def alive(self) -> bool:
+        return not self._process.is_closing()
+
+    async def begin(self, command_id: str, cwd: str, script: str) -> int:
+        """Start `script` in `cwd`; return the child's pid (= its process group when groups are on)."""
+        line = f"__t_run {command_id} {shlex.quote(cwd)} {shlex.quote(script)}\n"
+        try:
+            self._process.stdin.write(line.encode("utf-8", "surrogateescape"))
+        except (BrokenPipeError, asyncssh.Error, OSError) as exc:
+            raise ShellDied(f"the shell's channel is closed: {exc}") from None
+        record = await self._expect(command_id, "S")
+        return int(record[0])
+
+    async def finish(self, command_id: str) -> Finished:
+        """Wait for the command started by `begin` to end."""
+        fields = await self._expect(command_id, "E", maxsplit=3)
+        exit_code, has_out, has_err = int(fields[0]), fields[1] == "1", fields[2] == "1"
+        cwd = fields[3] if len(fields) > 3 and fields[3] else None
+        return Finished(exit_code, has_out, has_err, cwd)
+
+    async def call(self, function: str, *args: str) -> list[str]:
+        """Call one of the shell's builtin-only helpers (`job`, `alive`, `kill`) and return its reply."""
+        call_id = secrets.token_hex(8)
+        line = " ".join([f"__t_{function}", call_id, *(shlex.quote(a) for a in args)]) + "\n"
+        try:
+            self._process.stdin.write(line.encode("utf-8", "surrogateescape"))
+        except (BrokenPipeError, asyncssh.Error, OSError) as exc:
+            raise ShellDied(f"the shell's channel is closed: {exc}") from None
+        return (await self._expect(call_id, "R", maxsplit=-1, allow_empty=True))
+
+    async def _expect(self, command_id: str, kind: str, maxsplit: int = -1, allow_empty: bool = False) -> list[str]:
+        prefix = f"{command_id} {kind}"
+        while True:
+            record = (await _read_record(self._process, self._stderr_tail)).decode("utf-8", "surrogateescape")
+            if record.startswith(prefix):
+                rest = record[len(prefix):].removeprefix(" ")
+                if allow_empty and not rest:
+                    return []
+                return rest.split(" ", maxsplit) if maxsplit >= 0 else rest.split(" ")
+
+    async def _drain_stderr(self) -> None:
+        # The shell itself only writes to stderr when something is wrong; keep the end for messages.
+        with contextlib.suppress(Exception):
+            while chunk := await self._process.stderr.read(4096):
+                self._stderr_tail = (self._stderr_tail + chunk)[-2000:]
+
+    async def close(self) -> None:
+        self._process.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._process.wait_closed(), 2)
+        self._stderr_task.cancel()
+
+
+async def _read_record(process: asyncssh.SSHClientProcess[bytes], stderr_tail: bytes = b"") -> bytes:
+    try:
+        return (await process.stdout.readuntil(b"\0"))[:-1]
+    except asyncio.IncompleteReadError:
+        detail = stderr_tail.decode("utf-8", "replace").strip()
+        raise ShellDied("the shell exited" + (f": {detail}" if detail else "")) from None
+    except (asyncssh.Error, OSError) as exc:
+        raise ShellDied(f"the shell's channel failed: {exc}") from None

@@ -1,0 +1,98 @@
+"""tether's local state: where it lives, and one SQLite database (WAL) shared by every layer.
+
+The engine owns the `host_keys` table. Higher layers (the providers' ledger) add their own tables by
+registering a schema under a name; each named schema is applied once per database, in order.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ENGINE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS host_keys (
+    host        TEXT NOT NULL,
+    port        INTEGER NOT NULL,
+    key         TEXT NOT NULL,      -- OpenSSH public key line: "ssh-ed25519 AAAA..."
+    fingerprint TEXT NOT NULL,      -- SHA256:...
+    first_seen  REAL NOT NULL,
+    PRIMARY KEY (host, port)
+);
+"""
+
+
+def state_dir() -> Path:
+    """$TETHER_STATE_DIR, else $XDG_STATE_HOME/tether, else ~/.local/state/tether (created 0700)."""
+    explicit = os.environ.get("TETHER_STATE_DIR")
+    if explicit:
+        path = Path(explicit).expanduser()
+    else:
+        xdg = os.environ.get("XDG_STATE_HOME")
+        path = (Path(xdg).expanduser() if xdg else Path.home() / ".local" / "state") / "tether"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+class StateStore:
+    """A small SQLite database. Safe to share between threads of one process and between processes."""
+
+    def __init__(self, path: Path | str | None = None) -> None:
+        self.path = Path(path) if path else state_dir() / "tether.db"
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock = threading.RLock()
+        # isolation_level=None: we open transactions ourselves (BEGIN IMMEDIATE) so that writers from
+        # several processes serialize instead of failing half-way with "database is locked".
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        os.chmod(self.path, 0o600)
+        self._db.execute("CREATE TABLE IF NOT EXISTS schema_applied (name TEXT PRIMARY KEY)")
+        self.ensure_schema("engine", ENGINE_SCHEMA)
+
+    def ensure_schema(self, name: str, ddl: str) -> None:
+        """Apply `ddl` once per database under `name` (idempotent DDL is still recommended)."""
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM schema_applied WHERE name = ?", (name,)).fetchone():
+                return
+            for statement in filter(str.strip, ddl.split(";")):
+                db.execute(statement)
+            db.execute("INSERT INTO schema_applied (name) VALUES (?)", (name,))
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple[object, ...] | dict[str, object] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+_default_store: StateStore | None = None
+_default_lock = threading.Lock()
+
+
+def default_store() -> StateStore:
+    """The process-wide store in the state dir (re-opened if TETHER_STATE_DIR changed)."""
+    global _default_store
+    with _default_lock:
+        wanted = state_dir() / "tether.db"
+        if _default_store is None or _default_store.path != wanted:
+            _default_store = StateStore(wanted)
+        return _default_store
