@@ -15,7 +15,23 @@ from .search import GlobResult, GrepResult
 from .state import StateStore, default_store, state_dir
 
 __all__ = [
-    "ConnectionPool", "Edit", "EditResult", "FileStat", "GlobResult", "GrepResult", "Image", "Job",
-    "JobOutput", "ReadResult", "RunResult", "SSHEndpoint", "Sandbox", "SandboxError", "StateStore",
-    "WriteResult", "default_pool", "default_store", "state_dir",
+    "ConnectionPool",
+    "Edit",
+    "EditResult",
+    "FileStat",
+    "GlobResult",
+    "GrepResult",
+    "Image",
+    "Job",
+    "JobOutput",
+    "ReadResult",
+    "RunResult",
+    "SSHEndpoint",
+    "Sandbox",
+    "SandboxError",
+    "StateStore",
+    "WriteResult",
+    "default_pool",
+    "default_store",
+    "state_dir",
 ]

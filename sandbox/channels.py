@@ -22,15 +22,53 @@ T = TypeVar("T")
 CHANNEL_GONE = (*CONNECTION_GONE, ShellDied, ConnectionLost, asyncssh.SFTPConnectionLost, asyncssh.SFTPEOFError)
 
 
+# Channels unused this long are closed (and reopened on the next use); once a connection has no
+# channels left, the pool closes it after its own idle timeout.
+DEFAULT_IDLE_TIMEOUT = 300.0
+
+
+class _IdleTimer:
+    """Calls `close_idle` once nothing used the owner for `timeout` seconds."""
+
+    def __init__(self, timeout: float, close_idle: Callable[[], Awaitable[None]]) -> None:
+        self.timeout = timeout
+        self._close_idle = close_idle
+        self._last_used = 0.0
+        self._handle: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def touch(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._last_used = loop.time()
+        if self.timeout > 0 and self._handle is None:
+            self._handle = loop.call_later(self.timeout, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        loop = asyncio.get_running_loop()
+        remaining = self._last_used + self.timeout - loop.time()
+        if remaining > 0.001:
+            self._handle = loop.call_later(remaining, self._fire)
+            return
+        self._task = loop.create_task(self._close_idle())
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 class SFTPChannel:
     """One SFTP client per sandbox, opened on first use and reopened after its connection died."""
 
-    def __init__(self, endpoint: SSHEndpoint, pool: ConnectionPool) -> None:
+    def __init__(self, endpoint: SSHEndpoint, pool: ConnectionPool, idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
         self._endpoint = endpoint
         self._pool = pool
         self._client: asyncssh.SFTPClient | None = None
         self._lease: Lease | None = None
         self._lock = asyncio.Lock()
+        self._active = 0
+        self._idle = _IdleTimer(idle_timeout, self._close_if_idle)
 
     async def client(self) -> asyncssh.SFTPClient:
         client = self._client
@@ -44,25 +82,26 @@ class SFTPChannel:
                 )
             return self._client
 
-    def invalidate(self) -> None:
-        """Forget a client that failed with a connection error, so the next call reopens it."""
-        self._discard()
-
     async def retrying(self, operation: Callable[[asyncssh.SFTPClient], Awaitable[T]]) -> T:
         """Run a read-only operation, retrying once on a fresh connection if the old one died."""
+        self._active += 1
         try:
-            return await operation(await self.client())
-        except CHANNEL_GONE:
-            log.info("SFTP to %s lost; re-dialing", self._endpoint.display)
-            self._discard()
             try:
                 return await operation(await self.client())
-            except CHANNEL_GONE as exc:
+            except CHANNEL_GONE:
+                log.info("SFTP to %s lost; re-dialing", self._endpoint.display)
                 self._discard()
-                raise ConnectionLost(f"{self._endpoint.display}: connection lost: {exc}") from None
+                try:
+                    return await operation(await self.client())
+                except CHANNEL_GONE as exc:
+                    self._discard()
+                    raise ConnectionLost(f"{self._endpoint.display}: connection lost: {exc}") from None
+        finally:
+            self._done()
 
     async def once(self, operation: Callable[[asyncssh.SFTPClient], Awaitable[T]]) -> T:
         """Run an operation with side effects; a dead connection becomes ConnectionLost."""
+        self._active += 1
         try:
             return await operation(await self.client())
         except CHANNEL_GONE as exc:
@@ -71,6 +110,17 @@ class SFTPChannel:
                 f"{self._endpoint.display}: connection lost during the operation; it may or may not "
                 f"have taken effect, check before retrying ({exc})"
             ) from None
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        self._active -= 1
+        self._idle.touch()
+
+    async def _close_if_idle(self) -> None:
+        if self._active == 0 and self._client is not None:
+            log.debug("closing idle SFTP channel to %s", self._endpoint.display)
+            await self.close()
 
     def _discard(self) -> None:
         if self._client is not None:
@@ -80,11 +130,13 @@ class SFTPChannel:
         self._client, self._lease = None, None
 
     async def close(self) -> None:
+        self._idle.cancel()
         client, lease = self._client, self._lease
         self._client, self._lease = None, None
         if client is not None:
             client.exit()
             with contextlib.suppress(Exception):
+                # Release the slot only once the server freed the session, or it may refuse the next.
                 await asyncio.wait_for(client.wait_closed(), 2)
         if lease is not None:
             lease.release()
@@ -102,11 +154,19 @@ class _Slot:
 class ShellPool:
     """Up to `size` persistent shells for one sandbox; callers borrow one for each command."""
 
-    def __init__(self, endpoint: SSHEndpoint, pool: ConnectionPool, size: int = 4, boot_timeout: float = 60) -> None:
+    def __init__(
+        self,
+        endpoint: SSHEndpoint,
+        pool: ConnectionPool,
+        size: int = 4,
+        boot_timeout: float = 60,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    ) -> None:
         self._endpoint = endpoint
         self._pool = pool
         self.size = size
         self.boot_timeout = boot_timeout
+        self._idle_timer = _IdleTimer(idle_timeout, self._close_idle)
         self._idle: list[_Slot] = []
         self._count = 0  # open or opening
         self._changed = asyncio.Condition()
@@ -165,6 +225,7 @@ class ShellPool:
         return _Slot(shell, lease)
 
     async def _give_back(self, slot: _Slot, healthy: bool) -> None:
+        self._idle_timer.touch()
         if healthy and slot.alive:
             self._idle.append(slot)
             async with self._changed:
@@ -186,7 +247,14 @@ class ShellPool:
             async with self._changed:
                 self._changed.notify()
 
-    async def close(self) -> None:
+    async def _close_idle(self) -> None:
+        """Close the shells nobody borrowed for the idle timeout (busy ones are not in `_idle`)."""
         idle, self._idle = self._idle, []
+        if idle:
+            log.debug("closing %d idle shells to %s", len(idle), self._endpoint.display)
         for slot in idle:
             await self._close_slot(slot)
+
+    async def close(self) -> None:
+        self._idle_timer.cancel()
+        await self._close_idle()

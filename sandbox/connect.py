@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from typing import Any
 
 import asyncssh
@@ -63,7 +64,12 @@ def _connect_options(endpoint: SSHEndpoint, pinned: str | None) -> dict[str, Any
         # Gateway auth: the token is the user name and "none" auth is the only method offered.
         options.update(client_keys=None, agent_path=None, password=None, preferred_auth="none")
         return options
-    keys: list[Any] = list(endpoint.key_paths)
+    keys: list[Any] = []
+    for path in endpoint.key_paths:
+        expanded = os.path.expanduser(path)
+        if not os.path.isfile(expanded):
+            raise AuthFailed(f"{endpoint.display}: key file {path} does not exist; check the identity path")
+        keys.append(expanded)
     if endpoint.key_material is not None:
         keys.append(asyncssh.import_private_key(endpoint.key_material.get_secret_value()))
     if keys:
@@ -134,7 +140,7 @@ async def _dial_one(
             f"{endpoint.display}: authentication failed; the server refused {_offered(endpoint)}. "
             "Check the user name and that the key is in the account's authorized_keys"
         ) from None
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         raise ConnectTimeout(
             f"{endpoint.display}: no SSH session within {endpoint.connect_timeout:g}s (connect) / "
             f"{endpoint.login_timeout:g}s (login); check that the host is up and the port is right"

@@ -103,9 +103,7 @@ class SSHEndpoint(BaseModel):
             fields["key_paths"] = tuple(identity)
         jump = options.get("ProxyJump")
         if jump and str(jump).lower() != "none":
-            fields["jump"] = tuple(
-                cls.resolve(hop, path) for hop in str(jump).split(",") if hop.strip()
-            )
+            fields["jump"] = tuple(cls.resolve(hop, path) for hop in str(jump).split(",") if hop.strip())
         fields.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**fields)
 
@@ -128,10 +126,15 @@ class SSHEndpoint(BaseModel):
     def pool_key(self) -> tuple[Any, ...]:
         """Endpoints with equal keys may share a connection."""
         return (
-            self.host, self.port, self.login, self.key_paths,
+            self.host,
+            self.port,
+            self.login,
+            self.key_paths,
             self.key_material.get_secret_value() if self.key_material else None,
             self.password.get_secret_value() if self.password else None,
-            self.use_agent, self.host_key, tuple(j.pool_key() for j in self.jump),
+            self.use_agent,
+            self.host_key,
+            tuple(j.pool_key() for j in self.jump),
             id(self.socket_factory) if self.socket_factory else None,
         )
 

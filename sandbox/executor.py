@@ -17,7 +17,7 @@ import asyncssh
 
 from .channels import CHANNEL_GONE, SFTPChannel, ShellPool
 from .errors import ConnectionLost, InvalidArgument
-from .shell import PersistentShell
+from .shell import PersistentShell, ShellDied
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +87,15 @@ def cap_text(data: bytes, max_chars: int) -> tuple[str, bool]:
     text = data.decode("utf-8", "replace")
     if len(text) <= max_chars:
         return text, False
-    return _head_tail(text[: max_chars], text[-max_chars:], len(text), max_chars), True
+    return _head_tail(text, text, len(data), max_chars), True
 
 
-def _head_tail(head_source: str, tail_source: str, total: int | None, max_chars: int) -> str:
+def _head_tail(head_source: str, tail_source: str, size: int, max_chars: int) -> str:
+    """The first and last `max_chars // 2` characters, and how many bytes of `size` lie between."""
     half = max_chars // 2
-    omitted = f"{total - 2 * half} characters" if total is not None else "output"
-    return f"{head_source[:half]}\n… [{omitted} omitted] …\n{tail_source[-half:]}"
+    head, tail = head_source[:half], tail_source[-half:]
+    hidden = max(0, size - len(head.encode()) - len(tail.encode()))
+    return f"{head}\n… [{hidden} bytes not shown] …\n{tail}"
 
 
 class Executor:
@@ -129,8 +131,14 @@ class Executor:
             run_dir = shell.info.run_dir
         stdout, out_cut, out_path = await self._collect(f"{run_dir}/{command_id}.o", finished.has_stdout, max_chars)
         stderr, err_cut, err_path = await self._collect(f"{run_dir}/{command_id}.e", finished.has_stderr, max_chars)
-        self._remove_later(f"{run_dir}/{command_id}.c", *(p for p, keep in
-                           ((f"{run_dir}/{command_id}.o", out_cut), (f"{run_dir}/{command_id}.e", err_cut)) if not keep))
+        self._remove_later(
+            f"{run_dir}/{command_id}.c",
+            *(
+                p
+                for p, keep in ((f"{run_dir}/{command_id}.o", out_cut), (f"{run_dir}/{command_id}.e", err_cut))
+                if not keep
+            ),
+        )
         exit_code = None if timed_out else finished.exit_code
         return RunResult(
             exit_code=exit_code,
@@ -230,6 +238,11 @@ class Executor:
                 task.add_done_callback(self._cleanup.discard)
             raise
         except CHANNEL_GONE as exc:
+            if isinstance(exc, ShellDied) and shell.connection_alive:
+                raise ConnectionLost(
+                    "the shell running the command exited before it finished (did the command kill its "
+                    "parent shell, e.g. `kill $$`?); the next command gets a fresh shell"
+                ) from None
             raise ConnectionLost(
                 f"connection lost while the command was running; it may have been cut short "
                 f"or may still be running on the box ({exc})"
@@ -255,7 +268,7 @@ class Executor:
                 head = (await f.read(4 * max_chars)).decode("utf-8", "replace")
                 await f.seek(size - 4 * max_chars)
                 tail = (await f.read(4 * max_chars)).decode("utf-8", "replace")
-                return _head_tail(head, tail, None, max_chars), True
+                return _head_tail(head, tail, size, max_chars), True
 
         text, cut = await self._sftp.retrying(read)
         if cut:
@@ -277,8 +290,9 @@ class Executor:
 
         async def remove() -> None:
             with contextlib.suppress(Exception):
-                sftp = await self._sftp.client()
-                await asyncio.gather(*(sftp.remove(p) for p in paths), return_exceptions=True)
+                await self._sftp.once(
+                    lambda sftp: asyncio.gather(*(sftp.remove(p) for p in paths), return_exceptions=True)
+                )
 
         task = asyncio.get_running_loop().create_task(remove())
         self._cleanup.add(task)

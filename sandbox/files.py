@@ -37,7 +37,11 @@ MAX_EDIT_BYTES = 64 * 1024 * 1024
 BINARY_SNIFF_BYTES = 8192
 
 IMAGE_TYPES = {  # extension → (MIME type, magic prefix check)
-    ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif", ".webp": "image/webp",
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".gif": "image/gif",
+    ".webp": "image/webp",
 }
 
 FileType = Literal["file", "directory", "symlink", "other"]
@@ -171,8 +175,10 @@ def apply_edits(path: str, text: str, edits: Sequence[Edit], indexed: bool) -> t
             raise NoMatch(path, which)
         if count > 1 and not edit.replace_all:
             raise NotUnique(path, count, line_numbers_of(text, edit.old_string), which)
-        text = text.replace(edit.old_string, edit.new_string) if edit.replace_all else text.replace(
-            edit.old_string, edit.new_string, 1
+        text = (
+            text.replace(edit.old_string, edit.new_string)
+            if edit.replace_all
+            else text.replace(edit.old_string, edit.new_string, 1)
         )
         total += count if edit.replace_all else 1
     return text, total
@@ -181,8 +187,11 @@ def apply_edits(path: str, text: str, edits: Sequence[Edit], indexed: bool) -> t
 def unified_diff(path: str, before: str, after: str) -> str:
     return "".join(
         difflib.unified_diff(
-            before.splitlines(keepends=True), after.splitlines(keepends=True), f"a{path}" if path.startswith("/")
-            else f"a/{path}", f"b{path}" if path.startswith("/") else f"b/{path}", n=3
+            before.splitlines(keepends=True),
+            after.splitlines(keepends=True),
+            f"a{path}" if path.startswith("/") else f"a/{path}",
+            f"b{path}" if path.startswith("/") else f"b/{path}",
+            n=3,
         )
     )
 
@@ -205,7 +214,7 @@ class Files:
         if limit < 1:
             raise InvalidArgument("limit must be at least 1")
 
-        async def read(sftp: asyncssh.SFTPClient) -> tuple[asyncssh.SFTPAttrs, bytes]:
+        async def read(sftp: asyncssh.SFTPClient) -> bytes:
             try:
                 async with sftp.open(path, "rb") as f:
                     attrs = await f.stat()
@@ -215,11 +224,11 @@ class Files:
                     limit_bytes = MAX_IMAGE_BYTES if _image_type(path) else MAX_TEXT_BYTES
                     if size > limit_bytes:
                         raise FileTooLarge(path, size, limit_bytes)
-                    return attrs, await f.read()
+                    return await f.read()
             except asyncssh.SFTPError as exc:
                 raise sftp_error(path, exc) from None
 
-        attrs, data = await self._sftp.retrying(read)
+        data = await self._sftp.retrying(read)
         mime = _image_type(path)
         if mime and _image_magic_ok(mime, data):
             return Image(path, mime, data)
@@ -392,8 +401,9 @@ class Files:
                         pass  # dangling: report the link itself
             except asyncssh.SFTPError as exc:
                 raise sftp_error(path, exc) from None
-            return FileStat(path, _kind(attrs), attrs.size or 0, (attrs.permissions or 0) & 0o7777,
-                            float(attrs.mtime or 0), target)
+            return FileStat(
+                path, _kind(attrs), attrs.size or 0, (attrs.permissions or 0) & 0o7777, float(attrs.mtime or 0), target
+            )
 
         return await self._sftp.retrying(look)
 
@@ -414,13 +424,23 @@ class Files:
                 raise sftp_error(path, exc) from None
             entries = []
             for entry in names:
-                name = entry.filename if isinstance(entry.filename, str) else entry.filename.decode(
-                    "utf-8", "surrogateescape")
+                name = (
+                    entry.filename
+                    if isinstance(entry.filename, str)
+                    else entry.filename.decode("utf-8", "surrogateescape")
+                )
                 if name in (".", ".."):
                     continue
                 attrs = entry.attrs
-                entries.append(FileStat(posixpath.join(path, name), _kind(attrs), attrs.size or 0,
-                                        (attrs.permissions or 0) & 0o7777, float(attrs.mtime or 0)))
+                entries.append(
+                    FileStat(
+                        posixpath.join(path, name),
+                        _kind(attrs),
+                        attrs.size or 0,
+                        (attrs.permissions or 0) & 0o7777,
+                        float(attrs.mtime or 0),
+                    )
+                )
             return sorted(entries, key=lambda e: e.path)
 
         try:

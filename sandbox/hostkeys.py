@@ -33,8 +33,7 @@ class HostKeyPins:
         """Record `line` unless a key is already pinned (a concurrent first use must not overwrite)."""
         with self._store.transaction() as db:
             db.execute(
-                "INSERT OR IGNORE INTO host_keys (host, port, key, fingerprint, first_seen)"
-                " VALUES (?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO host_keys (host, port, key, fingerprint, first_seen) VALUES (?, ?, ?, ?, ?)",
                 (host, port, line, fingerprint_of(line), time.time()),
             )
 

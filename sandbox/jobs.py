@@ -106,7 +106,7 @@ class Jobs:
             # State before sizes: once `exit` exists the output files are complete, so the sizes
             # read afterwards cover everything the job wrote.
             state = await self._read_state(directory)
-            running = await self._running(state)
+            running = await self._running(state, directory)
             sizes = await self._sftp.retrying(lambda sftp: _sizes(sftp, directory))
             grew = sizes[0] > cursor.stdout or sizes[1] > cursor.stderr
             if grew or not running or time.monotonic() >= deadline:
@@ -114,8 +114,14 @@ class Jobs:
             await asyncio.sleep(POLL_INTERVAL)
         stdout, out_more = await self._read_from(f"{directory}/stdout", cursor, "stdout", sizes[0], max_chars)
         stderr, err_more = await self._read_from(f"{directory}/stderr", cursor, "stderr", sizes[1], max_chars)
-        return JobOutput(job_id, stdout, stderr, "running" if running else "exited",
-                         None if running else state.exit_code, out_more or err_more)
+        return JobOutput(
+            job_id,
+            stdout,
+            stderr,
+            "running" if running else "exited",
+            None if running else state.exit_code,
+            out_more or err_more,
+        )
 
     async def list(self) -> list[Job]:
         """Every job tether started on this box, newest first."""
@@ -130,12 +136,22 @@ class Jobs:
         ids = await self._sftp.retrying(names)
         states = await asyncio.gather(*(self._read_state(f"{root}/{i}") for i in ids))
         alive = await self._alive_pids([s.pid for s in states if s.pid and s.exit_code is None])
+        await asyncio.gather(
+            *(
+                self._settle(s, f"{root}/{i}")
+                for i, s in zip(ids, states, strict=True)
+                if s.exit_code is None and s.pid and s.pid not in alive
+            )
+        )
         jobs = [self._job(i, s, alive) for i, s in zip(ids, states, strict=True)]
         return sorted(jobs, key=lambda j: j.started_at, reverse=True)
 
     async def get(self, job_id: str) -> Job:
-        state = await self._read_state(await self._directory(job_id))
+        directory = await self._directory(job_id)
+        state = await self._read_state(directory)
         alive = await self._alive_pids([state.pid] if state.pid and state.exit_code is None else [])
+        if state.exit_code is None and state.pid and state.pid not in alive:
+            await self._settle(state, directory)
         return self._job(job_id, state, alive)
 
     async def kill(self, job_id: str, signal: str = "TERM") -> Job:
@@ -194,12 +210,25 @@ class Jobs:
 
         return await self._sftp.retrying(read)
 
-    async def _running(self, state: _Files) -> bool:
+    async def _running(self, state: _Files, directory: str) -> bool:
         if state.exit_code is not None:
             return False
         if state.pid is None:
             return True  # started a moment ago: the wrapper has not written its pid yet
-        return state.pid in await self._alive_pids([state.pid])
+        if state.pid in await self._alive_pids([state.pid]):
+            return False if await self._settle(state, directory) else True
+        await self._settle(state, directory)
+        return False
+
+    async def _settle(self, state: _Files, directory: str) -> bool:
+        """Re-read `exit` after finding the wrapper gone (it may have ended between the two reads).
+
+        Returns whether an exit code is known now.
+        """
+        text = await self._sftp.retrying(lambda sftp: _read_small(sftp, f"{directory}/exit"))
+        if text and text.strip().lstrip("-").isdigit():
+            state.exit_code = int(text)
+        return state.exit_code is not None
 
     async def _alive_pids(self, pids: list[int | None]) -> set[int]:
         wanted = [str(p) for p in pids if p]

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from .budget import ChannelBudget
+from .budget import DEFAULT_SESSION_LIMIT, ChannelBudget
 from .connect import dial
 from .endpoint import SSHEndpoint
 from .errors import ConnectError, ConnectionLost, Unreachable
@@ -69,6 +69,8 @@ class _EndpointConnections:
         self.changed = asyncio.Condition()
         self.dialing = 0
         self.ever_connected = False
+        # Learned from refusals; every connection to the same server shares it.
+        self.session_limit = DEFAULT_SESSION_LIMIT
 
 
 class ConnectionPool:
@@ -135,8 +137,15 @@ class ConnectionPool:
                     continue
                 lease.released = True
                 pooled.budget.learn_refusal()
-                log.debug("%s refused a session with %d open: limit now %d",
-                          endpoint.display, pooled.budget.in_use, pooled.budget.limit)
+                group.session_limit = min(group.session_limit, pooled.budget.limit)
+                for other in group.connections:
+                    other.budget.limit = min(other.budget.limit, group.session_limit)
+                log.debug(
+                    "%s refused a session with %d open: limit now %d",
+                    endpoint.display,
+                    pooled.budget.in_use,
+                    group.session_limit,
+                )
                 if pooled.budget.in_use == 0:
                     raise ConnectError(f"{endpoint.display} refused to open a session: {exc.reason}") from None
                 await self._notify(group)
@@ -212,9 +221,11 @@ class ConnectionPool:
         finally:
             await group.changed.acquire()
             group.dialing -= 1
-        pooled = PooledConnection(conn, group)
+        pooled = PooledConnection(conn, group, ChannelBudget(group.session_limit))
         group.connections.append(pooled)
         group.ever_connected = True
+        # Others waiting for room may fit on the new connection too.
+        group.changed.notify_all()
         asyncio.get_running_loop().create_task(self._watch(group, pooled))
         return pooled
 

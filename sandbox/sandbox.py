@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncssh
 
-from .channels import SFTPChannel, ShellPool
+from .channels import DEFAULT_IDLE_TIMEOUT, SFTPChannel, ShellPool
 from .endpoint import SSHEndpoint
 from .errors import InvalidArgument
 from .executor import MAX_OUTPUT_CHARS, Executor, RunResult
@@ -25,7 +25,8 @@ class Sandbox:
     """A machine reachable over SSH, and what an agent can do on it.
 
     Commands run in a small pool of persistent shells; files move over one SFTP channel; both share
-    a pooled connection. Relative paths (and `cwd` arguments) are relative to the sandbox's current
+    a pooled connection; channels unused for `idle_timeout` seconds are closed and reopened on the
+    next use. Relative paths (and `cwd` arguments) are relative to the sandbox's current
     directory: where the last `run` ended, initially the login user's home.
 
     Use it as an async context manager, or call `close()`.
@@ -38,6 +39,7 @@ class Sandbox:
         pool: ConnectionPool | None = None,
         shells: int = 4,
         boot_timeout: float = 60.0,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         name: str | None = None,
     ) -> None:
         self.endpoint = endpoint
@@ -45,6 +47,7 @@ class Sandbox:
         self._pool = pool
         self._shells_size = shells
         self._boot_timeout = boot_timeout
+        self._idle_timeout = idle_timeout
         self._parts: _Parts | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -77,7 +80,9 @@ class Sandbox:
     @property
     def _p(self) -> _Parts:
         if self._parts is None:
-            self._parts = _Parts(self.endpoint, self._pool or default_pool(), self._shells_size, self._boot_timeout)
+            self._parts = _Parts(
+                self.endpoint, self._pool or default_pool(), self._shells_size, self._boot_timeout, self._idle_timeout
+            )
         return self._parts
 
     # -- paths ---------------------------------------------------------------------------------------
@@ -191,9 +196,7 @@ class Sandbox:
 
     # -- background jobs -----------------------------------------------------------------------------
 
-    async def start_job(
-        self, command: str, *, cwd: str | None = None, env: Mapping[str, str] | None = None
-    ) -> Job:
+    async def start_job(self, command: str, *, cwd: str | None = None, env: Mapping[str, str] | None = None) -> Job:
         """Start `command` detached (setsid), its output in files under ~/.tether/jobs/<id>/."""
         return await self._p.jobs.start(command, cwd=await self.resolve(cwd) if cwd else await self.cwd(), env=env)
 
@@ -230,10 +233,12 @@ class Sandbox:
 class _Parts:
     """The objects a connected sandbox is made of, created on first use."""
 
-    def __init__(self, endpoint: SSHEndpoint, pool: ConnectionPool, shells: int, boot_timeout: float) -> None:
+    def __init__(
+        self, endpoint: SSHEndpoint, pool: ConnectionPool, shells: int, boot_timeout: float, idle_timeout: float
+    ) -> None:
         self.pool = pool
-        self.sftp = SFTPChannel(endpoint, pool)
-        self.shells = ShellPool(endpoint, pool, shells, boot_timeout)
+        self.sftp = SFTPChannel(endpoint, pool, idle_timeout)
+        self.shells = ShellPool(endpoint, pool, shells, boot_timeout, idle_timeout)
         self.executor = Executor(self.shells, self.sftp)
         self.files = Files(self.sftp)
         self.search = Search(self.executor, self.shells, self.files)

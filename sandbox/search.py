@@ -17,6 +17,7 @@ from .executor import Executor
 from .files import Files
 
 GLOB_LIMIT = 100
+MAX_SORTED = 10_000  # results beyond this many are not sorted by mtime (and are reported as truncated)
 GREP_MAX_CHARS = 30_000
 GrepMode = Literal["files_with_matches", "content", "count"]
 GREP_MODES = ("files_with_matches", "content", "count")
@@ -112,24 +113,39 @@ class Search:
         matcher = glob_to_regex(pattern)
         await self._require_directory(root)
         if await self._has_rg():
-            argv = ["rg", "--files", "--hidden", "--glob", "!.git", "--sortr", "modified", "--null",
-                    "--no-config", "--", root]
-            raw = await self._executor.exec_raw(argv, cwd=root)
-            names = [n for n in raw.stdout.decode("utf-8", "surrogateescape").split("\0") if n]
-            matches = [n for n in names if matcher.match(_relative(n, root))]
-            return GlobResult(matches[:GLOB_LIMIT], len(matches) > GLOB_LIMIT or raw.stdout_truncated)
-        argv = ["find", root, "-path", f"{root.rstrip('/')}/.git", "-prune", "-o", "-type", "f", "-print"]
-        raw = await self._executor.exec_raw(argv, cwd=root)
-        names = [n for n in raw.stdout.decode("utf-8", "surrogateescape").split("\n") if n]
-        matches = [n for n in names if matcher.match(_relative(n, root))]
-        # POSIX find cannot print mtimes: stat the candidates over SFTP (pipelined) and sort.
-        candidates = matches[:2000]
-        stats = await asyncio.gather(*(self._files.stat(n) for n in candidates), return_exceptions=True)
-        dated = sorted(
-            ((s.mtime, n) for s, n in zip(stats, candidates, strict=True) if not isinstance(s, BaseException)),
-            key=lambda t: (-t[0], t[1]),
-        )
-        return GlobResult([n for _, n in dated[:GLOB_LIMIT]], len(matches) > GLOB_LIMIT)
+            argv = ["rg", "--files", "--hidden", "--glob", "!.git", "--null", "--no-config", "--", root]
+            raw = await self._executor.exec_raw(argv)
+            names = raw.stdout.decode("utf-8", "surrogateescape").split("\0")
+        else:
+            argv = ["find", root, "-path", f"{root.rstrip('/')}/.git", "-prune", "-o", "-type", "f", "-print"]
+            raw = await self._executor.exec_raw(argv)
+            names = raw.stdout.decode("utf-8", "surrogateescape").split("\n")
+        matches = [n for n in names if n and matcher.match(_relative(n, root))]
+        newest, cut = await self._newest_first(matches, GLOB_LIMIT)
+        return GlobResult(newest, cut or raw.stdout_truncated)
+
+    async def _newest_first(self, paths: list[str], limit: int | None) -> tuple[list[str], bool]:
+        """`paths` sorted newest first (ties by name), at most `limit`; and whether any were left out.
+
+        Neither ripgrep (whose --sortr sorts each directory, not the tree) nor POSIX find can print
+        mtimes portably, so the candidates are stat'ed over SFTP, many requests in flight.
+        """
+        candidates = paths[:MAX_SORTED]
+        gate = asyncio.Semaphore(128)
+
+        async def mtime(path: str) -> float:
+            async with gate:
+                try:
+                    return (await self._files.stat(path)).mtime
+                except Exception:  # vanished or unreadable since the listing: sort it last
+                    return 0.0
+
+        times = await asyncio.gather(*(mtime(p) for p in candidates))
+        ordered = [p for _, p in sorted(zip(times, candidates, strict=True), key=lambda t: (-t[0], t[1]))]
+        left_out = len(paths) > len(candidates)
+        if limit is not None and len(ordered) > limit:
+            return ordered[:limit], True
+        return ordered, left_out
 
     # -- grep ----------------------------------------------------------------------------------------
 
@@ -152,7 +168,7 @@ class Search:
         """Search file contents under `root` (a file or a directory) for a regular expression.
 
         Modes as in ripgrep: `files_with_matches` (one path per line, newest first), `content`
-        (`path:line:text`, context lines `path-line-text`), `count` (`path:N`). `head_limit` keeps the
+        (`path:line:text`, context lines `path-line-text`, sorted by path), `count` (`path:N`). `head_limit` keeps the
         first N lines. Without ripgrep on the box, POSIX `grep -E` is used: `type` and `multiline`
         need ripgrep, and the regex dialect is ERE instead of Rust's.
         """
@@ -166,17 +182,31 @@ class Search:
         await self._require_exists(root)
         use_rg = await self._has_rg()
         argv = (self._rg_argv if use_rg else self._grep_argv)(
-            pattern, root, glob=glob, type=type, output_mode=output_mode, before=before, after=after,
-            context=context, line_numbers=line_numbers, case_insensitive=case_insensitive, multiline=multiline,
+            pattern,
+            root,
+            glob=glob,
+            type=type,
+            output_mode=output_mode,
+            before=before,
+            after=after,
+            context=context,
+            line_numbers=line_numbers,
+            case_insensitive=case_insensitive,
+            multiline=multiline,
         )
-        raw = await self._executor.exec_raw(argv, cwd=root)
+        raw = await self._executor.exec_raw(argv)
         if raw.exit_code not in (0, 1) and not raw.stdout:
             message = raw.stderr.decode("utf-8", "replace").strip() or f"exit code {raw.exit_code}"
             raise InvalidArgument(f"grep failed: {message}")
-        lines = raw.stdout.decode("utf-8", "replace").splitlines()
+        text_out = raw.stdout.decode("utf-8", "replace")
+        # rg -l separates paths with NUL, so names with newlines stay whole
+        lines = text_out.split("\0")[:-1] if use_rg and output_mode == "files_with_matches" else text_out.splitlines()
+        truncated = raw.stdout_truncated
         if output_mode == "count" and not use_rg:
             lines = [line for line in lines if not line.endswith(":0")]
-        truncated = raw.stdout_truncated
+        elif output_mode == "files_with_matches":
+            lines, cut = await self._newest_first(lines, None)
+            truncated = truncated or cut
         if head_limit is not None and len(lines) > head_limit:
             lines, truncated = lines[:head_limit], True
         text, size = [], 0
@@ -189,13 +219,32 @@ class Search:
         return GrepResult(output_mode, "\n".join(text), len(text), truncated, "rg" if use_rg else "grep")
 
     @staticmethod
-    def _rg_argv(pattern: str, root: str, *, glob: str | None, type: str | None, output_mode: str,
-                 before: int | None, after: int | None, context: int | None, line_numbers: bool,
-                 case_insensitive: bool, multiline: bool) -> list[str]:
-        argv = ["rg", "--no-config", "--color=never", "--hidden", "--glob", "!.git", "--max-columns=2000",
-                "--max-columns-preview"]
+    def _rg_argv(
+        pattern: str,
+        root: str,
+        *,
+        glob: str | None,
+        type: str | None,
+        output_mode: str,
+        before: int | None,
+        after: int | None,
+        context: int | None,
+        line_numbers: bool,
+        case_insensitive: bool,
+        multiline: bool,
+    ) -> list[str]:
+        argv = [
+            "rg",
+            "--no-config",
+            "--color=never",
+            "--hidden",
+            "--glob",
+            "!.git",
+            "--max-columns=2000",
+            "--max-columns-preview",
+        ]
         if output_mode == "files_with_matches":
-            argv += ["--files-with-matches", "--sortr=modified"]
+            argv += ["--files-with-matches", "--null"]
         elif output_mode == "count":
             argv += ["--count", "--with-filename", "--sort=path"]
         else:
@@ -218,9 +267,20 @@ class Search:
         return [*argv, "--regexp", pattern, "--", root]
 
     @staticmethod
-    def _grep_argv(pattern: str, root: str, *, glob: str | None, type: str | None, output_mode: str,
-                   before: int | None, after: int | None, context: int | None, line_numbers: bool,
-                   case_insensitive: bool, multiline: bool) -> list[str]:
+    def _grep_argv(
+        pattern: str,
+        root: str,
+        *,
+        glob: str | None,
+        type: str | None,
+        output_mode: str,
+        before: int | None,
+        after: int | None,
+        context: int | None,
+        line_numbers: bool,
+        case_insensitive: bool,
+        multiline: bool,
+    ) -> list[str]:
         if multiline:
             raise InvalidArgument("multiline search needs ripgrep (rg) on the box; install it or search line by line")
         if type:
@@ -258,4 +318,4 @@ class Search:
 
 def _relative(path: str, root: str) -> str:
     root = root.rstrip("/") + "/"
-    return path[len(root):] if path.startswith(root) else path
+    return path[len(root) :] if path.startswith(root) else path

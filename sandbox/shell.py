@@ -26,21 +26,24 @@ import asyncssh
 from .errors import ConnectionLost, ConnectTimeout
 
 # The exec request (run by sshd as `$SHELL -c …`) starts the user's login shell once, so their
-# profile sets PATH and friends. A bash login shell stays and reads the protocol itself (bash reads
-# a pipe byte by byte, so nothing is swallowed); any other shell becomes /bin/sh after its profile
-# ran, so that only that sh ever reads stdin (dash reads ahead). csh and fish can't parse this line
-# and exit at once: PersistentShell.start then falls back to `exec /bin/sh -l`.
-BOOT_COMMAND = "case ${SHELL##*/} in bash) exec \"$SHELL\" -l ;; *) exec \"$SHELL\" -l -c 'exec /bin/sh' ;; esac"
+# profile sets PATH and friends. A POSIX login shell (bash, dash, busybox ash, ksh) then reads the
+# protocol itself. Any other shell (zsh, …) becomes /bin/sh once its profile ran: only that sh ever
+# reads stdin, so nothing can be swallowed by a shell that reads ahead. csh and fish can't parse this
+# line and exit at once: PersistentShell.start then falls back to `exec /bin/sh -l`.
+BOOT_COMMAND = (
+    'case ${SHELL##*/} in bash|dash|ash|sh|ksh|mksh) exec "$SHELL" -l ;; '
+    "*) exec \"$SHELL\" -l -c 'exec /bin/sh' ;; esac"
+)
 FALLBACK_BOOT_COMMAND = "exec /bin/sh -l"
 
 # How a command is started, `exec` mode: a new shell in its own session (setsid). $1 cwd, $2 the
 # command (already prefixed with env exports), $3 the cwd file. The EXIT trap records where the
 # command ended so the next command can start there.
 _CHILD = (
-    "trap 'pwd >\"$3\" 2>/dev/null' EXIT; "
-    "command cd -- \"$1\" 2>/dev/null || { printf 'tether: directory %s is gone; running in %s\\n' \"$1\" \"$HOME\" >&2; "
+    "__c=$3; __s=$2; trap 'pwd >\"$__c\" 2>/dev/null' EXIT; "
+    'command cd -- "$1" 2>/dev/null || { printf \'tether: directory %s is gone; running in %s\\n\' "$1" "$HOME" >&2; '
     "command cd || exit 125; }; "
-    "set --; eval \"$2\""
+    'set --; eval "$__s"'
 )
 
 # A background job's wrapper. $1 cwd, $2 the command, $3 the job's directory. The wrapper lives in
@@ -48,11 +51,11 @@ _CHILD = (
 # so that it can record the exit status after `job_kill`; the command runs in a subshell with the
 # default dispositions, in the foreground so that INT is not ignored.
 _JOB = (
-    "printf '%s\\n' \"$$\" >\"$3/pid\"; "
-    "command cd -- \"$1\" || { printf '125\\n' >\"$3/exit\"; exit 125; }; "
+    "__j=$3; __s=$2; "
+    'command cd -- "$1" || { printf \'125\\n\' >"$__j/exit"; exit 125; }; '
     "trap : TERM INT HUP; "
-    "( trap - TERM INT HUP; set --; eval \"$2\" ); "
-    "__s=$?; printf '%s\\n' \"$__s\" >\"$3/exit.tmp\" && mv -f \"$3/exit.tmp\" \"$3/exit\""
+    '( trap - TERM INT HUP; set --; eval "$__s" ); '
+    '__x=$?; printf \'%s\\n\' "$__x" >"$__j/exit.tmp" && mv -f "$__j/exit.tmp" "$__j/exit"'
 )
 
 _INIT = r"""
@@ -85,7 +88,8 @@ if [ -n "${BASH_VERSION:-}" ] && set -m 2>/dev/null && case $- in *m*) true ;; *
   __t_spawn() {
     ( set +m; trap 'command pwd >"$__c" 2>/dev/null' EXIT
       __d=$1; __s=$2; set --
-      command cd -- "$__d" 2>/dev/null || { printf 'tether: directory %s is gone; running in %s\n' "$__d" "$HOME" >&2; command cd || exit 125; }
+      command cd -- "$__d" 2>/dev/null || {
+        printf 'tether: directory %s is gone; running in %s\n' "$__d" "$HOME" >&2; command cd || exit 125; }
       eval "$__s"
     ) </dev/null >"$__o" 2>"$__e" &
   }
@@ -108,9 +112,15 @@ __t_run() {
   printf '%s E %s %s %s %s\0' "$1" "$__x" "$__so" "$__se" "$__cwd"
 }
 __t_job() {
-  __o="$2/stdout"; __e="$2/stderr"
+  # Job control off while launching: a background child that already leads its own group would
+  # make setsid fork, and $! would name a parent that exits at once.
+  __o="$2/stdout"; __e="$2/stderr"; __m=$-
+  set +m
   __t_bg "$__TSH" -c "$__TJOB" tether "$3" "$4" "$2"
-  printf '%s R %s\0' "$1" "$!"
+  __p=$!
+  case $__m in *m*) set -m ;; esac
+  printf '%s\n' "$__p" >"$2/pid"
+  printf '%s R %s\0' "$1" "$__p"
 }
 __t_alive() {
   __i=$1; shift; __a=
@@ -159,8 +169,11 @@ class ShellDied(ConnectionLost):
 class PersistentShell:
     """One shell process on one channel. Not safe for concurrent use: one command at a time."""
 
-    def __init__(self, process: asyncssh.SSHClientProcess[bytes], info: ShellInfo) -> None:
+    def __init__(
+        self, process: asyncssh.SSHClientProcess[bytes], info: ShellInfo, conn: asyncssh.SSHClientConnection
+    ) -> None:
         self._process = process
+        self._conn = conn
         self.info = info
         self._stderr_tail = b""
         self._stderr_task = asyncio.get_running_loop().create_task(self._drain_stderr())
@@ -200,13 +213,17 @@ class PersistentShell:
         except BaseException:
             process.close()
             raise
-        pg, rg, shell, home = record[at + len(marker):].decode("utf-8", "surrogateescape").split(" ", 3)
+        pg, rg, shell, home = record[at + len(marker) :].decode("utf-8", "surrogateescape").split(" ", 3)
         info = ShellInfo(home=home, shell=shell, process_groups=pg, has_rg=rg == "1")
-        return cls(process, info)
+        return cls(process, info, conn)
 
     @property
     def alive(self) -> bool:
         return not self._process.is_closing()
+
+    @property
+    def connection_alive(self) -> bool:
+        return not self._conn.is_closed()
 
     async def begin(self, command_id: str, cwd: str, script: str) -> int:
         """Start `script` in `cwd`; return the child's pid (= its process group when groups are on)."""
@@ -233,14 +250,14 @@ class PersistentShell:
             self._process.stdin.write(line.encode("utf-8", "surrogateescape"))
         except (BrokenPipeError, asyncssh.Error, OSError) as exc:
             raise ShellDied(f"the shell's channel is closed: {exc}") from None
-        return (await self._expect(call_id, "R", maxsplit=-1, allow_empty=True))
+        return await self._expect(call_id, "R", maxsplit=-1, allow_empty=True)
 
     async def _expect(self, command_id: str, kind: str, maxsplit: int = -1, allow_empty: bool = False) -> list[str]:
         prefix = f"{command_id} {kind}"
         while True:
             record = (await _read_record(self._process, self._stderr_tail)).decode("utf-8", "surrogateescape")
             if record.startswith(prefix):
-                rest = record[len(prefix):].removeprefix(" ")
+                rest = record[len(prefix) :].removeprefix(" ")
                 if allow_empty and not rest:
                     return []
                 return rest.split(" ", maxsplit) if maxsplit >= 0 else rest.split(" ")

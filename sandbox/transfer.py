@@ -46,8 +46,9 @@ class Transfers:
         async def put(sftp: asyncssh.SFTPClient) -> None:
             try:
                 await sftp.makedirs(directory, exist_ok=True)
-                await sftp.put(str(local), temp, block_size=-1, max_requests=MAX_REQUESTS,
-                               progress_handler=_adapt(progress))
+                await sftp.put(
+                    str(local), temp, block_size=-1, max_requests=MAX_REQUESTS, progress_handler=_adapt(progress)
+                )
                 await sftp.chmod(temp, local.stat().st_mode & 0o777)
                 await sftp.posix_rename(temp, remote)
             except BaseException as exc:
@@ -70,8 +71,9 @@ class Transfers:
         async def get(sftp: asyncssh.SFTPClient) -> int:
             try:
                 attrs = await sftp.stat(remote)
-                await sftp.get(remote, str(temp), block_size=-1, max_requests=MAX_REQUESTS,
-                               progress_handler=_adapt(progress))
+                await sftp.get(
+                    remote, str(temp), block_size=-1, max_requests=MAX_REQUESTS, progress_handler=_adapt(progress)
+                )
             except BaseException as exc:
                 temp.unlink(missing_ok=True)
                 if isinstance(exc, asyncssh.SFTPError):

@@ -21,8 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SSHD_BINARY = shutil.which("sshd") or "/usr/sbin/sshd"
-SFTP_SERVER_CANDIDATES = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server",
-                          "/usr/libexec/sftp-server")
+SFTP_SERVER_CANDIDATES = (
+    "/usr/lib/openssh/sftp-server",
+    "/usr/libexec/openssh/sftp-server",
+    "/usr/libexec/sftp-server",
+)
 
 
 def is_root() -> bool:
@@ -66,8 +69,7 @@ def ensure_account(name: str, shell: str = "/bin/bash", rc_files: dict[str, str]
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", shell, name], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(["useradd", "--create-home", "--shell", shell, name], check=True, stdout=subprocess.DEVNULL)
         entry = pwd.getpwnam(name)
     if entry.pw_shell != shell:
         subprocess.run(["usermod", "--shell", shell, name], check=True)
@@ -109,31 +111,35 @@ class SSHD:
             self.port = free_port()
         sftp_server = next((p for p in SFTP_SERVER_CANDIDATES if os.path.exists(p)), "internal-sftp")
         config = self.workdir / "sshd_config"
-        config.write_text("\n".join([
-            f"Port {self.port}",
-            "ListenAddress 127.0.0.1",
-            f"HostKey {self.host_key}",
-            f"PidFile {self.workdir / 'sshd.pid'}",
-            f"AuthorizedKeysFile {authorized}",
-            "StrictModes no",
-            "UsePAM no",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
-            f"MaxSessions {self.max_sessions}",
-            "MaxStartups 100:30:200",
-            "AllowTcpForwarding yes",
-            "LogLevel ERROR",
-            f"Subsystem sftp {sftp_server}",
-            *self.extra_config,
-        ]) + "\n")
+        config.write_text(
+            "\n".join(
+                [
+                    f"Port {self.port}",
+                    "ListenAddress 127.0.0.1",
+                    f"HostKey {self.host_key}",
+                    f"PidFile {self.workdir / 'sshd.pid'}",
+                    f"AuthorizedKeysFile {authorized}",
+                    "StrictModes no",
+                    "UsePAM no",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    f"MaxSessions {self.max_sessions}",
+                    "MaxStartups 100:30:200",
+                    "AllowTcpForwarding yes",
+                    "LogLevel ERROR",
+                    f"Subsystem sftp {sftp_server}",
+                    *self.extra_config,
+                ]
+            )
+            + "\n"
+        )
         for path in self.workdir.iterdir():
             os.chown(path, self.account.uid, self.account.gid)
         os.chown(self.workdir, self.account.uid, self.account.gid)
         argv = [SSHD_BINARY, "-D", "-e", "-f", str(config)]
         if is_root():
             argv = ["runuser", "-u", self.account.name, "--", *argv]
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         try:
             wait_for_port(self.port)
         except TimeoutError:
@@ -146,10 +152,20 @@ class SSHD:
         return int((self.workdir / "sshd.pid").read_text().split()[0])
 
     def connection_pids(self) -> list[int]:
-        """Pids of the sshd processes serving connections (children of the listener)."""
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.listener_pid())],
-                             capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
+        """Pids of the sshd processes serving connections: the listener's descendants that are sshd
+        (the privileged monitor and the per-session process), not the shells they started."""
+        out = subprocess.run(["ps", "-eo", "pid=,ppid=,comm="], capture_output=True, text=True).stdout
+        children: dict[int, list[tuple[int, str]]] = {}
+        for line in out.splitlines():
+            pid, ppid, comm = line.split(None, 2)
+            children.setdefault(int(ppid), []).append((int(pid), comm.strip()))
+        found, todo = [], [self.listener_pid()]
+        while todo:
+            for pid, comm in children.get(todo.pop(), []):
+                if comm == "sshd":
+                    found.append(pid)
+                    todo.append(pid)
+        return found
 
     def kill_connections(self) -> None:
         for pid in self.connection_pids():

@@ -1,0 +1,300 @@
+"""Connections: the channel budget, re-dial, keepalive, idle close, host-key pinning, connect errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from sandbox import ConnectionPool, Sandbox, SSHEndpoint
+from sandbox.errors import AuthFailed, ConnectionLost, ConnectTimeout, HostKeyMismatch, Unreachable
+from sandbox.hostkeys import HostKeyPins
+from sandbox.state import StateStore
+from tests.conftest import endpoint_for
+from tests.sshd import SSHD, Account, free_port, keygen
+
+
+@pytest.fixture
+def own_sshd(bash_account: Account, client_key: Path) -> Iterator[SSHD]:
+    """An sshd this test may kill or restart."""
+    server = SSHD(bash_account, client_key).start()
+    yield server
+    server.cleanup()
+
+
+async def mixed_operations(box: Sandbox, count: int) -> list[BaseException | object]:
+    work = f"{await box.home()}/mixed-{os.getpid()}-{random.randrange(1 << 30)}"
+    await box.makedirs(work)
+
+    async def one(i: int) -> object:
+        kind = i % 3
+        if kind == 0:
+            r = await box.run(f"echo {i}; sleep 0.0{i % 10}")
+            assert r.stdout == f"{i}\n", r
+        elif kind == 1:
+            await box.write(f"{work}/f{i}.txt", f"content {i}\n" * 100)
+            assert await box.read_text(f"{work}/f{i}.txt") == f"content {i}\n" * 100
+        else:
+            await box.write(f"{work}/r{i}.txt", f"r{i}")
+            read = await box.read(f"{work}/r{i}.txt")
+            assert read.text == f"     1\tr{i}", read  # type: ignore[union-attr]
+        return i
+
+    return await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
+
+
+async def test_64_concurrent_mixed_operations_with_max_sessions_10(
+    bash_account: Account, client_key: Path, pool: ConnectionPool
+) -> None:
+    server = SSHD(bash_account, client_key, max_sessions=10).start()
+    try:
+        # more shells than the server's MaxSessions allows on one connection: the budget must cope
+        async with Sandbox(endpoint_for(server, client_key), pool=pool, shells=12) as box:
+            results = await mixed_operations(box, 64)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            assert errors == []
+            assert all(in_use <= limit <= 10 for in_use, limit in pool.stats(box.endpoint))
+    finally:
+        server.cleanup()
+
+
+async def test_the_real_session_limit_is_learned_and_never_surfaces(
+    bash_account: Account, client_key: Path, pool: ConnectionPool
+) -> None:
+    server = SSHD(bash_account, client_key, max_sessions=3).start()
+    try:
+        async with Sandbox(endpoint_for(server, client_key), pool=pool, shells=6) as box:
+            results = await mixed_operations(box, 64)
+            assert [r for r in results if isinstance(r, BaseException)] == []
+            stats = pool.stats(box.endpoint)
+            assert stats and all(limit == 3 for _, limit in stats)  # learned from the refusals
+            assert len(stats) >= 2  # and more connections were opened instead
+    finally:
+        server.cleanup()
+
+
+async def test_a_command_in_flight_when_the_connection_dies_is_reported(
+    own_sshd: SSHD, client_key: Path, pool: ConnectionPool
+) -> None:
+    async with Sandbox(endpoint_for(own_sshd, client_key), pool=pool) as box:
+        await box.write("survivor.txt", "still here")
+        running = asyncio.ensure_future(box.run("sleep 5; echo done"))
+        await asyncio.sleep(0.5)
+        own_sshd.kill_connections()
+        with pytest.raises(ConnectionLost, match="may still be running"):
+            await asyncio.wait_for(running, 5)
+        # safe operations re-dial transparently
+        assert await box.read_text("survivor.txt") == "still here"
+        assert (await box.run("echo back")).stdout == "back\n"
+
+
+async def test_keepalive_notices_a_silent_peer_and_the_next_call_redials(
+    own_sshd: SSHD, client_key: Path, pool: ConnectionPool
+) -> None:
+    endpoint = endpoint_for(own_sshd, client_key, keepalive_interval=0.2)
+    async with Sandbox(endpoint, pool=pool) as box:
+        assert (await box.run("echo one")).stdout == "one\n"
+        frozen = own_sshd.connection_pids()
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 5
+            while pool.stats(endpoint) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert pool.stats(endpoint) == []  # the dead connection was dropped by keepalive
+            assert (await box.read_text("/etc/hostname")) != ""
+            assert (await box.run("echo two")).stdout == "two\n"
+        finally:
+            for pid in frozen:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+async def test_idle_channels_and_connections_are_closed(own_sshd: SSHD, client_key: Path, tmp_path: Path) -> None:
+    pool = ConnectionPool(HostKeyPins(StateStore(tmp_path / "s.db")), idle_close=0.2)
+    endpoint = endpoint_for(own_sshd, client_key)
+    try:
+        async with Sandbox(endpoint, pool=pool, idle_timeout=0.3) as box:
+            await box.run("true")
+            await box.read_text("/etc/hostname")
+            assert pool.stats(endpoint)
+            await asyncio.sleep(1.0)
+            assert pool.stats(endpoint) == []
+            assert own_sshd.connection_pids() == []
+            assert (await box.run("echo again")).stdout == "again\n"  # reopened on demand
+    finally:
+        await pool.close()
+
+
+async def test_first_use_pins_the_host_key_and_a_changed_key_is_refused(
+    own_sshd: SSHD, client_key: Path, tmp_path: Path
+) -> None:
+    pins = HostKeyPins(StateStore(tmp_path / "pins.db"))
+    endpoint = endpoint_for(own_sshd, client_key)
+    first = ConnectionPool(pins)
+    async with Sandbox(endpoint, pool=first) as box:
+        await box.run("true")
+    await first.close()
+    [(host, port, pinned)] = pins.all()
+    assert (host, port) == ("127.0.0.1", own_sshd.port) and pinned.startswith("SHA256:")
+
+    own_sshd.restart(new_host_key=True)
+    second = ConnectionPool(pins)
+    try:
+        with pytest.raises(HostKeyMismatch) as caught:
+            async with Sandbox(endpoint, pool=second) as box:
+                await box.run("true")
+        message = str(caught.value)
+        assert f"127.0.0.1:{own_sshd.port}" in message and pinned in message
+        assert caught.value.presented != pinned and caught.value.presented in message
+        assert pins.all()[0][2] == pinned  # the pin is not replaced
+    finally:
+        await second.close()
+
+
+async def test_an_explicit_host_key_is_the_only_one_accepted(own_sshd: SSHD, client_key: Path, pool: ConnectionPool):
+    assert own_sshd.host_key is not None
+    real = Path(f"{own_sshd.host_key}.pub").read_text().split()
+    other = keygen(client_key.parent / f"other-{random.randrange(1 << 30)}")
+    wrong = " ".join(Path(f"{other}.pub").read_text().split()[:2])
+    async with Sandbox(endpoint_for(own_sshd, client_key, host_key=" ".join(real[:2])), pool=pool) as box:
+        assert (await box.run("echo ok")).stdout == "ok\n"
+    with pytest.raises(HostKeyMismatch):
+        async with Sandbox(endpoint_for(own_sshd, client_key, host_key=wrong), pool=pool) as box:
+            await box.run("true")
+
+
+async def test_a_wrong_key_is_an_auth_failure(own_sshd: SSHD, keys_dir: Path, pool: ConnectionPool) -> None:
+    stranger = keygen(keys_dir / f"stranger-{random.randrange(1 << 30)}")
+    with pytest.raises(AuthFailed, match="authorized_keys"):
+        async with Sandbox(endpoint_for(own_sshd, stranger), pool=pool) as box:
+            await box.run("true")
+
+
+async def test_a_closed_port_is_unreachable(pool: ConnectionPool) -> None:
+    with pytest.raises(Unreachable, match="cannot connect"):
+        async with Sandbox(SSHEndpoint.parse(f"me@127.0.0.1:{free_port()}"), pool=pool) as box:
+            await box.run("true")
+
+
+async def test_a_server_that_never_speaks_ssh_times_out(pool: ConnectionPool) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    try:
+        endpoint = SSHEndpoint.parse(f"me@127.0.0.1:{port}", connect_timeout=0.5, login_timeout=0.5)
+        started = time.monotonic()
+        with pytest.raises(ConnectTimeout):
+            async with Sandbox(endpoint, pool=pool) as box:
+                await box.run("true")
+        assert time.monotonic() - started < 5
+    finally:
+        listener.close()
+
+
+async def test_a_missing_key_file_is_named(own_sshd: SSHD, tmp_path: Path, pool: ConnectionPool) -> None:
+    with pytest.raises(AuthFailed, match=r"key file .*absent does not exist"):
+        async with Sandbox(endpoint_for(own_sshd, tmp_path / "absent"), pool=pool) as box:
+            await box.run("true")
+
+
+async def test_ssh_agent_auth(
+    own_sshd: SSHD, client_key: Path, pool: ConnectionPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))  # no default keys in ~/.ssh: only the agent can log in
+    sock = tmp_path / "agent.sock"
+    agent = await asyncio.create_subprocess_exec("ssh-agent", "-D", "-a", str(sock))
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            await asyncio.sleep(0.02)
+        add = await asyncio.create_subprocess_exec(
+            "ssh-add",
+            str(client_key),
+            env={**os.environ, "SSH_AUTH_SOCK": str(sock)},
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        assert await add.wait() == 0
+        os.environ["SSH_AUTH_SOCK"] = str(sock)
+        endpoint = SSHEndpoint.parse(own_sshd.address, use_agent=True)
+        async with Sandbox(endpoint, pool=pool) as box:
+            assert (await box.run("whoami")).stdout.strip() == own_sshd.account.name
+    finally:
+        os.environ.pop("SSH_AUTH_SOCK", None)
+        agent.terminate()
+        await agent.wait()
+
+
+async def test_key_material_auth(own_sshd: SSHD, client_key: Path, pool: ConnectionPool) -> None:
+    endpoint = SSHEndpoint.parse(own_sshd.address, key_material=client_key.read_text(), use_agent=False)
+    async with Sandbox(endpoint, pool=pool) as box:
+        assert (await box.run("echo keyed")).stdout == "keyed\n"
+
+
+class _GatewayServer(asyncssh.SSHServer):
+    """An SSH server that, like Daytona's gateway, logs in a known token with "none" auth, or a
+    password, and refuses everything else."""
+
+    def __init__(self, token: str, password: str) -> None:
+        self.token, self.password = token, password
+
+    def begin_auth(self, username: str) -> bool:
+        return username != self.token  # False = no auth needed
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    def validate_password(self, username: str, password: str) -> bool:
+        return username == "pw-user" and password == self.password
+
+
+async def test_token_and_password_auth(tmp_path: Path, pool: ConnectionPool) -> None:
+    async def handle(process: asyncssh.SSHServerProcess) -> None:
+        process.stdout.write(f"hello {process.get_extra_info('username')[:3]}\n")
+        process.exit(0)
+
+    server = await asyncssh.listen(
+        "127.0.0.1",
+        0,
+        server_factory=lambda: _GatewayServer("tok-123", "s3cret"),
+        server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
+        process_factory=handle,
+    )
+    port = server.sockets[0].getsockname()[1]
+    try:
+        pins = pool.pins
+        token_endpoint = SSHEndpoint(host="127.0.0.1", port=port, token="tok-123")
+        assert "tok-123" not in token_endpoint.display and "tok-123" not in repr(token_endpoint)
+        conn = await _dial(token_endpoint, pins)
+        assert (await conn.run("x")).stdout == "hello tok\n"
+        conn.close()
+        with pytest.raises(AuthFailed):
+            await _dial(SSHEndpoint(host="127.0.0.1", port=port, token="wrong"), pins)
+        password_endpoint = SSHEndpoint(host="127.0.0.1", port=port, user="pw-user", password="s3cret", use_agent=False)
+        conn = await _dial(password_endpoint, pins)
+        assert (await conn.run("x")).stdout == "hello pw-\n"
+        conn.close()
+        with pytest.raises(AuthFailed):
+            await _dial(
+                SSHEndpoint(host="127.0.0.1", port=port, user="pw-user", password="nope", use_agent=False), pins
+            )
+    finally:
+        server.close()
+
+
+async def _dial(endpoint: SSHEndpoint, pins: HostKeyPins) -> asyncssh.SSHClientConnection:
+    from sandbox.connect import dial
+
+    return await dial(endpoint, pins)

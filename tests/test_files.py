@@ -1,0 +1,228 @@
+"""read / write / edit / multi_edit / stat / list over SFTP, with hostile file names."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import pytest
+
+from sandbox import Edit, Image, ReadResult, Sandbox
+from sandbox.errors import (
+    BinaryFile,
+    EditConflict,
+    FileNotFound,
+    InvalidEdit,
+    IsADirectory,
+    NoMatch,
+    NotUnique,
+)
+
+HOSTILE_NAMES = [
+    "with space.txt",
+    "quote'single.txt",
+    'quote"double.txt',
+    "new\nline.txt",
+    "-leading-dash.txt",
+    "$(touch pwned).txt",
+    "`touch pwned`.txt",
+    "semi;colon&amp|pipe.txt",
+    "ünïcödé ☃ 名前.txt",
+    "back\\slash.txt",
+    "*glob?[x].txt",
+]
+PNG_1X1 = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+)
+
+
+async def test_read_numbers_lines_like_cat_n(sb: Sandbox) -> None:
+    await sb.write("f.txt", "alpha\nbeta\ngamma\n")
+    r = await sb.read("f.txt")
+    assert isinstance(r, ReadResult)
+    assert r.text == "     1\talpha\n     2\tbeta\n     3\tgamma"
+    assert (r.total_lines, r.start_line, r.end_line, r.more_after) == (3, 1, 3, False)
+
+
+async def test_read_window_says_what_follows(sb: Sandbox) -> None:
+    await sb.write("many.txt", "".join(f"line {i}\n" for i in range(1, 101)))
+    r = await sb.read("many.txt", offset=10, limit=5)
+    assert isinstance(r, ReadResult)
+    assert r.text.splitlines() == [f"{n:>6}\tline {n}" for n in range(10, 15)]
+    assert (r.total_lines, r.end_line, r.more_after) == (100, 14, True)
+
+
+async def test_read_cuts_long_lines_with_a_marker(sb: Sandbox) -> None:
+    await sb.write("long.txt", "x" * 5000 + "\nshort\n")
+    r = await sb.read("long.txt")
+    assert isinstance(r, ReadResult)
+    first, second = r.text.split("\n")
+    assert first == f"     1\t{'x' * 2000}… [line cut: 5000 characters]"
+    assert second == "     2\tshort" and r.lines_cut == 1
+
+
+async def test_read_empty_file(sb: Sandbox) -> None:
+    await sb.write("empty.txt", "")
+    r = await sb.read("empty.txt")
+    assert isinstance(r, ReadResult) and r.total_lines == 0 and r.text == ""
+
+
+async def test_read_refuses_binary_naming_its_size(sb: Sandbox) -> None:
+    await sb.write("blob.bin", b"\x00\x01\x02" * 100)
+    with pytest.raises(BinaryFile, match="300 bytes"):
+        await sb.read("blob.bin")
+
+
+async def test_read_returns_images_as_bytes(sb: Sandbox) -> None:
+    await sb.write("dot.png", PNG_1X1)
+    r = await sb.read("dot.png")
+    assert isinstance(r, Image) and r.mime_type == "image/png" and r.data == PNG_1X1
+
+
+async def test_read_a_directory_suggests_glob(sb: Sandbox) -> None:
+    await sb.makedirs("adir")
+    with pytest.raises(IsADirectory, match="glob"):
+        await sb.read("adir")
+
+
+async def test_read_missing_file(sb: Sandbox) -> None:
+    with pytest.raises(FileNotFound, match="no such file"):
+        await sb.read("nope.txt")
+
+
+async def test_write_creates_parents_and_reports_created(sb: Sandbox) -> None:
+    w = await sb.write("deep/er/new.txt", "hi")
+    assert (w.bytes, w.created) == (2, True)
+    again = await sb.write("deep/er/new.txt", "hello")
+    assert again.created is False
+    assert await sb.read_text("deep/er/new.txt") == "hello"
+
+
+async def test_write_keeps_an_existing_files_mode(sb: Sandbox) -> None:
+    await sb.write("script.sh", "#!/bin/sh\necho one\n")
+    await sb.run("chmod 751 script.sh")
+    await sb.write("script.sh", "#!/bin/sh\necho two\n")
+    assert (await sb.stat("script.sh")).mode == 0o751
+    assert (await sb.run("./script.sh")).stdout == "two\n"
+
+
+async def test_write_through_a_symlink_replaces_the_target_not_the_link(sb: Sandbox) -> None:
+    await sb.write("real.txt", "old")
+    await sb.run("ln -s real.txt link.txt")
+    await sb.write("link.txt", "new")
+    assert (await sb.stat("link.txt")).symlink_target == "real.txt"
+    assert await sb.read_text("real.txt") == "new"
+
+
+async def test_write_leaves_no_temporary_files(sb: Sandbox) -> None:
+    await asyncio.gather(*(sb.write(f"many/{i}.txt", str(i)) for i in range(20)))
+    names = sorted(e.path.rsplit("/", 1)[1] for e in await sb.list_dir("many"))
+    assert names == sorted(f"{i}.txt" for i in range(20))
+
+
+async def test_a_failed_write_leaves_the_original_intact(sb: Sandbox) -> None:
+    await sb.write("locked/keep.txt", "original")
+    await sb.run("chmod 555 locked")
+    try:
+        with pytest.raises(Exception, match="permission denied"):
+            await sb.write("locked/keep.txt", "replacement")
+        assert await sb.read_text("locked/keep.txt") == "original"
+    finally:
+        await sb.run("chmod 755 locked")
+
+
+async def test_edit_replaces_a_unique_match_and_returns_a_diff(sb: Sandbox) -> None:
+    await sb.write("app.py", "def f():\n    return 1\n")
+    e = await sb.edit("app.py", "return 1", "return 2")
+    assert e.replacements == 1
+    assert "-    return 1\n+    return 2\n" in e.diff
+    assert await sb.read_text("app.py") == "def f():\n    return 2\n"
+
+
+async def test_edit_refuses_ambiguous_match_and_names_lines(sb: Sandbox) -> None:
+    await sb.write("dup.txt", "x = 1\ny = 2\nx = 1\nz\nx = 1\n")
+    with pytest.raises(NotUnique) as caught:
+        await sb.edit("dup.txt", "x = 1", "x = 9")
+    assert caught.value.count == 3 and caught.value.lines == [1, 3, 5]
+    assert "matches 3 times" in str(caught.value) and "lines 1, 3, 5" in str(caught.value)
+    assert await sb.read_text("dup.txt") == "x = 1\ny = 2\nx = 1\nz\nx = 1\n"
+
+
+async def test_edit_replace_all_counts_replacements(sb: Sandbox) -> None:
+    await sb.write("dup.txt", "a b a b a")
+    e = await sb.edit("dup.txt", "a", "c", replace_all=True)
+    assert e.replacements == 3 and await sb.read_text("dup.txt") == "c b c b c"
+
+
+async def test_edit_errors(sb: Sandbox) -> None:
+    await sb.write("e.txt", "content\n")
+    with pytest.raises(NoMatch, match="not found"):
+        await sb.edit("e.txt", "absent", "x")
+    with pytest.raises(InvalidEdit, match="identical"):
+        await sb.edit("e.txt", "content", "content")
+    with pytest.raises(FileNotFound):
+        await sb.edit("missing.txt", "a", "b")
+
+
+async def test_edit_with_empty_old_string_creates_a_missing_file(sb: Sandbox) -> None:
+    e = await sb.edit("fresh.txt", "", "brand new\n")
+    assert e.replacements == 1 and await sb.read_text("fresh.txt") == "brand new\n"
+
+
+async def test_edit_keeps_mode(sb: Sandbox) -> None:
+    await sb.write("m.sh", "echo a\n")
+    await sb.run("chmod 700 m.sh")
+    await sb.edit("m.sh", "echo a", "echo b")
+    assert (await sb.stat("m.sh")).mode == 0o700
+
+
+async def test_multi_edit_applies_in_order(sb: Sandbox) -> None:
+    await sb.write("multi.txt", "one two three")
+    e = await sb.multi_edit("multi.txt", [Edit("one", "1"), {"old_string": "1 two", "new_string": "1 2"}])
+    assert e.replacements == 2 and await sb.read_text("multi.txt") == "1 2 three"
+
+
+async def test_multi_edit_is_all_or_nothing_and_names_the_failing_edit(sb: Sandbox) -> None:
+    await sb.write("multi.txt", "one two three")
+    with pytest.raises(NoMatch, match="edit 1:"):
+        await sb.multi_edit("multi.txt", [Edit("one", "1"), Edit("four", "4")])
+    assert await sb.read_text("multi.txt") == "one two three"
+
+
+async def test_the_file_changing_under_an_edit_is_refused(sb: Sandbox) -> None:
+    """The conflict check itself: the content on disk no longer is what the edit was computed from."""
+    path = f"{await sb.cwd()}/race.txt"
+    await sb.write(path, "changed by someone else")
+    files = sb._p.files
+    with pytest.raises(EditConflict, match="changed while the edit"):
+        await sb._p.sftp.once(lambda sftp: files._replace(sftp, path, b"tether's edit", None, expect=b"what we read"))
+    assert await sb.read_text(path) == "changed by someone else"
+    assert [e.path for e in await sb.list_dir(".")] == [path]
+
+
+async def test_stat_and_list(sb: Sandbox) -> None:
+    await sb.write("d/a.txt", "12345")
+    await sb.makedirs("d/sub")
+    st = await sb.stat("d/a.txt")
+    assert (st.type, st.size) == ("file", 5)
+    assert (await sb.stat("d")).type == "directory"
+    listing = await sb.list_dir("d")
+    assert [(e.path.rsplit("/", 1)[1], e.type) for e in listing] == [("a.txt", "file"), ("sub", "directory")]
+    with pytest.raises(FileNotFound):
+        await sb.stat("d/none")
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+async def test_hostile_names_round_trip_and_are_never_interpreted(sb: Sandbox, name: str) -> None:
+    await sb.write(f"h/{name}", "needle here\n")
+    r = await sb.read(f"h/{name}")
+    assert isinstance(r, ReadResult) and r.text == "     1\tneedle here"
+    await sb.edit(f"h/{name}", "needle", "pin")
+    assert await sb.read_text(f"h/{name}") == "pin here\n"
+    assert (await sb.stat(f"h/{name}")).size == len("pin here\n")
+    assert [e.path.rsplit("/", 1)[1] for e in await sb.list_dir("h")] == [name]
+    found = await sb.grep("pin", "h")
+    assert found.text == f"{await sb.cwd()}/h/{name}"
+    assert (await sb.glob("*", "h")).files == [f"{await sb.cwd()}/h/{name}"]
+    assert (await sb.run(["cat", "--", f"h/{name}"])).stdout == "pin here\n"
+    assert not await sb.exists("pwned") and not await sb.exists("h/pwned")

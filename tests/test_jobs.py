@@ -1,0 +1,113 @@
+"""Background jobs: start, incremental output, status, kill, list, and surviving a dead connection."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from sandbox import ConnectionPool, Sandbox
+from sandbox.errors import InvalidArgument, JobNotFound
+from tests.conftest import endpoint_for
+from tests.sshd import SSHD
+
+
+async def wait_for_exit(sb: Sandbox, job_id: str, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if (await sb._p.jobs.get(job_id)).status == "exited":
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{job_id} still running after {seconds}s")
+
+
+async def test_output_is_returned_incrementally_with_the_exit_code(sb: Sandbox) -> None:
+    job = await sb.start_job("echo one; sleep 0.3; echo two >&2; sleep 0.3; echo three; exit 5")
+    assert job.status == "running" and job.id.startswith("j-")
+    first = await sb.job_output(job.id, wait_ms=2000)
+    assert first.stdout == "one\n" and first.status == "running"
+    await wait_for_exit(sb, job.id)
+    rest = await sb.job_output(job.id)
+    assert (rest.stdout, rest.stderr, rest.status, rest.exit_code) == ("three\n", "two\n", "exited", 5)
+    assert (await sb.job_output(job.id)).stdout == ""  # nothing new
+
+
+async def test_wait_ms_returns_as_soon_as_output_arrives(sb: Sandbox) -> None:
+    job = await sb.start_job("sleep 0.3; echo ready; sleep 30")
+    started = time.monotonic()
+    out = await sb.job_output(job.id, wait_ms=5000)
+    assert out.stdout == "ready\n" and time.monotonic() - started < 3
+    await sb.job_kill(job.id, "KILL")
+
+
+async def test_jobs_run_in_the_given_cwd_with_env(sb: Sandbox) -> None:
+    await sb.makedirs("jobdir")
+    job = await sb.start_job('pwd; echo "$X"', cwd="jobdir", env={"X": "a b $(c)"})
+    await wait_for_exit(sb, job.id)
+    out = await sb.job_output(job.id)
+    assert out.stdout == f"{await sb.cwd()}/jobdir\na b $(c)\n" and out.exit_code == 0
+
+
+async def test_kill_sends_the_signal_to_the_whole_group(sb: Sandbox) -> None:
+    job = await sb.start_job("sleep 1000 & sleep 1000; echo not-reached")
+    await asyncio.sleep(0.2)
+    killed = await sb.job_kill(job.id)  # TERM
+    assert killed.status == "exited" and killed.exit_code == 143 and killed.signal == "TERM"
+    # live members of the group (zombies don't count: a container's pid 1 may never reap them)
+    live = await sb.run(f"ps -eo pgid=,stat=,args= | awk '$1 == {killed.pid} && $2 !~ /^Z/'")
+    assert live.stdout == ""
+
+
+async def test_kill_with_kill_signal_and_bad_signals(sb: Sandbox) -> None:
+    job = await sb.start_job("sleep 1000")
+    with pytest.raises(InvalidArgument, match="unknown signal"):
+        await sb.job_kill(job.id, "9; rm -rf ~")
+    killed = await sb.job_kill(job.id, "SIGKILL")
+    assert killed.status == "exited" and killed.signal == "KILL"
+
+
+async def test_list_shows_command_status_and_start_time(sb: Sandbox) -> None:
+    a = await sb.start_job("exit 0")
+    b = await sb.start_job("sleep 30")
+    await wait_for_exit(sb, a.id)
+    jobs = {j.id: j for j in await sb.job_list()}
+    assert jobs[a.id].status == "exited" and jobs[a.id].command == "exit 0"
+    assert jobs[b.id].status == "running" and jobs[b.id].started_at >= a.started_at
+    await sb.job_kill(b.id, "KILL")
+
+
+async def test_unknown_and_malformed_job_ids(sb: Sandbox) -> None:
+    with pytest.raises(JobNotFound, match="job_list"):
+        await sb.job_output("j-00000000")
+    with pytest.raises(JobNotFound):
+        await sb.job_output("../../etc")
+
+
+async def test_large_output_is_returned_in_pieces(sb: Sandbox) -> None:
+    job = await sb.start_job("seq 1 20000")
+    await wait_for_exit(sb, job.id)
+    text, rounds = "", 0
+    while True:
+        out = await sb.job_output(job.id)
+        text += out.stdout
+        rounds += 1
+        if not out.more:
+            break
+    assert rounds > 1 and text.split() == [str(i) for i in range(1, 20001)]
+
+
+async def test_jobs_survive_the_connection_dying(sshd: SSHD, client_key: Path, pool: ConnectionPool) -> None:
+    """The sshd process serving tether is killed mid-session: the next operation re-dials, and a job
+    started before is still listed, with its output readable."""
+    async with Sandbox(endpoint_for(sshd, client_key), pool=pool) as box:
+        job = await box.start_job("for i in $(seq 1 30); do echo tick $i; sleep 0.1; done")
+        assert (await box.run("echo before")).stdout == "before\n"
+        sshd.kill_connections()
+        await asyncio.sleep(0.3)
+        assert (await box.run("echo after")).stdout == "after\n"
+        assert job.id in [j.id for j in await box.job_list()]
+        await wait_for_exit(box, job.id)
+        out = await box.job_output(job.id)
+        assert out.stdout.splitlines()[-1] == "tick 30" and out.exit_code == 0

@@ -1,0 +1,185 @@
+"""`run`: persistent shells, process groups, timeouts, output caps, cwd and env."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from sandbox import ConnectionPool, Sandbox
+from sandbox.errors import ConnectionLost, InvalidArgument
+from tests.conftest import endpoint_for
+from tests.sshd import SSHD
+
+
+def processes_matching(marker: str) -> list[str]:
+    """Lines of `ps` whose command line contains `marker` (checked on this machine: sshd is local)."""
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if marker in line and "ps -eo" not in line]
+
+
+async def wait_until_gone(marker: str, seconds: float = 5.0) -> list[str]:
+    deadline = time.monotonic() + seconds
+    while (left := processes_matching(marker)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return left
+
+
+async def test_streams_are_kept_apart_with_the_exit_code(sb: Sandbox) -> None:
+    r = await sb.run("echo out; echo err >&2; exit 7")
+    assert (r.stdout, r.stderr, r.exit_code, r.timed_out, r.truncated) == ("out\n", "err\n", 7, False, False)
+
+
+async def test_stdin_is_dev_null(sb: Sandbox) -> None:
+    r = await sb.run("cat; echo done")
+    assert r.stdout == "done\n"
+
+
+async def test_the_directory_a_command_ends_in_is_the_next_ones_start(sb: Sandbox) -> None:
+    start = await sb.cwd()
+    await sb.run("mkdir -p 'sub dir' && cd 'sub dir'")
+    r = await sb.run("pwd")
+    assert r.stdout.strip() == f"{start}/sub dir" == r.cwd == await sb.cwd()
+
+
+async def test_cwd_and_env_per_call(sb: Sandbox) -> None:
+    r = await sb.run('printf "%s|%s" "$PWD" "$GREETING"', cwd="/tmp", env={"GREETING": "it's $(x) `y`"})
+    assert r.stdout == "/tmp|it's $(x) `y`"
+    assert (await sb.run("printenv GREETING")).exit_code == 1  # env does not leak into later calls
+
+
+async def test_relative_cwd_is_relative_to_the_sandbox_directory(sb: Sandbox) -> None:
+    await sb.run("mkdir -p a/b")
+    here = await sb.cwd()
+    assert (await sb.run("pwd", cwd="a/b")).stdout.strip() == f"{here}/a/b"
+
+
+async def test_bad_env_names_are_refused_before_anything_runs(sb: Sandbox) -> None:
+    with pytest.raises(InvalidArgument, match="invalid environment variable name"):
+        await sb.run("true", env={"A;rm -rf ~": "x"})
+
+
+async def test_a_removed_working_directory_falls_back_to_home(sb: Sandbox) -> None:
+    await sb.run("mkdir doomed && cd doomed")
+    await sb.run(["rmdir", await sb.cwd()])
+    r = await sb.run("pwd")
+    assert r.stdout.strip() == await sb.home()
+    assert "is gone" in r.stderr
+
+
+async def test_argv_elements_are_never_interpreted(sb: Sandbox) -> None:
+    hostile = ["$(touch pwned)", "`touch pwned`", "; touch pwned", "-n", "a'b\"c", "line\nbreak", "é ☃"]
+    r = await sb.run(["printf", "%s\\0", *hostile])
+    assert r.stdout.split("\0")[:-1] == hostile
+    assert not await sb.exists("pwned")
+
+
+async def test_login_profile_path_is_there(sb: Sandbox) -> None:
+    r = await sb.run("echo $SHLVL; command -v ls")
+    shlvl, ls = r.stdout.split()
+    assert ls.endswith("/ls") and int(shlvl) >= 1
+
+
+async def test_timeout_kills_the_whole_process_tree(sb: Sandbox) -> None:
+    marker = f"tether-tree-{secrets.token_hex(4)}"
+    started = time.monotonic()
+    r = await sb.run(f"echo before; sh -c 'sleep 1000 & sleep 1000' {marker}; echo never", timeout=1)
+    assert r.timed_out and r.exit_code is None
+    assert r.stdout == "before\n"  # the output so far
+    assert time.monotonic() - started < 10
+    assert await wait_until_gone(marker) == []
+
+
+async def test_timeout_also_kills_background_children_of_the_command(sb: Sandbox) -> None:
+    marker = f"tether-bg-{secrets.token_hex(4)}"
+    r = await sb.run(f"sleep 1000 {marker} & sleep 1000", timeout=0.5)
+    assert r.timed_out
+    # `sleep 1000 MARKER` fails at once on GNU sleep (bad interval); use a shell to carry the marker
+    r = await sb.run(f"sh -c 'sleep 1000' {marker} & sh -c 'sleep 1000' {marker}", timeout=0.5)
+    assert r.timed_out
+    assert await wait_until_gone(marker) == []
+
+
+async def test_cancelling_the_coroutine_kills_the_remote_process(sb: Sandbox) -> None:
+    marker = f"tether-cancel-{secrets.token_hex(4)}"
+    task = asyncio.ensure_future(sb.run(f"sh -c 'sleep 1000' {marker}"))
+    for _ in range(100):
+        if processes_matching(marker):
+            break
+        await asyncio.sleep(0.05)
+    assert processes_matching(marker), "the command never started"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await wait_until_gone(marker) == []
+    # and the sandbox is still usable
+    assert (await sb.run("echo ok")).stdout == "ok\n"
+
+
+async def test_long_output_is_capped_head_and_tail_with_the_full_stream_kept(sb: Sandbox) -> None:
+    r = await sb.run("seq 1 100000; seq 1 5 >&2")
+    assert r.truncated and r.stdout_path and r.stderr_path is None
+    assert r.stdout.startswith("1\n2\n3\n")
+    assert "100000" in r.stdout and "bytes not shown" in r.stdout
+    assert len(r.stdout) < 30_000 + 300
+    assert r.stderr == "1\n2\n3\n4\n5\n"
+    full = await sb.read_text(r.stdout_path)
+    assert full.split() == [str(i) for i in range(1, 100001)]
+
+
+async def test_output_cap_counts_characters_not_bytes(sb: Sandbox) -> None:
+    r = await sb.run("printf 'é%.0s' $(seq 1 20000)", max_chars=30_000)
+    assert r.stdout == "é" * 20000 and not r.truncated
+
+
+async def test_non_utf8_output_does_not_break_decoding(sb: Sandbox) -> None:
+    r = await sb.run(r"printf 'a\377b'")
+    assert r.stdout == "a\ufffdb"
+
+
+async def test_concurrent_runs_use_several_shells(sb: Sandbox) -> None:
+    started = time.monotonic()
+    results = await asyncio.gather(*(sb.run("sleep 0.5; echo $$") for _ in range(4)))
+    assert all(r.exit_code == 0 for r in results)
+    assert time.monotonic() - started < 1.8  # in parallel, not one after another
+
+
+async def test_empty_and_nul_commands_are_refused(sb: Sandbox) -> None:
+    with pytest.raises(InvalidArgument):
+        await sb.run("   ")
+    with pytest.raises(InvalidArgument):
+        await sb.run("echo a\0b")
+
+
+async def test_user_exit_and_exec_do_not_break_the_shell(sb: Sandbox) -> None:
+    assert (await sb.run("exit 3")).exit_code == 3
+    assert (await sb.run("exec echo replaced")).stdout == "replaced\n"
+    # Under bash, commands are forked subshells and $$ is the persistent shell itself: killing it
+    # fails that command with a clear error, and the next one gets a fresh shell.
+    try:
+        assert (await sb.run("kill -9 $$")).exit_code == 137
+    except ConnectionLost as exc:
+        assert "the next command gets a fresh shell" in str(exc)
+    assert (await sb.run("echo alive")).stdout == "alive\n"
+
+
+@pytest.mark.parametrize("flavour", ["dash_sshd", "busybox_sshd", "slow_sshd"])
+async def test_other_login_shells(
+    flavour: str, request: pytest.FixtureRequest, client_key: Path, pool: ConnectionPool
+) -> None:
+    server: SSHD = request.getfixturevalue(flavour)
+    async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
+        r = await box.run("echo out; echo err >&2; cd /tmp; exit 4")
+        assert (r.stdout, r.stderr, r.exit_code, r.cwd) == ("out\n", "err\n", 4, "/tmp")
+        assert (await box.run("pwd")).stdout == "/tmp\n"
+        hostile = "it's $(x) `y` \\ \n"
+        assert (await box.run(f"printf %s {shlex.quote(hostile)}")).stdout == hostile
+        marker = f"tether-{flavour}-{secrets.token_hex(4)}"
+        timed = await box.run(f"sh -c 'sleep 1000 & sleep 1000' {marker}", timeout=0.5)
+        assert timed.timed_out
+        assert await wait_until_gone(marker) == []

@@ -1,0 +1,145 @@
+"""grep (ripgrep and the POSIX fallback) and glob."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from sandbox import ConnectionPool, Sandbox
+from sandbox.errors import FileNotFound, InvalidArgument
+from sandbox.search import glob_to_regex
+from tests.conftest import endpoint_for
+from tests.sshd import SSHD
+
+TREE = {
+    "src/app.py": "import os\n\ndef main():\n    print('Hello')\n    return 0\n",
+    "src/util.py": "def helper():\n    return 'hello world'\n",
+    "src/web/index.ts": "export const hello = 1;\n",
+    "README.md": "# Hello project\n",
+    ".hidden/secret.txt": "hello from a hidden dir\n",
+}
+
+
+async def make_tree(box: Sandbox) -> str:
+    root = f"{await box.home()}/tree-{secrets.token_hex(4)}"
+    for rel, text in TREE.items():
+        await box.write(f"{root}/{rel}", text)
+    # distinct mtimes, oldest first in TREE order, so "newest first" is checkable
+    for age, rel in enumerate(reversed(list(TREE))):
+        await box.run(["touch", "-d", f"@{1_700_000_000 - age * 100}", f"{root}/{rel}"])
+    return root
+
+
+@pytest.fixture
+async def tree(sb: Sandbox) -> str:
+    return await make_tree(sb)
+
+
+@pytest.fixture
+async def minimal_box(busybox_sshd: SSHD, client_key: Path, pool: ConnectionPool) -> AsyncIterator[Sandbox]:
+    async with Sandbox(endpoint_for(busybox_sshd, client_key), pool=pool) as box:
+        yield box
+
+
+async def test_files_with_matches_is_newest_first(sb: Sandbox, tree: str) -> None:
+    r = await sb.grep("hello", tree, case_insensitive=True)
+    assert r.engine == "rg" and r.mode == "files_with_matches"
+    assert r.text.splitlines() == [f"{tree}/{p}" for p in reversed(list(TREE))]
+
+
+async def test_content_mode_uses_ripgreps_format_with_context(sb: Sandbox, tree: str) -> None:
+    r = await sb.grep("print", f"{tree}/src", output_mode="content", before=1)
+    assert r.text.splitlines() == [f"{tree}/src/app.py-3-def main():", f"{tree}/src/app.py:4:    print('Hello')"]
+    assert r.lines == 2 and not r.truncated
+
+
+async def test_count_mode(sb: Sandbox, tree: str) -> None:
+    r = await sb.grep("return", tree, output_mode="count")
+    assert r.text.splitlines() == [f"{tree}/src/app.py:1", f"{tree}/src/util.py:1"]
+
+
+async def test_glob_and_type_filters(sb: Sandbox, tree: str) -> None:
+    assert (await sb.grep("hello", tree, glob="*.ts")).text == f"{tree}/src/web/index.ts"
+    assert (await sb.grep("hello", tree, type="ts", case_insensitive=True)).text == f"{tree}/src/web/index.ts"
+
+
+async def test_multiline_and_head_limit(sb: Sandbox, tree: str) -> None:
+    r = await sb.grep(r"def main\(\):\n\s+print", tree, multiline=True)
+    assert r.text == f"{tree}/src/app.py"
+    limited = await sb.grep("hello", tree, case_insensitive=True, head_limit=2)
+    assert limited.lines == 2 and limited.truncated
+
+
+async def test_grep_argument_errors(sb: Sandbox, tree: str) -> None:
+    with pytest.raises(InvalidArgument):
+        await sb.grep("", tree)
+    with pytest.raises(InvalidArgument):
+        await sb.grep("x", tree, output_mode="everything")  # type: ignore[arg-type]
+    with pytest.raises(FileNotFound):
+        await sb.grep("x", f"{tree}/nowhere")
+    with pytest.raises(InvalidArgument, match="grep failed"):
+        await sb.grep("(unclosed", tree)
+
+
+async def test_a_pattern_that_looks_like_an_option_is_a_pattern(sb: Sandbox, tree: str) -> None:
+    await sb.write(f"{tree}/flags.txt", "use --files here\n")
+    assert (await sb.grep("--files", tree)).text == f"{tree}/flags.txt"
+
+
+async def test_glob_is_newest_first_and_respects_depth(sb: Sandbox, tree: str) -> None:
+    assert (await sb.glob("**/*.py", tree)).files == [f"{tree}/src/util.py", f"{tree}/src/app.py"]
+    assert (await sb.glob("*.md", tree)).files == [f"{tree}/README.md"]
+    assert (await sb.glob("*.py", tree)).files == []  # no '**': top level only
+    assert (await sb.glob("src/**/*.{ts,py}", tree)).files == [
+        f"{tree}/src/web/index.ts",
+        f"{tree}/src/util.py",
+        f"{tree}/src/app.py",
+    ]
+
+
+async def test_glob_caps_at_100_and_says_so(sb: Sandbox) -> None:
+    root = f"{await sb.cwd()}/lots"
+    await sb.run(f"mkdir -p {root} && cd {root} && for i in $(seq 1 150); do : > f$i.log; done")
+    r = await sb.glob("*.log", root)
+    assert len(r.files) == 100 and r.truncated
+
+
+async def test_grep_fallback_without_ripgrep(minimal_box: Sandbox) -> None:
+    tree = await make_tree(minimal_box)
+    r = await minimal_box.grep("hello", tree, case_insensitive=True)
+    assert r.engine == "grep"
+    assert sorted(r.text.splitlines()) == sorted(f"{tree}/{p}" for p in TREE)
+    content = await minimal_box.grep("print", f"{tree}/src", output_mode="content")
+    assert content.text == f"{tree}/src/app.py:4:    print('Hello')"
+    count = await minimal_box.grep("return", tree, output_mode="count")
+    assert sorted(count.text.splitlines()) == [f"{tree}/src/app.py:1", f"{tree}/src/util.py:1"]
+    with pytest.raises(InvalidArgument, match="needs ripgrep"):
+        await minimal_box.grep("a.b", tree, multiline=True)
+
+
+async def test_glob_fallback_without_ripgrep(minimal_box: Sandbox) -> None:
+    tree = await make_tree(minimal_box)
+    assert (await minimal_box.glob("**/*.py", tree)).files == [f"{tree}/src/util.py", f"{tree}/src/app.py"]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "matches"),
+    [
+        ("*.py", "a.py", True),
+        ("*.py", "d/a.py", False),
+        ("**/*.py", "d/e/a.py", True),
+        ("**/*.py", "a.py", True),
+        ("src/**", "src/x/y", True),
+        ("?.txt", "a.txt", True),
+        ("[ab].txt", "c.txt", False),
+        ("[!ab].txt", "c.txt", True),
+        ("*.{js,ts}", "x.ts", True),
+        ("*.{js,ts}", "x.py", False),
+        ("a+b(c).txt", "a+b(c).txt", True),
+    ],
+)
+def test_glob_translation(pattern: str, path: str, matches: bool) -> None:
+    assert bool(glob_to_regex(pattern).match(path)) is matches

@@ -1,0 +1,56 @@
+"""Pipelined SFTP upload and download: byte-exact, atomic, with progress."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from sandbox import Sandbox
+from sandbox.errors import FileNotFound
+
+
+async def test_64_mib_uploads_and_downloads_byte_exact(sb: Sandbox, tmp_path: Path) -> None:
+    source = tmp_path / "blob.bin"
+    source.write_bytes(os.urandom(64 * 1024 * 1024))
+    seen: list[tuple[int, int]] = []
+    sent = await sb.upload(source, "up/blob.bin", progress=lambda done, total: seen.append((done, total)))
+    assert sent == source.stat().st_size
+    assert seen[-1] == (sent, sent) and len(seen) > 10
+    remote_sum = (await sb.run("sha256sum up/blob.bin")).stdout.split()[0]
+    assert remote_sum == hashlib.sha256(source.read_bytes()).hexdigest()
+
+    back = tmp_path / "back" / "blob.bin"
+    received = await sb.download("up/blob.bin", back)
+    assert received == sent and back.read_bytes() == source.read_bytes()
+    assert [p.name for p in back.parent.iterdir()] == ["blob.bin"]  # no temporary file left
+
+
+async def test_upload_keeps_the_local_mode(sb: Sandbox, tmp_path: Path) -> None:
+    script = tmp_path / "run.sh"
+    script.write_text("#!/bin/sh\necho uploaded\n")
+    script.chmod(0o750)
+    await sb.upload(script, "bin/run.sh")
+    assert (await sb.stat("bin/run.sh")).mode == 0o750
+    assert (await sb.run("./bin/run.sh")).stdout == "uploaded\n"
+
+
+async def test_failed_transfers_leave_nothing_half_written(sb: Sandbox, tmp_path: Path) -> None:
+    local_dir = tmp_path / "local"
+    with pytest.raises(FileNotFound):
+        await sb.download("no/such/file", local_dir / "out.bin")
+    assert list(local_dir.iterdir()) == []
+    with pytest.raises(FileNotFound):
+        await sb.upload(tmp_path / "missing.bin", "x.bin")
+    await sb.makedirs("ro")
+    await sb.run("chmod 555 ro")
+    local = tmp_path / "small.txt"
+    local.write_text("x")
+    try:
+        with pytest.raises(Exception, match="permission denied"):
+            await sb.upload(local, "ro/small.txt")
+        assert await sb.list_dir("ro") == []
+    finally:
+        await sb.run("chmod 755 ro")
