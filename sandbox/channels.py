@@ -69,6 +69,7 @@ class SFTPChannel:
         self._lock = asyncio.Lock()
         self._active = 0
         self._idle = _IdleTimer(idle_timeout, self._close_if_idle)
+        self._background: set[asyncio.Task[None]] = set()
 
     async def client(self) -> asyncssh.SFTPClient:
         client = self._client
@@ -113,12 +114,36 @@ class SFTPChannel:
         finally:
             self._done()
 
+    def close_later(self, f: asyncssh.SFTPClientFile) -> None:
+        """Close a handle without making the caller wait for the server's reply."""
+        self._in_background(f.close())
+
+    def remove_later(self, *paths: str) -> None:
+        """Remove files off the hot path; a failure only leaves a small file behind."""
+
+        async def remove() -> None:
+            sftp = await self.client()
+            await asyncio.gather(*(sftp.remove(p) for p in paths), return_exceptions=True)
+
+        self._in_background(remove())
+
+    def _in_background(self, work: Awaitable[object]) -> None:
+        async def quietly() -> None:
+            try:
+                await work
+            except Exception as exc:  # best effort by design: log, never raise
+                log.debug("background SFTP cleanup failed: %s", exc)
+
+        task = asyncio.get_running_loop().create_task(quietly())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def _done(self) -> None:
         self._active -= 1
         self._idle.touch()
 
     async def _close_if_idle(self) -> None:
-        if self._active == 0 and self._client is not None:
+        if self._active == 0 and not self._background and self._client is not None:
             log.debug("closing idle SFTP channel to %s", self._endpoint.display)
             await self.close()
 
@@ -131,6 +156,8 @@ class SFTPChannel:
 
     async def close(self) -> None:
         self._idle.cancel()
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=5)
         client, lease = self._client, self._lease
         self._client, self._lease = None, None
         if client is not None:

@@ -284,16 +284,6 @@ class Executor:
         return await self._sftp.retrying(read)
 
     def _remove_later(self, *paths: str) -> None:
-        """Delete finished commands' files off the hot path; a failure only leaves a small file behind."""
-        if not paths:
-            return
-
-        async def remove() -> None:
-            with contextlib.suppress(Exception):
-                await self._sftp.once(
-                    lambda sftp: asyncio.gather(*(sftp.remove(p) for p in paths), return_exceptions=True)
-                )
-
-        task = asyncio.get_running_loop().create_task(remove())
-        self._cleanup.add(task)
-        task.add_done_callback(self._cleanup.discard)
+        """Delete finished commands' files off the hot path."""
+        if paths:
+            self._sftp.remove_later(*paths)

@@ -7,7 +7,7 @@ import difflib
 import posixpath
 import secrets
 import stat as stat_module
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -197,7 +197,11 @@ def unified_diff(path: str, before: str, after: str) -> str:
 
 
 class Files:
-    """SFTP file operations. Paths given here are already absolute (the Sandbox resolves them)."""
+    """SFTP file operations. Paths given here are already absolute (the Sandbox resolves them).
+
+    Independent requests are sent together (a stat with an open, a write with a chmod) and handles
+    are closed in the background, so a small read costs two round trips and a write three.
+    """
 
     def __init__(self, sftp: SFTPChannel) -> None:
         self._sftp = sftp
@@ -213,23 +217,8 @@ class Files:
             raise InvalidArgument("offset is a 1-based line number; it must be at least 1")
         if limit < 1:
             raise InvalidArgument("limit must be at least 1")
-
-        async def read(sftp: asyncssh.SFTPClient) -> bytes:
-            try:
-                async with sftp.open(path, "rb") as f:
-                    attrs = await f.stat()
-                    if _kind(attrs) == "directory":
-                        raise IsADirectory(path)
-                    size = attrs.size or 0
-                    limit_bytes = MAX_IMAGE_BYTES if _image_type(path) else MAX_TEXT_BYTES
-                    if size > limit_bytes:
-                        raise FileTooLarge(path, size, limit_bytes)
-                    return await f.read()
-            except asyncssh.SFTPError as exc:
-                raise sftp_error(path, exc) from None
-
-        data = await self._sftp.retrying(read)
         mime = _image_type(path)
+        data = await self.read_bytes(path, MAX_IMAGE_BYTES if mime else MAX_TEXT_BYTES)
         if mime and _image_magic_ok(mime, data):
             return Image(path, mime, data)
         if _looks_binary(data):
@@ -240,19 +229,48 @@ class Files:
         return ReadResult(path, text, offset, offset + len(window) - 1, len(lines), cut)
 
     async def read_bytes(self, path: str, max_bytes: int = MAX_TEXT_BYTES) -> bytes:
+        """The whole file. Raises: FileNotFound, IsADirectory, FileTooLarge, PermissionDenied."""
+
         async def read(sftp: asyncssh.SFTPClient) -> bytes:
-            try:
-                async with sftp.open(path, "rb") as f:
-                    attrs = await f.stat()
-                    if _kind(attrs) == "directory":
-                        raise IsADirectory(path)
-                    if (attrs.size or 0) > max_bytes:
-                        raise FileTooLarge(path, attrs.size or 0, max_bytes)
-                    return await f.read()
-            except asyncssh.SFTPError as exc:
-                raise sftp_error(path, exc) from None
+            return (await self._read_whole(sftp, path, max_bytes))[1]
 
         return await self._sftp.retrying(read)
+
+    async def _read_whole(
+        self, sftp: asyncssh.SFTPClient, path: str, max_bytes: int
+    ) -> tuple[asyncssh.SFTPAttrs, bytes]:
+        """stat and open in one round trip, then one exact-size read; the close is not waited for."""
+        attrs, f = await self._stat_and_open(sftp, path, "rb")
+        try:
+            if _kind(attrs) == "directory":
+                raise IsADirectory(path)
+            size = attrs.size or 0
+            if size > max_bytes:
+                raise FileTooLarge(path, size, max_bytes)
+            try:
+                # A size of 0 may be a lie (/proc files): then read until EOF, up to the limit.
+                data = await f.read(size) if size else await f.read(max_bytes + 1)
+            except asyncssh.SFTPError as exc:
+                raise sftp_error(path, exc) from None
+            if len(data) > max_bytes:
+                raise FileTooLarge(path, len(data), max_bytes)
+            return attrs, data
+        finally:
+            self._sftp.close_later(f)
+
+    async def _stat_and_open(
+        self, sftp: asyncssh.SFTPClient, path: str, mode: str
+    ) -> tuple[asyncssh.SFTPAttrs, asyncssh.SFTPClientFile]:
+        attrs, f = await asyncio.gather(sftp.stat(path), sftp.open(path, mode), return_exceptions=True)
+        if isinstance(f, asyncssh.SFTPClientFile) and isinstance(attrs, BaseException):
+            self._sftp.close_later(f)
+        for outcome in (attrs, f):
+            if isinstance(outcome, asyncssh.SFTPError):
+                raise sftp_error(path, outcome)
+            if isinstance(outcome, BaseException):
+                raise outcome
+        assert isinstance(attrs, asyncssh.SFTPAttrs) and isinstance(f, asyncssh.SFTPClientFile)
+        return attrs, f
 
     # -- write ---------------------------------------------------------------------------------------
 
@@ -263,77 +281,82 @@ class Files:
         a symlink replaces the file it points to, not the link.
         """
         data = content.encode() if isinstance(content, str) else content
-        target, existing = await self._write_target(path)
-        if existing is not None and _kind(existing) == "directory":
-            raise IsADirectory(path)
-        mode = (existing.permissions or 0) & 0o7777 if existing is not None else None
-        await self._sftp.once(lambda sftp: self._replace(sftp, target, data, mode, expect=None))
+        existing = await self._sftp.once(lambda sftp: self._replace(sftp, path, data))
         return WriteResult(path, len(data), existing is None)
 
-    async def _write_target(self, path: str) -> tuple[str, asyncssh.SFTPAttrs | None]:
-        """The path to replace (a symlink's target) and its current attributes (None if absent)."""
-
-        async def look(sftp: asyncssh.SFTPClient) -> tuple[str, asyncssh.SFTPAttrs | None]:
-            try:
-                attrs = await sftp.lstat(path)
-            except asyncssh.SFTPNoSuchFile:
-                return path, None
-            except asyncssh.SFTPError as exc:
-                raise sftp_error(path, exc) from None
-            if _kind(attrs) != "symlink":
-                return path, attrs
-            try:
-                target = await sftp.realpath(path)
-                return target, await sftp.stat(target)
-            except asyncssh.SFTPNoSuchFile:
-                # A dangling link: create the file it names.
-                link = await sftp.readlink(path)
-                return posixpath.join(posixpath.dirname(path), link), None
-
-        return await self._sftp.retrying(look)
-
     async def _replace(
-        self, sftp: asyncssh.SFTPClient, path: str, data: bytes, mode: int | None, expect: bytes | None
-    ) -> None:
-        """Write `data` to a temp file beside `path` and rename it over `path`.
+        self,
+        sftp: asyncssh.SFTPClient,
+        path: str,
+        data: bytes,
+        expect: bytes | None = None,
+    ) -> asyncssh.SFTPAttrs | None:
+        """Write `data` to a temp file beside `path` and rename it over `path`; return the attributes
+        `path` had (None when it did not exist).
 
-        With `expect`, the current content is compared just before the rename and EditConflict
-        raised if it changed since it was read.
+        Round trips: lstat + open temp; write + chmod (+ re-read of the original, with `expect`);
+        rename. With `expect` (the content an edit was computed from), the file is
+        read again by path just before the rename, and EditConflict raised if it changed.
         """
         directory, name = posixpath.split(path)
         temp = posixpath.join(directory, f".{name}.tether-{secrets.token_hex(4)}.tmp")
-        try:
-            try:
-                f = await sftp.open(temp, "xb")
-            except asyncssh.SFTPNoSuchFile:
-                await sftp.makedirs(directory, exist_ok=True)
-                f = await sftp.open(temp, "xb")
-        except asyncssh.SFTPError as exc:
-            raise sftp_error(directory if isinstance(exc, asyncssh.SFTPNoSuchFile) else path, exc) from None
+        existing, temp_file = await asyncio.gather(
+            sftp.lstat(path), self._open_temp(sftp, temp, directory), return_exceptions=True
+        )
+        if isinstance(existing, asyncssh.SFTPNoSuchFile):
+            existing = None
+        problem = next((o for o in (existing, temp_file) if isinstance(o, BaseException)), None)
+        if problem is None and existing is not None and _kind(existing) in ("symlink", "directory"):
+            problem = IsADirectory(path) if _kind(existing) == "directory" else None
+            if problem is None:  # a symlink: write the file it points to, in that file's directory
+                await self._discard_temp(sftp, temp_file, temp)  # type: ignore[arg-type]
+                return await self._replace(sftp, await _link_target(sftp, path), data, expect)
+        if problem is not None:
+            if isinstance(temp_file, asyncssh.SFTPClientFile):
+                await self._discard_temp(sftp, temp_file, temp)
+            raise sftp_error(path, problem) if isinstance(problem, asyncssh.SFTPError) else problem
+        assert isinstance(temp_file, asyncssh.SFTPClientFile)
         renamed = False
         try:
-            async with f:
-                pending = [f.write(data)] if data else []
-                if mode is not None:
-                    pending.append(f.chmod(mode))
-                await asyncio.gather(*pending)
+            pending: list[Awaitable[object]] = [temp_file.write(data)] if data else []
+            if existing is not None:
+                pending.append(temp_file.chmod((existing.permissions or 0) & 0o7777))
             if expect is not None:
-                try:
-                    async with sftp.open(path, "rb") as current:
-                        if await current.read() != expect:
-                            raise EditConflict(path)
-                except asyncssh.SFTPNoSuchFile:
-                    raise EditConflict(path) from None
+                pending.append(self._read_again(sftp, path, len(expect)))
+            results = await asyncio.gather(*pending)
+            if expect is not None and results[-1] != expect:
+                raise EditConflict(path)
             await sftp.posix_rename(temp, path)
             renamed = True
         except asyncssh.SFTPError as exc:
             raise sftp_error(path, exc) from None
         finally:
+            self._sftp.close_later(temp_file)
             if not renamed:
-                try:
-                    await sftp.remove(temp)
-                except (asyncssh.SFTPError, asyncssh.Error, OSError):
-                    pass
+                self._sftp.remove_later(temp)
+        return existing if isinstance(existing, asyncssh.SFTPAttrs) else None
+
+    async def _open_temp(self, sftp: asyncssh.SFTPClient, temp: str, directory: str) -> asyncssh.SFTPClientFile:
+        try:
+            return await sftp.open(temp, "xb")
+        except asyncssh.SFTPNoSuchFile:
+            await sftp.makedirs(directory, exist_ok=True)
+            return await sftp.open(temp, "xb")
+
+    async def _discard_temp(self, sftp: asyncssh.SFTPClient, f: asyncssh.SFTPClientFile, temp: str) -> None:
+        self._sftp.close_later(f)
+        self._sftp.remove_later(temp)
+
+    async def _read_again(self, sftp: asyncssh.SFTPClient, path: str, size: int) -> bytes | None:
+        """The file's content now (one byte more than expected, to notice growth); None if it is gone."""
+        try:
+            f = await sftp.open(path, "rb")
+        except asyncssh.SFTPNoSuchFile:
+            return None
+        try:
+            return await f.read(size + 1)
+        finally:
+            self._sftp.close_later(f)
 
     # -- edit ----------------------------------------------------------------------------------------
 
@@ -352,27 +375,21 @@ class Files:
         return await self._edit(path, list(edits), indexed=True)
 
     async def _edit(self, path: str, edits: list[Edit], indexed: bool) -> EditResult:
-        target, existing = await self._write_target(path)
-        if existing is None:
+        async def read(sftp: asyncssh.SFTPClient) -> tuple[asyncssh.SFTPAttrs, bytes] | None:
+            try:
+                return await self._read_whole(sftp, path, MAX_EDIT_BYTES)
+            except FileNotFound:
+                return None
+
+        current = await self._sftp.retrying(read)
+        if current is None:
             # Claude Code's convention: an empty old_string on a missing file creates it.
             if edits[0].old_string == "":
                 after, count = apply_edits(path, "", edits, indexed)
                 await self.write(path, after)
                 return EditResult(path, count, unified_diff(path, "", after))
             raise FileNotFound(path, "; create it with write, or check the path with glob")
-        if _kind(existing) == "directory":
-            raise IsADirectory(path)
-        if (existing.size or 0) > MAX_EDIT_BYTES:
-            raise FileTooLarge(path, existing.size or 0, MAX_EDIT_BYTES)
-
-        async def read(sftp: asyncssh.SFTPClient) -> bytes:
-            try:
-                async with sftp.open(target, "rb") as f:
-                    return await f.read()
-            except asyncssh.SFTPError as exc:
-                raise sftp_error(path, exc) from None
-
-        original = await self._sftp.retrying(read)
+        original = current[1]
         if _looks_binary(original):
             raise BinaryFile(path, len(original))
         try:
@@ -380,8 +397,7 @@ class Files:
         except UnicodeDecodeError:
             raise FileOperationError(path, f"{path} is not UTF-8 text; edit refuses to re-encode it") from None
         after, count = apply_edits(path, before, edits, indexed)
-        mode = (existing.permissions or 0) & 0o7777
-        await self._sftp.once(lambda sftp: self._replace(sftp, target, after.encode(), mode, expect=original))
+        await self._sftp.once(lambda sftp: self._replace(sftp, path, after.encode(), expect=original))
         return EditResult(path, count, unified_diff(path, before, after))
 
     # -- metadata ------------------------------------------------------------------------------------
@@ -470,6 +486,15 @@ class Files:
                 raise sftp_error(path, exc) from None
 
         await self._sftp.once(make)
+
+
+async def _link_target(sftp: asyncssh.SFTPClient, path: str) -> str:
+    """Where a symlink points, as an absolute path (for a dangling link, the file it names)."""
+    try:
+        return await sftp.realpath(path)
+    except asyncssh.SFTPNoSuchFile:
+        link = await sftp.readlink(path)
+        return posixpath.normpath(posixpath.join(posixpath.dirname(path), link))
 
 
 def _image_type(path: str) -> str | None:

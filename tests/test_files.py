@@ -195,7 +195,7 @@ async def test_the_file_changing_under_an_edit_is_refused(sb: Sandbox) -> None:
     await sb.write(path, "changed by someone else")
     files = sb._p.files
     with pytest.raises(EditConflict, match="changed while the edit"):
-        await sb._p.sftp.once(lambda sftp: files._replace(sftp, path, b"tether's edit", None, expect=b"what we read"))
+        await sb._p.sftp.once(lambda sftp: files._replace(sftp, path, b"tether's edit", expect=b"what we read"))
     assert await sb.read_text(path) == "changed by someone else"
     assert [e.path for e in await sb.list_dir(".")] == [path]
 
