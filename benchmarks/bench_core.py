@@ -30,10 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sandbox import ConnectionPool, Sandbox, SSHEndpoint  # noqa: E402
-from sandbox.hostkeys import HostKeyPins  # noqa: E402
-from sandbox.state import StateStore  # noqa: E402
-from tests.sshd import FAST_RC, SLOW_RC, SSHD, ensure_account, is_root, keygen  # noqa: E402
+from sandbox import ConnectionPool, Sandbox, SSHEndpoint
+from sandbox.hostkeys import HostKeyPins
+from sandbox.state import StateStore
+from tests.sshd import FAST_RC, SLOW_RC, SSHD, ensure_account, is_root, keygen
 
 MIB = 1024 * 1024
 
@@ -236,14 +236,14 @@ def print_table(report: dict, runs: int) -> None:
             f"{name}: run('true') is {figures['controlmaster_ms'] / figures['run_ms']:.0f}x faster than "
             f"ControlMaster, {figures['ssh_new_ms'] / figures['run_ms']:.0f}x faster than a new ssh"
         )
-    print(
-        f"upload   tether {report['upload_mbps']:>8.1f} MB/s   scp      {report['scp_upload_mbps']:>8.1f} MB/s   "
-        f"ratio {report['upload_mbps'] / report['scp_upload_mbps']:.2f}"
-    )
-    print(
-        f"download tether {report['download_mbps']:>8.1f} MB/s   ssh cat  {report['ssh_cat_download_mbps']:>8.1f} MB/s   "
-        f"ratio {report['download_mbps'] / report['ssh_cat_download_mbps']:.2f}"
-    )
+    for label, ours, theirs, name in [
+        ("upload", "upload_mbps", "scp_upload_mbps", "scp"),
+        ("download", "download_mbps", "ssh_cat_download_mbps", "ssh cat"),
+    ]:
+        print(
+            f"{label:9}tether {report[ours]:>8.1f} MB/s   {name:8} {report[theirs]:>8.1f} MB/s   "
+            f"ratio {report[ours] / report[theirs]:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""The agent-facing surface: the MCP tool server and the `tether` CLI."""
