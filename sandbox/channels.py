@@ -13,7 +13,7 @@ import asyncssh
 from .endpoint import SSHEndpoint
 from .errors import ConnectionLost
 from .pool import CONNECTION_GONE, ConnectionPool, Lease
-from .shell import PersistentShell, ShellDied, ShellInfo
+from .shell import DEFAULT_TETHER_DIR, PersistentShell, ShellDied, ShellInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -188,11 +188,13 @@ class ShellPool:
         size: int = 4,
         boot_timeout: float = 60,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        tether_dir: str = DEFAULT_TETHER_DIR,
     ) -> None:
         self._endpoint = endpoint
         self._pool = pool
         self.size = size
         self.boot_timeout = boot_timeout
+        self.tether_dir = tether_dir
         self._idle_timer = _IdleTimer(idle_timeout, self._close_idle)
         self._idle: list[_Slot] = []
         self._count = 0  # open or opening
@@ -241,7 +243,7 @@ class ShellPool:
                 await self._changed.wait()
         try:
             shell, lease = await self._pool.open_session(
-                self._endpoint, lambda conn: PersistentShell.start(conn, self.boot_timeout)
+                self._endpoint, lambda conn: PersistentShell.start(conn, self.boot_timeout, self.tether_dir)
             )
         except BaseException:
             async with self._changed:

@@ -17,7 +17,7 @@ import asyncssh
 
 from .channels import CHANNEL_GONE, SFTPChannel, ShellPool
 from .errors import ConnectionLost, InvalidArgument
-from .shell import PersistentShell, ShellDied
+from .shell import PersistentShell, ShellDied, ShellInfo
 
 log = logging.getLogger(__name__)
 
@@ -193,13 +193,13 @@ class Executor:
         # Every shell is busy: one exec channel, whatever the user's shell start-up costs.
         await self._shells.exec_once(script)
 
-    async def home(self) -> str:
-        """The sandbox user's home directory (starts a shell if none has yet)."""
+    async def info(self) -> ShellInfo:
+        """What the shells learned about the box (starts one if none has yet)."""
         if self._shells.info is None:
             async with self._shells.borrow():
                 pass
         assert self._shells.info is not None
-        return self._shells.info.home
+        return self._shells.info
 
     async def close(self) -> None:
         if self._cleanup:
@@ -209,7 +209,7 @@ class Executor:
     # -- internals -----------------------------------------------------------------------------------
 
     def _resolve_cwd(self, shell: PersistentShell, cwd: str | None) -> str:
-        base = self.cwd or shell.info.home
+        base = self.cwd or shell.info.start_dir
         if cwd is None:
             return base
         if cwd == "~" or cwd.startswith("~/"):

@@ -72,8 +72,7 @@ class Jobs:
         self._cursors: dict[str, _Cursor] = {}
 
     async def _jobs_dir(self) -> str:
-        home = await self._executor.home()
-        return f"{home}/.tether/jobs"
+        return (await self._executor.info()).jobs_dir
 
     async def start(self, command: str, *, cwd: str, env: Mapping[str, str] | None = None) -> Job:
         """Start `command` in its own session; returns once it has a pid."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -18,6 +19,7 @@ from .files import Edit, EditResult, Files, FileStat, Image, ReadResult, WriteRe
 from .jobs import Job, JobOutput, Jobs
 from .pool import ConnectionPool, default_pool
 from .search import GlobResult, GrepResult, Search
+from .shell import DEFAULT_TETHER_DIR
 from .transfer import Progress, Transfers
 
 
@@ -40,14 +42,13 @@ class Sandbox:
         shells: int = 4,
         boot_timeout: float = 60.0,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        tether_dir: str = DEFAULT_TETHER_DIR,
         name: str | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.name = name or endpoint.display
         self._pool = pool
-        self._shells_size = shells
-        self._boot_timeout = boot_timeout
-        self._idle_timeout = idle_timeout
+        self._options = _Options(shells, boot_timeout, idle_timeout, tether_dir)
         self._parts: _Parts | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -80,23 +81,24 @@ class Sandbox:
     @property
     def _p(self) -> _Parts:
         if self._parts is None:
-            self._parts = _Parts(
-                self.endpoint, self._pool or default_pool(), self._shells_size, self._boot_timeout, self._idle_timeout
-            )
+            self._parts = _Parts(self.endpoint, self._pool or default_pool(), self._options)
         return self._parts
 
     # -- paths ---------------------------------------------------------------------------------------
 
     async def home(self) -> str:
-        """The login user's home directory on the box."""
-        parts = self._p
-        if parts.home is None:
-            parts.home = await parts.sftp.retrying(lambda sftp: sftp.realpath("."))
-        return parts.home
+        """The login user's home directory on the box (what `~` means)."""
+        return (await self._p.executor.info()).home
 
     async def cwd(self) -> str:
-        """Where the next `run` starts, and what relative paths are relative to."""
-        return self._p.executor.cwd or await self.home()
+        """Where the next `run` starts, and what relative paths are relative to: where the last
+        command ended, initially where the login lands (the home directory under OpenSSH)."""
+        parts = self._p
+        if parts.executor.cwd:
+            return parts.executor.cwd
+        if parts.shells.info is not None:
+            return parts.shells.info.start_dir
+        return await parts.sftp.retrying(lambda sftp: sftp.realpath("."))
 
     async def resolve(self, path: str) -> str:
         """An absolute remote path: `~` expanded, relative paths joined to `cwd()`."""
@@ -230,18 +232,24 @@ class Sandbox:
         await self._p.executor.signal_group(pid, signal)
 
 
+@dataclass(frozen=True)
+class _Options:
+    shells: int
+    boot_timeout: float
+    idle_timeout: float
+    tether_dir: str
+
+
 class _Parts:
     """The objects a connected sandbox is made of, created on first use."""
 
-    def __init__(
-        self, endpoint: SSHEndpoint, pool: ConnectionPool, shells: int, boot_timeout: float, idle_timeout: float
-    ) -> None:
+    def __init__(self, endpoint: SSHEndpoint, pool: ConnectionPool, options: _Options) -> None:
         self.pool = pool
-        self.sftp = SFTPChannel(endpoint, pool, idle_timeout)
-        self.shells = ShellPool(endpoint, pool, shells, boot_timeout, idle_timeout)
+        self.sftp = SFTPChannel(endpoint, pool, options.idle_timeout)
+        self.shells = ShellPool(endpoint, pool, options.shells, options.boot_timeout, options.idle_timeout,
+                                options.tether_dir)
         self.executor = Executor(self.shells, self.sftp)
         self.files = Files(self.sftp)
-        self.search = Search(self.executor, self.shells, self.files)
+        self.search = Search(self.executor, self.files)
         self.jobs = Jobs(self.executor, self.shells, self.sftp)
         self.transfers = Transfers(self.sftp)
-        self.home: str | None = None

@@ -11,7 +11,6 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from .channels import ShellPool
 from .errors import FileNotFound, InvalidArgument
 from .executor import Executor
 from .files import Files
@@ -86,16 +85,12 @@ def glob_to_regex(pattern: str) -> re.Pattern[str]:
 
 
 class Search:
-    def __init__(self, executor: Executor, shells: ShellPool, files: Files) -> None:
+    def __init__(self, executor: Executor, files: Files) -> None:
         self._executor = executor
-        self._shells = shells
         self._files = files
 
     async def _has_rg(self) -> bool:
-        if self._shells.info is None:
-            await self._executor.home()
-        assert self._shells.info is not None
-        return self._shells.info.has_rg
+        return (await self._executor.info()).has_rg
 
     # -- glob ----------------------------------------------------------------------------------------
 

@@ -62,7 +62,7 @@ _INIT = r"""
 set +e +u 2>/dev/null
 unalias -a 2>/dev/null
 SHLVL=1; export SHLVL
-__T="$HOME/.tether"
+__T=__TETHER_DIR__
 mkdir -p "$__T/run" "$__T/jobs" 2>/dev/null
 case "${SHELL##*/}" in
   bash|zsh|ksh|mksh|dash|ash|sh) __TSH=$SHELL ;;
@@ -132,8 +132,11 @@ __t_kill() {
   printf '%s R %s\0' "$1" "$?"
 }
 __rg=0; command -v rg >/dev/null 2>&1 && __rg=1
-printf 'READY %s %s %s %s %s\0' "__NONCE__" "$__TPG" "$__rg" "$__TSH" "$HOME"
+printf 'READY %s %s %s %s\0%s\0%s\0%s\0' "__NONCE__" "$__TPG" "$__rg" "$__TSH" "$HOME" "$__T" "$PWD"
 """.replace("__CHILD__", shlex.quote(_CHILD)).replace("__JOB__", shlex.quote(_JOB))
+
+
+DEFAULT_TETHER_DIR = "~/.tether"
 
 
 @dataclass(frozen=True)
@@ -144,14 +147,25 @@ class ShellInfo:
     shell: str  # the shell commands run in
     process_groups: str  # "fork" (bash job control), "setsid", "perl" or "none": how commands get their own group
     has_rg: bool
+    tether_dir: str  # tether's own files on the box: run/ (command output) and jobs/
+    start_dir: str  # where the login landed: the first command's cwd
 
     @property
     def run_dir(self) -> str:
-        return f"{self.home}/.tether/run"
+        return f"{self.tether_dir}/run"
 
     @property
     def jobs_dir(self) -> str:
-        return f"{self.home}/.tether/jobs"
+        return f"{self.tether_dir}/jobs"
+
+
+def _shell_word(path: str) -> str:
+    """`path` as a shell word, with a leading ~/ meaning the login user's home."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
 
 
 @dataclass(frozen=True)
@@ -179,7 +193,9 @@ class PersistentShell:
         self._stderr_task = asyncio.get_running_loop().create_task(self._drain_stderr())
 
     @classmethod
-    async def start(cls, conn: asyncssh.SSHClientConnection, timeout: float) -> PersistentShell:
+    async def start(
+        cls, conn: asyncssh.SSHClientConnection, timeout: float, tether_dir: str = DEFAULT_TETHER_DIR
+    ) -> PersistentShell:
         """Open the channel, start the login shell and wait for it to report ready.
 
         Raises:
@@ -187,18 +203,21 @@ class PersistentShell:
                 for input, or a login shell that cannot run `-l -c`).
             asyncssh.ChannelOpenError: the server refused the channel (the pool handles it).
         """
+        init = _INIT.replace("__TETHER_DIR__", _shell_word(tether_dir))
         try:
-            return await cls._start(conn, BOOT_COMMAND, timeout)
+            return await cls._start(conn, BOOT_COMMAND, timeout, init)
         except ShellDied:
             # Login shells that don't understand `-l -c` (csh, tcsh) exit at once: fall back to sh -l.
-            return await cls._start(conn, FALLBACK_BOOT_COMMAND, timeout)
+            return await cls._start(conn, FALLBACK_BOOT_COMMAND, timeout, init)
 
     @classmethod
-    async def _start(cls, conn: asyncssh.SSHClientConnection, command: str, timeout: float) -> PersistentShell:
+    async def _start(
+        cls, conn: asyncssh.SSHClientConnection, command: str, timeout: float, init: str
+    ) -> PersistentShell:
         process = await conn.create_process(command, encoding=None)
         nonce = secrets.token_hex(8)
         try:
-            process.stdin.write(_INIT.replace("__NONCE__", nonce).encode())
+            process.stdin.write(init.replace("__NONCE__", nonce).encode("utf-8", "surrogateescape"))
             marker = f"READY {nonce} ".encode()
             async with asyncio.timeout(timeout):
                 while True:
@@ -207,14 +226,19 @@ class PersistentShell:
                     at = record.find(marker)
                     if at >= 0:
                         break
+                # Paths come as records of their own: they may contain spaces.
+                home, tether_dir, start_dir = [
+                    (await _read_record(process)).decode("utf-8", "surrogateescape") for _ in range(3)
+                ]
         except TimeoutError:
             process.close()
             raise ConnectTimeout(f"the login shell did not start within {timeout:g}s") from None
         except BaseException:
             process.close()
             raise
-        pg, rg, shell, home = record[at + len(marker) :].decode("utf-8", "surrogateescape").split(" ", 3)
-        info = ShellInfo(home=home, shell=shell, process_groups=pg, has_rg=rg == "1")
+        pg, rg, shell = record[at + len(marker) :].decode("utf-8", "surrogateescape").split(" ", 2)
+        info = ShellInfo(home=home, shell=shell, process_groups=pg, has_rg=rg == "1", tether_dir=tether_dir,
+                         start_dir=start_dir)
         return cls(process, info, conn)
 
     @property
