@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import posixpath
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import asyncssh
 from .channels import DEFAULT_IDLE_TIMEOUT, SFTPChannel, ShellPool
 from .endpoint import SSHEndpoint
 from .errors import InvalidArgument
-from .executor import MAX_OUTPUT_CHARS, Executor, RunResult
+from .executor import MAX_OUTPUT_CHARS, Executor, RawResult, RunResult
 from .files import Edit, EditResult, Files, FileStat, Image, ReadResult, WriteResult
 from .jobs import Job, JobOutput, Jobs
 from .pool import ConnectionPool, default_pool
@@ -43,12 +44,16 @@ class Sandbox:
         boot_timeout: float = 60.0,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         tether_dir: str = DEFAULT_TETHER_DIR,
+        env: Mapping[str, str] | None = None,
         name: str | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.name = name or endpoint.display
+        # Environment every command and job starts with (per-call env wins).
+        self.env = dict(env or {})
         self._pool = pool
         self._options = _Options(shells, boot_timeout, idle_timeout, tether_dir)
+        self.last_used = time.time()
         self._parts: _Parts | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -80,6 +85,8 @@ class Sandbox:
 
     @property
     def _p(self) -> _Parts:
+        # Every operation passes here: the moment of last use, for idle timeouts.
+        self.last_used = time.time()
         if self._parts is None:
             self._parts = _Parts(self.endpoint, self._pool or default_pool(), self._options)
         return self._parts
@@ -136,7 +143,17 @@ class Sandbox:
 
         Raises: ConnectionLost (the connection died while the command ran), InvalidArgument.
         """
-        return await self._p.executor.run(command, cwd=cwd, env=env, timeout=timeout, max_chars=max_chars)
+        merged = {**self.env, **(env or {})}
+        return await self._p.executor.run(command, cwd=cwd, env=merged, timeout=timeout, max_chars=max_chars)
+
+    async def exec_raw(
+        self, argv: Sequence[str], *, cwd: str | None = None, timeout: float = 120.0, max_bytes: int = 8 << 20
+    ) -> RawResult:
+        """Run an argv for tether itself (probes, listings): whole streams as bytes, and the sandbox's
+        cwd is left alone. Raises TimeoutError when it does not finish in time (it is killed)."""
+        return await self._p.executor.exec_raw(
+            argv, cwd=await self.resolve(cwd) if cwd else None, timeout=timeout, max_bytes=max_bytes
+        )
 
     # -- files ---------------------------------------------------------------------------------------
 
@@ -200,7 +217,9 @@ class Sandbox:
 
     async def start_job(self, command: str, *, cwd: str | None = None, env: Mapping[str, str] | None = None) -> Job:
         """Start `command` detached (setsid), its output in files under ~/.tether/jobs/<id>/."""
-        return await self._p.jobs.start(command, cwd=await self.resolve(cwd) if cwd else await self.cwd(), env=env)
+        return await self._p.jobs.start(
+            command, cwd=await self.resolve(cwd) if cwd else await self.cwd(), env={**self.env, **(env or {})}
+        )
 
     async def job_output(self, job_id: str, wait_ms: int = 0) -> JobOutput:
         """Output since the previous call, waiting up to `wait_ms` for more; status and exit code."""
@@ -246,8 +265,9 @@ class _Parts:
     def __init__(self, endpoint: SSHEndpoint, pool: ConnectionPool, options: _Options) -> None:
         self.pool = pool
         self.sftp = SFTPChannel(endpoint, pool, options.idle_timeout)
-        self.shells = ShellPool(endpoint, pool, options.shells, options.boot_timeout, options.idle_timeout,
-                                options.tether_dir)
+        self.shells = ShellPool(
+            endpoint, pool, options.shells, options.boot_timeout, options.idle_timeout, options.tether_dir
+        )
         self.executor = Executor(self.shells, self.sftp)
         self.files = Files(self.sftp)
         self.search = Search(self.executor, self.files)

@@ -237,8 +237,9 @@ class PersistentShell:
             process.close()
             raise
         pg, rg, shell = record[at + len(marker) :].decode("utf-8", "surrogateescape").split(" ", 2)
-        info = ShellInfo(home=home, shell=shell, process_groups=pg, has_rg=rg == "1", tether_dir=tether_dir,
-                         start_dir=start_dir)
+        info = ShellInfo(
+            home=home, shell=shell, process_groups=pg, has_rg=rg == "1", tether_dir=tether_dir, start_dir=start_dir
+        )
         return cls(process, info, conn)
 
     @property

@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 ENGINE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS host_keys (
@@ -35,6 +37,39 @@ def state_dir() -> Path:
         path = (Path(xdg).expanduser() if xdg else Path.home() / ".local" / "state") / "tether"
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return path
+
+
+def process_running(pid: int) -> bool:
+    """Whether `pid` is a live process on this machine (a zombie, exited but not reaped, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): kill(0) is all we know
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
+
+
+def config_path() -> Path:
+    """$TETHER_CONFIG, else ~/.config/tether/config.toml (which need not exist)."""
+    explicit = os.environ.get("TETHER_CONFIG")
+    return Path(explicit).expanduser() if explicit else Path.home() / ".config" / "tether" / "config.toml"
+
+
+def read_config() -> dict[str, Any]:
+    """The parsed config file, or {} when there is none. Each layer validates its own sections."""
+    path = config_path()
+    if not path.is_file():
+        return {}
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path} is not valid TOML: {exc}") from None
 
 
 class StateStore:

@@ -174,7 +174,11 @@ class SSHD:
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            # Signal sshd itself, not runuser: runuser sleeps two seconds after forwarding a signal.
+            # Per-connection sshd processes live in sessions of their own, so they are ended too.
+            self.kill_connections()
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(self.listener_pid(), signal.SIGTERM)
             try:
                 self.process.wait(5)
             except subprocess.TimeoutExpired:

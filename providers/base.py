@@ -1,0 +1,151 @@
+"""The provider protocol: how a machine is provisioned and how tether reaches it over SSH.
+
+A provider is constructed for one pool. Required: provision, endpoint, status, terminate. Optional,
+where the capability profile says so: pause, resume, snapshot, capacity, exec_command, list. The
+base class's optional methods refuse with `Unsupported`, so a provider only writes what it offers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sandbox import ConnectionPool, SSHEndpoint
+
+from .config import LocalPoolConfig, Pool
+from .errors import Unsupported
+from .profiles import CapabilityProfile, Substrate
+
+SandboxStatus = Literal["provisioning", "running", "paused", "failed", "terminated"]
+# Progress reporter: (message, fraction done or None).
+Progress = Callable[[str, float | None], Awaitable[None]]
+
+
+async def no_progress(message: str, fraction: float | None = None) -> None:
+    return None
+
+
+class Request(BaseModel):
+    """What a caller asks for. Everything is optional; dispatch picks the pool."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: str | None = None
+    pool: str | None = None
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    image: str | None = None
+    gpu: str | None = Field(None, description="GPU type; implies the `gpu` requirement")
+    cpu: float | None = Field(None, gt=0)
+    memory_mb: int | None = Field(None, gt=0)
+    disk_gb: int | None = Field(None, gt=0)
+    timeout_s: float | None = Field(None, gt=0, description="TTL: terminated this long after creation")
+    idle_timeout_s: float | None = Field(None, gt=0, description="terminated after this long without use")
+    requirements: list[str] = Field(default_factory=list)
+    runtime_kinds: list[str] = Field(default_factory=list)
+    auth_mode: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    keep: bool = Field(False, description="survive the process that created it (no teardown on exit)")
+    # Provider-specific arguments (ssh: host, user, port, key_path).
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    def requirement_kinds(self) -> list[str]:
+        kinds = list(self.requirements)
+        if self.gpu and "gpu" not in kinds:
+            kinds.append("gpu")
+        return kinds
+
+
+class ProvisionSpec(BaseModel):
+    """What a provider is asked to create. `labels` must be attached to every remote resource."""
+
+    sandbox_id: str
+    name: str
+    request: Request
+    labels: dict[str, str]
+
+
+class Handle(BaseModel):
+    """What a provider needs to find its machine again, stored in the ledger (no secrets)."""
+
+    external_id: str
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class Capacity(BaseModel):
+    cpus: int | None = None
+    memory_mb: int | None = None
+    disk_free_gb: float | None = None
+    disk_total_gb: float | None = None
+    gpus: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ListedResource(BaseModel):
+    """A machine as the provider's own listing shows it (for gc)."""
+
+    external_id: str
+    tether_id: str | None  # from the label tether put on it
+    status: SandboxStatus
+    data: dict[str, Any] = Field(default_factory=dict)  # enough to build a Handle and terminate it
+
+
+class Provider:
+    """Base class of providers; see the module docstring."""
+
+    name: ClassVar[str]
+    profile: ClassVar[CapabilityProfile]
+    substrate: ClassVar[Substrate]
+    config_model: ClassVar[type[BaseModel]] = LocalPoolConfig
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why no sandbox can be provisioned right now (checked at dispatch), or None."""
+        return None
+
+    def __init__(self, pool: Pool, connections: ConnectionPool | None = None) -> None:
+        self.pool = pool
+        # The connection pool the fleet uses, for providers that talk SSH themselves (ssh: terminate).
+        self.connections = connections
+
+    async def provision(self, spec: ProvisionSpec, progress: Progress = no_progress) -> Handle:
+        raise NotImplementedError
+
+    async def endpoint(self, handle: Handle) -> SSHEndpoint:
+        raise NotImplementedError
+
+    async def status(self, handle: Handle) -> SandboxStatus:
+        raise NotImplementedError
+
+    async def terminate(self, handle: Handle) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release what the provider object holds (servers, HTTP clients)."""
+
+    def tether_dir(self, sandbox_id: str) -> str:
+        """Where on the box the sandbox keeps tether's files (command output, jobs)."""
+        return f"~/.tether/sandboxes/{sandbox_id}"
+
+    # -- optional ----------------------------------------------------------------------------------
+
+    async def pause(self, handle: Handle) -> None:
+        raise Unsupported(self.name, "pause", "its profile says supportsPauseResume: false")
+
+    async def resume(self, handle: Handle) -> None:
+        raise Unsupported(self.name, "resume", "its profile says supportsPauseResume: false")
+
+    async def snapshot(self, handle: Handle) -> str:
+        raise Unsupported(self.name, "snapshot", "its profile says supportsFsSnapshot: false")
+
+    async def capacity(self, handle: Handle | None) -> Capacity:
+        raise Unsupported(self.name, "report capacity", "its profile says supportsCapacityQuery: false")
+
+    async def exec_command(
+        self, handle: Handle, command: str, env: dict[str, str] | None = None
+    ) -> tuple[int, str, str]:
+        raise Unsupported(self.name, "run one-shot commands outside SSH")
+
+    async def list(self) -> list[ListedResource] | None:
+        """The provider's own view of what exists, or None when it has no listing (nothing to reconcile)."""
+        return None

@@ -1,0 +1,200 @@
+"""Pools from config.toml: one pydantic model per provider's pool config, with the seeds' keys and defaults.
+
+    [[pools]]
+    name = "gpu"
+    provider = "modal"
+    active = true
+    config = { image = "registry.example.com/worker-cuda:v1", gpu = "a10g" }
+    runtime_provides = { runtimeKinds = ["npm", "python-pip"], requirementKinds = ["long-running", "gpu"] }
+
+Keys are the seeds' camelCase names. Unknown keys are refused, except in a local pool's config, which
+tether ignores and keeps as metadata (as the local provider's page says). Without any [[pools]],
+the implicit pools are `local` plus one per cloud provider whose credentials are in the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from sandbox.state import config_path, read_config
+
+from . import registry
+from .errors import ConfigError
+from .profiles import Substrate
+
+DONMAI_IMAGE = "ghcr.io/renseiai/donmai-worker:latest"
+DONMAI_COMMAND = ["donmai", "agent", "run"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resources(_Strict):
+    """spec.resources and its pool defaults (Modal's page)."""
+
+    cpu: float = Field(2.0, gt=0, description="vCPU count (float)")
+    memoryMB: int = Field(2048, gt=0, description="Memory in MiB")
+    timeoutSec: int = Field(3600, gt=0, description="Sandbox timeout in seconds (the TTL)")
+
+
+class LocalPoolConfig(BaseModel):
+    """The local provider reads none of its config: everything is kept, as metadata for people."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class SSHPoolConfig(_Strict):
+    """A host you bring: an address or ~/.ssh/config alias, and how to log in."""
+
+    host: str = Field(description="user@host[:port] or an ~/.ssh/config alias (ProxyJump honoured)")
+    user: str | None = Field(None, description="Login name, when not in `host`")
+    port: int | None = Field(None, ge=1, le=65535)
+    identityFile: str | None = Field(None, description="Private key; default: tether's key, ~/.ssh keys, agent")
+
+
+class DaytonaPoolConfig(_Strict):
+    daytonaApiUrl: str = Field("https://app.daytona.io/api", description="Daytona API base URL")
+    image: str = Field(DONMAI_IMAGE, description="Workspace image")
+    diskGB: int = Field(20, gt=0, description="Disk size per workspace in GB")
+    user: str = Field("daytona", description="Workspace user")
+    command: list[str] = Field(default_factory=lambda: list(DONMAI_COMMAND), description="Launch command")
+    resources: Resources = Field(default_factory=Resources)
+
+
+class E2BPoolConfig(_Strict):
+    templateId: str = Field("base", description="E2B template ID")
+    launchRunnerInline: bool = Field(False, description="Launch the runner via execCommand after provision")
+    resources: Resources = Field(default_factory=Resources)
+
+
+class ModalPoolConfig(_Strict):
+    image: str = Field(DONMAI_IMAGE, description="Container image")
+    gpu: str | None = Field(None, description="GPU type (e.g. a10g, a100, h100); omit for CPU-only")
+    entrypoint: list[str] = Field(default_factory=lambda: list(DONMAI_COMMAND), description="Sandbox entrypoint")
+    resources: Resources = Field(default_factory=Resources)
+
+
+class RunPodPoolConfig(_Strict):
+    """RunPod pod settings, named as in RunPod's PodCreateInput (shared/specs/runpod)."""
+
+    imageName: str = Field("runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04", description="Pod image")
+    gpuTypeIds: list[str] = Field(default_factory=lambda: ["NVIDIA A100 80GB PCIe"], description="GPU types")
+    gpuCount: int = Field(1, ge=1)
+    cloudType: Literal["SECURE", "COMMUNITY"] = "SECURE"
+    containerDiskInGb: int = Field(50, gt=0)
+    volumeInGb: int = Field(0, ge=0)
+    rateUsdPerHour: float | None = Field(None, ge=0, description="Your rate, for cost estimates")
+    resources: Resources = Field(default_factory=Resources)
+
+
+CONFIG_MODELS: dict[str, type[BaseModel]] = {
+    "local": LocalPoolConfig,
+    "ssh": SSHPoolConfig,
+    "daytona": DaytonaPoolConfig,
+    "e2b": E2BPoolConfig,
+    "modal": ModalPoolConfig,
+    "runpod": RunPodPoolConfig,
+}
+
+# Environment variables that make a cloud provider's implicit pool appear.
+CREDENTIAL_ENV: dict[str, tuple[str, ...]] = {
+    "daytona": ("DAYTONA_API_KEY",),
+    "e2b": ("E2B_API_KEY",),
+    "modal": ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET"),
+    "runpod": ("RUNPOD_API_KEY",),
+}
+
+
+class RuntimeProvides(_Strict):
+    """A pool's override of its provider's substrate defaults."""
+
+    runtimeKinds: list[str]
+    requirementKinds: list[str]
+
+
+class Pool(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    provider: str
+    config: Any = None
+    active: bool = True
+    runtime_provides: RuntimeProvides | None = None
+    implicit: bool = Field(False, description="Made up by tether (no config file), not written by a person")
+
+    @field_validator("provider")
+    @classmethod
+    def _known_provider(cls, value: str) -> str:
+        known = registry.known_providers()
+        if value not in known:
+            raise ValueError(f"unknown provider {value!r}; known: {', '.join(known)}")
+        return value
+
+    def substrate(self) -> Substrate:
+        """The provider's substrate defaults, or this pool's runtime_provides override."""
+        if self.runtime_provides is not None:
+            return Substrate(
+                runtime_kinds=list(self.runtime_provides.runtimeKinds),
+                requirement_kinds=list(self.runtime_provides.requirementKinds),
+            )
+        return registry.substrate_of(self.provider)
+
+
+def parse_pool(entry: dict[str, Any]) -> Pool:
+    """Validate one [[pools]] entry, its config against its provider's model."""
+    provider = entry.get("provider")
+    model = CONFIG_MODELS.get(provider) if isinstance(provider, str) else None
+    if model is None and isinstance(provider, str) and provider in registry.custom_classes():
+        model = registry.provider_class(provider).config_model
+    raw_config = entry.get("config") or {}
+    fields = dict(entry)
+    if model is not None:
+        try:
+            fields["config"] = model.model_validate(raw_config)
+        except ValidationError as exc:
+            raise ConfigError(_explain(f"pool {entry.get('name')!r} ({provider}) config", exc)) from None
+    try:
+        return Pool.model_validate(fields)
+    except ValidationError as exc:
+        raise ConfigError(_explain(f"pool {entry.get('name')!r}", exc)) from None
+
+
+def load_pools(config: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> list[Pool]:
+    """The pools of config.toml, or the implicit ones when it defines none."""
+    config = read_config() if config is None else config
+    registry.register_from_config(config)
+    entries = config.get("pools")
+    if entries:
+        if not isinstance(entries, list):
+            raise ConfigError(f"{config_path()}: `pools` must be an array of tables ([[pools]])")
+        pools = [parse_pool(e) for e in entries]
+        names = [p.name for p in pools]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError(f"{config_path()}: pool names must be unique; repeated: {', '.join(duplicates)}")
+        return pools
+    return implicit_pools(os.environ if environ is None else environ)
+
+
+def implicit_pools(environ: dict[str, str] | os._Environ[str]) -> list[Pool]:
+    pools = [Pool(name="local", provider="local", config=LocalPoolConfig(), implicit=True)]
+    for provider, names in CREDENTIAL_ENV.items():
+        if all(environ.get(n) for n in names):
+            pools.append(Pool(name=provider, provider=provider, config=CONFIG_MODELS[provider](), implicit=True))
+    return pools
+
+
+def credentials_missing(provider: str, environ: dict[str, str] | os._Environ[str] | None = None) -> list[str]:
+    environ = os.environ if environ is None else environ
+    return [n for n in CREDENTIAL_ENV.get(provider, ()) if not environ.get(n)]
+
+
+def _explain(what: str, exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        problems.append(f"{where}: {message}")
+    return f"{config_path()}: {what}: " + "; ".join(problems)

@@ -1,0 +1,66 @@
+"""Errors of the providers layer. Messages say what happened and what to do next."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sandbox.errors import SandboxError
+
+
+class ProviderError(SandboxError):
+    """A provider could not do what was asked."""
+
+
+class ConfigError(ProviderError, ValueError):
+    """config.toml says something tether cannot use."""
+
+
+class ProviderUnavailable(ProviderError):
+    """The provider cannot be used here (not implemented yet, missing credentials, draining host)."""
+
+
+class Unsupported(ProviderError):
+    """The provider's capability profile does not offer this operation (pause, snapshot, …)."""
+
+    def __init__(self, provider: str, operation: str, why: str = "") -> None:
+        self.provider, self.operation = provider, operation
+        super().__init__(
+            f"the {provider} provider cannot {operation}{': ' + why if why else ''}; "
+            "see its capability profile with pools_list"
+        )
+
+
+class SandboxNotFound(ProviderError, LookupError):
+    def __init__(self, ref: str) -> None:
+        self.ref = ref
+        super().__init__(f"no sandbox {ref!r}; list them with sandbox_list (or `tether ls`)")
+
+
+class SandboxGone(ProviderError):
+    """The sandbox exists in the ledger but was terminated."""
+
+    def __init__(self, ref: str, status: str) -> None:
+        super().__init__(f"sandbox {ref!r} is {status}; create a new one with sandbox_create")
+
+
+@dataclass(frozen=True)
+class Rejection:
+    pool: str
+    provider: str
+    reasons: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"{self.pool} ({self.provider}): {'; '.join(self.reasons)}"
+
+
+class DispatchError(ProviderError):
+    """No pool can serve the request. `rejections` says why, pool by pool."""
+
+    def __init__(self, summary: str, rejections: list[Rejection]) -> None:
+        self.rejections = rejections
+        lines = "\n".join(f"  - {r}" for r in rejections) or "  (no pools are configured)"
+        super().__init__(f"{summary}:\n{lines}")
+
+
+class AuthPinError(DispatchError):
+    """An auth mode that needs this machine's credentials, with no local pool to run it."""

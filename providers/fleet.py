@@ -1,0 +1,433 @@
+"""The fleet: the sandboxes tether knows about, and their lifecycle.
+
+create: dispatch to a pool → ledger row → provider.provision → the engine's Sandbox on its endpoint.
+destroy: provider.terminate → ledger terminated + exactly one cost event.
+reap: terminate what outlived its TTL or idle timeout (the MCP server runs this periodically).
+gc: reap, then reconcile the ledger with each provider's own listing — terminate orphans and
+interrupted provisions, mark vanished sandboxes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sandbox import ConnectionPool, Sandbox, SSHEndpoint, default_pool
+from sandbox.state import StateStore
+
+from . import registry
+from .base import Capacity, Handle, ListedResource, Progress, Provider, ProvisionSpec, Request, no_progress
+from .config import CONFIG_MODELS, Pool, credentials_missing, load_pools
+from .dispatch import choose_pool
+from .errors import ProviderError, ProviderUnavailable, SandboxGone, Unsupported
+from .ledger import CostEvent, Ledger, SandboxRecord, new_sandbox_id
+from .profiles import GPU_RATES_USD_PER_HOUR, CapabilityProfile
+
+log = logging.getLogger(__name__)
+LABEL = "tether-id"
+
+
+class ManagedSandbox(Sandbox):
+    """A sandbox tether provisioned: every engine operation, plus its lifecycle.
+
+    As an async context manager it is destroyed on exit, unless it was created with `keep`.
+    """
+
+    def __init__(
+        self, fleet: Fleet, record: SandboxRecord, endpoint: SSHEndpoint, tether_dir: str, env: dict[str, str]
+    ) -> None:
+        super().__init__(endpoint, pool=fleet.connections, tether_dir=tether_dir, env=env, name=record.name)
+        self.fleet = fleet
+        self.id = record.id
+        self.provider = record.provider
+        self.pool_name = record.pool
+        self.keep = record.keep
+
+    @property
+    def record(self) -> SandboxRecord:
+        return self.fleet.ledger.get(self.id)
+
+    async def destroy(self) -> CostEvent:
+        return await self.fleet.destroy(self.id)
+
+    async def pause(self) -> None:
+        await self.fleet.pause(self.id)
+
+    async def resume(self) -> None:
+        await self.fleet.resume(self.id)
+
+    async def snapshot(self) -> str:
+        return await self.fleet.snapshot(self.id)
+
+    async def capacity(self) -> Capacity:
+        return await self.fleet.capacity(self.id)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self.keep:
+            await self.close()
+        else:
+            await self.destroy()
+
+
+@dataclass
+class GcReport:
+    reaped: list[tuple[str, str]] = field(default_factory=list)  # (sandbox id, reason)
+    orphans: list[str] = field(default_factory=list)  # external ids terminated with no live ledger row
+    interrupted: list[str] = field(default_factory=list)  # sandbox ids whose provisioning was cut short
+    vanished: list[str] = field(default_factory=list)  # sandbox ids the provider no longer has
+    errors: list[str] = field(default_factory=list)
+
+
+class Fleet:
+    def __init__(
+        self,
+        *,
+        config: dict[str, Any] | None = None,
+        store: StateStore | None = None,
+        connections: ConnectionPool | None = None,
+    ) -> None:
+        from sandbox.state import read_config
+
+        self.config = read_config() if config is None else config
+        registry.register_from_config(self.config)
+        self.pools = load_pools(self.config)
+        self.ledger = Ledger(store)
+        self._connections = connections
+        self._providers: dict[str, Provider] = {}
+        self._open: dict[str, ManagedSandbox] = {}
+        self.created_here: set[str] = set()
+
+    @property
+    def connections(self) -> ConnectionPool:
+        if self._connections is None:
+            self._connections = default_pool()
+        return self._connections
+
+    # -- pools and providers -------------------------------------------------------------------------
+
+    def availability(self, pool: Pool) -> str | None:
+        """Why `pool` can't be used right now, or None."""
+        try:
+            provider_class = registry.provider_class(pool.provider)
+        except ProviderError as exc:
+            return str(exc)
+        missing = credentials_missing(pool.provider)
+        if missing:
+            return f"missing credentials: set {', '.join(missing)}"
+        return provider_class.unavailable_reason()
+
+    def provider_for(self, pool: Pool) -> Provider:
+        provider = self._providers.get(pool.name)
+        if provider is None or provider.pool != pool:
+            provider = registry.provider_class(pool.provider)(pool, self.connections)
+            self._providers[pool.name] = provider
+        return provider
+
+    def _pool_of(self, record: SandboxRecord) -> Pool:
+        for pool in self.pools:
+            if pool.name == record.pool and pool.provider == record.provider:
+                return pool
+        # Not in the config (an ad-hoc attach, or a pool since removed): the handle has what we need.
+        return Pool(name=record.pool, provider=record.provider, implicit=True)
+
+    def _provider_of(self, record: SandboxRecord) -> Provider:
+        return self.provider_for(self._pool_of(record))
+
+    def profile(self, provider: str) -> CapabilityProfile:
+        return registry.profile_of(provider)
+
+    # -- create / get / destroy ----------------------------------------------------------------------
+
+    async def create(self, request: Request, progress: Progress = no_progress) -> ManagedSandbox:
+        """Provision a sandbox where dispatch says, recording it in the ledger first.
+
+        Raises: AuthPinError, DispatchError (per-pool reasons), ProviderError, ConnectError.
+        """
+        pool = self._choose(request)
+        provider = self.provider_for(pool)
+        sandbox_id = new_sandbox_id()
+        name = request.name or f"{pool.provider}-{sandbox_id[3:9]}"
+        self.ledger.insert(
+            sandbox_id=sandbox_id,
+            name=name,
+            provider=pool.provider,
+            pool=pool.name,
+            # env values may be secrets: the ledger keeps only their names
+            request={**request.model_dump(mode="json", exclude={"env"}), "env_names": sorted(request.env)},
+            expires_at=self._expiry(request, pool),
+            idle_timeout=request.idle_timeout_s,
+            keep=request.keep,
+            gpu_type=request.gpu,
+            gpu_count=1 if request.gpu else 0,
+        )
+        self.created_here.add(sandbox_id)
+        await progress(f"provisioning {name} on pool {pool.name} ({pool.provider})", 0.05)
+        spec = ProvisionSpec(sandbox_id=sandbox_id, name=name, request=request, labels={LABEL: sandbox_id})
+        try:
+            handle = await provider.provision(spec, progress)
+            endpoint = await provider.endpoint(handle)
+        except BaseException as exc:
+            # The provider cleans up what it can; anything it left is for gc (the row says where to look).
+            reason = "provisioning interrupted" if not isinstance(exc, Exception) else f"provisioning failed: {exc}"
+            self.ledger.set_status(sandbox_id, "failed", reason[:500])
+            if isinstance(exc, Exception):
+                with contextlib.suppress(Exception):
+                    await self._reconcile_one(self.ledger.get(sandbox_id))
+            raise
+        self.ledger.set_provisioned(
+            sandbox_id,
+            handle.external_id,
+            handle.model_dump(),
+            {"host": endpoint.host, "port": endpoint.port, "user": endpoint.user},
+        )
+        box = ManagedSandbox(self, self.ledger.get(sandbox_id), endpoint, provider.tether_dir(sandbox_id), request.env)
+        self._open[sandbox_id] = box
+        await progress(f"connecting to {name}", 0.9)
+        try:
+            await box.connect()
+        except BaseException:
+            await self.destroy(sandbox_id, "could not connect after provisioning")
+            raise
+        await progress(f"{name} is running", 1.0)
+        return box
+
+    def _choose(self, request: Request) -> Pool:
+        pools = list(self.pools)
+        if request.provider and request.options.get("host") and not request.pool:
+            # An ad-hoc attach (`create("ssh", host=...)`): the request's options say where.
+            pools.insert(0, Pool(name=request.provider, provider=request.provider, implicit=True))
+        elif request.provider and not any(p.provider == request.provider for p in pools):
+            model = CONFIG_MODELS.get(request.provider)
+            config = model() if model is not None and request.provider != "ssh" else None
+            pools.append(Pool(name=request.provider, provider=request.provider, config=config, implicit=True))
+        return choose_pool(request, pools, self.availability)
+
+    def _expiry(self, request: Request, pool: Pool) -> float | None:
+        ttl = request.timeout_s
+        resources = getattr(pool.config, "resources", None)
+        if ttl is None and resources is not None:
+            ttl = resources.timeoutSec
+        return time.time() + ttl if ttl else None
+
+    def record(self, ref: str) -> SandboxRecord:
+        return self.ledger.get(ref)
+
+    def list(self, include_terminated: bool = False) -> list[SandboxRecord]:
+        return self.ledger.list(include_terminated)
+
+    async def get(self, ref: str) -> ManagedSandbox:
+        """A live sandbox by id or name (connected on first use)."""
+        record = self.ledger.get(ref)
+        if record.status == "terminated":
+            raise SandboxGone(ref, f"terminated ({record.status_reason})")
+        if record.status in ("provisioning", "failed"):
+            raise ProviderError(f"sandbox {ref!r} is {record.status}; wait, or destroy it and create another")
+        box = self._open.get(record.id)
+        if box is None:
+            provider = self._provider_of(record)
+            handle = Handle.model_validate(record.handle)
+            endpoint = await provider.endpoint(handle)
+            # env given at creation lives only in the creating process (the ledger has no values)
+            box = ManagedSandbox(self, record, endpoint, provider.tether_dir(record.id), {})
+            self._open[record.id] = box
+        return box
+
+    async def destroy(self, ref: str, reason: str = "destroyed") -> CostEvent:
+        """Terminate a sandbox and record its cost event (idempotent: a second call returns the first
+        event). Raises ProviderError when the provider could not terminate it (try again, or gc)."""
+        record = self.ledger.get(ref)
+        if record.status != "terminated":
+            box = self._open.pop(record.id, None)
+            if box is not None:
+                self._flush_activity(box)
+                with contextlib.suppress(Exception):
+                    await box.close()
+                self.connections.forget_endpoint(box.endpoint)
+            if record.handle:
+                await self._provider_of(record).terminate(Handle.model_validate(record.handle))
+            self._record_termination(record, reason)
+        event = self.ledger.cost_event(record.id)
+        assert event is not None
+        return event
+
+    def _record_termination(self, record: SandboxRecord, reason: str) -> None:
+        self.ledger.terminate(record.id, reason, self._cost(record, time.time()))
+
+    def _cost(self, record: SandboxRecord, now: float) -> CostEvent:
+        seconds = max(0.0, now - record.created_at)
+        gpu_seconds = seconds * record.gpu_count
+        try:
+            profile = self.profile(record.provider)
+            billing = profile.billing_model
+        except ProviderError:
+            billing = "unknown"
+        estimate: float | None = None
+        if billing == "fixed":
+            estimate = 0.0
+        else:
+            rate = self._hourly_rate(record)
+            if rate is not None:
+                estimate = rate * (gpu_seconds or seconds) / 3600
+        return CostEvent(record.id, "sandbox-seconds", seconds, gpu_seconds, record.gpu_type, billing, estimate, now)
+
+    def _hourly_rate(self, record: SandboxRecord) -> float | None:
+        with contextlib.suppress(ProviderError):
+            own = getattr(self._pool_of(record).config, "rateUsdPerHour", None)
+            if own is not None:
+                return float(own)
+        if record.gpu_type:
+            return GPU_RATES_USD_PER_HOUR.get(record.provider, {}).get(record.gpu_type.lower())
+        return None
+
+    # -- optional operations -------------------------------------------------------------------------
+
+    async def pause(self, ref: str) -> None:
+        record = self.ledger.get(ref)
+        self._require(record, "supports_pause_resume", "pause")
+        await self._provider_of(record).pause(Handle.model_validate(record.handle))
+        self.ledger.set_status(record.id, "paused")
+
+    async def resume(self, ref: str) -> None:
+        record = self.ledger.get(ref)
+        self._require(record, "supports_pause_resume", "resume")
+        await self._provider_of(record).resume(Handle.model_validate(record.handle))
+        self.ledger.set_status(record.id, "running")
+
+    async def snapshot(self, ref: str) -> str:
+        record = self.ledger.get(ref)
+        self._require(record, "supports_fs_snapshot", "snapshot")
+        return await self._provider_of(record).snapshot(Handle.model_validate(record.handle))
+
+    async def capacity(self, ref: str) -> Capacity:
+        record = self.ledger.get(ref)
+        self._require(record, "supports_capacity_query", "report capacity")
+        return await self._provider_of(record).capacity(Handle.model_validate(record.handle))
+
+    def _require(self, record: SandboxRecord, capability: str, operation: str) -> None:
+        if record.status == "terminated":
+            raise SandboxGone(record.id, "terminated")
+        profile = self.profile(record.provider)
+        if not getattr(profile, capability):
+            alias = type(profile).model_fields[capability].alias
+            raise Unsupported(record.provider, operation, f"its profile says {alias}: false")
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def _flush_activity(self, box: ManagedSandbox) -> None:
+        self.ledger.touch(box.id, box.last_used)
+
+    async def reap(self, now: float | None = None) -> list[tuple[str, str]]:
+        """Terminate sandboxes past their TTL or idle timeout. Returns (id, reason) for each."""
+        for box in list(self._open.values()):
+            self._flush_activity(box)
+        now = time.time() if now is None else now
+        reaped = []
+        for record in self.ledger.list():
+            if record.status not in ("running", "paused"):
+                continue
+            reason = None
+            if record.expires_at is not None and now >= record.expires_at:
+                reason = "expired (TTL)"
+            elif record.idle_timeout is not None and now - record.last_activity >= record.idle_timeout:
+                reason = f"idle for {now - record.last_activity:.0f}s"
+            if reason is None:
+                continue
+            try:
+                await self.destroy(record.id, reason)
+                reaped.append((record.id, reason))
+            except Exception as exc:  # keep reaping the others; this one is retried next time
+                log.warning("could not reap %s (%s): %s", record.id, reason, exc)
+        return reaped
+
+    async def gc(self) -> GcReport:
+        """Reap expired sandboxes, then reconcile the ledger with every provider's own listing."""
+        report = GcReport(reaped=await self.reap())
+        records = self.ledger.list(include_terminated=True)
+        for provider_name in sorted({r.provider for r in records} | {p.provider for p in self.pools}):
+            try:
+                provider = self._listing_provider(provider_name, records)
+                listed = await provider.list() if provider is not None else None
+            except Exception as exc:
+                report.errors.append(f"{provider_name}: cannot list: {exc}")
+                continue
+            if listed is None:
+                continue
+            await self._reconcile(provider, listed, [r for r in records if r.provider == provider_name], report)
+        return report
+
+    def _listing_provider(self, provider_name: str, records: list[SandboxRecord]) -> Provider | None:
+        for pool in self.pools:
+            if pool.provider == provider_name and self.availability(pool) is None:
+                return self.provider_for(pool)
+        for record in records:
+            if record.provider == provider_name:
+                try:
+                    return self._provider_of(record)
+                except ProviderUnavailable:
+                    return None
+        return None
+
+    async def _reconcile(
+        self, provider: Provider, listed: list[ListedResource], records: list[SandboxRecord], report: GcReport
+    ) -> None:
+        by_id = {r.id: r for r in records}
+        seen = set()
+        for resource in listed:
+            record = by_id.get(resource.tether_id or "")
+            if record is not None:
+                seen.add(record.id)
+            if record is None or record.status == "terminated":
+                await provider.terminate(Handle(external_id=resource.external_id, data=resource.data))
+                report.orphans.append(resource.external_id if record is None else f"{resource.tether_id}")
+            elif record.status in ("provisioning", "failed") and not record.owner_alive():
+                await provider.terminate(Handle(external_id=resource.external_id, data=resource.data))
+                self._record_termination(record, "provisioning interrupted; gc removed what it left")
+                report.interrupted.append(record.id)
+        for record in records:
+            if record.id in seen or record.status == "terminated":
+                continue
+            if record.status in ("provisioning", "failed"):
+                if not record.owner_alive() or record.status == "failed":
+                    self._record_termination(record, "provisioning interrupted; nothing was left behind")
+                    report.interrupted.append(record.id)
+            else:
+                self._record_termination(record, "vanished: the provider no longer has it")
+                report.vanished.append(record.id)
+
+    async def _reconcile_one(self, record: SandboxRecord) -> None:
+        """After a failed provision: remove whatever the provider left, then close the row."""
+        provider = self._provider_of(record)
+        listed = await provider.list()
+        for resource in listed or []:
+            if resource.tether_id == record.id:
+                await provider.terminate(Handle(external_id=resource.external_id, data=resource.data))
+        self._record_termination(self.ledger.get(record.id), record.status_reason or "provisioning failed")
+
+    def costs(self) -> list[tuple[SandboxRecord, CostEvent]]:
+        return self.ledger.cost_events()
+
+    async def close(self, teardown_created: bool = False) -> list[str]:
+        """Close connections; with `teardown_created`, destroy the sandboxes this fleet created
+        (except those created with keep). Returns the ids destroyed."""
+        destroyed = []
+        if teardown_created:
+            for sandbox_id in sorted(self.created_here):
+                record = self.ledger.get(sandbox_id)
+                if record.live and not record.keep and record.status != "provisioning":
+                    try:
+                        await self.destroy(sandbox_id, "tether stopped")
+                        destroyed.append(sandbox_id)
+                    except Exception as exc:
+                        log.warning("could not tear down %s: %s", sandbox_id, exc)
+        for box in list(self._open.values()):
+            self._flush_activity(box)
+            with contextlib.suppress(Exception):
+                await box.close()
+        self._open.clear()
+        for provider in self._providers.values():
+            with contextlib.suppress(Exception):
+                await provider.close()
+        return destroyed

@@ -1,0 +1,301 @@
+"""`tether host`: this machine serving itself as a local pool, with the seed's daemon lifecycle.
+
+`serve` runs the local provider's SSH server in the foreground and publishes it in
+<state>/local/host.json, so every tether process on the machine uses it instead of starting its own.
+`drain` marks the host draining (the local provider refuses new sandboxes) and waits for the live
+ones to end. `install` writes a systemd user unit (Linux) or a LaunchAgent (macOS); `start`, `stop`
+and `restart` go through that service manager when it is installed and reachable, and otherwise
+manage the daemon process directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sandbox.state import process_running
+
+from .ledger import Ledger
+from .local_server import LocalSSHServer, daemon_server, host_state_path, local_dir
+
+SERVICE_NAME = "tether-host"
+LAUNCH_LABEL = "dev.tether.host"
+
+
+# -- state ------------------------------------------------------------------------------------------
+
+
+def read_state() -> dict[str, Any] | None:
+    try:
+        return json.loads(host_state_path().read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_state(state: dict[str, Any]) -> None:
+    path = host_state_path()
+    temp = path.with_name(f".host.{os.getpid()}.tmp")
+    temp.write_text(json.dumps(state))
+    os.replace(temp, path)
+
+
+def running_state() -> dict[str, Any] | None:
+    """host.json, if the daemon it describes still answers."""
+    state = read_state()
+    return state if state and daemon_server() is not None else None
+
+
+# -- serve ------------------------------------------------------------------------------------------
+
+
+async def serve(port: int = 0, ready: asyncio.Event | None = None) -> None:
+    """Run the daemon until SIGTERM or SIGINT. The draining flag survives only until the next start."""
+    if running_state() is not None:
+        raise RuntimeError(f"a tether host daemon already runs (pid {read_state()['pid']}); stop it first")  # type: ignore[index]
+    server = LocalSSHServer()
+    running = server.start(port)
+    write_state(
+        {
+            "pid": os.getpid(),
+            "port": running.port,
+            "host_key": running.host_key,
+            "status": "running",
+            "started_at": time.time(),
+        }
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"tether host: serving local sandboxes on 127.0.0.1:{running.port} (pid {os.getpid()})", flush=True)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        server.stop()
+        state = read_state()
+        if state and state.get("pid") == os.getpid():
+            host_state_path().unlink(missing_ok=True)
+        print("tether host: stopped", flush=True)
+
+
+def live_local_sandboxes(ledger: Ledger | None = None) -> list[str]:
+    ledger = ledger or Ledger()
+    return [r.id for r in ledger.list() if r.provider == "local"]
+
+
+async def drain(wait: bool = True, poll: float = 1.0, report: Any = print) -> list[str]:
+    """Refuse new local sandboxes; with `wait`, return once none is live. Returns those still live."""
+    state = read_state()
+    if state is None or daemon_server() is None:
+        raise RuntimeError("no tether host daemon runs here; start it with `tether host start`")
+    write_state({**state, "status": "draining"})
+    ledger = Ledger()
+    remaining = live_local_sandboxes(ledger)
+    if remaining:
+        report(f"draining: waiting for {len(remaining)} sandbox(es) to end: {', '.join(remaining)}")
+    while wait and remaining:
+        await asyncio.sleep(poll)
+        now = live_local_sandboxes(ledger)
+        if now != remaining:
+            report(f"draining: {len(now)} left")
+        remaining = now
+    if not remaining:
+        report("drained: no local sandboxes are running")
+    return remaining
+
+
+# -- status -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class HostStatus:
+    state: str  # running, draining, stopped
+    pid: int | None
+    port: int | None
+    service: str  # how it is managed: systemd, launchd, or direct
+    installed: bool
+    sandboxes: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def status() -> HostStatus:
+    state = running_state()
+    return HostStatus(
+        state=(state or {}).get("status", "stopped") if state else "stopped",
+        pid=state["pid"] if state else None,
+        port=state["port"] if state else None,
+        service=service_manager(),
+        installed=unit_path().exists(),
+        sandboxes=live_local_sandboxes(),
+    )
+
+
+# -- service files ----------------------------------------------------------------------------------
+
+
+def serve_command() -> list[str]:
+    return [sys.executable, "-m", "tools.cli", "host", "serve"]
+
+
+def unit_path() -> Path:
+    if platform.system() == "Darwin":
+        return Path.home() / "Library" / "LaunchAgents" / f"{LAUNCH_LABEL}.plist"
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return config / "systemd" / "user" / f"{SERVICE_NAME}.service"
+
+
+def unit_text() -> str:
+    command = serve_command()
+    env = {k: v for k in ("TETHER_STATE_DIR", "TETHER_CONFIG", "PATH") if (v := os.environ.get(k))}
+    if platform.system() == "Darwin":
+        args = "".join(f"    <string>{_xml(a)}</string>\n" for a in command)
+        env_xml = "".join(f"    <key>{k}</key><string>{_xml(v)}</string>\n" for k, v in env.items())
+        return (
+            '<?xml version="1.0" encoding="UTF-8"?>\n'
+            '<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">\n'
+            '<plist version="1.0">\n<dict>\n'
+            f"  <key>Label</key><string>{LAUNCH_LABEL}</string>\n"
+            f"  <key>ProgramArguments</key>\n  <array>\n{args}  </array>\n"
+            f"  <key>EnvironmentVariables</key>\n  <dict>\n{env_xml}  </dict>\n"
+            "  <key>RunAtLoad</key><true/>\n  <key>KeepAlive</key><true/>\n"
+            f"  <key>StandardOutPath</key><string>{_xml(str(log_path()))}</string>\n"
+            f"  <key>StandardErrorPath</key><string>{_xml(str(log_path()))}</string>\n"
+            "</dict>\n</plist>\n"
+        )
+    env_lines = "".join(f'Environment="{k}={_systemd_escape(v)}"\n' for k, v in env.items())
+    exec_line = " ".join(_systemd_quote(a) for a in command)
+    return (
+        "[Unit]\nDescription=tether host: this machine as a local sandbox pool\n\n"
+        f"[Service]\nExecStart={exec_line}\n{env_lines}Restart=on-failure\n\n"
+        "[Install]\nWantedBy=default.target\n"
+    )
+
+
+def _xml(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _systemd_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+
+
+def _systemd_quote(text: str) -> str:
+    return f'"{_systemd_escape(text)}"' if any(c in text for c in ' "\\%') else text
+
+
+def log_path() -> Path:
+    return local_dir() / "host.log"
+
+
+def service_manager() -> str:
+    """The service manager `start`/`stop` use: systemd or launchd when usable, else direct."""
+    if not unit_path().exists():
+        return "direct"
+    if platform.system() == "Darwin" and shutil.which("launchctl"):
+        return "launchd"
+    if shutil.which("systemctl"):
+        probe = subprocess.run(["systemctl", "--user", "show-environment"], capture_output=True, check=False)
+        if probe.returncode == 0:
+            return "systemd"
+    return "direct"
+
+
+def install() -> tuple[Path, str]:
+    """Write the unit and enable it where the service manager is reachable. Returns (path, what happened)."""
+    path = unit_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(unit_text())
+    manager = service_manager()
+    if manager == "systemd":
+        _run(["systemctl", "--user", "daemon-reload"])
+        _run(["systemctl", "--user", "enable", "--now", f"{SERVICE_NAME}.service"])
+        return path, "enabled and started with systemd (starts at login)"
+    if manager == "launchd":
+        _run(["launchctl", "load", "-w", str(path)])
+        return path, "loaded with launchd (starts at login)"
+    return path, "written; no user service manager is reachable here, so use `tether host start`"
+
+
+def uninstall() -> tuple[Path, str]:
+    path = unit_path()
+    if not path.exists():
+        return path, "was not installed"
+    manager = service_manager()
+    if manager == "systemd":
+        _run(["systemctl", "--user", "disable", "--now", f"{SERVICE_NAME}.service"], check=False)
+    elif manager == "launchd":
+        _run(["launchctl", "unload", "-w", str(path)], check=False)
+    else:
+        stop()
+    path.unlink()
+    if manager == "systemd":
+        _run(["systemctl", "--user", "daemon-reload"], check=False)
+    return path, "removed"
+
+
+def start(timeout: float = 15.0) -> HostStatus:
+    manager = service_manager()
+    if running_state() is None:
+        if manager == "systemd":
+            _run(["systemctl", "--user", "start", f"{SERVICE_NAME}.service"])
+        elif manager == "launchd":
+            _run(["launchctl", "start", LAUNCH_LABEL])
+        else:
+            with log_path().open("ab") as log:
+                subprocess.Popen(
+                    serve_command(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                    cwd=str(Path.home()),
+                )
+    deadline = time.monotonic() + timeout
+    while running_state() is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the daemon did not come up within {timeout:g}s; see {log_path()}")
+        time.sleep(0.1)
+    return status()
+
+
+def stop(timeout: float = 15.0) -> HostStatus:
+    manager = service_manager()
+    if manager == "systemd":
+        _run(["systemctl", "--user", "stop", f"{SERVICE_NAME}.service"], check=False)
+    elif manager == "launchd":
+        _run(["launchctl", "stop", LAUNCH_LABEL], check=False)
+    state = read_state()
+    if state and state.get("pid"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(state["pid"]), signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while process_running(int(state["pid"])) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        host_state_path().unlink(missing_ok=True)
+    return status()
+
+
+def restart() -> HostStatus:
+    stop()
+    return start()
+
+
+def _run(argv: list[str], check: bool = True) -> None:
+    subprocess.run(argv, check=check, capture_output=True)

@@ -1,0 +1,369 @@
+"""The ledger: every sandbox tether created, its cost events, jobs and tunnels, in the state store.
+
+A sandbox's row is written before its provider is asked to create anything, so a crash mid-provision
+leaves a record for `tether gc` to reconcile. Terminating a sandbox and recording its cost event
+happen in one transaction, and a sandbox can have only one cost event (UNIQUE), however many
+processes try to terminate it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sandbox.state import StateStore, default_store, process_running
+
+from .errors import SandboxNotFound
+
+LEDGER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sandboxes (
+    id            TEXT PRIMARY KEY,
+    name          TEXT NOT NULL,
+    provider      TEXT NOT NULL,
+    pool          TEXT NOT NULL,
+    external_id   TEXT,
+    status        TEXT NOT NULL,
+    status_reason TEXT,
+    handle        TEXT,
+    endpoint      TEXT,
+    request       TEXT NOT NULL,
+    created_at    REAL NOT NULL,
+    expires_at    REAL,
+    idle_timeout  REAL,
+    last_activity REAL NOT NULL,
+    terminated_at REAL,
+    keep          INTEGER NOT NULL DEFAULT 0,
+    owner_host    TEXT NOT NULL,
+    owner_pid     INTEGER NOT NULL,
+    gpu_type      TEXT,
+    gpu_count     INTEGER NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX IF NOT EXISTS sandboxes_live_name ON sandboxes(name) WHERE status != 'terminated';
+CREATE TABLE IF NOT EXISTS cost_events (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    sandbox_id    TEXT NOT NULL UNIQUE REFERENCES sandboxes(id),
+    kind          TEXT NOT NULL,
+    seconds       REAL NOT NULL,
+    gpu_seconds   REAL NOT NULL,
+    gpu_type      TEXT,
+    billing_model TEXT NOT NULL,
+    estimated_usd REAL,
+    created_at    REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    sandbox_id TEXT NOT NULL REFERENCES sandboxes(id),
+    job_id     TEXT NOT NULL,
+    command    TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    PRIMARY KEY (sandbox_id, job_id)
+);
+CREATE TABLE IF NOT EXISTS tunnels (
+    id         TEXT PRIMARY KEY,
+    sandbox_id TEXT NOT NULL REFERENCES sandboxes(id),
+    port       INTEGER NOT NULL,
+    backend    TEXT NOT NULL,
+    url        TEXT NOT NULL,
+    status     TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    closed_at  REAL
+)
+"""
+
+LIVE = ("provisioning", "running", "paused", "failed")
+
+
+@dataclass(frozen=True)
+class SandboxRecord:
+    id: str
+    name: str
+    provider: str
+    pool: str
+    external_id: str | None
+    status: str
+    status_reason: str | None
+    handle: dict[str, Any] | None
+    endpoint: dict[str, Any] | None
+    request: dict[str, Any]
+    created_at: float
+    expires_at: float | None
+    idle_timeout: float | None
+    last_activity: float
+    terminated_at: float | None
+    keep: bool
+    owner_host: str
+    owner_pid: int
+    gpu_type: str | None
+    gpu_count: int
+
+    @property
+    def live(self) -> bool:
+        return self.status != "terminated"
+
+    def owner_alive(self) -> bool:
+        """Whether the process that created the sandbox still runs (only knowable on its host)."""
+        if self.owner_host != socket.gethostname():
+            return True
+        return process_running(self.owner_pid)
+
+
+@dataclass(frozen=True)
+class CostEvent:
+    sandbox_id: str
+    kind: str
+    seconds: float
+    gpu_seconds: float
+    gpu_type: str | None
+    billing_model: str
+    estimated_usd: float | None
+    created_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"seconds": round(self.seconds, 3), "gpu_seconds": round(self.gpu_seconds, 3)}
+        if self.gpu_type:
+            out["gpu_type"] = self.gpu_type
+        out["billing_model"] = self.billing_model
+        if self.estimated_usd is not None:
+            out["estimated_usd"] = round(self.estimated_usd, 6)
+        return out
+
+
+def new_sandbox_id() -> str:
+    return f"sb-{secrets.token_hex(5)}"
+
+
+class Ledger:
+    def __init__(self, store: StateStore | None = None) -> None:
+        self.store = store or default_store()
+        self.store.ensure_schema("ledger-v1", LEDGER_SCHEMA)
+
+    # -- sandboxes -----------------------------------------------------------------------------------
+
+    def insert(
+        self,
+        *,
+        sandbox_id: str,
+        name: str,
+        provider: str,
+        pool: str,
+        request: dict[str, Any],
+        expires_at: float | None,
+        idle_timeout: float | None,
+        keep: bool,
+        gpu_type: str | None,
+        gpu_count: int,
+    ) -> SandboxRecord:
+        """Record a sandbox about to be provisioned. Raises ValueError if a live one has the name."""
+        now = time.time()
+        try:
+            with self.store.transaction() as db:
+                db.execute(
+                    "INSERT INTO sandboxes (id, name, provider, pool, status, request, created_at, expires_at,"
+                    " idle_timeout, last_activity, keep, owner_host, owner_pid, gpu_type, gpu_count)"
+                    " VALUES (?, ?, ?, ?, 'provisioning', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        sandbox_id,
+                        name,
+                        provider,
+                        pool,
+                        json.dumps(request),
+                        now,
+                        expires_at,
+                        idle_timeout,
+                        now,
+                        int(keep),
+                        socket.gethostname(),
+                        os.getpid(),
+                        gpu_type,
+                        gpu_count,
+                    ),
+                )
+        except sqlite3.IntegrityError:
+            raise ValueError(f"a sandbox named {name!r} already exists; pick another name") from None
+        return self.get(sandbox_id)
+
+    def set_provisioned(
+        self, sandbox_id: str, external_id: str, handle: dict[str, Any], endpoint: dict[str, Any]
+    ) -> None:
+        with self.store.transaction() as db:
+            db.execute(
+                "UPDATE sandboxes SET external_id = ?, handle = ?, endpoint = ?, status = 'running'"
+                " WHERE id = ? AND status = 'provisioning'",
+                (external_id, json.dumps(handle), json.dumps(endpoint), sandbox_id),
+            )
+
+    def set_external_id(self, sandbox_id: str, external_id: str, handle: dict[str, Any]) -> None:
+        """Providers call this as soon as the remote resource exists, before waiting for it to boot."""
+        with self.store.transaction() as db:
+            db.execute(
+                "UPDATE sandboxes SET external_id = ?, handle = ? WHERE id = ?",
+                (external_id, json.dumps(handle), sandbox_id),
+            )
+
+    def set_status(self, sandbox_id: str, status: str, reason: str | None = None) -> None:
+        with self.store.transaction() as db:
+            db.execute(
+                "UPDATE sandboxes SET status = ?, status_reason = ? WHERE id = ? AND status != 'terminated'",
+                (status, reason, sandbox_id),
+            )
+
+    def touch(self, sandbox_id: str, when: float | None = None) -> None:
+        with self.store.transaction() as db:
+            db.execute(
+                "UPDATE sandboxes SET last_activity = MAX(last_activity, ?) WHERE id = ?",
+                (when or time.time(), sandbox_id),
+            )
+
+    def terminate(self, sandbox_id: str, reason: str, event: CostEvent) -> bool:
+        """Mark terminated and record the cost event, once. Returns False if it already was."""
+        with self.store.transaction() as db:
+            changed = db.execute(
+                "UPDATE sandboxes SET status = 'terminated', status_reason = ?, terminated_at = ?"
+                " WHERE id = ? AND status != 'terminated'",
+                (reason, event.created_at, sandbox_id),
+            ).rowcount
+            db.execute(
+                "INSERT OR IGNORE INTO cost_events (sandbox_id, kind, seconds, gpu_seconds, gpu_type,"
+                " billing_model, estimated_usd, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    sandbox_id,
+                    event.kind,
+                    event.seconds,
+                    event.gpu_seconds,
+                    event.gpu_type,
+                    event.billing_model,
+                    event.estimated_usd,
+                    event.created_at,
+                ),
+            )
+            db.execute(
+                "UPDATE tunnels SET status = 'closed', closed_at = ? WHERE sandbox_id = ? AND status = 'open'",
+                (event.created_at, sandbox_id),
+            )
+        return changed > 0
+
+    def get(self, ref: str) -> SandboxRecord:
+        """By id, or by name (the live sandbox of that name, else the newest terminated one)."""
+        rows = self.store.query(
+            "SELECT * FROM sandboxes WHERE id = ? OR name = ?"
+            " ORDER BY (id = ?) DESC, (status != 'terminated') DESC, created_at DESC LIMIT 1",
+            (ref, ref, ref),
+        )
+        if not rows:
+            raise SandboxNotFound(ref)
+        return _record(rows[0])
+
+    def list(self, include_terminated: bool = False) -> list[SandboxRecord]:
+        where = "" if include_terminated else "WHERE status != 'terminated'"
+        return [_record(r) for r in self.store.query(f"SELECT * FROM sandboxes {where} ORDER BY created_at")]
+
+    # -- cost ----------------------------------------------------------------------------------------
+
+    def cost_event(self, sandbox_id: str) -> CostEvent | None:
+        rows = self.store.query("SELECT * FROM cost_events WHERE sandbox_id = ?", (sandbox_id,))
+        return _cost(rows[0]) if rows else None
+
+    def cost_events(self) -> list[tuple[SandboxRecord, CostEvent]]:
+        rows = self.store.query(
+            "SELECT s.*, c.kind AS c_kind, c.seconds AS c_seconds, c.gpu_seconds AS c_gpu_seconds,"
+            " c.gpu_type AS c_gpu_type, c.billing_model AS c_billing_model, c.estimated_usd AS c_estimated_usd,"
+            " c.created_at AS c_created_at FROM cost_events c JOIN sandboxes s ON s.id = c.sandbox_id"
+            " ORDER BY c.created_at"
+        )
+        return [
+            (
+                _record(r),
+                CostEvent(
+                    r["id"],
+                    r["c_kind"],
+                    r["c_seconds"],
+                    r["c_gpu_seconds"],
+                    r["c_gpu_type"],
+                    r["c_billing_model"],
+                    r["c_estimated_usd"],
+                    r["c_created_at"],
+                ),
+            )
+            for r in rows
+        ]
+
+    # -- jobs and tunnels ----------------------------------------------------------------------------
+
+    def add_job(self, sandbox_id: str, job_id: str, command: str, started_at: float) -> None:
+        with self.store.transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO jobs (sandbox_id, job_id, command, started_at) VALUES (?, ?, ?, ?)",
+                (sandbox_id, job_id, command, started_at),
+            )
+
+    def job_owner(self, job_id: str) -> str | None:
+        rows = self.store.query("SELECT sandbox_id FROM jobs WHERE job_id = ?", (job_id,))
+        return rows[0]["sandbox_id"] if rows else None
+
+    def add_tunnel(self, tunnel_id: str, sandbox_id: str, port: int, backend: str, url: str) -> None:
+        with self.store.transaction() as db:
+            db.execute(
+                "INSERT INTO tunnels (id, sandbox_id, port, backend, url, status, created_at)"
+                " VALUES (?, ?, ?, ?, ?, 'open', ?)",
+                (tunnel_id, sandbox_id, port, backend, url, time.time()),
+            )
+
+    def close_tunnel(self, tunnel_id: str) -> None:
+        with self.store.transaction() as db:
+            db.execute(
+                "UPDATE tunnels SET status = 'closed', closed_at = ? WHERE id = ? AND status = 'open'",
+                (time.time(), tunnel_id),
+            )
+
+    def tunnels(self, sandbox_id: str | None = None, open_only: bool = True) -> list[dict[str, Any]]:
+        clauses, params = [], []
+        if sandbox_id:
+            clauses.append("sandbox_id = ?")
+            params.append(sandbox_id)
+        if open_only:
+            clauses.append("status = 'open'")
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        return [dict(r) for r in self.store.query(f"SELECT * FROM tunnels {where} ORDER BY created_at", tuple(params))]
+
+
+def _record(row: sqlite3.Row) -> SandboxRecord:
+    return SandboxRecord(
+        id=row["id"],
+        name=row["name"],
+        provider=row["provider"],
+        pool=row["pool"],
+        external_id=row["external_id"],
+        status=row["status"],
+        status_reason=row["status_reason"],
+        handle=json.loads(row["handle"]) if row["handle"] else None,
+        endpoint=json.loads(row["endpoint"]) if row["endpoint"] else None,
+        request=json.loads(row["request"]),
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        idle_timeout=row["idle_timeout"],
+        last_activity=row["last_activity"],
+        terminated_at=row["terminated_at"],
+        keep=bool(row["keep"]),
+        owner_host=row["owner_host"],
+        owner_pid=row["owner_pid"],
+        gpu_type=row["gpu_type"],
+        gpu_count=row["gpu_count"],
+    )
+
+
+def _cost(row: sqlite3.Row) -> CostEvent:
+    return CostEvent(
+        row["sandbox_id"],
+        row["kind"],
+        row["seconds"],
+        row["gpu_seconds"],
+        row["gpu_type"],
+        row["billing_model"],
+        row["estimated_usd"],
+        row["created_at"],
+    )

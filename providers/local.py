@@ -1,0 +1,106 @@
+"""The local provider: this machine. No cloud account, no sshd, no root.
+
+Provisioning returns at once with the seeds' marker handle (externalId `user-managed`) after making
+the sandbox's directory under the state dir: `work/` (where it starts) and `tether/` (its command
+output and background jobs). The SSH endpoint is the embedded server (local_server.py): the
+`tether host serve` daemon's when one runs, else one this process starts on first use.
+
+This is not an isolation boundary: commands run as you, with your PATH and home (host-binary).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+from sandbox import SSHEndpoint
+
+from .base import Capacity, Handle, ListedResource, Progress, Provider, ProvisionSpec, SandboxStatus, no_progress
+from .capacity import host_capacity
+from .config import LocalPoolConfig
+from .errors import ProviderUnavailable
+from .local_server import SANDBOX_ID, ensure_server, host_state_path, local_dir, sandbox_root, work_dir
+from .profiles import PROFILES, SUBSTRATES
+
+USER_MANAGED = "user-managed"
+
+
+def host_draining() -> bool:
+    try:
+        return json.loads(host_state_path().read_text()).get("status") == "draining"
+    except (OSError, ValueError):
+        return False
+
+
+class LocalProvider(Provider):
+    name = "local"
+    profile = PROFILES["local"]
+    substrate = SUBSTRATES["local"]
+    config_model = LocalPoolConfig
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if host_draining():
+            return "this host is draining (`tether host drain`); `tether host restart` to accept new sandboxes"
+        return None
+
+    async def provision(self, spec: ProvisionSpec, progress: Progress = no_progress) -> Handle:
+        reason = self.unavailable_reason()
+        if reason:
+            raise ProviderUnavailable(reason)
+        root = sandbox_root(spec.sandbox_id)
+        (root / "work").mkdir(parents=True, exist_ok=True)
+        (root / "tether").mkdir(exist_ok=True)
+        # The label every remote resource carries, so gc can match it to the ledger.
+        (root / "labels.json").write_text(json.dumps({**spec.labels, "created_at": time.time()}))
+        await progress("local sandbox ready", 1.0)
+        return Handle(external_id=USER_MANAGED, data={"dir": str(root)})
+
+    async def endpoint(self, handle: Handle) -> SSHEndpoint:
+        server = ensure_server()
+        return SSHEndpoint(
+            host="127.0.0.1",
+            port=server.port,
+            user=_sandbox_id(handle),
+            key_paths=(str(server.client_key),),
+            use_agent=False,
+            host_key=server.host_key,
+            keepalive_interval=0,
+        )
+
+    def tether_dir(self, sandbox_id: str) -> str:
+        return str(sandbox_root(sandbox_id) / "tether")
+
+    async def status(self, handle: Handle) -> SandboxStatus:
+        return "running" if work_dir(_sandbox_id(handle)).is_dir() else "terminated"
+
+    async def terminate(self, handle: Handle) -> None:
+        """Stop the sandbox's background jobs, then remove its directory."""
+        root = Path(handle.data["dir"])
+        for pid_file in (root / "tether" / "jobs").glob("*/pid"):
+            try:
+                os.killpg(int(pid_file.read_text().strip()), signal.SIGKILL)
+            except (ValueError, ProcessLookupError, PermissionError):
+                pass
+        shutil.rmtree(root, ignore_errors=True)
+
+    async def capacity(self, handle: Handle | None) -> Capacity:
+        return await host_capacity(local_dir())
+
+    async def list(self) -> list[ListedResource]:
+        root = local_dir() / "sandboxes"
+        if not root.is_dir():
+            return []
+        return [
+            ListedResource(external_id=USER_MANAGED, tether_id=entry.name, status="running", data={"dir": str(entry)})
+            for entry in root.iterdir()
+            if SANDBOX_ID.match(entry.name)
+        ]
+
+
+def _sandbox_id(handle: Handle) -> str:
+    return Path(handle.data["dir"]).name

@@ -1,0 +1,276 @@
+"""The local provider's SSH endpoint: an embedded asyncssh server on 127.0.0.1.
+
+It needs no sshd and no root. Host and client keys are generated once in the state dir; only the
+client key is accepted (no passwords). The SSH user name is the sandbox id: sessions start in that
+sandbox's work dir, run the user's login shell as this user, and SFTP's relative paths resolve there
+too. Port forwards reach localhost only. The server runs on its own event loop in a thread, so
+blocking SFTP disk I/O never stalls the process that uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import pwd
+import re
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+
+from sandbox.state import process_running, state_dir
+
+from .identity import generated_key, public_key_line, tether_key
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+SANDBOX_ID = re.compile(r"^sb-[0-9a-f]{10}$")
+# tether's own credentials must not leak into the shells it gives agents.
+SECRET_ENV = (
+    "DAYTONA_API_KEY",
+    "E2B_API_KEY",
+    "MODAL_TOKEN_ID",
+    "MODAL_TOKEN_SECRET",
+    "RUNPOD_API_KEY",
+    "TETHER_MCP_TOKEN",
+)
+
+
+def local_dir() -> Path:
+    path = state_dir() / "local"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def sandbox_root(sandbox_id: str) -> Path:
+    return local_dir() / "sandboxes" / sandbox_id
+
+
+def work_dir(sandbox_id: str) -> Path:
+    return sandbox_root(sandbox_id) / "work"
+
+
+def host_key() -> Path:
+    return generated_key(local_dir() / "host_ed25519", "tether local host")
+
+
+def login_shell() -> str:
+    shell = os.environ.get("SHELL") or pwd.getpwuid(os.getuid()).pw_shell or "/bin/sh"
+    return shell if os.path.exists(shell) else "/bin/sh"
+
+
+def session_env(sandbox_id: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV and not k.startswith("TETHER_")}
+    user = pwd.getpwuid(os.getuid())
+    env.update(
+        HOME=user.pw_dir,
+        USER=user.pw_name,
+        LOGNAME=user.pw_name,
+        SHELL=login_shell(),
+        PWD=str(work_dir(sandbox_id)),
+        TETHER_SANDBOX=sandbox_id,
+    )
+    return env
+
+
+class _WorkdirSFTPServer(asyncssh.SFTPServer):
+    """Relative paths resolve against the sandbox's work dir, as they would against an sshd's home."""
+
+    def __init__(self, chan: asyncssh.SSHServerChannel, base: bytes) -> None:
+        super().__init__(chan)
+        self._base = base
+
+    def map_path(self, path: bytes) -> bytes:
+        return path if path.startswith(b"/") else os.path.join(self._base, path)
+
+
+class _Server(asyncssh.SSHServer):
+    def __init__(self, authorized: asyncssh.SSHAuthorizedKeys) -> None:
+        self._authorized = authorized
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        if not SANDBOX_ID.match(username) or not work_dir(username).is_dir():
+            return False
+        return self._authorized.validate(key, "127.0.0.1", "127.0.0.1") is not None
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> bool:
+        return dest_host in LOOPBACK
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        return listen_host in LOOPBACK
+
+
+async def _run_session(process: asyncssh.SSHServerProcess[bytes]) -> None:
+    sandbox_id = process.get_extra_info("username")
+    shell = login_shell()
+    argv = [shell, "-l"] if process.command is None else [shell, "-c", process.command]
+    try:
+        child = await asyncio.create_subprocess_exec(
+            *argv,
+            cwd=str(work_dir(sandbox_id)),
+            env=session_env(sandbox_id),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        process.stderr.write(f"tether: cannot start {shell}: {exc}\n".encode())
+        process.exit(127)
+        return
+    try:
+        await process.redirect(stdin=child.stdin, stdout=child.stdout, stderr=child.stderr)
+        code = await child.wait()
+        with contextlib.suppress(Exception):
+            await process.stdout.drain()
+            await process.stderr.drain()
+    finally:
+        if child.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.kill()
+    if code < 0:
+        process.exit_with_signal(_signal_name(-code))
+    else:
+        process.exit(code)
+    with contextlib.suppress(Exception):
+        await process.wait_closed()  # runs asyncssh's cleanup of the redirected pipes
+
+
+def _signal_name(number: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(number).name.removeprefix("SIG")
+    except ValueError:
+        return "KILL"
+
+
+@dataclass
+class RunningServer:
+    port: int
+    host_key: str  # OpenSSH public key line, for the endpoint's pinned key
+    client_key: Path
+
+
+class LocalSSHServer:
+    """One embedded server, on a thread of its own."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._acceptor: asyncssh.SSHAcceptor | None = None
+        self.running: RunningServer | None = None
+
+    def start(self, port: int = 0) -> RunningServer:
+        """Start listening (idempotent); returns where."""
+        if self.running is not None:
+            return self.running
+        ready: asyncio.Future[RunningServer] | None = None
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        def serve() -> None:
+            nonlocal ready
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            try:
+                self.running = loop.run_until_complete(self._listen(port))
+            except BaseException as exc:  # report to the starting thread
+                failure.append(exc)
+                started.set()
+                return
+            started.set()
+            loop.run_forever()
+            loop.run_until_complete(self._shutdown())
+            loop.close()
+
+        self._thread = threading.Thread(target=serve, name="tether-local-sshd", daemon=True)
+        self._thread.start()
+        started.wait()
+        if failure:
+            raise failure[0]
+        assert self.running is not None
+        return self.running
+
+    async def _listen(self, port: int) -> RunningServer:
+        client = tether_key()
+        authorized = asyncssh.import_authorized_keys(Path(f"{client}.pub").read_text())
+        key = host_key()
+        self._acceptor = await asyncssh.listen(
+            "127.0.0.1",
+            port,
+            server_factory=lambda: _Server(authorized),
+            server_host_keys=[str(key)],
+            process_factory=_run_session,
+            sftp_factory=lambda chan: _WorkdirSFTPServer(
+                chan, str(work_dir(chan.get_connection().get_extra_info("username"))).encode()
+            ),
+            encoding=None,
+            password_auth=False,
+            kbdint_auth=False,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            allow_scp=False,
+            keepalive_interval=30,
+        )
+        bound = self._acceptor.sockets[0].getsockname()[1]
+        return RunningServer(port=bound, host_key=public_key_line(key), client_key=client)
+
+    async def _shutdown(self) -> None:
+        if self._acceptor is not None:
+            self._acceptor.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._acceptor.wait_closed(), 2)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+        self._loop = self._thread = self._acceptor = None
+        self.running = None
+
+
+_in_process: LocalSSHServer | None = None
+_lock = threading.Lock()
+
+
+def host_state_path() -> Path:
+    return local_dir() / "host.json"
+
+
+def daemon_server() -> RunningServer | None:
+    """The `tether host serve` daemon's server, when one runs on this machine and answers."""
+    try:
+        state = json.loads(host_state_path().read_text())
+        if not process_running(int(state["pid"])):
+            return None
+        with socket.create_connection(("127.0.0.1", int(state["port"])), timeout=0.5):
+            pass
+    except (OSError, ValueError, KeyError):
+        return None
+    return RunningServer(port=int(state["port"]), host_key=state["host_key"], client_key=tether_key())
+
+
+def ensure_server() -> RunningServer:
+    """The daemon's server if it runs, else this process's own (started on first use)."""
+    found = daemon_server()
+    if found is not None:
+        return found
+    global _in_process
+    with _lock:
+        if _in_process is None:
+            _in_process = LocalSSHServer()
+        return _in_process.start()

@@ -1,0 +1,49 @@
+"""A provider for crash tests: it creates its "machine" (a directory standing in for a cloud account,
+$TETHER_TEST_CLOUD), labels it with tether's id as every provider must, then hangs forever."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from pathlib import Path
+
+from providers.base import Handle, ListedResource, Progress, Provider, ProvisionSpec, SandboxStatus, no_progress
+from providers.config import LocalPoolConfig
+from providers.profiles import PROFILES, SUBSTRATES
+
+
+def account() -> Path:
+    return Path(os.environ["TETHER_TEST_CLOUD"])
+
+
+class HangProvider(Provider):
+    name = "hang"
+    profile = PROFILES["e2b"]
+    substrate = SUBSTRATES["e2b"]
+    config_model = LocalPoolConfig
+
+    async def provision(self, spec: ProvisionSpec, progress: Progress = no_progress) -> Handle:
+        machine = account() / f"vm-{spec.sandbox_id}"
+        machine.mkdir(parents=True)
+        (machine / "labels.json").write_text(json.dumps(spec.labels))
+        await asyncio.sleep(3600)  # the boot that never finishes
+        raise AssertionError("unreachable")
+
+    async def list(self) -> list[ListedResource]:
+        return [
+            ListedResource(
+                external_id=d.name,
+                tether_id=json.loads((d / "labels.json").read_text()).get("tether-id"),
+                status="running",
+                data={"dir": str(d)},
+            )
+            for d in sorted(account().iterdir())
+        ]
+
+    async def terminate(self, handle: Handle) -> None:
+        shutil.rmtree(handle.data["dir"], ignore_errors=True)
+
+    async def status(self, handle: Handle) -> SandboxStatus:
+        return "running" if Path(handle.data["dir"]).exists() else "terminated"

@@ -1,0 +1,159 @@
+"""Dispatch: requests × pools → the chosen pool, or every pool's rejection reasons; the auth-mode pin;
+and pools from config.toml."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from providers import AuthPinError, ConfigError, DispatchError, Request
+from providers.config import LocalPoolConfig, Pool, implicit_pools, load_pools
+from providers.dispatch import choose_pool
+
+CONFIG = tomllib.loads("""
+[[pools]]
+name = "laptop"
+provider = "local"
+config = { note = "the Mac on my desk", owner = "mark" }
+
+[[pools]]
+name = "ci-box"
+provider = "local"
+active = false
+
+[[pools]]
+name = "daytona"
+provider = "daytona"
+
+[[pools]]
+name = "daytona-node"
+provider = "daytona"
+config = { image = "registry.example.com/worker-node:v1", diskGB = 40 }
+[pools.runtime_provides]
+runtimeKinds = ["npm", "python-pip", "http", "mcp-server", "a2a-protocol"]
+requirementKinds = ["long-running", "network-egress", "git", "full-history-clone", "toolchain:node"]
+
+[[pools]]
+name = "modal-gpu"
+provider = "modal"
+config = { gpu = "a10g" }
+[pools.runtime_provides]
+runtimeKinds = ["npm", "python-pip", "http", "mcp-server", "a2a-protocol"]
+requirementKinds = ["long-running", "network-egress", "git", "full-history-clone", "gpu"]
+
+[[pools]]
+name = "gpu-box"
+provider = "ssh"
+config = { host = "me@gpu-box.lan", identityFile = "~/.ssh/id_gpu" }
+[pools.runtime_provides]
+runtimeKinds = ["native"]
+requirementKinds = ["persistent-storage", "long-running", "gpu", "git"]
+""")
+POOLS = load_pools(CONFIG)
+
+
+def everything_available(pool: Pool) -> str | None:
+    return None
+
+
+def no_daytona_key(pool: Pool) -> str | None:
+    return "missing credentials: set DAYTONA_API_KEY" if pool.provider == "daytona" else None
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "chosen"),
+    [
+        ({}, "laptop"),
+        ({"requirements": ["toolchain:go", "host-binary"]}, "laptop"),
+        ({"runtime_kinds": ["host-binary", "workarea"]}, "laptop"),
+        ({"provider": "daytona"}, "daytona"),
+        ({"provider": "daytona", "requirements": ["toolchain:node"]}, "daytona-node"),
+        ({"gpu": "a10g"}, "modal-gpu"),
+        ({"requirements": ["gpu", "persistent-storage"]}, "gpu-box"),
+        ({"pool": "gpu-box"}, "gpu-box"),
+        ({"auth_mode": "host-session"}, "laptop"),
+        ({"auth_mode": "local", "requirements": ["git"]}, "laptop"),
+        ({"auth_mode": "api-key", "provider": "modal"}, "modal-gpu"),
+    ],
+)
+def test_dispatch_table(request_fields: dict, chosen: str) -> None:
+    assert choose_pool(Request(**request_fields), POOLS, everything_available).name == chosen
+
+
+def test_a_failed_dispatch_lists_every_pools_reason() -> None:
+    with pytest.raises(DispatchError) as caught:
+        choose_pool(Request(requirements=["gpu", "toolchain:go"]), POOLS, everything_available)
+    reasons = {r.pool: r.reasons for r in caught.value.rejections}
+    assert set(reasons) == {p.name for p in POOLS}
+    assert reasons["laptop"] == ("lacks requirement kinds gpu (add them to the pool's runtime_provides)",)
+    assert reasons["modal-gpu"] == ("lacks requirement kinds toolchain:go (add them to the pool's runtime_provides)",)
+    assert "inactive (set active = true in config.toml)" in reasons["ci-box"]
+    message = str(caught.value)
+    assert (
+        "requirements gpu, toolchain:go" in message
+        and "- gpu-box (ssh): lacks requirement kinds toolchain:go" in message
+    )
+
+
+def test_unavailable_providers_are_rejected_with_the_reason() -> None:
+    with pytest.raises(DispatchError) as caught:
+        choose_pool(Request(provider="daytona"), POOLS, no_daytona_key)
+    reasons = {r.pool: r.reasons for r in caught.value.rejections}
+    assert reasons["daytona"] == ("missing credentials: set DAYTONA_API_KEY",)
+    assert reasons["laptop"] == ("provider is local, not the requested daytona",)
+
+
+def test_auth_pin_refuses_cloud_providers_before_dispatch() -> None:
+    with pytest.raises(AuthPinError, match="runs only on local pools, not on daytona"):
+        choose_pool(Request(auth_mode="host-session", provider="daytona"), POOLS, everything_available)
+
+
+def test_auth_pin_with_no_active_local_pool_fails_at_validation() -> None:
+    pools = [p for p in POOLS if p.name != "laptop"]  # ci-box is local but inactive
+    called = []
+
+    def availability(pool: Pool) -> str | None:
+        called.append(pool.name)  # a provider would be consulted here
+        return None
+
+    with pytest.raises(AuthPinError) as caught:
+        choose_pool(Request(auth_mode="local"), pools, availability)
+    assert "no local pool is active" in str(caught.value) and "ci-box (local): inactive" in str(caught.value)
+    assert called == []
+
+
+def test_local_pool_config_is_kept_as_metadata() -> None:
+    laptop = POOLS[0]
+    assert isinstance(laptop.config, LocalPoolConfig)
+    assert laptop.config.model_dump() == {"note": "the Mac on my desk", "owner": "mark"}
+
+
+def test_runtime_provides_overrides_the_substrate() -> None:
+    by_name = {p.name: p for p in POOLS}
+    assert "toolchain:node" in by_name["daytona-node"].substrate().requirement_kinds
+    assert "toolchain:node" not in by_name["daytona"].substrate().requirement_kinds
+    assert by_name["daytona-node"].config.diskGB == 40 and by_name["daytona"].config.diskGB == 20
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('[[pools]]\nname = "d"\nprovider = "daytona"\nconfig = { diskGb = 40 }', "diskGb: unknown key"),
+        ('[[pools]]\nname = "e"\nprovider = "e2b"\nconfig = { templateId = 5 }', "templateId"),
+        ('[[pools]]\nname = "x"\nprovider = "nimbus"', "unknown provider 'nimbus'"),
+        ('[[pools]]\nname = "a"\nprovider = "local"\n[[pools]]\nname = "a"\nprovider = "local"', "repeated: a"),
+        ('[[pools]]\nname = "m"\nprovider = "modal"\nsize = "big"', "size"),
+    ],
+)
+def test_bad_pool_config_is_refused_with_the_key_named(toml: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_pools(tomllib.loads(toml))
+
+
+def test_implicit_pools_follow_the_credentials_in_the_environment() -> None:
+    assert [p.name for p in implicit_pools({})] == ["local"]
+    env = {"E2B_API_KEY": "k", "MODAL_TOKEN_ID": "i", "RUNPOD_API_KEY": "r"}  # modal lacks its secret
+    pools = implicit_pools(env)
+    assert [p.name for p in pools] == ["local", "e2b", "runpod"] and all(p.implicit for p in pools)
+    assert load_pools({}, environ={"DAYTONA_API_KEY": "k"})[1].config.daytonaApiUrl == "https://app.daytona.io/api"

@@ -1,0 +1,122 @@
+"""`tether host`: serve, status, drain, stop, and the service files for systemd and launchd."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from providers import DispatchError, Fleet, Request
+from providers import host as host_daemon
+from providers.local_server import host_state_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tether(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tools.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env or os.environ.copy(),
+        cwd=ROOT,
+        timeout=timeout,
+    )
+
+
+async def test_serve_status_drain_and_stop() -> None:
+    assert tether("host", "status", "--json").returncode == 0
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "tools.cli", "host", "serve"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    drain = None
+    try:
+        deadline = time.monotonic() + 20
+        while host_daemon.running_state() is None:
+            assert daemon.poll() is None, daemon.stdout.read() if daemon.stdout else ""
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        port = host_daemon.read_state()["port"]
+
+        fleet = Fleet(config={})
+        box = await fleet.create(Request(provider="local", name="on-the-daemon"))
+        assert box.endpoint.port == port  # served by the daemon, not by this process
+        assert (await box.run("echo served")).stdout == "served\n"
+
+        status = json.loads(tether("host", "status", "--json").stdout)
+        assert status["state"] == "running" and status["pid"] == daemon.pid and box.id in status["sandboxes"]
+        assert status["capacity"]["cpus"] == os.cpu_count()
+
+        drain = subprocess.Popen(
+            [sys.executable, "-m", "tools.cli", "host", "drain"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        while host_daemon.read_state()["status"] != "draining":
+            await asyncio.sleep(0.05)
+        with pytest.raises(DispatchError, match="draining"):
+            await fleet.create(Request(provider="local"))
+        assert (await box.run("echo still served")).stdout == "still served\n"  # running ones carry on
+        assert drain.poll() is None  # waiting for the sandbox to end
+        await box.destroy()
+        out, _ = drain.communicate(timeout=20)
+        assert drain.returncode == 0 and "drained" in out
+        await fleet.close()
+
+        assert tether("host", "stop").returncode == 0
+        assert daemon.wait(10) == 0
+        assert not host_state_path().exists()
+        assert json.loads(tether("host", "status", "--json").stdout)["state"] == "stopped"
+    finally:
+        for process in (drain, daemon):
+            if process is not None and process.poll() is None:
+                process.kill()
+        host_state_path().unlink(missing_ok=True)
+
+
+def test_start_and_stop_without_a_service_manager(tmp_path: Path) -> None:
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path)}
+    started = tether("host", "start", "--json", env=env)
+    try:
+        assert started.returncode == 0, started.stderr
+        status = json.loads(started.stdout)
+        assert status["state"] == "running" and status["service"] == "direct"
+        assert tether("host", "restart", "--json", env=env).returncode == 0
+        assert json.loads(tether("host", "status", "--json", env=env).stdout)["pid"] != status["pid"]
+    finally:
+        stopped = tether("host", "stop", "--json", env=env)
+    assert json.loads(stopped.stdout)["state"] == "stopped"
+
+
+def test_install_writes_a_systemd_user_unit(tmp_path: Path) -> None:
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path)}
+    installed = tether("host", "install", env=env)
+    assert installed.returncode == 0, installed.stderr
+    unit = tmp_path / "systemd" / "user" / "tether-host.service"
+    text = unit.read_text()
+    assert f"ExecStart={sys.executable} -m tools.cli host serve" in text
+    assert f'Environment="TETHER_STATE_DIR={os.environ["TETHER_STATE_DIR"]}"' in text
+    assert "WantedBy=default.target" in text
+    assert json.loads(tether("host", "status", "--json", env=env).stdout)["installed"] is True
+    assert tether("host", "uninstall", env=env).returncode == 0 and not unit.exists()
+
+
+def test_launch_agent_plist(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(host_daemon.platform, "system", lambda: "Darwin")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert host_daemon.unit_path() == tmp_path / "Library" / "LaunchAgents" / "dev.tether.host.plist"
+    plist = host_daemon.unit_text()
+    assert "<string>dev.tether.host</string>" in plist and "<key>RunAtLoad</key><true/>" in plist
+    assert f"<string>{sys.executable}</string>" in plist and "<string>serve</string>" in plist

@@ -1,0 +1,182 @@
+"""The local provider end to end through the Python API: an embedded SSH server, no sshd, no root."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import asyncssh
+import pydantic
+import pytest
+
+import providers
+from providers import Fleet, Request, Unsupported
+from providers.local_server import sandbox_root
+from tests.sshd import ensure_account, is_root
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a container's pid 1 may never reap what it inherits)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+async def test_local_sandbox_end_to_end(tmp_path: Path) -> None:
+    fleet = Fleet(config={})
+    try:
+        box = await fleet.create(Request(provider="local", name="e2e-local"))
+        assert box.record.external_id == "user-managed" and box.record.status == "running"
+        work = sandbox_root(box.id) / "work"
+        assert await box.cwd() == str(work)
+        r = await box.run("pwd; echo hi > made.txt; cd sub 2>/dev/null || mkdir sub && cd sub; pwd")
+        assert r.stdout.splitlines() == [str(work), f"{work}/sub"]
+        assert (work / "made.txt").read_text() == "hi\n"
+        await box.write("../notes.md", "# notes\nTODO: ship\n")
+        assert (await box.edit(f"{work}/notes.md", "TODO", "DONE")).replacements == 1
+        assert (await box.grep("DONE", str(work))).text == f"{work}/notes.md"
+        job = await box.start_job("sleep 1000")
+        capacity = await box.capacity()
+        assert capacity.cpus == os.cpu_count() and capacity.memory_mb and capacity.disk_free_gb
+        with pytest.raises(Unsupported, match="supportsPauseResume: false"):
+            await box.pause()
+        with pytest.raises(Unsupported, match="supportsFsSnapshot: false"):
+            await box.snapshot()
+        event = await box.destroy()
+        assert (event.billing_model, event.estimated_usd, event.gpu_seconds) == ("fixed", 0.0, 0.0)
+        assert not sandbox_root(box.id).exists()
+        assert job.pid and not running(job.pid)  # its job died with it
+        assert await fleet.destroy(box.id) == event  # idempotent: the same single event
+    finally:
+        await fleet.close()
+
+
+async def test_each_local_sandbox_has_its_own_dir_and_jobs() -> None:
+    fleet = Fleet(config={})
+    try:
+        a = await fleet.create(Request(provider="local"))
+        b = await fleet.create(Request(provider="local"))
+        await a.start_job("sleep 30")
+        assert len(await a.job_list()) == 1 and await b.job_list() == []
+        assert await a.cwd() != await b.cwd()
+        await a.destroy()
+        await b.destroy()
+    finally:
+        await fleet.close()
+
+
+async def test_create_from_the_public_api() -> None:
+    async with await providers.create("local", env={"GREETING": "hello"}) as sb:
+        assert (await sb.run('echo "$GREETING from $TETHER_SANDBOX"')).stdout == f"hello from {sb.id}\n"
+        sandbox_id = sb.id
+    record = providers.default_fleet().ledger.get(sandbox_id)
+    assert record.status == "terminated" and record.request["env_names"] == ["GREETING"]
+    assert "hello" not in json.dumps(record.request)  # env values never reach the ledger
+
+
+async def test_tethers_own_credentials_do_not_reach_the_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNPOD_API_KEY", "rp-secret-value")
+    async with await providers.create("local") as sb:
+        out = (await sb.run("env")).stdout
+        assert "rp-secret-value" not in out and "RUNPOD_API_KEY" not in out
+
+
+NONROOT_SCRIPT = textwrap.dedent("""
+    import asyncio, json, os, shutil
+    import providers
+
+    async def main():
+        report = {"uid": os.getuid(), "sshd_on_path": shutil.which("sshd")}
+        async with await providers.create("local", name="nonroot") as sb:
+            report["whoami"] = (await sb.run("id -u")).stdout.strip()
+            await sb.write("app/main.py", "print('hello from tether')\\n")
+            await sb.edit("app/main.py", "hello", "greetings")
+            report["python"] = (await sb.run("python3 app/main.py")).stdout
+            report["glob"] = [os.path.basename(f) for f in (await sb.glob("**/*.py")).files]
+            job = await sb.start_job("echo job-ran")
+            report["job"] = (await sb.job_output(job.id, wait_ms=5000)).stdout
+            report["sandbox_dir_exists"] = os.path.isdir(os.path.join(os.environ["TETHER_STATE_DIR"], "local"))
+        print(json.dumps(report))
+
+    asyncio.run(main())
+""")
+
+
+def nonroot_python() -> Path:
+    """A Python a non-root account can run, with the engine's dependencies (root's pyenv sits in /root,
+    mode 0700): a venv from Debian's python3 in /opt, built once per machine."""
+    base = Path("/opt/tether-test")
+    venv = base / f"venv-asyncssh{asyncssh.__version__}-pydantic{pydantic.VERSION}"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        system_python = shutil.which("python3", path="/usr/bin:/bin")
+        assert system_python, "Debian's python3 is needed to run tether as a non-root user"
+        base.mkdir(parents=True, exist_ok=True)
+        subprocess.run([system_python, "-m", "venv", str(venv)], check=True)
+        subprocess.run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                f"asyncssh=={asyncssh.__version__}",
+                f"pydantic=={pydantic.VERSION}",
+            ],
+            check=True,
+        )
+        subprocess.run(["chmod", "-R", "a+rX", str(base)], check=True)
+    return python
+
+
+def test_local_provider_as_a_non_root_user_without_sshd(tmp_path: Path) -> None:
+    if is_root():
+        account = ensure_account("tether-local", "/bin/bash", {".profile": ""})
+        python = nonroot_python()
+        state = Path(f"/tmp/tether-local-state-{os.getpid()}")
+        shutil.rmtree(state, ignore_errors=True)
+        state.mkdir(mode=0o700)
+        os.chown(state, account.uid, account.gid)
+        prefix = ["runuser", "-u", account.name, "--"]
+        home = str(account.home)
+    else:
+        python, state, prefix, home = Path(sys.executable), tmp_path / "state", [], str(Path.home())
+    # PATH without the sbin directories: no sshd anywhere a program would look
+    path = ":".join(p for p in ("/usr/local/bin", "/usr/bin", "/bin") if os.path.isdir(p))
+    env = {
+        "PATH": path,
+        "HOME": home,
+        "SHELL": "/bin/bash",
+        "TETHER_STATE_DIR": str(state),
+        "PYTHONPATH": str(ROOT),
+        "LANG": "C.UTF-8",
+    }
+    try:
+        result = subprocess.run(
+            [*prefix, "env", "-i", *(f"{k}={v}" for k, v in env.items()), str(python), "-c", NONROOT_SCRIPT],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd="/tmp",
+        )
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert report["uid"] != 0 or not is_root()
+        assert report["sshd_on_path"] is None
+        assert report["whoami"] == str(report["uid"])
+        assert report["python"] == "greetings from tether\n"
+        assert report["glob"] == ["main.py"]
+        assert report["job"] == "job-ran\n"
+    finally:
+        if is_root():
+            shutil.rmtree(state, ignore_errors=True)

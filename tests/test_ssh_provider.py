@@ -1,0 +1,107 @@
+"""The ssh provider (bring your own host) against real sshd instances, ProxyJump included."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from providers import Fleet, Request, Unsupported
+from tests.sshd import SSHD, ensure_account
+
+
+async def test_attach_run_capacity_and_detach(sshd: SSHD, client_key: Path) -> None:
+    fleet = Fleet(config={})
+    try:
+        box = await fleet.create(Request(provider="ssh", options={"host": sshd.address, "key_path": str(client_key)}))
+        record = box.record
+        assert (record.provider, record.status, record.external_id) == ("ssh", "running", sshd.address)
+        assert (await box.run("whoami")).stdout.strip() == sshd.account.name
+        # the host key was pinned on first use
+        assert any(port == sshd.port for _, port, _ in fleet.connections.pins.all())
+        capacity = await box.capacity()
+        assert capacity.cpus and capacity.memory_mb and capacity.disk_total_gb and capacity.gpus == []
+        for operation in (box.pause, box.snapshot):
+            with pytest.raises(Unsupported):
+                await operation()
+        # the user's files stay; tether's own directory and jobs go
+        home = await box.home()
+        await box.write(f"{home}/keep-me.txt", "mine")
+        job = await box.start_job("sleep 1000")
+        own_dir = record.handle["data"]["tether_dir"]
+        assert own_dir == f"{home}/.tether/sandboxes/{box.id}" and await box.exists(f"{own_dir}/labels.json")
+        event = await box.destroy()
+        assert event.billing_model == "fixed" and event.estimated_usd == 0.0
+        async with await fleet.create(
+            Request(provider="ssh", options={"host": sshd.address, "key_path": str(client_key)})
+        ) as other:
+            assert await other.read_text(f"{home}/keep-me.txt") == "mine"
+            assert not await other.exists(own_dir)
+            live = await other.run(f"ps -o stat= -p {job.pid} | grep -v Z || echo gone")
+            assert live.stdout.strip() == "gone"
+            await other.remove(f"{home}/keep-me.txt")
+    finally:
+        await fleet.close()
+
+
+async def test_ssh_pools_from_config(sshd: SSHD, client_key: Path) -> None:
+    config = {
+        "pools": [
+            {"name": "laptop", "provider": "local"},
+            {
+                "name": "gpu-box",
+                "provider": "ssh",
+                "config": {"host": sshd.address, "identityFile": str(client_key)},
+                "runtime_provides": {"runtimeKinds": ["native"], "requirementKinds": ["gpu", "long-running"]},
+            },
+        ]
+    }
+    fleet = Fleet(config=config)
+    try:
+        async with await fleet.create(Request(requirements=["gpu"])) as box:
+            assert box.pool_name == "gpu-box" and box.provider == "ssh"
+            assert (await box.run("echo on the gpu box")).stdout == "on the gpu box\n"
+    finally:
+        await fleet.close()
+
+
+@pytest.fixture
+def jump_host(client_key: Path) -> Iterator[SSHD]:
+    server = SSHD(ensure_account("tether-jump", "/bin/bash", {".profile": ""}), client_key).start()
+    yield server
+    server.cleanup()
+
+
+async def test_attach_through_proxyjump(
+    sshd: SSHD, jump_host: SSHD, client_key: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "config").write_text(
+        f"Host jump\n  HostName 127.0.0.1\n  Port {jump_host.port}\n  User {jump_host.account.name}\n"
+        f"  IdentityFile {client_key}\n"
+        f"Host behind-jump\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User {sshd.account.name}\n"
+        f"  IdentityFile {client_key}\n  ProxyJump jump\n"
+    )
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~/.ssh/config is read from $HOME
+    fleet = Fleet(config={})
+    try:
+        box = await fleet.create(Request(provider="ssh", options={"host": "behind-jump"}))
+        assert box.endpoint.jump and box.endpoint.jump[0].port == jump_host.port
+        assert (await box.run("whoami")).stdout.strip() == sshd.account.name
+        assert jump_host.connection_pids(), "the connection did not go through the jump host"
+        await box.destroy()
+    finally:
+        await fleet.close()
+
+
+async def test_attach_to_an_unreachable_host_fails_and_leaves_a_closed_record() -> None:
+    fleet = Fleet(config={})
+    try:
+        with pytest.raises(Exception, match="cannot connect"):
+            await fleet.create(Request(provider="ssh", name="nowhere", options={"host": "me@127.0.0.1:1"}))
+        record = fleet.ledger.get("nowhere")
+        assert record.status == "terminated" and record.status_reason.startswith("provisioning failed")
+        assert fleet.ledger.cost_event(record.id) is not None
+    finally:
+        await fleet.close()
