@@ -116,8 +116,8 @@ class NotUnique(FileOperationError):
         shown = ", ".join(str(n) for n in lines[:20]) + (", …" if len(lines) > 20 else "")
         super().__init__(
             path,
-            f"{which}old_string matches {count} times in {path} (lines {shown}): "
-            "add surrounding context to make it unique, or set replace_all",
+            f"{which}old_string matches {count} times (lines {shown}) in {path}: "
+            "add surrounding context or set replace_all",
         )
 
 

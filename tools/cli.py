@@ -1,25 +1,38 @@
-"""The `tether` command line."""
+"""The `tether` command line: tables for people, `--json` for scripts.
+
+Exit codes: 0 success; `exec` passes the remote command's through; 2 a tether error (the message says
+what to do); 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import shutil
+import signal
 import sys
-from collections.abc import Callable
-from typing import Any
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
-from providers import Fleet, SandboxRecord
+from providers import Fleet, Request, SandboxRecord
 from providers import host as host_daemon
 from providers.capacity import host_capacity
 from providers.errors import ProviderError
-from providers.local_server import local_dir
+from providers.local_server import local_dir, work_dir
 from providers.registry import profile_of
 from sandbox.errors import SandboxError
 from sandbox.hostkeys import HostKeyPins
 from sandbox.state import default_store
 
-from .output import duration, print_json, print_table, when
+from .output import ProgressBar, duration, print_json, print_table, when
 
+T = TypeVar("T")
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, Command] = {}
 
@@ -32,7 +45,326 @@ def command(name: str) -> Callable[[Command], Command]:
     return register
 
 
-# -- pools, gc, costs ---------------------------------------------------------------------------------
+def with_fleet(work: Callable[[Fleet], Awaitable[T]]) -> T:
+    """Run `work` on a fleet, closing its connections (never tearing anything down) afterwards."""
+
+    async def run() -> T:
+        fleet = Fleet()
+        try:
+            return await work(fleet)
+        finally:
+            await fleet.close()
+
+    return asyncio.run(run())
+
+
+def record_row(record: SandboxRecord) -> dict[str, Any]:
+    endpoint = record.endpoint or {}
+    return {
+        "id": record.id,
+        "name": record.name,
+        "provider": record.provider,
+        "pool": record.pool,
+        "status": record.status,
+        "created_at": when(record.created_at),
+        "expires_at": when(record.expires_at),
+        "ssh": f"{endpoint.get('user')}@{endpoint.get('host')}:{endpoint.get('port')}" if endpoint else None,
+    }
+
+
+# -- the agent-facing server and the demo ---------------------------------------------------------------
+
+
+@command("mcp")
+def mcp_command(args: argparse.Namespace) -> int:
+    from .http import resolve_token, serve_http
+    from .server import ServerState, build_server
+
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr, format="tether: %(message)s"
+    )
+    token = resolve_token(args.host, args.generate_token) if args.transport == "http" else None
+    state = ServerState(provider=args.provider, attach=args.attach, reap_interval=args.reap_interval)
+    server = build_server(state)
+    if args.transport == "http":
+        print(f"tether mcp: serving http://{args.host}:{args.port}/mcp", file=sys.stderr, flush=True)
+        asyncio.run(serve_http(server, args.host, args.port, token, args.allow_host))
+        return 0
+
+    async def stdio() -> None:
+        # SIGINT/SIGTERM end the session like a closed stdin does: the lifespan tears down.
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)  # type: ignore[union-attr]
+        with contextlib.suppress(asyncio.CancelledError):
+            await server.run_stdio_async()
+
+    asyncio.run(stdio())
+    return 0
+
+
+@command("demo")
+def demo_command(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return asyncio.run(run_demo())
+
+
+# -- sandboxes ------------------------------------------------------------------------------------------
+
+
+@command("up")
+def up_command(args: argparse.Namespace) -> int:
+    if not args.provider and not args.pool:
+        raise ValueError("say where: `tether up local`, `tether up runpod --gpu a100`, or `tether up --pool NAME`")
+    request = Request(
+        provider=args.provider,
+        pool=args.pool,
+        gpu=args.gpu,
+        cpu=args.cpu,
+        memory_mb=args.memory_mb,
+        timeout_s=args.ttl,
+        name=args.name,
+        keep=True,
+    )
+
+    async def up(fleet: Fleet) -> SandboxRecord:
+        async def progress(message: str, fraction: float | None = None) -> None:
+            if not args.json:
+                print(f"  {message}", file=sys.stderr)
+
+        return (await fleet.create(request, progress)).record
+
+    record = with_fleet(up)
+    if args.json:
+        print_json(record_row(record))
+    else:
+        print(record.id)
+    return 0
+
+
+@command("attach")
+def attach_command(args: argparse.Namespace) -> int:
+    request = Request(
+        provider="ssh",
+        name=args.name,
+        keep=True,
+        options={"host": args.target, **({"key_path": args.identity} if args.identity else {})},
+    )
+    record = with_fleet(lambda fleet: _create_record(fleet, request))
+    if args.json:
+        print_json(record_row(record))
+    else:
+        print(record.id)
+    return 0
+
+
+async def _create_record(fleet: Fleet, request: Request) -> SandboxRecord:
+    return (await fleet.create(request)).record
+
+
+@command("ls")
+def ls_command(args: argparse.Namespace) -> int:
+    rows = [record_row(r) for r in Fleet().list(include_terminated=args.all)]
+    if args.json:
+        print_json(rows)
+    else:
+        print_table(
+            rows,
+            ["id", "name", "provider", "pool", "status", "created_at", "expires_at"],
+            empty="no sandboxes; create one with `tether up local`",
+        )
+    return 0
+
+
+@command("info")
+def info_command(args: argparse.Namespace) -> int:
+    async def info(fleet: Fleet) -> dict[str, Any]:
+        record = fleet.record(args.id)
+        row: dict[str, Any] = {
+            **record_row(record),
+            "status_reason": record.status_reason,
+            "external_id": record.external_id,
+            "capabilities": profile_of(record.provider).model_dump(by_alias=True),
+        }
+        if record.status == "running":
+            box = await fleet.get(record.id)
+            if profile_of(record.provider).supports_capacity_query:
+                with contextlib.suppress(SandboxError, ProviderError):
+                    row["capacity"] = (await box.capacity()).model_dump()
+            row["jobs"] = [
+                {"id": j.id, "status": j.status, "exit_code": j.exit_code, "command": j.command}
+                for j in await box.job_list()
+            ]
+        row["tunnels"] = fleet.ledger.tunnels(record.id)
+        event = fleet.ledger.cost_event(record.id)
+        if event:
+            row["cost"] = event.as_dict()
+        return row
+
+    row = with_fleet(info)
+    if args.json:
+        print_json(row)
+        return 0
+    for key in ("id", "name", "provider", "pool", "status", "status_reason", "ssh", "created_at", "expires_at"):
+        if row.get(key) is not None:
+            print(f"{key + ':':15}{row[key]}")
+    if "capacity" in row:
+        c = row["capacity"]
+        print(
+            f"{'capacity:':15}{c['cpus']} CPUs, {c['memory_mb']} MiB, {c['disk_free_gb']} GiB free, "
+            f"{len(c['gpus'])} GPU(s)"
+        )
+    for job in row.get("jobs", []):
+        print(f"{'job:':15}{job['id']} {job['status']} {job['command']}")
+    for tunnel in row["tunnels"]:
+        print(f"{'tunnel:':15}{tunnel['id']} port {tunnel['port']} -> {tunnel['url']}")
+    if "cost" in row:
+        print(f"{'cost:':15}{row['cost']}")
+    return 0
+
+
+@command("down")
+def down_command(args: argparse.Namespace) -> int:
+    event = with_fleet(lambda fleet: fleet.destroy(args.id))
+    if args.json:
+        print_json({"id": event.sandbox_id, "status": "terminated", "cost": event.as_dict()})
+    else:
+        usd = f", ~${event.estimated_usd:.4f}" if event.estimated_usd is not None else ""
+        print(f"terminated {event.sandbox_id} after {duration(event.seconds)} ({event.billing_model}{usd})")
+    return 0
+
+
+@command("pause")
+def pause_command(args: argparse.Namespace) -> int:
+    with_fleet(lambda fleet: fleet.pause(args.id))
+    print(f"paused {args.id}")
+    return 0
+
+
+@command("resume")
+def resume_command(args: argparse.Namespace) -> int:
+    with_fleet(lambda fleet: fleet.resume(args.id))
+    print(f"resumed {args.id}")
+    return 0
+
+
+@command("exec")
+def exec_command(args: argparse.Namespace) -> int:
+    argv = list(args.cmd)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise ValueError("nothing to run: `tether exec ID -- CMD...`")
+    # One word is shell code ('make && ./run'); several are an argv, each word quoted.
+    command_text: str | list[str] = argv[0] if len(argv) == 1 else argv
+
+    async def execute(fleet: Fleet) -> int:
+        box = await fleet.get(args.id)
+        result = await box.run(command_text, timeout=args.timeout, max_chars=200_000_000)
+        sys.stdout.write(result.stdout)
+        sys.stderr.write(result.stderr)
+        if result.timed_out:
+            print(f"tether: timed out after {args.timeout:g}s; the process group was killed", file=sys.stderr)
+            return 124
+        return result.exit_code or 0
+
+    return with_fleet(execute)
+
+
+@command("ssh")
+def ssh_command(args: argparse.Namespace) -> int:
+    record = Fleet().record(args.id)
+    if record.status != "running":
+        raise ValueError(f"sandbox {args.id} is {record.status}")
+    if record.provider == "local":
+        # The local provider is this machine: a login shell in the sandbox's work dir is the real thing.
+        shell = os.environ.get("SHELL") or "/bin/sh"
+        print(f"tether: shell in {work_dir(record.id)} (exit to leave)", file=sys.stderr)
+        os.chdir(work_dir(record.id))
+        os.execvpe(shell, [shell, "-l"], {**os.environ, "TETHER_SANDBOX": record.id})
+    argv = ssh_argv(record)
+    if args.print or not shutil.which("ssh"):
+        print(shlex.join(argv))
+        return 0
+    os.execvp(argv[0], argv)
+    return 0  # pragma: no cover
+
+
+def ssh_argv(record: SandboxRecord) -> list[str]:
+    """An OpenSSH command line for an attached host, verifying the host key tether pinned."""
+    data = (record.handle or {}).get("data", {})
+    argv = ["ssh", "-p", str(data["port"])]
+    for key in data.get("key_paths", []):
+        argv += ["-i", key]
+    pinned = HostKeyPins(default_store()).get(data["host"], int(data["port"]))
+    if pinned:
+        known = Path(tempfile.gettempdir()) / f"tether-known-hosts-{record.id}"
+        host_field = data["host"] if int(data["port"]) == 22 else f"[{data['host']}]:{data['port']}"
+        known.write_text(f"{host_field} {pinned}\n")
+        argv += ["-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes"]
+    jumps = [f"{j['user'] + '@' if j.get('user') else ''}{j['host']}:{j['port']}" for j in data.get("jump", [])]
+    if jumps:
+        argv += ["-J", ",".join(jumps)]
+    user = data.get("user")
+    return [*argv, f"{user}@{data['host']}" if user else data["host"]]
+
+
+@command("cp")
+def cp_command(args: argparse.Namespace) -> int:
+    source, target = _split_location(args.src), _split_location(args.dst)
+    if source[0] is None and target[0] is None:
+        raise ValueError("one side must be in a sandbox: ID:path")
+
+    async def copy(fleet: Fleet) -> int:
+        bar = ProgressBar(f"{args.src} -> {args.dst}", enabled=sys.stderr.isatty() and not args.json)
+        try:
+            if source[0] and target[0]:  # sandbox to sandbox, through this machine
+                with tempfile.TemporaryDirectory() as scratch:
+                    staged = Path(scratch) / Path(source[1]).name
+                    await (await fleet.get(source[0])).download(source[1], staged, bar.update)
+                    size = await (await fleet.get(target[0])).upload(staged, target[1], bar.update)
+            elif source[0]:
+                size = await (await fleet.get(source[0])).download(source[1], Path(target[1]), bar.update)
+            else:
+                assert target[0] is not None
+                size = await (await fleet.get(target[0])).upload(Path(source[1]), target[1], bar.update)
+        finally:
+            bar.close()
+        return size
+
+    size = with_fleet(copy)
+    if args.json:
+        print_json({"bytes": size})
+    else:
+        print(f"copied {size} bytes")
+    return 0
+
+
+def _split_location(text: str) -> tuple[str | None, str]:
+    """'ID:path' -> (ID, path); a local path (even one with ':' after a '/') -> (None, path)."""
+    head, sep, tail = text.partition(":")
+    if sep and head and "/" not in head and not Path(text).exists():
+        return head, tail or "."
+    return None, text
+
+
+@command("doctor")
+def doctor_command(args: argparse.Namespace) -> int:
+    from .doctor import run_doctor
+
+    checks = asyncio.run(run_doctor())
+    if args.json:
+        print_json([c.__dict__ for c in checks])
+    else:
+        for check in checks:
+            mark = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}[check.status]
+            print(f"[{mark}] {check.name}: {check.detail}")
+    return 1 if any(c.status == "fail" for c in checks) else 0
+
+
+# -- pools, gc, costs, host keys -------------------------------------------------------------------------
 
 
 @command("pools")
@@ -62,14 +394,7 @@ def pools_command(args: argparse.Namespace) -> int:
 
 @command("gc")
 def gc_command(args: argparse.Namespace) -> int:
-    async def run() -> Any:
-        fleet = Fleet()
-        try:
-            return await fleet.gc()
-        finally:
-            await fleet.close()
-
-    report = asyncio.run(run())
+    report = with_fleet(lambda fleet: fleet.gc())
     if args.json:
         print_json(report.__dict__)
     else:
@@ -90,9 +415,8 @@ def gc_command(args: argparse.Namespace) -> int:
 
 @command("costs")
 def costs_command(args: argparse.Namespace) -> int:
-    fleet = Fleet()
     rows = []
-    for record, event in fleet.costs():
+    for record, event in Fleet().costs():
         rows.append(
             {
                 "id": record.id,
@@ -139,9 +463,6 @@ def forget_host_command(args: argparse.Namespace) -> int:
     return 1
 
 
-# -- tether host --------------------------------------------------------------------------------------
-
-
 @command("host")
 def host_command(args: argparse.Namespace) -> int:
     action = args.action
@@ -151,12 +472,8 @@ def host_command(args: argparse.Namespace) -> int:
     if action == "drain":
         remaining = asyncio.run(host_daemon.drain(wait=not args.no_wait))
         return 0 if not remaining else 3
-    if action == "install":
-        path, outcome = host_daemon.install()
-        print(f"{path}: {outcome}")
-        return 0
-    if action == "uninstall":
-        path, outcome = host_daemon.uninstall()
+    if action in ("install", "uninstall"):
+        path, outcome = getattr(host_daemon, action)()
         print(f"{path}: {outcome}")
         return 0
     if action in ("start", "stop", "restart"):
@@ -178,36 +495,73 @@ def host_command(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- plumbing -----------------------------------------------------------------------------------------
-
-
-def record_row(record: SandboxRecord) -> dict[str, Any]:
-    endpoint = record.endpoint or {}
-    return {
-        "id": record.id,
-        "name": record.name,
-        "provider": record.provider,
-        "pool": record.pool,
-        "status": record.status,
-        "created_at": when(record.created_at),
-        "expires_at": when(record.expires_at),
-        "ssh": f"{endpoint.get('user')}@{endpoint.get('host')}:{endpoint.get('port')}" if endpoint else None,
-    }
+# -- the parser -----------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tether", description="Give AI agents real computers over SSH.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+    def add(name: str, help_text: str, json_flag: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--json", action="store_true", help="machine-readable output")
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="machine-readable output")
         return p
 
+    mcp = add("mcp", "serve the MCP tools to an agent (stdio or streamable HTTP)", json_flag=False)
+    mcp.add_argument("--transport", choices=["stdio", "http"], default="stdio")
+    mcp.add_argument("--host", default="127.0.0.1", help="HTTP bind address (non-loopback needs a token)")
+    mcp.add_argument("--port", type=int, default=8765)
+    mcp.add_argument("--provider", help="default sandbox's provider, created on first use (default: local)")
+    mcp.add_argument("--attach", metavar="USER@HOST[:PORT]", help="use this SSH host as the default sandbox")
+    mcp.add_argument("--generate-token", action="store_true", help="HTTP: generate a bearer token, print it once")
+    mcp.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="HTTP: another Host header to accept (DNS-rebinding protection)",
+    )
+    mcp.add_argument("--reap-interval", type=float, default=30.0, help="seconds between reaper passes")
+    mcp.add_argument("--verbose", action="store_true", help="log lifecycle events to stderr")
+    add("demo", "the whole story on this machine: write, edit, grep, test, serve, fetch, tear down", json_flag=False)
+
+    up = add("up", "create a sandbox and print its id")
+    up.add_argument("provider", nargs="?", help="local, ssh, daytona, e2b, modal, runpod")
+    up.add_argument("--pool")
+    up.add_argument("--gpu")
+    up.add_argument("--cpu", type=float)
+    up.add_argument("--memory-mb", type=int)
+    up.add_argument("--ttl", type=float, help="terminate after this many seconds")
+    up.add_argument("--name")
+    attach = add("attach", "attach a machine you can SSH to, and print its sandbox id")
+    attach.add_argument("target", metavar="[USER@]HOST[:PORT]", help="or an ~/.ssh/config alias")
+    attach.add_argument("--name")
+    attach.add_argument("--identity", metavar="KEY", help="private key (default: tether's, ~/.ssh keys, agent)")
+    ls = add("ls", "list sandboxes")
+    ls.add_argument("--all", action="store_true", help="include terminated ones")
+    for name, help_text in (
+        ("info", "a sandbox's status, endpoint, capacity, jobs and tunnels"),
+        ("down", "terminate a sandbox (detach an attached host) and show its cost"),
+        ("pause", "pause a sandbox where its provider can"),
+        ("resume", "resume a paused sandbox"),
+    ):
+        add(name, help_text).add_argument("id", metavar="ID")
+    exe = add("exec", "run a command in a sandbox; its exit code is tether's", json_flag=False)
+    exe.add_argument("id", metavar="ID")
+    exe.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
+    exe.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds (default: a day)")
+    ssh = add("ssh", "an interactive shell in a sandbox", json_flag=False)
+    ssh.add_argument("id", metavar="ID")
+    ssh.add_argument("--print", action="store_true", help="print the ssh command instead of running it")
+    cp = add("cp", "copy files to, from or between sandboxes (ID:path on either side)")
+    cp.add_argument("src")
+    cp.add_argument("dst")
+    add("doctor", "check configured providers' credentials and reachability")
     add("pools", "list pools with their provider, state and capability profile")
     add("gc", "terminate expired and orphaned sandboxes; reconcile the ledger with each provider")
     add("costs", "cost events of terminated sandboxes")
-    forget = add("forget-host", "remove a pinned host key (after a host was rebuilt)")
+    forget = add("forget-host", "remove a pinned host key (after a host was rebuilt)", json_flag=False)
     forget.add_argument("target", metavar="HOST[:PORT]")
     host = add("host", "run this machine as a local pool: serve, install, start, stop, status, drain")
     host.add_argument(

@@ -51,3 +51,33 @@ def duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr, for people waiting on a copy (silent when not a terminal)."""
+
+    def __init__(self, label: str, enabled: bool = True, stream: TextIO = sys.stderr) -> None:
+        self.label, self.enabled, self.stream = label, enabled, stream
+        self._started = time.monotonic()
+        self._last_draw = 0.0
+
+    def update(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last_draw < 0.1 and done < total:
+            return
+        self._last_draw = now
+        fraction = done / total if total else 1.0
+        filled = int(fraction * 30)
+        rate = done / max(now - self._started, 1e-6) / 1e6
+        self.stream.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {fraction:6.1%} "
+            f"{done / 1e6:8.1f}/{total / 1e6:.1f} MB {rate:7.1f} MB/s"
+        )
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()

@@ -1,0 +1,92 @@
+"""Running `tether mcp` as a real subprocess and talking to it with the official MCP client."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import mcp
+from mcp.client.stdio import StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def server_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+    env.pop("TETHER_MCP_TOKEN", None) if "TETHER_MCP_TOKEN" not in extra else None
+    return env
+
+
+@contextlib.asynccontextmanager
+async def stdio_client(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[mcp.Client]:
+    """The official client, launching `tether mcp ARGS` over stdio (closing it closes the server's stdin)."""
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "tools.cli", "mcp", *args], env=env or server_env(), cwd=str(ROOT)
+    )
+    async with mcp.Client(params) as client:
+        yield client
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def http_server(
+    *args: str, env: dict[str, str] | None = None, port: int | None = None, host: str = "127.0.0.1"
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    port = port or free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tools.cli", "mcp", "--transport", "http", "--host", host, "--port", str(port), *args],
+        env=env or server_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert process.poll() is None, f"server exited: {process.stdout.read() if process.stdout else ''}"
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            assert time.monotonic() < deadline, "the HTTP server did not start"
+            time.sleep(0.05)
+        yield process, f"http://127.0.0.1:{port}/mcp"
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@contextlib.asynccontextmanager
+async def http_client(url: str, token: str | None = None) -> AsyncIterator[mcp.Client]:
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    async with (
+        create_mcp_http_client(headers=headers) as http,
+        mcp.Client(streamable_http_client(url, http_client=http), mode="legacy") as client,
+    ):
+        yield client
+
+
+def structured(result: Any) -> dict[str, Any]:
+    assert not result.is_error, result.content[0].text if result.content else result
+    return dict(result.structured_content or {})
+
+
+def text(result: Any) -> str:
+    return "\n".join(block.text for block in result.content if getattr(block, "type", "") == "text")

@@ -1,0 +1,255 @@
+"""`tether mcp` through the official MCP client, as a real stdio subprocess and over streamable HTTP:
+every tool of the contract, against the real sshd host and the local provider, error paths included."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from providers.ledger import Ledger
+from tests.mcp_support import ROOT, http_client, http_server, server_env, stdio_client, structured, text
+from tests.sshd import SSHD
+from tests.test_files import PNG_1X1
+from tests.test_run import processes_matching, wait_until_gone
+
+CONTRACT_TOOLS = {
+    "sandbox_create",
+    "sandbox_list",
+    "sandbox_info",
+    "sandbox_destroy",
+    "sandbox_pause",
+    "sandbox_resume",
+    "sandbox_snapshot",
+    "host_attach",
+    "pools_list",
+    "read",
+    "write",
+    "edit",
+    "multi_edit",
+    "glob",
+    "grep",
+    "run",
+    "job_output",
+    "job_list",
+    "job_kill",
+}
+READ_ONLY = {"read", "grep", "glob", "sandbox_list", "sandbox_info", "pools_list", "job_list", "job_output"}
+DESTRUCTIVE = {"sandbox_destroy", "write", "edit", "multi_edit", "run"}
+
+
+@pytest.fixture
+def ssh_pool_env(sshd: SSHD, client_key: Path, tmp_path: Path) -> dict[str, str]:
+    """A server whose config has a pool on the real sshd."""
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[[pools]]\nname = "box"\nprovider = "ssh"\nconfig = {{ host = "{sshd.address}", '
+        f'identityFile = "{client_key}" }}\n\n[[pools]]\nname = "local"\nprovider = "local"\n'
+    )
+    return server_env(TETHER_CONFIG=str(config))
+
+
+async def test_tools_schemas_and_annotations() -> None:
+    async with stdio_client() as client:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+    assert CONTRACT_TOOLS <= set(tools)
+    for name in READ_ONLY:
+        assert tools[name].annotations.read_only_hint is True, name
+    for name in DESTRUCTIVE:
+        assert tools[name].annotations.destructive_hint is True, name
+    for name, tool in tools.items():
+        assert tool.description, name
+        for param, schema in tool.input_schema.get("properties", {}).items():
+            assert schema.get("description"), f"{name}.{param} has no description"
+        if name != "read":
+            assert tool.output_schema, f"{name} has no output schema"
+    assert set(tools["run"].output_schema["properties"]) >= {
+        "exit_code",
+        "stdout",
+        "stderr",
+        "timed_out",
+        "truncated",
+        "duration_ms",
+        "cwd",
+        "job_id",
+    }
+
+
+@pytest.mark.parametrize("where", ["local", "sshd"])
+async def test_file_and_shell_tools(where: str, ssh_pool_env: dict[str, str]) -> None:
+    args = ["--provider", "ssh"] if where == "sshd" else []
+    async with stdio_client(*args, env=ssh_pool_env) as client:
+        work = f"w-{secrets.token_hex(3)}"
+        ran = structured(await client.call_tool("run", {"command": f"mkdir -p {work} && cd {work} && pwd"}))
+        assert ran["exit_code"] == 0 and ran["cwd"].endswith(work)
+        info = structured(await client.call_tool("sandbox_info", {}))
+        assert info["provider"] == ("ssh" if where == "sshd" else "local") and info["cwd"] == ran["cwd"]
+
+        written = structured(await client.call_tool("write", {"path": "app.py", "content": "x = 1\nx = 1\ny = 2\n"}))
+        assert written == {"path": f"{ran['cwd']}/app.py", "bytes": 18, "created": True}
+        window = text(await client.call_tool("read", {"path": "app.py", "limit": 2}))
+        assert window.startswith("     1\tx = 1\n     2\tx = 1") and "read on with offset=3" in window
+        ambiguous = await client.call_tool("edit", {"path": "app.py", "old_string": "x = 1", "new_string": "x = 3"})
+        assert ambiguous.is_error and "matches 2 times (lines 1, 2)" in text(ambiguous)
+        edited = structured(
+            await client.call_tool(
+                "edit", {"path": "app.py", "old_string": "x = 1", "new_string": "x = 3", "replace_all": True}
+            )
+        )
+        assert edited["replacements"] == 2 and "+x = 3" in edited["diff"]
+        multi = structured(
+            await client.call_tool(
+                "multi_edit",
+                {
+                    "path": "app.py",
+                    "edits": [
+                        {"old_string": "y = 2", "new_string": "y = 4"},
+                        {"old_string": "y = 4", "new_string": "y = 5"},
+                    ],
+                },
+            )
+        )
+        assert multi["replacements"] == 2
+        failed = await client.call_tool(
+            "multi_edit",
+            {
+                "path": "app.py",
+                "edits": [{"old_string": "y = 5", "new_string": "y = 6"}, {"old_string": "nope", "new_string": "z"}],
+            },
+        )
+        assert failed.is_error and "edit 1:" in text(failed)
+        assert "y = 5" in text(await client.call_tool("read", {"path": "app.py"}))
+
+        found = await client.call_tool("glob", {"pattern": "*.py"})
+        assert structured(found) == {"files": [f"{ran['cwd']}/app.py"], "truncated": False}
+        grep = await client.call_tool("grep", {"pattern": "y =", "output_mode": "content"})
+        assert text(grep) == f"{ran['cwd']}/app.py:3:y = 5"
+        assert structured(grep)["mode"] == "content" and structured(grep)["lines"] == 1
+
+        png = base64.b64encode(PNG_1X1).decode()
+        await client.call_tool("run", {"command": f"printf %s {png} | base64 -d > dot.png"})
+        image = await client.call_tool("read", {"path": "dot.png"})
+        assert image.content[0].type == "image" and base64.b64decode(image.content[0].data) == PNG_1X1
+
+        missing = await client.call_tool("read", {"path": "missing.txt"})
+        assert missing.is_error and "no such file" in text(missing)
+        timed = structured(await client.call_tool("run", {"command": "echo started; sleep 30", "timeout_ms": 500}))
+        assert timed["timed_out"] and timed["exit_code"] is None and timed["stdout"] == "started\n"
+        bad = await client.call_tool("run", {"command": "true", "timeout_ms": "soon"})
+        assert bad.is_error and "timeout_ms" in text(bad)
+        unknown = await client.call_tool("run", {"command": "true", "sandbox": "sb-doesnotexist"})
+        assert unknown.is_error and "no sandbox 'sb-doesnotexist'" in text(unknown)
+
+        job = structured(await client.call_tool("run", {"command": "echo one; sleep 1000", "run_in_background": True}))
+        output = structured(await client.call_tool("job_output", {"job_id": job["job_id"], "wait_ms": 5000}))
+        assert output["stdout"] == "one\n" and output["status"] == "running"
+        listed = structured(await client.call_tool("job_list", {}))
+        assert job["job_id"] in [j["job_id"] for j in listed["jobs"]]
+        killed = structured(await client.call_tool("job_kill", {"job_id": job["job_id"], "signal": "KILL"}))
+        assert killed["status"] == "exited"
+        await client.call_tool("run", {"command": f"cd .. && rm -rf {work}"})
+
+
+async def test_lifecycle_tools_and_stopping_tears_down(sshd: SSHD, client_key: Path) -> None:
+    async with stdio_client() as client:
+        created = structured(await client.call_tool("sandbox_create", {"provider": "local", "name": "lc-one"}))
+        assert created["status"] == "running" and created["provider"] == "local" and created["ssh"]["port"]
+        assert created["capabilities"]["billingModel"] == "fixed"
+        kept = structured(await client.call_tool("sandbox_create", {"provider": "local", "keep": True}))
+        attached = structured(
+            await client.call_tool("host_attach", {"host": sshd.address, "key_path": str(client_key), "name": "lc-box"})
+        )
+        assert attached["provider"] == "ssh" and attached["ssh"]["port"] == sshd.port
+        listed = structured(await client.call_tool("sandbox_list", {}))
+        assert {"lc-one", "lc-box"} <= {s["name"] for s in listed["sandboxes"]}
+        ambiguous = await client.call_tool("run", {"command": "true"})
+        assert ambiguous.is_error and "several sandboxes exist" in text(ambiguous)
+
+        pools = structured(await client.call_tool("pools_list", {}))
+        assert pools["pools"][0]["capabilities"]["transportModel"] == "either"
+        for tool in ("sandbox_pause", "sandbox_snapshot"):
+            refused = await client.call_tool(tool, {"sandbox": "lc-one"})
+            assert refused.is_error and "cannot" in text(refused) and "false" in text(refused)
+        detached = structured(await client.call_tool("sandbox_destroy", {"sandbox": "lc-box"}))
+        assert detached["status"] == "terminated" and detached["cost"]["billing_model"] == "fixed"
+        again = await client.call_tool("sandbox_info", {"sandbox": "lc-box"})
+        assert again.is_error and "terminated" in text(again)
+    # the client closed the server's stdin: it stopped and tore down what it created, except `keep`
+    ledger = Ledger()
+    assert ledger.get(created["id"]).status == "terminated"
+    assert ledger.get(created["id"]).status_reason == "tether stopped"
+    assert ledger.get(kept["id"]).status == "running"
+    assert ledger.get(attached["id"]).status == "terminated"
+
+
+async def test_progress_is_reported_while_provisioning() -> None:
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    async with stdio_client() as client:
+        structured(await client.call_tool("sandbox_create", {"provider": "local"}, progress_callback=on_progress))
+    assert seen and seen[-1][0] == 100 and any("provisioning" in (m or "") for _, _, m in seen)
+
+
+async def test_a_cancelled_run_leaves_no_process_behind() -> None:
+    marker = f"tether-mcp-cancel-{secrets.token_hex(4)}"
+    async with stdio_client() as client:
+        structured(await client.call_tool("run", {"command": "true"}))
+        with anyio.move_on_after(2):
+            await client.call_tool("run", {"command": f"sh -c 'sleep 1000' {marker}"})
+        assert await wait_until_gone(marker, 10) == []
+        assert structured(await client.call_tool("run", {"command": "echo still here"}))["stdout"] == "still here\n"
+    assert processes_matching(marker) == []
+
+
+async def test_streamable_http_with_a_token() -> None:
+    token = secrets.token_urlsafe(24)
+    with http_server(env=server_env(TETHER_MCP_TOKEN=token)) as (process, url):
+        async with http_client(url, token) as client:
+            ran = structured(await client.call_tool("run", {"command": "echo over http"}))
+            assert ran["stdout"] == "over http\n"
+            created = structured(await client.call_tool("sandbox_create", {"provider": "local", "name": "via-http"}))
+        async with httpx.AsyncClient() as raw:
+            wrong = await raw.post(url, headers={"Authorization": "Bearer wrong-token-xxxxxxxx"}, json={})
+            assert wrong.status_code == 401
+            missing = await raw.post(url, json={})
+            assert missing.status_code == 401
+            rebinding = await raw.post(
+                url, headers={"Authorization": f"Bearer {token}", "Host": "evil.example"}, json={}
+            )
+            assert rebinding.status_code in (400, 403, 421)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    assert Ledger().get(created["id"]).status == "terminated"  # SIGTERM tears down too
+
+
+def test_a_non_loopback_bind_without_a_token_refuses_to_start() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.cli", "mcp", "--transport", "http", "--host", "0.0.0.0", "--port", "0"],
+        env=server_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "refusing to serve MCP on 0.0.0.0 without authentication" in result.stderr
+
+
+async def test_a_non_loopback_bind_with_a_generated_token() -> None:
+    with http_server("--generate-token", host="0.0.0.0") as (process, url):
+        async with httpx.AsyncClient() as raw:
+            assert (await raw.post(url, json={})).status_code == 401
+        process.terminate()
+        out = process.communicate(timeout=30)[0]
+    token = out.split("bearer token (shown once): ")[1].split()[0]
+    assert len(token) >= 32 and out.count(token) == 1

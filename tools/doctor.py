@@ -1,0 +1,153 @@
+"""`tether doctor`: can each configured provider be used from here, and if not, what is missing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from providers import Fleet, Pool
+from providers.config import CREDENTIAL_ENV, SSHPoolConfig
+from providers.errors import ProviderError
+from providers.local_server import ensure_server, sandbox_root
+from providers.registry import provider_class
+from providers.ssh import identities
+from sandbox import Sandbox, SSHEndpoint
+from sandbox.errors import SandboxError
+from sandbox.state import config_path, state_dir
+
+API_HOSTS = {
+    "daytona": "https://app.daytona.io/api",
+    "e2b": "https://api.e2b.dev",
+    "modal": "https://api.modal.com",
+    "runpod": "https://api.runpod.io",
+}
+API_URL_ENV = {"daytona": "DAYTONA_API_URL", "runpod": "RUNPOD_API_BASE_URL"}
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok, warn, fail
+    detail: str
+
+
+async def run_doctor() -> list[Check]:
+    checks = [_state_dir()]
+    try:
+        fleet = Fleet()
+    except (ProviderError, ValueError) as exc:
+        return [*checks, Check("config", "fail", str(exc))]
+    path = config_path()
+    checks.append(Check("config", "ok", f"{path}" if path.exists() else f"no {path}: using implicit pools"))
+    try:
+        for pool in fleet.pools:
+            checks.append(await _pool(pool, fleet))
+    finally:
+        await fleet.close()
+    checks.append(
+        Check(
+            "ssh client",
+            "ok" if shutil.which("ssh") else "warn",
+            "found (for `tether ssh`)"
+            if shutil.which("ssh")
+            else "no `ssh` binary: `tether ssh` will print the command instead",
+        )
+    )
+    return checks
+
+
+def _state_dir() -> Check:
+    path = state_dir()
+    probe = path / f".doctor-{secrets.token_hex(4)}"
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        return Check("state dir", "fail", f"{path} is not writable: {exc}")
+    return Check("state dir", "ok", str(path))
+
+
+async def _pool(pool: Pool, fleet: Fleet) -> Check:
+    name = f"pool {pool.name} ({pool.provider})"
+    if not pool.active:
+        return Check(name, "warn", "inactive")
+    if pool.provider == "local":
+        return await _local(name)
+    if pool.provider == "ssh":
+        return await _ssh(name, pool)
+    if pool.provider in CREDENTIAL_ENV:
+        return await _cloud(name, pool.provider)
+    try:
+        provider_class(pool.provider)
+    except ProviderError as exc:
+        return Check(name, "fail", str(exc))
+    return Check(name, "ok", "plugin loads")
+
+
+async def _local(name: str) -> Check:
+    """Start the embedded server and run a command through it in a throwaway directory."""
+    probe_id = f"sb-{secrets.token_hex(5)}"
+    root = sandbox_root(probe_id)
+    (root / "work").mkdir(parents=True)
+    try:
+        server = ensure_server()
+        endpoint = SSHEndpoint(
+            host="127.0.0.1",
+            port=server.port,
+            user=probe_id,
+            key_paths=(str(server.client_key),),
+            use_agent=False,
+            host_key=server.host_key,
+        )
+        async with Sandbox(endpoint, tether_dir=str(root / "tether")) as box:
+            result = await box.run("echo ok", timeout=30)
+        if result.stdout.strip() != "ok":
+            return Check(name, "fail", f"a test command answered {result.stdout!r} {result.stderr!r}")
+        return Check(name, "ok", f"embedded SSH server on 127.0.0.1:{server.port} runs commands")
+    except (SandboxError, OSError) as exc:
+        return Check(name, "fail", f"the embedded SSH server does not work: {exc}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def _ssh(name: str, pool: Pool) -> Check:
+    config = pool.config if isinstance(pool.config, SSHPoolConfig) else None
+    if config is None:
+        return Check(name, "fail", "no host in the pool's config")
+    try:
+        endpoint = SSHEndpoint.resolve(config.host, user=config.user, port=config.port)
+        endpoint = endpoint.model_copy(update={"key_paths": identities(config.identityFile)})
+        async with Sandbox(endpoint) as box:
+            await box.run("true", timeout=30)
+        return Check(name, "ok", f"logged in to {endpoint.display}")
+    except SandboxError as exc:
+        return Check(name, "fail", str(exc))
+
+
+async def _cloud(name: str, provider: str) -> Check:
+    missing = [n for n in CREDENTIAL_ENV[provider] if not os.environ.get(n)]
+    if missing:
+        return Check(name, "fail", f"missing credentials: set {', '.join(missing)}")
+    url = os.environ.get(API_URL_ENV.get(provider, ""), "") or API_HOSTS[provider]
+    parsed = urlparse(url)
+    host, port = parsed.hostname or url, parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        await asyncio.wait_for(asyncio.to_thread(_connect, host, port), 5)
+        reach = f"credentials set; {host}:{port} reachable"
+    except (OSError, TimeoutError) as exc:
+        return Check(name, "fail", f"credentials set, but {host}:{port} is unreachable: {exc or 'timed out'}")
+    try:
+        provider_class(provider)
+    except ProviderError as exc:
+        return Check(name, "warn", f"{reach}; {exc}")
+    return Check(name, "ok", reach)
+
+
+def _connect(host: str, port: int) -> None:
+    with socket.create_connection((host, port), timeout=5):
+        pass

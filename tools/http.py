@@ -1,0 +1,116 @@
+"""`tether mcp --transport http`: streamable HTTP with the security an agent-facing server needs.
+
+- Binds 127.0.0.1 by default. Any other address requires a bearer token: TETHER_MCP_TOKEN, or one
+  generated with --generate-token and printed once. Without either it refuses to start.
+- With a token set (on any address), every request must carry `Authorization: Bearer <token>`;
+  others get 401. Compared in constant time.
+- Host and Origin headers are checked against DNS rebinding (the MCP SDK's transport security):
+  on loopback only 127.0.0.1/localhost hosts and origins are accepted; add more with --allow-host.
+- Request bodies are limited (MAX_REQUEST_BYTES; the SDK answers 413 beyond).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.transport_security import TransportSecuritySettings
+
+MAX_REQUEST_BYTES = 16 * 1024 * 1024  # a write tool call carries a whole file
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]]], Awaitable[None]]
+
+
+class HTTPSecurityError(ValueError):
+    """The HTTP transport was asked to start in a way that would expose it."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_token(host: str, generate: bool, environ: MutableMapping[str, str] = os.environ) -> str | None:
+    """The bearer token to require, or None (loopback without TETHER_MCP_TOKEN).
+
+    Raises HTTPSecurityError for a non-loopback bind with no token and no --generate-token.
+    """
+    token = environ.get("TETHER_MCP_TOKEN") or None
+    if token is None and generate:
+        token = secrets.token_urlsafe(32)
+        print(f"tether mcp: bearer token (shown once): {token}", file=sys.stderr, flush=True)
+    if token is None and not is_loopback(host):
+        raise HTTPSecurityError(
+            f"refusing to serve MCP on {host} without authentication: set TETHER_MCP_TOKEN, or pass "
+            "--generate-token to have one generated and printed once (or bind 127.0.0.1)"
+        )
+    if token is not None and len(token) < 16:
+        raise HTTPSecurityError("TETHER_MCP_TOKEN is too short; use at least 16 random characters")
+    return token
+
+
+class BearerAuth:
+    """ASGI middleware: 401 unless `Authorization: Bearer <token>`."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {token}".encode()
+
+    async def __call__(
+        self, scope: Scope, receive: Callable[..., Awaitable[Any]], send: Callable[..., Awaitable[Any]]
+    ) -> None:
+        if scope["type"] == "http":
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self._expected):
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 401,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"www-authenticate", b'Bearer realm="tether"'),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": b'{"error": "missing or wrong bearer token"}'})
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(server: MCPServer, host: str, port: int, token: str | None, allowed_hosts: list[str]) -> ASGIApp:
+    hosts = [f"{h}:{port}" for h in ("127.0.0.1", "localhost", "[::1]")] if is_loopback(host) else []
+    hosts += [f"{h}:{port}" if ":" not in h else h for h in allowed_hosts]
+    security = TransportSecuritySettings(
+        # Off-loopback with no --allow-host, the bearer token is the protection (a rebinding page
+        # cannot know it), so the Host check would only refuse legitimate names.
+        enable_dns_rebinding_protection=bool(hosts),
+        allowed_hosts=hosts,
+        allowed_origins=[f"http://{h}" for h in hosts],
+    )
+    app: ASGIApp = server.streamable_http_app(
+        host=host, transport_security=security, max_request_body_size=MAX_REQUEST_BYTES
+    )
+    return BearerAuth(app, token) if token else app
+
+
+async def serve_http(server: MCPServer, host: str, port: int, token: str | None, allowed_hosts: list[str]) -> None:
+    import uvicorn
+
+    app = build_app(server, host, port, token, allowed_hosts)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM (our lifespan tears down), then re-raises the
+    # signal once its own handlers are gone; let that re-raise end the process with status 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    await uvicorn.Server(config).serve()

@@ -1,0 +1,275 @@
+"""Structured results of the MCP tools: the fields shared/contract.md fixes, and a text rendering of each.
+
+Every tool returns MCP `structuredContent` matching one of these models (its `outputSchema`) plus a
+text block for clients that only read text.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from providers import CostEvent, SandboxRecord
+from providers.profiles import CapabilityProfile, Substrate
+
+
+def iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class SSHInfo(BaseModel):
+    host: str | None
+    port: int | None
+    user: str | None
+
+
+class Cost(BaseModel):
+    seconds: float
+    gpu_seconds: float
+    gpu_type: str | None = None
+    billing_model: str
+    estimated_usd: float | None = None
+
+    @classmethod
+    def of(cls, event: CostEvent) -> Cost:
+        return cls(**event.as_dict())
+
+
+def capabilities(profile: CapabilityProfile, substrate: Substrate) -> dict[str, Any]:
+    """The capability profile in the seeds' camelCase, with the runtime and requirement kinds."""
+    return {
+        **profile.model_dump(by_alias=True, exclude={"notes"}),
+        "runtimeKinds": substrate.runtime_kinds,
+        "requirementKinds": substrate.requirement_kinds,
+    }
+
+
+class SandboxResult(BaseModel):
+    """sandbox_create and host_attach."""
+
+    id: str
+    name: str
+    provider: str
+    pool: str
+    status: Literal["provisioning", "running", "paused", "failed", "terminated"]
+    ssh: SSHInfo
+    capabilities: dict[str, Any]
+    expires_at: str | None = Field(description="ISO 8601, UTC; null when the sandbox has no TTL")
+
+    @classmethod
+    def of(cls, record: SandboxRecord, caps: dict[str, Any]) -> SandboxResult:
+        endpoint = record.endpoint or {}
+        return cls(
+            id=record.id,
+            name=record.name,
+            provider=record.provider,
+            pool=record.pool,
+            status=record.status,  # type: ignore[arg-type]
+            ssh=SSHInfo(host=endpoint.get("host"), port=endpoint.get("port"), user=endpoint.get("user")),
+            capabilities=caps,
+            expires_at=iso(record.expires_at),
+        )
+
+    def text(self) -> str:
+        ttl = f", expires {self.expires_at}" if self.expires_at else ""
+        return (
+            f"sandbox {self.name} ({self.id}) is {self.status} on {self.provider} pool {self.pool}{ttl}; "
+            f"ssh {self.ssh.user}@{self.ssh.host}:{self.ssh.port}"
+        )
+
+
+class SandboxSummary(BaseModel):
+    id: str
+    name: str
+    provider: str
+    pool: str
+    status: str
+    created_at: str
+    expires_at: str | None
+    cost: Cost | None = Field(None, description="set once the sandbox is terminated")
+
+
+class SandboxList(BaseModel):
+    sandboxes: list[SandboxSummary]
+    default: str | None = Field(None, description="the id used when a tool's `sandbox` is omitted")
+
+    def text(self) -> str:
+        if not self.sandboxes:
+            return "no sandboxes; create one with sandbox_create (or just use a tool: a local one is made)"
+        lines = [
+            f"{s.id}  {s.name}  {s.provider}/{s.pool}  {s.status}" + ("  (default)" if s.id == self.default else "")
+            for s in self.sandboxes
+        ]
+        return "\n".join(lines)
+
+
+class JobInfo(BaseModel):
+    job_id: str
+    command: str
+    status: Literal["running", "exited"]
+    started_at: str | None
+    exit_code: int | None = None
+
+
+class TunnelInfo(BaseModel):
+    tunnel_id: str
+    port: int
+    backend: str
+    url: str
+    status: str
+
+
+class SandboxInfo(BaseModel):
+    id: str
+    name: str
+    provider: str
+    pool: str
+    status: str
+    status_reason: str | None
+    created_at: str
+    expires_at: str | None
+    ssh: SSHInfo
+    capabilities: dict[str, Any]
+    capacity: dict[str, Any] | None = Field(description="cpus, memory_mb, disk, gpus; null where unsupported")
+    cwd: str | None
+    jobs: list[JobInfo]
+    tunnels: list[TunnelInfo]
+    listening_ports: list[int] = Field(default_factory=list)
+
+
+class DestroyResult(BaseModel):
+    id: str
+    status: Literal["terminated"] = "terminated"
+    cost: Cost
+
+    def text(self) -> str:
+        usd = f", about ${self.cost.estimated_usd:.4f}" if self.cost.estimated_usd is not None else ""
+        return f"terminated {self.id} after {self.cost.seconds:.0f}s ({self.cost.billing_model}{usd})"
+
+
+class StatusResult(BaseModel):
+    id: str
+    status: str
+
+
+class SnapshotResult(BaseModel):
+    snapshot_id: str
+
+
+class PoolInfo(BaseModel):
+    name: str
+    provider: str
+    active: bool
+    implicit: bool
+    available: bool
+    unavailable_reason: str | None
+    capabilities: dict[str, Any]
+    notes: dict[str, str]
+    runtime_kinds: list[str]
+    requirement_kinds: list[str]
+    config: dict[str, Any]
+
+
+class PoolList(BaseModel):
+    pools: list[PoolInfo]
+
+    def text(self) -> str:
+        return "\n".join(
+            f"{p.name} ({p.provider}){'' if p.active else ' inactive'}"
+            f"{'' if p.available else ' unavailable: ' + (p.unavailable_reason or '')}: "
+            f"requirement kinds {', '.join(p.requirement_kinds)}"
+            for p in self.pools
+        )
+
+
+class WriteResult(BaseModel):
+    path: str
+    bytes: int
+    created: bool
+
+
+class EditResult(BaseModel):
+    path: str
+    replacements: int
+    diff: str
+
+
+class GlobResult(BaseModel):
+    files: list[str]
+    truncated: bool
+
+
+class GrepResult(BaseModel):
+    mode: Literal["files_with_matches", "content", "count"]
+    lines: int
+    truncated: bool
+    output: str = Field(description="the same text as the text content, in ripgrep's formats")
+    engine: Literal["rg", "grep"]
+
+
+class RunResult(BaseModel):
+    exit_code: int | None = Field(description="null when the command timed out or runs in the background")
+    stdout: str
+    stderr: str
+    timed_out: bool
+    truncated: bool
+    duration_ms: float
+    cwd: str
+    job_id: str | None = None
+    stdout_path: str | None = Field(None, description="the whole stdout on the box, when it was cut")
+    stderr_path: str | None = Field(None, description="the whole stderr on the box, when it was cut")
+
+    def text(self) -> str:
+        if self.job_id:
+            return f"started background job {self.job_id}; read its output with job_output"
+        parts = []
+        if self.stdout:
+            parts.append(self.stdout.rstrip("\n"))
+        if self.stderr:
+            parts.append(f"[stderr]\n{self.stderr.rstrip(chr(10))}")
+        if self.timed_out:
+            parts.append(f"[timed out after {self.duration_ms / 1000:.1f}s; the process group was killed]")
+        else:
+            parts.append(f"[exit code {self.exit_code}]")
+        for label, path in (("stdout", self.stdout_path), ("stderr", self.stderr_path)):
+            if path:
+                parts.append(f"[{label} was cut; the whole stream is in {path} (read it with offset/limit)]")
+        return "\n".join(parts)
+
+
+class JobOutputResult(BaseModel):
+    job_id: str
+    stdout: str
+    stderr: str
+    status: Literal["running", "exited"]
+    exit_code: int | None
+    more: bool = Field(False, description="more output is waiting: call job_output again")
+
+    def text(self) -> str:
+        parts = [p for p in (self.stdout.rstrip("\n"), f"[stderr]\n{self.stderr.rstrip()}" if self.stderr else "") if p]
+        state = f"exited with code {self.exit_code}" if self.status == "exited" else "still running"
+        parts.append(f"[{self.job_id} {state}{'; more output is waiting' if self.more else ''}]")
+        return "\n".join(parts)
+
+
+class JobList(BaseModel):
+    jobs: list[JobInfo]
+
+    def text(self) -> str:
+        if not self.jobs:
+            return "no background jobs"
+        return "\n".join(
+            f"{j.job_id}  {j.status}{'' if j.exit_code is None else f' ({j.exit_code})'}  {j.started_at}  {j.command}"
+            for j in self.jobs
+        )
+
+
+class JobKillResult(BaseModel):
+    job_id: str
+    status: Literal["running", "exited"]
+    exit_code: int | None
+    signal: str

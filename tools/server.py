@@ -1,0 +1,665 @@
+"""The MCP tool server: the tools of shared/contract.md on top of the fleet and the engine.
+
+Every tool that acts on a machine takes `sandbox` (id or name). When it is omitted the server's
+default is used: the sandbox given at start (`--provider` / `--attach`, created on first use), else
+the only live sandbox, else a local sandbox created on first use. Failures are `isError` results
+whose message says what to do next; cancelling a call kills its remote work. The reaper runs while
+the server does; when the server stops it tears down the sandboxes it created, except those
+created with `keep`.
+"""
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any, Literal, TypeVar
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp_types import CallToolResult, ImageContent, TextContent, ToolAnnotations
+from pydantic import BaseModel, Field, ValidationError
+
+from providers import Fleet, ManagedSandbox, Request, SandboxRecord
+from providers.errors import ProviderError
+from providers.registry import profile_of
+from sandbox.errors import InvalidArgument, SandboxError
+from sandbox.files import Edit, Image
+
+from . import results as R
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+INSTRUCTIONS = """tether gives you real computers over SSH. Tools act on a sandbox (a machine): pass `sandbox`
+(id or name) or omit it to use the default one, which is created on first use (a local sandbox unless the
+server was started with another provider). `run` executes shell commands in a persistent shell whose working
+directory carries over between calls; relative paths in every tool are relative to it. Prefer read/write/edit/
+grep/glob over shell equivalents. Use run_in_background for servers and other long-running processes, then
+job_output to read their output."""
+
+DEFAULT_TIMEOUT_MS = 120_000
+MAX_TIMEOUT_MS = 600_000
+
+
+def _text(text: str) -> list[TextContent]:
+    return [TextContent(type="text", text=text)]
+
+
+def ok(model: BaseModel, text: str | None = None) -> CallToolResult:
+    if text is None:
+        text = model.text() if hasattr(model, "text") else model.model_dump_json(indent=2)
+    rendered = text
+    return CallToolResult(content=_text(rendered), structured_content=model.model_dump(mode="json"))
+
+
+def failure(message: str) -> CallToolResult:
+    return CallToolResult(content=_text(message), is_error=True)
+
+
+def guarded(fn: Callable[..., Awaitable[CallToolResult]]) -> Callable[..., Awaitable[CallToolResult]]:
+    """Turn tether's errors into isError results with their message (the SDK would hide it)."""
+
+    @functools.wraps(fn)
+    async def call(*args: Any, **kwargs: Any) -> CallToolResult:
+        try:
+            return await fn(*args, **kwargs)
+        except (SandboxError, ProviderError) as exc:
+            return failure(str(exc))
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+            return failure(f"invalid arguments: {problems}")
+        except (ValueError, TimeoutError) as exc:
+            return failure(str(exc) or type(exc).__name__)
+        except Exception as exc:  # a bug of ours: say so, and keep the details in the server log
+            log.exception("tool %s failed", fn.__name__)
+            return failure(f"internal error in tether ({type(exc).__name__}: {exc}); the server log has details")
+
+    return call
+
+
+class ServerState:
+    """What the tools share: the fleet, the default sandbox, the reaper."""
+
+    def __init__(
+        self,
+        fleet: Fleet | None = None,
+        *,
+        provider: str | None = None,
+        attach: str | None = None,
+        reap_interval: float = 30.0,
+        progress_interval: float = 5.0,
+    ) -> None:
+        self.fleet = fleet or Fleet()
+        self.default_request: Request | None = None
+        if attach:
+            self.default_request = Request(provider="ssh", options={"host": attach})
+        elif provider:
+            self.default_request = Request(provider=provider)
+        self.default_id: str | None = None
+        self._default_lock = asyncio.Lock()
+        self.reap_interval = reap_interval
+        self.progress_interval = progress_interval
+        self._reaper: asyncio.Task[None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.reap_interval > 0:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
+
+    async def shutdown(self) -> list[str]:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        destroyed = await self.fleet.close(teardown_created=True)
+        if destroyed:
+            log.info("tore down %s", ", ".join(destroyed))
+        return destroyed
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.reap_interval)
+            try:
+                for sandbox_id, reason in await self.fleet.reap():
+                    log.info("reaped %s: %s", sandbox_id, reason)
+            except Exception:  # the reaper must outlive one bad pass
+                log.exception("reaper pass failed")
+
+    # -- sandboxes -----------------------------------------------------------------------------------
+
+    async def sandbox(self, ref: str | None, ctx: Context | None = None) -> ManagedSandbox:
+        if ref:
+            return await self.fleet.get(ref)
+        async with self._default_lock:
+            if self.default_id is not None:
+                record = self.fleet.ledger.get(self.default_id)
+                if record.live:
+                    return await self.fleet.get(self.default_id)
+                self.default_id = None
+            if self.default_request is None:
+                live = [r for r in self.fleet.list() if r.status in ("running", "paused")]
+                if len(live) == 1:
+                    return await self.fleet.get(live[0].id)
+                if len(live) > 1:
+                    names = ", ".join(f"{r.name} ({r.id})" for r in live)
+                    raise InvalidArgument(f"several sandboxes exist ({names}); say which one with `sandbox`")
+            request = self.default_request or Request(provider="local")
+            box = await self.fleet.create(request, progress_reporter(ctx))
+            self.default_id = box.id
+            return box
+
+    def capabilities(self, record: SandboxRecord) -> dict[str, Any]:
+        pool = next((p for p in self.fleet.pools if p.name == record.pool), None)
+        substrate = pool.substrate() if pool else self.fleet.provider_for(self.fleet._pool_of(record)).substrate
+        return R.capabilities(profile_of(record.provider), substrate)
+
+
+def progress_reporter(ctx: Context | None) -> Callable[[str, float | None], Awaitable[None]]:
+    async def report(message: str, fraction: float | None = None) -> None:
+        if ctx is not None:
+            with contextlib.suppress(Exception):  # progress is best effort
+                await ctx.report_progress(round((fraction or 0) * 100, 1), 100, message)
+
+    return report
+
+
+# -- the server ------------------------------------------------------------------------------------------
+
+READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True)
+DESTRUCTIVE = ToolAnnotations(read_only_hint=False, destructive_hint=True)
+CREATES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False)
+
+SandboxArg = Annotated[
+    str | None,
+    Field(description="Sandbox id or name. Omit to use the default sandbox (created on first use)."),
+]
+
+
+def build_server(state: ServerState) -> MCPServer:
+    """The MCPServer with tether's tools, bound to `state`."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: MCPServer) -> AsyncIterator[ServerState]:
+        await state.start()
+        try:
+            yield state
+        finally:
+            # Shielded: on SIGINT/SIGTERM the surrounding scope is cancelled, and anyio would cancel
+            # every await of the teardown too.
+            with anyio.CancelScope(shield=True):
+                await state.shutdown()
+
+    server = MCPServer("tether", instructions=INSTRUCTIONS, lifespan=lifespan, log_level="WARNING")
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)  # its INFO is a line per channel
+    register_lifecycle_tools(server, state)
+    register_file_tools(server, state)
+    register_shell_tools(server, state)
+    return server
+
+
+def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
+    @server.tool(annotations=CREATES)
+    @guarded
+    async def sandbox_create(
+        ctx: Context,
+        provider: Annotated[str | None, Field(description="local, ssh, daytona, e2b, modal, runpod")] = None,
+        pool: Annotated[str | None, Field(description="A pool name from pools_list")] = None,
+        image: Annotated[str | None, Field(description="Container image, where the provider uses one")] = None,
+        gpu: Annotated[str | None, Field(description="GPU type (e.g. a10g, a100); implies the gpu requirement")] = None,
+        cpu: Annotated[float | None, Field(gt=0, description="vCPUs")] = None,
+        memory_mb: Annotated[int | None, Field(gt=0, description="Memory in MiB")] = None,
+        disk_gb: Annotated[int | None, Field(gt=0, description="Disk in GB")] = None,
+        timeout_s: Annotated[float | None, Field(gt=0, description="TTL: terminate this long after creation")] = None,
+        idle_timeout_s: Annotated[float | None, Field(gt=0, description="Terminate after this long unused")] = None,
+        requirements: Annotated[
+            list[str] | None, Field(description="Requirement kinds, e.g. toolchain:go, gpu, host-binary")
+        ] = None,
+        auth_mode: Annotated[
+            str | None, Field(description="host-session and local auth modes run only on local pools")
+        ] = None,
+        name: Annotated[str | None, Field(description="A name to refer to it by (letters, digits, . _ -)")] = None,
+        env: Annotated[dict[str, str] | None, Field(description="Environment for every command in it")] = None,
+        keep: Annotated[bool, Field(description="Keep it when this server stops (default: torn down)")] = False,
+    ) -> Annotated[CallToolResult, R.SandboxResult]:
+        """Create a sandbox (a machine to work on). Dispatch picks a pool that meets the requirements;
+        progress is reported while it is provisioned."""
+        request = Request(
+            provider=provider,
+            pool=pool,
+            image=image,
+            gpu=gpu,
+            cpu=cpu,
+            memory_mb=memory_mb,
+            disk_gb=disk_gb,
+            timeout_s=timeout_s,
+            idle_timeout_s=idle_timeout_s,
+            requirements=requirements or [],
+            auth_mode=auth_mode,
+            name=name,
+            env=env or {},
+            keep=keep,
+        )
+        box = await state.fleet.create(request, progress_reporter(ctx))
+        record = box.record
+        return ok(R.SandboxResult.of(record, state.capabilities(record)))
+
+    @server.tool(annotations=CREATES)
+    @guarded
+    async def host_attach(
+        ctx: Context,
+        host: Annotated[str, Field(description="user@host[:port] or an ~/.ssh/config alias (ProxyJump works)")],
+        user: Annotated[str | None, Field(description="Login name, if not in host")] = None,
+        port: Annotated[int | None, Field(ge=1, le=65535, description="SSH port, if not 22 or in host")] = None,
+        name: Annotated[str | None, Field(description="A name to refer to it by")] = None,
+        key_path: Annotated[
+            str | None, Field(description="Private key; default: tether's key, ~/.ssh keys and the agent")
+        ] = None,
+    ) -> Annotated[CallToolResult, R.SandboxResult]:
+        """Attach a machine you have SSH access to. Its host key is pinned on first use; detaching
+        (sandbox_destroy) removes only tether's own files and jobs there."""
+        options = {k: v for k, v in {"host": host, "user": user, "port": port, "key_path": key_path}.items() if v}
+        box = await state.fleet.create(
+            Request(provider="ssh", name=name, keep=True, options=options), progress_reporter(ctx)
+        )
+        record = box.record
+        return ok(R.SandboxResult.of(record, state.capabilities(record)))
+
+    @server.tool(annotations=READ_ONLY)
+    @guarded
+    async def sandbox_list() -> Annotated[CallToolResult, R.SandboxList]:
+        """List sandboxes that are not terminated, with the default one marked."""
+        summaries = []
+        for record in state.fleet.list():
+            event = state.fleet.ledger.cost_event(record.id)
+            summaries.append(
+                R.SandboxSummary(
+                    id=record.id,
+                    name=record.name,
+                    provider=record.provider,
+                    pool=record.pool,
+                    status=record.status,
+                    created_at=R.iso(record.created_at) or "",
+                    expires_at=R.iso(record.expires_at),
+                    cost=R.Cost.of(event) if event else None,
+                )
+            )
+        return ok(R.SandboxList(sandboxes=summaries, default=state.default_id))
+
+    @server.tool(annotations=READ_ONLY)
+    @guarded
+    async def sandbox_info(sandbox: SandboxArg = None) -> Annotated[CallToolResult, R.SandboxInfo]:
+        """Status, SSH endpoint, capability profile, capacity, background jobs and tunnels of a sandbox."""
+        box = await state.sandbox(sandbox)
+        record = box.record
+        capacity = None
+        if profile_of(record.provider).supports_capacity_query:
+            with contextlib.suppress(SandboxError, ProviderError):
+                capacity = (await box.capacity()).model_dump()
+        jobs = [
+            R.JobInfo(
+                job_id=j.id, command=j.command, status=j.status, started_at=R.iso(j.started_at), exit_code=j.exit_code
+            )
+            for j in await box.job_list()
+        ]
+        tunnels = [
+            R.TunnelInfo(tunnel_id=t["id"], port=t["port"], backend=t["backend"], url=t["url"], status=t["status"])
+            for t in state.fleet.ledger.tunnels(record.id)
+        ]
+        endpoint = record.endpoint or {}
+        info = R.SandboxInfo(
+            id=record.id,
+            name=record.name,
+            provider=record.provider,
+            pool=record.pool,
+            status=record.status,
+            status_reason=record.status_reason,
+            created_at=R.iso(record.created_at) or "",
+            expires_at=R.iso(record.expires_at),
+            ssh=R.SSHInfo(host=endpoint.get("host"), port=endpoint.get("port"), user=endpoint.get("user")),
+            capabilities=state.capabilities(record),
+            capacity=capacity,
+            cwd=await box.cwd(),
+            jobs=jobs,
+            tunnels=tunnels,
+        )
+        return ok(info)
+
+    @server.tool(annotations=DESTRUCTIVE)
+    @guarded
+    async def sandbox_destroy(
+        sandbox: Annotated[str, Field(description="Sandbox id or name")],
+    ) -> Annotated[CallToolResult, R.DestroyResult]:
+        """Terminate a sandbox (an attached host is only detached) and report its cost."""
+        record = state.fleet.ledger.get(sandbox)
+        event = await state.fleet.destroy(record.id)
+        if state.default_id == record.id:
+            state.default_id = None
+        return ok(R.DestroyResult(id=record.id, cost=R.Cost.of(event)))
+
+    @server.tool(annotations=DESTRUCTIVE)
+    @guarded
+    async def sandbox_pause(sandbox: SandboxArg = None) -> Annotated[CallToolResult, R.StatusResult]:
+        """Pause a sandbox, where its provider can (see capabilities.supportsPauseResume)."""
+        box = await state.sandbox(sandbox)
+        await box.pause()
+        return ok(R.StatusResult(id=box.id, status="paused"), f"{box.name} is paused")
+
+    @server.tool(annotations=CREATES)
+    @guarded
+    async def sandbox_resume(sandbox: SandboxArg = None) -> Annotated[CallToolResult, R.StatusResult]:
+        """Resume a paused sandbox."""
+        record = state.fleet.ledger.get(sandbox) if sandbox else (await state.sandbox(None)).record
+        await state.fleet.resume(record.id)
+        return ok(R.StatusResult(id=record.id, status="running"), f"{record.name} is running")
+
+    @server.tool(annotations=CREATES)
+    @guarded
+    async def sandbox_snapshot(sandbox: SandboxArg = None) -> Annotated[CallToolResult, R.SnapshotResult]:
+        """Snapshot a sandbox's filesystem, where its provider can (capabilities.supportsFsSnapshot)."""
+        box = await state.sandbox(sandbox)
+        return ok(R.SnapshotResult(snapshot_id=await box.snapshot()))
+
+    @server.tool(annotations=READ_ONLY)
+    @guarded
+    async def pools_list() -> Annotated[CallToolResult, R.PoolList]:
+        """Pools sandboxes can be created in: provider, active flag, capability profile, runtime and
+        requirement kinds."""
+        pools = []
+        for pool in state.fleet.pools:
+            reason = state.fleet.availability(pool)
+            substrate = pool.substrate()
+            profile = profile_of(pool.provider)
+            config = pool.config.model_dump(mode="json") if isinstance(pool.config, BaseModel) else {}
+            pools.append(
+                R.PoolInfo(
+                    name=pool.name,
+                    provider=pool.provider,
+                    active=pool.active,
+                    implicit=pool.implicit,
+                    available=reason is None,
+                    unavailable_reason=reason,
+                    capabilities=R.capabilities(profile, substrate),
+                    notes=profile.notes,
+                    runtime_kinds=substrate.runtime_kinds,
+                    requirement_kinds=substrate.requirement_kinds,
+                    config=config,
+                )
+            )
+        return ok(R.PoolList(pools=pools))
+
+
+def register_file_tools(server: MCPServer, state: ServerState) -> None:
+    @server.tool(annotations=READ_ONLY, structured_output=False)
+    @guarded
+    async def read(
+        path: Annotated[str, Field(description="File to read (absolute, or relative to the sandbox's cwd)")],
+        offset: Annotated[int, Field(ge=1, description="1-based line to start at")] = 1,
+        limit: Annotated[int, Field(ge=1, description="Number of lines to read")] = 2000,
+        sandbox: SandboxArg = None,
+    ) -> CallToolResult:
+        """Read a text file as numbered lines (cat -n). Lines over 2000 characters are cut; says when more
+        lines follow. PNG, JPEG, GIF and WebP images (up to 5 MB) come back as images."""
+        box = await state.sandbox(sandbox)
+        result = await box.read(path, offset, limit)
+        if isinstance(result, Image):
+            import base64
+
+            return CallToolResult(
+                content=[
+                    ImageContent(type="image", data=base64.b64encode(result.data).decode(), mime_type=result.mime_type)
+                ]
+            )
+        text = result.text
+        if result.total_lines == 0:
+            text = f"({result.path} is empty)"
+        elif result.more_after:
+            text += (
+                f"\n\n[lines {result.start_line}-{result.end_line} of {result.total_lines}; "
+                f"read on with offset={result.end_line + 1}]"
+            )
+        elif result.start_line > result.total_lines:
+            text = f"({result.path} has only {result.total_lines} lines; offset {result.start_line} is past its end)"
+        return CallToolResult(content=_text(text))
+
+    @server.tool(annotations=DESTRUCTIVE)
+    @guarded
+    async def write(
+        path: Annotated[str, Field(description="File to create or replace; parent directories are created")],
+        content: Annotated[str, Field(description="The whole new content")],
+        sandbox: SandboxArg = None,
+    ) -> Annotated[CallToolResult, R.WriteResult]:
+        """Write a file atomically (temporary file + rename), keeping an existing file's mode."""
+        box = await state.sandbox(sandbox)
+        result = await box.write(path, content)
+        done = R.WriteResult(path=result.path, bytes=result.bytes, created=result.created)
+        return ok(done, f"{'created' if result.created else 'wrote'} {result.path} ({result.bytes} bytes)")
+
+    @server.tool(annotations=DESTRUCTIVE)
+    @guarded
+    async def edit(
+        path: Annotated[str, Field(description="File to edit")],
+        old_string: Annotated[str, Field(description="Exact text to replace (must be unique unless replace_all)")],
+        new_string: Annotated[str, Field(description="Replacement text (must differ from old_string)")],
+        replace_all: Annotated[bool, Field(description="Replace every occurrence")] = False,
+        sandbox: SandboxArg = None,
+    ) -> Annotated[CallToolResult, R.EditResult]:
+        """Replace an exact string in a file and return the unified diff. Fails (naming the matching lines)
+        when old_string is missing or not unique, and when the file changed while the edit was applied."""
+        box = await state.sandbox(sandbox)
+        result = await box.edit(path, old_string, new_string, replace_all)
+        return ok(
+            R.EditResult(path=result.path, replacements=result.replacements, diff=result.diff),
+            f"{result.replacements} replacement(s) in {result.path}\n{result.diff}",
+        )
+
+    class EditSpec(BaseModel):
+        old_string: str = Field(description="Exact text to replace")
+        new_string: str = Field(description="Replacement text")
+        replace_all: bool = Field(False, description="Replace every occurrence")
+
+    @server.tool(annotations=DESTRUCTIVE)
+    @guarded
+    async def multi_edit(
+        path: Annotated[str, Field(description="File to edit")],
+        edits: Annotated[list[EditSpec], Field(min_length=1, description="Applied in order; all or nothing")],
+        sandbox: SandboxArg = None,
+    ) -> Annotated[CallToolResult, R.EditResult]:
+        """Apply several exact-string edits to one file in order, atomically: either all apply or none
+        does (the error names the failing edit's index)."""
+        box = await state.sandbox(sandbox)
+        result = await box.multi_edit(path, [Edit(e.old_string, e.new_string, e.replace_all) for e in edits])
+        return ok(
+            R.EditResult(path=result.path, replacements=result.replacements, diff=result.diff),
+            f"{result.replacements} replacement(s) in {result.path}\n{result.diff}",
+        )
+
+    @server.tool(annotations=READ_ONLY)
+    @guarded
+    async def glob(
+        pattern: Annotated[str, Field(description="Glob such as **/*.py or src/*.{ts,tsx}; * stays in one directory")],
+        path: Annotated[str | None, Field(description="Directory to search (default: the sandbox's cwd)")] = None,
+        sandbox: SandboxArg = None,
+    ) -> Annotated[CallToolResult, R.GlobResult]:
+        """Find files by name pattern, newest first, at most 100."""
+        box = await state.sandbox(sandbox)
+        result = await box.glob(pattern, path)
+        text = "\n".join(result.files) or "no files match"
+        if result.truncated:
+            text += "\n[more than 100 files match; narrow the pattern or the path]"
+        return ok(R.GlobResult(files=result.files, truncated=result.truncated), text)
+
+    @server.tool(annotations=READ_ONLY)
+    @guarded
+    async def grep(
+        pattern: Annotated[str, Field(description="Regular expression (ripgrep syntax; POSIX ERE without rg)")],
+        path: Annotated[str | None, Field(description="File or directory (default: the sandbox's cwd)")] = None,
+        glob: Annotated[str | None, Field(description="Only files matching this glob, e.g. *.py")] = None,
+        type: Annotated[str | None, Field(description="ripgrep file type, e.g. py, js, rust")] = None,
+        output_mode: Annotated[
+            Literal["files_with_matches", "content", "count"],
+            Field(description="files_with_matches (paths, newest first), content (path:line:text) or count"),
+        ] = "files_with_matches",
+        before: Annotated[int | None, Field(ge=0, description="Context lines before each match (content)")] = None,
+        after: Annotated[int | None, Field(ge=0, description="Context lines after each match (content)")] = None,
+        context: Annotated[int | None, Field(ge=0, description="Context lines around each match (content)")] = None,
+        line_numbers: Annotated[bool, Field(description="Show line numbers (content)")] = True,
+        case_insensitive: Annotated[bool, Field(description="Ignore case")] = False,
+        multiline: Annotated[bool, Field(description="Let . and patterns span lines (needs rg)")] = False,
+        head_limit: Annotated[int | None, Field(ge=1, description="Keep only the first N lines of output")] = None,
+        sandbox: SandboxArg = None,
+    ) -> Annotated[CallToolResult, R.GrepResult]:
+        """Search file contents with ripgrep semantics (hidden files included, .gitignore respected)."""
+        box = await state.sandbox(sandbox)
+        result = await box.grep(
+            pattern,
+            path,
+            glob=glob,
+            type=type,
+            output_mode=output_mode,
+            before=before,
+            after=after,
+            context=context,
+            line_numbers=line_numbers,
+            case_insensitive=case_insensitive,
+            multiline=multiline,
+            head_limit=head_limit,
+        )
+        text = result.text or "no matches"
+        if result.truncated:
+            text += "\n[output cut; use head_limit, a narrower path, or glob]"
+        return ok(
+            R.GrepResult(
+                mode=result.mode,
+                lines=result.lines,
+                truncated=result.truncated,
+                output=result.text,
+                engine=result.engine,
+            ),
+            text,
+        )
+
+
+def register_shell_tools(server: MCPServer, state: ServerState) -> None:
+    @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, open_world_hint=True))
+    @guarded
+    async def run(
+        ctx: Context,
+        command: Annotated[str, Field(description="Shell command, run in the user's login shell")],
+        timeout_ms: Annotated[
+            int, Field(ge=1, le=MAX_TIMEOUT_MS, description="Kill the command after this long (max 600000)")
+        ] = DEFAULT_TIMEOUT_MS,
+        cwd: Annotated[str | None, Field(description="Directory to run in (default: where the last one ended)")] = None,
+        env: Annotated[dict[str, str] | None, Field(description="Extra environment for this command")] = None,
+        run_in_background: Annotated[
+            bool, Field(description="Start it as a background job and return its job_id at once")
+        ] = False,
+        description: Annotated[str | None, Field(description="What the command does, in a few words")] = None,
+        sandbox: SandboxArg = None,
+    ) -> Annotated[CallToolResult, R.RunResult]:
+        """Run a shell command and wait for it. stdout and stderr come back separately, each capped at 30000
+        characters (head and tail; the whole stream's path is given when cut). The directory the command ends
+        in is where the next one starts. On timeout the whole process group is killed and the output so far is
+        returned. Use run_in_background for servers and watchers."""
+        box = await state.sandbox(sandbox, ctx)
+        if run_in_background:
+            job = await box.start_job(command, cwd=cwd, env=env)
+            state.fleet.ledger.add_job(box.id, job.id, command, job.started_at)
+            return ok(
+                R.RunResult(
+                    exit_code=None,
+                    stdout="",
+                    stderr="",
+                    timed_out=False,
+                    truncated=False,
+                    duration_ms=0,
+                    cwd=job.cwd,
+                    job_id=job.id,
+                )
+            )
+        task = asyncio.ensure_future(box.run(command, cwd=cwd, env=env, timeout=timeout_ms / 1000))
+        label = description or command[:60]
+        started = time.monotonic()
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=state.progress_interval)
+                if done:
+                    break
+                elapsed = time.monotonic() - started
+                await progress_reporter(ctx)(f"{label}: running for {elapsed:.0f}s", elapsed / (timeout_ms / 1000))
+        finally:
+            if not task.done():
+                task.cancel()  # the call itself was cancelled: the remote process group is killed
+                with contextlib.suppress(BaseException):
+                    await task
+        r = task.result()
+        return ok(
+            R.RunResult(
+                exit_code=r.exit_code,
+                stdout=r.stdout,
+                stderr=r.stderr,
+                timed_out=r.timed_out,
+                truncated=r.truncated,
+                duration_ms=r.duration_ms,
+                cwd=r.cwd,
+                stdout_path=r.stdout_path,
+                stderr_path=r.stderr_path,
+            )
+        )
+
+    async def job_sandbox(job_id: str, sandbox: str | None) -> ManagedSandbox:
+        if sandbox:
+            return await state.sandbox(sandbox)
+        owner = state.fleet.ledger.job_owner(job_id)
+        return await state.fleet.get(owner) if owner else await state.sandbox(None)
+
+    @server.tool(annotations=READ_ONLY)
+    @guarded
+    async def job_output(
+        job_id: Annotated[str, Field(description="From run with run_in_background")],
+        wait_ms: Annotated[int, Field(ge=0, le=MAX_TIMEOUT_MS, description="Wait up to this long for new output")] = 0,
+        sandbox: SandboxArg = None,
+    ) -> Annotated[CallToolResult, R.JobOutputResult]:
+        """New output of a background job since the previous call, its status and exit code."""
+        box = await job_sandbox(job_id, sandbox)
+        out = await box.job_output(job_id, wait_ms)
+        return ok(
+            R.JobOutputResult(
+                job_id=job_id,
+                stdout=out.stdout,
+                stderr=out.stderr,
+                status=out.status,
+                exit_code=out.exit_code,
+                more=out.more,
+            )
+        )
+
+    @server.tool(annotations=READ_ONLY)
+    @guarded
+    async def job_list(sandbox: SandboxArg = None) -> Annotated[CallToolResult, R.JobList]:
+        """Background jobs of a sandbox with command, status and start time."""
+        box = await state.sandbox(sandbox)
+        jobs = [
+            R.JobInfo(
+                job_id=j.id, command=j.command, status=j.status, started_at=R.iso(j.started_at), exit_code=j.exit_code
+            )
+            for j in await box.job_list()
+        ]
+        return ok(R.JobList(jobs=jobs))
+
+    @server.tool(annotations=DESTRUCTIVE)
+    @guarded
+    async def job_kill(
+        job_id: Annotated[str, Field(description="The job to stop")],
+        signal: Annotated[
+            Literal["TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2"], Field(description="Signal to send")
+        ] = "TERM",
+        sandbox: SandboxArg = None,
+    ) -> Annotated[CallToolResult, R.JobKillResult]:
+        """Send a signal to a background job's whole process group."""
+        box = await job_sandbox(job_id, sandbox)
+        job = await box.job_kill(job_id, signal)
+        text = f"sent {signal} to {job_id}: " + (f"exited ({job.exit_code})" if job.status == "exited" else "running")
+        return ok(R.JobKillResult(job_id=job_id, status=job.status, exit_code=job.exit_code, signal=signal), text)
