@@ -146,6 +146,11 @@ class Provider:
     ) -> tuple[int, str, str]:
         raise Unsupported(self.name, "run one-shot commands outside SSH")
 
+    async def preview_url(self, handle: Handle, port: int) -> tuple[str, dict[str, str]] | None:
+        """The provider's own URL for `port` and the headers it needs (Daytona's preview token), or None.
+        The tunnel layer's `provider` backend uses it."""
+        return None
+
     async def list(self) -> list[ListedResource] | None:
         """The provider's own view of what exists, or None when it has no listing (nothing to reconcile)."""
         return None

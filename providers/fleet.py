@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,17 @@ from .profiles import GPU_RATES_USD_PER_HOUR, CapabilityProfile
 
 log = logging.getLogger(__name__)
 LABEL = "tether-id"
+
+
+def summary(record: SandboxRecord) -> dict[str, Any]:
+    """What events say about a sandbox (no handle, no request: nothing secret)."""
+    return {
+        "id": record.id,
+        "name": record.name,
+        "provider": record.provider,
+        "pool": record.pool,
+        "status": record.status,
+    }
 
 
 class ManagedSandbox(Sandbox):
@@ -99,6 +111,8 @@ class Fleet:
         self._providers: dict[str, Provider] = {}
         self._open: dict[str, ManagedSandbox] = {}
         self.created_here: set[str] = set()
+        # Called with ("sandbox.created" | "sandbox.terminated", payload): chat channels, tunnel cleanup.
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
     @property
     def connections(self) -> ConnectionPool:
@@ -192,6 +206,7 @@ class Fleet:
             await self.destroy(sandbox_id, "could not connect after provisioning")
             raise
         await progress(f"{name} is running", 1.0)
+        self._emit("sandbox.created", {"sandbox": summary(box.record)})
         return box
 
     def _choose(self, request: Request) -> Pool:
@@ -254,7 +269,29 @@ class Fleet:
         return event
 
     def _record_termination(self, record: SandboxRecord, reason: str) -> None:
-        self.ledger.terminate(record.id, reason, self._cost(record, time.time()))
+        event = self._cost(record, time.time())
+        if self.ledger.terminate(record.id, reason, event):
+            self._emit(
+                "sandbox.terminated",
+                {
+                    "sandbox": {**summary(record), "status": "terminated", "status_reason": reason},
+                    "cost": event.as_dict(),
+                },
+            )
+
+    def _emit(self, event: str, payload: dict[str, Any]) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event, payload)
+            except Exception:  # a listener's trouble is not the sandbox's
+                log.exception("listener failed on %s", event)
+
+    async def preview_url(self, ref: str, port: int) -> tuple[str, dict[str, str]] | None:
+        """The provider's own URL for a port of this sandbox, or None."""
+        record = self.ledger.get(ref)
+        if record.handle is None:
+            return None
+        return await self._provider_of(record).preview_url(Handle.model_validate(record.handle), port)
 
     def _cost(self, record: SandboxRecord, now: float) -> CostEvent:
         seconds = max(0.0, now - record.created_at)

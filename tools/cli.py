@@ -350,6 +350,41 @@ def _split_location(text: str) -> tuple[str | None, str]:
     return None, text
 
 
+@command("tunnel")
+def tunnel_command(args: argparse.Namespace) -> int:
+    """Open a tunnel, print its URL, keep it open until Ctrl-C (or SIGTERM)."""
+    from .links import preview_source, tunnel_manager
+
+    async def hold(fleet: Fleet) -> int:
+        tunnels = tunnel_manager(fleet)
+        box = await fleet.get(args.id)
+        tunnel = await tunnels.open(
+            box,
+            args.port,
+            args.backend,
+            args.path,
+            preview=preview_source(fleet, box.id),
+            sandbox={"id": box.id, "name": box.name},
+        )
+        if args.json:
+            print_json(tunnel.public())
+        else:
+            headers = "".join(f"\n  header {k}: {v}" for k, v in tunnel.headers.items())
+            print(f"{tunnel.url}{headers}\n(Ctrl-C closes the tunnel)", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await tunnels.close_all()
+        if tunnels.notifier is not None:
+            await tunnels.notifier.drain()
+        print("tunnel closed", file=sys.stderr)
+        return 0
+
+    return with_fleet(hold)
+
+
 @command("doctor")
 def doctor_command(args: argparse.Namespace) -> int:
     from .doctor import run_doctor
@@ -557,6 +592,11 @@ def build_parser() -> argparse.ArgumentParser:
     cp = add("cp", "copy files to, from or between sandboxes (ID:path on either side)")
     cp.add_argument("src")
     cp.add_argument("dst")
+    tunnel = add("tunnel", "give a port in a sandbox a URL and keep it open until Ctrl-C")
+    tunnel.add_argument("id", metavar="ID")
+    tunnel.add_argument("port", type=int, metavar="PORT")
+    tunnel.add_argument("--backend", choices=["auto", "provider", "relay", "local"], default="auto")
+    tunnel.add_argument("--path", help="path to check and put in the URL, e.g. /health")
     add("doctor", "check configured providers' credentials and reachability")
     add("pools", "list pools with their provider, state and capability profile")
     add("gc", "terminate expired and orphaned sandboxes; reconcile the ledger with each provider")

@@ -13,6 +13,7 @@ import time
 import httpx
 
 from providers import Fleet, Request
+from tunnels import TunnelManager
 
 APP = textwrap.dedent('''\
     """A tiny web app: GET /NAME answers a greeting."""
@@ -105,8 +106,6 @@ async def run_demo() -> int:
         show(f"job {job.id} listening on port {port} inside the sandbox")
 
         step("fetching a page through a tunnel")
-        from tunnels import TunnelManager
-
         tunnels = TunnelManager()
         tunnel = await tunnels.open(box, port, backend="local")
         show(f"tunnel {tunnel.id}: {tunnel.url}")

@@ -273,3 +273,30 @@ class JobKillResult(BaseModel):
     status: Literal["running", "exited"]
     exit_code: int | None
     signal: str
+
+
+class TunnelResult(BaseModel):
+    """tunnel_open."""
+
+    tunnel_id: str
+    url: str
+    backend: Literal["provider", "relay", "local"]
+    headers: dict[str, str] = Field(description="headers a request through the URL must carry (may be empty)")
+    port: int
+    sandbox: str
+
+    def text(self) -> str:
+        needs = f" with headers {self.headers}" if self.headers else ""
+        return f"port {self.port} is at {self.url}{needs} ({self.backend} tunnel {self.tunnel_id})"
+
+
+class TunnelList(BaseModel):
+    tunnels: list[TunnelResult]
+
+    def text(self) -> str:
+        return "\n".join(t.text() for t in self.tunnels) or "no open tunnels"
+
+
+class TunnelClosed(BaseModel):
+    tunnel_id: str
+    status: Literal["closed"] = "closed"

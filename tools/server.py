@@ -26,8 +26,10 @@ from providers.errors import ProviderError
 from providers.registry import profile_of
 from sandbox.errors import InvalidArgument, SandboxError
 from sandbox.files import Edit, Image
+from tunnels import Tunnel, listening_ports
 
 from . import results as R
+from .links import preview_source, tunnel_manager
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -102,6 +104,9 @@ class ServerState:
         self.reap_interval = reap_interval
         self.progress_interval = progress_interval
         self._reaper: asyncio.Task[None] | None = None
+        self.tunnels = tunnel_manager(self.fleet)
+        self.fleet.listeners.append(self._close_tunnels_of_terminated)
+        self._background: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -114,10 +119,21 @@ class ServerState:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
+        await self.tunnels.close_all()
         destroyed = await self.fleet.close(teardown_created=True)
         if destroyed:
             log.info("tore down %s", ", ".join(destroyed))
+        if self.tunnels.notifier is not None:
+            await self.tunnels.notifier.drain()
         return destroyed
+
+    def _close_tunnels_of_terminated(self, event: str, payload: dict[str, Any]) -> None:
+        if event == "sandbox.terminated":
+            # Whoever terminated it (a tool, the reaper), its tunnels end with it.
+            closing = self.tunnels.close_for_sandbox(payload["sandbox"]["id"])
+            task = asyncio.get_running_loop().create_task(closing)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _reap_forever(self) -> None:
         while True:
@@ -197,6 +213,7 @@ def build_server(state: ServerState) -> MCPServer:
     register_lifecycle_tools(server, state)
     register_file_tools(server, state)
     register_shell_tools(server, state)
+    register_tunnel_tools(server, state)
     return server
 
 
@@ -305,8 +322,8 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
             for j in await box.job_list()
         ]
         tunnels = [
-            R.TunnelInfo(tunnel_id=t["id"], port=t["port"], backend=t["backend"], url=t["url"], status=t["status"])
-            for t in state.fleet.ledger.tunnels(record.id)
+            R.TunnelInfo(tunnel_id=t.id, port=t.port, backend=t.backend, url=t.url, status=t.status)
+            for t in state.tunnels.list(record.id)
         ]
         endpoint = record.endpoint or {}
         info = R.SandboxInfo(
@@ -324,6 +341,7 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
             cwd=await box.cwd(),
             jobs=jobs,
             tunnels=tunnels,
+            listening_ports=await listening_ports(box),
         )
         return ok(info)
 
@@ -663,3 +681,56 @@ def register_shell_tools(server: MCPServer, state: ServerState) -> None:
         job = await box.job_kill(job_id, signal)
         text = f"sent {signal} to {job_id}: " + (f"exited ({job.exit_code})" if job.status == "exited" else "running")
         return ok(R.JobKillResult(job_id=job_id, status=job.status, exit_code=job.exit_code, signal=signal), text)
+
+
+def register_tunnel_tools(server: MCPServer, state: ServerState) -> None:
+    def result(tunnel: Tunnel) -> R.TunnelResult:
+        return R.TunnelResult(
+            tunnel_id=tunnel.id,
+            url=tunnel.url,
+            backend=tunnel.backend,
+            headers=tunnel.headers,
+            port=tunnel.port,
+            sandbox=tunnel.sandbox_id,
+        )
+
+    @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=True))
+    @guarded
+    async def tunnel_open(
+        port: Annotated[int, Field(ge=1, le=65535, description="Port a server listens on inside the sandbox")],
+        backend: Annotated[
+            Literal["auto", "provider", "relay", "local"],
+            Field(description="auto: the provider's URL, else the configured relay, else a local forward"),
+        ] = "auto",
+        path: Annotated[str | None, Field(description="Path to check and to put in the URL, e.g. /health")] = None,
+        sandbox: SandboxArg = None,
+    ) -> Annotated[CallToolResult, R.TunnelResult]:
+        """Give a port inside the sandbox a URL. It is returned only after an HTTP request through it got an
+        answer; if nothing listens on the port the error says which ports do. Chat channels get the URL."""
+        box = await state.sandbox(sandbox)
+        record = box.record
+        tunnel = await state.tunnels.open(
+            box,
+            port,
+            backend,
+            path,
+            preview=preview_source(state.fleet, box.id),
+            sandbox={"id": record.id, "name": record.name, "provider": record.provider, "pool": record.pool},
+        )
+        return ok(result(tunnel))
+
+    @server.tool(annotations=READ_ONLY)
+    @guarded
+    async def tunnel_list(sandbox: SandboxArg = None) -> Annotated[CallToolResult, R.TunnelList]:
+        """Open tunnels (of one sandbox when given)."""
+        sandbox_id = (await state.sandbox(sandbox)).id if sandbox else None
+        return ok(R.TunnelList(tunnels=[result(t) for t in state.tunnels.list(sandbox_id)]))
+
+    @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True))
+    @guarded
+    async def tunnel_close(
+        tunnel_id: Annotated[str, Field(description="From tunnel_open or tunnel_list")],
+    ) -> Annotated[CallToolResult, R.TunnelClosed]:
+        """Close a tunnel."""
+        tunnel = await state.tunnels.close(tunnel_id)
+        return ok(R.TunnelClosed(tunnel_id=tunnel.id), f"closed {tunnel.id} (port {tunnel.port})")

@@ -1,0 +1,435 @@
+"""Tunnels: a real HTTP server in the sandbox, fetched through the local backend and through relays
+(a real OpenSSH sshd, and a sish-style test relay); the provider hook; chat channels."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import http.server
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncssh
+import httpx
+import pytest
+
+from providers import Fleet, Request
+from providers.local import LocalProvider
+from sandbox import ConnectionPool, Sandbox
+from tests.conftest import endpoint_for
+from tests.mcp_support import ROOT, server_env, stdio_client, structured, text
+from tests.sshd import SSHD, Account, ensure_account
+from tunnels import ChannelConfig, Notifier, RelayConfig, TunnelError, TunnelManager
+from tunnels.ports import parse_netstat, parse_proc_net_tcp
+from tunnels.relay import find_url
+
+PAGE = "hello through the tunnel\n"
+
+
+async def start_http_server(box: Sandbox) -> int:
+    """`python3 -m http.server` as a background job in the sandbox; returns its port."""
+    directory = f"{await box.home()}/site-{secrets.token_hex(3)}"
+    await box.write(f"{directory}/index.html", PAGE)
+    port = 20000 + secrets.randbelow(20000)
+    job = await box.start_job(f"exec python3 -m http.server {port} --bind 127.0.0.1", cwd=directory)
+    deadline = time.monotonic() + 15
+    while True:
+        probe = await box.run(f"python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", {port}))'")
+        if probe.exit_code == 0:
+            return port
+        out = await box.job_output(job.id)
+        assert out.status == "running", f"http.server exited: {out.stderr}"
+        assert time.monotonic() < deadline, "http.server did not start"
+        await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+async def ssh_box(sshd: SSHD, client_key: Path, pool: ConnectionPool) -> AsyncIterator[Sandbox]:
+    async with Sandbox(endpoint_for(sshd, client_key), pool=pool) as box:
+        yield box
+
+
+@pytest.fixture
+async def local_box() -> AsyncIterator[Sandbox]:
+    fleet = Fleet(config={})
+    box = await fleet.create(Request(provider="local"))
+    yield box
+    await fleet.close(teardown_created=True)
+
+
+@pytest.fixture(params=["sshd", "local"])
+async def any_box(
+    request: pytest.FixtureRequest, sshd: SSHD, client_key: Path, pool: ConnectionPool
+) -> AsyncIterator[Sandbox]:
+    """The real sshd host, then the local provider."""
+    if request.param == "sshd":
+        async with Sandbox(endpoint_for(sshd, client_key), pool=pool) as box:
+            yield box
+    else:
+        fleet = Fleet(config={})
+        yield await fleet.create(Request(provider="local"))
+        await fleet.close(teardown_created=True)
+
+
+async def test_local_backend_serves_a_real_http_server(any_box: Sandbox) -> None:
+    box = any_box
+    port = await start_http_server(box)
+    tunnels = TunnelManager()
+    tunnel = await tunnels.open(box, port, backend="local")
+    assert tunnel.backend == "local" and tunnel.url.startswith("http://127.0.0.1:")
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"{tunnel.url}/index.html")).text == PAGE
+        pages = await asyncio.gather(*(client.get(f"{tunnel.url}/index.html") for _ in range(20)))
+        assert all(p.status_code == 200 for p in pages)
+    await tunnels.close(tunnel.id)
+    with pytest.raises(httpx.ConnectError):
+        async with httpx.AsyncClient() as client:
+            await client.get(tunnel.url)
+
+
+async def test_a_port_where_nothing_listens_gives_a_clear_error(ssh_box: Sandbox) -> None:
+    port = await start_http_server(ssh_box)
+    with pytest.raises(TunnelError) as caught:
+        await TunnelManager(check_timeout=3).open(ssh_box, 1, backend="local")
+    assert "nothing is listening on port 1 inside the sandbox" in str(caught.value)
+    assert str(port) in str(caught.value)  # it names what does listen
+
+
+async def test_the_local_tunnel_is_reestablished_after_the_connection_dies(
+    bash_account: Account, client_key: Path, pool: ConnectionPool
+) -> None:
+    server = SSHD(bash_account, client_key).start()
+    try:
+        async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
+            port = await start_http_server(box)
+            tunnels = TunnelManager()
+            tunnel = await tunnels.open(box, port, backend="local")
+            server.kill_connections()
+            deadline = time.monotonic() + 15
+            async with httpx.AsyncClient(timeout=2) as client:
+                while True:
+                    with contextlib.suppress(httpx.HTTPError):
+                        if (await client.get(f"{tunnel.url}/index.html")).text == PAGE:
+                            break
+                    assert time.monotonic() < deadline, "the tunnel did not come back"
+                    await asyncio.sleep(0.2)
+            await tunnels.close_all()
+    finally:
+        server.cleanup()
+
+
+# -- relays ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def openssh_relay(client_key: Path) -> Iterator[SSHD]:
+    relay = SSHD(
+        ensure_account("tether-relay", "/bin/bash", {".profile": ""}),
+        client_key,
+        extra_config=["GatewayPorts clientspecified"],
+    ).start()
+    yield relay
+    relay.cleanup()
+
+
+async def test_relay_through_a_real_openssh_sshd(openssh_relay: SSHD, ssh_box: Sandbox, client_key: Path) -> None:
+    port = await start_http_server(ssh_box)
+    config = RelayConfig(
+        host=openssh_relay.address,
+        identityFile=str(client_key),
+        remote_host="0.0.0.0",
+        remote_port=0,
+        url_template="http://{host}:{port}",
+    )
+    tunnels = TunnelManager(relay=config)
+    tunnel = await tunnels.open(ssh_box, port)  # auto: the relay wins over local
+    assert tunnel.backend == "relay" and tunnel.url.startswith("http://127.0.0.1:")
+    async with httpx.AsyncClient() as client:
+        responses = await asyncio.gather(*(client.get(f"{tunnel.url}/index.html") for _ in range(10)))
+    assert {r.text for r in responses} == {PAGE}
+    await tunnels.close_all()
+
+
+class SishStyleRelay(asyncssh.SSHServer):
+    """A test relay: like sish, it accepts remote forwards and tells the session the public URL, in
+    colour; on stdout, or on stderr."""
+
+    def __init__(self, stream: str) -> None:
+        self.stream = stream
+
+    def begin_auth(self, username: str) -> bool:
+        return False
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        return True
+
+
+@contextlib.asynccontextmanager
+async def sish_relay(stream: str) -> AsyncIterator[tuple[int, int]]:
+    public_port = 30000 + secrets.randbelow(20000)
+
+    async def session(process: asyncssh.SSHServerProcess) -> None:
+        out = process.stderr if stream == "stderr" else process.stdout
+        out.write("\x1b[1;32mPress Ctrl-C to close the session.\x1b[0m\r\n")
+        out.write(
+            "Starting SSH Forwarding service for \x1b[33mhttp:80\x1b[0m. Forwarded connections can be "
+            "accessed via the following methods:\r\n"
+        )
+        out.write(f"\x1b[36mHTTP\x1b[0m: \x1b[4mhttp://127.0.0.1:{public_port}\x1b[0m\r\n")
+        await process.stdin.read()  # stay open like a relay session does
+
+    server = await asyncssh.listen(
+        "127.0.0.1",
+        0,
+        server_factory=lambda: SishStyleRelay(stream),
+        server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
+        process_factory=session,
+    )
+    try:
+        yield server.sockets[0].getsockname()[1], public_port
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+async def test_relay_url_read_from_a_sish_style_banner(stream: str, ssh_box: Sandbox) -> None:
+    port = await start_http_server(ssh_box)
+    async with sish_relay(stream) as (relay_port, public_port):
+        config = RelayConfig(host=f"anyone@127.0.0.1:{relay_port}", remote_host="127.0.0.1", remote_port=public_port)
+        tunnels = TunnelManager(relay=config)
+        tunnel = await tunnels.open(ssh_box, port, backend="relay")
+        assert tunnel.url == f"http://127.0.0.1:{public_port}"
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{tunnel.url}/index.html")).text == PAGE
+        await tunnels.close_all()
+
+
+def test_find_url_in_banners() -> None:
+    sish = (
+        "\x1b[32mHTTP\x1b[0m: http://abc.sish.example\r\n\x1b[32mHTTPS\x1b[0m: "
+        "\x1b[4mhttps://abc.sish.example\x1b[0m\r\n"
+    )
+    assert find_url(sish) == "https://abc.sish.example"
+    localhost_run = "abc123.lhr.life tunneled with tls termination, https://abc123.lhr.life.\n"
+    assert find_url(localhost_run) == "https://abc123.lhr.life"
+    assert find_url("no url here") is None
+    assert (
+        find_url("see https://docs.example and go https://x.tunnel.example", r"(https://\S+\.tunnel\.example)")
+        == "https://x.tunnel.example"
+    )
+
+
+# -- the provider hook -----------------------------------------------------------------------------------
+
+
+class PreviewingProvider(LocalProvider):
+    """A provider with URLs of its own for ports (like E2B's {port}-{id} hosts), behind a token header."""
+
+    name = "previewing"
+    token = "preview-secret-123"
+
+    async def preview_url(self, handle, port):  # type: ignore[no-untyped-def]
+        return f"http://127.0.0.1:{_token_gate_port}/{port}", {"x-preview-token": self.token}
+
+
+_token_gate_port = 0
+
+
+@contextlib.contextmanager
+def token_gate() -> Iterator[int]:
+    """The provider's edge: forwards /PORT/... to 127.0.0.1:PORT when the token header is right."""
+
+    class Gate(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.headers.get("x-preview-token") != PreviewingProvider.token:
+                self.send_response(403)
+                self.end_headers()
+                return
+            port, _, rest = self.path.lstrip("/").partition("/")
+            body = httpx.get(f"http://127.0.0.1:{port}/{rest}").content
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Gate)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_port
+    server.shutdown()
+
+
+async def test_provider_backend_through_a_test_provider() -> None:
+    global _token_gate_port
+    config = {
+        "providers": [{"name": "previewing", "class": "tests.test_tunnels:PreviewingProvider"}],
+        "pools": [{"name": "previews", "provider": "previewing"}],
+    }
+    fleet = Fleet(config=config)
+    with token_gate() as gate_port:
+        _token_gate_port = gate_port
+        try:
+            box = await fleet.create(Request(pool="previews"))
+            port = await start_http_server(box)
+            from tools.links import preview_source
+
+            tunnels = TunnelManager()
+            tunnel = await tunnels.open(box, port, preview=preview_source(fleet, box.id))  # auto
+            assert tunnel.backend == "provider" and tunnel.headers == {"x-preview-token": PreviewingProvider.token}
+            async with httpx.AsyncClient() as client:
+                assert (await client.get(f"{tunnel.url}/index.html", headers=tunnel.headers)).text == PAGE
+                assert (await client.get(f"{tunnel.url}/index.html")).status_code == 403
+        finally:
+            await fleet.close(teardown_created=True)
+
+
+# -- chat channels -----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def webhook_receiver(fail_first: int = 0) -> Iterator[tuple[str, list[tuple[str, dict[str, str], bytes]]]]:
+    received: list[tuple[str, dict[str, str], bytes]] = []
+    failures = {"left": fail_first}
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if failures["left"] > 0:
+                failures["left"] -= 1
+                self.send_response(503)
+            else:
+                received.append((self.path, dict(self.headers), body))
+                self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", received
+    server.shutdown()
+
+
+async def test_tunnel_urls_reach_chat_channels_signed(ssh_box: Sandbox) -> None:
+    port = await start_http_server(ssh_box)
+    with webhook_receiver(fail_first=1) as (base, received):
+        os.environ["TETHER_TEST_HOOK_SECRET"] = "s3cret-for-hmac"
+        channels = [
+            ChannelConfig(kind="slack", url=f"{base}/slack"),
+            ChannelConfig(kind="discord", url=f"{base}/discord", events=["tunnel.opened"]),
+            ChannelConfig(kind="webhook", url=f"{base}/hook", secret_env="TETHER_TEST_HOOK_SECRET"),
+        ]
+        notifier = Notifier(channels, delays=(0.05, 0.1))
+        tunnels = TunnelManager(notifier=notifier)
+        tunnel = await tunnels.open(ssh_box, port, backend="local", sandbox={"id": "sb-x", "name": "demo"})
+        await tunnels.close(tunnel.id)
+        await notifier.drain()
+    by_path: dict[str, list[tuple[dict[str, str], bytes]]] = {}
+    for path, headers, body in received:
+        by_path.setdefault(path, []).append((headers, body))
+    assert sorted(by_path) == ["/discord", "/hook", "/slack"]
+    assert len(by_path["/discord"]) == 1  # it asked for tunnel.opened only
+    slack_texts = [json.loads(b)["text"] for _, b in by_path["/slack"]]
+    assert f"port {port} of demo is at {tunnel.url}" in slack_texts[0] and "closed" in slack_texts[1]
+    assert json.loads(by_path["/discord"][0][1])["content"] == slack_texts[0]
+    for headers, body in by_path["/hook"]:
+        expected = "sha256=" + hmac.new(b"s3cret-for-hmac", body, hashlib.sha256).hexdigest()
+        assert headers["X-Tether-Signature"] == expected
+        payload = json.loads(body)
+        assert payload["tunnel"]["url"] == tunnel.url and payload["sandbox"]["name"] == "demo"
+    assert [json.loads(b)["event"] for _, b in by_path["/hook"]] == ["tunnel.opened", "tunnel.closed"]
+    assert notifier.failures == []  # the first 503 was retried
+
+
+async def test_a_failing_channel_never_fails_the_caller(ssh_box: Sandbox, caplog: pytest.LogCaptureFixture) -> None:
+    port = await start_http_server(ssh_box)
+    secret_url = "http://127.0.0.1:1/hooks/SECRET-PART"
+    notifier = Notifier([ChannelConfig(kind="slack", url=secret_url, name="team")], delays=(0.01,))
+    tunnels = TunnelManager(notifier=notifier)
+    tunnel = await tunnels.open(ssh_box, port, backend="local")
+    await notifier.drain()
+    assert notifier.failures and "slack channel team: could not deliver tunnel.opened" in notifier.failures[0]
+    assert "SECRET-PART" not in caplog.text
+    await tunnels.close(tunnel.id)
+
+
+def test_proc_net_tcp_and_netstat_parsing() -> None:
+    proc = (
+        "  sl  local_address rem_address   st\n"
+        "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000\n"
+        "   1: 0100007F:0016 0100007F:9C40 01 00000000:00000000\n"
+    )
+    assert parse_proc_net_tcp(proc) == {8080}
+    netstat = (
+        "tcp        0      0 127.0.0.1:8000          0.0.0.0:*               LISTEN\n"
+        "tcp4       0      0  *.5432                 *.*                    LISTEN\n"
+        "tcp        0      0 10.0.0.1:22             10.0.0.2:5000           ESTABLISHED\n"
+    )
+    assert parse_netstat(netstat) == {8000, 5432}
+
+
+# -- the MCP tools and the CLI ---------------------------------------------------------------------------
+
+
+async def test_tunnel_tools_over_mcp() -> None:
+    async with stdio_client() as client:
+        job = structured(
+            await client.call_tool(
+                "run", {"command": "python3 -m http.server 0 --bind 127.0.0.1", "run_in_background": True}
+            )
+        )
+        out = ""
+        while "port" not in out:
+            out += structured(await client.call_tool("job_output", {"job_id": job["job_id"], "wait_ms": 5000}))[
+                "stdout"
+            ]
+        port = int(out.split("port ")[1].split()[0])
+        info = structured(await client.call_tool("sandbox_info", {}))
+        assert port in info["listening_ports"]
+        opened = structured(await client.call_tool("tunnel_open", {"port": port, "path": "/"}))
+        assert opened["backend"] == "local" and opened["headers"] == {}
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(opened["url"])).status_code == 200
+        listed = structured(await client.call_tool("tunnel_list", {}))
+        assert [t["tunnel_id"] for t in listed["tunnels"]] == [opened["tunnel_id"]]
+        refused = await client.call_tool("tunnel_open", {"port": 9})
+        assert refused.is_error and "nothing is listening on port 9" in text(refused)
+        closed = structured(await client.call_tool("tunnel_close", {"tunnel_id": opened["tunnel_id"]}))
+        assert closed["status"] == "closed"
+        assert structured(await client.call_tool("tunnel_list", {}))["tunnels"] == []
+
+
+async def test_tether_tunnel_command(local_box: Sandbox) -> None:
+    port = await start_http_server(local_box)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tools.cli", "tunnel", local_box.id, str(port)],  # type: ignore[attr-defined]
+        cwd=ROOT,
+        env=server_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = await asyncio.to_thread(process.stdout.readline)  # type: ignore[union-attr]
+        assert url.startswith("http://127.0.0.1:"), process.stderr.read() if process.stderr else url
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{url.strip()}/index.html")).text == PAGE
+        process.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(process.wait, 15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -1,0 +1,30 @@
+"""Wiring the tunnel layer to the fleet: the ledger records tunnels, the provider's own URLs feed the
+`provider` backend, and chat channels hear about tunnels and sandboxes (tunnels/ knows nothing of
+providers, so the wiring lives here)."""
+
+from __future__ import annotations
+
+from providers import Fleet
+from tunnels import Notifier, PreviewSource, PreviewURL, Tunnel, TunnelManager, load_channels, load_relay
+
+
+def tunnel_manager(fleet: Fleet) -> TunnelManager:
+    """A tunnel manager that records in the fleet's ledger and notifies the configured channels."""
+
+    def record(what: str, tunnel: Tunnel) -> None:
+        if what == "opened":
+            fleet.ledger.add_tunnel(tunnel.id, tunnel.sandbox_id, tunnel.port, tunnel.backend, tunnel.url)
+        else:
+            fleet.ledger.close_tunnel(tunnel.id)
+
+    notifier = Notifier(load_channels(fleet.config))
+    fleet.listeners.append(notifier.emit)
+    return TunnelManager(relay=load_relay(fleet.config), notifier=notifier, recorder=record)
+
+
+def preview_source(fleet: Fleet, sandbox_id: str) -> PreviewSource:
+    async def preview(port: int) -> PreviewURL | None:
+        found = await fleet.preview_url(sandbox_id, port)
+        return PreviewURL(found[0], found[1]) if found else None
+
+    return preview

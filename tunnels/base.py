@@ -1,0 +1,73 @@
+"""What a tunnel is, and what every backend provides."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from sandbox import Sandbox
+from sandbox.errors import SandboxError
+
+BackendName = Literal["provider", "relay", "local"]
+
+
+class TunnelError(SandboxError):
+    """A tunnel could not be opened or does not exist."""
+
+
+@dataclass
+class PreviewURL:
+    """A provider's own URL for a port (Daytona preview link, E2B host, RunPod proxy, Modal port)."""
+
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+# The provider hook: the preview URL of `port` for this sandbox, or None when the provider has none.
+PreviewSource = Callable[[int], Awaitable[PreviewURL | None]]
+
+
+@dataclass
+class Tunnel:
+    id: str
+    sandbox_id: str
+    port: int
+    backend: BackendName
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)
+    status: Literal["open", "closed"] = "open"
+
+    def public(self) -> dict[str, Any]:
+        """The fields tools report (headers included: a preview token is for the agent to use)."""
+        return {
+            "tunnel_id": self.id,
+            "sandbox": self.sandbox_id,
+            "port": self.port,
+            "backend": self.backend,
+            "url": self.url,
+            "headers": self.headers,
+            "status": self.status,
+        }
+
+
+def new_tunnel_id() -> str:
+    return f"t-{secrets.token_hex(4)}"
+
+
+class Opened(Protocol):
+    """A backend's live tunnel: its URL, and how to close it."""
+
+    url: str
+    headers: dict[str, str]
+
+    async def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    name: BackendName
+
+    async def open(self, box: Sandbox, port: int) -> Opened: ...

@@ -1,0 +1,172 @@
+"""Chat channels: tunnel URLs and lifecycle events pushed to Slack, Discord or any webhook.
+
+    [[channels]]
+    kind = "slack"                      # slack | discord | webhook
+    url_env = "SLACK_WEBHOOK_URL"       # or url = "https://hooks.slack.com/services/…"
+    events = ["tunnel.opened"]          # default: all of them
+
+    [[channels]]
+    kind = "webhook"
+    url = "https://ci.example.com/tether-events"
+    secret_env = "TETHER_WEBHOOK_SECRET"   # body signed: X-Tether-Signature: sha256=<hex HMAC-SHA256>
+
+Deliveries run in the background with retries and backoff; a failing channel is logged (by kind
+and name, never by URL: webhook URLs are secrets) and never fails the tool call that caused it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import hmac
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+log = logging.getLogger(__name__)
+EVENTS = ("tunnel.opened", "tunnel.closed", "sandbox.created", "sandbox.terminated")
+SIGNATURE_HEADER = "X-Tether-Signature"
+RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
+
+
+class ChannelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["slack", "discord", "webhook"]
+    name: str | None = None
+    url: str | None = None
+    url_env: str | None = Field(None, description="Environment variable holding the URL")
+    secret: str | None = None
+    secret_env: str | None = Field(None, description="Environment variable holding the HMAC secret")
+    events: list[Literal["tunnel.opened", "tunnel.closed", "sandbox.created", "sandbox.terminated"]] = Field(
+        default_factory=lambda: list(EVENTS)
+    )
+    header: str = Field(SIGNATURE_HEADER, description="Header carrying the signature (webhook)")
+
+    @model_validator(mode="after")
+    def _has_url(self) -> ChannelConfig:
+        if not self.url and not self.url_env:
+            raise ValueError("a channel needs url or url_env")
+        if self.kind == "webhook" and not (self.secret or self.secret_env):
+            raise ValueError("a webhook channel needs secret or secret_env (its deliveries are signed)")
+        return self
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} channel {self.name or ''}".strip()
+
+    def resolved_url(self) -> str:
+        url = self.url or os.environ.get(self.url_env or "", "")
+        if not url:
+            raise ValueError(f"{self.label}: ${self.url_env} is not set")
+        return url
+
+    def resolved_secret(self) -> bytes:
+        secret = self.secret or os.environ.get(self.secret_env or "", "")
+        if not secret:
+            raise ValueError(f"{self.label}: ${self.secret_env} is not set")
+        return secret.encode()
+
+
+def sign(secret: bytes, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def describe(event: str, data: dict[str, Any]) -> str:
+    """One line for people in a chat."""
+    sandbox = data.get("sandbox", {})
+    who = sandbox.get("name") or sandbox.get("id", "?")
+    tunnel = data.get("tunnel", {})
+    if event == "tunnel.opened":
+        return f"tether: port {tunnel.get('port')} of {who} is at {tunnel.get('url')}"
+    if event == "tunnel.closed":
+        return f"tether: tunnel to port {tunnel.get('port')} of {who} closed"
+    if event == "sandbox.created":
+        return f"tether: sandbox {who} is running on {sandbox.get('provider')} (pool {sandbox.get('pool')})"
+    cost = data.get("cost", {})
+    usd = cost.get("estimated_usd")
+    spent = f", ~${usd:.4f}" if isinstance(usd, int | float) else ""
+    return f"tether: sandbox {who} terminated after {cost.get('seconds', 0):.0f}s ({cost.get('billing_model')}{spent})"
+
+
+def render(channel: ChannelConfig, event: str, data: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    """The request body and headers a channel gets for an event."""
+    headers = {"Content-Type": "application/json"}
+    if channel.kind == "slack":
+        payload: dict[str, Any] = {"text": describe(event, data)}
+    elif channel.kind == "discord":
+        payload = {"content": describe(event, data)}
+    else:
+        timestamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        payload = {"event": event, "timestamp": timestamp, **data}
+    body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+    if channel.kind == "webhook":
+        headers[channel.header] = sign(channel.resolved_secret(), body)
+        headers["X-Tether-Event"] = event
+    return body, headers
+
+
+class Notifier:
+    """Delivers events to the configured channels without ever blocking or failing the caller."""
+
+    def __init__(
+        self,
+        channels: list[ChannelConfig],
+        client: Callable[[], httpx.AsyncClient] | None = None,
+        delays: tuple[float, ...] = RETRY_DELAYS,
+    ) -> None:
+        self.channels = channels
+        self._client_factory = client or (lambda: httpx.AsyncClient(timeout=10))
+        self._delays = delays
+        self._pending: set[asyncio.Task[None]] = set()
+        self.failures: list[str] = []  # "kind name: reason", for tests and `tether doctor`
+
+    def emit(self, event: str, data: dict[str, Any]) -> None:
+        for channel in self.channels:
+            if event in channel.events:
+                task = asyncio.get_running_loop().create_task(self._deliver(channel, event, data))
+                self._pending.add(task)
+                task.add_done_callback(self._pending.discard)
+
+    async def _deliver(self, channel: ChannelConfig, event: str, data: dict[str, Any]) -> None:
+        try:
+            url = channel.resolved_url()
+            body, headers = render(channel, event, data)
+        except ValueError as exc:
+            self._failed(channel, event, str(exc))
+            return
+        problem = ""
+        async with self._client_factory() as client:
+            for attempt, delay in enumerate((0.0, *self._delays)):
+                if delay:
+                    await asyncio.sleep(delay)
+                try:
+                    response = await client.post(url, content=body, headers=headers)
+                except httpx.HTTPError as exc:
+                    problem = f"{type(exc).__name__}"
+                    continue
+                if response.status_code < 300:
+                    return
+                problem = f"HTTP {response.status_code}"
+                if response.status_code < 500 and response.status_code != 429:
+                    break  # the channel refused it; retrying won't change its mind
+                log.debug("%s: %s for %s (attempt %d)", channel.label, problem, event, attempt + 1)
+        self._failed(channel, event, problem)
+
+    def _failed(self, channel: ChannelConfig, event: str, reason: str) -> None:
+        message = f"{channel.label}: could not deliver {event}: {reason}"
+        self.failures.append(message)
+        log.warning(message)
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Wait (a bounded time) for deliveries in flight, e.g. before the process exits."""
+        if self._pending:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*self._pending, return_exceptions=True), timeout)

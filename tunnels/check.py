@@ -1,0 +1,32 @@
+"""Before a URL is reported, one HTTP request through it must get an answer."""
+
+from __future__ import annotations
+
+import httpx
+
+from sandbox import Sandbox
+
+from .base import TunnelError
+from .ports import listening_ports, suggest
+
+CHECK_TIMEOUT = 10.0
+
+
+async def verify(url: str, headers: dict[str, str], box: Sandbox, port: int, timeout: float = CHECK_TIMEOUT) -> int:
+    """GET `url`; any HTTP answer (even 404 or 500) passes. Returns the status code.
+
+    Raises TunnelError saying whether anything listens on `port` inside the sandbox.
+    """
+    try:
+        async with httpx.AsyncClient(timeout=timeout, verify=True, follow_redirects=False) as client:
+            response = await client.get(url, headers=headers)
+            return response.status_code
+    except httpx.HTTPError as exc:
+        problem = f"{type(exc).__name__}: {exc}".rstrip(": ")
+    listening = await listening_ports(box)
+    if port in listening:
+        raise TunnelError(
+            f"port {port} is listening inside the sandbox but no HTTP answer came through {url} within "
+            f"{timeout:g}s ({problem}); is it an HTTP server, and does it answer on 127.0.0.1?"
+        )
+    raise TunnelError(f"nothing is listening on port {port} inside the sandbox; {suggest(port, listening)}")

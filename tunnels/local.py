@@ -1,0 +1,80 @@
+"""The local backend: an SSH local forward, giving http://127.0.0.1:PORT on tether's own host."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import asyncssh
+
+from sandbox import Sandbox
+
+from .base import BackendName
+
+log = logging.getLogger(__name__)
+REOPEN_BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class LocalForward:
+    """A listener on 127.0.0.1 whose connections become direct-tcpip channels to the sandbox's port.
+
+    When the sandbox's connection dies, the forward is re-opened on a new one, on the same local
+    port, so the URL stays valid.
+    """
+
+    def __init__(self, box: Sandbox, port: int) -> None:
+        self._box = box
+        self._port = port
+        self._listener: asyncssh.SSHListener | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._closed = False
+        self.url = ""
+        self.headers: dict[str, str] = {}
+
+    async def start(self) -> None:
+        self._listener = await self._listen(0)
+        self.url = f"http://127.0.0.1:{self._listener.get_port()}"
+        self._supervisor = asyncio.get_running_loop().create_task(self._keep_open())
+
+    async def _listen(self, local_port: int) -> asyncssh.SSHListener:
+        conn = await self._box.connection()
+        return await conn.forward_local_port("127.0.0.1", local_port, "127.0.0.1", self._port)
+
+    async def _keep_open(self) -> None:
+        while not self._closed:
+            assert self._listener is not None
+            await self._listener.wait_closed()
+            if self._closed:
+                return
+            local_port = int(self.url.rsplit(":", 1)[1])
+            for delay in (*REOPEN_BACKOFF, *[REOPEN_BACKOFF[-1]] * 1000):
+                try:
+                    self._listener = await self._listen(local_port)
+                    log.info("re-opened tunnel %s after the connection dropped", self.url)
+                    break
+                except Exception as exc:  # keep trying until closed: the box may be rebooting
+                    log.info("tunnel %s: re-open failed (%s); retrying in %ss", self.url, exc, delay)
+                    await asyncio.sleep(delay)
+                    if self._closed:
+                        return
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        if self._listener is not None:
+            self._listener.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._listener.wait_closed(), 2)
+
+
+class LocalBackend:
+    name: BackendName = "local"
+
+    async def open(self, box: Sandbox, port: int) -> LocalForward:
+        forward = LocalForward(box, port)
+        await forward.start()
+        return forward

@@ -1,0 +1,123 @@
+"""Opening, listing and closing tunnels; `auto` picks provider, then relay (when configured), then local."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sandbox import Sandbox
+
+from .base import BackendName, Opened, PreviewSource, Tunnel, TunnelError, new_tunnel_id
+from .channels import Notifier
+from .check import CHECK_TIMEOUT, verify
+from .local import LocalBackend
+from .provider import ProviderBackend
+from .relay import RelayBackend, RelayConfig
+
+log = logging.getLogger(__name__)
+# Called when a tunnel opens or closes (tools records it in the ledger).
+Recorder = Callable[[str, Tunnel], None]
+
+
+class TunnelManager:
+    def __init__(
+        self,
+        relay: RelayConfig | None = None,
+        notifier: Notifier | None = None,
+        recorder: Recorder | None = None,
+        check_timeout: float = CHECK_TIMEOUT,
+    ) -> None:
+        self.relay = relay
+        self.notifier = notifier
+        self._recorder = recorder
+        self.check_timeout = check_timeout
+        self._open: dict[str, tuple[Tunnel, Opened, dict[str, Any]]] = {}
+
+    async def open(
+        self,
+        box: Sandbox,
+        port: int,
+        backend: BackendName | str = "auto",
+        path: str | None = None,
+        preview: PreviewSource | None = None,
+        sandbox: dict[str, Any] | None = None,
+    ) -> Tunnel:
+        """A URL for `port` inside the sandbox, checked with one HTTP request before it is returned.
+
+        Raises TunnelError: no such backend here, or nothing answers (naming what listens instead).
+        """
+        if not isinstance(port, int) or not 1 <= port <= 65535:
+            raise TunnelError(f"port must be 1-65535, not {port!r}")
+        if path and not path.startswith("/"):
+            path = "/" + path
+        sandbox = sandbox or {"id": getattr(box, "id", box.name), "name": box.name}
+        problems: list[str] = []
+        for candidate in self._candidates(backend, preview):
+            try:
+                opened = await candidate.open(box, port)
+            except TunnelError as exc:
+                if backend != "auto":
+                    raise
+                problems.append(f"{candidate.name}: {exc}")
+                continue
+            url = opened.url.rstrip("/") + (path or "")
+            try:
+                await verify(url, opened.headers, box, port, self.check_timeout)
+            except BaseException:
+                await opened.close()
+                raise
+            tunnel = Tunnel(new_tunnel_id(), sandbox["id"], port, candidate.name, url, dict(opened.headers))
+            self._open[tunnel.id] = (tunnel, opened, sandbox)
+            self._record("opened", tunnel, sandbox)
+            return tunnel
+        raise TunnelError("no tunnel backend could open the port: " + "; ".join(problems))
+
+    def _candidates(self, backend: str, preview: PreviewSource | None) -> list[Any]:
+        available: dict[str, Any] = {"local": LocalBackend()}
+        if self.relay is not None:
+            available["relay"] = RelayBackend(self.relay)
+        if preview is not None:
+            available["provider"] = ProviderBackend(preview)
+        if backend == "auto":
+            return [available[name] for name in ("provider", "relay", "local") if name in available]
+        if backend not in ("provider", "relay", "local"):
+            raise TunnelError(f"unknown tunnel backend {backend!r}; use auto, provider, relay or local")
+        if backend not in available:
+            why = "no [relay] is configured in config.toml" if backend == "relay" else "its provider has no URLs"
+            raise TunnelError(f"backend {backend} is not available for this sandbox: {why}")
+        return [available[backend]]
+
+    def list(self, sandbox_id: str | None = None) -> list[Tunnel]:
+        return [t for t, _, _ in self._open.values() if sandbox_id is None or t.sandbox_id == sandbox_id]
+
+    def get(self, tunnel_id: str) -> Tunnel:
+        entry = self._open.get(tunnel_id)
+        if entry is None:
+            raise TunnelError(f"no open tunnel {tunnel_id!r}; list them with tunnel_list")
+        return entry[0]
+
+    async def close(self, tunnel_id: str) -> Tunnel:
+        self.get(tunnel_id)
+        tunnel, opened, sandbox = self._open.pop(tunnel_id)
+        await opened.close()
+        tunnel.status = "closed"
+        self._record("closed", tunnel, sandbox)
+        return tunnel
+
+    async def close_for_sandbox(self, sandbox_id: str) -> list[Tunnel]:
+        return [await self.close(t.id) for t in self.list(sandbox_id)]
+
+    async def close_all(self) -> None:
+        for tunnel_id in list(self._open):
+            await self.close(tunnel_id)
+
+    def _record(self, what: str, tunnel: Tunnel, sandbox: dict[str, Any]) -> None:
+        if self._recorder is not None:
+            try:
+                self._recorder(what, tunnel)
+            except Exception:  # the ledger is bookkeeping: never lose a working tunnel over it
+                log.exception("could not record tunnel %s %s", tunnel.id, what)
+        if self.notifier is not None:
+            self.notifier.emit(f"tunnel.{what}", {"sandbox": sandbox, "tunnel": tunnel.public(), "at": time.time()})

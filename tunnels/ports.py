@@ -1,0 +1,61 @@
+"""Which TCP ports listen inside a sandbox (read over SSH; nothing is installed on the box)."""
+
+from __future__ import annotations
+
+import re
+
+from sandbox import Sandbox
+from sandbox.errors import SandboxError
+
+LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
+
+
+def parse_proc_net_tcp(text: str) -> set[int]:
+    """Listening ports in a /proc/net/tcp or tcp6 table."""
+    ports = set()
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 3 and fields[3] == LISTEN:
+            ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def parse_netstat(text: str) -> set[int]:
+    """Listening TCP ports in `netstat -an` output (Linux and BSD/macOS spellings)."""
+    ports = set()
+    for line in text.splitlines():
+        if "LISTEN" not in line or not line.lower().startswith("tcp"):
+            continue
+        local = line.split()[3]
+        match = re.search(r"[.:](\d+)$", local)
+        if match:
+            ports.add(int(match.group(1)))
+    return ports
+
+
+async def listening_ports(box: Sandbox) -> list[int]:
+    """Sorted listening TCP ports: /proc/net/tcp{,6} over SFTP, else `netstat -an`."""
+    ports: set[int] = set()
+    found_proc = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            ports |= parse_proc_net_tcp((await box.read_bytes(table)).decode("ascii", "replace"))
+            found_proc = True
+        except SandboxError:
+            continue
+    if not found_proc:
+        try:
+            raw = await box.exec_raw(["netstat", "-an"], timeout=15)
+            ports = parse_netstat(raw.stdout.decode("ascii", "replace"))
+        except (SandboxError, TimeoutError):
+            return []
+    return sorted(ports)
+
+
+def suggest(port: int, listening: list[int]) -> str:
+    """A sentence for the agent: what listens instead of `port`."""
+    likely = [p for p in listening if p >= 1024] or listening
+    if not likely:
+        return "nothing listens on any TCP port in the sandbox; start the server first (run_in_background)"
+    shown = ", ".join(str(p) for p in likely[:10])
+    return f"ports listening in the sandbox: {shown}" + (f"; did you mean {likely[0]}?" if len(likely) == 1 else "")
