@@ -99,6 +99,7 @@ class FileStat:
     mode: int  # permission bits
     mtime: float
     symlink_target: str | None = None
+    uid: int | None = None
 
 
 def sftp_error(path: str, exc: Exception) -> Exception:
@@ -417,9 +418,8 @@ class Files:
                         pass  # dangling: report the link itself
             except asyncssh.SFTPError as exc:
                 raise sftp_error(path, exc) from None
-            return FileStat(
-                path, _kind(attrs), attrs.size or 0, (attrs.permissions or 0) & 0o7777, float(attrs.mtime or 0), target
-            )
+            mode = (attrs.permissions or 0) & 0o7777
+            return FileStat(path, _kind(attrs), attrs.size or 0, mode, float(attrs.mtime or 0), target, attrs.uid)
 
         return await self._sftp.retrying(look)
 

@@ -104,9 +104,12 @@ class ConnectionPool:
     async def connection(self, endpoint: SSHEndpoint) -> asyncssh.SSHClientConnection:
         """A live connection to `endpoint` for channels outside the session budget (port forwards)."""
         group = self._group(endpoint)
-        for pooled in group.connections:
-            if pooled.alive:
+        for pooled in list(group.connections):
+            # is_closed() too: a connection can close before its watcher has run and marked it dead.
+            if pooled.alive and not pooled.conn.is_closed():
                 return pooled.conn
+            if pooled.conn.is_closed():
+                self._forget(group, pooled)
         async with group.changed:
             pooled = await self._dial(group)
         return pooled.conn
@@ -199,6 +202,8 @@ class ConnectionPool:
     async def _reserve(self, group: _EndpointConnections) -> PooledConnection:
         async with group.changed:
             while True:
+                for dead in [p for p in group.connections if p.alive and p.conn.is_closed()]:
+                    self._forget(group, dead)
                 live = [p for p in group.connections if p.alive]
                 # Fill the busiest connection that still has room, so idle ones can be closed.
                 for pooled in sorted(live, key=lambda p: p.budget.available):

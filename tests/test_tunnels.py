@@ -53,10 +53,19 @@ async def start_http_server(box: Sandbox) -> int:
         await asyncio.sleep(0.1)
 
 
+async def stop_jobs(box: Sandbox) -> None:
+    for job in await box.job_list():
+        if job.status == "running":
+            await box.job_kill(job.id, "KILL")
+
+
 @pytest.fixture
 async def ssh_box(sshd: SSHD, client_key: Path, pool: ConnectionPool) -> AsyncIterator[Sandbox]:
-    async with Sandbox(endpoint_for(sshd, client_key), pool=pool) as box:
+    async with Sandbox(
+        endpoint_for(sshd, client_key), pool=pool, tether_dir=f"~/.tether/t-{secrets.token_hex(3)}"
+    ) as box:
         yield box
+        await stop_jobs(box)
 
 
 @pytest.fixture
@@ -73,8 +82,11 @@ async def any_box(
 ) -> AsyncIterator[Sandbox]:
     """The real sshd host, then the local provider."""
     if request.param == "sshd":
-        async with Sandbox(endpoint_for(sshd, client_key), pool=pool) as box:
+        async with Sandbox(
+            endpoint_for(sshd, client_key), pool=pool, tether_dir=f"~/.tether/t-{secrets.token_hex(3)}"
+        ) as box:
             yield box
+            await stop_jobs(box)
     else:
         fleet = Fleet(config={})
         yield await fleet.create(Request(provider="local"))
@@ -124,6 +136,7 @@ async def test_the_local_tunnel_is_reestablished_after_the_connection_dies(
                     assert time.monotonic() < deadline, "the tunnel did not come back"
                     await asyncio.sleep(0.2)
             await tunnels.close_all()
+            await stop_jobs(box)
     finally:
         server.cleanup()
 
@@ -343,15 +356,16 @@ async def test_tunnel_urls_reach_chat_channels_signed(ssh_box: Sandbox) -> None:
         by_path.setdefault(path, []).append((headers, body))
     assert sorted(by_path) == ["/discord", "/hook", "/slack"]
     assert len(by_path["/discord"]) == 1  # it asked for tunnel.opened only
-    slack_texts = [json.loads(b)["text"] for _, b in by_path["/slack"]]
-    assert f"port {port} of demo is at {tunnel.url}" in slack_texts[0] and "closed" in slack_texts[1]
-    assert json.loads(by_path["/discord"][0][1])["content"] == slack_texts[0]
+    slack_texts = sorted(json.loads(b)["text"] for _, b in by_path["/slack"])  # deliveries run concurrently
+    opened_text = f"tether: port {port} of demo is at {tunnel.url}"
+    assert slack_texts == [opened_text, f"tether: tunnel to port {port} of demo closed"]
+    assert json.loads(by_path["/discord"][0][1])["content"] == opened_text
     for headers, body in by_path["/hook"]:
         expected = "sha256=" + hmac.new(b"s3cret-for-hmac", body, hashlib.sha256).hexdigest()
         assert headers["X-Tether-Signature"] == expected
         payload = json.loads(body)
         assert payload["tunnel"]["url"] == tunnel.url and payload["sandbox"]["name"] == "demo"
-    assert [json.loads(b)["event"] for _, b in by_path["/hook"]] == ["tunnel.opened", "tunnel.closed"]
+    assert sorted(json.loads(b)["event"] for _, b in by_path["/hook"]) == ["tunnel.closed", "tunnel.opened"]
     assert notifier.failures == []  # the first 503 was retried
 
 
@@ -369,11 +383,13 @@ async def test_a_failing_channel_never_fails_the_caller(ssh_box: Sandbox, caplog
 
 def test_proc_net_tcp_and_netstat_parsing() -> None:
     proc = (
-        "  sl  local_address rem_address   st\n"
-        "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000\n"
-        "   1: 0100007F:0016 0100007F:9C40 01 00000000:00000000\n"
+        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+        "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1001        0 1 1\n"
+        "   1: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2 1\n"
+        "   2: 0100007F:0016 0100007F:9C40 01 00000000:00000000 00:00000000 00000000  1001        0 3 1\n"
     )
-    assert parse_proc_net_tcp(proc) == {8080}
+    assert parse_proc_net_tcp(proc) == {8080, 22}
+    assert parse_proc_net_tcp(proc, uid=1001) == {8080}
     netstat = (
         "tcp        0      0 127.0.0.1:8000          0.0.0.0:*               LISTEN\n"
         "tcp4       0      0  *.5432                 *.*                    LISTEN\n"

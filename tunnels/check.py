@@ -23,10 +23,11 @@ async def verify(url: str, headers: dict[str, str], box: Sandbox, port: int, tim
             return response.status_code
     except httpx.HTTPError as exc:
         problem = f"{type(exc).__name__}: {exc}".rstrip(": ")
-    listening = await listening_ports(box)
-    if port in listening:
+    if port in await listening_ports(box):
         raise TunnelError(
             f"port {port} is listening inside the sandbox but no HTTP answer came through {url} within "
             f"{timeout:g}s ({problem}); is it an HTTP server, and does it answer on 127.0.0.1?"
         )
-    raise TunnelError(f"nothing is listening on port {port} inside the sandbox; {suggest(port, listening)}")
+    # The suggestion names the sandbox user's own servers: a shared host lists everyone's.
+    own = await listening_ports(box, own_only=True)
+    raise TunnelError(f"nothing is listening on port {port} inside the sandbox; {suggest(port, own)}")

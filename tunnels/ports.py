@@ -10,12 +10,12 @@ from sandbox.errors import SandboxError
 LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
 
 
-def parse_proc_net_tcp(text: str) -> set[int]:
-    """Listening ports in a /proc/net/tcp or tcp6 table."""
+def parse_proc_net_tcp(text: str, uid: int | None = None) -> set[int]:
+    """Listening ports in a /proc/net/tcp or tcp6 table (only `uid`'s sockets when given)."""
     ports = set()
     for line in text.splitlines()[1:]:
         fields = line.split()
-        if len(fields) > 3 and fields[3] == LISTEN:
+        if len(fields) > 7 and fields[3] == LISTEN and (uid is None or fields[7] == str(uid)):
             ports.add(int(fields[1].rsplit(":", 1)[1], 16))
     return ports
 
@@ -33,13 +33,17 @@ def parse_netstat(text: str) -> set[int]:
     return ports
 
 
-async def listening_ports(box: Sandbox) -> list[int]:
-    """Sorted listening TCP ports: /proc/net/tcp{,6} over SFTP, else `netstat -an`."""
+async def listening_ports(box: Sandbox, own_only: bool = False) -> list[int]:
+    """Sorted listening TCP ports: /proc/net/tcp{,6} over SFTP, else `netstat -an`.
+
+    With `own_only`, only sockets of the sandbox's login user (a shared host lists everyone's).
+    """
     ports: set[int] = set()
     found_proc = False
+    uid = (await box.stat("~")).uid if own_only else None
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
-            ports |= parse_proc_net_tcp((await box.read_bytes(table)).decode("ascii", "replace"))
+            ports |= parse_proc_net_tcp((await box.read_bytes(table)).decode("ascii", "replace"), uid)
             found_proc = True
         except SandboxError:
             continue
