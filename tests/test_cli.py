@@ -1,0 +1,122 @@
+"""The `tether` command line, run as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.mcp_support import ROOT, server_env
+from tests.sshd import SSHD
+
+
+def tether(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tools.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env or server_env(),
+        timeout=timeout,
+    )
+
+
+def test_up_exec_cp_info_down(tmp_path: Path) -> None:
+    up = tether("up", "local", "--name", "cli-box", "--ttl", "3600")
+    assert up.returncode == 0, up.stderr
+    sandbox_id = up.stdout.strip()
+    assert sandbox_id.startswith("sb-") and "provisioning" in up.stderr
+
+    listed = json.loads(tether("ls", "--json").stdout)
+    row = next(r for r in listed if r["id"] == sandbox_id)
+    assert row["name"] == "cli-box" and row["status"] == "running" and row["expires_at"]
+
+    # the remote exit code is tether's; stdout and stderr stay apart
+    ran = tether("exec", sandbox_id, "--", "echo out; echo err >&2; exit 7")
+    assert (ran.returncode, ran.stdout, ran.stderr) == (7, "out\n", "err\n")
+    argv = tether("exec", "cli-box", "--", "printf", "%s|", "a b", "$(nope)")
+    assert argv.returncode == 0 and argv.stdout == "a b|$(nope)|"
+
+    local = tmp_path / "data.bin"
+    local.write_bytes(os.urandom(3 * 1024 * 1024))
+    up_copy = tether("cp", str(local), f"{sandbox_id}:in/data.bin")
+    assert up_copy.returncode == 0 and "copied 3145728 bytes" in up_copy.stdout
+    back = tmp_path / "back.bin"
+    assert tether("cp", "cli-box:in/data.bin", str(back)).returncode == 0
+    assert back.read_bytes() == local.read_bytes()
+
+    info = json.loads(tether("info", sandbox_id, "--json").stdout)
+    assert info["status"] == "running" and info["capacity"]["cpus"] == os.cpu_count()
+    assert info["capabilities"]["billingModel"] == "fixed"
+
+    refused = tether("pause", sandbox_id)
+    assert refused.returncode == 2 and "cannot pause" in refused.stderr
+
+    down = json.loads(tether("down", sandbox_id, "--json").stdout)
+    assert down["status"] == "terminated" and down["cost"]["billing_model"] == "fixed"
+    gone = tether("exec", sandbox_id, "--", "true")
+    assert gone.returncode == 2 and "terminated" in gone.stderr
+    costs = json.loads(tether("costs", "--json").stdout)
+    assert any(c["id"] == sandbox_id for c in costs)
+
+
+def test_attach_and_ssh_command(sshd: SSHD, client_key: Path) -> None:
+    attached = tether("attach", sshd.address, "--identity", str(client_key), "--name", "cli-attached")
+    assert attached.returncode == 0, attached.stderr
+    sandbox_id = attached.stdout.strip()
+    printed = tether("ssh", sandbox_id, "--print")
+    assert printed.returncode == 0
+    command = printed.stdout.split()
+    assert command[:3] == ["ssh", "-p", str(sshd.port)] and str(client_key) in command
+    assert "StrictHostKeyChecking=yes" in printed.stdout  # the pinned key, not trust-on-whatever
+    # the printed command works with the real OpenSSH client
+    result = subprocess.run([*command, "-o", "BatchMode=yes", "whoami"], capture_output=True, text=True, timeout=30)
+    assert result.stdout.strip() == sshd.account.name, result.stderr
+    assert tether("down", sandbox_id).returncode == 0
+
+
+def test_errors_say_what_to_do() -> None:
+    missing = tether("info", "sb-nope")
+    assert missing.returncode == 2 and "no sandbox 'sb-nope'" in missing.stderr and "tether ls" in missing.stderr
+    nowhere = tether("up")
+    assert nowhere.returncode == 2 and "tether up local" in nowhere.stderr
+    unimplemented = tether("up", "daytona")
+    assert unimplemented.returncode == 2 and "daytona provider is not part of this version" in unimplemented.stderr
+
+
+def test_doctor_checks_each_pool(sshd: SSHD, client_key: Path, tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    box = f'config = {{ host = "{sshd.address}", identityFile = "{client_key}" }}'
+    config.write_text(
+        f'[[pools]]\nname = "here"\nprovider = "local"\n\n'
+        f'[[pools]]\nname = "box"\nprovider = "ssh"\n{box}\n\n'
+        f'[[pools]]\nname = "cloud"\nprovider = "e2b"\n'
+    )
+    env = server_env(TETHER_CONFIG=str(config))
+    env.pop("E2B_API_KEY", None)
+    result = tether("doctor", "--json", env=env)
+    checks = {c["name"]: c for c in json.loads(result.stdout)}
+    assert checks["pool here (local)"]["status"] == "ok"
+    assert checks["pool box (ssh)"]["status"] == "ok" and sshd.address in checks["pool box (ssh)"]["detail"]
+    assert checks["pool cloud (e2b)"]["status"] == "fail"
+    assert "E2B_API_KEY" in checks["pool cloud (e2b)"]["detail"]
+    assert result.returncode == 1
+
+
+def test_demo_runs_the_whole_story() -> None:
+    result = tether("demo", timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for step in (
+        "provisioning a local sandbox",
+        "writing a small web app",
+        "editing the greeting",
+        "grepping",
+        "running the tests",
+        "starting the server",
+        "fetching a page through a tunnel",
+        "tearing down",
+    ):
+        assert f"==> {step}" in result.stdout
+    assert "-> 200 'Hi, tether!'" in result.stdout and "OK" in result.stdout
