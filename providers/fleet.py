@@ -29,6 +29,7 @@ from .profiles import GPU_RATES_USD_PER_HOUR, CapabilityProfile
 
 log = logging.getLogger(__name__)
 LABEL = "tether-id"
+LEDGER_RECHECK_SECONDS = 1.0
 
 
 def summary(record: SandboxRecord) -> dict[str, Any]:
@@ -57,6 +58,7 @@ class ManagedSandbox(Sandbox):
         self.provider = record.provider
         self.pool_name = record.pool
         self.keep = record.keep
+        self.verified_at = time.monotonic()  # when the ledger last said it is live
 
     @property
     def record(self) -> SandboxRecord:
@@ -234,7 +236,14 @@ class Fleet:
         return self.ledger.list(include_terminated)
 
     async def get(self, ref: str) -> ManagedSandbox:
-        """A live sandbox by id or name (connected on first use)."""
+        """A live sandbox by id or name (connected on first use).
+
+        An open sandbox is re-checked against the ledger at most once a second: another process may
+        have terminated it, but an agent's every call should not pay for a database query.
+        """
+        box = self._open.get(ref) or next((b for b in self._open.values() if b.name == ref), None)
+        if box is not None and time.monotonic() - box.verified_at < LEDGER_RECHECK_SECONDS:
+            return box
         record = self.ledger.get(ref)
         if record.status == "terminated":
             raise SandboxGone(ref, f"terminated ({record.status_reason})")
@@ -248,6 +257,7 @@ class Fleet:
             # env given at creation lives only in the creating process (the ledger has no values)
             box = ManagedSandbox(self, record, endpoint, provider.tether_dir(record.id), {})
             self._open[record.id] = box
+        box.verified_at = time.monotonic()
         return box
 
     async def destroy(self, ref: str, reason: str = "destroyed") -> CostEvent:

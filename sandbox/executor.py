@@ -17,6 +17,7 @@ import asyncssh
 
 from .channels import CHANNEL_GONE, SFTPChannel, ShellPool
 from .errors import ConnectionLost, InvalidArgument
+from .sftpio import read_exactly
 from .shell import PersistentShell, ShellDied, ShellInfo
 
 log = logging.getLogger(__name__)
@@ -128,24 +129,16 @@ class Executor:
             command_id = secrets.token_hex(8)
             finished, timed_out = await self._execute(shell, command_id, start_dir, script, timeout)
             self.cwd = finished.cwd or start_dir
-            run_dir = shell.info.run_dir
-        stdout, out_cut, out_path = await self._collect(f"{run_dir}/{command_id}.o", finished.has_stdout, max_chars)
-        stderr, err_cut, err_path = await self._collect(f"{run_dir}/{command_id}.e", finished.has_stderr, max_chars)
-        self._remove_later(
-            f"{run_dir}/{command_id}.c",
-            *(
-                p
-                for p, keep in ((f"{run_dir}/{command_id}.o", out_cut), (f"{run_dir}/{command_id}.e", err_cut))
-                if not keep
-            ),
-        )
-        exit_code = None if timed_out else finished.exit_code
+            # Read before the shell takes its next command: it empties these files first.
+            kept = f"{shell.info.run_dir}/{command_id}"
+            stdout, out_path = await self._collect(shell.stdout_path, finished.has_stdout, max_chars, f"{kept}.o")
+            stderr, err_path = await self._collect(shell.stderr_path, finished.has_stderr, max_chars, f"{kept}.e")
         return RunResult(
-            exit_code=exit_code,
+            exit_code=None if timed_out else finished.exit_code,
             stdout=stdout,
             stderr=stderr,
             timed_out=timed_out,
-            truncated=out_cut or err_cut,
+            truncated=bool(out_path or err_path),
             duration_ms=round((time.monotonic() - started) * 1000, 3),
             cwd=self.cwd,
             stdout_path=out_path,
@@ -159,13 +152,9 @@ class Executor:
         script = build_script(argv, None)
         async with self._shells.borrow() as shell:
             start_dir = self._resolve_cwd(shell, cwd)
-            command_id = secrets.token_hex(8)
-            finished, timed_out = await self._execute(shell, command_id, start_dir, script, timeout)
-            run_dir = shell.info.run_dir
-        paths = [f"{run_dir}/{command_id}.{s}" for s in "oec"]
-        stdout, cut = await self._read_head(paths[0], max_bytes) if finished.has_stdout else (b"", False)
-        stderr, _ = await self._read_head(paths[1], 64 << 10) if finished.has_stderr else (b"", False)
-        self._remove_later(*paths)
+            finished, timed_out = await self._execute(shell, secrets.token_hex(8), start_dir, script, timeout)
+            stdout, cut = await self._read_head(shell.stdout_path, max_bytes) if finished.has_stdout else (b"", False)
+            stderr, _ = await self._read_head(shell.stderr_path, 64 << 10) if finished.has_stderr else (b"", False)
         if timed_out:
             raise TimeoutError(f"{argv[0]} did not finish within {timeout:g}s")
         return RawResult(finished.exit_code, stdout, stderr, cut)
@@ -179,11 +168,7 @@ class Executor:
         if slot is not None:
             healthy = False
             try:
-                command_id = secrets.token_hex(8)
-                home = slot.shell.info.home
-                await slot.shell.begin(command_id, home, script)
-                await slot.shell.finish(command_id)
-                self._remove_later(*(f"{slot.shell.info.run_dir}/{command_id}.{s}" for s in "oec"))
+                await slot.shell.call("kill", signal, str(int(pid)))
                 healthy = True
                 return
             except CHANNEL_GONE:
@@ -254,36 +239,35 @@ class Executor:
         except Exception as exc:  # the connection may be gone too; nothing else can be done from here
             log.warning("could not kill process group %d after cancellation: %s", pid, exc)
 
-    async def _collect(self, path: str, present: bool, max_chars: int) -> tuple[str, bool, str | None]:
-        """The stream's text capped to `max_chars` (head + tail), whether it was cut, and its path if so."""
+    async def _collect(self, path: str, present: bool, max_chars: int, keep_as: str) -> tuple[str, str | None]:
+        """The stream's text capped to `max_chars` (head + tail). When it was cut, the whole stream is
+        moved to `keep_as` (its path is returned) so the shell's next command cannot empty it."""
         if not present:
-            return "", False, None
+            return "", None
 
         async def read(sftp: asyncssh.SFTPClient) -> tuple[str, bool]:
             async with sftp.open(path, "rb") as f:
                 size = (await f.stat()).size or 0
                 # A character is at most 4 bytes: reading 4 × max_chars is enough to decide.
                 if size <= 4 * max_chars:
-                    return cap_text(await f.read(), max_chars)
+                    return cap_text(await read_exactly(f, size), max_chars)
                 head = (await f.read(4 * max_chars)).decode("utf-8", "replace")
                 await f.seek(size - 4 * max_chars)
                 tail = (await f.read(4 * max_chars)).decode("utf-8", "replace")
                 return _head_tail(head, tail, size, max_chars), True
 
         text, cut = await self._sftp.retrying(read)
-        if cut:
-            text += f"\n[output cut to {max_chars} characters; the whole stream is in {path}]"
-        return text, cut, path if cut else None
+        if not cut:
+            return text, None
+        await self._sftp.once(lambda sftp: sftp.posix_rename(path, keep_as))
+        return f"{text}\n[output cut to {max_chars} characters; the whole stream is in {keep_as}]", keep_as
 
     async def _read_head(self, path: str, max_bytes: int) -> tuple[bytes, bool]:
         async def read(sftp: asyncssh.SFTPClient) -> tuple[bytes, bool]:
             async with sftp.open(path, "rb") as f:
-                data = await f.read(max_bytes + 1)
+                # The size first: asking for max_bytes would send dozens of reads past the end.
+                size = (await f.stat()).size or 0
+                data = await read_exactly(f, min(size, max_bytes + 1))
             return data[:max_bytes], len(data) > max_bytes
 
         return await self._sftp.retrying(read)
-
-    def _remove_later(self, *paths: str) -> None:
-        """Delete finished commands' files off the hot path."""
-        if paths:
-            self._sftp.remove_later(*paths)

@@ -7,7 +7,7 @@ import difflib
 import posixpath
 import secrets
 import stat as stat_module
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,6 +28,7 @@ from .errors import (
     NotUnique,
     PermissionDenied,
 )
+from .sftpio import read_exactly, write_all
 
 DEFAULT_LINE_LIMIT = 2000
 MAX_LINE_CHARS = 2000
@@ -206,6 +207,9 @@ class Files:
 
     def __init__(self, sftp: SFTPChannel) -> None:
         self._sftp = sftp
+        # Fault injection for tests: awaited with the path after an edit was applied and just before
+        # the file is read again for the conflict check (where a concurrent writer would strike).
+        self.before_conflict_check: Callable[[str], Awaitable[None]] | None = None
 
     # -- read ----------------------------------------------------------------------------------------
 
@@ -250,7 +254,7 @@ class Files:
                 raise FileTooLarge(path, size, max_bytes)
             try:
                 # A size of 0 may be a lie (/proc files): then read until EOF, up to the limit.
-                data = await f.read(size) if size else await f.read(max_bytes + 1)
+                data = await read_exactly(f, size) if size else await f.read(max_bytes + 1)
             except asyncssh.SFTPError as exc:
                 raise sftp_error(path, exc) from None
             if len(data) > max_bytes:
@@ -285,19 +289,11 @@ class Files:
         existing = await self._sftp.once(lambda sftp: self._replace(sftp, path, data))
         return WriteResult(path, len(data), existing is None)
 
-    async def _replace(
-        self,
-        sftp: asyncssh.SFTPClient,
-        path: str,
-        data: bytes,
-        expect: bytes | None = None,
-    ) -> asyncssh.SFTPAttrs | None:
+    async def _replace(self, sftp: asyncssh.SFTPClient, path: str, data: bytes) -> asyncssh.SFTPAttrs | None:
         """Write `data` to a temp file beside `path` and rename it over `path`; return the attributes
         `path` had (None when it did not exist).
 
-        Round trips: lstat + open temp; write + chmod (+ re-read of the original, with `expect`);
-        rename. With `expect` (the content an edit was computed from), the file is
-        read again by path just before the rename, and EditConflict raised if it changed.
+        Round trips: lstat + open temp; write + chmod; rename.
         """
         directory, name = posixpath.split(path)
         temp = posixpath.join(directory, f".{name}.tether-{secrets.token_hex(4)}.tmp")
@@ -311,7 +307,7 @@ class Files:
             problem = IsADirectory(path) if _kind(existing) == "directory" else None
             if problem is None:  # a symlink: write the file it points to, in that file's directory
                 await self._discard_temp(sftp, temp_file, temp)  # type: ignore[arg-type]
-                return await self._replace(sftp, await _link_target(sftp, path), data, expect)
+                return await self._replace(sftp, await _link_target(sftp, path), data)
         if problem is not None:
             if isinstance(temp_file, asyncssh.SFTPClientFile):
                 await self._discard_temp(sftp, temp_file, temp)
@@ -319,14 +315,10 @@ class Files:
         assert isinstance(temp_file, asyncssh.SFTPClientFile)
         renamed = False
         try:
-            pending: list[Awaitable[object]] = [temp_file.write(data)] if data else []
+            pending: list[Awaitable[object]] = [write_all(temp_file, data)] if data else []
             if existing is not None:
                 pending.append(temp_file.chmod((existing.permissions or 0) & 0o7777))
-            if expect is not None:
-                pending.append(self._read_again(sftp, path, len(expect)))
-            results = await asyncio.gather(*pending)
-            if expect is not None and results[-1] != expect:
-                raise EditConflict(path)
+            await asyncio.gather(*pending)
             await sftp.posix_rename(temp, path)
             renamed = True
         except asyncssh.SFTPError as exc:
@@ -348,17 +340,6 @@ class Files:
         self._sftp.close_later(f)
         self._sftp.remove_later(temp)
 
-    async def _read_again(self, sftp: asyncssh.SFTPClient, path: str, size: int) -> bytes | None:
-        """The file's content now (one byte more than expected, to notice growth); None if it is gone."""
-        try:
-            f = await sftp.open(path, "rb")
-        except asyncssh.SFTPNoSuchFile:
-            return None
-        try:
-            return await f.read(size + 1)
-        finally:
-            self._sftp.close_later(f)
-
     # -- edit ----------------------------------------------------------------------------------------
 
     async def edit(self, path: str, old_string: str, new_string: str, replace_all: bool = False) -> EditResult:
@@ -376,30 +357,96 @@ class Files:
         return await self._edit(path, list(edits), indexed=True)
 
     async def _edit(self, path: str, edits: list[Edit], indexed: bool) -> EditResult:
-        async def read(sftp: asyncssh.SFTPClient) -> tuple[asyncssh.SFTPAttrs, bytes] | None:
-            try:
-                return await self._read_whole(sftp, path, MAX_EDIT_BYTES)
-            except FileNotFound:
-                return None
+        """Read, apply, write back: five round trips, the re-read for the conflict check last.
 
-        current = await self._sftp.retrying(read)
-        if current is None:
+        1. stat + open the file, lstat it, open the temp file beside it (the temp is wasted if the
+           edit turns out not to apply; it is removed in the background);
+        2. read it; apply the edits here;
+        3. write + chmod the temp file, and open the file again by path;
+        4. read it again: if it is not what the edit was computed from, refuse (EditConflict);
+        5. rename the temp file over it.
+        """
+        outcome = await self._sftp.once(lambda sftp: self._edit_in_place(sftp, path, edits, indexed))
+        if isinstance(outcome, EditResult):
+            return outcome
+        if outcome == "missing":
             # Claude Code's convention: an empty old_string on a missing file creates it.
             if edits[0].old_string == "":
                 after, count = apply_edits(path, "", edits, indexed)
                 await self.write(path, after)
                 return EditResult(path, count, unified_diff(path, "", after))
             raise FileNotFound(path, "; create it with write, or check the path with glob")
-        original = current[1]
-        if _looks_binary(original):
-            raise BinaryFile(path, len(original))
+        # A symlink: edit the file it points to (the temp file must live beside that one).
+        target = await self._sftp.retrying(lambda sftp: _link_target(sftp, path))
+        result = await self._edit(target, edits, indexed)
+        return EditResult(path, result.replacements, result.diff)
+
+    async def _edit_in_place(
+        self, sftp: asyncssh.SFTPClient, path: str, edits: list[Edit], indexed: bool
+    ) -> EditResult | str:
+        directory, name = posixpath.split(path)
+        temp = posixpath.join(directory, f".{name}.tether-{secrets.token_hex(4)}.tmp")
+        attrs, original_file, link, temp_file = await asyncio.gather(
+            sftp.stat(path), sftp.open(path, "rb"), sftp.lstat(path), sftp.open(temp, "xb"), return_exceptions=True
+        )
+        renamed = False
         try:
-            before = original.decode("utf-8")
-        except UnicodeDecodeError:
-            raise FileOperationError(path, f"{path} is not UTF-8 text; edit refuses to re-encode it") from None
-        after, count = apply_edits(path, before, edits, indexed)
-        await self._sftp.once(lambda sftp: self._replace(sftp, path, after.encode(), expect=original))
-        return EditResult(path, count, unified_diff(path, before, after))
+            for outcome in (attrs, original_file):
+                if isinstance(outcome, asyncssh.SFTPNoSuchFile):
+                    return "missing"
+                if isinstance(outcome, asyncssh.SFTPError):
+                    raise sftp_error(path, outcome)
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            assert isinstance(attrs, asyncssh.SFTPAttrs) and isinstance(original_file, asyncssh.SFTPClientFile)
+            if isinstance(link, asyncssh.SFTPAttrs) and _kind(link) == "symlink":
+                return "symlink"
+            if _kind(attrs) == "directory":
+                raise IsADirectory(path)
+            if (attrs.size or 0) > MAX_EDIT_BYTES:
+                raise FileTooLarge(path, attrs.size or 0, MAX_EDIT_BYTES)
+            try:
+                original = await read_exactly(original_file, attrs.size) if attrs.size else await original_file.read()
+            except asyncssh.SFTPError as exc:
+                raise sftp_error(path, exc) from None
+            if _looks_binary(original):
+                raise BinaryFile(path, len(original))
+            try:
+                before = original.decode("utf-8")
+            except UnicodeDecodeError:
+                raise FileOperationError(path, f"{path} is not UTF-8 text; edit refuses to re-encode it") from None
+            after, count = apply_edits(path, before, edits, indexed)
+            if isinstance(temp_file, BaseException):
+                raise sftp_error(path, temp_file) if isinstance(temp_file, asyncssh.SFTPError) else temp_file
+            data = after.encode()
+            if self.before_conflict_check is not None:
+                await self.before_conflict_check(path)
+            pending: list[Awaitable[object]] = [
+                temp_file.chmod((attrs.permissions or 0) & 0o7777),
+                sftp.open(path, "rb"),
+            ]
+            if data:
+                pending.append(write_all(temp_file, data))
+            _, again_file, *_ = await asyncio.gather(*pending)
+            try:
+                current = await read_exactly(again_file, len(original) + 1)
+            finally:
+                self._sftp.close_later(again_file)
+            if current != original:
+                raise EditConflict(path)
+            await sftp.posix_rename(temp, path)
+            renamed = True
+            return EditResult(path, count, unified_diff(path, before, after))
+        except asyncssh.SFTPNoSuchFile:
+            raise EditConflict(path) from None  # it vanished between our read and our write
+        except asyncssh.SFTPError as exc:
+            raise sftp_error(path, exc) from None
+        finally:
+            for handle in (original_file, temp_file):
+                if isinstance(handle, asyncssh.SFTPClientFile):
+                    self._sftp.close_later(handle)
+            if not renamed and isinstance(temp_file, asyncssh.SFTPClientFile):
+                self._sftp.remove_later(temp)
 
     # -- metadata ------------------------------------------------------------------------------------
 

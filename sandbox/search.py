@@ -125,6 +125,8 @@ class Search:
         Neither ripgrep (whose --sortr sorts each directory, not the tree) nor POSIX find can print
         mtimes portably, so the candidates are stat'ed over SFTP, many requests in flight.
         """
+        if len(paths) < 2:
+            return paths, False
         candidates = paths[:MAX_SORTED]
         gate = asyncio.Semaphore(128)
 
@@ -174,7 +176,6 @@ class Search:
         for name, value in (("before", before), ("after", after), ("context", context), ("head_limit", head_limit)):
             if value is not None and value < 0:
                 raise InvalidArgument(f"{name} must be zero or more")
-        await self._require_exists(root)
         use_rg = await self._has_rg()
         argv = (self._rg_argv if use_rg else self._grep_argv)(
             pattern,
@@ -192,6 +193,8 @@ class Search:
         raw = await self._executor.exec_raw(argv)
         if raw.exit_code not in (0, 1) and not raw.stdout:
             message = raw.stderr.decode("utf-8", "replace").strip() or f"exit code {raw.exit_code}"
+            if "No such file or directory" in message:
+                raise FileNotFound(root)  # no existence check up front: it would cost a round trip
             raise InvalidArgument(f"grep failed: {message}")
         text_out = raw.stdout.decode("utf-8", "replace")
         # rg -l separates paths with NUL, so names with newlines stay whole
@@ -300,10 +303,6 @@ class Search:
         if glob:
             argv.append(f"--include={glob}")
         return [*argv, "-e", pattern, "--", root]
-
-    async def _require_exists(self, path: str) -> None:
-        if not await self._files.exists(path):
-            raise FileNotFound(path)
 
     async def _require_directory(self, path: str) -> None:
         stat = await self._files.stat(path)

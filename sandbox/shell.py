@@ -73,13 +73,13 @@ __TCHILD=__CHILD__
 __TJOB=__JOB__
 if command -v setsid >/dev/null 2>&1; then
   __TPG=setsid
-  __t_bg() { setsid "$@" </dev/null >"$__o" 2>"$__e" & }
+  __t_bg() { setsid "$@" </dev/null >>"$__o" 2>>"$__e" & }
 elif command -v perl >/dev/null 2>&1; then
   __TPG=perl
-  __t_bg() { perl -e 'setpgrp(0,0); exec {$ARGV[0]} @ARGV or exit 127' "$@" </dev/null >"$__o" 2>"$__e" & }
+  __t_bg() { perl -e 'setpgrp(0,0); exec {$ARGV[0]} @ARGV or exit 127' "$@" </dev/null >>"$__o" 2>>"$__e" & }
 else
   __TPG=none
-  __t_bg() { "$@" </dev/null >"$__o" 2>"$__e" & }
+  __t_bg() { "$@" </dev/null >>"$__o" 2>>"$__e" & }
 fi
 if [ -n "${BASH_VERSION:-}" ] && set -m 2>/dev/null && case $- in *m*) true ;; *) false ;; esac; then
   # `fork` mode: with job control on, every background job gets its own process group, so a
@@ -91,13 +91,17 @@ if [ -n "${BASH_VERSION:-}" ] && set -m 2>/dev/null && case $- in *m*) true ;; *
       command cd -- "$__d" 2>/dev/null || {
         printf 'tether: directory %s is gone; running in %s\n' "$__d" "$HOME" >&2; command cd || exit 125; }
       eval "$__s"
-    ) </dev/null >"$__o" 2>"$__e" &
+    ) </dev/null >>"$__o" 2>>"$__e" &
   }
 else
   __t_spawn() { __t_bg "$__TSH" -c "$__TCHILD" tether "$1" "$2" "$__c"; }
 fi
 __t_run() {
-  __o="$__T/run/$1.o"; __e="$__T/run/$1.e"; __c="$__T/run/$1.c"
+  # This shell's own output files, emptied for each command; the command appends to them, so a
+  # stray background process still holding an old descriptor appends too (as in a terminal)
+  # instead of writing into a hole.
+  __o="$__P.o"; __e="$__P.e"; __c="$__P.c"
+  : >"$__o"; : >"$__e"; : >"$__c"
   __t_spawn "$2" "$3"
   __p=$!
   printf '%s S %s\0' "$1" "$__p"
@@ -131,6 +135,8 @@ __t_kill() {
   kill -"$2" -"$3" 2>/dev/null || kill -"$2" "$3" 2>/dev/null
   printf '%s R %s\0' "$1" "$?"
 }
+__P="$__T/run/__NONCE__"
+trap 'rm -f "$__P.o" "$__P.e" "$__P.c"' EXIT
 __rg=0; command -v rg >/dev/null 2>&1 && __rg=1
 printf 'READY %s %s %s %s\0%s\0%s\0%s\0' "__NONCE__" "$__TPG" "$__rg" "$__TSH" "$HOME" "$__T" "$PWD"
 """.replace("__CHILD__", shlex.quote(_CHILD)).replace("__JOB__", shlex.quote(_JOB))
@@ -153,6 +159,11 @@ class ShellInfo:
     @property
     def run_dir(self) -> str:
         return f"{self.tether_dir}/run"
+
+    def output_paths(self, shell_nonce: str) -> tuple[str, str]:
+        """stdout and stderr files of the shell with this nonce (reused by each of its commands)."""
+        prefix = f"{self.run_dir}/{shell_nonce}"
+        return f"{prefix}.o", f"{prefix}.e"
 
     @property
     def jobs_dir(self) -> str:
@@ -184,10 +195,17 @@ class PersistentShell:
     """One shell process on one channel. Not safe for concurrent use: one command at a time."""
 
     def __init__(
-        self, process: asyncssh.SSHClientProcess[bytes], info: ShellInfo, conn: asyncssh.SSHClientConnection
+        self,
+        process: asyncssh.SSHClientProcess[bytes],
+        info: ShellInfo,
+        conn: asyncssh.SSHClientConnection,
+        nonce: str,
     ) -> None:
         self._process = process
         self._conn = conn
+        # Where this shell's commands write: emptied before each command, read back before the shell
+        # takes the next one.
+        self.stdout_path, self.stderr_path = info.output_paths(nonce)
         self.info = info
         self._stderr_tail = b""
         self._stderr_task = asyncio.get_running_loop().create_task(self._drain_stderr())
@@ -240,7 +258,7 @@ class PersistentShell:
         info = ShellInfo(
             home=home, shell=shell, process_groups=pg, has_rg=rg == "1", tether_dir=tether_dir, start_dir=start_dir
         )
-        return cls(process, info, conn)
+        return cls(process, info, conn, nonce)
 
     @property
     def alive(self) -> bool:

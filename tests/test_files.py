@@ -190,14 +190,23 @@ async def test_multi_edit_is_all_or_nothing_and_names_the_failing_edit(sb: Sandb
 
 
 async def test_the_file_changing_under_an_edit_is_refused(sb: Sandbox) -> None:
-    """The conflict check itself: the content on disk no longer is what the edit was computed from."""
-    path = f"{await sb.cwd()}/race.txt"
-    await sb.write(path, "changed by someone else")
-    files = sb._p.files
-    with pytest.raises(EditConflict, match="changed while the edit"):
-        await sb._p.sftp.once(lambda sftp: files._replace(sftp, path, b"tether's edit", expect=b"what we read"))
-    assert await sb.read_text(path) == "changed by someone else"
-    assert [e.path for e in await sb.list_dir(".")] == [path]
+    """Another writer replaces the file after tether read it and applied the edit, before it writes
+    back: nothing of the edit lands, the other writer's content stays, no temp file is left."""
+    await sb.write("race.txt", "version one\n")
+
+    async def concurrent_writer(path: str) -> None:
+        await sb.run(["sh", "-c", 'printf "version two\\n" > "$1"', "sh", path])
+
+    sb._p.files.before_conflict_check = concurrent_writer
+    try:
+        with pytest.raises(EditConflict, match="changed while the edit"):
+            await sb.edit("race.txt", "one", "ONE")
+    finally:
+        sb._p.files.before_conflict_check = None
+    assert await sb.read_text("race.txt") == "version two\n"
+    await asyncio.sleep(0.2)  # background cleanup of the unused temp file
+    assert [e.path.rsplit("/", 1)[1] for e in await sb.list_dir(".")] == ["race.txt"]
+    assert (await sb.edit("race.txt", "two", "three")).replacements == 1  # and a quiet edit goes through
 
 
 async def test_stat_and_list(sb: Sandbox) -> None:

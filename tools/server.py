@@ -21,7 +21,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
-from providers import Fleet, ManagedSandbox, Request, SandboxRecord
+from providers import Fleet, ManagedSandbox, Request, SandboxGone, SandboxRecord
 from providers.errors import ProviderError
 from providers.registry import profile_of
 from sandbox.errors import InvalidArgument, SandboxError
@@ -149,6 +149,9 @@ class ServerState:
     async def sandbox(self, ref: str | None, ctx: Context | None = None) -> ManagedSandbox:
         if ref:
             return await self.fleet.get(ref)
+        if self.default_id is not None:
+            with contextlib.suppress(SandboxGone):
+                return await self.fleet.get(self.default_id)
         async with self._default_lock:
             if self.default_id is not None:
                 record = self.fleet.ledger.get(self.default_id)

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import asyncssh
+from asyncssh.forward import SSHForwarder
 from pydantic import BaseModel, ConfigDict, Field
 
 from sandbox import ConnectionPool, Sandbox, SSHEndpoint, default_pool
@@ -23,8 +24,11 @@ from .base import BackendName, TunnelError
 
 log = logging.getLogger(__name__)
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
+# Each byte crosses two SSH connections in this process (decrypted from one, encrypted into the
+# other): bigger packets and windows mean fewer trips through asyncssh's per-packet Python code.
+BRIDGE_WINDOW = 8 * 1024 * 1024
+BRIDGE_PACKET = 256 * 1024
 URL = re.compile(r"https?://[^\s'\"<>()\[\]]+")
-PUMP_CHUNK = 256 * 1024
 
 
 class RelayConfig(BaseModel):
@@ -64,16 +68,6 @@ def find_url(banner: str, pattern: str | None = None) -> str | None:
     return next((u for u in urls if u.startswith("https://")), urls[0] if urls else None)
 
 
-async def pump(reader: asyncssh.SSHReader[bytes], writer: asyncssh.SSHWriter[bytes]) -> None:
-    try:
-        while data := await reader.read(PUMP_CHUNK):
-            writer.write(data)
-            await writer.drain()
-        writer.write_eof()
-    except (asyncssh.Error, OSError, BrokenPipeError):
-        writer.close()
-
-
 class RelayForward:
     def __init__(self, box: Sandbox, port: int, config: RelayConfig, pool: ConnectionPool) -> None:
         self._box, self._port, self._config, self._pool = box, port, config, pool
@@ -88,8 +82,12 @@ class RelayForward:
             conn = await self._pool.connection(endpoint)
             # Relays print their URL to the session, so it comes first; then the forward.
             self._session = await conn.create_process(self._config.command, encoding=None)
-            self._listener = await conn.start_server(
-                lambda _host, _port: self._bridge, self._config.remote_host, self._config.remote_port
+            self._listener = await conn.create_server(
+                lambda _host, _port: self._bridge(),
+                self._config.remote_host,
+                self._config.remote_port,
+                window=BRIDGE_WINDOW,
+                max_pktsize=BRIDGE_PACKET,
             )
         except (asyncssh.Error, OSError) as exc:
             await self.close()
@@ -129,16 +127,18 @@ class RelayForward:
             "Set url_template (or url_pattern) in [relay]"
         )
 
-    async def _bridge(self, reader: asyncssh.SSHReader[bytes], writer: asyncssh.SSHWriter[bytes]) -> None:
-        """One connection that arrived at the relay, carried into the sandbox over its own connection."""
+    async def _bridge(self) -> SSHForwarder:
+        """A connection that arrived at the relay, paired with a channel to the sandbox's port over the
+        sandbox's own connection (re-dialed by the pool if it died). asyncssh's forwarders pipe the
+        two channels at the protocol level, as its own port forwarding does."""
         try:
             conn = await self._box.connection()
-            inner_reader, inner_writer = await conn.open_connection("127.0.0.1", self._port)
+            _, inner = await conn.create_connection(
+                SSHForwarder, "127.0.0.1", self._port, window=BRIDGE_WINDOW, max_pktsize=BRIDGE_PACKET
+            )
         except (asyncssh.Error, OSError) as exc:
-            log.info("relay connection to port %d refused in the sandbox: %s", self._port, exc)
-            writer.close()
-            return
-        await asyncio.gather(pump(reader, inner_writer), pump(inner_reader, writer))
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"sandbox port {self._port}: {exc}") from None
+        return SSHForwarder(inner)
 
     async def close(self) -> None:
         if self._listener is not None:

@@ -1,0 +1,175 @@
+"""End-to-end MCP latency: tether's tools against a bare MCPServer's no-op, in one run.
+
+    python benchmarks/bench_mcp.py [--quick]
+
+Starts its own sshd for an account whose .bashrc sleeps 50 ms (run as root to create it), then
+`tether mcp` over stdio with that host as its default sandbox, and measures the median time from a
+client's call to its result: a no-op tool on a bare MCPServer over stdio (the floor), and tether's
+read (4 KB), write, edit, grep and run('true'). Then 8 concurrent clients × 200 mixed calls. The
+last line is one JSON object: noop_ms, read_ms, write_ms, edit_ms, grep_ms, run_ms,
+concurrent_calls_per_s, errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mcp
+from mcp.client.stdio import StdioServerParameters
+
+from tests.sshd import SLOW_RC, SSHD, ensure_account, is_root, keygen
+
+ROOT = Path(__file__).resolve().parent.parent
+NOOP_SERVER = """
+from mcp.server.mcpserver import MCPServer
+server = MCPServer("noop")
+
+@server.tool()
+async def noop() -> str:
+    return "ok"
+
+server.run("stdio")
+"""
+
+
+def params(args: list[str], env: dict[str, str]) -> StdioServerParameters:
+    return StdioServerParameters(command=sys.executable, args=args, env=env, cwd=str(ROOT))
+
+
+async def median_ms(call: Callable[[], Awaitable[Any]], runs: int) -> float:
+    for _ in range(max(5, runs // 10)):
+        await call()
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        await call()
+        samples.append(time.perf_counter() - started)
+    return round(statistics.median(samples) * 1000, 3)
+
+
+def checked(result: Any) -> Any:
+    if result.is_error:
+        raise RuntimeError(result.content[0].text)
+    return result
+
+
+async def measure_floor(env: dict[str, str], runs: int) -> float:
+    async with mcp.Client(params(["-c", NOOP_SERVER], env)) as client:
+        return await median_ms(lambda: client.call_tool("noop", {}), runs)
+
+
+async def measure_tether(env: dict[str, str], runs: int) -> dict[str, float]:
+    async with mcp.Client(params(["-m", "tools.cli", "mcp", "--provider", "ssh"], env)) as client:
+
+        async def call(tool: str, arguments: dict[str, Any]) -> Any:
+            return checked(await client.call_tool(tool, arguments))
+
+        home = (await call("run", {"command": "mkdir -p bench/tree && cd bench && pwd"})).structured_content["cwd"]
+        await call(
+            "run",
+            {
+                "command": "cd tree && for i in $(seq 1 50); do echo line $i > f$i.txt; done; "
+                "echo needle > f7.txt; cd .."
+            },
+        )
+        await call("write", {"path": "read.txt", "content": "x" * 4096})
+        await call("write", {"path": "edit.txt", "content": "before\nALPHA\nafter\n"})
+        flip = {"old": "ALPHA", "new": "BRAVO"}
+
+        async def edit() -> None:
+            await call("edit", {"path": "edit.txt", "old_string": flip["old"], "new_string": flip["new"]})
+            flip["old"], flip["new"] = flip["new"], flip["old"]
+
+        figures = {
+            "read_ms": await median_ms(lambda: call("read", {"path": "read.txt"}), runs),
+            "write_ms": await median_ms(lambda: call("write", {"path": "write.txt", "content": "y" * 4096}), runs),
+            "edit_ms": await median_ms(edit, runs),
+            "grep_ms": await median_ms(lambda: call("grep", {"pattern": "needle", "path": "tree"}), runs),
+            "run_ms": await median_ms(lambda: call("run", {"command": "true"}), runs),
+        }
+        await call("run", {"command": f"rm -rf {home}"})
+        return figures
+
+
+async def concurrent_clients(env: dict[str, str], clients: int, calls: int) -> tuple[float, int]:
+    """`clients` stdio sessions (each its own tether mcp and sandbox), each making `calls` mixed calls."""
+    errors = 0
+
+    async def one(index: int) -> int:
+        nonlocal errors
+        async with mcp.Client(params(["-m", "tools.cli", "mcp", "--provider", "ssh"], env)) as client:
+            await client.call_tool("run", {"command": f"mkdir -p c{index} && cd c{index}"})
+            await client.call_tool("write", {"path": "r.txt", "content": "z" * 1024})
+            started = time.perf_counter()
+            for i in range(calls):
+                kind = i % 4
+                if kind == 0:
+                    result = await client.call_tool("run", {"command": f"echo {i}"})
+                elif kind == 1:
+                    result = await client.call_tool("read", {"path": "r.txt"})
+                elif kind == 2:
+                    result = await client.call_tool("write", {"path": f"w{i % 10}.txt", "content": str(i)})
+                else:
+                    result = await client.call_tool("glob", {"pattern": "*.txt"})
+                if result.is_error:
+                    errors += 1
+            elapsed = time.perf_counter() - started
+            await client.call_tool("run", {"command": f"cd .. && rm -rf c{index}"})
+            return int(elapsed * 1e6)
+
+    elapsed_us = await asyncio.gather(*(one(i) for i in range(clients)))
+    wall = max(elapsed_us) / 1e6
+    return round(clients * calls / wall, 1), errors
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer calls (a smoke test, not a measurement)")
+    args = parser.parse_args()
+    runs, calls = (40, 40) if args.quick else (400, 200)
+    if not is_root():
+        sys.exit("bench_mcp.py creates a test account and must run as root")
+
+    work = Path(tempfile.mkdtemp(prefix="tether-bench-mcp-"))
+    work.chmod(0o755)
+    key = keygen(work / "client")
+    sshd = SSHD(ensure_account("tether-slow", "/bin/bash", SLOW_RC), key).start()
+    config = work / "config.toml"
+    config.write_text(
+        f'[[pools]]\nname = "slow"\nprovider = "ssh"\nconfig = {{ host = "{sshd.address}", identityFile = "{key}" }}\n'
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TETHER_STATE_DIR": str(work / "state"), "TETHER_CONFIG": str(config)}
+    try:
+        floor = await measure_floor(env, runs)
+        figures = await measure_tether(env, runs)
+        throughput, errors = await concurrent_clients(env, 8, calls)
+    finally:
+        sshd.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+
+    report = {"noop_ms": floor, **figures, "concurrent_calls_per_s": throughput, "errors": errors}
+    print(f"MCP over stdio, end to end (medians of {runs} calls); account whose .bashrc sleeps 50 ms")
+    print(f"{'bare MCPServer no-op (floor)':32}{floor:8.2f} ms")
+    for key_name in ("read_ms", "write_ms", "edit_ms", "grep_ms", "run_ms"):
+        value = report[key_name]
+        verdict = "ok" if value <= floor + 1.5 else "over floor + 1.5 ms"
+        print(f"{'tether ' + key_name[:-3]:32}{value:8.2f} ms   floor +{value - floor:5.2f} ms  {verdict}")
+    print(f"8 clients x {calls} mixed calls: {throughput} calls/s, {errors} errors")
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
