@@ -298,3 +298,25 @@ async def _dial(endpoint: SSHEndpoint, pins: HostKeyPins) -> asyncssh.SSHClientC
     from sandbox.connect import dial
 
     return await dial(endpoint, pins)
+
+
+async def test_a_socket_factory_carries_the_connection(own_sshd: SSHD, client_key: Path, pool: ConnectionPool) -> None:
+    """Transports that are not plain TCP (E2B's websocket bridge) hand tether a connected socket; the
+    host name then only names the server for pinning."""
+    made: list[int] = []
+
+    async def bridge() -> socket.socket:
+        made.append(1)
+        return socket.create_connection(("127.0.0.1", own_sshd.port))
+
+    endpoint = SSHEndpoint(
+        host="sandbox-42.bridge.invalid",
+        port=22,
+        user=own_sshd.account.name,
+        key_paths=(str(client_key),),
+        use_agent=False,
+        socket_factory=bridge,
+    )
+    async with Sandbox(endpoint, pool=pool) as box:
+        assert (await box.run("echo bridged")).stdout == "bridged\n"
+    assert made and ("sandbox-42.bridge.invalid", 22) in {(h, p) for h, p, _ in pool.pins.all()}

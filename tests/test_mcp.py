@@ -200,6 +200,22 @@ async def test_progress_is_reported_while_provisioning() -> None:
     assert seen and seen[-1][0] == 100 and any("provisioning" in (m or "") for _, _, m in seen)
 
 
+async def test_progress_is_reported_during_a_long_run() -> None:
+    seen: list[str | None] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append(message)
+
+    async with stdio_client() as client:
+        ran = structured(
+            await client.call_tool(
+                "run", {"command": "sleep 6; echo done", "description": "a slow build"}, progress_callback=on_progress
+            )
+        )
+    assert ran["stdout"] == "done\n"
+    assert any(m and m.startswith("a slow build: running for") for m in seen)
+
+
 async def test_a_cancelled_run_leaves_no_process_behind() -> None:
     marker = f"tether-mcp-cancel-{secrets.token_hex(4)}"
     async with stdio_client() as client:
@@ -227,6 +243,16 @@ async def test_streamable_http_with_a_token() -> None:
                 url, headers={"Authorization": f"Bearer {token}", "Host": "evil.example"}, json={}
             )
             assert rebinding.status_code in (400, 403, 421)
+            huge = await raw.post(
+                url,
+                headers={
+                    "Authorization": f"Bearer {token}",
+                    "Content-Type": "application/json",
+                    "Accept": "application/json, text/event-stream",
+                },
+                content=b"x" * (17 * 1024 * 1024),
+            )
+            assert huge.status_code == 413
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
     assert Ledger().get(created["id"]).status == "terminated"  # SIGTERM tears down too

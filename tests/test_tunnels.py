@@ -449,3 +449,47 @@ async def test_tether_tunnel_command(local_box: Sandbox) -> None:
     finally:
         if process.poll() is None:
             process.kill()
+
+
+async def test_sandbox_events_reach_channels_and_tunnels_end_with_their_sandbox(tmp_path: Path) -> None:
+    with webhook_receiver() as (base, received):
+        config = tmp_path / "config.toml"
+        config.write_text(f'[[channels]]\nkind = "webhook"\nurl = "{base}/hook"\nsecret = "s3cret"\n')
+        async with stdio_client(env=server_env(TETHER_CONFIG=str(config))) as client:
+            created = structured(await client.call_tool("sandbox_create", {"provider": "local", "name": "evented"}))
+            job = structured(
+                await client.call_tool(
+                    "run",
+                    {
+                        "command": "python3 -m http.server 0 --bind 127.0.0.1",
+                        "run_in_background": True,
+                        "sandbox": "evented",
+                    },
+                )
+            )
+            out = ""
+            while "port" not in out:
+                polled = await client.call_tool("job_output", {"job_id": job["job_id"], "wait_ms": 5000})
+                out += structured(polled)["stdout"]
+            port = int(out.split("port ")[1].split()[0])
+            tunnel = structured(await client.call_tool("tunnel_open", {"port": port, "sandbox": "evented"}))
+            destroyed = structured(await client.call_tool("sandbox_destroy", {"sandbox": "evented"}))
+            for _ in range(50):  # the tunnel closes in the background as the sandbox ends
+                if not structured(await client.call_tool("tunnel_list", {}))["tunnels"]:
+                    break
+                await asyncio.sleep(0.1)
+            assert structured(await client.call_tool("tunnel_list", {}))["tunnels"] == []
+            async with httpx.AsyncClient() as http:
+                with pytest.raises(httpx.HTTPError):
+                    await http.get(tunnel["url"], timeout=2)
+        events = {}
+        for _, headers, body in received:
+            assert headers["X-Tether-Signature"] == "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+            payload = json.loads(body)
+            events[payload["event"]] = payload
+    assert set(events) == {"sandbox.created", "tunnel.opened", "tunnel.closed", "sandbox.terminated"}
+    assert events["sandbox.created"]["sandbox"]["id"] == created["id"]
+    terminated = events["sandbox.terminated"]
+    assert terminated["sandbox"]["name"] == "evented"
+    for key in ("seconds", "gpu_seconds", "billing_model", "estimated_usd"):
+        assert terminated["cost"][key] == destroyed["cost"][key], key
