@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -54,7 +55,12 @@ async def test_local_sandbox_end_to_end(tmp_path: Path) -> None:
         event = await box.destroy()
         assert (event.billing_model, event.estimated_usd, event.gpu_seconds) == ("fixed", 0.0, 0.0)
         assert not sandbox_root(box.id).exists()
-        assert job.pid and not running(job.pid)  # its job died with it
+        assert job.pid
+        for _ in range(100):  # its job died with it (SIGKILL is delivered asynchronously)
+            if not running(job.pid):
+                break
+            await asyncio.sleep(0.05)
+        assert not running(job.pid)
         assert await fleet.destroy(box.id) == event  # idempotent: the same single event
     finally:
         await fleet.close()
