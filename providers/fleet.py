@@ -254,9 +254,11 @@ class Fleet:
             provider = self._provider_of(record)
             handle = Handle.model_validate(record.handle)
             endpoint = await provider.endpoint(handle)
-            # env given at creation lives only in the creating process (the ledger has no values)
-            box = ManagedSandbox(self, record, endpoint, provider.tether_dir(record.id), {})
-            self._open[record.id] = box
+            # Another call may have opened it while we waited for the endpoint: share that one. (env
+            # given at creation lives only in the creating process: the ledger has no values.)
+            box = self._open.setdefault(
+                record.id, ManagedSandbox(self, record, endpoint, provider.tether_dir(record.id), {})
+            )
         box.verified_at = time.monotonic()
         return box
 
@@ -269,8 +271,7 @@ class Fleet:
             if box is not None:
                 self._flush_activity(box)
                 with contextlib.suppress(Exception):
-                    await box.close()
-                self.connections.forget_endpoint(box.endpoint)
+                    await box.close()  # its own channels only: other sandboxes may share the connection
             if record.handle:
                 await self._provider_of(record).terminate(Handle.model_validate(record.handle))
             self._record_termination(record, reason)

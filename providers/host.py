@@ -59,7 +59,7 @@ def running_state() -> dict[str, Any] | None:
 # -- serve ------------------------------------------------------------------------------------------
 
 
-async def serve(port: int = 0, ready: asyncio.Event | None = None) -> None:
+async def serve(port: int = 0) -> None:
     """Run the daemon until SIGTERM or SIGINT. The draining flag survives only until the next start."""
     if running_state() is not None:
         raise RuntimeError(f"a tether host daemon already runs (pid {read_state()['pid']}); stop it first")  # type: ignore[index]
@@ -79,8 +79,6 @@ async def serve(port: int = 0, ready: asyncio.Event | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"tether host: serving local sandboxes on 127.0.0.1:{running.port} (pid {os.getpid()})", flush=True)
-    if ready is not None:
-        ready.set()
     try:
         await stop.wait()
     finally:

@@ -26,8 +26,12 @@ def generated_key(path: Path, comment: str) -> Path:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(key.export_private_key())
-        Path(f"{path}.pub").write_bytes(key.export_public_key())
         os.replace(temp, path)  # processes racing to create it each write whole files; one wins
+        # The .pub (for people to copy) is derived from whichever private key won, so the pair matches.
+        public = asyncssh.read_private_key(path).export_public_key()
+        temp_pub = path.with_name(f".{path.name}.pub.{os.getpid()}.tmp")
+        temp_pub.write_bytes(public)
+        os.replace(temp_pub, Path(f"{path}.pub"))
     return path
 
 

@@ -10,14 +10,14 @@ This is not an isolation boundary: commands run as you, with your PATH and home 
 
 from __future__ import annotations
 
+import asyncio
 import json
-import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
 from sandbox import SSHEndpoint
+from sandbox.jobs import STOP_ALL_JOBS
 
 from .base import Capacity, Handle, ListedResource, Progress, Provider, ProvisionSpec, SandboxStatus, no_progress
 from .capacity import host_capacity
@@ -81,11 +81,10 @@ class LocalProvider(Provider):
     async def terminate(self, handle: Handle) -> None:
         """Stop the sandbox's background jobs, then remove its directory."""
         root = Path(handle.data["dir"])
-        for pid_file in (root / "tether" / "jobs").glob("*/pid"):
-            try:
-                os.killpg(int(pid_file.read_text().strip()), signal.SIGKILL)
-            except (ValueError, ProcessLookupError, PermissionError):
-                pass
+        jobs = root / "tether" / "jobs"
+        if jobs.is_dir():
+            stop = await asyncio.create_subprocess_exec("/bin/sh", "-c", STOP_ALL_JOBS, "sh", str(jobs))
+            await stop.wait()
         shutil.rmtree(root, ignore_errors=True)
 
     async def capacity(self, handle: Handle | None) -> Capacity:

@@ -23,23 +23,15 @@ from pathlib import Path
 
 import asyncssh
 
-from sandbox.state import process_running, state_dir
+from sandbox.state import process_running, read_config, state_dir
 
+from .config import CREDENTIAL_ENV
 from .identity import generated_key, public_key_line, tether_key
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 SANDBOX_ID = re.compile(r"^sb-[0-9a-f]{10}$")
-# tether's own credentials must not leak into the shells it gives agents.
-SECRET_ENV = (
-    "DAYTONA_API_KEY",
-    "E2B_API_KEY",
-    "MODAL_TOKEN_ID",
-    "MODAL_TOKEN_SECRET",
-    "RUNPOD_API_KEY",
-    "TETHER_MCP_TOKEN",
-)
 
 
 def local_dir() -> Path:
@@ -65,8 +57,19 @@ def login_shell() -> str:
     return shell if os.path.exists(shell) else "/bin/sh"
 
 
+def secret_env_names() -> set[str]:
+    """Variables holding tether's own credentials: they must not leak into the shells agents get.
+    Provider keys, tether's (TETHER_*), and the ones config.toml names for channels and the relay."""
+    names = {n for group in CREDENTIAL_ENV.values() for n in group}
+    config = read_config()
+    for section in [*(config.get("channels") or []), config.get("relay") or {}]:
+        names |= {section[k] for k in ("url_env", "secret_env") if isinstance(section.get(k), str)}
+    return names
+
+
 def session_env(sandbox_id: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV and not k.startswith("TETHER_")}
+    secret = secret_env_names()
+    env = {k: v for k, v in os.environ.items() if k not in secret and not k.startswith("TETHER_")}
     user = pwd.getpwuid(os.getuid())
     env.update(
         HOME=user.pw_dir,
@@ -207,7 +210,7 @@ class LocalSSHServer:
 
     async def _listen(self, port: int) -> RunningServer:
         client = tether_key()
-        authorized = asyncssh.import_authorized_keys(Path(f"{client}.pub").read_text())
+        authorized = asyncssh.import_authorized_keys(public_key_line(client) + "\n")
         key = host_key()
         self._acceptor = await asyncssh.listen(
             "127.0.0.1",

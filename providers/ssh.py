@@ -16,6 +16,7 @@ from typing import Any
 
 from sandbox import Sandbox, SSHEndpoint
 from sandbox.errors import SandboxError
+from sandbox.jobs import STOP_ALL_JOBS
 
 from .base import Capacity, Handle, Progress, Provider, ProvisionSpec, SandboxStatus, no_progress
 from .capacity import remote_capacity
@@ -27,11 +28,8 @@ from .profiles import PROFILES, SUBSTRATES
 log = logging.getLogger(__name__)
 DEFAULT_IDENTITIES = ("id_ed25519", "id_ecdsa", "id_rsa")
 
-# Kill the process groups of the attachment's jobs, then remove its directory. $1 is the directory.
-_DETACH = (
-    'for f in "$1"/jobs/*/pid; do [ -f "$f" ] || continue; p=$(cat "$f"); '
-    'kill -9 -"$p" 2>/dev/null || kill -9 "$p" 2>/dev/null; done; rm -rf -- "$1"'
-)
+# Stop the attachment's jobs, then remove its directory ($1).
+_DETACH = STOP_ALL_JOBS.replace('"$1"/*/', '"$1"/jobs/*/') + '; rm -rf -- "$1"'
 
 
 def identities(identity_file: str | None) -> tuple[str, ...]:

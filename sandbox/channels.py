@@ -50,7 +50,7 @@ class _IdleTimer:
         if remaining > 0.001:
             self._handle = loop.call_later(remaining, self._fire)
             return
-        self._task = loop.create_task(self._close_idle())
+        self._task = loop.create_task(self._close_idle())  # referenced so it is not garbage-collected
 
     def cancel(self) -> None:
         if self._handle is not None:
@@ -211,7 +211,7 @@ class ShellPool:
             yield slot.shell
             healthy = True
         finally:
-            await self._give_back(slot, healthy)
+            await self.give_back(slot, healthy)
 
     def try_borrow_idle(self) -> _Slot | None:
         """An idle shell right now, or None (used to send signals without waiting)."""
@@ -221,9 +221,6 @@ class ShellPool:
                 return slot
             self._drop(slot)
         return None
-
-    async def give_back(self, slot: _Slot, healthy: bool) -> None:
-        await self._give_back(slot, healthy)
 
     async def exec_once(self, command: str) -> asyncssh.SSHCompletedProcess:
         """Run `command` on a fresh exec channel: for when every shell is busy."""
@@ -253,7 +250,7 @@ class ShellPool:
         self.info = shell.info
         return _Slot(shell, lease)
 
-    async def _give_back(self, slot: _Slot, healthy: bool) -> None:
+    async def give_back(self, slot: _Slot, healthy: bool) -> None:
         self._idle_timer.touch()
         if healthy and slot.alive:
             self._idle.append(slot)

@@ -70,8 +70,9 @@ def _connect_options(endpoint: SSHEndpoint, pinned: str | None) -> dict[str, Any
         "encryption_algs": PREFERRED_CIPHERS,
     }
     if pinned:
-        # Ask for the pinned key's algorithm, or a server with several keys may show another one.
-        options["server_host_key_algs"] = [pinned.split()[0]]
+        # Ask for the pinned key's kind, or a server with several keys may show another one. Its
+        # signature algorithms, not its type name: an ssh-rsa key signs with rsa-sha2-256/512.
+        options["server_host_key_algs"] = [alg.decode() for alg in asyncssh.import_public_key(pinned).sig_algorithms]
     if endpoint.token is not None:
         # Gateway auth: the token is the user name and "none" auth is the only method offered.
         options.update(client_keys=None, agent_path=None, password=None, preferred_auth="none")
@@ -142,6 +143,13 @@ async def _dial_one(
         conn, _ = await asyncssh.create_connection(lambda: client, endpoint.host, endpoint.port, **options)
         if client.first_seen is not None:
             pins.pin(endpoint.host, endpoint.port, client.first_seen)
+            # Several first dials may race: only the key that won the pin may be used.
+            winner = pins.get(endpoint.host, endpoint.port)
+            if winner is not None and winner.split()[:2] != client.first_seen.split()[:2]:
+                conn.close()
+                raise HostKeyMismatch(
+                    endpoint.host, endpoint.port, fingerprint_of(winner), fingerprint_of(client.first_seen)
+                )
         return conn
     except asyncssh.HostKeyNotVerifiable as exc:
         if client.mismatch:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import posixpath
 import re
 import secrets
 import shlex
@@ -17,12 +16,13 @@ import asyncssh
 
 from .channels import CHANNEL_GONE, SFTPChannel, ShellPool
 from .errors import ConnectionLost, InvalidArgument
-from .sftpio import read_exactly
-from .shell import PersistentShell, ShellDied, ShellInfo
+from .sftpio import read_exactly, read_upto
+from .shell import Finished, PersistentShell, ShellDied, ShellInfo
 
 log = logging.getLogger(__name__)
 
 MAX_OUTPUT_CHARS = 30_000
+KILL_GRACE_SECONDS = 10
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SIGNALS = ("HUP", "INT", "QUIT", "KILL", "TERM", "USR1", "USR2", "CONT", "STOP")
 
@@ -57,8 +57,8 @@ class RawResult:
     stdout_truncated: bool
 
 
-def build_script(command: str | Sequence[str], env: Mapping[str, str] | None) -> str:
-    """The text the child evaluates: env exports, then the command.
+def build_script(command: str | Sequence[str]) -> str:
+    """The text the child evaluates.
 
     A string is shell code (it is what the agent asked to run). A sequence is an argv whose every
     element is quoted, so no part of it is ever interpreted by a shell.
@@ -73,6 +73,12 @@ def build_script(command: str | Sequence[str], env: Mapping[str, str] | None) ->
         raise InvalidArgument("empty command")
     if "\0" in text:
         raise InvalidArgument("a command cannot contain NUL bytes")
+    return text
+
+
+def build_env(env: Mapping[str, str] | None) -> str:
+    """`export NAME='value'` lines. They reach the command through the shell's memory or a private
+    file, never through a process's arguments (which `ps` shows to every user of the box)."""
     exports = []
     for name, value in (env or {}).items():
         if not _ENV_NAME.match(name):
@@ -80,7 +86,7 @@ def build_script(command: str | Sequence[str], env: Mapping[str, str] | None) ->
         if "\0" in value:
             raise InvalidArgument(f"environment variable {name} contains a NUL byte")
         exports.append(f"export {name}={shlex.quote(value)}")
-    return "\n".join([*exports, text]) if exports else text
+    return "\n".join(exports)
 
 
 def cap_text(data: bytes, max_chars: int) -> tuple[str, bool]:
@@ -120,19 +126,21 @@ class Executor:
         max_chars: int = MAX_OUTPUT_CHARS,
     ) -> RunResult:
         """Run a command; see `Sandbox.run`."""
-        script = build_script(command, env)
+        script, exports = build_script(command), build_env(env)
         if timeout <= 0:
             raise InvalidArgument("timeout must be positive")
         started = time.monotonic()
         async with self._shells.borrow() as shell:
             start_dir = self._resolve_cwd(shell, cwd)
             command_id = secrets.token_hex(8)
-            finished, timed_out = await self._execute(shell, command_id, start_dir, script, timeout)
+            finished, timed_out = await self._execute(shell, command_id, start_dir, script, timeout, exports)
             self.cwd = finished.cwd or start_dir
             # Read before the shell takes its next command: it empties these files first.
             kept = f"{shell.info.run_dir}/{command_id}"
-            stdout, out_path = await self._collect(shell.stdout_path, finished.has_stdout, max_chars, f"{kept}.o")
-            stderr, err_path = await self._collect(shell.stderr_path, finished.has_stderr, max_chars, f"{kept}.e")
+            (stdout, out_path), (stderr, err_path) = await asyncio.gather(
+                self._collect(shell.stdout_path, finished.has_stdout, max_chars, f"{kept}.o"),
+                self._collect(shell.stderr_path, finished.has_stderr, max_chars, f"{kept}.e"),
+            )
         return RunResult(
             exit_code=None if timed_out else finished.exit_code,
             stdout=stdout,
@@ -149,7 +157,7 @@ class Executor:
         self, argv: Sequence[str], *, cwd: str | None = None, timeout: float = 120.0, max_bytes: int = 8 << 20
     ) -> RawResult:
         """Run an argv for tether itself; the session cwd is neither used nor changed unless `cwd` is None."""
-        script = build_script(argv, None)
+        script = build_script(argv)
         async with self._shells.borrow() as shell:
             start_dir = self._resolve_cwd(shell, cwd)
             finished, timed_out = await self._execute(shell, secrets.token_hex(8), start_dir, script, timeout)
@@ -163,7 +171,10 @@ class Executor:
         """Send `signal` to the process group `pid` leads (and to `pid` itself, should it lead none)."""
         if signal not in SIGNALS:
             raise InvalidArgument(f"unknown signal {signal!r}; use one of {', '.join(SIGNALS)}")
-        script = f"kill -{signal} -{int(pid)} 2>/dev/null || kill -{signal} {int(pid)} 2>/dev/null; true"
+        # Through /bin/sh explicitly: the exec request is read by the login shell, which may be csh or fish.
+        script = "exec /bin/sh -c " + shlex.quote(
+            f"kill -{signal} -{int(pid)} 2>/dev/null || kill -{signal} {int(pid)} 2>/dev/null; true"
+        )
         slot = self._shells.try_borrow_idle()
         if slot is not None:
             healthy = False
@@ -194,25 +205,29 @@ class Executor:
     # -- internals -----------------------------------------------------------------------------------
 
     def _resolve_cwd(self, shell: PersistentShell, cwd: str | None) -> str:
-        base = self.cwd or shell.info.start_dir
-        if cwd is None:
-            return base
-        if cwd == "~" or cwd.startswith("~/"):
-            cwd = shell.info.home + cwd[1:]
-        return posixpath.normpath(posixpath.join(base, cwd))
+        """`cwd` (already absolute: the Sandbox resolved it), else where the last command ended."""
+        return cwd or self.cwd or shell.info.start_dir
 
     async def _execute(
-        self, shell: PersistentShell, command_id: str, cwd: str, script: str, timeout: float
-    ) -> tuple[object, bool]:
+        self, shell: PersistentShell, command_id: str, cwd: str, script: str, timeout: float, exports: str = ""
+    ) -> tuple[Finished, bool]:
         pid: int | None = None
         try:
-            pid = await shell.begin(command_id, cwd, script)
+            pid = await shell.begin(command_id, cwd, script, exports)
             try:
                 async with asyncio.timeout(timeout):
                     return await shell.finish(command_id), False
             except TimeoutError:
                 await self.signal_group(pid, "KILL")
-                return await shell.finish(command_id), True
+                try:
+                    async with asyncio.timeout(KILL_GRACE_SECONDS):
+                        return await shell.finish(command_id), True
+                except TimeoutError:
+                    # The shell never reported the end: give up on it (the borrow discards it).
+                    raise ConnectionLost(
+                        f"the command timed out and did not end within {KILL_GRACE_SECONDS}s of being killed "
+                        f"(process {pid}); its shell was discarded"
+                    ) from None
         except asyncio.CancelledError:
             # The caller gave up (an MCP cancel, a KeyboardInterrupt): the remote work must stop too.
             # The borrowed shell is discarded (its record would arrive late); a background task kills
@@ -246,15 +261,20 @@ class Executor:
             return "", None
 
         async def read(sftp: asyncssh.SFTPClient) -> tuple[str, bool]:
-            async with sftp.open(path, "rb") as f:
+            # One read decides: up to 4 × max_chars bytes (a character is at most 4) is enough.
+            limit = 4 * max_chars
+            f = await sftp.open(path, "rb")
+            try:
+                head = await read_upto(f, limit + 1)
+                if len(head) <= limit:
+                    return cap_text(head, max_chars)
                 size = (await f.stat()).size or 0
-                # A character is at most 4 bytes: reading 4 × max_chars is enough to decide.
-                if size <= 4 * max_chars:
-                    return cap_text(await read_exactly(f, size), max_chars)
-                head = (await f.read(4 * max_chars)).decode("utf-8", "replace")
-                await f.seek(size - 4 * max_chars)
-                tail = (await f.read(4 * max_chars)).decode("utf-8", "replace")
-                return _head_tail(head, tail, size, max_chars), True
+                tail = await read_upto(f, limit, max(size - limit, 0))
+                return _head_tail(
+                    head.decode("utf-8", "replace"), tail.decode("utf-8", "replace"), size, max_chars
+                ), True
+            finally:
+                self._sftp.close_later(f)
 
         text, cut = await self._sftp.retrying(read)
         if not cut:

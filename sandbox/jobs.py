@@ -21,11 +21,21 @@ import asyncssh
 
 from .channels import CHANNEL_GONE, SFTPChannel, ShellPool
 from .errors import ConnectionLost, InvalidArgument, JobNotFound
-from .executor import MAX_OUTPUT_CHARS, SIGNALS, Executor, build_script
+from .executor import MAX_OUTPUT_CHARS, SIGNALS, Executor, build_env, build_script
+from .sftpio import read_upto
 
 JobStatus = Literal["running", "exited"]
+
+# Stops every job in a jobs directory that has not ended ($1). A job with an `exit` file has ended,
+# and its pid may belong to another process by now, so it is left alone; each job stopped here gets
+# an `exit` file, so its pid is never trusted again. POSIX sh, for any box (and this machine).
+STOP_ALL_JOBS = (
+    'for d in "$1"/*/; do [ -f "$d/pid" ] && [ ! -f "$d/exit" ] || continue; p=$(cat "$d/pid"); '
+    'kill -9 -"$p" 2>/dev/null || kill -9 "$p" 2>/dev/null; printf \'137\\n\' >"$d/exit"; done'
+)
 _JOB_ID = re.compile(r"^j-[0-9a-f]{8}$")
 POLL_INTERVAL = 0.05
+SIGNAL_NUMBERS = {"HUP": 1, "INT": 2, "QUIT": 3, "KILL": 9, "TERM": 15}  # the same on every POSIX box
 
 
 @dataclass
@@ -76,7 +86,7 @@ class Jobs:
 
     async def start(self, command: str, *, cwd: str, env: Mapping[str, str] | None = None) -> Job:
         """Start `command` in its own session; returns once it has a pid."""
-        script = build_script(command, env)
+        script, exports = build_script(command), build_env(env)
         job_id = f"j-{secrets.token_hex(4)}"
         directory = f"{await self._jobs_dir()}/{job_id}"
         started = time.time()
@@ -90,35 +100,51 @@ class Jobs:
         await self._sftp.once(prepare)
         async with self._shells.borrow() as shell:
             try:
-                reply = await shell.call("job", directory, cwd, script)
+                reply = await shell.call("job", directory, cwd, script, exports)
             except CHANNEL_GONE as exc:
                 raise ConnectionLost(f"connection lost while starting the job; check job_list ({exc})") from None
         self._cursors[job_id] = _Cursor()
         return Job(job_id, command, cwd, started, "running", pid=int(reply[0]))
 
     async def output(self, job_id: str, wait_ms: int = 0, max_chars: int = MAX_OUTPUT_CHARS) -> JobOutput:
-        """New output since the previous call, waiting up to `wait_ms` for some when there is none."""
+        """New output since the previous call, waiting up to `wait_ms` for some when there is none.
+
+        Each look costs one round of SFTP requests sent together (the exit file, the pid until it is
+        known, both output sizes) and, while the job runs, one builtin-only call to a shell.
+        """
         directory = await self._directory(job_id)
         cursor = self._cursors.setdefault(job_id, _Cursor())
         deadline = time.monotonic() + max(0, wait_ms) / 1000
+        pid: int | None = None
         while True:
-            # State before sizes: once `exit` exists the output files are complete, so the sizes
-            # read afterwards cover everything the job wrote.
-            state = await self._read_state(directory)
-            running = await self._running(state, directory)
-            sizes = await self._sftp.retrying(lambda sftp: _sizes(sftp, directory))
-            grew = sizes[0] > cursor.stdout or sizes[1] > cursor.stderr
-            if grew or not running or time.monotonic() >= deadline:
+            exit_code, pid, out_size, err_size = await self._sftp.retrying(
+                lambda sftp, known=pid: _look(sftp, directory, known)
+            )
+            running = exit_code is None and (pid is None or pid in await self._alive_pids([pid]))
+            if exit_code is None and not running:
+                state = _Files(pid=pid)
+                await self._settle(state, directory)  # it may have ended between the two looks
+                exit_code = state.exit_code
+            if not running:
+                # The sizes went out in the same round as the exit file: read them again now that
+                # the job is known to have ended, so its last output is in this answer.
+                _, _, out_size, err_size = await self._sftp.retrying(
+                    lambda sftp, known=pid or 0: _look(sftp, directory, known)
+                )
+                break
+            if out_size > cursor.stdout or err_size > cursor.stderr or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(POLL_INTERVAL)
-        stdout, out_more = await self._read_from(f"{directory}/stdout", cursor, "stdout", sizes[0], max_chars)
-        stderr, err_more = await self._read_from(f"{directory}/stderr", cursor, "stderr", sizes[1], max_chars)
+        (stdout, out_more), (stderr, err_more) = await asyncio.gather(
+            self._read_from(f"{directory}/stdout", cursor, "stdout", out_size, max_chars),
+            self._read_from(f"{directory}/stderr", cursor, "stderr", err_size, max_chars),
+        )
         return JobOutput(
             job_id,
             stdout,
             stderr,
             "running" if running else "exited",
-            None if running else state.exit_code,
+            None if running else exit_code,
             out_more or err_more,
         )
 
@@ -173,10 +199,24 @@ class Jobs:
             deadline = time.monotonic() + 2
             while time.monotonic() < deadline:
                 job = await self.get(job_id)
-                if job.status == "exited" or signal in ("STOP", "CONT", "USR1", "USR2"):
+                if job.status == "exited":
+                    if job.exit_code is None:
+                        # Killed too hard to record its own status (KILL): record it, so its pid,
+                        # which another process may get later, is never trusted again.
+                        await self._record_exit(directory, 128 + SIGNAL_NUMBERS.get(signal, 9))
+                        return await self.get(job_id)
+                    return job
+                if signal in ("STOP", "CONT", "USR1", "USR2"):
                     return job
                 await asyncio.sleep(POLL_INTERVAL)
         return await self.get(job_id)
+
+    async def _record_exit(self, directory: str, code: int) -> None:
+        async def write(sftp: asyncssh.SFTPClient) -> None:
+            async with sftp.open(f"{directory}/exit", "w") as f:
+                await f.write(f"{code}\n")
+
+        await self._sftp.once(write)
 
     # -- internals -----------------------------------------------------------------------------------
 
@@ -184,6 +224,8 @@ class Jobs:
         if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
             raise JobNotFound(str(job_id))
         directory = f"{await self._jobs_dir()}/{job_id}"
+        if job_id in self._cursors:
+            return directory  # seen before: no need to ask the box again
 
         async def exists(sftp: asyncssh.SFTPClient) -> bool:
             return await sftp.exists(f"{directory}/meta.json")
@@ -278,18 +320,29 @@ class Jobs:
 
 async def _read_small(sftp: asyncssh.SFTPClient, path: str) -> str | None:
     try:
-        async with sftp.open(path, "r") as f:
-            return await f.read(64 << 10)
+        f = await sftp.open(path, "rb")
     except asyncssh.SFTPNoSuchFile:
         return None
+    try:
+        return (await read_upto(f, 64 << 10)).decode("utf-8", "replace")
+    finally:
+        await f.close()
 
 
-async def _sizes(sftp: asyncssh.SFTPClient, directory: str) -> tuple[int, int]:
+async def _look(sftp: asyncssh.SFTPClient, directory: str, pid: int | None) -> tuple[int | None, int | None, int, int]:
+    """(exit code, pid, stdout size, stderr size) in one round of requests sent together."""
+
     async def size(name: str) -> int:
         try:
             return (await sftp.stat(f"{directory}/{name}")).size or 0
         except asyncssh.SFTPNoSuchFile:
             return 0
 
-    out, err = await asyncio.gather(size("stdout"), size("stderr"))
-    return out, err
+    async def number(name: str) -> int | None:
+        text = await _read_small(sftp, f"{directory}/{name}")
+        return int(text) if text and text.strip().lstrip("-").isdigit() else None
+
+    exit_code, found_pid, out, err = await asyncio.gather(
+        number("exit"), number("pid") if pid is None else asyncio.sleep(0, pid), size("stdout"), size("stderr")
+    )
+    return exit_code, found_pid, out, err

@@ -36,6 +36,29 @@ class PooledConnection:
     budget: ChannelBudget = field(default_factory=ChannelBudget)
     alive: bool = True
     idle_timer: asyncio.TimerHandle | None = None
+    holds: int = 0  # port forwards using it: not sessions, but reasons not to close it when idle
+
+    @property
+    def idle(self) -> bool:
+        return self.budget.in_use == 0 and self.holds == 0
+
+
+@dataclass(eq=False)
+class Hold:
+    """Keeps a connection from being closed as idle while port forwards use it."""
+
+    pooled: PooledConnection
+    _release: Callable[[Hold], None]
+    released: bool = False
+
+    @property
+    def conn(self) -> asyncssh.SSHClientConnection:
+        return self.pooled.conn
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._release(self)
 
 
 @dataclass(eq=False)
@@ -103,16 +126,25 @@ class ConnectionPool:
 
     async def connection(self, endpoint: SSHEndpoint) -> asyncssh.SSHClientConnection:
         """A live connection to `endpoint` for channels outside the session budget (port forwards)."""
+        return (await self._live(endpoint)).conn
+
+    async def hold(self, endpoint: SSHEndpoint) -> Hold:
+        """A live connection that is not closed as idle until the hold is released (a tunnel's)."""
+        pooled = await self._live(endpoint)
+        pooled.holds += 1
+        self._cancel_idle_timer(pooled)
+        return Hold(pooled, self._release_hold)
+
+    async def _live(self, endpoint: SSHEndpoint) -> PooledConnection:
         group = self._group(endpoint)
         for pooled in list(group.connections):
             # is_closed() too: a connection can close before its watcher has run and marked it dead.
             if pooled.alive and not pooled.conn.is_closed():
-                return pooled.conn
+                return pooled
             if pooled.conn.is_closed():
                 self._forget(group, pooled)
         async with group.changed:
-            pooled = await self._dial(group)
-        return pooled.conn
+            return await self._dial(group)
 
     async def open_session(
         self, endpoint: SSHEndpoint, opener: Callable[[asyncssh.SSHClientConnection], Awaitable[T]]
@@ -176,13 +208,6 @@ class ConnectionPool:
                     await asyncio.wait_for(pooled.conn.wait_closed(), 2)
         self._groups.clear()
 
-    def forget_endpoint(self, endpoint: SSHEndpoint) -> None:
-        """Close every connection to `endpoint` (its sandbox is gone)."""
-        group = self._groups.pop(endpoint.pool_key(), None)
-        for pooled in group.connections if group else ():
-            pooled.alive = False
-            pooled.conn.close()
-
     def stats(self, endpoint: SSHEndpoint) -> list[tuple[int, int]]:
         """(in use, limit) per live connection to `endpoint`: for tests and `sandbox_info`."""
         group = self._groups.get(endpoint.pool_key())
@@ -226,6 +251,8 @@ class ConnectionPool:
         finally:
             await group.changed.acquire()
             group.dialing -= 1
+            # Whether it worked or not, callers that waited because a dial was under way must look again.
+            group.changed.notify_all()
         pooled = PooledConnection(conn, group, ChannelBudget(group.session_limit))
         group.connections.append(pooled)
         group.ever_connected = True
@@ -261,15 +288,22 @@ class ConnectionPool:
 
     def _release(self, lease: Lease) -> None:
         pooled = lease.pooled
-        group = pooled.group
         pooled.budget.release()
-        if pooled.alive and pooled.budget.in_use == 0 and self.idle_close > 0:
+        self._maybe_idle(pooled)
+        asyncio.get_running_loop().create_task(self._notify(pooled.group))
+
+    def _release_hold(self, hold: Hold) -> None:
+        hold.pooled.holds = max(0, hold.pooled.holds - 1)
+        self._maybe_idle(hold.pooled)
+
+    def _maybe_idle(self, pooled: PooledConnection) -> None:
+        if pooled.alive and pooled.idle and self.idle_close > 0 and pooled.idle_timer is None:
             loop = asyncio.get_running_loop()
-            pooled.idle_timer = loop.call_later(self.idle_close, self._close_if_idle, group, pooled)
-        asyncio.get_running_loop().create_task(self._notify(group))
+            pooled.idle_timer = loop.call_later(self.idle_close, self._close_if_idle, pooled.group, pooled)
 
     def _close_if_idle(self, group: _EndpointConnections, pooled: PooledConnection) -> None:
-        if pooled.alive and pooled.budget.in_use == 0:
+        pooled.idle_timer = None
+        if pooled.alive and pooled.idle:
             log.debug("closing idle connection to %s", group.endpoint.display)
             self._forget(group, pooled)
 

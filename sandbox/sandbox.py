@@ -18,7 +18,7 @@ from .errors import InvalidArgument
 from .executor import MAX_OUTPUT_CHARS, Executor, RawResult, RunResult
 from .files import Edit, EditResult, Files, FileStat, Image, ReadResult, WriteResult
 from .jobs import Job, JobOutput, Jobs
-from .pool import ConnectionPool, default_pool
+from .pool import ConnectionPool, Hold, default_pool
 from .search import GlobResult, GrepResult, Search
 from .shell import DEFAULT_TETHER_DIR
 from .transfer import Progress, Transfers
@@ -144,7 +144,8 @@ class Sandbox:
         Raises: ConnectionLost (the connection died while the command ran), InvalidArgument.
         """
         merged = {**self.env, **(env or {})}
-        return await self._p.executor.run(command, cwd=cwd, env=merged, timeout=timeout, max_chars=max_chars)
+        where = await self.resolve(cwd) if cwd is not None else None
+        return await self._p.executor.run(command, cwd=where, env=merged, timeout=timeout, max_chars=max_chars)
 
     async def exec_raw(
         self, argv: Sequence[str], *, cwd: str | None = None, timeout: float = 120.0, max_bytes: int = 8 << 20
@@ -246,6 +247,10 @@ class Sandbox:
     async def connection(self) -> asyncssh.SSHClientConnection:
         """The pooled connection, for port forwards (they don't count against the session budget)."""
         return await self._p.pool.connection(self.endpoint)
+
+    async def hold_connection(self) -> Hold:
+        """The pooled connection, kept open (not closed as idle) until the hold is released."""
+        return await self._p.pool.hold(self.endpoint)
 
     async def signal_group(self, pid: int, signal: str = "KILL") -> None:
         await self._p.executor.signal_group(pid, signal)

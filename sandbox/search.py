@@ -112,7 +112,9 @@ class Search:
             raw = await self._executor.exec_raw(argv)
             names = raw.stdout.decode("utf-8", "surrogateescape").split("\0")
         else:
-            argv = ["find", root, "-path", f"{root.rstrip('/')}/.git", "-prune", "-o", "-type", "f", "-print"]
+            # The trailing slash makes find follow a root that is a symlink to a directory (as rg does).
+            base = root.rstrip("/")
+            argv = ["find", f"{base}/", "-path", f"{base}/.git", "-prune", "-o", "-type", "f", "-print"]
             raw = await self._executor.exec_raw(argv)
             names = raw.stdout.decode("utf-8", "surrogateescape").split("\n")
         matches = [n for n in names if n and matcher.match(_relative(n, root))]
@@ -193,9 +195,12 @@ class Search:
         raw = await self._executor.exec_raw(argv)
         if raw.exit_code not in (0, 1) and not raw.stdout:
             message = raw.stderr.decode("utf-8", "replace").strip() or f"exit code {raw.exit_code}"
-            if "No such file or directory" in message:
-                raise FileNotFound(root)  # no existence check up front: it would cost a round trip
-            raise InvalidArgument(f"grep failed: {message}")
+            # Only now is the root checked (up front it would cost every search a round trip).
+            if not await self._files.exists(root):
+                raise FileNotFound(root)
+            if not _only_file_errors(message):
+                raise InvalidArgument(f"grep failed: {message}")
+            # Unreadable or vanished files and no match in the others: that is no matches.
         text_out = raw.stdout.decode("utf-8", "replace")
         # rg -l separates paths with NUL, so names with newlines stay whole
         lines = text_out.split("\0")[:-1] if use_rg and output_mode == "files_with_matches" else text_out.splitlines()
@@ -308,6 +313,14 @@ class Search:
         stat = await self._files.stat(path)
         if stat.type != "directory":
             raise InvalidArgument(f"{path} is not a directory; glob searches directories")
+
+
+def _only_file_errors(stderr: str) -> bool:
+    """Whether grep's complaints are all about single files (unreadable, vanished), not the pattern.
+    rg words them "PATH: Permission denied (os error 13)", grep "grep: PATH: Permission denied"."""
+    per_file = ("Permission denied", "No such file or directory", "Is a directory", "Input/output error")
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    return bool(lines) and all(any(reason in line for reason in per_file) for line in lines)
 
 
 def _relative(path: str, root: str) -> str:

@@ -31,3 +31,10 @@ async def write_all(f: asyncssh.SFTPClientFile, data: bytes) -> None:
     if len(data) <= SMALL:
         f.write_len = 0
     await f.write(data, 0)
+
+
+async def read_upto(f: asyncssh.SFTPClientFile, size: int, offset: int = 0) -> bytes:
+    """One read request of `size` bytes at `offset` (`size` within the server's per-request limit).
+    Servers answer a read of a regular file in full up to its end, so fewer bytes means the end."""
+    f.read_len = 0
+    return await f.read(size, offset)  # type: ignore[no-any-return]

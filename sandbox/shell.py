@@ -41,6 +41,7 @@ FALLBACK_BOOT_COMMAND = "exec /bin/sh -l"
 # command ended so the next command can start there.
 _CHILD = (
     "__c=$3; __s=$2; trap 'pwd >\"$__c\" 2>/dev/null' EXIT; "
+    'if [ -n "$4" ]; then . "$4"; : >"$4"; fi; '
     'command cd -- "$1" 2>/dev/null || { printf \'tether: directory %s is gone; running in %s\\n\' "$1" "$HOME" >&2; '
     "command cd || exit 125; }; "
     'set --; eval "$__s"'
@@ -54,7 +55,7 @@ _JOB = (
     "__j=$3; __s=$2; "
     'command cd -- "$1" || { printf \'125\\n\' >"$__j/exit"; exit 125; }; '
     "trap : TERM INT HUP; "
-    '( trap - TERM INT HUP; set --; eval "$__s" ); '
+    '( trap - TERM INT HUP; set --; if [ -s "$__j/env" ]; then . "$__j/env"; : >"$__j/env"; fi; eval "$__s" ); '
     '__x=$?; printf \'%s\\n\' "$__x" >"$__j/exit.tmp" && mv -f "$__j/exit.tmp" "$__j/exit"'
 )
 
@@ -87,14 +88,20 @@ if [ -n "${BASH_VERSION:-}" ] && set -m 2>/dev/null && case $- in *m*) true ;; *
   __TPG=fork
   __t_spawn() {
     ( set +m; trap 'command pwd >"$__c" 2>/dev/null' EXIT
-      __d=$1; __s=$2; set --
+      __d=$1; __s=$2; __v=$3; set --
+      [ -n "$__v" ] && eval "$__v"
       command cd -- "$__d" 2>/dev/null || {
         printf 'tether: directory %s is gone; running in %s\n' "$__d" "$HOME" >&2; command cd || exit 125; }
       eval "$__s"
     ) </dev/null >>"$__o" 2>>"$__e" &
   }
 else
-  __t_spawn() { __t_bg "$__TSH" -c "$__TCHILD" tether "$1" "$2" "$__c"; }
+  __t_spawn() {
+    # Environment values go through a private file, not the new shell's arguments (ps shows those).
+    __vf=
+    if [ -n "$3" ]; then (umask 077; printf '%s\n' "$3" >"$__P.v"); __vf="$__P.v"; fi
+    __t_bg "$__TSH" -c "$__TCHILD" tether "$1" "$2" "$__c" "$__vf"
+  }
 fi
 __t_run() {
   # This shell's own output files, emptied for each command; the command appends to them, so a
@@ -102,7 +109,7 @@ __t_run() {
   # instead of writing into a hole.
   __o="$__P.o"; __e="$__P.e"; __c="$__P.c"
   : >"$__o"; : >"$__e"; : >"$__c"
-  __t_spawn "$2" "$3"
+  __t_spawn "$2" "$3" "$4"
   __p=$!
   printf '%s S %s\0' "$1" "$__p"
   wait "$__p"; __x=$?
@@ -119,6 +126,8 @@ __t_job() {
   # Job control off while launching: a background child that already leads its own group would
   # make setsid fork, and $! would name a parent that exits at once.
   __o="$2/stdout"; __e="$2/stderr"; __m=$-
+  # Environment values through a private file the job reads and empties (not its arguments).
+  if [ -n "$5" ]; then (umask 077; printf '%s\n' "$5" >"$2/env"); fi
   set +m
   __t_bg "$__TSH" -c "$__TJOB" tether "$3" "$4" "$2"
   __p=$!
@@ -136,7 +145,7 @@ __t_kill() {
   printf '%s R %s\0' "$1" "$?"
 }
 __P="$__T/run/__NONCE__"
-trap 'rm -f "$__P.o" "$__P.e" "$__P.c"' EXIT
+trap 'rm -f "$__P.o" "$__P.e" "$__P.c" "$__P.v"' EXIT
 __rg=0; command -v rg >/dev/null 2>&1 && __rg=1
 printf 'READY %s %s %s %s\0%s\0%s\0%s\0' "__NONCE__" "$__TPG" "$__rg" "$__TSH" "$HOME" "$__T" "$PWD"
 """.replace("__CHILD__", shlex.quote(_CHILD)).replace("__JOB__", shlex.quote(_JOB))
@@ -268,9 +277,10 @@ class PersistentShell:
     def connection_alive(self) -> bool:
         return not self._conn.is_closed()
 
-    async def begin(self, command_id: str, cwd: str, script: str) -> int:
-        """Start `script` in `cwd`; return the child's pid (= its process group when groups are on)."""
-        line = f"__t_run {command_id} {shlex.quote(cwd)} {shlex.quote(script)}\n"
+    async def begin(self, command_id: str, cwd: str, script: str, exports: str = "") -> int:
+        """Start `script` in `cwd` with `exports` (export statements) applied first; return the child's
+        pid (= its process group when groups are on)."""
+        line = f"__t_run {command_id} {shlex.quote(cwd)} {shlex.quote(script)} {shlex.quote(exports)}\n"
         try:
             self._process.stdin.write(line.encode("utf-8", "surrogateescape"))
         except (BrokenPipeError, asyncssh.Error, OSError) as exc:

@@ -320,3 +320,34 @@ async def test_a_socket_factory_carries_the_connection(own_sshd: SSHD, client_ke
     async with Sandbox(endpoint, pool=pool) as box:
         assert (await box.run("echo bridged")).stdout == "bridged\n"
     assert made and ("sandbox-42.bridge.invalid", 22) in {(h, p) for h, p, _ in pool.pins.all()}
+
+
+async def test_an_rsa_only_host_is_reachable_again_after_its_key_is_pinned(
+    bash_account: Account, client_key: Path, tmp_path: Path
+) -> None:
+    server = SSHD(bash_account, client_key)
+    server.host_key = keygen(server.workdir / "host_rsa", "rsa")  # the harness hands its workdir to the account
+    server.start()
+    pins = HostKeyPins(StateStore(tmp_path / "pins.db"))
+    try:
+        for _ in range(2):  # the second dial asks for the pinned key's kind: rsa-sha2, not ssh-rsa
+            pool = ConnectionPool(pins)
+            async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
+                assert (await box.run("echo rsa")).stdout == "rsa\n"
+            await pool.close()
+        assert pins.get("127.0.0.1", server.port).startswith("ssh-rsa ")
+    finally:
+        server.cleanup()
+
+
+async def test_a_failed_dial_releases_every_waiter(tmp_path: Path) -> None:
+    pool = ConnectionPool(HostKeyPins(StateStore(tmp_path / "s.db")), max_connections=1)
+    endpoint = SSHEndpoint.parse(f"me@127.0.0.1:{free_port()}", use_agent=False)
+    try:
+        async with asyncio.timeout(10):  # a waiter left behind would hang here
+            results = await asyncio.gather(
+                *(Sandbox(endpoint, pool=pool).run("true") for _ in range(3)), return_exceptions=True
+            )
+        assert all(isinstance(r, Unreachable) for r in results), results
+    finally:
+        await pool.close()

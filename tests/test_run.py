@@ -183,3 +183,30 @@ async def test_other_login_shells(
         timed = await box.run(f"sh -c 'sleep 1000 & sleep 1000' {marker}", timeout=0.5)
         assert timed.timed_out
         assert await wait_until_gone(marker) == []
+
+
+@pytest.mark.parametrize("flavour", ["sshd", "dash_sshd"])
+async def test_environment_values_never_show_in_ps(
+    flavour: str, request: pytest.FixtureRequest, client_key: Path, pool: ConnectionPool
+) -> None:
+    """`ps` shows every process's arguments to every user of a box: secrets must not be among them."""
+    server: SSHD = request.getfixturevalue(flavour)
+    secret = f"s3cret-{secrets.token_hex(8)}"
+    marker = f"tether-env-{secrets.token_hex(4)}"
+    async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
+        running = asyncio.ensure_future(box.run(f"sh -c 'sleep 2' {marker}; echo $TOKEN", env={"TOKEN": secret}))
+        job = await box.start_job(f"sh -c 'sleep 2' {marker}-job; echo $TOKEN", env={"TOKEN": secret})
+        seen = []
+        for _ in range(30):
+            out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+            seen.append(out)
+            if marker in out and f"{marker}-job" in out:
+                break
+            await asyncio.sleep(0.05)
+        assert any(marker in snapshot for snapshot in seen), "the commands never showed up in ps"
+        assert all(secret not in snapshot for snapshot in seen)
+        assert (await running).stdout == f"{secret}\n"
+        output = await box.job_output(job.id, wait_ms=10_000)
+        while output.status == "running":
+            output = await box.job_output(job.id, wait_ms=10_000)
+        assert secret in output.stdout

@@ -143,3 +143,23 @@ async def test_glob_fallback_without_ripgrep(minimal_box: Sandbox) -> None:
 )
 def test_glob_translation(pattern: str, path: str, matches: bool) -> None:
     assert bool(glob_to_regex(pattern).match(path)) is matches
+
+
+async def test_unreadable_files_are_no_matches_not_errors(sb: Sandbox) -> None:
+    root = f"{await sb.cwd()}/locked"
+    await sb.write(f"{root}/secret.txt", "needle\n")
+    await sb.run(["chmod", "000", f"{root}/secret.txt"])
+    try:
+        result = await sb.grep("needle", root)
+        assert result.text == "" and result.lines == 0
+        with pytest.raises(InvalidArgument, match="grep failed"):
+            await sb.grep("(broken", root)
+    finally:
+        await sb.run(["chmod", "644", f"{root}/secret.txt"])
+
+
+async def test_glob_follows_a_symlinked_root_without_ripgrep(minimal_box: Sandbox) -> None:
+    tree = await make_tree(minimal_box)
+    link = f"{tree}-link"
+    await minimal_box.run(["ln", "-s", tree, link])
+    assert (await minimal_box.glob("**/*.py", link)).files == [f"{link}/src/util.py", f"{link}/src/app.py"]

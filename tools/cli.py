@@ -28,7 +28,7 @@ from providers.local_server import local_dir, work_dir
 from providers.registry import profile_of
 from sandbox.errors import SandboxError
 from sandbox.hostkeys import HostKeyPins
-from sandbox.state import default_store
+from sandbox.state import default_store, state_dir
 
 from .output import ProgressBar, duration, print_json, print_table, when
 
@@ -300,7 +300,8 @@ def ssh_argv(record: SandboxRecord) -> list[str]:
         argv += ["-i", key]
     pinned = HostKeyPins(default_store()).get(data["host"], int(data["port"]))
     if pinned:
-        known = Path(tempfile.gettempdir()) / f"tether-known-hosts-{record.id}"
+        known = state_dir() / "known_hosts" / record.id  # 0700 state dir, not a predictable name in /tmp
+        known.parent.mkdir(mode=0o700, exist_ok=True)
         host_field = data["host"] if int(data["port"]) == 22 else f"[{data['host']}]:{data['port']}"
         known.write_text(f"{host_field} {pinned}\n")
         argv += ["-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes"]

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 
 from providers import CostEvent, SandboxRecord
 from providers.profiles import CapabilityProfile, Substrate
+from sandbox import Job
 
 
 def iso(timestamp: float | None) -> str | None:
@@ -113,6 +114,16 @@ class JobInfo(BaseModel):
     status: Literal["running", "exited"]
     started_at: str | None
     exit_code: int | None = None
+
+    @classmethod
+    def of(cls, job: Job) -> JobInfo:
+        return cls(
+            job_id=job.id,
+            command=job.command,
+            status=job.status,
+            started_at=iso(job.started_at),
+            exit_code=job.exit_code,
+        )
 
 
 class TunnelInfo(BaseModel):

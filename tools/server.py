@@ -318,12 +318,7 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
         if profile_of(record.provider).supports_capacity_query:
             with contextlib.suppress(SandboxError, ProviderError):
                 capacity = (await box.capacity()).model_dump()
-        jobs = [
-            R.JobInfo(
-                job_id=j.id, command=j.command, status=j.status, started_at=R.iso(j.started_at), exit_code=j.exit_code
-            )
-            for j in await box.job_list()
-        ]
+        jobs = [R.JobInfo.of(job) for job in await box.job_list()]
         tunnels = [
             R.TunnelInfo(tunnel_id=t.id, port=t.port, backend=t.backend, url=t.url, status=t.status)
             for t in state.tunnels.list(record.id)
@@ -662,12 +657,7 @@ def register_shell_tools(server: MCPServer, state: ServerState) -> None:
     async def job_list(sandbox: SandboxArg = None) -> Annotated[CallToolResult, R.JobList]:
         """Background jobs of a sandbox with command, status and start time."""
         box = await state.sandbox(sandbox)
-        jobs = [
-            R.JobInfo(
-                job_id=j.id, command=j.command, status=j.status, started_at=R.iso(j.started_at), exit_code=j.exit_code
-            )
-            for j in await box.job_list()
-        ]
+        jobs = [R.JobInfo.of(job) for job in await box.job_list()]
         return ok(R.JobList(jobs=jobs))
 
     @server.tool(annotations=DESTRUCTIVE)

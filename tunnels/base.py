@@ -53,6 +53,10 @@ class Tunnel:
             "status": self.status,
         }
 
+    def announced(self) -> dict[str, Any]:
+        """What chat channels hear: header names only, never their values (a preview token)."""
+        return {**self.public(), "headers": sorted(self.headers)}
+
 
 def new_tunnel_id() -> str:
     return f"t-{secrets.token_hex(4)}"

@@ -9,6 +9,7 @@ import logging
 import asyncssh
 
 from sandbox import Sandbox
+from sandbox.pool import Hold
 
 from .base import BackendName
 
@@ -27,6 +28,7 @@ class LocalForward:
         self._box = box
         self._port = port
         self._listener: asyncssh.SSHListener | None = None
+        self._hold: Hold | None = None  # keeps the connection from being closed as idle
         self._supervisor: asyncio.Task[None] | None = None
         self._closed = False
         self.url = ""
@@ -38,8 +40,16 @@ class LocalForward:
         self._supervisor = asyncio.get_running_loop().create_task(self._keep_open())
 
     async def _listen(self, local_port: int) -> asyncssh.SSHListener:
-        conn = await self._box.connection()
-        return await conn.forward_local_port("127.0.0.1", local_port, "127.0.0.1", self._port)
+        hold = await self._box.hold_connection()
+        try:
+            listener = await hold.conn.forward_local_port("127.0.0.1", local_port, "127.0.0.1", self._port)
+        except BaseException:
+            hold.release()
+            raise
+        if self._hold is not None:
+            self._hold.release()
+        self._hold = hold
+        return listener
 
     async def _keep_open(self) -> None:
         while not self._closed:
@@ -69,6 +79,8 @@ class LocalForward:
             self._listener.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._listener.wait_closed(), 2)
+        if self._hold is not None:
+            self._hold.release()
 
 
 class LocalBackend:

@@ -120,4 +120,4 @@ class TunnelManager:
             except Exception:  # the ledger is bookkeeping: never lose a working tunnel over it
                 log.exception("could not record tunnel %s %s", tunnel.id, what)
         if self.notifier is not None:
-            self.notifier.emit(f"tunnel.{what}", {"sandbox": sandbox, "tunnel": tunnel.public(), "at": time.time()})
+            self.notifier.emit(f"tunnel.{what}", {"sandbox": sandbox, "tunnel": tunnel.announced(), "at": time.time()})

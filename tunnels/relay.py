@@ -19,6 +19,7 @@ from asyncssh.forward import SSHForwarder
 from pydantic import BaseModel, ConfigDict, Field
 
 from sandbox import ConnectionPool, Sandbox, SSHEndpoint, default_pool
+from sandbox.pool import Hold
 
 from .base import BackendName, TunnelError
 
@@ -73,13 +74,17 @@ class RelayForward:
         self._box, self._port, self._config, self._pool = box, port, config, pool
         self._session: asyncssh.SSHClientProcess[bytes] | None = None
         self._listener: asyncssh.SSHListener | None = None
+        self._holds: list[Hold] = []  # the relay's connection and the sandbox's, kept from idling out
         self.url = ""
         self.headers: dict[str, str] = {}
 
     async def start(self) -> None:
         endpoint = self._config.endpoint()
         try:
-            conn = await self._pool.connection(endpoint)
+            relay_hold = await self._pool.hold(endpoint)
+            self._holds.append(relay_hold)
+            self._holds.append(await self._box.hold_connection())
+            conn = relay_hold.conn
             # Relays print their URL to the session, so it comes first; then the forward.
             self._session = await conn.create_process(self._config.command, encoding=None)
             self._listener = await conn.create_server(
@@ -145,6 +150,9 @@ class RelayForward:
             self._listener.close()
         if self._session is not None:
             self._session.close()
+        for hold in self._holds:
+            hold.release()
+        self._holds.clear()
 
 
 class RelayBackend:
