@@ -129,6 +129,12 @@ def _kind(attrs: asyncssh.SFTPAttrs) -> FileType:
     return "other"
 
 
+def _identity(attrs: asyncssh.SFTPAttrs) -> tuple[object, ...]:
+    """What SFTP can tell of which file a path names: another file renamed over it almost always
+    differs in one of these (SFTP has no inode numbers)."""
+    return attrs.size, attrs.mtime, attrs.permissions, attrs.uid, attrs.gid
+
+
 def _looks_binary(head: bytes) -> bool:
     return b"\0" in head[:BINARY_SNIFF_BYTES]
 
@@ -357,14 +363,15 @@ class Files:
         return await self._edit(path, list(edits), indexed=True)
 
     async def _edit(self, path: str, edits: list[Edit], indexed: bool) -> EditResult:
-        """Read, apply, write back: five round trips, the re-read for the conflict check last.
+        """Read, apply, write back: four round trips.
 
         1. stat + open the file, lstat it, open the temp file beside it (the temp is wasted if the
            edit turns out not to apply; it is removed in the background);
-        2. read it; apply the edits here;
-        3. write + chmod the temp file, and open the file again by path;
-        4. read it again: if it is not what the edit was computed from, refuse (EditConflict);
-        5. rename the temp file over it.
+        2. read it, and open it by path a second time; apply the edits here;
+        3. write + chmod the temp file; read the second handle again and stat the path: if the
+           content is not what the edit was computed from (changed in place), or the path's size,
+           mtime or mode changed (replaced by a rename), refuse with EditConflict;
+        4. rename the temp file over it.
         """
         outcome = await self._sftp.once(lambda sftp: self._edit_in_place(sftp, path, edits, indexed))
         if isinstance(outcome, EditResult):
@@ -390,6 +397,7 @@ class Files:
             sftp.stat(path), sftp.open(path, "rb"), sftp.lstat(path), sftp.open(temp, "xb"), return_exceptions=True
         )
         renamed = False
+        again_file: asyncssh.SFTPClientFile | BaseException | None = None
         try:
             for outcome in (attrs, original_file):
                 if isinstance(outcome, asyncssh.SFTPNoSuchFile):
@@ -405,10 +413,19 @@ class Files:
                 raise IsADirectory(path)
             if (attrs.size or 0) > MAX_EDIT_BYTES:
                 raise FileTooLarge(path, attrs.size or 0, MAX_EDIT_BYTES)
-            try:
-                original = await read_exactly(original_file, attrs.size) if attrs.size else await original_file.read()
-            except asyncssh.SFTPError as exc:
-                raise sftp_error(path, exc) from None
+            original, again_file = await asyncio.gather(
+                read_exactly(original_file, attrs.size) if attrs.size else original_file.read(),
+                sftp.open(path, "rb"),
+                return_exceptions=True,
+            )
+            for outcome in (original, again_file):
+                if isinstance(outcome, asyncssh.SFTPNoSuchFile):
+                    raise EditConflict(path)  # it vanished between our stat and our read
+                if isinstance(outcome, asyncssh.SFTPError):
+                    raise sftp_error(path, outcome)
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            assert isinstance(original, bytes) and isinstance(again_file, asyncssh.SFTPClientFile)
             if _looks_binary(original):
                 raise BinaryFile(path, len(original))
             try:
@@ -422,17 +439,14 @@ class Files:
             if self.before_conflict_check is not None:
                 await self.before_conflict_check(path)
             pending: list[Awaitable[object]] = [
+                read_exactly(again_file, len(original) + 1),
+                sftp.stat(path),
                 temp_file.chmod((attrs.permissions or 0) & 0o7777),
-                sftp.open(path, "rb"),
             ]
             if data:
                 pending.append(write_all(temp_file, data))
-            _, again_file, *_ = await asyncio.gather(*pending)
-            try:
-                current = await read_exactly(again_file, len(original) + 1)
-            finally:
-                self._sftp.close_later(again_file)
-            if current != original:
+            current, now, *_ = await asyncio.gather(*pending)
+            if current != original or _identity(now) != _identity(attrs):
                 raise EditConflict(path)
             await sftp.posix_rename(temp, path)
             renamed = True
@@ -442,7 +456,7 @@ class Files:
         except asyncssh.SFTPError as exc:
             raise sftp_error(path, exc) from None
         finally:
-            for handle in (original_file, temp_file):
+            for handle in (original_file, again_file, temp_file):
                 if isinstance(handle, asyncssh.SFTPClientFile):
                     self._sftp.close_later(handle)
             if not renamed and isinstance(temp_file, asyncssh.SFTPClientFile):

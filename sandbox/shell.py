@@ -38,12 +38,12 @@ FALLBACK_BOOT_COMMAND = "exec /bin/sh -l"
 
 # How a command is started, `exec` mode: a new shell in its own session (setsid). $1 cwd, $2 the
 # command (already prefixed with env exports), $3 the cwd file. The EXIT trap records where the
-# command ended so the next command can start there.
+# command ended, when that is not where it started, so the next command can start there.
 _CHILD = (
-    "__c=$3; __s=$2; trap 'pwd >\"$__c\" 2>/dev/null' EXIT; "
+    '__c=$3; __s=$2; __d=$1; trap \'[ "$PWD" = "$__d" ] || pwd >>"$__c" 2>/dev/null\' EXIT; '
     'if [ -n "$4" ]; then . "$4"; : >"$4"; fi; '
-    'command cd -- "$1" 2>/dev/null || { printf \'tether: directory %s is gone; running in %s\\n\' "$1" "$HOME" >&2; '
-    "command cd || exit 125; }; "
+    'command cd -- "$__d" 2>/dev/null || { '
+    'printf \'tether: directory %s is gone; running in %s\\n\' "$__d" "$HOME" >&2; command cd || exit 125; }; '
     'set --; eval "$__s"'
 )
 
@@ -87,7 +87,7 @@ if [ -n "${BASH_VERSION:-}" ] && set -m 2>/dev/null && case $- in *m*) true ;; *
   # forked subshell is enough; no exec, and the functions the profile defined (nvm, …) still work.
   __TPG=fork
   __t_spawn() {
-    ( set +m; trap 'command pwd >"$__c" 2>/dev/null' EXIT
+    ( set +m; trap '[ "$PWD" = "$__d" ] || command pwd >>"$__c" 2>/dev/null' EXIT
       __d=$1; __s=$2; __v=$3; set --
       [ -n "$__v" ] && eval "$__v"
       command cd -- "$__d" 2>/dev/null || {
@@ -112,7 +112,7 @@ __t_run() {
   __t_spawn "$2" "$3" "$4"
   __p=$!
   printf '%s S %s\0' "$1" "$__p"
-  wait "$__p"; __x=$?
+  wait "$__p" 2>/dev/null; __x=$?
   __cwd=
   if [ -s "$__c" ]; then
     while IFS= read -r __l || [ -n "$__l" ]; do __cwd="${__cwd:+$__cwd

@@ -209,6 +209,22 @@ async def test_the_file_changing_under_an_edit_is_refused(sb: Sandbox) -> None:
     assert (await sb.edit("race.txt", "two", "three")).replacements == 1  # and a quiet edit goes through
 
 
+async def test_the_file_replaced_under_an_edit_is_refused(sb: Sandbox) -> None:
+    """Another writer renames a new file over the path (as editors save) while the edit is applied."""
+    await sb.write("swap.txt", "version one\n")
+
+    async def replacing_writer(path: str) -> None:
+        await sb.run(["sh", "-c", 'printf "the second version\n" > "$1.new" && mv -f "$1.new" "$1"', "sh", path])
+
+    sb._p.files.before_conflict_check = replacing_writer
+    try:
+        with pytest.raises(EditConflict, match="changed while the edit"):
+            await sb.edit("swap.txt", "one", "ONE")
+    finally:
+        sb._p.files.before_conflict_check = None
+    assert await sb.read_text("swap.txt") == "the second version\n"
+
+
 async def test_stat_and_list(sb: Sandbox) -> None:
     await sb.write("d/a.txt", "12345")
     await sb.makedirs("d/sub")

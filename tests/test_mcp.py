@@ -3,6 +3,7 @@ every tool of the contract, against the real sshd host and the local provider, e
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import secrets
 import signal
@@ -19,6 +20,7 @@ from tests.mcp_support import ROOT, http_client, http_server, server_env, stdio_
 from tests.sshd import SSHD
 from tests.test_files import PNG_1X1
 from tests.test_run import processes_matching, wait_until_gone
+from tools.stdio import _LineReader
 
 CONTRACT_TOOLS = {
     "sandbox_create",
@@ -279,3 +281,11 @@ async def test_a_non_loopback_bind_with_a_generated_token() -> None:
         out = process.communicate(timeout=30)[0]
     token = out.split("bearer token (shown once): ")[1].split()[0]
     assert len(token) >= 32 and out.count(token) == 1
+
+
+async def test_stdio_drops_an_oversized_message_whole_and_reads_on() -> None:
+    reader = asyncio.StreamReader(limit=16)
+    reader.feed_data(b'{"method": "far too long for the limit"}\n{"id": 2}\n{"id": 3}')
+    reader.feed_eof()
+    lines = [line async for line in _LineReader(reader, 16)]
+    assert lines == ["(a message over 16 bytes was dropped)", '{"id": 2}\n', '{"id": 3}']

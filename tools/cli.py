@@ -79,6 +79,7 @@ def record_row(record: SandboxRecord) -> dict[str, Any]:
 def mcp_command(args: argparse.Namespace) -> int:
     from .http import resolve_token, serve_http
     from .server import ServerState, build_server
+    from .stdio import serve_stdio
 
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr, format="tether: %(message)s"
@@ -98,7 +99,7 @@ def mcp_command(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)  # type: ignore[union-attr]
         with contextlib.suppress(asyncio.CancelledError):
-            await server.run_stdio_async()
+            await serve_stdio(server)
 
     asyncio.run(stdio())
     return 0

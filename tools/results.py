@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from providers import CostEvent, SandboxRecord
 from providers.profiles import CapabilityProfile, Substrate
@@ -22,13 +22,28 @@ def iso(timestamp: float | None) -> str | None:
     return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-class SSHInfo(BaseModel):
+def _nullable_as_type_list(schema: dict[str, Any]) -> None:
+    """Write `anyOf: [{type: T}, {type: null}]` as `type: [T, "null"]`: the same schema, but a client
+    validates it several times faster (each anyOf branch is a validation of its own), and clients
+    validate every result against the tool's outputSchema."""
+    for prop in schema.get("properties", {}).values():
+        options = prop.get("anyOf")
+        if options and all(set(option) == {"type"} for option in options):
+            del prop["anyOf"]
+            prop["type"] = [option["type"] for option in options]
+
+
+class Result(BaseModel):
+    model_config = ConfigDict(json_schema_extra=_nullable_as_type_list)
+
+
+class SSHInfo(Result):
     host: str | None
     port: int | None
     user: str | None
 
 
-class Cost(BaseModel):
+class Cost(Result):
     seconds: float
     gpu_seconds: float
     gpu_type: str | None = None
@@ -49,7 +64,7 @@ def capabilities(profile: CapabilityProfile, substrate: Substrate) -> dict[str, 
     }
 
 
-class SandboxResult(BaseModel):
+class SandboxResult(Result):
     """sandbox_create and host_attach."""
 
     id: str
@@ -83,7 +98,7 @@ class SandboxResult(BaseModel):
         )
 
 
-class SandboxSummary(BaseModel):
+class SandboxSummary(Result):
     id: str
     name: str
     provider: str
@@ -94,7 +109,7 @@ class SandboxSummary(BaseModel):
     cost: Cost | None = Field(None, description="set once the sandbox is terminated")
 
 
-class SandboxList(BaseModel):
+class SandboxList(Result):
     sandboxes: list[SandboxSummary]
     default: str | None = Field(None, description="the id used when a tool's `sandbox` is omitted")
 
@@ -108,7 +123,7 @@ class SandboxList(BaseModel):
         return "\n".join(lines)
 
 
-class JobInfo(BaseModel):
+class JobInfo(Result):
     job_id: str
     command: str
     status: Literal["running", "exited"]
@@ -126,7 +141,7 @@ class JobInfo(BaseModel):
         )
 
 
-class TunnelInfo(BaseModel):
+class TunnelInfo(Result):
     tunnel_id: str
     port: int
     backend: str
@@ -134,7 +149,7 @@ class TunnelInfo(BaseModel):
     status: str
 
 
-class SandboxInfo(BaseModel):
+class SandboxInfo(Result):
     id: str
     name: str
     provider: str
@@ -152,7 +167,7 @@ class SandboxInfo(BaseModel):
     listening_ports: list[int] = Field(default_factory=list)
 
 
-class DestroyResult(BaseModel):
+class DestroyResult(Result):
     id: str
     status: Literal["terminated"] = "terminated"
     cost: Cost
@@ -162,16 +177,16 @@ class DestroyResult(BaseModel):
         return f"terminated {self.id} after {self.cost.seconds:.0f}s ({self.cost.billing_model}{usd})"
 
 
-class StatusResult(BaseModel):
+class StatusResult(Result):
     id: str
     status: str
 
 
-class SnapshotResult(BaseModel):
+class SnapshotResult(Result):
     snapshot_id: str
 
 
-class PoolInfo(BaseModel):
+class PoolInfo(Result):
     name: str
     provider: str
     active: bool
@@ -185,7 +200,7 @@ class PoolInfo(BaseModel):
     config: dict[str, Any]
 
 
-class PoolList(BaseModel):
+class PoolList(Result):
     pools: list[PoolInfo]
 
     def text(self) -> str:
@@ -197,24 +212,24 @@ class PoolList(BaseModel):
         )
 
 
-class WriteResult(BaseModel):
+class WriteResult(Result):
     path: str
     bytes: int
     created: bool
 
 
-class EditResult(BaseModel):
+class EditResult(Result):
     path: str
     replacements: int
     diff: str
 
 
-class GlobResult(BaseModel):
+class GlobResult(Result):
     files: list[str]
     truncated: bool
 
 
-class GrepResult(BaseModel):
+class GrepResult(Result):
     mode: Literal["files_with_matches", "content", "count"]
     lines: int
     truncated: bool
@@ -222,7 +237,7 @@ class GrepResult(BaseModel):
     engine: Literal["rg", "grep"]
 
 
-class RunResult(BaseModel):
+class RunResult(Result):
     exit_code: int | None = Field(description="null when the command timed out or runs in the background")
     stdout: str
     stderr: str
@@ -252,7 +267,7 @@ class RunResult(BaseModel):
         return "\n".join(parts)
 
 
-class JobOutputResult(BaseModel):
+class JobOutputResult(Result):
     job_id: str
     stdout: str
     stderr: str
@@ -267,7 +282,7 @@ class JobOutputResult(BaseModel):
         return "\n".join(parts)
 
 
-class JobList(BaseModel):
+class JobList(Result):
     jobs: list[JobInfo]
 
     def text(self) -> str:
@@ -279,14 +294,14 @@ class JobList(BaseModel):
         )
 
 
-class JobKillResult(BaseModel):
+class JobKillResult(Result):
     job_id: str
     status: Literal["running", "exited"]
     exit_code: int | None
     signal: str
 
 
-class TunnelResult(BaseModel):
+class TunnelResult(Result):
     """tunnel_open."""
 
     tunnel_id: str
@@ -301,13 +316,13 @@ class TunnelResult(BaseModel):
         return f"port {self.port} is at {self.url}{needs} ({self.backend} tunnel {self.tunnel_id})"
 
 
-class TunnelList(BaseModel):
+class TunnelList(Result):
     tunnels: list[TunnelResult]
 
     def text(self) -> str:
         return "\n".join(t.text() for t in self.tunnels) or "no open tunnels"
 
 
-class TunnelClosed(BaseModel):
+class TunnelClosed(Result):
     tunnel_id: str
     status: Literal["closed"] = "closed"

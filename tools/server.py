@@ -13,7 +13,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Annotated, Any, Literal, TypeVar
 
 import anyio
@@ -183,6 +183,34 @@ def progress_reporter(ctx: Context | None) -> Callable[[str, float | None], Awai
                 await ctx.report_progress(round((fraction or 0) * 100, 1), 100, message)
 
     return report
+
+
+@contextlib.contextmanager
+def progress_while_running(ctx: Context, label: str, interval: float, expected_s: float) -> Iterator[None]:
+    """Report progress every `interval` seconds while the block runs. A quick call costs one timer
+    handle: the reporting task starts only once `interval` has passed."""
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    report = progress_reporter(ctx)
+    ticker: asyncio.Task[None] | None = None
+
+    async def tick() -> None:
+        while True:
+            elapsed = time.monotonic() - started
+            await report(f"{label}: running for {elapsed:.0f}s", elapsed / expected_s)
+            await asyncio.sleep(interval)
+
+    def begin() -> None:
+        nonlocal ticker
+        ticker = loop.create_task(tick())
+
+    timer = loop.call_later(interval, begin)
+    try:
+        yield
+    finally:
+        timer.cancel()
+        if ticker is not None:
+            ticker.cancel()
 
 
 # -- the server ------------------------------------------------------------------------------------------
@@ -595,22 +623,10 @@ def register_shell_tools(server: MCPServer, state: ServerState) -> None:
                     job_id=job.id,
                 )
             )
-        task = asyncio.ensure_future(box.run(command, cwd=cwd, env=env, timeout=timeout_ms / 1000))
         label = description or command[:60]
-        started = time.monotonic()
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=state.progress_interval)
-                if done:
-                    break
-                elapsed = time.monotonic() - started
-                await progress_reporter(ctx)(f"{label}: running for {elapsed:.0f}s", elapsed / (timeout_ms / 1000))
-        finally:
-            if not task.done():
-                task.cancel()  # the call itself was cancelled: the remote process group is killed
-                with contextlib.suppress(BaseException):
-                    await task
-        r = task.result()
+        with progress_while_running(ctx, label, state.progress_interval, timeout_ms / 1000):
+            # Awaited directly: when the call is cancelled, so is the run, which kills the remote process group.
+            r = await box.run(command, cwd=cwd, env=env, timeout=timeout_ms / 1000)
         return ok(
             R.RunResult(
                 exit_code=r.exit_code,

@@ -1,0 +1,107 @@
+"""Serve MCP over stdin/stdout from the event loop, without a thread hop per message.
+
+The SDK's stdio transport reads and writes through worker threads (anyio.wrap_file): every message
+in and out waits for a thread handoff, about 0.2 ms of the 0.7 ms a bare call costs here. MCP
+clients launch servers with pipes, and pipes can be served by the event loop directly. When stdin
+or stdout is something else (a file, /dev/null, a terminal), or the SDK's internals are not what
+this module was written against, the SDK's own transport is used.
+
+Like the SDK, the wire gets private descriptors while serving: fd 0 reads /dev/null and fd 1 goes
+to stderr, so a stray print or a child process cannot corrupt the protocol stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import stat
+import sys
+from collections.abc import Iterator
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.stdio import stdio_server
+
+MAX_LINE_BYTES = 64 << 20  # one JSON-RPC message per line; an image read can be several MB
+
+
+def _pipe_like(fd: int) -> bool:
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)  # what epoll can watch (not files, not /dev/null)
+
+
+async def serve_stdio(server: MCPServer) -> None:
+    lowlevel = getattr(server, "_lowlevel_server", None)
+    if lowlevel is None or not (_pipe_like(0) and _pipe_like(1)):
+        await server.run_stdio_async()
+        return
+    with _claimed_stdio() as (wire_in, wire_out):
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=MAX_LINE_BYTES)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), wire_in)
+        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, wire_out)
+        writer = asyncio.StreamWriter(transport, protocol, None, loop)
+        lines_in, lines_out = _LineReader(reader, MAX_LINE_BYTES), _LineWriter(writer)
+        try:
+            async with stdio_server(lines_in, lines_out) as (read_stream, write_stream):  # type: ignore[arg-type]
+                await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
+        finally:
+            transport.close()
+
+
+@contextlib.contextmanager
+def _claimed_stdio() -> Iterator[tuple[object, object]]:
+    """The wire as private files; fd 0 reads /dev/null and fd 1 goes to stderr from now on."""
+    sys.stdout.flush()
+    wire_in, wire_out = os.dup(0), os.dup(1)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)
+    with open(wire_in, "rb", buffering=0) as fin, open(wire_out, "wb", buffering=0) as fout:
+        yield fin, fout
+
+
+class _LineReader:
+    """What stdio_server reads: an async iterator of lines. A line over the reader's limit is dropped
+    whole and replaced by text that is not JSON, which the session reports as a parse error."""
+
+    def __init__(self, reader: asyncio.StreamReader, limit: int) -> None:
+        self._reader = reader
+        self._limit = limit
+
+    def __aiter__(self) -> _LineReader:
+        return self
+
+    async def __anext__(self) -> str:
+        skipping = False
+        while True:
+            try:
+                line = await self._reader.readuntil(b"\n")
+            except asyncio.IncompleteReadError as exc:  # end of input
+                if skipping or not exc.partial:
+                    raise StopAsyncIteration from None
+                line = exc.partial
+            except asyncio.LimitOverrunError as exc:
+                await self._reader.readexactly(exc.consumed)
+                skipping = True
+                continue
+            if skipping:
+                return f"(a message over {self._limit} bytes was dropped)"
+            return line.decode("utf-8", "replace")
+
+
+class _LineWriter:
+    """What stdio_server writes to: write + flush coroutines."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+
+    async def write(self, text: str) -> None:
+        self._writer.write(text.encode("utf-8"))
+
+    async def flush(self) -> None:
+        await self._writer.drain()
