@@ -5,7 +5,8 @@
 Starts its own sshd for an account whose .bashrc sleeps 50 ms (run as root to create it), then
 `tether mcp` over stdio with that host as its default sandbox, and measures the median time from a
 client's call to its result: a no-op tool on a bare MCPServer over stdio (the floor), and tether's
-read (4 KB), write, edit, grep and run('true'). Then 8 concurrent clients × 200 mixed calls. The
+read (4 KB), write, edit, grep and run('true'), taking turns in interleaved rounds so that the
+machine's noise falls on all of them alike. Then 8 concurrent clients × 200 mixed calls. The
 last line is one JSON object: noop_ms, read_ms, write_ms, edit_ms, grep_ms, run_ms,
 concurrent_calls_per_s, errors.
 """
@@ -49,15 +50,13 @@ def params(args: list[str], env: dict[str, str]) -> StdioServerParameters:
     return StdioServerParameters(command=sys.executable, args=args, env=env, cwd=str(ROOT))
 
 
-async def median_ms(call: Callable[[], Awaitable[Any]], runs: int) -> float:
-    for _ in range(max(5, runs // 10)):
-        await call()
+async def timed_ms(call: Callable[[], Awaitable[Any]], runs: int) -> list[float]:
     samples = []
     for _ in range(runs):
         started = time.perf_counter()
         await call()
-        samples.append(time.perf_counter() - started)
-    return round(statistics.median(samples) * 1000, 3)
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
 
 
 def checked(result: Any) -> Any:
@@ -66,13 +65,11 @@ def checked(result: Any) -> Any:
     return result
 
 
-async def measure_floor(env: dict[str, str], runs: int) -> float:
-    async with mcp.Client(params(["-c", NOOP_SERVER], env)) as client:
-        return await median_ms(lambda: client.call_tool("noop", {}), runs)
-
-
-async def measure_tether(env: dict[str, str], runs: int) -> dict[str, float]:
-    async with mcp.Client(params(["-m", "tools.cli", "mcp", "--provider", "ssh"], env)) as client:
+async def measure_latency(env: dict[str, str], runs: int, rounds: int) -> dict[str, float]:
+    """Medians over `rounds` interleaved rounds: the floor and each tether call take turns, so a
+    noisy stretch of the machine's time weighs on all of them alike."""
+    tether_args = ["-m", "tools.cli", "mcp", "--provider", "ssh"]
+    async with mcp.Client(params(["-c", NOOP_SERVER], env)) as bare, mcp.Client(params(tether_args, env)) as client:
 
         async def call(tool: str, arguments: dict[str, Any]) -> Any:
             return checked(await client.call_tool(tool, arguments))
@@ -93,15 +90,22 @@ async def measure_tether(env: dict[str, str], runs: int) -> dict[str, float]:
             await call("edit", {"path": "edit.txt", "old_string": flip["old"], "new_string": flip["new"]})
             flip["old"], flip["new"] = flip["new"], flip["old"]
 
-        figures = {
-            "read_ms": await median_ms(lambda: call("read", {"path": "read.txt"}), runs),
-            "write_ms": await median_ms(lambda: call("write", {"path": "write.txt", "content": "y" * 4096}), runs),
-            "edit_ms": await median_ms(edit, runs),
-            "grep_ms": await median_ms(lambda: call("grep", {"pattern": "needle", "path": "tree"}), runs),
-            "run_ms": await median_ms(lambda: call("run", {"command": "true"}), runs),
+        calls: dict[str, Callable[[], Awaitable[Any]]] = {
+            "noop_ms": lambda: bare.call_tool("noop", {}),
+            "read_ms": lambda: call("read", {"path": "read.txt"}),
+            "write_ms": lambda: call("write", {"path": "write.txt", "content": "y" * 4096}),
+            "edit_ms": edit,
+            "grep_ms": lambda: call("grep", {"pattern": "needle", "path": "tree"}),
+            "run_ms": lambda: call("run", {"command": "true"}),
         }
+        for measured in calls.values():  # warm-up
+            await timed_ms(measured, 20)
+        samples: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(rounds):
+            for name, measured in calls.items():
+                samples[name] += await timed_ms(measured, runs // rounds)
         await call("run", {"command": f"rm -rf {home}"})
-        return figures
+    return {name: round(statistics.median(values), 3) for name, values in samples.items()}
 
 
 async def concurrent_clients(env: dict[str, str], clients: int, calls: int) -> tuple[float, int]:
@@ -139,7 +143,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer calls (a smoke test, not a measurement)")
     args = parser.parse_args()
-    runs, calls = (40, 40) if args.quick else (400, 200)
+    runs, rounds, calls = (40, 2, 40) if args.quick else (400, 8, 200)
     if not is_root():
         sys.exit("bench_mcp.py creates a test account and must run as root")
 
@@ -153,15 +157,18 @@ async def main() -> None:
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TETHER_STATE_DIR": str(work / "state"), "TETHER_CONFIG": str(config)}
     try:
-        floor = await measure_floor(env, runs)
-        figures = await measure_tether(env, runs)
+        figures = await measure_latency(env, runs, rounds)
         throughput, errors = await concurrent_clients(env, 8, calls)
     finally:
         sshd.cleanup()
         shutil.rmtree(work, ignore_errors=True)
 
-    report = {"noop_ms": floor, **figures, "concurrent_calls_per_s": throughput, "errors": errors}
-    print(f"MCP over stdio, end to end (medians of {runs} calls); account whose .bashrc sleeps 50 ms")
+    floor = figures["noop_ms"]
+    report = {**figures, "concurrent_calls_per_s": throughput, "errors": errors}
+    print(
+        f"MCP over stdio, end to end: medians of {runs} calls each, in {rounds} interleaved rounds; "
+        "account whose .bashrc sleeps 50 ms"
+    )
     print(f"{'bare MCPServer no-op (floor)':32}{floor:8.2f} ms")
     for key_name in ("read_ms", "write_ms", "edit_ms", "grep_ms", "run_ms"):
         value = report[key_name]

@@ -16,7 +16,7 @@ import asyncssh
 
 from .channels import CHANNEL_GONE, SFTPChannel, ShellPool
 from .errors import ConnectionLost, InvalidArgument
-from .sftpio import read_exactly, read_upto
+from .sftpio import read_prefix, read_upto
 from .shell import Finished, PersistentShell, ShellDied, ShellInfo
 
 log = logging.getLogger(__name__)
@@ -156,8 +156,11 @@ class Executor:
     async def exec_raw(
         self, argv: Sequence[str], *, cwd: str | None = None, timeout: float = 120.0, max_bytes: int = 8 << 20
     ) -> RawResult:
-        """Run an argv for tether itself; the session cwd is neither used nor changed unless `cwd` is None."""
-        script = build_script(argv)
+        """Run an argv for tether itself; the session cwd is neither used nor changed unless `cwd` is None.
+
+        The program replaces the command's shell (`exec`): one fork fewer, and the box's PATH
+        binary runs even where the profile defines a function of that name."""
+        script = "exec " + build_script(argv)
         async with self._shells.borrow() as shell:
             start_dir = self._resolve_cwd(shell, cwd)
             finished, timed_out = await self._execute(shell, secrets.token_hex(8), start_dir, script, timeout)
@@ -284,10 +287,11 @@ class Executor:
 
     async def _read_head(self, path: str, max_bytes: int) -> tuple[bytes, bool]:
         async def read(sftp: asyncssh.SFTPClient) -> tuple[bytes, bool]:
-            async with sftp.open(path, "rb") as f:
-                # The size first: asking for max_bytes would send dozens of reads past the end.
-                size = (await f.stat()).size or 0
-                data = await read_exactly(f, min(size, max_bytes + 1))
+            f = await sftp.open(path, "rb")
+            try:
+                data = await read_prefix(f, max_bytes + 1)
+            finally:
+                self._sftp.close_later(f)
             return data[:max_bytes], len(data) > max_bytes
 
         return await self._sftp.retrying(read)

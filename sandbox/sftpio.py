@@ -38,3 +38,18 @@ async def read_upto(f: asyncssh.SFTPClientFile, size: int, offset: int = 0) -> b
     Servers answer a read of a regular file in full up to its end, so fewer bytes means the end."""
     f.read_len = 0
     return await f.read(size, offset)  # type: ignore[no-any-return]
+
+
+async def read_prefix(f: asyncssh.SFTPClientFile, max_bytes: int) -> bytes:
+    """Up to `max_bytes` from offset 0. One request when the file is small (most are); only when that
+    request comes back full does the file's size decide how much more to read, in parallel."""
+    first = min(SMALL, max_bytes)
+    parallel_len = f.read_len
+    head = await read_upto(f, first)
+    if len(head) < first:
+        return head
+    rest = min((await f.stat()).size or 0, max_bytes) - len(head)
+    if rest <= 0:
+        return head
+    f.read_len = parallel_len
+    return head + await f.read(rest, len(head))

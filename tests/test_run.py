@@ -149,6 +149,14 @@ async def test_concurrent_runs_use_several_shells(sb: Sandbox) -> None:
     assert time.monotonic() - started < 1.8  # in parallel, not one after another
 
 
+async def test_raw_output_larger_than_one_sftp_request_comes_back_whole(sb: Sandbox) -> None:
+    script = "i=0; while [ $i -lt 40000 ]; do printf '%07d\\n' $i; i=$((i+1)); done"
+    whole = await sb.exec_raw(["sh", "-c", script])
+    assert whole.stdout == b"".join(b"%07d\n" % i for i in range(40000)) and not whole.stdout_truncated
+    cut = await sb.exec_raw(["sh", "-c", script], max_bytes=200_000)
+    assert cut.stdout == whole.stdout[:200_000] and cut.stdout_truncated
+
+
 async def test_empty_and_nul_commands_are_refused(sb: Sandbox) -> None:
     with pytest.raises(InvalidArgument):
         await sb.run("   ")
@@ -176,6 +184,10 @@ async def test_other_login_shells(
     async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
         r = await box.run("echo out; echo err >&2; cd /tmp; exit 4")
         assert (r.stdout, r.stderr, r.exit_code, r.cwd) == ("out\n", "err\n", 4, "/tmp")
+        assert (await box.run("pwd")).stdout == "/tmp\n"
+        # Ending where it started, by a detour or under another spelling, is still a place to start from.
+        assert (await box.run("cd / && cd /tmp")).cwd == "/tmp"
+        assert (await box.run("cd /tmp/ && true")).cwd == "/tmp"
         assert (await box.run("pwd")).stdout == "/tmp\n"
         hostile = "it's $(x) `y` \\ \n"
         assert (await box.run(f"printf %s {shlex.quote(hostile)}")).stdout == hostile
