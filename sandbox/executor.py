@@ -16,7 +16,7 @@ import asyncssh
 
 from .channels import CHANNEL_GONE, SFTPChannel, ShellPool
 from .errors import ConnectionLost, InvalidArgument
-from .sftpio import read_prefix, read_upto
+from .sftpio import read_prefix, read_range
 from .shell import Finished, PersistentShell, ShellDied, ShellInfo
 
 log = logging.getLogger(__name__)
@@ -268,11 +268,10 @@ class Executor:
             limit = 4 * max_chars
             f = await sftp.open(path, "rb")
             try:
-                head = await read_upto(f, limit + 1)
+                head, size = await read_prefix(f, limit + 1)
                 if len(head) <= limit:
                     return cap_text(head, max_chars)
-                size = (await f.stat()).size or 0
-                tail = await read_upto(f, limit, max(size - limit, 0))
+                tail = await read_range(f, limit, max(size - limit, 0))
                 return _head_tail(
                     head.decode("utf-8", "replace"), tail.decode("utf-8", "replace"), size, max_chars
                 ), True
@@ -289,7 +288,7 @@ class Executor:
         async def read(sftp: asyncssh.SFTPClient) -> tuple[bytes, bool]:
             f = await sftp.open(path, "rb")
             try:
-                data = await read_prefix(f, max_bytes + 1)
+                data, _ = await read_prefix(f, max_bytes + 1)
             finally:
                 self._sftp.close_later(f)
             return data[:max_bytes], len(data) > max_bytes

@@ -135,6 +135,10 @@ def _identity(attrs: asyncssh.SFTPAttrs) -> tuple[object, ...]:
     return attrs.size, attrs.mtime, attrs.permissions, attrs.uid, attrs.gid
 
 
+async def _none() -> None:
+    return None
+
+
 def _looks_binary(head: bytes) -> bool:
     return b"\0" in head[:BINARY_SNIFF_BYTES]
 
@@ -363,15 +367,20 @@ class Files:
         return await self._edit(path, list(edits), indexed=True)
 
     async def _edit(self, path: str, edits: list[Edit], indexed: bool) -> EditResult:
-        """Read, apply, write back: four round trips.
+        """Read, apply, write back: four round trips, five for a file written within the last second.
 
         1. stat + open the file, lstat it, open the temp file beside it (the temp is wasted if the
            edit turns out not to apply; it is removed in the background);
-        2. read it, and open it by path a second time; apply the edits here;
+        2. read it, open it by path a second time, and fstat the temp file (its mtime is the box's
+           clock); apply the edits here;
         3. write + chmod the temp file; read the second handle again and stat the path: if the
            content is not what the edit was computed from (changed in place), or the path's size,
-           mtime or mode changed (replaced by a rename), refuse with EditConflict;
+           mtime or mode changed (another file renamed over it), refuse with EditConflict;
         4. rename the temp file over it.
+
+        SFTP has no inode numbers and whole-second mtimes: a same-size file renamed over the path
+        within the second the original was written would look the same to step 3. For a file that
+        recent, step 3 opens the path anew instead and step 4 reads that handle, the rename fifth.
         """
         outcome = await self._sftp.once(lambda sftp: self._edit_in_place(sftp, path, edits, indexed))
         if isinstance(outcome, EditResult):
@@ -413,9 +422,10 @@ class Files:
                 raise IsADirectory(path)
             if (attrs.size or 0) > MAX_EDIT_BYTES:
                 raise FileTooLarge(path, attrs.size or 0, MAX_EDIT_BYTES)
-            original, again_file = await asyncio.gather(
+            original, again_file, clock = await asyncio.gather(
                 read_exactly(original_file, attrs.size) if attrs.size else original_file.read(),
                 sftp.open(path, "rb"),
+                temp_file.stat() if isinstance(temp_file, asyncssh.SFTPClientFile) else _none(),
                 return_exceptions=True,
             )
             for outcome in (original, again_file):
@@ -438,15 +448,27 @@ class Files:
             data = after.encode()
             if self.before_conflict_check is not None:
                 await self.before_conflict_check(path)
-            pending: list[Awaitable[object]] = [
-                read_exactly(again_file, len(original) + 1),
-                sftp.stat(path),
-                temp_file.chmod((attrs.permissions or 0) & 0o7777),
-            ]
+            writes: list[Awaitable[object]] = [temp_file.chmod((attrs.permissions or 0) & 0o7777)]
             if data:
-                pending.append(write_all(temp_file, data))
-            current, now, *_ = await asyncio.gather(*pending)
-            if current != original or _identity(now) != _identity(attrs):
+                writes.append(write_all(temp_file, data))
+            box_now = clock.mtime if isinstance(clock, asyncssh.SFTPAttrs) else None
+            if attrs.mtime is None or box_now is None or attrs.mtime >= box_now:
+                # Written this second: only a handle opened now tells it from a replacement.
+                self._sftp.close_later(again_file)
+                fresh, *wrote = await asyncio.gather(sftp.open(path, "rb"), *writes, return_exceptions=True)
+                again_file = fresh if isinstance(fresh, asyncssh.SFTPClientFile) else None
+                for outcome in (fresh, *wrote):
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                assert again_file is not None
+                current = await read_exactly(again_file, len(original) + 1)
+                changed = current != original
+            else:
+                current, now, *_ = await asyncio.gather(
+                    read_exactly(again_file, len(original) + 1), sftp.stat(path), *writes
+                )
+                changed = current != original or _identity(now) != _identity(attrs)
+            if changed:
                 raise EditConflict(path)
             await sftp.posix_rename(temp, path)
             renamed = True

@@ -151,7 +151,9 @@ class Sandbox:
         self, argv: Sequence[str], *, cwd: str | None = None, timeout: float = 120.0, max_bytes: int = 8 << 20
     ) -> RawResult:
         """Run an argv for tether itself (probes, listings): whole streams as bytes, and the sandbox's
-        cwd is left alone. Raises TimeoutError when it does not finish in time (it is killed)."""
+        cwd is left alone. argv[0] is a program on the box's PATH: it replaces the shell (`exec`), so
+        shell builtins and functions are not found (exit code 127). Raises TimeoutError when it does
+        not finish in time (it is killed)."""
         return await self._p.executor.exec_raw(
             argv, cwd=await self.resolve(cwd) if cwd else None, timeout=timeout, max_bytes=max_bytes
         )

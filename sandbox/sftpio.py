@@ -1,55 +1,67 @@
 """Reading and writing an open SFTP file: one request when it is small, pipelined when it is large.
 
 asyncssh sends every read and write through its parallel machinery (tasks and asyncio.wait), which
-costs more CPU than the request itself for the small files agents mostly touch. A file whose
-read_len/write_len is 0 does a single direct request instead.
+costs more CPU than the request itself for the small files agents mostly touch. Small transfers
+here are single direct requests instead (read_len/write_len 0 for their duration). A server may
+answer a read with fewer bytes than asked before the end of the file (Go's pkg/sftp sends 32 KiB
+at most), so a short answer is never taken for the end unless the file's size says so.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import asyncssh
 
 SMALL = 128 * 1024  # below OpenSSH's 255 KiB per-request limit
 
 
-async def read_exactly(f: asyncssh.SFTPClientFile, size: int) -> bytes:
-    """`size` bytes from offset 0 (fewer at end of file)."""
+async def read_range(f: asyncssh.SFTPClientFile, size: int, offset: int = 0) -> bytes:
+    """`size` bytes from `offset`, fewer only at the end of the file."""
     if size > SMALL:
-        return await f.read(size, 0)  # type: ignore[no-any-return]
-    f.read_len = 0
-    chunks, offset = [], 0
-    while offset < size:
-        chunk: bytes = await f.read(size - offset, offset)
+        return await f.read(size, offset)  # type: ignore[no-any-return]  # asyncssh re-asks for short answers
+    chunks, done = [], 0
+    while done < size:
+        chunk = await read_upto(f, size - done, offset + done)
         if not chunk:
             break
         chunks.append(chunk)
-        offset += len(chunk)
+        done += len(chunk)
     return b"".join(chunks)
 
 
-async def write_all(f: asyncssh.SFTPClientFile, data: bytes) -> None:
-    if len(data) <= SMALL:
-        f.write_len = 0
-    await f.write(data, 0)
+async def read_exactly(f: asyncssh.SFTPClientFile, size: int) -> bytes:
+    """`size` bytes from offset 0 (fewer at end of file)."""
+    return await read_range(f, size)
+
+
+async def read_prefix(f: asyncssh.SFTPClientFile, max_bytes: int) -> tuple[bytes, int]:
+    """Up to `max_bytes` from offset 0, and the file's size. The first read and a stat travel
+    together, so a small file costs one round trip; more is read only when the size says the first
+    answer was not all of it."""
+    head, attrs = await asyncio.gather(read_upto(f, min(SMALL, max_bytes)), f.stat())
+    size = attrs.size or 0
+    want = min(size, max_bytes)
+    if len(head) >= want:
+        return head, max(size, len(head))
+    return head + await read_range(f, want - len(head), len(head)), size
 
 
 async def read_upto(f: asyncssh.SFTPClientFile, size: int, offset: int = 0) -> bytes:
-    """One read request of `size` bytes at `offset` (`size` within the server's per-request limit).
-    Servers answer a read of a regular file in full up to its end, so fewer bytes means the end."""
-    f.read_len = 0
-    return await f.read(size, offset)  # type: ignore[no-any-return]
+    """One read request of up to `size` bytes at `offset` (`size` within the server's per-request
+    limit); the answer may be shorter than the rest of the file."""
+    parallel, f.read_len = f.read_len, 0
+    try:
+        return await f.read(size, offset)  # type: ignore[no-any-return]
+    finally:
+        f.read_len = parallel
 
 
-async def read_prefix(f: asyncssh.SFTPClientFile, max_bytes: int) -> bytes:
-    """Up to `max_bytes` from offset 0. One request when the file is small (most are); only when that
-    request comes back full does the file's size decide how much more to read, in parallel."""
-    first = min(SMALL, max_bytes)
-    parallel_len = f.read_len
-    head = await read_upto(f, first)
-    if len(head) < first:
-        return head
-    rest = min((await f.stat()).size or 0, max_bytes) - len(head)
-    if rest <= 0:
-        return head
-    f.read_len = parallel_len
-    return head + await f.read(rest, len(head))
+async def write_all(f: asyncssh.SFTPClientFile, data: bytes) -> None:
+    parallel = f.write_len
+    if len(data) <= SMALL:
+        f.write_len = 0
+    try:
+        await f.write(data, 0)
+    finally:
+        f.write_len = parallel

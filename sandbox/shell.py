@@ -37,11 +37,14 @@ BOOT_COMMAND = (
 FALLBACK_BOOT_COMMAND = "exec /bin/sh -l"
 
 # How a command is started, `exec` mode: a new shell in its own session (setsid). $1 cwd, $2 the
-# command (already prefixed with env exports), $3 the cwd file. The EXIT trap records where the
-# command ended, when that is not where it started, so the next command can start there.
+# command, $3 the cwd file, $4 the file of env exports. The exports come first, so that an env name
+# cannot redirect tether's own variables, which are set from the arguments after them. The EXIT trap
+# records where the command ended so the next command can start there. It appends: the parent
+# empties the file before each command, and on ext4 a truncating open followed by a write costs a
+# flush on close.
 _CHILD = (
-    '__c=$3; __s=$2; __d=$1; trap \'[ "$PWD" = "$__d" ] || pwd >>"$__c" 2>/dev/null\' EXIT; '
     'if [ -n "$4" ]; then . "$4"; : >"$4"; fi; '
+    "__c=$3; __s=$2; __d=$1; trap 'command pwd >>\"$__c\" 2>/dev/null' EXIT; "
     'command cd -- "$__d" 2>/dev/null || { '
     'printf \'tether: directory %s is gone; running in %s\\n\' "$__d" "$HOME" >&2; command cd || exit 125; }; '
     'set --; eval "$__s"'
@@ -55,7 +58,7 @@ _JOB = (
     "__j=$3; __s=$2; "
     'command cd -- "$1" || { printf \'125\\n\' >"$__j/exit"; exit 125; }; '
     "trap : TERM INT HUP; "
-    '( trap - TERM INT HUP; set --; if [ -s "$__j/env" ]; then . "$__j/env"; : >"$__j/env"; fi; eval "$__s" ); '
+    '( trap - TERM INT HUP; if [ -s "$3/env" ]; then . "$3/env"; : >"$3/env"; fi; __s=$2; set --; eval "$__s" ); '
     '__x=$?; printf \'%s\\n\' "$__x" >"$__j/exit.tmp" && mv -f "$__j/exit.tmp" "$__j/exit"'
 )
 
@@ -87,9 +90,10 @@ if [ -n "${BASH_VERSION:-}" ] && set -m 2>/dev/null && case $- in *m*) true ;; *
   # forked subshell is enough; no exec, and the functions the profile defined (nvm, …) still work.
   __TPG=fork
   __t_spawn() {
-    ( set +m; trap '[ "$PWD" = "$__d" ] || command pwd >>"$__c" 2>/dev/null' EXIT
-      __d=$1; __s=$2; __v=$3; set --
-      [ -n "$__v" ] && eval "$__v"
+    # The env exports first: tether's own variables are then set from the arguments.
+    ( set +m; [ -n "$3" ] && eval "$3"
+      __c=$4; __d=$1; __s=$2; set --
+      trap 'command pwd >>"$__c" 2>/dev/null' EXIT
       command cd -- "$__d" 2>/dev/null || {
         printf 'tether: directory %s is gone; running in %s\n' "$__d" "$HOME" >&2; command cd || exit 125; }
       eval "$__s"
@@ -109,7 +113,7 @@ __t_run() {
   # instead of writing into a hole.
   __o="$__P.o"; __e="$__P.e"; __c="$__P.c"
   : >"$__o"; : >"$__e"; : >"$__c"
-  __t_spawn "$2" "$3" "$4"
+  __t_spawn "$2" "$3" "$4" "$__c"
   __p=$!
   printf '%s S %s\0' "$1" "$__p"
   wait "$__p" 2>/dev/null; __x=$?

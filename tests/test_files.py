@@ -189,10 +189,13 @@ async def test_multi_edit_is_all_or_nothing_and_names_the_failing_edit(sb: Sandb
     assert await sb.read_text("multi.txt") == "one two three"
 
 
-async def test_the_file_changing_under_an_edit_is_refused(sb: Sandbox) -> None:
-    """Another writer replaces the file after tether read it and applied the edit, before it writes
-    back: nothing of the edit lands, the other writer's content stays, no temp file is left."""
+@pytest.mark.parametrize("written", ["just now", "an hour ago"])
+async def test_the_file_changing_under_an_edit_is_refused(sb: Sandbox, written: str) -> None:
+    """Another writer rewrites the file in place after tether read it and applied the edit, before it
+    writes back: nothing of the edit lands, the other writer's content stays, no temp file is left."""
     await sb.write("race.txt", "version one\n")
+    if written != "just now":
+        await sb.run(["touch", "-d", "1 hour ago", "race.txt"])
 
     async def concurrent_writer(path: str) -> None:
         await sb.run(["sh", "-c", 'printf "version two\\n" > "$1"', "sh", path])
@@ -209,12 +212,17 @@ async def test_the_file_changing_under_an_edit_is_refused(sb: Sandbox) -> None:
     assert (await sb.edit("race.txt", "two", "three")).replacements == 1  # and a quiet edit goes through
 
 
-async def test_the_file_replaced_under_an_edit_is_refused(sb: Sandbox) -> None:
-    """Another writer renames a new file over the path (as editors save) while the edit is applied."""
+@pytest.mark.parametrize("written", ["just now", "an hour ago"])
+async def test_a_same_size_file_renamed_over_it_under_an_edit_is_refused(sb: Sandbox, written: str) -> None:
+    """Another writer renames a new file of the same size over the path (as editors save) while the
+    edit is applied: refused whether the original was written this very second (SFTP mtimes are
+    whole seconds) or long before."""
     await sb.write("swap.txt", "version one\n")
+    if written != "just now":
+        await sb.run(["touch", "-d", "1 hour ago", "swap.txt"])
 
     async def replacing_writer(path: str) -> None:
-        await sb.run(["sh", "-c", 'printf "the second version\n" > "$1.new" && mv -f "$1.new" "$1"', "sh", path])
+        await sb.run(["sh", "-c", 'printf "version two\n" > "$1.new" && mv -f "$1.new" "$1"', "sh", path])
 
     sb._p.files.before_conflict_check = replacing_writer
     try:
@@ -222,7 +230,7 @@ async def test_the_file_replaced_under_an_edit_is_refused(sb: Sandbox) -> None:
             await sb.edit("swap.txt", "one", "ONE")
     finally:
         sb._p.files.before_conflict_check = None
-    assert await sb.read_text("swap.txt") == "the second version\n"
+    assert await sb.read_text("swap.txt") == "version two\n"
 
 
 async def test_stat_and_list(sb: Sandbox) -> None:

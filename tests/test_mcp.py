@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -289,3 +291,63 @@ async def test_stdio_drops_an_oversized_message_whole_and_reads_on() -> None:
     reader.feed_eof()
     lines = [line async for line in _LineReader(reader, 16)]
     assert lines == ["(a message over 16 bytes was dropped)", '{"id": 2}\n', '{"id": 3}']
+
+
+@pytest.mark.parametrize("wiring", ["two pipes", "one socket"])
+def test_stdio_serves_pipes_and_a_socket_shared_by_stdin_and_stdout(wiring: str) -> None:
+    """MCP clients give the server pipes (served from the event loop); inetd-style launchers give one
+    socket for both (served by the SDK's transport): either way every request gets its answer, and
+    the end of input ends the server cleanly."""
+    ours, theirs = socket.socketpair()
+    if wiring == "one socket":
+        server_in = server_out = theirs
+        replies = ours
+    else:
+        server_in = theirs
+        replies, server_out = socket.socketpair()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tools.cli", "mcp"], stdin=server_in, stdout=server_out, cwd=ROOT, env=server_env()
+    )
+    theirs.close()
+    server_out.close()
+    replies.settimeout(20)
+    pending = b""
+
+    def exchange(message: dict[str, object]) -> dict[str, object]:
+        nonlocal pending
+        ours.sendall(json.dumps(message).encode() + b"\n")
+        while b"\n" not in pending:
+            chunk = replies.recv(65536)
+            assert chunk, "the server closed the connection"
+            pending += chunk
+        line, pending = pending.split(b"\n", 1)
+        return json.loads(line)
+
+    try:
+        hello = exchange(
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": "2025-06-18",
+                    "capabilities": {},
+                    "clientInfo": {"name": "t", "version": "1"},
+                },
+            }
+        )
+        assert hello["result"]["serverInfo"]["name"] == "tether"  # type: ignore[index]
+        ours.sendall(b'{"jsonrpc": "2.0", "method": "notifications/initialized"}\n')
+        for request_id in range(2, 6):
+            assert exchange({"jsonrpc": "2.0", "id": request_id, "method": "ping"}) == {
+                "jsonrpc": "2.0",
+                "id": request_id,
+                "result": {},
+            }
+        ours.shutdown(socket.SHUT_WR)
+        assert server.wait(20) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+        ours.close()
+        replies.close()

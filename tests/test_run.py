@@ -189,6 +189,12 @@ async def test_other_login_shells(
         assert (await box.run("cd / && cd /tmp")).cwd == "/tmp"
         assert (await box.run("cd /tmp/ && true")).cwd == "/tmp"
         assert (await box.run("pwd")).stdout == "/tmp\n"
+        # Environment names that tether's shell code uses itself change nothing about what runs where.
+        shadowing = {"__d": "/", "__s": "echo hijacked", "__c": "/tmp/elsewhere", "__v": "x", "__o": "/tmp/o"}
+        r = await box.run("echo ran; pwd", env=shadowing)
+        assert (r.stdout, r.cwd) == ("ran\n/tmp\n", "/tmp")
+        job = await box.start_job("echo job ran", env={"__s": "echo hijacked", "__j": "/tmp"})
+        assert (await box.job_output(job.id, wait_ms=5000)).stdout == "job ran\n"
         hostile = "it's $(x) `y` \\ \n"
         assert (await box.run(f"printf %s {shlex.quote(hostile)}")).stdout == hostile
         marker = f"tether-{flavour}-{secrets.token_hex(4)}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import stat
 import sys
@@ -25,44 +26,60 @@ from mcp.server.stdio import stdio_server
 MAX_LINE_BYTES = 64 << 20  # one JSON-RPC message per line; an image read can be several MB
 
 
-def _pipe_like(fd: int) -> bool:
+def _separate_pipes() -> bool:
+    """stdin and stdout are pipes or sockets (what epoll can watch: not files, not /dev/null), and
+    not one socket: asyncio's write transport reads its descriptor to notice the peer going away,
+    which on a shared socket would swallow requests."""
     try:
-        mode = os.fstat(fd).st_mode
+        fin, fout = os.fstat(0), os.fstat(1)
     except OSError:
         return False
-    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)  # what epoll can watch (not files, not /dev/null)
+    pipe_like = all(stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode) for st in (fin, fout))
+    return pipe_like and (fin.st_dev, fin.st_ino) != (fout.st_dev, fout.st_ino)
 
 
 async def serve_stdio(server: MCPServer) -> None:
     lowlevel = getattr(server, "_lowlevel_server", None)
-    if lowlevel is None or not (_pipe_like(0) and _pipe_like(1)):
+    if lowlevel is None or not _separate_pipes():
         await server.run_stdio_async()
         return
     with _claimed_stdio() as (wire_in, wire_out):
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=MAX_LINE_BYTES)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), wire_in)
-        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, wire_out)
-        writer = asyncio.StreamWriter(transport, protocol, None, loop)
+        read_transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), wire_in)
+        write_transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, wire_out)
+        writer = asyncio.StreamWriter(write_transport, protocol, None, loop)
         lines_in, lines_out = _LineReader(reader, MAX_LINE_BYTES), _LineWriter(writer)
         try:
             async with stdio_server(lines_in, lines_out) as (read_stream, write_stream):  # type: ignore[arg-type]
                 await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
         finally:
-            transport.close()
+            read_transport.close()
+            write_transport.close()
 
 
 @contextlib.contextmanager
 def _claimed_stdio() -> Iterator[tuple[object, object]]:
-    """The wire as private files; fd 0 reads /dev/null and fd 1 goes to stderr from now on."""
+    """The wire as private files; fd 0 reads /dev/null and fd 1 goes to stderr from now on. The
+    wire's descriptors are non-blocking while served (the event loop needs that) and blocking again
+    afterwards, for whoever else holds them."""
     sys.stdout.flush()
-    wire_in, wire_out = os.dup(0), os.dup(1)
+    wire_in, wire_out = (fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in (0, 1))
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
     os.dup2(2, 1)
-    with open(wire_in, "rb", buffering=0) as fin, open(wire_out, "wb", buffering=0) as fout:
-        yield fin, fout
+    try:
+        with (
+            open(wire_in, "rb", buffering=0, closefd=False) as fin,
+            open(wire_out, "wb", buffering=0, closefd=False) as fout,
+        ):
+            yield fin, fout
+    finally:
+        for fd in (wire_in, wire_out):
+            with contextlib.suppress(OSError):
+                os.set_blocking(fd, True)
+                os.close(fd)
 
 
 class _LineReader:

@@ -1,0 +1,53 @@
+"""Reads against an SFTP server that answers in smaller pieces than asked (as Go's pkg/sftp does,
+32 KiB at most): a short answer must never be taken for the end of the file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import asyncssh
+
+from sandbox.sftpio import read_exactly, read_prefix, read_range
+
+PIECE = 32 * 1024
+
+
+class PieceByPieceSFTP(asyncssh.SFTPServer):
+    def read(self, file_obj: object, offset: int, size: int) -> bytes:
+        return super().read(file_obj, offset, min(size, PIECE))  # type: ignore[no-any-return, arg-type]
+
+
+async def test_reads_go_on_past_short_answers(tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+    (tmp_path / "blob").write_bytes(data)
+    host_key, client_key = asyncssh.generate_private_key("ssh-ed25519"), asyncssh.generate_private_key("ssh-ed25519")
+    server = await asyncssh.listen(
+        "127.0.0.1",
+        0,
+        server_host_keys=[host_key],
+        authorized_client_keys=asyncssh.import_authorized_keys(client_key.export_public_key().decode()),
+        sftp_factory=PieceByPieceSFTP,
+    )
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with (
+            asyncssh.connect(
+                "127.0.0.1",
+                port,
+                username="tester",
+                client_keys=[client_key],
+                known_hosts=([host_key.convert_to_public()], [], []),
+            ) as conn,
+            conn.start_sftp_client() as sftp,
+            sftp.open(str(tmp_path / "blob"), "rb") as f,
+        ):
+            head, size = await read_prefix(f, 200_001)
+            assert (head, size) == (data[:200_001], 300_000)
+            small, _ = await read_prefix(f, 50_000)
+            assert small == data[:50_000]
+            assert await read_range(f, 60_000, 250_000) == data[250_000:]
+            assert await read_exactly(f, 400_000) == data
+    finally:
+        server.close()
+        await server.wait_closed()
