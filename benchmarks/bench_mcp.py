@@ -6,7 +6,9 @@ Starts its own sshd for an account whose .bashrc sleeps 50 ms (run as root to cr
 `tether mcp` over stdio with that host as its default sandbox, and measures the median time from a
 client's call to its result: a no-op tool on a bare MCPServer over stdio (the floor), and tether's
 read (4 KB), write, edit, grep and run('true'), taking turns in interleaved rounds so that the
-machine's noise falls on all of them alike. Then 8 concurrent clients × 200 mixed calls. The
+machine's noise falls on all of them alike. `edit` edits one file back to back (each edit of a file
+written within the same second takes a fifth round trip); `edit_settled` edits files last changed
+an hour ago, once each. Then 8 concurrent clients × 200 mixed calls. The
 last line is one JSON object: noop_ms, read_ms, write_ms, edit_ms, grep_ms, run_ms,
 concurrent_calls_per_s, errors.
 """
@@ -84,6 +86,16 @@ async def measure_latency(env: dict[str, str], runs: int, rounds: int) -> dict[s
         )
         await call("write", {"path": "read.txt", "content": "x" * 4096})
         await call("write", {"path": "edit.txt", "content": "before\nALPHA\nafter\n"})
+        # Files last changed an hour ago, each edited once: the common case of an agent editing a
+        # repository (an edit of a file written this very second takes one round trip more).
+        await call(
+            "run",
+            {
+                "command": f"mkdir -p settled && for i in $(seq 0 {runs + 40}); do "
+                "printf 'before\\nALPHA\\nafter\\n' > settled/e$i.txt; done && touch -d '1 hour ago' settled/*"
+            },
+        )
+        settled = iter(range(runs + 40))
         flip = {"old": "ALPHA", "new": "BRAVO"}
 
         async def edit() -> None:
@@ -95,6 +107,9 @@ async def measure_latency(env: dict[str, str], runs: int, rounds: int) -> dict[s
             "read_ms": lambda: call("read", {"path": "read.txt"}),
             "write_ms": lambda: call("write", {"path": "write.txt", "content": "y" * 4096}),
             "edit_ms": edit,
+            "edit_settled_ms": lambda: call(
+                "edit", {"path": f"settled/e{next(settled)}.txt", "old_string": "ALPHA", "new_string": "BRAVO"}
+            ),
             "grep_ms": lambda: call("grep", {"pattern": "needle", "path": "tree"}),
             "run_ms": lambda: call("run", {"command": "true"}),
         }
@@ -170,10 +185,12 @@ async def main() -> None:
         "account whose .bashrc sleeps 50 ms"
     )
     print(f"{'bare MCPServer no-op (floor)':32}{floor:8.2f} ms")
-    for key_name in ("read_ms", "write_ms", "edit_ms", "grep_ms", "run_ms"):
+    labels = {"edit_ms": "tether edit (back to back)", "edit_settled_ms": "tether edit (file an hour old)"}
+    for key_name in ("read_ms", "write_ms", "edit_ms", "edit_settled_ms", "grep_ms", "run_ms"):
         value = report[key_name]
         verdict = "ok" if value <= floor + 1.5 else "over floor + 1.5 ms"
-        print(f"{'tether ' + key_name[:-3]:32}{value:8.2f} ms   floor +{value - floor:5.2f} ms  {verdict}")
+        label = labels.get(key_name, "tether " + key_name[:-3])
+        print(f"{label:32}{value:8.2f} ms   floor +{value - floor:5.2f} ms  {verdict}")
     print(f"8 clients x {calls} mixed calls: {throughput} calls/s, {errors} errors")
     print(json.dumps(report))
 
