@@ -129,14 +129,17 @@ def _kind(attrs: asyncssh.SFTPAttrs) -> FileType:
     return "other"
 
 
+def _raise_first(*outcomes: object) -> None:
+    """Raise the first exception among the results of a gather(return_exceptions=True)."""
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+
+
 def _identity(attrs: asyncssh.SFTPAttrs) -> tuple[object, ...]:
     """What SFTP can tell of which file a path names: another file renamed over it almost always
     differs in one of these (SFTP has no inode numbers)."""
     return attrs.size, attrs.mtime, attrs.permissions, attrs.uid, attrs.gid
-
-
-async def _none() -> None:
-    return None
 
 
 def _looks_binary(head: bytes) -> bool:
@@ -425,16 +428,11 @@ class Files:
             original, again_file, clock = await asyncio.gather(
                 read_exactly(original_file, attrs.size) if attrs.size else original_file.read(),
                 sftp.open(path, "rb"),
-                temp_file.stat() if isinstance(temp_file, asyncssh.SFTPClientFile) else _none(),
+                # (the temp file's own failure is reported after the edit's: asyncio.sleep(0) is a no-op)
+                temp_file.stat() if isinstance(temp_file, asyncssh.SFTPClientFile) else asyncio.sleep(0),
                 return_exceptions=True,
             )
-            for outcome in (original, again_file):
-                if isinstance(outcome, asyncssh.SFTPNoSuchFile):
-                    raise EditConflict(path)  # it vanished between our stat and our read
-                if isinstance(outcome, asyncssh.SFTPError):
-                    raise sftp_error(path, outcome)
-                if isinstance(outcome, BaseException):
-                    raise outcome
+            _raise_first(original, again_file)  # a vanished file is an EditConflict (below)
             assert isinstance(original, bytes) and isinstance(again_file, asyncssh.SFTPClientFile)
             if _looks_binary(original):
                 raise BinaryFile(path, len(original))
@@ -457,9 +455,7 @@ class Files:
                 self._sftp.close_later(again_file)
                 fresh, *wrote = await asyncio.gather(sftp.open(path, "rb"), *writes, return_exceptions=True)
                 again_file = fresh if isinstance(fresh, asyncssh.SFTPClientFile) else None
-                for outcome in (fresh, *wrote):
-                    if isinstance(outcome, BaseException):
-                        raise outcome
+                _raise_first(fresh, *wrote)
                 assert again_file is not None
                 current = await read_exactly(again_file, len(original) + 1)
                 changed = current != original

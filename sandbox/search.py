@@ -37,6 +37,23 @@ class GrepResult:
     engine: Literal["rg", "grep"]
 
 
+@dataclass(frozen=True)
+class GrepQuery:
+    """What a grep asks for, validated; the argv builders of both engines read it."""
+
+    pattern: str
+    root: str
+    glob: str | None
+    type: str | None
+    output_mode: GrepMode
+    before: int | None
+    after: int | None
+    context: int | None
+    line_numbers: bool
+    case_insensitive: bool
+    multiline: bool
+
+
 def glob_to_regex(pattern: str) -> re.Pattern[str]:
     """Compile a glob with `**`, `*`, `?`, `[…]` and `{a,b}` to a regex over '/'-separated paths.
 
@@ -178,20 +195,11 @@ class Search:
         for name, value in (("before", before), ("after", after), ("context", context), ("head_limit", head_limit)):
             if value is not None and value < 0:
                 raise InvalidArgument(f"{name} must be zero or more")
-        use_rg = await self._has_rg()
-        argv = (self._rg_argv if use_rg else self._grep_argv)(
-            pattern,
-            root,
-            glob=glob,
-            type=type,
-            output_mode=output_mode,
-            before=before,
-            after=after,
-            context=context,
-            line_numbers=line_numbers,
-            case_insensitive=case_insensitive,
-            multiline=multiline,
+        query = GrepQuery(
+            pattern, root, glob, type, output_mode, before, after, context, line_numbers, case_insensitive, multiline
         )
+        use_rg = await self._has_rg()
+        argv = _rg_argv(query) if use_rg else _grep_argv(query)
         raw = await self._executor.exec_raw(argv)
         if raw.exit_code not in (0, 1) and not raw.stdout:
             message = raw.stderr.decode("utf-8", "replace").strip() or f"exit code {raw.exit_code}"
@@ -221,98 +229,70 @@ class Search:
             text.append(line)
         return GrepResult(output_mode, "\n".join(text), len(text), truncated, "rg" if use_rg else "grep")
 
-    @staticmethod
-    def _rg_argv(
-        pattern: str,
-        root: str,
-        *,
-        glob: str | None,
-        type: str | None,
-        output_mode: str,
-        before: int | None,
-        after: int | None,
-        context: int | None,
-        line_numbers: bool,
-        case_insensitive: bool,
-        multiline: bool,
-    ) -> list[str]:
-        argv = [
-            "rg",
-            "--no-config",
-            "--color=never",
-            "--hidden",
-            "--glob",
-            "!.git",
-            "--max-columns=2000",
-            "--max-columns-preview",
-        ]
-        if output_mode == "files_with_matches":
-            argv += ["--files-with-matches", "--null"]
-        elif output_mode == "count":
-            argv += ["--count", "--with-filename", "--sort=path"]
-        else:
-            argv += ["--with-filename", "--no-heading", "--sort=path"]
-            argv += ["--line-number"] if line_numbers else ["--no-line-number"]
-            if context is not None:
-                argv += ["--context", str(context)]
-            if before is not None:
-                argv += ["--before-context", str(before)]
-            if after is not None:
-                argv += ["--after-context", str(after)]
-        if case_insensitive:
-            argv.append("--ignore-case")
-        if multiline:
-            argv += ["--multiline", "--multiline-dotall"]
-        if glob:
-            argv += ["--glob", glob]
-        if type:
-            argv += ["--type", type]
-        return [*argv, "--regexp", pattern, "--", root]
-
-    @staticmethod
-    def _grep_argv(
-        pattern: str,
-        root: str,
-        *,
-        glob: str | None,
-        type: str | None,
-        output_mode: str,
-        before: int | None,
-        after: int | None,
-        context: int | None,
-        line_numbers: bool,
-        case_insensitive: bool,
-        multiline: bool,
-    ) -> list[str]:
-        if multiline:
-            raise InvalidArgument("multiline search needs ripgrep (rg) on the box; install it or search line by line")
-        if type:
-            raise InvalidArgument(f"type filters need ripgrep (rg) on the box; use glob='*.{type}' instead")
-        argv = ["grep", "-r", "-E", "-I"]
-        if output_mode == "files_with_matches":
-            argv.append("-l")
-        elif output_mode == "count":
-            argv += ["-c", "-H"]
-        else:
-            argv.append("-H")
-            if line_numbers:
-                argv.append("-n")
-            if context is not None:
-                argv += ["-C", str(context)]
-            if before is not None:
-                argv += ["-B", str(before)]
-            if after is not None:
-                argv += ["-A", str(after)]
-        if case_insensitive:
-            argv.append("-i")
-        if glob:
-            argv.append(f"--include={glob}")
-        return [*argv, "-e", pattern, "--", root]
-
     async def _require_directory(self, path: str) -> None:
         stat = await self._files.stat(path)
         if stat.type != "directory":
             raise InvalidArgument(f"{path} is not a directory; glob searches directories")
+
+
+def _rg_argv(q: GrepQuery) -> list[str]:
+    argv = [
+        "rg",
+        "--no-config",
+        "--color=never",
+        "--hidden",
+        "--glob",
+        "!.git",
+        "--max-columns=2000",
+        "--max-columns-preview",
+    ]
+    if q.output_mode == "files_with_matches":
+        argv += ["--files-with-matches", "--null"]
+    elif q.output_mode == "count":
+        argv += ["--count", "--with-filename", "--sort=path"]
+    else:
+        argv += ["--with-filename", "--no-heading", "--sort=path"]
+        argv += ["--line-number"] if q.line_numbers else ["--no-line-number"]
+        argv += _context_flags(q, "--context", "--before-context", "--after-context")
+    if q.case_insensitive:
+        argv.append("--ignore-case")
+    if q.multiline:
+        argv += ["--multiline", "--multiline-dotall"]
+    if q.glob:
+        argv += ["--glob", q.glob]
+    if q.type:
+        argv += ["--type", q.type]
+    return [*argv, "--regexp", q.pattern, "--", q.root]
+
+
+def _grep_argv(q: GrepQuery) -> list[str]:
+    if q.multiline:
+        raise InvalidArgument("multiline search needs ripgrep (rg) on the box; install it or search line by line")
+    if q.type:
+        raise InvalidArgument(f"type filters need ripgrep (rg) on the box; use glob='*.{q.type}' instead")
+    argv = ["grep", "-r", "-E", "-I"]
+    if q.output_mode == "files_with_matches":
+        argv.append("-l")
+    elif q.output_mode == "count":
+        argv += ["-c", "-H"]
+    else:
+        argv.append("-H")
+        if q.line_numbers:
+            argv.append("-n")
+        argv += _context_flags(q, "-C", "-B", "-A")
+    if q.case_insensitive:
+        argv.append("-i")
+    if q.glob:
+        argv.append(f"--include={q.glob}")
+    return [*argv, "-e", q.pattern, "--", q.root]
+
+
+def _context_flags(q: GrepQuery, around: str, before: str, after: str) -> list[str]:
+    flags = []
+    for flag, value in ((around, q.context), (before, q.before), (after, q.after)):
+        if value is not None:
+            flags += [flag, str(value)]
+    return flags
 
 
 def _only_file_errors(stderr: str) -> bool:

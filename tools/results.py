@@ -42,6 +42,11 @@ class SSHInfo(Result):
     port: int | None
     user: str | None
 
+    @classmethod
+    def of(cls, record: SandboxRecord) -> SSHInfo:
+        endpoint = record.endpoint or {}
+        return cls(host=endpoint.get("host"), port=endpoint.get("port"), user=endpoint.get("user"))
+
 
 class Cost(Result):
     seconds: float
@@ -78,14 +83,13 @@ class SandboxResult(Result):
 
     @classmethod
     def of(cls, record: SandboxRecord, caps: dict[str, Any]) -> SandboxResult:
-        endpoint = record.endpoint or {}
         return cls(
             id=record.id,
             name=record.name,
             provider=record.provider,
             pool=record.pool,
             status=record.status,  # type: ignore[arg-type]
-            ssh=SSHInfo(host=endpoint.get("host"), port=endpoint.get("port"), user=endpoint.get("user")),
+            ssh=SSHInfo.of(record),
             capabilities=caps,
             expires_at=iso(record.expires_at),
         )
@@ -107,6 +111,19 @@ class SandboxSummary(Result):
     created_at: str
     expires_at: str | None
     cost: Cost | None = Field(None, description="set once the sandbox is terminated")
+
+    @classmethod
+    def of(cls, record: SandboxRecord, event: CostEvent | None) -> SandboxSummary:
+        return cls(
+            id=record.id,
+            name=record.name,
+            provider=record.provider,
+            pool=record.pool,
+            status=record.status,
+            created_at=iso(record.created_at) or "",
+            expires_at=iso(record.expires_at),
+            cost=Cost.of(event) if event else None,
+        )
 
 
 class SandboxList(Result):

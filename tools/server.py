@@ -319,21 +319,7 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
     @guarded
     async def sandbox_list() -> Annotated[CallToolResult, R.SandboxList]:
         """List sandboxes that are not terminated, with the default one marked."""
-        summaries = []
-        for record in state.fleet.list():
-            event = state.fleet.ledger.cost_event(record.id)
-            summaries.append(
-                R.SandboxSummary(
-                    id=record.id,
-                    name=record.name,
-                    provider=record.provider,
-                    pool=record.pool,
-                    status=record.status,
-                    created_at=R.iso(record.created_at) or "",
-                    expires_at=R.iso(record.expires_at),
-                    cost=R.Cost.of(event) if event else None,
-                )
-            )
+        summaries = [R.SandboxSummary.of(r, state.fleet.ledger.cost_event(r.id)) for r in state.fleet.list()]
         return ok(R.SandboxList(sandboxes=summaries, default=state.default_id))
 
     @server.tool(annotations=READ_ONLY)
@@ -351,7 +337,6 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
             R.TunnelInfo(tunnel_id=t.id, port=t.port, backend=t.backend, url=t.url, status=t.status)
             for t in state.tunnels.list(record.id)
         ]
-        endpoint = record.endpoint or {}
         info = R.SandboxInfo(
             id=record.id,
             name=record.name,
@@ -361,7 +346,7 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
             status_reason=record.status_reason,
             created_at=R.iso(record.created_at) or "",
             expires_at=R.iso(record.expires_at),
-            ssh=R.SSHInfo(host=endpoint.get("host"), port=endpoint.get("port"), user=endpoint.get("user")),
+            ssh=R.SSHInfo.of(record),
             capabilities=state.capabilities(record),
             capacity=capacity,
             cwd=await box.cwd(),
@@ -627,19 +612,7 @@ def register_shell_tools(server: MCPServer, state: ServerState) -> None:
         with progress_while_running(ctx, label, state.progress_interval, timeout_ms / 1000):
             # Awaited directly: when the call is cancelled, so is the run, which kills the remote process group.
             r = await box.run(command, cwd=cwd, env=env, timeout=timeout_ms / 1000)
-        return ok(
-            R.RunResult(
-                exit_code=r.exit_code,
-                stdout=r.stdout,
-                stderr=r.stderr,
-                timed_out=r.timed_out,
-                truncated=r.truncated,
-                duration_ms=r.duration_ms,
-                cwd=r.cwd,
-                stdout_path=r.stdout_path,
-                stderr_path=r.stderr_path,
-            )
-        )
+        return ok(R.RunResult.model_validate(r, from_attributes=True))
 
     async def job_sandbox(job_id: str, sandbox: str | None) -> ManagedSandbox:
         if sandbox:
