@@ -35,6 +35,9 @@ STOP_ALL_JOBS = (
 )
 _JOB_ID = re.compile(r"^j-[0-9a-f]{8}$")
 POLL_INTERVAL = 0.05
+# Job directories read at once by `list`, four small files each: a box with hundreds of jobs must not
+# run sftp-server out of descriptors (its limit is the process's, often 1024).
+LIST_IN_FLIGHT = 64
 SIGNAL_NUMBERS = {"HUP": 1, "INT": 2, "QUIT": 3, "KILL": 9, "TERM": 15}  # the same on every POSIX box
 
 
@@ -159,7 +162,13 @@ class Jobs:
                 return []
 
         ids = await self._sftp.retrying(names)
-        states = await asyncio.gather(*(self._read_state(f"{root}/{i}") for i in ids))
+        gate = asyncio.Semaphore(LIST_IN_FLIGHT)
+
+        async def state_of(job_id: str) -> _Files:
+            async with gate:
+                return await self._read_state(f"{root}/{job_id}")
+
+        states = await asyncio.gather(*(state_of(i) for i in ids))
         alive = await self._alive_pids([s.pid for s in states if s.pid and s.exit_code is None])
         await asyncio.gather(
             *(

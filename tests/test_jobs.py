@@ -68,6 +68,26 @@ async def test_kill_with_kill_signal_and_bad_signals(sb: Sandbox) -> None:
     assert killed.status == "exited" and killed.signal == "KILL"
 
 
+async def test_list_copes_with_hundreds_of_jobs(sb: Sandbox) -> None:
+    """Four small files per job, read for every job at once, would exhaust sftp-server's descriptors
+    (1024 under a usual limit) on a box that has run a few hundred jobs."""
+    real = await sb.start_job("exit 0")
+    jobs_dir = (await sb._p.executor.info()).jobs_dir
+    fake = [f"j-fa{i:06x}" for i in range(400)]
+    make = (
+        'cd "$1" && shift && for d in "$@"; do mkdir "$d" && '
+        'printf \'{"command": "old", "cwd": "/", "started_at": 1}\' >"$d/meta.json" && '
+        'echo 1 >"$d/pid" && echo 0 >"$d/exit"; done'
+    )
+    await sb.run(["sh", "-c", make, "sh", jobs_dir, *fake])
+    try:
+        listed = {job.id: job for job in await sb.job_list()}
+        assert set(fake) | {real.id} <= set(listed)
+        assert all(listed[i].status == "exited" and listed[i].exit_code == 0 for i in fake)
+    finally:
+        await sb.run(["sh", "-c", 'cd "$1" && shift && rm -rf "$@"', "sh", jobs_dir, *fake])
+
+
 async def test_list_shows_command_status_and_start_time(sb: Sandbox) -> None:
     a = await sb.start_job("exit 0")
     b = await sb.start_job("sleep 30")
