@@ -224,7 +224,10 @@ async def test_environment_values_never_show_in_ps(
         assert any(marker in snapshot for snapshot in seen), "the commands never showed up in ps"
         assert all(secret not in snapshot for snapshot in seen)
         assert (await running).stdout == f"{secret}\n"
+        # Each read returns what is new since the previous one: keep all of it.
         output = await box.job_output(job.id, wait_ms=10_000)
+        stdout = output.stdout
         while output.status == "running":
             output = await box.job_output(job.id, wait_ms=10_000)
-        assert secret in output.stdout
+            stdout += output.stdout
+        assert secret in stdout
