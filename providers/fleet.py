@@ -9,6 +9,7 @@ interrupted provisions, mark vanished sandboxes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -30,6 +31,9 @@ from .profiles import GPU_RATES_USD_PER_HOUR, CapabilityProfile
 log = logging.getLogger(__name__)
 LABEL = "tether-id"
 LEDGER_RECHECK_SECONDS = 1.0
+# How often an open sandbox's last activity is written through to the ledger, where other
+# processes' reapers read it (far below any sensible idle timeout).
+ACTIVITY_FLUSH_SECONDS = 5.0
 
 
 def summary(record: SandboxRecord) -> dict[str, Any]:
@@ -59,6 +63,14 @@ class ManagedSandbox(Sandbox):
         self.pool_name = record.pool
         self.keep = record.keep
         self.verified_at = time.monotonic()  # when the ledger last said it is live
+        self.flushed_activity = self.last_used  # the last_activity the ledger has from us
+
+    @property
+    def _p(self):  # type: ignore[no-untyped-def]
+        parts = super()._p  # (marks the moment of use)
+        if self.last_used - self.flushed_activity >= ACTIVITY_FLUSH_SECONDS:
+            self.fleet.flush_activity(self)
+        return parts
 
     @property
     def record(self) -> SandboxRecord:
@@ -112,6 +124,7 @@ class Fleet:
         self._connections = connections
         self._providers: dict[str, Provider] = {}
         self._open: dict[str, ManagedSandbox] = {}
+        self._cleanups: set[asyncio.Future[None]] = set()
         self.created_here: set[str] = set()
         # Called with ("sandbox.created" | "sandbox.terminated", payload): chat channels, tunnel cleanup.
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
@@ -164,6 +177,7 @@ class Fleet:
         """
         pool = self._choose(request)
         provider = self.provider_for(pool)
+        gpu_type, gpu_count = _gpu_of(request, pool)
         sandbox_id = new_sandbox_id()
         name = request.name or f"{pool.provider}-{sandbox_id[3:9]}"
         self.ledger.insert(
@@ -176,8 +190,8 @@ class Fleet:
             expires_at=self._expiry(request, pool),
             idle_timeout=request.idle_timeout_s,
             keep=request.keep,
-            gpu_type=request.gpu,
-            gpu_count=1 if request.gpu else 0,
+            gpu_type=gpu_type,
+            gpu_count=gpu_count,
         )
         self.created_here.add(sandbox_id)
         await progress(f"provisioning {name} on pool {pool.name} ({pool.provider})", 0.05)
@@ -186,19 +200,29 @@ class Fleet:
             handle = await provider.provision(spec, progress)
             endpoint = await provider.endpoint(handle)
         except BaseException as exc:
-            # The provider cleans up what it can; anything it left is for gc (the row says where to look).
+            # The provider cleans up what it can; the rest is removed here, in a task of its own so
+            # that a cancelled call (the caller's scope re-cancels every await) still gets it done.
+            # Should this process die first, gc finds the row marked failed.
             reason = "provisioning interrupted" if not isinstance(exc, Exception) else f"provisioning failed: {exc}"
             self.ledger.set_status(sandbox_id, "failed", reason[:500])
+            cleanup = asyncio.ensure_future(self._reconcile_one(self.ledger.get(sandbox_id)))
+            self._cleanups.add(cleanup)
+            cleanup.add_done_callback(self._cleanup_done)
             if isinstance(exc, Exception):
                 with contextlib.suppress(Exception):
-                    await self._reconcile_one(self.ledger.get(sandbox_id))
+                    await asyncio.shield(cleanup)
             raise
-        self.ledger.set_provisioned(
+        if not self.ledger.set_provisioned(
             sandbox_id,
             handle.external_id,
             handle.model_dump(),
             {"host": endpoint.host, "port": endpoint.port, "user": endpoint.user},
-        )
+        ):
+            # Destroyed (or collected) by another process while it was being provisioned.
+            with contextlib.suppress(Exception):
+                await provider.terminate(handle)
+            why = self.ledger.get(sandbox_id).status_reason
+            raise SandboxGone(sandbox_id, f"terminated while it was being provisioned ({why})")
         box = ManagedSandbox(self, self.ledger.get(sandbox_id), endpoint, provider.tether_dir(sandbox_id), request.env)
         self._open[sandbox_id] = box
         await progress(f"connecting to {name}", 0.9)
@@ -210,6 +234,11 @@ class Fleet:
         await progress(f"{name} is running", 1.0)
         self._emit("sandbox.created", {"sandbox": summary(box.record)})
         return box
+
+    def _cleanup_done(self, cleanup: asyncio.Future[None]) -> None:
+        self._cleanups.discard(cleanup)
+        if not cleanup.cancelled() and cleanup.exception() is not None:
+            log.warning("could not clean up after a failed provision: %s", cleanup.exception())
 
     def _choose(self, request: Request) -> Pool:
         pools = list(self.pools)
@@ -265,23 +294,31 @@ class Fleet:
     async def destroy(self, ref: str, reason: str = "destroyed") -> CostEvent:
         """Terminate a sandbox and record its cost event (idempotent: a second call returns the first
         event). Raises ProviderError when the provider could not terminate it (try again, or gc)."""
+        return (await self._destroy(ref, reason))[0]
+
+    async def _destroy(self, ref: str, reason: str) -> tuple[CostEvent, bool]:
+        """destroy, and whether this call was the one that recorded the termination."""
         record = self.ledger.get(ref)
+        recorded = False
         if record.status != "terminated":
             box = self._open.pop(record.id, None)
             if box is not None:
-                self._flush_activity(box)
+                self.flush_activity(box)
                 with contextlib.suppress(Exception):
                     await box.close()  # its own channels only: other sandboxes may share the connection
             if record.handle:
                 await self._provider_of(record).terminate(Handle.model_validate(record.handle))
-            self._record_termination(record, reason)
+            recorded = self._record_termination(record, reason)
         event = self.ledger.cost_event(record.id)
         assert event is not None
-        return event
+        return event, recorded
 
-    def _record_termination(self, record: SandboxRecord, reason: str) -> None:
-        event = self._cost(record, time.time())
-        if self.ledger.terminate(record.id, reason, event):
+    def _record_termination(self, record: SandboxRecord, reason: str, ended: float | None = None) -> bool:
+        """Mark it terminated with its cost event, once; whether this call did. `ended` is when it
+        stopped costing, if not now."""
+        event = self._cost(record, time.time(), ended)
+        recorded = self.ledger.terminate(record.id, reason, event)
+        if recorded:
             self._emit(
                 "sandbox.terminated",
                 {
@@ -289,6 +326,7 @@ class Fleet:
                     "cost": event.as_dict(),
                 },
             )
+        return recorded
 
     def _emit(self, event: str, payload: dict[str, Any]) -> None:
         for listener in self.listeners:
@@ -304,8 +342,11 @@ class Fleet:
             return None
         return await self._provider_of(record).preview_url(Handle.model_validate(record.handle), port)
 
-    def _cost(self, record: SandboxRecord, now: float) -> CostEvent:
-        seconds = max(0.0, now - record.created_at)
+    def _cost(self, record: SandboxRecord, now: float, ended: float | None = None) -> CostEvent:
+        """The cost event of a sandbox that stopped costing at `ended` (default: now). A provision
+        that never produced anything (no handle) cost nothing."""
+        end = now if ended is None else ended
+        seconds = max(0.0, end - record.created_at) if record.handle else 0.0
         gpu_seconds = seconds * record.gpu_count
         try:
             profile = self.profile(record.provider)
@@ -327,7 +368,8 @@ class Fleet:
             if own is not None:
                 return float(own)
         if record.gpu_type:
-            return GPU_RATES_USD_PER_HOUR.get(record.provider, {}).get(record.gpu_type.lower())
+            rates = GPU_RATES_USD_PER_HOUR.get(record.provider, {})
+            return rates.get(_gpu_rate_key(record.gpu_type, rates))
         return None
 
     # -- optional operations -------------------------------------------------------------------------
@@ -364,13 +406,19 @@ class Fleet:
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
-    def _flush_activity(self, box: ManagedSandbox) -> None:
+    def flush_activity(self, box: ManagedSandbox) -> None:
+        """Write a sandbox's last activity to the ledger; a command still running counts as now."""
+        if box.busy:
+            box.last_used = time.time()
+        box.flushed_activity = box.last_used
         self.ledger.touch(box.id, box.last_used)
 
-    async def reap(self, now: float | None = None) -> list[tuple[str, str]]:
-        """Terminate sandboxes past their TTL or idle timeout. Returns (id, reason) for each."""
+    async def reap(self, now: float | None = None, errors: list[str] | None = None) -> list[tuple[str, str]]:
+        """Terminate sandboxes past their TTL or idle timeout; returns (id, reason) for each this
+        call terminated, and appends to `errors` what could not be. An open sandbox with a command
+        in flight is not idle."""
         for box in list(self._open.values()):
-            self._flush_activity(box)
+            self.flush_activity(box)
         now = time.time() if now is None else now
         reaped = []
         for record in self.ledger.list():
@@ -381,29 +429,43 @@ class Fleet:
                 reason = "expired (TTL)"
             elif record.idle_timeout is not None and now - record.last_activity >= record.idle_timeout:
                 reason = f"idle for {now - record.last_activity:.0f}s"
+            elif not record.keep and not record.owner_alive():
+                reason = f"its creator (pid {record.owner_pid}) ended without tearing it down"
             if reason is None:
                 continue
             try:
-                await self.destroy(record.id, reason)
-                reaped.append((record.id, reason))
+                _, recorded = await self._destroy(record.id, reason)
+                if recorded:  # (another process's reaper may have got there first)
+                    reaped.append((record.id, reason))
             except Exception as exc:  # keep reaping the others; this one is retried next time
                 log.warning("could not reap %s (%s): %s", record.id, reason, exc)
+                if errors is not None:
+                    errors.append(f"{record.id}: could not reap ({reason}): {exc}")
         return reaped
 
     async def gc(self) -> GcReport:
-        """Reap expired sandboxes, then reconcile the ledger with every provider's own listing."""
-        report = GcReport(reaped=await self.reap())
-        records = self.ledger.list(include_terminated=True)
-        for provider_name in sorted({r.provider for r in records} | {p.provider for p in self.pools}):
+        """Reap expired sandboxes, then reconcile the ledger with every provider's own listing.
+
+        Each provider's rows are read twice: before its listing (a row already provisioned then
+        whose resource is not listed has vanished) and after it (a listed resource with no row is
+        an orphan: rows are committed before anything is provisioned). A sandbox created while
+        gc runs is therefore neither an orphan nor vanished.
+        """
+        report = GcReport()
+        report.reaped = await self.reap(errors=report.errors)
+        names = {r.provider for r in self.ledger.list(include_terminated=True)} | {p.provider for p in self.pools}
+        for provider_name in sorted(names):
+            before = [r for r in self.ledger.list(include_terminated=True) if r.provider == provider_name]
             try:
-                provider = self._listing_provider(provider_name, records)
+                provider = self._listing_provider(provider_name, before)
                 listed = await provider.list() if provider is not None else None
             except Exception as exc:
                 report.errors.append(f"{provider_name}: cannot list: {exc}")
                 continue
             if listed is None:
                 continue
-            await self._reconcile(provider, listed, [r for r in records if r.provider == provider_name], report)
+            after = [r for r in self.ledger.list(include_terminated=True) if r.provider == provider_name]
+            await self._reconcile(provider, listed, before, after, report)
         return report
 
     def _listing_provider(self, provider_name: str, records: list[SandboxRecord]) -> Provider | None:
@@ -419,31 +481,51 @@ class Fleet:
         return None
 
     async def _reconcile(
-        self, provider: Provider, listed: list[ListedResource], records: list[SandboxRecord], report: GcReport
+        self,
+        provider: Provider,
+        listed: list[ListedResource],
+        before: list[SandboxRecord],
+        after: list[SandboxRecord],
+        report: GcReport,
     ) -> None:
-        by_id = {r.id: r for r in records}
+        """One provider's listing against its ledger rows (read before and after the listing)."""
+        by_id = {r.id: r for r in after}
         seen = set()
         for resource in listed:
-            record = by_id.get(resource.tether_id or "")
+            if not resource.tether_id:
+                continue  # not labelled by tether: not ours to remove
+            record = by_id.get(resource.tether_id)
             if record is not None:
                 seen.add(record.id)
-            if record is None or record.status == "terminated":
-                await provider.terminate(Handle(external_id=resource.external_id, data=resource.data))
-                report.orphans.append(resource.external_id if record is None else f"{resource.tether_id}")
-            elif record.status in ("provisioning", "failed") and not record.owner_alive():
-                await provider.terminate(Handle(external_id=resource.external_id, data=resource.data))
-                self._record_termination(record, "provisioning interrupted; gc removed what it left")
-                report.interrupted.append(record.id)
-        for record in records:
-            if record.id in seen or record.status == "terminated":
+            # A failed provision's leftovers go whether or not the process that made them still
+            # runs (it may have been cancelled); a provisioning one's only once that process died.
+            abandoned = record is not None and (
+                record.status == "failed" or (record.status == "provisioning" and not record.owner_alive())
+            )
+            if record is not None and record.status != "terminated" and not abandoned:
                 continue
-            if record.status in ("provisioning", "failed"):
-                if not record.owner_alive() or record.status == "failed":
-                    self._record_termination(record, "provisioning interrupted; nothing was left behind")
-                    report.interrupted.append(record.id)
-            else:
-                self._record_termination(record, "vanished: the provider no longer has it")
-                report.vanished.append(record.id)
+            handle = Handle(external_id=resource.external_id, data=resource.data)
+            try:
+                await provider.terminate(handle)
+            except Exception as exc:  # the others still get reconciled; this one next time
+                report.errors.append(f"{resource.tether_id}: could not terminate: {exc}")
+                continue
+            if record is None or record.status == "terminated":
+                report.orphans.append(resource.tether_id)
+            elif self._record_termination(record, "provisioning interrupted; gc removed what it left"):
+                report.interrupted.append(record.id)
+        for record in before:
+            current = by_id.get(record.id, record)
+            if record.id in seen or current.status == "terminated":
+                continue
+            if current.status in ("provisioning", "failed"):
+                if current.status == "failed" or not current.owner_alive():
+                    if self._record_termination(current, "provisioning interrupted; nothing was left behind"):
+                        report.interrupted.append(record.id)
+            elif record.status in ("running", "paused"):  # it existed before the listing began
+                ended = max(current.last_activity, current.created_at)
+                if self._record_termination(current, "vanished: the provider no longer has it", ended):
+                    report.vanished.append(record.id)
 
     async def _reconcile_one(self, record: SandboxRecord) -> None:
         """After a failed provision: remove whatever the provider left, then close the row."""
@@ -471,7 +553,7 @@ class Fleet:
                     except Exception as exc:
                         log.warning("could not tear down %s: %s", sandbox_id, exc)
         for box in list(self._open.values()):
-            self._flush_activity(box)
+            self.flush_activity(box)
             with contextlib.suppress(Exception):
                 await box.close()
         self._open.clear()
@@ -479,3 +561,29 @@ class Fleet:
             with contextlib.suppress(Exception):
                 await provider.close()
         return destroyed
+
+
+def _gpu_of(request: Request, pool: Pool) -> tuple[str | None, int]:
+    """The GPU type and count a sandbox will have: the request's, else its pool's config (Modal's
+    `gpu`, e.g. "A100:2"; RunPod's `gpuTypeIds` and `gpuCount`)."""
+    config = pool.config
+    count = int(getattr(config, "gpuCount", 0) or 0)
+    if request.gpu:
+        return request.gpu, max(1, count)
+    modal_gpu = getattr(config, "gpu", None)
+    if isinstance(modal_gpu, str) and modal_gpu:
+        kind, _, n = modal_gpu.partition(":")
+        return kind, int(n) if n.isdigit() else 1
+    type_ids = getattr(config, "gpuTypeIds", None)
+    if type_ids and count:
+        return type_ids[0], count
+    return None, 0
+
+
+def _gpu_rate_key(gpu_type: str, rates: dict[str, float]) -> str | None:
+    """The rate table's key for a GPU named as a provider names it ("NVIDIA A100 80GB PCIe",
+    "A100-80GB", "a100"): the longest key that appears in the name as a word."""
+    name = gpu_type.lower().replace("-", " ").replace("_", " ")
+    words = name.split()
+    found = [key for key in rates if key in words or key.replace("-", " ") in name]
+    return max(found, key=len, default=None)

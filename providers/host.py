@@ -92,12 +92,23 @@ async def serve(port: int = 0) -> None:
 
 
 def live_local_sandboxes(ledger: Ledger | None = None) -> list[str]:
+    """Local sandboxes that run, or are being provisioned by a process that still runs (a failed
+    provision, or one whose process died, is gc's to collect, not something to wait for)."""
     ledger = ledger or Ledger()
-    return [r.id for r in ledger.list() if r.provider == "local"]
+    return [
+        r.id
+        for r in ledger.list()
+        if r.provider == "local"
+        and (r.status in ("running", "paused") or (r.status == "provisioning" and r.owner_alive()))
+    ]
 
 
 async def drain(wait: bool = True, poll: float = 1.0, report: Any = print) -> list[str]:
-    """Refuse new local sandboxes; with `wait`, return once none is live. Returns those still live."""
+    """Refuse new local sandboxes; with `wait`, return once none is live. Returns those still live.
+
+    While it waits it reaps (TTL, idle timeout, creator gone), as the MCP server's reaper would."""
+    from .fleet import Fleet
+
     state = read_state()
     if state is None or daemon_server() is None:
         raise RuntimeError("no tether host daemon runs here; start it with `tether host start`")
@@ -108,6 +119,11 @@ async def drain(wait: bool = True, poll: float = 1.0, report: Any = print) -> li
         report(f"draining: waiting for {len(remaining)} sandbox(es) to end: {', '.join(remaining)}")
     while wait and remaining:
         await asyncio.sleep(poll)
+        reaper = Fleet()
+        try:
+            await reaper.reap()
+        finally:
+            await reaper.close()
         now = live_local_sandboxes(ledger)
         if now != remaining:
             report(f"draining: {len(now)} left")
@@ -279,14 +295,14 @@ def stop(timeout: float = 15.0) -> HostStatus:
         _run(["systemctl", "--user", "stop", f"{SERVICE_NAME}.service"], check=False)
     elif manager == "launchd":
         _run(["launchctl", "stop", LAUNCH_LABEL], check=False)
-    state = read_state()
+    state = running_state()  # (a stale host.json's pid may since belong to another process)
     if state and state.get("pid"):
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(state["pid"]), signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while process_running(int(state["pid"])) and time.monotonic() < deadline:
             time.sleep(0.1)
-        host_state_path().unlink(missing_ok=True)
+    host_state_path().unlink(missing_ok=True)
     return status()
 
 

@@ -189,12 +189,16 @@ class Ledger:
 
     def set_provisioned(
         self, sandbox_id: str, external_id: str, handle: dict[str, Any], endpoint: dict[str, Any]
-    ) -> None:
+    ) -> bool:
+        """Mark a provisioning sandbox running; False when it no longer is provisioning (another
+        process destroyed or collected it meanwhile)."""
         with self.store.transaction() as db:
-            db.execute(
-                "UPDATE sandboxes SET external_id = ?, handle = ?, endpoint = ?, status = 'running'"
-                " WHERE id = ? AND status = 'provisioning'",
-                (external_id, json.dumps(handle), json.dumps(endpoint), sandbox_id),
+            return bool(
+                db.execute(
+                    "UPDATE sandboxes SET external_id = ?, handle = ?, endpoint = ?, status = 'running'"
+                    " WHERE id = ? AND status = 'provisioning'",
+                    (external_id, json.dumps(handle), json.dumps(endpoint), sandbox_id),
+                ).rowcount
             )
 
     def set_external_id(self, sandbox_id: str, external_id: str, handle: dict[str, Any]) -> None:

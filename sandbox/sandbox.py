@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -54,6 +55,7 @@ class Sandbox:
         self._pool = pool
         self._options = _Options(shells, boot_timeout, idle_timeout, tether_dir)
         self.last_used = time.time()
+        self._busy = 0  # long operations (commands, job waits, transfers) in flight
         self._parts: _Parts | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -82,6 +84,21 @@ class Sandbox:
         await parts.executor.close()
         await parts.shells.close()
         await parts.sftp.close()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a command, job wait or transfer is in flight: the sandbox is not idle, however
+        long ago that operation started."""
+        return self._busy > 0
+
+    @contextlib.asynccontextmanager
+    async def _in_flight(self) -> AsyncIterator[None]:
+        self._busy += 1
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            self.last_used = time.time()
 
     @property
     def _p(self) -> _Parts:
@@ -145,7 +162,8 @@ class Sandbox:
         """
         merged = {**self.env, **(env or {})}
         where = await self.resolve(cwd) if cwd is not None else None
-        return await self._p.executor.run(command, cwd=where, env=merged, timeout=timeout, max_chars=max_chars)
+        async with self._in_flight():
+            return await self._p.executor.run(command, cwd=where, env=merged, timeout=timeout, max_chars=max_chars)
 
     async def exec_raw(
         self, argv: Sequence[str], *, cwd: str | None = None, timeout: float = 120.0, max_bytes: int = 8 << 20
@@ -154,9 +172,9 @@ class Sandbox:
         cwd is left alone. argv[0] is a program on the box's PATH: it replaces the shell (`exec`), so
         shell builtins and functions are not found (exit code 127). Raises TimeoutError when it does
         not finish in time (it is killed)."""
-        return await self._p.executor.exec_raw(
-            argv, cwd=await self.resolve(cwd) if cwd else None, timeout=timeout, max_bytes=max_bytes
-        )
+        where = await self.resolve(cwd) if cwd else None
+        async with self._in_flight():
+            return await self._p.executor.exec_raw(argv, cwd=where, timeout=timeout, max_bytes=max_bytes)
 
     # -- files ---------------------------------------------------------------------------------------
 
@@ -226,7 +244,8 @@ class Sandbox:
 
     async def job_output(self, job_id: str, wait_ms: int = 0) -> JobOutput:
         """Output since the previous call, waiting up to `wait_ms` for more; status and exit code."""
-        return await self._p.jobs.output(job_id, wait_ms)
+        async with self._in_flight():
+            return await self._p.jobs.output(job_id, wait_ms)
 
     async def job_list(self) -> list[Job]:
         return await self._p.jobs.list()
@@ -238,11 +257,15 @@ class Sandbox:
 
     async def upload(self, local: str | Path, remote: str, progress: Progress | None = None) -> int:
         """Copy a local file to the box (pipelined SFTP, atomic rename at the end). Returns bytes sent."""
-        return await self._p.transfers.upload(Path(local), await self.resolve(remote), progress)
+        where = await self.resolve(remote)
+        async with self._in_flight():
+            return await self._p.transfers.upload(Path(local), where, progress)
 
     async def download(self, remote: str, local: str | Path, progress: Progress | None = None) -> int:
         """Copy a file from the box (pipelined SFTP, atomic rename at the end). Returns bytes received."""
-        return await self._p.transfers.download(await self.resolve(remote), Path(local), progress)
+        where = await self.resolve(remote)
+        async with self._in_flight():
+            return await self._p.transfers.download(where, Path(local), progress)
 
     # -- low level -----------------------------------------------------------------------------------
 

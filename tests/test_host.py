@@ -120,3 +120,22 @@ def test_launch_agent_plist(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     plist = host_daemon.unit_text()
     assert "<string>dev.tether.host</string>" in plist and "<key>RunAtLoad</key><true/>" in plist
     assert f"<string>{sys.executable}</string>" in plist and "<string>serve</string>" in plist
+
+
+def test_a_stale_host_file_neither_drains_nor_gets_its_pid_signalled() -> None:
+    """A daemon killed with -9 leaves host.json behind; its pid may since belong to anything."""
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    path = host_state_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # the pid runs, but nothing answers on the port: not a daemon
+        path.write_text(json.dumps({"pid": bystander.pid, "port": 9, "host_key": "x", "status": "draining"}))
+        from providers.local import LocalProvider
+
+        assert LocalProvider.unavailable_reason() is None
+        host_daemon.stop(timeout=1)
+        assert bystander.poll() is None and not path.exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
+        path.unlink(missing_ok=True)

@@ -130,3 +130,154 @@ def test_a_crash_mid_provision_is_reconciled_by_gc(tmp_path: Path) -> None:
     assert cost_event_count(record.id) == 1
     costs = json.loads(tether("costs", "--json", env=env).stdout)
     assert [c["billing_model"] for c in costs if c["id"] == record.id] == ["wall-clock"]
+
+
+async def test_gc_leaves_alone_a_sandbox_created_while_it_lists(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from providers.local import LocalProvider
+
+    listing = LocalProvider.list
+    creator, collector = Fleet(config={}), Fleet(config={})
+    created: list[object] = []
+
+    async def slow_list(self: LocalProvider) -> list[object]:
+        # another process creates a sandbox between gc's ledger read and its listing
+        created.append(await creator.create(Request(provider="local")))
+        return await listing(self)  # type: ignore[return-value]
+
+    monkeypatch.setattr(LocalProvider, "list", slow_list)
+    try:
+        report = await collector.gc()
+        monkeypatch.setattr(LocalProvider, "list", listing)
+        box = created[0]
+        assert report.orphans == [] and box.id not in report.vanished  # type: ignore[attr-defined]
+        assert collector.ledger.get(box.id).status == "running"  # type: ignore[attr-defined]
+        assert (await box.run("pwd")).exit_code == 0  # type: ignore[attr-defined]
+        # and one whose row was live before the listing began is still seen to vanish
+        import shutil
+
+        shutil.rmtree(local_dir() / "sandboxes" / box.id)  # type: ignore[attr-defined]
+        assert box.id in (await collector.gc()).vanished  # type: ignore[attr-defined]
+    finally:
+        monkeypatch.setattr(LocalProvider, "list", listing)
+        await creator.close()
+        await collector.close()
+
+
+async def test_a_command_still_running_is_not_idle_here_or_to_another_process(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from providers import fleet as fleet_module
+
+    monkeypatch.setattr(fleet_module, "ACTIVITY_FLUSH_SECONDS", 0.1)
+    owner, other = Fleet(config={}), Fleet(config={})
+    try:
+        box = await owner.create(Request(provider="local", idle_timeout_s=0.5))
+        command = asyncio.ensure_future(box.run("sleep 1.5; echo done"))
+        await asyncio.sleep(1.0)  # the command started a second ago, past the idle timeout
+        assert await owner.reap() == []
+        assert await other.reap() == []  # sees the activity the owner's reaper wrote through
+        result = await command
+        assert result.stdout == "done\n"
+        # short calls every 0.2 s, seen by the other process through the write-through alone
+        for _ in range(6):
+            await box.run("true")
+            await asyncio.sleep(0.2)
+        assert await other.reap() == []
+        await asyncio.sleep(0.7)
+        assert [r for r, _ in await other.reap()] == [box.id]
+    finally:
+        await owner.close()
+        await other.close()
+
+
+async def test_concurrent_reapers_report_each_reaped_sandbox_once() -> None:
+    fleets = [Fleet(config={}) for _ in range(3)]
+    try:
+        boxes = [await fleets[0].create(Request(provider="local", timeout_s=0.2)) for _ in range(4)]
+        await asyncio.sleep(0.4)
+        reports = await asyncio.gather(*(f.reap() for f in fleets))
+        reaped = sorted(r for report in reports for r, _ in report)
+        assert reaped == sorted(b.id for b in boxes)
+        assert all(cost_event_count(b.id) == 1 for b in boxes)
+    finally:
+        for f in fleets:
+            await f.close()
+
+
+CANCELLED_CREATE = """
+import asyncio
+from providers import Fleet, Request
+
+async def main():
+    fleet = Fleet()
+    task = asyncio.ensure_future(fleet.create(Request(pool="flaky", name="{name}")))
+    await asyncio.sleep(0.5)  # the machine exists; its boot hangs
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    for _ in range(100):  # the cleanup runs in the background; this process lives on
+        await asyncio.sleep(0.05)
+        if fleet.ledger.get("{name}").status == "terminated":
+            print("cleaned")
+            return
+    print("not cleaned")
+
+asyncio.run(main())
+"""
+
+
+def test_a_cancelled_provision_is_cleaned_up_by_the_process_that_cancelled_it(tmp_path: Path) -> None:
+    cloud = tmp_path / "cloud"
+    cloud.mkdir()
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[[providers]]\nname = "hang"\nclass = "tests.hang_provider:HangProvider"\n\n'
+        '[[pools]]\nname = "flaky"\nprovider = "hang"\n'
+    )
+    env = {**os.environ, "TETHER_CONFIG": str(config), "TETHER_TEST_CLOUD": str(cloud), "PYTHONPATH": str(ROOT)}
+    name = f"cancelled-{os.getpid()}"
+    done = subprocess.run(
+        [sys.executable, "-c", CANCELLED_CREATE.format(name=name)], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.stdout.strip() == "cleaned", done.stderr
+    assert list(cloud.iterdir()) == []
+    record = Ledger().get(name)
+    assert "interrupted" in record.status_reason and cost_event_count(record.id) == 1
+
+
+def test_gpu_type_and_count_come_from_the_pool_when_the_request_names_none() -> None:
+    from providers.config import parse_pool
+    from providers.fleet import _gpu_of, _gpu_rate_key
+
+    runpod = parse_pool({"name": "gpus", "provider": "runpod", "config": {"gpuCount": 2}})
+    assert _gpu_of(Request(), runpod) == ("NVIDIA A100 80GB PCIe", 2)
+    assert _gpu_of(Request(gpu="h100"), runpod) == ("h100", 2)
+    modal = parse_pool({"name": "m", "provider": "modal", "config": {"gpu": "A100:4"}})
+    assert _gpu_of(Request(), modal) == ("A100", 4)
+    assert _gpu_of(Request(), parse_pool({"name": "cpu", "provider": "modal"})) == (None, 0)
+    rates = {"a100": 0.5, "h100": 2.0}
+    assert _gpu_rate_key("NVIDIA A100 80GB PCIe", rates) == "a100"
+    assert _gpu_rate_key("A100-80GB", rates) == "a100"
+    assert _gpu_rate_key("RTX 4090", rates) is None
+
+
+def test_a_sandbox_whose_creator_ended_without_teardown_is_reaped(tmp_path: Path) -> None:
+    script = (
+        "import asyncio\nfrom providers import Fleet, Request\n"
+        "async def main():\n"
+        "    kept = await Fleet().create(Request(provider='local', keep=True))\n"
+        "    left = await Fleet().create(Request(provider='local'))\n"
+        "    print(kept.id, left.id)\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    kept, left = done.stdout.split()
+    fleet = Fleet(config={})
+    try:
+        reaped = dict(asyncio.run(fleet.reap()))
+        assert "ended without tearing it down" in reaped[left] and kept not in reaped
+        assert not (local_dir() / "sandboxes" / left).exists() and cost_event_count(left) == 1
+        assert fleet.ledger.get(kept).status == "running"
+        asyncio.run(fleet.destroy(kept))
+    finally:
+        asyncio.run(fleet.close())
