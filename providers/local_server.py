@@ -31,7 +31,7 @@ from .identity import generated_key, public_key_line, tether_key
 log = logging.getLogger(__name__)
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-SANDBOX_ID = re.compile(r"^sb-[0-9a-f]{10}$")
+SANDBOX_ID = re.compile(r"sb-[0-9a-f]{10}\Z")
 
 
 def local_dir() -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from typing import Any
 
@@ -47,6 +48,28 @@ class _PinningClient(asyncssh.SSHClient):
         return False
 
 
+class _Redact(logging.Filter):
+    """asyncssh logs the user name it logs in as ("Beginning auth for user %s"); when that name is
+    a gateway token, the log would hold a credential. Rewrites such records before any handler."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            message = record.getMessage()
+            if any(secret in message for secret in self.secrets):
+                for secret in self.secrets:
+                    message = message.replace(secret, "<token>")
+                record.msg, record.args = message, ()
+        return True
+
+
+_REDACT = _Redact()
+logging.getLogger("asyncssh").addFilter(_REDACT)
+
+
 def _same_key(a: str, b: str) -> bool:
     return a.split()[:2] == b.split()[:2]
 
@@ -75,6 +98,7 @@ def _connect_options(endpoint: SSHEndpoint, pinned: str | None) -> dict[str, Any
         options["server_host_key_algs"] = [alg.decode() for alg in asyncssh.import_public_key(pinned).sig_algorithms]
     if endpoint.token is not None:
         # Gateway auth: the token is the user name and "none" auth is the only method offered.
+        _REDACT.secrets.add(endpoint.token.get_secret_value())
         options.update(client_keys=None, agent_path=None, password=None, preferred_auth="none")
         return options
     keys: list[Any] = []

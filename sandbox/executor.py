@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 MAX_OUTPUT_CHARS = 30_000
 KILL_GRACE_SECONDS = 10
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 SIGNALS = ("HUP", "INT", "QUIT", "KILL", "TERM", "USR1", "USR2", "CONT", "STOP")
 
 

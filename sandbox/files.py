@@ -35,6 +35,7 @@ MAX_LINE_CHARS = 2000
 MAX_IMAGE_BYTES = 5 * 1024 * 1024
 MAX_TEXT_BYTES = 256 * 1024 * 1024  # read() refuses bigger files: download them
 MAX_EDIT_BYTES = 64 * 1024 * 1024
+PRIVATE = asyncssh.SFTPAttrs(permissions=0o600)  # temp files start readable by their owner alone
 BINARY_SNIFF_BYTES = 8192
 
 IMAGE_TYPES = {  # extension → (MIME type, magic prefix check)
@@ -223,6 +224,11 @@ class Files:
         # Fault injection for tests: awaited with the path after an edit was applied and just before
         # the file is read again for the conflict check (where a concurrent writer would strike).
         self.before_conflict_check: Callable[[str], Awaitable[None]] | None = None
+        # The mode a file created here gets (0666 less the server's umask), learned from the first
+        # new file written. Until then a write's temp file is created with it; after, with 0600 and
+        # widened to it (or to the replaced file's mode) before the rename, so a secret written
+        # over a 0600 file is never readable by others in between.
+        self._new_file_mode: int | None = None
 
     # -- read ----------------------------------------------------------------------------------------
 
@@ -310,8 +316,9 @@ class Files:
         """
         directory, name = posixpath.split(path)
         temp = posixpath.join(directory, f".{name}.tether-{secrets.token_hex(4)}.tmp")
+        learn = self._new_file_mode is None
         existing, temp_file = await asyncio.gather(
-            sftp.lstat(path), self._open_temp(sftp, temp, directory), return_exceptions=True
+            sftp.lstat(path), self._open_temp(sftp, temp, directory, private=not learn), return_exceptions=True
         )
         if isinstance(existing, asyncssh.SFTPNoSuchFile):
             existing = None
@@ -331,6 +338,11 @@ class Files:
             pending: list[Awaitable[object]] = [write_all(temp_file, data)] if data else []
             if existing is not None:
                 pending.append(temp_file.chmod((existing.permissions or 0) & 0o7777))
+            elif learn:
+                pending.append(self._learn_new_file_mode(temp_file))
+            else:
+                assert self._new_file_mode is not None
+                pending.append(temp_file.chmod(self._new_file_mode))
             await asyncio.gather(*pending)
             await sftp.posix_rename(temp, path)
             renamed = True
@@ -342,12 +354,20 @@ class Files:
                 self._sftp.remove_later(temp)
         return existing if isinstance(existing, asyncssh.SFTPAttrs) else None
 
-    async def _open_temp(self, sftp: asyncssh.SFTPClient, temp: str, directory: str) -> asyncssh.SFTPClientFile:
+    async def _open_temp(
+        self, sftp: asyncssh.SFTPClient, temp: str, directory: str, private: bool
+    ) -> asyncssh.SFTPClientFile:
+        attrs = PRIVATE if private else asyncssh.SFTPAttrs()
         try:
-            return await sftp.open(temp, "xb")
+            return await sftp.open(temp, "xb", attrs)
         except asyncssh.SFTPNoSuchFile:
             await sftp.makedirs(directory, exist_ok=True)
-            return await sftp.open(temp, "xb")
+            return await sftp.open(temp, "xb", attrs)
+
+    async def _learn_new_file_mode(self, temp_file: asyncssh.SFTPClientFile) -> None:
+        attrs = await temp_file.stat()
+        if attrs.permissions is not None:
+            self._new_file_mode = attrs.permissions & 0o777
 
     async def _discard_temp(self, sftp: asyncssh.SFTPClient, f: asyncssh.SFTPClientFile, temp: str) -> None:
         self._sftp.close_later(f)
@@ -406,7 +426,11 @@ class Files:
         directory, name = posixpath.split(path)
         temp = posixpath.join(directory, f".{name}.tether-{secrets.token_hex(4)}.tmp")
         attrs, original_file, link, temp_file = await asyncio.gather(
-            sftp.stat(path), sftp.open(path, "rb"), sftp.lstat(path), sftp.open(temp, "xb"), return_exceptions=True
+            sftp.stat(path),
+            sftp.open(path, "rb"),
+            sftp.lstat(path),
+            sftp.open(temp, "xb", PRIVATE),  # (given the file's own mode before the rename)
+            return_exceptions=True,
         )
         renamed = False
         again_file: asyncssh.SFTPClientFile | BaseException | None = None

@@ -33,7 +33,7 @@ STOP_ALL_JOBS = (
     'for d in "$1"/*/; do [ -f "$d/pid" ] && [ ! -f "$d/exit" ] || continue; p=$(cat "$d/pid"); '
     'kill -9 -"$p" 2>/dev/null || kill -9 "$p" 2>/dev/null; printf \'137\\n\' >"$d/exit"; done'
 )
-_JOB_ID = re.compile(r"^j-[0-9a-f]{8}$")
+_JOB_ID = re.compile(r"j-[0-9a-f]{8}\Z")
 POLL_INTERVAL = 0.05
 # Job directories read at once by `list`, four small files each: a box with hundreds of jobs must not
 # run sftp-server out of descriptors (its limit is the process's, often 1024).

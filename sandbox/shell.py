@@ -37,7 +37,8 @@ BOOT_COMMAND = (
 FALLBACK_BOOT_COMMAND = "exec /bin/sh -l"
 
 # How a command is started, `exec` mode: a new shell in its own session (setsid). $1 cwd, $2 the
-# command, $3 the cwd file, $4 the file of env exports. The exports come first, so that an env name
+# command, $3 the cwd file, $4 the file of env exports, $5 where the login landed (where a command
+# runs when its saved cwd has since been removed). The exports come first, so that an env name
 # cannot redirect tether's own variables, which are set from the arguments after them. The EXIT trap
 # records where the command ended so the next command can start there. It appends: the parent
 # empties the file before each command, and on ext4 a truncating open followed by a write costs a
@@ -45,8 +46,8 @@ FALLBACK_BOOT_COMMAND = "exec /bin/sh -l"
 _CHILD = (
     'if [ -n "$4" ]; then . "$4"; : >"$4"; fi; '
     "__c=$3; __s=$2; __d=$1; trap 'command pwd >>\"$__c\" 2>/dev/null' EXIT; "
-    'command cd -- "$__d" 2>/dev/null || { '
-    'printf \'tether: directory %s is gone; running in %s\\n\' "$__d" "$HOME" >&2; command cd || exit 125; }; '
+    'command cd -- "$__d" 2>/dev/null || { command cd -- "$5" 2>/dev/null || command cd || exit 125; '
+    'printf \'tether: directory %s is gone; running in %s\\n\' "$__d" "$PWD" >&2; }; '
     'set --; eval "$__s"'
 )
 
@@ -67,7 +68,9 @@ set +e +u 2>/dev/null
 unalias -a 2>/dev/null
 SHLVL=1; export SHLVL
 __T=__TETHER_DIR__
-mkdir -p "$__T/run" "$__T/jobs" 2>/dev/null
+__TSTART=$PWD
+# Commands' output and jobs' files live here: readable by this user only, whatever the umask.
+mkdir -p "$__T/run" "$__T/jobs" 2>/dev/null && chmod 700 "$__T" 2>/dev/null
 case "${SHELL##*/}" in
   bash|zsh|ksh|mksh|dash|ash|sh) __TSH=$SHELL ;;
   *) __TSH=/bin/sh ;;
@@ -95,7 +98,8 @@ if [ -n "${BASH_VERSION:-}" ] && set -m 2>/dev/null && case $- in *m*) true ;; *
       __c=$4; __d=$1; __s=$2; set --
       trap 'command pwd >>"$__c" 2>/dev/null' EXIT
       command cd -- "$__d" 2>/dev/null || {
-        printf 'tether: directory %s is gone; running in %s\n' "$__d" "$HOME" >&2; command cd || exit 125; }
+        command cd -- "$__TSTART" 2>/dev/null || command cd || exit 125
+        printf 'tether: directory %s is gone; running in %s\n' "$__d" "$PWD" >&2; }
       eval "$__s"
     ) </dev/null >>"$__o" 2>>"$__e" &
   }
@@ -104,7 +108,7 @@ else
     # Environment values go through a private file, not the new shell's arguments (ps shows those).
     __vf=
     if [ -n "$3" ]; then (umask 077; printf '%s\n' "$3" >"$__P.v"); __vf="$__P.v"; fi
-    __t_bg "$__TSH" -c "$__TCHILD" tether "$1" "$2" "$__c" "$__vf"
+    __t_bg "$__TSH" -c "$__TCHILD" tether "$1" "$2" "$__c" "$__vf" "$__TSTART"
   }
 fi
 __t_run() {

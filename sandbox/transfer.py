@@ -17,7 +17,7 @@ import asyncssh
 
 from .channels import SFTPChannel
 from .errors import FileNotFound, IsADirectory
-from .files import sftp_error
+from .files import PRIVATE, sftp_error
 
 # Called with (bytes done, total bytes).
 Progress = Callable[[int, int], None]
@@ -46,6 +46,9 @@ class Transfers:
         async def put(sftp: asyncssh.SFTPClient) -> None:
             try:
                 await sftp.makedirs(directory, exist_ok=True)
+                # Created private first: put() reopens it (keeping the mode), and the final mode is
+                # given only once every byte is there.
+                await (await sftp.open(temp, "xb", PRIVATE)).close()
                 await sftp.put(
                     str(local), temp, block_size=-1, max_requests=MAX_REQUESTS, progress_handler=_adapt(progress)
                 )
@@ -71,6 +74,7 @@ class Transfers:
         async def get(sftp: asyncssh.SFTPClient) -> int:
             try:
                 attrs = await sftp.stat(remote)
+                os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # private until done
                 await sftp.get(
                     remote, str(temp), block_size=-1, max_requests=MAX_REQUESTS, progress_handler=_adapt(progress)
                 )

@@ -233,6 +233,30 @@ async def test_a_same_size_file_renamed_over_it_under_an_edit_is_refused(sb: San
     assert await sb.read_text("swap.txt") == "version two\n"
 
 
+async def test_temp_files_are_private_until_they_take_the_files_mode(sb: Sandbox) -> None:
+    """A secret written or edited over a 0600 file is never readable by others on the way, and new
+    files still get the box's usual mode (0666 less its umask)."""
+    await sb.write("fresh-1.txt", "a")  # the first new file: its mode is learned
+    await sb.write("fresh-2.txt", "b")  # the next: a private temp file widened to that mode
+    assert (await sb.stat("fresh-1.txt")).mode == (await sb.stat("fresh-2.txt")).mode == 0o644
+    await sb.write(".env", "TOKEN=old\n")
+    await sb.run(["chmod", "600", ".env"])
+    seen: list[int] = []
+
+    async def look(path: str) -> None:
+        listing = await sb.list_dir(".")
+        seen.extend(e.mode for e in listing if ".tether-" in e.path)
+
+    sb._p.files.before_conflict_check = look
+    try:
+        await sb.edit(".env", "old", "new-secret")
+    finally:
+        sb._p.files.before_conflict_check = None
+    assert seen == [0o600]
+    await sb.write(".env", "TOKEN=newer\n")
+    assert (await sb.stat(".env")).mode == 0o600 and await sb.read_text(".env") == "TOKEN=newer\n"
+
+
 async def test_stat_and_list(sb: Sandbox) -> None:
     await sb.write("d/a.txt", "12345")
     await sb.makedirs("d/sub")

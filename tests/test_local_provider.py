@@ -74,6 +74,12 @@ async def test_each_local_sandbox_has_its_own_dir_and_jobs() -> None:
         await a.start_job("sleep 30")
         assert len(await a.job_list()) == 1 and await b.job_list() == []
         assert await a.cwd() != await b.cwd()
+        # a removed cwd falls back to the sandbox's own work dir, not the user's home
+        work = await a.cwd()
+        await a.run("mkdir doomed && cd doomed")
+        await a.exec_raw(["rmdir", f"{work}/doomed"], cwd=work)
+        gone = await a.run("pwd")
+        assert gone.stdout == f"{work}\n" and "is gone" in gone.stderr
         await a.destroy()
         await b.destroy()
     finally:

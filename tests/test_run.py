@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from sandbox import ConnectionPool, Sandbox
-from sandbox.errors import ConnectionLost, InvalidArgument
+from sandbox.errors import ConnectionLost, FileNotFound, InvalidArgument
 from tests.conftest import endpoint_for
 from tests.sshd import SSHD
 
@@ -62,6 +62,31 @@ async def test_relative_cwd_is_relative_to_the_sandbox_directory(sb: Sandbox) ->
 async def test_bad_env_names_are_refused_before_anything_runs(sb: Sandbox) -> None:
     with pytest.raises(InvalidArgument, match="invalid environment variable name"):
         await sb.run("true", env={"A;rm -rf ~": "x"})
+
+
+async def test_a_cwd_that_does_not_exist_is_an_error_and_nothing_runs(sb: Sandbox) -> None:
+    before = await sb.cwd()
+    with pytest.raises(FileNotFound, match="did not run"):
+        await sb.run("touch ran-anyway", cwd="no/such/dir")
+    await sb.write("plain.txt", "x")
+    with pytest.raises(InvalidArgument, match="not a directory"):
+        await sb.run("touch ran-anyway", cwd="plain.txt")
+    assert await sb.cwd() == before and not await sb.exists(f"{await sb.home()}/ran-anyway")
+    assert not await sb.exists("ran-anyway")
+
+
+async def test_env_names_with_a_trailing_newline_are_refused(sb: Sandbox) -> None:
+    with pytest.raises(InvalidArgument, match="invalid environment variable name"):
+        await sb.run("true", env={"FOO\n": "touch pwned"})
+
+
+async def test_command_output_on_the_box_is_private_to_its_user(sb: Sandbox) -> None:
+    await sb.run("echo secret; echo more >&2")
+    tether_dir = (await sb._p.executor.info()).tether_dir
+    assert (await sb.stat(tether_dir)).mode == 0o700
+    job = await sb.start_job("echo job-secret")
+    await sb.job_output(job.id, wait_ms=5000)
+    assert (await sb.stat(tether_dir)).mode == 0o700
 
 
 async def test_a_removed_working_directory_falls_back_to_home(sb: Sandbox) -> None:
@@ -201,6 +226,12 @@ async def test_other_login_shells(
         timed = await box.run(f"sh -c 'sleep 1000 & sleep 1000' {marker}", timeout=0.5)
         assert timed.timed_out
         assert await wait_until_gone(marker) == []
+        # a saved cwd removed behind its back: the next command runs where the login landed
+        doomed = f"/tmp/{marker}"
+        await box.run(f"mkdir {doomed} && cd {doomed}")
+        await box.exec_raw(["rmdir", doomed], cwd="/")  # (leaves the saved cwd alone)
+        gone = await box.run("pwd")
+        assert (gone.stdout, "is gone" in gone.stderr) == (f"{await box.home()}\n", True)
 
 
 @pytest.mark.parametrize("flavour", ["sshd", "dash_sshd"])

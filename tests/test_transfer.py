@@ -54,3 +54,30 @@ async def test_failed_transfers_leave_nothing_half_written(sb: Sandbox, tmp_path
         assert await sb.list_dir("ro") == []
     finally:
         await sb.run("chmod 755 ro")
+
+
+async def test_transfers_in_progress_are_readable_by_their_owner_alone(sb: Sandbox, tmp_path: Path) -> None:
+    """The final mode is given once every byte is there: a secret file is never world-readable."""
+    source = tmp_path / "secret.bin"
+    source.write_bytes(os.urandom(8 * 1024 * 1024))
+    source.chmod(0o644)
+    remote_dir = await sb.resolve("private-up")
+    await sb.makedirs(remote_dir)
+    modes: set[int] = set()
+
+    def look_remote(done: int, total: int) -> None:  # sshd is on this machine: look at its disk
+        modes.update(p.stat().st_mode & 0o777 for p in Path(remote_dir).glob(".*.part"))
+
+    await sb.upload(source, f"{remote_dir}/secret.bin", progress=look_remote)
+    assert modes == {0o600}
+    assert (await sb.stat(f"{remote_dir}/secret.bin")).mode == 0o644
+
+    modes.clear()
+    back = tmp_path / "back"
+    back.mkdir()
+
+    def look_local(done: int, total: int) -> None:
+        modes.update(p.stat().st_mode & 0o777 for p in back.glob(".*.part"))
+
+    await sb.download(f"{remote_dir}/secret.bin", back / "secret.bin", progress=look_local)
+    assert modes == {0o600} and (back / "secret.bin").stat().st_mode & 0o777 == 0o644

@@ -241,6 +241,9 @@ def build_server(state: ServerState) -> MCPServer:
 
     server = MCPServer("tether", instructions=INSTRUCTIONS, lifespan=lifespan, log_level="WARNING")
     logging.getLogger("asyncssh").setLevel(logging.WARNING)  # its INFO is a line per channel
+    # httpx logs each request's full URL at INFO, and a chat webhook's URL is its secret.
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     register_lifecycle_tools(server, state)
     register_file_tools(server, state)
     register_shell_tools(server, state)
