@@ -342,6 +342,10 @@ class Fleet:
             return None
         return await self._provider_of(record).preview_url(Handle.model_validate(record.handle), port)
 
+    def cost_so_far(self, record: SandboxRecord) -> CostEvent:
+        """A terminated sandbox's cost event; for a live one, what it has cost until now."""
+        return self.ledger.cost_event(record.id) or self._cost(record, time.time())
+
     def _cost(self, record: SandboxRecord, now: float, ended: float | None = None) -> CostEvent:
         """The cost event of a sandbox that stopped costing at `ended` (default: now). A provision
         that never produced anything (no handle) cost nothing."""

@@ -25,6 +25,16 @@ MAX_OUTPUT_CHARS = 30_000
 KILL_GRACE_SECONDS = 10
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 SIGNALS = ("HUP", "INT", "QUIT", "KILL", "TERM", "USR1", "USR2", "CONT", "STOP")
+_SIGNAL_NUMBERS = {"1": "HUP", "2": "INT", "3": "QUIT", "9": "KILL", "15": "TERM"}  # (the ones POSIX fixes)
+
+
+def signal_name(signal: str) -> str:
+    """A signal as `kill -NAME` wants it, from "TERM", "SIGTERM", "sigterm" or "15"."""
+    name = signal.strip().upper() if isinstance(signal, str) else ""
+    name = _SIGNAL_NUMBERS.get(name, name.removeprefix("SIG"))
+    if name not in SIGNALS:
+        raise InvalidArgument(f"unknown signal {signal!r}; use one of {', '.join(SIGNALS)}")
+    return name
 
 
 @dataclass
@@ -172,8 +182,7 @@ class Executor:
 
     async def signal_group(self, pid: int, signal: str = "KILL") -> None:
         """Send `signal` to the process group `pid` leads (and to `pid` itself, should it lead none)."""
-        if signal not in SIGNALS:
-            raise InvalidArgument(f"unknown signal {signal!r}; use one of {', '.join(SIGNALS)}")
+        signal = signal_name(signal)
         # Through /bin/sh explicitly: the exec request is read by the login shell, which may be csh or fish.
         script = "exec /bin/sh -c " + shlex.quote(
             f"kill -{signal} -{int(pid)} 2>/dev/null || kill -{signal} {int(pid)} 2>/dev/null; true"

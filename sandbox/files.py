@@ -288,6 +288,11 @@ class Files:
         attrs, f = await asyncio.gather(sftp.stat(path), sftp.open(path, mode), return_exceptions=True)
         if isinstance(f, asyncssh.SFTPClientFile) and isinstance(attrs, BaseException):
             self._sftp.close_later(f)
+        if isinstance(attrs, asyncssh.SFTPAttrs) and _kind(attrs) == "directory":
+            # (some servers refuse to open a directory with a bare "failure": say what it is)
+            if isinstance(f, asyncssh.SFTPClientFile):
+                self._sftp.close_later(f)
+            raise IsADirectory(path)
         for outcome in (attrs, f):
             if isinstance(outcome, asyncssh.SFTPError):
                 raise sftp_error(path, outcome)
@@ -435,6 +440,8 @@ class Files:
         renamed = False
         again_file: asyncssh.SFTPClientFile | BaseException | None = None
         try:
+            if isinstance(attrs, asyncssh.SFTPAttrs) and _kind(attrs) == "directory":
+                raise IsADirectory(path)  # (before the open's error, which may be a bare "failure")
             for outcome in (attrs, original_file):
                 if isinstance(outcome, asyncssh.SFTPNoSuchFile):
                     return "missing"

@@ -20,8 +20,8 @@ from typing import Literal
 import asyncssh
 
 from .channels import CHANNEL_GONE, SFTPChannel, ShellPool
-from .errors import ConnectionLost, InvalidArgument, JobNotFound
-from .executor import MAX_OUTPUT_CHARS, SIGNALS, Executor, build_env, build_script
+from .errors import ConnectionLost, JobNotFound
+from .executor import MAX_OUTPUT_CHARS, Executor, build_env, build_script, signal_name
 from .sftpio import read_upto
 
 JobStatus = Literal["running", "exited"]
@@ -190,9 +190,7 @@ class Jobs:
 
     async def kill(self, job_id: str, signal: str = "TERM") -> Job:
         """Send `signal` to the job's process group and wait briefly for it to end."""
-        signal = signal.upper().removeprefix("SIG")
-        if signal not in SIGNALS:
-            raise InvalidArgument(f"unknown signal {signal!r}; use one of {', '.join(SIGNALS)}")
+        signal = signal_name(signal)
         directory = await self._directory(job_id)
         state = await self._read_state(directory)
         if state.pid is None:

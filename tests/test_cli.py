@@ -38,6 +38,9 @@ def test_up_exec_cp_info_down(tmp_path: Path) -> None:
     assert (ran.returncode, ran.stdout, ran.stderr) == (7, "out\n", "err\n")
     argv = tether("exec", "cli-box", "--", "printf", "%s|", "a b", "$(nope)")
     assert argv.returncode == 0 and argv.stdout == "a b|$(nope)|"
+    # options may follow the ID
+    timed = tether("exec", sandbox_id, "--timeout", "0.5", "--", "sleep 5")
+    assert timed.returncode == 124 and "timed out after 0.5s" in timed.stderr
 
     local = tmp_path / "data.bin"
     local.write_bytes(os.urandom(3 * 1024 * 1024))

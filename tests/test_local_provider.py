@@ -18,6 +18,7 @@ import pytest
 import providers
 from providers import Fleet, Request, Unsupported
 from providers.local_server import sandbox_root
+from sandbox.errors import IsADirectory
 from tests.sshd import ensure_account, is_root
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +81,11 @@ async def test_each_local_sandbox_has_its_own_dir_and_jobs() -> None:
         await a.exec_raw(["rmdir", f"{work}/doomed"], cwd=work)
         gone = await a.run("pwd")
         assert gone.stdout == f"{work}\n" and "is gone" in gone.stderr
+        # the embedded SFTP server refuses to open a directory with a bare failure: still named
+        await a.makedirs("a-dir")
+        for attempt in (a.read("a-dir"), a.edit("a-dir", "x", "y")):
+            with pytest.raises(IsADirectory, match="glob"):
+                await attempt
         await a.destroy()
         await b.destroy()
     finally:

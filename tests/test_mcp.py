@@ -68,6 +68,7 @@ async def test_tools_schemas_and_annotations() -> None:
         assert tools[name].annotations.read_only_hint is True, name
     for name in DESTRUCTIVE:
         assert tools[name].annotations.destructive_hint is True, name
+    assert tools["job_output"].annotations.idempotent_hint is False  # each call moves a read position
     for name, tool in tools.items():
         assert tool.description, name
         for param, schema in tool.input_schema.get("properties", {}).items():
@@ -156,8 +157,10 @@ async def test_file_and_shell_tools(where: str, ssh_pool_env: dict[str, str]) ->
         assert output["stdout"] == "one\n" and output["status"] == "running"
         listed = structured(await client.call_tool("job_list", {}))
         assert job["job_id"] in [j["job_id"] for j in listed["jobs"]]
-        killed = structured(await client.call_tool("job_kill", {"job_id": job["job_id"], "signal": "KILL"}))
-        assert killed["status"] == "exited"
+        killed = structured(await client.call_tool("job_kill", {"job_id": job["job_id"], "signal": "SIGKILL"}))
+        assert killed["status"] == "exited" and killed["signal"] == "KILL"
+        bad_signal = await client.call_tool("job_kill", {"job_id": job["job_id"], "signal": "SIGWHAT"})
+        assert bad_signal.is_error and "use one of" in text(bad_signal)
         await client.call_tool("run", {"command": f"cd .. && rm -rf {work}"})
 
 
@@ -173,6 +176,8 @@ async def test_lifecycle_tools_and_stopping_tears_down(sshd: SSHD, client_key: P
         assert attached["provider"] == "ssh" and attached["ssh"]["port"] == sshd.port
         listed = structured(await client.call_tool("sandbox_list", {}))
         assert {"lc-one", "lc-box"} <= {s["name"] for s in listed["sandboxes"]}
+        live_cost = next(s["cost"] for s in listed["sandboxes"] if s["name"] == "lc-one")
+        assert live_cost["billing_model"] == "fixed" and live_cost["seconds"] >= 0  # the cost so far
         ambiguous = await client.call_tool("run", {"command": "true"})
         assert ambiguous.is_error and "several sandboxes exist" in text(ambiguous)
 
@@ -351,3 +356,27 @@ def test_stdio_serves_pipes_and_a_socket_shared_by_stdin_and_stdout(wiring: str)
             server.kill()
         ours.close()
         replies.close()
+
+
+async def test_an_attached_default_host_is_kept_and_reused_by_the_next_server(
+    sshd: SSHD, client_key: Path, tmp_path: Path
+) -> None:
+    """`tether mcp --attach` must not kill what runs on someone's own machine when it stops."""
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "config").write_text(
+        f"Host devbox\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User {sshd.account.name}\n"
+        f"  IdentityFile {client_key}\n"
+    )
+    args = ("--attach", "devbox")
+    env = server_env(HOME=str(tmp_path))
+    async with stdio_client(*args, env=env) as client:
+        job = structured(await client.call_tool("run", {"command": "sleep 1000", "run_in_background": True}))
+        first = structured(await client.call_tool("sandbox_list", {}))["default"]
+    ledger = Ledger()
+    assert ledger.get(first).status == "running"
+    async with stdio_client(*args, env=env) as client:
+        listed = structured(await client.call_tool("job_list", {}))
+        assert job["job_id"] in [j["job_id"] for j in listed["jobs"] if j["status"] == "running"]
+        assert structured(await client.call_tool("sandbox_list", {}))["default"] == first
+        await client.call_tool("job_kill", {"job_id": job["job_id"], "signal": "KILL"})
+        await client.call_tool("sandbox_destroy", {"sandbox": first})

@@ -254,6 +254,14 @@ def resume_command(args: argparse.Namespace) -> int:
 @command("exec")
 def exec_command(args: argparse.Namespace) -> int:
     argv = list(args.cmd)
+    # `tether exec ID --timeout 5 -- CMD`: options after ID land in the remainder; take them out.
+    while argv and argv[0].startswith("--timeout"):
+        flag = argv.pop(0)
+        value = flag.partition("=")[2] if "=" in flag else (argv.pop(0) if argv else "")
+        try:
+            args.timeout = float(value)
+        except ValueError:
+            raise ValueError(f"--timeout takes seconds, not {value!r}") from None
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:

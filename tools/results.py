@@ -110,7 +110,7 @@ class SandboxSummary(Result):
     status: str
     created_at: str
     expires_at: str | None
-    cost: Cost | None = Field(None, description="set once the sandbox is terminated")
+    cost: Cost | None = Field(None, description="so far (an estimate while it runs); final once terminated")
 
     @classmethod
     def of(cls, record: SandboxRecord, event: CostEvent | None) -> SandboxSummary:

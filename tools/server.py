@@ -25,6 +25,7 @@ from providers import Fleet, ManagedSandbox, Request, SandboxGone, SandboxRecord
 from providers.errors import ProviderError
 from providers.registry import profile_of
 from sandbox.errors import InvalidArgument, SandboxError
+from sandbox.executor import signal_name
 from sandbox.files import Edit, Image
 from tunnels import Tunnel, listening_ports
 
@@ -96,7 +97,8 @@ class ServerState:
         self.fleet = fleet or Fleet()
         self.default_request: Request | None = None
         if attach:
-            self.default_request = Request(provider="ssh", options={"host": attach})
+            # Kept: stopping the server must not kill what runs on someone's own machine.
+            self.default_request = Request(provider="ssh", keep=True, options={"host": attach})
         elif provider:
             self.default_request = Request(provider=provider)
         self.default_id: str | None = None
@@ -158,8 +160,24 @@ class ServerState:
                 if record.live:
                     return await self.fleet.get(self.default_id)
                 self.default_id = None
+            if self.default_request is not None and self.default_request.provider == "ssh":
+                # An attachment of the same host that is still live (a previous server's): reuse it.
+                host = self.default_request.options.get("host")
+                for record in self.fleet.list():
+                    if (
+                        record.provider == "ssh"
+                        and record.status == "running"
+                        and record.request.get("options", {}).get("host") == host
+                    ):
+                        self.default_id = record.id
+                        return await self.fleet.get(record.id)
             if self.default_request is None:
-                live = [r for r in self.fleet.list() if r.status in ("running", "paused")]
+                # Another running server's throwaway sandboxes are not candidates: they end with it.
+                live = [
+                    r
+                    for r in self.fleet.list()
+                    if r.status in ("running", "paused") and (r.keep or r.id in self.fleet.created_here)
+                ]
                 if len(live) == 1:
                     return await self.fleet.get(live[0].id)
                 if len(live) > 1:
@@ -218,6 +236,8 @@ def progress_while_running(ctx: Context, label: str, interval: float, expected_s
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True)
 DESTRUCTIVE = ToolAnnotations(read_only_hint=False, destructive_hint=True)
 CREATES = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False)
+# Changes nothing on the box, but each call moves a read position: asking again gives other output.
+CONSUMES = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=False)
 
 SandboxArg = Annotated[
     str | None,
@@ -322,7 +342,7 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
     @guarded
     async def sandbox_list() -> Annotated[CallToolResult, R.SandboxList]:
         """List sandboxes that are not terminated, with the default one marked."""
-        summaries = [R.SandboxSummary.of(r, state.fleet.ledger.cost_event(r.id)) for r in state.fleet.list()]
+        summaries = [R.SandboxSummary.of(r, state.fleet.cost_so_far(r)) for r in state.fleet.list()]
         return ok(R.SandboxList(sandboxes=summaries, default=state.default_id))
 
     @server.tool(annotations=READ_ONLY)
@@ -335,7 +355,12 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
         if profile_of(record.provider).supports_capacity_query:
             with contextlib.suppress(SandboxError, ProviderError):
                 capacity = (await box.capacity()).model_dump()
-        jobs = [R.JobInfo.of(job) for job in await box.job_list()]
+        jobs, cwd, ports = [], None, []
+        if record.status == "running":  # (a paused or unreachable machine still has a status to show)
+            with contextlib.suppress(SandboxError, ProviderError):
+                jobs = [R.JobInfo.of(job) for job in await box.job_list()]
+                cwd = await box.cwd()
+                ports = await listening_ports(box)
         tunnels = [
             R.TunnelInfo(tunnel_id=t.id, port=t.port, backend=t.backend, url=t.url, status=t.status)
             for t in state.tunnels.list(record.id)
@@ -352,10 +377,10 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
             ssh=R.SSHInfo.of(record),
             capabilities=state.capabilities(record),
             capacity=capacity,
-            cwd=await box.cwd(),
+            cwd=cwd,
             jobs=jobs,
             tunnels=tunnels,
-            listening_ports=await listening_ports(box),
+            listening_ports=ports,
         )
         return ok(info)
 
@@ -623,7 +648,7 @@ def register_shell_tools(server: MCPServer, state: ServerState) -> None:
         owner = state.fleet.ledger.job_owner(job_id)
         return await state.fleet.get(owner) if owner else await state.sandbox(None)
 
-    @server.tool(annotations=READ_ONLY)
+    @server.tool(annotations=CONSUMES)
     @guarded
     async def job_output(
         job_id: Annotated[str, Field(description="From run with run_in_background")],
@@ -657,11 +682,12 @@ def register_shell_tools(server: MCPServer, state: ServerState) -> None:
     async def job_kill(
         job_id: Annotated[str, Field(description="The job to stop")],
         signal: Annotated[
-            Literal["TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2"], Field(description="Signal to send")
+            str, Field(description="TERM, KILL, INT, HUP, QUIT, USR1 or USR2 (SIGKILL and 9 are understood too)")
         ] = "TERM",
         sandbox: SandboxArg = None,
     ) -> Annotated[CallToolResult, R.JobKillResult]:
         """Send a signal to a background job's whole process group."""
+        signal = signal_name(signal)
         box = await job_sandbox(job_id, sandbox)
         job = await box.job_kill(job_id, signal)
         text = f"sent {signal} to {job_id}: " + (f"exited ({job.exit_code})" if job.status == "exited" else "running")
