@@ -493,3 +493,17 @@ async def test_sandbox_events_reach_channels_and_tunnels_end_with_their_sandbox(
     assert terminated["sandbox"]["name"] == "evented"
     for key in ("seconds", "gpu_seconds", "billing_model", "estimated_usd"):
         assert terminated["cost"][key] == destroyed["cost"][key], key
+
+
+def test_the_cli_tells_channels_of_sandboxes_it_creates_and_ends(tmp_path: Path) -> None:
+    with webhook_receiver() as (base, received):
+        config = tmp_path / "config.toml"
+        config.write_text(f'[[channels]]\nkind = "webhook"\nurl = "{base}/hook"\nsecret = "s3cret"\n')
+        env = server_env(TETHER_CONFIG=str(config))
+        cli = [sys.executable, "-m", "tools.cli"]
+        up = subprocess.run([*cli, "up", "local"], env=env, capture_output=True, text=True, timeout=60)
+        sandbox_id = up.stdout.strip()
+        down = subprocess.run([*cli, "down", sandbox_id], env=env, capture_output=True, text=True, timeout=60)
+        assert up.returncode == down.returncode == 0, down.stderr
+        events = [(json.loads(body)["event"], json.loads(body)["sandbox"]["id"]) for _, _, body in received]
+    assert events == [("sandbox.created", sandbox_id), ("sandbox.terminated", sandbox_id)]

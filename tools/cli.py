@@ -29,6 +29,7 @@ from providers.registry import profile_of
 from sandbox.errors import SandboxError
 from sandbox.hostkeys import HostKeyPins
 from sandbox.state import default_store, state_dir
+from tunnels import Notifier, load_channels
 
 from .output import ProgressBar, duration, print_json, print_table, when
 
@@ -46,14 +47,18 @@ def command(name: str) -> Callable[[Command], Command]:
 
 
 def with_fleet(work: Callable[[Fleet], Awaitable[T]]) -> T:
-    """Run `work` on a fleet, closing its connections (never tearing anything down) afterwards."""
+    """Run `work` on a fleet, closing its connections (never tearing anything down) afterwards.
+    Chat channels hear of the sandboxes it creates and terminates (up, attach, down, gc)."""
 
     async def run() -> T:
         fleet = Fleet()
+        notifier = Notifier(load_channels(fleet.config))
+        fleet.listeners.append(notifier.emit)
         try:
             return await work(fleet)
         finally:
             await fleet.close()
+            await notifier.drain()  # (bounded: a dead channel does not hold the command up)
 
     return asyncio.run(run())
 

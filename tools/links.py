@@ -17,8 +17,13 @@ def tunnel_manager(fleet: Fleet) -> TunnelManager:
         else:
             fleet.ledger.close_tunnel(tunnel.id)
 
-    notifier = Notifier(load_channels(fleet.config))
-    fleet.listeners.append(notifier.emit)
+    # One notifier per fleet: the CLI's with_fleet may have hooked one up already.
+    notifier = next(
+        (hook.__self__ for hook in fleet.listeners if isinstance(getattr(hook, "__self__", None), Notifier)), None
+    )
+    if notifier is None:
+        notifier = Notifier(load_channels(fleet.config))
+        fleet.listeners.append(notifier.emit)
     return TunnelManager(relay=load_relay(fleet.config), notifier=notifier, recorder=record)
 
 
