@@ -317,6 +317,11 @@ class Ledger:
                 (tunnel_id, sandbox_id, port, backend, url, time.time()),
             )
 
+    def move_tunnel(self, tunnel_id: str, url: str) -> None:
+        """A tunnel re-established at another URL (a relay's reconnect)."""
+        with self.store.transaction() as db:
+            db.execute("UPDATE tunnels SET url = ? WHERE id = ? AND status = 'open'", (url, tunnel_id))
+
     def close_tunnel(self, tunnel_id: str) -> None:
         with self.store.transaction() as db:
             db.execute(

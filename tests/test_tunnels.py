@@ -173,6 +173,32 @@ async def test_relay_through_a_real_openssh_sshd(openssh_relay: SSHD, ssh_box: S
     await tunnels.close_all()
 
 
+async def test_a_relay_tunnel_comes_back_after_the_relay_connection_drops(
+    openssh_relay: SSHD, ssh_box: Sandbox, client_key: Path
+) -> None:
+    port = await start_http_server(ssh_box)
+    config = RelayConfig(
+        host=openssh_relay.address,
+        identityFile=str(client_key),
+        remote_host="0.0.0.0",
+        remote_port=0,  # any free port: the URL changes on the way back, and is reported
+        url_template="http://{host}:{port}",
+    )
+    seen: list[tuple[str, str]] = []
+    tunnels = TunnelManager(relay=config, recorder=lambda what, t: seen.append((what, t.url)))
+    tunnel = await tunnels.open(ssh_box, port, backend="relay")
+    first = tunnel.url
+    openssh_relay.kill_connections()
+    deadline = time.monotonic() + 20
+    while tunnels.get(tunnel.id).url == first:
+        assert time.monotonic() < deadline, "the relay tunnel did not come back"
+        await asyncio.sleep(0.1)
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"{tunnel.url}/index.html", timeout=10)).text == PAGE
+    assert seen == [("opened", first), ("moved", tunnel.url)]
+    await tunnels.close_all()
+
+
 class SishStyleRelay(asyncssh.SSHServer):
     """A test relay: like sish, it accepts remote forwards and tells the session the public URL, in
     colour; on stdout, or on stderr."""

@@ -14,6 +14,8 @@ def tunnel_manager(fleet: Fleet) -> TunnelManager:
     def record(what: str, tunnel: Tunnel) -> None:
         if what == "opened":
             fleet.ledger.add_tunnel(tunnel.id, tunnel.sandbox_id, tunnel.port, tunnel.backend, tunnel.url)
+        elif what == "moved":
+            fleet.ledger.move_tunnel(tunnel.id, tunnel.url)
         else:
             fleet.ledger.close_tunnel(tunnel.id)
 

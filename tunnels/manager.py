@@ -17,7 +17,7 @@ from .provider import ProviderBackend
 from .relay import RelayBackend, RelayConfig
 
 log = logging.getLogger(__name__)
-# Called when a tunnel opens or closes (tools records it in the ledger).
+# Called with ("opened" | "moved" | "closed", tunnel): tools records it in the ledger.
 Recorder = Callable[[str, Tunnel], None]
 
 
@@ -71,8 +71,17 @@ class TunnelManager:
             tunnel = Tunnel(new_tunnel_id(), sandbox["id"], port, candidate.name, url, dict(opened.headers))
             self._open[tunnel.id] = (tunnel, opened, sandbox)
             self._record("opened", tunnel, sandbox)
+            if hasattr(opened, "on_url_change"):  # a relay may hand out another URL after a reconnect
+                opened.on_url_change = self._mover(tunnel, path, sandbox)
             return tunnel
         raise TunnelError("no tunnel backend could open the port: " + "; ".join(problems))
+
+    def _mover(self, tunnel: Tunnel, path: str | None, sandbox: dict[str, Any]) -> Callable[[str], None]:
+        def moved(url: str) -> None:
+            tunnel.url = url.rstrip("/") + (path or "")
+            self._record("moved", tunnel, sandbox)
+
+        return moved
 
     def _candidates(self, backend: str, preview: PreviewSource | None) -> list[Any]:
         available: dict[str, Any] = {"local": LocalBackend()}
@@ -120,4 +129,6 @@ class TunnelManager:
             except Exception:  # the ledger is bookkeeping: never lose a working tunnel over it
                 log.exception("could not record tunnel %s %s", tunnel.id, what)
         if self.notifier is not None:
-            self.notifier.emit(f"tunnel.{what}", {"sandbox": sandbox, "tunnel": tunnel.announced(), "at": time.time()})
+            # Channels hear of a moved tunnel as opened again, at its new URL.
+            event = "tunnel.opened" if what == "moved" else f"tunnel.{what}"
+            self.notifier.emit(event, {"sandbox": sandbox, "tunnel": tunnel.announced(), "at": time.time()})

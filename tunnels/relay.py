@@ -5,13 +5,18 @@ the session's output (stdout and stderr, ANSI codes stripped). A plain OpenSSH r
 give `url_template` instead (e.g. "http://relay.example.com:{port}", with GatewayPorts
 clientspecified on the relay and remote_host "0.0.0.0"). Every connection that arrives at the relay
 is bridged to the sandbox's port through the sandbox's own SSH connection.
+
+When the relay's connection drops, the forward is requested again on a new one (with backoff, until
+closed); should the relay hand out another URL, `on_url_change` hears of it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncssh
@@ -30,6 +35,7 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|
 BRIDGE_WINDOW = 8 * 1024 * 1024
 BRIDGE_PACKET = 256 * 1024
 URL = re.compile(r"https?://[^\s'\"<>()\[\]]+")
+REOPEN_BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 class RelayConfig(BaseModel):
@@ -75,16 +81,45 @@ class RelayForward:
         self._session: asyncssh.SSHClientProcess[bytes] | None = None
         self._listener: asyncssh.SSHListener | None = None
         self._holds: list[Hold] = []  # the relay's connection and the sandbox's, kept from idling out
+        self._relay_conn: asyncssh.SSHClientConnection | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._closed = False
         self.url = ""
         self.headers: dict[str, str] = {}
+        self.on_url_change: Callable[[str], None] | None = None
 
     async def start(self) -> None:
+        await self._open()
+        self._supervisor = asyncio.get_running_loop().create_task(self._keep_open())
+
+    async def _keep_open(self) -> None:
+        while not self._closed:
+            assert self._relay_conn is not None
+            await self._relay_conn.wait_closed()
+            if self._closed:
+                return
+            self._release()
+            previous = self.url
+            for delay in (*REOPEN_BACKOFF, *[REOPEN_BACKOFF[-1]] * 1000):
+                try:
+                    await self._open()
+                    log.info("re-opened relay tunnel %s after the relay connection dropped", self.url)
+                    break
+                except Exception as exc:  # keep trying until closed: the relay may be restarting
+                    log.info("relay tunnel %s: re-open failed (%s); retrying in %ss", previous, exc, delay)
+                    await asyncio.sleep(delay)
+                    if self._closed:
+                        return
+            if self.url != previous and self.on_url_change is not None:
+                self.on_url_change(self.url)
+
+    async def _open(self) -> None:
         endpoint = self._config.endpoint()
         try:
             relay_hold = await self._pool.hold(endpoint)
             self._holds.append(relay_hold)
             self._holds.append(await self._box.hold_connection())
-            conn = relay_hold.conn
+            conn = self._relay_conn = relay_hold.conn
             # Relays print their URL to the session, so it comes first; then the forward.
             self._session = await conn.create_process(self._config.command, encoding=None)
             self._listener = await conn.create_server(
@@ -95,7 +130,7 @@ class RelayForward:
                 max_pktsize=BRIDGE_PACKET,
             )
         except (asyncssh.Error, OSError) as exc:
-            await self.close()
+            self._release()
             raise TunnelError(f"relay {endpoint.display} refused the forward: {exc}") from None
         if self._config.url_template:
             self.url = self._config.url_template.format(host=endpoint.host, port=self._listener.get_port())
@@ -125,7 +160,7 @@ class RelayForward:
         finally:
             for task in pending:
                 task.cancel()
-        await self.close()
+        self._release()
         shown = strip_ansi(banner).strip()[-300:] or "(nothing)"
         raise TunnelError(
             f"relay {relay} printed no URL within {self._config.url_timeout:g}s; it said: {shown}. "
@@ -146,10 +181,20 @@ class RelayForward:
         return SSHForwarder(inner)
 
     async def close(self) -> None:
+        self._closed = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        self._release()
+
+    def _release(self) -> None:
         if self._listener is not None:
             self._listener.close()
+            self._listener = None
         if self._session is not None:
             self._session.close()
+            self._session = None
         for hold in self._holds:
             hold.release()
         self._holds.clear()
