@@ -104,6 +104,7 @@ class GcReport:
     orphans: list[str] = field(default_factory=list)  # external ids terminated with no live ledger row
     interrupted: list[str] = field(default_factory=list)  # sandbox ids whose provisioning was cut short
     vanished: list[str] = field(default_factory=list)  # sandbox ids the provider no longer has
+    tunnels_closed: list[str] = field(default_factory=list)  # rows of tunnels whose process is gone
     errors: list[str] = field(default_factory=list)
 
 
@@ -470,6 +471,7 @@ class Fleet:
                 continue
             after = [r for r in self.ledger.list(include_terminated=True) if r.provider == provider_name]
             await self._reconcile(provider, listed, before, after, report)
+        report.tunnels_closed = self.ledger.close_abandoned_tunnels()
         return report
 
     def _listing_provider(self, provider_name: str, records: list[SandboxRecord]) -> Provider | None:

@@ -75,6 +75,12 @@ CREATE TABLE IF NOT EXISTS tunnels (
 )
 """
 
+# Which process holds a tunnel open: a row whose process died is closed by gc (and `tether info`).
+TUNNEL_OWNER_SCHEMA = """
+ALTER TABLE tunnels ADD COLUMN owner_host TEXT;
+ALTER TABLE tunnels ADD COLUMN owner_pid INTEGER
+"""
+
 LIVE = ("provisioning", "running", "paused", "failed")
 
 
@@ -141,6 +147,7 @@ class Ledger:
     def __init__(self, store: StateStore | None = None) -> None:
         self.store = store or default_store()
         self.store.ensure_schema("ledger-v1", LEDGER_SCHEMA)
+        self.store.ensure_schema("ledger-v2-tunnel-owner", TUNNEL_OWNER_SCHEMA)
 
     # -- sandboxes -----------------------------------------------------------------------------------
 
@@ -312,9 +319,9 @@ class Ledger:
     def add_tunnel(self, tunnel_id: str, sandbox_id: str, port: int, backend: str, url: str) -> None:
         with self.store.transaction() as db:
             db.execute(
-                "INSERT INTO tunnels (id, sandbox_id, port, backend, url, status, created_at)"
-                " VALUES (?, ?, ?, ?, ?, 'open', ?)",
-                (tunnel_id, sandbox_id, port, backend, url, time.time()),
+                "INSERT INTO tunnels (id, sandbox_id, port, backend, url, status, created_at, owner_host, owner_pid)"
+                " VALUES (?, ?, ?, ?, ?, 'open', ?, ?, ?)",
+                (tunnel_id, sandbox_id, port, backend, url, time.time(), socket.gethostname(), os.getpid()),
             )
 
     def move_tunnel(self, tunnel_id: str, url: str) -> None:
@@ -328,6 +335,23 @@ class Ledger:
                 "UPDATE tunnels SET status = 'closed', closed_at = ? WHERE id = ? AND status = 'open'",
                 (time.time(), tunnel_id),
             )
+
+    def close_abandoned_tunnels(self) -> list[str]:
+        """Close the rows of tunnels whose process ended on this host without closing them, or whose
+        sandbox has ended. Returns their ids."""
+        here = socket.gethostname()
+        abandoned = [
+            row["id"]
+            for row in self.store.query(
+                "SELECT t.id, t.owner_host, t.owner_pid, s.status FROM tunnels t JOIN sandboxes s"
+                " ON s.id = t.sandbox_id WHERE t.status = 'open'"
+            )
+            if row["status"] == "terminated"
+            or (row["owner_host"] == here and row["owner_pid"] is not None and not process_running(row["owner_pid"]))
+        ]
+        for tunnel_id in abandoned:
+            self.close_tunnel(tunnel_id)
+        return abandoned
 
     def tunnels(self, sandbox_id: str | None = None, open_only: bool = True) -> list[dict[str, Any]]:
         clauses, params = [], []

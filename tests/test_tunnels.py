@@ -477,6 +477,32 @@ async def test_tether_tunnel_command(local_box: Sandbox) -> None:
             process.kill()
 
 
+async def test_the_record_of_a_tunnel_whose_process_died_is_closed(local_box: Sandbox) -> None:
+    port = await start_http_server(local_box)
+    cli = [sys.executable, "-m", "tools.cli"]
+    sandbox_id = local_box.id  # type: ignore[attr-defined]
+    process = subprocess.Popen(
+        [*cli, "tunnel", sandbox_id, str(port)], cwd=ROOT, env=server_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        url = (await asyncio.to_thread(process.stdout.readline)).strip()  # type: ignore[union-attr]
+
+        def info_tunnels() -> list[dict[str, object]]:
+            info = subprocess.run([*cli, "info", sandbox_id, "--json"], cwd=ROOT, env=server_env(), capture_output=True)
+            return json.loads(info.stdout)["tunnels"]
+
+        (listed,) = await asyncio.to_thread(info_tunnels)  # another process sees it while it is held
+        assert (listed["url"], listed["port"], listed["status"]) == (url, port, "open")
+        process.kill()  # no Ctrl-C: the process cannot close its record
+        process.wait()
+        gc = subprocess.run([*cli, "gc", "--json"], cwd=ROOT, env=server_env(), capture_output=True, text=True)
+        assert json.loads(gc.stdout)["tunnels_closed"] == [listed["tunnel_id"]]
+        assert await asyncio.to_thread(info_tunnels) == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 async def test_sandbox_events_reach_channels_and_tunnels_end_with_their_sandbox(tmp_path: Path) -> None:
     with webhook_receiver() as (base, received):
         config = tmp_path / "config.toml"

@@ -200,10 +200,14 @@ def info_command(args: argparse.Namespace) -> int:
                 with contextlib.suppress(SandboxError, ProviderError):
                     row["capacity"] = (await box.capacity()).model_dump()
             row["jobs"] = [
-                {"id": j.id, "status": j.status, "exit_code": j.exit_code, "command": j.command}
+                {"job_id": j.id, "status": j.status, "exit_code": j.exit_code, "command": j.command}
                 for j in await box.job_list()
             ]
-        row["tunnels"] = fleet.ledger.tunnels(record.id)
+        fleet.ledger.close_abandoned_tunnels()
+        row["tunnels"] = [  # (the shape of MCP's tunnel_list; held by whichever process opened them)
+            {"tunnel_id": t["id"], "port": t["port"], "backend": t["backend"], "url": t["url"], "status": t["status"]}
+            for t in fleet.ledger.tunnels(record.id)
+        ]
         event = fleet.ledger.cost_event(record.id)
         if event:
             row["cost"] = event.as_dict()
@@ -223,9 +227,9 @@ def info_command(args: argparse.Namespace) -> int:
             f"{len(c['gpus'])} GPU(s)"
         )
     for job in row.get("jobs", []):
-        print(f"{'job:':15}{job['id']} {job['status']} {job['command']}")
+        print(f"{'job:':15}{job['job_id']} {job['status']} {job['command']}")
     for tunnel in row["tunnels"]:
-        print(f"{'tunnel:':15}{tunnel['id']} port {tunnel['port']} -> {tunnel['url']}")
+        print(f"{'tunnel:':15}{tunnel['tunnel_id']} port {tunnel['port']} -> {tunnel['url']}")
     if "cost" in row:
         print(f"{'cost:':15}{row['cost']}")
     return 0
@@ -456,9 +460,11 @@ def gc_command(args: argparse.Namespace) -> int:
             print(f"cleaned up interrupted provisioning {sandbox_id}")
         for sandbox_id in report.vanished:
             print(f"marked vanished {sandbox_id}")
+        for tunnel_id in report.tunnels_closed:
+            print(f"closed the record of tunnel {tunnel_id} (its process is gone)")
         for error in report.errors:
             print(f"error: {error}", file=sys.stderr)
-        if not any((report.reaped, report.orphans, report.interrupted, report.vanished, report.errors)):
+        if not any(report.__dict__.values()):
             print("nothing to collect")
     return 1 if report.errors else 0
 
