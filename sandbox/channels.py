@@ -256,6 +256,8 @@ class ShellPool:
             self._idle.append(slot)
             async with self._changed:
                 self._changed.notify()
+        elif slot.shell.before_close is not None:
+            self._drop(slot)  # (in the background: the caller is leaving, cancelled)
         else:
             await self._close_slot(slot)
 
@@ -267,6 +269,9 @@ class ShellPool:
     async def _close_slot(self, slot: _Slot) -> None:
         self._count -= 1
         try:
+            if slot.shell.before_close is not None:
+                with contextlib.suppress(Exception):
+                    await slot.shell.before_close()
             await slot.shell.close()
         finally:
             slot.lease.release()

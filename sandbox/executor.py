@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import secrets
@@ -248,6 +249,10 @@ class Executor:
                 task = asyncio.get_running_loop().create_task(self._kill_quietly(pid))
                 self._cleanup.add(task)
                 task.add_done_callback(self._cleanup.discard)
+            else:
+                # Cancelled before the pid came back: the command may start all the same. Its shell
+                # waits for the pid before it is closed (in the background), and the group is killed.
+                shell.before_close = functools.partial(self._kill_when_started, shell, command_id)
             raise
         except CHANNEL_GONE as exc:
             if isinstance(exc, ShellDied) and shell.connection_alive:
@@ -259,6 +264,12 @@ class Executor:
                 f"connection lost while the command was running; it may have been cut short "
                 f"or may still be running on the box ({exc})"
             ) from None
+
+    async def _kill_when_started(self, shell: PersistentShell, command_id: str) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(KILL_GRACE_SECONDS):
+                pid = await shell.started(command_id)
+            await self._kill_quietly(pid)
 
     async def _kill_quietly(self, pid: int) -> None:
         try:

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import secrets
 import shlex
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncssh
@@ -224,6 +225,9 @@ class PersistentShell:
         # takes the next one.
         self.stdout_path, self.stderr_path = info.output_paths(nonce)
         self.info = info
+        # Set when a command was cancelled before its pid came back: what must happen (wait for the
+        # pid, kill it) before this shell may be closed.
+        self.before_close: Callable[[], Awaitable[None]] | None = None
         self._stderr_tail = b""
         self._stderr_task = asyncio.get_running_loop().create_task(self._drain_stderr())
 
@@ -293,6 +297,10 @@ class PersistentShell:
             self._process.stdin.write(line.encode("utf-8", "surrogateescape"))
         except (BrokenPipeError, asyncssh.Error, OSError) as exc:
             raise ShellDied(f"the shell's channel is closed: {exc}") from None
+        return await self.started(command_id)
+
+    async def started(self, command_id: str) -> int:
+        """The pid of the command `begin` sent, once the shell reports it started."""
         record = await self._expect(command_id, "S")
         return int(record[0])
 

@@ -146,6 +146,30 @@ async def test_cancelling_the_coroutine_kills_the_remote_process(sb: Sandbox) ->
     assert (await sb.run("echo ok")).stdout == "ok\n"
 
 
+async def test_a_cancel_before_the_command_reports_its_pid_still_kills_it(
+    sb: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancel lands in the round trip between sending the command and hearing its pid."""
+    from sandbox.shell import PersistentShell
+
+    marker = f"tether-early-{secrets.token_hex(4)}"
+    await sb.run("true")  # a warm shell
+    started = PersistentShell.started
+    run: asyncio.Task[object] | None = None
+
+    async def cancelled_while_waiting(shell: PersistentShell, command_id: str) -> int:
+        if asyncio.current_task() is run:
+            run.cancel()
+        return await started(shell, command_id)
+
+    monkeypatch.setattr(PersistentShell, "started", cancelled_while_waiting)
+    run = asyncio.ensure_future(sb.run(f"sh -c 'sleep 1000' {marker}"))
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert await wait_until_gone(marker) == []
+    assert (await sb.run("echo ok")).stdout == "ok\n"
+
+
 async def test_long_output_is_capped_head_and_tail_with_the_full_stream_kept(sb: Sandbox) -> None:
     r = await sb.run("seq 1 100000; seq 1 5 >&2")
     assert r.truncated and r.stdout_path and r.stderr_path is None
