@@ -18,7 +18,7 @@ import asyncssh
 from .channels import CHANNEL_GONE, SFTPChannel, ShellPool
 from .errors import ConnectionLost, InvalidArgument
 from .sftpio import read_prefix, read_range
-from .shell import Finished, PersistentShell, ShellDied, ShellInfo
+from .shell import KILL_TREE, Finished, PersistentShell, ShellDied, ShellInfo
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +185,7 @@ class Executor:
         """Send `signal` to the process group `pid` leads (and to `pid` itself, should it lead none)."""
         signal = signal_name(signal)
         # Through /bin/sh explicitly: the exec request is read by the login shell, which may be csh or fish.
-        script = "exec /bin/sh -c " + shlex.quote(
-            f"kill -{signal} -{int(pid)} 2>/dev/null || kill -{signal} {int(pid)} 2>/dev/null; true"
-        )
+        script = f"exec /bin/sh -c {shlex.quote(KILL_TREE)} sh {signal} {int(pid)}"
         slot = self._shells.try_borrow_idle()
         if slot is not None:
             healthy = False

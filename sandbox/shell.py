@@ -64,6 +64,32 @@ _JOB = (
     '__x=$?; printf \'%s\\n\' "$__x" >"$__j/exit.tmp" && mv -f "$__j/exit.tmp" "$__j/exit"'
 )
 
+# `__t_desc PID` prints the pids descending from PID, read from /proc where the box has it: a
+# command may have moved some into process groups of their own (GNU `timeout` does), out of reach
+# of a kill of its group. Collected before the kill: once a parent dies, its children move away.
+DESCENDANTS_FN = r"""__t_desc() {
+  [ -r /proc/self/stat ] || return 0
+  __dq=" $1 "; __dd=
+  while [ "$__dq" != " " ]; do
+    __dn=
+    for __df in /proc/[0-9]*/stat; do
+      read -r __dl <"$__df" 2>/dev/null || continue
+      set -- ${__dl##*) }
+      case $__dq in *" $2 "*) __dp=${__df#/proc/}; __dn="$__dn${__dp%/stat} " ;; esac
+    done
+    __dd="$__dd$__dn"; __dq=" $__dn"
+  done
+  printf '%s' "$__dd"
+}"""
+
+# Signal the process group $2 leads (or the process, if it leads none) and whatever descends from
+# it, with signal $1; exits with kill's status for the group.
+KILL_TREE = (
+    DESCENDANTS_FN
+    + '\n__kd=$(__t_desc "$2"); kill -"$1" -"$2" 2>/dev/null || kill -"$1" "$2" 2>/dev/null; __kx=$?; '
+    + '[ -n "$__kd" ] && kill -"$1" $__kd 2>/dev/null; exit $__kx'
+)
+
 _INIT = r"""
 set +e +u 2>/dev/null
 unalias -a 2>/dev/null
@@ -149,15 +175,23 @@ __t_alive() {
   for __p in "$@"; do kill -0 "$__p" 2>/dev/null && __a="$__a $__p"; done
   printf '%s R%s\0' "$__i" "$__a"
 }
+__DESCENDANTS__
 __t_kill() {
-  kill -"$2" -"$3" 2>/dev/null || kill -"$2" "$3" 2>/dev/null
-  printf '%s R %s\0' "$1" "$?"
+  __kd=$(__t_desc "$3")
+  kill -"$2" -"$3" 2>/dev/null || kill -"$2" "$3" 2>/dev/null; __kx=$?
+  [ -n "$__kd" ] && kill -"$2" $__kd 2>/dev/null
+  printf '%s R %s\0' "$1" "$__kx"
 }
 __P="$__T/run/__NONCE__"
 trap 'rm -f "$__P.o" "$__P.e" "$__P.c" "$__P.v"' EXIT
 __rg=0; command -v rg >/dev/null 2>&1 && __rg=1
 printf 'READY %s %s %s %s\0%s\0%s\0%s\0' "__NONCE__" "$__TPG" "$__rg" "$__TSH" "$HOME" "$__T" "$PWD"
-""".replace("__CHILD__", shlex.quote(_CHILD)).replace("__JOB__", shlex.quote(_JOB))
+"""
+_INIT = (
+    _INIT.replace("__CHILD__", shlex.quote(_CHILD))
+    .replace("__JOB__", shlex.quote(_JOB))
+    .replace("__DESCENDANTS__", DESCENDANTS_FN)
+)
 
 
 DEFAULT_TETHER_DIR = "~/.tether"

@@ -130,6 +130,23 @@ async def test_timeout_also_kills_background_children_of_the_command(sb: Sandbox
     assert await wait_until_gone(marker) == []
 
 
+async def test_a_timeout_reaches_what_left_the_process_group(sb: Sandbox) -> None:
+    """GNU timeout moves itself and its command into a group of their own (`timeout 600 pytest`)."""
+    marker = f"tether-regroup-{secrets.token_hex(4)}"
+    r = await sb.run(f"timeout 500 sh -c 'sleep 1000' {marker}; echo after", timeout=0.5)
+    assert r.timed_out
+    assert await wait_until_gone(marker) == []
+    task = asyncio.ensure_future(sb.run(f"timeout 500 sh -c 'sleep 1000' {marker}"))
+    for _ in range(100):
+        if processes_matching(marker):
+            break
+        await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await wait_until_gone(marker) == []
+
+
 async def test_cancelling_the_coroutine_kills_the_remote_process(sb: Sandbox) -> None:
     marker = f"tether-cancel-{secrets.token_hex(4)}"
     task = asyncio.ensure_future(sb.run(f"sh -c 'sleep 1000' {marker}"))
@@ -248,6 +265,10 @@ async def test_other_login_shells(
         assert (await box.run(f"printf %s {shlex.quote(hostile)}")).stdout == hostile
         marker = f"tether-{flavour}-{secrets.token_hex(4)}"
         timed = await box.run(f"sh -c 'sleep 1000 & sleep 1000' {marker}", timeout=0.5)
+        assert timed.timed_out
+        assert await wait_until_gone(marker) == []
+        # and what moved to a session (and group) of its own
+        timed = await box.run(f"setsid sh -c 'sleep 1000' {marker}", timeout=0.5)
         assert timed.timed_out
         assert await wait_until_gone(marker) == []
         # a saved cwd removed behind its back: the next command runs where the login landed
