@@ -88,6 +88,15 @@ class BinaryFile(FileOperationError):
         )
 
 
+class SpecialFile(FileOperationError):
+    """A named pipe, socket or device: opening it over SFTP could block (a pipe with no writer) or
+    never end (/dev/zero)."""
+
+    def __init__(self, path: str, what: str) -> None:
+        hint = f"read it with run instead (e.g. `timeout 5 head -c 4096 {path}`)"
+        super().__init__(path, f"{path} is {what}, not a regular file; {hint}")
+
+
 class FileTooLarge(FileOperationError):
     def __init__(self, path: str, size: int, limit: int) -> None:
         self.size, self.limit = size, limit

@@ -27,6 +27,7 @@ from .errors import (
     NotADirectory,
     NotUnique,
     PermissionDenied,
+    SpecialFile,
 )
 from .sftpio import read_exactly, write_all
 
@@ -130,6 +131,20 @@ def _kind(attrs: asyncssh.SFTPAttrs) -> FileType:
     return "other"
 
 
+def special_kind(attrs: asyncssh.SFTPAttrs) -> str | None:
+    """What a file that is neither regular, a directory nor a symlink is ("a named pipe"), or None."""
+    mode = attrs.permissions or 0
+    for test, what in (
+        (stat_module.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat_module.S_ISSOCK, "a socket"),
+        (stat_module.S_ISCHR, "a character device"),
+        (stat_module.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return what
+    return None
+
+
 def _raise_first(*outcomes: object) -> None:
     """Raise the first exception among the results of a gather(return_exceptions=True)."""
     for outcome in outcomes:
@@ -229,6 +244,30 @@ class Files:
         # widened to it (or to the replaced file's mode) before the rename, so a secret written
         # over a 0600 file is never readable by others in between.
         self._new_file_mode: int | None = None
+        # Paths seen to be regular files (or directories). Any other path is stat'ed before it is
+        # opened: sftp-server serves one request at a time, and opening a named pipe with no writer
+        # blocks it, and with it every file operation and command of the sandbox.
+        self._openable: set[str] = set()
+
+    def _remember_openable(self, path: str) -> None:
+        if len(self._openable) >= 10_000:
+            self._openable.clear()
+        self._openable.add(path)
+
+    async def _refuse_special(self, sftp: asyncssh.SFTPClient, path: str) -> None:
+        """One round trip before the first open of a path: refuse pipes, sockets and devices."""
+        if path in self._openable:
+            return
+        try:
+            attrs = await sftp.stat(path)
+        except asyncssh.SFTPNoSuchFile:
+            return  # (the open reports it)
+        except asyncssh.SFTPError as exc:
+            raise sftp_error(path, exc) from None
+        what = special_kind(attrs)
+        if what is not None:
+            raise SpecialFile(path, what)
+        self._remember_openable(path)
 
     # -- read ----------------------------------------------------------------------------------------
 
@@ -263,7 +302,9 @@ class Files:
     async def _read_whole(
         self, sftp: asyncssh.SFTPClient, path: str, max_bytes: int
     ) -> tuple[asyncssh.SFTPAttrs, bytes]:
-        """stat and open in one round trip, then one exact-size read; the close is not waited for."""
+        """stat and open in one round trip, then one exact-size read; the close is not waited for.
+        (A path not seen before is stat'ed alone first: see `_refuse_special`.)"""
+        await self._refuse_special(sftp, path)
         attrs, f = await self._stat_and_open(sftp, path, "rb")
         try:
             if _kind(attrs) == "directory":
@@ -311,6 +352,7 @@ class Files:
         """
         data = content.encode() if isinstance(content, str) else content
         existing = await self._sftp.once(lambda sftp: self._replace(sftp, path, data))
+        self._remember_openable(path)
         return WriteResult(path, len(data), existing is None)
 
     async def _replace(self, sftp: asyncssh.SFTPClient, path: str, data: bytes) -> asyncssh.SFTPAttrs | None:
@@ -428,6 +470,7 @@ class Files:
     async def _edit_in_place(
         self, sftp: asyncssh.SFTPClient, path: str, edits: list[Edit], indexed: bool
     ) -> EditResult | str:
+        await self._refuse_special(sftp, path)
         directory, name = posixpath.split(path)
         temp = posixpath.join(directory, f".{name}.tether-{secrets.token_hex(4)}.tmp")
         attrs, original_file, link, temp_file = await asyncio.gather(

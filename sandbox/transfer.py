@@ -16,8 +16,8 @@ from pathlib import Path
 import asyncssh
 
 from .channels import SFTPChannel
-from .errors import FileNotFound, IsADirectory
-from .files import PRIVATE, sftp_error
+from .errors import FileNotFound, IsADirectory, SpecialFile
+from .files import PRIVATE, sftp_error, special_kind
 
 # Called with (bytes done, total bytes).
 Progress = Callable[[int, int], None]
@@ -74,6 +74,9 @@ class Transfers:
         async def get(sftp: asyncssh.SFTPClient) -> int:
             try:
                 attrs = await sftp.stat(remote)
+                what = special_kind(attrs)
+                if what is not None:  # (opening a named pipe would block sftp-server)
+                    raise SpecialFile(remote, what)
                 os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # private until done
                 await sftp.get(
                     remote, str(temp), block_size=-1, max_requests=MAX_REQUESTS, progress_handler=_adapt(progress)
