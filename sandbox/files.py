@@ -131,6 +131,20 @@ def _kind(attrs: asyncssh.SFTPAttrs) -> FileType:
     return "other"
 
 
+MAX_LINK_HOPS = 40  # as Linux's own limit on symlinks followed in a path
+
+
+def temp_name(name: str, suffix: str) -> str:
+    """A hidden temp file's name beside `name`: the name is shortened so that the temp name stays
+    within NAME_MAX (255 bytes) however long `name` is."""
+    short = name.encode("utf-8", "surrogateescape")[:100].decode("utf-8", "ignore")
+    return f".{short}.tether-{secrets.token_hex(4)}.{suffix}"
+
+
+def _too_many_links(path: str) -> FileOperationError:
+    return FileOperationError(path, f"{path}: too many levels of symbolic links (a loop?)")
+
+
 def special_kind(attrs: asyncssh.SFTPAttrs) -> str | None:
     """What a file that is neither regular, a directory nor a symlink is ("a named pipe"), or None."""
     mode = attrs.permissions or 0
@@ -355,14 +369,16 @@ class Files:
         self._remember_openable(path)
         return WriteResult(path, len(data), existing is None)
 
-    async def _replace(self, sftp: asyncssh.SFTPClient, path: str, data: bytes) -> asyncssh.SFTPAttrs | None:
+    async def _replace(
+        self, sftp: asyncssh.SFTPClient, path: str, data: bytes, hops: int = 0
+    ) -> asyncssh.SFTPAttrs | None:
         """Write `data` to a temp file beside `path` and rename it over `path`; return the attributes
         `path` had (None when it did not exist).
 
         Round trips: lstat + open temp; write + chmod; rename.
         """
         directory, name = posixpath.split(path)
-        temp = posixpath.join(directory, f".{name}.tether-{secrets.token_hex(4)}.tmp")
+        temp = posixpath.join(directory, temp_name(name, "tmp"))
         learn = self._new_file_mode is None
         existing, temp_file = await asyncio.gather(
             sftp.lstat(path), self._open_temp(sftp, temp, directory, private=not learn), return_exceptions=True
@@ -374,7 +390,9 @@ class Files:
             problem = IsADirectory(path) if _kind(existing) == "directory" else None
             if problem is None:  # a symlink: write the file it points to, in that file's directory
                 await self._discard_temp(sftp, temp_file, temp)  # type: ignore[arg-type]
-                return await self._replace(sftp, await _link_target(sftp, path), data)
+                if hops >= MAX_LINK_HOPS:
+                    raise _too_many_links(path)
+                return await self._replace(sftp, await _link_target(sftp, path), data, hops + 1)
         if problem is not None:
             if isinstance(temp_file, asyncssh.SFTPClientFile):
                 await self._discard_temp(sftp, temp_file, temp)
@@ -436,7 +454,7 @@ class Files:
             raise InvalidArgument("multi_edit needs at least one edit")
         return await self._edit(path, list(edits), indexed=True)
 
-    async def _edit(self, path: str, edits: list[Edit], indexed: bool) -> EditResult:
+    async def _edit(self, path: str, edits: list[Edit], indexed: bool, hops: int = 0) -> EditResult:
         """Read, apply, write back: four round trips, five for a file written within the last second.
 
         1. stat + open the file, lstat it, open the temp file beside it (the temp is wasted if the
@@ -463,8 +481,10 @@ class Files:
                 return EditResult(path, count, unified_diff(path, "", after))
             raise FileNotFound(path, "; create it with write, or check the path with glob")
         # A symlink: edit the file it points to (the temp file must live beside that one).
+        if hops >= MAX_LINK_HOPS:
+            raise _too_many_links(path)
         target = await self._sftp.retrying(lambda sftp: _link_target(sftp, path))
-        result = await self._edit(target, edits, indexed)
+        result = await self._edit(target, edits, indexed, hops + 1)
         return EditResult(path, result.replacements, result.diff)
 
     async def _edit_in_place(
@@ -472,7 +492,7 @@ class Files:
     ) -> EditResult | str:
         await self._refuse_special(sftp, path)
         directory, name = posixpath.split(path)
-        temp = posixpath.join(directory, f".{name}.tether-{secrets.token_hex(4)}.tmp")
+        temp = posixpath.join(directory, temp_name(name, "tmp"))
         attrs, original_file, link, temp_file = await asyncio.gather(
             sftp.stat(path),
             sftp.open(path, "rb"),
@@ -645,7 +665,7 @@ async def _link_target(sftp: asyncssh.SFTPClient, path: str) -> str:
     """Where a symlink points, as an absolute path (for a dangling link, the file it names)."""
     try:
         return await sftp.realpath(path)
-    except asyncssh.SFTPNoSuchFile:
+    except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPFailure):  # dangling, or a loop: follow one hop
         link = await sftp.readlink(path)
         return posixpath.normpath(posixpath.join(posixpath.dirname(path), link))
 

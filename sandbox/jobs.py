@@ -139,8 +139,8 @@ class Jobs:
                 break
             await asyncio.sleep(POLL_INTERVAL)
         (stdout, out_more), (stderr, err_more) = await asyncio.gather(
-            self._read_from(f"{directory}/stdout", cursor, "stdout", out_size, max_chars),
-            self._read_from(f"{directory}/stderr", cursor, "stderr", err_size, max_chars),
+            self._read_from(f"{directory}/stdout", cursor, "stdout", out_size, max_chars, ended=not running),
+            self._read_from(f"{directory}/stderr", cursor, "stderr", err_size, max_chars, ended=not running),
         )
         return JobOutput(
             job_id,
@@ -300,10 +300,13 @@ class Jobs:
             signal=state.signal,
         )
 
-    async def _read_from(self, path: str, cursor: _Cursor, stream: str, size: int, max_chars: int) -> tuple[str, bool]:
+    async def _read_from(
+        self, path: str, cursor: _Cursor, stream: str, size: int, max_chars: int, ended: bool
+    ) -> tuple[str, bool]:
         """Text from the cursor on, at most `max_chars` bytes (so at most that many characters).
 
-        An incomplete UTF-8 sequence at the end stays unread until the next call.
+        An incomplete UTF-8 sequence at the end stays unread until the next call, unless the job
+        has ended and this read reaches the end of the stream (it never will be completed).
         """
         offset = getattr(cursor, stream)
         if size <= offset:
@@ -319,7 +322,7 @@ class Jobs:
 
         data = await self._sftp.retrying(read)
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        text = decoder.decode(data, final=False)
+        text = decoder.decode(data, final=ended and offset + len(data) >= size)
         consumed = len(data) - len(decoder.getstate()[0])
         setattr(cursor, stream, offset + consumed)
         return text, offset + consumed < size

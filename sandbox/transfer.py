@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
-import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import asyncssh
 
 from .channels import SFTPChannel
 from .errors import FileNotFound, IsADirectory, SpecialFile
-from .files import PRIVATE, sftp_error, special_kind
+from .files import PRIVATE, sftp_error, special_kind, temp_name
 
 # Called with (bytes done, total bytes).
 Progress = Callable[[int, int], None]
@@ -41,7 +40,7 @@ class Transfers:
             raise IsADirectory(str(local))
         size = local.stat().st_size
         directory, name = posixpath.split(remote)
-        temp = posixpath.join(directory, f".{name}.tether-{secrets.token_hex(4)}.part")
+        temp = posixpath.join(directory, temp_name(name, "part"))
 
         async def put(sftp: asyncssh.SFTPClient) -> None:
             try:
@@ -69,7 +68,7 @@ class Transfers:
         if local.is_dir():
             local = local / posixpath.basename(remote)
         local.parent.mkdir(parents=True, exist_ok=True)
-        temp = local.with_name(f".{local.name}.tether-{secrets.token_hex(4)}.part")
+        temp = local.with_name(temp_name(local.name, "part"))
 
         async def get(sftp: asyncssh.SFTPClient) -> int:
             try:

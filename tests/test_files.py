@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from sandbox.errors import (
     BinaryFile,
     EditConflict,
     FileNotFound,
+    FileOperationError,
     InvalidEdit,
     IsADirectory,
     NoMatch,
@@ -255,6 +257,24 @@ async def test_temp_files_are_private_until_they_take_the_files_mode(sb: Sandbox
     assert seen == [0o600]
     await sb.write(".env", "TOKEN=newer\n")
     assert (await sb.stat(".env")).mode == 0o600 and await sb.read_text(".env") == "TOKEN=newer\n"
+
+
+async def test_symlink_loops_and_names_at_the_length_limit(sb: Sandbox, tmp_path: Path) -> None:
+    await sb.run("ln -s loop-b loop-a && ln -s loop-a loop-b")
+    with pytest.raises(FileOperationError, match="symbolic links"):
+        await sb.write("loop-a", "x")
+    with pytest.raises(FileNotFound):  # (what the server says of a path that resolves nowhere)
+        await sb.edit("loop-a", "x", "y")
+    with pytest.raises(FileOperationError, match="symbolic links"):
+        await sb.edit("loop-a", "", "new")  # creating it through the link
+    long = "n" * 250 + ".txt"  # 254 bytes: a temp name beside it must still fit in 255
+    await sb.write(long, "one\n")
+    await sb.edit(long, "one", "two")
+    assert await sb.read_text(long) == "two\n"
+    local = tmp_path / long
+    await sb.download(long, local)
+    await sb.upload(local, f"up-{long[3:]}")
+    assert local.read_text() == await sb.read_text(f"up-{long[3:]}") == "two\n"
 
 
 async def test_stat_and_list(sb: Sandbox) -> None:

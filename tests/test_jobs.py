@@ -68,6 +68,17 @@ async def test_kill_with_kill_signal_and_bad_signals(sb: Sandbox) -> None:
     assert killed.status == "exited" and killed.signal == "KILL"
 
 
+async def test_output_ending_in_half_a_character_is_delivered_once_the_job_ended(sb: Sandbox) -> None:
+    job = await sb.start_job("printf 'abc\\303'")
+    out = await sb.job_output(job.id, wait_ms=5000)
+    while out.status == "running":
+        out = await sb.job_output(job.id, wait_ms=5000)
+    text = out.stdout + (await sb.job_output(job.id)).stdout
+    assert text == "abc\ufffd"
+    again = await sb.job_output(job.id)
+    assert (again.stdout, again.more) == ("", False)
+
+
 async def test_list_copes_with_hundreds_of_jobs(sb: Sandbox) -> None:
     """Four small files per job, read for every job at once, would exhaust sftp-server's descriptors
     (1024 under a usual limit) on a box that has run a few hundred jobs."""
