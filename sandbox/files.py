@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import posixpath
 import secrets
@@ -157,6 +158,15 @@ def special_kind(attrs: asyncssh.SFTPAttrs) -> str | None:
         if test(mode):
             return what
     return None
+
+
+async def _keep_owner(temp_file: asyncssh.SFTPClientFile, original: asyncssh.SFTPAttrs) -> None:
+    """Give the temp file the replaced file's owner and group, where the server lets us (root may
+    give any; others their own uid and a group they belong to); otherwise it keeps ours."""
+    if original.uid is None or original.gid is None:
+        return
+    with contextlib.suppress(asyncssh.SFTPError):
+        await temp_file.chown(original.uid, original.gid)
 
 
 def _raise_first(*outcomes: object) -> None:
@@ -402,7 +412,8 @@ class Files:
         try:
             pending: list[Awaitable[object]] = [write_all(temp_file, data)] if data else []
             if existing is not None:
-                pending.append(temp_file.chmod((existing.permissions or 0) & 0o7777))
+                # (the owner first: a chown by anyone but root clears setuid bits the chmod sets)
+                pending[:0] = [_keep_owner(temp_file, existing), temp_file.chmod((existing.permissions or 0) & 0o7777)]
             elif learn:
                 pending.append(self._learn_new_file_mode(temp_file))
             else:
@@ -540,7 +551,8 @@ class Files:
             data = after.encode()
             if self.before_conflict_check is not None:
                 await self.before_conflict_check(path)
-            writes: list[Awaitable[object]] = [temp_file.chmod((attrs.permissions or 0) & 0o7777)]
+            mode = (attrs.permissions or 0) & 0o7777
+            writes: list[Awaitable[object]] = [_keep_owner(temp_file, attrs), temp_file.chmod(mode)]
             if data:
                 writes.append(write_all(temp_file, data))
             box_now = clock.mtime if isinstance(clock, asyncssh.SFTPAttrs) else None

@@ -9,6 +9,7 @@ current account is available.
 from __future__ import annotations
 
 import contextlib
+import grp
 import os
 import pwd
 import shutil
@@ -58,6 +59,9 @@ class Account:
     shell: str
 
 
+EXTRA_GROUP = "tether-test"
+
+
 def ensure_account(name: str, shell: str = "/bin/bash", rc_files: dict[str, str] | None = None) -> Account:
     """Create (as root) or reuse a login account; write its shell start-up files.
 
@@ -73,6 +77,14 @@ def ensure_account(name: str, shell: str = "/bin/bash", rc_files: dict[str, str]
         entry = pwd.getpwnam(name)
     if entry.pw_shell != shell:
         subprocess.run(["usermod", "--shell", shell, name], check=True)
+    # A second group, as most real accounts have one (the tests chgrp files to it).
+    try:
+        members = grp.getgrnam(EXTRA_GROUP).gr_mem
+    except KeyError:
+        subprocess.run(["groupadd", EXTRA_GROUP], check=True)
+        members = []
+    if name not in members:
+        subprocess.run(["usermod", "--append", "--groups", EXTRA_GROUP, name], check=True)
     home = Path(entry.pw_dir)
     home.mkdir(parents=True, exist_ok=True)
     os.chown(home, entry.pw_uid, entry.pw_gid)

@@ -277,6 +277,21 @@ async def test_symlink_loops_and_names_at_the_length_limit(sb: Sandbox, tmp_path
     assert local.read_text() == await sb.read_text(f"up-{long[3:]}") == "two\n"
 
 
+async def test_write_and_edit_keep_the_files_group(sb: Sandbox) -> None:
+    """The login user may give a file any group it belongs to: write and edit keep it."""
+    groups = (await sb.run("id -G")).stdout.split()
+    primary = (await sb.run("id -g")).stdout.strip()
+    other = next((g for g in groups if g != primary), None)
+    if other is None:  # the test account is in a second group (tests/sshd.py), so this is a bug
+        raise AssertionError(f"the test account has one group only: {groups}")
+    await sb.write("grouped.txt", "one\n")
+    await sb.run(["chgrp", other, "grouped.txt"])
+    await sb.edit("grouped.txt", "one", "two")
+    assert (await sb.run("stat -c %g grouped.txt")).stdout.strip() == other
+    await sb.write("grouped.txt", "three\n")
+    assert (await sb.run("stat -c %g grouped.txt")).stdout.strip() == other
+
+
 async def test_stat_and_list(sb: Sandbox) -> None:
     await sb.write("d/a.txt", "12345")
     await sb.makedirs("d/sub")
