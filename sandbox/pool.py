@@ -199,11 +199,12 @@ class ConnectionPool:
 
     async def close(self) -> None:
         self._closed = True
-        for group in self._groups.values():
-            for pooled in group.connections:
+        for group in list(self._groups.values()):
+            closing = list(group.connections)  # (a closed connection's watcher removes it from the list)
+            for pooled in closing:
                 pooled.alive = False
                 pooled.conn.close()
-            for pooled in group.connections:
+            for pooled in closing:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(pooled.conn.wait_closed(), 2)
         self._groups.clear()

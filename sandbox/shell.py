@@ -98,6 +98,8 @@ __T=__TETHER_DIR__
 __TSTART=$PWD
 # Commands' output and jobs' files live here: readable by this user only, whatever the umask.
 mkdir -p "$__T/run" "$__T/jobs" 2>/dev/null && chmod 700 "$__T" 2>/dev/null
+# The whole output of cut commands is kept a week.
+find "$__T/run" -type f -mtime +7 -exec rm -f {} \; 2>/dev/null
 case "${SHELL##*/}" in
   bash|zsh|ksh|mksh|dash|ash|sh) __TSH=$SHELL ;;
   *) __TSH=/bin/sh ;;

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import ConnectionPool, Sandbox
+from sandbox import ConnectionPool, Sandbox, SSHEndpoint
 from sandbox.errors import ConnectionLost, FileNotFound, InvalidArgument
 from tests.conftest import endpoint_for
 from tests.sshd import SSHD
@@ -196,6 +196,18 @@ async def test_long_output_is_capped_head_and_tail_with_the_full_stream_kept(sb:
     assert r.stderr == "1\n2\n3\n4\n5\n"
     full = await sb.read_text(r.stdout_path)
     assert full.split() == [str(i) for i in range(1, 100001)]
+
+
+async def test_kept_output_older_than_a_week_is_swept_when_shells_start(
+    host_endpoint: SSHEndpoint, pool: ConnectionPool
+) -> None:
+    async with Sandbox(host_endpoint, pool=pool) as first:
+        run_dir = (await first._p.executor.info()).run_dir
+        await first.run(f"cd {run_dir} && echo x > old.o && touch -d '8 days ago' old.o && echo y > recent.o")
+    async with Sandbox(host_endpoint, pool=pool) as second:
+        listing = (await second.run(["ls", run_dir])).stdout.split()
+        assert "old.o" not in listing and "recent.o" in listing
+        await second.run(["rm", f"{run_dir}/recent.o"])
 
 
 async def test_output_cap_counts_characters_not_bytes(sb: Sandbox) -> None:
