@@ -164,7 +164,15 @@ async def _dial_one(
         if endpoint.socket_factory is not None:
             sock = await asyncio.wait_for(endpoint.socket_factory(), endpoint.connect_timeout)
             options["sock"] = sock
-        conn, _ = await asyncssh.create_connection(lambda: client, endpoint.host, endpoint.port, **options)
+        try:
+            conn, _ = await asyncssh.create_connection(lambda: client, endpoint.host, endpoint.port, **options)
+        except (asyncssh.KeyExchangeFailed, asyncssh.ConnectionLost, ConnectionResetError):
+            if not pinned or "server_host_key_algs" not in options or endpoint.socket_factory is not None:
+                raise
+            # Asked only for the pinned key's kind, the server may have none of it left (its key
+            # was replaced by one of another kind): ask for any, to name the key it now presents.
+            del options["server_host_key_algs"]
+            conn, _ = await asyncssh.create_connection(lambda: client, endpoint.host, endpoint.port, **options)
         if client.first_seen is not None:
             pins.pin(endpoint.host, endpoint.port, client.first_seen)
             # Several first dials may race: only the key that won the pin may be used.

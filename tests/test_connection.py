@@ -162,6 +162,31 @@ async def test_first_use_pins_the_host_key_and_a_changed_key_is_refused(
         await second.close()
 
 
+async def test_a_host_key_replaced_by_one_of_another_kind_is_a_mismatch(
+    bash_account: Account, client_key: Path, tmp_path: Path
+) -> None:
+    server = SSHD(bash_account, client_key).start()  # an ed25519 host key, pinned on first use
+    pins = HostKeyPins(StateStore(tmp_path / "pins.db"))
+    try:
+        pool = ConnectionPool(pins)
+        async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
+            await box.run("true")
+        await pool.close()
+        server.stop()
+        server.host_key = keygen(server.workdir / "host_rsa", "rsa")
+        server.start()
+        pool = ConnectionPool(pins)
+        try:
+            with pytest.raises(HostKeyMismatch) as caught:
+                async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
+                    await box.run("true")
+            assert "RSA" in caught.value.presented or caught.value.presented.startswith("SHA256:")
+        finally:
+            await pool.close()
+    finally:
+        server.cleanup()
+
+
 async def test_an_explicit_host_key_is_the_only_one_accepted(own_sshd: SSHD, client_key: Path, pool: ConnectionPool):
     assert own_sshd.host_key is not None
     real = Path(f"{own_sshd.host_key}.pub").read_text().split()
