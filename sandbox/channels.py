@@ -11,7 +11,7 @@ from typing import TypeVar
 import asyncssh
 
 from .endpoint import SSHEndpoint
-from .errors import ConnectionLost
+from .errors import ConnectionLost, ShellsBusy
 from .pool import CONNECTION_GONE, ConnectionPool, Lease
 from .shell import DEFAULT_TETHER_DIR, PersistentShell, ShellDied, ShellInfo
 
@@ -203,9 +203,18 @@ class ShellPool:
         self.info: ShellInfo | None = None
 
     @contextlib.asynccontextmanager
-    async def borrow(self) -> AsyncIterator[PersistentShell]:
-        """A shell for one command. A shell that failed is closed rather than returned."""
-        slot = await self._acquire()
+    async def borrow(self, timeout: float | None = None) -> AsyncIterator[PersistentShell]:
+        """A shell for one command. A shell that failed is closed rather than returned. Raises
+        ShellsBusy when none is free within `timeout` seconds (every session the server allows in
+        use: its MaxSessions, shared with other sandboxes on the same endpoint)."""
+        try:
+            slot = self.try_borrow_idle() or await asyncio.wait_for(self._acquire(), timeout)
+        except TimeoutError:
+            raise ShellsBusy(
+                f"no shell on {self._endpoint.display} became free within {timeout:g}s: every session the "
+                "server allows (its MaxSessions) is in use; the command did not run. Try again, or end "
+                "background work that holds sessions"
+            ) from None
         healthy = False
         try:
             yield slot.shell
@@ -238,24 +247,71 @@ class ShellPool:
                     self._count += 1
                     break
                 await self._changed.wait()
-        try:
-            shell, lease = await self._pool.open_session(
+        # Opening a shell may wait for a session (the server's MaxSessions); a shell another caller
+        # gives back meanwhile is taken instead, and the opening, if it still completes, goes idle.
+        opening = asyncio.ensure_future(
+            self._pool.open_session(
                 self._endpoint, lambda conn: PersistentShell.start(conn, self.boot_timeout, self.tether_dir)
             )
+        )
+        try:
+            while True:
+                given_back = asyncio.ensure_future(self._wait_for_idle())
+                try:
+                    await asyncio.wait({opening, given_back}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    given_back.cancel()
+                if opening.done():
+                    shell, lease = opening.result()
+                    self.info = shell.info
+                    return _Slot(shell, lease)
+                slot = self.try_borrow_idle()
+                if slot is not None:
+                    opening.cancel()
+                    opening.add_done_callback(self._opened_late)
+                    return slot
         except BaseException:
-            async with self._changed:
-                self._count -= 1
-                self._changed.notify()
+            if not opening.done():
+                opening.cancel()
+                opening.add_done_callback(self._opened_late)
+            elif opening.cancelled() or opening.exception() is not None:
+                self._uncount()
             raise
+
+    async def _wait_for_idle(self) -> None:
+        async with self._changed:
+            while not self._idle:
+                await self._changed.wait()
+
+    def _opened_late(self, opening: asyncio.Future[tuple[PersistentShell, Lease]]) -> None:
+        """An opening nobody waits for any more: its shell goes idle; a failure frees its count."""
+        if opening.cancelled() or opening.exception() is not None:
+            self._uncount()
+            return
+        shell, lease = opening.result()
         self.info = shell.info
-        return _Slot(shell, lease)
+        self._idle.append(_Slot(shell, lease))
+        self._notify_soon()
+
+    def _uncount(self) -> None:
+        self._count -= 1
+        self._notify_soon()
+
+    def _notify_soon(self) -> None:
+        async def notify() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        task = asyncio.get_running_loop().create_task(notify())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def give_back(self, slot: _Slot, healthy: bool) -> None:
         self._idle_timer.touch()
         if healthy and slot.alive:
             self._idle.append(slot)
             async with self._changed:
-                self._changed.notify()
+                self._changed.notify_all()  # (a caller waiting to open a shell may take this one)
         elif slot.shell.before_close is not None:
             self._drop(slot)  # (in the background: the caller is leaving, cancelled)
         else:

@@ -159,6 +159,10 @@ class CommandTimeout(SandboxError):
         super().__init__(f"command timed out after {timeout:g}s and was killed: {command[:200]}")
 
 
+class ShellsBusy(SandboxError):
+    """No shell became free in time (every session the server allows was in use); nothing ran."""
+
+
 class JobNotFound(SandboxError, LookupError):
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id

@@ -141,7 +141,7 @@ class Executor:
         if timeout <= 0:
             raise InvalidArgument("timeout must be positive")
         started = time.monotonic()
-        async with self._shells.borrow() as shell:
+        async with self._shells.borrow(timeout) as shell:
             start_dir = self._resolve_cwd(shell, cwd)
             command_id = secrets.token_hex(8)
             finished, timed_out = await self._execute(shell, command_id, start_dir, script, timeout, exports)
@@ -172,7 +172,7 @@ class Executor:
         The program replaces the command's shell (`exec`): one fork fewer, and the box's PATH
         binary runs even where the profile defines a function of that name."""
         script = "exec " + build_script(argv)
-        async with self._shells.borrow() as shell:
+        async with self._shells.borrow(timeout) as shell:
             start_dir = self._resolve_cwd(shell, cwd)
             finished, timed_out = await self._execute(shell, secrets.token_hex(8), start_dir, script, timeout)
             stdout, cut = await self._read_head(shell.stdout_path, max_bytes) if finished.has_stdout else (b"", False)

@@ -17,7 +17,7 @@ import asyncssh
 import pytest
 
 from sandbox import ConnectionPool, Sandbox, SSHEndpoint
-from sandbox.errors import AuthFailed, ConnectionLost, ConnectTimeout, HostKeyMismatch, Unreachable
+from sandbox.errors import AuthFailed, ConnectionLost, ConnectTimeout, HostKeyMismatch, ShellsBusy, Unreachable
 from sandbox.hostkeys import HostKeyPins
 from sandbox.state import StateStore
 from tests.conftest import endpoint_for
@@ -79,6 +79,27 @@ async def test_the_real_session_limit_is_learned_and_never_surfaces(
             stats = pool.stats(box.endpoint)
             assert stats and all(limit == 3 for _, limit in stats)  # learned from the refusals
             assert len(stats) >= 2  # and more connections were opened instead
+    finally:
+        server.cleanup()
+
+
+async def test_one_session_per_connection_never_strands_a_caller(
+    bash_account: Account, client_key: Path, pool: ConnectionPool
+) -> None:
+    """MaxSessions 1: fewer sessions than the sandbox has shells and SFTP. A caller waiting to open a
+    shell takes one another caller gives back; one that gets none in its timeout is told so."""
+    server = SSHD(bash_account, client_key, max_sessions=1).start()
+    try:
+        async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
+            await box.stat(".")  # the SFTP channel holds one session
+            results = await asyncio.wait_for(asyncio.gather(*(box.run(f"sleep 0.2; echo {i}") for i in range(8))), 60)
+            assert [r.stdout for r in results] == [f"{i}\n" for i in range(8)]
+            sessions = len(pool.stats(box.endpoint))
+            busy = [asyncio.ensure_future(box.run("sleep 3")) for _ in range(sessions - 1)]
+            await asyncio.sleep(1)
+            with pytest.raises(ShellsBusy, match="did not run"):
+                await box.run("echo never", timeout=0.5)
+            assert all(r.exit_code == 0 for r in await asyncio.gather(*busy))
     finally:
         server.cleanup()
 
