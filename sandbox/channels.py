@@ -237,6 +237,27 @@ class ShellPool:
         lease.release()
         return result
 
+    async def exec_or_idle(self, command: str) -> _Slot | None:
+        """Run `command` on an exec channel (None), or, if an idle shell turns up first, stop
+        waiting for a session and return that shell instead (borrowed: give it back)."""
+        running = asyncio.ensure_future(self.exec_once(command))
+        given_back = asyncio.ensure_future(self._wait_for_idle())
+        try:
+            await asyncio.wait({running, given_back}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            given_back.cancel()
+        if running.done():
+            running.result()
+            return None
+        slot = self.try_borrow_idle()
+        if slot is None:  # (taken by someone else meanwhile: the exec channel it is)
+            await running
+            return None
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await running
+        return slot
+
     async def _acquire(self) -> _Slot:
         async with self._changed:
             while True:

@@ -187,18 +187,20 @@ class Executor:
         # Through /bin/sh explicitly: the exec request is read by the login shell, which may be csh or fish.
         script = f"exec /bin/sh -c {shlex.quote(KILL_TREE)} sh {signal} {int(pid)}"
         slot = self._shells.try_borrow_idle()
-        if slot is not None:
-            healthy = False
-            try:
-                await slot.shell.call("kill", signal, str(int(pid)))
-                healthy = True
+        if slot is None:
+            # Every shell is busy: one exec channel, whatever the user's shell start-up costs; or,
+            # should the server have no session left for it, the first shell given back.
+            slot = await self._shells.exec_or_idle(script)
+            if slot is None:
                 return
-            except CHANNEL_GONE:
-                pass
-            finally:
-                await self._shells.give_back(slot, healthy)
-        # Every shell is busy: one exec channel, whatever the user's shell start-up costs.
-        await self._shells.exec_once(script)
+        healthy = False
+        try:
+            await slot.shell.call("kill", signal, str(int(pid)))
+            healthy = True
+        except CHANNEL_GONE:
+            await self._shells.exec_once(script)
+        finally:
+            await self._shells.give_back(slot, healthy)
 
     async def info(self) -> ShellInfo:
         """What the shells learned about the box (starts one if none has yet)."""

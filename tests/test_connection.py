@@ -100,6 +100,13 @@ async def test_one_session_per_connection_never_strands_a_caller(
             with pytest.raises(ShellsBusy, match="did not run"):
                 await box.run("echo never", timeout=0.5)
             assert all(r.exit_code == 0 for r in await asyncio.gather(*busy))
+            # a timeout while every session is taken: the kill waits for the first shell given back
+            started = time.monotonic()
+            timed = await asyncio.gather(
+                box.run("sleep 1000", timeout=0.5),
+                *(box.run("sleep 2") for _ in range(sessions - 2)),
+            )
+            assert timed[0].timed_out and time.monotonic() - started < 15
     finally:
         server.cleanup()
 
