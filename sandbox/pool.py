@@ -159,7 +159,7 @@ class ConnectionPool:
             ConnectionLost: the connection died repeatedly while the channel was being opened.
         """
         group = self._group(endpoint)
-        lost = 0
+        lost = refused_alone = 0
         while True:
             pooled = await self._reserve(group)
             lease = Lease(pooled, self._release)
@@ -169,6 +169,18 @@ class ConnectionPool:
                 if not pooled.alive or pooled.conn.is_closed():
                     lease.release()
                     self._forget(group, pooled)
+                    continue
+                if exc.code != asyncssh.OPEN_CONNECT_FAILED:
+                    # Not "too many sessions" (OpenSSH answers that with CONNECT_FAILED): nothing to
+                    # learn, and nothing a retry would change.
+                    lease.release()
+                    raise ConnectError(f"{endpoint.display} refused to open a session: {exc.reason}") from None
+                if pooled.budget.in_use == 1 and refused_alone < 10:
+                    # Refused with nothing else of ours open: the server still counts a session we
+                    # closed a moment ago (until its processes exit). Not a limit: wait and retry.
+                    lease.release()
+                    refused_alone += 1
+                    await asyncio.sleep(0.05 * refused_alone)
                     continue
                 lease.released = True
                 pooled.budget.learn_refusal()
