@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import asyncssh
 
-from .errors import ConnectionLost, ConnectTimeout
+from .errors import ConnectError, ConnectionLost, ConnectTimeout
 
 # The exec request (run by sshd as `$SHELL -c …`) starts the user's login shell once, so their
 # profile sets PATH and friends. A POSIX login shell (bash, dash, busybox ash, ksh) then reads the
@@ -98,6 +98,12 @@ __T=__TETHER_DIR__
 __TSTART=$PWD
 # Commands' output and jobs' files live here: readable by this user only, whatever the umask.
 mkdir -p "$__T/run" "$__T/jobs" 2>/dev/null && chmod 700 "$__T" 2>/dev/null
+if ! { [ -w "$__T/run" ] && [ -w "$__T/jobs" ]; }; then
+  # A read-only or missing home: a directory of this user's own under the temp dir instead.
+  __T="${TMPDIR:-/tmp}/tether-$(id -u)"
+  mkdir -p "$__T/run" "$__T/jobs" 2>/dev/null && chmod 700 "$__T" 2>/dev/null
+  { [ -O "$__T" ] && [ -w "$__T/run" ] && [ -w "$__T/jobs" ]; } || __T=
+fi
 # The whole output of cut commands is kept a week.
 find "$__T/run" -type f -mtime +7 -exec rm -f {} \; 2>/dev/null
 case "${SHELL##*/}" in
@@ -311,6 +317,12 @@ class PersistentShell:
         except BaseException:
             process.close()
             raise
+        if not tether_dir:
+            process.close()
+            raise ConnectError(
+                "the box has no directory tether can write its command output to: neither the tether "
+                "dir (default ~/.tether) nor $TMPDIR (or /tmp) is writable by this user"
+            )
         pg, rg, shell = record[at + len(marker) :].decode("utf-8", "surrogateescape").split(" ", 2)
         info = ShellInfo(
             home=home, shell=shell, process_groups=pg, has_rg=rg == "1", tether_dir=tether_dir, start_dir=start_dir

@@ -210,6 +210,18 @@ async def test_kept_output_older_than_a_week_is_swept_when_shells_start(
         await second.run(["rm", f"{run_dir}/recent.o"])
 
 
+async def test_an_unwritable_tether_dir_falls_back_to_the_temp_dir(
+    host_endpoint: SSHEndpoint, pool: ConnectionPool
+) -> None:
+    async with Sandbox(host_endpoint, pool=pool, tether_dir="/proc/tether-cannot-be-here") as box:
+        r = await box.run("echo works; echo err >&2")
+        assert (r.exit_code, r.stdout, r.stderr) == (0, "works\n", "err\n")
+        tether_dir = (await box._p.executor.info()).tether_dir
+        assert tether_dir.startswith("/tmp/tether-") and (await box.stat(tether_dir)).mode == 0o700
+        job = await box.start_job("echo job")
+        assert (await box.job_output(job.id, wait_ms=5000)).stdout == "job\n"
+
+
 async def test_output_cap_counts_characters_not_bytes(sb: Sandbox) -> None:
     r = await sb.run("printf 'é%.0s' $(seq 1 20000)", max_chars=30_000)
     assert r.stdout == "é" * 20000 and not r.truncated
