@@ -131,9 +131,9 @@ class Search:
         else:
             # The trailing slash makes find follow a root that is a symlink to a directory (as rg does).
             base = root.rstrip("/")
-            argv = ["find", f"{base}/", "-path", f"{base}/.git", "-prune", "-o", "-type", "f", "-print"]
+            argv = ["find", f"{base}/", "-name", ".git", "-prune", "-o", "-type", "f", "-print0"]
             raw = await self._executor.exec_raw(argv)
-            names = raw.stdout.decode("utf-8", "surrogateescape").split("\n")
+            names = raw.stdout.decode("utf-8", "surrogateescape").split("\0")
         matches = [n for n in names if n and matcher.match(_relative(n, root))]
         newest, cut = await self._newest_first(matches, GLOB_LIMIT)
         return GlobResult(newest, cut or raw.stdout_truncated)
@@ -201,7 +201,9 @@ class Search:
         use_rg = await self._has_rg()
         argv = _rg_argv(query) if use_rg else _grep_argv(query)
         raw = await self._executor.exec_raw(argv)
-        if raw.exit_code not in (0, 1) and not raw.stdout:
+        # (find passes grep's failures on as its exit code 1, and "no match" too: stderr tells them apart)
+        failed = raw.exit_code not in (0, 1) or (not use_rg and raw.exit_code != 0 and raw.stderr.strip())
+        if failed and not raw.stdout:
             message = raw.stderr.decode("utf-8", "replace").strip() or f"exit code {raw.exit_code}"
             # Only now is the root checked (up front it would cost every search a round trip).
             if not await self._files.exists(root):
@@ -270,21 +272,22 @@ def _grep_argv(q: GrepQuery) -> list[str]:
         raise InvalidArgument("multiline search needs ripgrep (rg) on the box; install it or search line by line")
     if q.type:
         raise InvalidArgument(f"type filters need ripgrep (rg) on the box; use glob='*.{q.type}' instead")
-    argv = ["grep", "-r", "-E", "-I"]
+    # find walks (skipping .git, as rg does; the glob on the base name, as grep's GNU-only --include
+    # would) and hands the files to grep: the same on GNU, BSD and busybox boxes.
+    grep = ["grep", "-E", "-I", "-H"]
     if q.output_mode == "files_with_matches":
-        argv.append("-l")
+        grep.append("-l")
     elif q.output_mode == "count":
-        argv += ["-c", "-H"]
+        grep.append("-c")
     else:
-        argv.append("-H")
         if q.line_numbers:
-            argv.append("-n")
-        argv += _context_flags(q, "-C", "-B", "-A")
+            grep.append("-n")
+        grep += _context_flags(q, "-C", "-B", "-A")
     if q.case_insensitive:
-        argv.append("-i")
-    if q.glob:
-        argv.append(f"--include={q.glob}")
-    return [*argv, "-e", q.pattern, "--", q.root]
+        grep.append("-i")
+    name = ["-name", q.glob] if q.glob else []
+    walk = ["find", q.root, "-name", ".git", "-prune", "-o", "-type", "f", *name]
+    return [*walk, "-exec", *grep, "-e", q.pattern, "--", "{}", "+"]
 
 
 def _context_flags(q: GrepQuery, around: str, before: str, after: str) -> list[str]:

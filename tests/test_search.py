@@ -118,11 +118,22 @@ async def test_grep_fallback_without_ripgrep(minimal_box: Sandbox) -> None:
     assert sorted(count.text.splitlines()) == [f"{tree}/src/app.py:1", f"{tree}/src/util.py:1"]
     with pytest.raises(InvalidArgument, match="needs ripgrep"):
         await minimal_box.grep("a.b", tree, multiline=True)
+    # a glob filter (busybox grep has no --include), .git skipped, one file as the root
+    await minimal_box.write(f"{tree}/.git/config", "print hello\n")
+    only_py = await minimal_box.grep("print", tree, glob="*.py")
+    assert only_py.text.splitlines() == [f"{tree}/src/app.py"]
+    assert (await minimal_box.grep("print", f"{tree}/src/app.py", output_mode="count")).text == (f"{tree}/src/app.py:1")
+    with pytest.raises(InvalidArgument, match="grep failed"):
+        await minimal_box.grep("(unclosed", tree)
+    with pytest.raises(FileNotFound):
+        await minimal_box.grep("x", f"{tree}/no-such-dir")
 
 
 async def test_glob_fallback_without_ripgrep(minimal_box: Sandbox) -> None:
     tree = await make_tree(minimal_box)
     assert (await minimal_box.glob("**/*.py", tree)).files == [f"{tree}/src/util.py", f"{tree}/src/app.py"]
+    await minimal_box.write(f"{tree}/odd\nname.py", "")  # a newline in a name stays one name
+    assert f"{tree}/odd\nname.py" in (await minimal_box.glob("*.py", tree)).files
 
 
 @pytest.mark.parametrize(
