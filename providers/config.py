@@ -59,7 +59,7 @@ class SSHPoolConfig(_Strict):
 class DaytonaPoolConfig(_Strict):
     daytonaApiUrl: str = Field("https://app.daytona.io/api", description="Daytona API base URL")
     image: str = Field(DONMAI_IMAGE, description="Workspace image")
-    diskGB: int = Field(20, gt=0, description="Disk size per workspace in GB")
+    diskGB: float = Field(20, gt=0, description="Disk size per workspace in GB")
     user: str = Field("daytona", description="Workspace user")
     command: list[str] = Field(default_factory=lambda: list(DONMAI_COMMAND), description="Launch command")
     resources: Resources = Field(default_factory=Resources)

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from sandbox import ConnectionPool, Sandbox, SSHEndpoint, default_pool
 from sandbox.state import StateStore
 
@@ -161,7 +163,13 @@ class Fleet:
             if pool.name == record.pool and pool.provider == record.provider:
                 return pool
         # Not in the config (an ad-hoc attach, or a pool since removed): the handle has what we need.
-        return Pool(name=record.pool, provider=record.provider, implicit=True)
+        try:
+            return Pool(name=record.pool, provider=record.provider, implicit=True)
+        except ValidationError:
+            raise ProviderUnavailable(
+                f"sandbox {record.id} belongs to provider {record.provider!r}, which is no longer configured; "
+                "add its [[providers]] entry back to config.toml to reach or terminate it"
+            ) from None
 
     def _provider_of(self, record: SandboxRecord) -> Provider:
         return self.provider_for(self._pool_of(record))

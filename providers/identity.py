@@ -26,7 +26,12 @@ def generated_key(path: Path, comment: str) -> Path:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(key.export_private_key())
-        os.replace(temp, path)  # processes racing to create it each write whole files; one wins
+        try:
+            os.link(temp, path)  # never replaces: of processes racing to create it, the first wins
+        except FileExistsError:
+            pass  # another process's key won: use that one (a key once read is never replaced)
+        finally:
+            temp.unlink()
         # The .pub (for people to copy) is derived from whichever private key won, so the pair matches.
         public = asyncssh.read_private_key(path).export_public_key()
         temp_pub = path.with_name(f".{path.name}.pub.{os.getpid()}.tmp")
