@@ -178,6 +178,28 @@ def load_pools(config: dict[str, Any] | None = None, environ: dict[str, str] | N
     return implicit_pools(os.environ if environ is None else environ)
 
 
+class Defaults(_Strict):
+    """[defaults] in config.toml: what a request gets when it does not say.
+
+    [defaults]
+    pool = "gpu"          # the MCP server's default sandbox, and `tether up` with no provider
+    ttl_s = 7200          # every new sandbox's TTL ...
+    idle_timeout_s = 1800 # ... and idle timeout
+    """
+
+    pool: str | None = Field(None, description="Pool of the default sandbox (else `provider`, else local)")
+    provider: str | None = Field(None, description="Provider of the default sandbox, when no pool is named")
+    ttl_s: float | None = Field(None, gt=0, description="TTL of new sandboxes that give none")
+    idle_timeout_s: float | None = Field(None, gt=0, description="Idle timeout of new sandboxes that give none")
+
+
+def load_defaults(config: dict[str, Any]) -> Defaults:
+    try:
+        return Defaults.model_validate(config.get("defaults") or {})
+    except ValidationError as exc:
+        raise ConfigError(_explain("[defaults]", exc)) from None
+
+
 def implicit_pools(environ: dict[str, str] | os._Environ[str]) -> list[Pool]:
     pools = [Pool(name="local", provider="local", config=LocalPoolConfig(), implicit=True)]
     for provider, names in CREDENTIAL_ENV.items():

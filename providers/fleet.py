@@ -24,7 +24,7 @@ from sandbox.state import StateStore
 
 from . import registry
 from .base import Capacity, Handle, ListedResource, Progress, Provider, ProvisionSpec, Request, no_progress
-from .config import CONFIG_MODELS, Pool, credentials_missing, load_pools
+from .config import CONFIG_MODELS, Pool, credentials_missing, load_defaults, load_pools
 from .dispatch import choose_pool
 from .errors import ProviderError, ProviderUnavailable, SandboxGone, Unsupported
 from .ledger import CostEvent, Ledger, SandboxRecord, new_sandbox_id
@@ -123,6 +123,7 @@ class Fleet:
         self.config = read_config() if config is None else config
         registry.register_from_config(self.config)
         self.pools = load_pools(self.config)
+        self.defaults = load_defaults(self.config)
         self.ledger = Ledger(store)
         self._connections = connections
         self._providers: dict[str, Provider] = {}
@@ -184,6 +185,12 @@ class Fleet:
 
         Raises: AuthPinError, DispatchError (per-pool reasons), ProviderError, ConnectError.
         """
+        request = request.model_copy(
+            update={
+                "timeout_s": request.timeout_s or self.defaults.ttl_s,
+                "idle_timeout_s": request.idle_timeout_s or self.defaults.idle_timeout_s,
+            }
+        )
         pool = self._choose(request)
         provider = self.provider_for(pool)
         gpu_type, gpu_count = _gpu_of(request, pool)

@@ -89,6 +89,24 @@ def test_errors_say_what_to_do() -> None:
     assert unimplemented.returncode == 2 and "daytona provider is not part of this version" in unimplemented.stderr
 
 
+def test_config_defaults_and_unknown_sections(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[defaults]\npool = "mine"\nttl_s = 600\n\n[[pools]]\nname = "mine"\nprovider = "local"\n')
+    env = server_env(TETHER_CONFIG=str(config))
+    up = tether("up", "--json", env=env)  # no provider: the default pool
+    assert up.returncode == 0, up.stderr
+    row = json.loads(up.stdout)
+    assert row["pool"] == "mine" and row["expires_at"]
+    assert tether("down", row["id"], env=env).returncode == 0
+
+    config.write_text('[chanels]\nkind = "slack"\n\n[relay]\nhost = "r.example"\nidentity_file = "x"\n')
+    refused = tether("ls", env=env)
+    assert refused.returncode == 2 and "unknown section(s) chanels" in refused.stderr
+    checks = {c["name"]: c for c in json.loads(tether("doctor", "--json", env=env).stdout)}
+    assert checks["config"]["status"] == "fail"
+    assert "chanels" in checks["config"]["detail"] and "identity_file" in checks["config"]["detail"]
+
+
 def test_doctor_checks_each_pool(sshd: SSHD, client_key: Path, tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     box = f'config = {{ host = "{sshd.address}", identityFile = "{client_key}" }}'

@@ -380,3 +380,14 @@ async def test_an_attached_default_host_is_kept_and_reused_by_the_next_server(
         assert structured(await client.call_tool("sandbox_list", {}))["default"] == first
         await client.call_tool("job_kill", {"job_id": job["job_id"], "signal": "KILL"})
         await client.call_tool("sandbox_destroy", {"sandbox": first})
+
+
+async def test_the_default_sandbox_comes_from_config_defaults(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[defaults]\npool = "mine"\nidle_timeout_s = 900\n\n[[pools]]\nname = "mine"\nprovider = "local"\n')
+    async with stdio_client(env=server_env(TETHER_CONFIG=str(config))) as client:
+        await client.call_tool("run", {"command": "true"})
+        listed = structured(await client.call_tool("sandbox_list", {}))
+        default = next(s for s in listed["sandboxes"] if s["id"] == listed["default"])
+        assert default["pool"] == "mine"
+    assert Ledger().get(listed["default"]).idle_timeout == 900

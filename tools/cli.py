@@ -23,14 +23,16 @@ from typing import Any, TypeVar
 from providers import Fleet, Request, SandboxRecord
 from providers import host as host_daemon
 from providers.capacity import host_capacity
+from providers.config import load_defaults
 from providers.errors import ProviderError
 from providers.local_server import local_dir, work_dir
 from providers.registry import profile_of
 from sandbox.errors import SandboxError
 from sandbox.hostkeys import HostKeyPins
-from sandbox.state import default_store, state_dir
+from sandbox.state import default_store, read_config, state_dir
 from tunnels import Notifier, load_channels
 
+from .config import check_sections
 from .output import ProgressBar, duration, print_json, print_table, when
 
 T = TypeVar("T")
@@ -122,11 +124,18 @@ def demo_command(args: argparse.Namespace) -> int:
 
 @command("up")
 def up_command(args: argparse.Namespace) -> int:
-    if not args.provider and not args.pool:
-        raise ValueError("say where: `tether up local`, `tether up runpod --gpu a100`, or `tether up --pool NAME`")
+    defaults = load_defaults(read_config())
+    provider, pool = args.provider, args.pool
+    if not provider and not pool:
+        provider, pool = defaults.provider, defaults.pool  # ([defaults] in config.toml)
+    if not provider and not pool:
+        raise ValueError(
+            "say where: `tether up local`, `tether up runpod --gpu a100`, `tether up --pool NAME`, "
+            "or set pool (or provider) under [defaults] in config.toml"
+        )
     request = Request(
-        provider=args.provider,
-        pool=args.pool,
+        provider=provider,
+        pool=pool,
         gpu=args.gpu,
         cpu=args.cpu,
         memory_mb=args.memory_mb,
@@ -636,6 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command != "doctor":  # (doctor reports a bad config instead of refusing to run)
+            check_sections(read_config())
         return COMMANDS[args.command](args)
     except (SandboxError, ProviderError, RuntimeError, ValueError) as exc:
         print(f"tether: {exc}", file=sys.stderr)

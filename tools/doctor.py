@@ -8,6 +8,7 @@ import secrets
 import shutil
 import socket
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlparse
 
 from providers import Fleet, Pool
@@ -19,6 +20,9 @@ from providers.ssh import identities
 from sandbox import Sandbox, SSHEndpoint
 from sandbox.errors import SandboxError
 from sandbox.state import config_path, state_dir
+from tunnels import load_channels, load_relay
+
+from .config import check_sections
 
 API_HOSTS = {
     "daytona": "https://app.daytona.io/api",
@@ -43,7 +47,11 @@ async def run_doctor() -> list[Check]:
     except (ProviderError, ValueError) as exc:
         return [*checks, Check("config", "fail", str(exc))]
     path = config_path()
-    checks.append(Check("config", "ok", f"{path}" if path.exists() else f"no {path}: using implicit pools"))
+    problems = _config_problems(fleet.config)
+    if problems:
+        checks.append(Check("config", "fail", "; ".join(problems)))
+    else:
+        checks.append(Check("config", "ok", f"{path}" if path.exists() else f"no {path}: using implicit pools"))
     try:
         for pool in fleet.pools:
             checks.append(await _pool(pool, fleet))
@@ -59,6 +67,18 @@ async def run_doctor() -> list[Check]:
         )
     )
     return checks
+
+
+def _config_problems(config: dict[str, Any]) -> list[str]:
+    """What is wrong with the sections the fleet does not read itself ([relay], [[channels]]) and
+    with the file's top level."""
+    problems = []
+    for check in (check_sections, load_relay, load_channels):
+        try:
+            check(config)
+        except (ValueError, ProviderError) as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def _state_dir() -> Check:

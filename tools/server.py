@@ -101,6 +101,8 @@ class ServerState:
             self.default_request = Request(provider="ssh", keep=True, options={"host": attach})
         elif provider:
             self.default_request = Request(provider=provider)
+        elif self.fleet.defaults.pool or self.fleet.defaults.provider:
+            self.default_request = Request(pool=self.fleet.defaults.pool, provider=self.fleet.defaults.provider)
         self.default_id: str | None = None
         self._default_lock = asyncio.Lock()
         self.reap_interval = reap_interval
