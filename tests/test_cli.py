@@ -31,7 +31,12 @@ def test_up_exec_cp_info_down(tmp_path: Path) -> None:
 
     listed = json.loads(tether("ls", "--json").stdout)
     row = next(r for r in listed if r["id"] == sandbox_id)
-    assert row["name"] == "cli-box" and row["status"] == "running" and row["expires_at"]
+    assert row["name"] == "cli-box" and row["status"] == "running" and row["expires_at"].endswith("Z")
+    assert row["ssh"]["host"] == "127.0.0.1" and row["cost"]["billing_model"] == "fixed"  # MCP's shapes
+    pools = json.loads(tether("pools", "--json").stdout)
+    assert any(p["available"] is True and p["unavailable_reason"] is None for p in pools)
+    printed = tether("ssh", sandbox_id, "--print")
+    assert printed.returncode == 0 and f"TETHER_SANDBOX={sandbox_id}" in printed.stdout
 
     # the remote exit code is tether's; stdout and stderr stay apart
     ran = tether("exec", sandbox_id, "--", "echo out; echo err >&2; exit 7")

@@ -384,7 +384,9 @@ async def test_an_attached_default_host_is_kept_and_reused_by_the_next_server(
 
 async def test_the_default_sandbox_comes_from_config_defaults(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
-    config.write_text('[defaults]\npool = "mine"\nidle_timeout_s = 900\n\n[[pools]]\nname = "mine"\nprovider = "local"\n')
+    config.write_text(
+        '[defaults]\npool = "mine"\nidle_timeout_s = 900\n\n[[pools]]\nname = "mine"\nprovider = "local"\n'
+    )
     async with stdio_client(env=server_env(TETHER_CONFIG=str(config))) as client:
         await client.call_tool("run", {"command": "true"})
         listed = structured(await client.call_tool("sandbox_list", {}))

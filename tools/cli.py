@@ -32,6 +32,7 @@ from sandbox.hostkeys import HostKeyPins
 from sandbox.state import default_store, read_config, state_dir
 from tunnels import Notifier, load_channels
 
+from . import results as R
 from .config import check_sections
 from .output import ProgressBar, duration, print_json, print_table, when
 
@@ -65,7 +66,15 @@ def with_fleet(work: Callable[[Fleet], Awaitable[T]]) -> T:
     return asyncio.run(run())
 
 
+def record_json(record: SandboxRecord, fleet: Fleet) -> dict[str, Any]:
+    """A sandbox for scripts: the fields and formats of MCP's sandbox_list (ISO 8601 UTC times,
+    the cost so far), plus its SSH endpoint as an object."""
+    summary = R.SandboxSummary.of(record, fleet.cost_so_far(record)).model_dump(mode="json")
+    return {**summary, "status_reason": record.status_reason, "ssh": R.SSHInfo.of(record).model_dump()}
+
+
 def record_row(record: SandboxRecord) -> dict[str, Any]:
+    """A sandbox for people: local times, `user@host:port`."""
     endpoint = record.endpoint or {}
     return {
         "id": record.id,
@@ -153,7 +162,7 @@ def up_command(args: argparse.Namespace) -> int:
 
     record = with_fleet(up)
     if args.json:
-        print_json(record_row(record))
+        print_json(record_json(record, Fleet()))
     else:
         print(record.id)
     return 0
@@ -169,7 +178,7 @@ def attach_command(args: argparse.Namespace) -> int:
     )
     record = with_fleet(lambda fleet: _create_record(fleet, request))
     if args.json:
-        print_json(record_row(record))
+        print_json(record_json(record, Fleet()))
     else:
         print(record.id)
     return 0
@@ -181,10 +190,12 @@ async def _create_record(fleet: Fleet, request: Request) -> SandboxRecord:
 
 @command("ls")
 def ls_command(args: argparse.Namespace) -> int:
-    rows = [record_row(r) for r in Fleet().list(include_terminated=args.all)]
+    fleet = Fleet()
+    records = fleet.list(include_terminated=args.all)
     if args.json:
-        print_json(rows)
+        print_json([record_json(r, fleet) for r in records])
     else:
+        rows = [record_row(r) for r in records]
         print_table(
             rows,
             ["id", "name", "provider", "pool", "status", "created_at", "expires_at"],
@@ -198,7 +209,7 @@ def info_command(args: argparse.Namespace) -> int:
     async def info(fleet: Fleet) -> dict[str, Any]:
         record = fleet.record(args.id)
         row: dict[str, Any] = {
-            **record_row(record),
+            **(record_json(record, fleet) if args.json else record_row(record)),
             "status_reason": record.status_reason,
             "external_id": record.external_id,
             "capabilities": profile_of(record.provider).model_dump(by_alias=True),
@@ -218,7 +229,7 @@ def info_command(args: argparse.Namespace) -> int:
             for t in fleet.ledger.tunnels(record.id)
         ]
         event = fleet.ledger.cost_event(record.id)
-        if event:
+        if event and not args.json:  # (the JSON has the cost, so far or final, in MCP's shape)
             row["cost"] = event.as_dict()
         return row
 
@@ -308,6 +319,9 @@ def ssh_command(args: argparse.Namespace) -> int:
     if record.provider == "local":
         # The local provider is this machine: a login shell in the sandbox's work dir is the real thing.
         shell = os.environ.get("SHELL") or "/bin/sh"
+        if args.print:
+            print(f"cd {shlex.quote(str(work_dir(record.id)))} && TETHER_SANDBOX={record.id} {shell} -l")
+            return 0
         print(f"tether: shell in {work_dir(record.id)} (exit to leave)", file=sys.stderr)
         os.chdir(work_dir(record.id))
         os.execvpe(shell, [shell, "-l"], {**os.environ, "TETHER_SANDBOX": record.id})
@@ -442,7 +456,8 @@ def pools_command(args: argparse.Namespace) -> int:
                 "provider": pool.provider,
                 "active": pool.active,
                 "implicit": pool.implicit,
-                "available": fleet.availability(pool) or "yes",
+                "available": fleet.availability(pool) is None,
+                "unavailable_reason": fleet.availability(pool),
                 "requirement_kinds": substrate.requirement_kinds,
                 "runtime_kinds": substrate.runtime_kinds,
                 "capabilities": profile_of(pool.provider).model_dump(by_alias=True, exclude={"notes"}),
@@ -451,6 +466,8 @@ def pools_command(args: argparse.Namespace) -> int:
     if args.json:
         print_json(rows)
     else:
+        for row in rows:
+            row["available"] = row.pop("unavailable_reason") or "yes"
         print_table(rows, ["name", "provider", "active", "available", "requirement_kinds"])
     return 0
 
