@@ -35,6 +35,7 @@ STOP_ALL_JOBS = (
 )
 _JOB_ID = re.compile(r"j-[0-9a-f]{8}\Z")
 POLL_INTERVAL = 0.05
+START_GRACE_SECONDS = 30.0  # a job with no pid this long after it was prepared never started
 # Job directories read at once by `list`, four small files each: a box with hundreds of jobs must not
 # run sftp-server out of descriptors (its limit is the process's, often 1024).
 LIST_IN_FLIGHT = 64
@@ -287,13 +288,16 @@ class Jobs:
         return {int(p) for p in reply if p}
 
     def _job(self, job_id: str, state: _Files, alive: set[int]) -> Job:
-        running = state.exit_code is None and (state.pid is None or state.pid in alive)
         meta = state.meta
+        started_at = float(meta.get("started_at", 0) or 0)  # type: ignore[arg-type]
+        # No pid yet: starting, unless that began long ago (the start failed, or was cut off).
+        starting = state.pid is None and time.time() - started_at < START_GRACE_SECONDS
+        running = state.exit_code is None and (starting or state.pid in alive)
         return Job(
             id=job_id,
             command=str(meta.get("command", "")),
             cwd=str(meta.get("cwd", "")),
-            started_at=float(meta.get("started_at", 0) or 0),  # type: ignore[arg-type]
+            started_at=started_at,
             status="running" if running else "exited",
             exit_code=None if running else state.exit_code,
             pid=state.pid,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -77,6 +78,17 @@ async def test_output_ending_in_half_a_character_is_delivered_once_the_job_ended
     assert text == "abc\ufffd"
     again = await sb.job_output(job.id)
     assert (again.stdout, again.more) == ("", False)
+
+
+async def test_a_job_that_never_got_a_pid_is_not_running_forever(sb: Sandbox) -> None:
+    jobs_dir = (await sb._p.executor.info()).jobs_dir
+    old, new = "j-0dead001", "j-0dead002"
+    for job_id, started in ((old, time.time() - 120), (new, time.time())):
+        meta = {"command": "x", "cwd": "/", "started_at": started}
+        await sb.write(f"{jobs_dir}/{job_id}/meta.json", json.dumps(meta))
+    status = {j.id: j.status for j in await sb.job_list()}
+    assert (status[old], status[new]) == ("exited", "running")  # (a start cut off, one still starting)
+    await sb.run(["rm", "-rf", f"{jobs_dir}/{old}", f"{jobs_dir}/{new}"])
 
 
 async def test_list_copes_with_hundreds_of_jobs(sb: Sandbox) -> None:
