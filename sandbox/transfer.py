@@ -6,7 +6,6 @@ leaves a half-written file under the real name.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import posixpath
 from collections.abc import Callable
@@ -54,8 +53,10 @@ class Transfers:
                 await sftp.chmod(temp, local.stat().st_mode & 0o777)
                 await sftp.posix_rename(temp, remote)
             except BaseException as exc:
-                with contextlib.suppress(Exception):
+                try:
                     await sftp.remove(temp)
+                except Exception:  # (the connection died with the upload: once re-dialed, then)
+                    self._sftp.remove_later(temp)
                 if isinstance(exc, asyncssh.SFTPError):
                     raise sftp_error(remote, exc) from None
                 raise
