@@ -8,7 +8,9 @@ client's call to its result: a no-op tool on a bare MCPServer over stdio (the fl
 read (4 KB), write, edit, grep and run('true'), taking turns in interleaved rounds so that the
 machine's noise falls on all of them alike. `edit` edits one file back to back (each edit of a file
 written within the same second takes a fifth round trip); `edit_settled` edits files last changed
-an hour ago, once each. Then 8 concurrent clients × 200 mixed calls. The
+an hour ago, once each, each read first, as an agent does (Claude Code's Edit requires a Read; a
+file tether has never seen is stat'ed alone first, one round trip more, so that a named pipe cannot
+hang the sandbox). Then 8 concurrent clients × 200 mixed calls. The
 last line is one JSON object: noop_ms, read_ms, write_ms, edit_ms, grep_ms, run_ms,
 concurrent_calls_per_s, errors.
 """
@@ -95,6 +97,8 @@ async def measure_latency(env: dict[str, str], runs: int, rounds: int) -> dict[s
                 "printf 'before\\nALPHA\\nafter\\n' > settled/e$i.txt; done && touch -d '1 hour ago' settled/*"
             },
         )
+        for i in range(runs + 40):  # read by the agent before it edits them (untimed)
+            await call("read", {"path": f"settled/e{i}.txt"})
         settled = iter(range(runs + 40))
         flip = {"old": "ALPHA", "new": "BRAVO"}
 

@@ -160,10 +160,13 @@ def special_kind(attrs: asyncssh.SFTPAttrs) -> str | None:
     return None
 
 
-async def _keep_owner(temp_file: asyncssh.SFTPClientFile, original: asyncssh.SFTPAttrs) -> None:
+async def _keep_owner(
+    temp_file: asyncssh.SFTPClientFile, original: asyncssh.SFTPAttrs, ours: tuple[int, int] | None
+) -> None:
     """Give the temp file the replaced file's owner and group, where the server lets us (root may
-    give any; others their own uid and a group they belong to); otherwise it keeps ours."""
-    if original.uid is None or original.gid is None:
+    give any; others their own uid and a group they belong to); otherwise it keeps ours. Nothing
+    is sent when the temp file has them already (`ours`: its owner and group, when known)."""
+    if original.uid is None or original.gid is None or (original.uid, original.gid) == ours:
         return
     with contextlib.suppress(asyncssh.SFTPError):
         await temp_file.chown(original.uid, original.gid)
@@ -413,7 +416,11 @@ class Files:
             pending: list[Awaitable[object]] = [write_all(temp_file, data)] if data else []
             if existing is not None:
                 # (the owner first: a chown by anyone but root clears setuid bits the chmod sets)
-                pending[:0] = [_keep_owner(temp_file, existing), temp_file.chmod((existing.permissions or 0) & 0o7777)]
+                pending[:0] = [
+                    # (a temp file's group depends on its directory: without its fstat, always ask)
+                    _keep_owner(temp_file, existing, None),
+                    temp_file.chmod((existing.permissions or 0) & 0o7777),
+                ]
             elif learn:
                 pending.append(self._learn_new_file_mode(temp_file))
             else:
@@ -552,7 +559,8 @@ class Files:
             if self.before_conflict_check is not None:
                 await self.before_conflict_check(path)
             mode = (attrs.permissions or 0) & 0o7777
-            writes: list[Awaitable[object]] = [_keep_owner(temp_file, attrs), temp_file.chmod(mode)]
+            temp_owner = (clock.uid, clock.gid) if isinstance(clock, asyncssh.SFTPAttrs) else None
+            writes: list[Awaitable[object]] = [_keep_owner(temp_file, attrs, temp_owner), temp_file.chmod(mode)]
             if data:
                 writes.append(write_all(temp_file, data))
             box_now = clock.mtime if isinstance(clock, asyncssh.SFTPAttrs) else None
@@ -604,7 +612,10 @@ class Files:
             except asyncssh.SFTPError as exc:
                 raise sftp_error(path, exc) from None
             mode = (attrs.permissions or 0) & 0o7777
-            return FileStat(path, _kind(attrs), attrs.size or 0, mode, float(attrs.mtime or 0), target, attrs.uid)
+            kind = _kind(attrs)
+            if kind in ("file", "directory"):
+                self._remember_openable(path)  # (a grep's or glob's sort stats what an edit opens next)
+            return FileStat(path, kind, attrs.size or 0, mode, float(attrs.mtime or 0), target, attrs.uid)
 
         return await self._sftp.retrying(look)
 
