@@ -408,3 +408,42 @@ async def test_a_failed_dial_releases_every_waiter(tmp_path: Path) -> None:
         assert all(isinstance(r, Unreachable) for r in results), results
     finally:
         await pool.close()
+
+
+async def test_writes_leave_in_fewer_larger_sends_in_order() -> None:
+    """What the corked transport hands the socket: an SSH packet with the MSG_IGNORE before it at
+    once; the rest of a loop pass's writes together at its end; nothing reordered or lost."""
+    from sandbox.connect import _CorkedTransport
+
+    class Socket:  # the real transport's part the cork uses
+        def __init__(self) -> None:
+            self.sends: list[bytes] = []
+            self.closed = False
+
+        def write(self, data: bytes) -> None:
+            self.sends.append(data)
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+        def close(self) -> None:
+            self.closed = True
+
+    socket_ = Socket()
+    cork = _CorkedTransport(socket_, asyncio.get_running_loop())  # type: ignore[arg-type]
+    cork.write(b"ignore1")
+    assert socket_.sends == []  # held for the packet it precedes
+    cork.write(b"packet1")
+    assert socket_.sends == [b"ignore1packet1"]  # a request goes out at once
+    for i in (2, 3):
+        cork.write(f"ignore{i}".encode())
+        cork.write(f"packet{i}".encode())
+    assert socket_.sends == [b"ignore1packet1"]
+    await asyncio.sleep(0)  # the end of the pass
+    assert socket_.sends == [b"ignore1packet1", b"ignore2packet2ignore3packet3"]
+    cork.write(b"alone")  # a write with nothing after it leaves at the end of its pass too
+    await asyncio.sleep(0)
+    assert socket_.sends[-1] == b"alone"
+    cork.write(b"last")
+    cork.close()
+    assert socket_.sends[-1] == b"last" and socket_.closed
