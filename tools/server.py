@@ -162,13 +162,14 @@ class ServerState:
                 if record.live:
                     return await self.fleet.get(self.default_id)
                 self.default_id = None
-            if self.default_request is not None and self.default_request.provider == "ssh":
-                # An attachment of the same host that is still live (a previous server's): reuse it.
-                host = self.default_request.options.get("host")
+            host = self.default_request.options.get("host") if self.default_request is not None else None
+            if host:
+                # A kept attachment of the same host that is still live (a previous server's): reuse it.
                 for record in self.fleet.list():
                     if (
                         record.provider == "ssh"
                         and record.status == "running"
+                        and record.keep
                         and record.request.get("options", {}).get("host") == host
                     ):
                         self.default_id = record.id
