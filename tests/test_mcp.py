@@ -148,7 +148,10 @@ async def test_file_and_shell_tools(where: str, ssh_pool_env: dict[str, str]) ->
         timed = structured(await client.call_tool("run", {"command": "echo started; sleep 30", "timeout_ms": 500}))
         assert timed["timed_out"] and timed["exit_code"] is None and timed["stdout"] == "started\n"
         bad = await client.call_tool("run", {"command": "true", "timeout_ms": "soon"})
-        assert bad.is_error and "timeout_ms" in text(bad)
+        assert bad.is_error and text(bad).startswith("invalid arguments for run: timeout_ms: ")
+        assert "pydantic" not in text(bad) and "call again" in text(bad)
+        missing = await client.call_tool("edit", {"path": "x"})
+        assert missing.is_error and "old_string: Field required" in text(missing)
         unknown = await client.call_tool("run", {"command": "true", "sandbox": "sb-doesnotexist"})
         assert unknown.is_error and "no sandbox 'sb-doesnotexist'" in text(unknown)
 

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp_types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
@@ -197,6 +198,26 @@ class ServerState:
         return R.capabilities(profile_of(record.provider), substrate)
 
 
+class TetherServer(MCPServer):
+    """MCPServer whose argument errors read like tether's other errors: what is wrong with which
+    parameter, and what to do, instead of pydantic's report with its documentation links."""
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            if not isinstance(exc.__cause__, ValidationError) or isinstance(exc, UnexpectedToolError):
+                raise
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in error['loc']) or 'arguments'}: {error['msg']}"
+                for error in exc.__cause__.errors()
+            )
+            raise ToolError(
+                f"invalid arguments for {name}: {problems}. Fix them (the tool's input schema describes each "
+                "parameter) and call again"
+            ) from exc.__cause__
+
+
 def progress_reporter(ctx: Context | None) -> Callable[[str, float | None], Awaitable[None]]:
     async def report(message: str, fraction: float | None = None) -> None:
         if ctx is not None:
@@ -262,7 +283,7 @@ def build_server(state: ServerState) -> MCPServer:
             with anyio.CancelScope(shield=True):
                 await state.shutdown()
 
-    server = MCPServer("tether", instructions=INSTRUCTIONS, lifespan=lifespan, log_level="WARNING")
+    server = TetherServer("tether", instructions=INSTRUCTIONS, lifespan=lifespan, log_level="WARNING")
     logging.getLogger("asyncssh").setLevel(logging.WARNING)  # its INFO is a line per channel
     # httpx logs each request's full URL at INFO, and a chat webhook's URL is its secret.
     for chatty in ("httpx", "httpcore"):
