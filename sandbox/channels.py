@@ -206,12 +206,14 @@ class ShellPool:
     async def borrow(self, timeout: float | None = None) -> AsyncIterator[PersistentShell]:
         """A shell for one command. A shell that failed is closed rather than returned. Raises
         ShellsBusy when none is free within `timeout` seconds (every session the server allows in
-        use: its MaxSessions, shared with other sandboxes on the same endpoint)."""
+        use: its MaxSessions, shared with other sandboxes on the same endpoint); a shell that is
+        booting gets the boot timeout, however short `timeout` is."""
+        wait = None if timeout is None else max(timeout, self.boot_timeout)
         try:
-            slot = self.try_borrow_idle() or await asyncio.wait_for(self._acquire(), timeout)
+            slot = self.try_borrow_idle() or await asyncio.wait_for(self._acquire(), wait)
         except TimeoutError:
             raise ShellsBusy(
-                f"no shell on {self._endpoint.display} became free within {timeout:g}s: every session the "
+                f"no shell on {self._endpoint.display} became free within {wait:g}s: every session the "
                 "server allows (its MaxSessions) is in use; the command did not run. Try again, or end "
                 "background work that holds sessions"
             ) from None

@@ -21,7 +21,7 @@ from sandbox.errors import AuthFailed, ConnectionLost, ConnectTimeout, HostKeyMi
 from sandbox.hostkeys import HostKeyPins
 from sandbox.state import StateStore
 from tests.conftest import endpoint_for
-from tests.sshd import SSHD, Account, free_port, keygen
+from tests.sshd import SSHD, Account, ensure_account, free_port, keygen
 
 
 @pytest.fixture
@@ -90,15 +90,15 @@ async def test_one_session_per_connection_never_strands_a_caller(
     shell takes one another caller gives back; one that gets none in its timeout is told so."""
     server = SSHD(bash_account, client_key, max_sessions=1).start()
     try:
-        async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
+        async with Sandbox(endpoint_for(server, client_key), pool=pool, boot_timeout=2) as box:
             await box.stat(".")  # the SFTP channel holds one session
             results = await asyncio.wait_for(asyncio.gather(*(box.run(f"sleep 0.2; echo {i}") for i in range(8))), 60)
             assert [r.stdout for r in results] == [f"{i}\n" for i in range(8)]
             sessions = len(pool.stats(box.endpoint))
-            busy = [asyncio.ensure_future(box.run("sleep 3")) for _ in range(sessions - 1)]
+            busy = [asyncio.ensure_future(box.run("sleep 5")) for _ in range(sessions - 1)]
             await asyncio.sleep(1)
-            with pytest.raises(ShellsBusy, match="did not run"):
-                await box.run("echo never", timeout=0.5)
+            with pytest.raises(ShellsBusy, match=r"within 2s.*did not run"):
+                await box.run("echo never", timeout=0.5)  # (waits as long as a shell may take to boot)
             assert all(r.exit_code == 0 for r in await asyncio.gather(*busy))
             # a timeout while every session is taken: the kill waits for the first shell given back
             started = time.monotonic()
@@ -107,6 +107,17 @@ async def test_one_session_per_connection_never_strands_a_caller(
                 *(box.run("sleep 2") for _ in range(sessions - 2)),
             )
             assert timed[0].timed_out and time.monotonic() - started < 15
+    finally:
+        server.cleanup()
+
+
+async def test_a_short_timeout_still_lets_a_slow_login_shell_start(client_key: Path, pool: ConnectionPool) -> None:
+    """The first command's shell may take longer to start than the command is allowed to run."""
+    account = ensure_account("tether-slower", "/bin/bash", {".bashrc": "sleep 1\n", ".profile": ". ~/.bashrc\n"})
+    server = SSHD(account, client_key).start()
+    try:
+        async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
+            assert (await box.run("echo quick", timeout=0.5)).stdout == "quick\n"
     finally:
         server.cleanup()
 
