@@ -493,6 +493,12 @@ async def test_the_record_of_a_tunnel_whose_process_died_is_closed(local_box: Sa
 
         (listed,) = await asyncio.to_thread(info_tunnels)  # another process sees it while it is held
         assert (listed["url"], listed["port"], listed["status"]) == (url, port, "open")
+        async with stdio_client() as client:  # and so does an MCP server
+            tunnels = structured(await client.call_tool("tunnel_list", {}))["tunnels"]
+            held = next(t for t in tunnels if t["tunnel_id"] == listed["tunnel_id"])
+            assert (held["url"], held["held_by_pid"]) == (url, process.pid)
+            refused = await client.call_tool("tunnel_close", {"tunnel_id": listed["tunnel_id"]})
+            assert refused.is_error and f"pid {process.pid}" in text(refused)
         process.kill()  # no Ctrl-C: the process cannot close its record
         process.wait()
         gc = subprocess.run([*cli, "gc", "--json"], cwd=ROOT, env=server_env(), capture_output=True, text=True)

@@ -327,10 +327,14 @@ class TunnelResult(Result):
     headers: dict[str, str] = Field(description="headers a request through the URL must carry (may be empty)")
     port: int
     sandbox: str
+    held_by_pid: int | None = Field(
+        None, description="set when another tether process holds the tunnel (close it there)"
+    )
 
     def text(self) -> str:
         needs = f" with headers {self.headers}" if self.headers else ""
-        return f"port {self.port} is at {self.url}{needs} ({self.backend} tunnel {self.tunnel_id})"
+        held = f", held by tether process {self.held_by_pid}" if self.held_by_pid else ""
+        return f"port {self.port} is at {self.url}{needs} ({self.backend} tunnel {self.tunnel_id}{held})"
 
 
 class TunnelList(Result):

@@ -757,15 +757,37 @@ def register_tunnel_tools(server: MCPServer, state: ServerState) -> None:
     @server.tool(annotations=READ_ONLY)
     @guarded
     async def tunnel_list(sandbox: SandboxArg = None) -> Annotated[CallToolResult, R.TunnelList]:
-        """Open tunnels (of one sandbox when given)."""
+        """Open tunnels (of one sandbox when given), this server's and other tether processes'."""
         sandbox_id = (await state.sandbox(sandbox)).id if sandbox else None
-        return ok(R.TunnelList(tunnels=[result(t) for t in state.tunnels.list(sandbox_id)]))
+        mine = [result(t) for t in state.tunnels.list(sandbox_id)]
+        ledger = state.fleet.ledger
+        ledger.close_abandoned_tunnels()
+        others = [
+            R.TunnelResult(
+                tunnel_id=row["id"],
+                url=row["url"],
+                backend=row["backend"],
+                headers={},
+                port=row["port"],
+                sandbox=row["sandbox_id"],
+                held_by_pid=row["owner_pid"],
+            )
+            for row in ledger.tunnels(sandbox_id)
+            if row["id"] not in {t.tunnel_id for t in mine}
+        ]
+        return ok(R.TunnelList(tunnels=mine + others))
 
     @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True))
     @guarded
     async def tunnel_close(
         tunnel_id: Annotated[str, Field(description="From tunnel_open or tunnel_list")],
     ) -> Annotated[CallToolResult, R.TunnelClosed]:
-        """Close a tunnel."""
+        """Close a tunnel this server opened."""
+        held = [row for row in state.fleet.ledger.tunnels() if row["id"] == tunnel_id]
+        if held and tunnel_id not in {t.id for t in state.tunnels.list()}:
+            raise InvalidArgument(
+                f"tunnel {tunnel_id} is held by another tether process (pid {held[0]['owner_pid']}); close it "
+                "there (Ctrl-C on `tether tunnel`, or that server's tunnel_close)"
+            )
         tunnel = await state.tunnels.close(tunnel_id)
         return ok(R.TunnelClosed(tunnel_id=tunnel.id), f"closed {tunnel.id} (port {tunnel.port})")
