@@ -475,7 +475,7 @@ class Files:
     async def _edit(self, path: str, edits: list[Edit], indexed: bool, hops: int = 0) -> EditResult:
         """Read, apply, write back: four round trips, five for a file written within the last second.
 
-        1. stat + open the file, lstat it, open the temp file beside it (the temp is wasted if the
+        1. lstat + open the file, open the temp file beside it (the temp is wasted if the
            edit turns out not to apply; it is removed in the background);
         2. read it, open it by path a second time, and fstat the temp file (its mtime is the box's
            clock); apply the edits here;
@@ -511,16 +511,19 @@ class Files:
         await self._refuse_special(sftp, path)
         directory, name = posixpath.split(path)
         temp = posixpath.join(directory, temp_name(name, "tmp"))
-        attrs, original_file, link, temp_file = await asyncio.gather(
-            sftp.stat(path),
-            sftp.open(path, "rb"),
+        # lstat, not stat: a symlink is edited through its target (below), and for anything else the
+        # two say the same.
+        attrs, original_file, temp_file = await asyncio.gather(
             sftp.lstat(path),
+            sftp.open(path, "rb"),
             sftp.open(temp, "xb", PRIVATE),  # (given the file's own mode before the rename)
             return_exceptions=True,
         )
         renamed = False
         again_file: asyncssh.SFTPClientFile | BaseException | None = None
         try:
+            if isinstance(attrs, asyncssh.SFTPAttrs) and _kind(attrs) == "symlink":
+                return "symlink"
             if isinstance(attrs, asyncssh.SFTPAttrs) and _kind(attrs) == "directory":
                 raise IsADirectory(path)  # (before the open's error, which may be a bare "failure")
             for outcome in (attrs, original_file):
@@ -531,10 +534,6 @@ class Files:
                 if isinstance(outcome, BaseException):
                     raise outcome
             assert isinstance(attrs, asyncssh.SFTPAttrs) and isinstance(original_file, asyncssh.SFTPClientFile)
-            if isinstance(link, asyncssh.SFTPAttrs) and _kind(link) == "symlink":
-                return "symlink"
-            if _kind(attrs) == "directory":
-                raise IsADirectory(path)
             if (attrs.size or 0) > MAX_EDIT_BYTES:
                 raise FileTooLarge(path, attrs.size or 0, MAX_EDIT_BYTES)
             original, again_file, clock = await asyncio.gather(
