@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import asyncssh
 
 from .channels import CHANNEL_GONE, SFTPChannel, ShellPool
-from .errors import ConnectionLost, InvalidArgument
+from .errors import ConnectionLost, FileNotFound, InvalidArgument
 from .sftpio import read_prefix, read_range
 from .shell import KILL_TREE, Finished, PersistentShell, ShellDied, ShellInfo
 
@@ -100,6 +100,16 @@ def build_env(env: Mapping[str, str] | None) -> str:
     return "\n".join(exports)
 
 
+def _raise_if_cwd_refused(cwd: str | None, finished: Finished, stderr: str) -> None:
+    """A named `cwd` that is missing: the shell ran nothing and said why (see shell._NO_CWD)."""
+    if not cwd or finished.exit_code != 125 or finished.cwd is not None:
+        return
+    if stderr == f"tether: cwd {cwd} does not exist\n":
+        raise FileNotFound(cwd, "; the command did not run: create the directory, or pass an existing cwd")
+    if stderr == f"tether: cwd {cwd} is not a directory\n":
+        raise InvalidArgument(f"cwd {cwd} is not a directory; the command did not run")
+
+
 def cap_text(data: bytes, max_chars: int) -> tuple[str, bool]:
     """Decode and keep the head and tail when longer than `max_chars` characters."""
     text = data.decode("utf-8", "replace")
@@ -142,16 +152,17 @@ class Executor:
             raise InvalidArgument("timeout must be positive")
         started = time.monotonic()
         async with self._shells.borrow(timeout) as shell:
-            start_dir = self._resolve_cwd(shell, cwd)
+            start_dir, fallback = self._start_dir(shell, cwd)
             command_id = secrets.token_hex(8)
-            finished, timed_out = await self._execute(shell, command_id, start_dir, script, timeout, exports)
-            self.cwd = finished.cwd or start_dir
+            finished, timed_out = await self._execute(shell, command_id, start_dir, script, timeout, exports, fallback)
             # Read before the shell takes its next command: it empties these files first.
             kept = f"{shell.info.run_dir}/{command_id}"
             (stdout, out_path), (stderr, err_path) = await asyncio.gather(
                 self._collect(shell.stdout_path, finished.has_stdout, max_chars, f"{kept}.o"),
                 self._collect(shell.stderr_path, finished.has_stderr, max_chars, f"{kept}.e"),
             )
+        _raise_if_cwd_refused(cwd, finished, stderr)
+        self.cwd = finished.cwd or start_dir
         return RunResult(
             exit_code=None if timed_out else finished.exit_code,
             stdout=stdout,
@@ -173,10 +184,13 @@ class Executor:
         binary runs even where the profile defines a function of that name."""
         script = "exec " + build_script(argv)
         async with self._shells.borrow(timeout) as shell:
-            start_dir = self._resolve_cwd(shell, cwd)
-            finished, timed_out = await self._execute(shell, secrets.token_hex(8), start_dir, script, timeout)
+            start_dir, fallback = self._start_dir(shell, cwd)
+            finished, timed_out = await self._execute(
+                shell, secrets.token_hex(8), start_dir, script, timeout, fallback=fallback
+            )
             stdout, cut = await self._read_head(shell.stdout_path, max_bytes) if finished.has_stdout else (b"", False)
             stderr, _ = await self._read_head(shell.stderr_path, 64 << 10) if finished.has_stderr else (b"", False)
+        _raise_if_cwd_refused(cwd, finished, stderr.decode("utf-8", "replace"))
         if timed_out:
             raise TimeoutError(f"{argv[0]} did not finish within {timeout:g}s")
         return RawResult(finished.exit_code, stdout, stderr, cut)
@@ -217,16 +231,27 @@ class Executor:
 
     # -- internals -----------------------------------------------------------------------------------
 
-    def _resolve_cwd(self, shell: PersistentShell, cwd: str | None) -> str:
-        """`cwd` (already absolute: the Sandbox resolved it), else where the last command ended."""
-        return cwd or self.cwd or shell.info.start_dir
+    def _start_dir(self, shell: PersistentShell, cwd: str | None) -> tuple[str, str]:
+        """Where the command starts, and where it runs should that be gone: a `cwd` the caller named
+        (already absolute: the Sandbox resolved it) has no fallback, the command must not run
+        elsewhere; where the last command ended falls back to where the login landed."""
+        if cwd:
+            return cwd, ""
+        return self.cwd or shell.info.start_dir, shell.info.start_dir
 
     async def _execute(
-        self, shell: PersistentShell, command_id: str, cwd: str, script: str, timeout: float, exports: str = ""
+        self,
+        shell: PersistentShell,
+        command_id: str,
+        cwd: str,
+        script: str,
+        timeout: float,
+        exports: str = "",
+        fallback: str = "",
     ) -> tuple[Finished, bool]:
         pid: int | None = None
         try:
-            pid = await shell.begin(command_id, cwd, script, exports)
+            pid = await shell.begin(command_id, cwd, script, exports, fallback)
             try:
                 async with asyncio.timeout(timeout):
                     return await shell.finish(command_id), False

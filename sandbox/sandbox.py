@@ -15,7 +15,7 @@ import asyncssh
 
 from .channels import DEFAULT_IDLE_TIMEOUT, SFTPChannel, ShellPool
 from .endpoint import SSHEndpoint
-from .errors import FileNotFound, InvalidArgument
+from .errors import InvalidArgument
 from .executor import MAX_OUTPUT_CHARS, Executor, RawResult, RunResult
 from .files import Edit, EditResult, Files, FileStat, Image, ReadResult, WriteResult
 from .jobs import Job, JobOutput, Jobs
@@ -156,27 +156,16 @@ class Sandbox:
         killed and the output so far returned with `timed_out`; cancelling the coroutine kills it too.
         Each stream is capped at `max_chars` characters (head + tail); the whole stream then stays
         in the remote file named by `stdout_path`/`stderr_path`. The directory the command ends in
-        becomes `cwd()`.
+        becomes `cwd()`. A `cwd` given here must exist: otherwise nothing runs (FileNotFound, or
+        InvalidArgument for a file); a saved cwd removed since falls back to where the login landed.
 
-        Raises: ConnectionLost (the connection died while the command ran), InvalidArgument.
+        Raises: ConnectionLost (the connection died while the command ran), InvalidArgument,
+        FileNotFound, ShellsBusy.
         """
         merged = {**self.env, **(env or {})}
-        where = await self._existing_directory(cwd) if cwd is not None else None
+        where = await self.resolve(cwd) if cwd is not None else None
         async with self._in_flight():
             return await self._p.executor.run(command, cwd=where, env=merged, timeout=timeout, max_chars=max_chars)
-
-    async def _existing_directory(self, cwd: str) -> str:
-        """`cwd` resolved, once checked to be a directory: a command given a cwd must not run
-        anywhere else (a saved cwd that vanished falls back to where the login landed, with a note)."""
-        where = await self.resolve(cwd)
-        try:
-            found = await self._p.files.stat(where)
-        except FileNotFound:
-            hint = "; the command did not run: create the directory, or pass an existing cwd"
-            raise FileNotFound(where, hint) from None
-        if found.type != "directory":
-            raise InvalidArgument(f"cwd {where} is a {found.type}, not a directory; the command did not run")
-        return where
 
     async def exec_raw(
         self, argv: Sequence[str], *, cwd: str | None = None, timeout: float = 120.0, max_bytes: int = 8 << 20

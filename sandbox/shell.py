@@ -37,18 +37,28 @@ BOOT_COMMAND = (
 )
 FALLBACK_BOOT_COMMAND = "exec /bin/sh -l"
 
+# When a command's directory is missing: with a fallback ($__f, where the login landed) the command
+# runs there, with a note (its saved cwd was removed since); without one (the caller named the
+# directory) nothing runs, the EXIT trap is dropped so no cwd is recorded, and the exit status is
+# 125 with one of these notes, which the executor turns into its error.
+_NO_CWD = (
+    '{ [ -n "$__f" ] || { trap - EXIT; if [ -e "$__d" ]; then __w=\'is not a directory\'; '
+    "else __w='does not exist'; fi; printf 'tether: cwd %s %s\\n' \"$__d\" \"$__w\" >&2; exit 125; }; "
+    'command cd -- "$__f" 2>/dev/null || command cd || exit 125; '
+    'printf \'tether: directory %s is gone; running in %s\\n\' "$__d" "$PWD" >&2; }'
+)
+
 # How a command is started, `exec` mode: a new shell in its own session (setsid). $1 cwd, $2 the
-# command, $3 the cwd file, $4 the file of env exports, $5 where the login landed (where a command
-# runs when its saved cwd has since been removed). The exports come first, so that an env name
+# command, $3 the cwd file, $4 the file of env exports, $5 the fallback directory (see _NO_CWD),
+# empty when the caller named the directory. The exports come first, so that an env name
 # cannot redirect tether's own variables, which are set from the arguments after them. The EXIT trap
 # records where the command ended so the next command can start there. It appends: the parent
 # empties the file before each command, and on ext4 a truncating open followed by a write costs a
 # flush on close.
 _CHILD = (
     'if [ -n "$4" ]; then . "$4"; : >"$4"; fi; '
-    "__c=$3; __s=$2; __d=$1; trap 'command pwd >>\"$__c\" 2>/dev/null' EXIT; "
-    'command cd -- "$__d" 2>/dev/null || { command cd -- "$5" 2>/dev/null || command cd || exit 125; '
-    'printf \'tether: directory %s is gone; running in %s\\n\' "$__d" "$PWD" >&2; }; '
+    "__c=$3; __s=$2; __d=$1; __f=$5; trap 'command pwd >>\"$__c\" 2>/dev/null' EXIT; "
+    'command cd -- "$__d" 2>/dev/null || ' + _NO_CWD + "; "
     'set --; eval "$__s"'
 )
 
@@ -95,7 +105,6 @@ set +e +u 2>/dev/null
 unalias -a 2>/dev/null
 SHLVL=1; export SHLVL
 __T=__TETHER_DIR__
-__TSTART=$PWD
 # Commands' output and jobs' files live here: readable by this user only, whatever the umask.
 mkdir -p "$__T/run" "$__T/jobs" 2>/dev/null && chmod 700 "$__T" 2>/dev/null
 if ! { [ -w "$__T/run" ] && [ -w "$__T/jobs" ]; }; then
@@ -130,11 +139,9 @@ if [ -n "${BASH_VERSION:-}" ] && set -m 2>/dev/null && case $- in *m*) true ;; *
   __t_spawn() {
     # The env exports first: tether's own variables are then set from the arguments.
     ( set +m; [ -n "$3" ] && eval "$3"
-      __c=$4; __d=$1; __s=$2; set --
+      __c=$4; __d=$1; __s=$2; __f=$5; set --
       trap 'command pwd >>"$__c" 2>/dev/null' EXIT
-      command cd -- "$__d" 2>/dev/null || {
-        command cd -- "$__TSTART" 2>/dev/null || command cd || exit 125
-        printf 'tether: directory %s is gone; running in %s\n' "$__d" "$PWD" >&2; }
+      command cd -- "$__d" 2>/dev/null || __NO_CWD__
       eval "$__s"
     ) </dev/null >>"$__o" 2>>"$__e" &
   }
@@ -143,7 +150,7 @@ else
     # Environment values go through a private file, not the new shell's arguments (ps shows those).
     __vf=
     if [ -n "$3" ]; then (umask 077; printf '%s\n' "$3" >"$__P.v"); __vf="$__P.v"; fi
-    __t_bg "$__TSH" -c "$__TCHILD" tether "$1" "$2" "$__c" "$__vf" "$__TSTART"
+    __t_bg "$__TSH" -c "$__TCHILD" tether "$1" "$2" "$__c" "$__vf" "$5"
   }
 fi
 __t_run() {
@@ -152,7 +159,7 @@ __t_run() {
   # instead of writing into a hole.
   __o="$__P.o"; __e="$__P.e"; __c="$__P.c"
   : >"$__o"; : >"$__e"; : >"$__c"
-  __t_spawn "$2" "$3" "$4" "$__c"
+  __t_spawn "$2" "$3" "$4" "$__c" "$5"
   __p=$!
   printf '%s S %s\0' "$1" "$__p"
   wait "$__p" 2>/dev/null; __x=$?
@@ -199,6 +206,7 @@ _INIT = (
     _INIT.replace("__CHILD__", shlex.quote(_CHILD))
     .replace("__JOB__", shlex.quote(_JOB))
     .replace("__DESCENDANTS__", DESCENDANTS_FN)
+    .replace("__NO_CWD__", _NO_CWD)
 )
 
 
@@ -337,10 +345,12 @@ class PersistentShell:
     def connection_alive(self) -> bool:
         return not self._conn.is_closed()
 
-    async def begin(self, command_id: str, cwd: str, script: str, exports: str = "") -> int:
+    async def begin(self, command_id: str, cwd: str, script: str, exports: str = "", fallback: str = "") -> int:
         """Start `script` in `cwd` with `exports` (export statements) applied first; return the child's
-        pid (= its process group when groups are on)."""
-        line = f"__t_run {command_id} {shlex.quote(cwd)} {shlex.quote(script)} {shlex.quote(exports)}\n"
+        pid (= its process group when groups are on). Should `cwd` be missing, it runs in `fallback`
+        instead, or, when that is empty, not at all (exit status 125, `tether: cwd … ` on stderr)."""
+        words = " ".join(shlex.quote(word) for word in (cwd, script, exports, fallback))
+        line = f"__t_run {command_id} {words}\n"
         try:
             self._process.stdin.write(line.encode("utf-8", "surrogateescape"))
         except (BrokenPipeError, asyncssh.Error, OSError) as exc:

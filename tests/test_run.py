@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import shlex
 import subprocess
@@ -301,6 +302,10 @@ async def test_other_login_shells(
         await box.exec_raw(["rmdir", doomed], cwd="/")  # (leaves the saved cwd alone)
         gone = await box.run("pwd")
         assert (gone.stdout, "is gone" in gone.stderr) == (f"{await box.home()}\n", True)
+        # a cwd the caller names must exist: nothing runs, and the saved cwd stays
+        with pytest.raises(FileNotFound, match="did not run"):
+            await box.run(f"touch {doomed}-ran", cwd=doomed)
+        assert await box.cwd() == await box.home() and not os.path.exists(f"{doomed}-ran")
 
 
 @pytest.mark.parametrize("flavour", ["sshd", "dash_sshd"])
