@@ -16,7 +16,7 @@ from typing import Any
 
 from sandbox import Sandbox, SSHEndpoint
 from sandbox.errors import SandboxError
-from sandbox.jobs import STOP_ALL_JOBS
+from sandbox.jobs import STOP_JOBS_FN
 
 from .base import Capacity, Handle, Progress, Provider, ProvisionSpec, SandboxStatus, no_progress
 from .capacity import remote_capacity
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 DEFAULT_IDENTITIES = ("id_ed25519", "id_ecdsa", "id_rsa")
 
 # Stop the attachment's jobs, then remove its directory ($1).
-_DETACH = STOP_ALL_JOBS.replace('"$1"/*/', '"$1"/jobs/*/') + '; rm -rf -- "$1"'
+_DETACH = STOP_JOBS_FN + '\n__t_stopjobs "$1/jobs"; rm -rf -- "$1"'
 
 
 def identities(identity_file: str | None) -> tuple[str, ...]:

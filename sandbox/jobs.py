@@ -23,16 +23,25 @@ from .channels import CHANNEL_GONE, SFTPChannel, ShellPool
 from .errors import ConnectionLost, JobNotFound
 from .executor import MAX_OUTPUT_CHARS, Executor, build_env, build_script, signal_name
 from .sftpio import read_upto
+from .shell import KILL_TREE_FN
 
 JobStatus = Literal["running", "exited"]
 
-# Stops every job in a jobs directory that has not ended ($1). A job with an `exit` file has ended,
-# and its pid may belong to another process by now, so it is left alone; each job stopped here gets
-# an `exit` file, so its pid is never trusted again. POSIX sh, for any box (and this machine).
-STOP_ALL_JOBS = (
-    'for d in "$1"/*/; do [ -f "$d/pid" ] && [ ! -f "$d/exit" ] || continue; p=$(cat "$d/pid"); '
-    'kill -9 -"$p" 2>/dev/null || kill -9 "$p" 2>/dev/null; printf \'137\\n\' >"$d/exit"; done'
+# `__t_stopjobs DIR` stops every job in a jobs directory that has not ended, with its whole tree.
+# A job with an `exit` file has ended, and its pid may belong to another process by now, so it is
+# left alone; each job stopped here gets an `exit` file, so its pid is never trusted again. POSIX
+# sh, for any box (and this machine).
+STOP_JOBS_FN = (
+    KILL_TREE_FN
+    + """
+__t_stopjobs() {
+  for d in "$1"/*/; do
+    [ -f "$d/pid" ] && [ ! -f "$d/exit" ] || continue
+    __t_killtree KILL "$(cat "$d/pid")"; printf '137\\n' >"$d/exit"
+  done
+}"""
 )
+STOP_ALL_JOBS = STOP_JOBS_FN + '\n__t_stopjobs "$1"'  # a script: $1 is the jobs directory
 _JOB_ID = re.compile(r"j-[0-9a-f]{8}\Z")
 POLL_INTERVAL = 0.05
 START_GRACE_SECONDS = 30.0  # a job with no pid this long after it was prepared never started

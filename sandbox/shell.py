@@ -74,10 +74,12 @@ _JOB = (
     '__x=$?; printf \'%s\\n\' "$__x" >"$__j/exit.tmp" && mv -f "$__j/exit.tmp" "$__j/exit"'
 )
 
-# `__t_desc PID` prints the pids descending from PID, read from /proc where the box has it: a
-# command may have moved some into process groups of their own (GNU `timeout` does), out of reach
-# of a kill of its group. Collected before the kill: once a parent dies, its children move away.
-DESCENDANTS_FN = r"""__t_desc() {
+# `__t_killtree SIGNAL PID` signals the process group PID leads (or the process, if it leads none)
+# and every process descending from PID, read from /proc (`__t_desc`) where the box has it: a
+# command may have moved some into groups of their own (GNU `timeout` does), out of reach of a kill
+# of its group. They are collected before the kill: once a parent dies, its children move away.
+# Returns kill's status for the group. Every kill tether sends goes through it.
+KILL_TREE_FN = r"""__t_desc() {
   [ -r /proc/self/stat ] || return 0
   __dq=" $1 "; __dd=
   while [ "$__dq" != " " ]; do
@@ -90,15 +92,17 @@ DESCENDANTS_FN = r"""__t_desc() {
     __dd="$__dd$__dn"; __dq=" $__dn"
   done
   printf '%s' "$__dd"
+}
+__t_killtree() {
+  __kd=$(__t_desc "$2")
+  kill -"$1" -"$2" 2>/dev/null || kill -"$1" "$2" 2>/dev/null; __kx=$?
+  [ -n "$__kd" ] && kill -"$1" $__kd 2>/dev/null
+  return $__kx
 }"""
 
-# Signal the process group $2 leads (or the process, if it leads none) and whatever descends from
-# it, with signal $1; exits with kill's status for the group.
-KILL_TREE = (
-    DESCENDANTS_FN
-    + '\n__kd=$(__t_desc "$2"); kill -"$1" -"$2" 2>/dev/null || kill -"$1" "$2" 2>/dev/null; __kx=$?; '
-    + '[ -n "$__kd" ] && kill -"$1" $__kd 2>/dev/null; exit $__kx'
-)
+# A standalone script: signal $1 to the tree of $2 (for an exec channel, when no shell is free).
+KILL_TREE = KILL_TREE_FN + '\n__t_killtree "$1" "$2"'
+
 
 _INIT = r"""
 set +e +u 2>/dev/null
@@ -190,12 +194,10 @@ __t_alive() {
   for __p in "$@"; do kill -0 "$__p" 2>/dev/null && __a="$__a $__p"; done
   printf '%s R%s\0' "$__i" "$__a"
 }
-__DESCENDANTS__
+__KILL_TREE_FN__
 __t_kill() {
-  __kd=$(__t_desc "$3")
-  kill -"$2" -"$3" 2>/dev/null || kill -"$2" "$3" 2>/dev/null; __kx=$?
-  [ -n "$__kd" ] && kill -"$2" $__kd 2>/dev/null
-  printf '%s R %s\0' "$1" "$__kx"
+  __t_killtree "$2" "$3"
+  printf '%s R %s\0' "$1" "$?"
 }
 __P="$__T/run/__NONCE__"
 trap 'rm -f "$__P.o" "$__P.e" "$__P.c" "$__P.v"' EXIT
@@ -205,7 +207,7 @@ printf 'READY %s %s %s %s\0%s\0%s\0%s\0' "__NONCE__" "$__TPG" "$__rg" "$__TSH" "
 _INIT = (
     _INIT.replace("__CHILD__", shlex.quote(_CHILD))
     .replace("__JOB__", shlex.quote(_JOB))
-    .replace("__DESCENDANTS__", DESCENDANTS_FN)
+    .replace("__KILL_TREE_FN__", KILL_TREE_FN)
     .replace("__NO_CWD__", _NO_CWD)
 )
 

@@ -74,6 +74,8 @@ async def test_each_local_sandbox_has_its_own_dir_and_jobs() -> None:
         b = await fleet.create(Request(provider="local"))
         await a.start_job("sleep 30")
         assert len(await a.job_list()) == 1 and await b.job_list() == []
+        marker = f"tether-regrouped-{os.getpid()}"  # a job's child in a session of its own
+        await a.start_job(f"setsid sh -c 'sleep 1000' {marker}")
         assert await a.cwd() != await b.cwd()
         # a removed cwd falls back to the sandbox's own work dir, not the user's home
         work = await a.cwd()
@@ -86,8 +88,14 @@ async def test_each_local_sandbox_has_its_own_dir_and_jobs() -> None:
         for attempt in (a.read("a-dir"), a.edit("a-dir", "x", "y")):
             with pytest.raises(IsADirectory, match="glob"):
                 await attempt
-        await a.destroy()
+        await a.destroy()  # stops its jobs, with whatever left their process group
         await b.destroy()
+        for _ in range(50):
+            left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
+            if not left:
+                break
+            await asyncio.sleep(0.1)
+        assert left == ""
     finally:
         await fleet.close()
 
