@@ -243,11 +243,7 @@ class ShellPool:
         """Run `command` on an exec channel (None), or, if an idle shell turns up first, stop
         waiting for a session and return that shell instead (borrowed: give it back)."""
         running = asyncio.ensure_future(self.exec_once(command))
-        given_back = asyncio.ensure_future(self._wait_for_idle())
-        try:
-            await asyncio.wait({running, given_back}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            given_back.cancel()
+        await self._until_done_or_given_back(running)
         if running.done():
             running.result()
             return None
@@ -279,11 +275,7 @@ class ShellPool:
         )
         try:
             while True:
-                given_back = asyncio.ensure_future(self._wait_for_idle())
-                try:
-                    await asyncio.wait({opening, given_back}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    given_back.cancel()
+                await self._until_done_or_given_back(opening)
                 if opening.done():
                     shell, lease = opening.result()
                     self.info = shell.info
@@ -301,10 +293,19 @@ class ShellPool:
                 self._uncount()
             raise
 
-    async def _wait_for_idle(self) -> None:
-        async with self._changed:
-            while not self._idle:
-                await self._changed.wait()
+    async def _until_done_or_given_back(self, waiting: asyncio.Future[object]) -> None:
+        """Wait until `waiting` is done or an idle shell is there, whichever comes first."""
+
+        async def idle() -> None:
+            async with self._changed:
+                while not self._idle:
+                    await self._changed.wait()
+
+        given_back = asyncio.ensure_future(idle())
+        try:
+            await asyncio.wait({waiting, given_back}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            given_back.cancel()
 
     def _opened_late(self, opening: asyncio.Future[tuple[PersistentShell, Lease]]) -> None:
         """An opening nobody waits for any more: its shell goes idle; a failure frees its count."""
