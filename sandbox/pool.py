@@ -44,29 +44,11 @@ class PooledConnection:
 
 
 @dataclass(eq=False)
-class Hold:
-    """Keeps a connection from being closed as idle while port forwards use it."""
-
-    pooled: PooledConnection
-    _release: Callable[[Hold], None]
-    released: bool = False
-
-    @property
-    def conn(self) -> asyncssh.SSHClientConnection:
-        return self.pooled.conn
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self._release(self)
-
-
-@dataclass(eq=False)
 class Lease:
     """One session-channel slot on one connection. Release it after the channel has closed."""
 
     pooled: PooledConnection
-    _release: Callable[[Lease], None]
+    _release: Callable[[Any], None]
     released: bool = False
 
     @property
@@ -81,6 +63,11 @@ class Lease:
         if not self.released:
             self.released = True
             self._release(self)
+
+
+class Hold(Lease):
+    """Keeps a connection from being closed as idle while port forwards use it (they are channels
+    but not sessions: a hold takes no slot)."""
 
 
 class _EndpointConnections:
