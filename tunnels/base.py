@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -10,6 +13,8 @@ from typing import Any, Literal, Protocol
 
 from sandbox import Sandbox
 from sandbox.errors import SandboxError
+
+log = logging.getLogger(__name__)
 
 BackendName = Literal["provider", "relay", "local"]
 
@@ -56,6 +61,26 @@ class Tunnel:
     def announced(self) -> dict[str, Any]:
         """What chat channels hear: header names only, never their values (a preview token)."""
         return {**self.public(), "headers": sorted(self.headers)}
+
+
+REOPEN_BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)  # seconds between attempts; the last one repeats
+
+
+async def reopen(attempt: Callable[[], Awaitable[None]], closed: Callable[[], bool], what: str) -> bool:
+    """Call `attempt` until it succeeds, waiting longer between failures (the box or relay may be
+    restarting), or until `closed()`. Returns whether it succeeded."""
+    for delay in itertools.chain(REOPEN_BACKOFF, itertools.repeat(REOPEN_BACKOFF[-1])):
+        if closed():
+            return False
+        try:
+            await attempt()
+        except Exception as exc:
+            log.info("%s: re-open failed (%s); retrying in %ss", what, exc, delay)
+            await asyncio.sleep(delay)
+            continue
+        log.info("re-opened %s after its connection dropped", what)
+        return True
+    return False  # (unreachable: the delays never run out)
 
 
 def new_tunnel_id() -> str:

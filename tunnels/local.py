@@ -11,10 +11,9 @@ import asyncssh
 from sandbox import Sandbox
 from sandbox.pool import Hold
 
-from .base import BackendName
+from .base import BackendName, reopen
 
 log = logging.getLogger(__name__)
-REOPEN_BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 class LocalForward:
@@ -31,12 +30,14 @@ class LocalForward:
         self._hold: Hold | None = None  # keeps the connection from being closed as idle
         self._supervisor: asyncio.Task[None] | None = None
         self._closed = False
+        self._local_port = 0
         self.url = ""
         self.headers: dict[str, str] = {}
 
     async def start(self) -> None:
         self._listener = await self._listen(0)
-        self.url = f"http://127.0.0.1:{self._listener.get_port()}"
+        self._local_port = self._listener.get_port()
+        self.url = f"http://127.0.0.1:{self._local_port}"
         self._supervisor = asyncio.get_running_loop().create_task(self._keep_open())
 
     async def _listen(self, local_port: int) -> asyncssh.SSHListener:
@@ -55,19 +56,11 @@ class LocalForward:
         while not self._closed:
             assert self._listener is not None
             await self._listener.wait_closed()
-            if self._closed:
+            if not await reopen(self._listen_again, lambda: self._closed, f"tunnel {self.url}"):
                 return
-            local_port = int(self.url.rsplit(":", 1)[1])
-            for delay in (*REOPEN_BACKOFF, *[REOPEN_BACKOFF[-1]] * 1000):
-                try:
-                    self._listener = await self._listen(local_port)
-                    log.info("re-opened tunnel %s after the connection dropped", self.url)
-                    break
-                except Exception as exc:  # keep trying until closed: the box may be rebooting
-                    log.info("tunnel %s: re-open failed (%s); retrying in %ss", self.url, exc, delay)
-                    await asyncio.sleep(delay)
-                    if self._closed:
-                        return
+
+    async def _listen_again(self) -> None:
+        self._listener = await self._listen(self._local_port)  # the same port: the URL stays valid
 
     async def close(self) -> None:
         self._closed = True

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sandbox import ConnectionPool, Sandbox, SSHEndpoint, default_pool
 from sandbox.pool import Hold
 
-from .base import BackendName, TunnelError
+from .base import BackendName, TunnelError, reopen
 
 log = logging.getLogger(__name__)
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
@@ -35,7 +35,6 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|
 BRIDGE_WINDOW = 8 * 1024 * 1024
 BRIDGE_PACKET = 256 * 1024
 URL = re.compile(r"https?://[^\s'\"<>()\[\]]+")
-REOPEN_BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 class RelayConfig(BaseModel):
@@ -100,16 +99,8 @@ class RelayForward:
                 return
             self._release()
             previous = self.url
-            for delay in (*REOPEN_BACKOFF, *[REOPEN_BACKOFF[-1]] * 1000):
-                try:
-                    await self._open()
-                    log.info("re-opened relay tunnel %s after the relay connection dropped", self.url)
-                    break
-                except Exception as exc:  # keep trying until closed: the relay may be restarting
-                    log.info("relay tunnel %s: re-open failed (%s); retrying in %ss", previous, exc, delay)
-                    await asyncio.sleep(delay)
-                    if self._closed:
-                        return
+            if not await reopen(self._open, lambda: self._closed, f"relay tunnel {previous}"):
+                return
             if self.url != previous and self.on_url_change is not None:
                 self.on_url_change(self.url)
 
