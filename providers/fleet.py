@@ -185,12 +185,7 @@ class Fleet:
 
         Raises: AuthPinError, DispatchError (per-pool reasons), ProviderError, ConnectError.
         """
-        request = request.model_copy(
-            update={
-                "timeout_s": request.timeout_s or self.defaults.ttl_s,
-                "idle_timeout_s": request.idle_timeout_s or self.defaults.idle_timeout_s,
-            }
-        )
+        request = self._with_defaults(request)
         pool = self._choose(request)
         provider = self.provider_for(pool)
         gpu_type, gpu_count = _gpu_of(request, pool)
@@ -250,6 +245,17 @@ class Fleet:
         await progress(f"{name} is running", 1.0)
         self._emit("sandbox.created", {"sandbox": summary(box.record)})
         return box
+
+    def _with_defaults(self, request: Request) -> Request:
+        """[defaults] fills in what the request leaves open: where (a pool, else a provider, when it
+        names neither) and its TTL and idle timeout."""
+        update: dict[str, Any] = {
+            "timeout_s": request.timeout_s or self.defaults.ttl_s,
+            "idle_timeout_s": request.idle_timeout_s or self.defaults.idle_timeout_s,
+        }
+        if not request.pool and not request.provider:
+            update.update(pool=self.defaults.pool, provider=self.defaults.provider)
+        return request.model_copy(update=update)
 
     def _cleanup_done(self, cleanup: asyncio.Future[None]) -> None:
         self._cleanups.discard(cleanup)
@@ -518,12 +524,7 @@ class Fleet:
             record = by_id.get(resource.tether_id)
             if record is not None:
                 seen.add(record.id)
-            # A failed provision's leftovers go whether or not the process that made them still
-            # runs (it may have been cancelled); a provisioning one's only once that process died.
-            abandoned = record is not None and (
-                record.status == "failed" or (record.status == "provisioning" and not record.owner_alive())
-            )
-            if record is not None and record.status != "terminated" and not abandoned:
+            if record is not None and record.status != "terminated" and not record.provision_abandoned():
                 continue
             handle = Handle(external_id=resource.external_id, data=resource.data)
             try:
@@ -539,10 +540,9 @@ class Fleet:
             current = by_id.get(record.id, record)
             if record.id in seen or current.status == "terminated":
                 continue
-            if current.status in ("provisioning", "failed"):
-                if current.status == "failed" or not current.owner_alive():
-                    if self._record_termination(current, "provisioning interrupted; nothing was left behind"):
-                        report.interrupted.append(record.id)
+            if current.provision_abandoned():
+                if self._record_termination(current, "provisioning interrupted; nothing was left behind"):
+                    report.interrupted.append(record.id)
             elif record.status in ("running", "paused"):  # it existed before the listing began
                 ended = max(current.last_activity, current.created_at)
                 if self._record_termination(current, "vanished: the provider no longer has it", ended):

@@ -92,15 +92,10 @@ async def serve(port: int = 0) -> None:
 
 
 def live_local_sandboxes(ledger: Ledger | None = None) -> list[str]:
-    """Local sandboxes that run, or are being provisioned by a process that still runs (a failed
-    provision, or one whose process died, is gc's to collect, not something to wait for)."""
+    """Local sandboxes that run or are being provisioned (an abandoned provision is gc's to
+    collect, not something to wait for)."""
     ledger = ledger or Ledger()
-    return [
-        r.id
-        for r in ledger.list()
-        if r.provider == "local"
-        and (r.status in ("running", "paused") or (r.status == "provisioning" and r.owner_alive()))
-    ]
+    return [r.id for r in ledger.list() if r.provider == "local" and not r.provision_abandoned()]
 
 
 async def drain(wait: bool = True, poll: float = 1.0, report: Any = print) -> list[str]:
@@ -117,17 +112,17 @@ async def drain(wait: bool = True, poll: float = 1.0, report: Any = print) -> li
     remaining = live_local_sandboxes(ledger)
     if remaining:
         report(f"draining: waiting for {len(remaining)} sandbox(es) to end: {', '.join(remaining)}")
-    while wait and remaining:
-        await asyncio.sleep(poll)
-        reaper = Fleet()
-        try:
+    reaper = Fleet(store=ledger.store)
+    try:
+        while wait and remaining:
+            await asyncio.sleep(poll)
             await reaper.reap()
-        finally:
-            await reaper.close()
-        now = live_local_sandboxes(ledger)
-        if now != remaining:
-            report(f"draining: {len(now)} left")
-        remaining = now
+            now = live_local_sandboxes(ledger)
+            if now != remaining:
+                report(f"draining: {len(now)} left")
+            remaining = now
+    finally:
+        await reaper.close()
     if not remaining:
         report("drained: no local sandboxes are running")
     return remaining

@@ -117,6 +117,11 @@ class SandboxRecord:
             return True
         return process_running(self.owner_pid)
 
+    def provision_abandoned(self) -> bool:
+        """A provision that will never finish: it failed (perhaps cancelled, its process alive), or
+        the process doing it died. What it left is gc's to remove."""
+        return self.status == "failed" or (self.status == "provisioning" and not self.owner_alive())
+
 
 @dataclass(frozen=True)
 class CostEvent:
