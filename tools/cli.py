@@ -23,7 +23,6 @@ from typing import Any, TypeVar
 from providers import Fleet, Request, SandboxRecord
 from providers import host as host_daemon
 from providers.capacity import host_capacity
-from providers.config import load_defaults
 from providers.errors import ProviderError
 from providers.local_server import local_dir, work_dir
 from providers.registry import profile_of
@@ -133,18 +132,9 @@ def demo_command(args: argparse.Namespace) -> int:
 
 @command("up")
 def up_command(args: argparse.Namespace) -> int:
-    defaults = load_defaults(read_config())
-    provider, pool = args.provider, args.pool
-    if not provider and not pool:
-        provider, pool = defaults.provider, defaults.pool  # ([defaults] in config.toml)
-    if not provider and not pool:
-        raise ValueError(
-            "say where: `tether up local`, `tether up runpod --gpu a100`, `tether up --pool NAME`, "
-            "or set pool (or provider) under [defaults] in config.toml"
-        )
     request = Request(
-        provider=provider,
-        pool=pool,
+        provider=args.provider,
+        pool=args.pool,
         gpu=args.gpu,
         cpu=args.cpu,
         memory_mb=args.memory_mb,
@@ -153,19 +143,29 @@ def up_command(args: argparse.Namespace) -> int:
         keep=True,
     )
 
-    async def up(fleet: Fleet) -> SandboxRecord:
+    async def up(fleet: Fleet) -> None:
+        if not (request.pool or request.provider or fleet.defaults.pool or fleet.defaults.provider):
+            raise ValueError(
+                "say where: `tether up local`, `tether up runpod --gpu a100`, `tether up --pool NAME`, "
+                "or set pool (or provider) under [defaults] in config.toml"
+            )
+
         async def progress(message: str, fraction: float | None = None) -> None:
             if not args.json:
                 print(f"  {message}", file=sys.stderr)
 
-        return (await fleet.create(request, progress)).record
+        print_created((await fleet.create(request, progress)).record, fleet, args.json)
 
-    record = with_fleet(up)
-    if args.json:
-        print_json(record_json(record, Fleet()))
+    with_fleet(up)
+    return 0
+
+
+def print_created(record: SandboxRecord, fleet: Fleet, as_json: bool) -> None:
+    """What `up` and `attach` print: the id, or the sandbox as JSON."""
+    if as_json:
+        print_json(record_json(record, fleet))
     else:
         print(record.id)
-    return 0
 
 
 @command("attach")
@@ -176,16 +176,12 @@ def attach_command(args: argparse.Namespace) -> int:
         keep=True,
         options={"host": args.target, **({"key_path": args.identity} if args.identity else {})},
     )
-    record = with_fleet(lambda fleet: _create_record(fleet, request))
-    if args.json:
-        print_json(record_json(record, Fleet()))
-    else:
-        print(record.id)
+
+    async def attach(fleet: Fleet) -> None:
+        print_created((await fleet.create(request)).record, fleet, args.json)
+
+    with_fleet(attach)
     return 0
-
-
-async def _create_record(fleet: Fleet, request: Request) -> SandboxRecord:
-    return (await fleet.create(request)).record
 
 
 @command("ls")
@@ -219,15 +215,10 @@ def info_command(args: argparse.Namespace) -> int:
             if profile_of(record.provider).supports_capacity_query:
                 with contextlib.suppress(SandboxError, ProviderError):
                     row["capacity"] = (await box.capacity()).model_dump()
-            row["jobs"] = [
-                {"job_id": j.id, "status": j.status, "exit_code": j.exit_code, "command": j.command}
-                for j in await box.job_list()
-            ]
+            row["jobs"] = [R.JobInfo.of(job).model_dump(mode="json") for job in await box.job_list()]
         fleet.ledger.close_abandoned_tunnels()
-        row["tunnels"] = [  # (the shape of MCP's tunnel_list; held by whichever process opened them)
-            {"tunnel_id": t["id"], "port": t["port"], "backend": t["backend"], "url": t["url"], "status": t["status"]}
-            for t in fleet.ledger.tunnels(record.id)
-        ]
+        # (MCP's shapes; a tunnel is held by whichever process opened it)
+        row["tunnels"] = [R.TunnelInfo.of_row(t).model_dump() for t in fleet.ledger.tunnels(record.id)]
         event = fleet.ledger.cost_event(record.id)
         if event and not args.json:  # (the JSON has the cost, so far or final, in MCP's shape)
             row["cost"] = event.as_dict()
@@ -456,8 +447,8 @@ def pools_command(args: argparse.Namespace) -> int:
                 "provider": pool.provider,
                 "active": pool.active,
                 "implicit": pool.implicit,
-                "available": fleet.availability(pool) is None,
-                "unavailable_reason": fleet.availability(pool),
+                "available": (reason := fleet.availability(pool)) is None,
+                "unavailable_reason": reason,
                 "requirement_kinds": substrate.requirement_kinds,
                 "runtime_kinds": substrate.runtime_kinds,
                 "capabilities": profile_of(pool.provider).model_dump(by_alias=True, exclude={"notes"}),

@@ -165,6 +165,11 @@ class TunnelInfo(Result):
     url: str
     status: str
 
+    @classmethod
+    def of_row(cls, row: dict[str, Any]) -> TunnelInfo:
+        """From the ledger's tunnels table (any process's tunnel)."""
+        return cls(tunnel_id=row["id"], port=row["port"], backend=row["backend"], url=row["url"], status=row["status"])
+
 
 class SandboxInfo(Result):
     id: str
@@ -330,6 +335,19 @@ class TunnelResult(Result):
     held_by_pid: int | None = Field(
         None, description="set when another tether process holds the tunnel (close it there)"
     )
+
+    @classmethod
+    def held_elsewhere(cls, row: dict[str, Any]) -> TunnelResult:
+        """Another process's tunnel, from the ledger (its headers are that process's to know)."""
+        return cls(
+            tunnel_id=row["id"],
+            url=row["url"],
+            backend=row["backend"],
+            headers={},
+            port=row["port"],
+            sandbox=row["sandbox_id"],
+            held_by_pid=row["owner_pid"],
+        )
 
     def text(self) -> str:
         needs = f" with headers {self.headers}" if self.headers else ""

@@ -103,7 +103,7 @@ class ServerState:
         elif provider:
             self.default_request = Request(provider=provider)
         elif self.fleet.defaults.pool or self.fleet.defaults.provider:
-            self.default_request = Request(pool=self.fleet.defaults.pool, provider=self.fleet.defaults.provider)
+            self.default_request = Request()  # ([defaults] says where: the fleet fills it in)
         self.default_id: str | None = None
         self._default_lock = asyncio.Lock()
         self.reap_interval = reap_interval
@@ -760,22 +760,10 @@ def register_tunnel_tools(server: MCPServer, state: ServerState) -> None:
         """Open tunnels (of one sandbox when given), this server's and other tether processes'."""
         sandbox_id = (await state.sandbox(sandbox)).id if sandbox else None
         mine = [result(t) for t in state.tunnels.list(sandbox_id)]
-        ledger = state.fleet.ledger
-        ledger.close_abandoned_tunnels()
-        others = [
-            R.TunnelResult(
-                tunnel_id=row["id"],
-                url=row["url"],
-                backend=row["backend"],
-                headers={},
-                port=row["port"],
-                sandbox=row["sandbox_id"],
-                held_by_pid=row["owner_pid"],
-            )
-            for row in ledger.tunnels(sandbox_id)
-            if row["id"] not in {t.tunnel_id for t in mine}
-        ]
-        return ok(R.TunnelList(tunnels=mine + others))
+        ours = {t.tunnel_id for t in mine}
+        state.fleet.ledger.close_abandoned_tunnels()
+        others = [R.TunnelResult.held_elsewhere(row) for row in state.fleet.ledger.tunnels(sandbox_id)]
+        return ok(R.TunnelList(tunnels=mine + [t for t in others if t.tunnel_id not in ours]))
 
     @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True))
     @guarded
