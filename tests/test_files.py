@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -191,6 +193,17 @@ async def test_multi_edit_is_all_or_nothing_and_names_the_failing_edit(sb: Sandb
     assert await sb.read_text("multi.txt") == "one two three"
 
 
+@contextlib.contextmanager
+def striking(sb: Sandbox, hook: Callable[[str], Awaitable[None]]) -> Iterator[None]:
+    """Run `hook` inside an edit, after it was applied and before the conflict check (where a
+    concurrent writer would strike)."""
+    sb._p.files.before_conflict_check = hook
+    try:
+        yield
+    finally:
+        sb._p.files.before_conflict_check = None
+
+
 @pytest.mark.parametrize("written", ["just now", "an hour ago"])
 async def test_the_file_changing_under_an_edit_is_refused(sb: Sandbox, written: str) -> None:
     """Another writer rewrites the file in place after tether read it and applied the edit, before it
@@ -202,12 +215,8 @@ async def test_the_file_changing_under_an_edit_is_refused(sb: Sandbox, written: 
     async def concurrent_writer(path: str) -> None:
         await sb.run(["sh", "-c", 'printf "version two\\n" > "$1"', "sh", path])
 
-    sb._p.files.before_conflict_check = concurrent_writer
-    try:
-        with pytest.raises(EditConflict, match="changed while the edit"):
-            await sb.edit("race.txt", "one", "ONE")
-    finally:
-        sb._p.files.before_conflict_check = None
+    with striking(sb, concurrent_writer), pytest.raises(EditConflict, match="changed while the edit"):
+        await sb.edit("race.txt", "one", "ONE")
     assert await sb.read_text("race.txt") == "version two\n"
     await asyncio.sleep(0.2)  # background cleanup of the unused temp file
     assert [e.path.rsplit("/", 1)[1] for e in await sb.list_dir(".")] == ["race.txt"]
@@ -226,12 +235,8 @@ async def test_a_same_size_file_renamed_over_it_under_an_edit_is_refused(sb: San
     async def replacing_writer(path: str) -> None:
         await sb.run(["sh", "-c", 'printf "version two\n" > "$1.new" && mv -f "$1.new" "$1"', "sh", path])
 
-    sb._p.files.before_conflict_check = replacing_writer
-    try:
-        with pytest.raises(EditConflict, match="changed while the edit"):
-            await sb.edit("swap.txt", "one", "ONE")
-    finally:
-        sb._p.files.before_conflict_check = None
+    with striking(sb, replacing_writer), pytest.raises(EditConflict, match="changed while the edit"):
+        await sb.edit("swap.txt", "one", "ONE")
     assert await sb.read_text("swap.txt") == "version two\n"
 
 
@@ -249,11 +254,8 @@ async def test_temp_files_are_private_until_they_take_the_files_mode(sb: Sandbox
         listing = await sb.list_dir(".")
         seen.extend(e.mode for e in listing if ".tether-" in e.path)
 
-    sb._p.files.before_conflict_check = look
-    try:
+    with striking(sb, look):
         await sb.edit(".env", "old", "new-secret")
-    finally:
-        sb._p.files.before_conflict_check = None
     assert seen == [0o600]
     await sb.write(".env", "TOKEN=newer\n")
     assert (await sb.stat(".env")).mode == 0o600 and await sb.read_text(".env") == "TOKEN=newer\n"

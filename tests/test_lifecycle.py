@@ -93,7 +93,8 @@ def tether(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_a_crash_mid_provision_is_reconciled_by_gc(tmp_path: Path) -> None:
+def hanging_cloud(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A "cloud account" directory and an environment whose pool `flaky` provisions into it and hangs."""
     cloud = tmp_path / "cloud"
     cloud.mkdir()
     config = tmp_path / "config.toml"
@@ -101,7 +102,11 @@ def test_a_crash_mid_provision_is_reconciled_by_gc(tmp_path: Path) -> None:
         '[[providers]]\nname = "hang"\nclass = "tests.hang_provider:HangProvider"\n\n'
         '[[pools]]\nname = "flaky"\nprovider = "hang"\n'
     )
-    env = {**os.environ, "TETHER_CONFIG": str(config), "TETHER_TEST_CLOUD": str(cloud), "PYTHONPATH": str(ROOT)}
+    return cloud, {**os.environ, "TETHER_CONFIG": str(config), "TETHER_TEST_CLOUD": str(cloud), "PYTHONPATH": str(ROOT)}
+
+
+def test_a_crash_mid_provision_is_reconciled_by_gc(tmp_path: Path) -> None:
+    cloud, env = hanging_cloud(tmp_path)
     name = f"crashy-{os.getpid()}"
     process = subprocess.Popen([sys.executable, "-c", HANGING_CREATE.format(name=name)], env=env, cwd=ROOT)
     try:
@@ -227,14 +232,7 @@ asyncio.run(main())
 
 
 def test_a_cancelled_provision_is_cleaned_up_by_the_process_that_cancelled_it(tmp_path: Path) -> None:
-    cloud = tmp_path / "cloud"
-    cloud.mkdir()
-    config = tmp_path / "config.toml"
-    config.write_text(
-        '[[providers]]\nname = "hang"\nclass = "tests.hang_provider:HangProvider"\n\n'
-        '[[pools]]\nname = "flaky"\nprovider = "hang"\n'
-    )
-    env = {**os.environ, "TETHER_CONFIG": str(config), "TETHER_TEST_CLOUD": str(cloud), "PYTHONPATH": str(ROOT)}
+    cloud, env = hanging_cloud(tmp_path)
     name = f"cancelled-{os.getpid()}"
     done = subprocess.run(
         [sys.executable, "-c", CANCELLED_CREATE.format(name=name)], env=env, cwd=ROOT, capture_output=True, text=True
