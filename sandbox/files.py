@@ -281,20 +281,22 @@ class Files:
             self._openable.clear()
         self._openable.add(path)
 
-    async def _refuse_special(self, sftp: asyncssh.SFTPClient, path: str) -> None:
-        """One round trip before the first open of a path: refuse pipes, sockets and devices."""
+    async def _refuse_special(self, sftp: asyncssh.SFTPClient, path: str) -> asyncssh.SFTPAttrs | None:
+        """One round trip before the first open of a path: refuse pipes, sockets and devices.
+        Returns the attributes when it asked for them (None for a path seen before, or missing)."""
         if path in self._openable:
-            return
+            return None
         try:
             attrs = await sftp.stat(path)
         except asyncssh.SFTPNoSuchFile:
-            return  # (the open reports it)
+            return None  # (the open reports it)
         except asyncssh.SFTPError as exc:
             raise sftp_error(path, exc) from None
         what = special_kind(attrs)
         if what is not None:
             raise SpecialFile(path, what)
         self._remember_openable(path)
+        return attrs
 
     # -- read ----------------------------------------------------------------------------------------
 
@@ -330,9 +332,9 @@ class Files:
         self, sftp: asyncssh.SFTPClient, path: str, max_bytes: int
     ) -> tuple[asyncssh.SFTPAttrs, bytes]:
         """stat and open in one round trip, then one exact-size read; the close is not waited for.
-        (A path not seen before is stat'ed alone first: see `_refuse_special`.)"""
-        await self._refuse_special(sftp, path)
-        attrs, f = await self._stat_and_open(sftp, path, "rb")
+        (A path not seen before is stat'ed alone first, see `_refuse_special`, and not again.)"""
+        known = await self._refuse_special(sftp, path)
+        attrs, f = await self._stat_and_open(sftp, path, "rb", known)
         try:
             if _kind(attrs) == "directory":
                 raise IsADirectory(path)
@@ -351,9 +353,14 @@ class Files:
             self._sftp.close_later(f)
 
     async def _stat_and_open(
-        self, sftp: asyncssh.SFTPClient, path: str, mode: str
+        self,
+        sftp: asyncssh.SFTPClient,
+        path: str,
+        mode: str,
+        known: asyncssh.SFTPAttrs | None = None,
     ) -> tuple[asyncssh.SFTPAttrs, asyncssh.SFTPClientFile]:
-        attrs, f = await asyncio.gather(sftp.stat(path), sftp.open(path, mode), return_exceptions=True)
+        looked = sftp.stat(path) if known is None else asyncio.sleep(0, known)
+        attrs, f = await asyncio.gather(looked, sftp.open(path, mode), return_exceptions=True)
         if isinstance(f, asyncssh.SFTPClientFile) and isinstance(attrs, BaseException):
             self._sftp.close_later(f)
         if isinstance(attrs, asyncssh.SFTPAttrs) and _kind(attrs) == "directory":
