@@ -17,6 +17,7 @@ import anyio
 import httpx
 import pytest
 
+from providers import Fleet
 from providers.ledger import Ledger
 from tests.mcp_support import ROOT, http_client, http_server, server_env, stdio_client, structured, text
 from tests.sshd import SSHD
@@ -199,6 +200,10 @@ async def test_lifecycle_tools_and_stopping_tears_down(sshd: SSHD, client_key: P
     assert ledger.get(created["id"]).status_reason == "tether stopped"
     assert ledger.get(kept["id"]).status == "running"
     assert ledger.get(attached["id"]).status == "terminated"
+    # (kept means outliving the server, not the test session: later servers would adopt it)
+    fleet = Fleet(config={})
+    await fleet.destroy(kept["id"])
+    await fleet.close()
 
 
 async def test_progress_is_reported_while_provisioning() -> None:
