@@ -8,6 +8,7 @@ import difflib
 import posixpath
 import secrets
 import stat as stat_module
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -31,6 +32,7 @@ from .errors import (
     SpecialFile,
 )
 from .sftpio import read_exactly, write_all
+from .tempfacts import TempFileFacts
 
 DEFAULT_LINE_LIMIT = 2000
 MAX_LINE_CHARS = 2000
@@ -275,6 +277,7 @@ class Files:
         # opened: sftp-server serves one request at a time, and opening a named pipe with no writer
         # blocks it, and with it every file operation and command of the sandbox.
         self._openable: set[str] = set()
+        self._temp_facts = TempFileFacts()
 
     def _remember_openable(self, path: str) -> None:
         if len(self._openable) >= 10_000:
@@ -424,12 +427,12 @@ class Files:
             if existing is not None:
                 # (the owner first: a chown by anyone but root clears setuid bits the chmod sets)
                 pending[:0] = [
-                    # (a temp file's group depends on its directory: without its fstat, always ask)
-                    _keep_owner(temp_file, existing, None),
+                    # (a temp file's group depends on its directory: unless known, always ask)
+                    _keep_owner(temp_file, existing, self._temp_facts.owner(directory)),
                     temp_file.chmod((existing.permissions or 0) & 0o7777),
                 ]
             elif learn:
-                pending.append(self._learn_new_file_mode(temp_file))
+                pending.append(self._learn_new_file_mode(temp_file, directory))
             else:
                 assert self._new_file_mode is not None
                 pending.append(temp_file.chmod(self._new_file_mode))
@@ -454,8 +457,9 @@ class Files:
             await sftp.makedirs(directory, exist_ok=True)
             return await sftp.open(temp, "xb", attrs)
 
-    async def _learn_new_file_mode(self, temp_file: asyncssh.SFTPClientFile) -> None:
+    async def _learn_new_file_mode(self, temp_file: asyncssh.SFTPClientFile, directory: str) -> None:
         attrs = await temp_file.stat()
+        self._temp_facts.learn(directory, attrs)
         if attrs.permissions is not None:
             self._new_file_mode = attrs.permissions & 0o777
 
@@ -484,9 +488,9 @@ class Files:
 
         1. lstat + open the file, open the temp file beside it (the temp is wasted if the
            edit turns out not to apply; it is removed in the background);
-        2. read it, open it by path a second time, and fstat the temp file (its mtime is the box's
-           clock); apply the edits here;
-        3. write + chmod the temp file; read the second handle again and stat the path: if the
+        2. read it (and fstat the temp file, about once a minute: see TempFileFacts); apply the
+           edits here;
+        3. write + chmod the temp file; read the file's handle again and stat the path: if the
            content is not what the edit was computed from (changed in place), or the path's size,
            mtime or mode changed (another file renamed over it), refuse with EditConflict;
         4. rename the temp file over it.
@@ -518,6 +522,7 @@ class Files:
         await self._refuse_special(sftp, path)
         directory, name = posixpath.split(path)
         temp = posixpath.join(directory, temp_name(name, "tmp"))
+        started = time.time()
         # lstat, not stat: a symlink is edited through its target (below), and for anything else the
         # two say the same.
         attrs, original_file, temp_file = await asyncio.gather(
@@ -527,7 +532,7 @@ class Files:
             return_exceptions=True,
         )
         renamed = False
-        again_file: asyncssh.SFTPClientFile | BaseException | None = None
+        fresh_file: asyncssh.SFTPClientFile | None = None
         try:
             if isinstance(attrs, asyncssh.SFTPAttrs) and _kind(attrs) == "symlink":
                 return "symlink"
@@ -543,15 +548,20 @@ class Files:
             assert isinstance(attrs, asyncssh.SFTPAttrs) and isinstance(original_file, asyncssh.SFTPClientFile)
             if (attrs.size or 0) > MAX_EDIT_BYTES:
                 raise FileTooLarge(path, attrs.size or 0, MAX_EDIT_BYTES)
-            original, again_file, clock = await asyncio.gather(
+            facts = self._temp_facts
+            ask = isinstance(temp_file, asyncssh.SFTPClientFile) and (
+                facts.owner(directory) is None or facts.written_recently(attrs.mtime, started) is None
+            )
+            original, temp_attrs = await asyncio.gather(
                 read_exactly(original_file, attrs.size) if attrs.size else original_file.read(),
-                sftp.open(path, "rb"),
                 # (the temp file's own failure is reported after the edit's: asyncio.sleep(0) is a no-op)
-                temp_file.stat() if isinstance(temp_file, asyncssh.SFTPClientFile) else asyncio.sleep(0),
+                temp_file.stat() if ask else asyncio.sleep(0),  # type: ignore[union-attr]
                 return_exceptions=True,
             )
-            _raise_first(original, again_file)  # a vanished file is an EditConflict (below)
-            assert isinstance(original, bytes) and isinstance(again_file, asyncssh.SFTPClientFile)
+            _raise_first(original)
+            assert isinstance(original, bytes)
+            if isinstance(temp_attrs, asyncssh.SFTPAttrs):
+                facts.learn(directory, temp_attrs)
             if _looks_binary(original):
                 raise BinaryFile(path, len(original))
             try:
@@ -565,23 +575,26 @@ class Files:
             if self.before_conflict_check is not None:
                 await self.before_conflict_check(path)
             mode = (attrs.permissions or 0) & 0o7777
-            temp_owner = (clock.uid, clock.gid) if isinstance(clock, asyncssh.SFTPAttrs) else None
-            writes: list[Awaitable[object]] = [_keep_owner(temp_file, attrs, temp_owner), temp_file.chmod(mode)]
+            writes: list[Awaitable[object]] = [
+                _keep_owner(temp_file, attrs, facts.owner(directory)),
+                temp_file.chmod(mode),
+            ]
             if data:
                 writes.append(write_all(temp_file, data))
-            box_now = clock.mtime if isinstance(clock, asyncssh.SFTPAttrs) else None
-            if attrs.mtime is None or box_now is None or attrs.mtime >= box_now:
-                # Written this second: only a handle opened now tells it from a replacement.
-                self._sftp.close_later(again_file)
+            if facts.written_recently(attrs.mtime, started) is not False:
+                # Written this second (or the box's clock unknown): only a handle opened now tells it
+                # from a replacement.
                 fresh, *wrote = await asyncio.gather(sftp.open(path, "rb"), *writes, return_exceptions=True)
-                again_file = fresh if isinstance(fresh, asyncssh.SFTPClientFile) else None
+                fresh_file = fresh if isinstance(fresh, asyncssh.SFTPClientFile) else None
                 _raise_first(fresh, *wrote)
-                assert again_file is not None
-                current = await read_exactly(again_file, len(original) + 1)
-                changed = current != original
+                assert fresh_file is not None
+                current, now = await asyncio.gather(read_exactly(fresh_file, len(original)), fresh_file.stat())
+                changed = current != original or now.size != len(original)
             else:
+                # An older file: a write in place shows in its content, read again through the
+                # same handle, and its size; a file renamed over it has a later mtime.
                 current, now, *_ = await asyncio.gather(
-                    read_exactly(again_file, len(original) + 1), sftp.stat(path), *writes
+                    read_exactly(original_file, len(original)), sftp.stat(path), *writes
                 )
                 changed = current != original or _identity(now) != _identity(attrs)
             if changed:
@@ -594,7 +607,7 @@ class Files:
         except asyncssh.SFTPError as exc:
             raise sftp_error(path, exc) from None
         finally:
-            for handle in (original_file, again_file, temp_file):
+            for handle in (original_file, fresh_file, temp_file):
                 if isinstance(handle, asyncssh.SFTPClientFile):
                     self._sftp.close_later(handle)
             if not renamed and isinstance(temp_file, asyncssh.SFTPClientFile):

@@ -424,8 +424,8 @@ async def test_a_failed_dial_releases_every_waiter(tmp_path: Path) -> None:
 
 
 async def test_writes_leave_in_fewer_larger_sends_in_order() -> None:
-    """What the corked transport hands the socket: an SSH packet with the MSG_IGNORE before it at
-    once; the rest of a loop pass's writes together at its end; nothing reordered or lost."""
+    """What the corked transport hands the socket: a loop pass's writes together at its end,
+    nothing reordered or lost; a close sends what is still held."""
     from sandbox.connect import _CorkedTransport
 
     class Socket:  # the real transport's part the cork uses
@@ -444,19 +444,53 @@ async def test_writes_leave_in_fewer_larger_sends_in_order() -> None:
 
     socket_ = Socket()
     cork = _CorkedTransport(socket_, asyncio.get_running_loop())  # type: ignore[arg-type]
-    cork.write(b"ignore1")
-    assert socket_.sends == []  # held for the packet it precedes
-    cork.write(b"packet1")
-    assert socket_.sends == [b"ignore1packet1"]  # a request goes out at once
-    for i in (2, 3):
-        cork.write(f"ignore{i}".encode())
+    for i in (1, 2, 3):
         cork.write(f"packet{i}".encode())
-    assert socket_.sends == [b"ignore1packet1"]
+    assert socket_.sends == []
     await asyncio.sleep(0)  # the end of the pass
-    assert socket_.sends == [b"ignore1packet1", b"ignore2packet2ignore3packet3"]
-    cork.write(b"alone")  # a write with nothing after it leaves at the end of its pass too
+    assert socket_.sends == [b"packet1packet2packet3"]
+    cork.write(b"alone")
     await asyncio.sleep(0)
     assert socket_.sends[-1] == b"alone"
     cork.write(b"last")
     cork.close()
     assert socket_.sends[-1] == b"last" and socket_.closed
+
+
+async def test_a_connection_sends_one_write_per_pass_and_no_empty_ignores(
+    own_sshd: SSHD, client_key: Path, tmp_path: Path
+) -> None:
+    """On a real connection: asyncssh's empty MSG_IGNORE before each packet (a CBC defence; tether
+    negotiates AES-GCM) never reaches the socket, and the requests of one gather leave in one send."""
+    conn = await _dial(endpoint_for(own_sshd, client_key), HostKeyPins(StateStore(tmp_path / "pins.db")))
+    try:
+        assert "gcm" in conn.get_extra_info("send_cipher")
+        sftp = await conn.start_sftp_client()
+        corked = conn._transport  # type: ignore[attr-defined]
+        socket_transport = corked._transport
+        sends: list[bytes] = []
+
+        class Recorder:
+            def write(self, data: bytes) -> None:
+                sends.append(data)
+                socket_transport.write(data)
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(socket_transport, name)
+
+        corked._transport = Recorder()
+        conn.send_packet(2, b"\0\0\0\0")  # MSG_IGNORE, an empty string
+        await asyncio.sleep(0.05)
+        assert sends == []
+        conn.send_packet(2, b"\0\0\0\1x")  # one with content is sent as asked
+        await asyncio.sleep(0.05)
+        assert len(sends) == 1
+        sends.clear()
+        home = await sftp.realpath(".")
+        stats = await asyncio.gather(sftp.stat(home), sftp.lstat(home), sftp.exists(home + "/nothing"))
+        assert stats[0].permissions == stats[1].permissions and stats[2] is False
+        assert len(sends) == 2  # the realpath; then the three requests, together
+        sftp.exit()
+    finally:
+        conn.close()
+        await conn.wait_closed()
