@@ -31,7 +31,7 @@ from .errors import (
     PermissionDenied,
     SpecialFile,
 )
-from .sftpio import read_exactly, write_all
+from .sftpio import holds_exactly, read_exactly, write_all
 from .tempfacts import TempFileFacts
 
 DEFAULT_LINE_LIMIT = 2000
@@ -588,8 +588,7 @@ class Files:
                 fresh_file = fresh if isinstance(fresh, asyncssh.SFTPClientFile) else None
                 _raise_first(fresh, *wrote)
                 assert fresh_file is not None
-                current, now = await asyncio.gather(read_exactly(fresh_file, len(original)), fresh_file.stat())
-                changed = current != original or now.size != len(original)
+                changed = not await holds_exactly(fresh_file, original)
             else:
                 # An older file: a write in place shows in its content, read again through the
                 # same handle, and its size; a file renamed over it has a later mtime.

@@ -14,6 +14,7 @@ import asyncio
 import asyncssh
 
 SMALL = 128 * 1024  # below OpenSSH's 255 KiB per-request limit
+GUARANTEED = 32 * 1024  # the least per-request limit servers have (RFC draft minimum; Go's pkg/sftp)
 
 
 async def read_range(f: asyncssh.SFTPClientFile, size: int, offset: int = 0) -> bytes:
@@ -45,6 +46,16 @@ async def read_prefix(f: asyncssh.SFTPClientFile, max_bytes: int) -> tuple[bytes
     if len(head) >= want:
         return head, max(size, len(head))
     return head + await read_range(f, want - len(head), len(head)), size
+
+
+async def holds_exactly(f: asyncssh.SFTPClientFile, expected: bytes) -> bool:
+    """Whether the file open as `f` holds `expected` and nothing more. A small file takes one
+    request (for a disk file a server answers a read in full up to the end; below GUARANTEED it
+    is within every server's per-request limit); a larger one a read and an fstat together."""
+    if len(expected) < GUARANTEED:
+        return await read_upto(f, len(expected) + 1) == expected
+    current, attrs = await asyncio.gather(read_exactly(f, len(expected)), f.stat())
+    return current == expected and attrs.size == len(expected)
 
 
 async def read_upto(f: asyncssh.SFTPClientFile, size: int, offset: int = 0) -> bytes:

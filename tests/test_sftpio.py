@@ -8,7 +8,7 @@ from pathlib import Path
 
 import asyncssh
 
-from sandbox.sftpio import read_exactly, read_prefix, read_range
+from sandbox.sftpio import holds_exactly, read_exactly, read_prefix, read_range
 
 PIECE = 32 * 1024
 
@@ -21,6 +21,7 @@ class PieceByPieceSFTP(asyncssh.SFTPServer):
 async def test_reads_go_on_past_short_answers(tmp_path: Path) -> None:
     data = os.urandom(300_000)
     (tmp_path / "blob").write_bytes(data)
+    (tmp_path / "small").write_bytes(data[: PIECE - 1])
     host_key, client_key = asyncssh.generate_private_key("ssh-ed25519"), asyncssh.generate_private_key("ssh-ed25519")
     server = await asyncssh.listen(
         "127.0.0.1",
@@ -48,6 +49,13 @@ async def test_reads_go_on_past_short_answers(tmp_path: Path) -> None:
             assert small == data[:50_000]
             assert await read_range(f, 60_000, 250_000) == data[250_000:]
             assert await read_exactly(f, 400_000) == data
+            # whether a file holds exactly some bytes: small and large, the same, shorter, longer
+            assert await holds_exactly(f, data)
+            assert not await holds_exactly(f, data[:-1]) and not await holds_exactly(f, data + b"x")
+            async with sftp.open(str(tmp_path / "small"), "rb") as small_file:
+                assert await holds_exactly(small_file, data[: PIECE - 1])
+                assert not await holds_exactly(small_file, data[: PIECE - 2])
+                assert not await holds_exactly(small_file, data[:PIECE])
     finally:
         server.close()
         await server.wait_closed()
