@@ -23,6 +23,7 @@ from pathlib import Path
 
 import asyncssh
 
+from sandbox.connect import streamline
 from sandbox.state import process_running, read_config, state_dir
 
 from .config import CREDENTIAL_ENV
@@ -96,6 +97,9 @@ class _WorkdirSFTPServer(asyncssh.SFTPServer):
 class _Server(asyncssh.SSHServer):
     def __init__(self, authorized: asyncssh.SSHAuthorizedKeys) -> None:
         self._authorized = authorized
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        streamline(conn)  # (fewer sends, no empty MSG_IGNOREs: as tether's own client does)
 
     def begin_auth(self, username: str) -> bool:
         return True

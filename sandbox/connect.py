@@ -111,8 +111,9 @@ class _CorkedTransport:
         return getattr(self._transport, name)
 
 
-def _streamline(conn: asyncssh.SSHClientConnection) -> None:
-    """Make a connection cheaper per packet (asyncssh internals: left alone if they change).
+def streamline(conn: asyncssh.SSHConnection) -> None:
+    """Make a connection cheaper per packet (asyncssh internals: left alone if they change). For
+    the client side of every dial, and the embedded server's side of its connections.
 
     Its writes are corked (above). And asyncssh puts an empty MSG_IGNORE before every packet it
     sends, a defence for CBC ciphers, which tether never offers (PREFERRED_CIPHERS): with an AEAD
@@ -247,7 +248,7 @@ async def _dial_one(
                 raise HostKeyMismatch(
                     endpoint.host, endpoint.port, fingerprint_of(winner), fingerprint_of(client.first_seen)
                 )
-        _streamline(conn)
+        streamline(conn)
         return conn
     except asyncssh.HostKeyNotVerifiable as exc:
         if client.mismatch:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -18,7 +19,10 @@ import pytest
 import providers
 from providers import Fleet, Request, Unsupported
 from providers.local_server import sandbox_root
+from sandbox.connect import dial
 from sandbox.errors import IsADirectory
+from sandbox.hostkeys import HostKeyPins
+from sandbox.state import StateStore
 from tests.sshd import ensure_account, is_root
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,3 +210,23 @@ def test_local_provider_as_a_non_root_user_without_sshd(tmp_path: Path) -> None:
     finally:
         if is_root():
             shutil.rmtree(state, ignore_errors=True)
+
+
+async def test_the_embedded_server_sends_no_empty_ignore_packets(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """asyncssh puts an empty MSG_IGNORE before every packet it sends (a CBC defence); the embedded
+    server, like tether's client, leaves them out: half the packets to encrypt and decrypt."""
+    async with await providers.create("local") as sb:
+        asyncssh.set_debug_level(3)  # packet-level logs: each packet sent or received is named
+        caplog.set_level(logging.DEBUG, logger="asyncssh")
+        try:
+            conn = await dial(sb.endpoint, HostKeyPins(StateStore(tmp_path / "pins.db")))
+            caplog.clear()  # (during the login, before dial streamlines it, the client still sends them)
+            async with conn, conn.start_sftp_client() as sftp:
+                await sftp.stat(".")
+        finally:
+            asyncssh.set_debug_level(1)
+    received = [r.getMessage() for r in caplog.records if "Received MSG_" in r.getMessage()]
+    assert any("MSG_CHANNEL_DATA" in m for m in received), received  # (the log does show packets)
+    assert not [m for m in received if "MSG_IGNORE" in m]  # by the server from the client, or back
