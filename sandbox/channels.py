@@ -79,7 +79,11 @@ class SFTPChannel:
             if self._client is None or self._lease is None or not self._lease.alive:
                 self._discard()
                 self._client, self._lease = await self._pool.open_session(
-                    self._endpoint, lambda conn: conn.start_sftp_client()
+                    # A name that is not UTF-8 comes through as os.fsdecode gives it (lone surrogates
+                    # for its odd bytes) and goes back as the same bytes: one such file must not
+                    # fail a whole listing, and it stays addressable from Python.
+                    self._endpoint,
+                    lambda conn: conn.start_sftp_client(path_errors="surrogateescape"),
                 )
             return self._client
 

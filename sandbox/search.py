@@ -211,9 +211,12 @@ class Search:
             if not _only_file_errors(message):
                 raise InvalidArgument(f"grep failed: {message}")
             # Unreadable or vanished files and no match in the others: that is no matches.
-        text_out = raw.stdout.decode("utf-8", "replace")
+        # Paths alone decode as os.fsdecode does, so that any name can be stat'ed and opened again;
+        # lines of content with U+FFFD for what is not UTF-8.
+        paths_only = output_mode == "files_with_matches"
+        text_out = raw.stdout.decode("utf-8", "surrogateescape" if paths_only else "replace")
         # rg -l separates paths with NUL, so names with newlines stay whole
-        lines = text_out.split("\0")[:-1] if use_rg and output_mode == "files_with_matches" else text_out.splitlines()
+        lines = text_out.split("\0")[:-1] if use_rg and paths_only else text_out.splitlines()
         truncated = raw.stdout_truncated
         if output_mode == "count" and not use_rg:
             lines = [line for line in lines if not line.endswith(":0")]

@@ -169,8 +169,12 @@ __t_run() {
   wait "$__p" 2>/dev/null; __x=$?
   __cwd=
   if [ -s "$__c" ]; then
+    # Bytes, not characters: in a UTF-8 locale bash's read takes a newline after a byte that is
+    # not UTF-8 for part of that character, and the cwd would gain a line break.
+    __lc=${LC_ALL-__unset}; LC_ALL=C
     while IFS= read -r __l || [ -n "$__l" ]; do __cwd="${__cwd:+$__cwd
 }$__l"; done <"$__c"
+    if [ "$__lc" = __unset ]; then unset LC_ALL; else LC_ALL=$__lc; fi
   fi
   __so=0; [ -s "$__o" ] && __so=1
   __se=0; [ -s "$__e" ] && __se=1

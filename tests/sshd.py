@@ -215,9 +215,10 @@ class SSHD:
 
 
 # Start-up files of the test accounts. The "slowrc" one models a box whose .bashrc runs pyenv/conda/nvm.
-FAST_RC = {".bashrc": "", ".profile": "", ".bash_profile": ""}
+# Both use a UTF-8 locale, as most boxes do (and as bash's handling of odd bytes depends on it).
+FAST_RC = {".bashrc": "", ".profile": "", ".bash_profile": "LANG=C.UTF-8; export LANG\n"}
 SLOW_RC = {
     ".bashrc": "sleep 0.05\n",
     # Debian's default .profile sources .bashrc for login bash shells; keep that behaviour.
-    ".profile": '[ -n "$BASH_VERSION" ] && [ -f "$HOME/.bashrc" ] && . "$HOME/.bashrc"\n',
+    ".profile": 'LANG=C.UTF-8; export LANG; [ -n "$BASH_VERSION" ] && [ -f "$HOME/.bashrc" ] && . "$HOME/.bashrc"\n',
 }

@@ -339,3 +339,18 @@ async def test_hostile_names_round_trip_and_are_never_interpreted(sb: Sandbox, n
     assert (await sb.glob("*", "h")).files == [f"{await sb.cwd()}/h/{name}"]
     assert (await sb.run(["cat", "--", f"h/{name}"])).stdout == "pin here\n"
     assert not await sb.exists("pwned") and not await sb.exists("h/pwned")
+
+
+async def test_a_name_that_is_not_utf8_works_as_os_fsdecode_gives_it(sb: Sandbox) -> None:
+    """A Latin-1 byte in a file name: the Python API spells it with a lone surrogate (as os.fsdecode
+    does), it round-trips through every file operation, and it never fails a listing."""
+    await sb.run(["sh", "-c", "mkdir l1 && printf 'needle\\n' > \"l1/caf$(printf '\\351').txt\" && echo x > l1/plain"])
+    name = "caf\udce9.txt"
+    assert [e.path.rsplit("/", 1)[1] for e in await sb.list_dir("l1")] == [name, "plain"]
+    cwd = await sb.cwd()
+    assert (await sb.glob("*.txt", "l1")).files == [f"{cwd}/l1/{name}"]
+    assert (await sb.grep("needle", "l1")).text == f"{cwd}/l1/{name}"
+    assert (await sb.edit(f"l1/{name}", "needle", "pin")).replacements == 1
+    assert await sb.read_text(f"l1/{name}") == "pin\n"
+    await sb.write(f"l1/{name}", "rewritten\n")
+    assert (await sb.run(["sh", "-c", "cat l1/caf$(printf '\\351').txt"])).stdout == "rewritten\n"

@@ -168,6 +168,25 @@ async def test_file_and_shell_tools(where: str, ssh_pool_env: dict[str, str]) ->
         await client.call_tool("run", {"command": f"cd .. && rm -rf {work}"})
 
 
+async def test_a_file_name_that_is_not_utf8_is_shown_not_fatal() -> None:
+    """One file named with a Latin-1 byte under the searched tree: glob, grep and run list it with
+    U+FFFD (JSON cannot carry the byte), and the server goes on serving."""
+    async with stdio_client() as client:
+        work = f"w-{secrets.token_hex(3)}"
+        made = "mkdir -p {0} && printf 'needle\\n' > \"{0}/caf$(printf '\\351').txt\" && echo ok > {0}/plain.txt"
+        assert structured(await client.call_tool("run", {"command": made.format(work)}))["exit_code"] == 0
+        globbed = await client.call_tool("glob", {"pattern": f"{work}/*.txt"})
+        assert not globbed.is_error and any(f.endswith("/caf\ufffd.txt") for f in structured(globbed)["files"])
+        grep = await client.call_tool("grep", {"pattern": "needle", "path": work})
+        assert not grep.is_error and text(grep).endswith("/caf\ufffd.txt")
+        listed = structured(await client.call_tool("run", {"command": f"ls {work}"}))
+        assert listed["stdout"] == "caf\ufffd.txt\nplain.txt\n"
+        missing = await client.call_tool("read", {"path": f"{work}/caf\ufffd.txt"})
+        assert missing.is_error and "no such file" in text(missing)
+        assert "ok" in text(await client.call_tool("read", {"path": f"{work}/plain.txt"}))
+        await client.call_tool("run", {"command": f"rm -rf {work}"})
+
+
 async def test_lifecycle_tools_and_stopping_tears_down(sshd: SSHD, client_key: Path) -> None:
     async with stdio_client() as client:
         created = structured(await client.call_tool("sandbox_create", {"provider": "local", "name": "lc-one"}))

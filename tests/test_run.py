@@ -48,6 +48,17 @@ async def test_the_directory_a_command_ends_in_is_the_next_ones_start(sb: Sandbo
     assert r.stdout.strip() == f"{start}/sub dir" == r.cwd == await sb.cwd()
 
 
+async def test_a_directory_named_with_a_byte_that_is_not_utf8_carries_over(sb: Sandbox) -> None:
+    """In a UTF-8 locale bash's `read` takes the newline after such a byte for part of it: the
+    shell reads the cwd it records as bytes."""
+    assert (await sb.run("locale charmap")).stdout == "UTF-8\n"  # (the test account's locale)
+    r = await sb.run("mkdir \"caf$(printf '\\351')\" && cd \"caf$(printf '\\351')\"")
+    assert r.cwd.endswith("/caf\udce9") and r.cwd == await sb.cwd()
+    r = await sb.run("pwd")
+    assert (r.stdout[-5:], r.stderr) == ("caf\ufffd\n", "") and r.cwd.endswith("/caf\udce9")
+    assert (await sb.run('printf %s "${LC_ALL-unset}"')).stdout == "unset"  # (left as it was)
+
+
 async def test_cwd_and_env_per_call(sb: Sandbox) -> None:
     r = await sb.run('printf "%s|%s" "$PWD" "$GREETING"', cwd="/tmp", env={"GREETING": "it's $(x) `y`"})
     assert r.stdout == "/tmp|it's $(x) `y`"

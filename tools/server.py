@@ -11,6 +11,7 @@ created with `keep`.
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -48,14 +49,33 @@ MAX_TIMEOUT_MS = 600_000
 
 
 def _text(text: str) -> list[TextContent]:
-    return [TextContent(type="text", text=text)]
+    return [TextContent(type="text", text=json_safe(text))]
+
+
+def json_safe(value: T) -> T:
+    """`value` with every string made encodable as UTF-8: a file name that is not UTF-8 reaches
+    us with lone surrogates for its odd bytes (os.fsdecode's way), which JSON cannot carry; they
+    become U+FFFD, as grep shows such names. (Unhandled, one such name would end the server.)"""
+    if isinstance(value, str):
+        if value.isascii():
+            return value
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # type: ignore[return-value]
+        return value
+    if isinstance(value, dict):
+        return {json_safe(k): json_safe(v) for k, v in value.items()}  # type: ignore[return-value]
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]  # type: ignore[return-value]
+    return value
 
 
 def ok(model: BaseModel, text: str | None = None) -> CallToolResult:
+    structured = json_safe(model.model_dump(mode="json"))
     if text is None:
-        text = model.text() if hasattr(model, "text") else model.model_dump_json(indent=2)
-    rendered = text
-    return CallToolResult(content=_text(rendered), structured_content=model.model_dump(mode="json"))
+        text = model.text() if hasattr(model, "text") else json.dumps(structured, indent=2, ensure_ascii=False)
+    return CallToolResult(content=_text(text), structured_content=structured)
 
 
 def failure(message: str) -> CallToolResult:
