@@ -138,6 +138,13 @@ class Sandbox:
         # normpath turns '//x' into '//x' on POSIX; a single leading slash is what SFTP servers expect.
         return "/" + normalized.lstrip("/")
 
+    async def resolve_file(self, path: str) -> str:
+        """As `resolve`, for a path that must name a file: a trailing '/' is refused (normalized
+        away, `write("app/")` would otherwise create a file named `app`)."""
+        if isinstance(path, str) and path.endswith("/"):
+            raise InvalidArgument(f"{path!r} ends with '/', which names a directory; give the file's path")
+        return await self.resolve(path)
+
     # -- commands ------------------------------------------------------------------------------------
 
     async def run(
@@ -185,18 +192,18 @@ class Sandbox:
 
         Raises: FileNotFound, IsADirectory, BinaryFile, FileTooLarge, PermissionDenied.
         """
-        return await self._p.files.read(await self.resolve(path), offset, limit)
+        return await self._p.files.read(await self.resolve_file(path), offset, limit)
 
     async def read_text(self, path: str) -> str:
         """The whole file as text (UTF-8, undecodable bytes replaced)."""
         return (await self.read_bytes(path)).decode("utf-8", "replace")
 
     async def read_bytes(self, path: str) -> bytes:
-        return await self._p.files.read_bytes(await self.resolve(path))
+        return await self._p.files.read_bytes(await self.resolve_file(path))
 
     async def write(self, path: str, content: str | bytes) -> WriteResult:
         """Create or atomically replace a file; parents are created and an existing mode kept."""
-        return await self._p.files.write(await self.resolve(path), content)
+        return await self._p.files.write(await self.resolve_file(path), content)
 
     async def edit(self, path: str, old_string: str, new_string: str, replace_all: bool = False) -> EditResult:
         """Replace an exact, unique occurrence of `old_string` (every one with `replace_all`).
@@ -204,12 +211,12 @@ class Sandbox:
         Raises: NoMatch, NotUnique (with the matching line numbers), InvalidEdit, EditConflict,
         FileNotFound, BinaryFile.
         """
-        return await self._p.files.edit(await self.resolve(path), old_string, new_string, replace_all)
+        return await self._p.files.edit(await self.resolve_file(path), old_string, new_string, replace_all)
 
     async def multi_edit(self, path: str, edits: Sequence[Edit | Mapping[str, Any]]) -> EditResult:
         """Apply several edits in order, all or nothing; errors name the failing edit's index."""
         parsed = [e if isinstance(e, Edit) else Edit(**e) for e in edits]
-        return await self._p.files.multi_edit(await self.resolve(path), parsed)
+        return await self._p.files.multi_edit(await self.resolve_file(path), parsed)
 
     async def stat(self, path: str) -> FileStat:
         return await self._p.files.stat(await self.resolve(path))

@@ -16,6 +16,7 @@ from sandbox.errors import (
     EditConflict,
     FileNotFound,
     FileOperationError,
+    InvalidArgument,
     InvalidEdit,
     IsADirectory,
     NoMatch,
@@ -354,3 +355,22 @@ async def test_a_name_that_is_not_utf8_works_as_os_fsdecode_gives_it(sb: Sandbox
     assert await sb.read_text(f"l1/{name}") == "pin\n"
     await sb.write(f"l1/{name}", "rewritten\n")
     assert (await sb.run(["sh", "-c", "cat l1/caf$(printf '\\351').txt"])).stdout == "rewritten\n"
+
+
+async def test_a_file_path_must_name_a_file(sb: Sandbox) -> None:
+    """Paths that cannot name a file are refused before anything is sent: a trailing '/' (which
+    normalizing would drop, writing a file named like the directory meant), an empty path, a NUL."""
+    await sb.write("f.txt", "one\n")
+    for attempt in (
+        sb.write("newdir/", "x"),
+        sb.read("f.txt/"),
+        sb.edit("f.txt/", "one", "two"),
+        sb.multi_edit("f.txt/", [Edit("one", "two")]),
+    ):
+        with pytest.raises(InvalidArgument, match="ends with '/'"):
+            await attempt
+    for bad, reason in (("", "non-empty"), ("a\0b", "NUL")):
+        with pytest.raises(InvalidArgument, match=reason):
+            await sb.write(bad, "x")
+    assert [e.path.rsplit("/", 1)[1] for e in await sb.list_dir(".")] == ["f.txt"]
+    assert await sb.read_text("f.txt") == "one\n"
