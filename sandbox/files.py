@@ -549,9 +549,7 @@ class Files:
             if (attrs.size or 0) > MAX_EDIT_BYTES:
                 raise FileTooLarge(path, attrs.size or 0, MAX_EDIT_BYTES)
             facts = self._temp_facts
-            ask = isinstance(temp_file, asyncssh.SFTPClientFile) and (
-                facts.owner(directory) is None or facts.written_recently(attrs.mtime, started) is None
-            )
+            ask = isinstance(temp_file, asyncssh.SFTPClientFile) and facts.owner(directory) is None
             original, temp_attrs = await asyncio.gather(
                 read_exactly(original_file, attrs.size) if attrs.size else original_file.read(),
                 # (the temp file's own failure is reported after the edit's: asyncio.sleep(0) is a no-op)
@@ -581,7 +579,7 @@ class Files:
             ]
             if data:
                 writes.append(write_all(temp_file, data))
-            if facts.written_recently(attrs.mtime, started) is not False:
+            if facts.written_recently(directory, attrs.mtime, started) is not False:
                 # Written this second (or the box's clock unknown): only a handle opened now tells it
                 # from a replacement.
                 fresh, *wrote = await asyncio.gather(sftp.open(path, "rb"), *writes, return_exceptions=True)
@@ -592,10 +590,8 @@ class Files:
             else:
                 # An older file: a write in place shows in its content, read again through the
                 # same handle, and its size; a file renamed over it has a later mtime.
-                current, now, *_ = await asyncio.gather(
-                    read_exactly(original_file, len(original)), sftp.stat(path), *writes
-                )
-                changed = current != original or _identity(now) != _identity(attrs)
+                same, now, *_ = await asyncio.gather(holds_exactly(original_file, original), sftp.stat(path), *writes)
+                changed = not same or _identity(now) != _identity(attrs)
             if changed:
                 raise EditConflict(path)
             await sftp.posix_rename(temp, path)

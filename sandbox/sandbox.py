@@ -139,10 +139,10 @@ class Sandbox:
         return "/" + normalized.lstrip("/")
 
     async def resolve_file(self, path: str) -> str:
-        """As `resolve`, for a path that must name a file: a trailing '/' is refused (normalized
-        away, `write("app/")` would otherwise create a file named `app`)."""
-        if isinstance(path, str) and path.endswith("/"):
-            raise InvalidArgument(f"{path!r} ends with '/', which names a directory; give the file's path")
+        """As `resolve`, for a path that must name a file: one ending in '/', '.' or '..' is refused
+        (normalized away, `write("app/")` would otherwise create a file named `app`)."""
+        if isinstance(path, str) and path and posixpath.basename(path) in ("", ".", ".."):
+            raise InvalidArgument(f"{path!r} names a directory (it ends in '/', '.' or '..'); give the file's path")
         return await self.resolve(path)
 
     # -- commands ------------------------------------------------------------------------------------

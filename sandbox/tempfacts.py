@@ -18,33 +18,37 @@ CLOCK_MARGIN_S = 2  # whole-second mtimes, our own estimate up to a second behin
 
 
 class TempFileFacts:
+    """Per directory (each may be on another filesystem, with another clock and other rules for a
+    new file's group): the box's clock as that filesystem stamps files, and a new file's owner."""
+
     def __init__(self) -> None:
-        self._learned_at: float | None = None  # time.monotonic() of the last fstat
-        self._clock_offset = 0.0  # box time minus ours, never more than the real offset
-        self._owners: dict[str, tuple[int, int]] = {}  # directory → (uid, gid) a new file gets there
+        # directory → (time.monotonic() when learned, box time minus ours, (uid, gid) of a new file)
+        self._facts: dict[str, tuple[float, float, tuple[int, int]]] = {}
 
     def learn(self, directory: str, temp_attrs: asyncssh.SFTPAttrs) -> None:
         """Record an fstat of a temp file just created in `directory`."""
         if temp_attrs.mtime is None or temp_attrs.uid is None or temp_attrs.gid is None:
             return
-        if not self._fresh() or len(self._owners) >= 1000:
-            self._owners.clear()
+        if len(self._facts) >= 1000:
+            self._facts.clear()
         # (the box's second had begun at most a second before its mtime says, and the answer took
         # time to arrive: the estimate of the box's clock that this gives is never ahead of it)
-        self._clock_offset = temp_attrs.mtime - time.time()
-        self._owners[directory] = (temp_attrs.uid, temp_attrs.gid)
-        self._learned_at = time.monotonic()
+        offset = temp_attrs.mtime - time.time()
+        self._facts[directory] = (time.monotonic(), offset, (temp_attrs.uid, temp_attrs.gid))
 
     def owner(self, directory: str) -> tuple[int, int] | None:
         """The owner and group a file created in `directory` gets, when known."""
-        return self._owners.get(directory) if self._fresh() else None
+        facts = self._fresh(directory)
+        return facts[2] if facts else None
 
-    def written_recently(self, mtime: int | float | None, at: float) -> bool | None:
-        """Whether a file with this mtime may have been written within the box's second at our
-        time `at` (time.time()); None when the box's clock is not known."""
-        if not self._fresh():
+    def written_recently(self, directory: str, mtime: int | float | None, at: float) -> bool | None:
+        """Whether a file in `directory` with this mtime may have been written within the box's
+        second at our time `at` (time.time()); None when the clock there is not known."""
+        facts = self._fresh(directory)
+        if facts is None:
             return None
-        return mtime is None or mtime + CLOCK_MARGIN_S > at + self._clock_offset
+        return mtime is None or mtime + CLOCK_MARGIN_S > at + facts[1]
 
-    def _fresh(self) -> bool:
-        return self._learned_at is not None and time.monotonic() - self._learned_at < FRESH_FOR_S
+    def _fresh(self, directory: str) -> tuple[float, float, tuple[int, int]] | None:
+        facts = self._facts.get(directory)
+        return facts if facts is not None and time.monotonic() - facts[0] < FRESH_FOR_S else None

@@ -358,16 +358,19 @@ async def test_a_name_that_is_not_utf8_works_as_os_fsdecode_gives_it(sb: Sandbox
 
 
 async def test_a_file_path_must_name_a_file(sb: Sandbox) -> None:
-    """Paths that cannot name a file are refused before anything is sent: a trailing '/' (which
-    normalizing would drop, writing a file named like the directory meant), an empty path, a NUL."""
+    """Paths that cannot name a file are refused before anything is sent: a trailing '/', '.' or
+    '..' (which normalizing would drop, writing a file named like the directory meant), an empty
+    path, a NUL."""
     await sb.write("f.txt", "one\n")
     for attempt in (
         sb.write("newdir/", "x"),
+        sb.write("newdir/.", "x"),
+        sb.write("newdir/sub/..", "x"),
         sb.read("f.txt/"),
         sb.edit("f.txt/", "one", "two"),
         sb.multi_edit("f.txt/", [Edit("one", "two")]),
     ):
-        with pytest.raises(InvalidArgument, match="ends with '/'"):
+        with pytest.raises(InvalidArgument, match="names a directory"):
             await attempt
     for bad, reason in (("", "non-empty"), ("a\0b", "NUL")):
         with pytest.raises(InvalidArgument, match=reason):

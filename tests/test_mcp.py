@@ -168,6 +168,14 @@ async def test_file_and_shell_tools(where: str, ssh_pool_env: dict[str, str]) ->
         await client.call_tool("run", {"command": f"cd .. && rm -rf {work}"})
 
 
+def test_results_are_made_encodable_whatever_lone_surrogates_they_hold() -> None:
+    from tools.server import json_safe
+
+    value = {"files": ["caf\udce9.txt", "x\ud800y", "plain", "ünï"], "n": 3, "k\udcff": None}
+    assert json_safe(value) == {"files": ["caf\ufffd.txt", "x\ufffdy", "plain", "ünï"], "n": 3, "k\ufffd": None}
+    json.dumps(json_safe(value), ensure_ascii=False).encode("utf-8")  # (what the transport does)
+
+
 async def test_a_file_name_that_is_not_utf8_is_shown_not_fatal() -> None:
     """One file named with a Latin-1 byte under the searched tree: glob, grep and run list it with
     U+FFFD (JSON cannot carry the byte), and the server goes on serving."""

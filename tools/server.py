@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Annotated, Any, Literal, TypeVar
@@ -52,6 +53,9 @@ def _text(text: str) -> list[TextContent]:
     return [TextContent(type="text", text=json_safe(text))]
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # (a str holds pairs as one character: any here is alone)
+
+
 def json_safe(value: T) -> T:
     """`value` with every string made encodable as UTF-8: a file name that is not UTF-8 reaches
     us with lone surrogates for its odd bytes (os.fsdecode's way), which JSON cannot carry; they
@@ -59,11 +63,7 @@ def json_safe(value: T) -> T:
     if isinstance(value, str):
         if value.isascii():
             return value
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # type: ignore[return-value]
-        return value
+        return _LONE_SURROGATE.sub("\ufffd", value)  # type: ignore[return-value]
     if isinstance(value, dict):
         return {json_safe(k): json_safe(v) for k, v in value.items()}  # type: ignore[return-value]
     if isinstance(value, list):
