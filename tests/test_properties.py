@@ -15,7 +15,11 @@ from sandbox import ReadResult, Sandbox
 
 # Any text but NUL (no C string can carry it) and lone surrogates (not encodable).
 TEXT = st.characters(blacklist_categories=("Cs",), blacklist_characters="\0")
-NAMES = st.text(TEXT.filter(lambda c: c != "/"), min_size=1, max_size=40).filter(lambda n: n not in (".", ".."))
+# A name may also hold bytes that are not UTF-8, spelled as os.fsdecode does (U+DC80..U+DCFF).
+ODD_BYTE = st.integers(0x80, 0xFF).map(lambda b: chr(0xDC00 + b))
+NAMES = st.text(TEXT.filter(lambda c: c != "/") | ODD_BYTE, min_size=1, max_size=40).filter(
+    lambda n: n not in (".", "..")
+)
 PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
