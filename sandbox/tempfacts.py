@@ -1,4 +1,5 @@
-"""What a fresh temp file on the box tells: the box's clock, and the owner new files get there.
+"""What a fresh temp file on the box tells: the clock its filesystem stamps files with, and the
+owner new files get in its directory.
 
 An edit needs both. Whether the file it read was written within the box's current second decides
 how it checks for a conflict (SFTP mtimes are whole seconds: only a file that recent can be replaced
