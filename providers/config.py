@@ -77,6 +77,13 @@ class ModalPoolConfig(_Strict):
     entrypoint: list[str] = Field(default_factory=lambda: list(DONMAI_COMMAND), description="Sandbox entrypoint")
     resources: Resources = Field(default_factory=Resources)
 
+    def gpu_spec(self) -> tuple[str | None, int]:
+        """GPU type and count ("A100:2" → ("A100", 2)); (None, 0) for CPU-only."""
+        if not self.gpu:
+            return None, 0
+        kind, _, n = self.gpu.partition(":")
+        return kind, int(n) if n.isdigit() else 1
+
 
 class RunPodPoolConfig(_Strict):
     """RunPod pod settings, named as in RunPod's PodCreateInput (shared/specs/runpod)."""
@@ -89,6 +96,10 @@ class RunPodPoolConfig(_Strict):
     volumeInGb: int = Field(0, ge=0)
     rateUsdPerHour: float | None = Field(None, ge=0, description="Your rate, for cost estimates")
     resources: Resources = Field(default_factory=Resources)
+
+    def gpu_spec(self) -> tuple[str | None, int]:
+        """GPU type (the first RunPod may choose) and count."""
+        return (self.gpuTypeIds[0] if self.gpuTypeIds else None), self.gpuCount
 
 
 CONFIG_MODELS: dict[str, type[BaseModel]] = {

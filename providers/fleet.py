@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ LEDGER_RECHECK_SECONDS = 1.0
 # How often an open sandbox's last activity is written through to the ledger, where other
 # processes' reapers read it (far below any sensible idle timeout).
 ACTIVITY_FLUSH_SECONDS = 5.0
+CLEANUP_GRACE_S = 30.0  # how long closing waits for a failed provision's cleanup
 
 
 def summary(record: SandboxRecord) -> dict[str, Any]:
@@ -366,7 +368,8 @@ class Fleet:
 
     def cost_so_far(self, record: SandboxRecord) -> CostEvent:
         """A terminated sandbox's cost event; for a live one, what it has cost until now."""
-        return self.ledger.cost_event(record.id) or self._cost(record, time.time())
+        final = self.ledger.cost_event(record.id) if not record.live else None  # (only an ended one has one)
+        return final or self._cost(record, time.time())
 
     def _cost(self, record: SandboxRecord, now: float, ended: float | None = None) -> CostEvent:
         """The cost event of a sandbox that stopped costing at `ended` (default: now). A provision
@@ -433,11 +436,19 @@ class Fleet:
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def flush_activity(self, box: ManagedSandbox) -> None:
-        """Write a sandbox's last activity to the ledger; a command still running counts as now."""
+        """Write a sandbox's last activity to the ledger (when it has news); a command still running
+        counts as now. A failed write (a locked database) is logged, not raised: it runs in the
+        middle of tool calls, and the next flush tries again."""
         if box.busy:
             box.last_used = time.time()
+        if box.last_used == box.flushed_activity:
+            return
+        try:
+            self.ledger.touch(box.id, box.last_used)
+        except sqlite3.Error as exc:
+            log.warning("could not record %s's last activity: %s", box.id, exc)
+            return
         box.flushed_activity = box.last_used
-        self.ledger.touch(box.id, box.last_used)
 
     async def reap(self, now: float | None = None, errors: list[str] | None = None) -> list[tuple[str, str]]:
         """Terminate sandboxes past their TTL or idle timeout; returns (id, reason) for each this
@@ -573,6 +584,8 @@ class Fleet:
                         destroyed.append(sandbox_id)
                     except Exception as exc:
                         log.warning("could not tear down %s: %s", sandbox_id, exc)
+        if self._cleanups:  # failed provisions still being cleaned up: let them finish (gc would, later)
+            await asyncio.wait(set(self._cleanups), timeout=CLEANUP_GRACE_S)
         for box in list(self._open.values()):
             self.flush_activity(box)
             with contextlib.suppress(Exception):
@@ -585,26 +598,18 @@ class Fleet:
 
 
 def _gpu_of(request: Request, pool: Pool) -> tuple[str | None, int]:
-    """The GPU type and count a sandbox will have: the request's, else its pool's config (Modal's
-    `gpu`, e.g. "A100:2"; RunPod's `gpuTypeIds` and `gpuCount`)."""
-    config = pool.config
-    count = int(getattr(config, "gpuCount", 0) or 0)
+    """The GPU type and count a sandbox will have: the request's type, else its pool config's
+    (the configs of GPU providers have `gpu_spec`)."""
+    spec = getattr(pool.config, "gpu_spec", None)
+    kind, count = spec() if spec is not None else (None, 0)
     if request.gpu:
         return request.gpu, max(1, count)
-    modal_gpu = getattr(config, "gpu", None)
-    if isinstance(modal_gpu, str) and modal_gpu:
-        kind, _, n = modal_gpu.partition(":")
-        return kind, int(n) if n.isdigit() else 1
-    type_ids = getattr(config, "gpuTypeIds", None)
-    if type_ids and count:
-        return type_ids[0], count
-    return None, 0
+    return (kind, count) if kind else (None, 0)
 
 
 def _gpu_rate_key(gpu_type: str, rates: dict[str, float]) -> str | None:
     """The rate table's key for a GPU named as a provider names it ("NVIDIA A100 80GB PCIe",
-    "A100-80GB", "a100"): the longest key that appears in the name as a word."""
+    "A100-80GB", "a100"): the longest key that appears in the name."""
     name = gpu_type.lower().replace("-", " ").replace("_", " ")
-    words = name.split()
-    found = [key for key in rates if key in words or key.replace("-", " ") in name]
+    found = [key for key in rates if key.replace("-", " ") in name]
     return max(found, key=len, default=None)

@@ -27,7 +27,7 @@ from typing import Any
 from sandbox.state import process_running
 
 from .ledger import Ledger
-from .local_server import LocalSSHServer, daemon_server, host_state_path, local_dir
+from .local_server import LocalSSHServer, daemon_state, host_state_path, local_dir
 
 SERVICE_NAME = "tether-host"
 LAUNCH_LABEL = "dev.tether.host"
@@ -52,8 +52,7 @@ def write_state(state: dict[str, Any]) -> None:
 
 def running_state() -> dict[str, Any] | None:
     """host.json, if the daemon it describes still answers."""
-    state = read_state()
-    return state if state and daemon_server() is not None else None
+    return daemon_state()
 
 
 # -- serve ------------------------------------------------------------------------------------------
@@ -104,8 +103,8 @@ async def drain(wait: bool = True, poll: float = 1.0, report: Any = print) -> li
     While it waits it reaps (TTL, idle timeout, creator gone), as the MCP server's reaper would."""
     from .fleet import Fleet
 
-    state = read_state()
-    if state is None or daemon_server() is None:
+    state = running_state()
+    if state is None:
         raise RuntimeError("no tether host daemon runs here; start it with `tether host start`")
     write_state({**state, "status": "draining"})
     ledger = Ledger()

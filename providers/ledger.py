@@ -84,6 +84,14 @@ ALTER TABLE tunnels ADD COLUMN owner_pid INTEGER
 LIVE = ("provisioning", "running", "paused", "failed")
 
 
+def owner_alive(host: str | None, pid: int | None) -> bool:
+    """Whether the process that owns a row still runs: only knowable on its host (elsewhere, or with
+    no pid recorded, it is taken to be alive)."""
+    if host != socket.gethostname() or pid is None:
+        return True
+    return process_running(pid)
+
+
 @dataclass(frozen=True)
 class SandboxRecord:
     id: str
@@ -113,9 +121,7 @@ class SandboxRecord:
 
     def owner_alive(self) -> bool:
         """Whether the process that created the sandbox still runs (only knowable on its host)."""
-        if self.owner_host != socket.gethostname():
-            return True
-        return process_running(self.owner_pid)
+        return owner_alive(self.owner_host, self.owner_pid)
 
     def provision_abandoned(self) -> bool:
         """A provision that will never finish: it failed (perhaps cancelled, its process alive), or
@@ -344,18 +350,20 @@ class Ledger:
     def close_abandoned_tunnels(self) -> list[str]:
         """Close the rows of tunnels whose process ended on this host without closing them, or whose
         sandbox has ended. Returns their ids."""
-        here = socket.gethostname()
         abandoned = [
             row["id"]
             for row in self.store.query(
                 "SELECT t.id, t.owner_host, t.owner_pid, s.status FROM tunnels t JOIN sandboxes s"
                 " ON s.id = t.sandbox_id WHERE t.status = 'open'"
             )
-            if row["status"] == "terminated"
-            or (row["owner_host"] == here and row["owner_pid"] is not None and not process_running(row["owner_pid"]))
+            if row["status"] == "terminated" or not owner_alive(row["owner_host"], row["owner_pid"])
         ]
-        for tunnel_id in abandoned:
-            self.close_tunnel(tunnel_id)
+        if abandoned:  # (nothing is written when nothing was abandoned: tunnel_list calls this)
+            with self.store.transaction() as db:
+                db.executemany(
+                    "UPDATE tunnels SET status = 'closed', closed_at = ? WHERE id = ? AND status = 'open'",
+                    [(time.time(), tunnel_id) for tunnel_id in abandoned],
+                )
         return abandoned
 
     def tunnels(self, sandbox_id: str | None = None, open_only: bool = True) -> list[dict[str, Any]]:

@@ -23,20 +23,16 @@ from .base import Capacity, Handle, ListedResource, Progress, Provider, Provisio
 from .capacity import host_capacity
 from .config import LocalPoolConfig
 from .errors import ProviderUnavailable
-from .local_server import SANDBOX_ID, daemon_server, ensure_server, host_state_path, local_dir, sandbox_root, work_dir
+from .local_server import SANDBOX_ID, daemon_state, ensure_server, local_dir, sandbox_root, work_dir
 from .profiles import PROFILES, SUBSTRATES
 
 USER_MANAGED = "user-managed"
 
 
 def host_draining() -> bool:
-    """Whether a `tether host` daemon runs here and drains (a stale host.json left by a daemon
-    that died does not count)."""
-    try:
-        draining = json.loads(host_state_path().read_text()).get("status") == "draining"
-    except (OSError, ValueError):
-        return False
-    return draining and daemon_server() is not None
+    """Whether a `tether host` daemon runs here and drains."""
+    state = daemon_state()
+    return state is not None and state.get("status") == "draining"
 
 
 class LocalProvider(Provider):

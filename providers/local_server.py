@@ -20,6 +20,7 @@ import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 
@@ -258,8 +259,9 @@ def host_state_path() -> Path:
     return local_dir() / "host.json"
 
 
-def daemon_server() -> RunningServer | None:
-    """The `tether host serve` daemon's server, when one runs on this machine and answers."""
+def daemon_state() -> dict[str, Any] | None:
+    """host.json, when the `tether host serve` daemon it describes runs on this machine and answers
+    (a stale one, left by a daemon that died, does not count)."""
     try:
         state = json.loads(host_state_path().read_text())
         if not process_running(int(state["pid"])):
@@ -267,6 +269,14 @@ def daemon_server() -> RunningServer | None:
         with socket.create_connection(("127.0.0.1", int(state["port"])), timeout=0.5):
             pass
     except (OSError, ValueError, KeyError):
+        return None
+    return state  # type: ignore[no-any-return]
+
+
+def daemon_server() -> RunningServer | None:
+    """The `tether host serve` daemon's server, when one runs on this machine and answers."""
+    state = daemon_state()
+    if state is None:
         return None
     return RunningServer(port=int(state["port"]), host_key=state["host_key"], client_key=tether_key())
 

@@ -29,10 +29,11 @@ from providers.registry import profile_of
 from sandbox.errors import SandboxError
 from sandbox.hostkeys import HostKeyPins
 from sandbox.state import default_store, read_config, state_dir
-from tunnels import Notifier, load_channels
+from tunnels import Notifier
 
 from . import results as R
 from .config import check_sections
+from .links import fleet_notifier, preview_source, tunnel_manager
 from .output import ProgressBar, duration, print_json, print_table, when
 
 T = TypeVar("T")
@@ -51,13 +52,17 @@ def command(name: str) -> Callable[[Command], Command]:
 def with_fleet(work: Callable[[Fleet], Awaitable[T]]) -> T:
     """Run `work` on a fleet, closing its connections (never tearing anything down) afterwards.
     Chat channels hear of the sandboxes it creates and terminates (up, attach, down, gc)."""
+    return with_fleet_and_channels(lambda fleet, _: work(fleet))
+
+
+def with_fleet_and_channels(work: Callable[[Fleet, Notifier], Awaitable[T]]) -> T:
+    """As `with_fleet`, handing `work` the chat channels' notifier too (for its tunnels)."""
 
     async def run() -> T:
         fleet = Fleet()
-        notifier = Notifier(load_channels(fleet.config))
-        fleet.listeners.append(notifier.emit)
+        notifier = fleet_notifier(fleet)
         try:
-            return await work(fleet)
+            return await work(fleet, notifier)
         finally:
             await fleet.close()
             await notifier.drain()  # (bounded: a dead channel does not hold the command up)
@@ -386,10 +391,9 @@ def _split_location(text: str) -> tuple[str | None, str]:
 @command("tunnel")
 def tunnel_command(args: argparse.Namespace) -> int:
     """Open a tunnel, print its URL, keep it open until Ctrl-C (or SIGTERM)."""
-    from .links import preview_source, tunnel_manager
 
-    async def hold(fleet: Fleet) -> int:
-        tunnels = tunnel_manager(fleet)
+    async def hold(fleet: Fleet, notifier: Notifier) -> int:
+        tunnels = tunnel_manager(fleet, notifier)
         box = await fleet.get(args.id)
         tunnel = await tunnels.open(
             box,
@@ -410,12 +414,10 @@ def tunnel_command(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         await tunnels.close_all()
-        if tunnels.notifier is not None:
-            await tunnels.notifier.drain()
         print("tunnel closed", file=sys.stderr)
         return 0
 
-    return with_fleet(hold)
+    return with_fleet_and_channels(hold)
 
 
 @command("doctor")

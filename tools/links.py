@@ -8,8 +8,16 @@ from providers import Fleet
 from tunnels import Notifier, PreviewSource, PreviewURL, Tunnel, TunnelManager, load_channels, load_relay
 
 
-def tunnel_manager(fleet: Fleet) -> TunnelManager:
-    """A tunnel manager that records in the fleet's ledger and notifies the configured channels."""
+def fleet_notifier(fleet: Fleet) -> Notifier:
+    """The configured chat channels, hearing of the fleet's sandboxes (created, terminated)."""
+    notifier = Notifier(load_channels(fleet.config))
+    fleet.listeners.append(notifier.emit)
+    return notifier
+
+
+def tunnel_manager(fleet: Fleet, notifier: Notifier) -> TunnelManager:
+    """A tunnel manager that records in the fleet's ledger and tells `notifier` (the fleet's own,
+    from `fleet_notifier`) of its tunnels."""
 
     def record(what: str, tunnel: Tunnel) -> None:
         if what == "opened":
@@ -19,13 +27,6 @@ def tunnel_manager(fleet: Fleet) -> TunnelManager:
         else:
             fleet.ledger.close_tunnel(tunnel.id)
 
-    # One notifier per fleet: the CLI's with_fleet may have hooked one up already.
-    notifier = next(
-        (hook.__self__ for hook in fleet.listeners if isinstance(getattr(hook, "__self__", None), Notifier)), None
-    )
-    if notifier is None:
-        notifier = Notifier(load_channels(fleet.config))
-        fleet.listeners.append(notifier.emit)
     return TunnelManager(relay=load_relay(fleet.config), notifier=notifier, recorder=record)
 
 

@@ -33,7 +33,7 @@ from sandbox.files import Edit, Image
 from tunnels import Tunnel, listening_ports
 
 from . import results as R
-from .links import preview_source, tunnel_manager
+from .links import fleet_notifier, preview_source, tunnel_manager
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -129,7 +129,8 @@ class ServerState:
         self.reap_interval = reap_interval
         self.progress_interval = progress_interval
         self._reaper: asyncio.Task[None] | None = None
-        self.tunnels = tunnel_manager(self.fleet)
+        self.notifier = fleet_notifier(self.fleet)
+        self.tunnels = tunnel_manager(self.fleet, self.notifier)
         self.fleet.listeners.append(self._close_tunnels_of_terminated)
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -148,8 +149,7 @@ class ServerState:
         destroyed = await self.fleet.close(teardown_created=True)
         if destroyed:
             log.info("tore down %s", ", ".join(destroyed))
-        if self.tunnels.notifier is not None:
-            await self.tunnels.notifier.drain()
+        await self.notifier.drain()
         return destroyed
 
     def _close_tunnels_of_terminated(self, event: str, payload: dict[str, Any]) -> None:
@@ -791,11 +791,14 @@ def register_tunnel_tools(server: MCPServer, state: ServerState) -> None:
         tunnel_id: Annotated[str, Field(description="From tunnel_open or tunnel_list")],
     ) -> Annotated[CallToolResult, R.TunnelClosed]:
         """Close a tunnel this server opened."""
-        held = [row for row in state.fleet.ledger.tunnels() if row["id"] == tunnel_id]
-        if held and tunnel_id not in {t.id for t in state.tunnels.list()}:
-            raise InvalidArgument(
-                f"tunnel {tunnel_id} is held by another tether process (pid {held[0]['owner_pid']}); close it "
-                "there (Ctrl-C on `tether tunnel`, or that server's tunnel_close)"
-            )
+        if tunnel_id not in {t.id for t in state.tunnels.list()}:
+            # Not this server's: another live process's (which alone can close it), or none at all.
+            state.fleet.ledger.close_abandoned_tunnels()
+            held = [row for row in state.fleet.ledger.tunnels() if row["id"] == tunnel_id]
+            if held:
+                raise InvalidArgument(
+                    f"tunnel {tunnel_id} is held by another tether process (pid {held[0]['owner_pid']}); close "
+                    "it there (Ctrl-C on `tether tunnel`, or that server's tunnel_close)"
+                )
         tunnel = await state.tunnels.close(tunnel_id)
         return ok(R.TunnelClosed(tunnel_id=tunnel.id), f"closed {tunnel.id} (port {tunnel.port})")
