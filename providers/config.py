@@ -203,6 +203,11 @@ class Defaults(_Strict):
     ttl_s: float | None = Field(None, gt=0, description="TTL of new sandboxes that give none")
     idle_timeout_s: float | None = Field(None, gt=0, description="Idle timeout of new sandboxes that give none")
 
+    @property
+    def says_where(self) -> bool:
+        """Whether a request that names no place goes somewhere (rather than being refused)."""
+        return bool(self.pool or self.provider)
+
 
 def load_defaults(config: dict[str, Any]) -> Defaults:
     try:

@@ -250,11 +250,8 @@ class Fleet:
 
     def _with_defaults(self, request: Request) -> Request:
         """[defaults] fills in what the request leaves open: where (a pool, else a provider, when it
-        names neither) and its TTL and idle timeout."""
-        update: dict[str, Any] = {
-            "timeout_s": request.timeout_s or self.defaults.ttl_s,
-            "idle_timeout_s": request.idle_timeout_s or self.defaults.idle_timeout_s,
-        }
+        names neither) and its idle timeout. (Its TTL: see `_expiry`.)"""
+        update: dict[str, Any] = {"idle_timeout_s": request.idle_timeout_s or self.defaults.idle_timeout_s}
         if not request.pool and not request.provider:
             update.update(pool=self.defaults.pool, provider=self.defaults.provider)
         return request.model_copy(update=update)
@@ -276,10 +273,12 @@ class Fleet:
         return choose_pool(request, pools, self.availability)
 
     def _expiry(self, request: Request, pool: Pool) -> float | None:
-        ttl = request.timeout_s
+        """The TTL: the request's, else the one its pool's config sets, else [defaults] ttl_s, else
+        the pool config's default (timeoutSec 3600); none for a pool without resources (local)."""
         resources = getattr(pool.config, "resources", None)
-        if ttl is None and resources is not None:
-            ttl = resources.timeoutSec
+        pool_ttl = resources.timeoutSec if resources is not None else None
+        pool_set = resources is not None and "timeoutSec" in resources.model_fields_set
+        ttl = request.timeout_s or (pool_ttl if pool_set else None) or self.defaults.ttl_s or pool_ttl
         return time.time() + ttl if ttl else None
 
     def record(self, ref: str) -> SandboxRecord:

@@ -259,6 +259,23 @@ def test_gpu_type_and_count_come_from_the_pool_when_the_request_names_none() -> 
     assert _gpu_rate_key("RTX 4090", rates) is None
 
 
+def test_a_ttl_comes_from_the_request_then_the_pool_then_the_defaults() -> None:
+    from providers.config import parse_pool
+
+    def ttl(fleet: Fleet, request: Request, pool: object) -> float:
+        return round(fleet._expiry(request, pool) - time.time())  # type: ignore[arg-type, operator]
+
+    said = parse_pool({"name": "m", "provider": "modal", "config": {"resources": {"timeoutSec": 100}}})
+    unsaid = parse_pool({"name": "m2", "provider": "modal"})
+    with_defaults, without = Fleet(config={"defaults": {"ttl_s": 600}}), Fleet(config={})
+    assert ttl(with_defaults, Request(timeout_s=50), said) == 50
+    assert ttl(with_defaults, Request(), said) == 100  # the pool's own setting beats [defaults]
+    assert ttl(with_defaults, Request(), unsaid) == 600  # [defaults] beats the pool config's default
+    assert ttl(without, Request(), unsaid) == 3600
+    assert with_defaults._expiry(Request(), parse_pool({"name": "l", "provider": "local"})) is not None
+    assert without._expiry(Request(), parse_pool({"name": "l", "provider": "local"})) is None
+
+
 def test_a_sandbox_whose_creator_ended_without_teardown_is_reaped(tmp_path: Path) -> None:
     script = (
         "import asyncio\nfrom providers import Fleet, Request\n"

@@ -149,7 +149,7 @@ def up_command(args: argparse.Namespace) -> int:
     )
 
     async def up(fleet: Fleet) -> None:
-        if not (request.pool or request.provider or fleet.defaults.pool or fleet.defaults.provider):
+        if not (request.pool or request.provider or fleet.defaults.says_where):
             raise ValueError(
                 "say where: `tether up local`, `tether up runpod --gpu a100`, `tether up --pool NAME`, "
                 "or set pool (or provider) under [defaults] in config.toml"

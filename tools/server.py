@@ -122,7 +122,7 @@ class ServerState:
             self.default_request = Request(provider="ssh", keep=True, options={"host": attach})
         elif provider:
             self.default_request = Request(provider=provider)
-        elif self.fleet.defaults.pool or self.fleet.defaults.provider:
+        elif self.fleet.defaults.says_where:
             self.default_request = Request()  # ([defaults] says where: the fleet fills it in)
         self.default_id: str | None = None
         self._default_lock = asyncio.Lock()
