@@ -11,7 +11,7 @@ written within the same second takes a fifth round trip); `edit_settled` edits f
 an hour ago, once each, each read first, as an agent does (Claude Code's Edit requires a Read; a
 file tether has never seen is stat'ed alone first, one round trip more, so that a named pipe cannot
 hang the sandbox). Then 8 concurrent clients × 200 mixed calls. The
-last line is one JSON object: noop_ms, read_ms, write_ms, edit_ms, grep_ms, run_ms,
+last line is one JSON object: noop_ms, read_ms, write_ms, edit_ms, edit_settled_ms, grep_ms, run_ms,
 concurrent_calls_per_s, errors.
 """
 

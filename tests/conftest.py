@@ -133,3 +133,11 @@ async def sb(host_endpoint: SSHEndpoint, pool: ConnectionPool) -> AsyncIterator[
         await box.run(["true"], cwd=work)
         yield box
         await box.run(["rm", "-rf", work], cwd="/")
+
+
+@pytest.fixture
+def own_sshd(bash_account: Account, client_key: Path) -> Iterator[SSHD]:
+    """An sshd of this test's own, which it may kill or restart."""
+    server = SSHD(bash_account, client_key).start()
+    yield server
+    server.cleanup()

@@ -1,4 +1,5 @@
-"""Running `tether mcp` as a real subprocess and talking to it with the official MCP client."""
+"""Running tether as a real subprocess: `tether mcp` talked to with the official MCP client, and
+the CLI's other commands."""
 
 from __future__ import annotations
 
@@ -24,6 +25,18 @@ def server_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), **extra}
     env.pop("TETHER_MCP_TOKEN", None) if "TETHER_MCP_TOKEN" not in extra else None
     return env
+
+
+def tether(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`tether ARGS` as a subprocess, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "tools.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env or server_env(),
+        timeout=timeout,
+    )
 
 
 @contextlib.asynccontextmanager

@@ -5,22 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-from tests.mcp_support import ROOT, server_env
+from tests.mcp_support import server_env, tether
 from tests.sshd import SSHD
-
-
-def tether(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tools.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env or server_env(),
-        timeout=timeout,
-    )
 
 
 def test_up_exec_cp_info_down(tmp_path: Path) -> None:

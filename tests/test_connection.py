@@ -7,10 +7,10 @@ import contextlib
 import logging
 import os
 import random
+import secrets
 import signal
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncssh
@@ -21,15 +21,8 @@ from sandbox.errors import AuthFailed, ConnectionLost, ConnectTimeout, HostKeyMi
 from sandbox.hostkeys import HostKeyPins, fingerprint_of
 from sandbox.state import StateStore
 from tests.conftest import endpoint_for
+from tests.processes import processes_matching
 from tests.sshd import SSHD, Account, ensure_account, free_port, keygen
-
-
-@pytest.fixture
-def own_sshd(bash_account: Account, client_key: Path) -> Iterator[SSHD]:
-    """An sshd this test may kill or restart."""
-    server = SSHD(bash_account, client_key).start()
-    yield server
-    server.cleanup()
 
 
 async def mixed_operations(box: Sandbox, count: int) -> list[BaseException | object]:
@@ -95,8 +88,12 @@ async def test_one_session_per_connection_never_strands_a_caller(
             results = await asyncio.wait_for(asyncio.gather(*(box.run(f"sleep 0.2; echo {i}") for i in range(8))), 60)
             assert [r.stdout for r in results] == [f"{i}\n" for i in range(8)]
             sessions = len(pool.stats(box.endpoint))
-            busy = [asyncio.ensure_future(box.run("sleep 5")) for _ in range(sessions - 1)]
-            await asyncio.sleep(1)
+            assert sessions >= 3, pool.stats(box.endpoint)  # (the SFTP channel, and two shells at least)
+            marker = f"tether-busy-{secrets.token_hex(4)}"
+            busy = [asyncio.ensure_future(box.run(f"sh -c 'sleep 5' {marker}")) for _ in range(sessions - 1)]
+            deadline = time.monotonic() + 10
+            while len(processes_matching(marker)) < sessions - 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # until every shell runs one
             with pytest.raises(ShellsBusy, match=r"within 2s.*did not run"):
                 await box.run("echo never", timeout=0.5)  # (waits as long as a shell may take to boot)
             assert all(r.exit_code == 0 for r in await asyncio.gather(*busy))
@@ -202,30 +199,29 @@ async def test_first_use_pins_the_host_key_and_a_changed_key_is_refused(
 
 
 async def test_a_host_key_replaced_by_one_of_another_kind_is_a_mismatch(
-    bash_account: Account, client_key: Path, tmp_path: Path
+    own_sshd: SSHD, client_key: Path, tmp_path: Path
 ) -> None:
-    server = SSHD(bash_account, client_key).start()  # an ed25519 host key, pinned on first use
+    server = own_sshd  # an ed25519 host key, pinned on first use
     pins = HostKeyPins(StateStore(tmp_path / "pins.db"))
+    pool = ConnectionPool(pins)
+    async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
+        await box.run("true")
+    await pool.close()
+    pinned = pins.get("127.0.0.1", server.port)
+    assert pinned is not None and pinned.startswith("ssh-ed25519 ")
+    server.stop()
+    server.host_key = keygen(server.workdir / "host_rsa", "rsa")
+    server.start()
+    pool = ConnectionPool(pins)
     try:
-        pool = ConnectionPool(pins)
-        async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
-            await box.run("true")
-        await pool.close()
-        server.stop()
-        server.host_key = keygen(server.workdir / "host_rsa", "rsa")
-        server.start()
-        pool = ConnectionPool(pins)
-        try:
-            with pytest.raises(HostKeyMismatch) as caught:
-                async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
-                    await box.run("true")
-            # both fingerprints named: the pinned ed25519 key's and the RSA key the server now has
-            rsa = fingerprint_of(Path(f"{server.host_key}.pub").read_text())
-            assert caught.value.presented == rsa and caught.value.pinned != rsa
-        finally:
-            await pool.close()
+        with pytest.raises(HostKeyMismatch) as caught:
+            async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
+                await box.run("true")
+        # both fingerprints named: the pinned ed25519 key's and the RSA key the server now has
+        rsa = fingerprint_of(Path(f"{server.host_key}.pub").read_text())
+        assert (caught.value.presented, caught.value.pinned) == (rsa, fingerprint_of(pinned))
     finally:
-        server.cleanup()
+        await pool.close()
 
 
 async def test_an_explicit_host_key_is_the_only_one_accepted(own_sshd: SSHD, client_key: Path, pool: ConnectionPool):

@@ -15,19 +15,7 @@ import pytest
 from providers import DispatchError, Fleet, Request
 from providers import host as host_daemon
 from providers.local_server import host_state_path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def tether(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tools.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env or os.environ.copy(),
-        cwd=ROOT,
-        timeout=timeout,
-    )
+from tests.mcp_support import ROOT, tether
 
 
 async def test_serve_status_drain_and_stop() -> None:

@@ -72,9 +72,11 @@ async def test_kill_with_kill_signal_and_bad_signals(sb: Sandbox) -> None:
 async def test_output_ending_in_half_a_character_is_delivered_once_the_job_ended(sb: Sandbox) -> None:
     job = await sb.start_job("printf 'abc\\303'")
     out = await sb.job_output(job.id, wait_ms=5000)
+    text = out.stdout  # (each read returns what is new since the previous one: keep all of it)
     while out.status == "running":
         out = await sb.job_output(job.id, wait_ms=5000)
-    text = out.stdout + (await sb.job_output(job.id)).stdout
+        text += out.stdout
+    text += (await sb.job_output(job.id)).stdout
     assert text == "abc\ufffd"
     again = await sb.job_output(job.id)
     assert (again.stdout, again.more) == ("", False)

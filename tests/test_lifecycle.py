@@ -14,8 +14,7 @@ from pathlib import Path
 from providers import Fleet, Request
 from providers.ledger import Ledger
 from providers.local_server import local_dir
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.mcp_support import ROOT, tether
 
 
 def cost_event_count(sandbox_id: str) -> int:
@@ -85,12 +84,6 @@ import asyncio
 from providers import Fleet, Request
 asyncio.run(Fleet().create(Request(pool="flaky", name="{name}")))
 """
-
-
-def tether(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tools.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60
-    )
 
 
 def hanging_cloud(tmp_path: Path) -> tuple[Path, dict[str, str]]:
@@ -171,22 +164,23 @@ async def test_gc_leaves_alone_a_sandbox_created_while_it_lists(monkeypatch) -> 
 async def test_a_command_still_running_is_not_idle_here_or_to_another_process(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from providers import fleet as fleet_module
 
-    monkeypatch.setattr(fleet_module, "ACTIVITY_FLUSH_SECONDS", 0.1)
+    unit = 0.3  # seconds; every time below is a multiple, with room for a loaded machine
+    monkeypatch.setattr(fleet_module, "ACTIVITY_FLUSH_SECONDS", unit)
     owner, other = Fleet(config={}), Fleet(config={})
     try:
-        box = await owner.create(Request(provider="local", idle_timeout_s=0.5))
-        command = asyncio.ensure_future(box.run("sleep 1.5; echo done"))
-        await asyncio.sleep(1.0)  # the command started a second ago, past the idle timeout
+        box = await owner.create(Request(provider="local", idle_timeout_s=5 * unit))
+        command = asyncio.ensure_future(box.run(f"sleep {15 * unit}; echo done"))
+        await asyncio.sleep(10 * unit)  # the command started this long ago, past the idle timeout
         assert await owner.reap() == []
         assert await other.reap() == []  # sees the activity the owner's reaper wrote through
         result = await command
         assert result.stdout == "done\n"
-        # short calls every 0.2 s, seen by the other process through the write-through alone
+        # short calls every 2 units, seen by the other process through the write-through alone
         for _ in range(6):
             await box.run("true")
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(2 * unit)
         assert await other.reap() == []
-        await asyncio.sleep(0.7)
+        await asyncio.sleep(7 * unit)
         assert [r for r, _ in await other.reap()] == [box.id]
     finally:
         await owner.close()
@@ -208,13 +202,19 @@ async def test_concurrent_reapers_report_each_reaped_sandbox_once() -> None:
 
 
 CANCELLED_CREATE = """
-import asyncio
+import asyncio, os
 from providers import Fleet, Request
 
 async def main():
     fleet = Fleet()
     task = asyncio.ensure_future(fleet.create(Request(pool="flaky", name="{name}")))
-    await asyncio.sleep(0.5)  # the machine exists; its boot hangs
+    for _ in range(200):  # until the machine exists (its boot then hangs)
+        if os.listdir(os.environ["TETHER_TEST_CLOUD"]):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        print("never created")
+        return
     task.cancel()
     try:
         await task

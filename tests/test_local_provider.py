@@ -23,6 +23,7 @@ from sandbox.connect import dial
 from sandbox.errors import IsADirectory
 from sandbox.hostkeys import HostKeyPins
 from sandbox.state import StateStore
+from tests.processes import wait_until_gone, wait_until_running
 from tests.sshd import ensure_account, is_root
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +81,7 @@ async def test_each_local_sandbox_has_its_own_dir_and_jobs() -> None:
         assert len(await a.job_list()) == 1 and await b.job_list() == []
         marker = f"tether-regrouped-{os.getpid()}"  # a job's child in a session of its own
         await a.start_job(f"setsid sh -c 'sleep 1000' {marker}")
+        await wait_until_running(marker)
         assert await a.cwd() != await b.cwd()
         # a removed cwd falls back to the sandbox's own work dir, not the user's home
         work = await a.cwd()
@@ -94,12 +96,7 @@ async def test_each_local_sandbox_has_its_own_dir_and_jobs() -> None:
                 await attempt
         await a.destroy()  # stops its jobs, with whatever left their process group
         await b.destroy()
-        for _ in range(50):
-            left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
-            if not left:
-                break
-            await asyncio.sleep(0.1)
-        assert left == ""
+        assert await wait_until_gone(marker) == []
     finally:
         await fleet.close()
 

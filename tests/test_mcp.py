@@ -20,9 +20,9 @@ import pytest
 from providers import Fleet
 from providers.ledger import Ledger
 from tests.mcp_support import ROOT, http_client, http_server, server_env, stdio_client, structured, text
+from tests.processes import processes_matching, wait_until_gone
 from tests.sshd import SSHD
 from tests.test_files import PNG_1X1
-from tests.test_run import processes_matching, wait_until_gone
 from tools.stdio import _LineReader
 
 CONTRACT_TOOLS = {
@@ -173,7 +173,6 @@ def test_results_are_made_encodable_whatever_lone_surrogates_they_hold() -> None
 
     value = {"files": ["caf\udce9.txt", "x\ud800y", "plain", "ünï"], "n": 3, "k\udcff": None}
     assert json_safe(value) == {"files": ["caf\ufffd.txt", "x\ufffdy", "plain", "ünï"], "n": 3, "k\ufffd": None}
-    json.dumps(json_safe(value), ensure_ascii=False).encode("utf-8")  # (what the transport does)
 
 
 async def test_a_file_name_that_is_not_utf8_is_shown_not_fatal() -> None:
@@ -333,11 +332,12 @@ async def test_stdio_drops_an_oversized_message_whole_and_reads_on() -> None:
     assert lines == ["(a message over 16 bytes was dropped)", '{"id": 2}\n', '{"id": 3}']
 
 
-@pytest.mark.parametrize("wiring", ["two pipes", "one socket"])
-def test_stdio_serves_pipes_and_a_socket_shared_by_stdin_and_stdout(wiring: str) -> None:
-    """MCP clients give the server pipes (served from the event loop); inetd-style launchers give one
-    socket for both (served by the SDK's transport): either way every request gets its answer, and
-    the end of input ends the server cleanly."""
+@pytest.mark.parametrize("wiring", ["two sockets", "one socket"])
+def test_stdio_serves_separate_sockets_and_one_shared_by_stdin_and_stdout(wiring: str) -> None:
+    """MCP clients give the server pipes (served from the event loop, as every stdio_client test
+    shows), or separate sockets (served the same way); inetd-style launchers give one socket for
+    both (served by the SDK's transport): either way every request gets its answer, and the end of
+    input ends the server cleanly."""
     ours, theirs = socket.socketpair()
     if wiring == "one socket":
         server_in = server_out = theirs

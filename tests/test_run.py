@@ -15,20 +15,8 @@ import pytest
 from sandbox import ConnectionPool, Sandbox, SSHEndpoint
 from sandbox.errors import ConnectionLost, FileNotFound, InvalidArgument
 from tests.conftest import endpoint_for
+from tests.processes import wait_until_gone, wait_until_running
 from tests.sshd import SSHD
-
-
-def processes_matching(marker: str) -> list[str]:
-    """Lines of `ps` whose command line contains `marker` (checked on this machine: sshd is local)."""
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
-    return [line for line in out.splitlines() if marker in line and "ps -eo" not in line]
-
-
-async def wait_until_gone(marker: str, seconds: float = 5.0) -> list[str]:
-    deadline = time.monotonic() + seconds
-    while (left := processes_matching(marker)) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    return left
 
 
 async def test_streams_are_kept_apart_with_the_exit_code(sb: Sandbox) -> None:
@@ -149,10 +137,7 @@ async def test_a_timeout_reaches_what_left_the_process_group(sb: Sandbox) -> Non
     assert r.timed_out
     assert await wait_until_gone(marker) == []
     task = asyncio.ensure_future(sb.run(f"timeout 500 sh -c 'sleep 1000' {marker}"))
-    for _ in range(100):
-        if processes_matching(marker):
-            break
-        await asyncio.sleep(0.05)
+    await wait_until_running(marker)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -162,11 +147,7 @@ async def test_a_timeout_reaches_what_left_the_process_group(sb: Sandbox) -> Non
 async def test_cancelling_the_coroutine_kills_the_remote_process(sb: Sandbox) -> None:
     marker = f"tether-cancel-{secrets.token_hex(4)}"
     task = asyncio.ensure_future(sb.run(f"sh -c 'sleep 1000' {marker}"))
-    for _ in range(100):
-        if processes_matching(marker):
-            break
-        await asyncio.sleep(0.05)
-    assert processes_matching(marker), "the command never started"
+    await wait_until_running(marker)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

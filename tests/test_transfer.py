@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from sandbox import ConnectionPool, Sandbox
-from sandbox.errors import FileNotFound
+from sandbox.errors import ConnectionLost, FileNotFound
 from tests.conftest import endpoint_for
-from tests.sshd import SSHD, Account
+from tests.sshd import SSHD
 
 
 async def test_64_mib_uploads_and_downloads_byte_exact(sb: Sandbox, tmp_path: Path) -> None:
@@ -87,27 +87,24 @@ async def test_transfers_in_progress_are_readable_by_their_owner_alone(sb: Sandb
 
 
 async def test_an_upload_cut_off_by_a_lost_connection_leaves_no_partial_file(
-    bash_account: Account, client_key: Path, pool: ConnectionPool, tmp_path: Path
+    own_sshd: SSHD, client_key: Path, pool: ConnectionPool, tmp_path: Path
 ) -> None:
-    server = SSHD(bash_account, client_key).start()
-    try:
-        async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
-            target = f"{await box.home()}/cut-{os.getpid()}"
-            await box.makedirs(target)
-            source = tmp_path / "big.bin"
-            source.write_bytes(os.urandom(64 * 1024 * 1024))
+    server = own_sshd
+    async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
+        target = f"{await box.home()}/cut-{os.getpid()}"
+        await box.makedirs(target)
+        source = tmp_path / "big.bin"
+        source.write_bytes(os.urandom(64 * 1024 * 1024))
 
-            def cut(done: int, total: int) -> None:
-                if done > total // 4:
-                    server.kill_connections()
+        def cut(done: int, total: int) -> None:
+            if done > total // 4:
+                server.kill_connections()
 
-            with pytest.raises(Exception):  # noqa: B017 (how it fails is the connection's business)
-                await box.upload(source, f"{target}/big.bin", progress=cut)
-            for _ in range(100):
-                if not list(Path(target).iterdir()):
-                    break
-                await asyncio.sleep(0.1)
-            assert list(Path(target).iterdir()) == []
-            await box.run(["rm", "-rf", target])
-    finally:
-        server.cleanup()
+        with pytest.raises(ConnectionLost):
+            await box.upload(source, f"{target}/big.bin", progress=cut)
+        for _ in range(100):
+            if not list(Path(target).iterdir()):
+                break
+            await asyncio.sleep(0.1)
+        assert list(Path(target).iterdir()) == []
+        await box.run(["rm", "-rf", target])
