@@ -105,7 +105,7 @@ class ManagedSandbox(Sandbox):
 @dataclass
 class GcReport:
     reaped: list[tuple[str, str]] = field(default_factory=list)  # (sandbox id, reason)
-    orphans: list[str] = field(default_factory=list)  # external ids terminated with no live ledger row
+    orphans: list[str] = field(default_factory=list)  # tether-id labels of resources killed with no live ledger row
     interrupted: list[str] = field(default_factory=list)  # sandbox ids whose provisioning was cut short
     vanished: list[str] = field(default_factory=list)  # sandbox ids the provider no longer has
     tunnels_closed: list[str] = field(default_factory=list)  # rows of tunnels whose process is gone
