@@ -58,8 +58,9 @@ class DispatchError(ProviderError):
 
     def __init__(self, summary: str, rejections: list[Rejection]) -> None:
         self.rejections = rejections
-        lines = "\n".join(f"  - {r}" for r in rejections) or "  (no pools are configured)"
-        super().__init__(f"{summary}:\n{lines}")
+        if rejections:
+            summary += ":\n" + "\n".join(f"  - {r}" for r in rejections)
+        super().__init__(summary)
 
 
 class AuthPinError(DispatchError):

@@ -29,7 +29,7 @@ from .config import CONFIG_MODELS, Pool, credentials_missing, load_defaults, loa
 from .dispatch import choose_pool
 from .errors import ProviderError, ProviderUnavailable, SandboxGone, Unsupported
 from .ledger import CostEvent, Ledger, SandboxRecord, new_sandbox_id
-from .profiles import GPU_RATES_USD_PER_HOUR, CapabilityProfile
+from .profiles import GPU_RATES_USD_PER_HOUR, LOCAL_AUTH_MODES, CapabilityProfile
 
 log = logging.getLogger(__name__)
 LABEL = "tether-id"
@@ -267,6 +267,10 @@ class Fleet:
             # An ad-hoc attach (`create("ssh", host=...)`): the request's options say where.
             pools.insert(0, Pool(name=request.provider, provider=request.provider, implicit=True))
         elif request.provider and not any(p.provider == request.provider for p in pools):
+            if request.auth_mode in LOCAL_AUTH_MODES:
+                # The pin asks for a local pool the config activates: one made up here would
+                # bypass it (the seed: with none active, dispatch fails at validation).
+                return choose_pool(request, pools, self.availability)
             model = CONFIG_MODELS.get(request.provider)
             config = model() if model is not None and request.provider != "ssh" else None
             pools.append(Pool(name=request.provider, provider=request.provider, config=config, implicit=True))

@@ -123,6 +123,25 @@ def test_auth_pin_with_no_active_local_pool_fails_at_validation() -> None:
     assert called == []
 
 
+async def test_auth_pin_is_not_bypassed_by_naming_the_local_provider(tmp_path, monkeypatch) -> None:
+    """A fleet makes up a pool for a provider the config lacks, but not for a pinned auth mode:
+    with no local pool configured, the request fails before any sandbox is recorded."""
+    from providers import Fleet
+
+    monkeypatch.setenv("TETHER_STATE_DIR", str(tmp_path))
+    fleet = Fleet(config={"pools": [{"name": "gpu-box", "provider": "ssh", "config": {"host": "me@gpu"}}]})
+    try:
+        with pytest.raises(AuthPinError) as caught:
+            await fleet.create(Request(auth_mode="host-session", provider="local"))
+        assert "no local pool is active" in str(caught.value)
+        assert "no pools are configured" not in str(caught.value)
+        assert fleet.list(include_terminated=True) == []
+        plain = await fleet.create(Request(provider="local"))  # without the pin, an ad-hoc local pool
+        await plain.destroy()
+    finally:
+        await fleet.close()
+
+
 def test_local_pool_config_is_kept_as_metadata() -> None:
     laptop = POOLS[0]
     assert isinstance(laptop.config, LocalPoolConfig)

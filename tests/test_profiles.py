@@ -94,75 +94,108 @@ def test_derived_profiles_are_complete_and_documented() -> None:
     assert all("host-binary" not in SUBSTRATES[p].requirement_kinds for p in SUBSTRATES if p != "local")
 
 
-def test_status_mappings_match_the_seeds() -> None:
-    daytona = seed_page(PAGES["daytona"])
-    assert "creatingprovisioning" in daytona and "started, runningrunning" in daytona and "errorfailed" in daytona
-    assert [map_status("daytona", s) for s in ("creating", "started", "running", "error", "archived")] == [
-        "provisioning",
-        "running",
-        "running",
-        "failed",
-        "terminated",
-    ]
-    modal = seed_page(PAGES["modal"])
-    for states, status in (
-        ("creating, pending", "provisioning"),
-        ("running, ready", "running"),
-        ("error, failed", "failed"),
-    ):
-        assert re.search(rf"\|\s*{re.escape(states)}\s*\|\s*{status}\s*\|", modal)
-        for state in states.split(", "):
-            assert STATUS_MAPS["modal"][state] == status
-    assert map_status("modal", "stopped") == "terminated"
+PLATFORM_STATUSES = ("provisioning", "running", "failed", "terminated")
 
 
-def _config_default(page: str, key: str, type_name: str, column: int = 2) -> str:
-    """A config table row's default, in `key | type | default | description` or run-together form."""
-    for line in page.splitlines():
-        cells = [c.strip().replace("`", "") for c in line.strip().strip("|").split("|")]
-        if len(cells) > column and cells[0] == key:
-            return cells[column]
-        if line.startswith(key + type_name):
-            return line[len(key + type_name) :]
-    raise AssertionError(f"no config row {key} in the seed page")
+def seed_status_table(page: str, header: str) -> dict[str, str]:
+    """A "<provider> state | Platform status" table, `state[, state…] → status`, in either layout
+    (pipe rows, or state and status run together on one line); "others" names the fallback."""
+    lines = page.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.replace("|", "").replace(" ", "").startswith(header))
+    table: dict[str, str] = {}
+    for line in lines[at + 1 :]:
+        row = line.strip().strip("|").strip()
+        if set(row) <= {"-", "|"} and row:
+            continue  # the |---|---| rule
+        cells = [c.strip() for c in row.split("|")]
+        if len(cells) == 2 and cells[1] in PLATFORM_STATUSES:
+            states, status = cells
+        else:
+            status = next((st for st in PLATFORM_STATUSES if row.endswith(st)), "")
+            states = row[: -len(status)] if status else ""
+        if not status or not states:
+            break
+        for state in states.split(","):
+            table[state.strip()] = status
+    return table
 
 
 @pytest.mark.parametrize(
-    ("provider", "model", "rows"),
-    [
-        (
-            "daytona",
-            DaytonaPoolConfig,
-            {"daytonaApiUrl": "string", "image": "string", "diskGB": "number", "user": "string", "command": "string[]"},
-        ),
-        ("e2b", E2BPoolConfig, {"templateId": "string", "launchRunnerInline": "boolean"}),
-        ("modal", ModalPoolConfig, {"image": "string", "gpu": "string", "entrypoint": "string[]"}),
-    ],
+    ("provider", "header"), [("daytona", "DaytonastatePlatformstatus"), ("modal", "ModalstatusPlatformstatus")]
 )
-def test_pool_config_defaults_match_the_seeds(provider: str, model: type, rows: dict[str, str]) -> None:
-    page = seed_page(PAGES[provider])
+def test_status_mappings_match_the_seeds(provider: str, header: str) -> None:
+    seed = seed_status_table(seed_page(PAGES[provider]), header)
+    fallback = seed.pop("others")
+    assert seed and fallback == "terminated"
+    assert STATUS_MAPS[provider] == seed
+    assert map_status(provider, "some-state-the-seed-does-not-name") == fallback
+    assert all(map_status(provider, state.upper()) == status for state, status in seed.items())
+
+
+CONFIG_TYPES = ("string[]", "string", "number", "boolean")
+
+
+def seed_config_table(page: str) -> dict[str, tuple[str, str, bool]]:
+    """The "Config key | Type | Default | Description" table: key → (type, text after the type,
+    whether that text is the default cell alone). The run-together layout leaves the default run
+    into its description (`diskGBnumber20Disk size…`)."""
+    lines = page.splitlines()
+    at = next(
+        i for i, line in enumerate(lines) if line.replace("|", "").replace(" ", "") == "ConfigkeyTypeDefaultDescription"
+    )
+    table: dict[str, tuple[str, str, bool]] = {}
+    for line in lines[at + 1 :]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[1] in CONFIG_TYPES:
+            table[cells[0]] = (cells[1], cells[2], True)
+            continue
+        if line.startswith("|---"):
+            continue
+        run_together = re.match(r"([a-z][A-Za-z0-9]*?)(string\[\]|string|number|boolean)(.+)", line.strip())
+        if not run_together:
+            break
+        key, type_name, rest = run_together.groups()
+        table[key] = (type_name, rest, False)
+    return table
+
+
+def _as_seed_text(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return json.dumps(value)
+    return str(value)
+
+
+PYTHON_TYPES = {"string": str, "number": (int, float), "boolean": bool, "string[]": list}
+
+
+@pytest.mark.parametrize(
+    ("provider", "model"), [("daytona", DaytonaPoolConfig), ("e2b", E2BPoolConfig), ("modal", ModalPoolConfig)]
+)
+def test_pool_config_defaults_match_the_seeds(provider: str, model: type) -> None:
+    table = seed_config_table(seed_page(PAGES[provider]))
     defaults = model()
-    for key, type_name in rows.items():
-        seed_text = _config_default(page, key, type_name)
+    assert set(model.model_fields) == {*table, "resources"}
+    for key, (type_name, text, whole_cell) in table.items():
         ours = getattr(defaults, key)
-        if ours is None:
-            assert seed_text.startswith("-"), key
-        elif isinstance(ours, list):
-            assert seed_text.startswith(json.dumps(ours)), key
-        elif isinstance(ours, bool):
-            assert seed_text.startswith(str(ours).lower()), key
+        expected = _as_seed_text(ours)
+        if whole_cell:
+            assert text == expected, key
         else:
-            assert seed_text.startswith(str(ours)), key
-    assert set(type(defaults).model_fields) == {*rows, "resources"}
+            # The default, then a description that starts with a capital: `20Disk size…`, not `2` + `0Disk…`.
+            assert text.startswith(expected) and (text == expected or text[len(expected)].isupper()), key
+        assert ours is None or isinstance(ours, PYTHON_TYPES[type_name]), key
 
 
 def test_resource_defaults_match_the_seed() -> None:
-    page = seed_page(PAGES["modal"])
-    resources = Resources()
-    # | Field | Default | Description |
-    assert _config_default(page, "cpu", "", column=1) == "2.0" == str(resources.cpu)
-    assert _config_default(page, "memoryMB", "", column=1) == "2048" == str(resources.memoryMB)
-    assert _config_default(page, "timeoutSec", "", column=1) == "3600" == str(resources.timeoutSec)
+    lines = seed_page(PAGES["modal"]).splitlines()
+    at = lines.index("| Field | Default | Description |")
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines[at + 2 : at + 5]]
+    seed = {row[0]: row[1] for row in rows}
+    assert seed == {key: str(value) for key, value in Resources().model_dump().items()}
 
 
 def test_every_provider_has_a_profile_substrate_and_config_model() -> None:
