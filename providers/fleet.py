@@ -379,12 +379,16 @@ class Fleet:
         that never produced anything (no handle) cost nothing."""
         end = now if ended is None else ended
         seconds = max(0.0, end - record.created_at) if record.handle else 0.0
-        gpu_seconds = seconds * record.gpu_count
         try:
             profile = self.profile(record.provider)
-            billing = profile.billing_model
+            billing, idle_cost = profile.billing_model, profile.idle_cost_model
         except ProviderError:
-            billing = "unknown"
+            billing, idle_cost = "unknown", "metered"
+        if idle_cost != "metered":
+            # Billed while running only: paused time costs nothing (E2B) or storage alone (Daytona),
+            # not sandbox-seconds. Modal's warm standby is metered and stays in.
+            seconds = max(0.0, seconds - record.paused_until(end))
+        gpu_seconds = seconds * record.gpu_count
         estimate: float | None = None
         if billing == "fixed":
             estimate = 0.0
@@ -410,13 +414,13 @@ class Fleet:
         record = self.ledger.get(ref)
         self._require(record, "supports_pause_resume", "pause")
         await self._provider_of(record).pause(Handle.model_validate(record.handle))
-        self.ledger.set_status(record.id, "paused")
+        self.ledger.set_paused(record.id, True)
 
     async def resume(self, ref: str) -> None:
         record = self.ledger.get(ref)
         self._require(record, "supports_pause_resume", "resume")
         await self._provider_of(record).resume(Handle.model_validate(record.handle))
-        self.ledger.set_status(record.id, "running")
+        self.ledger.set_paused(record.id, False)
 
     async def snapshot(self, ref: str) -> str:
         record = self.ledger.get(ref)

@@ -81,6 +81,12 @@ ALTER TABLE tunnels ADD COLUMN owner_host TEXT;
 ALTER TABLE tunnels ADD COLUMN owner_pid INTEGER
 """
 
+# Time spent paused, so that a provider that bills nothing while paused (E2B) is not charged for it.
+PAUSED_TIME_SCHEMA = """
+ALTER TABLE sandboxes ADD COLUMN paused_at REAL;
+ALTER TABLE sandboxes ADD COLUMN paused_seconds REAL NOT NULL DEFAULT 0
+"""
+
 LIVE = ("provisioning", "running", "paused", "failed")
 
 
@@ -114,10 +120,17 @@ class SandboxRecord:
     owner_pid: int
     gpu_type: str | None
     gpu_count: int
+    paused_at: float | None = None  # when the current pause began
+    paused_seconds: float = 0.0  # pauses that ended
 
     @property
     def live(self) -> bool:
         return self.status != "terminated"
+
+    def paused_until(self, end: float) -> float:
+        """Seconds spent paused up to `end`."""
+        ongoing = max(0.0, end - self.paused_at) if self.paused_at is not None else 0.0
+        return self.paused_seconds + ongoing
 
     def owner_alive(self) -> bool:
         """Whether the process that created the sandbox still runs (only knowable on its host)."""
@@ -159,6 +172,7 @@ class Ledger:
         self.store = store or default_store()
         self.store.ensure_schema("ledger-v1", LEDGER_SCHEMA)
         self.store.ensure_schema("ledger-v2-tunnel-owner", TUNNEL_OWNER_SCHEMA)
+        self.store.ensure_schema("ledger-v3-paused-time", PAUSED_TIME_SCHEMA)
 
     # -- sandboxes -----------------------------------------------------------------------------------
 
@@ -233,6 +247,24 @@ class Ledger:
                 "UPDATE sandboxes SET status = ?, status_reason = ? WHERE id = ? AND status != 'terminated'",
                 (status, reason, sandbox_id),
             )
+
+    def set_paused(self, sandbox_id: str, paused: bool, now: float | None = None) -> None:
+        """Mark a sandbox paused or running again, keeping count of the time it spent paused."""
+        now = now or time.time()
+        with self.store.transaction() as db:
+            if paused:
+                db.execute(
+                    "UPDATE sandboxes SET status = 'paused', status_reason = NULL,"
+                    " paused_at = COALESCE(paused_at, ?) WHERE id = ? AND status != 'terminated'",
+                    (now, sandbox_id),
+                )
+            else:
+                db.execute(
+                    "UPDATE sandboxes SET status = 'running', status_reason = NULL,"
+                    " paused_seconds = paused_seconds + MAX(0, ? - COALESCE(paused_at, ?)), paused_at = NULL"
+                    " WHERE id = ? AND status != 'terminated'",
+                    (now, now, sandbox_id),
+                )
 
     def touch(self, sandbox_id: str, when: float | None = None) -> None:
         with self.store.transaction() as db:
@@ -399,6 +431,8 @@ def _record(row: sqlite3.Row) -> SandboxRecord:
         owner_pid=row["owner_pid"],
         gpu_type=row["gpu_type"],
         gpu_count=row["gpu_count"],
+        paused_at=row["paused_at"],
+        paused_seconds=row["paused_seconds"],
     )
 
 

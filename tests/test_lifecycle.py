@@ -10,10 +10,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
+
+import pytest
 
 from providers import Fleet, Request
 from providers.ledger import Ledger
+from providers.local import LocalProvider
 from providers.local_server import local_dir
+from providers.profiles import PROFILES
 from tests.mcp_support import ROOT, tether
 
 
@@ -296,3 +301,57 @@ def test_a_sandbox_whose_creator_ended_without_teardown_is_reaped(tmp_path: Path
         asyncio.run(fleet.destroy(kept))
     finally:
         asyncio.run(fleet.close())
+
+
+class PausingProvider(LocalProvider):
+    """A local machine with E2B's profile: it pauses, and a paused sandbox costs nothing."""
+
+    name = "pausing"
+    profile = PROFILES["e2b"]
+    paused: ClassVar[set[str]] = set()
+
+    async def pause(self, handle):  # type: ignore[no-untyped-def]
+        self.paused.add(handle.external_id)
+
+    async def resume(self, handle):  # type: ignore[no-untyped-def]
+        self.paused.discard(handle.external_id)
+
+
+class MeteredPausingProvider(PausingProvider):
+    """Modal's profile: warm standby is billed, paused or not."""
+
+    name = "metered-pausing"
+    profile = PROFILES["modal"]
+
+
+@pytest.mark.parametrize(("provider", "billed_while_paused"), [("pausing", False), ("metered-pausing", True)])
+async def test_paused_time_is_billed_as_the_profiles_idle_cost_model_says(
+    provider: str, billed_while_paused: bool
+) -> None:
+    classes = {"pausing": "PausingProvider", "metered-pausing": "MeteredPausingProvider"}
+    config = {
+        "providers": [{"name": provider, "class": f"tests.test_lifecycle:{classes[provider]}"}],
+        "pools": [{"name": provider, "provider": provider}],
+    }
+    fleet = Fleet(config=config)
+    try:
+        box = await fleet.create(Request(pool=provider))
+        await fleet.pause(box.id)
+        assert fleet.ledger.get(box.id).status == "paused"
+        await asyncio.sleep(0.6)
+        await fleet.resume(box.id)
+        assert fleet.ledger.get(box.id).status == "running"
+        await fleet.pause(box.id)  # a pause still under way when the sandbox ends counts too
+        await asyncio.sleep(0.6)
+        await box.destroy()
+        record, event = fleet.ledger.get(box.id), fleet.ledger.cost_event(box.id)
+        assert record.terminated_at is not None and event is not None
+        wall = record.terminated_at - record.created_at
+        assert wall >= 1.2
+        if billed_while_paused:
+            assert event.seconds == pytest.approx(wall, abs=0.01)
+        else:
+            assert 0 <= event.seconds <= wall - 1.2
+        assert event.billing_model == "wall-clock"
+    finally:
+        await fleet.close()
