@@ -209,8 +209,13 @@ class Fleet:
         self.created_here.add(sandbox_id)
         await progress(f"provisioning {name} on pool {pool.name} ({pool.provider})", 0.05)
         spec = ProvisionSpec(sandbox_id=sandbox_id, name=name, request=request, labels={LABEL: sandbox_id})
+
+        async def provider_progress(message: str, fraction: float | None = None) -> None:
+            # The provider reports its own 0..1; it is one stretch (5%..85%) of the whole create.
+            await progress(message, None if fraction is None else 0.05 + 0.8 * min(max(fraction, 0.0), 1.0))
+
         try:
-            handle = await provider.provision(spec, progress)
+            handle = await provider.provision(spec, provider_progress)
             endpoint = await provider.endpoint(handle)
         except BaseException as exc:
             # The provider cleans up what it can; the rest is removed here, in a task of its own so

@@ -241,13 +241,18 @@ async def test_progress_is_reported_while_provisioning() -> None:
     async with stdio_client() as client:
         structured(await client.call_tool("sandbox_create", {"provider": "local"}, progress_callback=on_progress))
     assert seen and seen[-1][0] == 100 and any("provisioning" in (m or "") for _, _, m in seen)
+    values = [progress for progress, _, _ in seen]
+    assert values == sorted(set(values)), f"progress must increase with each notification: {values}"
 
 
 async def test_progress_is_reported_during_a_long_run() -> None:
     seen: list[str | None] = []
 
+    values: list[float] = []
+
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         seen.append(message)
+        values.append(progress)
 
     async with stdio_client() as client:
         ran = structured(
@@ -257,6 +262,7 @@ async def test_progress_is_reported_during_a_long_run() -> None:
         )
     assert ran["stdout"] == "done\n"
     assert any(m and m.startswith("a slow build: running for") for m in seen)
+    assert values == sorted(set(values))
 
 
 async def test_a_cancelled_run_leaves_no_process_behind() -> None:

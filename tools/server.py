@@ -10,9 +10,11 @@ created with `keep`.
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -238,12 +240,35 @@ class TetherServer(MCPServer):
             ) from exc.__cause__
 
 
-def progress_reporter(ctx: Context | None) -> Callable[[str, float | None], Awaitable[None]]:
+Reporter = Callable[[str, float | None], Awaitable[None]]
+# The reporter of the tool call this task serves: a call that first creates the default sandbox and
+# then runs a command reports both through one, so its values keep increasing.
+_call_reporter: contextvars.ContextVar[tuple[Context | None, Reporter] | None] = contextvars.ContextVar(
+    "call_reporter", default=None
+)
+
+
+def progress_reporter(ctx: Context | None) -> Reporter:
+    """Progress notifications for one call. MCP requires each value to be greater than the last:
+    fractions are reported as percent of 100 while they grow; a step without one, or one that would
+    go back (a run after the default sandbox was created in the same call), counts on by one with
+    the total left unknown."""
+    current = _call_reporter.get()
+    if current is not None and current[0] is ctx:
+        return current[1]
+    last, bounded = -1.0, True
+
     async def report(message: str, fraction: float | None = None) -> None:
+        nonlocal last, bounded
+        value = round(min(max(fraction, 0.0), 1.0) * 100, 1) if fraction is not None else -1.0
+        if not bounded or value <= last:
+            value, bounded = math.floor(last) + 1, False
+        last = value
         if ctx is not None:
             with contextlib.suppress(Exception):  # progress is best effort
-                await ctx.report_progress(round((fraction or 0) * 100, 1), 100, message)
+                await ctx.report_progress(value, 100 if bounded else None, message)
 
+    _call_reporter.set((ctx, report))
     return report
 
 
