@@ -25,6 +25,9 @@ _ADDRESS = re.compile(
 DEFAULT_SSH_CONFIG = Path("~/.ssh/config")
 
 
+_NOT_IN_LOGIN_NAMES = set("'\"`$;&|<>(){}[]*?!\\%#~=,/:")
+
+
 class SSHEndpoint(BaseModel):
     """An SSH server and the credentials to log in to it.
 
@@ -58,6 +61,19 @@ class SSHEndpoint(BaseModel):
     def _host_has_no_spaces(cls, value: str) -> str:
         if not value or any(c.isspace() for c in value) or value.startswith("-"):
             raise ValueError(f"not a host name: {value!r}")
+        return value
+
+    @field_validator("user")
+    @classmethod
+    def _user_is_a_login_name(cls, value: str | None) -> str | None:
+        # A login name ends up in ssh command lines (`tether ssh`) and in ~/.ssh/config tokens
+        # (%r in a ProxyCommand): nothing in it may read as an option or as shell syntax.
+        if value is not None and (
+            not value
+            or value.startswith("-")
+            or any(c.isspace() or not c.isprintable() or c in _NOT_IN_LOGIN_NAMES for c in value)
+        ):
+            raise ValueError(f"not a login name: {value!r}")
         return value
 
     # -- construction --------------------------------------------------------------------------------

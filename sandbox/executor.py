@@ -68,6 +68,12 @@ class RawResult:
     stdout_truncated: bool
 
 
+def quote_word(text: str) -> str:
+    """`text` as one single-quoted shell word, always. (shlex.quote leaves "safe" words bare, and
+    zsh reads a bare `=ls` as the path of ls.)"""
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
 def build_script(command: str | Sequence[str]) -> str:
     """The text the child evaluates.
 
@@ -79,7 +85,7 @@ def build_script(command: str | Sequence[str]) -> str:
     else:
         if not command:
             raise InvalidArgument("empty command")
-        text = " ".join(shlex.quote(str(part)) for part in command)
+        text = " ".join(quote_word(str(part)) for part in command)
     if not text.strip():
         raise InvalidArgument("empty command")
     if "\0" in text:
@@ -96,7 +102,7 @@ def build_env(env: Mapping[str, str] | None) -> str:
             raise InvalidArgument(f"invalid environment variable name {name!r}")
         if "\0" in value:
             raise InvalidArgument(f"environment variable {name} contains a NUL byte")
-        exports.append(f"export {name}={shlex.quote(value)}")
+        exports.append(f"export {name}={quote_word(value)}")
     return "\n".join(exports)
 
 

@@ -44,8 +44,16 @@ FALLBACK_BOOT_COMMAND = "exec /bin/sh -l"
 _NO_CWD = (
     '{ [ -n "$__f" ] || { trap - EXIT; if [ -e "$__d" ]; then __w=\'is not a directory\'; '
     "else __w='does not exist'; fi; printf 'tether: cwd %s %s\\n' \"$__d\" \"$__w\" >&2; exit 125; }; "
-    'command cd -- "$__f" 2>/dev/null || command cd || exit 125; '
+    '__t_cd -- "$__f" 2>/dev/null || __t_cd || exit 125; '
     'printf \'tether: directory %s is gone; running in %s\\n\' "$__d" "$PWD" >&2; }'
+)
+
+# cd and pwd as the shell's own builtins, whatever functions a profile defines (rvm's cd, …):
+# `command cd` in POSIX shells; zsh's `command` runs only external commands unless POSIX_BUILTINS
+# is set, so there it is `builtin`. Each shell a command or job runs in defines them first.
+_BUILTINS = (
+    'if [ -n "${ZSH_VERSION-}" ]; then __t_cd() { builtin cd "$@"; }; __t_pwd() { builtin pwd; }; '
+    'else __t_cd() { command cd "$@"; }; __t_pwd() { command pwd; }; fi; '
 )
 
 # How a command is started, `exec` mode: a new shell in its own session (setsid). $1 cwd, $2 the
@@ -57,8 +65,9 @@ _NO_CWD = (
 # flush on close.
 _CHILD = (
     'if [ -n "$4" ]; then . "$4"; : >"$4"; fi; '
-    "__c=$3; __s=$2; __d=$1; __f=$5; trap 'command pwd >>\"$__c\" 2>/dev/null' EXIT; "
-    'command cd -- "$__d" 2>/dev/null || ' + _NO_CWD + "; "
+    + _BUILTINS
+    + "__c=$3; __s=$2; __d=$1; __f=$5; trap '__t_pwd >>\"$__c\" 2>/dev/null' EXIT; "
+    '__t_cd -- "$__d" 2>/dev/null || ' + _NO_CWD + "; "
     'set --; eval "$__s"'
 )
 
@@ -67,8 +76,8 @@ _CHILD = (
 # so that it can record the exit status after `job_kill`; the command runs in a subshell with the
 # default dispositions, in the foreground so that INT is not ignored.
 _JOB = (
-    "__j=$3; __s=$2; "
-    'command cd -- "$1" || { printf \'125\\n\' >"$__j/exit"; exit 125; }; '
+    _BUILTINS + "__j=$3; __s=$2; "
+    '__t_cd -- "$1" || { printf \'125\\n\' >"$__j/exit"; exit 125; }; '
     "trap : TERM INT HUP; "
     '( trap - TERM INT HUP; if [ -s "$3/env" ]; then . "$3/env"; : >"$3/env"; fi; __s=$2; set --; eval "$__s" ); '
     '__x=$?; printf \'%s\\n\' "$__x" >"$__j/exit.tmp" && mv -f "$__j/exit.tmp" "$__j/exit"'
@@ -114,16 +123,28 @@ mkdir -p "$__T/run" "$__T/jobs" 2>/dev/null && chmod 700 "$__T" 2>/dev/null
 if ! { [ -w "$__T/run" ] && [ -w "$__T/jobs" ]; }; then
   # A read-only or missing home: a directory of this user's own under the temp dir instead.
   __T="${TMPDIR:-/tmp}/tether-$(id -u)"
-  mkdir -p "$__T/run" "$__T/jobs" 2>/dev/null && chmod 700 "$__T" 2>/dev/null
-  { [ -O "$__T" ] && [ -w "$__T/run" ] && [ -w "$__T/jobs" ]; } || __T=
+  mkdir -m 700 "$__T" 2>/dev/null
+  [ -L "$__T" ] || { mkdir -p "$__T/run" "$__T/jobs" 2>/dev/null && chmod 700 "$__T" 2>/dev/null; }
+  # Not a symlink: another user could point one at a directory of ours to pass -O, then swing it
+  # to one of theirs. (The sticky temp dir keeps anyone else from replacing a real one we own.)
+  { [ ! -L "$__T" ] && [ -O "$__T" ] && [ -w "$__T/run" ] && [ -w "$__T/jobs" ]; } || __T=
 fi
 # The whole output of cut commands is kept a week.
-find "$__T/run" -type f -mtime +7 -exec rm -f {} \; 2>/dev/null
+[ -n "$__T" ] && find "$__T/run" -type f -mtime +7 -exec rm -f {} \; 2>/dev/null
 case "${SHELL##*/}" in
   bash|zsh|ksh|mksh|dash|ash|sh) __TSH=$SHELL ;;
   *) __TSH=/bin/sh ;;
 esac
 [ -x "$__TSH" ] || __TSH=/bin/sh
+__BUILTINS__
+# $1 a file, $2 its text, readable by this user only. Through a here-document, not an argument:
+# in mksh printf is /usr/bin/printf, and ps shows every process's arguments to every user.
+__t_private() {
+  (umask 077; cat >"$1" <<__TETHER_PRIVATE__
+$2
+__TETHER_PRIVATE__
+  )
+}
 __TCHILD=__CHILD__
 __TJOB=__JOB__
 if command -v setsid >/dev/null 2>&1; then
@@ -144,8 +165,8 @@ if [ -n "${BASH_VERSION:-}" ] && set -m 2>/dev/null && case $- in *m*) true ;; *
     # The env exports first: tether's own variables are then set from the arguments.
     ( set +m; [ -n "$3" ] && eval "$3"
       __c=$4; __d=$1; __s=$2; __f=$5; set --
-      trap 'command pwd >>"$__c" 2>/dev/null' EXIT
-      command cd -- "$__d" 2>/dev/null || __NO_CWD__
+      trap '__t_pwd >>"$__c" 2>/dev/null' EXIT
+      __t_cd -- "$__d" 2>/dev/null || __NO_CWD__
       eval "$__s"
     ) </dev/null >>"$__o" 2>>"$__e" &
   }
@@ -153,7 +174,7 @@ else
   __t_spawn() {
     # Environment values go through a private file, not the new shell's arguments (ps shows those).
     __vf=
-    if [ -n "$3" ]; then (umask 077; printf '%s\n' "$3" >"$__P.v"); __vf="$__P.v"; fi
+    if [ -n "$3" ]; then __t_private "$__P.v" "$3"; __vf="$__P.v"; fi
     __t_bg "$__TSH" -c "$__TCHILD" tether "$1" "$2" "$__c" "$__vf" "$5"
   }
 fi
@@ -185,7 +206,7 @@ __t_job() {
   # make setsid fork, and $! would name a parent that exits at once.
   __o="$2/stdout"; __e="$2/stderr"; __m=$-
   # Environment values through a private file the job reads and empties (not its arguments).
-  if [ -n "$5" ]; then (umask 077; printf '%s\n' "$5" >"$2/env"); fi
+  if [ -n "$5" ]; then __t_private "$2/env" "$5"; fi
   set +m
   __t_bg "$__TSH" -c "$__TJOB" tether "$3" "$4" "$2"
   __p=$!
@@ -213,6 +234,7 @@ _INIT = (
     .replace("__JOB__", shlex.quote(_JOB))
     .replace("__KILL_TREE_FN__", KILL_TREE_FN)
     .replace("__NO_CWD__", _NO_CWD)
+    .replace("__BUILTINS__", _BUILTINS)
 )
 
 

@@ -78,6 +78,27 @@ def dash_sshd(client_key: Path) -> Iterator[SSHD]:
 
 
 @pytest.fixture(scope="session")
+def zsh_sshd(client_key: Path) -> Iterator[SSHD]:
+    """zsh as the login shell (macOS's default), with its default options: commands run in zsh."""
+    if not is_root() or not shutil.which("zsh"):
+        pytest.fail("the zsh login-shell tests need root and zsh (scripts/test installs it)")
+    zprofile = {".zprofile": "path=($HOME/bin $path)\n"}
+    server = _start(ensure_account("tether-zsh", shutil.which("zsh") or "zsh", zprofile), client_key)
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def mksh_sshd(client_key: Path) -> Iterator[SSHD]:
+    """mksh as the login shell: a ksh whose printf is not a builtin (an argument of it shows in ps)."""
+    if not is_root() or not shutil.which("mksh"):
+        pytest.fail("the mksh login-shell tests need root and mksh (scripts/test installs it)")
+    server = _start(ensure_account("tether-mksh", shutil.which("mksh") or "mksh", {}), client_key)
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
 def busybox_sshd(client_key: Path) -> Iterator[SSHD]:
     """A minimal box: busybox ash as the login shell and only busybox applets on PATH (no rg, no GNU)."""
     if not is_root() or not BUSYBOX:

@@ -4,7 +4,9 @@ their command line."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
+import threading
 import time
 
 
@@ -29,3 +31,38 @@ async def wait_until_gone(marker: str, seconds: float = 5.0) -> list[str]:
     while (left := processes_matching(marker)) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     return left
+
+
+class ArgvWatch:
+    """Reads every process's command line (/proc/*/cmdline, what `ps` shows every user) over and
+    over in a thread while the block runs, keeping each one that contains `needle`: a process
+    that lives a millisecond is still seen, as another user's watcher would see it."""
+
+    def __init__(self, needle: str) -> None:
+        self.needle = needle.encode()
+        self.seen: list[str] = []
+        self.scans = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> ArgvWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            for entry in os.scandir("/proc"):
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                        argv = f.read()
+                except OSError:
+                    continue
+                if self.needle in argv:
+                    self.seen.append(argv.replace(b"\0", b" ").decode(errors="replace"))
+            self.scans += 1

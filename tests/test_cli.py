@@ -68,7 +68,10 @@ def test_attach_and_ssh_command(sshd: SSHD, client_key: Path) -> None:
     assert command[:3] == ["ssh", "-p", str(sshd.port)] and str(client_key) in command
     assert "StrictHostKeyChecking=yes" in printed.stdout  # the pinned key, not trust-on-whatever
     # the printed command works with the real OpenSSH client
-    result = subprocess.run([*command, "-o", "BatchMode=yes", "whoami"], capture_output=True, text=True, timeout=30)
+    assert command[-4:] == ["-l", sshd.account.name, "--", "127.0.0.1"]  # no name can read as an option
+    result = subprocess.run(
+        ["ssh", "-o", "BatchMode=yes", *command[1:], "whoami"], capture_output=True, text=True, timeout=30
+    )
     assert result.stdout.strip() == sshd.account.name, result.stderr
     assert tether("down", sandbox_id).returncode == 0
 

@@ -34,6 +34,17 @@ def test_parse_refuses_what_is_not_an_address(text: str) -> None:
         SSHEndpoint.parse(text)
 
 
+@pytest.mark.parametrize("user", ["-oProxyCommand=touch x", "a b", "$(id)", "`id`", "x;y", "bob%r", "", "tab\there"])
+def test_login_names_that_could_read_as_options_or_shell_are_refused(user: str) -> None:
+    with pytest.raises(ValueError, match="not a login name"):
+        SSHEndpoint(host="box", user=user)
+
+
+@pytest.mark.parametrize("user", ["alice", "a.b-c_d", "svc+ci", "alice@corp.example", "Étienne"])
+def test_ordinary_login_names_are_accepted(user: str) -> None:
+    assert SSHEndpoint(host="box", user=user).user == user
+
+
 def test_secrets_never_show_in_messages() -> None:
     endpoint = SSHEndpoint(host="gw.example", token="tok-secret", password="pw-secret", key_material="KEY-secret")
     for text in (str(endpoint), repr(endpoint), endpoint.display, endpoint.model_dump_json()):

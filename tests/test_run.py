@@ -6,16 +6,16 @@ import asyncio
 import os
 import secrets
 import shlex
-import subprocess
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
 from sandbox import ConnectionPool, Sandbox, SSHEndpoint
-from sandbox.errors import ConnectionLost, FileNotFound, InvalidArgument
+from sandbox.errors import ConnectError, ConnectionLost, FileNotFound, InvalidArgument
 from tests.conftest import endpoint_for
-from tests.processes import wait_until_gone, wait_until_running
+from tests.processes import ArgvWatch, wait_until_gone, wait_until_running
 from tests.sshd import SSHD
 
 
@@ -215,6 +215,32 @@ async def test_an_unwritable_tether_dir_falls_back_to_the_temp_dir(
         assert (await box.job_output(job.id, wait_ms=5000)).stdout == "job\n"
 
 
+async def test_a_symlink_planted_as_the_temp_fallback_is_refused(
+    sshd: SSHD, client_key: Path, pool: ConnectionPool
+) -> None:
+    """Another user of the box links /tmp/tether-UID to a directory of ours (so that it passes as
+    ours), meaning to swing it to one of theirs later: tether must not write there."""
+    fallback = Path(f"/tmp/tether-{sshd.account.uid}")
+    aside = fallback.with_name(f"{fallback.name}.aside-{secrets.token_hex(4)}")
+    ours = sshd.account.home / f"planted-{secrets.token_hex(4)}"
+    ours.mkdir()
+    os.chown(ours, sshd.account.uid, sshd.account.gid)
+    if fallback.exists() or fallback.is_symlink():
+        fallback.rename(aside)
+    try:
+        fallback.symlink_to(ours)
+        endpoint = endpoint_for(sshd, client_key)
+        with pytest.raises(ConnectError, match="no directory tether can write"):
+            async with Sandbox(endpoint, pool=pool, tether_dir="/proc/tether-cannot-be-here") as box:
+                await box.run("true")
+        assert list(ours.iterdir()) == []
+    finally:
+        fallback.unlink(missing_ok=True)
+        if aside.exists():
+            aside.rename(fallback)
+        shutil.rmtree(ours, ignore_errors=True)
+
+
 async def test_output_cap_counts_characters_not_bytes(sb: Sandbox) -> None:
     r = await sb.run("printf 'é%.0s' $(seq 1 20000)", max_chars=30_000)
     assert r.stdout == "é" * 20000 and not r.truncated
@@ -259,7 +285,7 @@ async def test_user_exit_and_exec_do_not_break_the_shell(sb: Sandbox) -> None:
     assert (await sb.run("echo alive")).stdout == "alive\n"
 
 
-@pytest.mark.parametrize("flavour", ["dash_sshd", "busybox_sshd", "slow_sshd"])
+@pytest.mark.parametrize("flavour", ["dash_sshd", "busybox_sshd", "zsh_sshd", "mksh_sshd", "slow_sshd"])
 async def test_other_login_shells(
     flavour: str, request: pytest.FixtureRequest, client_key: Path, pool: ConnectionPool
 ) -> None:
@@ -280,6 +306,9 @@ async def test_other_login_shells(
         assert (await box.job_output(job.id, wait_ms=5000)).stdout == "job ran\n"
         hostile = "it's $(x) `y` \\ \n"
         assert (await box.run(f"printf %s {shlex.quote(hostile)}")).stdout == hostile
+        # zsh expands a bare `=word` to a command's path: every argument and value is quoted
+        assert (await box.run(["printf", "%s|", "=ls", "~", "a=b"])).stdout == "=ls|~|a=b|"
+        assert (await box.run('printf %s "$V"', env={"V": "=ls"})).stdout == "=ls"
         marker = f"tether-{flavour}-{secrets.token_hex(4)}"
         timed = await box.run(f"sh -c 'sleep 1000 & sleep 1000' {marker}", timeout=0.5)
         assert timed.timed_out
@@ -300,7 +329,7 @@ async def test_other_login_shells(
         assert await box.cwd() == await box.home() and not os.path.exists(f"{doomed}-ran")
 
 
-@pytest.mark.parametrize("flavour", ["sshd", "dash_sshd"])
+@pytest.mark.parametrize("flavour", ["sshd", "dash_sshd", "mksh_sshd"])
 async def test_environment_values_never_show_in_ps(
     flavour: str, request: pytest.FixtureRequest, client_key: Path, pool: ConnectionPool
 ) -> None:
@@ -309,22 +338,19 @@ async def test_environment_values_never_show_in_ps(
     secret = f"s3cret-{secrets.token_hex(8)}"
     marker = f"tether-env-{secrets.token_hex(4)}"
     async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
-        running = asyncio.ensure_future(box.run(f"sh -c 'sleep 2' {marker}; echo $TOKEN", env={"TOKEN": secret}))
-        job = await box.start_job(f"sh -c 'sleep 2' {marker}-job; echo $TOKEN", env={"TOKEN": secret})
-        seen = []
-        for _ in range(30):
-            out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-            seen.append(out)
-            if marker in out and f"{marker}-job" in out:
-                break
-            await asyncio.sleep(0.05)
-        assert any(marker in snapshot for snapshot in seen), "the commands never showed up in ps"
-        assert all(secret not in snapshot for snapshot in seen)
-        assert (await running).stdout == f"{secret}\n"
-        # Each read returns what is new since the previous one: keep all of it.
-        output = await box.job_output(job.id, wait_ms=10_000)
-        stdout = output.stdout
-        while output.status == "running":
+        await box.run("true")  # (the shell's start-up is not what is watched)
+        with ArgvWatch(secret) as watch:
+            running = asyncio.ensure_future(box.run(f"sh -c 'sleep 1' {marker}; echo $TOKEN", env={"TOKEN": secret}))
+            job = await box.start_job(f"sh -c 'sleep 1' {marker}-job; echo $TOKEN", env={"TOKEN": secret})
+            await wait_until_running(f"{marker}-job")
+            assert (await running).stdout == f"{secret}\n"
+            for _ in range(20):  # quick ones too: a process that writes the value lives a millisecond
+                assert (await box.run("echo $TOKEN", env={"TOKEN": secret})).stdout == f"{secret}\n"
+            # Each read returns what is new since the previous one: keep all of it.
             output = await box.job_output(job.id, wait_ms=10_000)
-            stdout += output.stdout
+            stdout = output.stdout
+            while output.status == "running":
+                output = await box.job_output(job.id, wait_ms=10_000)
+                stdout += output.stdout
+        assert watch.scans > 10 and watch.seen == []
         assert secret in stdout

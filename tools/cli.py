@@ -345,8 +345,9 @@ def ssh_argv(record: SandboxRecord) -> list[str]:
     jumps = [f"{j['user'] + '@' if j.get('user') else ''}{j['host']}:{j['port']}" for j in data.get("jump", [])]
     if jumps:
         argv += ["-J", ",".join(jumps)]
-    user = data.get("user")
-    return [*argv, f"{user}@{data['host']}" if user else data["host"]]
+    if data.get("user"):
+        argv += ["-l", data["user"]]
+    return [*argv, "--", data["host"]]
 
 
 @command("cp")
