@@ -315,6 +315,10 @@ class Fleet:
             provider = self._provider_of(record)
             handle = Handle.model_validate(record.handle)
             endpoint = await provider.endpoint(handle)
+            where = {"host": endpoint.host, "port": endpoint.port, "user": endpoint.user}
+            if where != record.endpoint:  # what `tether info` and sandbox_info show must work
+                self.ledger.set_endpoint(record.id, where)
+                record = self.ledger.get(record.id)
             # Another call may have opened it while we waited for the endpoint: share that one. (env
             # given at creation lives only in the creating process: the ledger has no values.)
             box = self._open.setdefault(

@@ -241,6 +241,11 @@ class Ledger:
                 (external_id, json.dumps(handle), sandbox_id),
             )
 
+    def set_endpoint(self, sandbox_id: str, endpoint: dict[str, Any]) -> None:
+        """Where the sandbox's SSH server is now (the local provider's moves with the process serving it)."""
+        with self.store.transaction() as db:
+            db.execute("UPDATE sandboxes SET endpoint = ? WHERE id = ?", (json.dumps(endpoint), sandbox_id))
+
     def set_status(self, sandbox_id: str, status: str, reason: str | None = None) -> None:
         with self.store.transaction() as db:
             db.execute(

@@ -151,6 +151,7 @@ class Executor:
         env: Mapping[str, str] | None = None,
         timeout: float = 120.0,
         max_chars: int = MAX_OUTPUT_CHARS,
+        keep_output: bool = False,
     ) -> RunResult:
         """Run a command; see `Sandbox.run`."""
         script, exports = build_script(command), build_env(env)
@@ -164,8 +165,8 @@ class Executor:
             # Read before the shell takes its next command: it empties these files first.
             kept = f"{shell.info.run_dir}/{command_id}"
             (stdout, out_path), (stderr, err_path) = await asyncio.gather(
-                self._collect(shell.stdout_path, finished.has_stdout, max_chars, f"{kept}.o"),
-                self._collect(shell.stderr_path, finished.has_stderr, max_chars, f"{kept}.e"),
+                self._collect(shell.stdout_path, finished.has_stdout, max_chars, f"{kept}.o", keep_output),
+                self._collect(shell.stderr_path, finished.has_stderr, max_chars, f"{kept}.e", keep_output),
             )
         _raise_if_cwd_refused(cwd, finished, stderr)
         self.cwd = finished.cwd or start_dir
@@ -174,7 +175,7 @@ class Executor:
             stdout=stdout,
             stderr=stderr,
             timed_out=timed_out,
-            truncated=bool(out_path or err_path),
+            truncated=not keep_output and bool(out_path or err_path),
             duration_ms=round((time.monotonic() - started) * 1000, 3),
             cwd=self.cwd,
             stdout_path=out_path,
@@ -308,11 +309,17 @@ class Executor:
         except Exception as exc:  # the connection may be gone too; nothing else can be done from here
             log.warning("could not kill process group %d after cancellation: %s", pid, exc)
 
-    async def _collect(self, path: str, present: bool, max_chars: int, keep_as: str) -> tuple[str, str | None]:
-        """The stream's text capped to `max_chars` (head + tail). When it was cut, the whole stream is
-        moved to `keep_as` (its path is returned) so the shell's next command cannot empty it."""
+    async def _collect(
+        self, path: str, present: bool, max_chars: int, keep_as: str, keep: bool = False
+    ) -> tuple[str, str | None]:
+        """The stream's text capped to `max_chars` (head + tail). When it was cut (or `keep` asks for
+        it unread), the whole stream is moved to `keep_as` (its path is returned) so the shell's next
+        command cannot empty it."""
         if not present:
             return "", None
+        if keep:
+            await self._sftp.once(lambda sftp: sftp.posix_rename(path, keep_as))
+            return "", keep_as
 
         async def read(sftp: asyncssh.SFTPClient) -> tuple[str, bool]:
             # One read decides: up to 4 × max_chars bytes (a character is at most 4) is enough.

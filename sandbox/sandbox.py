@@ -155,6 +155,7 @@ class Sandbox:
         env: Mapping[str, str] | None = None,
         timeout: float = 120.0,
         max_chars: int = MAX_OUTPUT_CHARS,
+        keep_output: bool = False,
     ) -> RunResult:
         """Run a command in a persistent shell and wait for it.
 
@@ -165,6 +166,8 @@ class Sandbox:
         in the remote file named by `stdout_path`/`stderr_path`. The directory the command ends in
         becomes `cwd()`. A `cwd` given here must exist: otherwise nothing runs (FileNotFound, or
         InvalidArgument for a file); a saved cwd removed since falls back to where the login landed.
+        With `keep_output`, neither stream is read back: both stay, as bytes, in the remote files
+        named by `stdout_path`/`stderr_path` (empty streams: None), the caller's to read and remove.
 
         Raises: ConnectionLost (the connection died while the command ran), InvalidArgument,
         FileNotFound, ShellsBusy.
@@ -172,7 +175,9 @@ class Sandbox:
         merged = {**self.env, **(env or {})}
         where = await self.resolve(cwd) if cwd is not None else None
         async with self._in_flight():
-            return await self._p.executor.run(command, cwd=where, env=merged, timeout=timeout, max_chars=max_chars)
+            return await self._p.executor.run(
+                command, cwd=where, env=merged, timeout=timeout, max_chars=max_chars, keep_output=keep_output
+            )
 
     async def exec_raw(
         self, argv: Sequence[str], *, cwd: str | None = None, timeout: float = 120.0, max_bytes: int = 8 << 20
@@ -265,10 +270,14 @@ class Sandbox:
     # -- transfers -----------------------------------------------------------------------------------
 
     async def upload(self, local: str | Path, remote: str, progress: Progress | None = None) -> int:
-        """Copy a local file to the box (pipelined SFTP, atomic rename at the end). Returns bytes sent."""
-        where = await self.resolve(remote)
+        """Copy a local file to the box (pipelined SFTP, atomic rename at the end). Returns bytes sent.
+
+        As with cp, a `remote` that is a directory, or ends in '/' (created when missing), gets the
+        file under its own name; an empty `remote` means the current directory."""
+        into = not remote or posixpath.basename(remote) in ("", ".", "..")
+        where = await self.resolve(remote or ".")
         async with self._in_flight():
-            return await self._p.transfers.upload(Path(local), where, progress)
+            return await self._p.transfers.upload(Path(local), where, progress, into_directory=into)
 
     async def download(self, remote: str, local: str | Path, progress: Progress | None = None) -> int:
         """Copy a file from the box (pipelined SFTP, atomic rename at the end). Returns bytes received."""

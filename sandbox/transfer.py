@@ -28,8 +28,12 @@ class Transfers:
     def __init__(self, sftp: SFTPChannel) -> None:
         self._sftp = sftp
 
-    async def upload(self, local: Path, remote: str, progress: Progress | None = None) -> int:
+    async def upload(
+        self, local: Path, remote: str, progress: Progress | None = None, *, into_directory: bool = False
+    ) -> int:
         """Copy `local` to `remote` (parents created, atomic rename). Returns the size copied.
+        When `remote` is a directory (or `into_directory`: one to create), the copy goes into it
+        under the local file's name.
 
         Raises: FileNotFound / IsADirectory for the local file, FileOperationError for the remote side.
         """
@@ -38,10 +42,14 @@ class Transfers:
         if local.is_dir():
             raise IsADirectory(str(local))
         size = local.stat().st_size
-        directory, name = posixpath.split(remote)
-        temp = posixpath.join(directory, temp_name(name, "part"))
 
         async def put(sftp: asyncssh.SFTPClient) -> None:
+            target = remote
+            if into_directory or await _is_directory(sftp, remote):
+                await sftp.makedirs(remote, exist_ok=True)
+                target = posixpath.join(remote, local.name)
+            directory, name = posixpath.split(target)
+            temp = posixpath.join(directory, temp_name(name, "part"))
             try:
                 await sftp.makedirs(directory, exist_ok=True)
                 # Created private first: put() reopens it (keeping the mode), and the final mode is
@@ -51,14 +59,14 @@ class Transfers:
                     str(local), temp, block_size=-1, max_requests=MAX_REQUESTS, progress_handler=_adapt(progress)
                 )
                 await sftp.chmod(temp, local.stat().st_mode & 0o777)
-                await sftp.posix_rename(temp, remote)
+                await sftp.posix_rename(temp, target)
             except BaseException as exc:
                 try:
                     await sftp.remove(temp)
                 except Exception:  # (the connection died with the upload: once re-dialed, then)
                     self._sftp.remove_later(temp)
                 if isinstance(exc, asyncssh.SFTPError):
-                    raise sftp_error(remote, exc) from None
+                    raise sftp_error(target, exc) from None
                 raise
 
         await self._sftp.once(put)
@@ -92,6 +100,13 @@ class Transfers:
             return attrs.size or local.stat().st_size
 
         return await self._sftp.once(get)
+
+
+async def _is_directory(sftp: asyncssh.SFTPClient, path: str) -> bool:
+    try:
+        return (await sftp.stat(path)).type == asyncssh.FILEXFER_TYPE_DIRECTORY
+    except asyncssh.SFTPNoSuchFile:
+        return False
 
 
 def _adapt(progress: Progress | None) -> Callable[[bytes, bytes, int, int], None] | None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
-from tests.mcp_support import server_env, tether
+from tests.mcp_support import ROOT, server_env, tether
 from tests.sshd import SSHD
 
 
@@ -42,6 +43,27 @@ def test_up_exec_cp_info_down(tmp_path: Path) -> None:
     back = tmp_path / "back.bin"
     assert tether("cp", "cli-box:in/data.bin", str(back)).returncode == 0
     assert back.read_bytes() == local.read_bytes()
+    # exec passes the bytes through untouched (not decoded as UTF-8), on both streams
+    piped = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tools.cli",
+            "exec",
+            sandbox_id,
+            "--",
+            "sh",
+            "-c",
+            "cat in/data.bin; printf '\\377' >&2",
+        ],
+        capture_output=True,
+        cwd=ROOT,
+        env=server_env(),
+        timeout=120,
+    )
+    assert piped.returncode == 0 and piped.stdout == local.read_bytes() and piped.stderr == b"\xff"
+    assert tether("cp", str(local), f"{sandbox_id}:in/").returncode == 0  # into a directory: its own name
+    assert tether("exec", sandbox_id, "--", "cmp", "in/data.bin", "in/data.bin").returncode == 0
 
     info = json.loads(tether("info", sandbox_id, "--json").stdout)
     assert info["status"] == "running" and info["capacity"]["cpus"] == os.cpu_count()
@@ -109,16 +131,22 @@ def test_doctor_checks_each_pool(sshd: SSHD, client_key: Path, tmp_path: Path) -
     config.write_text(
         f'[[pools]]\nname = "here"\nprovider = "local"\n\n'
         f'[[pools]]\nname = "box"\nprovider = "ssh"\n{box}\n\n'
-        f'[[pools]]\nname = "cloud"\nprovider = "e2b"\n'
+        f'[[pools]]\nname = "cloud"\nprovider = "e2b"\n\n'
+        f'[[pools]]\nname = "own-daytona"\nprovider = "daytona"\n'
+        f'config = {{ daytonaApiUrl = "http://127.0.0.1:{sshd.port}/api" }}\n'
     )
-    env = server_env(TETHER_CONFIG=str(config))
+    env = server_env(TETHER_CONFIG=str(config), DAYTONA_API_KEY="dtn-test")
     env.pop("E2B_API_KEY", None)
+    env.pop("DAYTONA_API_URL", None)
     result = tether("doctor", "--json", env=env)
     checks = {c["name"]: c for c in json.loads(result.stdout)}
     assert checks["pool here (local)"]["status"] == "ok"
     assert checks["pool box (ssh)"]["status"] == "ok" and sshd.address in checks["pool box (ssh)"]["detail"]
     assert checks["pool cloud (e2b)"]["status"] == "fail"
     assert "E2B_API_KEY" in checks["pool cloud (e2b)"]["detail"]
+    # a self-hosted Daytona: the pool's daytonaApiUrl is where doctor looks, not app.daytona.io
+    assert f"127.0.0.1:{sshd.port} reachable" in checks["pool own-daytona (daytona)"]["detail"]
+    assert "dtn-test" not in result.stdout + result.stderr
     assert result.returncode == 1
 
 
@@ -137,3 +165,21 @@ def test_demo_runs_the_whole_story() -> None:
     ):
         assert f"==> {step}" in result.stdout
     assert "-> 200 'Hi, tether!'" in result.stdout and "OK" in result.stdout
+
+
+def test_pause_and_resume_for_people_and_for_scripts(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[[providers]]\nname = "pausing"\nclass = "tests.test_lifecycle:PausingProvider"\n\n'
+        '[[pools]]\nname = "pauses"\nprovider = "pausing"\n'
+    )
+    env = server_env(TETHER_CONFIG=str(config))
+    up = tether("up", "pausing", "--json", env=env)
+    assert up.returncode == 0, up.stderr
+    sandbox_id = json.loads(up.stdout)["id"]
+    paused = tether("pause", sandbox_id, "--json", env=env)
+    assert paused.returncode == 0, paused.stderr
+    assert json.loads(paused.stdout) == {"id": sandbox_id, "name": json.loads(up.stdout)["name"], "status": "paused"}
+    resumed = tether("resume", sandbox_id, env=env)
+    assert resumed.returncode == 0 and resumed.stdout.startswith("resumed ") and resumed.stdout.endswith(": running\n")
+    assert tether("down", sandbox_id, env=env).returncode == 0

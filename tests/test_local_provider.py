@@ -227,3 +227,24 @@ async def test_the_embedded_server_sends_no_empty_ignore_packets(
     received = [r.getMessage() for r in caplog.records if "Received MSG_" in r.getMessage()]
     assert any("MSG_CHANNEL_DATA" in m for m in received), received  # (the log does show packets)
     assert not [m for m in received if "MSG_IGNORE" in m]  # by the server from the client, or back
+
+
+async def test_the_ledger_shows_where_the_sandbox_is_served_now() -> None:
+    """A local sandbox's SSH server lives in the process serving it: one opened again elsewhere has
+    a new port, and `tether info` / sandbox_info must show that one, not the first process's."""
+    first = Fleet(config={})
+    try:
+        box = await first.create(Request(provider="local", keep=True))
+        served = dict(first.ledger.get(box.id).endpoint or {})
+        first.ledger.set_endpoint(box.id, {**served, "port": 1})  # as left by a process that has exited
+        second = Fleet(config={})
+        try:
+            again = await second.get(box.id)
+            assert (await again.run("echo here")).stdout == "here\n"
+            assert second.ledger.get(box.id).endpoint == {**served, "port": again.endpoint.port}
+            assert again.endpoint.port != 1
+        finally:
+            await second.close()
+        await box.destroy()
+    finally:
+        await first.close()

@@ -429,8 +429,12 @@ async def test_the_default_sandbox_comes_from_config_defaults(tmp_path: Path) ->
         '[defaults]\npool = "mine"\nidle_timeout_s = 900\n\n[[pools]]\nname = "mine"\nprovider = "local"\n'
     )
     async with stdio_client(env=server_env(TETHER_CONFIG=str(config))) as client:
+        nothing = await client.call_tool("sandbox_destroy", {})
+        assert nothing.is_error and "no default sandbox yet" in nothing.content[0].text
         await client.call_tool("run", {"command": "true"})
         listed = structured(await client.call_tool("sandbox_list", {}))
         default = next(s for s in listed["sandboxes"] if s["id"] == listed["default"])
         assert default["pool"] == "mine"
-    assert Ledger().get(listed["default"]).idle_timeout == 900
+        assert Ledger().get(listed["default"]).idle_timeout == 900
+        destroyed = structured(await client.call_tool("sandbox_destroy", {}))  # the default, by omission
+        assert destroyed["id"] == listed["default"] and Ledger().get(destroyed["id"]).status == "terminated"

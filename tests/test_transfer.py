@@ -40,6 +40,24 @@ async def test_upload_keeps_the_local_mode(sb: Sandbox, tmp_path: Path) -> None:
     assert (await sb.run("./bin/run.sh")).stdout == "uploaded\n"
 
 
+async def test_an_upload_to_a_directory_goes_into_it_as_cp_does(sb: Sandbox, tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("n\n")
+    await sb.run("mkdir -p existing")
+    await sb.upload(notes, "existing")  # an existing directory
+    await sb.upload(notes, "fresh/")  # a trailing slash: a directory, created
+    await sb.upload(notes, "")  # the current directory
+    listing = (await sb.run("ls -p existing fresh .")).stdout
+    assert (await sb.read_text("existing/notes.txt")) == (await sb.read_text("fresh/notes.txt")) == "n\n"
+    assert (await sb.read_text("notes.txt")) == "n\n"
+    assert ".part" not in listing, listing
+    # and back: a download into a local directory keeps the remote name
+    back = tmp_path / "back"
+    back.mkdir()
+    await sb.download("fresh/notes.txt", back)
+    assert (back / "notes.txt").read_text() == "n\n"
+
+
 async def test_failed_transfers_leave_nothing_half_written(sb: Sandbox, tmp_path: Path) -> None:
     local_dir = tmp_path / "local"
     with pytest.raises(FileNotFound):

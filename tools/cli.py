@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import shlex
@@ -264,15 +265,24 @@ def down_command(args: argparse.Namespace) -> int:
 
 @command("pause")
 def pause_command(args: argparse.Namespace) -> int:
-    with_fleet(lambda fleet: fleet.pause(args.id))
-    print(f"paused {args.id}")
-    return 0
+    return _pause_or_resume(args, "pause")
 
 
 @command("resume")
 def resume_command(args: argparse.Namespace) -> int:
-    with_fleet(lambda fleet: fleet.resume(args.id))
-    print(f"resumed {args.id}")
+    return _pause_or_resume(args, "resume")
+
+
+def _pause_or_resume(args: argparse.Namespace, action: str) -> int:
+    async def act(fleet: Fleet) -> SandboxRecord:
+        await getattr(fleet, action)(args.id)
+        return fleet.record(args.id)
+
+    record = with_fleet(act)
+    if args.json:
+        print_json({"id": record.id, "name": record.name, "status": record.status})
+    else:
+        print(f"{action}d {record.name} ({record.id}): {record.status}")
     return 0
 
 
@@ -296,9 +306,20 @@ def exec_command(args: argparse.Namespace) -> int:
 
     async def execute(fleet: Fleet) -> int:
         box = await fleet.get(args.id)
-        result = await box.run(command_text, timeout=args.timeout, max_chars=200_000_000)
-        sys.stdout.write(result.stdout)
-        sys.stderr.write(result.stderr)
+        # Byte for byte, whatever the command prints (`tether exec ID -- cat image.png > copy.png`):
+        # the streams stay in files on the box, read back raw and removed.
+        result = await box.run(command_text, timeout=args.timeout, keep_output=True)
+        for path, stream in ((result.stdout_path, sys.stdout), (result.stderr_path, sys.stderr)):
+            if path:
+                with tempfile.TemporaryDirectory() as scratch:
+                    copy = Path(scratch) / "stream"
+                    await box.download(path, copy)
+                    with contextlib.suppress(Exception):
+                        await box.remove(path)
+                    stream.flush()
+                    with copy.open("rb") as f:
+                        shutil.copyfileobj(f, stream.buffer)
+                    stream.buffer.flush()
         if result.timed_out:
             print(f"tether: timed out after {args.timeout:g}s; the process group was killed", file=sys.stderr)
             return 124
@@ -546,11 +567,17 @@ def host_command(args: argparse.Namespace) -> int:
         asyncio.run(host_daemon.serve(args.port))
         return 0
     if action == "drain":
-        remaining = asyncio.run(host_daemon.drain(wait=not args.no_wait))
+        to_stderr = functools.partial(print, file=sys.stderr)  # stdout is the JSON's alone
+        remaining = asyncio.run(host_daemon.drain(wait=not args.no_wait, report=to_stderr if args.json else print))
+        if args.json:
+            print_json({"draining": True, "remaining": remaining})
         return 0 if not remaining else 3
     if action in ("install", "uninstall"):
         path, outcome = getattr(host_daemon, action)()
-        print(f"{path}: {outcome}")
+        if args.json:
+            print_json({"path": str(path), "outcome": outcome})
+        else:
+            print(f"{path}: {outcome}")
         return 0
     if action in ("start", "stop", "restart"):
         getattr(host_daemon, action)()

@@ -101,7 +101,7 @@ async def _pool(pool: Pool, fleet: Fleet) -> Check:
     if pool.provider == "ssh":
         return await _ssh(name, pool)
     if pool.provider in CREDENTIAL_ENV:
-        return await _cloud(name, pool.provider)
+        return await _cloud(name, pool.provider, pool.config)
     try:
         provider_class(pool.provider)
     except ProviderError as exc:
@@ -149,11 +149,11 @@ async def _ssh(name: str, pool: Pool) -> Check:
         return Check(name, "fail", str(exc))
 
 
-async def _cloud(name: str, provider: str) -> Check:
+async def _cloud(name: str, provider: str, pool_config: object = None) -> Check:
     missing = [n for n in CREDENTIAL_ENV[provider] if not os.environ.get(n)]
     if missing:
         return Check(name, "fail", f"missing credentials: set {', '.join(missing)}")
-    url = os.environ.get(API_URL_ENV.get(provider, ""), "") or API_HOSTS[provider]
+    url = _api_url(provider, pool_config)
     parsed = urlparse(url)
     host, port = parsed.hostname or url, parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
@@ -166,6 +166,16 @@ async def _cloud(name: str, provider: str) -> Check:
     except ProviderError as exc:
         return Check(name, "warn", f"{reach}; {exc}")
     return Check(name, "ok", reach)
+
+
+def _api_url(provider: str, pool_config: object = None) -> str:
+    """Where the provider's API is: its environment variable (E2B_DOMAIN names a domain), else the
+    pool's own setting (Daytona's daytonaApiUrl, as the seed's credential resolver has it), else
+    the public default."""
+    if provider == "e2b" and os.environ.get("E2B_DOMAIN"):
+        return f"https://api.{os.environ['E2B_DOMAIN']}"
+    from_env = os.environ.get(API_URL_ENV.get(provider, ""), "")
+    return from_env or getattr(pool_config, "daytonaApiUrl", None) or API_HOSTS[provider]
 
 
 def _connect(host: str, port: int) -> None:

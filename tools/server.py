@@ -456,10 +456,15 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
     @server.tool(annotations=DESTRUCTIVE)
     @guarded
     async def sandbox_destroy(
-        sandbox: Annotated[str, Field(description="Sandbox id or name")],
+        sandbox: Annotated[
+            str | None,
+            Field(description="Sandbox id or name. Omit to destroy the default sandbox, when there is one."),
+        ] = None,
     ) -> Annotated[CallToolResult, R.DestroyResult]:
         """Terminate a sandbox (an attached host is only detached) and report its cost."""
-        record = state.fleet.ledger.get(sandbox)
+        if sandbox is None and state.default_id is None:  # (none is created just to be destroyed)
+            raise InvalidArgument("there is no default sandbox yet; name the one to destroy (see sandbox_list)")
+        record = state.fleet.ledger.get(sandbox or state.default_id or "")
         event = await state.fleet.destroy(record.id)
         if state.default_id == record.id:
             state.default_id = None
@@ -751,7 +756,10 @@ def register_shell_tools(server: MCPServer, state: ServerState) -> None:
     async def job_kill(
         job_id: Annotated[str, Field(description="The job to stop")],
         signal: Annotated[
-            str, Field(description="TERM, KILL, INT, HUP, QUIT, USR1 or USR2 (SIGKILL and 9 are understood too)")
+            str,
+            Field(
+                description="TERM, KILL, INT, HUP, QUIT, USR1, USR2, STOP or CONT (SIGKILL and 9 are understood too)"
+            ),
         ] = "TERM",
         sandbox: SandboxArg = None,
     ) -> Annotated[CallToolResult, R.JobKillResult]:
