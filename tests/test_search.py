@@ -48,6 +48,9 @@ async def test_files_with_matches_is_newest_first(sb: Sandbox, tree: str) -> Non
     r = await sb.grep("hello", tree, case_insensitive=True)
     assert r.engine == "rg" and r.mode == "files_with_matches"
     assert r.text.splitlines() == [f"{tree}/{p}" for p in reversed(list(TREE))]
+    # a small tree is searched with one thread from then on: the same answer
+    assert sb._p.search._small_roots[tree] is True
+    assert (await sb.grep("hello", tree, case_insensitive=True)).text == r.text
 
 
 async def test_content_mode_uses_ripgreps_format_with_context(sb: Sandbox, tree: str) -> None:
