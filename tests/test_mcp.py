@@ -20,7 +20,7 @@ import pytest
 from providers import Fleet
 from providers.ledger import Ledger
 from tests.mcp_support import ROOT, http_client, http_server, server_env, stdio_client, structured, text
-from tests.processes import processes_matching, wait_until_gone
+from tests.processes import processes_matching, wait_until_gone, wait_until_running
 from tests.sshd import SSHD
 from tests.test_files import PNG_1X1
 from tools.stdio import _LineReader
@@ -266,11 +266,15 @@ async def test_progress_is_reported_during_a_long_run() -> None:
 
 
 async def test_a_cancelled_run_leaves_no_process_behind() -> None:
-    marker = f"tether-mcp-cancel-{secrets.token_hex(4)}"
+    # The marker is on the leaves (sleep takes 1000.NNNN seconds), which a kill of the parent alone
+    # would leave behind.
+    marker = f"sleep 1000.{secrets.randbelow(10**8):08d}"
     async with stdio_client() as client:
         structured(await client.call_tool("run", {"command": "true"}))
-        with anyio.move_on_after(2):
-            await client.call_tool("run", {"command": f"sh -c 'sleep 1000' {marker}"})
+        async with anyio.create_task_group() as calls:
+            calls.start_soon(client.call_tool, "run", {"command": f"sh -c '{marker} & {marker}; true'"})
+            assert len(await wait_until_running(marker)) >= 1
+            calls.cancel_scope.cancel()
         assert await wait_until_gone(marker, 10) == []
         assert structured(await client.call_tool("run", {"command": "echo still here"}))["stdout"] == "still here\n"
     assert processes_matching(marker) == []

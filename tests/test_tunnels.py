@@ -450,6 +450,16 @@ async def test_tunnel_tools_over_mcp() -> None:
         closed = structured(await client.call_tool("tunnel_close", {"tunnel_id": opened["tunnel_id"]}))
         assert closed["status"] == "closed"
         assert structured(await client.call_tool("tunnel_list", {}))["tunnels"] == []
+        # a sandbox ended by another process (`tether down` in another shell): its tunnels close here
+        again = structured(await client.call_tool("tunnel_open", {"port": port}))
+        assert (await asyncio.to_thread(tether, "down", info["id"])).returncode == 0
+        deadline = time.monotonic() + 10
+        while structured(await client.call_tool("tunnel_list", {}))["tunnels"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert structured(await client.call_tool("tunnel_list", {}))["tunnels"] == []
+        with pytest.raises(httpx.TransportError):
+            async with httpx.AsyncClient() as http:
+                await http.get(again["url"], timeout=5)
 
 
 async def test_tether_tunnel_command(local_box: Sandbox) -> None:
@@ -469,9 +479,42 @@ async def test_tether_tunnel_command(local_box: Sandbox) -> None:
             assert (await client.get(f"{url.strip()}/index.html")).text == PAGE
         process.send_signal(signal.SIGINT)
         assert await asyncio.to_thread(process.wait, 15) == 0
+        with pytest.raises(httpx.TransportError):  # Ctrl-C closed it
+            async with httpx.AsyncClient() as client:
+                await client.get(f"{url.strip()}/index.html", timeout=5)
+        rows = json.loads(tether("info", local_box.id, "--json").stdout)["tunnels"]  # type: ignore[attr-defined]
+        assert all(row["url"] != url.strip() for row in rows)  # and its record with it
     finally:
         if process.poll() is None:
             process.kill()
+
+
+async def test_a_tunnel_closes_when_another_process_ends_its_sandbox() -> None:
+    fleet = Fleet(config={})
+    box = await fleet.create(Request(provider="local", keep=True))
+    process = None
+    try:
+        port = await start_http_server(box)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tools.cli", "tunnel", box.id, str(port)],
+            cwd=ROOT,
+            env=server_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        url = (await asyncio.to_thread(process.stdout.readline)).strip()  # type: ignore[union-attr]
+        assert url.startswith("http://127.0.0.1:")
+        assert (await asyncio.to_thread(tether, "down", box.id)).returncode == 0  # from another shell
+        assert await asyncio.to_thread(process.wait, 15) == 1
+        assert "ended; tunnel closed" in process.stderr.read()  # type: ignore[union-attr]
+        with pytest.raises(httpx.TransportError):
+            async with httpx.AsyncClient() as client:
+                await client.get(url, timeout=5)
+    finally:
+        if process is not None and process.poll() is None:
+            process.kill()
+        await fleet.close()
 
 
 async def test_the_record_of_a_tunnel_whose_process_died_is_closed(local_box: Sandbox) -> None:

@@ -34,7 +34,7 @@ from tunnels import Notifier
 
 from . import results as R
 from .config import check_sections
-from .links import fleet_notifier, preview_source, tunnel_manager
+from .links import ENDED_CHECK_SECONDS, close_tunnels_of_ended_sandboxes, fleet_notifier, preview_source, tunnel_manager
 from .output import ProgressBar, duration, print_json, print_table, when
 
 T = TypeVar("T")
@@ -434,7 +434,12 @@ def tunnel_command(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), ENDED_CHECK_SECONDS)
+            if await close_tunnels_of_ended_sandboxes(fleet, tunnels):
+                print(f"sandbox {box.name} ({box.id}) ended; tunnel closed", file=sys.stderr)
+                return 1
         await tunnels.close_all()
         print("tunnel closed", file=sys.stderr)
         return 0

@@ -4,8 +4,12 @@ providers, so the wiring lives here)."""
 
 from __future__ import annotations
 
-from providers import Fleet
+from providers import Fleet, SandboxNotFound
 from tunnels import Notifier, PreviewSource, PreviewURL, Tunnel, TunnelManager, load_channels, load_relay
+
+# How often a process holding tunnels looks for their sandboxes having ended elsewhere (`tether down`
+# in another shell, another process's reaper): a tunnel to a machine that is gone must not linger.
+ENDED_CHECK_SECONDS = 2.0
 
 
 def fleet_notifier(fleet: Fleet) -> Notifier:
@@ -36,3 +40,18 @@ def preview_source(fleet: Fleet, sandbox_id: str) -> PreviewSource:
         return PreviewURL(found[0], found[1]) if found else None
 
     return preview
+
+
+async def close_tunnels_of_ended_sandboxes(fleet: Fleet, tunnels: TunnelManager) -> list[str]:
+    """Close the tunnels whose sandbox the ledger says has ended (whoever ended it). Returns the
+    ids of those sandboxes."""
+    ended = []
+    for sandbox_id in {t.sandbox_id for t in tunnels.list()}:
+        try:
+            live = fleet.ledger.get(sandbox_id).live
+        except SandboxNotFound:
+            live = False
+        if not live:
+            await tunnels.close_for_sandbox(sandbox_id)
+            ended.append(sandbox_id)
+    return ended

@@ -35,7 +35,7 @@ from sandbox.files import Edit, Image
 from tunnels import Tunnel, listening_ports
 
 from . import results as R
-from .links import fleet_notifier, preview_source, tunnel_manager
+from .links import ENDED_CHECK_SECONDS, close_tunnels_of_ended_sandboxes, fleet_notifier, preview_source, tunnel_manager
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -131,6 +131,7 @@ class ServerState:
         self.reap_interval = reap_interval
         self.progress_interval = progress_interval
         self._reaper: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self.notifier = fleet_notifier(self.fleet)
         self.tunnels = tunnel_manager(self.fleet, self.notifier)
         self.fleet.listeners.append(self._close_tunnels_of_terminated)
@@ -141,12 +142,14 @@ class ServerState:
     async def start(self) -> None:
         if self.reap_interval > 0:
             self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_tunnels())
 
     async def shutdown(self) -> list[str]:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        for task in (self._reaper, self._watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.tunnels.close_all()
         destroyed = await self.fleet.close(teardown_created=True)
         if destroyed:
@@ -161,6 +164,18 @@ class ServerState:
             task = asyncio.get_running_loop().create_task(closing)
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+
+    async def _watch_tunnels(self) -> None:
+        """Tunnels whose sandbox another process ended (`tether down`, its reaper) close too."""
+        while True:
+            await asyncio.sleep(ENDED_CHECK_SECONDS)
+            if not self.tunnels.list():
+                continue
+            try:
+                for sandbox_id in await close_tunnels_of_ended_sandboxes(self.fleet, self.tunnels):
+                    log.info("closed the tunnels of %s: the sandbox ended elsewhere", sandbox_id)
+            except Exception:
+                log.exception("tunnel watch failed")
 
     async def _reap_forever(self) -> None:
         while True:
