@@ -96,6 +96,19 @@ async def http_client(url: str, token: str | None = None) -> AsyncIterator[mcp.C
         yield client
 
 
+@contextlib.asynccontextmanager
+async def mcp_client(transport: str, *args: str, env: dict[str, str] | None = None) -> AsyncIterator[mcp.Client]:
+    """The official client on `tether mcp ARGS` over "stdio" or streamable "http" (on loopback, no
+    token). Leaving it stops the server: stdin closed, or SIGTERM."""
+    if transport == "stdio":
+        async with stdio_client(*args, env=env) as client:
+            yield client
+        return
+    with http_server(*args, env=env) as (_, url):
+        async with http_client(url) as client:
+            yield client
+
+
 def structured(result: Any) -> dict[str, Any]:
     assert not result.is_error, result.content[0].text if result.content else result
     return dict(result.structured_content or {})

@@ -19,7 +19,7 @@ import pytest
 
 from providers import Fleet
 from providers.ledger import Ledger
-from tests.mcp_support import ROOT, http_client, http_server, server_env, stdio_client, structured, text
+from tests.mcp_support import ROOT, http_client, http_server, mcp_client, server_env, stdio_client, structured, text
 from tests.processes import processes_matching, wait_until_gone, wait_until_running
 from tests.sshd import SSHD
 from tests.test_files import PNG_1X1
@@ -88,10 +88,11 @@ async def test_tools_schemas_and_annotations() -> None:
     }
 
 
+@pytest.mark.parametrize("transport", ["stdio", "http"])
 @pytest.mark.parametrize("where", ["local", "sshd"])
-async def test_file_and_shell_tools(where: str, ssh_pool_env: dict[str, str]) -> None:
+async def test_file_and_shell_tools(where: str, transport: str, ssh_pool_env: dict[str, str]) -> None:
     args = ["--provider", "ssh"] if where == "sshd" else []
-    async with stdio_client(*args, env=ssh_pool_env) as client:
+    async with mcp_client(transport, *args, env=ssh_pool_env) as client:
         work = f"w-{secrets.token_hex(3)}"
         ran = structured(await client.call_tool("run", {"command": f"mkdir -p {work} && cd {work} && pwd"}))
         assert ran["exit_code"] == 0 and ran["cwd"].endswith(work)
@@ -194,8 +195,19 @@ async def test_a_file_name_that_is_not_utf8_is_shown_not_fatal() -> None:
         await client.call_tool("run", {"command": f"rm -rf {work}"})
 
 
-async def test_lifecycle_tools_and_stopping_tears_down(sshd: SSHD, client_key: Path) -> None:
-    async with stdio_client() as client:
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+async def test_lifecycle_tools_and_stopping_tears_down(
+    transport: str, sshd: SSHD, client_key: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[[providers]]\nname = "pausing"\nclass = "tests.test_lifecycle:PausingProvider"\n\n'
+        '[[pools]]\nname = "local"\nprovider = "local"\n\n'
+        '[[pools]]\nname = "pauses"\nprovider = "pausing"\n\n'
+        f'[[pools]]\nname = "box"\nprovider = "ssh"\n'
+        f'config = {{ host = "{sshd.address}", identityFile = "{client_key}" }}\n'
+    )
+    async with mcp_client(transport, env=server_env(TETHER_CONFIG=str(config))) as client:
         created = structured(await client.call_tool("sandbox_create", {"provider": "local", "name": "lc-one"}))
         assert created["status"] == "running" and created["provider"] == "local" and created["ssh"]["port"]
         assert created["capabilities"]["billingModel"] == "fixed"
@@ -214,16 +226,29 @@ async def test_lifecycle_tools_and_stopping_tears_down(sshd: SSHD, client_key: P
         pools = structured(await client.call_tool("pools_list", {}))
         assert pools["pools"][0]["capabilities"]["transportModel"] == "either"
         for tool in ("sandbox_pause", "sandbox_snapshot"):
-            refused = await client.call_tool(tool, {"sandbox": "lc-one"})
-            assert refused.is_error and "cannot" in text(refused) and "false" in text(refused)
+            for where in ("lc-one", "lc-box"):  # neither this machine nor an attached host can
+                refused = await client.call_tool(tool, {"sandbox": where})
+                assert refused.is_error and "cannot" in text(refused) and "false" in text(refused)
+        # a provider that can pause (E2B's profile, on this machine), and a pool of the real sshd
+        pausing = structured(await client.call_tool("sandbox_create", {"pool": "pauses", "name": "lc-pause"}))
+        paused = structured(await client.call_tool("sandbox_pause", {"sandbox": "lc-pause"}))
+        assert paused == {"id": pausing["id"], "status": "paused"}
+        assert structured(await client.call_tool("sandbox_info", {"sandbox": "lc-pause"}))["status"] == "paused"
+        resumed = structured(await client.call_tool("sandbox_resume", {"sandbox": "lc-pause"}))
+        assert resumed == {"id": pausing["id"], "status": "running"}
+        pooled = structured(await client.call_tool("sandbox_create", {"pool": "box", "name": "lc-pool"}))
+        assert (pooled["provider"], pooled["ssh"]["port"]) == ("ssh", sshd.port)
+        ran = structured(await client.call_tool("run", {"command": "whoami", "sandbox": "lc-pool"}))
+        assert ran["stdout"] == f"{sshd.account.name}\n"
         detached = structured(await client.call_tool("sandbox_destroy", {"sandbox": "lc-box"}))
         assert detached["status"] == "terminated" and detached["cost"]["billing_model"] == "fixed"
         again = await client.call_tool("sandbox_info", {"sandbox": "lc-box"})
         assert again.is_error and "terminated" in text(again)
     # the client closed the server's stdin: it stopped and tore down what it created, except `keep`
     ledger = Ledger()
-    assert ledger.get(created["id"]).status == "terminated"
-    assert ledger.get(created["id"]).status_reason == "tether stopped"
+    for made in (created, pausing, pooled):
+        assert ledger.get(made["id"]).status == "terminated"
+        assert ledger.get(made["id"]).status_reason == "tether stopped"
     assert ledger.get(kept["id"]).status == "running"
     assert ledger.get(attached["id"]).status == "terminated"
     # (kept means outliving the server, not the test session: later servers would adopt it)
@@ -280,7 +305,8 @@ async def test_a_cancelled_run_leaves_no_process_behind() -> None:
     assert processes_matching(marker) == []
 
 
-async def test_streamable_http_with_a_token() -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+async def test_streamable_http_with_a_token(stop: signal.Signals) -> None:
     token = secrets.token_urlsafe(24)
     with http_server(env=server_env(TETHER_MCP_TOKEN=token)) as (process, url):
         async with http_client(url, token) as client:
@@ -296,6 +322,9 @@ async def test_streamable_http_with_a_token() -> None:
                 url, headers={"Authorization": f"Bearer {token}", "Host": "evil.example"}, json={}
             )
             assert rebinding.status_code in (400, 403, 421)
+            for origin in ("http://evil.example", "null"):  # a page elsewhere, or a sandboxed frame
+                cross = await raw.post(url, headers={"Authorization": f"Bearer {token}", "Origin": origin}, json={})
+                assert cross.status_code == 403, origin
             huge = await raw.post(
                 url,
                 headers={
@@ -306,9 +335,58 @@ async def test_streamable_http_with_a_token() -> None:
                 content=b"x" * (17 * 1024 * 1024),
             )
             assert huge.status_code == 413
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop)
         assert process.wait(30) == 0
-    assert Ledger().get(created["id"]).status == "terminated"  # SIGTERM tears down too
+    assert Ledger().get(created["id"]).status == "terminated"  # SIGTERM and SIGINT tear down too
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_stdio_server_and_tears_down(stop: signal.Signals) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tools.cli", "mcp"],
+        env=server_env(),
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdin and process.stdout
+        messages = [
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": "2025-06-18",
+                    "capabilities": {},
+                    "clientInfo": {"name": "t", "version": "1"},
+                },
+            },
+            {"jsonrpc": "2.0", "method": "notifications/initialized"},
+            {
+                "jsonrpc": "2.0",
+                "id": 2,
+                "method": "tools/call",
+                "params": {"name": "sandbox_create", "arguments": {"provider": "local"}},
+            },
+        ]
+        for message in messages:
+            process.stdin.write(json.dumps(message) + "\n")
+        process.stdin.flush()
+        created = None
+        while created is None:
+            reply = json.loads(process.stdout.readline())
+            if reply.get("id") == 2:
+                created = reply["result"]["structuredContent"]
+        assert Ledger().get(created["id"]).status == "running"
+        process.send_signal(stop)  # stdin stays open: the signal alone stops it
+        assert process.wait(30) == 0
+        assert Ledger().get(created["id"]).status == "terminated"
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 def test_a_non_loopback_bind_without_a_token_refuses_to_start() -> None:
