@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import asyncssh
@@ -36,6 +37,13 @@ class _PinningClient(asyncssh.SSHClient):
         self._pins = pins
         self.mismatch: tuple[str, str] | None = None
         self.first_seen: str | None = None
+        self.on_connected: Callable[[], None] | None = None  # the transport is up: the login begins
+        self.transport_up = False
+
+    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        self.transport_up = True
+        if self.on_connected is not None:
+            self.on_connected()
 
     def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
         presented = openssh_line(key)
@@ -147,7 +155,8 @@ def _connect_options(endpoint: SSHEndpoint, pinned: str | None) -> dict[str, Any
         "config": None,
         # An empty trust list routes every key through _PinningClient.validate_host_public_key.
         "known_hosts": ([], [], []),
-        "connect_timeout": endpoint.connect_timeout,
+        # Both phases are timed by _dial_one: asyncssh's connect_timeout would cover the login too.
+        "connect_timeout": None,
         "login_timeout": endpoint.login_timeout,
         "keepalive_interval": endpoint.keepalive_interval or None,
         "keepalive_count_max": KEEPALIVE_COUNT_MAX,
@@ -226,19 +235,26 @@ async def _dial_one(
     if tunnel is not None:
         options["tunnel"] = tunnel
     sock = None
+    loop = asyncio.get_running_loop()
     try:
-        if endpoint.socket_factory is not None:
-            sock = await asyncio.wait_for(endpoint.socket_factory(), endpoint.connect_timeout)
-            options["sock"] = sock
-        try:
-            conn, _ = await asyncssh.create_connection(lambda: client, endpoint.host, endpoint.port, **options)
-        except (asyncssh.KeyExchangeFailed, asyncssh.ConnectionLost, ConnectionResetError):
-            if not pinned or "server_host_key_algs" not in options or endpoint.socket_factory is not None:
-                raise
-            # Asked only for the pinned key's kind, the server may have none of it left (its key
-            # was replaced by one of another kind): ask for any, to name the key it now presents.
-            del options["server_host_key_algs"]
-            conn, _ = await asyncssh.create_connection(lambda: client, endpoint.host, endpoint.port, **options)
+        # Two phases, each with its own limit: reaching the server (connect_timeout), then key
+        # exchange and authentication (login_timeout), which starts once the transport is up.
+        async with asyncio.timeout(endpoint.connect_timeout) as phase:
+            client.on_connected = lambda: phase.reschedule(loop.time() + endpoint.login_timeout)
+            if endpoint.socket_factory is not None:
+                sock = await endpoint.socket_factory()
+                options["sock"] = sock
+            try:
+                conn, _ = await asyncssh.create_connection(lambda: client, endpoint.host, endpoint.port, **options)
+            except (asyncssh.KeyExchangeFailed, asyncssh.ConnectionLost, ConnectionResetError):
+                if not pinned or "server_host_key_algs" not in options or endpoint.socket_factory is not None:
+                    raise
+                # Asked only for the pinned key's kind, the server may have none of it left (its key
+                # was replaced by one of another kind): ask for any, to name the key it now presents.
+                del options["server_host_key_algs"]
+                client.transport_up = False
+                phase.reschedule(loop.time() + endpoint.connect_timeout)
+                conn, _ = await asyncssh.create_connection(lambda: client, endpoint.host, endpoint.port, **options)
         if client.first_seen is not None:
             pins.pin(endpoint.host, endpoint.port, client.first_seen)
             # Several first dials may race: only the key that won the pin may be used.
@@ -260,9 +276,14 @@ async def _dial_one(
             "Check the user name and that the key is in the account's authorized_keys"
         ) from None
     except TimeoutError:
+        if client.transport_up:
+            raise ConnectTimeout(
+                f"{endpoint.display}: connected, but the SSH login did not finish within "
+                f"{endpoint.login_timeout:g}s (login_timeout); is it an SSH server, and is it overloaded?"
+            ) from None
         raise ConnectTimeout(
-            f"{endpoint.display}: no SSH session within {endpoint.connect_timeout:g}s (connect) / "
-            f"{endpoint.login_timeout:g}s (login); check that the host is up and the port is right"
+            f"{endpoint.display}: could not connect within {endpoint.connect_timeout:g}s (connect_timeout); "
+            "check that the host is up and the port is right"
         ) from None
     except asyncssh.ConnectionLost as exc:
         if "timeout" in (exc.reason or "").lower():

@@ -249,20 +249,61 @@ async def test_a_closed_port_is_unreachable(pool: ConnectionPool) -> None:
             await box.run("true")
 
 
-async def test_a_server_that_never_speaks_ssh_times_out(pool: ConnectionPool) -> None:
+async def test_a_server_that_never_speaks_ssh_times_out_in_the_login_phase(pool: ConnectionPool) -> None:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     port = listener.getsockname()[1]
     try:
-        endpoint = SSHEndpoint.parse(f"me@127.0.0.1:{port}", connect_timeout=0.5, login_timeout=0.5)
+        # The TCP connection is made at once: the login's limit is the one that applies, not connect's.
+        endpoint = SSHEndpoint.parse(f"me@127.0.0.1:{port}", connect_timeout=30, login_timeout=0.5)
         started = time.monotonic()
-        with pytest.raises(ConnectTimeout):
+        with pytest.raises(ConnectTimeout, match=r"login did not finish within 0.5s \(login_timeout\)"):
             async with Sandbox(endpoint, pool=pool) as box:
                 await box.run("true")
         assert time.monotonic() - started < 5
     finally:
         listener.close()
+
+
+async def test_a_slow_login_within_its_limit_is_not_cut_by_the_connect_timeout(
+    own_sshd: SSHD, client_key: Path, pool: ConnectionPool
+) -> None:
+    """The TCP connection comes at once, the server answers after 0.8 s: connect_timeout (0.3 s)
+    has nothing to do with that; login_timeout (10 s) allows it."""
+
+    async def slow_server_socket() -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", own_sshd.port))
+        sock.setblocking(False)
+        return sock
+
+    endpoint = endpoint_for(own_sshd, client_key).model_copy(
+        update={"socket_factory": slow_server_socket, "connect_timeout": 0.3, "login_timeout": 10.0}
+    )
+    original = asyncssh.SSHClientConnection.connection_made
+
+    def late(self: asyncssh.SSHClientConnection, transport: asyncio.BaseTransport) -> None:
+        transport.pause_reading()  # the server's banner is read 0.8 s late
+        asyncio.get_running_loop().call_later(0.8, transport.resume_reading)  # type: ignore[attr-defined]
+        original(self, transport)
+
+    asyncssh.SSHClientConnection.connection_made = late  # type: ignore[method-assign]
+    try:
+        async with Sandbox(endpoint, pool=pool) as box:
+            assert (await box.run("echo in")).stdout == "in\n"
+    finally:
+        asyncssh.SSHClientConnection.connection_made = original  # type: ignore[method-assign]
+
+
+async def test_a_server_that_cannot_be_reached_times_out_in_the_connect_phase(pool: ConnectionPool) -> None:
+    async def never_connects() -> socket.socket:
+        await asyncio.sleep(60)
+        raise AssertionError("unreachable")
+
+    endpoint = SSHEndpoint(host="unreachable.example", socket_factory=never_connects, connect_timeout=0.3)
+    with pytest.raises(ConnectTimeout, match=r"could not connect within 0.3s \(connect_timeout\)"):
+        async with Sandbox(endpoint, pool=pool) as box:
+            await box.run("true")
 
 
 async def test_a_missing_key_file_is_named(own_sshd: SSHD, tmp_path: Path, pool: ConnectionPool) -> None:
