@@ -151,8 +151,9 @@ class EditConflict(FileOperationError):
 # --- commands and jobs ------------------------------------------------------------------------------
 
 
-class CommandTimeout(SandboxError):
-    """Raised only by callers that ask for it; `run` itself reports timeouts in its result."""
+class CommandTimeout(SandboxError, TimeoutError):
+    """A command tether ran for itself (`exec_raw`: grep, glob, probes) timed out and was killed.
+    `run` reports an agent's command timing out in its result (`timed_out`) instead."""
 
     def __init__(self, command: str, timeout: float) -> None:
         self.command, self.timeout = command, timeout

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import asyncssh
 
 from .channels import CHANNEL_GONE, SFTPChannel, ShellPool
-from .errors import ConnectionLost, FileNotFound, InvalidArgument
+from .errors import CommandTimeout, ConnectionLost, FileNotFound, InvalidArgument
 from .sftpio import read_prefix, read_range
 from .shell import KILL_TREE, Finished, PersistentShell, ShellDied, ShellInfo
 
@@ -116,20 +116,22 @@ def _raise_if_cwd_refused(cwd: str | None, finished: Finished, stderr: str) -> N
         raise InvalidArgument(f"cwd {cwd} is not a directory; the command did not run")
 
 
-def cap_text(data: bytes, max_chars: int) -> tuple[str, bool]:
+def cap_text(data: bytes, max_chars: int, note: str = "") -> tuple[str, bool]:
     """Decode and keep the head and tail when longer than `max_chars` characters."""
     text = data.decode("utf-8", "replace")
     if len(text) <= max_chars:
         return text, False
-    return _head_tail(text, text, len(data), max_chars), True
+    return _head_tail(text, text, len(data), max_chars, note), True
 
 
-def _head_tail(head_source: str, tail_source: str, size: int, max_chars: int) -> str:
-    """The first and last `max_chars // 2` characters, and how many bytes of `size` lie between."""
-    half = max_chars // 2
-    head, tail = head_source[:half], tail_source[-half:]
+def _head_tail(head_source: str, tail_source: str, size: int, max_chars: int, note: str = "") -> str:
+    """The head and tail of a stream, how many bytes of `size` lie between, and `note`: at most
+    `max_chars` characters in all (the markers count too)."""
+    widest_marker = len(f"\n… [{size} bytes not shown] …\n")
+    half = max(0, (max_chars - widest_marker - len(note)) // 2)
+    head, tail = head_source[:half], tail_source[-half:] if half else ""
     hidden = max(0, size - len(head.encode()) - len(tail.encode()))
-    return f"{head}\n… [{hidden} bytes not shown] …\n{tail}"
+    return f"{head}\n… [{hidden} bytes not shown] …\n{tail}{note}"
 
 
 class Executor:
@@ -199,7 +201,7 @@ class Executor:
             stderr, _ = await self._read_head(shell.stderr_path, 64 << 10) if finished.has_stderr else (b"", False)
         _raise_if_cwd_refused(cwd, finished, stderr.decode("utf-8", "replace"))
         if timed_out:
-            raise TimeoutError(f"{argv[0]} did not finish within {timeout:g}s")
+            raise CommandTimeout(shlex.join(argv), timeout)
         return RawResult(finished.exit_code, stdout, stderr, cut)
 
     async def signal_group(self, pid: int, signal: str = "KILL") -> None:
@@ -324,14 +326,15 @@ class Executor:
         async def read(sftp: asyncssh.SFTPClient) -> tuple[str, bool]:
             # One read decides: up to 4 × max_chars bytes (a character is at most 4) is enough.
             limit = 4 * max_chars
+            note = f"\n[output cut to {max_chars} characters; the whole stream is in {keep_as}]"
             f = await sftp.open(path, "rb")
             try:
                 head, size = await read_prefix(f, limit + 1)
                 if len(head) <= limit:
-                    return cap_text(head, max_chars)
+                    return cap_text(head, max_chars, note)
                 tail = await read_range(f, limit, max(size - limit, 0))
                 return _head_tail(
-                    head.decode("utf-8", "replace"), tail.decode("utf-8", "replace"), size, max_chars
+                    head.decode("utf-8", "replace"), tail.decode("utf-8", "replace"), size, max_chars, note
                 ), True
             finally:
                 self._sftp.close_later(f)
@@ -340,7 +343,7 @@ class Executor:
         if not cut:
             return text, None
         await self._sftp.once(lambda sftp: sftp.posix_rename(path, keep_as))
-        return f"{text}\n[output cut to {max_chars} characters; the whole stream is in {keep_as}]", keep_as
+        return text, keep_as
 
     async def _read_head(self, path: str, max_bytes: int) -> tuple[bytes, bool]:
         async def read(sftp: asyncssh.SFTPClient) -> tuple[bytes, bool]:

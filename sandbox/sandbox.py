@@ -184,7 +184,7 @@ class Sandbox:
     ) -> RawResult:
         """Run an argv for tether itself (probes, listings): whole streams as bytes, and the sandbox's
         cwd is left alone. argv[0] is a program on the box's PATH: it replaces the shell (`exec`), so
-        shell builtins and functions are not found (exit code 127). Raises TimeoutError when it does
+        shell builtins and functions are not found (exit code 127). Raises CommandTimeout (a TimeoutError) when it does
         not finish in time (it is killed)."""
         where = await self.resolve(cwd) if cwd else None
         async with self._in_flight():

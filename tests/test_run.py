@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sandbox import ConnectionPool, Sandbox, SSHEndpoint
-from sandbox.errors import ConnectError, ConnectionLost, FileNotFound, InvalidArgument
+from sandbox.errors import CommandTimeout, ConnectError, ConnectionLost, FileNotFound, InvalidArgument
 from tests.conftest import endpoint_for
 from tests.processes import ArgvWatch, wait_until_gone, wait_until_running
 from tests.sshd import SSHD
@@ -185,7 +185,7 @@ async def test_long_output_is_capped_head_and_tail_with_the_full_stream_kept(sb:
     assert r.truncated and r.stdout_path and r.stderr_path is None
     assert r.stdout.startswith("1\n2\n3\n")
     assert "100000" in r.stdout and "bytes not shown" in r.stdout
-    assert len(r.stdout) < 30_000 + 300
+    assert len(r.stdout) <= 30_000 and len(r.stderr) <= 30_000  # the markers count too
     assert r.stderr == "1\n2\n3\n4\n5\n"
     full = await sb.read_text(r.stdout_path)
     assert full.split() == [str(i) for i in range(1, 100001)]
@@ -264,6 +264,15 @@ async def test_raw_output_larger_than_one_sftp_request_comes_back_whole(sb: Sand
     assert whole.stdout == b"".join(b"%07d\n" % i for i in range(40000)) and not whole.stdout_truncated
     cut = await sb.exec_raw(["sh", "-c", script], max_bytes=200_000)
     assert cut.stdout == whole.stdout[:200_000] and cut.stdout_truncated
+
+
+async def test_a_raw_command_that_times_out_raises_command_timeout(sb: Sandbox) -> None:
+    marker = f"sleep 1000.{secrets.randbelow(10**8):08d}"
+    started = time.monotonic()
+    with pytest.raises(CommandTimeout, match=r"timed out after 0\.5s and was killed"):
+        await sb.exec_raw(["sh", "-c", f"{marker}; true"], timeout=0.5)
+    assert time.monotonic() - started < 5
+    assert await wait_until_gone(marker) == []
 
 
 async def test_empty_and_nul_commands_are_refused(sb: Sandbox) -> None:
