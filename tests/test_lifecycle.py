@@ -15,6 +15,7 @@ from typing import ClassVar
 import pytest
 
 from providers import Fleet, Request
+from providers.config import RunPodPoolConfig
 from providers.ledger import Ledger
 from providers.local import LocalProvider
 from providers.local_server import local_dir
@@ -355,3 +356,39 @@ async def test_paused_time_is_billed_as_the_profiles_idle_cost_model_says(
         assert event.billing_model == "wall-clock"
     finally:
         await fleet.close()
+
+
+class GpuProvider(LocalProvider):
+    """This machine with RunPod's profile and pool config: two A100s, billed by the GPU-hour."""
+
+    name = "gpu-test"
+    profile = PROFILES["runpod"]
+    config_model = RunPodPoolConfig
+
+
+async def test_a_gpu_sandbox_is_billed_in_gpu_seconds_at_its_pools_rate() -> None:
+    config = {
+        "providers": [{"name": "gpu-test", "class": "tests.test_lifecycle:GpuProvider"}],
+        "pools": [{"name": "a100s", "provider": "gpu-test", "config": {"gpuCount": 2, "rateUsdPerHour": 1.8}}],
+    }
+    fleet = Fleet(config=config)
+    try:
+        box = await fleet.create(Request(pool="a100s"))
+        await asyncio.sleep(0.5)
+        event = await box.destroy()
+        assert (event.gpu_type, event.billing_model) == ("NVIDIA A100 80GB PCIe", "wall-clock")
+        assert event.seconds >= 0.5 and event.gpu_seconds == pytest.approx(2 * event.seconds)
+        assert event.estimated_usd == pytest.approx(1.8 * event.gpu_seconds / 3600)
+        assert fleet.ledger.cost_event(box.id) == event
+    finally:
+        await fleet.close()
+
+
+def test_gpu_rates_are_found_under_the_names_providers_give_gpus() -> None:
+    from providers.fleet import _gpu_rate_key
+    from providers.profiles import GPU_RATES_USD_PER_HOUR
+
+    rates = GPU_RATES_USD_PER_HOUR["runpod"]
+    for name in ("NVIDIA A100 80GB PCIe", "A100-80GB", "a100", "NVIDIA A100-SXM4-80GB"):
+        assert _gpu_rate_key(name, rates) == "a100", name
+    assert _gpu_rate_key("NVIDIA H100 PCIe", rates) is None

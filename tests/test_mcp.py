@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -520,3 +521,20 @@ async def test_the_default_sandbox_comes_from_config_defaults(tmp_path: Path) ->
         assert Ledger().get(listed["default"]).idle_timeout == 900
         destroyed = structured(await client.call_tool("sandbox_destroy", {}))  # the default, by omission
         assert destroyed["id"] == listed["default"] and Ledger().get(destroyed["id"]).status == "terminated"
+
+
+async def test_the_server_reaps_expired_and_idle_sandboxes_itself() -> None:
+    async with stdio_client("--reap-interval", "0.2") as client:
+        ttl = structured(await client.call_tool("sandbox_create", {"provider": "local", "timeout_s": 0.5}))
+        idle = structured(await client.call_tool("sandbox_create", {"provider": "local", "idle_timeout_s": 0.5}))
+        ledger = Ledger()
+        deadline = time.monotonic() + 10
+        while any(ledger.get(s["id"]).live for s in (ttl, idle)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert ledger.get(ttl["id"]).status_reason == "expired (TTL)"
+        assert (ledger.get(idle["id"]).status_reason or "").startswith("idle for")
+        for made in (ttl, idle):
+            rows = ledger.store.query("SELECT COUNT(*) AS n FROM cost_events WHERE sandbox_id = ?", (made["id"],))
+            assert rows[0]["n"] == 1
+        gone = await client.call_tool("run", {"command": "true", "sandbox": ttl["id"]})
+        assert gone.is_error and "terminated" in text(gone)

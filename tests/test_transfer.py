@@ -77,8 +77,16 @@ async def test_failed_transfers_leave_nothing_half_written(sb: Sandbox, tmp_path
         await sb.run("chmod 755 ro")
 
 
-async def test_transfers_in_progress_are_readable_by_their_owner_alone(sb: Sandbox, tmp_path: Path) -> None:
-    """The final mode is given once every byte is there: a secret file is never world-readable."""
+async def test_transfers_in_progress_are_readable_by_their_owner_alone(
+    sshd: SSHD, client_key: Path, pool: ConnectionPool, tmp_path: Path
+) -> None:
+    """The final mode is given once every byte is there: a secret file is never world-readable.
+    (The box's files are watched from this machine's disk: the sshd here, whatever TETHER_TEST_SSH says.)"""
+    async with Sandbox(endpoint_for(sshd, client_key), pool=pool) as sb:
+        await _watch_modes_while_transferring(sb, tmp_path)
+
+
+async def _watch_modes_while_transferring(sb: Sandbox, tmp_path: Path) -> None:
     source = tmp_path / "secret.bin"
     source.write_bytes(os.urandom(8 * 1024 * 1024))
     source.chmod(0o644)
