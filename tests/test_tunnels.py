@@ -11,6 +11,7 @@ import http.server
 import json
 import os
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from tests.conftest import endpoint_for
 from tests.mcp_support import ROOT, server_env, stdio_client, structured, tether, text
 from tests.sshd import SSHD, ensure_account
 from tunnels import ChannelConfig, Notifier, RelayConfig, TunnelError, TunnelManager
-from tunnels.ports import parse_netstat, parse_proc_net_tcp
+from tunnels.ports import listening_ports, parse_netstat, parse_proc_net_tcp
 from tunnels.relay import find_url
 
 PAGE = "hello through the tunnel\n"
@@ -115,6 +116,26 @@ async def test_a_port_where_nothing_listens_gives_a_clear_error(ssh_box: Sandbox
         await TunnelManager(check_timeout=3).open(ssh_box, 1, backend="local")
     assert "nothing is listening on port 1 inside the sandbox" in str(caught.value)
     assert str(port) in str(caught.value)  # it names what does listen
+
+
+async def test_a_port_that_listens_but_never_answers_http_is_named_as_such(local_box: Sandbox) -> None:
+    port = 20000 + secrets.randbelow(20000)
+    silent = (
+        f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen(); "
+        "c = s.accept(); time.sleep(1000)"
+    )
+    job = await local_box.start_job(f"exec python3 -c {shlex.quote(silent)}")
+    try:
+        deadline = time.monotonic() + 10
+        while port not in await listening_ports(local_box):
+            assert time.monotonic() < deadline, "the silent server did not start"
+            await asyncio.sleep(0.1)
+        started = time.monotonic()
+        with pytest.raises(TunnelError, match=f"port {port} is listening inside the sandbox but no HTTP answer"):
+            await TunnelManager(check_timeout=1).open(local_box, port, backend="local")
+        assert time.monotonic() - started < 8  # one bound for the whole request
+    finally:
+        await local_box.job_kill(job.id, "KILL")
 
 
 async def test_the_local_tunnel_is_reestablished_after_the_connection_dies(

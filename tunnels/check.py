@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 
 from sandbox import Sandbox
@@ -18,11 +20,18 @@ async def verify(url: str, headers: dict[str, str], box: Sandbox, port: int, tim
     Raises TunnelError saying whether anything listens on `port` inside the sandbox.
     """
     try:
-        async with httpx.AsyncClient(timeout=timeout, verify=True, follow_redirects=False) as client:
-            response = await client.get(url, headers=headers)
+        # One bound for the whole request (httpx's timeout bounds each phase: connect, each read);
+        # the status line is the answer, the body is not waited for.
+        async with (
+            asyncio.timeout(timeout),
+            httpx.AsyncClient(timeout=timeout, verify=True, follow_redirects=False) as client,
+            client.stream("GET", url, headers=headers) as response,
+        ):
             return response.status_code
     except httpx.HTTPError as exc:
         problem = f"{type(exc).__name__}: {exc}".rstrip(": ")
+    except TimeoutError:
+        problem = "no answer"
     if port in await listening_ports(box):
         raise TunnelError(
             f"port {port} is listening inside the sandbox but no HTTP answer came through {url} within "
