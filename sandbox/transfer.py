@@ -44,10 +44,9 @@ class Transfers:
         size = local.stat().st_size
 
         async def put(sftp: asyncssh.SFTPClient) -> None:
-            target = remote
-            if into_directory or await _is_directory(sftp, remote):
-                await sftp.makedirs(remote, exist_ok=True)
-                target = posixpath.join(remote, local.name)
+            # (one makedirs below creates the directory in either case: the target's parent)
+            into = into_directory or await sftp.isdir(remote)
+            target = posixpath.join(remote, local.name) if into else remote
             directory, name = posixpath.split(target)
             temp = posixpath.join(directory, temp_name(name, "part"))
             try:
@@ -100,13 +99,6 @@ class Transfers:
             return attrs.size or local.stat().st_size
 
         return await self._sftp.once(get)
-
-
-async def _is_directory(sftp: asyncssh.SFTPClient, path: str) -> bool:
-    try:
-        return (await sftp.stat(path)).type == asyncssh.FILEXFER_TYPE_DIRECTORY
-    except asyncssh.SFTPNoSuchFile:
-        return False
 
 
 def _adapt(progress: Progress | None) -> Callable[[bytes, bytes, int, int], None] | None:

@@ -169,8 +169,6 @@ class ServerState:
         """Tunnels whose sandbox another process ended (`tether down`, its reaper) close too."""
         while True:
             await asyncio.sleep(ENDED_CHECK_SECONDS)
-            if not self.tunnels.list():
-                continue
             try:
                 for sandbox_id in await close_tunnels_of_ended_sandboxes(self.fleet, self.tunnels):
                     log.info("closed the tunnels of %s: the sandbox ended elsewhere", sandbox_id)
