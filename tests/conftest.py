@@ -68,34 +68,31 @@ def sshd(bash_account: Account, client_key: Path) -> Iterator[SSHD]:
     server.cleanup()
 
 
-@pytest.fixture(scope="session")
-def dash_sshd(client_key: Path) -> Iterator[SSHD]:
-    if not is_root():
-        pytest.fail("the dash login-shell tests need root to create a test account (CI runs as root)")
-    server = _start(ensure_account("tether-dash", "/bin/dash", {".profile": "PATH=$HOME/bin:$PATH\n"}), client_key)
+def _login_shell_sshd(shell: str, rc_files: dict[str, str], client_key: Path) -> Iterator[SSHD]:
+    """sshd for a test account whose login shell is `shell` (its own account, tether-SHELL)."""
+    path = shutil.which(shell, path="/bin:/usr/bin")
+    if not is_root() or path is None:
+        pytest.fail(f"the {shell} login-shell tests need root and {shell} (scripts/test installs it)")
+    server = _start(ensure_account(f"tether-{shell}", path, rc_files), client_key)
     yield server
     server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def dash_sshd(client_key: Path) -> Iterator[SSHD]:
+    yield from _login_shell_sshd("dash", {".profile": "PATH=$HOME/bin:$PATH\n"}, client_key)
 
 
 @pytest.fixture(scope="session")
 def zsh_sshd(client_key: Path) -> Iterator[SSHD]:
     """zsh as the login shell (macOS's default), with its default options: commands run in zsh."""
-    if not is_root() or not shutil.which("zsh"):
-        pytest.fail("the zsh login-shell tests need root and zsh (scripts/test installs it)")
-    zprofile = {".zprofile": "path=($HOME/bin $path)\n"}
-    server = _start(ensure_account("tether-zsh", shutil.which("zsh") or "zsh", zprofile), client_key)
-    yield server
-    server.cleanup()
+    yield from _login_shell_sshd("zsh", {".zprofile": "path=($HOME/bin $path)\n"}, client_key)
 
 
 @pytest.fixture(scope="session")
 def mksh_sshd(client_key: Path) -> Iterator[SSHD]:
     """mksh as the login shell: a ksh whose printf is not a builtin (an argument of it shows in ps)."""
-    if not is_root() or not shutil.which("mksh"):
-        pytest.fail("the mksh login-shell tests need root and mksh (scripts/test installs it)")
-    server = _start(ensure_account("tether-mksh", shutil.which("mksh") or "mksh", {}), client_key)
-    yield server
-    server.cleanup()
+    yield from _login_shell_sshd("mksh", {}, client_key)
 
 
 @pytest.fixture(scope="session")

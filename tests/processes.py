@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import subprocess
 import threading
 import time
+
+
+def leaf_sleep() -> str:
+    """`sleep 1000.NNNNNNNN`: a command that is its own marker, so the process that must die is
+    the one found (a marker on a parent `sh -c` would pass once the parent alone is killed)."""
+    return f"sleep 1000.{secrets.randbelow(10**8):08d}"
 
 
 def processes_matching(marker: str) -> list[str]:

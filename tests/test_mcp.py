@@ -21,7 +21,7 @@ import pytest
 from providers import Fleet
 from providers.ledger import Ledger
 from tests.mcp_support import ROOT, http_client, http_server, mcp_client, server_env, stdio_client, structured, text
-from tests.processes import processes_matching, wait_until_gone, wait_until_running
+from tests.processes import leaf_sleep, processes_matching, wait_until_gone, wait_until_running
 from tests.sshd import SSHD
 from tests.test_files import PNG_1X1
 from tools.stdio import _LineReader
@@ -49,6 +49,13 @@ CONTRACT_TOOLS = {
 }
 READ_ONLY = {"read", "grep", "glob", "sandbox_list", "sandbox_info", "pools_list", "job_list", "job_output"}
 DESTRUCTIVE = {"sandbox_destroy", "write", "edit", "multi_edit", "run"}
+# The first request of a raw JSON-RPC session, for tests that speak the stdio protocol by hand.
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+}
 
 
 @pytest.fixture
@@ -292,9 +299,7 @@ async def test_progress_is_reported_during_a_long_run() -> None:
 
 
 async def test_a_cancelled_run_leaves_no_process_behind() -> None:
-    # The marker is on the leaves (sleep takes 1000.NNNN seconds), which a kill of the parent alone
-    # would leave behind.
-    marker = f"sleep 1000.{secrets.randbelow(10**8):08d}"
+    marker = leaf_sleep()  # on the leaves, which a kill of the parent alone would leave behind
     async with stdio_client() as client:
         structured(await client.call_tool("run", {"command": "true"}))
         async with anyio.create_task_group() as calls:
@@ -355,16 +360,7 @@ def test_a_signal_stops_the_stdio_server_and_tears_down(stop: signal.Signals) ->
     try:
         assert process.stdin and process.stdout
         messages = [
-            {
-                "jsonrpc": "2.0",
-                "id": 1,
-                "method": "initialize",
-                "params": {
-                    "protocolVersion": "2025-06-18",
-                    "capabilities": {},
-                    "clientInfo": {"name": "t", "version": "1"},
-                },
-            },
+            INITIALIZE,
             {"jsonrpc": "2.0", "method": "notifications/initialized"},
             {
                 "jsonrpc": "2.0",
@@ -453,18 +449,7 @@ def test_stdio_serves_separate_sockets_and_one_shared_by_stdin_and_stdout(wiring
         return json.loads(line)
 
     try:
-        hello = exchange(
-            {
-                "jsonrpc": "2.0",
-                "id": 1,
-                "method": "initialize",
-                "params": {
-                    "protocolVersion": "2025-06-18",
-                    "capabilities": {},
-                    "clientInfo": {"name": "t", "version": "1"},
-                },
-            }
-        )
+        hello = exchange(INITIALIZE)
         assert hello["result"]["serverInfo"]["name"] == "tether"  # type: ignore[index]
         ours.sendall(b'{"jsonrpc": "2.0", "method": "notifications/initialized"}\n')
         for request_id in range(2, 6):

@@ -15,7 +15,7 @@ import pytest
 from sandbox import ConnectionPool, Sandbox, SSHEndpoint
 from sandbox.errors import CommandTimeout, ConnectError, ConnectionLost, FileNotFound, InvalidArgument
 from tests.conftest import endpoint_for
-from tests.processes import ArgvWatch, wait_until_gone, wait_until_running
+from tests.processes import ArgvWatch, leaf_sleep, wait_until_gone, wait_until_running
 from tests.sshd import SSHD
 
 
@@ -130,28 +130,28 @@ async def test_timeout_also_kills_background_children_of_the_command(sb: Sandbox
     assert await wait_until_gone(marker) == []
 
 
-async def test_a_timeout_reaches_what_left_the_process_group(sb: Sandbox) -> None:
-    """GNU timeout moves itself and its command into a group of their own (`timeout 600 pytest`)."""
-    marker = f"tether-regroup-{secrets.token_hex(4)}"
-    r = await sb.run(f"timeout 500 sh -c 'sleep 1000' {marker}; echo after", timeout=0.5)
-    assert r.timed_out
-    assert await wait_until_gone(marker) == []
-    task = asyncio.ensure_future(sb.run(f"timeout 500 sh -c 'sleep 1000' {marker}"))
+async def cancel_once_running(sb: Sandbox, command: str, marker: str) -> None:
+    """Run `command`, cancel the call once `marker` runs, and check that nothing of it is left."""
+    task = asyncio.ensure_future(sb.run(command))
     await wait_until_running(marker)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert await wait_until_gone(marker) == []
+
+
+async def test_a_timeout_reaches_what_left_the_process_group(sb: Sandbox) -> None:
+    """GNU timeout moves itself and its command into a group of their own (`timeout 600 pytest`)."""
+    marker = leaf_sleep()  # on the leaf: what a kill of the parent alone would leave behind
+    r = await sb.run(f"timeout 500 sh -c '{marker}; true'; echo after", timeout=0.5)
+    assert r.timed_out
+    assert await wait_until_gone(marker) == []
+    await cancel_once_running(sb, f"timeout 500 sh -c '{marker}; true'", marker)
 
 
 async def test_cancelling_the_coroutine_kills_the_remote_process(sb: Sandbox) -> None:
-    marker = f"tether-cancel-{secrets.token_hex(4)}"
-    task = asyncio.ensure_future(sb.run(f"sh -c 'sleep 1000' {marker}"))
-    await wait_until_running(marker)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert await wait_until_gone(marker) == []
+    marker = leaf_sleep()
+    await cancel_once_running(sb, f"sh -c '{marker} & {marker}; true'", marker)
     # and the sandbox is still usable
     assert (await sb.run("echo ok")).stdout == "ok\n"
 
@@ -267,7 +267,7 @@ async def test_raw_output_larger_than_one_sftp_request_comes_back_whole(sb: Sand
 
 
 async def test_a_raw_command_that_times_out_raises_command_timeout(sb: Sandbox) -> None:
-    marker = f"sleep 1000.{secrets.randbelow(10**8):08d}"
+    marker = leaf_sleep()
     started = time.monotonic()
     with pytest.raises(CommandTimeout, match=r"timed out after 0\.5s and was killed"):
         await sb.exec_raw(["sh", "-c", f"{marker}; true"], timeout=0.5)
