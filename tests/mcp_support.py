@@ -18,6 +18,8 @@ from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
+from tests.sshd import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,12 +49,6 @@ async def stdio_client(*args: str, env: dict[str, str] | None = None) -> AsyncIt
     )
     async with mcp.Client(params) as client:
         yield client
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from providers.local import LocalProvider
 from sandbox import ConnectionPool, Sandbox
 from tests.conftest import endpoint_for
 from tests.mcp_support import ROOT, server_env, stdio_client, structured, tether, text
-from tests.sshd import SSHD, ensure_account
+from tests.sshd import SSHD, ensure_account, free_port
 from tunnels import ChannelConfig, Notifier, RelayConfig, TunnelError, TunnelManager
 from tunnels.ports import listening_ports, parse_netstat, parse_proc_net_tcp
 from tunnels.relay import find_url
@@ -41,7 +41,7 @@ async def start_http_server(box: Sandbox) -> int:
     """`python3 -m http.server` as a background job in the sandbox; returns its port."""
     directory = f"{await box.home()}/site-{secrets.token_hex(3)}"
     await box.write(f"{directory}/index.html", PAGE)
-    port = 20000 + secrets.randbelow(20000)
+    port = free_port()  # a random port could be one the kernel lent to a client socket
     job = await box.start_job(f"exec python3 -m http.server {port} --bind 127.0.0.1", cwd=directory)
     deadline = time.monotonic() + 15
     while True:
@@ -119,7 +119,7 @@ async def test_a_port_where_nothing_listens_gives_a_clear_error(ssh_box: Sandbox
 
 
 async def test_a_port_that_listens_but_never_answers_http_is_named_as_such(local_box: Sandbox) -> None:
-    port = 20000 + secrets.randbelow(20000)
+    port = free_port()  # a random port could be one the kernel lent to a client socket
     silent = (
         f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen(); "
         "c = s.accept(); time.sleep(1000)"
@@ -233,7 +233,7 @@ class SishStyleRelay(asyncssh.SSHServer):
 
 @contextlib.asynccontextmanager
 async def sish_relay(stream: str) -> AsyncIterator[tuple[int, int]]:
-    public_port = 30000 + secrets.randbelow(20000)
+    public_port = free_port()
 
     async def session(process: asyncssh.SSHServerProcess) -> None:
         out = process.stderr if stream == "stderr" else process.stdout
