@@ -335,6 +335,40 @@ async def test_hostile_names_round_trip_and_are_never_interpreted(sb: Sandbox, n
     assert not await sb.exists("pwned") and not await sb.exists("h/pwned")
 
 
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+async def test_hostile_names_as_directories_and_through_every_other_operation(
+    sb: Sandbox, name: str, tmp_path: Path
+) -> None:
+    """The same names as a directory a command runs in (and stays in), a job's cwd, an upload's
+    target and a download's source, a multi_edit and grep's content mode."""
+    directory = f"{await sb.cwd()}/hd/{name}"
+    await sb.makedirs(directory)
+    assert (await sb.run("pwd", cwd=directory)).stdout == f"{directory}\n"
+    await sb.run(["cd", "--", directory])
+    assert await sb.cwd() == directory  # where a command ends is where the next one starts
+    assert (await sb.run("echo here > marker; pwd")).stdout == f"{directory}\n"
+    assert (await sb.run(["cat", "--", f"{directory}/marker"])).stdout == "here\n"
+    job = await sb.start_job("pwd; ls", cwd=directory)
+    output = await sb.job_output(job.id, wait_ms=5000)
+    while output.status == "running":
+        output = await sb.job_output(job.id, wait_ms=1000)
+    assert output.stdout.startswith(f"{directory}\nmarker\n")
+
+    local = tmp_path / "payload.bin"
+    local.write_bytes(bytes(range(256)) * 100)
+    await sb.upload(local, f"{directory}/{name}")
+    back = tmp_path / "back.bin"
+    await sb.download(f"{directory}/{name}", back)
+    assert back.read_bytes() == local.read_bytes()
+
+    await sb.write(f"{directory}/{name}", "one two\nthree\n")
+    edited = await sb.multi_edit(f"{directory}/{name}", [Edit("one", "1"), Edit("three", "3")])
+    assert edited.replacements == 2 and await sb.read_text(f"{directory}/{name}") == "1 two\n3\n"
+    found = await sb.grep("two", directory, output_mode="content")
+    assert f"{directory}/{name}" in found.text and "1 two" in found.text
+    assert not await sb.exists("pwned") and not await sb.exists(f"{directory}/pwned")
+
+
 async def test_a_name_that_is_not_utf8_works_as_os_fsdecode_gives_it(sb: Sandbox) -> None:
     """A Latin-1 byte in a file name: the Python API spells it with a lone surrogate (as os.fsdecode
     does), it round-trips through every file operation, and it never fails a listing."""

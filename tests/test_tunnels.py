@@ -173,8 +173,8 @@ def openssh_relay(client_key: Path) -> Iterator[SSHD]:
     relay.cleanup()
 
 
-async def test_relay_through_a_real_openssh_sshd(openssh_relay: SSHD, ssh_box: Sandbox, client_key: Path) -> None:
-    port = await start_http_server(ssh_box)
+async def test_relay_through_a_real_openssh_sshd(openssh_relay: SSHD, any_box: Sandbox, client_key: Path) -> None:
+    port = await start_http_server(any_box)
     config = RelayConfig(
         host=openssh_relay.address,
         identityFile=str(client_key),
@@ -183,7 +183,7 @@ async def test_relay_through_a_real_openssh_sshd(openssh_relay: SSHD, ssh_box: S
         url_template="http://{host}:{port}",
     )
     tunnels = TunnelManager(relay=config)
-    tunnel = await tunnels.open(ssh_box, port)  # auto: the relay wins over local
+    tunnel = await tunnels.open(any_box, port)  # auto: the relay wins over local
     assert tunnel.backend == "relay" and tunnel.url.startswith("http://127.0.0.1:")
     async with httpx.AsyncClient() as client:
         responses = await asyncio.gather(*(client.get(f"{tunnel.url}/index.html") for _ in range(10)))
@@ -343,8 +343,11 @@ async def test_provider_backend_through_a_test_provider() -> None:
             port = await start_http_server(box)
             from tools.links import preview_source
 
-            tunnels = TunnelManager()
-            tunnel = await tunnels.open(box, port, preview=preview_source(fleet, box.id))  # auto
+            # auto: the provider's own URL wins over a configured relay (here one where nothing
+            # listens, so choosing it would fail) and over local
+            nowhere = RelayConfig(host=f"anyone@127.0.0.1:{free_port()}", remote_port=0)
+            tunnels = TunnelManager(relay=nowhere)
+            tunnel = await tunnels.open(box, port, preview=preview_source(fleet, box.id))
             assert tunnel.backend == "provider" and tunnel.headers == {"x-preview-token": PreviewingProvider.token}
             async with httpx.AsyncClient() as client:
                 assert (await client.get(f"{tunnel.url}/index.html", headers=tunnel.headers)).text == PAGE
