@@ -134,6 +134,29 @@ async def test_a_command_in_flight_when_the_connection_dies_is_reported(
         assert (await box.run("echo back")).stdout == "back\n"
 
 
+async def test_a_read_waits_out_a_server_that_is_down_for_a_while(
+    own_sshd: SSHD, client_key: Path, pool: ConnectionPool
+) -> None:
+    """The whole sshd goes away (listener too) and comes back 1.5 s later on the same port: a read
+    issued meanwhile re-dials with backoff instead of failing, and a job started before still runs."""
+    async with Sandbox(endpoint_for(own_sshd, client_key), pool=pool) as box:
+        await box.write("survivor.txt", "still here")
+        job = await box.start_job("sleep 60")
+        own_sshd.stop()
+        down_at = time.monotonic()
+
+        async def come_back() -> None:
+            await asyncio.sleep(1.5)
+            await asyncio.to_thread(own_sshd.start)
+
+        returning = asyncio.ensure_future(come_back())
+        assert await asyncio.wait_for(box.read_text("survivor.txt"), 15) == "still here"
+        assert time.monotonic() - down_at >= 1.5  # it was answered by the restarted server
+        await returning
+        assert {j.id: j.status for j in await box.job_list()}[job.id] == "running"
+        await box.job_kill(job.id, "KILL")
+
+
 async def test_keepalive_notices_a_silent_peer_and_the_next_call_redials(
     own_sshd: SSHD, client_key: Path, pool: ConnectionPool
 ) -> None:
