@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from tests.mcp_support import ROOT, server_env, tether
@@ -183,3 +186,51 @@ def test_pause_and_resume_for_people_and_for_scripts(tmp_path: Path) -> None:
     resumed = tether("resume", sandbox_id, env=env)
     assert resumed.returncode == 0 and resumed.stdout.startswith("resumed ") and resumed.stdout.endswith(": running\n")
     assert tether("down", sandbox_id, env=env).returncode == 0
+
+
+def test_people_get_a_progress_bar_and_tables(tmp_path: Path) -> None:
+    """On a terminal, cp draws a progress bar on stderr that ends at 100%; without one it stays
+    silent. `ls` and `pools` print aligned tables with headers."""
+    up = tether("up", "local", "--name", "cli-people")
+    assert up.returncode == 0, up.stderr
+    sandbox_id = up.stdout.strip()
+    local = tmp_path / "big.bin"
+    local.write_bytes(os.urandom(8 * 1024 * 1024))
+
+    controller, terminal = pty.openpty()
+    drawn = bytearray()
+    reader = threading.Thread(target=_drain, args=(controller, drawn))
+    reader.start()
+    copy = subprocess.run(
+        [sys.executable, "-m", "tools.cli", "cp", str(local), f"{sandbox_id}:big.bin"],
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+        cwd=ROOT,
+        env=server_env(),
+        timeout=120,
+    )
+    os.close(terminal)
+    reader.join(10)
+    assert copy.returncode == 0 and b"copied 8388608 bytes" in copy.stdout
+    bar = drawn.decode().replace("\r\n", "\n")
+    assert f"{local} -> {sandbox_id}:big.bin [" in bar and "100.0%" in bar and bar.count("\r") >= 1
+    assert "##############################" in bar and bar.endswith("\n")  # full, then the line ends
+    quiet = tether("cp", f"{sandbox_id}:big.bin", str(tmp_path / "back.bin"))  # stderr is a pipe here
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+    listing = tether("ls").stdout.splitlines()
+    assert listing[0].split()[:2] == ["ID", "NAME"]
+    row = next(line for line in listing if line.startswith(sandbox_id))
+    assert row.split()[1] == "cli-people" and "running" in row.split()
+    columns = [listing[0].index(h) for h in listing[0].split()]
+    assert all(row[c - 1] == " " for c in columns[1:])  # aligned: each column starts after a space
+    pools = tether("pools").stdout.splitlines()
+    assert pools[0].split()[0] == "NAME" and any(line.split()[0] == "local" for line in pools[1:])
+    assert tether("down", sandbox_id).returncode == 0
+
+
+def _drain(fd: int, into: bytearray) -> None:
+    with contextlib.suppress(OSError):  # EIO once the terminal side is closed
+        while chunk := os.read(fd, 4096):
+            into.extend(chunk)
+    os.close(fd)
