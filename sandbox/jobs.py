@@ -1,8 +1,9 @@
 """Background jobs: detached (setsid) commands whose state lives in files on the box.
 
 Each job has a directory ~/.tether/jobs/<id>/ with `meta.json` (command, cwd, start time), `pid`
-(its process group), `stdout`, `stderr` and, once it ended, `exit`. Because all of it is on the box,
-jobs survive tether disconnecting, re-dialing, or restarting.
+(its process group), `stdout`, `stderr`, once it ended `exit`, and once its output was read `read`
+(how far, in bytes, per stream). Because all of it is on the box, jobs survive tether
+disconnecting, re-dialing, or restarting, and a restarted tether goes on where the last read ended.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import json
+import logging
 import re
 import secrets
 import time
@@ -24,6 +26,8 @@ from .errors import ConnectionLost, JobNotFound
 from .executor import MAX_OUTPUT_CHARS, Executor, build_env, build_script, signal_name
 from .sftpio import read_upto
 from .shell import KILL_TREE_FN
+
+log = logging.getLogger(__name__)
 
 JobStatus = Literal["running", "exited"]
 
@@ -75,8 +79,20 @@ class JobOutput:
 
 @dataclass
 class _Cursor:
+    """How far each stream has been read, in bytes; kept in the job's `read` file as "OUT ERR"."""
+
     stdout: int = 0
     stderr: int = 0
+
+    @classmethod
+    def parse(cls, text: str | None) -> _Cursor:
+        fields = (text or "").split()
+        if len(fields) != 2 or not all(f.isdigit() for f in fields):
+            return cls()  # none yet (or cut short by a crash): from the start
+        return cls(int(fields[0]), int(fields[1]))
+
+    def __str__(self) -> str:
+        return f"{self.stdout} {self.stderr}\n"
 
 
 @dataclass
@@ -127,6 +143,7 @@ class Jobs:
         """
         directory = await self._directory(job_id)
         cursor = self._cursors.setdefault(job_id, _Cursor())
+        read_before = str(cursor)
         deadline = time.monotonic() + max(0, wait_ms) / 1000
         pid: int | None = None
         while True:
@@ -152,6 +169,8 @@ class Jobs:
             self._read_from(f"{directory}/stdout", cursor, "stdout", out_size, max_chars, ended=not running),
             self._read_from(f"{directory}/stderr", cursor, "stderr", err_size, max_chars, ended=not running),
         )
+        if str(cursor) != read_before:
+            await self._save_cursor(directory, cursor)
         return JobOutput(
             job_id,
             stdout,
@@ -244,12 +263,32 @@ class Jobs:
         if job_id in self._cursors:
             return directory  # seen before: no need to ask the box again
 
-        async def exists(sftp: asyncssh.SFTPClient) -> bool:
-            return await sftp.exists(f"{directory}/meta.json")
+        async def look(sftp: asyncssh.SFTPClient) -> tuple[bool, str | None]:
+            return await asyncio.gather(sftp.exists(f"{directory}/meta.json"), _read_small(sftp, f"{directory}/read"))
 
-        if not await self._sftp.retrying(exists):
+        exists, read = await self._sftp.retrying(look)
+        if not exists:
             raise JobNotFound(job_id)
+        self._cursors.setdefault(job_id, _Cursor.parse(read))
         return directory
+
+    async def _save_cursor(self, directory: str, cursor: _Cursor) -> None:
+        """Keep how far the output was read on the box, for the next tether process that asks.
+
+        Written in place (small enough for one write request); if that fails, the output already
+        read is still returned, and a later reader starts from the last position saved."""
+
+        async def save(sftp: asyncssh.SFTPClient) -> None:
+            f = await sftp.open(f"{directory}/read", "w")
+            try:
+                await f.write(str(cursor))
+            finally:
+                self._sftp.close_later(f)
+
+        try:
+            await self._sftp.once(save)
+        except (ConnectionLost, asyncssh.SFTPError) as exc:
+            log.info("could not save the read position of %s: %s", directory, exc)
 
     async def _read_state(self, directory: str) -> _Files:
         async def read(sftp: asyncssh.SFTPClient) -> _Files:

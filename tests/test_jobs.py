@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from sandbox import ConnectionPool, Sandbox
+from sandbox import ConnectionPool, Sandbox, SSHEndpoint
 from sandbox.errors import InvalidArgument, JobNotFound
 from tests.conftest import endpoint_for
 from tests.sshd import SSHD
@@ -156,3 +158,37 @@ async def test_jobs_survive_the_connection_dying(sshd: SSHD, client_key: Path, p
         await wait_for_exit(box, job.id)
         out = await box.job_output(job.id)
         assert out.stdout.splitlines()[-1] == "tick 30" and out.exit_code == 0
+
+
+async def test_a_new_tether_process_goes_on_where_the_last_read_ended(
+    host_endpoint: SSHEndpoint, pool: ConnectionPool
+) -> None:
+    """The read position lives on the box: a second Sandbox with a pool of its own (as a restarted
+    MCP server would have) gets only what came after the first one's read, not the job's whole
+    output again; and a damaged position file means reading from the start, not an error."""
+    async with Sandbox(host_endpoint, pool=pool) as first:
+        job = await first.start_job("echo one; echo uno >&2; read -r _ < /dev/null; sleep 0.5; echo two; echo dos >&2")
+        out = await first.job_output(job.id, wait_ms=3000)
+        while (out.stdout, out.stderr) != ("one\n", "uno\n"):
+            out = await first.job_output(job.id, wait_ms=1000)  # (the two streams may come apart)
+            assert out.stdout in ("", "one\n")
+    async with fresh_process(pool) as other_pool, Sandbox(host_endpoint, pool=other_pool) as second:
+        await wait_for_exit(second, job.id)
+        rest = await second.job_output(job.id)
+        assert (rest.stdout, rest.stderr, rest.exit_code) == ("two\n", "dos\n", 0)
+        assert (await second.job_output(job.id)).stdout == ""
+        jobs_dir = (await second._p.executor.info()).jobs_dir
+        await second.write(f"{jobs_dir}/{job.id}/read", "garbage")
+    async with fresh_process(pool) as third_pool, Sandbox(host_endpoint, pool=third_pool) as third:
+        again = await third.job_output(job.id)
+        assert (again.stdout, again.stderr) == ("one\ntwo\n", "uno\ndos\n")
+
+
+@contextlib.asynccontextmanager
+async def fresh_process(pool: ConnectionPool) -> AsyncIterator[ConnectionPool]:
+    """What a new tether process has: connections of its own (the host-key pins stay)."""
+    fresh = ConnectionPool(pool.pins)
+    try:
+        yield fresh
+    finally:
+        await fresh.close()
