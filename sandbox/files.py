@@ -31,6 +31,7 @@ from .errors import (
     PermissionDenied,
     SpecialFile,
 )
+from .known import KnownContents
 from .sftpio import holds_exactly, read_exactly, write_all
 from .tempfacts import TempFileFacts
 
@@ -244,6 +245,18 @@ def apply_edits(path: str, text: str, edits: Sequence[Edit], indexed: bool) -> t
     return text, total
 
 
+def _apply_to(path: str, original: bytes, edits: Sequence[Edit], indexed: bool) -> tuple[str, str, int]:
+    """(text before, text after, replacements) of an edit of a file's bytes."""
+    if _looks_binary(original):
+        raise BinaryFile(path, len(original))
+    try:
+        before = original.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FileOperationError(path, f"{path} is not UTF-8 text; edit refuses to re-encode it") from None
+    after, count = apply_edits(path, before, edits, indexed)
+    return before, after, count
+
+
 def unified_diff(path: str, before: str, after: str) -> str:
     return "".join(
         difflib.unified_diff(
@@ -278,6 +291,7 @@ class Files:
         # blocks it, and with it every file operation and command of the sandbox.
         self._openable: set[str] = set()
         self._temp_facts = TempFileFacts()
+        self._known = KnownContents()
 
     def _remember_openable(self, path: str) -> None:
         if len(self._openable) >= 10_000:
@@ -329,7 +343,9 @@ class Files:
         async def read(sftp: asyncssh.SFTPClient) -> bytes:
             return (await self._read_whole(sftp, path, max_bytes))[1]
 
-        return await self._sftp.retrying(read)
+        data = await self._sftp.retrying(read)
+        self._known.remember(path, data)
+        return data
 
     async def _read_whole(
         self, sftp: asyncssh.SFTPClient, path: str, max_bytes: int
@@ -390,6 +406,7 @@ class Files:
         data = content.encode() if isinstance(content, str) else content
         existing = await self._sftp.once(lambda sftp: self._replace(sftp, path, data))
         self._remember_openable(path)
+        self._known.remember(path, data)
         return WriteResult(path, len(data), existing is None)
 
     async def _replace(
@@ -484,7 +501,8 @@ class Files:
         return await self._edit(path, list(edits), indexed=True)
 
     async def _edit(self, path: str, edits: list[Edit], indexed: bool, hops: int = 0) -> EditResult:
-        """Read, apply, write back: four round trips, five for a file written within the last second.
+        """Read, apply, write back: four round trips, five for a file written within the last second;
+        one fewer when tether read or wrote the file last and remembers its content (known.py).
 
         1. lstat + open the file, open the temp file beside it (the temp is wasted if the
            edit turns out not to apply; it is removed in the background);
@@ -498,8 +516,15 @@ class Files:
         SFTP has no inode numbers and whole-second mtimes: a same-size file renamed over the path
         within the second the original was written would look the same to step 3. For a file that
         recent, step 3 opens the path anew instead and step 4 reads that handle, the rename fifth.
+
+        With a remembered copy of the file's size, step 2 is skipped and the edit computed from the
+        copy; step 3 then checks the file against the copy. If the copy turns out stale (or the edit
+        does not apply to it), nothing is written and the edit starts again, reading the file.
         """
-        outcome = await self._sftp.once(lambda sftp: self._edit_in_place(sftp, path, edits, indexed))
+        outcome = await self._sftp.once(lambda sftp: self._edit_in_place(sftp, path, edits, indexed, True))
+        if outcome == "stale":
+            self._known.forget(path)
+            outcome = await self._sftp.once(lambda sftp: self._edit_in_place(sftp, path, edits, indexed, False))
         if isinstance(outcome, EditResult):
             return outcome
         if outcome == "missing":
@@ -517,7 +542,7 @@ class Files:
         return EditResult(path, result.replacements, result.diff)
 
     async def _edit_in_place(
-        self, sftp: asyncssh.SFTPClient, path: str, edits: list[Edit], indexed: bool
+        self, sftp: asyncssh.SFTPClient, path: str, edits: list[Edit], indexed: bool, use_known: bool
     ) -> EditResult | str:
         await self._refuse_special(sftp, path)
         directory, name = posixpath.split(path)
@@ -550,23 +575,25 @@ class Files:
                 raise FileTooLarge(path, attrs.size or 0, MAX_EDIT_BYTES)
             facts = self._temp_facts
             ask = isinstance(temp_file, asyncssh.SFTPClientFile) and facts.owner(directory) is None
-            original, temp_attrs = await asyncio.gather(
-                read_exactly(original_file, attrs.size) if attrs.size else original_file.read(),
-                # (the temp file's own failure is reported after the edit's: asyncio.sleep(0) is a no-op)
-                temp_file.stat() if ask else asyncio.sleep(0),  # type: ignore[union-attr]
-                return_exceptions=True,
-            )
-            _raise_first(original)
-            assert isinstance(original, bytes)
-            if isinstance(temp_attrs, asyncssh.SFTPAttrs):
-                facts.learn(directory, temp_attrs)
-            if _looks_binary(original):
-                raise BinaryFile(path, len(original))
-            try:
-                before = original.decode("utf-8")
-            except UnicodeDecodeError:
-                raise FileOperationError(path, f"{path} is not UTF-8 text; edit refuses to re-encode it") from None
-            after, count = apply_edits(path, before, edits, indexed)
+            remembered = self._known.get(path, attrs.size) if use_known and not ask else None
+            if remembered is not None:
+                try:
+                    original = remembered
+                    before, after, count = _apply_to(path, original, edits, indexed)
+                except FileOperationError:
+                    return "stale"  # (or the edit does not apply: the file itself will say which)
+            else:
+                original, temp_attrs = await asyncio.gather(
+                    read_exactly(original_file, attrs.size) if attrs.size else original_file.read(),
+                    # (the temp file's own failure is reported after the edit's: asyncio.sleep(0) is a no-op)
+                    temp_file.stat() if ask else asyncio.sleep(0),  # type: ignore[union-attr]
+                    return_exceptions=True,
+                )
+                _raise_first(original)
+                assert isinstance(original, bytes)
+                if isinstance(temp_attrs, asyncssh.SFTPAttrs):
+                    facts.learn(directory, temp_attrs)
+                before, after, count = _apply_to(path, original, edits, indexed)
             if isinstance(temp_file, BaseException):
                 raise sftp_error(path, temp_file) if isinstance(temp_file, asyncssh.SFTPError) else temp_file
             data = after.encode()
@@ -593,9 +620,12 @@ class Files:
                 same, now, *_ = await asyncio.gather(holds_exactly(original_file, original), sftp.stat(path), *writes)
                 changed = not same or _identity(now) != _identity(attrs)
             if changed:
+                if remembered is not None:
+                    return "stale"
                 raise EditConflict(path)
             await sftp.posix_rename(temp, path)
             renamed = True
+            self._known.remember(path, data)
             return EditResult(path, count, unified_diff(path, before, after))
         except asyncssh.SFTPNoSuchFile:
             raise EditConflict(path) from None  # it vanished between our read and our write

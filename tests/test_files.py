@@ -228,10 +228,11 @@ WRITERS = {
 async def test_the_file_changing_under_an_edit_is_refused(sb: Sandbox, writer: str, written: str, known: str) -> None:
     """Whether the original was written this very second (SFTP mtimes are whole seconds) or long
     before: nothing of the edit lands, the other writer's content stays, no temp file is left, and
-    a quiet edit goes through afterwards."""
+    a quiet edit goes through afterwards. (The file is written by a command, so the edit reads it
+    itself: see the next test for a file whose content tether remembers.)"""
     if known != "first edit":
         await warm_up(sb)
-    await sb.write("race.txt", "version one\n")
+    await sb.run(["sh", "-c", "printf 'version one\\n' > race.txt"])
     if written != "just now":
         await sb.run(["touch", "-d", "1 hour ago", "race.txt"])
 
@@ -246,6 +247,34 @@ async def test_the_file_changing_under_an_edit_is_refused(sb: Sandbox, writer: s
         await asyncio.sleep(0.05)  # (the unused temp file is removed in the background)
     assert [e.path.rsplit("/", 1)[1] for e in listed] == ["race.txt"]
     assert (await sb.edit("race.txt", "two", "three")).replacements == 1
+
+
+async def test_an_edit_from_a_remembered_copy_never_trusts_it(sb: Sandbox) -> None:
+    """tether remembers what it last read or wrote of a file and edits from that copy without
+    reading the file again, but only lands the edit if the file still holds exactly that copy.
+    Changed behind its back (same size, so only the content tells), the edit applies to what the
+    file holds now; an edit that only fits the old copy is refused as NoMatch; a writer striking
+    during the edit keeps its change, with the edit applied on top."""
+    await sb.write("copy.txt", "alpha bbbb\n")
+    await sb.run(["sh", "-c", "printf 'alpha cccc\\n' > copy.txt"])
+    assert (await sb.edit("copy.txt", "cccc", "dddd")).replacements == 1
+    assert await sb.read_text("copy.txt") == "alpha dddd\n"
+    await sb.run(["sh", "-c", "printf 'alpha eeee\\n' > copy.txt"])
+    with pytest.raises(NoMatch):
+        await sb.edit("copy.txt", "dddd", "ffff")
+    assert await sb.read_text("copy.txt") == "alpha eeee\n"
+
+    await sb.write("race.txt", "version one\n")
+    strikes = []
+
+    async def strike_once(path: str) -> None:
+        if not strikes:
+            strikes.append(path)
+            await sb.run(["sh", "-c", "printf 'version two\\n' > \"$1\"", "sh", path])
+
+    with striking(sb, strike_once):
+        assert (await sb.edit("race.txt", "version", "VERSION")).diff.count("+VERSION two") == 1
+    assert strikes and await sb.read_text("race.txt") == "VERSION two\n"
 
 
 async def test_temp_files_are_private_until_they_take_the_files_mode(sb: Sandbox) -> None:
