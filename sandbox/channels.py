@@ -290,11 +290,11 @@ class ShellPool:
                     opening.add_done_callback(self._opened_late)
                     return slot
         except BaseException:
+            # Cancelled (or failed) while opening, or just as the opening completed: either way the
+            # shell, if there is one, goes idle and a failed opening frees its count.
             if not opening.done():
                 opening.cancel()
-                opening.add_done_callback(self._opened_late)
-            elif opening.cancelled() or opening.exception() is not None:
-                self._uncount()
+            opening.add_done_callback(self._opened_late)
             raise
 
     async def _until_done_or_given_back(self, waiting: asyncio.Future[object]) -> None:

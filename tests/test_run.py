@@ -363,3 +363,30 @@ async def test_environment_values_never_show_in_ps(
                 stdout += output.stdout
         assert watch.scans > 10 and watch.seen == []
         assert secret in stdout
+
+
+async def test_a_call_cancelled_just_as_its_shell_opened_leaves_the_shell_to_others(
+    host_endpoint: SSHEndpoint, pool: ConnectionPool
+) -> None:
+    """The caller gives up at the moment its new shell is ready (fault injected around the real
+    pool's open_session): the shell goes idle for the next call instead of holding a session and a
+    place among the sandbox's shells for good."""
+    real_open = pool.open_session
+    victims: list[asyncio.Task[object]] = []
+
+    async def open_then_cancel_the_caller(*args, **kwargs):  # type: ignore[no-untyped-def]
+        opened = await real_open(*args, **kwargs)
+        if victims:
+            victims.pop().cancel()
+        return opened
+
+    async with Sandbox(host_endpoint, pool=pool) as box:
+        pool.open_session = open_then_cancel_the_caller  # type: ignore[method-assign]
+        running = asyncio.ensure_future(box.run("echo never"))
+        victims.append(running)
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        assert (await box.run("echo after")).stdout == "after\n"
+        await asyncio.sleep(0.2)
+        [(sessions, _)] = pool.stats(host_endpoint)
+        assert sessions == 2  # SFTP and one shell, not a second shell beside a lost one
