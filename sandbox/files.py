@@ -32,6 +32,7 @@ from .errors import (
     SpecialFile,
 )
 from .known import KnownContents
+from .pathlocks import PathLocks
 from .sftpio import holds_exactly, read_exactly, write_all
 from .tempfacts import TempFileFacts
 
@@ -292,6 +293,7 @@ class Files:
         self._openable: set[str] = set()
         self._temp_facts = TempFileFacts()
         self._known = KnownContents()
+        self._writers = PathLocks()
 
     def _remember_openable(self, path: str) -> None:
         if len(self._openable) >= 10_000:
@@ -404,6 +406,10 @@ class Files:
         a symlink replaces the file it points to, not the link.
         """
         data = content.encode() if isinstance(content, str) else content
+        async with self._writers.hold(path):
+            return await self._write(path, data)
+
+    async def _write(self, path: str, data: bytes) -> WriteResult:
         existing = await self._sftp.once(lambda sftp: self._replace(sftp, path, data))
         self._remember_openable(path)
         self._known.remember(path, data)
@@ -488,7 +494,8 @@ class Files:
 
     async def edit(self, path: str, old_string: str, new_string: str, replace_all: bool = False) -> EditResult:
         """Replace one exact occurrence (or every one, with replace_all). See `multi_edit`."""
-        return await self._edit(path, [Edit(old_string, new_string, replace_all)], indexed=False)
+        async with self._writers.hold(path):
+            return await self._edit(path, [Edit(old_string, new_string, replace_all)], indexed=False)
 
     async def multi_edit(self, path: str, edits: Sequence[Edit]) -> EditResult:
         """Apply edits in order to the file's text, then write once: all of them or none.
@@ -498,7 +505,8 @@ class Files:
         """
         if not edits:
             raise InvalidArgument("multi_edit needs at least one edit")
-        return await self._edit(path, list(edits), indexed=True)
+        async with self._writers.hold(path):
+            return await self._edit(path, list(edits), indexed=True)
 
     async def _edit(self, path: str, edits: list[Edit], indexed: bool, hops: int = 0) -> EditResult:
         """Read, apply, write back: four round trips, five for a file written within the last second;
@@ -531,7 +539,7 @@ class Files:
             # Claude Code's convention: an empty old_string on a missing file creates it.
             if edits[0].old_string == "":
                 after, count = apply_edits(path, "", edits, indexed)
-                await self.write(path, after)
+                await self._write(path, after.encode())
                 return EditResult(path, count, unified_diff(path, "", after))
             raise FileNotFound(path, "; create it with write, or check the path with glob")
         # A symlink: edit the file it points to (the temp file must live beside that one).

@@ -433,3 +433,21 @@ async def test_a_file_path_must_name_a_file(sb: Sandbox) -> None:
             await sb.write(bad, "x")
     assert [e.path.rsplit("/", 1)[1] for e in await sb.list_dir(".")] == ["f.txt"]
     assert await sb.read_text("f.txt") == "one\n"
+
+
+async def test_edits_sent_together_all_land(sb: Sandbox) -> None:
+    """An agent's parallel edits of one file (and a write among them) go through one by one: every
+    change lands or is refused, none is lost while reporting success."""
+    lines = [f"line {i}" for i in range(20)]
+    await sb.write("together.txt", "\n".join(lines) + "\n")
+    results = await asyncio.gather(*(sb.edit("together.txt", f"line {i}\n", f"LINE {i}\n") for i in range(20)))
+    assert all(r.replacements == 1 for r in results)
+    assert await sb.read_text("together.txt") == "".join(f"LINE {i}\n" for i in range(20))
+    pair = await asyncio.gather(
+        sb.multi_edit("together.txt", [Edit("LINE 0\n", "first\n"), Edit("LINE 19\n", "last\n")]),
+        sb.write("other.txt", "unrelated\n"),
+        sb.edit("together.txt", "LINE 10\n", "middle\n"),
+    )
+    assert pair[0].replacements == 2 and pair[2].replacements == 1
+    text = await sb.read_text("together.txt")
+    assert text.startswith("first\n") and text.endswith("last\n") and "middle\n" in text
