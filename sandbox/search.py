@@ -294,8 +294,10 @@ def _grep_argv(q: GrepQuery) -> list[str]:
     if q.type:
         raise InvalidArgument(f"type filters need ripgrep (rg) on the box; use glob='*.{q.type}' instead")
     # find walks (skipping .git, as rg does; the glob on the base name, as grep's GNU-only --include
-    # would) and hands the files to grep: the same on GNU, BSD and busybox boxes.
-    grep = ["grep", "-E", "-I", "-H"]
+    # would) and hands the files to grep: the same on GNU, BSD and busybox boxes. The pattern never
+    # is an argument of find, which would take a lone ';' for the end of -exec and refuse any '{}':
+    # it reaches grep through the environment of the sh that starts find.
+    grep = ["-E", "-I", "-H"]
     if q.output_mode == "files_with_matches":
         grep.append("-l")
     elif q.output_mode == "count":
@@ -307,8 +309,13 @@ def _grep_argv(q: GrepQuery) -> list[str]:
     if q.case_insensitive:
         grep.append("-i")
     name = ["-name", q.glob] if q.glob else []
-    walk = ["find", q.root, "-name", ".git", "-prune", "-o", "-type", "f", *name]
-    return [*walk, "-exec", *grep, "-e", q.pattern, "--", "{}", "+"]
+    walk = [q.root, "-name", ".git", "-prune", "-o", "-type", "f", *name]
+    run_grep = ["sh", "-c", 'exec grep -e "$TETHER_GREP_PATTERN" "$@"', "grep", *grep, "--", "{}", "+"]
+    return ["sh", "-c", _FIND_WITH_PATTERN, "sh", q.pattern, *walk, "-exec", *run_grep]
+
+
+# `sh -c _FIND_WITH_PATTERN sh PATTERN FIND-ARGS...`: find, with the pattern in its environment.
+_FIND_WITH_PATTERN = 'TETHER_GREP_PATTERN=$1; export TETHER_GREP_PATTERN; shift; exec find "$@"'
 
 
 def _context_flags(q: GrepQuery, around: str, before: str, after: str) -> list[str]:

@@ -132,6 +132,17 @@ async def test_grep_fallback_without_ripgrep(minimal_box: Sandbox) -> None:
         await minimal_box.grep("x", f"{tree}/no-such-dir")
 
 
+async def test_grep_fallback_patterns_that_mean_something_to_find_or_a_shell(minimal_box: Sandbox) -> None:
+    """find ends -exec at a lone ';' and refuses a second '{}': the pattern must never reach it."""
+    tree = f"{await minimal_box.home()}/odd-{secrets.token_hex(4)}"
+    await minimal_box.write(f"{tree}/odd.txt", "a;b\nreturn {}\n--files $(x) `y` 'q'\n+\n")
+    await minimal_box.write(f"{tree}/plain.txt", "nothing to see\n")
+    for pattern in (";", "{}", "[{][}]", "--files", "[$][(]x[)]", "`y`", "'q'", "[+]"):
+        found = await minimal_box.grep(pattern, tree)
+        assert (found.engine, found.text) == ("grep", f"{tree}/odd.txt"), pattern
+    assert (await minimal_box.grep("{}", tree, output_mode="content")).text == f"{tree}/odd.txt:2:return {{}}"
+
+
 async def test_glob_fallback_without_ripgrep(minimal_box: Sandbox) -> None:
     tree = await make_tree(minimal_box)
     assert (await minimal_box.glob("**/*.py", tree)).files == [f"{tree}/src/util.py", f"{tree}/src/app.py"]
