@@ -24,6 +24,7 @@ import asyncssh
 from .channels import CHANNEL_GONE, SFTPChannel, ShellPool
 from .errors import ConnectionLost, JobNotFound
 from .executor import MAX_OUTPUT_CHARS, Executor, build_env, build_script, signal_name
+from .pathlocks import PathLocks
 from .sftpio import read_upto
 from .shell import KILL_TREE_FN
 
@@ -109,6 +110,7 @@ class Jobs:
         self._shells = shells
         self._sftp = sftp
         self._cursors: dict[str, _Cursor] = {}
+        self._readers = PathLocks()
 
     async def _jobs_dir(self) -> str:
         return (await self._executor.info()).jobs_dir
@@ -142,6 +144,12 @@ class Jobs:
         known, both output sizes) and, while the job runs, one builtin-only call to a shell.
         """
         directory = await self._directory(job_id)
+        # One reader at a time per job: two calls sent together would both read from the same
+        # position and return the same output twice.
+        async with self._readers.hold(directory):
+            return await self._output(job_id, directory, wait_ms, max_chars)
+
+    async def _output(self, job_id: str, directory: str, wait_ms: int, max_chars: int) -> JobOutput:
         cursor = self._cursors.setdefault(job_id, _Cursor())
         read_before = str(cursor)
         deadline = time.monotonic() + max(0, wait_ms) / 1000
@@ -150,7 +158,10 @@ class Jobs:
             exit_code, pid, out_size, err_size = await self._sftp.retrying(
                 lambda sftp, known=pid: _look(sftp, directory, known)
             )
-            running = exit_code is None and (pid is None or pid in await self._alive_pids([pid]))
+            if pid is None:  # starting, unless that began long ago (the start failed or was cut off)
+                running = exit_code is None and (await self.get(job_id)).status == "running"
+            else:
+                running = exit_code is None and pid in await self._alive_pids([pid])
             if exit_code is None and not running:
                 state = _Files(pid=pid)
                 await self._settle(state, directory)  # it may have ended between the two looks
@@ -223,7 +234,7 @@ class Jobs:
         directory = await self._directory(job_id)
         state = await self._read_state(directory)
         if state.pid is None:
-            raise JobNotFound(job_id)
+            return self._job(job_id, state, set())  # it never started (or was cut off): nothing to signal
 
         async def note(sftp: asyncssh.SFTPClient) -> None:
             async with sftp.open(f"{directory}/signal", "w") as f:

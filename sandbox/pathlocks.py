@@ -1,9 +1,10 @@
-"""One writer at a time per path, within this process.
+"""One caller at a time per path, within this process.
 
 An edit reads, checks and renames in separate SFTP requests; two edits of one file sent together
 would both pass their checks before either renames, and one change would be lost while both
 report success. Agents do send edits in parallel, so a sandbox lets them through one by one. (Other
-processes writing the file are what the edit's conflict check is for.)
+processes writing the file are what the edit's conflict check is for.) Reads of a job's output
+take turns the same way, so that no output is returned twice.
 """
 
 from __future__ import annotations

@@ -92,7 +92,20 @@ async def test_a_job_that_never_got_a_pid_is_not_running_forever(sb: Sandbox) ->
         await sb.write(f"{jobs_dir}/{job_id}/meta.json", json.dumps(meta))
     status = {j.id: j.status for j in await sb.job_list()}
     assert (status[old], status[new]) == ("exited", "running")  # (a start cut off, one still starting)
+    # every tool says the same of the cut-off one, at once
+    started = time.monotonic()
+    out = await sb.job_output(old, wait_ms=3000)
+    assert (out.status, out.stdout) == ("exited", "") and time.monotonic() - started < 2
+    assert (await sb.job_kill(old)).status == "exited"  # nothing to signal; not "no such job"
+    assert (await sb.job_output(new)).status == "running"
     await sb.run(["rm", "-rf", f"{jobs_dir}/{old}", f"{jobs_dir}/{new}"])
+
+
+async def test_output_read_by_calls_sent_together_is_returned_once(sb: Sandbox) -> None:
+    job = await sb.start_job("echo hello; echo world >&2")
+    await wait_for_exit(sb, job.id)
+    outputs = await asyncio.gather(*(sb.job_output(job.id) for _ in range(4)))
+    assert sorted((o.stdout, o.stderr) for o in outputs) == [("", "")] * 3 + [("hello\n", "world\n")]
 
 
 async def test_list_copes_with_hundreds_of_jobs(sb: Sandbox) -> None:
