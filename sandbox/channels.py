@@ -118,6 +118,30 @@ class SFTPChannel:
         finally:
             self._done()
 
+    async def release_fifo(self, path: str, opening: asyncio.Future[object]) -> None:
+        """Free the SFTP session from an open of a named pipe (`opening`, still pending): the server
+        serves one request at a time, and the open blocks it until something opens the pipe for
+        writing. A second session does (read-write, which never blocks on a pipe) and lets go at
+        once. Should that not free it (a pipe this user may not write), the blocked session is
+        dropped: the next operation opens a new one."""
+        if opening.done():
+            return
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                sftp, lease = await self._pool.open_session(self._endpoint, lambda conn: conn.start_sftp_client())
+                try:
+                    await (await sftp.open(path, "r+b")).close()
+                finally:
+                    sftp.exit()
+                    lease.release()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(opening), 2)
+        if not opening.done():
+            log.warning(
+                "%s: SFTP session blocked opening the named pipe %s; opening a new one", self._endpoint.display, path
+            )
+            self._discard()
+
     def close_later(self, f: asyncssh.SFTPClientFile) -> None:
         """Close a handle without making the caller wait for the server's reply."""
         self._in_background(f.close())

@@ -381,7 +381,7 @@ class Files:
         known: asyncssh.SFTPAttrs | None = None,
     ) -> tuple[asyncssh.SFTPAttrs, asyncssh.SFTPClientFile]:
         looked = sftp.stat(path) if known is None else asyncio.sleep(0, known)
-        attrs, f = await asyncio.gather(looked, sftp.open(path, mode), return_exceptions=True)
+        attrs, f = await self._look_and_open(path, looked, sftp.open(path, mode))
         if isinstance(f, asyncssh.SFTPClientFile) and isinstance(attrs, BaseException):
             self._sftp.close_later(f)
         if isinstance(attrs, asyncssh.SFTPAttrs) and _kind(attrs) == "directory":
@@ -396,6 +396,37 @@ class Files:
                 raise outcome
         assert isinstance(attrs, asyncssh.SFTPAttrs) and isinstance(f, asyncssh.SFTPClientFile)
         return attrs, f
+
+    async def _look_and_open(
+        self, path: str, look: Awaitable[asyncssh.SFTPAttrs], opening: Awaitable[asyncssh.SFTPClientFile]
+    ) -> tuple[asyncssh.SFTPAttrs | BaseException, asyncssh.SFTPClientFile | BaseException]:
+        """A stat of `path` and an open of it, sent together; each result or its error.
+
+        The server answers in order, so the stat's answer comes while the open may still wait: a
+        path that turned into a named pipe since tether last looked (a path seen before is not
+        stat'ed alone first) blocks the open, and the whole session with it. Then the open is
+        released and SpecialFile raised."""
+        pending = asyncio.ensure_future(opening)
+        try:
+            attrs: asyncssh.SFTPAttrs | BaseException = await look
+        except asyncio.CancelledError:
+            pending.add_done_callback(self._close_if_opened)
+            raise
+        except Exception as exc:
+            attrs = exc
+        if isinstance(attrs, asyncssh.SFTPAttrs) and stat_module.S_ISFIFO(attrs.permissions or 0):
+            self._openable.discard(path)  # (from now on stat'ed alone first, and refused there)
+            await self._sftp.release_fifo(path, pending)
+            pending.add_done_callback(self._close_if_opened)
+            raise SpecialFile(path, "a named pipe (FIFO)")
+        try:
+            return attrs, await pending
+        except Exception as exc:
+            return attrs, exc
+
+    def _close_if_opened(self, opening: asyncio.Future[asyncssh.SFTPClientFile]) -> None:
+        if not opening.cancelled() and opening.exception() is None:
+            self._sftp.close_later(opening.result())
 
     # -- write ---------------------------------------------------------------------------------------
 
@@ -558,12 +589,16 @@ class Files:
         started = time.time()
         # lstat, not stat: a symlink is edited through its target (below), and for anything else the
         # two say the same.
-        attrs, original_file, temp_file = await asyncio.gather(
-            sftp.lstat(path),
-            sftp.open(path, "rb"),
+        looked, temp_file = await asyncio.gather(
+            self._look_and_open(path, sftp.lstat(path), sftp.open(path, "rb")),
             sftp.open(temp, "xb", PRIVATE),  # (given the file's own mode before the rename)
             return_exceptions=True,
         )
+        if isinstance(looked, BaseException):  # (a named pipe)
+            if isinstance(temp_file, asyncssh.SFTPClientFile):
+                await self._discard_temp(sftp, temp_file, temp)
+            raise looked
+        attrs, original_file = looked
         renamed = False
         fresh_file: asyncssh.SFTPClientFile | None = None
         try:

@@ -22,6 +22,7 @@ from sandbox.errors import (
     IsADirectory,
     NoMatch,
     NotUnique,
+    SpecialFile,
 )
 
 HOSTILE_NAMES = [
@@ -451,3 +452,30 @@ async def test_edits_sent_together_all_land(sb: Sandbox) -> None:
     assert pair[0].replacements == 2 and pair[2].replacements == 1
     text = await sb.read_text("together.txt")
     assert text.startswith("first\n") and text.endswith("last\n") and "middle\n" in text
+
+
+@pytest.mark.parametrize("mode", ["644", "444"])
+async def test_a_named_pipe_never_blocks_the_sandbox(sb: Sandbox, mode: str) -> None:
+    """Opening a FIFO blocks until something writes to it, and sftp-server serves one request at
+    a time: one blocked open would hang every file operation and command of the sandbox. A pipe is
+    refused with SpecialFile whether tether has never seen the path or knew it as a file until it
+    was swapped for a pipe (then the open already sent is released, or with a pipe this user may
+    not write (444), the blocked session dropped), and everything else goes on working."""
+    await sb.write("other.txt", "still here\n")
+    await sb.run(["mkfifo", "-m", mode, "fresh.pipe"])
+    with pytest.raises(SpecialFile, match="named pipe"):
+        await asyncio.wait_for(sb.read("fresh.pipe"), 15)
+    for operation in ("read", "edit"):
+        await sb.write("swapped", "x\n")
+        assert await sb.read_text("swapped") == "x\n"
+        await sb.run(["sh", "-c", f"rm swapped && mkfifo -m {mode} swapped"])
+        with pytest.raises(SpecialFile, match="named pipe"):
+            if operation == "read":
+                await asyncio.wait_for(sb.read("swapped"), 15)
+            else:
+                await asyncio.wait_for(sb.edit("swapped", "x", "y"), 15)
+        assert await asyncio.wait_for(sb.read_text("other.txt"), 10) == "still here\n"
+        assert (await asyncio.wait_for(sb.run("echo alive"), 10)).stdout == "alive\n"
+        with pytest.raises(SpecialFile):  # and again, refused up front this time
+            await asyncio.wait_for(sb.read("swapped"), 10)
+        await sb.run(["rm", "swapped"])
