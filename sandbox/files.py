@@ -246,6 +246,17 @@ def apply_edits(path: str, text: str, edits: Sequence[Edit], indexed: bool) -> t
     return text, total
 
 
+def encode_text(path: str, text: str) -> bytes:
+    """UTF-8 bytes of text to write, or InvalidArgument for a string that has no UTF-8 form."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(
+            f"the text for {path} contains {text[exc.start]!r} at index {exc.start}, a lone surrogate that "
+            "UTF-8 cannot encode; send valid Unicode text (or bytes, from Python)"
+        ) from None
+
+
 def _apply_to(path: str, original: bytes, edits: Sequence[Edit], indexed: bool) -> tuple[str, str, int]:
     """(text before, text after, replacements) of an edit of a file's bytes."""
     if _looks_binary(original):
@@ -436,7 +447,7 @@ class Files:
         Parent directories are created; an existing file keeps its permission bits; writing through
         a symlink replaces the file it points to, not the link.
         """
-        data = content.encode() if isinstance(content, str) else content
+        data = encode_text(path, content) if isinstance(content, str) else content
         async with self._writers.hold(path):
             return await self._write(path, data)
 
@@ -570,7 +581,7 @@ class Files:
             # Claude Code's convention: an empty old_string on a missing file creates it.
             if edits[0].old_string == "":
                 after, count = apply_edits(path, "", edits, indexed)
-                await self._write(path, after.encode())
+                await self._write(path, encode_text(path, after))
                 return EditResult(path, count, unified_diff(path, "", after))
             raise FileNotFound(path, "; create it with write, or check the path with glob")
         # A symlink: edit the file it points to (the temp file must live beside that one).
@@ -639,7 +650,7 @@ class Files:
                 before, after, count = _apply_to(path, original, edits, indexed)
             if isinstance(temp_file, BaseException):
                 raise sftp_error(path, temp_file) if isinstance(temp_file, asyncssh.SFTPError) else temp_file
-            data = after.encode()
+            data = encode_text(path, after)
             if self.before_conflict_check is not None:
                 await self.before_conflict_check(path)
             mode = (attrs.permissions or 0) & 0o7777

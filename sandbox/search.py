@@ -126,6 +126,8 @@ class Search:
 
         With ripgrep, .gitignore'd files are skipped; hidden files are included; .git never is.
         """
+        while pattern.startswith("./"):  # relative to the root already: "./src/*.py" is "src/*.py"
+            pattern = pattern[2:].lstrip("/")
         if not pattern:
             raise InvalidArgument("glob pattern is empty")
         if pattern.startswith("/"):

@@ -479,3 +479,15 @@ async def test_a_named_pipe_never_blocks_the_sandbox(sb: Sandbox, mode: str) -> 
         with pytest.raises(SpecialFile):  # and again, refused up front this time
             await asyncio.wait_for(sb.read("swapped"), 10)
         await sb.run(["rm", "swapped"])
+
+
+async def test_text_that_utf8_cannot_encode_is_refused_clearly(sb: Sandbox) -> None:
+    """A lone surrogate (JSON can carry one as an escape) has no UTF-8 form: InvalidArgument saying
+    where, and nothing written."""
+    with pytest.raises(InvalidArgument, match="at index 2, a lone surrogate"):
+        await sb.write("surrogate.txt", "ab\ud800c")
+    assert not await sb.exists("surrogate.txt")
+    await sb.write("surrogate.txt", "abc\n")
+    with pytest.raises(InvalidArgument, match="lone surrogate"):
+        await sb.edit("surrogate.txt", "b", "\udc80")
+    assert await sb.read_text("surrogate.txt") == "abc\n"

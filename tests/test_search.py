@@ -95,6 +95,7 @@ async def test_a_pattern_that_looks_like_an_option_is_a_pattern(sb: Sandbox, tre
 async def test_glob_is_newest_first_and_respects_depth(sb: Sandbox, tree: str) -> None:
     assert (await sb.glob("**/*.py", tree)).files == [f"{tree}/src/util.py", f"{tree}/src/app.py"]
     assert (await sb.glob("*.md", tree)).files == [f"{tree}/README.md"]
+    assert (await sb.glob("./src/*.py", tree)).files == (await sb.glob("src/*.py", tree)).files != []
     assert (await sb.glob("*.py", tree)).files == []  # no '**': top level only
     assert (await sb.glob("src/**/*.{ts,py}", tree)).files == [
         f"{tree}/src/web/index.ts",
