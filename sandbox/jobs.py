@@ -176,10 +176,14 @@ class Jobs:
             if out_size > cursor.stdout or err_size > cursor.stderr or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(POLL_INTERVAL)
-        (stdout, out_more), (stderr, err_more) = await asyncio.gather(
-            self._read_from(f"{directory}/stdout", cursor, "stdout", out_size, max_chars, ended=not running),
-            self._read_from(f"{directory}/stderr", cursor, "stderr", err_size, max_chars, ended=not running),
+        # Both streams are read before the cursor moves: should one read fail, neither stream's
+        # output is lost to the next call.
+        (stdout, out_at), (stderr, err_at) = await asyncio.gather(
+            self._read_from(f"{directory}/stdout", cursor.stdout, out_size, max_chars, ended=not running),
+            self._read_from(f"{directory}/stderr", cursor.stderr, err_size, max_chars, ended=not running),
         )
+        cursor.stdout, cursor.stderr = out_at, err_at
+        out_more, err_more = out_at < out_size, err_at < err_size
         if str(cursor) != read_before:
             await self._save_cursor(directory, cursor)
         return JobOutput(
@@ -363,17 +367,15 @@ class Jobs:
             signal=state.signal,
         )
 
-    async def _read_from(
-        self, path: str, cursor: _Cursor, stream: str, size: int, max_chars: int, ended: bool
-    ) -> tuple[str, bool]:
-        """Text from the cursor on, at most `max_chars` bytes (so at most that many characters).
+    async def _read_from(self, path: str, offset: int, size: int, max_chars: int, ended: bool) -> tuple[str, int]:
+        """Text from `offset` on, at most `max_chars` bytes (so at most that many characters), and
+        the offset the next read starts at.
 
         An incomplete UTF-8 sequence at the end stays unread until the next call, unless the job
         has ended and this read reaches the end of the stream (it never will be completed).
         """
-        offset = getattr(cursor, stream)
         if size <= offset:
-            return "", False
+            return "", offset
 
         async def read(sftp: asyncssh.SFTPClient) -> bytes:
             try:
@@ -387,8 +389,7 @@ class Jobs:
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         text = decoder.decode(data, final=ended and offset + len(data) >= size)
         consumed = len(data) - len(decoder.getstate()[0])
-        setattr(cursor, stream, offset + consumed)
-        return text, offset + consumed < size
+        return text, offset + consumed
 
 
 async def _read_small(sftp: asyncssh.SFTPClient, path: str) -> str | None:

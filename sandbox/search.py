@@ -17,6 +17,8 @@ from .executor import Executor
 from .files import Files
 
 GLOB_LIMIT = 100
+# Searches run from "/": their paths are absolute, and the session's cwd may have been removed.
+SEARCH_FROM = "/"
 MAX_SORTED = 10_000  # results beyond this many are not sorted by mtime (and are reported as truncated)
 GREP_MAX_CHARS = 30_000
 GrepMode = Literal["files_with_matches", "content", "count"]
@@ -138,13 +140,13 @@ class Search:
         await self._require_directory(root)
         if await self._has_rg():
             argv = ["rg", "--files", "--hidden", "--glob", "!.git", "--null", "--no-config", "--", root]
-            raw = await self._executor.exec_raw(argv)
+            raw = await self._executor.exec_raw(argv, cwd=SEARCH_FROM)
             names = raw.stdout.decode("utf-8", "surrogateescape").split("\0")
         else:
             # The trailing slash makes find follow a root that is a symlink to a directory (as rg does).
             base = root.rstrip("/")
             argv = ["find", f"{base}/", "-name", ".git", "-prune", "-o", "-type", "f", "-print0"]
-            raw = await self._executor.exec_raw(argv)
+            raw = await self._executor.exec_raw(argv, cwd=SEARCH_FROM)
             names = raw.stdout.decode("utf-8", "surrogateescape").split("\0")
         matches = [n for n in names if n and matcher.match(_relative(n, root))]
         newest, cut = await self._newest_first(matches, GLOB_LIMIT)
@@ -214,7 +216,7 @@ class Search:
         one_thread = self._small_roots.get(root, False)
         argv = _rg_argv(query, one_thread) if use_rg else _grep_argv(query)
         started = time.monotonic()
-        raw = await self._executor.exec_raw(argv)
+        raw = await self._executor.exec_raw(argv, cwd=SEARCH_FROM)
         if use_rg and output_mode == "files_with_matches":
             took = time.monotonic() - started
             if len(self._small_roots) > 1000:

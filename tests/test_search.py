@@ -144,6 +144,20 @@ async def test_grep_fallback_patterns_that_mean_something_to_find_or_a_shell(min
     assert (await minimal_box.grep("{}", tree, output_mode="content")).text == f"{tree}/odd.txt:2:return {{}}"
 
 
+@pytest.mark.parametrize("which", ["rg", "posix"])
+async def test_search_after_the_session_cwd_was_removed(which: str, sb: Sandbox, minimal_box: Sandbox) -> None:
+    """A command removed the directory the session stands in: searches by absolute path still
+    work, a search with no match is no match (not "grep failed" over a note about the cwd)."""
+    box = sb if which == "rg" else minimal_box
+    tree = await make_tree(box)
+    doomed = f"{await box.home()}/doomed-{secrets.token_hex(4)}"
+    await box.makedirs(doomed)
+    await box.run(f"cd {doomed} && rmdir {doomed}")
+    assert (await box.grep("no such text anywhere", tree)).text == ""
+    assert (await box.grep("helper", tree)).text == f"{tree}/src/util.py"
+    assert (await box.glob("*.md", tree)).files == [f"{tree}/README.md"]
+
+
 async def test_glob_fallback_without_ripgrep(minimal_box: Sandbox) -> None:
     tree = await make_tree(minimal_box)
     assert (await minimal_box.glob("**/*.py", tree)).files == [f"{tree}/src/util.py", f"{tree}/src/app.py"]
