@@ -27,6 +27,10 @@ async def no_progress(message: str, fraction: float | None = None) -> None:
     return None
 
 
+# A TTL or idle timeout beyond a year is a mistake (or `inf`): refused, not kept as a date no clock shows.
+MAX_TIMEOUT_S = 366 * 24 * 3600
+
+
 class Request(BaseModel):
     """What a caller asks for. Everything is optional; dispatch picks the pool."""
 
@@ -40,8 +44,12 @@ class Request(BaseModel):
     cpu: float | None = Field(None, gt=0)
     memory_mb: int | None = Field(None, gt=0)
     disk_gb: int | None = Field(None, gt=0)
-    timeout_s: float | None = Field(None, gt=0, description="TTL: terminated this long after creation")
-    idle_timeout_s: float | None = Field(None, gt=0, description="terminated after this long without use")
+    timeout_s: float | None = Field(
+        None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False, description="TTL: terminated this long after creation"
+    )
+    idle_timeout_s: float | None = Field(
+        None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False, description="terminated after this long without use"
+    )
     requirements: list[str] = Field(default_factory=list)
     runtime_kinds: list[str] = Field(default_factory=list)
     auth_mode: str | None = None

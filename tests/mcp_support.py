@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
+import select
 import subprocess
 import sys
 import time
@@ -17,8 +17,6 @@ import mcp
 from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
-
-from tests.sshd import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,9 +51,10 @@ async def stdio_client(*args: str, env: dict[str, str] | None = None) -> AsyncIt
 
 @contextlib.contextmanager
 def http_server(
-    *args: str, env: dict[str, str] | None = None, port: int | None = None, host: str = "127.0.0.1"
-) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    port = port or free_port()
+    *args: str, env: dict[str, str] | None = None, port: int = 0, host: str = "127.0.0.1"
+) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
+    """`tether mcp --transport http` as a subprocess, the URL it says it serves (with port 0, the
+    default, the kernel picks the port and the server prints it) and all it printed until then."""
     process = subprocess.Popen(
         [sys.executable, "-m", "tools.cli", "mcp", "--transport", "http", "--host", host, "--port", str(port), *args],
         env=env or server_env(),
@@ -64,15 +63,17 @@ def http_server(
         stderr=subprocess.STDOUT,
         text=True,
     )
+    assert process.stdout is not None
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert process.poll() is None, f"server exited: {process.stdout.read() if process.stdout else ''}"
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
+        deadline, said = time.monotonic() + 20, ""
+        while "serving http://" not in said:
+            ready, _, _ = select.select([process.stdout], [], [], 0.2)
+            if ready:
+                line = process.stdout.readline()
+                assert line, f"server exited: {said}{process.stdout.read()}"
+                said += line
             assert time.monotonic() < deadline, "the HTTP server did not start"
-            time.sleep(0.05)
-        yield process, f"http://127.0.0.1:{port}/mcp"
+        yield process, said.split("serving ", 1)[1].split()[0], said
     finally:
         if process.poll() is None:
             process.terminate()
@@ -100,7 +101,7 @@ async def mcp_client(transport: str, *args: str, env: dict[str, str] | None = No
         async with stdio_client(*args, env=env) as client:
             yield client
         return
-    with http_server(*args, env=env) as (_, url):
+    with http_server(*args, env=env) as (_, url, _):
         async with http_client(url) as client:
             yield client
 

@@ -106,6 +106,12 @@ def test_errors_say_what_to_do() -> None:
     assert missing.returncode == 2 and "no sandbox 'sb-nope'" in missing.stderr and "tether ls" in missing.stderr
     nowhere = tether("up")
     assert nowhere.returncode == 2 and "tether up local" in nowhere.stderr
+    for ttl in ("inf", "-5", "1e12"):  # refused before anything is created, without pydantic's report
+        refused = tether("up", "local", "--ttl", ttl)
+        assert refused.returncode == 2 and refused.stderr.startswith("tether: invalid arguments: timeout_s: ")
+        assert "pydantic" not in refused.stderr and "tether up --help" in refused.stderr
+    unknown = tether("up", "nope")
+    assert unknown.returncode == 2 and "provider: unknown provider 'nope'; known: local" in unknown.stderr
     unimplemented = tether("up", "daytona")
     assert unimplemented.returncode == 2 and "daytona provider is not part of this version" in unimplemented.stderr
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -20,6 +21,7 @@ import pytest
 
 from providers import Fleet
 from providers.ledger import Ledger
+from providers.local import LocalProvider
 from tests.mcp_support import ROOT, http_client, http_server, mcp_client, server_env, stdio_client, structured, text
 from tests.processes import leaf_sleep, processes_matching, wait_until_gone, wait_until_running
 from tests.sshd import SSHD
@@ -164,6 +166,11 @@ async def test_file_and_shell_tools(where: str, transport: str, ssh_pool_env: di
         assert missing.is_error and "old_string: Field required" in text(missing)
         unknown = await client.call_tool("run", {"command": "true", "sandbox": "sb-doesnotexist"})
         assert unknown.is_error and "no sandbox 'sb-doesnotexist'" in text(unknown)
+        before = len(structured(await client.call_tool("sandbox_list", {}))["sandboxes"])
+        for ttl in (1e308, "Infinity", -1):  # refused before anything is created
+            forever = await client.call_tool("sandbox_create", {"provider": "local", "timeout_s": ttl})
+            assert forever.is_error and "timeout_s" in text(forever), text(forever)
+        assert len(structured(await client.call_tool("sandbox_list", {}))["sandboxes"]) == before
 
         job = structured(await client.call_tool("run", {"command": "echo one; sleep 1000", "run_in_background": True}))
         output = structured(await client.call_tool("job_output", {"job_id": job["job_id"], "wait_ms": 5000}))
@@ -314,7 +321,7 @@ async def test_a_cancelled_run_leaves_no_process_behind() -> None:
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 async def test_streamable_http_with_a_token(stop: signal.Signals) -> None:
     token = secrets.token_urlsafe(24)
-    with http_server(env=server_env(TETHER_MCP_TOKEN=token)) as (process, url):
+    with http_server(env=server_env(TETHER_MCP_TOKEN=token)) as (process, url, _):
         async with http_client(url, token) as client:
             ran = structured(await client.call_tool("run", {"command": "echo over http"}))
             assert ran["stdout"] == "over http\n"
@@ -346,41 +353,85 @@ async def test_streamable_http_with_a_token(stop: signal.Signals) -> None:
     assert Ledger().get(created["id"]).status == "terminated"  # SIGTERM and SIGINT tear down too
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_stops_the_stdio_server_and_tears_down(stop: signal.Signals) -> None:
+CREATE = {"name": "sandbox_create"}
+
+
+def stdio_server_with_a_sandbox(
+    arguments: dict[str, Any], env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """`tether mcp` over raw stdio, initialized, with a sandbox created by sandbox_create."""
     process = subprocess.Popen(
         [sys.executable, "-m", "tools.cli", "mcp"],
-        env=server_env(),
+        env=env or server_env(),
         cwd=ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    assert process.stdin and process.stdout
+    messages = [
+        INITIALIZE,
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {"name": "sandbox_create", "arguments": arguments},
+        },
+    ]
+    for message in messages:
+        process.stdin.write(json.dumps(message) + "\n")
+    process.stdin.flush()
+    while True:
+        reply = json.loads(process.stdout.readline())
+        if reply.get("id") == 2:
+            return process, reply["result"]["structuredContent"]
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_stdio_server_and_tears_down(stop: signal.Signals) -> None:
+    process, created = stdio_server_with_a_sandbox({"provider": "local"})
     try:
-        assert process.stdin and process.stdout
-        messages = [
-            INITIALIZE,
-            {"jsonrpc": "2.0", "method": "notifications/initialized"},
-            {
-                "jsonrpc": "2.0",
-                "id": 2,
-                "method": "tools/call",
-                "params": {"name": "sandbox_create", "arguments": {"provider": "local"}},
-            },
-        ]
-        for message in messages:
-            process.stdin.write(json.dumps(message) + "\n")
-        process.stdin.flush()
-        created = None
-        while created is None:
-            reply = json.loads(process.stdout.readline())
-            if reply.get("id") == 2:
-                created = reply["result"]["structuredContent"]
         assert Ledger().get(created["id"]).status == "running"
         process.send_signal(stop)  # stdin stays open: the signal alone stops it
         assert process.wait(30) == 0
         assert Ledger().get(created["id"]).status == "terminated"
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+class SlowTeardownProvider(LocalProvider):
+    """A local machine whose termination takes two seconds, like a cloud API's."""
+
+    name = "slow-teardown"
+
+    async def terminate(self, handle):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(2)
+        await super().terminate(handle)
+
+
+def test_signals_during_the_teardown_do_not_cut_it_short(tmp_path: Path) -> None:
+    """Clients close stdin, then send SIGTERM a moment later (and people press Ctrl-C twice):
+    once the teardown is under way it finishes, and the machine is terminated."""
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[[providers]]\nname = "slow-teardown"\nclass = "tests.test_mcp:SlowTeardownProvider"\n\n'
+        '[[pools]]\nname = "slow"\nprovider = "slow-teardown"\n'
+    )
+    process, created = stdio_server_with_a_sandbox({"pool": "slow"}, server_env(TETHER_CONFIG=str(config)))
+    try:
+        assert process.stdin is not None
+        process.stdin.close()  # the teardown begins
+        time.sleep(0.7)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) == 0
+        record = Ledger().get(created["id"])
+        assert record.status == "terminated"
+        assert "stopping; tearing down" in (process.stderr.read() if process.stderr else "")
     finally:
         if process.poll() is None:
             process.kill()
@@ -400,11 +451,12 @@ def test_a_non_loopback_bind_without_a_token_refuses_to_start() -> None:
 
 
 async def test_a_non_loopback_bind_with_a_generated_token() -> None:
-    with http_server("--generate-token", host="0.0.0.0") as (process, url):
+    with http_server("--generate-token", host="0.0.0.0") as (process, url, said):
+        assert url.startswith("http://0.0.0.0:") and not url.startswith("http://0.0.0.0:0/")
         async with httpx.AsyncClient() as raw:
             assert (await raw.post(url, json={})).status_code == 401
         process.terminate()
-        out = process.communicate(timeout=30)[0]
+        out = said + process.communicate(timeout=30)[0]
     token = out.split("bearer token (shown once): ")[1].split()[0]
     assert len(token) >= 32 and out.count(token) == 1
 

@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pydantic import ValidationError
+
 from providers import Fleet, Request, SandboxRecord
 from providers import host as host_daemon
 from providers.capacity import host_capacity
@@ -109,16 +111,25 @@ def mcp_command(args: argparse.Namespace) -> int:
     state = ServerState(provider=args.provider, attach=args.attach, reap_interval=args.reap_interval)
     server = build_server(state)
     if args.transport == "http":
-        print(f"tether mcp: serving http://{args.host}:{args.port}/mcp", file=sys.stderr, flush=True)
         asyncio.run(serve_http(server, args.host, args.port, token, args.allow_host))
         return 0
 
     async def stdio() -> None:
-        # SIGINT/SIGTERM end the session like a closed stdin does: the lifespan tears down.
+        # SIGINT/SIGTERM end the session like a closed stdin does: the lifespan tears down. Once the
+        # teardown is under way, further signals are ignored: clients close stdin and send SIGTERM
+        # a moment later, and cancelling then would leave machines running.
         task = asyncio.current_task()
+        assert task is not None
         loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            if state.stopping or task.cancelling():
+                print("tether mcp: stopping; tearing down the sandboxes it created", file=sys.stderr, flush=True)
+                return
+            task.cancel()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)  # type: ignore[union-attr]
+            loop.add_signal_handler(sig, stop)
         with contextlib.suppress(asyncio.CancelledError):
             await serve_stdio(server)
 
@@ -619,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     mcp = add("mcp", "serve the MCP tools to an agent (stdio or streamable HTTP)", json_flag=False)
     mcp.add_argument("--transport", choices=["stdio", "http"], default="stdio")
     mcp.add_argument("--host", default="127.0.0.1", help="HTTP bind address (non-loopback needs a token)")
-    mcp.add_argument("--port", type=int, default=8765)
+    mcp.add_argument("--port", type=port_number, default=8765, help="HTTP port (0: any free one, printed)")
     mcp.add_argument("--provider", help="default sandbox's provider, created on first use (default: local)")
     mcp.add_argument("--attach", metavar="USER@HOST[:PORT]", help="use this SSH host as the default sandbox")
     mcp.add_argument("--generate-token", action="store_true", help="HTTP: generate a bearer token, print it once")
@@ -680,9 +691,16 @@ def build_parser() -> argparse.ArgumentParser:
     host.add_argument(
         "action", choices=["serve", "install", "uninstall", "start", "stop", "restart", "status", "drain"]
     )
-    host.add_argument("--port", type=int, default=0, help="port for `serve` (default: any free one)")
+    host.add_argument("--port", type=port_number, default=0, help="port for `serve` (default: any free one)")
     host.add_argument("--no-wait", action="store_true", help="`drain`: mark draining and return at once")
     return parser
+
+
+def port_number(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0-65535)")
+    return port
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -691,6 +709,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "doctor":  # (doctor reports a bad config instead of refusing to run)
             check_sections(read_config())
         return COMMANDS[args.command](args)
+    except ValidationError as exc:
+        problems = R.validation_problems(exc)
+        print(f"tether: invalid arguments: {problems}; see `tether {args.command} --help`", file=sys.stderr)
+        return 2
     except (SandboxError, ProviderError, RuntimeError, ValueError) as exc:
         print(f"tether: {exc}", file=sys.stderr)
         return 2

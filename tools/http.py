@@ -16,6 +16,7 @@ import ipaddress
 import os
 import secrets
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -107,10 +108,19 @@ def build_app(server: MCPServer, host: str, port: int, token: str | None, allowe
 async def serve_http(server: MCPServer, host: str, port: int, token: str | None, allowed_hosts: list[str]) -> None:
     import uvicorn
 
+    # Bound here, before the app is built: with port 0 the Host check must name the port the
+    # kernel chose, and so must the address printed for the client.
+    try:
+        listening = socket.create_server((host, port))
+    except (OSError, OverflowError) as exc:
+        raise RuntimeError(f"cannot listen on {host} port {port}: {exc}; pick another with --port") from None
+    port = listening.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"tether mcp: serving http://{shown}:{port}/mcp", file=sys.stderr, flush=True)
     app = build_app(server, host, port, token, allowed_hosts)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(app, log_level="warning", lifespan="on")
     # uvicorn shuts down gracefully on SIGINT/SIGTERM (our lifespan tears down), then re-raises the
     # signal once its own handlers are gone; let that re-raise end the process with status 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    await uvicorn.Server(config).serve()
+    await uvicorn.Server(config).serve(sockets=[listening])

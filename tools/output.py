@@ -41,7 +41,10 @@ def _cell(value: Any) -> str:
 def when(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+    except (OverflowError, ValueError, OSError):  # (a row from before TTLs were bounded)
+        return "never"
 
 
 def duration(seconds: float) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from providers import CostEvent, SandboxRecord
 from providers.profiles import CapabilityProfile, Substrate
@@ -19,7 +19,18 @@ from sandbox import Job
 def iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
-    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    try:
+        return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    except (OverflowError, ValueError, OSError):  # (beyond year 9999: a row from before TTLs were bounded)
+        return "9999-12-31T23:59:59Z"
+
+
+def validation_problems(exc: ValidationError) -> str:
+    """pydantic's report as one line per problem's parameter and message, without its links."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'arguments'}: {error['msg'].removeprefix('Value error, ')}"
+        for error in exc.errors()
+    )
 
 
 def _nullable_as_type_list(schema: dict[str, Any]) -> None:

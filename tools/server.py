@@ -27,6 +27,7 @@ from mcp_types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
 from providers import Fleet, ManagedSandbox, Request, SandboxGone, SandboxRecord
+from providers.base import MAX_TIMEOUT_S
 from providers.errors import ProviderError
 from providers.registry import profile_of
 from sandbox.errors import InvalidArgument, SandboxError
@@ -94,8 +95,7 @@ def guarded(fn: Callable[..., Awaitable[CallToolResult]]) -> Callable[..., Await
         except (SandboxError, ProviderError) as exc:
             return failure(str(exc))
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-            return failure(f"invalid arguments: {problems}")
+            return failure(f"invalid arguments: {R.validation_problems(exc)}")
         except (ValueError, TimeoutError) as exc:
             return failure(str(exc) or type(exc).__name__)
         except Exception as exc:  # a bug of ours: say so, and keep the details in the server log
@@ -127,6 +127,7 @@ class ServerState:
         elif self.fleet.defaults.says_where:
             self.default_request = Request()  # ([defaults] says where: the fleet fills it in)
         self.default_id: str | None = None
+        self.stopping = False  # the teardown began: signals no longer cancel it
         self._default_lock = asyncio.Lock()
         self.reap_interval = reap_interval
         self.progress_interval = progress_interval
@@ -145,6 +146,7 @@ class ServerState:
         self._watcher = asyncio.get_running_loop().create_task(self._watch_tunnels())
 
     async def shutdown(self) -> list[str]:
+        self.stopping = True
         for task in (self._reaper, self._watcher):
             if task is not None:
                 task.cancel()
@@ -243,10 +245,7 @@ class TetherServer(MCPServer):
         except ToolError as exc:
             if not isinstance(exc.__cause__, ValidationError) or isinstance(exc, UnexpectedToolError):
                 raise
-            problems = "; ".join(
-                f"{'.'.join(str(part) for part in error['loc']) or 'arguments'}: {error['msg']}"
-                for error in exc.__cause__.errors()
-            )
+            problems = R.validation_problems(exc.__cause__)
             raise ToolError(
                 f"invalid arguments for {name}: {problems}. Fix them (the tool's input schema describes each "
                 "parameter) and call again"
@@ -365,8 +364,17 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
         cpu: Annotated[float | None, Field(gt=0, description="vCPUs")] = None,
         memory_mb: Annotated[int | None, Field(gt=0, description="Memory in MiB")] = None,
         disk_gb: Annotated[int | None, Field(gt=0, description="Disk in GB")] = None,
-        timeout_s: Annotated[float | None, Field(gt=0, description="TTL: terminate this long after creation")] = None,
-        idle_timeout_s: Annotated[float | None, Field(gt=0, description="Terminate after this long unused")] = None,
+        timeout_s: Annotated[
+            float | None,
+            Field(
+                gt=0,
+                le=MAX_TIMEOUT_S,
+                description="TTL in seconds (a year at most): terminated this long after",
+            ),
+        ] = None,
+        idle_timeout_s: Annotated[
+            float | None, Field(gt=0, le=MAX_TIMEOUT_S, description="Terminate after this many seconds unused")
+        ] = None,
         requirements: Annotated[
             list[str] | None, Field(description="Requirement kinds, e.g. toolchain:go, gpu, host-binary")
         ] = None,
