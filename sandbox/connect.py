@@ -290,13 +290,19 @@ async def _dial_one(
             raise ConnectTimeout(
                 f"{endpoint.display}: login did not finish within {endpoint.login_timeout:g}s"
             ) from None
-        raise Unreachable(f"{endpoint.display}: connection closed during login: {exc.reason}") from None
+        raise Unreachable(
+            f"{endpoint.display}: connection closed during login: {exc.reason}; the server may refuse this user or "
+            "address (its sshd log says why), or be overloaded"
+        ) from None
     except (OSError, asyncssh.DisconnectError) as exc:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.close()
         reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        raise Unreachable(f"{endpoint.display}: cannot connect: {reason}") from None
+        raise Unreachable(
+            f"{endpoint.display}: cannot connect: {reason}; check the host name and port, and that an SSH "
+            "server runs there"
+        ) from None
 
 
 def _offered(endpoint: SSHEndpoint) -> str:

@@ -99,7 +99,9 @@ def build_env(env: Mapping[str, str] | None) -> str:
     exports = []
     for name, value in (env or {}).items():
         if not _ENV_NAME.match(name):
-            raise InvalidArgument(f"invalid environment variable name {name!r}")
+            raise InvalidArgument(
+                f"invalid environment variable name {name!r}: use letters, digits and '_', not starting with a digit"
+            )
         if "\0" in value:
             raise InvalidArgument(f"environment variable {name} contains a NUL byte")
         exports.append(f"export {name}={quote_word(value)}")

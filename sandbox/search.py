@@ -230,7 +230,7 @@ class Search:
             if not await self._files.exists(root):
                 raise FileNotFound(root)
             if not _only_file_errors(message):
-                raise InvalidArgument(f"grep failed: {message}")
+                raise InvalidArgument(f"grep failed: {message}; fix the pattern or the arguments and search again")
             # Unreadable or vanished files and no match in the others: that is no matches.
         # Paths alone decode as os.fsdecode does, so that any name can be stat'ed and opened again;
         # lines of content with U+FFFD for what is not UTF-8.

@@ -112,6 +112,8 @@ def test_errors_say_what_to_do() -> None:
         assert "pydantic" not in refused.stderr and "tether up --help" in refused.stderr
     unknown = tether("up", "nope")
     assert unknown.returncode == 2 and "provider: unknown provider 'nope'; known: local" in unknown.stderr
+    no_such = tether("mcp", "--provider", "nope")  # refused at start, not blamed on each tool call
+    assert no_such.returncode == 2 and "unknown provider 'nope'" in no_such.stderr
     unimplemented = tether("up", "daytona")
     assert unimplemented.returncode == 2 and "daytona provider is not part of this version" in unimplemented.stderr
 

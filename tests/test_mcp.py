@@ -550,7 +550,7 @@ async def test_the_default_sandbox_comes_from_config_defaults(tmp_path: Path) ->
     )
     async with stdio_client(env=server_env(TETHER_CONFIG=str(config))) as client:
         nothing = await client.call_tool("sandbox_destroy", {})
-        assert nothing.is_error and "no default sandbox yet" in nothing.content[0].text
+        assert nothing.is_error and "no default sandbox" in nothing.content[0].text
         await client.call_tool("run", {"command": "true"})
         listed = structured(await client.call_tool("sandbox_list", {}))
         default = next(s for s in listed["sandboxes"] if s["id"] == listed["default"])
@@ -558,6 +558,23 @@ async def test_the_default_sandbox_comes_from_config_defaults(tmp_path: Path) ->
         assert Ledger().get(listed["default"]).idle_timeout == 900
         destroyed = structured(await client.call_tool("sandbox_destroy", {}))  # the default, by omission
         assert destroyed["id"] == listed["default"] and Ledger().get(destroyed["id"]).status == "terminated"
+
+
+async def test_the_only_live_sandbox_is_the_default_everywhere() -> None:
+    """With no default named or made, the only live sandbox is what calls without `sandbox` use:
+    sandbox_list marks it, and sandbox_destroy without `sandbox` destroys it."""
+    async with stdio_client() as client:
+        one = structured(await client.call_tool("sandbox_create", {"provider": "local", "name": "one"}))
+        two = structured(await client.call_tool("sandbox_create", {"provider": "local", "name": "two"}))
+        assert structured(await client.call_tool("sandbox_list", {}))["default"] is None  # which? unsaid
+        several = await client.call_tool("run", {"command": "true"})
+        assert several.is_error and "several sandboxes exist" in text(several)
+        await client.call_tool("sandbox_destroy", {"sandbox": one["id"]})
+        assert structured(await client.call_tool("sandbox_list", {}))["default"] == two["id"]
+        here = structured(await client.call_tool("run", {"command": "pwd"}))["stdout"]
+        assert here == structured(await client.call_tool("run", {"command": "pwd", "sandbox": "two"}))["stdout"]
+        destroyed = structured(await client.call_tool("sandbox_destroy", {}))
+        assert destroyed["id"] == two["id"] and Ledger().get(two["id"]).status == "terminated"
 
 
 async def test_the_server_reaps_expired_and_idle_sandboxes_itself() -> None:

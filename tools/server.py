@@ -26,7 +26,7 @@ from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp_types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
-from providers import Fleet, ManagedSandbox, Request, SandboxGone, SandboxRecord
+from providers import Fleet, ManagedSandbox, Request, SandboxGone, SandboxRecord, registry
 from providers.base import MAX_TIMEOUT_S
 from providers.errors import ProviderError
 from providers.registry import profile_of
@@ -123,6 +123,7 @@ class ServerState:
             # Kept: stopping the server must not kill what runs on someone's own machine.
             self.default_request = Request(provider="ssh", keep=True, options={"host": attach})
         elif provider:
+            registry.provider_class(provider)  # an unknown one is refused now, not blamed on each call
             self.default_request = Request(provider=provider)
         elif self.fleet.defaults.says_where:
             self.default_request = Request()  # ([defaults] says where: the fleet fills it in)
@@ -213,13 +214,9 @@ class ServerState:
                         self.default_id = record.id
                         return await self.fleet.get(record.id)
             if self.default_request is None:
-                # Another running server's throwaway sandboxes are not candidates: they end with it.
-                live = [
-                    r
-                    for r in self.fleet.list()
-                    if r.status in ("running", "paused") and (r.keep or r.id in self.fleet.created_here)
-                ]
+                live = self._default_candidates()
                 if len(live) == 1:
+                    self.default_id = live[0].id  # (from now on the default, as sandbox_list shows)
                     return await self.fleet.get(live[0].id)
                 if len(live) > 1:
                     names = ", ".join(f"{r.name} ({r.id})" for r in live)
@@ -228,6 +225,25 @@ class ServerState:
             box = await self.fleet.create(request, progress_reporter(ctx))
             self.default_id = box.id
             return box
+
+    def _default_candidates(self) -> list[SandboxRecord]:
+        """Live sandboxes a call without `sandbox` may use when no default was named or made: kept
+        ones, and this server's own (another running server's throwaway ones end with it)."""
+        return [
+            r
+            for r in self.fleet.list()
+            if r.status in ("running", "paused") and (r.keep or r.id in self.fleet.created_here)
+        ]
+
+    def current_default(self) -> str | None:
+        """The id a call without `sandbox` would use now, or None if it would create one (or must
+        be told which)."""
+        if self.default_id is not None and self.fleet.ledger.get(self.default_id).live:
+            return self.default_id
+        if self.default_request is None:
+            live = self._default_candidates()
+            return live[0].id if len(live) == 1 else None
+        return None
 
     def capabilities(self, record: SandboxRecord) -> dict[str, Any]:
         pool = next((p for p in self.fleet.pools if p.name == record.pool), None)
@@ -433,7 +449,7 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
     async def sandbox_list() -> Annotated[CallToolResult, R.SandboxList]:
         """List sandboxes that are not terminated, with the default one marked."""
         summaries = [R.SandboxSummary.of(r, state.fleet.cost_so_far(r)) for r in state.fleet.list()]
-        return ok(R.SandboxList(sandboxes=summaries, default=state.default_id))
+        return ok(R.SandboxList(sandboxes=summaries, default=state.current_default()))
 
     @server.tool(annotations=READ_ONLY)
     @guarded
@@ -483,9 +499,10 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
         ] = None,
     ) -> Annotated[CallToolResult, R.DestroyResult]:
         """Terminate a sandbox (an attached host is only detached) and report its cost."""
-        if sandbox is None and state.default_id is None:  # (none is created just to be destroyed)
-            raise InvalidArgument("there is no default sandbox yet; name the one to destroy (see sandbox_list)")
-        record = state.fleet.ledger.get(sandbox or state.default_id or "")
+        default = state.current_default()
+        if sandbox is None and default is None:  # (none is created just to be destroyed)
+            raise InvalidArgument("there is no default sandbox; name the one to destroy (see sandbox_list)")
+        record = state.fleet.ledger.get(sandbox or default or "")
         event = await state.fleet.destroy(record.id)
         if state.default_id == record.id:
             state.default_id = None
