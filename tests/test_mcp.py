@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import secrets
+import select
 import signal
 import socket
 import subprocess
@@ -459,6 +460,50 @@ async def test_a_non_loopback_bind_with_a_generated_token() -> None:
         out = said + process.communicate(timeout=30)[0]
     token = out.split("bearer token (shown once): ")[1].split()[0]
     assert len(token) >= 32 and out.count(token) == 1
+
+
+def test_a_request_with_a_lone_surrogate_gets_an_answer() -> None:
+    """JavaScript's JSON.stringify can send "\\ud800" alone; the SDK's parser refuses the line and
+    would answer nothing (the client waits forever): it gets an error, and the next call goes on."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tools.cli", "mcp"],
+        env=server_env(),
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdin and process.stdout
+        write = '{"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "write", '
+        write += '"arguments": {"path": "s.txt", "content": "a\\ud800b"}}}'
+        run = {
+            "jsonrpc": "2.0",
+            "id": 3,
+            "method": "tools/call",
+            "params": {"name": "run", "arguments": {"command": "true"}},
+        }
+        for line in (
+            json.dumps(INITIALIZE),
+            json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+            write,
+            json.dumps(run),
+        ):
+            process.stdin.write(line + "\n")
+        process.stdin.flush()
+        replies = {}
+        while len(replies) < 3:
+            assert select.select([process.stdout], [], [], 30)[0], f"no answer after {sorted(replies)}"
+            reply = json.loads(process.stdout.readline())
+            replies[reply["id"]] = reply
+        assert replies[2]["error"]["code"] == -32602 and "lone UTF-16 surrogate" in replies[2]["error"]["message"]
+        assert replies[3]["result"]["structuredContent"]["exit_code"] == 0
+        process.stdin.close()
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 async def test_stdio_drops_an_oversized_message_whole_and_reads_on() -> None:

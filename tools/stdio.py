@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import os
 import stat
 import sys
@@ -49,7 +50,8 @@ async def serve_stdio(server: MCPServer) -> None:
         read_transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), wire_in)
         write_transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, wire_out)
         writer = asyncio.StreamWriter(write_transport, protocol, None, loop)
-        lines_in, lines_out = _LineReader(reader, MAX_LINE_BYTES), _LineWriter(writer)
+        lines_out = _LineWriter(writer)
+        lines_in = _LineReader(reader, MAX_LINE_BYTES, lines_out)
         try:
             async with stdio_server(lines_in, lines_out) as (read_stream, write_stream):  # type: ignore[arg-type]
                 await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
@@ -84,11 +86,16 @@ def _claimed_stdio() -> Iterator[tuple[object, object]]:
 
 class _LineReader:
     """What stdio_server reads: an async iterator of lines. A line over the reader's limit is dropped
-    whole and replaced by text that is not JSON, which the session reports as a parse error."""
+    whole and replaced by text that is not JSON, which the session reports as a parse error.
 
-    def __init__(self, reader: asyncio.StreamReader, limit: int) -> None:
+    A request with a lone surrogate escape ("\\ud800", which JavaScript's JSON.stringify can send)
+    is answered here with an error: the SDK's parser refuses such a line and answers nothing, and
+    the client would wait for that call forever."""
+
+    def __init__(self, reader: asyncio.StreamReader, limit: int, answer: _LineWriter | None = None) -> None:
         self._reader = reader
         self._limit = limit
+        self._answer = answer
 
     def __aiter__(self) -> _LineReader:
         return self
@@ -108,7 +115,31 @@ class _LineReader:
                 continue
             if skipping:
                 return f"(a message over {self._limit} bytes was dropped)"
+            if (b"\\ud" in line or b"\\uD" in line) and await self._refused_surrogates(line):
+                continue
             return line.decode("utf-8", "replace")
+
+    async def _refused_surrogates(self, line: bytes) -> bool:
+        """Whether `line` is a request holding a lone surrogate, now answered with an error."""
+        try:
+            message = json.loads(line)  # (Python's parser accepts lone surrogates; pydantic's does not)
+            json.dumps(message, ensure_ascii=False).encode("utf-8")
+            return False
+        except UnicodeEncodeError:
+            pass
+        except ValueError:
+            return False  # not JSON at all: the session reports that itself
+        if not isinstance(message, dict) or "id" not in message or self._answer is None:
+            return True  # a notification: nothing to answer
+        error = {
+            "code": -32602,
+            "message": "the request holds a lone UTF-16 surrogate (an escape like \\ud800 without its pair), "
+            "which is not Unicode text; send valid text and call again",
+        }
+        reply = {"jsonrpc": "2.0", "id": message["id"], "error": error}
+        await self._answer.write(json.dumps(reply, ensure_ascii=False) + "\n")
+        await self._answer.flush()
+        return True
 
 
 class _LineWriter:
