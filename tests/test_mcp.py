@@ -332,6 +332,11 @@ async def test_streamable_http_with_a_token(stop: signal.Signals) -> None:
             assert wrong.status_code == 401
             missing = await raw.post(url, json={})
             assert missing.status_code == 401
+            for wrong_scheme in (f"Basic {token}", token, f"Bearer{token}"):
+                assert (await raw.post(url, headers={"Authorization": wrong_scheme}, json={})).status_code == 401
+            # the scheme's case does not matter (RFC 9110): past the token check, to the MCP layer
+            lowercase = await raw.post(url, headers={"Authorization": f"bearer {token}"}, json={})
+            assert lowercase.status_code not in (401, 403)
             rebinding = await raw.post(
                 url, headers={"Authorization": f"Bearer {token}", "Host": "evil.example"}, json={}
             )
