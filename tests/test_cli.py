@@ -146,9 +146,10 @@ def test_doctor_checks_each_pool(sshd: SSHD, client_key: Path, tmp_path: Path) -
         f'[[pools]]\nname = "own-daytona"\nprovider = "daytona"\n'
         f'config = {{ daytonaApiUrl = "http://127.0.0.1:{sshd.port}/api" }}\n'
     )
-    env = server_env(TETHER_CONFIG=str(config), DAYTONA_API_KEY="dtn-test")
+    env = server_env(TETHER_CONFIG=str(config), DAYTONA_API_KEY="dtn-test", MODAL_TOKEN_ID="half-set")
     env.pop("E2B_API_KEY", None)
     env.pop("DAYTONA_API_URL", None)
+    env.pop("MODAL_TOKEN_SECRET", None)
     result = tether("doctor", "--json", env=env)
     checks = {c["name"]: c for c in json.loads(result.stdout)}
     assert checks["pool here (local)"]["status"] == "ok"
@@ -158,6 +159,8 @@ def test_doctor_checks_each_pool(sshd: SSHD, client_key: Path, tmp_path: Path) -
     # a self-hosted Daytona: the pool's daytonaApiUrl is where doctor looks, not app.daytona.io
     assert f"127.0.0.1:{sshd.port} reachable" in checks["pool own-daytona (daytona)"]["detail"]
     assert "dtn-test" not in result.stdout + result.stderr
+    half = checks["modal credentials"]  # no pool of its own would mention it
+    assert half["status"] == "warn" and "MODAL_TOKEN_SECRET" in half["detail"] and "half-set" not in result.stdout
     assert result.returncode == 1
 
 

@@ -57,6 +57,7 @@ async def run_doctor() -> list[Check]:
             checks.append(await _pool(pool, fleet))
     finally:
         await fleet.close()
+    checks += _half_set_credentials({p.provider for p in fleet.pools})
     checks.append(
         Check(
             "ssh client",
@@ -66,6 +67,17 @@ async def run_doctor() -> list[Check]:
             else "no `ssh` binary: `tether ssh` will print the command instead",
         )
     )
+    return checks
+
+
+def _half_set_credentials(checked: set[str]) -> list[Check]:
+    """A provider whose credentials are only partly in the environment gets no implicit pool, so
+    no pool check would mention it: say what is missing."""
+    checks = []
+    for provider, names in CREDENTIAL_ENV.items():
+        missing = [n for n in names if not os.environ.get(n)]
+        if provider not in checked and 0 < len(missing) < len(names):
+            checks.append(Check(f"{provider} credentials", "warn", f"partly set: also set {', '.join(missing)}"))
     return checks
 
 
