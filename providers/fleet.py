@@ -25,7 +25,7 @@ from sandbox.state import StateStore
 
 from . import registry
 from .base import Capacity, Handle, ListedResource, Progress, Provider, ProvisionSpec, Request, no_progress
-from .config import CONFIG_MODELS, Pool, credentials_missing, load_defaults, load_pools
+from .config import CONFIG_MODELS, LocalPoolConfig, Pool, credentials_missing, load_defaults, load_pools
 from .dispatch import choose_pool
 from .errors import ProviderError, ProviderUnavailable, SandboxGone, Unsupported
 from .ledger import CostEvent, Ledger, SandboxRecord, new_sandbox_id
@@ -257,7 +257,7 @@ class Fleet:
         """[defaults] fills in what the request leaves open: where (a pool, else a provider, when it
         names neither) and its idle timeout. (Its TTL: see `_expiry`.)"""
         update: dict[str, Any] = {"idle_timeout_s": request.idle_timeout_s or self.defaults.idle_timeout_s}
-        if not request.pool and not request.provider:
+        if not request.pool and not request.provider and not _says_what_it_needs(request):
             update.update(pool=self.defaults.pool, provider=self.defaults.provider)
         return request.model_copy(update=update)
 
@@ -268,7 +268,10 @@ class Fleet:
 
     def _choose(self, request: Request) -> Pool:
         pools = list(self.pools)
-        if request.provider and request.options.get("host") and not request.pool:
+        if not request.pool and not request.provider and (self.defaults.pool or self.defaults.provider):
+            # A request that says what it needs is dispatched over every pool, the default's first.
+            pools.sort(key=lambda p: p.name != self.defaults.pool and p.provider != self.defaults.provider)
+        if request.provider == "ssh" and request.options.get("host") and not request.pool:
             # An ad-hoc attach (`create("ssh", host=...)`): the request's options say where.
             pools.insert(0, Pool(name=request.provider, provider=request.provider, implicit=True))
         elif request.provider and not any(p.provider == request.provider for p in pools):
@@ -284,7 +287,7 @@ class Fleet:
     def _expiry(self, request: Request, pool: Pool) -> float | None:
         """The TTL: the request's, else the one its pool's config sets, else [defaults] ttl_s, else
         the pool config's default (timeoutSec 3600); none for a pool without resources (local)."""
-        resources = getattr(pool.config, "resources", None)
+        resources = pool_setting(pool, "resources")
         pool_ttl = resources.timeoutSec if resources is not None else None
         pool_set = resources is not None and "timeoutSec" in resources.model_fields_set
         ttl = request.timeout_s or (pool_ttl if pool_set else None) or self.defaults.ttl_s or pool_ttl
@@ -409,7 +412,7 @@ class Fleet:
 
     def _hourly_rate(self, record: SandboxRecord) -> float | None:
         with contextlib.suppress(ProviderError):
-            own = getattr(self._pool_of(record).config, "rateUsdPerHour", None)
+            own = pool_setting(self._pool_of(record), "rateUsdPerHour")
             if own is not None:
                 return float(own)
         if record.gpu_type:
@@ -613,10 +616,24 @@ class Fleet:
         return destroyed
 
 
+def _says_what_it_needs(request: Request) -> bool:
+    """Requirement or runtime kinds, or an auth mode: then dispatch chooses among all pools
+    ([defaults] only goes first), instead of the default pool being the only candidate."""
+    return bool(request.requirement_kinds() or request.runtime_kinds or request.auth_mode)
+
+
+def pool_setting(pool: Pool, name: str) -> Any:
+    """A setting of the pool's provider config, or None. A local pool's config is metadata for
+    people, never read (the seed), whatever keys it holds."""
+    if isinstance(pool.config, LocalPoolConfig):
+        return None
+    return getattr(pool.config, name, None)
+
+
 def _gpu_of(request: Request, pool: Pool) -> tuple[str | None, int]:
     """The GPU type and count a sandbox will have: the request's type, else its pool config's
     (the configs of GPU providers have `gpu_spec`)."""
-    spec = getattr(pool.config, "gpu_spec", None)
+    spec = pool_setting(pool, "gpu_spec")
     kind, count = spec() if spec is not None else (None, 0)
     if request.gpu:
         return request.gpu, max(1, count)

@@ -142,6 +142,52 @@ async def test_auth_pin_is_not_bypassed_by_naming_the_local_provider(tmp_path, m
         await fleet.close()
 
 
+async def test_auth_pin_is_not_bypassed_by_a_host_option(tmp_path, monkeypatch) -> None:
+    """Only an ssh request with a host is an ad-hoc attach: a host option on a pinned local request
+    makes up no pool, and an inactive local pool stays inactive."""
+    from providers import Fleet
+
+    monkeypatch.setenv("TETHER_STATE_DIR", str(tmp_path))
+    fleet = Fleet(config={"pools": [{"name": "laptop", "provider": "local", "active": False}]})
+    try:
+        for request in (
+            Request(provider="local", auth_mode="host-session", options={"host": "anything"}),
+            Request(provider="local", options={"host": "anything"}),
+        ):
+            with pytest.raises((AuthPinError, DispatchError), match="laptop \\(local\\): inactive"):
+                await fleet.create(request)
+        assert fleet.list(include_terminated=True) == []
+    finally:
+        await fleet.close()
+
+
+async def test_defaults_pool_goes_first_but_does_not_overrule_what_a_request_needs(tmp_path, monkeypatch) -> None:
+    """[defaults] pool is where a request that says nothing goes; a request with an auth mode or
+    requirements is dispatched over every pool, the default first."""
+    from providers import Fleet
+
+    monkeypatch.setenv("TETHER_STATE_DIR", str(tmp_path))
+    config = {
+        "defaults": {"pool": "gpu"},
+        "pools": [
+            {"name": "gpu", "provider": "ssh", "config": {"host": "me@gpu.example"}},
+            {"name": "laptop", "provider": "local", "config": {"resources": {"timeoutSec": 60}, "owner": "mark"}},
+        ],
+    }
+    fleet = Fleet(config=config)
+    try:
+        assert fleet._choose(fleet._with_defaults(Request())).name == "gpu"
+        assert fleet._choose(fleet._with_defaults(Request(auth_mode="local"))).name == "laptop"
+        assert fleet._choose(fleet._with_defaults(Request(requirements=["toolchain:go"]))).name == "laptop"
+        assert fleet._choose(fleet._with_defaults(Request(requirements=["long-running"]))).name == "gpu"
+        # a local pool's config is metadata, whatever keys it holds: none of it is read
+        box = await fleet.create(Request(pool="laptop", name="meta"))
+        assert box.record.expires_at is None
+        await box.destroy()
+    finally:
+        await fleet.close()
+
+
 def test_local_pool_config_is_kept_as_metadata() -> None:
     laptop = POOLS[0]
     assert isinstance(laptop.config, LocalPoolConfig)
