@@ -518,7 +518,11 @@ class Fleet:
             except Exception as exc:
                 report.errors.append(f"{provider_name}: cannot list: {exc}")
                 continue
-            if listed is None:
+            if listed is None:  # (the provider keeps no listing, e.g. ssh: nothing to compare)
+                for record in before:
+                    reason = "provisioning interrupted; the provider has no listing to look for leftovers in"
+                    if record.provision_abandoned() and self._record_termination(record, reason):
+                        report.interrupted.append(record.id)
                 continue
             after = [r for r in self.ledger.list(include_terminated=True) if r.provider == provider_name]
             await self._reconcile(provider, listed, before, after, report)

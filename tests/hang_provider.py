@@ -47,3 +47,13 @@ class HangProvider(Provider):
 
     async def status(self, handle: Handle) -> SandboxStatus:
         return "running" if Path(handle.data["dir"]).exists() else "terminated"
+
+
+class UnlistedHangProvider(HangProvider):
+    """The same, from a provider that keeps no listing of its machines (as ssh: attached hosts are
+    people's own)."""
+
+    name = "unlisted-hang"
+
+    async def list(self) -> None:  # type: ignore[override]
+        return None

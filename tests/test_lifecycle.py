@@ -92,16 +92,38 @@ asyncio.run(Fleet().create(Request(pool="flaky", name="{name}")))
 """
 
 
-def hanging_cloud(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+def hanging_cloud(tmp_path: Path, provider: str = "HangProvider") -> tuple[Path, dict[str, str]]:
     """A "cloud account" directory and an environment whose pool `flaky` provisions into it and hangs."""
     cloud = tmp_path / "cloud"
     cloud.mkdir()
     config = tmp_path / "config.toml"
     config.write_text(
-        '[[providers]]\nname = "hang"\nclass = "tests.hang_provider:HangProvider"\n\n'
+        f'[[providers]]\nname = "hang"\nclass = "tests.hang_provider:{provider}"\n\n'
         '[[pools]]\nname = "flaky"\nprovider = "hang"\n'
     )
     return cloud, {**os.environ, "TETHER_CONFIG": str(config), "TETHER_TEST_CLOUD": str(cloud), "PYTHONPATH": str(ROOT)}
+
+
+def test_a_crash_mid_provision_with_a_provider_that_keeps_no_listing(tmp_path: Path) -> None:
+    """Without a listing nothing can be looked for, but the row is still closed by gc, once, with its
+    cost event, instead of staying "provisioning" for ever."""
+    cloud, env = hanging_cloud(tmp_path, "UnlistedHangProvider")
+    name = f"unlisted-{os.getpid()}"
+    process = subprocess.Popen([sys.executable, "-c", HANGING_CREATE.format(name=name)], env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while not list(cloud.iterdir()):
+            assert process.poll() is None, "the provisioning process exited early"
+            assert time.monotonic() < deadline, "the provider never created its machine"
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    record = Ledger().get(name)
+    assert record.status == "provisioning"
+    reports = [json.loads(tether("gc", "--json", env=env).stdout) for _ in range(2)]
+    assert [r["interrupted"] for r in reports] == [[record.id], []]
+    assert Ledger().get(record.id).status == "terminated" and cost_event_count(record.id) == 1
 
 
 def test_a_crash_mid_provision_is_reconciled_by_gc(tmp_path: Path) -> None:
