@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sandbox.state import process_running
+from sandbox.state import config_path, process_running, state_dir
 
 from .ledger import Ledger
 from .local_server import LocalSSHServer, daemon_state, host_state_path, local_dir
@@ -162,6 +162,17 @@ def serve_command() -> list[str]:
     return [sys.executable, "-m", "tools.cli", "host", "serve"]
 
 
+def daemon_env() -> dict[str, str]:
+    """What the daemon needs to be this very tether: the code it runs (this checkout or install,
+    whatever the directory it starts in), the state dir and config this CLI resolved (from
+    TETHER_*, or XDG_* variables a service manager would not pass on), and PATH."""
+    code = str(Path(__file__).resolve().parents[1])
+    env = {"PYTHONPATH": code, "TETHER_STATE_DIR": str(state_dir()), "TETHER_CONFIG": str(config_path())}
+    if os.environ.get("PATH"):
+        env["PATH"] = os.environ["PATH"]
+    return env
+
+
 def unit_path() -> Path:
     if platform.system() == "Darwin":
         return Path.home() / "Library" / "LaunchAgents" / f"{LAUNCH_LABEL}.plist"
@@ -171,7 +182,7 @@ def unit_path() -> Path:
 
 def unit_text() -> str:
     command = serve_command()
-    env = {k: v for k in ("TETHER_STATE_DIR", "TETHER_CONFIG", "PATH") if (v := os.environ.get(k))}
+    env = daemon_env()
     if platform.system() == "Darwin":
         args = "".join(f"    <string>{_xml(a)}</string>\n" for a in command)
         env_xml = "".join(f"    <key>{k}</key><string>{_xml(v)}</string>\n" for k, v in env.items())
@@ -182,7 +193,9 @@ def unit_text() -> str:
             f"  <key>Label</key><string>{LAUNCH_LABEL}</string>\n"
             f"  <key>ProgramArguments</key>\n  <array>\n{args}  </array>\n"
             f"  <key>EnvironmentVariables</key>\n  <dict>\n{env_xml}  </dict>\n"
-            "  <key>RunAtLoad</key><true/>\n  <key>KeepAlive</key><true/>\n"
+            # Restarted after a crash, not after `tether host stop` (a clean exit), like systemd's on-failure.
+            "  <key>RunAtLoad</key><true/>\n"
+            "  <key>KeepAlive</key><dict><key>SuccessfulExit</key><false/></dict>\n"
             f"  <key>StandardOutPath</key><string>{_xml(str(log_path()))}</string>\n"
             f"  <key>StandardErrorPath</key><string>{_xml(str(log_path()))}</string>\n"
             "</dict>\n</plist>\n"
@@ -274,6 +287,7 @@ def start(timeout: float = 15.0) -> HostStatus:
                     stderr=log,
                     start_new_session=True,
                     cwd=str(Path.home()),
+                    env={**os.environ, **daemon_env()},
                 )
     deadline = time.monotonic() + timeout
     while running_state() is None:

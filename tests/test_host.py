@@ -97,8 +97,14 @@ def test_install_writes_a_systemd_user_unit(tmp_path: Path) -> None:
     assert f"ExecStart={sys.executable} -m tools.cli host serve" in text
     assert f'Environment="TETHER_STATE_DIR={os.environ["TETHER_STATE_DIR"]}"' in text
     assert "WantedBy=default.target" in text
+    assert f'Environment="PYTHONPATH={ROOT}"' in text  # this checkout's code, wherever systemd starts it
     assert json.loads(tether("host", "status", "--json", env=env).stdout)["installed"] is True
     assert tether("host", "uninstall", env=env).returncode == 0 and not unit.exists()
+    # a state dir found through XDG_STATE_HOME (which a service manager would not pass on) is pinned
+    xdg = {k: v for k, v in env.items() if k != "TETHER_STATE_DIR"} | {"XDG_STATE_HOME": str(tmp_path / "xdg")}
+    assert tether("host", "install", env=xdg).returncode == 0
+    assert f'Environment="TETHER_STATE_DIR={tmp_path / "xdg" / "tether"}"' in unit.read_text()
+    assert tether("host", "uninstall", env=xdg).returncode == 0
 
 
 def test_launch_agent_plist(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -108,6 +114,8 @@ def test_launch_agent_plist(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     plist = host_daemon.unit_text()
     assert "<string>dev.tether.host</string>" in plist and "<key>RunAtLoad</key><true/>" in plist
     assert f"<string>{sys.executable}</string>" in plist and "<string>serve</string>" in plist
+    # restarted after a crash, not after `tether host stop`
+    assert "<key>KeepAlive</key><dict><key>SuccessfulExit</key><false/></dict>" in plist
 
 
 def test_a_stale_host_file_neither_drains_nor_gets_its_pid_signalled() -> None:
