@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sandbox import ConnectionPool, SSHEndpoint
 
@@ -57,6 +57,13 @@ class Request(BaseModel):
     keep: bool = Field(False, description="survive the process that created it (no teardown on exit)")
     # Provider-specific arguments (ssh: host, user, port, key_path).
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("auth_mode")
+    @classmethod
+    def _spelled_one_way(cls, value: str | None) -> str | None:
+        # "Host_Session" must pin like "host-session": a spelling that slipped past the pin would
+        # send a session needing this machine's credentials to a cloud.
+        return value.strip().lower().replace("_", "-") if value else value
 
     def requirement_kinds(self) -> list[str]:
         kinds = list(self.requirements)

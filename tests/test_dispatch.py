@@ -104,6 +104,12 @@ def test_unavailable_providers_are_rejected_with_the_reason() -> None:
     assert reasons["laptop"] == ("provider is local, not the requested daytona",)
 
 
+@pytest.mark.parametrize("spelling", ["host_session", "Host-Session", " LOCAL "])
+def test_auth_modes_pin_however_they_are_spelled(spelling: str) -> None:
+    with pytest.raises(AuthPinError):
+        choose_pool(Request(auth_mode=spelling, provider="e2b"), POOLS, lambda pool: None)
+
+
 def test_auth_pin_refuses_cloud_providers_before_dispatch() -> None:
     with pytest.raises(AuthPinError, match="runs only on local pools, not on daytona"):
         choose_pool(Request(auth_mode="host-session", provider="daytona"), POOLS, everything_available)
