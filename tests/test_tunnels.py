@@ -221,8 +221,11 @@ class SishStyleRelay(asyncssh.SSHServer):
     """A test relay: like sish, it accepts remote forwards and tells the session the public URL, in
     colour; on stdout, or on stderr."""
 
+    connections = 0
+
     def __init__(self, stream: str) -> None:
         self.stream = stream
+        SishStyleRelay.connections += 1
 
     def begin_auth(self, username: str) -> bool:
         return False
@@ -260,15 +263,38 @@ async def sish_relay(stream: str) -> AsyncIterator[tuple[int, int]]:
 
 @pytest.mark.parametrize("stream", ["stdout", "stderr"])
 async def test_relay_url_read_from_a_sish_style_banner(stream: str, ssh_box: Sandbox) -> None:
+    """The URL comes from the banner; and each tunnel has a relay connection of its own (sish reads
+    the session messages of one connection from one queue: a second tunnel's URL would go to the
+    first tunnel's session)."""
     port = await start_http_server(ssh_box)
     async with sish_relay(stream) as (relay_port, public_port):
         config = RelayConfig(host=f"anyone@127.0.0.1:{relay_port}", remote_host="127.0.0.1", remote_port=public_port)
         tunnels = TunnelManager(relay=config)
+        before = SishStyleRelay.connections
         tunnel = await tunnels.open(ssh_box, port, backend="relay")
         assert tunnel.url == f"http://127.0.0.1:{public_port}"
         async with httpx.AsyncClient() as client:
             assert (await client.get(f"{tunnel.url}/index.html")).text == PAGE
         await tunnels.close_all()
+        again = await tunnels.open(ssh_box, port, backend="relay")
+        await tunnels.close_all()
+        assert again.url == tunnel.url and SishStyleRelay.connections - before == 2
+
+
+async def test_auto_goes_on_to_local_when_the_relay_is_unreachable(
+    local_box: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay nobody answers at, and an HTTP_PROXY that cannot reach this machine's 127.0.0.1: auto
+    still ends with a checked local URL (the check of a URL on this machine bypasses the proxy)."""
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    port = await start_http_server(local_box)
+    tunnels = TunnelManager(relay=RelayConfig(host=f"nobody@127.0.0.1:{free_port()}", remote_port=0))
+    tunnel = await tunnels.open(local_box, port)
+    assert tunnel.backend == "local"
+    with pytest.raises(TunnelError, match="relay"):  # named, it says what failed
+        await tunnels.open(local_box, port, backend="relay")
+    await tunnels.close_all()
 
 
 def test_find_url_in_banners() -> None:
@@ -279,6 +305,22 @@ def test_find_url_in_banners() -> None:
     assert find_url(sish) == "https://abc.sish.example"
     localhost_run = "abc123.lhr.life tunneled with tls termination, https://abc123.lhr.life.\n"
     assert find_url(localhost_run) == "https://abc123.lhr.life"
+    # whole welcome texts link the relay's own pages first
+    welcome = (
+        "Welcome to localhost.run!\n\nFollow your favourite reverse tunnel at [https://twitter.com/localhost_run].\n"
+        "To set up and manage custom domains go to https://admin.localhost.run/\n\nMore details on custom "
+        "domains at https://localhost.run/docs/custom-domains\n\nTo explore using localhost.run visit the "
+        "documentation site:\nhttps://localhost.run/docs/\n\n** your connection id is 7e5d, please mention it "
+        "if you send me a message about an issue. **\n\n"
+    )
+    assert find_url(welcome) is None  # (the tunnel line has not come yet: wait for it)
+    assert find_url(welcome + localhost_run) == "https://abc123.lhr.life"
+    pinggy = (
+        "You are not authenticated.\nYour tunnel will expire in 60 minutes. Upgrade to Pinggy Pro to get "
+        "unrestricted tunnels. https://dashboard.pinggy.io\n\nhttp://rnxyz-203-0-113-5.a.free.pinggy.link\n"
+        "https://rnxyz-203-0-113-5.a.free.pinggy.link\n"
+    )
+    assert find_url(pinggy) == "https://rnxyz-203-0-113-5.a.free.pinggy.link"
     assert find_url("no url here") is None
     assert (
         find_url("see https://docs.example and go https://x.tunnel.example", r"(https://\S+\.tunnel\.example)")

@@ -14,6 +14,10 @@ from .ports import listening_ports, suggest
 CHECK_TIMEOUT = 10.0
 
 
+class NothingListens(TunnelError):
+    """Nothing listens on the port inside the sandbox: no backend can help."""
+
+
 async def verify(url: str, headers: dict[str, str], box: Sandbox, port: int, timeout: float = CHECK_TIMEOUT) -> int:
     """GET `url`; any HTTP answer (even 404 or 500) passes. Returns the status code.
 
@@ -24,7 +28,10 @@ async def verify(url: str, headers: dict[str, str], box: Sandbox, port: int, tim
         # the status line is the answer, the body is not waited for.
         async with (
             asyncio.timeout(timeout),
-            httpx.AsyncClient(timeout=timeout, verify=True, follow_redirects=False) as client,
+            # A URL on this machine is fetched directly: an HTTP_PROXY would answer for it, or fail.
+            httpx.AsyncClient(
+                timeout=timeout, verify=True, follow_redirects=False, trust_env=not _on_this_machine(url)
+            ) as client,
             client.stream("GET", url, headers=headers) as response,
         ):
             return response.status_code
@@ -39,4 +46,9 @@ async def verify(url: str, headers: dict[str, str], box: Sandbox, port: int, tim
         )
     # The suggestion names the sandbox user's own servers: a shared host lists everyone's.
     own = await listening_ports(box, own_only=True)
-    raise TunnelError(f"nothing is listening on port {port} inside the sandbox; {suggest(port, own)}")
+    raise NothingListens(f"nothing is listening on port {port} inside the sandbox; {suggest(port, own)}")
+
+
+def _on_this_machine(url: str) -> bool:
+    host = httpx.URL(url).host
+    return host in ("localhost", "::1") or host.startswith("127.")

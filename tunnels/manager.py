@@ -8,10 +8,11 @@ from collections.abc import Callable
 from typing import Any
 
 from sandbox import Sandbox
+from sandbox.errors import SandboxError
 
 from .base import BackendName, Opened, PreviewSource, Tunnel, TunnelError, new_tunnel_id
 from .channels import Notifier
-from .check import CHECK_TIMEOUT, verify
+from .check import CHECK_TIMEOUT, NothingListens, verify
 from .local import LocalBackend
 from .provider import ProviderBackend
 from .relay import RelayBackend, RelayConfig
@@ -57,14 +58,27 @@ class TunnelManager:
         for candidate in self._candidates(backend, preview):
             try:
                 opened = await candidate.open(box, port)
-            except TunnelError as exc:
-                if backend != "auto":
+            except SandboxError as exc:  # (a TunnelError, or the relay unreachable: then the next one)
+                if backend != "auto" and isinstance(exc, TunnelError):
                     raise
+                if backend != "auto":
+                    raise TunnelError(f"{candidate.name} backend: {exc}") from None
                 problems.append(f"{candidate.name}: {exc}")
                 continue
             url = opened.url.rstrip("/") + (path or "")
             try:
                 await verify(url, opened.headers, box, port, self.check_timeout)
+            except NothingListens:
+                await opened.close()
+                raise  # no backend can help
+            except TunnelError as exc:
+                # Listening, but no answer through this URL (a provider's edge may want the server
+                # on 0.0.0.0, say): under auto the next backend may do.
+                await opened.close()
+                if backend != "auto":
+                    raise
+                problems.append(f"{candidate.name}: {exc}")
+                continue
             except BaseException:
                 await opened.close()
                 raise

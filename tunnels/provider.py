@@ -28,7 +28,12 @@ class ProviderBackend:
         self._source = source
 
     async def open(self, box: Sandbox, port: int) -> ProviderURL:
-        preview = await self._source(port)
+        try:
+            preview = await self._source(port)
+        except TunnelError:
+            raise
+        except Exception as exc:  # (the provider's own API failed: under auto, the next backend)
+            raise TunnelError(f"the provider could not give a URL for port {port}: {exc}") from None
         if preview is None:
             raise TunnelError("this sandbox's provider has no URLs of its own for ports; use backend relay or local")
         return ProviderURL(preview)

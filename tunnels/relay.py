@@ -24,6 +24,8 @@ from asyncssh.forward import SSHForwarder
 from pydantic import BaseModel, ConfigDict, Field
 
 from sandbox import ConnectionPool, Sandbox, SSHEndpoint, default_pool
+from sandbox.connect import dial
+from sandbox.errors import SandboxError
 from sandbox.pool import Hold
 
 from .base import BackendName, TunnelError, reopen
@@ -63,7 +65,9 @@ def strip_ansi(text: str) -> str:
 
 
 def find_url(banner: str, pattern: str | None = None) -> str | None:
-    """The public URL in a relay's banner: the first https one, else the first http one."""
+    """The public URL in a relay's banner: the first https one, else the first http one, of those
+    that can be a tunnel's. Welcome texts also link the relay's own pages (localhost.run: its
+    Twitter, admin and docs; pinggy: its dashboard), which come first."""
     clean = strip_ansi(banner)
     if pattern:
         match = re.search(pattern, clean)
@@ -71,7 +75,24 @@ def find_url(banner: str, pattern: str | None = None) -> str | None:
             return None
         return match.group(1) if match.re.groups else match.group(0)
     urls = [u.rstrip(".,;:") for u in URL.findall(clean)]
+    urls = [u for u in urls if not _relay_page(u)]
     return next((u for u in urls if u.startswith("https://")), urls[0] if urls else None)
+
+
+# Not a tunnel: social and code sites, a relay's own pages, documentation.
+_NOT_TUNNELS = {"twitter.com", "x.com", "github.com", "discord.gg", "discord.com", "t.me", "youtube.com"}
+_SITE_PAGES = {"admin", "dashboard", "docs", "www", "help", "status", "blog", "app", "console"}
+
+
+def _relay_page(url: str) -> bool:
+    host, _, path = url.split("://", 1)[1].partition("/")
+    host = host.lower().rsplit("@", 1)[-1].split(":")[0]
+    return (
+        host in _NOT_TUNNELS
+        or host.removeprefix("www.") in _NOT_TUNNELS
+        or host.split(".", 1)[0] in _SITE_PAGES
+        or path.lower().startswith("docs")
+    )
 
 
 class RelayForward:
@@ -107,10 +128,11 @@ class RelayForward:
     async def _open(self) -> None:
         endpoint = self._config.endpoint()
         try:
-            relay_hold = await self._pool.hold(endpoint)
-            self._holds.append(relay_hold)
+            # A connection of this tunnel's own: sish reads the session messages of one connection
+            # from one queue, so a second tunnel on it would have its URL read by the first one's
+            # session. (The pool still pins the relay's host key.)
+            conn = self._relay_conn = await dial(endpoint, self._pool.pins)
             self._holds.append(await self._box.hold_connection())
-            conn = self._relay_conn = relay_hold.conn
             # Relays print their URL to the session, so it comes first; then the forward.
             self._session = await conn.create_process(self._config.command, encoding=None)
             self._listener = await conn.create_server(
@@ -120,8 +142,10 @@ class RelayForward:
                 window=BRIDGE_WINDOW,
                 max_pktsize=BRIDGE_PACKET,
             )
-        except (asyncssh.Error, OSError) as exc:
+        except (asyncssh.Error, OSError, SandboxError) as exc:
             self._release()
+            if isinstance(exc, SandboxError):
+                raise TunnelError(f"relay {endpoint.display}: {exc}") from None
             raise TunnelError(f"relay {endpoint.display} refused the forward: {exc}") from None
         if self._config.url_template:
             self.url = self._config.url_template.format(host=endpoint.host, port=self._listener.get_port())
@@ -189,6 +213,8 @@ class RelayForward:
         for hold in self._holds:
             hold.release()
         self._holds.clear()
+        if self._relay_conn is not None:
+            self._relay_conn.close()
 
 
 class RelayBackend:
