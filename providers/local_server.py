@@ -18,6 +18,7 @@ import pwd
 import re
 import socket
 import threading
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import asyncssh
 
 from sandbox.connect import streamline
+from sandbox.forwarding import ClosingForwarder, forward_to
 from sandbox.state import process_running, read_config, state_dir
 
 from .config import CREDENTIAL_ENV
@@ -113,8 +115,12 @@ class _Server(asyncssh.SSHServer):
             return False
         return self._authorized.validate(key, "127.0.0.1", "127.0.0.1") is not None
 
-    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> bool:
-        return dest_host in LOOPBACK
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> bool | Awaitable[ClosingForwarder]:
+        if dest_host not in LOOPBACK:
+            return False
+        return forward_to(dest_host, dest_port)  # (asyncssh's own forwarding leaks half-closed pairs)
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         return listen_host in LOOPBACK

@@ -110,6 +110,27 @@ async def test_local_backend_serves_a_real_http_server(any_box: Sandbox) -> None
             await client.get(tunnel.url)
 
 
+async def test_forwarded_connections_are_closed_once_both_ends_are_done(any_box: Sandbox) -> None:
+    """http.server answers and hangs up at once: each forwarded connection's channel must then be
+    closed, not left half-open for as long as the sandbox's connection lives (asyncssh's own
+    forwarder did that to about one in ten when the channel's end of file came second). Counted in
+    asyncssh's table of the connection's open channels: nothing outside the process shows them."""
+    port = await start_http_server(any_box)
+    conn = await any_box.connection()
+    tunnels = TunnelManager()
+    tunnel = await tunnels.open(any_box, port, backend="local")
+    await asyncio.sleep(0.3)
+    before = len(conn._channels)
+    async with httpx.AsyncClient() as client:
+        for _ in range(100):
+            assert (await client.get(f"{tunnel.url}/index.html")).status_code == 200
+    deadline = time.monotonic() + 5
+    while len(conn._channels) > before and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert len(conn._channels) <= before
+    await tunnels.close_all()
+
+
 async def test_a_port_where_nothing_listens_gives_a_clear_error(ssh_box: Sandbox) -> None:
     port = await start_http_server(ssh_box)
     with pytest.raises(TunnelError) as caught:

@@ -20,12 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import asyncssh
-from asyncssh.forward import SSHForwarder
 from pydantic import BaseModel, ConfigDict, Field
 
 from sandbox import ConnectionPool, Sandbox, SSHEndpoint, default_pool
 from sandbox.connect import dial
 from sandbox.errors import SandboxError
+from sandbox.forwarding import ClosingForwarder
 from sandbox.pool import Hold
 
 from .base import BackendName, TunnelError, reopen
@@ -182,18 +182,18 @@ class RelayForward:
             "Set url_template (or url_pattern) in [relay]"
         )
 
-    async def _bridge(self) -> SSHForwarder:
+    async def _bridge(self) -> ClosingForwarder:
         """A connection that arrived at the relay, paired with a channel to the sandbox's port over the
         sandbox's own connection (re-dialed by the pool if it died). asyncssh's forwarders pipe the
         two channels at the protocol level, as its own port forwarding does."""
         try:
             conn = await self._box.connection()
             _, inner = await conn.create_connection(
-                SSHForwarder, "127.0.0.1", self._port, window=BRIDGE_WINDOW, max_pktsize=BRIDGE_PACKET
+                ClosingForwarder, "127.0.0.1", self._port, window=BRIDGE_WINDOW, max_pktsize=BRIDGE_PACKET
             )
         except (asyncssh.Error, OSError) as exc:
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"sandbox port {self._port}: {exc}") from None
-        return SSHForwarder(inner)
+        return ClosingForwarder(inner)
 
     async def close(self) -> None:
         self._closed = True
