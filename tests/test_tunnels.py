@@ -131,6 +131,18 @@ async def test_forwarded_connections_are_closed_once_both_ends_are_done(any_box:
     await tunnels.close_all()
 
 
+async def test_closing_a_sandboxs_tunnels_twice_at_once_closes_each_once(local_box: Sandbox) -> None:
+    """The termination listener and the watcher may both close a sandbox's tunnels."""
+    port = await start_http_server(local_box)
+    seen: list[tuple[str, str]] = []
+    tunnels = TunnelManager(recorder=lambda what, t: seen.append((what, t.id)))
+    opened = [await tunnels.open(local_box, port, backend="local") for _ in range(2)]
+    sandbox_id = opened[0].sandbox_id
+    first, second = await asyncio.gather(tunnels.close_for_sandbox(sandbox_id), tunnels.close_for_sandbox(sandbox_id))
+    assert sorted(t.id for t in first + second) == sorted(t.id for t in opened)
+    assert sorted(i for what, i in seen if what == "closed") == sorted(t.id for t in opened)
+
+
 async def test_a_port_where_nothing_listens_gives_a_clear_error(ssh_box: Sandbox) -> None:
     port = await start_http_server(ssh_box)
     with pytest.raises(TunnelError) as caught:

@@ -130,11 +130,14 @@ class TunnelManager:
         return tunnel
 
     async def close_for_sandbox(self, sandbox_id: str) -> list[Tunnel]:
-        return [await self.close(t.id) for t in self.list(sandbox_id)]
+        # (one already closed meanwhile, by the termination listener or the watcher, is skipped:
+        # the check and close's pop happen with no await between them)
+        return [await self.close(t.id) for t in self.list(sandbox_id) if t.id in self._open]
 
     async def close_all(self) -> None:
         for tunnel_id in list(self._open):
-            await self.close(tunnel_id)
+            if tunnel_id in self._open:
+                await self.close(tunnel_id)
 
     def _record(self, what: str, tunnel: Tunnel, sandbox: dict[str, Any]) -> None:
         if self._recorder is not None:
