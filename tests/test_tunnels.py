@@ -27,10 +27,12 @@ import pytest
 from providers import Fleet, Request
 from providers.local import LocalProvider
 from sandbox import ConnectionPool, Sandbox
+from sandbox.errors import CommandTimeout, FileNotFound
 from tests.conftest import endpoint_for
 from tests.mcp_support import ROOT, server_env, stdio_client, structured, tether, text
 from tests.sshd import SSHD, ensure_account, free_port
 from tunnels import ChannelConfig, Notifier, RelayConfig, TunnelError, TunnelManager
+from tunnels.check import verify
 from tunnels.ports import listening_ports, parse_netstat, parse_proc_net_tcp
 from tunnels.relay import find_url
 
@@ -129,6 +131,25 @@ async def test_forwarded_connections_are_closed_once_both_ends_are_done(any_box:
         await asyncio.sleep(0.1)
     assert len(conn._channels) <= before
     await tunnels.close_all()
+
+
+class NoPortTables:
+    """A box with neither /proc/net/tcp nor netstat (the two sources of listening ports)."""
+
+    async def read_bytes(self, path: str) -> bytes:
+        raise FileNotFound(path)
+
+    async def exec_raw(self, argv: list[str], timeout: float = 0) -> None:
+        raise CommandTimeout(" ".join(argv), timeout)
+
+
+async def test_ports_that_cannot_be_read_are_not_reported_as_none_listening() -> None:
+    with pytest.raises(TunnelError, match="cannot be read"):
+        await listening_ports(NoPortTables())  # type: ignore[arg-type]
+    with pytest.raises(TunnelError) as caught:
+        await verify(f"http://127.0.0.1:{free_port()}/", {}, NoPortTables(), 8000, timeout=2)  # type: ignore[arg-type]
+    assert "whether port 8000 listens is unknown" in str(caught.value)
+    assert "nothing is listening" not in str(caught.value)
 
 
 async def test_closing_a_sandboxs_tunnels_twice_at_once_closes_each_once(local_box: Sandbox) -> None:

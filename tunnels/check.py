@@ -9,7 +9,7 @@ import httpx
 from sandbox import Sandbox
 
 from .base import TunnelError
-from .ports import listening_ports, suggest
+from .ports import PortsUnknown, listening_ports, suggest
 
 CHECK_TIMEOUT = 10.0
 
@@ -39,7 +39,14 @@ async def verify(url: str, headers: dict[str, str], box: Sandbox, port: int, tim
         problem = f"{type(exc).__name__}: {exc}".rstrip(": ")
     except TimeoutError:
         problem = "no answer"
-    if port in await listening_ports(box):
+    try:
+        listening = port in await listening_ports(box)
+    except PortsUnknown as exc:
+        raise TunnelError(
+            f"no HTTP answer came through {url} within {timeout:g}s ({problem}); {exc}, so whether port "
+            f"{port} listens is unknown: check that the server runs (job_list, job_output)"
+        ) from None
+    if listening:
         raise TunnelError(
             f"port {port} is listening inside the sandbox but no HTTP answer came through {url} within "
             f"{timeout:g}s ({problem}); is it an HTTP server, and does it answer on 127.0.0.1?"

@@ -7,6 +7,8 @@ import re
 from sandbox import Sandbox
 from sandbox.errors import SandboxError
 
+from .base import TunnelError
+
 LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
 
 
@@ -52,8 +54,14 @@ async def listening_ports(box: Sandbox, own_only: bool = False) -> list[int]:
             raw = await box.exec_raw(["netstat", "-an"], timeout=15)
             ports = parse_netstat(raw.stdout.decode("ascii", "replace"))
         except (SandboxError, TimeoutError):
-            return []
+            raise PortsUnknown(
+                "which ports listen inside the sandbox cannot be read (no /proc/net/tcp, no netstat)"
+            ) from None
     return sorted(ports)
+
+
+class PortsUnknown(TunnelError):
+    """Neither /proc/net/tcp nor netstat could be read on the box."""
 
 
 def suggest(port: int, listening: list[int]) -> str:
