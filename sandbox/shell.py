@@ -183,6 +183,8 @@ __t_run() {
   # stray background process still holding an old descriptor appends too (as in a terminal)
   # instead of writing into a hole.
   __o="$__P.o"; __e="$__P.e"; __c="$__P.c"
+  # (a command may have removed tether's directory: `rm -rf ~/.tether`, or the whole home's contents)
+  [ -d "$__T/run" ] || { mkdir -p "$__T/run" "$__T/jobs" && chmod 700 "$__T"; } 2>/dev/null
   : >"$__o"; : >"$__e"; : >"$__c"
   __t_spawn "$2" "$3" "$4" "$__c" "$5"
   __p=$!

@@ -390,3 +390,20 @@ async def test_a_call_cancelled_just_as_its_shell_opened_leaves_the_shell_to_oth
         await asyncio.sleep(0.2)
         [(sessions, _)] = pool.stats(host_endpoint)
         assert sessions == 2  # SFTP and one shell, not a second shell beside a lost one
+
+
+async def test_commands_go_on_after_tethers_directory_was_removed(
+    host_endpoint: SSHEndpoint, pool: ConnectionPool
+) -> None:
+    """An agent cleaning up may remove ~/.tether (here, this sandbox's own copy of it): the next
+    command still runs and returns its output, and so does a background job."""
+    tether_dir = f"~/.tether/t-{secrets.token_hex(3)}"
+    async with Sandbox(host_endpoint, pool=pool, tether_dir=tether_dir) as box:
+        assert (await box.run("echo before")).stdout == "before\n"
+        where = (await box.run(f"cd {tether_dir} && pwd")).stdout.strip()
+        await box.run(["rm", "-rf", where], cwd="/")
+        assert (await box.run("echo after; echo err >&2")).stdout == "after\n"
+        job = await box.start_job("echo from a job")
+        out = await box.job_output(job.id, wait_ms=3000)
+        assert out.stdout == "from a job\n"
+        await box.run(["rm", "-rf", where], cwd="/")
