@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sandbox import ConnectionPool, SSHEndpoint
 
-from .config import LocalPoolConfig, Pool
+from .config import MAX_TIMEOUT_S, LocalPoolConfig, Pool
 from .errors import Unsupported
 from .profiles import CapabilityProfile, Substrate
 
@@ -25,10 +25,6 @@ Progress = Callable[[str, float | None], Awaitable[None]]
 
 async def no_progress(message: str, fraction: float | None = None) -> None:
     return None
-
-
-# A TTL or idle timeout beyond a year is a mistake (or `inf`): refused, not kept as a date no clock shows.
-MAX_TIMEOUT_S = 366 * 24 * 3600
 
 
 class Request(BaseModel):

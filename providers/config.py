@@ -25,6 +25,9 @@ from . import registry
 from .errors import ConfigError
 from .profiles import Substrate
 
+# A TTL or idle timeout beyond a year is a mistake (or `inf`): refused, not kept as a date no clock shows.
+MAX_TIMEOUT_S = 366 * 24 * 3600
+
 DONMAI_IMAGE = "ghcr.io/renseiai/donmai-worker:latest"
 DONMAI_COMMAND = ["donmai", "agent", "run"]
 
@@ -200,8 +203,12 @@ class Defaults(_Strict):
 
     pool: str | None = Field(None, description="Pool of the default sandbox (else `provider`, else local)")
     provider: str | None = Field(None, description="Provider of the default sandbox, when no pool is named")
-    ttl_s: float | None = Field(None, gt=0, description="TTL of new sandboxes that give none")
-    idle_timeout_s: float | None = Field(None, gt=0, description="Idle timeout of new sandboxes that give none")
+    ttl_s: float | None = Field(
+        None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False, description="TTL of new sandboxes that give none"
+    )
+    idle_timeout_s: float | None = Field(
+        None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False, description="Idle timeout of new sandboxes that give none"
+    )
 
     @property
     def says_where(self) -> bool:

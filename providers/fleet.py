@@ -268,20 +268,24 @@ class Fleet:
 
     def _choose(self, request: Request) -> Pool:
         pools = list(self.pools)
+        wanted = request.provider
         if not request.pool and not request.provider and (self.defaults.pool or self.defaults.provider):
-            # A request that says what it needs is dispatched over every pool, the default's first.
+            # A request that says what it needs is dispatched over every pool, the default's first
+            # (a default provider with no pool configured gets its implicit one, as when named).
             pools.sort(key=lambda p: p.name != self.defaults.pool and p.provider != self.defaults.provider)
+            wanted = None if self.defaults.pool else self.defaults.provider
         if request.provider == "ssh" and request.options.get("host") and not request.pool:
             # An ad-hoc attach (`create("ssh", host=...)`): the request's options say where.
             pools.insert(0, Pool(name=request.provider, provider=request.provider, implicit=True))
-        elif request.provider and not any(p.provider == request.provider for p in pools):
+        elif wanted and not any(p.provider == wanted for p in pools):
             if request.auth_mode in LOCAL_AUTH_MODES:
                 # The pin asks for a local pool the config activates: one made up here would
                 # bypass it (the seed: with none active, dispatch fails at validation).
                 return choose_pool(request, pools, self.availability)
-            model = CONFIG_MODELS.get(request.provider)
-            config = model() if model is not None and request.provider != "ssh" else None
-            pools.append(Pool(name=request.provider, provider=request.provider, config=config, implicit=True))
+            model = CONFIG_MODELS.get(wanted)
+            config = model() if model is not None and wanted != "ssh" else None
+            implicit = Pool(name=wanted, provider=wanted, config=config, implicit=True)
+            pools.insert(0 if wanted != request.provider else len(pools), implicit)
         return choose_pool(request, pools, self.availability)
 
     def _expiry(self, request: Request, pool: Pool) -> float | None:
@@ -518,6 +522,8 @@ class Fleet:
             except Exception as exc:
                 report.errors.append(f"{provider_name}: cannot list: {exc}")
                 continue
+            if listed is None and provider is None:
+                continue  # (unavailable here, credentials missing say: its rows wait for a gc that can)
             if listed is None:  # (the provider keeps no listing, e.g. ssh: nothing to compare)
                 for record in before:
                     reason = "provisioning interrupted; the provider has no listing to look for leftovers in"

@@ -427,8 +427,8 @@ class Files:
             attrs = exc
         if isinstance(attrs, asyncssh.SFTPAttrs) and stat_module.S_ISFIFO(attrs.permissions or 0):
             self._openable.discard(path)  # (from now on stat'ed alone first, and refused there)
+            pending.add_done_callback(self._close_if_opened)  # (first: should the release be cancelled)
             await self._sftp.release_fifo(path, pending)
-            pending.add_done_callback(self._close_if_opened)
             raise SpecialFile(path, "a named pipe (FIFO)")
         try:
             return attrs, await pending
@@ -537,7 +537,7 @@ class Files:
     async def edit(self, path: str, old_string: str, new_string: str, replace_all: bool = False) -> EditResult:
         """Replace one exact occurrence (or every one, with replace_all). See `multi_edit`."""
         async with self._writers.hold(path):
-            return await self._edit(path, [Edit(old_string, new_string, replace_all)], indexed=False)
+            return await self._edit(path, [Edit(old_string, new_string, replace_all)], False, held=frozenset({path}))
 
     async def multi_edit(self, path: str, edits: Sequence[Edit]) -> EditResult:
         """Apply edits in order to the file's text, then write once: all of them or none.
@@ -548,9 +548,11 @@ class Files:
         if not edits:
             raise InvalidArgument("multi_edit needs at least one edit")
         async with self._writers.hold(path):
-            return await self._edit(path, list(edits), indexed=True)
+            return await self._edit(path, list(edits), True, held=frozenset({path}))
 
-    async def _edit(self, path: str, edits: list[Edit], indexed: bool, hops: int = 0) -> EditResult:
+    async def _edit(
+        self, path: str, edits: list[Edit], indexed: bool, hops: int = 0, held: frozenset[str] = frozenset()
+    ) -> EditResult:
         """Read, apply, write back: four round trips, five for a file written within the last second;
         one fewer when tether read or wrote the file last and remembers its content (known.py).
 
@@ -588,7 +590,11 @@ class Files:
         if hops >= MAX_LINK_HOPS:
             raise _too_many_links(path)
         target = await self._sftp.retrying(lambda sftp: _link_target(sftp, path))
-        result = await self._edit(target, edits, indexed, hops + 1)
+        if target in held:  # (a loop: MAX_LINK_HOPS ends it)
+            result = await self._edit(target, edits, indexed, hops + 1, held)
+        else:  # edits of the target by its own name wait for this one, and the other way round
+            async with self._writers.hold(target):
+                result = await self._edit(target, edits, indexed, hops + 1, held | {target})
         return EditResult(path, result.replacements, result.diff)
 
     async def _edit_in_place(

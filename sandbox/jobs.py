@@ -22,7 +22,7 @@ from typing import Literal
 import asyncssh
 
 from .channels import CHANNEL_GONE, SFTPChannel, ShellPool
-from .errors import ConnectionLost, JobNotFound
+from .errors import ConnectionLost, JobNotFound, SandboxError
 from .executor import MAX_OUTPUT_CHARS, Executor, build_env, build_script, signal_name
 from .pathlocks import PathLocks
 from .sftpio import read_upto
@@ -237,6 +237,12 @@ class Jobs:
         signal = signal_name(signal)
         directory = await self._directory(job_id)
         state = await self._read_state(directory)
+        deadline = time.monotonic() + 2
+        while state.pid is None and self._job(job_id, state, set()).status == "running":
+            if time.monotonic() > deadline:  # (started by another process a moment ago)
+                raise SandboxError(f"{job_id} is still starting (it has no process yet); call job_kill again")
+            await asyncio.sleep(POLL_INTERVAL)
+            state = await self._read_state(directory)
         if state.pid is None:
             return self._job(job_id, state, set())  # it never started (or was cut off): nothing to signal
 
@@ -302,7 +308,7 @@ class Jobs:
 
         try:
             await self._sftp.once(save)
-        except (ConnectionLost, asyncssh.SFTPError) as exc:
+        except (SandboxError, asyncssh.Error, OSError) as exc:  # (a re-dial may fail in many ways)
             log.info("could not save the read position of %s: %s", directory, exc)
 
     async def _read_state(self, directory: str) -> _Files:

@@ -228,3 +228,29 @@ def test_implicit_pools_follow_the_credentials_in_the_environment() -> None:
     pools = implicit_pools(env)
     assert [p.name for p in pools] == ["local", "e2b", "runpod"] and all(p.implicit for p in pools)
     assert load_pools({}, environ={"DAYTONA_API_KEY": "k"})[1].config.daytonaApiUrl == "https://app.daytona.io/api"
+
+
+async def test_a_default_provider_without_a_pool_is_still_a_candidate(tmp_path, monkeypatch) -> None:
+    """[defaults] provider = "local" with only an ssh pool configured: a request that says what it
+    needs still has the local provider's implicit pool, first."""
+    from providers import Fleet
+
+    monkeypatch.setenv("TETHER_STATE_DIR", str(tmp_path))
+    config = {
+        "defaults": {"provider": "local"},
+        "pools": [{"name": "remote", "provider": "ssh", "config": {"host": "me@remote.example"}}],
+    }
+    fleet = Fleet(config=config)
+    try:
+        for request in (Request(), Request(requirements=["toolchain:go"])):
+            assert fleet._choose(fleet._with_defaults(request)).provider == "local"
+    finally:
+        await fleet.close()
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e12", "-1"])
+def test_config_defaults_are_bounded_like_requests(value: str) -> None:
+    from providers.config import load_defaults
+
+    with pytest.raises(ConfigError, match="ttl_s"):
+        load_defaults({"defaults": {"ttl_s": float(value)}})

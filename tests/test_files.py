@@ -380,9 +380,11 @@ async def test_hostile_names_as_directories_and_through_every_other_operation(
     assert (await sb.run(["cat", "--", f"{directory}/marker"])).stdout == "here\n"
     job = await sb.start_job("pwd; ls", cwd=directory)
     output = await sb.job_output(job.id, wait_ms=5000)
-    while output.status == "running":
+    printed = output.stdout
+    while output.status == "running":  # (each call returns what came since the previous one)
         output = await sb.job_output(job.id, wait_ms=1000)
-    assert output.stdout.startswith(f"{directory}\nmarker\n")
+        printed += output.stdout
+    assert printed.startswith(f"{directory}\nmarker\n")
 
     local = tmp_path / "payload.bin"
     local.write_bytes(bytes(range(256)) * 100)
@@ -479,6 +481,17 @@ async def test_a_named_pipe_never_blocks_the_sandbox(sb: Sandbox, mode: str) -> 
         with pytest.raises(SpecialFile):  # and again, refused up front this time
             await asyncio.wait_for(sb.read("swapped"), 10)
         await sb.run(["rm", "swapped"])
+
+
+async def test_edits_through_a_symlink_and_of_its_target_sent_together_all_land(sb: Sandbox) -> None:
+    await sb.write("real.txt", "".join(f"line {i}\n" for i in range(10)))
+    await sb.run(["ln", "-s", "real.txt", "link.txt"])
+    names = ["link.txt", "real.txt"] * 5
+    await asyncio.gather(*(sb.edit(name, f"line {i}\n", f"LINE {i}\n") for i, name in enumerate(names)))
+    assert await sb.read_text("real.txt") == "".join(f"LINE {i}\n" for i in range(10))
+    await sb.run(["ln", "-sf", "loop.txt", "loop.txt"])  # a loop still ends with a clear error
+    with pytest.raises(FileOperationError, match="too many levels"):
+        await asyncio.wait_for(sb.edit("loop.txt", "a", "b"), 10)
 
 
 async def test_text_that_utf8_cannot_encode_is_refused_clearly(sb: Sandbox) -> None:

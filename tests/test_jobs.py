@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from sandbox import ConnectionPool, Sandbox, SSHEndpoint
-from sandbox.errors import InvalidArgument, JobNotFound
+from sandbox.errors import InvalidArgument, JobNotFound, SandboxError
 from tests.conftest import endpoint_for
 from tests.sshd import SSHD
 
@@ -98,6 +98,8 @@ async def test_a_job_that_never_got_a_pid_is_not_running_forever(sb: Sandbox) ->
     assert (out.status, out.stdout) == ("exited", "") and time.monotonic() - started < 2
     assert (await sb.job_kill(old)).status == "exited"  # nothing to signal; not "no such job"
     assert (await sb.job_output(new)).status == "running"
+    with pytest.raises(SandboxError, match="still starting"):  # no process to signal yet: say so
+        await sb.job_kill(new)
     await sb.run(["rm", "-rf", f"{jobs_dir}/{old}", f"{jobs_dir}/{new}"])
 
 

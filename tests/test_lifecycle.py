@@ -126,6 +126,34 @@ def test_a_crash_mid_provision_with_a_provider_that_keeps_no_listing(tmp_path: P
     assert Ledger().get(record.id).status == "terminated" and cost_event_count(record.id) == 1
 
 
+def test_gc_leaves_the_rows_of_a_provider_it_cannot_use_for_later() -> None:
+    """A provider unusable here (no credentials, not built) cannot be asked what it left: its
+    abandoned rows are not closed as if it had nothing, they wait for a gc that can look."""
+    ledger = Ledger()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    record = ledger.insert(
+        sandbox_id=f"sb-{os.urandom(5).hex()}",
+        name=f"cloudy-{os.getpid()}",
+        provider="e2b",
+        pool="e2b",
+        request={},
+        expires_at=None,
+        idle_timeout=None,
+        keep=False,
+        gpu_type=None,
+        gpu_count=0,
+    )
+    with ledger.store.transaction() as db:
+        db.execute("UPDATE sandboxes SET owner_pid = ? WHERE id = ?", (dead.pid, record.id))
+    assert Ledger().get(record.id).provision_abandoned()
+    env = {k: v for k, v in os.environ.items() if k != "E2B_API_KEY"}
+    report = json.loads(tether("gc", "--json", env={**env, "PYTHONPATH": str(ROOT)}).stdout)
+    assert record.id not in report["interrupted"] and Ledger().get(record.id).status == "provisioning"
+    with ledger.store.transaction() as db:
+        db.execute("DELETE FROM sandboxes WHERE id = ?", (record.id,))
+
+
 def test_a_crash_mid_provision_is_reconciled_by_gc(tmp_path: Path) -> None:
     cloud, env = hanging_cloud(tmp_path)
     name = f"crashy-{os.getpid()}"

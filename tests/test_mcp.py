@@ -511,6 +511,34 @@ def test_a_request_with_a_lone_surrogate_gets_an_answer() -> None:
             process.kill()
 
 
+class Sink:
+    """Where the line reader writes its own answers (what _LineWriter does with a pipe)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    async def write(self, text: str) -> None:
+        text.encode("utf-8")  # as the pipe would: a string UTF-8 cannot carry fails here
+        self.lines.append(text)
+
+    async def flush(self) -> None:
+        pass
+
+
+async def test_stdio_lines_that_could_crash_the_reader_do_not() -> None:
+    """A lone surrogate in the request's id (answered in ASCII, escaped), and a line nested too
+    deep to parse (left to the session, which reports it): the reader goes on either way."""
+    reader = asyncio.StreamReader(limit=1 << 20)
+    deep = "[" * 100_000 + '"\\ud800"' + "]" * 100_000
+    reader.feed_data(('{"jsonrpc": "2.0", "id": "\\ud800", "method": "ping"}\n' + deep + '\n{"id": 3}\n').encode())
+    reader.feed_eof()
+    sink = Sink()
+    lines = [line async for line in _LineReader(reader, 1 << 20, sink)]  # type: ignore[arg-type]
+    assert lines == [deep + "\n", '{"id": 3}\n']
+    reply = json.loads(sink.lines[0])
+    assert reply["id"] == "\ud800" and reply["error"]["code"] == -32602 and sink.lines[0].isascii()
+
+
 async def test_stdio_drops_an_oversized_message_whole_and_reads_on() -> None:
     reader = asyncio.StreamReader(limit=16)
     reader.feed_data(b'{"method": "far too long for the limit"}\n{"id": 2}\n{"id": 3}')

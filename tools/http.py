@@ -112,9 +112,10 @@ async def serve_http(server: MCPServer, host: str, port: int, token: str | None,
     # Bound here, before the app is built: with port 0 the Host check must name the port the
     # kernel chose, and so must the address printed for the client.
     try:
-        listening = socket.create_server((host, port))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listening = socket.create_server((host, port), family=family)
     except (OSError, OverflowError) as exc:
-        raise RuntimeError(f"cannot listen on {host} port {port}: {exc}; pick another with --port") from None
+        raise RuntimeError(f"cannot listen on {host} port {port}: {exc}; check --host and --port") from None
     port = listening.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     print(f"tether mcp: serving http://{shown}:{port}/mcp", file=sys.stderr, flush=True)

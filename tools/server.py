@@ -27,7 +27,7 @@ from mcp_types import CallToolResult, ImageContent, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
 from providers import Fleet, ManagedSandbox, Request, SandboxGone, SandboxRecord, registry
-from providers.base import MAX_TIMEOUT_S
+from providers.config import MAX_TIMEOUT_S
 from providers.errors import ProviderError
 from providers.registry import profile_of
 from sandbox.errors import InvalidArgument, SandboxError

@@ -127,8 +127,8 @@ class _LineReader:
             return False
         except UnicodeEncodeError:
             pass
-        except ValueError:
-            return False  # not JSON at all: the session reports that itself
+        except (ValueError, RecursionError):
+            return False  # not JSON, or nested too deep: the session reports that itself
         if not isinstance(message, dict) or "id" not in message or self._answer is None:
             return True  # a notification: nothing to answer
         error = {
@@ -137,7 +137,7 @@ class _LineReader:
             "which is not Unicode text; send valid text and call again",
         }
         reply = {"jsonrpc": "2.0", "id": message["id"], "error": error}
-        await self._answer.write(json.dumps(reply, ensure_ascii=False) + "\n")
+        await self._answer.write(json.dumps(reply) + "\n")  # (ASCII: the id itself may hold the surrogate)
         await self._answer.flush()
         return True
 
