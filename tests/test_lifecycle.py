@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import pytest
 
-from providers import Fleet, Request
+from providers import Fleet, Request, SandboxRecord
 from providers.config import RunPodPoolConfig
 from providers.ledger import Ledger
 from providers.local import LocalProvider
@@ -104,11 +104,8 @@ def hanging_cloud(tmp_path: Path, provider: str = "HangProvider") -> tuple[Path,
     return cloud, {**os.environ, "TETHER_CONFIG": str(config), "TETHER_TEST_CLOUD": str(cloud), "PYTHONPATH": str(ROOT)}
 
 
-def test_a_crash_mid_provision_with_a_provider_that_keeps_no_listing(tmp_path: Path) -> None:
-    """Without a listing nothing can be looked for, but the row is still closed by gc, once, with its
-    cost event, instead of staying "provisioning" for ever."""
-    cloud, env = hanging_cloud(tmp_path, "UnlistedHangProvider")
-    name = f"unlisted-{os.getpid()}"
+def crash_mid_provision(cloud: Path, env: dict[str, str], name: str) -> SandboxRecord:
+    """A process provisions `name` on the hanging pool and is killed once its machine exists."""
     process = subprocess.Popen([sys.executable, "-c", HANGING_CREATE.format(name=name)], env=env, cwd=ROOT)
     try:
         deadline = time.monotonic() + 30
@@ -119,7 +116,14 @@ def test_a_crash_mid_provision_with_a_provider_that_keeps_no_listing(tmp_path: P
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    record = Ledger().get(name)
+    return Ledger().get(name)
+
+
+def test_a_crash_mid_provision_with_a_provider_that_keeps_no_listing(tmp_path: Path) -> None:
+    """Without a listing nothing can be looked for, but the row is still closed by gc, once, with its
+    cost event, instead of staying "provisioning" for ever."""
+    cloud, env = hanging_cloud(tmp_path, "UnlistedHangProvider")
+    record = crash_mid_provision(cloud, env, f"unlisted-{os.getpid()}")
     assert record.status == "provisioning"
     reports = [json.loads(tether("gc", "--json", env=env).stdout) for _ in range(2)]
     assert [r["interrupted"] for r in reports] == [[record.id], []]
@@ -156,19 +160,8 @@ def test_gc_leaves_the_rows_of_a_provider_it_cannot_use_for_later() -> None:
 
 def test_a_crash_mid_provision_is_reconciled_by_gc(tmp_path: Path) -> None:
     cloud, env = hanging_cloud(tmp_path)
-    name = f"crashy-{os.getpid()}"
-    process = subprocess.Popen([sys.executable, "-c", HANGING_CREATE.format(name=name)], env=env, cwd=ROOT)
-    try:
-        deadline = time.monotonic() + 30
-        while not list(cloud.iterdir()):
-            assert process.poll() is None, "the provisioning process exited early"
-            assert time.monotonic() < deadline, "the provider never created its machine"
-            time.sleep(0.05)
-        record = Ledger().get(name)
-        assert record.status == "provisioning"  # written before the provider was asked
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+    record = crash_mid_provision(cloud, env, f"crashy-{os.getpid()}")
+    assert record.status == "provisioning"  # written before the provider was asked
 
     result = tether("gc", "--json", env=env)
     assert result.returncode == 0, result.stderr
