@@ -196,35 +196,39 @@ class ServerState:
             with contextlib.suppress(SandboxGone):
                 return await self.fleet.get(self.default_id)
         async with self._default_lock:
-            if self.default_id is not None:
-                record = self.fleet.ledger.get(self.default_id)
-                if record.live:
-                    return await self.fleet.get(self.default_id)
-                self.default_id = None
-            host = self.default_request.options.get("host") if self.default_request is not None else None
-            if host:
-                # A kept attachment of the same host that is still live (a previous server's): reuse it.
-                for record in self.fleet.list():
-                    if (
-                        record.provider == "ssh"
-                        and record.status == "running"
-                        and record.keep
-                        and record.request.get("options", {}).get("host") == host
-                    ):
-                        self.default_id = record.id
-                        return await self.fleet.get(record.id)
-            if self.default_request is None:
-                live = self._default_candidates()
-                if len(live) == 1:
-                    self.default_id = live[0].id  # (from now on the default, as sandbox_list shows)
-                    return await self.fleet.get(live[0].id)
-                if len(live) > 1:
-                    names = ", ".join(f"{r.name} ({r.id})" for r in live)
-                    raise InvalidArgument(f"several sandboxes exist ({names}); say which one with `sandbox`")
+            found = self.current_default()
+            if found is not None:
+                self.default_id = found  # (from now on the default, as sandbox_list shows)
+                return await self.fleet.get(found)
+            if self.default_request is None and len(live := self._default_candidates()) > 1:
+                names = ", ".join(f"{r.name} ({r.id})" for r in live)
+                raise InvalidArgument(f"several sandboxes exist ({names}); say which one with `sandbox`")
             request = self.default_request or Request(provider="local")
             box = await self.fleet.create(request, progress_reporter(ctx))
             self.default_id = box.id
             return box
+
+    def current_default(self) -> str | None:
+        """The live sandbox a call without `sandbox` uses, or None when it would create one (or
+        must be told which): the default made or named so far; else, for `--attach HOST`, a kept
+        attachment of that host (a previous server's); else, with nothing given at start, the only
+        live candidate."""
+        if self.default_id is not None and self.fleet.ledger.get(self.default_id).live:
+            return self.default_id
+        host = self.default_request.options.get("host") if self.default_request is not None else None
+        if host:
+            for record in self.fleet.list():
+                if (
+                    record.provider == "ssh"
+                    and record.status == "running"
+                    and record.keep
+                    and record.request.get("options", {}).get("host") == host
+                ):
+                    return record.id
+        if self.default_request is None:
+            live = self._default_candidates()
+            return live[0].id if len(live) == 1 else None
+        return None
 
     def _default_candidates(self) -> list[SandboxRecord]:
         """Live sandboxes a call without `sandbox` may use when no default was named or made: kept
@@ -234,16 +238,6 @@ class ServerState:
             for r in self.fleet.list()
             if r.status in ("running", "paused") and (r.keep or r.id in self.fleet.created_here)
         ]
-
-    def current_default(self) -> str | None:
-        """The id a call without `sandbox` would use now, or None if it would create one (or must
-        be told which)."""
-        if self.default_id is not None and self.fleet.ledger.get(self.default_id).live:
-            return self.default_id
-        if self.default_request is None:
-            live = self._default_candidates()
-            return live[0].id if len(live) == 1 else None
-        return None
 
     def capabilities(self, record: SandboxRecord) -> dict[str, Any]:
         pool = next((p for p in self.fleet.pools if p.name == record.pool), None)
