@@ -94,7 +94,7 @@ KILL_TREE_FN = r"""__t_desc() {
   while [ "$__dq" != " " ]; do
     __dn=
     for __df in /proc/[0-9]*/stat; do
-      read -r __dl <"$__df" 2>/dev/null || continue
+      read -r __dl 2>/dev/null <"$__df" || continue  # (the error redirect first: a process may be gone)
       set -- ${__dl##*) }
       case $__dq in *" $2 "*) __dp=${__df#/proc/}; __dn="$__dn${__dp%/stat} " ;; esac
     done
