@@ -144,7 +144,7 @@ class SFTPChannel:
 
     def close_later(self, f: asyncssh.SFTPClientFile) -> None:
         """Close a handle without making the caller wait for the server's reply."""
-        self._in_background(f.close())
+        self.in_background(f.close())
 
     def remove_later(self, *paths: str) -> None:
         """Remove files off the hot path; a failure only leaves a small file behind."""
@@ -153,18 +153,21 @@ class SFTPChannel:
             sftp = await self.client()
             await asyncio.gather(*(sftp.remove(p) for p in paths), return_exceptions=True)
 
-        self._in_background(remove())
+        self.in_background(remove())
 
-    def _in_background(self, work: Awaitable[object]) -> None:
+    def in_background(self, work: Awaitable[object]) -> asyncio.Task[None]:
+        """Run SFTP work off the hot path (closing the channel waits for it); failures are logged."""
+
         async def quietly() -> None:
             try:
                 await work
             except Exception as exc:  # best effort by design: log, never raise
-                log.debug("background SFTP cleanup failed: %s", exc)
+                log.debug("background SFTP work failed: %s", exc)
 
         task = asyncio.get_running_loop().create_task(quietly())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     def _done(self) -> None:
         self._active -= 1

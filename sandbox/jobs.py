@@ -111,6 +111,7 @@ class Jobs:
         self._sftp = sftp
         self._cursors: dict[str, _Cursor] = {}
         self._readers = PathLocks()
+        self._saving: dict[str, asyncio.Task[None]] = {}  # job → its latest save of the read position
 
     async def _jobs_dir(self) -> str:
         return (await self._executor.info()).jobs_dir
@@ -151,7 +152,7 @@ class Jobs:
 
     async def _output(self, job_id: str, directory: str, wait_ms: int, max_chars: int) -> JobOutput:
         cursor = self._cursors.setdefault(job_id, _Cursor())
-        read_before = str(cursor)
+        read_before = (cursor.stdout, cursor.stderr)
         deadline = time.monotonic() + max(0, wait_ms) / 1000
         pid: int | None = None
         while True:
@@ -183,16 +184,15 @@ class Jobs:
             self._read_from(f"{directory}/stderr", cursor.stderr, err_size, max_chars, ended=not running),
         )
         cursor.stdout, cursor.stderr = out_at, err_at
-        out_more, err_more = out_at < out_size, err_at < err_size
-        if str(cursor) != read_before:
-            await self._save_cursor(directory, cursor)
+        if (out_at, err_at) != read_before:
+            self._save_soon(job_id, directory, str(cursor))
         return JobOutput(
             job_id,
             stdout,
             stderr,
             "running" if running else "exited",
             None if running else exit_code,
-            out_more or err_more,
+            out_at < out_size or err_at < err_size,
         )
 
     async def list(self) -> list[Job]:
@@ -293,23 +293,30 @@ class Jobs:
         self._cursors.setdefault(job_id, _Cursor.parse(read))
         return directory
 
-    async def _save_cursor(self, directory: str, cursor: _Cursor) -> None:
-        """Keep how far the output was read on the box, for the next tether process that asks.
+    def _save_soon(self, job_id: str, directory: str, position: str) -> None:
+        """Keep how far the output was read on the box, for the next tether process that asks: in
+        the background, off the reply's path (closing the sandbox waits for it), each save after
+        the job's previous one so that an older position never lands last. Written in place (one
+        small write); should it fail, a later reader starts from the last position saved."""
+        previous = self._saving.get(job_id)
 
-        Written in place (small enough for one write request); if that fails, the output already
-        read is still returned, and a later reader starts from the last position saved."""
+        async def save() -> None:
+            if previous is not None:
+                await asyncio.wait({previous})
 
-        async def save(sftp: asyncssh.SFTPClient) -> None:
-            f = await sftp.open(f"{directory}/read", "w")
+            async def write(sftp: asyncssh.SFTPClient) -> None:
+                f = await sftp.open(f"{directory}/read", "w")
+                try:
+                    await f.write(position)
+                finally:
+                    self._sftp.close_later(f)
+
             try:
-                await f.write(str(cursor))
-            finally:
-                self._sftp.close_later(f)
+                await self._sftp.once(write)
+            except (SandboxError, asyncssh.Error, OSError) as exc:  # (a re-dial may fail in many ways)
+                log.info("could not save the read position of %s: %s", directory, exc)
 
-        try:
-            await self._sftp.once(save)
-        except (SandboxError, asyncssh.Error, OSError) as exc:  # (a re-dial may fail in many ways)
-            log.info("could not save the read position of %s: %s", directory, exc)
+        self._saving[job_id] = self._sftp.in_background(save())
 
     async def _read_state(self, directory: str) -> _Files:
         async def read(sftp: asyncssh.SFTPClient) -> _Files:
