@@ -285,7 +285,7 @@ class Fleet:
             model = CONFIG_MODELS.get(wanted)
             config = model() if model is not None and wanted != "ssh" else None
             implicit = Pool(name=wanted, provider=wanted, config=config, implicit=True)
-            pools.insert(0 if wanted != request.provider else len(pools), implicit)
+            pools.insert(len(pools) if request.provider else 0, implicit)  # (a default's goes first)
         return choose_pool(request, pools, self.availability)
 
     def _expiry(self, request: Request, pool: Pool) -> float | None:

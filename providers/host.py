@@ -50,18 +50,13 @@ def write_state(state: dict[str, Any]) -> None:
     os.replace(temp, path)
 
 
-def running_state() -> dict[str, Any] | None:
-    """host.json, if the daemon it describes still answers."""
-    return daemon_state()
-
-
 # -- serve ------------------------------------------------------------------------------------------
 
 
 async def serve(port: int = 0) -> None:
     """Run the daemon until SIGTERM or SIGINT. The draining flag survives only until the next start."""
-    if running_state() is not None:
-        raise RuntimeError(f"a tether host daemon already runs (pid {read_state()['pid']}); stop it first")  # type: ignore[index]
+    if (running := daemon_state()) is not None:
+        raise RuntimeError(f"a tether host daemon already runs (pid {running['pid']}); stop it first")
     server = LocalSSHServer()
     running = server.start(port)
     write_state(
@@ -103,7 +98,7 @@ async def drain(wait: bool = True, poll: float = 1.0, report: Any = print) -> li
     While it waits it reaps (TTL, idle timeout, creator gone), as the MCP server's reaper would."""
     from .fleet import Fleet
 
-    state = running_state()
+    state = daemon_state()
     if state is None:
         raise RuntimeError("no tether host daemon runs here; start it with `tether host start`")
     write_state({**state, "status": "draining"})
@@ -144,7 +139,7 @@ class HostStatus:
 
 
 def status() -> HostStatus:
-    state = running_state()
+    state = daemon_state()
     return HostStatus(
         state=(state or {}).get("status", "stopped") if state else "stopped",
         pid=state["pid"] if state else None,
@@ -273,7 +268,7 @@ def uninstall() -> tuple[Path, str]:
 
 def start(timeout: float = 15.0) -> HostStatus:
     manager = service_manager()
-    if running_state() is None:
+    if daemon_state() is None:
         if manager == "systemd":
             _run(["systemctl", "--user", "start", f"{SERVICE_NAME}.service"])
         elif manager == "launchd":
@@ -290,7 +285,7 @@ def start(timeout: float = 15.0) -> HostStatus:
                     env={**os.environ, **daemon_env()},
                 )
     deadline = time.monotonic() + timeout
-    while running_state() is None:
+    while daemon_state() is None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"the daemon did not come up within {timeout:g}s; see {log_path()}")
         time.sleep(0.1)
@@ -303,7 +298,7 @@ def stop(timeout: float = 15.0) -> HostStatus:
         _run(["systemctl", "--user", "stop", f"{SERVICE_NAME}.service"], check=False)
     elif manager == "launchd":
         _run(["launchctl", "stop", LAUNCH_LABEL], check=False)
-    state = running_state()  # (a stale host.json's pid may since belong to another process)
+    state = daemon_state()  # (a stale host.json's pid may since belong to another process)
     if state and state.get("pid"):
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(state["pid"]), signal.SIGTERM)

@@ -30,7 +30,7 @@ async def test_serve_status_drain_and_stop() -> None:
     drain = None
     try:
         deadline = time.monotonic() + 20
-        while host_daemon.running_state() is None:
+        while host_daemon.daemon_state() is None:
             assert daemon.poll() is None, daemon.stdout.read() if daemon.stdout else ""
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
