@@ -56,9 +56,12 @@ class TunnelManager:
         sandbox = sandbox or {"id": getattr(box, "id", box.name), "name": box.name}
         problems: list[str] = []
         for candidate in self._candidates(backend, preview):
+            # Under auto, a backend that fails (the relay unreachable, the provider's API down, a URL
+            # that gets no answer from a port that listens: a provider's edge may want 0.0.0.0) hands
+            # over to the next one; nothing listening on the port is the end of it for all.
             try:
                 opened = await candidate.open(box, port)
-            except SandboxError as exc:  # (a TunnelError, or the relay unreachable: then the next one)
+            except SandboxError as exc:
                 if backend != "auto" and isinstance(exc, TunnelError):
                     raise
                 if backend != "auto":
@@ -68,20 +71,12 @@ class TunnelManager:
             url = opened.url.rstrip("/") + (path or "")
             try:
                 await verify(url, opened.headers, box, port, self.check_timeout)
-            except NothingListens:
+            except BaseException as exc:
                 await opened.close()
-                raise  # no backend can help
-            except TunnelError as exc:
-                # Listening, but no answer through this URL (a provider's edge may want the server
-                # on 0.0.0.0, say): under auto the next backend may do.
-                await opened.close()
-                if backend != "auto":
+                if backend != "auto" or not isinstance(exc, TunnelError) or isinstance(exc, NothingListens):
                     raise
                 problems.append(f"{candidate.name}: {exc}")
                 continue
-            except BaseException:
-                await opened.close()
-                raise
             tunnel = Tunnel(new_tunnel_id(), sandbox["id"], port, candidate.name, url, dict(opened.headers))
             self._open[tunnel.id] = (tunnel, opened, sandbox)
             self._record("opened", tunnel, sandbox)

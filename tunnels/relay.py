@@ -145,7 +145,7 @@ class RelayForward:
         except (asyncssh.Error, OSError, SandboxError) as exc:
             self._release()
             if isinstance(exc, SandboxError):
-                raise TunnelError(f"relay {endpoint.display}: {exc}") from None
+                raise  # (connect errors name the relay and say what to do)
             raise TunnelError(f"relay {endpoint.display} refused the forward: {exc}") from None
         if self._config.url_template:
             self.url = self._config.url_template.format(host=endpoint.host, port=self._listener.get_port())
