@@ -87,6 +87,11 @@ class SFTPChannel:
                 )
             return self._client
 
+    @property
+    def current(self) -> asyncssh.SFTPClient | None:
+        """The session in use now, if one is open."""
+        return self._client
+
     async def retrying(self, operation: Callable[[asyncssh.SFTPClient], Awaitable[T]]) -> T:
         """Run a read-only operation, retrying once on a fresh connection if the old one died."""
         self._active += 1

@@ -10,17 +10,21 @@ import re
 import secrets
 import shlex
 import time
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import asyncssh
 
 from .channels import CHANNEL_GONE, SFTPChannel, ShellPool
 from .errors import CommandTimeout, ConnectionLost, FileNotFound, InvalidArgument
+from .heldoutput import HeldOutput
 from .sftpio import read_prefix, read_range
 from .shell import KILL_TREE, Finished, PersistentShell, ShellDied, ShellInfo
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_OUTPUT_CHARS = 30_000
 KILL_GRACE_SECONDS = 10
@@ -144,6 +148,7 @@ class Executor:
         self._sftp = sftp
         self.cwd: str | None = None
         self._cleanup: set[asyncio.Task[None]] = set()
+        self._held_output: weakref.WeakKeyDictionary[PersistentShell, HeldOutput] = weakref.WeakKeyDictionary()
 
     # -- public --------------------------------------------------------------------------------------
 
@@ -169,8 +174,8 @@ class Executor:
             # Read before the shell takes its next command: it empties these files first.
             kept = f"{shell.info.run_dir}/{command_id}"
             (stdout, out_path), (stderr, err_path) = await asyncio.gather(
-                self._collect(shell.stdout_path, finished.has_stdout, max_chars, f"{kept}.o", keep_output),
-                self._collect(shell.stderr_path, finished.has_stderr, max_chars, f"{kept}.e", keep_output),
+                self._collect(shell, finished, shell.stdout_path, max_chars, f"{kept}.o", keep_output),
+                self._collect(shell, finished, shell.stderr_path, max_chars, f"{kept}.e", keep_output),
             )
         _raise_if_cwd_refused(cwd, finished, stderr)
         self.cwd = finished.cwd or start_dir
@@ -199,8 +204,10 @@ class Executor:
             finished, timed_out = await self._execute(
                 shell, secrets.token_hex(8), start_dir, script, timeout, fallback=fallback
             )
-            stdout, cut = await self._read_head(shell.stdout_path, max_bytes) if finished.has_stdout else (b"", False)
-            stderr, _ = await self._read_head(shell.stderr_path, 64 << 10) if finished.has_stderr else (b"", False)
+            (stdout, cut), (stderr, _) = await asyncio.gather(
+                self._read_head(shell, finished, shell.stdout_path, max_bytes),
+                self._read_head(shell, finished, shell.stderr_path, 64 << 10),
+            )
         _raise_if_cwd_refused(cwd, finished, stderr.decode("utf-8", "replace"))
         if timed_out:
             raise CommandTimeout(shlex.join(argv), timeout)
@@ -314,46 +321,66 @@ class Executor:
             log.warning("could not kill process group %d after cancellation: %s", pid, exc)
 
     async def _collect(
-        self, path: str, present: bool, max_chars: int, keep_as: str, keep: bool = False
+        self, shell: PersistentShell, finished: Finished, path: str, max_chars: int, keep_as: str, keep: bool = False
     ) -> tuple[str, str | None]:
         """The stream's text capped to `max_chars` (head + tail). When it was cut (or `keep` asks for
         it unread), the whole stream is moved to `keep_as` (its path is returned) so the shell's next
         command cannot empty it."""
-        if not present:
+        if not (finished.has_stdout if path == shell.stdout_path else finished.has_stderr):
             return "", None
         if keep:
             await self._sftp.once(lambda sftp: sftp.posix_rename(path, keep_as))
             return "", keep_as
 
-        async def read(sftp: asyncssh.SFTPClient) -> tuple[str, bool]:
+        async def read(f: asyncssh.SFTPClientFile) -> tuple[str, bool]:
             # One read decides: up to 4 × max_chars bytes (a character is at most 4) is enough.
             limit = 4 * max_chars
             note = f"\n[output cut to {max_chars} characters; the whole stream is in {keep_as}]"
-            f = await sftp.open(path, "rb")
-            try:
-                head, size = await read_prefix(f, limit + 1)
-                if len(head) <= limit:
-                    return cap_text(head, max_chars, note)
-                tail = await read_range(f, limit, max(size - limit, 0))
-                return _head_tail(
-                    head.decode("utf-8", "replace"), tail.decode("utf-8", "replace"), size, max_chars, note
-                ), True
-            finally:
-                self._sftp.close_later(f)
+            head, size = await read_prefix(f, limit + 1)
+            if len(head) <= limit:
+                return cap_text(head, max_chars, note)
+            tail = await read_range(f, limit, max(size - limit, 0))
+            return _head_tail(
+                head.decode("utf-8", "replace"), tail.decode("utf-8", "replace"), size, max_chars, note
+            ), True
 
-        text, cut = await self._sftp.retrying(read)
+        text, cut = await self._read_output(shell, finished, path, read)
         if not cut:
             return text, None
         await self._sftp.once(lambda sftp: sftp.posix_rename(path, keep_as))
         return text, keep_as
 
-    async def _read_head(self, path: str, max_bytes: int) -> tuple[bytes, bool]:
-        async def read(sftp: asyncssh.SFTPClient) -> tuple[bytes, bool]:
-            f = await sftp.open(path, "rb")
-            try:
-                data, _ = await read_prefix(f, max_bytes + 1)
-            finally:
-                self._sftp.close_later(f)
+    async def _read_head(
+        self, shell: PersistentShell, finished: Finished, path: str, max_bytes: int
+    ) -> tuple[bytes, bool]:
+        if not (finished.has_stdout if path == shell.stdout_path else finished.has_stderr):
+            return b"", False
+
+        async def read(f: asyncssh.SFTPClientFile) -> tuple[bytes, bool]:
+            data, _ = await read_prefix(f, max_bytes + 1)
             return data[:max_bytes], len(data) > max_bytes
 
-        return await self._sftp.retrying(read)
+        return await self._read_output(shell, finished, path, read)
+
+    async def _read_output(
+        self,
+        shell: PersistentShell,
+        finished: Finished,
+        path: str,
+        read: Callable[[asyncssh.SFTPClientFile], Awaitable[T]],
+    ) -> T:
+        """`read` applied to one of the shell's output files, through the handle held open for it."""
+        held = self._held_output.get(shell)
+        if held is None:
+            held = self._held_output[shell] = HeldOutput(self._sftp)
+            shell.on_close.append(held.release)
+
+        async def attempt(sftp: asyncssh.SFTPClient) -> T:
+            f = await held.open(sftp, path, finished.files_generation)
+            try:
+                return await read(f)
+            except asyncssh.SFTPError:
+                held.forget(path)  # a handle the server no longer honours: once more, opened anew
+                return await read(await held.open(sftp, path, finished.files_generation))
+
+        return await self._sftp.retrying(attempt)

@@ -8,7 +8,7 @@ How: the channel runs the user's login shell once (`"$SHELL" -l`, so their PATH 
 small protocol from stdin. Each command is started by `__t_run` as a child in its own process group
 (bash job control, or setsid), so the whole group can be killed; stdin is /dev/null and stdout and
 stderr go to files under ~/.tether/run/. The shell answers with two NUL-terminated records: `ID S PID`
-when the child started and `ID E EXIT HAS_OUT HAS_ERR CWD` when it ended. Nothing the agent sends is
+when the child started and `ID E EXIT HAS_OUT HAS_ERR GEN CWD` when it ended. Nothing the agent sends is
 spliced into a shell line: the command text and the cwd travel as single-quoted arguments of
 `__t_run`, and the child runs the command with `eval`.
 """
@@ -149,13 +149,13 @@ __TCHILD=__CHILD__
 __TJOB=__JOB__
 if command -v setsid >/dev/null 2>&1; then
   __TPG=setsid
-  __t_bg() { setsid "$@" </dev/null >>"$__o" 2>>"$__e" & }
+  __t_bg() { setsid "$@" </dev/null >>"$__o" 2>>"$__e" 7<&- 8<&- & }
 elif command -v perl >/dev/null 2>&1; then
   __TPG=perl
-  __t_bg() { perl -e 'setpgrp(0,0); exec {$ARGV[0]} @ARGV or exit 127' "$@" </dev/null >>"$__o" 2>>"$__e" & }
+  __t_bg() { perl -e 'setpgrp(0,0); exec {$ARGV[0]} @ARGV or exit 127' "$@" </dev/null >>"$__o" 2>>"$__e" 7<&- 8<&- & }
 else
   __TPG=none
-  __t_bg() { "$@" </dev/null >>"$__o" 2>>"$__e" & }
+  __t_bg() { "$@" </dev/null >>"$__o" 2>>"$__e" 7<&- 8<&- & }
 fi
 if [ -n "${BASH_VERSION:-}" ] && set -m 2>/dev/null && case $- in *m*) true ;; *) false ;; esac; then
   # `fork` mode: with job control on, every background job gets its own process group, so a
@@ -168,7 +168,7 @@ if [ -n "${BASH_VERSION:-}" ] && set -m 2>/dev/null && case $- in *m*) true ;; *
       trap '__t_pwd >>"$__c" 2>/dev/null' EXIT
       __t_cd -- "$__d" 2>/dev/null || __NO_CWD__
       eval "$__s"
-    ) </dev/null >>"$__o" 2>>"$__e" &
+    ) </dev/null >>"$__o" 2>>"$__e" 7<&- 8<&- &
   }
 else
   __t_spawn() {
@@ -186,6 +186,13 @@ __t_run() {
   # (a command may have removed tether's directory: `rm -rf ~/.tether`, or the whole home's contents)
   [ -d "$__T/run" ] || { mkdir -p "$__T/run" "$__T/jobs" && chmod 700 "$__T"; } 2>/dev/null
   : >"$__o"; : >"$__e"; : >"$__c"
+  # tether keeps these two files open over SFTP from one command to the next (reading an output
+  # then takes one round trip, not two). This shell holds them too, as fds 7 and 8 (which no
+  # command inherits), to tell whether the paths still name those files: when they don't (a command
+  # removed ~/.tether) it holds the new ones and counts up __g, which the end record reports, and
+  # tether opens them anew.
+  { [ "$__o" -ef /dev/fd/7 ] && [ "$__e" -ef /dev/fd/8 ]; } 2>/dev/null || {
+    [ -r "$__o" ] && [ -r "$__e" ] && command exec 7<"$__o" 8<"$__e"; __g=$((__g + 1)); }
   __t_spawn "$2" "$3" "$4" "$__c" "$5"
   __p=$!
   printf '%s S %s\0' "$1" "$__p"
@@ -201,7 +208,7 @@ __t_run() {
   fi
   __so=0; [ -s "$__o" ] && __so=1
   __se=0; [ -s "$__e" ] && __se=1
-  printf '%s E %s %s %s %s\0' "$1" "$__x" "$__so" "$__se" "$__cwd"
+  printf '%s E %s %s %s %s %s\0' "$1" "$__x" "$__so" "$__se" "$__g" "$__cwd"
 }
 __t_job() {
   # Job control off while launching: a background child that already leads its own group would
@@ -226,7 +233,7 @@ __t_kill() {
   __t_killtree "$2" "$3"
   printf '%s R %s\0' "$1" "$?"
 }
-__P="$__T/run/__NONCE__"
+__P="$__T/run/__NONCE__"; __g=0
 trap 'rm -f "$__P.o" "$__P.e" "$__P.c" "$__P.v"' EXIT
 __rg=0; command -v rg >/dev/null 2>&1 && __rg=1
 printf 'READY %s %s %s %s\0%s\0%s\0%s\0' "__NONCE__" "$__TPG" "$__rg" "$__TSH" "$HOME" "$__T" "$PWD"
@@ -283,6 +290,9 @@ class Finished:
     has_stdout: bool
     has_stderr: bool
     cwd: str | None
+    # Which output files the command wrote: counts up each time the shell had to create them anew
+    # (see __t_run); a handle tether opened for an earlier generation names other files.
+    files_generation: int = 0
 
 
 class ShellDied(ConnectionLost):
@@ -308,6 +318,8 @@ class PersistentShell:
         # Set when a command was cancelled before its pid came back: what must happen (wait for the
         # pid, kill it) before this shell may be closed.
         self.before_close: Callable[[], Awaitable[None]] | None = None
+        # What else lets go when the shell closes (handles tether holds on its output files).
+        self.on_close: list[Callable[[], None]] = []
         self._stderr_tail = b""
         self._stderr_task = asyncio.get_running_loop().create_task(self._drain_stderr())
 
@@ -394,10 +406,10 @@ class PersistentShell:
 
     async def finish(self, command_id: str) -> Finished:
         """Wait for the command started by `begin` to end."""
-        fields = await self._expect(command_id, "E", maxsplit=3)
-        exit_code, has_out, has_err = int(fields[0]), fields[1] == "1", fields[2] == "1"
-        cwd = fields[3] if len(fields) > 3 and fields[3] else None
-        return Finished(exit_code, has_out, has_err, cwd)
+        fields = await self._expect(command_id, "E", maxsplit=4)
+        exit_code, has_out, has_err, files = int(fields[0]), fields[1] == "1", fields[2] == "1", int(fields[3])
+        cwd = fields[4] if len(fields) > 4 and fields[4] else None
+        return Finished(exit_code, has_out, has_err, cwd, files)
 
     async def call(self, function: str, *args: str) -> list[str]:
         """Call one of the shell's builtin-only helpers (`job`, `alive`, `kill`) and return its reply."""
@@ -426,6 +438,9 @@ class PersistentShell:
                 self._stderr_tail = (self._stderr_tail + chunk)[-2000:]
 
     async def close(self) -> None:
+        for let_go in self.on_close:
+            with contextlib.suppress(Exception):
+                let_go()
         self._process.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._process.wait_closed(), 2)

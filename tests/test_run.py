@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shlex
@@ -303,6 +304,11 @@ async def test_other_login_shells(
         r = await box.run("echo out; echo err >&2; cd /tmp; exit 4")
         assert (r.stdout, r.stderr, r.exit_code, r.cwd) == ("out\n", "err\n", 4, "/tmp")
         assert (await box.run("pwd")).stdout == "/tmp\n"
+        # The descriptors the shell holds on its output files are not the command's, nor a job's.
+        held = "for n in 7 8; do [ -e /proc/self/fd/$n ] && echo fd $n open; done; true"
+        assert (await box.run(held)).stdout == ""
+        job = await box.start_job(held)
+        assert (await box.job_output(job.id, wait_ms=5000)).stdout == ""
         # Ending where it started, by a detour or under another spelling, is still a place to start from.
         assert (await box.run("cd / && cd /tmp")).cwd == "/tmp"
         assert (await box.run("cd /tmp/ && true")).cwd == "/tmp"
@@ -403,7 +409,43 @@ async def test_commands_go_on_after_tethers_directory_was_removed(
         where = (await box.run(f"cd {tether_dir} && pwd")).stdout.strip()
         await box.run(["rm", "-rf", where], cwd="/")
         assert (await box.run("echo after; echo err >&2")).stdout == "after\n"
+        # ... or replaced the output files with copies (the same names, other files): the next
+        # output is read from the file the shell writes now, not from the one tether held open.
+        replace = 'echo stale; for f in run/*.o run/*.e; do cp "$f" "$f.new" && mv -f "$f.new" "$f"; done'
+        assert (await box.run(replace, cwd=where)).stdout == "stale\n"
+        assert (await box.run("echo again")).stdout == "again\n"
         job = await box.start_job("echo from a job")
         out = await box.job_output(job.id, wait_ms=3000)
         assert out.stdout == "from a job\n"
         await box.run(["rm", "-rf", where], cwd="/")
+
+
+async def test_a_shell_that_goes_lets_go_of_its_output_files(host_endpoint: SSHEndpoint, pool: ConnectionPool) -> None:
+    """tether holds each shell's output files open over SFTP between commands; when the shell goes
+    (here it is killed), so do those handles: no descriptor anywhere still names its files."""
+    tether_dir = f"~/.tether/t-{secrets.token_hex(3)}"
+    async with Sandbox(host_endpoint, pool=pool, tether_dir=tether_dir) as box:
+        run_dir = (await box.run(f"cd {tether_dir}/run && pwd")).stdout.strip()
+        shells = {name.rsplit(".", 1)[0] for name in (await box.run("ls", cwd=run_dir)).stdout.split()}
+        assert len(shells) == 1  # (one shell so far)
+        with pytest.raises(ConnectionLost):
+            await box.run("echo last words; echo >&2 on stderr; kill -9 $$")
+        files = f"{run_dir}/{shells.pop()}."
+        # (looked for from here: the box is this machine, and sftp-server hides its descriptors
+        # from its own user)
+        deadline = time.monotonic() + 5
+        while (holders := _descriptors_naming(files)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert holders == []
+        await box.run(["rm", "-rf", run_dir.rsplit("/", 1)[0]], cwd="/")
+
+
+def _descriptors_naming(prefix: str) -> list[str]:
+    """The open file descriptors on this machine (those this process may look at) whose file's
+    path starts with `prefix`."""
+    found = []
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        with contextlib.suppress(OSError):
+            if os.readlink(fd).startswith(prefix):
+                found.append(str(fd))
+    return found
