@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import io
 import json
 import logging
 import os
@@ -21,7 +23,7 @@ import threading
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncssh
 
@@ -95,6 +97,19 @@ class _WorkdirSFTPServer(asyncssh.SFTPServer):
 
     def map_path(self, path: bytes) -> bytes:
         return path if path.startswith(b"/") else os.path.join(self._base, path)
+
+    def write(self, file_obj: object, offset: int, data: bytes) -> int:
+        """All of `data`, or an error. (asyncssh's own write takes one os.write's word for it, and
+        on a full disk that writes part, says so, and the rest was lost without a word.)"""
+        f = cast(io.RawIOBase, file_obj)
+        f.seek(offset)
+        view, done = memoryview(data), 0
+        while done < len(data):
+            written = f.write(view[done:])
+            if not written:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            done += written
+        return done
 
 
 class _Server(asyncssh.SSHServer):

@@ -92,9 +92,14 @@ class SpecialFile(FileOperationError):
     """A named pipe, socket or device: opening it over SFTP could block (a pipe with no writer) or
     never end (/dev/zero)."""
 
-    def __init__(self, path: str, what: str) -> None:
-        hint = f"read it with run instead (e.g. `timeout 5 head -c 4096 {path}`)"
+    def __init__(self, path: str, what: str, hint: str = "") -> None:
+        hint = hint or f"read it with run instead (e.g. `timeout 5 head -c 4096 {path}`)"
         super().__init__(path, f"{path} is {what}, not a regular file; {hint}")
+
+
+# A write renames a new file over the old: over a pipe or a device that would put a plain file in
+# its place (think /dev/null on a box where the agent is root).
+WRITE_SPECIAL_HINT = "tether writes by replacing files, which would replace it too; write to it with run instead"
 
 
 class FileTooLarge(FileOperationError):

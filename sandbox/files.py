@@ -17,6 +17,7 @@ import asyncssh
 
 from .channels import SFTPChannel
 from .errors import (
+    WRITE_SPECIAL_HINT,
     BinaryFile,
     EditConflict,
     FileNotFound,
@@ -125,7 +126,7 @@ def sftp_error(path: str, exc: Exception) -> Exception:
     return exc
 
 
-def _kind(attrs: asyncssh.SFTPAttrs) -> FileType:
+def file_kind(attrs: asyncssh.SFTPAttrs) -> FileType:
     mode = attrs.permissions or 0
     if stat_module.S_ISDIR(mode):
         return "directory"
@@ -146,7 +147,7 @@ def temp_name(name: str, suffix: str) -> str:
     return f".{short}.tether-{secrets.token_hex(4)}.{suffix}"
 
 
-def _too_many_links(path: str) -> FileOperationError:
+def too_many_links(path: str) -> FileOperationError:
     return FileOperationError(path, f"{path}: too many levels of symbolic links (a loop?)")
 
 
@@ -368,7 +369,7 @@ class Files:
         known = await self._refuse_special(sftp, path)
         attrs, f = await self._stat_and_open(sftp, path, "rb", known)
         try:
-            if _kind(attrs) == "directory":
+            if file_kind(attrs) == "directory":
                 raise IsADirectory(path)
             size = attrs.size or 0
             if size > max_bytes:
@@ -395,7 +396,7 @@ class Files:
         attrs, f = await self._look_and_open(path, looked, sftp.open(path, mode))
         if isinstance(f, asyncssh.SFTPClientFile) and isinstance(attrs, BaseException):
             self._sftp.close_later(f)
-        if isinstance(attrs, asyncssh.SFTPAttrs) and _kind(attrs) == "directory":
+        if isinstance(attrs, asyncssh.SFTPAttrs) and file_kind(attrs) == "directory":
             # (some servers refuse to open a directory with a bare "failure": say what it is)
             if isinstance(f, asyncssh.SFTPClientFile):
                 self._sftp.close_later(f)
@@ -474,13 +475,15 @@ class Files:
         if isinstance(existing, asyncssh.SFTPNoSuchFile):
             existing = None
         problem = next((o for o in (existing, temp_file) if isinstance(o, BaseException)), None)
-        if problem is None and existing is not None and _kind(existing) in ("symlink", "directory"):
-            problem = IsADirectory(path) if _kind(existing) == "directory" else None
+        if problem is None and existing is not None and file_kind(existing) in ("symlink", "directory"):
+            problem = IsADirectory(path) if file_kind(existing) == "directory" else None
             if problem is None:  # a symlink: write the file it points to, in that file's directory
-                await self._discard_temp(sftp, temp_file, temp)  # type: ignore[arg-type]
+                await self._discard_temp(sftp, temp_file, temp)
                 if hops >= MAX_LINK_HOPS:
-                    raise _too_many_links(path)
-                return await self._replace(sftp, await _link_target(sftp, path), data, hops + 1)
+                    raise too_many_links(path)
+                return await self._replace(sftp, await link_target(sftp, path), data, hops + 1)
+        if problem is None and existing is not None and (what := special_kind(existing)):
+            problem = SpecialFile(path, what, WRITE_SPECIAL_HINT)
         if problem is not None:
             if isinstance(temp_file, asyncssh.SFTPClientFile):
                 await self._discard_temp(sftp, temp_file, temp)
@@ -588,8 +591,8 @@ class Files:
             raise FileNotFound(path, "; create it with write, or check the path with glob")
         # A symlink: edit the file it points to (the temp file must live beside that one).
         if hops >= MAX_LINK_HOPS:
-            raise _too_many_links(path)
-        target = await self._sftp.retrying(lambda sftp: _link_target(sftp, path))
+            raise too_many_links(path)
+        target = await self._sftp.retrying(lambda sftp: link_target(sftp, path))
         if target in held:  # (a loop: MAX_LINK_HOPS ends it)
             result = await self._edit(target, edits, indexed, hops + 1, held)
         else:  # edits of the target by its own name wait for this one, and the other way round
@@ -619,9 +622,9 @@ class Files:
         renamed = False
         fresh_file: asyncssh.SFTPClientFile | None = None
         try:
-            if isinstance(attrs, asyncssh.SFTPAttrs) and _kind(attrs) == "symlink":
+            if isinstance(attrs, asyncssh.SFTPAttrs) and file_kind(attrs) == "symlink":
                 return "symlink"
-            if isinstance(attrs, asyncssh.SFTPAttrs) and _kind(attrs) == "directory":
+            if isinstance(attrs, asyncssh.SFTPAttrs) and file_kind(attrs) == "directory":
                 raise IsADirectory(path)  # (before the open's error, which may be a bare "failure")
             for outcome in (attrs, original_file):
                 if isinstance(outcome, asyncssh.SFTPNoSuchFile):
@@ -707,7 +710,7 @@ class Files:
             try:
                 attrs = await sftp.lstat(path)
                 target = None
-                if _kind(attrs) == "symlink":
+                if file_kind(attrs) == "symlink":
                     target = await sftp.readlink(path)
                     try:
                         attrs = await sftp.stat(path)
@@ -716,7 +719,7 @@ class Files:
             except asyncssh.SFTPError as exc:
                 raise sftp_error(path, exc) from None
             mode = (attrs.permissions or 0) & 0o7777
-            kind = _kind(attrs)
+            kind = file_kind(attrs)
             if kind in ("file", "directory"):
                 self._remember_openable(path)  # (a grep's or glob's sort stats what an edit opens next)
             return FileStat(path, kind, attrs.size or 0, mode, float(attrs.mtime or 0), target, attrs.uid)
@@ -751,7 +754,7 @@ class Files:
                 entries.append(
                     FileStat(
                         posixpath.join(path, name),
-                        _kind(attrs),
+                        file_kind(attrs),
                         attrs.size or 0,
                         (attrs.permissions or 0) & 0o7777,
                         float(attrs.mtime or 0),
@@ -788,7 +791,7 @@ class Files:
         await self._sftp.once(make)
 
 
-async def _link_target(sftp: asyncssh.SFTPClient, path: str) -> str:
+async def link_target(sftp: asyncssh.SFTPClient, path: str) -> str:
     """Where a symlink points, as an absolute path (for a dangling link, the file it names)."""
     try:
         return await sftp.realpath(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import posixpath
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -280,10 +281,14 @@ class Sandbox:
             return await self._p.transfers.upload(Path(local), where, progress, into_directory=into)
 
     async def download(self, remote: str, local: str | Path, progress: Progress | None = None) -> int:
-        """Copy a file from the box (pipelined SFTP, atomic rename at the end). Returns bytes received."""
+        """Copy a file from the box (pipelined SFTP, atomic rename at the end). Returns bytes received.
+
+        As with cp, a `local` that is a directory, or ends in '/' (created when missing), gets the
+        file under its own name."""
         where = await self.resolve(remote)
+        into = str(local).endswith(("/", os.sep))
         async with self._in_flight():
-            return await self._p.transfers.download(where, Path(local), progress)
+            return await self._p.transfers.download(where, Path(local), progress, into_directory=into)
 
     # -- low level -----------------------------------------------------------------------------------
 

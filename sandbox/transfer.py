@@ -14,8 +14,9 @@ from pathlib import Path
 import asyncssh
 
 from .channels import SFTPChannel
-from .errors import FileNotFound, IsADirectory, SpecialFile
-from .files import PRIVATE, sftp_error, special_kind, temp_name
+from .errors import WRITE_SPECIAL_HINT, FileNotFound, IsADirectory, SpecialFile
+from .files import MAX_LINK_HOPS, PRIVATE, file_kind, link_target, sftp_error, special_kind, temp_name, too_many_links
+from .sftpio import GUARANTEED, read_upto, write_all
 
 # Called with (bytes done, total bytes).
 Progress = Callable[[int, int], None]
@@ -42,11 +43,15 @@ class Transfers:
         if local.is_dir():
             raise IsADirectory(str(local))
         size = local.stat().st_size
+        # A file that says it is empty may not be (/proc's): what it holds is read, and sent as is.
+        contents = local.read_bytes() if size == 0 else None
+        if contents is not None:
+            size = len(contents)
 
         async def put(sftp: asyncssh.SFTPClient) -> None:
             # (one makedirs below creates the directory in either case: the target's parent)
             into = into_directory or await sftp.isdir(remote)
-            target = posixpath.join(remote, local.name) if into else remote
+            target = await _replaced_by_upload(sftp, posixpath.join(remote, local.name) if into else remote)
             directory, name = posixpath.split(target)
             temp = posixpath.join(directory, temp_name(name, "part"))
             try:
@@ -54,9 +59,13 @@ class Transfers:
                 # Created private first: put() reopens it (keeping the mode), and the final mode is
                 # given only once every byte is there.
                 await (await sftp.open(temp, "xb", PRIVATE)).close()
-                await sftp.put(
-                    str(local), temp, block_size=-1, max_requests=MAX_REQUESTS, progress_handler=_adapt(progress)
-                )
+                if contents is None:
+                    await sftp.put(
+                        str(local), temp, block_size=-1, max_requests=MAX_REQUESTS, progress_handler=_adapt(progress)
+                    )
+                elif contents:
+                    async with sftp.open(temp, "wb") as f:
+                        await write_all(f, contents)
                 await sftp.chmod(temp, local.stat().st_mode & 0o777)
                 await sftp.posix_rename(temp, target)
             except BaseException as exc:
@@ -71,9 +80,13 @@ class Transfers:
         await self._sftp.once(put)
         return size
 
-    async def download(self, remote: str, local: Path, progress: Progress | None = None) -> int:
-        """Copy `remote` to `local` (parents created, atomic rename). Returns the size copied."""
-        if local.is_dir():
+    async def download(
+        self, remote: str, local: Path, progress: Progress | None = None, *, into_directory: bool = False
+    ) -> int:
+        """Copy `remote` to `local` (parents created, atomic rename). Returns the size copied.
+        When `local` is a directory (or `into_directory`: one to create), the copy goes into it
+        under the remote file's name."""
+        if into_directory or local.is_dir():
             local = local / posixpath.basename(remote)
         local.parent.mkdir(parents=True, exist_ok=True)
         temp = local.with_name(temp_name(local.name, "part"))
@@ -84,10 +97,16 @@ class Transfers:
                 what = special_kind(attrs)
                 if what is not None:  # (opening a named pipe would block sftp-server)
                     raise SpecialFile(remote, what)
-                os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # private until done
-                await sftp.get(
-                    remote, str(temp), block_size=-1, max_requests=MAX_REQUESTS, progress_handler=_adapt(progress)
-                )
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # private until done
+                try:
+                    if not attrs.size:  # it may hold more than it says (/proc's files): read to the end
+                        os.write(fd, await _read_to_end(sftp, remote))
+                finally:
+                    os.close(fd)
+                if attrs.size:
+                    await sftp.get(
+                        remote, str(temp), block_size=-1, max_requests=MAX_REQUESTS, progress_handler=_adapt(progress)
+                    )
             except BaseException as exc:
                 temp.unlink(missing_ok=True)
                 if isinstance(exc, asyncssh.SFTPError):
@@ -99,6 +118,34 @@ class Transfers:
             return attrs.size or local.stat().st_size
 
         return await self._sftp.once(get)
+
+
+async def _replaced_by_upload(sftp: asyncssh.SFTPClient, path: str) -> str:
+    """The file an upload to `path` replaces: through symlinks to the file they name (as `write`
+    does); a directory, pipe or device is refused."""
+    for _ in range(MAX_LINK_HOPS):
+        try:
+            attrs = await sftp.lstat(path)
+        except asyncssh.SFTPNoSuchFile:
+            return path
+        what = special_kind(attrs)
+        if what is not None:
+            raise SpecialFile(path, what, WRITE_SPECIAL_HINT)
+        kind = file_kind(attrs)
+        if kind == "directory":
+            raise IsADirectory(path)
+        if kind != "symlink":
+            return path
+        path = await link_target(sftp, path)
+    raise too_many_links(path)
+
+
+async def _read_to_end(sftp: asyncssh.SFTPClient, path: str) -> bytes:
+    chunks = []
+    async with sftp.open(path, "rb") as f:
+        while chunk := await read_upto(f, GUARANTEED, sum(map(len, chunks))):
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _adapt(progress: Progress | None) -> Callable[[bytes, bytes, int, int], None] | None:

@@ -15,6 +15,10 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+# Imported up front, not first by its pytest plugin as the session ends: CPython 3.11.7's ast module
+# can fail that late import ("AST constructor recursion depth mismatch") after a test that cut a
+# connection mid-transfer, when only a few test files ran.
+import hypothesis  # noqa: F401
 import pytest
 
 from sandbox import ConnectionPool, Sandbox, SSHEndpoint

@@ -481,6 +481,11 @@ async def test_a_named_pipe_never_blocks_the_sandbox(sb: Sandbox, mode: str) -> 
         with pytest.raises(SpecialFile):  # and again, refused up front this time
             await asyncio.wait_for(sb.read("swapped"), 10)
         await sb.run(["rm", "swapped"])
+    # a write would rename a plain file over the pipe (or over /dev/null, for a root agent): refused
+    with pytest.raises(SpecialFile, match="write to it with run instead"):
+        await sb.write("fresh.pipe", "data\n")
+    assert (await sb.stat("fresh.pipe")).type == "other"
+    await sb.run(["rm", "fresh.pipe"])
 
 
 async def test_edits_through_a_symlink_and_of_its_target_sent_together_all_land(sb: Sandbox) -> None:

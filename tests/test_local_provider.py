@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import io
 import json
 import logging
 import os
@@ -18,7 +20,7 @@ import pytest
 
 import providers
 from providers import Fleet, Request, Unsupported
-from providers.local_server import sandbox_root
+from providers.local_server import _WorkdirSFTPServer, sandbox_root
 from sandbox.connect import dial
 from sandbox.errors import IsADirectory
 from sandbox.hostkeys import HostKeyPins
@@ -248,3 +250,38 @@ async def test_the_ledger_shows_where_the_sandbox_is_served_now() -> None:
         await box.destroy()
     finally:
         await first.close()
+
+
+class _SmallDisk(io.RawIOBase):
+    """A file on a disk that takes at most 5 bytes per write and holds `room` bytes in all: on a
+    full disk, write(2) writes what fits and says how much; only the next one fails (ENOSPC)."""
+
+    def __init__(self, room: int) -> None:
+        self.data, self.room, self.at = bytearray(), room, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.at = offset
+        return offset
+
+    def write(self, b: bytes) -> int:  # type: ignore[override]
+        if len(self.data) >= self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        taken = bytes(b[: min(5, self.room - len(self.data))])
+        self.data[self.at : self.at + len(taken)] = taken
+        self.at += len(taken)
+        return len(taken)
+
+
+def test_the_embedded_sftp_server_writes_all_or_fails() -> None:
+    """asyncssh's own SFTP write takes one write's word for it: on a full disk a write reported
+    success and the file kept only part of it."""
+    server = object.__new__(_WorkdirSFTPServer)  # (write uses nothing of the session)
+    disk = _SmallDisk(room=100)
+    assert server.write(disk, 0, b"twenty-three bytes long") == 23
+    assert bytes(disk.data) == b"twenty-three bytes long"
+    with pytest.raises(OSError) as failed:
+        server.write(_SmallDisk(room=12), 0, b"twenty-three bytes long")
+    assert failed.value.errno == errno.ENOSPC

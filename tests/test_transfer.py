@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sandbox import ConnectionPool, Sandbox
-from sandbox.errors import ConnectionLost, FileNotFound
+from sandbox.errors import ConnectionLost, FileNotFound, SpecialFile
 from tests.conftest import endpoint_for
 from tests.sshd import SSHD
 
@@ -56,6 +56,36 @@ async def test_an_upload_to_a_directory_goes_into_it_as_cp_does(sb: Sandbox, tmp
     back.mkdir()
     await sb.download("fresh/notes.txt", back)
     assert (back / "notes.txt").read_text() == "n\n"
+    # ... or into one that a trailing slash names, created
+    await sb.download("fresh/notes.txt", f"{tmp_path}/made/")
+    assert (tmp_path / "made" / "notes.txt").read_text() == "n\n"
+
+
+async def test_files_that_say_they_are_empty_are_copied_whole(sb: Sandbox, tmp_path: Path) -> None:
+    """/proc's files have size 0 and content all the same."""
+    version = Path("/proc/version").read_bytes()
+    assert await sb.upload("/proc/version", "proc-version") == len(version)
+    assert (await sb.read_text("proc-version")).encode() == version
+    back = tmp_path / "version"
+    assert await sb.download("/proc/version", back) == len(version)
+    assert back.read_bytes() == version
+    (tmp_path / "empty").write_bytes(b"")  # (and an empty file is still empty)
+    assert await sb.upload(tmp_path / "empty", "empty") == 0 and await sb.download("empty", back) == 0
+    assert back.read_bytes() == b""
+
+
+async def test_an_upload_replaces_what_a_symlink_names_and_never_a_pipe(sb: Sandbox, tmp_path: Path) -> None:
+    local = tmp_path / "new.txt"
+    local.write_text("new\n")
+    await sb.run(
+        "rm -rf up-links && mkdir up-links && (cd up-links && echo old > real && ln -s real link && mkfifo pipe)"
+    )
+    await sb.upload(local, "up-links/link")  # as write does: the file the link names gets the content
+    assert (await sb.stat("up-links/link")).symlink_target == "real"
+    assert await sb.read_text("up-links/real") == "new\n"
+    with pytest.raises(SpecialFile, match="named pipe"):
+        await sb.upload(local, "up-links/pipe")
+    assert (await sb.run("test -p up-links/pipe && ls up-links")).stdout.split() == ["link", "pipe", "real"]
 
 
 async def test_failed_transfers_leave_nothing_half_written(sb: Sandbox, tmp_path: Path) -> None:
