@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from .errors import FileNotFound, InvalidArgument
-from .executor import Executor
+from .errors import FileNotFound, InvalidArgument, PermissionDenied, SpecialFile
+from .executor import Executor, RawResult
 from .files import Files
 
 GLOB_LIMIT = 100
@@ -79,15 +79,12 @@ def glob_to_regex(pattern: str) -> re.Pattern[str]:
         elif c == "?":
             out.append("[^/]")
         elif c == "[":
-            end = pattern.find("]", i + 2 if pattern[i + 1 : i + 2] in ("!", "]") else i + 1)
-            if end < 0:
+            bracket = _bracket_to_regex(pattern, i)
+            if bracket is None:
                 out.append(re.escape(c))
             else:
-                body = pattern[i + 1 : end]
-                if body.startswith("!"):
-                    body = "^" + body[1:]
-                out.append(f"[{body.replace(chr(92), chr(92) * 2)}]")
-                i = end
+                regex, i = bracket
+                out.append(regex)
         elif c == "{":
             out.append("(?:")
             depth += 1
@@ -104,12 +101,53 @@ def glob_to_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out) + r"\Z", re.DOTALL)
 
 
+_CLASSES = {
+    "alpha": "a-zA-Z",
+    "digit": "0-9",
+    "alnum": "a-zA-Z0-9",
+    "upper": "A-Z",
+    "lower": "a-z",
+    "space": r"\s",
+    "blank": r" \t",
+    "xdigit": "0-9A-Fa-f",
+    "punct": re.escape("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"),
+}
+
+
+def _bracket_to_regex(pattern: str, start: int) -> tuple[str, int] | None:
+    """The regex of the bracket expression opening at `start` (`[abc]`, `[!a-z]`, `[]x]`,
+    `[[:digit:]_]`) and the index of its closing `]`; None when it never closes (then `[` is a
+    plain character). As in sh: a `]` first (after any `!`) is one of the set."""
+    i = start + 1
+    negate = pattern[i : i + 1] in ("!", "^")
+    i += negate
+    parts = []
+    first = True
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "]" and not first:
+            return f"[{'^' if negate else ''}{''.join(parts)}]", i
+        first = False
+        if pattern.startswith("[:", i):
+            end = pattern.find(":]", i + 2)
+            name = pattern[i + 2 : end] if end > 0 else ""
+            if name not in _CLASSES:
+                raise InvalidArgument(f"unknown character class [:{name}:] in glob {pattern!r}")
+            parts.append(_CLASSES[name])
+            i = end + 2
+            continue
+        parts.append(c if c == "-" else re.escape(c))
+        i += 1
+    return None
+
+
 # ripgrep's parallel walker costs about a millisecond to start, which a small tree never earns
 # back (50 files: 4.1 ms with two threads, 2.9 ms with one) and a large one repays many times
 # (56,000 files: 0.30 s against 0.55 s). A root whose last search was quick is searched with one
 # thread; one that turns out slow goes back to rg's default. (Sorted modes are single-threaded anyway.)
 ONE_THREAD_BELOW_S = 0.025
 PARALLEL_ABOVE_S = 0.060
+SLOW_SEARCH_S = 1.0  # a search still going after this long has its root looked at (see _search)
 
 
 class Search:
@@ -141,12 +179,14 @@ class Search:
         if await self._has_rg():
             argv = ["rg", "--files", "--hidden", "--glob", "!.git", "--null", "--no-config", "--", root]
             raw = await self._executor.exec_raw(argv, cwd=SEARCH_FROM)
+            _raise_if_root_refused(root, raw.stderr)
             names = raw.stdout.decode("utf-8", "surrogateescape").split("\0")
         else:
             # The trailing slash makes find follow a root that is a symlink to a directory (as rg does).
             base = root.rstrip("/")
             argv = ["find", f"{base}/", "-name", ".git", "-prune", "-o", "-type", "f", "-print0"]
             raw = await self._executor.exec_raw(argv, cwd=SEARCH_FROM)
+            _raise_if_root_refused(root, raw.stderr)
             names = raw.stdout.decode("utf-8", "surrogateescape").split("\0")
         matches = [n for n in names if n and matcher.match(_relative(n, root))]
         newest, cut = await self._newest_first(matches, GLOB_LIMIT)
@@ -216,7 +256,7 @@ class Search:
         one_thread = self._small_roots.get(root, False)
         argv = _rg_argv(query, one_thread) if use_rg else _grep_argv(query)
         started = time.monotonic()
-        raw = await self._executor.exec_raw(argv, cwd=SEARCH_FROM)
+        raw = await self._search(argv, root)
         if use_rg and output_mode == "files_with_matches":
             took = time.monotonic() - started
             if len(self._small_roots) > 1000:
@@ -229,6 +269,7 @@ class Search:
             # Only now is the root checked (up front it would cost every search a round trip).
             if not await self._files.exists(root):
                 raise FileNotFound(root)
+            _raise_if_root_refused(root, raw.stderr)
             if not _only_file_errors(message):
                 raise InvalidArgument(f"grep failed: {message}; fix the pattern or the arguments and search again")
             # Unreadable or vanished files and no match in the others: that is no matches.
@@ -237,7 +278,10 @@ class Search:
         paths_only = output_mode == "files_with_matches"
         text_out = raw.stdout.decode("utf-8", "surrogateescape" if paths_only else "replace")
         # rg -l separates paths with NUL, so names with newlines stay whole
-        lines = text_out.split("\0")[:-1] if use_rg and paths_only else text_out.splitlines()
+        # (and lines at "\n" alone: a form feed or a lone "\r" inside a line of content is not its end)
+        lines = text_out.split("\0" if use_rg and paths_only else "\n")
+        if lines and lines[-1] == "":
+            lines.pop()
         truncated = raw.stdout_truncated
         if output_mode == "count" and not use_rg:
             lines = [line for line in lines if not line.endswith(":0")]
@@ -254,6 +298,21 @@ class Search:
                 break
             text.append(line)
         return GrepResult(output_mode, "\n".join(text), len(text), truncated, "rg" if use_rg else "grep")
+
+    async def _search(self, argv: list[str], root: str) -> RawResult:
+        """Run a grep. One that is still going after a second has its root looked at: a named pipe
+        given as the root would hold it until something writes to the pipe (rg and grep skip the
+        pipes they find in a tree, not the one they are given)."""
+        search = asyncio.ensure_future(self._executor.exec_raw(argv, cwd=SEARCH_FROM))
+        try:
+            done, _ = await asyncio.wait({search}, timeout=SLOW_SEARCH_S)
+            if not done and (await self._files.stat(root)).type == "other":
+                search.cancel()  # (which kills it on the box)
+                raise SpecialFile(root, "not a file or directory", "grep searches files and directories")
+            return await search
+        except BaseException:
+            search.cancel()
+            raise
 
     async def _require_directory(self, path: str) -> None:
         stat = await self._files.stat(path)
@@ -328,6 +387,22 @@ def _context_flags(q: GrepQuery, around: str, before: str, after: str) -> list[s
         if value is not None:
             flags += [flag, str(value)]
     return flags
+
+
+def _raise_if_root_refused(root: str, stderr: bytes) -> None:
+    """PermissionDenied when the search could not read its root itself (rg: `ROOT: Permission
+    denied (os error 13)`; find: `find: ‘ROOT’: Permission denied`); an unreadable file inside a
+    tree only leaves that file out (and its line starts with another path)."""
+    names = {root, root.rstrip("/") + "/"}
+    denied = names | {f"{quote}{name}{unquote}" for name in names for quote, unquote in ("‘’", "''")}
+    for line in stderr.decode("utf-8", "surrogateescape").splitlines():
+        for prefix in ("rg: ", "grep: ", "find: "):
+            line = line.removeprefix(prefix)
+        # (single-threaded rg words it `ROOT: IO error for operation on ROOT: Permission denied`)
+        if line.endswith(("Permission denied", "Permission denied (os error 13)")) and any(
+            line.startswith(f"{name}: ") for name in denied
+        ):
+            raise PermissionDenied(root)
 
 
 def _only_file_errors(stderr: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sandbox import ConnectionPool, Sandbox
-from sandbox.errors import FileNotFound, InvalidArgument
+from sandbox.errors import FileNotFound, InvalidArgument, PermissionDenied, SpecialFile
 from sandbox.search import glob_to_regex
 from tests.conftest import endpoint_for
 from tests.sshd import SSHD
@@ -179,23 +180,69 @@ async def test_glob_fallback_without_ripgrep(minimal_box: Sandbox) -> None:
         ("*.{js,ts}", "x.ts", True),
         ("*.{js,ts}", "x.py", False),
         ("a+b(c).txt", "a+b(c).txt", True),
+        ("[!]].py", "a.py", True),  # a ']' first in a set is one of its characters
+        ("[!]].py", "].py", False),
+        ("[]x].txt", "].txt", True),
+        ("[[:digit:]_]*", "_x", True),
+        ("[[:digit:]_]*", "x_", False),
+        ("[a-c].txt", "b.txt", True),
+        ("x[.txt", "x[.txt", True),  # a '[' that never closes is itself
     ],
 )
 def test_glob_translation(pattern: str, path: str, matches: bool) -> None:
     assert bool(glob_to_regex(pattern).match(path)) is matches
 
 
-async def test_unreadable_files_are_no_matches_not_errors(sb: Sandbox) -> None:
-    root = f"{await sb.cwd()}/locked"
-    await sb.write(f"{root}/secret.txt", "needle\n")
-    await sb.run(["chmod", "000", f"{root}/secret.txt"])
+def test_unknown_character_classes_in_globs_are_refused() -> None:
+    with pytest.raises(InvalidArgument, match=r"unknown character class \[:nope:\]"):
+        glob_to_regex("[[:nope:]].txt")
+
+
+@pytest.mark.parametrize("engine", ["rg", "grep"])
+async def test_unreadable_files_are_no_matches_but_an_unreadable_root_is_an_error(
+    engine: str, sb: Sandbox, minimal_box: Sandbox
+) -> None:
+    box = sb if engine == "rg" else minimal_box
+    root = f"{await box.cwd()}/locked-{secrets.token_hex(3)}"
+    await box.write(f"{root}/secret.txt", "needle\n")
+    await box.write(f"{root}/closed/inside.txt", "needle\n")
+    await box.run(["chmod", "000", f"{root}/secret.txt", f"{root}/closed"])
     try:
-        result = await sb.grep("needle", root)
+        result = await box.grep("needle", root)
         assert result.text == "" and result.lines == 0
-        with pytest.raises(InvalidArgument, match="grep failed"):
-            await sb.grep("(broken", root)
+        if engine == "rg":  # (busybox grep reads a file before it compiles the pattern)
+            with pytest.raises(InvalidArgument, match="grep failed"):
+                await box.grep("(broken", root)
+        # ... but a root the user may not read is not "no matches"
+        # (twice each: a root searched quickly once is searched with one thread next time, and
+        # single-threaded rg words the error otherwise)
+        for path in [f"{root}/secret.txt", f"{root}/closed", f"{root}/closed/"] * 2:
+            with pytest.raises(PermissionDenied):
+                await box.grep("needle", path)
+        with pytest.raises(PermissionDenied):
+            await box.glob("*", f"{root}/closed")
     finally:
-        await sb.run(["chmod", "644", f"{root}/secret.txt"])
+        await box.run(["chmod", "-R", "u+rwX", root])
+
+
+async def test_content_lines_end_at_newlines_only(sb: Sandbox) -> None:
+    """A form feed or a lone carriage return inside a line is part of it."""
+    root = f"{await sb.cwd()}/breaks-{secrets.token_hex(3)}"
+    await sb.write(f"{root}/a.py", "foo\x0cbar\nx\rfoo\n")
+    result = await sb.grep("foo", root, output_mode="content")
+    assert (result.text, result.lines) == (f"{root}/a.py:1:foo\x0cbar\n{root}/a.py:2:x\rfoo", 2)
+
+
+async def test_grep_of_a_named_pipe_ends_with_a_clear_error(sb: Sandbox) -> None:
+    """rg would wait for a writer forever; the pipe is noticed once the search takes a second."""
+    pipe = f"{await sb.cwd()}/pipe-{secrets.token_hex(3)}"
+    await sb.run(["mkfifo", pipe])
+    try:
+        with pytest.raises(SpecialFile, match="grep searches files and directories"):
+            await asyncio.wait_for(sb.grep("foo", pipe), 10)
+        assert (await asyncio.wait_for(sb.run("echo alive"), 10)).stdout == "alive\n"
+    finally:
+        await sb.run(["rm", "-f", pipe])
 
 
 async def test_glob_follows_a_symlinked_root_without_ripgrep(minimal_box: Sandbox) -> None:
