@@ -213,10 +213,12 @@ def split_lines(text: str) -> list[str]:
 
 
 def line_numbers_of(text: str, needle: str) -> list[int]:
-    """1-based line numbers where each occurrence of `needle` starts."""
+    """1-based numbers of the lines where occurrences of `needle` start, each line once."""
     numbers, at = [], text.find(needle)
     while at >= 0:
-        numbers.append(text.count("\n", 0, at) + 1)
+        line = text.count("\n", 0, at) + 1
+        if not numbers or numbers[-1] != line:
+            numbers.append(line)
         at = text.find(needle, at + max(1, len(needle)))
     return numbers
 
@@ -271,15 +273,21 @@ def _apply_to(path: str, original: bytes, edits: Sequence[Edit], indexed: bool) 
 
 
 def unified_diff(path: str, before: str, after: str) -> str:
-    return "".join(
-        difflib.unified_diff(
-            before.splitlines(keepends=True),
-            after.splitlines(keepends=True),
-            f"a{path}" if path.startswith("/") else f"a/{path}",
-            f"b{path}" if path.startswith("/") else f"b/{path}",
-            n=3,
-        )
+    """The change as `diff -u` and git print it: lines end at newlines alone (a form feed or a
+    lone CR is part of its line), and a last line without one is marked so."""
+    lines = difflib.unified_diff(
+        _lines_with_ends(before),
+        _lines_with_ends(after),
+        f"a{path}" if path.startswith("/") else f"a/{path}",
+        f"b{path}" if path.startswith("/") else f"b/{path}",
+        n=3,
     )
+    return "".join(line if line.endswith("\n") else f"{line}\n\\ No newline at end of file\n" for line in lines)
+
+
+def _lines_with_ends(text: str) -> list[str]:
+    *whole, last = text.split("\n")
+    return [f"{line}\n" for line in whole] + ([last] if last else [])
 
 
 class Files:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import json
 import logging
 import re
@@ -22,8 +23,9 @@ from typing import Literal
 import asyncssh
 
 from .channels import CHANNEL_GONE, SFTPChannel, ShellPool
-from .errors import ConnectionLost, JobNotFound, SandboxError
+from .errors import ConnectionLost, FileNotFound, InvalidArgument, JobNotFound, SandboxError
 from .executor import MAX_OUTPUT_CHARS, Executor, build_env, build_script, signal_name
+from .files import file_kind
 from .pathlocks import PathLocks
 from .sftpio import read_upto
 from .shell import KILL_TREE_FN
@@ -84,6 +86,10 @@ class _Cursor:
 
     stdout: int = 0
     stderr: int = 0
+    # How far the last reads went, this process only: past the cursor by the bytes of a character
+    # still incomplete, which are no reason to stop waiting for output, nor "more" to read.
+    seen_stdout: int = 0
+    seen_stderr: int = 0
 
     @classmethod
     def parse(cls, text: str | None) -> _Cursor:
@@ -116,8 +122,11 @@ class Jobs:
     async def _jobs_dir(self) -> str:
         return (await self._executor.info()).jobs_dir
 
-    async def start(self, command: str, *, cwd: str, env: Mapping[str, str] | None = None) -> Job:
-        """Start `command` in its own session; returns once it has a pid."""
+    async def start(
+        self, command: str, *, cwd: str, env: Mapping[str, str] | None = None, cwd_named: bool = False
+    ) -> Job:
+        """Start `command` in its own session; returns once it has a pid. A `cwd` the caller named
+        (`cwd_named`) must be a directory, or nothing starts (as with `run`)."""
         script, exports = build_script(command), build_env(env)
         job_id = f"j-{secrets.token_hex(4)}"
         directory = f"{await self._jobs_dir()}/{job_id}"
@@ -125,7 +134,20 @@ class Jobs:
         meta = {"command": command, "cwd": cwd, "started_at": started}
 
         async def prepare(sftp: asyncssh.SFTPClient) -> None:
-            await sftp.makedirs(directory, exist_ok=True)
+            looks = [sftp.stat(cwd)] if cwd_named else []
+            made, *looked = await asyncio.gather(
+                sftp.makedirs(directory, exist_ok=True), *looks, return_exceptions=True
+            )
+            if isinstance(made, BaseException):
+                raise made
+            if looked and (isinstance(looked[0], BaseException) or file_kind(looked[0]) != "directory"):
+                with contextlib.suppress(asyncssh.SFTPError):
+                    await sftp.rmdir(directory)
+                if isinstance(looked[0], asyncssh.SFTPNoSuchFile):
+                    raise FileNotFound(cwd, "; the job did not start: create the directory, or pass an existing cwd")
+                if isinstance(looked[0], BaseException):
+                    raise looked[0]
+                raise InvalidArgument(f"cwd {cwd} is not a directory; the job did not start")
             async with sftp.open(f"{directory}/meta.json", "w") as f:
                 await f.write(json.dumps(meta))
 
@@ -174,16 +196,20 @@ class Jobs:
                     lambda sftp, known=pid or 0: _look(sftp, directory, known)
                 )
                 break
-            if out_size > cursor.stdout or err_size > cursor.stderr or time.monotonic() >= deadline:
+            fresh = out_size > max(cursor.stdout, cursor.seen_stdout) or err_size > max(
+                cursor.stderr, cursor.seen_stderr
+            )
+            if fresh or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(POLL_INTERVAL)
         # Both streams are read before the cursor moves: should one read fail, neither stream's
         # output is lost to the next call.
-        (stdout, out_at), (stderr, err_at) = await asyncio.gather(
+        (stdout, out_at, out_seen), (stderr, err_at, err_seen) = await asyncio.gather(
             self._read_from(f"{directory}/stdout", cursor.stdout, out_size, max_chars, ended=not running),
             self._read_from(f"{directory}/stderr", cursor.stderr, err_size, max_chars, ended=not running),
         )
         cursor.stdout, cursor.stderr = out_at, err_at
+        cursor.seen_stdout, cursor.seen_stderr = out_seen, err_seen
         if (out_at, err_at) != read_before:
             self._save_soon(job_id, directory, str(cursor))
         return JobOutput(
@@ -192,7 +218,7 @@ class Jobs:
             stderr,
             "running" if running else "exited",
             None if running else exit_code,
-            out_at < out_size or err_at < err_size,
+            out_seen < out_size or err_seen < err_size,
         )
 
     async def list(self) -> list[Job]:
@@ -250,8 +276,8 @@ class Jobs:
             async with sftp.open(f"{directory}/signal", "w") as f:
                 await f.write(signal)
 
-        await self._sftp.once(note)
-        if state.exit_code is None:
+        if state.exit_code is None:  # (one that ended before was never signalled: nothing to note)
+            await self._sftp.once(note)
             await self._executor.signal_group(state.pid, signal)
             deadline = time.monotonic() + 2
             while time.monotonic() < deadline:
@@ -380,15 +406,15 @@ class Jobs:
             signal=state.signal,
         )
 
-    async def _read_from(self, path: str, offset: int, size: int, max_chars: int, ended: bool) -> tuple[str, int]:
-        """Text from `offset` on, at most `max_chars` bytes (so at most that many characters), and
-        the offset the next read starts at.
+    async def _read_from(self, path: str, offset: int, size: int, max_chars: int, ended: bool) -> tuple[str, int, int]:
+        """Text from `offset` on, at most `max_chars` bytes (so at most that many characters), the
+        offset the next read starts at, and the offset this one read up to.
 
         An incomplete UTF-8 sequence at the end stays unread until the next call, unless the job
         has ended and this read reaches the end of the stream (it never will be completed).
         """
         if size <= offset:
-            return "", offset
+            return "", offset, offset
 
         async def read(sftp: asyncssh.SFTPClient) -> bytes:
             try:
@@ -402,7 +428,7 @@ class Jobs:
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         text = decoder.decode(data, final=ended and offset + len(data) >= size)
         consumed = len(data) - len(decoder.getstate()[0])
-        return text, offset + consumed
+        return text, offset + consumed, offset + len(data)
 
 
 async def _read_small(sftp: asyncssh.SFTPClient, path: str) -> str | None:

@@ -221,7 +221,7 @@ class Sandbox:
 
     async def multi_edit(self, path: str, edits: Sequence[Edit | Mapping[str, Any]]) -> EditResult:
         """Apply several edits in order, all or nothing; errors name the failing edit's index."""
-        parsed = [e if isinstance(e, Edit) else Edit(**e) for e in edits]
+        parsed = [e if isinstance(e, Edit) else _edit_from(index, e) for index, e in enumerate(edits)]
         return await self._p.files.multi_edit(await self.resolve_file(path), parsed)
 
     async def stat(self, path: str) -> FileStat:
@@ -254,7 +254,10 @@ class Sandbox:
     async def start_job(self, command: str, *, cwd: str | None = None, env: Mapping[str, str] | None = None) -> Job:
         """Start `command` detached (setsid), its output in files under ~/.tether/jobs/<id>/."""
         return await self._p.jobs.start(
-            command, cwd=await self.resolve(cwd) if cwd else await self.cwd(), env={**self.env, **(env or {})}
+            command,
+            cwd=await self.resolve(cwd) if cwd else await self.cwd(),
+            env={**self.env, **(env or {})},
+            cwd_named=bool(cwd),
         )
 
     async def job_output(self, job_id: str, wait_ms: int = 0) -> JobOutput:
@@ -302,6 +305,20 @@ class Sandbox:
 
     async def signal_group(self, pid: int, signal: str = "KILL") -> None:
         await self._p.executor.signal_group(pid, signal)
+
+
+def _edit_from(index: int, fields: Mapping[str, Any]) -> Edit:
+    """An Edit from a mapping (as JSON gives it), or InvalidArgument naming what is wrong."""
+    known = {"old_string", "new_string", "replace_all"}
+    unknown = sorted(set(fields) - known)
+    missing = sorted({"old_string", "new_string"} - set(fields))
+    if unknown or missing:
+        problem = f"unknown keys {unknown}" if unknown else f"missing {missing}"
+        raise InvalidArgument(f"edit {index}: {problem}; each edit has old_string, new_string and replace_all")
+    old, new, replace_all = fields["old_string"], fields["new_string"], fields.get("replace_all", False)
+    if not (isinstance(old, str) and isinstance(new, str) and isinstance(replace_all, bool)):
+        raise InvalidArgument(f"edit {index}: old_string and new_string are text, replace_all true or false")
+    return Edit(old, new, replace_all)
 
 
 @dataclass(frozen=True)

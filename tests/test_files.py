@@ -146,6 +146,29 @@ async def test_edit_replaces_a_unique_match_and_returns_a_diff(sb: Sandbox) -> N
     assert await sb.read_text("app.py") == "def f():\n    return 2\n"
 
 
+async def test_diffs_mark_a_last_line_without_its_newline(sb: Sandbox) -> None:
+    """As diff -u and git do: otherwise the removed and the added line run together, and taking
+    the final newline away looks like no change at all."""
+    await sb.write("tail.txt", "one\ntwo")
+    diff = (await sb.edit("tail.txt", "two", "TWO")).diff
+    assert diff.endswith("-two\n\\ No newline at end of file\n+TWO\n\\ No newline at end of file\n")
+    diff = (await sb.edit("tail.txt", "TWO", "TWO\n")).diff
+    assert diff.endswith("-TWO\n\\ No newline at end of file\n+TWO\n")
+    await sb.write("ff.txt", "a\x0cb\nc\n")  # (a form feed is inside its line, not a line break)
+    assert (await sb.edit("ff.txt", "c", "C")).diff.endswith("@@ -1,2 +1,2 @@\n a\x0cb\n-c\n+C\n")
+
+
+async def test_multi_edit_refuses_malformed_edits_by_index(sb: Sandbox) -> None:
+    await sb.write("m.txt", "a\n")
+    with pytest.raises(InvalidArgument, match=r"edit 1: unknown keys \['old'\]"):
+        await sb.multi_edit("m.txt", [{"old_string": "a", "new_string": "b"}, {"old": "a", "new_string": "c"}])
+    with pytest.raises(InvalidArgument, match=r"edit 0: missing \['new_string'\]"):
+        await sb.multi_edit("m.txt", [{"old_string": "a"}])
+    with pytest.raises(InvalidArgument, match="edit 0: old_string and new_string are text"):
+        await sb.multi_edit("m.txt", [{"old_string": "a", "new_string": 1}])
+    assert await sb.read_text("m.txt") == "a\n"
+
+
 async def test_edit_refuses_ambiguous_match_and_names_lines(sb: Sandbox) -> None:
     await sb.write("dup.txt", "x = 1\ny = 2\nx = 1\nz\nx = 1\n")
     with pytest.raises(NotUnique) as caught:
@@ -153,6 +176,12 @@ async def test_edit_refuses_ambiguous_match_and_names_lines(sb: Sandbox) -> None
     assert caught.value.count == 3 and caught.value.lines == [1, 3, 5]
     assert "matches 3 times" in str(caught.value) and "lines 1, 3, 5" in str(caught.value)
     assert await sb.read_text("dup.txt") == "x = 1\ny = 2\nx = 1\nz\nx = 1\n"
+    with pytest.raises(NotUnique) as caught:  # (a line with several matches is named once)
+        await sb.edit("dup.txt", "1", "2")
+    assert caught.value.count == 3 and caught.value.lines == [1, 3, 5]
+    await sb.write("same-line.txt", "a a a\n")
+    with pytest.raises(NotUnique, match=r"matches 3 times \(lines 1\)"):
+        await sb.edit("same-line.txt", "a", "b")
 
 
 async def test_edit_replace_all_counts_replacements(sb: Sandbox) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from sandbox import ConnectionPool, Sandbox, SSHEndpoint
-from sandbox.errors import InvalidArgument, JobNotFound, SandboxError
+from sandbox.errors import FileNotFound, InvalidArgument, JobNotFound, SandboxError
 from tests.conftest import endpoint_for
 from tests.sshd import SSHD
 
@@ -51,6 +51,14 @@ async def test_jobs_run_in_the_given_cwd_with_env(sb: Sandbox) -> None:
     await wait_for_exit(sb, job.id)
     out = await sb.job_output(job.id)
     assert out.stdout == f"{await sb.cwd()}/jobdir\na b $(c)\n" and out.exit_code == 0
+    # a cwd that is not there, or not a directory: nothing starts (as with run)
+    before = len(await sb.job_list())
+    with pytest.raises(FileNotFound, match="the job did not start"):
+        await sb.start_job("touch ran", cwd="no-such-dir")
+    await sb.write("jobdir/file", "")
+    with pytest.raises(InvalidArgument, match="not a directory"):
+        await sb.start_job("touch ran", cwd="jobdir/file")
+    assert len(await sb.job_list()) == before and not await sb.exists("ran")
 
 
 async def test_kill_sends_the_signal_to_the_whole_group(sb: Sandbox) -> None:
@@ -69,6 +77,9 @@ async def test_kill_with_kill_signal_and_bad_signals(sb: Sandbox) -> None:
         await sb.job_kill(job.id, "9; rm -rf ~")
     killed = await sb.job_kill(job.id, "SIGKILL")
     assert killed.status == "exited" and killed.signal == "KILL"
+    done = await sb.start_job("true")
+    await wait_for_exit(sb, done.id)
+    assert (await sb.job_kill(done.id)).signal is None  # it ended by itself: nothing was signalled
 
 
 async def test_output_ending_in_half_a_character_is_delivered_once_the_job_ended(sb: Sandbox) -> None:
@@ -82,6 +93,17 @@ async def test_output_ending_in_half_a_character_is_delivered_once_the_job_ended
     assert text == "abc\ufffd"
     again = await sb.job_output(job.id)
     assert (again.stdout, again.more) == ("", False)
+
+
+async def test_half_a_character_held_back_is_not_new_output_to_wait_for(sb: Sandbox) -> None:
+    """Buffered output often splits a character between two writes: the bytes held back until it
+    completes are neither output to return at once nor "more" to read."""
+    job = await sb.start_job("printf 'ok caf\\303'; sleep 2; printf '\\251 done\\n'")
+    out = await sb.job_output(job.id, wait_ms=1500)
+    assert (out.stdout, out.more) == ("ok caf", False)
+    started = time.monotonic()
+    out = await sb.job_output(job.id, wait_ms=5000)  # waits for the rest, not for what it holds
+    assert out.stdout == "\u00e9 done\n" and time.monotonic() - started > 0.3
 
 
 async def test_a_job_that_never_got_a_pid_is_not_running_forever(sb: Sandbox) -> None:
