@@ -224,10 +224,16 @@ def line_numbers_of(text: str, needle: str) -> list[int]:
 
 
 def apply_edits(path: str, text: str, edits: Sequence[Edit], indexed: bool) -> tuple[str, int]:
-    """Apply edits in order to `text`; raise on the first that cannot apply. Returns (text, replacements)."""
+    """Apply edits in order to `text`; raise on the first that cannot apply. Returns (text, replacements).
+
+    In a file whose every line ends in CRLF, the edits' line breaks are taken as CRLF too: an agent
+    sends "\n" (as Claude Code's Edit does), and the file keeps its line endings."""
     total = 0
+    crlf = "\r\n" in text and text.count("\n") == text.count("\r\n")
     for index, edit in enumerate(edits):
         which = index if indexed else None
+        if crlf:
+            edit = Edit(_crlf(edit.old_string), _crlf(edit.new_string), edit.replace_all)
         if edit.old_string == edit.new_string:
             raise InvalidEdit(path, "old_string and new_string are identical; nothing to change", which)
         if edit.old_string == "":
@@ -247,6 +253,10 @@ def apply_edits(path: str, text: str, edits: Sequence[Edit], indexed: bool) -> t
         )
         total += count if edit.replace_all else 1
     return text, total
+
+
+def _crlf(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\n", "\r\n")
 
 
 def encode_text(path: str, text: str) -> bytes:

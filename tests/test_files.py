@@ -158,6 +158,16 @@ async def test_diffs_mark_a_last_line_without_its_newline(sb: Sandbox) -> None:
     assert (await sb.edit("ff.txt", "c", "C")).diff.endswith("@@ -1,2 +1,2 @@\n a\x0cb\n-c\n+C\n")
 
 
+async def test_edits_of_a_crlf_file_take_newlines_as_crlf(sb: Sandbox) -> None:
+    await sb.write("dos.txt", "a\r\nb\r\nc\r\n")
+    await sb.edit("dos.txt", "a\nb", "A\nB\nB2")  # as an agent writes it
+    await sb.edit("dos.txt", "B2\r\nc", "C")  # or as the file has it
+    assert await sb.read_text("dos.txt") == "A\r\nB\r\nC\r\n"
+    await sb.write("mixed.txt", "a\r\nb\nc\r\n")  # (mixed endings: matched as they are)
+    with pytest.raises(NoMatch):
+        await sb.edit("mixed.txt", "a\nb", "x")
+
+
 async def test_multi_edit_refuses_malformed_edits_by_index(sb: Sandbox) -> None:
     await sb.write("m.txt", "a\n")
     with pytest.raises(InvalidArgument, match=r"edit 1: unknown keys \['old'\]"):
