@@ -13,6 +13,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sandbox import ConnectionPool, SSHEndpoint
+from sandbox.errors import InvalidArgument
+from sandbox.executor import build_env
 
 from .config import MAX_TIMEOUT_S, LocalPoolConfig, Pool
 from .errors import Unsupported
@@ -53,6 +55,16 @@ class Request(BaseModel):
     keep: bool = Field(False, description="survive the process that created it (no teardown on exit)")
     # Provider-specific arguments (ssh: host, user, port, key_path).
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("env")
+    @classmethod
+    def _usable_env(cls, value: dict[str, str]) -> dict[str, str]:
+        # Checked now, not by every later command (each of which would refuse it).
+        try:
+            build_env(value)
+        except InvalidArgument as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("auth_mode")
     @classmethod

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +43,9 @@ class Transfers:
             raise FileNotFound(str(local), " on this machine")
         if local.is_dir():
             raise IsADirectory(str(local))
+        mode = local.stat().st_mode
+        if not stat.S_ISREG(mode):  # (/dev/zero never ends; a pipe waits for a writer)
+            raise SpecialFile(str(local), _local_kind(mode), "copy regular files only")
         size = local.stat().st_size
         # A file that says it is empty may not be (/proc's): what it holds is read, and sent as is.
         contents = local.read_bytes() if size == 0 else None
@@ -88,6 +92,13 @@ class Transfers:
         under the remote file's name."""
         if into_directory or local.is_dir():
             local = local / posixpath.basename(remote)
+        # As cp does: through a symlink to the file it names; never over a pipe or a device (which
+        # the rename at the end would replace with a plain file: think /dev/null).
+        local = Path(os.path.realpath(local))
+        if local.exists() and not local.is_file() and not local.is_dir():
+            raise SpecialFile(str(local), _local_kind(local.stat().st_mode), WRITE_SPECIAL_HINT)
+        if local.is_dir():
+            raise IsADirectory(str(local))
         local.parent.mkdir(parents=True, exist_ok=True)
         temp = local.with_name(temp_name(local.name, "part"))
 
@@ -146,6 +157,18 @@ async def _read_to_end(sftp: asyncssh.SFTPClient, path: str) -> bytes:
         while chunk := await read_upto(f, GUARANTEED, sum(map(len, chunks))):
             chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _local_kind(mode: int) -> str:
+    for test, what in (
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return what
+    return "not a regular file"
 
 
 def _adapt(progress: Progress | None) -> Callable[[bytes, bytes, int, int], None] | None:

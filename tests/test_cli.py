@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import pty
+import shlex
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 from tests.mcp_support import ROOT, server_env, tether
+from tests.processes import leaf_sleep, wait_until_gone, wait_until_running
 from tests.sshd import SSHD
 
 
@@ -245,3 +248,56 @@ def _drain(fd: int, into: bytearray) -> None:
         while chunk := os.read(fd, 4096):
             into.extend(chunk)
     os.close(fd)
+
+
+def test_exec_and_cp_at_the_edges(tmp_path: Path) -> None:
+    """A reader that goes away, SIGTERM, bad timeouts, local paths that are not plain files: each a
+    clear end, never a traceback, and nothing left running on the box."""
+    up = tether("up", "local", "--name", "edges")
+    assert up.returncode == 0, up.stderr
+    box = up.stdout.strip()
+    try:
+        for bad in ("nan", "inf", "0", "-1", "soon"):
+            refused = tether("exec", box, "--timeout", bad, "--", "true")
+            assert refused.returncode == 2 and "positive number of seconds" in refused.stderr, refused.stderr
+        # `tether exec … | head -1`: the exit status of a writer whose reader left, and no traceback
+        head = subprocess.run(
+            f"{shlex.quote(sys.executable)} -m tools.cli exec {box} -- 'seq 1 200000; echo err >&2' | head -1",
+            shell=True,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=server_env(),
+            timeout=120,
+        )
+        assert head.stdout == "1\n" and "Traceback" not in head.stderr, head.stderr
+        # SIGTERM ends the remote command too, as Ctrl-C does
+        marker = leaf_sleep()
+        killed = subprocess.Popen(
+            [sys.executable, "-m", "tools.cli", "exec", box, "--", marker], cwd=ROOT, env=server_env()
+        )
+        asyncio.run(wait_until_running(marker, 30))
+        killed.terminate()
+        assert killed.wait(30) == 143
+        assert asyncio.run(wait_until_gone(marker)) == []
+        # cp: into 'dir/' (created), and nothing over or out of a pipe or a device
+        assert tether("exec", box, "--", "echo hi > f.txt").returncode == 0
+        assert tether("cp", f"{box}:f.txt", f"{tmp_path}/made/").returncode == 0
+        assert (tmp_path / "made" / "f.txt").read_text() == "hi\n"
+        os.mkfifo(tmp_path / "fifo")
+        refused = tether("cp", f"{box}:f.txt", str(tmp_path / "fifo"))
+        assert refused.returncode == 2 and "named pipe" in refused.stderr
+        refused = tether("cp", "/dev/zero", f"{box}:zero")
+        assert refused.returncode == 2 and "character device" in refused.stderr
+        denied = tether("cp", f"{box}:f.txt", "/proc/no-such-dir/f.txt")  # an OSError here: a message
+        assert denied.returncode == 2 and denied.stderr.startswith("tether: ") and "Traceback" not in denied.stderr
+    finally:
+        tether("down", box)
+
+
+def test_forget_host_reads_ipv6_and_refuses_bad_ports() -> None:
+    assert "no host key pinned for ::1:22" in tether("forget-host", "::1").stderr
+    assert "no host key pinned for ::1:2222" in tether("forget-host", "[::1]:2222").stderr
+    for bad in ("127.0.0.1:99999999999999999999", "host:0", "host:x"):
+        refused = tether("forget-host", bad)
+        assert refused.returncode == 2 and "port 1-65535" in refused.stderr, refused.stderr

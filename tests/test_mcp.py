@@ -27,6 +27,7 @@ from tests.mcp_support import ROOT, http_client, http_server, mcp_client, server
 from tests.processes import leaf_sleep, processes_matching, wait_until_gone, wait_until_running
 from tests.sshd import SSHD
 from tests.test_files import PNG_1X1
+from tools.http import HTTPSecurityError, resolve_token
 from tools.stdio import _LineReader
 
 CONTRACT_TOOLS = {
@@ -171,6 +172,10 @@ async def test_file_and_shell_tools(where: str, transport: str, ssh_pool_env: di
         for ttl in (1e308, "Infinity", -1):  # refused before anything is created
             forever = await client.call_tool("sandbox_create", {"provider": "local", "timeout_s": ttl})
             assert forever.is_error and "timeout_s" in text(forever), text(forever)
+        # an env every later command would refuse: refused now (and its values, maybe secrets, not echoed)
+        for env in ({"BAD NAME": "s3cret"}, {"X": "s3cret\u0000"}):
+            bad_env = await client.call_tool("sandbox_create", {"provider": "local", "env": env})
+            assert bad_env.is_error and "env" in text(bad_env) and "s3cret" not in text(bad_env), text(bad_env)
         assert len(structured(await client.call_tool("sandbox_list", {}))["sandboxes"]) == before
 
         job = structured(await client.call_tool("run", {"command": "echo one; sleep 1000", "run_in_background": True}))
@@ -465,6 +470,25 @@ async def test_a_non_loopback_bind_with_a_generated_token() -> None:
         out = said + process.communicate(timeout=30)[0]
     token = out.split("bearer token (shown once): ")[1].split()[0]
     assert len(token) >= 32 and out.count(token) == 1
+
+
+@pytest.mark.parametrize("host", ["127.0.0.2", "[::1]"])
+async def test_any_loopback_address_serves_the_url_it_prints(host: str) -> None:
+    """127.0.0.2 is loopback too: the Host check lets the address bound (as printed) through."""
+    with http_server(host=host) as (_, url, _):
+        async with httpx.AsyncClient() as raw:
+            headers = {"Accept": "application/json, text/event-stream"}
+            answer = await raw.post(url, json=INITIALIZE, headers=headers)
+            assert answer.status_code == 200, answer.text
+            rebound = await raw.post(url, json=INITIALIZE, headers={**headers, "Host": "evil.example"})
+            assert rebound.status_code == 421
+
+
+@pytest.mark.parametrize("token", ["abcdefghijklmnop ", "abcdefgh ijklmnop", " " * 20])
+def test_a_token_with_whitespace_is_refused_at_start(token: str) -> None:
+    """No client could send it (HTTP strips a header value's edges): refused, not silently useless."""
+    with pytest.raises(HTTPSecurityError, match="whitespace"):
+        resolve_token("0.0.0.0", False, {"TETHER_MCP_TOKEN": token})
 
 
 def test_a_request_with_a_lone_surrogate_gets_an_answer() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,21 @@ async def test_an_upload_cut_off_by_a_lost_connection_leaves_no_partial_file(
             await asyncio.sleep(0.1)
         assert list(Path(target).iterdir()) == []
         await box.run(["rm", "-rf", target])
+
+
+async def test_local_links_are_followed_and_pipes_and_devices_refused(sb: Sandbox, tmp_path: Path) -> None:
+    """cp's rules on this machine's side: a download through a symlink replaces the file it names;
+    a pipe or a device is never replaced by a plain file (nor read: /dev/zero never ends)."""
+    await sb.write("remote.txt", "new\n")
+    (tmp_path / "target").write_text("old\n")
+    (tmp_path / "link").symlink_to("target")
+    os.mkfifo(tmp_path / "fifo")
+    await sb.download("remote.txt", tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "target").read_text() == "new\n"
+    with pytest.raises(SpecialFile, match="named pipe"):
+        await asyncio.wait_for(sb.download("remote.txt", tmp_path / "fifo"), 10)
+    assert stat.S_ISFIFO((tmp_path / "fifo").stat().st_mode)
+    for special in (tmp_path / "fifo", Path("/dev/zero")):
+        with pytest.raises(SpecialFile):
+            await asyncio.wait_for(sb.upload(special, "special"), 10)
+    assert not await sb.exists("special")

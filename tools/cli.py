@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -62,6 +63,12 @@ def with_fleet_and_channels(work: Callable[[Fleet, Notifier], Awaitable[T]]) -> 
     """As `with_fleet`, handing `work` the chat channels' notifier too (for its tunnels)."""
 
     async def run() -> T:
+        # SIGTERM ends the command as Ctrl-C does: what it started on a box is killed, its
+        # temporary files removed. (asyncio.run turns SIGINT into the same cancellation.)
+        main_task = asyncio.current_task()
+        assert main_task is not None
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # (not the main thread: no handler)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
         fleet = Fleet()
         notifier = fleet_notifier(fleet)
         try:
@@ -304,10 +311,7 @@ def exec_command(args: argparse.Namespace) -> int:
     while argv and argv[0].startswith("--timeout"):
         flag = argv.pop(0)
         value = flag.partition("=")[2] if "=" in flag else (argv.pop(0) if argv else "")
-        try:
-            args.timeout = float(value)
-        except ValueError:
-            raise ValueError(f"--timeout takes seconds, not {value!r}") from None
+        args.timeout = seconds(value)
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
@@ -320,17 +324,20 @@ def exec_command(args: argparse.Namespace) -> int:
         # Byte for byte, whatever the command prints (`tether exec ID -- cat image.png > copy.png`):
         # the streams stay in files on the box, read back raw and removed.
         result = await box.run(command_text, timeout=args.timeout, keep_output=True)
-        for path, stream in ((result.stdout_path, sys.stdout), (result.stderr_path, sys.stderr)):
-            if path:
-                with tempfile.TemporaryDirectory() as scratch:
-                    copy = Path(scratch) / "stream"
-                    await box.download(path, copy)
+        with tempfile.TemporaryDirectory() as scratch:
+            copies = []
+            streams = (("out", result.stdout_path, sys.stdout), ("err", result.stderr_path, sys.stderr))
+            for name, path, stream in streams:
+                if path:  # (both fetched and removed from the box before a reader that went away can stop us)
+                    await box.download(path, Path(scratch) / name)
                     with contextlib.suppress(Exception):
                         await box.remove(path)
-                    stream.flush()
-                    with copy.open("rb") as f:
-                        shutil.copyfileobj(f, stream.buffer)
-                    stream.buffer.flush()
+                    copies.append((Path(scratch) / name, stream))
+            for copy, stream in copies:
+                stream.flush()
+                with copy.open("rb") as f:
+                    shutil.copyfileobj(f, stream.buffer)
+                stream.buffer.flush()
         if result.timed_out:
             print(f"tether: timed out after {args.timeout:g}s; the process group was killed", file=sys.stderr)
             return 124
@@ -397,7 +404,7 @@ def cp_command(args: argparse.Namespace) -> int:
                     await (await fleet.get(source[0])).download(source[1], staged, bar.update)
                     size = await (await fleet.get(target[0])).upload(staged, target[1], bar.update)
             elif source[0]:
-                size = await (await fleet.get(source[0])).download(source[1], Path(target[1]), bar.update)
+                size = await (await fleet.get(source[0])).download(source[1], target[1], bar.update)  # ('dir/' kept)
             else:
                 assert target[0] is not None
                 size = await (await fleet.get(target[0])).upload(Path(source[1]), target[1], bar.update)
@@ -565,15 +572,45 @@ def costs_command(args: argparse.Namespace) -> int:
 
 @command("forget-host")
 def forget_host_command(args: argparse.Namespace) -> int:
-    host, _, port = args.target.rpartition(":")
-    if not host or not port.isdigit():
-        host, port = args.target, "22"
+    host, port = _host_and_port(args.target)
     pins = HostKeyPins(default_store())
     if pins.forget(host.strip("[]"), int(port)):
         print(f"forgot the pinned host key of {host}:{port}; the next connection pins the key it presents")
         return 0
     print(f"no host key pinned for {host}:{port}", file=sys.stderr)
     return 1
+
+
+def _host_and_port(target: str) -> tuple[str, int]:
+    """`host`, `host:port`, `[v6]:port` or a bare IPv6 address (`::1`) -> (host, port)."""
+    if target.startswith("[") and "]" in target:
+        host, _, rest = target[1:].partition("]")
+        port_text = rest.removeprefix(":") or "22"
+    elif target.count(":") == 1:
+        host, _, port_text = target.partition(":")
+    else:  # a name, or an IPv6 address without brackets
+        host, port_text = target, "22"
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"expected HOST, HOST:PORT or [IPv6]:PORT (port 1-65535), not {target!r}")
+    return host, int(port_text)
+
+
+def _argparse_seconds(text: str) -> float:
+    try:
+        return seconds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse's type for timeouts)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"--timeout takes a positive number of seconds, not {text!r}")
+    return value
 
 
 @command("host")
@@ -669,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     exe = add("exec", "run a command in a sandbox; its exit code is tether's", json_flag=False)
     exe.add_argument("id", metavar="ID")
     exe.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
-    exe.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds (default: a day)")
+    exe.add_argument("--timeout", type=_argparse_seconds, default=24 * 3600.0, help="seconds (default: a day)")
     ssh = add("ssh", "an interactive shell in a sandbox", json_flag=False)
     ssh.add_argument("id", metavar="ID")
     ssh.add_argument("--print", action="store_true", help="print the ssh command instead of running it")
@@ -713,11 +750,17 @@ def main(argv: list[str] | None = None) -> int:
         problems = R.validation_problems(exc)
         print(f"tether: invalid arguments: {problems}; see `tether {args.command} --help`", file=sys.stderr)
         return 2
-    except (SandboxError, ProviderError, RuntimeError, ValueError) as exc:
+    except BrokenPipeError:  # (`tether exec … | head -1`: the reader went away; as other tools do)
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (SandboxError, ProviderError, RuntimeError, ValueError, OSError) as exc:
         print(f"tether: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except asyncio.CancelledError:  # SIGTERM (see with_fleet_and_channels)
+        return 143
 
 
 if __name__ == "__main__":

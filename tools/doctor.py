@@ -94,7 +94,10 @@ def _config_problems(config: dict[str, Any]) -> list[str]:
 
 
 def _state_dir() -> Check:
-    path = state_dir()
+    try:
+        path = state_dir()
+    except OSError as exc:
+        return Check("state dir", "fail", f"cannot be created: {exc}")
     probe = path / f".doctor-{secrets.token_hex(4)}"
     try:
         probe.write_text("ok")

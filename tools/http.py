@@ -56,6 +56,9 @@ def resolve_token(host: str, generate: bool, environ: MutableMapping[str, str] =
             f"refusing to serve MCP on {host} without authentication: set TETHER_MCP_TOKEN, or pass "
             "--generate-token to have one generated and printed once (or bind 127.0.0.1)"
         )
+    if token is not None and (token != token.strip() or any(c.isspace() for c in token)):
+        # (a client cannot send it: HTTP strips a header value's edges, and a space splits it)
+        raise HTTPSecurityError("TETHER_MCP_TOKEN contains whitespace; use 16 or more random characters without")
     if token is not None and len(token) < 16:
         raise HTTPSecurityError("TETHER_MCP_TOKEN is too short; use at least 16 random characters")
     return token
@@ -91,7 +94,10 @@ class BearerAuth:
 
 
 def build_app(server: MCPServer, host: str, port: int, token: str | None, allowed_hosts: list[str]) -> ASGIApp:
-    hosts = [f"{h}:{port}" for h in ("127.0.0.1", "localhost", "[::1]")] if is_loopback(host) else []
+    # (on loopback, the address bound too: 127.0.0.2 is loopback, and the URL printed names it)
+    shown = f"[{host.strip('[]')}]" if ":" in host else host
+    names = ("127.0.0.1", "localhost", "[::1]", shown)
+    hosts = list(dict.fromkeys(f"{h}:{port}" for h in names)) if is_loopback(host) else []
     hosts += [f"{h}:{port}" if ":" not in h else h for h in allowed_hosts]
     security = TransportSecuritySettings(
         # Off-loopback with no --allow-host, the bearer token is the protection (a rebinding page
@@ -111,6 +117,7 @@ async def serve_http(server: MCPServer, host: str, port: int, token: str | None,
 
     # Bound here, before the app is built: with port 0 the Host check must name the port the
     # kernel chose, and so must the address printed for the client.
+    host = host.strip("[]")  # ([::1] as a URL writes it)
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listening = socket.create_server((host, port), family=family)
