@@ -170,9 +170,9 @@ class ShellsBusy(SandboxError):
 
 
 class JobNotFound(SandboxError, LookupError):
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, where: str = " in this sandbox; list jobs with job_list") -> None:
         self.job_id = job_id
-        super().__init__(f"no background job {job_id!r} in this sandbox; list jobs with job_list")
+        super().__init__(f"no background job {job_id!r}{where}")
 
 
 class InvalidArgument(SandboxError, ValueError):

@@ -472,6 +472,15 @@ async def test_a_non_loopback_bind_with_a_generated_token() -> None:
     assert len(token) >= 32 and out.count(token) == 1
 
 
+async def test_an_unknown_job_is_reported_without_a_sandbox_made() -> None:
+    async with stdio_client() as client:
+        before = structured(await client.call_tool("sandbox_list", {}))["sandboxes"]
+        for tool in ("job_output", "job_kill"):
+            unknown = await client.call_tool(tool, {"job_id": "j-0000beef"})
+            assert unknown.is_error and "no background job 'j-0000beef'" in text(unknown), text(unknown)
+        assert structured(await client.call_tool("sandbox_list", {}))["sandboxes"] == before
+
+
 @pytest.mark.parametrize("host", ["127.0.0.2", "[::1]"])
 async def test_any_loopback_address_serves_the_url_it_prints(host: str) -> None:
     """127.0.0.2 is loopback too: the Host check lets the address bound (as printed) through."""

@@ -30,7 +30,7 @@ from providers import Fleet, ManagedSandbox, Request, SandboxGone, SandboxRecord
 from providers.config import MAX_TIMEOUT_S
 from providers.errors import ProviderError
 from providers.registry import profile_of
-from sandbox.errors import InvalidArgument, SandboxError
+from sandbox.errors import InvalidArgument, JobNotFound, SandboxError
 from sandbox.executor import signal_name
 from sandbox.files import Edit, Image
 from tunnels import Tunnel, listening_ports
@@ -751,8 +751,10 @@ def register_shell_tools(server: MCPServer, state: ServerState) -> None:
     async def job_sandbox(job_id: str, sandbox: str | None) -> ManagedSandbox:
         if sandbox:
             return await state.sandbox(sandbox)
-        owner = state.fleet.ledger.job_owner(job_id)
-        return await state.fleet.get(owner) if owner else await state.sandbox(None)
+        owner = state.fleet.ledger.job_owner(job_id) or state.current_default()
+        if owner is None:  # (no sandbox is created, nor one asked for, to say a job is unknown)
+            raise JobNotFound(job_id, "; list jobs with job_list, or name the sandbox it runs in")
+        return await state.fleet.get(owner)
 
     @server.tool(annotations=CONSUMES)
     @guarded
