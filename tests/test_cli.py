@@ -138,6 +138,15 @@ def test_config_defaults_and_unknown_sections(tmp_path: Path) -> None:
     assert checks["config"]["status"] == "fail"
     assert "chanels" in checks["config"]["detail"] and "identity_file" in checks["config"]["detail"]
 
+    # what parses but cannot work: a default pool that is not there, a channel's unset variable
+    config.write_text(
+        '[defaults]\npool = "ghost"\n\n[[channels]]\nkind = "slack"\nurl_env = "TETHER_TEST_UNSET_HOOK"\n'
+    )
+    checks = {c["name"]: c for c in json.loads(tether("doctor", "--json", env=env).stdout)}
+    assert checks["[defaults]"]["status"] == "fail" and "'ghost' is not a pool here" in checks["[defaults]"]["detail"]
+    channel = next(c for name, c in checks.items() if name.startswith("channel "))
+    assert channel["status"] == "warn" and "$TETHER_TEST_UNSET_HOOK not set" in channel["detail"]
+
 
 def test_doctor_checks_each_pool(sshd: SSHD, client_key: Path, tmp_path: Path) -> None:
     config = tmp_path / "config.toml"

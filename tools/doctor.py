@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
@@ -12,7 +13,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from providers import Fleet, Pool
-from providers.config import CREDENTIAL_ENV, SSHPoolConfig
+from providers.config import CREDENTIAL_ENV, SSHPoolConfig, load_defaults
 from providers.errors import ProviderError
 from providers.local_server import ensure_server, sandbox_root
 from providers.registry import provider_class
@@ -52,6 +53,7 @@ async def run_doctor() -> list[Check]:
         checks.append(Check("config", "fail", "; ".join(problems)))
     else:
         checks.append(Check("config", "ok", f"{path}" if path.exists() else f"no {path}: using implicit pools"))
+    checks += _defaults_and_channels(fleet)
     try:
         for pool in fleet.pools:
             checks.append(await _pool(pool, fleet))
@@ -67,6 +69,29 @@ async def run_doctor() -> list[Check]:
             else "no `ssh` binary: `tether ssh` will print the command instead",
         )
     )
+    return checks
+
+
+def _defaults_and_channels(fleet: Fleet) -> list[Check]:
+    """What parses but cannot work: a [defaults] pool or provider that does not exist (every call
+    that names no sandbox would fail), a channel whose URL or secret variable is not set (each of
+    its events would fail to go out)."""
+    checks = []
+    with contextlib.suppress(ValueError, ProviderError):  # (reported by the config check)
+        defaults = load_defaults(fleet.config)
+        pools = sorted(p.name for p in fleet.pools)
+        if defaults.pool and defaults.pool not in pools:
+            detail = f"pool {defaults.pool!r} is not a pool here (pools: {', '.join(pools)})"
+            checks.append(Check("[defaults]", "fail", detail))
+        elif defaults.provider and defaults.provider not in {p.provider for p in fleet.pools}:
+            detail = f"provider {defaults.provider!r} has no available pool here"
+            checks.append(Check("[defaults]", "fail", detail))
+    with contextlib.suppress(ValueError, ProviderError):
+        for channel in load_channels(fleet.config):
+            unset = [f"${n}" for n in (channel.url_env, channel.secret_env) if n and not os.environ.get(n)]
+            if unset:
+                detail = f"{' and '.join(unset)} not set: its events are not delivered"
+                checks.append(Check(f"channel {channel.label}", "warn", detail))
     return checks
 
 
