@@ -21,7 +21,7 @@ from .channels import CHANNEL_GONE, SFTPChannel, ShellPool
 from .errors import CommandTimeout, ConnectionLost, FileNotFound, InvalidArgument
 from .heldoutput import HeldOutput
 from .sftpio import read_prefix, read_range
-from .shell import KILL_TREE, Finished, PersistentShell, ShellDied, ShellInfo
+from .shell import KILL_TREE, Finished, PersistentShell, ShellDied, ShellInfo, Stream
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -174,8 +174,8 @@ class Executor:
             # Read before the shell takes its next command: it empties these files first.
             kept = f"{shell.info.run_dir}/{command_id}"
             (stdout, out_path), (stderr, err_path) = await asyncio.gather(
-                self._collect(shell, finished, shell.stdout_path, max_chars, f"{kept}.o", keep_output),
-                self._collect(shell, finished, shell.stderr_path, max_chars, f"{kept}.e", keep_output),
+                self._collect(shell, finished, "stdout", max_chars, f"{kept}.o", keep_output),
+                self._collect(shell, finished, "stderr", max_chars, f"{kept}.e", keep_output),
             )
         _raise_if_cwd_refused(cwd, finished, stderr)
         self.cwd = finished.cwd or start_dir
@@ -205,8 +205,8 @@ class Executor:
                 shell, secrets.token_hex(8), start_dir, script, timeout, fallback=fallback
             )
             (stdout, cut), (stderr, _) = await asyncio.gather(
-                self._read_head(shell, finished, shell.stdout_path, max_bytes),
-                self._read_head(shell, finished, shell.stderr_path, 64 << 10),
+                self._read_head(shell, finished, "stdout", max_bytes),
+                self._read_head(shell, finished, "stderr", 64 << 10),
             )
         _raise_if_cwd_refused(cwd, finished, stderr.decode("utf-8", "replace"))
         if timed_out:
@@ -321,12 +321,13 @@ class Executor:
             log.warning("could not kill process group %d after cancellation: %s", pid, exc)
 
     async def _collect(
-        self, shell: PersistentShell, finished: Finished, path: str, max_chars: int, keep_as: str, keep: bool = False
+        self, shell: PersistentShell, finished: Finished, stream: Stream, max_chars: int, keep_as: str, keep: bool
     ) -> tuple[str, str | None]:
         """The stream's text capped to `max_chars` (head + tail). When it was cut (or `keep` asks for
         it unread), the whole stream is moved to `keep_as` (its path is returned) so the shell's next
         command cannot empty it."""
-        if not (finished.has_stdout if path == shell.stdout_path else finished.has_stderr):
+        path = shell.output_path(stream)
+        if not finished.wrote(stream):
             return "", None
         if keep:
             await self._sftp.once(lambda sftp: sftp.posix_rename(path, keep_as))
@@ -344,28 +345,28 @@ class Executor:
                 head.decode("utf-8", "replace"), tail.decode("utf-8", "replace"), size, max_chars, note
             ), True
 
-        text, cut = await self._read_output(shell, finished, path, read)
+        text, cut = await self._read_output(shell, finished.files_generation, path, read)
         if not cut:
             return text, None
         await self._sftp.once(lambda sftp: sftp.posix_rename(path, keep_as))
         return text, keep_as
 
     async def _read_head(
-        self, shell: PersistentShell, finished: Finished, path: str, max_bytes: int
+        self, shell: PersistentShell, finished: Finished, stream: Stream, max_bytes: int
     ) -> tuple[bytes, bool]:
-        if not (finished.has_stdout if path == shell.stdout_path else finished.has_stderr):
+        if not finished.wrote(stream):
             return b"", False
 
         async def read(f: asyncssh.SFTPClientFile) -> tuple[bytes, bool]:
             data, _ = await read_prefix(f, max_bytes + 1)
             return data[:max_bytes], len(data) > max_bytes
 
-        return await self._read_output(shell, finished, path, read)
+        return await self._read_output(shell, finished.files_generation, shell.output_path(stream), read)
 
     async def _read_output(
         self,
         shell: PersistentShell,
-        finished: Finished,
+        generation: int,
         path: str,
         read: Callable[[asyncssh.SFTPClientFile], Awaitable[T]],
     ) -> T:
@@ -376,11 +377,11 @@ class Executor:
             shell.on_close.append(held.release)
 
         async def attempt(sftp: asyncssh.SFTPClient) -> T:
-            f = await held.open(sftp, path, finished.files_generation)
+            f = await held.open(sftp, path, generation)
             try:
                 return await read(f)
             except asyncssh.SFTPError:
                 held.forget(path)  # a handle the server no longer honours: once more, opened anew
-                return await read(await held.open(sftp, path, finished.files_generation))
+                return await read(await held.open(sftp, path, generation))
 
         return await self._sftp.retrying(attempt)

@@ -153,7 +153,11 @@ def too_many_links(path: str) -> FileOperationError:
 
 def special_kind(attrs: asyncssh.SFTPAttrs) -> str | None:
     """What a file that is neither regular, a directory nor a symlink is ("a named pipe"), or None."""
-    mode = attrs.permissions or 0
+    return special_mode_kind(attrs.permissions or 0)
+
+
+def special_mode_kind(mode: int) -> str | None:
+    """`special_kind` of a file mode (st_mode), for files on either side."""
     for test, what in (
         (stat_module.S_ISFIFO, "a named pipe (FIFO)"),
         (stat_module.S_ISSOCK, "a socket"),

@@ -134,20 +134,16 @@ class Jobs:
         meta = {"command": command, "cwd": cwd, "started_at": started}
 
         async def prepare(sftp: asyncssh.SFTPClient) -> None:
-            looks = [sftp.stat(cwd)] if cwd_named else []
-            made, *looked = await asyncio.gather(
-                sftp.makedirs(directory, exist_ok=True), *looks, return_exceptions=True
-            )
+            # (the named cwd is looked at in the same round trip as the job's directory is made)
+            looked = sftp.stat(cwd) if cwd_named else asyncio.sleep(0)
+            made, attrs = await asyncio.gather(sftp.makedirs(directory, exist_ok=True), looked, return_exceptions=True)
             if isinstance(made, BaseException):
                 raise made
-            if looked and (isinstance(looked[0], BaseException) or file_kind(looked[0]) != "directory"):
+            problem = _cwd_problem(cwd, attrs) if cwd_named else None
+            if problem is not None:
                 with contextlib.suppress(asyncssh.SFTPError):
                     await sftp.rmdir(directory)
-                if isinstance(looked[0], asyncssh.SFTPNoSuchFile):
-                    raise FileNotFound(cwd, "; the job did not start: create the directory, or pass an existing cwd")
-                if isinstance(looked[0], BaseException):
-                    raise looked[0]
-                raise InvalidArgument(f"cwd {cwd} is not a directory; the job did not start")
+                raise problem
             async with sftp.open(f"{directory}/meta.json", "w") as f:
                 await f.write(json.dumps(meta))
 
@@ -429,6 +425,17 @@ class Jobs:
         text = decoder.decode(data, final=ended and offset + len(data) >= size)
         consumed = len(data) - len(decoder.getstate()[0])
         return text, offset + consumed, offset + len(data)
+
+
+def _cwd_problem(cwd: str, looked: object) -> BaseException | None:
+    """Why a job cannot start in `cwd`, from its stat (attributes, or the error): as `run` says it."""
+    if isinstance(looked, asyncssh.SFTPNoSuchFile):
+        return FileNotFound(cwd, "; the job did not start: create the directory, or pass an existing cwd")
+    if isinstance(looked, BaseException):
+        return looked
+    if isinstance(looked, asyncssh.SFTPAttrs) and file_kind(looked) != "directory":
+        return InvalidArgument(f"cwd {cwd} is not a directory; the job did not start")
+    return None
 
 
 async def _read_small(sftp: asyncssh.SFTPClient, path: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import posixpath
 import time
@@ -309,8 +310,7 @@ class Sandbox:
 
 def _edit_from(index: int, fields: Mapping[str, Any]) -> Edit:
     """An Edit from a mapping (as JSON gives it), or InvalidArgument naming what is wrong."""
-    known = {"old_string", "new_string", "replace_all"}
-    unknown = sorted(set(fields) - known)
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(Edit)})
     missing = sorted({"old_string", "new_string"} - set(fields))
     if unknown or missing:
         problem = f"unknown keys {unknown}" if unknown else f"missing {missing}"

@@ -178,16 +178,12 @@ class Search:
         await self._require_directory(root)
         if await self._has_rg():
             argv = ["rg", "--files", "--hidden", "--glob", "!.git", "--null", "--no-config", "--", root]
-            raw = await self._executor.exec_raw(argv, cwd=SEARCH_FROM)
-            _raise_if_root_refused(root, raw.stderr)
-            names = raw.stdout.decode("utf-8", "surrogateescape").split("\0")
         else:
             # The trailing slash makes find follow a root that is a symlink to a directory (as rg does).
-            base = root.rstrip("/")
-            argv = ["find", f"{base}/", "-name", ".git", "-prune", "-o", "-type", "f", "-print0"]
-            raw = await self._executor.exec_raw(argv, cwd=SEARCH_FROM)
-            _raise_if_root_refused(root, raw.stderr)
-            names = raw.stdout.decode("utf-8", "surrogateescape").split("\0")
+            argv = ["find", f"{root.rstrip('/')}/", "-name", ".git", "-prune", "-o", "-type", "f", "-print0"]
+        raw = await self._executor.exec_raw(argv, cwd=SEARCH_FROM)
+        _raise_if_root_refused(root, raw.stderr)
+        names = raw.stdout.decode("utf-8", "surrogateescape").split("\0")
         matches = [n for n in names if n and matcher.match(_relative(n, root))]
         newest, cut = await self._newest_first(matches, GLOB_LIMIT)
         return GlobResult(newest, cut or raw.stdout_truncated)

@@ -21,6 +21,7 @@ import secrets
 import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import asyncssh
 
@@ -284,6 +285,9 @@ def _shell_word(path: str) -> str:
     return shlex.quote(path)
 
 
+Stream = Literal["stdout", "stderr"]
+
+
 @dataclass(frozen=True)
 class Finished:
     exit_code: int
@@ -293,6 +297,10 @@ class Finished:
     # Which output files the command wrote: counts up each time the shell had to create them anew
     # (see __t_run); a handle tether opened for an earlier generation names other files.
     files_generation: int = 0
+
+    def wrote(self, stream: Stream) -> bool:
+        """Whether the command wrote anything to `stream`."""
+        return self.has_stdout if stream == "stdout" else self.has_stderr
 
 
 class ShellDied(ConnectionLost):
@@ -386,6 +394,9 @@ class PersistentShell:
     @property
     def connection_alive(self) -> bool:
         return not self._conn.is_closed()
+
+    def output_path(self, stream: Stream) -> str:
+        return self.stdout_path if stream == "stdout" else self.stderr_path
 
     async def begin(self, command_id: str, cwd: str, script: str, exports: str = "", fallback: str = "") -> int:
         """Start `script` in `cwd` with `exports` (export statements) applied first; return the child's

@@ -6,6 +6,7 @@ leaves a half-written file under the real name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import stat
@@ -16,7 +17,17 @@ import asyncssh
 
 from .channels import SFTPChannel
 from .errors import WRITE_SPECIAL_HINT, FileNotFound, IsADirectory, SpecialFile
-from .files import MAX_LINK_HOPS, PRIVATE, file_kind, link_target, sftp_error, special_kind, temp_name, too_many_links
+from .files import (
+    MAX_LINK_HOPS,
+    PRIVATE,
+    file_kind,
+    link_target,
+    sftp_error,
+    special_kind,
+    special_mode_kind,
+    temp_name,
+    too_many_links,
+)
 from .sftpio import GUARANTEED, read_upto, write_all
 
 # Called with (bytes done, total bytes).
@@ -39,38 +50,34 @@ class Transfers:
 
         Raises: FileNotFound / IsADirectory for the local file, FileOperationError for the remote side.
         """
-        if not local.exists():
-            raise FileNotFound(str(local), " on this machine")
-        if local.is_dir():
+        try:
+            info = local.stat()
+        except FileNotFoundError:
+            raise FileNotFound(str(local), " on this machine") from None
+        if stat.S_ISDIR(info.st_mode):
             raise IsADirectory(str(local))
-        mode = local.stat().st_mode
-        if not stat.S_ISREG(mode):  # (/dev/zero never ends; a pipe waits for a writer)
-            raise SpecialFile(str(local), _local_kind(mode), "copy regular files only")
-        size = local.stat().st_size
+        if not stat.S_ISREG(info.st_mode):  # (/dev/zero never ends; a pipe waits for a writer)
+            raise SpecialFile(str(local), special_mode_kind(info.st_mode) or "odd", "copy regular files only")
         # A file that says it is empty may not be (/proc's): what it holds is read, and sent as is.
-        contents = local.read_bytes() if size == 0 else None
-        if contents is not None:
-            size = len(contents)
+        contents = local.read_bytes() if info.st_size == 0 else None
+        size = info.st_size if contents is None else len(contents)
 
         async def put(sftp: asyncssh.SFTPClient) -> None:
-            # (one makedirs below creates the directory in either case: the target's parent)
-            into = into_directory or await sftp.isdir(remote)
-            target = await _replaced_by_upload(sftp, posixpath.join(remote, local.name) if into else remote)
+            target = await _upload_target(sftp, remote, local.name, into_directory)
             directory, name = posixpath.split(target)
             temp = posixpath.join(directory, temp_name(name, "part"))
             try:
                 await sftp.makedirs(directory, exist_ok=True)
                 # Created private first: put() reopens it (keeping the mode), and the final mode is
                 # given only once every byte is there.
-                await (await sftp.open(temp, "xb", PRIVATE)).close()
+                async with sftp.open(temp, "xb", PRIVATE) as f:
+                    if contents:
+                        await write_all(f, contents)
                 if contents is None:
                     await sftp.put(
                         str(local), temp, block_size=-1, max_requests=MAX_REQUESTS, progress_handler=_adapt(progress)
                     )
-                elif contents:
-                    async with sftp.open(temp, "wb") as f:
-                        await write_all(f, contents)
-                await sftp.chmod(temp, local.stat().st_mode & 0o777)
+                await sftp.chmod(temp, info.st_mode & 0o777)
                 await sftp.posix_rename(temp, target)
             except BaseException as exc:
                 try:
@@ -95,10 +102,12 @@ class Transfers:
         # As cp does: through a symlink to the file it names; never over a pipe or a device (which
         # the rename at the end would replace with a plain file: think /dev/null).
         local = Path(os.path.realpath(local))
-        if local.exists() and not local.is_file() and not local.is_dir():
-            raise SpecialFile(str(local), _local_kind(local.stat().st_mode), WRITE_SPECIAL_HINT)
-        if local.is_dir():
-            raise IsADirectory(str(local))
+        with contextlib.suppress(FileNotFoundError):
+            mode = local.stat().st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectory(str(local))
+            if not stat.S_ISREG(mode):
+                raise SpecialFile(str(local), special_mode_kind(mode) or "odd", WRITE_SPECIAL_HINT)
         local.parent.mkdir(parents=True, exist_ok=True)
         temp = local.with_name(temp_name(local.name, "part"))
 
@@ -108,12 +117,9 @@ class Transfers:
                 what = special_kind(attrs)
                 if what is not None:  # (opening a named pipe would block sftp-server)
                     raise SpecialFile(remote, what)
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # private until done
-                try:
+                with open(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:  # private until done
                     if not attrs.size:  # it may hold more than it says (/proc's files): read to the end
-                        os.write(fd, await _read_to_end(sftp, remote))
-                finally:
-                    os.close(fd)
+                        f.write(await _read_to_end(sftp, remote))
                 if attrs.size:
                     await sftp.get(
                         remote, str(temp), block_size=-1, max_requests=MAX_REQUESTS, progress_handler=_adapt(progress)
@@ -131,44 +137,38 @@ class Transfers:
         return await self._sftp.once(get)
 
 
-async def _replaced_by_upload(sftp: asyncssh.SFTPClient, path: str) -> str:
-    """The file an upload to `path` replaces: through symlinks to the file they name (as `write`
-    does); a directory, pipe or device is refused."""
+async def _upload_target(sftp: asyncssh.SFTPClient, remote: str, name: str, into_directory: bool) -> str:
+    """The file an upload to `remote` replaces, as cp has it: `name` inside `remote` when that is a
+    directory (or `into_directory`: one to create); through symlinks to the file they name (as
+    `write` does). A pipe or a device is refused, and so is a directory in the file's place. One
+    lstat per step: a new file costs a single round trip."""
+    path, may_enter = (posixpath.join(remote, name), False) if into_directory else (remote, True)
     for _ in range(MAX_LINK_HOPS):
         try:
             attrs = await sftp.lstat(path)
         except asyncssh.SFTPNoSuchFile:
             return path
-        what = special_kind(attrs)
-        if what is not None:
-            raise SpecialFile(path, what, WRITE_SPECIAL_HINT)
         kind = file_kind(attrs)
-        if kind == "directory":
+        if kind == "symlink":
+            path = await link_target(sftp, path)
+        elif kind == "directory" and may_enter:
+            path, may_enter = posixpath.join(path, name), False
+        elif kind == "directory":
             raise IsADirectory(path)
-        if kind != "symlink":
+        elif what := special_kind(attrs):
+            raise SpecialFile(path, what, WRITE_SPECIAL_HINT)
+        else:
             return path
-        path = await link_target(sftp, path)
     raise too_many_links(path)
 
 
 async def _read_to_end(sftp: asyncssh.SFTPClient, path: str) -> bytes:
-    chunks = []
+    chunks, offset = [], 0
     async with sftp.open(path, "rb") as f:
-        while chunk := await read_upto(f, GUARANTEED, sum(map(len, chunks))):
+        while chunk := await read_upto(f, GUARANTEED, offset):
             chunks.append(chunk)
+            offset += len(chunk)
     return b"".join(chunks)
-
-
-def _local_kind(mode: int) -> str:
-    for test, what in (
-        (stat.S_ISFIFO, "a named pipe (FIFO)"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-    ):
-        if test(mode):
-            return what
-    return "not a regular file"
 
 
 def _adapt(progress: Progress | None) -> Callable[[bytes, bytes, int, int], None] | None:

@@ -574,7 +574,7 @@ def costs_command(args: argparse.Namespace) -> int:
 def forget_host_command(args: argparse.Namespace) -> int:
     host, port = _host_and_port(args.target)
     pins = HostKeyPins(default_store())
-    if pins.forget(host.strip("[]"), int(port)):
+    if pins.forget(host, port):
         print(f"forgot the pinned host key of {host}:{port}; the next connection pins the key it presents")
         return 0
     print(f"no host key pinned for {host}:{port}", file=sys.stderr)

@@ -42,6 +42,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def url_host(host: str) -> str:
+    """`host` as a URL (and a Host header) writes it: an IPv6 address in brackets."""
+    host = host.strip("[]")
+    return f"[{host}]" if ":" in host else host
+
+
 def resolve_token(host: str, generate: bool, environ: MutableMapping[str, str] = os.environ) -> str | None:
     """The bearer token to require, or None (loopback without TETHER_MCP_TOKEN).
 
@@ -56,7 +62,7 @@ def resolve_token(host: str, generate: bool, environ: MutableMapping[str, str] =
             f"refusing to serve MCP on {host} without authentication: set TETHER_MCP_TOKEN, or pass "
             "--generate-token to have one generated and printed once (or bind 127.0.0.1)"
         )
-    if token is not None and (token != token.strip() or any(c.isspace() for c in token)):
+    if token is not None and any(c.isspace() for c in token):
         # (a client cannot send it: HTTP strips a header value's edges, and a space splits it)
         raise HTTPSecurityError("TETHER_MCP_TOKEN contains whitespace; use 16 or more random characters without")
     if token is not None and len(token) < 16:
@@ -95,8 +101,7 @@ class BearerAuth:
 
 def build_app(server: MCPServer, host: str, port: int, token: str | None, allowed_hosts: list[str]) -> ASGIApp:
     # (on loopback, the address bound too: 127.0.0.2 is loopback, and the URL printed names it)
-    shown = f"[{host.strip('[]')}]" if ":" in host else host
-    names = ("127.0.0.1", "localhost", "[::1]", shown)
+    names = ("127.0.0.1", "localhost", "[::1]", url_host(host))
     hosts = list(dict.fromkeys(f"{h}:{port}" for h in names)) if is_loopback(host) else []
     hosts += [f"{h}:{port}" if ":" not in h else h for h in allowed_hosts]
     security = TransportSecuritySettings(
@@ -124,8 +129,7 @@ async def serve_http(server: MCPServer, host: str, port: int, token: str | None,
     except (OSError, OverflowError) as exc:
         raise RuntimeError(f"cannot listen on {host} port {port}: {exc}; check --host and --port") from None
     port = listening.getsockname()[1]
-    shown = f"[{host}]" if ":" in host else host
-    print(f"tether mcp: serving http://{shown}:{port}/mcp", file=sys.stderr, flush=True)
+    print(f"tether mcp: serving http://{url_host(host)}:{port}/mcp", file=sys.stderr, flush=True)
     app = build_app(server, host, port, token, allowed_hosts)
     config = uvicorn.Config(app, log_level="warning", lifespan="on")
     # uvicorn shuts down gracefully on SIGINT/SIGTERM (our lifespan tears down), then re-raises the
