@@ -28,7 +28,11 @@ CREATE TABLE IF NOT EXISTS host_keys (
 
 
 def state_dir() -> Path:
-    """$TETHER_STATE_DIR, else $XDG_STATE_HOME/tether, else ~/.local/state/tether (created 0700)."""
+    """$TETHER_STATE_DIR, else $XDG_STATE_HOME/tether, else ~/.local/state/tether (created 0700).
+
+    It holds tether's client key and its host-key pins: a directory others could write to would let
+    them swap either for their own, so one that is not ours is refused and one open to others is
+    made private."""
     explicit = os.environ.get("TETHER_STATE_DIR")
     if explicit:
         path = Path(explicit).expanduser()
@@ -36,6 +40,14 @@ def state_dir() -> Path:
         xdg = os.environ.get("XDG_STATE_HOME")
         path = (Path(xdg).expanduser() if xdg else Path.home() / ".local" / "state") / "tether"
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise PermissionError(
+            f"tether's state dir {path} belongs to another user (uid {info.st_uid}); "
+            "set TETHER_STATE_DIR to a directory of your own"
+        )
+    if info.st_mode & 0o077:
+        path.chmod(0o700)
     return path
 
 

@@ -19,7 +19,7 @@ import pytest
 from sandbox import ConnectionPool, Sandbox, SSHEndpoint
 from sandbox.errors import AuthFailed, ConnectionLost, ConnectTimeout, HostKeyMismatch, ShellsBusy, Unreachable
 from sandbox.hostkeys import HostKeyPins, fingerprint_of
-from sandbox.state import StateStore
+from sandbox.state import StateStore, state_dir
 from tests.conftest import endpoint_for
 from tests.processes import processes_matching
 from tests.sshd import SSHD, Account, ensure_account, free_port, keygen
@@ -219,6 +219,23 @@ async def test_first_use_pins_the_host_key_and_a_changed_key_is_refused(
         assert pins.all()[0][2] == pinned  # the pin is not replaced
     finally:
         await second.close()
+
+
+def test_a_state_dir_open_to_others_is_made_private_and_anothers_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state dir holds tether's client key and its pins: nobody else may swap them."""
+    shared = tmp_path / "shared-state"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    monkeypatch.setenv("TETHER_STATE_DIR", str(shared))
+    assert state_dir() == shared and shared.stat().st_mode & 0o777 == 0o700
+
+    if os.getuid() != 0:
+        return  # (only root can give the directory away)
+    os.chown(shared, 1, 1)
+    with pytest.raises(PermissionError, match=r"belongs to another user.*TETHER_STATE_DIR"):
+        state_dir()
 
 
 async def test_a_host_key_replaced_by_one_of_another_kind_is_a_mismatch(
