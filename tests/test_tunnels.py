@@ -512,6 +512,31 @@ async def test_tunnel_urls_reach_chat_channels_signed(ssh_box: Sandbox) -> None:
     assert notifier.failures == []  # the first 503 was retried
 
 
+async def test_what_agents_name_cannot_ping_or_link_in_chat(ssh_box: Sandbox) -> None:
+    """A tunnel path and a sandbox name come from agents: in Slack they must not become <!channel>
+    or a <link|dressed as another>, in Discord not an @everyone ping."""
+    port = await start_http_server(ssh_box)
+    hostile = "<!channel> @everyone & <https://evil.example/login|https://sso.example>"
+    with webhook_receiver() as (base, received):
+        channels = [ChannelConfig(kind="slack", url=f"{base}/slack"), ChannelConfig(kind="discord", url=f"{base}/d")]
+        notifier = Notifier(channels)
+        tunnels = TunnelManager(notifier=notifier)
+        tunnel = await tunnels.open(
+            ssh_box, port, backend="local", path=f"/ {hostile}", sandbox={"id": "sb-x", "name": hostile}
+        )
+        await tunnels.close(tunnel.id)
+        await notifier.drain()
+    assert not set(tunnel.url) & set(" <>|\n"), tunnel.url
+    assert tunnel.url.endswith(
+        "/%20%3C!channel%3E%20@everyone%20&%20%3Chttps://evil.example/login%7Chttps://sso.example%3E"
+    )
+    [slack, _closed] = sorted((json.loads(b)["text"] for p, _, b in received if p == "/slack"), key=len, reverse=True)
+    assert "<" not in slack and ">" not in slack
+    assert "of &lt;!channel&gt; @everyone &amp; &lt;https://evil.example/login|https://sso.example&gt; is at" in slack
+    discord = [json.loads(b) for p, _, b in received if p == "/d"]
+    assert discord and all(d["allowed_mentions"] == {"parse": []} for d in discord)
+
+
 async def test_a_failing_channel_never_fails_the_caller(ssh_box: Sandbox, caplog: pytest.LogCaptureFixture) -> None:
     port = await start_http_server(ssh_box)
     secret_url = "http://127.0.0.1:1/hooks/SECRET-PART"

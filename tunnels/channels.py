@@ -96,13 +96,20 @@ def describe(event: str, data: dict[str, Any]) -> str:
     return f"tether: sandbox {who} terminated after {cost.get('seconds', 0):.0f}s ({cost.get('billing_model')}{spent})"
 
 
+def slack_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def render(channel: ChannelConfig, event: str, data: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
     """The request body and headers a channel gets for an event."""
     headers = {"Content-Type": "application/json"}
     if channel.kind == "slack":
-        payload: dict[str, Any] = {"text": describe(event, data)}
+        # Slack reads &, < and > as markup (<!channel>, <url|label>): names and paths in the line
+        # come from agents, so they are escaped as Slack's formatting guide says.
+        payload: dict[str, Any] = {"text": slack_escape(describe(event, data))}
     elif channel.kind == "discord":
-        payload = {"content": describe(event, data)}
+        # No @everyone, @here or role pings, whatever a name in the line says.
+        payload = {"content": describe(event, data), "allowed_mentions": {"parse": []}}
     else:
         timestamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
         payload = {"event": event, "timestamp": timestamp, **data}

@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 from sandbox import Sandbox
 from sandbox.errors import SandboxError
@@ -51,8 +52,7 @@ class TunnelManager:
         """
         if not isinstance(port, int) or not 1 <= port <= 65535:
             raise TunnelError(f"port must be 1-65535, not {port!r}")
-        if path and not path.startswith("/"):
-            path = "/" + path
+        path = url_path(path)
         sandbox = sandbox or {"id": getattr(box, "id", box.name), "name": box.name}
         problems: list[str] = []
         for candidate in self._candidates(backend, preview):
@@ -144,3 +144,17 @@ class TunnelManager:
             # Channels hear of a moved tunnel as opened again, at its new URL.
             event = "tunnel.opened" if what == "moved" else f"tunnel.{what}"
             self.notifier.emit(event, {"sandbox": sandbox, "tunnel": tunnel.announced(), "at": time.time()})
+
+
+# What a URL's path, query and fragment may hold as is (RFC 3986), with "%" for escapes already made.
+_URL_SAFE = "/?#[]@!$&'()*+,;=:~-._%"
+
+
+def url_path(path: str | None) -> str:
+    """The path an agent asked for, as it goes into a URL: a leading "/", and anything a URL may not
+    hold (spaces, control characters, "<", ">", quotes, non-ASCII) percent-encoded. The URL is
+    posted to chat channels as is; left raw, a path could carry a channel-wide mention or a link
+    dressed up as another."""
+    if not path:
+        return ""
+    return quote(path if path.startswith("/") else "/" + path, safe=_URL_SAFE)
