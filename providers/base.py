@@ -120,6 +120,9 @@ class Provider:
     profile: ClassVar[CapabilityProfile]
     substrate: ClassVar[Substrate]
     config_model: ClassVar[type[BaseModel]] = LocalPoolConfig
+    # Whether a live sandbox's endpoint can change under it (local: the serving process restarts on
+    # another port, or stops and this process serves instead). The fleet then asks again now and then.
+    endpoint_moves: ClassVar[bool] = False
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

@@ -307,7 +307,8 @@ class Fleet:
         """A live sandbox by id or name (connected on first use).
 
         An open sandbox is re-checked against the ledger at most once a second: another process may
-        have terminated it, but an agent's every call should not pay for a database query.
+        have terminated it, but an agent's every call should not pay for a database query. Then too
+        a provider whose endpoints move (local) is asked where the sandbox is now.
         """
         box = self._open.get(ref) or next((b for b in self._open.values() if b.name == ref), None)
         if box is not None and time.monotonic() - box.verified_at < LEDGER_RECHECK_SECONDS:
@@ -318,19 +319,22 @@ class Fleet:
         if record.status in ("provisioning", "failed"):
             raise ProviderError(f"sandbox {ref!r} is {record.status}; wait, or destroy it and create another")
         box = self._open.get(record.id)
-        if box is None:
-            provider = self._provider_of(record)
-            handle = Handle.model_validate(record.handle)
-            endpoint = await provider.endpoint(handle)
+        provider = self._provider_of(record)
+        if box is None or provider.endpoint_moves:
+            endpoint = await provider.endpoint(Handle.model_validate(record.handle))
             where = {"host": endpoint.host, "port": endpoint.port, "user": endpoint.user}
             if where != record.endpoint:  # what `tether info` and sandbox_info show must work
                 self.ledger.set_endpoint(record.id, where)
                 record = self.ledger.get(record.id)
-            # Another call may have opened it while we waited for the endpoint: share that one. (env
-            # given at creation lives only in the creating process: the ledger has no values.)
-            box = self._open.setdefault(
-                record.id, ManagedSandbox(self, record, endpoint, provider.tether_dir(record.id), {})
-            )
+            if box is not None:
+                await box.move_to(endpoint)
+            else:
+                # Another call may have opened it while we waited for the endpoint: share that one. (env
+                # given at creation lives only in the creating process: the ledger has no values.)
+                box = self._open.setdefault(
+                    record.id, ManagedSandbox(self, record, endpoint, provider.tether_dir(record.id), {})
+                )
+        assert box is not None
         box.verified_at = time.monotonic()
         return box
 

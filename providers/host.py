@@ -58,7 +58,14 @@ async def serve(port: int = 0) -> None:
     if (running := daemon_state()) is not None:
         raise RuntimeError(f"a tether host daemon already runs (pid {running['pid']}); stop it first")
     server = LocalSSHServer()
-    running = server.start(port)
+    last_port = local_dir() / "host.port"
+    if not port:
+        # The port the last run served on, when it is free: processes that knew it keep working
+        # through a restart (and the others ask again: Provider.endpoint_moves).
+        with contextlib.suppress(OSError, ValueError):
+            server.start(int(last_port.read_text()))
+    running = server.start(port)  # (a no-op when the last port was free)
+    last_port.write_text(str(running.port))
     write_state(
         {
             "pid": os.getpid(),

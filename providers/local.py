@@ -40,6 +40,7 @@ class LocalProvider(Provider):
     profile = PROFILES["local"]
     substrate = SUBSTRATES["local"]
     config_model = LocalPoolConfig
+    endpoint_moves = True  # the daemon's server, or this process's own when none runs
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

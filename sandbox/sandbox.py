@@ -87,6 +87,14 @@ class Sandbox:
         await parts.shells.close()
         await parts.sftp.close()
 
+    async def move_to(self, endpoint: SSHEndpoint) -> None:
+        """The machine is now reached at `endpoint` (its SSH server came back elsewhere): later
+        operations go there. What was open on the old address is closed; jobs are on the box."""
+        if endpoint == self.endpoint:
+            return
+        self.endpoint = endpoint
+        await self.close()
+
     @property
     def busy(self) -> bool:
         """Whether a command, job wait or transfer is in flight: the sandbox is not idle, however

@@ -74,6 +74,52 @@ async def test_serve_status_drain_and_stop() -> None:
         host_state_path().unlink(missing_ok=True)
 
 
+def start_daemon() -> subprocess.Popen[str]:
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "tools.cli", "host", "serve"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 20
+    while host_daemon.daemon_state() is None:
+        assert daemon.poll() is None, daemon.stdout.read() if daemon.stdout else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return daemon
+
+
+async def test_a_long_running_process_follows_its_local_sandboxes_when_the_daemon_stops_and_returns() -> None:
+    """An MCP server keeps its sandboxes open for hours; the daemon serving them may be restarted."""
+    daemon = start_daemon()
+    fleet = Fleet(config={})
+    try:
+        port = host_daemon.read_state()["port"]
+        box = await fleet.create(Request(provider="local"))
+        assert box.endpoint.port == port
+
+        assert tether("host", "stop").returncode == 0 and daemon.wait(10) == 0
+        await asyncio.sleep(1.1)  # (the fleet asks where a sandbox is at most once a second)
+        same = await fleet.get(box.id)
+        assert same is box and box.endpoint.port != port  # this process serves it now
+        assert (await box.run("echo here")).stdout == "here\n"
+        assert fleet.record(box.id).endpoint["port"] == box.endpoint.port  # what `tether info` shows
+
+        daemon = start_daemon()
+        assert host_daemon.read_state()["port"] == port  # back on the port it had
+        await asyncio.sleep(1.1)
+        assert (await fleet.get(box.id)).endpoint.port == port
+        assert (await box.run("echo back")).stdout == "back\n"
+        await box.destroy()
+    finally:
+        await fleet.close()
+        tether("host", "stop")
+        if daemon.poll() is None:
+            daemon.kill()
+        host_state_path().unlink(missing_ok=True)
+
+
 def test_start_and_stop_without_a_service_manager(tmp_path: Path) -> None:
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path)}
     started = tether("host", "start", "--json", env=env)
