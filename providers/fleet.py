@@ -360,10 +360,12 @@ class Fleet:
         assert event is not None
         return event, recorded
 
-    def _record_termination(self, record: SandboxRecord, reason: str, ended: float | None = None) -> bool:
+    def _record_termination(
+        self, record: SandboxRecord, reason: str, ended: float | None = None, found: bool = False
+    ) -> bool:
         """Mark it terminated with its cost event, once; whether this call did. `ended` is when it
-        stopped costing, if not now."""
-        event = self._cost(record, time.time(), ended)
+        stopped costing, if not now; `found`: a provision cut short left a machine behind."""
+        event = self._cost(record, time.time(), ended, found)
         recorded = self.ledger.terminate(record.id, reason, event)
         if recorded:
             self._emit(
@@ -394,11 +396,12 @@ class Fleet:
         final = self.ledger.cost_event(record.id) if not record.live else None  # (only an ended one has one)
         return final or self._cost(record, time.time())
 
-    def _cost(self, record: SandboxRecord, now: float, ended: float | None = None) -> CostEvent:
+    def _cost(self, record: SandboxRecord, now: float, ended: float | None = None, found: bool = False) -> CostEvent:
         """The cost event of a sandbox that stopped costing at `ended` (default: now). A provision
-        that never produced anything (no handle) cost nothing."""
+        that never produced anything (no handle, and no machine `found` by its label) cost nothing;
+        one that did ran, and was billed, from its start until it was removed."""
         end = now if ended is None else ended
-        seconds = max(0.0, end - record.created_at) if record.handle else 0.0
+        seconds = max(0.0, end - record.created_at) if record.handle or found else 0.0
         try:
             profile = self.profile(record.provider)
             billing, idle_cost = profile.billing_model, profile.idle_cost_model
@@ -578,7 +581,7 @@ class Fleet:
                 continue
             if record is None or record.status == "terminated":
                 report.orphans.append(resource.tether_id)
-            elif self._record_termination(record, "provisioning interrupted; gc removed what it left"):
+            elif self._record_termination(record, "provisioning interrupted; gc removed what it left", found=True):
                 report.interrupted.append(record.id)
         for record in before:
             current = by_id.get(record.id, record)
@@ -596,10 +599,12 @@ class Fleet:
         """After a failed provision: remove whatever the provider left, then close the row."""
         provider = self._provider_of(record)
         listed = await provider.list()
+        found = False
         for resource in listed or []:
             if resource.tether_id == record.id:
                 await provider.terminate(Handle(external_id=resource.external_id, data=resource.data))
-        self._record_termination(self.ledger.get(record.id), record.status_reason or "provisioning failed")
+                found = True
+        self._record_termination(self.ledger.get(record.id), record.status_reason or "provisioning failed", found=found)
 
     def costs(self) -> list[tuple[SandboxRecord, CostEvent]]:
         return self.ledger.cost_events()

@@ -233,14 +233,6 @@ class Ledger:
                 ).rowcount
             )
 
-    def set_external_id(self, sandbox_id: str, external_id: str, handle: dict[str, Any]) -> None:
-        """Providers call this as soon as the remote resource exists, before waiting for it to boot."""
-        with self.store.transaction() as db:
-            db.execute(
-                "UPDATE sandboxes SET external_id = ?, handle = ? WHERE id = ?",
-                (external_id, json.dumps(handle), sandbox_id),
-            )
-
     def set_endpoint(self, sandbox_id: str, endpoint: dict[str, Any]) -> None:
         """Where the sandbox's SSH server is now (the local provider's moves with the process serving it)."""
         with self.store.transaction() as db:
