@@ -11,7 +11,9 @@ This is not an isolation boundary: commands run as you, with your PATH and home 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -22,7 +24,7 @@ from sandbox.jobs import STOP_ALL_JOBS
 from .base import Capacity, Handle, ListedResource, Progress, Provider, ProvisionSpec, SandboxStatus, no_progress
 from .capacity import host_capacity
 from .config import LocalPoolConfig
-from .errors import ProviderUnavailable
+from .errors import ProviderError, ProviderUnavailable
 from .local_server import SANDBOX_ID, daemon_state, ensure_server, local_dir, sandbox_root, work_dir
 from .profiles import PROFILES, SUBSTRATES
 
@@ -85,7 +87,7 @@ class LocalProvider(Provider):
         if jobs.is_dir():
             stop = await asyncio.create_subprocess_exec("/bin/sh", "-c", STOP_ALL_JOBS, "sh", str(jobs))
             await stop.wait()
-        shutil.rmtree(root, ignore_errors=True)
+        await asyncio.to_thread(remove_tree, root)
 
     async def capacity(self, handle: Handle | None) -> Capacity:
         return await host_capacity(local_dir())
@@ -99,6 +101,26 @@ class LocalProvider(Provider):
             for entry in root.iterdir()
             if SANDBOX_ID.match(entry.name)
         ]
+
+
+def remove_tree(root: Path) -> None:
+    """rm -rf, including what a command made read-only (Go's module cache is, for one): rmtree
+    alone cannot empty a directory without write permission, and would leave the sandbox behind."""
+    shutil.rmtree(root, ignore_errors=True)
+    if not root.exists():
+        return
+    pending = [root]
+    while pending:
+        directory = pending.pop()
+        with contextlib.suppress(OSError):
+            directory.chmod(0o700)
+            pending.extend(Path(e.path) for e in os.scandir(directory) if e.is_dir(follow_symlinks=False))
+    try:
+        shutil.rmtree(root)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ProviderError(f"could not remove the local sandbox's directory {root}: {exc}") from None
 
 
 def _sandbox_id(handle: Handle) -> str:

@@ -134,6 +134,10 @@ NONROOT_SCRIPT = textwrap.dedent("""
             job = await sb.start_job("echo job-ran")
             report["job"] = (await sb.job_output(job.id, wait_ms=5000)).stdout
             report["sandbox_dir_exists"] = os.path.isdir(os.path.join(os.environ["TETHER_STATE_DIR"], "local"))
+            # what a module cache leaves: directories without write permission
+            await sb.run("mkdir -p cache/mod/sub && touch cache/mod/sub/f && chmod -R a-w cache")
+            root = os.path.dirname(await sb.resolve("."))
+        report["removed"] = not os.path.exists(root)
         print(json.dumps(report))
 
     asyncio.run(main())
@@ -206,6 +210,7 @@ def test_local_provider_as_a_non_root_user_without_sshd(tmp_path: Path) -> None:
         assert report["python"] == "greetings from tether\n"
         assert report["glob"] == ["main.py"]
         assert report["job"] == "job-ran\n"
+        assert report["removed"], "destroy left the sandbox's directory behind"
     finally:
         if is_root():
             shutil.rmtree(state, ignore_errors=True)
