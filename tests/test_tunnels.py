@@ -39,15 +39,15 @@ from tunnels.relay import find_url
 PAGE = "hello through the tunnel\n"
 
 
-async def start_http_server(box: Sandbox) -> int:
+async def start_http_server(box: Sandbox, bind: str = "127.0.0.1") -> int:
     """`python3 -m http.server` as a background job in the sandbox; returns its port."""
     directory = f"{await box.home()}/site-{secrets.token_hex(3)}"
     await box.write(f"{directory}/index.html", PAGE)
     port = free_port()  # a random port could be one the kernel lent to a client socket
-    job = await box.start_job(f"exec python3 -m http.server {port} --bind 127.0.0.1", cwd=directory)
+    job = await box.start_job(f"exec python3 -m http.server {port} --bind {bind}", cwd=directory)
     deadline = time.monotonic() + 15
     while True:
-        probe = await box.run(f"python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", {port}))'")
+        probe = await box.run(f"python3 -c 'import socket; socket.create_connection((\"{bind}\", {port}))'")
         if probe.exit_code == 0:
             return port
         out = await box.job_output(job.id)
@@ -243,6 +243,26 @@ async def test_relay_through_a_real_openssh_sshd(openssh_relay: SSHD, any_box: S
         responses = await asyncio.gather(*(client.get(f"{tunnel.url}/index.html") for _ in range(10)))
     assert {r.text for r in responses} == {PAGE}
     await tunnels.close_all()
+
+
+async def test_a_server_listening_on_ipv6_loopback_alone_is_reached(
+    openssh_relay: SSHD, any_box: Sandbox, client_key: Path
+) -> None:
+    """Node and Vite bind ::1 when "localhost" means ::1: 127.0.0.1 gets refused there."""
+    port = await start_http_server(any_box, bind="::1")
+    relay = RelayConfig(
+        host=openssh_relay.address,
+        identityFile=str(client_key),
+        remote_host="0.0.0.0",
+        remote_port=0,
+        url_template="http://{host}:{port}",
+    )
+    tunnels = TunnelManager(relay=relay)
+    for backend in ("local", "relay"):
+        tunnel = await tunnels.open(any_box, port, backend=backend)
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{tunnel.url}/index.html")).text == PAGE, backend
+        await tunnels.close(tunnel.id)
 
 
 async def test_a_relay_tunnel_comes_back_after_the_relay_connection_drops(

@@ -12,6 +12,7 @@ from sandbox import Sandbox
 from sandbox.pool import Hold
 
 from .base import BackendName, reopen
+from .ports import loopback_for
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +24,10 @@ class LocalForward:
     port, so the URL stays valid.
     """
 
-    def __init__(self, box: Sandbox, port: int) -> None:
+    def __init__(self, box: Sandbox, port: int, host: str = "127.0.0.1") -> None:
         self._box = box
         self._port = port
+        self._host = host  # the sandbox's loopback address the port listens on
         self._listener: asyncssh.SSHListener | None = None
         self._hold: Hold | None = None  # keeps the connection from being closed as idle
         self._supervisor: asyncio.Task[None] | None = None
@@ -43,7 +45,7 @@ class LocalForward:
     async def _listen(self, local_port: int) -> asyncssh.SSHListener:
         hold = await self._box.hold_connection()
         try:
-            listener = await hold.conn.forward_local_port("127.0.0.1", local_port, "127.0.0.1", self._port)
+            listener = await hold.conn.forward_local_port("127.0.0.1", local_port, self._host, self._port)
         except BaseException:
             hold.release()
             raise
@@ -80,6 +82,6 @@ class LocalBackend:
     name: BackendName = "local"
 
     async def open(self, box: Sandbox, port: int) -> LocalForward:
-        forward = LocalForward(box, port)
+        forward = LocalForward(box, port, await loopback_for(box, port))
         await forward.start()
         return forward

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 from sandbox import Sandbox
@@ -58,6 +59,21 @@ async def listening_ports(box: Sandbox, own_only: bool = False) -> list[int]:
                 "which ports listen inside the sandbox cannot be read (no /proc/net/tcp, no netstat)"
             ) from None
     return sorted(ports)
+
+
+async def loopback_for(box: Sandbox, port: int) -> str:
+    """The loopback address a tunnel reaches `port` at: 127.0.0.1, unless the port listens on IPv6
+    alone (a dev server bound to ::1, as Node and Vite do when "localhost" means ::1). Where the
+    tables cannot be read, 127.0.0.1."""
+
+    async def listeners(table: str) -> set[int]:
+        try:
+            return parse_proc_net_tcp((await box.read_bytes(table)).decode("ascii", "replace"))
+        except SandboxError:
+            return set()
+
+    v4, v6 = await asyncio.gather(listeners("/proc/net/tcp"), listeners("/proc/net/tcp6"))
+    return "::1" if port in v6 and port not in v4 else "127.0.0.1"
 
 
 class PortsUnknown(TunnelError):

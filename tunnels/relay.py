@@ -29,6 +29,7 @@ from sandbox.forwarding import ClosingForwarder
 from sandbox.pool import Hold
 
 from .base import BackendName, TunnelError, reopen
+from .ports import loopback_for
 
 log = logging.getLogger(__name__)
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
@@ -96,8 +97,11 @@ def _relay_page(url: str) -> bool:
 
 
 class RelayForward:
-    def __init__(self, box: Sandbox, port: int, config: RelayConfig, pool: ConnectionPool) -> None:
+    def __init__(
+        self, box: Sandbox, port: int, config: RelayConfig, pool: ConnectionPool, host: str = "127.0.0.1"
+    ) -> None:
         self._box, self._port, self._config, self._pool = box, port, config, pool
+        self._host = host  # the sandbox's loopback address the port listens on
         self._session: asyncssh.SSHClientProcess[bytes] | None = None
         self._listener: asyncssh.SSHListener | None = None
         self._holds: list[Hold] = []  # the relay's connection and the sandbox's, kept from idling out
@@ -189,7 +193,7 @@ class RelayForward:
         try:
             conn = await self._box.connection()
             _, inner = await conn.create_connection(
-                ClosingForwarder, "127.0.0.1", self._port, window=BRIDGE_WINDOW, max_pktsize=BRIDGE_PACKET
+                ClosingForwarder, self._host, self._port, window=BRIDGE_WINDOW, max_pktsize=BRIDGE_PACKET
             )
         except (asyncssh.Error, OSError) as exc:
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"sandbox port {self._port}: {exc}") from None
@@ -225,6 +229,6 @@ class RelayBackend:
         self._pool = pool
 
     async def open(self, box: Sandbox, port: int) -> RelayForward:
-        forward = RelayForward(box, port, self.config, self._pool or default_pool())
+        forward = RelayForward(box, port, self.config, self._pool or default_pool(), await loopback_for(box, port))
         await forward.start()
         return forward
