@@ -768,3 +768,25 @@ def test_the_cli_tells_channels_of_sandboxes_it_creates_and_ends(tmp_path: Path)
         assert up.returncode == down.returncode == 0, down.stderr
         events = [(json.loads(body)["event"], json.loads(body)["sandbox"]["id"]) for _, _, body in received]
     assert events == [("sandbox.created", sandbox_id), ("sandbox.terminated", sandbox_id)]
+
+
+def test_a_dead_channel_holds_a_cli_command_up_briefly_and_says_so(tmp_path: Path) -> None:
+    """A person waits on `tether up`: not through a failing channel's whole backoff (7.5 s)."""
+    with webhook_receiver(fail_first=1000) as (base, received):
+        config = tmp_path / "config.toml"
+        config.write_text(f'[[channels]]\nkind = "slack"\nurl = "{base}/slack"\n')
+        started = time.monotonic()
+        up = tether("up", "local", env=server_env(TETHER_CONFIG=str(config)))
+        took = time.monotonic() - started
+    assert up.returncode == 0, up.stderr
+    assert "slack channel: could not deliver sandbox.created: still failing when tether exited" in up.stderr
+    assert took < 7, took
+    assert tether("down", up.stdout.strip()).returncode == 0
+
+
+async def test_a_channel_url_httpx_cannot_use_is_a_logged_failure() -> None:
+    channels = [ChannelConfig(kind="slack", url="http://127.0.0.1:99999/x", name="bad-port")]
+    notifier = Notifier(channels, delays=(0.01,))
+    notifier.emit("tunnel.opened", {"tunnel": {"port": 1}})
+    await notifier.drain()
+    assert notifier.failures and "slack channel bad-port: could not deliver tunnel.opened" in notifier.failures[0]

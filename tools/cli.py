@@ -41,6 +41,8 @@ from .links import ENDED_CHECK_SECONDS, close_tunnels_of_ended_sandboxes, fleet_
 from .output import ProgressBar, duration, print_json, print_table, when
 
 T = TypeVar("T")
+# How long a command waits at its end for chat deliveries still in flight.
+CLI_CHANNEL_WAIT_S = 2.0
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, Command] = {}
 
@@ -75,7 +77,9 @@ def with_fleet_and_channels(work: Callable[[Fleet, Notifier], Awaitable[T]]) -> 
             return await work(fleet, notifier)
         finally:
             await fleet.close()
-            await notifier.drain()  # (bounded: a dead channel does not hold the command up)
+            # A person waits on this: a first attempt and a retry or two, not a dead channel's
+            # whole backoff.
+            await notifier.drain(CLI_CHANNEL_WAIT_S)
 
     return asyncio.run(run())
 

@@ -17,7 +17,6 @@ and name, never by URL: webhook URLs are secrets) and never fails the tool call 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -132,15 +131,15 @@ class Notifier:
         self.channels = channels
         self._client_factory = client or (lambda: httpx.AsyncClient(timeout=10))
         self._delays = delays
-        self._pending: set[asyncio.Task[None]] = set()
+        self._pending: dict[asyncio.Task[None], str] = {}  # delivery -> "label: event", for drain
         self.failures: list[str] = []  # "kind name: reason", for tests and `tether doctor`
 
     def emit(self, event: str, data: dict[str, Any]) -> None:
         for channel in self.channels:
             if event in channel.events:
                 task = asyncio.get_running_loop().create_task(self._deliver(channel, event, data))
-                self._pending.add(task)
-                task.add_done_callback(self._pending.discard)
+                self._pending[task] = f"{channel.label}: could not deliver {event}"
+                task.add_done_callback(lambda done: self._pending.pop(done, None))
 
     async def _deliver(self, channel: ChannelConfig, event: str, data: dict[str, Any]) -> None:
         try:
@@ -159,6 +158,9 @@ class Notifier:
                 except httpx.HTTPError as exc:
                     problem = f"{type(exc).__name__}"
                     continue
+                except Exception as exc:  # (a URL httpx cannot use: InvalidURL, a port out of range)
+                    problem = f"{type(exc).__name__}"
+                    break
                 if response.status_code < 300:
                     return
                 problem = f"HTTP {response.status_code}"
@@ -173,7 +175,15 @@ class Notifier:
         log.warning(message)
 
     async def drain(self, timeout: float = 10.0) -> None:
-        """Wait (a bounded time) for deliveries in flight, e.g. before the process exits."""
-        if self._pending:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*self._pending, return_exceptions=True), timeout)
+        """Wait (a bounded time) for deliveries in flight, e.g. before the process exits; those
+        still retrying then are given up, each with a warning."""
+        if not self._pending:
+            return
+        _, late = await asyncio.wait(set(self._pending), timeout=timeout)
+        for task in late:
+            message = f"{self._pending.get(task, 'a channel')}: still failing when tether exited"
+            task.cancel()
+            self.failures.append(message)
+            log.warning(message)
+        if late:
+            await asyncio.wait(late)
