@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sandbox.state import config_path, read_config
 
@@ -25,6 +25,7 @@ from . import registry
 from .errors import ConfigError
 from .profiles import Substrate
 
+HOST_BINARY = "host-binary"
 # A TTL or idle timeout beyond a year is a mistake (or `inf`): refused, not kept as a date no clock shows.
 MAX_TIMEOUT_S = 366 * 24 * 3600
 
@@ -33,7 +34,8 @@ DONMAI_COMMAND = ["donmai", "agent", "run"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: TOML has types, and `active = "no"` must not quietly mean something (it was True).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class Resources(_Strict):
@@ -146,6 +148,16 @@ class Pool(_Strict):
             raise ValueError(f"unknown provider {value!r}; known: {', '.join(known)}")
         return value
 
+    @model_validator(mode="after")
+    def _host_binary_is_local(self) -> Pool:
+        # The seed: "host-binary is exclusive to the local provider" (this machine's own PATH).
+        provides = self.runtime_provides
+        if self.provider != "local" and provides and HOST_BINARY in provides.runtimeKinds + provides.requirementKinds:
+            raise ValueError(
+                f"{HOST_BINARY} is exclusive to the local provider; a {self.provider} pool cannot provide it"
+            )
+        return self
+
     def substrate(self) -> Substrate:
         """The provider's substrate defaults, or this pool's runtime_provides override."""
         if self.runtime_provides is not None:
@@ -158,6 +170,8 @@ class Pool(_Strict):
 
 def parse_pool(entry: dict[str, Any]) -> Pool:
     """Validate one [[pools]] entry, its config against its provider's model."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{config_path()}: each pool is a table ([[pools]] with name and provider), not {entry!r}")
     provider = entry.get("provider")
     model = CONFIG_MODELS.get(provider) if isinstance(provider, str) else None
     if model is None and isinstance(provider, str) and provider in registry.custom_classes():

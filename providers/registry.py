@@ -41,7 +41,10 @@ def register(name: str, target: str) -> None:
 def register_from_config(config: dict[str, Any] | None = None) -> None:
     """Register config.toml's [[providers]] entries."""
     config = read_config() if config is None else config
-    for entry in config.get("providers", []) or []:
+    entries = config.get("providers") or []
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError("`providers` must be an array of tables: [[providers]] with name and class")
+    for entry in entries:
         name, target = entry.get("name"), entry.get("class")
         if not isinstance(name, str) or not isinstance(target, str):
             raise ConfigError(f"[[providers]] entries need name and class = 'module:Class'; got {entry!r}")

@@ -215,6 +215,15 @@ def test_runtime_provides_overrides_the_substrate() -> None:
         ('[[pools]]\nname = "x"\nprovider = "nimbus"', "unknown provider 'nimbus'"),
         ('[[pools]]\nname = "a"\nprovider = "local"\n[[pools]]\nname = "a"\nprovider = "local"', "repeated: a"),
         ('[[pools]]\nname = "m"\nprovider = "modal"\nsize = "big"', "size"),
+        ('[[pools]]\nname = "l"\nprovider = "local"\nactive = "no"', "active"),  # not quietly true
+        ('[[pools]]\nname = "d"\nprovider = "daytona"\nconfig = { resources = { timeoutSec = "3600" } }', "timeoutSec"),
+        ("pools = [1]", "each pool is a table"),
+        ("providers = [1]", "array of tables"),
+        (
+            '[[pools]]\nname = "s"\nprovider = "ssh"\nconfig = { host = "me@h" }\n'
+            'runtime_provides = { runtimeKinds = ["native"], requirementKinds = ["host-binary"] }',
+            "host-binary is exclusive to the local provider",
+        ),
     ],
 )
 def test_bad_pool_config_is_refused_with_the_key_named(toml: str, message: str) -> None:
