@@ -13,6 +13,7 @@ import os
 import secrets
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -369,6 +370,21 @@ async def test_auto_goes_on_to_local_when_the_relay_is_unreachable(
     with pytest.raises(TunnelError, match="relay"):  # named, it says what failed
         await tunnels.open(local_box, port, backend="relay")
     await tunnels.close_all()
+
+
+async def test_auto_does_not_wait_long_on_a_relay_that_never_speaks(local_box: Sandbox) -> None:
+    """A relay that accepts the TCP connection and says nothing: its login timeout, then local."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        port = await start_http_server(local_box)
+        relay = RelayConfig(host=f"nobody@127.0.0.1:{silent.getsockname()[1]}", remote_port=0, login_timeout=1)
+        tunnels = TunnelManager(relay=relay)
+        started = time.monotonic()
+        tunnel = await tunnels.open(local_box, port)
+        assert tunnel.backend == "local" and time.monotonic() - started < 10
+        await tunnels.close_all()
+    finally:
+        silent.close()
 
 
 def test_find_url_in_banners() -> None:
@@ -772,7 +788,7 @@ def test_the_cli_tells_channels_of_sandboxes_it_creates_and_ends(tmp_path: Path)
 
 def test_a_dead_channel_holds_a_cli_command_up_briefly_and_says_so(tmp_path: Path) -> None:
     """A person waits on `tether up`: not through a failing channel's whole backoff (7.5 s)."""
-    with webhook_receiver(fail_first=1000) as (base, received):
+    with webhook_receiver(fail_first=1000) as (base, _received):
         config = tmp_path / "config.toml"
         config.write_text(f'[[channels]]\nkind = "slack"\nurl = "{base}/slack"\n')
         started = time.monotonic()

@@ -53,12 +53,18 @@ class RelayConfig(BaseModel):
     url_pattern: str | None = Field(None, description="Regex for the URL in the relay's banner")
     command: str | None = Field(None, description="Command for the session (default: a shell session)")
     url_timeout: float = Field(15.0, gt=0, description="Seconds to wait for the URL in the banner")
+    login_timeout: float = Field(
+        10.0, gt=0, description="Seconds for the relay's key exchange and login (auto then tries local)"
+    )
 
     def endpoint(self) -> SSHEndpoint:
         endpoint = SSHEndpoint.resolve(self.host)
+        # A relay that accepts and never speaks would otherwise hold a tunnel_open for the
+        # engine's 30 s default before auto goes on to the local backend.
+        update: dict[str, object] = {"login_timeout": self.login_timeout}
         if self.identityFile:
-            endpoint = endpoint.model_copy(update={"key_paths": (str(Path(self.identityFile).expanduser()),)})
-        return endpoint
+            update["key_paths"] = (str(Path(self.identityFile).expanduser()),)
+        return endpoint.model_copy(update=update)
 
 
 def strip_ansi(text: str) -> str:
