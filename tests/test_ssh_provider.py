@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from providers import Fleet, Request, Unsupported
 from providers.capacity import host_capacity
 from tests.sshd import SSHD, ensure_account
+from tools.cli import ssh_argv
 
 
 async def test_attach_run_capacity_and_detach(sshd: SSHD, client_key: Path) -> None:
@@ -92,6 +94,17 @@ async def test_attach_through_proxyjump(
         assert box.endpoint.jump and box.endpoint.jump[0].port == jump_host.port
         assert (await box.run("whoami")).stdout.strip() == sshd.account.name
         assert jump_host.connection_pids(), "the connection did not go through the jump host"
+
+        # `tether ssh`'s command checks every hop against tether's pins, not ~/.ssh/known_hosts
+        def openssh(*command: str) -> subprocess.CompletedProcess[str]:
+            argv = ssh_argv(fleet.record(box.id))
+            run = ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", *argv[1:], *command]
+            return subprocess.run(run, capture_output=True, text=True, timeout=30)
+
+        assert openssh("whoami").stdout.strip() == sshd.account.name
+        jump_host.restart(new_host_key=True)
+        refused = openssh("whoami")
+        assert refused.returncode == 255 and "Host key verification failed" in refused.stderr, refused.stderr
         await box.destroy()
     finally:
         await fleet.close()

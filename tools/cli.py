@@ -373,24 +373,45 @@ def ssh_command(args: argparse.Namespace) -> int:
 
 
 def ssh_argv(record: SandboxRecord) -> list[str]:
-    """An OpenSSH command line for an attached host, verifying the host key tether pinned."""
+    """An OpenSSH command line for an attached host that verifies the host keys tether pinned, its
+    ProxyJump hops' included. (OpenSSH's own -J passes none of -o and -i to the ssh it runs for a
+    hop, which would check the hop against ~/.ssh/known_hosts instead: each hop is an explicit
+    ProxyCommand with the same options.)"""
     data = (record.handle or {}).get("data", {})
-    argv = ["ssh", "-p", str(data["port"])]
-    for key in data.get("key_paths", []):
-        argv += ["-i", key]
-    pinned = HostKeyPins(default_store()).get(data["host"], int(data["port"]))
-    if pinned:
-        known = state_dir() / "known_hosts" / record.id  # 0700 state dir, not a predictable name in /tmp
+    known = state_dir() / "known_hosts" / record.id  # 0700 state dir, not a predictable name in /tmp
+    pins = HostKeyPins(default_store())
+    lines = []
+    for where in [data, *data.get("jump", [])]:
+        port = int(where["port"])
+        pinned = pins.get(where["host"], port)
+        if pinned:
+            host_field = where["host"] if port == 22 else f"[{where['host']}]:{port}"
+            lines.append(f"{host_field} {pinned}\n")
+    checks = []
+    if lines:
         known.parent.mkdir(mode=0o700, exist_ok=True)
-        host_field = data["host"] if int(data["port"]) == 22 else f"[{data['host']}]:{data['port']}"
-        known.write_text(f"{host_field} {pinned}\n")
-        argv += ["-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes"]
-    jumps = [f"{j['user'] + '@' if j.get('user') else ''}{j['host']}:{j['port']}" for j in data.get("jump", [])]
-    if jumps:
-        argv += ["-J", ",".join(jumps)]
-    if data.get("user"):
-        argv += ["-l", data["user"]]
-    return [*argv, "--", data["host"]]
+        known.write_text("".join(lines))
+        checks = [
+            *("-o", f"UserKnownHostsFile={known}", "-o", "GlobalKnownHostsFile=/dev/null"),
+            *("-o", "StrictHostKeyChecking=yes"),
+        ]
+
+    def reach(where: dict[str, Any]) -> list[str]:
+        argv = ["-p", str(where["port"]), *checks]
+        for key in where.get("key_paths", []):
+            argv += ["-i", key]
+        return argv + (["-l", where["user"]] if where.get("user") else [])
+
+    def through(hops: list[dict[str, Any]], host: str, port: int) -> list[str]:
+        """-o ProxyCommand reaching host:port through `hops` (outermost first), or nothing."""
+        if not hops:
+            return []
+        hop = hops[-1]
+        inner = through(hops[:-1], hop["host"], int(hop["port"]))
+        command = shlex.join(["ssh", *reach(hop), *inner, "-W", f"[{host}]:{port}", "--", hop["host"]])
+        return ["-o", "ProxyCommand=" + command.replace("%", "%%")]  # (ssh expands % tokens once)
+
+    return ["ssh", *reach(data), *through(data.get("jump", []), data["host"], int(data["port"])), "--", data["host"]]
 
 
 @command("cp")
