@@ -166,6 +166,17 @@ async def test_file_and_shell_tools(where: str, transport: str, ssh_pool_env: di
         assert "pydantic" not in text(bad) and "call again" in text(bad)
         missing = await client.call_tool("edit", {"path": "x"})
         assert missing.is_error and "old_string: Field required" in text(missing)
+        # another tool set's names are refused, with tether's name for them, not quietly dropped
+        for tool, arguments, hint in [
+            ("grep", {"pattern": "y", "-i": True}, "unknown parameter '-i' (did you mean 'case_insensitive'?)"),
+            ("run", {"command": "sleep 5", "timeout": 500}, "unknown parameter 'timeout' (did you mean 'timeout_ms'?)"),
+            ("read", {"file_path": "app.py"}, "unknown parameter 'file_path' (did you mean 'path'?)"),
+            ("edit", {"path": "app.py", "old_string": "y", "new_string": "z", "replaceal": True}, "'replace_all'?"),
+        ]:
+            refused = await client.call_tool(tool, arguments)
+            assert refused.is_error and hint in text(refused) and "Its parameters: " in text(refused), text(refused)
+        listed_tools = await client.list_tools()
+        assert all(t.input_schema.get("additionalProperties") is False for t in listed_tools.tools)
         unknown = await client.call_tool("run", {"command": "true", "sandbox": "sb-doesnotexist"})
         assert unknown.is_error and "no sandbox 'sb-doesnotexist'" in text(unknown)
         before = len(structured(await client.call_tool("sandbox_list", {}))["sandboxes"])

@@ -11,6 +11,7 @@ created with `keep`.
 import asyncio
 import contextlib
 import contextvars
+import difflib
 import functools
 import json
 import logging
@@ -250,6 +251,14 @@ class TetherServer(MCPServer):
     parameter, and what to do, instead of pydantic's report with its documentation links."""
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+        tool = self._tool_manager.get_tool(name)
+        if tool is not None and isinstance(arguments, dict):
+            # pydantic would drop them without a word: an agent used to another tool set's names
+            # (file_path, timeout, -i) would get a call that quietly does something else.
+            known = list(tool.parameters.get("properties", {}))
+            unknown = [key for key in arguments if key not in known]
+            if unknown:
+                raise ToolError(f"invalid arguments for {name}: {unknown_parameters(unknown, known)}")
         try:
             return await super().call_tool(name, arguments, context)
         except ToolError as exc:
@@ -260,6 +269,38 @@ class TetherServer(MCPServer):
                 f"invalid arguments for {name}: {problems}. Fix them (the tool's input schema describes each "
                 "parameter) and call again"
             ) from exc.__cause__
+
+
+# What agents trained on other tool sets send, and what tether calls it.
+_SAID_ELSEWHERE = {
+    "file_path": "path",
+    "timeout": "timeout_ms",
+    "replaceAll": "replace_all",
+    "-i": "case_insensitive",
+    "-n": "line_numbers",
+    "-A": "after",
+    "-B": "before",
+    "-C": "context",
+    "run_in_bg": "run_in_background",
+}
+
+
+def unknown_parameters(unknown: list[str], known: list[str]) -> str:
+    """What is wrong, with the likely meant name for each, and the tool's parameters."""
+    parts = []
+    for key in unknown:
+        guess = _SAID_ELSEWHERE.get(key)
+        if guess not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            guess = close[0] if close else None
+        parts.append(f"unknown parameter {key!r}" + (f" (did you mean {guess!r}?)" if guess else ""))
+    return "; ".join(parts) + f". Its parameters: {', '.join(known) or 'none'}"
+
+
+def forbid_unknown_parameters(server: MCPServer) -> None:
+    """Say so in every input schema, for clients that check arguments before sending them."""
+    for tool in server._tool_manager.list_tools():
+        tool.parameters["additionalProperties"] = False
 
 
 Reporter = Callable[[str, float | None], Awaitable[None]]
@@ -359,6 +400,7 @@ def build_server(state: ServerState) -> MCPServer:
     register_file_tools(server, state)
     register_shell_tools(server, state)
     register_tunnel_tools(server, state)
+    forbid_unknown_parameters(server)
     return server
 
 
