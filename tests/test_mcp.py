@@ -483,13 +483,17 @@ async def test_a_non_loopback_bind_with_a_generated_token() -> None:
     assert len(token) >= 32 and out.count(token) == 1
 
 
-async def test_an_unknown_job_is_reported_without_a_sandbox_made() -> None:
-    async with stdio_client() as client:
-        before = structured(await client.call_tool("sandbox_list", {}))["sandboxes"]
+async def test_tools_that_report_or_change_a_sandbox_make_none(tmp_path: Path) -> None:
+    """Asked about a sandbox when there is none, the answer is not a new machine (maybe a billed one)."""
+    async with stdio_client(env=server_env(TETHER_STATE_DIR=str(tmp_path))) as client:
         for tool in ("job_output", "job_kill"):
             unknown = await client.call_tool(tool, {"job_id": "j-0000beef"})
             assert unknown.is_error and "no background job 'j-0000beef'" in text(unknown), text(unknown)
-        assert structured(await client.call_tool("sandbox_list", {}))["sandboxes"] == before
+        assert structured(await client.call_tool("job_list", {})) == {"jobs": []}
+        for tool in ("sandbox_info", "sandbox_pause", "sandbox_resume", "sandbox_snapshot", "sandbox_destroy"):
+            refused = await client.call_tool(tool, {})
+            assert refused.is_error and "sandbox_list" in text(refused), (tool, text(refused))
+        assert structured(await client.call_tool("sandbox_list", {}))["sandboxes"] == []
 
 
 @pytest.mark.parametrize("host", ["127.0.0.2", "[::1]"])

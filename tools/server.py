@@ -209,6 +209,17 @@ class ServerState:
             self.default_id = box.id
             return box
 
+    async def existing(self, ref: str | None) -> ManagedSandbox:
+        """As `sandbox`, but never creating one: for tools that report on a sandbox or change its
+        state, where a new machine (maybe a billed one) would be no answer."""
+        ref = ref or self.current_default()
+        if ref is None:
+            raise InvalidArgument(
+                "there is no sandbox yet: create one with sandbox_create (or any file or shell tool makes "
+                "the default one), or name one from sandbox_list"
+            )
+        return await self.fleet.get(ref)
+
     def current_default(self) -> str | None:
         """The live sandbox a call without `sandbox` uses, or None when it would create one (or
         must be told which): the default made or named so far; else, for `--attach HOST`, a kept
@@ -491,7 +502,7 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
     @guarded
     async def sandbox_info(sandbox: SandboxArg = None) -> Annotated[CallToolResult, R.SandboxInfo]:
         """Status, SSH endpoint, capability profile, capacity, background jobs and tunnels of a sandbox."""
-        box = await state.sandbox(sandbox)
+        box = await state.existing(sandbox)
         record = box.record
         capacity = None
         if profile_of(record.provider).supports_capacity_query:
@@ -548,7 +559,7 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
     @guarded
     async def sandbox_pause(sandbox: SandboxArg = None) -> Annotated[CallToolResult, R.StatusResult]:
         """Pause a sandbox, where its provider can (see capabilities.supportsPauseResume)."""
-        box = await state.sandbox(sandbox)
+        box = await state.existing(sandbox)
         await box.pause()
         return ok(R.StatusResult(id=box.id, status="paused"), f"{box.name} is paused")
 
@@ -556,7 +567,10 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
     @guarded
     async def sandbox_resume(sandbox: SandboxArg = None) -> Annotated[CallToolResult, R.StatusResult]:
         """Resume a paused sandbox."""
-        record = state.fleet.ledger.get(sandbox) if sandbox else (await state.sandbox(None)).record
+        ref = sandbox or state.current_default()
+        if ref is None:
+            raise InvalidArgument("there is no sandbox to resume; name one from sandbox_list")
+        record = state.fleet.ledger.get(ref)
         await state.fleet.resume(record.id)
         return ok(R.StatusResult(id=record.id, status="running"), f"{record.name} is running")
 
@@ -564,7 +578,7 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
     @guarded
     async def sandbox_snapshot(sandbox: SandboxArg = None) -> Annotated[CallToolResult, R.SnapshotResult]:
         """Snapshot a sandbox's filesystem, where its provider can (capabilities.supportsFsSnapshot)."""
-        box = await state.sandbox(sandbox)
+        box = await state.existing(sandbox)
         return ok(R.SnapshotResult(snapshot_id=await box.snapshot()))
 
     @server.tool(annotations=READ_ONLY)
@@ -823,7 +837,9 @@ def register_shell_tools(server: MCPServer, state: ServerState) -> None:
     @guarded
     async def job_list(sandbox: SandboxArg = None) -> Annotated[CallToolResult, R.JobList]:
         """Background jobs of a sandbox with command, status and start time."""
-        box = await state.sandbox(sandbox)
+        if sandbox is None and state.current_default() is None:
+            return ok(R.JobList(jobs=[]))  # (no sandbox yet: none has jobs)
+        box = await state.existing(sandbox)
         jobs = [R.JobInfo.of(job) for job in await box.job_list()]
         return ok(R.JobList(jobs=jobs))
 
