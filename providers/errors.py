@@ -26,7 +26,7 @@ class Unsupported(ProviderError):
         self.provider, self.operation = provider, operation
         super().__init__(
             f"the {provider} provider cannot {operation}{': ' + why if why else ''}; "
-            "see its capability profile with pools_list"
+            "see its capability profile (pools_list, or tether pools --json)"
         )
 
 

@@ -62,12 +62,12 @@ class FileOperationError(SandboxError):
 
 class FileNotFound(FileOperationError, FileNotFoundError):
     def __init__(self, path: str, hint: str = "") -> None:
-        super().__init__(path, f"{path}: no such file or directory{hint or '; check the path with glob'}")
+        super().__init__(path, f"{path}: no such file or directory{hint or '; check the path (glob, or ls with run)'}")
 
 
 class IsADirectory(FileOperationError, IsADirectoryError):
-    def __init__(self, path: str) -> None:
-        super().__init__(path, f"{path} is a directory; list its files with glob (pattern '*', path '{path}')")
+    def __init__(self, path: str, hint: str = "") -> None:
+        super().__init__(path, f"{path} is a directory; {hint or f'list its files with glob (pattern *, path {path})'}")
 
 
 class NotADirectory(FileOperationError, NotADirectoryError):
@@ -84,7 +84,9 @@ class BinaryFile(FileOperationError):
     def __init__(self, path: str, size: int) -> None:
         self.size = size
         super().__init__(
-            path, f"{path} is a binary file ({size} bytes); fetch it with download instead of reading it as text"
+            path,
+            f"{path} is a binary file ({size} bytes), not shown as text; look into it with run (file, "
+            "xxd | head), or copy it off the box (tether cp, Sandbox.download)",
         )
 
 
@@ -105,7 +107,11 @@ WRITE_SPECIAL_HINT = "tether writes by replacing files, which would replace it t
 class FileTooLarge(FileOperationError):
     def __init__(self, path: str, size: int, limit: int) -> None:
         self.size, self.limit = size, limit
-        super().__init__(path, f"{path} is {size} bytes, over the {limit}-byte limit; use download instead")
+        super().__init__(
+            path,
+            f"{path} is {size} bytes, over the {limit}-byte limit; shrink it with run, or copy it off the box "
+            "(tether cp, Sandbox.download)",
+        )
 
 
 class NoMatch(FileOperationError):

@@ -30,6 +30,7 @@ from .files import (
 )
 from .sftpio import GUARANTEED, read_upto, write_all
 
+COPIES_FILES = "copies are of single files (tar a directory first)"
 # Called with (bytes done, total bytes).
 Progress = Callable[[int, int], None]
 # asyncssh sizes blocks from the server's limits@openssh.com reply (OpenSSH: 255 KiB) when given -1;
@@ -55,7 +56,7 @@ class Transfers:
         except FileNotFoundError:
             raise FileNotFound(str(local), " on this machine") from None
         if stat.S_ISDIR(info.st_mode):
-            raise IsADirectory(str(local))
+            raise IsADirectory(str(local), COPIES_FILES)
         if not stat.S_ISREG(info.st_mode):  # (/dev/zero never ends; a pipe waits for a writer)
             raise SpecialFile(str(local), special_mode_kind(info.st_mode) or "odd", "copy regular files only")
         # A file that says it is empty may not be (/proc's): what it holds is read, and sent as is.
@@ -105,7 +106,7 @@ class Transfers:
         with contextlib.suppress(FileNotFoundError):
             mode = local.stat().st_mode
             if stat.S_ISDIR(mode):
-                raise IsADirectory(str(local))
+                raise IsADirectory(str(local), COPIES_FILES)
             if not stat.S_ISREG(mode):
                 raise SpecialFile(str(local), special_mode_kind(mode) or "odd", WRITE_SPECIAL_HINT)
         local.parent.mkdir(parents=True, exist_ok=True)

@@ -269,6 +269,8 @@ def test_exec_and_cp_at_the_edges(tmp_path: Path) -> None:
         for bad in ("nan", "inf", "0", "-1", "soon"):
             refused = tether("exec", box, "--timeout", bad, "--", "true")
             assert refused.returncode == 2 and "positive number of seconds" in refused.stderr, refused.stderr
+        unknown = tether("exec", box, "--json", "--", "true")  # not run as the command `--json`
+        assert unknown.returncode == 2 and "no option --json" in unknown.stderr, unknown.stderr
         # `tether exec … | head -1`: the exit status of a writer whose reader left, and no traceback
         head = subprocess.run(
             f"{shlex.quote(sys.executable)} -m tools.cli exec {box} -- 'seq 1 200000; echo err >&2' | head -1",
@@ -298,6 +300,8 @@ def test_exec_and_cp_at_the_edges(tmp_path: Path) -> None:
         assert refused.returncode == 2 and "named pipe" in refused.stderr
         refused = tether("cp", "/dev/zero", f"{box}:zero")
         assert refused.returncode == 2 and "character device" in refused.stderr
+        directory = tether("cp", str(tmp_path / "made"), f"{box}:made")
+        assert directory.returncode == 2 and "copies are of single files" in directory.stderr, directory.stderr
         denied = tether("cp", f"{box}:f.txt", "/proc/no-such-dir/f.txt")  # an OSError here: a message
         assert denied.returncode == 2 and denied.stderr.startswith("tether: ") and "Traceback" not in denied.stderr
     finally:

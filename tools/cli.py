@@ -316,6 +316,8 @@ def exec_command(args: argparse.Namespace) -> int:
         flag = argv.pop(0)
         value = flag.partition("=")[2] if "=" in flag else (argv.pop(0) if argv else "")
         args.timeout = seconds(value)
+    if argv and argv[0].startswith("-") and argv[0] != "--":  # (no command starts with a dash)
+        raise ValueError(f"tether exec has no option {argv[0]} (only --timeout); the command goes after --")
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
