@@ -7,6 +7,7 @@ base class's optional methods refuse with `Unsupported`, so a provider only writ
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Literal
 
@@ -18,7 +19,7 @@ from sandbox.executor import build_env
 
 from .config import MAX_TIMEOUT_S, LocalPoolConfig, Pool
 from .errors import Unsupported
-from .profiles import CapabilityProfile, Substrate
+from .profiles import LOCAL_AUTH_MODES, CapabilityProfile, Substrate
 
 SandboxStatus = Literal["provisioning", "running", "paused", "failed", "terminated"]
 # Progress reporter: (message, fraction done or None).
@@ -70,8 +71,16 @@ class Request(BaseModel):
     @classmethod
     def _spelled_one_way(cls, value: str | None) -> str | None:
         # "Host_Session" must pin like "host-session": a spelling that slipped past the pin would
-        # send a session needing this machine's credentials to a cloud.
-        return value.strip().lower().replace("_", "-") if value else value
+        # send a session needing this machine's credentials to a cloud. So is a near miss
+        # ("host-sesion", "hostsession"): refused, not taken for some other mode.
+        if not value:
+            return value
+        mode = value.strip().lower().replace("_", "-")
+        near = difflib.get_close_matches(mode.replace("-", ""), [m.replace("-", "") for m in LOCAL_AUTH_MODES], 1, 0.8)
+        if mode not in LOCAL_AUTH_MODES and near:
+            meant = next(m for m in LOCAL_AUTH_MODES if m.replace("-", "") == near[0])
+            raise ValueError(f"unknown auth mode {value!r}; did you mean {meant!r}?")
+        return mode
 
     def requirement_kinds(self) -> list[str]:
         kinds = list(self.requirements)

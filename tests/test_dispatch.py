@@ -6,6 +6,7 @@ from __future__ import annotations
 import tomllib
 
 import pytest
+from pydantic import ValidationError
 
 from providers import AuthPinError, ConfigError, DispatchError, Request
 from providers.config import LocalPoolConfig, Pool, implicit_pools, load_pools
@@ -108,6 +109,14 @@ def test_unavailable_providers_are_rejected_with_the_reason() -> None:
 def test_auth_modes_pin_however_they_are_spelled(spelling: str) -> None:
     with pytest.raises(AuthPinError):
         choose_pool(Request(auth_mode=spelling, provider="e2b"), POOLS, lambda pool: None)
+
+
+@pytest.mark.parametrize(
+    ("typo", "meant"), [("host-sesion", "host-session"), ("hostsession", "host-session"), ("locl", "local")]
+)
+def test_a_near_miss_of_a_pinned_auth_mode_is_refused_not_taken_for_another(typo: str, meant: str) -> None:
+    with pytest.raises(ValidationError, match=f"did you mean '{meant}'"):
+        Request(auth_mode=typo, provider="e2b")
 
 
 def test_auth_pin_refuses_cloud_providers_before_dispatch() -> None:
