@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.metadata
 import json
 import secrets
 import select
@@ -76,6 +77,9 @@ def ssh_pool_env(sshd: SSHD, client_key: Path, tmp_path: Path) -> dict[str, str]
 async def test_tools_schemas_and_annotations() -> None:
     async with stdio_client() as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
+        assert client.server_info.name == "tether" and client.server_info.version == importlib.metadata.version(
+            "tether"
+        )
     assert CONTRACT_TOOLS <= set(tools)
     for name in READ_ONLY:
         assert tools[name].annotations.read_only_hint is True, name
@@ -718,3 +722,32 @@ async def test_the_server_reaps_expired_and_idle_sandboxes_itself() -> None:
             assert rows[0]["n"] == 1
         gone = await client.call_tool("run", {"command": "true", "sandbox": ttl["id"]})
         assert gone.is_error and "terminated" in text(gone)
+
+
+def test_a_client_gone_without_a_goodbye_ends_the_server_quietly() -> None:
+    """A client killed with -9 leaves a pipe nobody reads: its answers are dropped, and the end of
+    its input ends the server (and its teardown) as a clean close would, without a traceback."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tools.cli", "mcp"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=server_env(),
+    )
+    assert server.stdin is not None and server.stdout is not None and server.stderr is not None
+    server.stdout.close()  # the client's end, gone
+    initialize = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+    }
+    for message in (initialize, {"jsonrpc": "2.0", "method": "notifications/initialized"}):
+        server.stdin.write((json.dumps(message) + "\n").encode())
+        server.stdin.flush()
+    time.sleep(1)
+    server.stdin.write(b'{"jsonrpc": "2.0", "id": 2, "method": "tools/list"}\n')
+    server.stdin.close()
+    assert server.wait(30) == 0
+    assert "Traceback" not in server.stderr.read().decode()

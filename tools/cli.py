@@ -705,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST[:PORT]",
         help="HTTP: another Host header to accept (DNS-rebinding protection)",
     )
-    mcp.add_argument("--reap-interval", type=float, default=30.0, help="seconds between reaper passes")
+    mcp.add_argument("--reap-interval", type=_argparse_seconds, default=30.0, help="seconds between reaper passes")
     mcp.add_argument("--verbose", action="store_true", help="log lifecycle events to stderr")
     add("demo", "the whole story on this machine: write, edit, grep, test, serve, fetch, tear down", json_flag=False)
 

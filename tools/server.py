@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import difflib
 import functools
+import importlib.metadata
 import json
 import logging
 import math
@@ -388,6 +389,13 @@ SandboxArg = Annotated[
 ]
 
 
+def tether_version() -> str:
+    try:
+        return importlib.metadata.version("tether")
+    except importlib.metadata.PackageNotFoundError:  # (run from a checkout, not installed)
+        return "0+unknown"
+
+
 def build_server(state: ServerState) -> MCPServer:
     """The MCPServer with tether's tools, bound to `state`."""
 
@@ -402,7 +410,9 @@ def build_server(state: ServerState) -> MCPServer:
             with anyio.CancelScope(shield=True):
                 await state.shutdown()
 
-    server = TetherServer("tether", instructions=INSTRUCTIONS, lifespan=lifespan, log_level="WARNING")
+    server = TetherServer(
+        "tether", version=tether_version(), instructions=INSTRUCTIONS, lifespan=lifespan, log_level="WARNING"
+    )
     logging.getLogger("asyncssh").setLevel(logging.WARNING)  # its INFO is a line per channel
     # httpx logs each request's full URL at INFO, and a chat webhook's URL is its secret.
     for chatty in ("httpx", "httpcore"):

@@ -148,8 +148,12 @@ class _LineWriter:
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self._writer = writer
 
+    # A client that died (killed, its pipe gone) can no longer be answered: its replies are
+    # dropped, and the end of its input ends the server as a clean close would, traceback-free.
     async def write(self, text: str) -> None:
-        self._writer.write(text.encode("utf-8"))
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            self._writer.write(text.encode("utf-8"))
 
     async def flush(self) -> None:
-        await self._writer.drain()
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            await self._writer.drain()
