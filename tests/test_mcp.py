@@ -24,7 +24,17 @@ import pytest
 from providers import Fleet
 from providers.ledger import Ledger
 from providers.local import LocalProvider
-from tests.mcp_support import ROOT, http_client, http_server, mcp_client, server_env, stdio_client, structured, text
+from tests.mcp_support import (
+    ROOT,
+    http_client,
+    http_server,
+    mcp_client,
+    server_env,
+    stdio_client,
+    structured,
+    tether,
+    text,
+)
 from tests.processes import leaf_sleep, processes_matching, wait_until_gone, wait_until_running
 from tests.sshd import SSHD
 from tests.test_files import PNG_1X1
@@ -671,6 +681,19 @@ async def test_an_attached_default_host_is_kept_and_reused_by_the_next_server(
         assert structured(await client.call_tool("sandbox_list", {}))["default"] == first
         await client.call_tool("job_kill", {"job_id": job["job_id"], "signal": "KILL"})
         await client.call_tool("sandbox_destroy", {"sandbox": first})
+
+
+async def test_attach_with_a_key_of_its_own_and_ssh_without_a_host(
+    sshd: SSHD, client_key: Path, tmp_path: Path
+) -> None:
+    env = server_env(HOME=str(tmp_path))  # no ~/.ssh keys, no agent: only --identity can log in
+    env.pop("SSH_AUTH_SOCK", None)
+    async with stdio_client("--attach", sshd.address, "--identity", str(client_key), env=env) as client:
+        ran = structured(await client.call_tool("run", {"command": "whoami"}))
+        assert ran["stdout"] == f"{sshd.account.name}\n"
+        await client.call_tool("sandbox_destroy", {})
+    refused = tether("mcp", "--provider", "ssh")
+    assert refused.returncode == 2 and "--attach" in refused.stderr, refused.stderr
 
 
 async def test_the_default_sandbox_comes_from_config_defaults(tmp_path: Path) -> None:

@@ -119,7 +119,11 @@ def mcp_command(args: argparse.Namespace) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr, format="tether: %(message)s"
     )
     token = resolve_token(args.host, args.generate_token) if args.transport == "http" else None
-    state = ServerState(provider=args.provider, attach=args.attach, reap_interval=args.reap_interval)
+    if args.identity and not args.attach:
+        raise ValueError("--identity is the key for --attach; give the host too")
+    state = ServerState(
+        provider=args.provider, attach=args.attach, identity=args.identity, reap_interval=args.reap_interval
+    )
     server = build_server(state)
     if args.transport == "http":
         asyncio.run(serve_http(server, args.host, args.port, token, args.allow_host))
@@ -697,6 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     mcp.add_argument("--port", type=port_number, default=8765, help="HTTP port (0: any free one, printed)")
     mcp.add_argument("--provider", help="default sandbox's provider, created on first use (default: local)")
     mcp.add_argument("--attach", metavar="USER@HOST[:PORT]", help="use this SSH host as the default sandbox")
+    mcp.add_argument("--identity", metavar="KEY", help="private key for --attach (default: tether's, ~/.ssh, agent)")
     mcp.add_argument("--generate-token", action="store_true", help="HTTP: generate a bearer token, print it once")
     mcp.add_argument(
         "--allow-host",

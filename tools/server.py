@@ -44,11 +44,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 INSTRUCTIONS = """tether gives you real computers over SSH. Tools act on a sandbox (a machine): pass `sandbox`
-(id or name) or omit it to use the default one, which is created on first use (a local sandbox unless the
-server was started with another provider). `run` executes shell commands in a persistent shell whose working
-directory carries over between calls; relative paths in every tool are relative to it. Prefer read/write/edit/
-grep/glob over shell equivalents. Use run_in_background for servers and other long-running processes, then
-job_output to read their output."""
+(id or name) or omit it to use the default one: the machine the server was started with, else the only
+sandbox there is (sandbox_list shows which), else a local sandbox created on first use. `run` executes
+shell commands in a persistent shell whose working directory carries over between calls; relative paths in
+every tool are relative to it. Prefer read/write/edit/grep/glob over shell equivalents. Use
+run_in_background for servers and other long-running processes, then job_output to read their output."""
 
 DEFAULT_TIMEOUT_MS = 120_000
 MAX_TIMEOUT_MS = 600_000
@@ -116,6 +116,7 @@ class ServerState:
         *,
         provider: str | None = None,
         attach: str | None = None,
+        identity: str | None = None,
         reap_interval: float = 30.0,
         progress_interval: float = 5.0,
     ) -> None:
@@ -123,7 +124,10 @@ class ServerState:
         self.default_request: Request | None = None
         if attach:
             # Kept: stopping the server must not kill what runs on someone's own machine.
-            self.default_request = Request(provider="ssh", keep=True, options={"host": attach})
+            options = {"host": attach, **({"key_path": identity} if identity else {})}
+            self.default_request = Request(provider="ssh", keep=True, options=options)
+        elif provider == "ssh":
+            raise ValueError("--provider ssh needs the host: use --attach USER@HOST[:PORT] instead")
         elif provider:
             registry.provider_class(provider)  # an unknown one is refused now, not blamed on each call
             self.default_request = Request(provider=provider)
