@@ -1,9 +1,10 @@
 """Background jobs: detached (setsid) commands whose state lives in files on the box.
 
 Each job has a directory ~/.tether/jobs/<id>/ with `meta.json` (command, cwd, start time), `pid`
-(its process group), `stdout`, `stderr`, once it ended `exit`, and once its output was read `read`
-(how far, in bytes, per stream). Because all of it is on the box, jobs survive tether
-disconnecting, re-dialing, or restarting, and a restarted tether goes on where the last read ended.
+(its process group, and when that process started: shell.PROC_STAMP_FN), `stdout`, `stderr`, once
+it ended `exit`, and once its output was read `read` (how far, in bytes, per stream). Because all of
+it is on the box, jobs survive tether disconnecting, re-dialing, or restarting, and a restarted
+tether goes on where the last read ended.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .executor import MAX_OUTPUT_CHARS, Executor, build_env, build_script, signa
 from .files import file_kind
 from .pathlocks import PathLocks
 from .sftpio import read_upto
-from .shell import KILL_TREE_FN
+from .shell import KILL_TREE_FN, PROC_STAMP_FN
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +37,24 @@ JobStatus = Literal["running", "exited"]
 
 # `__t_stopjobs DIR` stops every job in a jobs directory that has not ended, with its whole tree.
 # A job with an `exit` file has ended, and its pid may belong to another process by now, so it is
-# left alone; each job stopped here gets an `exit` file, so its pid is never trusted again. POSIX
-# sh, for any box (and this machine).
+# left alone, as is a pid whose start stamp is not the job's (PROC_STAMP_FN); each job stopped here
+# gets an `exit` file, so its pid is never trusted again. POSIX sh, for any box (and this machine).
 STOP_JOBS_FN = (
     KILL_TREE_FN
+    + "\n"
+    + PROC_STAMP_FN
     + """
 __t_stopjobs() {
   for d in "$1"/*/; do
     [ -f "$d/pid" ] && [ ! -f "$d/exit" ] || continue
-    __t_killtree KILL "$(cat "$d/pid")"; printf '137\\n' >"$d/exit"
+    read -r __r 2>/dev/null <"$d/pid" && __t_ours "$__r" && __t_killtree KILL "$__p"
+    printf '137\\n' >"$d/exit"
   done
 }"""
 )
 STOP_ALL_JOBS = STOP_JOBS_FN + '\n__t_stopjobs "$1"'  # a script: $1 is the jobs directory
 _JOB_ID = re.compile(r"j-[0-9a-f]{8}\Z")
+_PID_FILE = re.compile(r"(\d+)(?::\d+)?\Z")
 POLL_INTERVAL = 0.05
 START_GRACE_SECONDS = 30.0  # a job with no pid this long after it was prepared never started
 # Job directories read at once by `list`, four small files each: a box with hundreds of jobs must not
@@ -108,6 +113,13 @@ class _Files:
     pid: int | None = None
     exit_code: int | None = None
     signal: str | None = None
+    process: str | None = None  # the pid file as written, "PID:STAMP" (PROC_STAMP_FN), for `alive`
+
+
+def _pid_file(text: str | None) -> tuple[int | None, str | None]:
+    """(pid, the process as `alive` checks it) from a job's pid file ("PID" or "PID:STAMP")."""
+    match = _PID_FILE.match((text or "").strip())
+    return (int(match.group(1)), match.group(0)) if match else (None, None)
 
 
 class Jobs:
@@ -172,24 +184,24 @@ class Jobs:
         cursor = self._cursors.setdefault(job_id, _Cursor())
         read_before = (cursor.stdout, cursor.stderr)
         deadline = time.monotonic() + max(0, wait_ms) / 1000
-        pid: int | None = None
+        process: str | None = None
         while True:
-            exit_code, pid, out_size, err_size = await self._sftp.retrying(
-                lambda sftp, known=pid: _look(sftp, directory, known)
+            exit_code, process, out_size, err_size = await self._sftp.retrying(
+                lambda sftp, known=process: _look(sftp, directory, known)
             )
-            if pid is None:  # starting, unless that began long ago (the start failed or was cut off)
+            if process is None:  # starting, unless that began long ago (the start failed or was cut off)
                 running = exit_code is None and (await self.get(job_id)).status == "running"
             else:
-                running = exit_code is None and pid in await self._alive_pids([pid])
+                running = exit_code is None and bool(await self._alive([process]))
             if exit_code is None and not running:
-                state = _Files(pid=pid)
+                state = _Files()
                 await self._settle(state, directory)  # it may have ended between the two looks
                 exit_code = state.exit_code
             if not running:
                 # The sizes went out in the same round as the exit file: read them again now that
                 # the job is known to have ended, so its last output is in this answer.
                 _, _, out_size, err_size = await self._sftp.retrying(
-                    lambda sftp, known=pid or 0: _look(sftp, directory, known)
+                    lambda sftp, known=process or "0": _look(sftp, directory, known)
                 )
                 break
             fresh = out_size > max(cursor.stdout, cursor.seen_stdout) or err_size > max(
@@ -235,7 +247,7 @@ class Jobs:
                 return await self._read_state(f"{root}/{job_id}")
 
         states = await asyncio.gather(*(state_of(i) for i in ids))
-        alive = await self._alive_pids([s.pid for s in states if s.pid and s.exit_code is None])
+        alive = await self._alive([s.process for s in states if s.exit_code is None])
         await asyncio.gather(
             *(
                 self._settle(s, f"{root}/{i}")
@@ -249,7 +261,7 @@ class Jobs:
     async def get(self, job_id: str) -> Job:
         directory = await self._directory(job_id)
         state = await self._read_state(directory)
-        alive = await self._alive_pids([state.pid] if state.pid and state.exit_code is None else [])
+        alive = await self._alive([state.process] if state.exit_code is None else [])
         if state.exit_code is None and state.pid and state.pid not in alive:
             await self._settle(state, directory)
         return self._job(job_id, state, alive)
@@ -272,6 +284,10 @@ class Jobs:
             async with sftp.open(f"{directory}/signal", "w") as f:
                 await f.write(signal)
 
+        if state.exit_code is None and not await self._alive([state.process]):
+            # Its wrapper is gone without a word (a reboot, the OOM killer): the pid may be
+            # another process's by now, so nothing is signalled.
+            return await self.get(job_id)
         if state.exit_code is None:  # (one that ended before was never signalled: nothing to note)
             await self._sftp.once(note)
             await self._executor.signal_group(state.pid, signal)
@@ -350,7 +366,7 @@ class Jobs:
                 files.meta = json.loads(meta) if meta else {}
             except ValueError:
                 files.meta = {}
-            files.pid = int(pid) if pid and pid.strip().isdigit() else None
+            files.pid, files.process = _pid_file(pid)
             files.exit_code = int(exit_code) if exit_code and exit_code.strip().lstrip("-").isdigit() else None
             files.signal = signal.strip() or None if signal else None
             return files
@@ -362,7 +378,7 @@ class Jobs:
             return False
         if state.pid is None:
             return True  # started a moment ago: the wrapper has not written its pid yet
-        if state.pid in await self._alive_pids([state.pid]):
+        if await self._alive([state.process]):
             return False if await self._settle(state, directory) else True
         await self._settle(state, directory)
         return False
@@ -377,8 +393,9 @@ class Jobs:
             state.exit_code = int(text)
         return state.exit_code is not None
 
-    async def _alive_pids(self, pids: list[int | None]) -> set[int]:
-        wanted = [str(p) for p in pids if p]
+    async def _alive(self, processes: list[str | None]) -> set[int]:
+        """The pids of those of `processes` (pid files' contents) that still run as themselves."""
+        wanted = [p for p in processes if p]
         if not wanted:
             return set()
         async with self._shells.borrow() as shell:
@@ -449,8 +466,11 @@ async def _read_small(sftp: asyncssh.SFTPClient, path: str) -> str | None:
         await f.close()
 
 
-async def _look(sftp: asyncssh.SFTPClient, directory: str, pid: int | None) -> tuple[int | None, int | None, int, int]:
-    """(exit code, pid, stdout size, stderr size) in one round of requests sent together."""
+async def _look(
+    sftp: asyncssh.SFTPClient, directory: str, process: str | None
+) -> tuple[int | None, str | None, int, int]:
+    """(exit code, the pid file's process, stdout size, stderr size) in one round of requests sent
+    together; the pid file only while `process` is not known yet."""
 
     async def size(name: str) -> int:
         try:
@@ -462,7 +482,10 @@ async def _look(sftp: asyncssh.SFTPClient, directory: str, pid: int | None) -> t
         text = await _read_small(sftp, f"{directory}/{name}")
         return int(text) if text and text.strip().lstrip("-").isdigit() else None
 
-    exit_code, found_pid, out, err = await asyncio.gather(
-        number("exit"), number("pid") if pid is None else asyncio.sleep(0, pid), size("stdout"), size("stderr")
+    async def pid_file() -> str | None:
+        return _pid_file(await _read_small(sftp, f"{directory}/pid"))[1]
+
+    exit_code, found, out, err = await asyncio.gather(
+        number("exit"), pid_file() if process is None else asyncio.sleep(0, process), size("stdout"), size("stderr")
     )
-    return exit_code, found_pid, out, err
+    return exit_code, found, out, err

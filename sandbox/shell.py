@@ -110,6 +110,25 @@ __t_killtree() {
   return $__kx
 }"""
 
+# A job's pid file says "PID:STAMP", STAMP being when the process started (field 22 of
+# /proc/PID/stat, in clock ticks since boot) where the box has /proc: a job whose wrapper died
+# without recording its end (a reboot, the OOM killer) leaves its pid behind, and the kernel may
+# give that pid to something else. A pid is taken for the job only while its stamp still matches.
+# `__t_stamp PID` sets __st (empty without /proc); `__t_ours PID[:STAMP]` sets __p to the pid and
+# succeeds when that process runs and is the one the stamp names. Builtins only.
+PROC_STAMP_FN = r"""__t_stamp() {
+  __st=
+  read -r __sl 2>/dev/null <"/proc/$1/stat" || return 0
+  set -- ${__sl##*) }
+  [ $# -ge 20 ] && shift 19 && __st=$1
+  return 0
+}
+__t_ours() {
+  __p=${1%%:*}
+  kill -0 "$__p" 2>/dev/null || return 1
+  case $1 in *:*) __t_stamp "$__p"; [ "$__st" = "${1#*:}" ] ;; esac
+}"""
+
 # A standalone script: signal $1 to the tree of $2 (for an exec channel, when no shell is free).
 KILL_TREE = KILL_TREE_FN + '\n__t_killtree "$1" "$2"'
 
@@ -221,14 +240,16 @@ __t_job() {
   __t_bg "$__TSH" -c "$__TJOB" tether "$3" "$4" "$2"
   __p=$!
   case $__m in *m*) set -m ;; esac
-  printf '%s\n' "$__p" >"$2/pid"
+  __t_stamp "$__p"
+  printf '%s\n' "$__p${__st:+:$__st}" >"$2/pid"
   printf '%s R %s\0' "$1" "$__p"
 }
 __t_alive() {
   __i=$1; shift; __a=
-  for __p in "$@"; do kill -0 "$__p" 2>/dev/null && __a="$__a $__p"; done
+  for __r in "$@"; do __t_ours "$__r" && __a="$__a $__p"; done
   printf '%s R%s\0' "$__i" "$__a"
 }
+__PROC_STAMP_FN__
 __KILL_TREE_FN__
 __t_kill() {
   __t_killtree "$2" "$3"
@@ -243,6 +264,7 @@ _INIT = (
     _INIT.replace("__CHILD__", shlex.quote(_CHILD))
     .replace("__JOB__", shlex.quote(_JOB))
     .replace("__KILL_TREE_FN__", KILL_TREE_FN)
+    .replace("__PROC_STAMP_FN__", PROC_STAMP_FN)
     .replace("__NO_CWD__", _NO_CWD)
     .replace("__BUILTINS__", _BUILTINS)
 )

@@ -154,6 +154,9 @@ async def sb(host_endpoint: SSHEndpoint, pool: ConnectionPool) -> AsyncIterator[
         await box.makedirs(work)
         await box.run(["true"], cwd=work)
         yield box
+        for job in await box.job_list():  # (the test's own jobs: they would run on for good)
+            if job.status == "running" and job.cwd.startswith(work):
+                await box.job_kill(job.id, "KILL")
         await box.run(["rm", "-rf", work], cwd="/")
 
 

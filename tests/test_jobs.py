@@ -13,6 +13,7 @@ import pytest
 
 from sandbox import ConnectionPool, Sandbox, SSHEndpoint
 from sandbox.errors import FileNotFound, InvalidArgument, JobNotFound, SandboxError
+from sandbox.jobs import STOP_ALL_JOBS
 from tests.conftest import endpoint_for
 from tests.sshd import SSHD
 
@@ -123,6 +124,34 @@ async def test_a_job_that_never_got_a_pid_is_not_running_forever(sb: Sandbox) ->
     with pytest.raises(SandboxError, match="still starting"):  # no process to signal yet: say so
         await sb.job_kill(new)
     await sb.run(["rm", "-rf", f"{jobs_dir}/{old}", f"{jobs_dir}/{new}"])
+
+
+async def test_a_pid_that_now_names_another_process_is_never_signalled(sb: Sandbox) -> None:
+    """A job whose wrapper died without recording its end (the OOM killer, a reboot) leaves its pid
+    file behind, and the kernel may hand that pid to anything: neither job_kill nor a sandbox's
+    teardown may signal it."""
+    jobs_dir = (await sb._p.executor.info()).jobs_dir
+    job = await sb.start_job("sleep 1000")
+    pid_file = f"{jobs_dir}/{job.id}/pid"
+    pid, stamp = (await sb.read_text(pid_file)).strip().split(":")  # the box has /proc: stamped
+    assert int(pid) == job.pid and stamp.isdigit()
+    await sb.run(f"kill -KILL -{job.pid}")  # wrapper and all, with no exit file written
+    bystander = int((await sb.run("setsid sleep 1000 >/dev/null 2>&1 & echo $!")).stdout)
+    try:
+        # its pid, and a start before its own (ticks are 10 ms: the job's could be the same one)
+        stamp = str(int(stamp) - 1)
+        await sb.write(pid_file, f"{bystander}:{stamp}\n")
+        assert [j.status for j in await sb.job_list() if j.id == job.id] == ["exited"]
+        assert (await sb.job_kill(job.id, "KILL")).status == "exited"
+        assert (await sb.job_output(job.id)).status == "exited"
+        # a sandbox's teardown (the local provider's terminate, the ssh provider's detach)
+        other = f"{jobs_dir}-teardown/{job.id}"
+        await sb.write(f"{other}/pid", f"{bystander}:{stamp}\n")
+        await sb.run(["sh", "-c", STOP_ALL_JOBS, "sh", str(Path(other).parent)])
+        assert (await sb.read_text(f"{other}/exit")).strip() == "137"  # marked ended, never trusted again
+        assert (await sb.run(f"kill -0 {bystander}")).exit_code == 0, "the bystander was signalled"
+    finally:
+        await sb.run(f"kill {bystander}; rm -rf {jobs_dir}-teardown")
 
 
 async def test_output_read_by_calls_sent_together_is_returned_once(sb: Sandbox) -> None:
