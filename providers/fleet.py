@@ -351,6 +351,9 @@ class Fleet:
             box = self._open.pop(record.id, None)
             if box is not None:
                 self.flush_activity(box)
+                # A command still running is stopped first, while the machine is there to kill it
+                # on: it would run on (a local one) or end unseen, its output gone with the box.
+                await box.end_operations(reason)
                 with contextlib.suppress(Exception):
                     await box.close()  # its own channels only: other sandboxes may share the connection
             if record.handle:

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -81,12 +82,14 @@ class LocalProvider(Provider):
         return "running" if work_dir(_sandbox_id(handle)).is_dir() else "terminated"
 
     async def terminate(self, handle: Handle) -> None:
-        """Stop the sandbox's background jobs, then remove its directory."""
+        """Stop the sandbox's background jobs and whatever else still runs in it, then remove its
+        directory."""
         root = Path(handle.data["dir"])
         jobs = root / "tether" / "jobs"
         if jobs.is_dir():
             stop = await asyncio.create_subprocess_exec("/bin/sh", "-c", STOP_ALL_JOBS, "sh", str(jobs))
             await stop.wait()
+        await asyncio.to_thread(kill_processes_of, _sandbox_id(handle))
         await asyncio.to_thread(remove_tree, root)
 
     async def capacity(self, handle: Handle | None) -> Capacity:
@@ -101,6 +104,24 @@ class LocalProvider(Provider):
             for entry in root.iterdir()
             if SANDBOX_ID.match(entry.name)
         ]
+
+
+def kill_processes_of(sandbox_id: str) -> None:
+    """SIGKILL this user's processes that belong to the sandbox: every session of the embedded
+    server starts with TETHER_SANDBOX set, and whatever runs in it inherits that (a command another
+    tether process is running in it, say). Where there is no /proc, jobs alone were stopped."""
+    marker = f"TETHER_SANDBOX={sandbox_id}".encode()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                environment = Path(entry.path, "environ").read_bytes()
+            except OSError:  # (gone, or another user's)
+                continue
+            if marker in environment.split(b"\0"):
+                with contextlib.suppress(OSError):
+                    os.kill(int(entry.name), signal.SIGKILL)
 
 
 def remove_tree(root: Path) -> None:

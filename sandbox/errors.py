@@ -41,6 +41,16 @@ class HostKeyMismatch(ConnectError):
         )
 
 
+class SandboxEnded(SandboxError):
+    """The machine ended (destroyed, expired) while this operation ran; its command was stopped."""
+
+    def __init__(self, name: str, why: str) -> None:
+        self.why = why
+        super().__init__(
+            f"sandbox {name} ended while this ran ({why}); its command was stopped. Create a new sandbox to go on"
+        )
+
+
 class ConnectionLost(SandboxError):
     """The connection died while an operation that cannot be retried safely was in flight."""
 

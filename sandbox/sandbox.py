@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import os
@@ -17,7 +18,7 @@ import asyncssh
 
 from .channels import DEFAULT_IDLE_TIMEOUT, SFTPChannel, ShellPool
 from .endpoint import SSHEndpoint
-from .errors import InvalidArgument
+from .errors import InvalidArgument, SandboxEnded
 from .executor import MAX_OUTPUT_CHARS, Executor, RawResult, RunResult
 from .files import Edit, EditResult, Files, FileStat, Image, ReadResult, WriteResult
 from .jobs import Job, JobOutput, Jobs
@@ -58,6 +59,8 @@ class Sandbox:
         self._options = _Options(shells, boot_timeout, idle_timeout, tether_dir)
         self.last_used = time.time()
         self._busy = 0  # long operations (commands, job waits, transfers) in flight
+        self._operations: set[asyncio.Task[Any]] = set()  # the tasks running them
+        self._ended: str | None = None  # why the machine ended under them (end_operations)
         self._parts: _Parts | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -103,12 +106,32 @@ class Sandbox:
 
     @contextlib.asynccontextmanager
     async def _in_flight(self) -> AsyncIterator[None]:
+        task = asyncio.current_task()
         self._busy += 1
+        if task is not None:
+            self._operations.add(task)
         try:
             yield
+        except asyncio.CancelledError:
+            # Cancelled by end_operations alone (not by its caller too): the caller learns why.
+            if self._ended is not None and task is not None and task.uncancel() == 0:
+                raise SandboxEnded(self.name, self._ended) from None
+            raise
         finally:
             self._busy -= 1
+            self._operations.discard(task)  # type: ignore[arg-type]
             self.last_used = time.time()
+
+    async def end_operations(self, why: str, grace: float = 10.0) -> None:
+        """The machine is about to end (destroyed, expired): stop the commands, job waits and
+        transfers in flight as a cancelled call would (a command's process group is killed), and
+        have each raise SandboxEnded(why) to its caller. Waits up to `grace` seconds for them."""
+        self._ended = why
+        running = [t for t in self._operations if t is not asyncio.current_task() and not t.done()]
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running, timeout=grace)
 
     @property
     def _p(self) -> _Parts:

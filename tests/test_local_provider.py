@@ -25,7 +25,8 @@ from sandbox.connect import dial
 from sandbox.errors import IsADirectory
 from sandbox.hostkeys import HostKeyPins
 from sandbox.state import StateStore
-from tests.processes import wait_until_gone, wait_until_running
+from tests.mcp_support import tether
+from tests.processes import leaf_sleep, wait_until_gone, wait_until_running
 from tests.sshd import ensure_account, is_root
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,3 +291,21 @@ def test_the_embedded_sftp_server_writes_all_or_fails() -> None:
     with pytest.raises(OSError) as failed:
         server.write(_SmallDisk(room=12), 0, b"twenty-three bytes long")
     assert failed.value.errno == errno.ENOSPC
+
+
+async def test_destroying_a_sandbox_from_another_process_stops_what_runs_in_it() -> None:
+    """`tether down` while an MCP server runs a command in the sandbox: the command ends with it,
+    not on, as this user's process, after its directory is gone."""
+    fleet = Fleet(config={})
+    try:
+        box = await fleet.create(Request(provider="local", keep=True))
+        marker = leaf_sleep()
+        running = asyncio.ensure_future(box.run(f"cd /tmp && {marker}", timeout=120))
+        await wait_until_running(marker, 10)
+        down = await asyncio.to_thread(tether, "down", box.id)
+        assert down.returncode == 0, down.stderr
+        assert await wait_until_gone(marker) == []
+        done, _ = await asyncio.wait([running], timeout=30)
+        assert done, "the run did not end with its sandbox"
+    finally:
+        await fleet.close()
