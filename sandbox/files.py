@@ -39,6 +39,9 @@ from .tempfacts import TempFileFacts
 
 DEFAULT_LINE_LIMIT = 2000
 MAX_LINE_CHARS = 2000
+# A read's text stops at the last whole line within this (~25k tokens, as Claude Code's Read
+# allows): 2000 lines of 2000 characters would be 4 MB in one answer. "read on with offset=N" follows.
+MAX_READ_CHARS = 100_000
 MAX_IMAGE_BYTES = 5 * 1024 * 1024
 MAX_TEXT_BYTES = 256 * 1024 * 1024  # read() refuses bigger files: download them
 MAX_EDIT_BYTES = 64 * 1024 * 1024
@@ -198,15 +201,20 @@ def _looks_binary(head: bytes) -> bool:
     return b"\0" in head[:BINARY_SNIFF_BYTES]
 
 
-def number_lines(lines: Sequence[str], first: int) -> tuple[str, int]:
-    """`cat -n` formatting; lines over MAX_LINE_CHARS are cut with a marker. Returns (text, lines cut)."""
-    out, cut = [], 0
+def number_lines(lines: Sequence[str], first: int, max_chars: int = MAX_READ_CHARS) -> tuple[str, int, int]:
+    """`cat -n` formatting; lines over MAX_LINE_CHARS are cut with a marker. Lines stop before the
+    text would pass `max_chars` (one is always given). Returns (text, lines cut, lines given)."""
+    out, cut, size = [], 0, 0
     for number, line in enumerate(lines, first):
         if len(line) > MAX_LINE_CHARS:
             line = f"{line[:MAX_LINE_CHARS]}… [line cut: {len(line)} characters]"
             cut += 1
-        out.append(f"{number:>6}\t{line}")
-    return "\n".join(out), cut
+        numbered = f"{number:>6}\t{line}"
+        size += len(numbered) + 1
+        if out and size > max_chars:
+            break
+        out.append(numbered)
+    return "\n".join(out), cut, len(out)
 
 
 def split_lines(text: str) -> list[str]:
@@ -370,8 +378,8 @@ class Files:
             raise BinaryFile(path, len(data))
         lines = split_lines(data.decode("utf-8", "replace"))
         window = lines[offset - 1 : offset - 1 + limit]
-        text, cut = number_lines(window, offset)
-        return ReadResult(path, text, offset, offset + len(window) - 1, len(lines), cut)
+        text, cut, given = number_lines(window, offset)
+        return ReadResult(path, text, offset, offset + given - 1, len(lines), cut)
 
     async def read_bytes(self, path: str, max_bytes: int = MAX_TEXT_BYTES) -> bytes:
         """The whole file. Raises: FileNotFound, IsADirectory, FileTooLarge, PermissionDenied."""

@@ -24,6 +24,7 @@ from sandbox.errors import (
     NotUnique,
     SpecialFile,
 )
+from sandbox.files import MAX_READ_CHARS
 
 HOSTILE_NAMES = [
     "with space.txt",
@@ -57,6 +58,20 @@ async def test_read_window_says_what_follows(sb: Sandbox) -> None:
     assert isinstance(r, ReadResult)
     assert r.text.splitlines() == [f"{n:>6}\tline {n}" for n in range(10, 15)]
     assert (r.total_lines, r.end_line, r.more_after) == (100, 14, True)
+
+
+async def test_a_read_stops_at_whole_lines_within_its_character_budget(sb: Sandbox) -> None:
+    """2000 lines of 2000 characters would be 4 MB in one answer: it stops at a line that fits."""
+    await sb.write("wide.txt", "".join(f"{i:04d}" + "w" * 996 + "\n" for i in range(1, 3001)))
+    first = await sb.read("wide.txt")
+    assert isinstance(first, ReadResult)
+    assert len(first.text) <= MAX_READ_CHARS < len(first.text) + 1008  # (the next line would not fit)
+    assert first.more_after and first.end_line == len(first.text.split("\n"))
+    assert first.text.split("\n")[-1].startswith(f"{first.end_line:>6}\t{first.end_line:04d}")
+    after = await sb.read("wide.txt", offset=first.end_line + 1)
+    assert isinstance(after, ReadResult) and after.text.startswith(f"{first.end_line + 1:>6}\t{first.end_line + 1:04d}")
+    narrow = await sb.read("wide.txt", limit=3)  # a window within the budget is given whole
+    assert isinstance(narrow, ReadResult) and narrow.end_line == 3
 
 
 async def test_read_cuts_long_lines_with_a_marker(sb: Sandbox) -> None:

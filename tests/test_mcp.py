@@ -747,6 +747,33 @@ async def test_the_server_reaps_expired_and_idle_sandboxes_itself() -> None:
         assert gone.is_error and "terminated" in text(gone)
 
 
+async def test_big_reads_and_diffs_come_back_cut_with_a_way_on(tmp_path: Path) -> None:
+    async with stdio_client("--provider", "local") as client:
+        wide = "".join(f"{i:04d}" + "w" * 996 + "\n" for i in range(1, 3001))
+        await client.call_tool("write", {"path": "wide.txt", "content": wide})
+        read = text(await client.call_tool("read", {"path": "wide.txt"}))
+        assert len(read) < 101_000 and "(an answer stops at 100000 characters); read on with offset=" in read
+        replaced = await client.call_tool(
+            "edit", {"path": "wide.txt", "old_string": "w" * 996, "new_string": "v", "replace_all": True}
+        )
+        diff = structured(replaced)["diff"]
+        assert structured(replaced)["replacements"] == 3000
+        assert len(diff) <= 30_000 and diff.endswith("[diff cut; read the file for the rest]"), diff[-200:]
+
+
+async def test_a_command_running_when_its_sandbox_expires_is_stopped_and_says_so() -> None:
+    """The reaper ends a sandbox under a running command: the command dies with it (a local one
+    would run on, with its sandbox's directory gone), and the call says why it ended."""
+    marker = leaf_sleep()
+    async with stdio_client("--reap-interval", "0.2") as client:
+        made = structured(await client.call_tool("sandbox_create", {"provider": "local", "timeout_s": 1.5}))
+        started = time.monotonic()
+        ran = await client.call_tool("run", {"command": marker, "timeout_ms": 60000, "sandbox": made["id"]})
+        assert ran.is_error and "ended while this ran (expired (TTL))" in text(ran), text(ran)
+        assert time.monotonic() - started < 20
+        assert await wait_until_gone(marker) == []
+
+
 def test_a_client_gone_without_a_goodbye_ends_the_server_quietly() -> None:
     """A client killed with -9 leaves a pipe nobody reads: its answers are dropped, and the end of
     its input ends the server (and its teardown) as a clean close would, without a traceback."""

@@ -33,8 +33,8 @@ from providers.config import MAX_TIMEOUT_S
 from providers.errors import ProviderError
 from providers.registry import profile_of
 from sandbox.errors import InvalidArgument, JobNotFound, SandboxError
-from sandbox.executor import signal_name
-from sandbox.files import Edit, Image
+from sandbox.executor import MAX_OUTPUT_CHARS, cap_text, signal_name
+from sandbox.files import MAX_READ_CHARS, Edit, EditResult, Image
 from tunnels import Tunnel, listening_ports
 
 from . import results as R
@@ -126,8 +126,8 @@ class ServerState:
             # Kept: stopping the server must not kill what runs on someone's own machine.
             options = {"host": attach, **({"key_path": identity} if identity else {})}
             self.default_request = Request(provider="ssh", keep=True, options=options)
-        elif provider == "ssh":
-            raise ValueError("--provider ssh needs the host: use --attach USER@HOST[:PORT] instead")
+        elif provider == "ssh" and not any(p.provider == "ssh" for p in self.fleet.pools):
+            raise ValueError("--provider ssh needs a host: --attach USER@HOST[:PORT], or an ssh pool in config.toml")
         elif provider:
             registry.provider_class(provider)  # an unknown one is refused now, not blamed on each call
             self.default_request = Request(provider=provider)
@@ -393,6 +393,16 @@ SandboxArg = Annotated[
 ]
 
 
+def edited(result: EditResult) -> CallToolResult:
+    """An edit's answer; a diff longer than a command's output may be (a replace_all across a big
+    file) keeps its head and tail."""
+    diff, _ = cap_text(result.diff.encode(), MAX_OUTPUT_CHARS, "\n[diff cut; read the file for the rest]")
+    return ok(
+        R.EditResult(path=result.path, replacements=result.replacements, diff=diff),
+        f"{result.replacements} replacement(s) in {result.path}\n{diff}",
+    )
+
+
 def tether_version() -> str:
     try:
         return importlib.metadata.version("tether")
@@ -649,8 +659,10 @@ def register_file_tools(server: MCPServer, state: ServerState) -> None:
         if result.total_lines == 0:
             text = f"({result.path} is empty)"
         elif result.more_after:
+            shown = result.end_line - result.start_line + 1
+            why = f" (an answer stops at {MAX_READ_CHARS} characters)" if shown < limit else ""
             text += (
-                f"\n\n[lines {result.start_line}-{result.end_line} of {result.total_lines}; "
+                f"\n\n[lines {result.start_line}-{result.end_line} of {result.total_lines}{why}; "
                 f"read on with offset={result.end_line + 1}]"
             )
         elif result.start_line > result.total_lines:
@@ -682,11 +694,7 @@ def register_file_tools(server: MCPServer, state: ServerState) -> None:
         """Replace an exact string in a file and return the unified diff. Fails (naming the matching lines)
         when old_string is missing or not unique, and when the file changed while the edit was applied."""
         box = await state.sandbox(sandbox)
-        result = await box.edit(path, old_string, new_string, replace_all)
-        return ok(
-            R.EditResult(path=result.path, replacements=result.replacements, diff=result.diff),
-            f"{result.replacements} replacement(s) in {result.path}\n{result.diff}",
-        )
+        return edited(await box.edit(path, old_string, new_string, replace_all))
 
     class EditSpec(BaseModel):
         old_string: str = Field(description="Exact text to replace")
@@ -703,11 +711,7 @@ def register_file_tools(server: MCPServer, state: ServerState) -> None:
         """Apply several exact-string edits to one file in order, atomically: either all apply or none
         does (the error names the failing edit's index)."""
         box = await state.sandbox(sandbox)
-        result = await box.multi_edit(path, [Edit(e.old_string, e.new_string, e.replace_all) for e in edits])
-        return ok(
-            R.EditResult(path=result.path, replacements=result.replacements, diff=result.diff),
-            f"{result.replacements} replacement(s) in {result.path}\n{result.diff}",
-        )
+        return edited(await box.multi_edit(path, [Edit(e.old_string, e.new_string, e.replace_all) for e in edits]))
 
     @server.tool(annotations=READ_ONLY)
     @guarded
