@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import pty
+import re
 import shlex
 import subprocess
 import sys
@@ -80,10 +81,12 @@ def test_up_exec_cp_info_down(tmp_path: Path) -> None:
 
     down = json.loads(tether("down", sandbox_id, "--json").stdout)
     assert down["status"] == "terminated" and down["cost"]["billing_model"] == "fixed"
+    assert set(down["cost"]) == {"seconds", "gpu_seconds", "gpu_type", "billing_model", "estimated_usd"}  # MCP's
     gone = tether("exec", sandbox_id, "--", "true")
     assert gone.returncode == 2 and "terminated" in gone.stderr
     costs = json.loads(tether("costs", "--json").stdout)
-    assert any(c["id"] == sandbox_id for c in costs)
+    [cost] = [c for c in costs if c["id"] == sandbox_id]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", cost["terminated"])  # as ls --json's times
 
 
 def test_attach_and_ssh_command(sshd: SSHD, client_key: Path) -> None:

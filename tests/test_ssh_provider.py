@@ -11,6 +11,7 @@ import pytest
 
 from providers import Fleet, Request, Unsupported
 from providers.capacity import host_capacity
+from sandbox.state import state_dir
 from tests.sshd import SSHD, ensure_account
 from tools.cli import ssh_argv
 
@@ -101,7 +102,10 @@ async def test_attach_through_proxyjump(
             run = ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", *argv[1:], *command]
             return subprocess.run(run, capture_output=True, text=True, timeout=30)
 
-        assert openssh("whoami").stdout.strip() == sshd.account.name
+        works = openssh("whoami")
+        known = (state_dir() / "known_hosts" / box.id).read_text()
+        why = f"{works.stderr}\nknown_hosts: {known}\njump {jump_host.port}, target {sshd.port}"
+        assert works.stdout.strip() == sshd.account.name, why
         jump_host.restart(new_host_key=True)
         refused = openssh("whoami")
         assert refused.returncode == 255 and "Host key verification failed" in refused.stderr, refused.stderr

@@ -260,6 +260,9 @@ def info_command(args: argparse.Namespace) -> int:
     if args.json:
         print_json(row)
         return 0
+    if row.get("provider") == "local" and row.get("ssh"):
+        # (the embedded server lives in whichever tether process serves the sandbox at the moment)
+        row["ssh"] = f"{row['ssh']} while a tether process serves it (`tether ssh {row['id']}` works any time)"
     for key in ("id", "name", "provider", "pool", "status", "status_reason", "ssh", "created_at", "expires_at"):
         if row.get(key) is not None:
             print(f"{key + ':':15}{row[key]}")
@@ -282,7 +285,7 @@ def info_command(args: argparse.Namespace) -> int:
 def down_command(args: argparse.Namespace) -> int:
     event = with_fleet(lambda fleet: fleet.destroy(args.id))
     if args.json:
-        print_json({"id": event.sandbox_id, "status": "terminated", "cost": event.as_dict()})
+        print_json(R.DestroyResult(id=event.sandbox_id, cost=R.Cost.of(event)).model_dump(mode="json"))  # (MCP's)
     else:
         usd = f", ~${event.estimated_usd:.4f}" if event.estimated_usd is not None else ""
         print(f"terminated {event.sandbox_id} after {duration(event.seconds)} ({event.billing_model}{usd})")
@@ -378,14 +381,14 @@ def ssh_command(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover
 
 
-def ssh_argv(record: SandboxRecord) -> list[str]:
+def ssh_argv(record: SandboxRecord, pins: HostKeyPins | None = None) -> list[str]:
     """An OpenSSH command line for an attached host that verifies the host keys tether pinned, its
     ProxyJump hops' included. (OpenSSH's own -J passes none of -o and -i to the ssh it runs for a
     hop, which would check the hop against ~/.ssh/known_hosts instead: each hop is an explicit
     ProxyCommand with the same options.)"""
     data = (record.handle or {}).get("data", {})
     known = state_dir() / "known_hosts" / record.id  # 0700 state dir, not a predictable name in /tmp
-    pins = HostKeyPins(default_store())
+    pins = pins or HostKeyPins(default_store())
     lines = []
     for where in [data, *data.get("jump", [])]:
         port = int(where["port"])
@@ -574,7 +577,8 @@ def costs_command(args: argparse.Namespace) -> int:
                 "name": record.name,
                 "provider": record.provider,
                 "pool": record.pool,
-                "terminated": when(event.created_at),
+                # for scripts ISO 8601 UTC, as everywhere in --json; for people the local time
+                "terminated": R.iso(event.created_at) if args.json else when(event.created_at),
                 "seconds": round(event.seconds, 1),
                 "duration": duration(event.seconds),
                 "gpu_seconds": round(event.gpu_seconds, 1),
