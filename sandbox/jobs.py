@@ -252,7 +252,7 @@ class Jobs:
             *(
                 self._settle(s, f"{root}/{i}")
                 for i, s in zip(ids, states, strict=True)
-                if s.exit_code is None and s.pid and s.pid not in alive
+                if s.exit_code is None and s.process and s.process not in alive
             )
         )
         jobs = [self._job(i, s, alive) for i, s in zip(ids, states, strict=True)]
@@ -262,7 +262,7 @@ class Jobs:
         directory = await self._directory(job_id)
         state = await self._read_state(directory)
         alive = await self._alive([state.process] if state.exit_code is None else [])
-        if state.exit_code is None and state.pid and state.pid not in alive:
+        if state.exit_code is None and state.process and state.process not in alive:
             await self._settle(state, directory)
         return self._job(job_id, state, alive)
 
@@ -393,21 +393,22 @@ class Jobs:
             state.exit_code = int(text)
         return state.exit_code is not None
 
-    async def _alive(self, processes: list[str | None]) -> set[int]:
-        """The pids of those of `processes` (pid files' contents) that still run as themselves."""
+    async def _alive(self, processes: list[str | None]) -> set[str]:
+        """Those of `processes` (pid files' contents) that still run as themselves. (Compared whole:
+        two jobs may have had the same pid, one long gone.)"""
         wanted = [p for p in processes if p]
         if not wanted:
             return set()
         async with self._shells.borrow() as shell:
             reply = await shell.call("alive", *wanted)
-        return {int(p) for p in reply if p}
+        return {p for p in reply if p}
 
-    def _job(self, job_id: str, state: _Files, alive: set[int]) -> Job:
+    def _job(self, job_id: str, state: _Files, alive: set[str]) -> Job:
         meta = state.meta
         started_at = float(meta.get("started_at", 0) or 0)  # type: ignore[arg-type]
         # No pid yet: starting, unless that began long ago (the start failed, or was cut off).
         starting = state.pid is None and time.time() - started_at < START_GRACE_SECONDS
-        running = state.exit_code is None and (starting or state.pid in alive)
+        running = state.exit_code is None and (starting or state.process in alive)
         return Job(
             id=job_id,
             command=str(meta.get("command", "")),

@@ -115,7 +115,9 @@ __t_killtree() {
 # without recording its end (a reboot, the OOM killer) leaves its pid behind, and the kernel may
 # give that pid to something else. A pid is taken for the job only while its stamp still matches.
 # `__t_stamp PID` sets __st (empty without /proc); `__t_ours PID[:STAMP]` sets __p to the pid and
-# succeeds when that process runs and is the one the stamp names. Builtins only.
+# succeeds when that process runs and is the one the stamp names, or when it is gone but its
+# process group is not (the wrapper was killed, the command runs on): a pid is never handed out
+# while a group of that id exists. Builtins only.
 PROC_STAMP_FN = r"""__t_stamp() {
   __st=
   read -r __sl 2>/dev/null <"/proc/$1/stat" || return 0
@@ -125,7 +127,7 @@ PROC_STAMP_FN = r"""__t_stamp() {
 }
 __t_ours() {
   __p=${1%%:*}
-  kill -0 "$__p" 2>/dev/null || return 1
+  kill -0 "$__p" 2>/dev/null || { kill -0 -"$__p" 2>/dev/null; return; }
   case $1 in *:*) __t_stamp "$__p"; [ "$__st" = "${1#*:}" ] ;; esac
 }"""
 
@@ -246,7 +248,7 @@ __t_job() {
 }
 __t_alive() {
   __i=$1; shift; __a=
-  for __r in "$@"; do __t_ours "$__r" && __a="$__a $__p"; done
+  for __r in "$@"; do __t_ours "$__r" && __a="$__a $__r"; done
   printf '%s R%s\0' "$__i" "$__a"
 }
 __PROC_STAMP_FN__

@@ -15,6 +15,7 @@ from sandbox import ConnectionPool, Sandbox, SSHEndpoint
 from sandbox.errors import FileNotFound, InvalidArgument, JobNotFound, SandboxError
 from sandbox.jobs import STOP_ALL_JOBS
 from tests.conftest import endpoint_for
+from tests.processes import leaf_sleep, processes_matching, wait_until_gone, wait_until_running
 from tests.sshd import SSHD
 
 
@@ -152,6 +153,20 @@ async def test_a_pid_that_now_names_another_process_is_never_signalled(sb: Sandb
         assert (await sb.run(f"kill -0 {bystander}")).exit_code == 0, "the bystander was signalled"
     finally:
         await sb.run(f"kill {bystander}; rm -rf {jobs_dir}-teardown")
+
+
+async def test_a_job_whose_wrapper_was_killed_alone_can_still_be_stopped(sb: Sandbox) -> None:
+    """`kill -9 PID` of the pid job_list shows ends the wrapper only: the command runs on in its
+    group, which job_list still shows and job_kill still stops."""
+    marker = leaf_sleep()
+    job = await sb.start_job(marker)
+    await wait_until_running(marker, 10)
+    await sb.run(f"kill -KILL {job.pid}")  # the wrapper alone
+    await asyncio.sleep(0.2)
+    assert processes_matching(marker), "the command should outlive its wrapper"
+    assert [j.status for j in await sb.job_list() if j.id == job.id] == ["running"]
+    await sb.job_kill(job.id, "KILL")
+    assert await wait_until_gone(marker) == []
 
 
 async def test_output_read_by_calls_sent_together_is_returned_once(sb: Sandbox) -> None:
