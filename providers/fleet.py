@@ -132,6 +132,7 @@ class Fleet:
         self._open: dict[str, ManagedSandbox] = {}
         self._cleanups: set[asyncio.Future[None]] = set()
         self.created_here: set[str] = set()
+        self._ending: set[str] = set()  # ids this fleet is terminating right now
         # Called with ("sandbox.created" | "sandbox.terminated", payload): chat channels, tunnel cleanup.
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
@@ -315,7 +316,10 @@ class Fleet:
             return box
         record = self.ledger.get(ref)
         if record.status == "terminated":
+            self._open.pop(record.id, None)
             raise SandboxGone(ref, f"terminated ({record.status_reason})")
+        if record.id in self._ending:
+            raise SandboxGone(ref, "being terminated")
         if record.status in ("provisioning", "failed"):
             raise ProviderError(f"sandbox {ref!r} is {record.status}; wait, or destroy it and create another")
         box = self._open.get(record.id)
@@ -348,17 +352,21 @@ class Fleet:
         record = self.ledger.get(ref)
         recorded = False
         if record.status != "terminated":
-            box = self._open.pop(record.id, None)
-            if box is not None:
-                self.flush_activity(box)
-                # A command still running is stopped first, while the machine is there to kill it
-                # on: it would run on (a local one) or end unseen, its output gone with the box.
-                await box.end_operations(reason)
-                with contextlib.suppress(Exception):
-                    await box.close()  # its own channels only: other sandboxes may share the connection
-            if record.handle:
-                await self._provider_of(record).terminate(Handle.model_validate(record.handle))
-            recorded = self._record_termination(record, reason)
+            self._ending.add(record.id)  # (get() opens it no more meanwhile)
+            try:
+                box = self._open.pop(record.id, None)
+                if box is not None:
+                    self.flush_activity(box)
+                    # A command still running is stopped first, while the machine is there to kill
+                    # it on: it would run on (a local one) or end unseen, its output gone with the box.
+                    await box.end_operations(reason)
+                    with contextlib.suppress(Exception):
+                        await box.close()  # its own channels only: other sandboxes may share the connection
+                if record.handle:
+                    await self._provider_of(record).terminate(Handle.model_validate(record.handle))
+                recorded = self._record_termination(record, reason)
+            finally:
+                self._ending.discard(record.id)
         event = self.ledger.cost_event(record.id)
         assert event is not None
         return event, recorded

@@ -289,7 +289,9 @@ def start(timeout: float = 15.0) -> HostStatus:
                     stderr=log,
                     start_new_session=True,
                     cwd=str(Path.home()),
-                    env={**os.environ, **daemon_env()},
+                    # (not a sandbox's own: started from a local sandbox's shell, it would carry its
+                    # TETHER_SANDBOX, and ending that sandbox kills what carries it)
+                    env={**{k: v for k, v in os.environ.items() if k != "TETHER_SANDBOX"}, **daemon_env()},
                 )
     deadline = time.monotonic() + timeout
     while daemon_state() is None:

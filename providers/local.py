@@ -111,17 +111,24 @@ def kill_processes_of(sandbox_id: str) -> None:
     server starts with TETHER_SANDBOX set, and whatever runs in it inherits that (a command another
     tether process is running in it, say). Where there is no /proc, jobs alone were stopped."""
     marker = f"TETHER_SANDBOX={sandbox_id}".encode()
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                environment = Path(entry.path, "environ").read_bytes()
-            except OSError:  # (gone, or another user's)
-                continue
-            if marker in environment.split(b"\0"):
-                with contextlib.suppress(OSError):
-                    os.kill(int(entry.name), signal.SIGKILL)
+    daemon = daemon_state()
+    spared = {os.getpid(), int(daemon["pid"]) if daemon else 0}  # (tether's own servers, whatever they carry)
+    for _ in range(3):  # again, for what forked while the last pass ran
+        killed = 0
+        with contextlib.suppress(OSError):
+            for entry in os.scandir("/proc"):
+                if not entry.name.isdigit() or int(entry.name) in spared:
+                    continue
+                try:
+                    environment = Path(entry.path, "environ").read_bytes()
+                except OSError:  # (gone, or another user's)
+                    continue
+                if marker in environment.split(b"\0"):
+                    with contextlib.suppress(OSError):
+                        os.kill(int(entry.name), signal.SIGKILL)
+                        killed += 1
+        if not killed:
+            return
 
 
 def remove_tree(root: Path) -> None:

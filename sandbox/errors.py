@@ -96,7 +96,7 @@ class BinaryFile(FileOperationError):
         super().__init__(
             path,
             f"{path} is a binary file ({size} bytes), not shown as text; look into it with run (file, "
-            "xxd | head), or copy it off the box (tether cp, Sandbox.download)",
+            "xxd | head), or copy it off the box (download it)",
         )
 
 
@@ -120,7 +120,7 @@ class FileTooLarge(FileOperationError):
         super().__init__(
             path,
             f"{path} is {size} bytes, over the {limit}-byte limit; shrink it with run, or copy it off the box "
-            "(tether cp, Sandbox.download)",
+            "(download it)",
         )
 
 

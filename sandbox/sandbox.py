@@ -61,6 +61,7 @@ class Sandbox:
         self._busy = 0  # long operations (commands, job waits, transfers) in flight
         self._operations: set[asyncio.Task[Any]] = set()  # the tasks running them
         self._ended: str | None = None  # why the machine ended under them (end_operations)
+        self._ending: set[asyncio.Task[Any]] = set()  # those end_operations cancelled
         self._parts: _Parts | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -95,8 +96,10 @@ class Sandbox:
         operations go there. What was open on the old address is closed; jobs are on the box."""
         if endpoint == self.endpoint:
             return
+        cwd = self._parts.executor.cwd if self._parts is not None else None
         self.endpoint = endpoint
         await self.close()
+        self._p.executor.cwd = cwd  # (the same machine: the next command starts where the last ended)
 
     @property
     def busy(self) -> bool:
@@ -106,6 +109,8 @@ class Sandbox:
 
     @contextlib.asynccontextmanager
     async def _in_flight(self) -> AsyncIterator[None]:
+        if self._ended is not None:
+            raise SandboxEnded(self.name, self._ended)
         task = asyncio.current_task()
         self._busy += 1
         if task is not None:
@@ -114,12 +119,13 @@ class Sandbox:
             yield
         except asyncio.CancelledError:
             # Cancelled by end_operations alone (not by its caller too): the caller learns why.
-            if self._ended is not None and task is not None and task.uncancel() == 0:
-                raise SandboxEnded(self.name, self._ended) from None
+            if task is not None and task in self._ending and task.uncancel() == 0:
+                raise SandboxEnded(self.name, self._ended or "ended") from None
             raise
         finally:
             self._busy -= 1
             self._operations.discard(task)  # type: ignore[arg-type]
+            self._ending.discard(task)  # type: ignore[arg-type]
             self.last_used = time.time()
 
     async def end_operations(self, why: str, grace: float = 10.0) -> None:
@@ -128,6 +134,7 @@ class Sandbox:
         have each raise SandboxEnded(why) to its caller. Waits up to `grace` seconds for them."""
         self._ended = why
         running = [t for t in self._operations if t is not asyncio.current_task() and not t.done()]
+        self._ending.update(running)
         for task in running:
             task.cancel()
         if running:

@@ -98,12 +98,14 @@ async def test_a_long_running_process_follows_its_local_sandboxes_when_the_daemo
         port = host_daemon.read_state()["port"]
         box = await fleet.create(Request(provider="local"))
         assert box.endpoint.port == port
+        await box.run("mkdir -p deeper && cd deeper")
 
         assert tether("host", "stop").returncode == 0 and daemon.wait(10) == 0
         await asyncio.sleep(1.1)  # (the fleet asks where a sandbox is at most once a second)
         same = await fleet.get(box.id)
         assert same is box and box.endpoint.port != port  # this process serves it now
         assert (await box.run("echo here")).stdout == "here\n"
+        assert (await box.run("pwd")).stdout.endswith("/deeper\n")  # where the last command ended
         assert fleet.record(box.id).endpoint["port"] == box.endpoint.port  # what `tether info` shows
 
         daemon = start_daemon()

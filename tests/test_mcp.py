@@ -499,7 +499,8 @@ async def test_a_non_loopback_bind_with_a_generated_token() -> None:
 
 async def test_tools_that_report_or_change_a_sandbox_make_none(tmp_path: Path) -> None:
     """Asked about a sandbox when there is none, the answer is not a new machine (maybe a billed one)."""
-    async with stdio_client(env=server_env(TETHER_STATE_DIR=str(tmp_path))) as client:
+    env = server_env(TETHER_STATE_DIR=str(tmp_path))
+    async with stdio_client(env=env) as client:
         for tool in ("job_output", "job_kill"):
             unknown = await client.call_tool(tool, {"job_id": "j-0000beef"})
             assert unknown.is_error and "no background job 'j-0000beef'" in text(unknown), text(unknown)
@@ -508,6 +509,13 @@ async def test_tools_that_report_or_change_a_sandbox_make_none(tmp_path: Path) -
             refused = await client.call_tool(tool, {})
             assert refused.is_error and "sandbox_list" in text(refused), (tool, text(refused))
         assert structured(await client.call_tool("sandbox_list", {}))["sandboxes"] == []
+        # two sandboxes kept from before, none named: which one is the caller's to say
+        made = [tether("up", "local", env=env).stdout.strip() for _ in range(2)]
+        for tool in ("job_list", "sandbox_info", "sandbox_pause", "sandbox_resume"):
+            refused = await client.call_tool(tool, {})
+            assert refused.is_error and "several sandboxes exist" in text(refused), (tool, text(refused))
+        for sandbox_id in made:
+            assert tether("down", sandbox_id, env=env).returncode == 0
 
 
 @pytest.mark.parametrize("host", ["127.0.0.2", "[::1]"])

@@ -206,9 +206,7 @@ class ServerState:
             if found is not None:
                 self.default_id = found  # (from now on the default, as sandbox_list shows)
                 return await self.fleet.get(found)
-            if self.default_request is None and len(live := self._default_candidates()) > 1:
-                names = ", ".join(f"{r.name} ({r.id})" for r in live)
-                raise InvalidArgument(f"several sandboxes exist ({names}); say which one with `sandbox`")
+            self.refuse_if_ambiguous()
             request = self.default_request or Request(provider="local")
             box = await self.fleet.create(request, progress_reporter(ctx))
             self.default_id = box.id
@@ -219,11 +217,18 @@ class ServerState:
         state, where a new machine (maybe a billed one) would be no answer."""
         ref = ref or self.current_default()
         if ref is None:
+            self.refuse_if_ambiguous()
             raise InvalidArgument(
                 "there is no sandbox yet: create one with sandbox_create (or any file or shell tool makes "
                 "the default one), or name one from sandbox_list"
             )
         return await self.fleet.get(ref)
+
+    def refuse_if_ambiguous(self) -> None:
+        """With nothing named at start and several sandboxes to choose from, the caller must choose."""
+        if self.default_request is None and len(live := self._default_candidates()) > 1:
+            names = ", ".join(f"{r.name} ({r.id})" for r in live)
+            raise InvalidArgument(f"several sandboxes exist ({names}); say which one with `sandbox`")
 
     def current_default(self) -> str | None:
         """The live sandbox a call without `sandbox` uses, or None when it would create one (or
@@ -593,6 +598,7 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
         """Resume a paused sandbox."""
         ref = sandbox or state.current_default()
         if ref is None:
+            state.refuse_if_ambiguous()
             raise InvalidArgument("there is no sandbox to resume; name one from sandbox_list")
         record = state.fleet.ledger.get(ref)
         await state.fleet.resume(record.id)
@@ -856,6 +862,7 @@ def register_shell_tools(server: MCPServer, state: ServerState) -> None:
     async def job_list(sandbox: SandboxArg = None) -> Annotated[CallToolResult, R.JobList]:
         """Background jobs of a sandbox with command, status and start time."""
         if sandbox is None and state.current_default() is None:
+            state.refuse_if_ambiguous()
             return ok(R.JobList(jobs=[]))  # (no sandbox yet: none has jobs)
         box = await state.existing(sandbox)
         jobs = [R.JobInfo.of(job) for job in await box.job_list()]
