@@ -22,7 +22,7 @@ import providers
 from providers import Fleet, Request, Unsupported
 from providers.local_server import _WorkdirSFTPServer, sandbox_root
 from sandbox.connect import dial
-from sandbox.errors import IsADirectory
+from sandbox.errors import IsADirectory, SandboxEnded
 from sandbox.hostkeys import HostKeyPins
 from sandbox.state import StateStore
 from tests.mcp_support import tether
@@ -307,5 +307,28 @@ async def test_destroying_a_sandbox_from_another_process_stops_what_runs_in_it()
         assert await wait_until_gone(marker) == []
         done, _ = await asyncio.wait([running], timeout=30)
         assert done, "the run did not end with its sandbox"
+    finally:
+        await fleet.close()
+
+
+async def test_destroying_a_sandbox_stops_its_running_command_and_says_why() -> None:
+    fleet = Fleet(config={})
+    try:
+        box = await fleet.create(Request(provider="local"))
+        marker = leaf_sleep()
+        running = asyncio.ensure_future(box.run(marker, timeout=120))
+        await wait_until_running(marker, 10)
+        await fleet.destroy(box.id)
+        with pytest.raises(SandboxEnded, match="ended while this ran"):
+            await running
+        assert await wait_until_gone(marker) == []
+        with pytest.raises(SandboxEnded):  # and nothing new starts on it
+            await box.run("true")
+        # a caller's own timeout is still a timeout, on a sandbox that lives
+        other = await fleet.create(Request(provider="local"))
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await other.run("sleep 5")
+        await other.destroy()
     finally:
         await fleet.close()
