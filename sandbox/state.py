@@ -47,6 +47,13 @@ def state_dir() -> Path:
             "set TETHER_STATE_DIR to a directory of your own"
         )
     if info.st_mode & 0o077:
+        # Open to others until now: what they may have put in it is not tether's to trust.
+        planted = [entry.name for entry in path.iterdir() if entry.lstat().st_uid != os.getuid()]
+        if planted:
+            raise PermissionError(
+                f"tether's state dir {path} was writable by others and holds files that are not yours "
+                f"({', '.join(sorted(planted))}); check them, or set TETHER_STATE_DIR to a new directory"
+            )
         path.chmod(0o700)
     return path
 

@@ -232,7 +232,14 @@ def test_a_state_dir_open_to_others_is_made_private_and_anothers_is_refused(
     assert state_dir() == shared and shared.stat().st_mode & 0o777 == 0o700
 
     if os.getuid() != 0:
-        return  # (only root can give the directory away)
+        return  # (only root can give files away)
+    shared.chmod(0o777)
+    planted = shared / "tether.db"
+    planted.write_bytes(b"")
+    os.chown(planted, 1, 1)  # someone else's, put there while the directory was open
+    with pytest.raises(PermissionError, match=r"holds files that are not yours \(tether.db\)"):
+        state_dir()
+    planted.unlink()
     os.chown(shared, 1, 1)
     with pytest.raises(PermissionError, match=r"belongs to another user.*TETHER_STATE_DIR"):
         state_dir()
