@@ -18,8 +18,8 @@ from providers.local_server import host_state_path
 from tests.mcp_support import ROOT, tether
 
 
-async def test_serve_status_drain_and_stop() -> None:
-    assert tether("host", "status", "--json").returncode == 0
+def start_daemon() -> subprocess.Popen[str]:
+    """`tether host serve` as a subprocess, once its host.json says it serves."""
     daemon = subprocess.Popen(
         [sys.executable, "-m", "tools.cli", "host", "serve"],
         cwd=ROOT,
@@ -27,13 +27,19 @@ async def test_serve_status_drain_and_stop() -> None:
         stderr=subprocess.STDOUT,
         text=True,
     )
+    deadline = time.monotonic() + 20
+    while host_daemon.daemon_state() is None:
+        assert daemon.poll() is None, daemon.stdout.read() if daemon.stdout else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return daemon
+
+
+async def test_serve_status_drain_and_stop() -> None:
+    assert tether("host", "status", "--json").returncode == 0
+    daemon = start_daemon()
     drain = None
     try:
-        deadline = time.monotonic() + 20
-        while host_daemon.daemon_state() is None:
-            assert daemon.poll() is None, daemon.stdout.read() if daemon.stdout else ""
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
         port = host_daemon.read_state()["port"]
 
         fleet = Fleet(config={})
@@ -72,22 +78,6 @@ async def test_serve_status_drain_and_stop() -> None:
             if process is not None and process.poll() is None:
                 process.kill()
         host_state_path().unlink(missing_ok=True)
-
-
-def start_daemon() -> subprocess.Popen[str]:
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "tools.cli", "host", "serve"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 20
-    while host_daemon.daemon_state() is None:
-        assert daemon.poll() is None, daemon.stdout.read() if daemon.stdout else ""
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    return daemon
 
 
 async def test_a_long_running_process_follows_its_local_sandboxes_when_the_daemon_stops_and_returns() -> None:

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncssh
@@ -21,6 +22,7 @@ import pytest
 import providers
 from providers import Fleet, Request, Unsupported
 from providers.local_server import _WorkdirSFTPServer, sandbox_root
+from sandbox import Sandbox
 from sandbox.connect import dial
 from sandbox.errors import IsADirectory, SandboxEnded
 from sandbox.hostkeys import HostKeyPins
@@ -41,67 +43,67 @@ def running(pid: int) -> bool:
     return state != "Z"
 
 
-async def test_local_sandbox_end_to_end(tmp_path: Path) -> None:
-    fleet = Fleet(config={})
-    try:
-        box = await fleet.create(Request(provider="local", name="e2e-local"))
-        assert box.record.external_id == "user-managed" and box.record.status == "running"
-        work = sandbox_root(box.id) / "work"
-        assert await box.cwd() == str(work)
-        r = await box.run("pwd; echo hi > made.txt; cd sub 2>/dev/null || mkdir sub && cd sub; pwd")
-        assert r.stdout.splitlines() == [str(work), f"{work}/sub"]
-        assert (work / "made.txt").read_text() == "hi\n"
-        await box.write("../notes.md", "# notes\nTODO: ship\n")
-        assert (await box.edit(f"{work}/notes.md", "TODO", "DONE")).replacements == 1
-        assert (await box.grep("DONE", str(work))).text == f"{work}/notes.md"
-        job = await box.start_job("sleep 1000")
-        capacity = await box.capacity()
-        assert capacity.cpus == os.cpu_count() and capacity.memory_mb and capacity.disk_free_gb
-        with pytest.raises(Unsupported, match="supportsPauseResume: false"):
-            await box.pause()
-        with pytest.raises(Unsupported, match="supportsFsSnapshot: false"):
-            await box.snapshot()
-        event = await box.destroy()
-        assert (event.billing_model, event.estimated_usd, event.gpu_seconds) == ("fixed", 0.0, 0.0)
-        assert not sandbox_root(box.id).exists()
-        assert job.pid
-        for _ in range(100):  # its job died with it (SIGKILL is delivered asynchronously)
-            if not running(job.pid):
-                break
-            await asyncio.sleep(0.05)
-        assert not running(job.pid)
-        assert await fleet.destroy(box.id) == event  # idempotent: the same single event
-    finally:
-        await fleet.close()
+@pytest.fixture
+async def fleet() -> AsyncIterator[Fleet]:
+    """A fleet on the implicit pools (local first), closed after the test."""
+    made = Fleet(config={})
+    yield made
+    await made.close()
 
 
-async def test_each_local_sandbox_has_its_own_dir_and_jobs() -> None:
-    fleet = Fleet(config={})
-    try:
-        a = await fleet.create(Request(provider="local"))
-        b = await fleet.create(Request(provider="local"))
-        await a.start_job("sleep 30")
-        assert len(await a.job_list()) == 1 and await b.job_list() == []
-        marker = f"tether-regrouped-{os.getpid()}"  # a job's child in a session of its own
-        await a.start_job(f"setsid sh -c 'sleep 1000' {marker}")
-        await wait_until_running(marker)
-        assert await a.cwd() != await b.cwd()
-        # a removed cwd falls back to the sandbox's own work dir, not the user's home
-        work = await a.cwd()
-        await a.run("mkdir doomed && cd doomed")
-        await a.exec_raw(["rmdir", f"{work}/doomed"], cwd=work)
-        gone = await a.run("pwd")
-        assert gone.stdout == f"{work}\n" and "is gone" in gone.stderr
-        # the embedded SFTP server refuses to open a directory with a bare failure: still named
-        await a.makedirs("a-dir")
-        for attempt in (a.read("a-dir"), a.edit("a-dir", "x", "y")):
-            with pytest.raises(IsADirectory, match="glob"):
-                await attempt
-        await a.destroy()  # stops its jobs, with whatever left their process group
-        await b.destroy()
-        assert await wait_until_gone(marker) == []
-    finally:
-        await fleet.close()
+async def test_local_sandbox_end_to_end(tmp_path: Path, fleet: Fleet) -> None:
+    box = await fleet.create(Request(provider="local", name="e2e-local"))
+    assert box.record.external_id == "user-managed" and box.record.status == "running"
+    work = sandbox_root(box.id) / "work"
+    assert await box.cwd() == str(work)
+    r = await box.run("pwd; echo hi > made.txt; cd sub 2>/dev/null || mkdir sub && cd sub; pwd")
+    assert r.stdout.splitlines() == [str(work), f"{work}/sub"]
+    assert (work / "made.txt").read_text() == "hi\n"
+    await box.write("../notes.md", "# notes\nTODO: ship\n")
+    assert (await box.edit(f"{work}/notes.md", "TODO", "DONE")).replacements == 1
+    assert (await box.grep("DONE", str(work))).text == f"{work}/notes.md"
+    job = await box.start_job("sleep 1000")
+    capacity = await box.capacity()
+    assert capacity.cpus == os.cpu_count() and capacity.memory_mb and capacity.disk_free_gb
+    with pytest.raises(Unsupported, match="supportsPauseResume: false"):
+        await box.pause()
+    with pytest.raises(Unsupported, match="supportsFsSnapshot: false"):
+        await box.snapshot()
+    event = await box.destroy()
+    assert (event.billing_model, event.estimated_usd, event.gpu_seconds) == ("fixed", 0.0, 0.0)
+    assert not sandbox_root(box.id).exists()
+    assert job.pid
+    for _ in range(100):  # its job died with it (SIGKILL is delivered asynchronously)
+        if not running(job.pid):
+            break
+        await asyncio.sleep(0.05)
+    assert not running(job.pid)
+    assert await fleet.destroy(box.id) == event  # idempotent: the same single event
+
+
+async def test_each_local_sandbox_has_its_own_dir_and_jobs(fleet: Fleet) -> None:
+    a = await fleet.create(Request(provider="local"))
+    b = await fleet.create(Request(provider="local"))
+    await a.start_job("sleep 30")
+    assert len(await a.job_list()) == 1 and await b.job_list() == []
+    marker = f"tether-regrouped-{os.getpid()}"  # a job's child in a session of its own
+    await a.start_job(f"setsid sh -c 'sleep 1000' {marker}")
+    await wait_until_running(marker)
+    assert await a.cwd() != await b.cwd()
+    # a removed cwd falls back to the sandbox's own work dir, not the user's home
+    work = await a.cwd()
+    await a.run("mkdir doomed && cd doomed")
+    await a.exec_raw(["rmdir", f"{work}/doomed"], cwd=work)
+    gone = await a.run("pwd")
+    assert gone.stdout == f"{work}\n" and "is gone" in gone.stderr
+    # the embedded SFTP server refuses to open a directory with a bare failure: still named
+    await a.makedirs("a-dir")
+    for attempt in (a.read("a-dir"), a.edit("a-dir", "x", "y")):
+        with pytest.raises(IsADirectory, match="glob"):
+            await attempt
+    await a.destroy()  # stops its jobs, with whatever left their process group
+    await b.destroy()
+    assert await wait_until_gone(marker) == []
 
 
 async def test_create_from_the_public_api() -> None:
@@ -218,7 +220,7 @@ def test_local_provider_as_a_non_root_user_without_sshd(tmp_path: Path) -> None:
 
 
 async def test_the_embedded_server_sends_no_empty_ignore_packets(
-    caplog: pytest.LogCaptureFixture, tmp_path: Path
+    caplog: pytest.LogCaptureFixture, tmp_path: Path, fleet: Fleet
 ) -> None:
     """asyncssh puts an empty MSG_IGNORE before every packet it sends (a CBC defence); the embedded
     server, like tether's client, leaves them out: half the packets to encrypt and decrypt."""
@@ -293,42 +295,38 @@ def test_the_embedded_sftp_server_writes_all_or_fails() -> None:
     assert failed.value.errno == errno.ENOSPC
 
 
-async def test_destroying_a_sandbox_from_another_process_stops_what_runs_in_it() -> None:
+async def run_in_background(box: Sandbox, before: str = "") -> tuple[str, asyncio.Future[object]]:
+    """A `run` of a marked sleep, as a task, once its process is seen: (marker, task)."""
+    marker = leaf_sleep()
+    running = asyncio.ensure_future(box.run(f"{before}{marker}", timeout=120))
+    await wait_until_running(marker, 10)
+    return marker, running
+
+
+async def test_destroying_a_sandbox_from_another_process_stops_what_runs_in_it(fleet: Fleet) -> None:
     """`tether down` while an MCP server runs a command in the sandbox: the command ends with it,
     not on, as this user's process, after its directory is gone."""
-    fleet = Fleet(config={})
-    try:
-        box = await fleet.create(Request(provider="local", keep=True))
-        marker = leaf_sleep()
-        running = asyncio.ensure_future(box.run(f"cd /tmp && {marker}", timeout=120))
-        await wait_until_running(marker, 10)
-        down = await asyncio.to_thread(tether, "down", box.id)
-        assert down.returncode == 0, down.stderr
-        assert await wait_until_gone(marker) == []
-        done, _ = await asyncio.wait([running], timeout=30)
-        assert done, "the run did not end with its sandbox"
-    finally:
-        await fleet.close()
+    box = await fleet.create(Request(provider="local", keep=True))
+    marker, running = await run_in_background(box, "cd /tmp && ")  # (its cwd: not the sandbox's)
+    down = await asyncio.to_thread(tether, "down", box.id)
+    assert down.returncode == 0, down.stderr
+    assert await wait_until_gone(marker) == []
+    done, _ = await asyncio.wait([running], timeout=30)
+    assert done, "the run did not end with its sandbox"
 
 
-async def test_destroying_a_sandbox_stops_its_running_command_and_says_why() -> None:
-    fleet = Fleet(config={})
-    try:
-        box = await fleet.create(Request(provider="local"))
-        marker = leaf_sleep()
-        running = asyncio.ensure_future(box.run(marker, timeout=120))
-        await wait_until_running(marker, 10)
-        await fleet.destroy(box.id)
-        with pytest.raises(SandboxEnded, match="ended while this ran"):
-            await running
-        assert await wait_until_gone(marker) == []
-        with pytest.raises(SandboxEnded):  # and nothing new starts on it
-            await box.run("true")
-        # a caller's own timeout is still a timeout, on a sandbox that lives
-        other = await fleet.create(Request(provider="local"))
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.5):
-                await other.run("sleep 5")
-        await other.destroy()
-    finally:
-        await fleet.close()
+async def test_destroying_a_sandbox_stops_its_running_command_and_says_why(fleet: Fleet) -> None:
+    box = await fleet.create(Request(provider="local"))
+    marker, running = await run_in_background(box)
+    await fleet.destroy(box.id)
+    with pytest.raises(SandboxEnded, match="ended while this ran"):
+        await running
+    assert await wait_until_gone(marker) == []
+    with pytest.raises(SandboxEnded):  # and nothing new starts on it
+        await box.run("true")
+    # a caller's own timeout is still a timeout, on a sandbox that lives
+    other = await fleet.create(Request(provider="local"))
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.5):
+            await other.run("sleep 5")
+    await other.destroy()

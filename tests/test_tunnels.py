@@ -228,16 +228,21 @@ def openssh_relay(client_key: Path) -> Iterator[SSHD]:
     relay.cleanup()
 
 
-async def test_relay_through_a_real_openssh_sshd(openssh_relay: SSHD, any_box: Sandbox, client_key: Path) -> None:
-    port = await start_http_server(any_box)
-    config = RelayConfig(
+@pytest.fixture
+def relay_config(openssh_relay: SSHD, client_key: Path) -> RelayConfig:
+    """[relay] for the OpenSSH relay: any free port on it, the URL made from its address."""
+    return RelayConfig(
         host=openssh_relay.address,
         identityFile=str(client_key),
         remote_host="0.0.0.0",
         remote_port=0,
         url_template="http://{host}:{port}",
     )
-    tunnels = TunnelManager(relay=config)
+
+
+async def test_relay_through_a_real_openssh_sshd(relay_config: RelayConfig, any_box: Sandbox) -> None:
+    port = await start_http_server(any_box)
+    tunnels = TunnelManager(relay=relay_config)
     tunnel = await tunnels.open(any_box, port)  # auto: the relay wins over local
     assert tunnel.backend == "relay" and tunnel.url.startswith("http://127.0.0.1:")
     async with httpx.AsyncClient() as client:
@@ -247,18 +252,11 @@ async def test_relay_through_a_real_openssh_sshd(openssh_relay: SSHD, any_box: S
 
 
 async def test_a_server_listening_on_ipv6_loopback_alone_is_reached(
-    openssh_relay: SSHD, any_box: Sandbox, client_key: Path
+    relay_config: RelayConfig, any_box: Sandbox
 ) -> None:
     """Node and Vite bind ::1 when "localhost" means ::1: 127.0.0.1 gets refused there."""
     port = await start_http_server(any_box, bind="::1")
-    relay = RelayConfig(
-        host=openssh_relay.address,
-        identityFile=str(client_key),
-        remote_host="0.0.0.0",
-        remote_port=0,
-        url_template="http://{host}:{port}",
-    )
-    tunnels = TunnelManager(relay=relay)
+    tunnels = TunnelManager(relay=relay_config)
     for backend in ("local", "relay"):
         tunnel = await tunnels.open(any_box, port, backend=backend)
         async with httpx.AsyncClient() as client:
@@ -267,18 +265,11 @@ async def test_a_server_listening_on_ipv6_loopback_alone_is_reached(
 
 
 async def test_a_relay_tunnel_comes_back_after_the_relay_connection_drops(
-    openssh_relay: SSHD, ssh_box: Sandbox, client_key: Path
+    openssh_relay: SSHD, relay_config: RelayConfig, ssh_box: Sandbox
 ) -> None:
-    port = await start_http_server(ssh_box)
-    config = RelayConfig(
-        host=openssh_relay.address,
-        identityFile=str(client_key),
-        remote_host="0.0.0.0",
-        remote_port=0,  # any free port: the URL changes on the way back, and is reported
-        url_template="http://{host}:{port}",
-    )
+    port = await start_http_server(ssh_box)  # (the relay hands out any free port: a new URL on the way back)
     seen: list[tuple[str, str]] = []
-    tunnels = TunnelManager(relay=config, recorder=lambda what, t: seen.append((what, t.url)))
+    tunnels = TunnelManager(relay=relay_config, recorder=lambda what, t: seen.append((what, t.url)))
     tunnel = await tunnels.open(ssh_box, port, backend="relay")
     first = tunnel.url
     openssh_relay.kill_connections()
