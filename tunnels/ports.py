@@ -36,43 +36,42 @@ def parse_netstat(text: str) -> set[int]:
     return ports
 
 
+async def proc_listeners(box: Sandbox, uid: int | None = None) -> tuple[set[int], set[int]] | None:
+    """Listening ports of /proc/net/tcp and of /proc/net/tcp6 (only `uid`'s sockets when given),
+    both read in one round trip; None when the box has neither table."""
+
+    async def table(path: str) -> set[int] | None:
+        try:
+            return parse_proc_net_tcp((await box.read_bytes(path)).decode("ascii", "replace"), uid)
+        except SandboxError:
+            return None
+
+    v4, v6 = await asyncio.gather(table("/proc/net/tcp"), table("/proc/net/tcp6"))
+    return None if v4 is None and v6 is None else (v4 or set(), v6 or set())
+
+
 async def listening_ports(box: Sandbox, own_only: bool = False) -> list[int]:
     """Sorted listening TCP ports: /proc/net/tcp{,6} over SFTP, else `netstat -an`.
 
     With `own_only`, only sockets of the sandbox's login user (a shared host lists everyone's).
     """
-    ports: set[int] = set()
-    found_proc = False
-    uid = (await box.stat("~")).uid if own_only else None
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            ports |= parse_proc_net_tcp((await box.read_bytes(table)).decode("ascii", "replace"), uid)
-            found_proc = True
-        except SandboxError:
-            continue
-    if not found_proc:
-        try:
-            raw = await box.exec_raw(["netstat", "-an"], timeout=15)
-            ports = parse_netstat(raw.stdout.decode("ascii", "replace"))
-        except (SandboxError, TimeoutError):
-            raise PortsUnknown(
-                "which ports listen inside the sandbox cannot be read (no /proc/net/tcp, no netstat)"
-            ) from None
-    return sorted(ports)
+    tables = await proc_listeners(box, (await box.stat("~")).uid if own_only else None)
+    if tables is not None:
+        return sorted(tables[0] | tables[1])
+    try:
+        raw = await box.exec_raw(["netstat", "-an"], timeout=15)
+    except (SandboxError, TimeoutError):
+        raise PortsUnknown(
+            "which ports listen inside the sandbox cannot be read (no /proc/net/tcp, no netstat)"
+        ) from None
+    return sorted(parse_netstat(raw.stdout.decode("ascii", "replace")))
 
 
 async def loopback_for(box: Sandbox, port: int) -> str:
     """The loopback address a tunnel reaches `port` at: 127.0.0.1, unless the port listens on IPv6
     alone (a dev server bound to ::1, as Node and Vite do when "localhost" means ::1). Where the
     tables cannot be read, 127.0.0.1."""
-
-    async def listeners(table: str) -> set[int]:
-        try:
-            return parse_proc_net_tcp((await box.read_bytes(table)).decode("ascii", "replace"))
-        except SandboxError:
-            return set()
-
-    v4, v6 = await asyncio.gather(listeners("/proc/net/tcp"), listeners("/proc/net/tcp6"))
+    v4, v6 = await proc_listeners(box) or (set(), set())
     return "::1" if port in v6 and port not in v4 else "127.0.0.1"
 
 
