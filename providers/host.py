@@ -59,12 +59,13 @@ async def serve(port: int = 0) -> None:
         raise RuntimeError(f"a tether host daemon already runs (pid {running['pid']}); stop it first")
     server = LocalSSHServer()
     last_port = local_dir() / "host.port"
+    running = None
     if not port:
         # The port the last run served on, when it is free: processes that knew it keep working
         # through a restart (and the others ask again: Provider.endpoint_moves).
-        with contextlib.suppress(OSError, ValueError):
-            server.start(int(last_port.read_text()))
-    running = server.start(port)  # (a no-op when the last port was free)
+        with contextlib.suppress(OSError, ValueError, OverflowError):
+            running = server.start(int(last_port.read_text()))
+    running = running or server.start(port)
     last_port.write_text(str(running.port))
     write_state(
         {

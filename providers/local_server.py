@@ -219,6 +219,7 @@ class LocalSSHServer:
                 self.running = loop.run_until_complete(self._listen(port))
             except BaseException as exc:  # report to the starting thread
                 failure.append(exc)
+                loop.close()
                 started.set()
                 return
             started.set()
@@ -230,6 +231,7 @@ class LocalSSHServer:
         self._thread.start()
         started.wait()
         if failure:
+            self._loop = self._thread = None
             raise failure[0]
         assert self.running is not None
         return self.running
