@@ -755,7 +755,7 @@ async def test_the_server_reaps_expired_and_idle_sandboxes_itself() -> None:
         assert gone.is_error and "terminated" in text(gone)
 
 
-async def test_big_reads_and_diffs_come_back_cut_with_a_way_on(tmp_path: Path) -> None:
+async def test_big_reads_and_diffs_come_back_cut_with_a_way_on() -> None:
     async with stdio_client("--provider", "local") as client:
         wide = "".join(f"{i:04d}" + "w" * 996 + "\n" for i in range(1, 3001))
         await client.call_tool("write", {"path": "wide.txt", "content": wide})
