@@ -86,8 +86,8 @@ class NotADirectory(FileOperationError, NotADirectoryError):
 
 
 class PermissionDenied(FileOperationError, PermissionError):
-    def __init__(self, path: str) -> None:
-        super().__init__(path, f"{path}: permission denied for the sandbox user")
+    def __init__(self, path: str, hint: str = "") -> None:
+        super().__init__(path, f"{path}: permission denied for the sandbox user{hint}")
 
 
 class BinaryFile(FileOperationError):

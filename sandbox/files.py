@@ -184,6 +184,23 @@ async def _keep_owner(
         await temp_file.chown(original.uid, original.gid)
 
 
+def refuse_read_only(path: str, existing: asyncssh.SFTPAttrs, ours: tuple[int, int] | None) -> None:
+    """Raise PermissionDenied for a file the sandbox user may not write.
+
+    Renaming over a file needs only its directory to be writable, so without this a write or edit
+    would replace a read-only file that an editor writing in place is refused. `ours` is the owner
+    a new file gets (the sandbox user); root may write anything. Group membership is not known
+    here, so a group-writable file gets the benefit of the doubt.
+    """
+    if ours is None or ours[0] == 0 or existing.uid is None:
+        return
+    mode = (existing.permissions or 0) & 0o777
+    writable = mode & 0o200 if existing.uid == ours[0] else mode & 0o022
+    if not writable:
+        hint = f" (mode {mode:04o}): make it writable first (chmod u+w with run) if it should change"
+        raise PermissionDenied(path, hint)
+
+
 def _raise_first(*outcomes: object) -> None:
     """Raise the first exception among the results of a gather(return_exceptions=True)."""
     for outcome in outcomes:
@@ -523,6 +540,8 @@ class Files:
         try:
             pending: list[Awaitable[object]] = [write_all(temp_file, data)] if data else []
             if existing is not None:
+                if self._temp_facts.owner(directory) is None:  # (who we are: see refuse_read_only)
+                    pending.append(self._learn_temp_facts(temp_file, directory))
                 # (the owner first: a chown by anyone but root clears setuid bits the chmod sets)
                 pending[:0] = [
                     # (a temp file's group depends on its directory: unless known, always ask)
@@ -535,6 +554,8 @@ class Files:
                 assert self._new_file_mode is not None
                 pending.append(temp_file.chmod(self._new_file_mode))
             await asyncio.gather(*pending)
+            if existing is not None:
+                refuse_read_only(path, existing, self._temp_facts.owner(directory))
             await sftp.posix_rename(temp, path)
             renamed = True
         except asyncssh.SFTPError as exc:
@@ -556,10 +577,14 @@ class Files:
             return await sftp.open(temp, "xb", attrs)
 
     async def _learn_new_file_mode(self, temp_file: asyncssh.SFTPClientFile, directory: str) -> None:
-        attrs = await temp_file.stat()
-        self._temp_facts.learn(directory, attrs)
+        attrs = await self._learn_temp_facts(temp_file, directory)
         if attrs.permissions is not None:
             self._new_file_mode = attrs.permissions & 0o777
+
+    async def _learn_temp_facts(self, temp_file: asyncssh.SFTPClientFile, directory: str) -> asyncssh.SFTPAttrs:
+        attrs = await temp_file.stat()
+        self._temp_facts.learn(directory, attrs)
+        return attrs
 
     async def _discard_temp(self, sftp: asyncssh.SFTPClient, f: asyncssh.SFTPClientFile, temp: str) -> None:
         self._sftp.close_later(f)
@@ -689,6 +714,7 @@ class Files:
                 before, after, count = _apply_to(path, original, edits, indexed)
             if isinstance(temp_file, BaseException):
                 raise sftp_error(path, temp_file) if isinstance(temp_file, asyncssh.SFTPError) else temp_file
+            refuse_read_only(path, attrs, facts.owner(directory))
             data = encode_text(path, after)
             if self.before_conflict_check is not None:
                 await self.before_conflict_check(path)

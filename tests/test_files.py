@@ -22,6 +22,7 @@ from sandbox.errors import (
     IsADirectory,
     NoMatch,
     NotUnique,
+    PermissionDenied,
     SpecialFile,
 )
 from sandbox.files import MAX_READ_CHARS
@@ -151,6 +152,26 @@ async def test_a_failed_write_leaves_the_original_intact(sb: Sandbox) -> None:
         assert await sb.read_text("locked/keep.txt") == "original"
     finally:
         await sb.run("chmod 755 locked")
+
+
+async def test_a_read_only_file_is_refused_as_an_editor_would_refuse_it(sb: Sandbox) -> None:
+    """Renaming over a file needs only its directory writable: write and edit check the file's own
+    mode, first use in a directory included (who the sandbox user is comes from the temp file)."""
+    for attempt in ("write", "edit", "write-again", "edit-again"):
+        name = f"ro-{attempt.split('-')[0]}/frozen.txt"
+        if not attempt.endswith("again"):
+            await sb.run(["sh", "-c", f"mkdir -p {name.split('/')[0]} && printf 'v1\\n' > {name} && chmod 444 {name}"])
+        with pytest.raises(PermissionDenied, match=r"mode 0444.*chmod u\+w"):
+            if attempt.startswith("write"):
+                await sb.write(name, "v2\n")
+            else:
+                await sb.edit(name, "v1", "v2")
+        assert await sb.read_text(name) == "v1\n"
+    for directory in ("ro-write", "ro-edit"):  # (temp files are removed in the background, on the same channel)
+        assert [e.path.rsplit("/", 1)[1] for e in await sb.list_dir(directory)] == ["frozen.txt"]
+    await sb.run(["chmod", "644", "ro-write/frozen.txt"])
+    await sb.write("ro-write/frozen.txt", "v3\n")
+    assert await sb.read_text("ro-write/frozen.txt") == "v3\n"
 
 
 async def test_edit_replaces_a_unique_match_and_returns_a_diff(sb: Sandbox) -> None:
