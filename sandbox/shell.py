@@ -189,7 +189,7 @@ if [ -n "${BASH_VERSION:-}" ] && set -m 2>/dev/null && case $- in *m*) true ;; *
       __c=$4; __d=$1; __s=$2; __f=$5; set --
       trap '__t_pwd >>"$__c" 2>/dev/null' EXIT
       __t_cd -- "$__d" 2>/dev/null || __NO_CWD__
-      eval "$__s"
+      __t_eval
     ) </dev/null >>"$__o" 2>>"$__e" 7<&- 8<&- &
   }
 else
@@ -197,7 +197,7 @@ else
     # Environment values go through a private file, not the new shell's arguments (ps shows those).
     __vf=
     if [ -n "$3" ]; then __t_private "$__P.v" "$3"; __vf="$__P.v"; fi
-    __t_bg "$__TSH" -c "$__TCHILD" tether "$1" "$2" "$__c" "$__vf" "$5"
+    __t_bg "$__TSH" -c "$__TCHILD" "${__TSH##*/}" "$1" "$2" "$__c" "$__vf" "$5"
   }
 fi
 __t_run() {
@@ -239,7 +239,7 @@ __t_job() {
   # Environment values through a private file the job reads and empties (not its arguments).
   if [ -n "$5" ]; then __t_private "$2/env" "$5"; fi
   set +m
-  __t_bg "$__TSH" -c "$__TJOB" tether "$3" "$4" "$2"
+  __t_bg "$__TSH" -c "$__TJOB" "${__TSH##*/}" "$3" "$4" "$2"
   __p=$!
   case $__m in *m*) set -m ;; esac
   __t_stamp "$__p"
@@ -259,6 +259,20 @@ __t_kill() {
 }
 __P="$__T/run/__NONCE__"; __g=0
 trap 'rm -f "$__P.o" "$__P.e" "$__P.c" "$__P.v"' EXIT
+# In `fork` mode a command runs in __t_eval, which is defined from a file named `bash`: bash's error
+# messages name the file the running function came from ("main" for this script) and count lines
+# from this script's first line, so a command's errors would read "main: line 57: …" for its own
+# line 3. From that file they read as under `bash -c`. (Elsewhere the command's $0 is the shell's
+# name and its eval sits on line 1: "dash: 3: …", as dash -c says.)
+__t_eval() { eval "$__s"; }
+if [ "$__TPG" = fork ] && [ -n "$__T" ] && mkdir "$__P.d" 2>/dev/null; then
+  printf '%s\n' '__t_eval() { eval "$__s"; }' >"$__P.d/bash"
+  __t_od=$PWD; __t_oo=$OLDPWD; __t_sp=; shopt -q sourcepath && __t_sp=1
+  # (`. bash`, no slash: so that its name is just "bash"; sourcepath off, so it is ./bash)
+  if command cd "$__P.d" 2>/dev/null; then shopt -u sourcepath; . bash; command cd "$__t_od"; fi
+  [ -n "$__t_sp" ] && shopt -s sourcepath; OLDPWD=$__t_oo
+  rm -rf "$__P.d"
+fi
 __rg=0; command -v rg >/dev/null 2>&1 && __rg=1
 printf 'READY %s %s %s %s\0%s\0%s\0%s\0' "__NONCE__" "$__TPG" "$__rg" "$__TSH" "$HOME" "$__T" "$PWD"
 """

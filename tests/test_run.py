@@ -344,6 +344,22 @@ async def test_other_login_shells(
         assert await box.cwd() == await box.home() and not os.path.exists(f"{doomed}-ran")
 
 
+@pytest.mark.parametrize(("flavour", "says"), [("sshd", "bash: line 3: "), ("dash_sshd", "dash: 3: eval: ")])
+async def test_a_commands_errors_read_as_its_shell_would_print_them(
+    flavour: str, says: str, request: pytest.FixtureRequest, client_key: Path, pool: ConnectionPool
+) -> None:
+    """Named after the shell, with the command's own line numbers: not tether's protocol script's
+    ("main: line 57: …" for line 3 of a command, as bash would say of a function read from stdin)."""
+    server: SSHD = request.getfixturevalue(flavour)
+    script = "echo one\necho two\nnosuch-command-xyz\n"
+    async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
+        ran = await box.run(script)
+        assert ran.stdout == "one\ntwo\n" and ran.stderr.startswith(f"{says}nosuch-command-xyz: ")
+        job = await box.start_job(script)
+        output = await box.job_output(job.id, wait_ms=5000)
+        assert output.stdout == "one\ntwo\n" and output.stderr.startswith(f"{says}nosuch-command-xyz: ")
+
+
 @pytest.mark.parametrize("flavour", ["sshd", "dash_sshd", "mksh_sshd"])
 async def test_environment_values_never_show_in_ps(
     flavour: str, request: pytest.FixtureRequest, client_key: Path, pool: ConnectionPool
