@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
+import logging
 import posixpath
 import secrets
 import stat as stat_module
@@ -36,6 +37,8 @@ from .known import KnownContents
 from .pathlocks import PathLocks
 from .sftpio import holds_exactly, read_exactly, write_all
 from .tempfacts import TempFileFacts
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LINE_LIMIT = 2000
 MAX_LINE_CHARS = 2000
@@ -201,6 +204,20 @@ def refuse_read_only(path: str, existing: asyncssh.SFTPAttrs, ours: tuple[int, i
         raise PermissionDenied(path, hint)
 
 
+def directory_not_writable(path: str, directory: str) -> PermissionDenied:
+    hint = (
+        f": its directory {directory or '/'} is not writable, and write and edit replace a file through a"
+        " temp file beside it; change it in place with run (e.g. a redirection) if it must"
+    )
+    return PermissionDenied(path, hint)
+
+
+def _late_chmod(mode: int, data: bytes) -> bool:
+    """Whether the mode must be given after the data is written: a write by anyone but root
+    clears the setuid and setgid bits."""
+    return bool(mode & 0o6000) and bool(data)
+
+
 def _raise_first(*outcomes: object) -> None:
     """Raise the first exception among the results of a gather(return_exceptions=True)."""
     for outcome in outcomes:
@@ -341,11 +358,12 @@ class Files:
         # Fault injection for tests: awaited with the path after an edit was applied and just before
         # the file is read again for the conflict check (where a concurrent writer would strike).
         self.before_conflict_check: Callable[[str], Awaitable[None]] | None = None
-        # The mode a file created here gets (0666 less the server's umask), learned from the first
-        # new file written. Until then a write's temp file is created with it; after, with 0600 and
-        # widened to it (or to the replaced file's mode) before the rename, so a secret written
-        # over a 0600 file is never readable by others in between.
+        # The mode a file created here gets (0666 less the server's umask, or a default ACL's),
+        # learned from an empty probe file beside the first file written. Temp files are always
+        # created 0600 and widened to it (or to the replaced file's mode) just before the rename,
+        # so a secret written over a 0600 file is never readable by others in between.
         self._new_file_mode: int | None = None
+        self._learning: asyncio.Future[int | None] | None = None
         # Paths seen to be regular files (or directories). Any other path is stat'ed before it is
         # opened: sftp-server serves one request at a time, and opening a named pipe with no writer
         # blocks it, and with it every file operation and command of the sandbox.
@@ -511,14 +529,22 @@ class Files:
         """Write `data` to a temp file beside `path` and rename it over `path`; return the attributes
         `path` had (None when it did not exist).
 
-        Round trips: lstat + open temp; write + chmod; rename.
+        Round trips: lstat + open temp; write + chmod; rename. One more for the first new file a
+        session writes (its mode comes from a probe, see __init__), and for a setuid or setgid file
+        (the chmod after the data, which would clear those bits).
         """
         directory, name = posixpath.split(path)
         temp = posixpath.join(directory, temp_name(name, "tmp"))
-        learn = self._new_file_mode is None
-        existing, temp_file = await asyncio.gather(
-            sftp.lstat(path), self._open_temp(sftp, temp, directory, private=not learn), return_exceptions=True
-        )
+        if self._new_file_mode is None and self._learning is None:  # (the first write: see __init__)
+            self._learning = asyncio.ensure_future(self._probe_new_file_mode(sftp, directory, name))
+        opening = asyncio.ensure_future(self._open_temp(sftp, temp, directory))
+        try:
+            existing, temp_file = await asyncio.gather(
+                sftp.lstat(path), asyncio.shield(opening), return_exceptions=True
+            )
+        except asyncio.CancelledError:  # (the open was sent: once it lands, remove what it made)
+            opening.add_done_callback(lambda done: self._discard_if_opened(done, temp))
+            raise
         if isinstance(existing, asyncssh.SFTPNoSuchFile):
             existing = None
         problem = next((o for o in (existing, temp_file) if isinstance(o, BaseException)), None)
@@ -534,28 +560,33 @@ class Files:
         if problem is not None:
             if isinstance(temp_file, asyncssh.SFTPClientFile):
                 await self._discard_temp(sftp, temp_file, temp)
+            if problem is temp_file and isinstance(problem, asyncssh.SFTPPermissionDenied):
+                raise directory_not_writable(path, directory)
             raise sftp_error(path, problem) if isinstance(problem, asyncssh.SFTPError) else problem
         assert isinstance(temp_file, asyncssh.SFTPClientFile)
         renamed = False
         try:
-            pending: list[Awaitable[object]] = [write_all(temp_file, data)] if data else []
+            mode = self._new_file_mode if existing is None else (existing.permissions or 0) & 0o7777
+            chmod_now = mode is not None and not _late_chmod(mode, data)
+            pending: list[Awaitable[object]] = []  # (sent in this order, and sftp-server keeps it)
             if existing is not None:
+                # The owner first: a chown by anyone but root clears setuid bits the chmod sets.
+                # (A temp file's group depends on its directory: unless known, always ask.)
+                pending.append(_keep_owner(temp_file, existing, self._temp_facts.owner(directory)))
                 if self._temp_facts.owner(directory) is None:  # (who we are: see refuse_read_only)
                     pending.append(self._learn_temp_facts(temp_file, directory))
-                # (the owner first: a chown by anyone but root clears setuid bits the chmod sets)
-                pending[:0] = [
-                    # (a temp file's group depends on its directory: unless known, always ask)
-                    _keep_owner(temp_file, existing, self._temp_facts.owner(directory)),
-                    temp_file.chmod((existing.permissions or 0) & 0o7777),
-                ]
-            elif learn:
-                pending.append(self._learn_new_file_mode(temp_file, directory))
-            else:
-                assert self._new_file_mode is not None
-                pending.append(temp_file.chmod(self._new_file_mode))
+            if chmod_now:
+                assert mode is not None
+                pending.append(temp_file.chmod(mode))
+            if data:
+                pending.append(write_all(temp_file, data))
             await asyncio.gather(*pending)
             if existing is not None:
                 refuse_read_only(path, existing, self._temp_facts.owner(directory))
+            if mode is None:  # the first new file: it gets the probe's mode (or stays 0600 without one)
+                mode = await self._learned_new_file_mode(sftp, directory, name)
+            if mode is not None and not chmod_now:
+                await temp_file.chmod(mode)
             await sftp.posix_rename(temp, path)
             renamed = True
         except asyncssh.SFTPError as exc:
@@ -566,20 +597,49 @@ class Files:
                 self._sftp.remove_later(temp)
         return existing if isinstance(existing, asyncssh.SFTPAttrs) else None
 
-    async def _open_temp(
-        self, sftp: asyncssh.SFTPClient, temp: str, directory: str, private: bool
-    ) -> asyncssh.SFTPClientFile:
-        attrs = PRIVATE if private else asyncssh.SFTPAttrs()
+    async def _open_temp(self, sftp: asyncssh.SFTPClient, temp: str, directory: str) -> asyncssh.SFTPClientFile:
         try:
-            return await sftp.open(temp, "xb", attrs)
+            return await sftp.open(temp, "xb", PRIVATE)
         except asyncssh.SFTPNoSuchFile:
             await sftp.makedirs(directory, exist_ok=True)
-            return await sftp.open(temp, "xb", attrs)
+            return await sftp.open(temp, "xb", PRIVATE)
 
-    async def _learn_new_file_mode(self, temp_file: asyncssh.SFTPClientFile, directory: str) -> None:
-        attrs = await self._learn_temp_facts(temp_file, directory)
-        if attrs.permissions is not None:
-            self._new_file_mode = attrs.permissions & 0o777
+    async def _probe_new_file_mode(self, sftp: asyncssh.SFTPClient, directory: str, name: str) -> None:
+        """Create an empty file beside the first one written, as any program would create it, and
+        take its mode (the next write tries again when that fails)."""
+        probe = posixpath.join(directory, temp_name(name, "probe"))
+        try:
+            f = await sftp.open(probe, "xb")
+        except Exception:  # (its directory may not exist yet: see _learned_new_file_mode)
+            self._learning = None
+            return
+        try:
+            attrs = await self._learn_temp_facts(f, directory)
+            if attrs.permissions is not None:
+                self._new_file_mode = attrs.permissions & 0o777
+        except Exception as exc:  # (a write that waits for it sees the connection's failure itself)
+            log.debug("could not learn a new file's mode in %s: %s", directory, exc)
+        finally:
+            self._learning = None
+            self._sftp.close_later(f)
+            self._sftp.remove_later(probe)
+
+    async def _learned_new_file_mode(self, sftp: asyncssh.SFTPClient, directory: str, name: str) -> int | None:
+        """The mode a new file gets, waiting for the probe (or probing now: the first one may have
+        gone before the write created the directory). None when the box won't say."""
+        for _ in range(2):
+            if self._new_file_mode is not None:
+                break
+            if self._learning is None:
+                self._learning = asyncio.ensure_future(self._probe_new_file_mode(sftp, directory, name))
+            await asyncio.shield(self._learning)  # (a cancelled write leaves the probe to finish and clean up)
+        return self._new_file_mode
+
+    def _discard_if_opened(self, opening: asyncio.Future[asyncssh.SFTPClientFile], temp: str) -> None:
+        """For an open whose caller was cancelled: close and remove the file it created, if any."""
+        if not opening.cancelled() and opening.exception() is None:
+            self._sftp.close_later(opening.result())
+            self._sftp.remove_later(temp)
 
     async def _learn_temp_facts(self, temp_file: asyncssh.SFTPClientFile, directory: str) -> asyncssh.SFTPAttrs:
         attrs = await temp_file.stat()
@@ -664,11 +724,16 @@ class Files:
         started = time.time()
         # lstat, not stat: a symlink is edited through its target (below), and for anything else the
         # two say the same.
-        looked, temp_file = await asyncio.gather(
-            self._look_and_open(path, sftp.lstat(path), sftp.open(path, "rb")),
-            sftp.open(temp, "xb", PRIVATE),  # (given the file's own mode before the rename)
-            return_exceptions=True,
-        )
+        opening = asyncio.ensure_future(sftp.open(temp, "xb", PRIVATE))  # (given the file's own mode later)
+
+        async def look_and_open() -> tuple[asyncssh.SFTPAttrs | BaseException, asyncssh.SFTPClientFile | BaseException]:
+            return await self._look_and_open(path, sftp.lstat(path), sftp.open(path, "rb"))
+
+        try:
+            looked, temp_file = await asyncio.gather(look_and_open(), asyncio.shield(opening), return_exceptions=True)
+        except asyncio.CancelledError:  # (the open was sent: once it lands, remove what it made)
+            opening.add_done_callback(lambda done: self._discard_if_opened(done, temp))
+            raise
         if isinstance(looked, BaseException):  # (a named pipe)
             if isinstance(temp_file, asyncssh.SFTPClientFile):
                 await self._discard_temp(sftp, temp_file, temp)
@@ -712,6 +777,8 @@ class Files:
                 if isinstance(temp_attrs, asyncssh.SFTPAttrs):
                     facts.learn(directory, temp_attrs)
                 before, after, count = _apply_to(path, original, edits, indexed)
+            if isinstance(temp_file, asyncssh.SFTPPermissionDenied):
+                raise directory_not_writable(path, directory)
             if isinstance(temp_file, BaseException):
                 raise sftp_error(path, temp_file) if isinstance(temp_file, asyncssh.SFTPError) else temp_file
             refuse_read_only(path, attrs, facts.owner(directory))
@@ -719,10 +786,9 @@ class Files:
             if self.before_conflict_check is not None:
                 await self.before_conflict_check(path)
             mode = (attrs.permissions or 0) & 0o7777
-            writes: list[Awaitable[object]] = [
-                _keep_owner(temp_file, attrs, facts.owner(directory)),
-                temp_file.chmod(mode),
-            ]
+            writes: list[Awaitable[object]] = [_keep_owner(temp_file, attrs, facts.owner(directory))]
+            if not _late_chmod(mode, data):
+                writes.append(temp_file.chmod(mode))
             if data:
                 writes.append(write_all(temp_file, data))
             if facts.written_recently(directory, attrs.mtime, started) is not False:
@@ -742,6 +808,8 @@ class Files:
                 if remembered is not None:
                     return "stale"
                 raise EditConflict(path)
+            if _late_chmod(mode, data):
+                await temp_file.chmod(mode)
             await sftp.posix_rename(temp, path)
             renamed = True
             self._known.remember(path, data)

@@ -5,6 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ctypes
+import os
+import select
+import stat
+import struct
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -372,6 +378,89 @@ async def test_temp_files_are_private_until_they_take_the_files_mode(sb: Sandbox
     assert seen == [0o600]
     await sb.write(".env", "TOKEN=newer\n")
     assert (await sb.stat(".env")).mode == 0o600 and await sb.read_text(".env") == "TOKEN=newer\n"
+
+
+class CreatedModes:
+    """The mode each file had the moment it appeared in a directory (inotify, from this process:
+    the test sshd's files are on this machine), as a watcher of another user would catch it."""
+
+    IN_CREATE = 0x100
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.modes: dict[str, int] = {}
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = self._libc.inotify_init1(os.O_NONBLOCK)
+        assert self._fd >= 0 and self._libc.inotify_add_watch(self._fd, directory.encode(), self.IN_CREATE) >= 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            if not select.select([self._fd], [], [], 0.05)[0]:
+                continue
+            buffer = os.read(self._fd, 65536)
+            at = 0
+            while at < len(buffer):
+                _, _, _, length = struct.unpack_from("iIII", buffer, at)
+                name = buffer[at + 16 : at + 16 + length].rstrip(b"\0").decode()
+                at += 16 + length
+                with contextlib.suppress(FileNotFoundError):
+                    self.modes[name] = stat.S_IMODE(os.lstat(os.path.join(self.directory, name)).st_mode)
+
+    def __enter__(self) -> CreatedModes:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        os.close(self._fd)
+
+
+async def test_a_secret_written_over_a_private_file_is_never_readable_by_others(sb: Sandbox) -> None:
+    """The session's very first write, over a 0600 file: its temp file is created 0600 (what mode a
+    new file gets is learned beside it, from an empty probe file), and later writes too."""
+    work = await sb.cwd()
+    await sb.run(["sh", "-c", "printf 'TOKEN=old\\n' > .env && chmod 600 .env"])
+    with CreatedModes(work) as created:
+        for n in range(5):
+            await sb.write(".env", f"TOKEN=new-{n}\n")
+        await asyncio.sleep(0.2)
+    temp_modes = [mode for name, mode in created.modes.items() if name.endswith(".tmp")]
+    assert len(temp_modes) == 5 and set(temp_modes) == {0o600}, created.modes
+    assert (await sb.stat(".env")).mode == 0o600 and await sb.read_text(".env") == "TOKEN=new-4\n"
+    await sb.write("public.txt", "hello\n")  # a new file still gets the box's usual mode
+    assert (await sb.stat("public.txt")).mode == 0o644
+
+
+async def test_setuid_and_setgid_bits_survive_write_and_edit(sb: Sandbox) -> None:
+    """A write by anyone but root clears them: the mode is given after the data."""
+    await sb.write("tool", "abc\n")
+    await sb.run(["chmod", "6755", "tool"])
+    await sb.write("tool", "abd\n")
+    assert (await sb.stat("tool")).mode == 0o6755
+    await sb.edit("tool", "abd", "abe")
+    assert (await sb.stat("tool")).mode == 0o6755 and await sb.read_text("tool") == "abe\n"
+
+
+async def test_cancelled_writes_and_edits_leave_no_temp_files(sb: Sandbox) -> None:
+    await sb.write("target.txt", "ALPHA\n")
+    for n in range(30):
+        call = sb.write("target.txt", f"ALPHA {n}\n") if n % 2 else sb.edit("target.txt", "ALPHA", "ALPHA")
+        task = asyncio.ensure_future(call)
+        await asyncio.sleep((n % 6) * 0.0005)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, FileOperationError):
+            await task
+    names: list[str] = []
+    for _ in range(50):  # (temp files are removed in the background)
+        names = [e.path.rsplit("/", 1)[1] for e in await sb.list_dir(".")]
+        if names == ["target.txt"]:
+            break
+        await asyncio.sleep(0.1)
+    assert names == ["target.txt"]
+    assert (await sb.read_text("target.txt")).startswith("ALPHA")
 
 
 async def test_symlink_loops_and_names_at_the_length_limit(sb: Sandbox, tmp_path: Path) -> None:
