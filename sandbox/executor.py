@@ -18,7 +18,7 @@ from typing import TypeVar
 import asyncssh
 
 from .channels import CHANNEL_GONE, SFTPChannel, ShellPool
-from .errors import CommandTimeout, ConnectionLost, FileNotFound, InvalidArgument
+from .errors import CommandTimeout, ConnectionLost, FileNotFound, InvalidArgument, PermissionDenied
 from .heldoutput import HeldOutput
 from .sftpio import read_prefix, read_range
 from .shell import KILL_TREE, Finished, PersistentShell, ShellDied, ShellInfo, Stream
@@ -120,6 +120,8 @@ def _raise_if_cwd_refused(cwd: str | None, finished: Finished, stderr: str) -> N
         raise FileNotFound(cwd, "; the command did not run: create the directory, or pass an existing cwd")
     if stderr == f"tether: cwd {cwd} is not a directory\n":
         raise InvalidArgument(f"cwd {cwd} is not a directory; the command did not run")
+    if stderr == f"tether: cwd {cwd} cannot be entered\n":
+        raise PermissionDenied(cwd, " (a directory it may not enter); the command did not run")
 
 
 def cap_text(data: bytes, max_chars: int, note: str = "") -> tuple[str, bool]:

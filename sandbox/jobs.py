@@ -29,7 +29,7 @@ from .executor import MAX_OUTPUT_CHARS, Executor, build_env, build_script, signa
 from .files import file_kind
 from .pathlocks import PathLocks
 from .sftpio import read_upto
-from .shell import KILL_TREE_FN, PROC_STAMP_FN
+from .shell import KILL_TREE_FN, PROC_STAMP_FN, wire_bytes
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,7 @@ class Jobs:
         """Start `command` in its own session; returns once it has a pid. A `cwd` the caller named
         (`cwd_named`) must be a directory, or nothing starts (as with `run`)."""
         script, exports = build_script(command), build_env(env)
+        wire_bytes(cwd + script + exports)  # (refused before anything is made on the box)
         job_id = f"j-{secrets.token_hex(4)}"
         directory = f"{await self._jobs_dir()}/{job_id}"
         started = time.time()
@@ -162,7 +163,9 @@ class Jobs:
         await self._sftp.once(prepare)
         async with self._shells.borrow() as shell:
             try:
-                reply = await shell.call("job", directory, cwd, script, exports)
+                # (a session cwd removed since: the job runs where the login landed, as run does)
+                fallback = "" if cwd_named else shell.info.start_dir
+                reply = await shell.call("job", directory, cwd, script, exports, fallback)
             except CHANNEL_GONE as exc:
                 raise ConnectionLost(f"connection lost while starting the job; check job_list ({exc})") from None
         self._cursors[job_id] = _Cursor()

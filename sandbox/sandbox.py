@@ -24,7 +24,7 @@ from .files import Edit, EditResult, Files, FileStat, Image, ReadResult, WriteRe
 from .jobs import Job, JobOutput, Jobs
 from .pool import ConnectionPool, Hold, default_pool
 from .search import GlobResult, GrepResult, Search
-from .shell import DEFAULT_TETHER_DIR
+from .shell import DEFAULT_TETHER_DIR, wire_bytes
 from .transfer import Progress, Transfers
 
 
@@ -170,6 +170,7 @@ class Sandbox:
             raise InvalidArgument("path must be a non-empty string")
         if "\0" in path:
             raise InvalidArgument("a path cannot contain NUL bytes")
+        wire_bytes(path)  # (a lone surrogate: no name on the box has it)
         if path == "~" or path.startswith("~/"):
             path = await self.home() + path[1:]
         elif not path.startswith("/"):

@@ -25,7 +25,7 @@ from typing import Literal
 
 import asyncssh
 
-from .errors import ConnectError, ConnectionLost, ConnectTimeout
+from .errors import ConnectError, ConnectionLost, ConnectTimeout, InvalidArgument
 
 # The exec request (run by sshd as `$SHELL -c …`) starts the user's login shell once, so their
 # profile sets PATH and friends. A POSIX login shell (bash, dash, busybox ash, ksh) then reads the
@@ -43,7 +43,8 @@ FALLBACK_BOOT_COMMAND = "exec /bin/sh -l"
 # directory) nothing runs, the EXIT trap is dropped so no cwd is recorded, and the exit status is
 # 125 with one of these notes, which the executor turns into its error.
 _NO_CWD = (
-    '{ [ -n "$__f" ] || { trap - EXIT; if [ -e "$__d" ]; then __w=\'is not a directory\'; '
+    '{ [ -n "$__f" ] || { trap - EXIT; if [ -d "$__d" ]; then __w=\'cannot be entered\'; '
+    'elif [ -e "$__d" ]; then __w=\'is not a directory\'; '
     "else __w='does not exist'; fi; printf 'tether: cwd %s %s\\n' \"$__d\" \"$__w\" >&2; exit 125; }; "
     '__t_cd -- "$__f" 2>/dev/null || __t_cd || exit 125; '
     'printf \'tether: directory %s is gone; running in %s\\n\' "$__d" "$PWD" >&2; }'
@@ -72,13 +73,16 @@ _CHILD = (
     'set --; eval "$__s"'
 )
 
-# A background job's wrapper. $1 cwd, $2 the command, $3 the job's directory. The wrapper lives in
+# A background job's wrapper. $1 cwd, $2 the command, $3 the job's directory, $4 the fallback
+# directory (see _NO_CWD; empty when the caller named the cwd). The wrapper lives in
 # the job's process group but shrugs off TERM/INT/HUP (a no-op trap, which children do not inherit)
 # so that it can record the exit status after `job_kill`; the command runs in a subshell with the
 # default dispositions, in the foreground so that INT is not ignored.
 _JOB = (
     _BUILTINS + "__j=$3; __s=$2; "
-    '__t_cd -- "$1" || { printf \'125\\n\' >"$__j/exit"; exit 125; }; '
+    '__t_cd -- "$1" 2>/dev/null || { [ -n "$4" ] && __t_cd -- "$4" && '
+    'printf \'tether: directory %s is gone; running in %s\\n\' "$1" "$PWD" >&2; } || '
+    '{ printf \'tether: cannot enter %s\\n\' "$1" >&2; printf \'125\\n\' >"$__j/exit"; exit 125; }; '
     "trap : TERM INT HUP; "
     '( trap - TERM INT HUP; if [ -s "$3/env" ]; then . "$3/env"; : >"$3/env"; fi; __s=$2; set --; eval "$__s" ); '
     '__x=$?; printf \'%s\\n\' "$__x" >"$__j/exit.tmp" && mv -f "$__j/exit.tmp" "$__j/exit"'
@@ -151,8 +155,11 @@ if ! { [ -w "$__T/run" ] && [ -w "$__T/jobs" ]; }; then
   # to one of theirs. (The sticky temp dir keeps anyone else from replacing a real one we own.)
   { [ ! -L "$__T" ] && [ -O "$__T" ] && [ -w "$__T/run" ] && [ -w "$__T/jobs" ]; } || __T=
 fi
-# The whole output of cut commands is kept a week.
+# The whole output of cut commands is kept a week, and so is a job once it ended (then job_list
+# forgets it). (Job directories are named j-HEX: a name never holds a newline.)
 [ -n "$__T" ] && find "$__T/run" -type f -mtime +7 -exec rm -f {} \; 2>/dev/null
+[ -n "$__T" ] && find "$__T/jobs" -mindepth 2 -maxdepth 2 -name exit -type f -mtime +7 2>/dev/null |
+  while IFS= read -r __x; do rm -rf "${__x%/exit}"; done
 case "${SHELL##*/}" in
   bash|zsh|ksh|mksh|dash|ash|sh) __TSH=$SHELL ;;
   *) __TSH=/bin/sh ;;
@@ -179,6 +186,12 @@ else
   __TPG=none
   __t_bg() { "$@" </dev/null >>"$__o" 2>>"$__e" 7<&- 8<&- & }
 fi
+# A job starts with INT and QUIT at their defaults, so that job_kill INT works: a shell without job
+# control starts a background command with them ignored (POSIX), and a shell that finds them
+# ignored cannot reset them. GNU env (coreutils 8.31+) resets them; elsewhere only TERM, KILL, HUP
+# and the rest reach a job.
+__TDFL=
+env --default-signal=INT,QUIT true 2>/dev/null && __TDFL='env --default-signal=INT,QUIT'
 if [ -n "${BASH_VERSION:-}" ] && set -m 2>/dev/null && case $- in *m*) true ;; *) false ;; esac; then
   # `fork` mode: with job control on, every background job gets its own process group, so a
   # forked subshell is enough; no exec, and the functions the profile defined (nvm, …) still work.
@@ -239,7 +252,7 @@ __t_job() {
   # Environment values through a private file the job reads and empties (not its arguments).
   if [ -n "$5" ]; then __t_private "$2/env" "$5"; fi
   set +m
-  __t_bg "$__TSH" -c "$__TJOB" "${__TSH##*/}" "$3" "$4" "$2"
+  __t_bg $__TDFL "$__TSH" -c "$__TJOB" "${__TSH##*/}" "$3" "$4" "$2" "$6"
   __p=$!
   case $__m in *m*) set -m ;; esac
   __t_stamp "$__p"
@@ -287,6 +300,18 @@ _INIT = (
 
 
 DEFAULT_TETHER_DIR = "~/.tether"
+
+
+def wire_bytes(text: str) -> bytes:
+    """What goes down a shell's stdin: UTF-8, with the surrogate escapes of bytes that are not
+    UTF-8 (os.fsdecode's) sent as those bytes. A lone surrogate has no bytes: InvalidArgument."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(
+            f"the command, a path or a value contains {text[exc.start]!r}, a lone surrogate that UTF-8 "
+            "cannot encode; send valid Unicode text"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -441,9 +466,9 @@ class PersistentShell:
         pid (= its process group when groups are on). Should `cwd` be missing, it runs in `fallback`
         instead, or, when that is empty, not at all (exit status 125, `tether: cwd … ` on stderr)."""
         words = " ".join(shlex.quote(word) for word in (cwd, script, exports, fallback))
-        line = f"__t_run {command_id} {words}\n"
+        data = wire_bytes(f"__t_run {command_id} {words}\n")
         try:
-            self._process.stdin.write(line.encode("utf-8", "surrogateescape"))
+            self._process.stdin.write(data)
         except (BrokenPipeError, asyncssh.Error, OSError) as exc:
             raise ShellDied(f"the shell's channel is closed: {exc}") from None
         return await self.started(command_id)
@@ -463,9 +488,9 @@ class PersistentShell:
     async def call(self, function: str, *args: str) -> list[str]:
         """Call one of the shell's builtin-only helpers (`job`, `alive`, `kill`) and return its reply."""
         call_id = secrets.token_hex(8)
-        line = " ".join([f"__t_{function}", call_id, *(shlex.quote(a) for a in args)]) + "\n"
+        data = wire_bytes(" ".join([f"__t_{function}", call_id, *(shlex.quote(a) for a in args)]) + "\n")
         try:
-            self._process.stdin.write(line.encode("utf-8", "surrogateescape"))
+            self._process.stdin.write(data)
         except (BrokenPipeError, asyncssh.Error, OSError) as exc:
             raise ShellDied(f"the shell's channel is closed: {exc}") from None
         return await self._expect(call_id, "R", maxsplit=-1, allow_empty=True)

@@ -673,3 +673,17 @@ async def test_text_that_utf8_cannot_encode_is_refused_clearly(sb: Sandbox) -> N
     with pytest.raises(InvalidArgument, match="lone surrogate"):
         await sb.edit("surrogate.txt", "b", "\udc80")
     assert await sb.read_text("surrogate.txt") == "abc\n"
+    # and everywhere else a string reaches the box: commands, argv, env, paths, patterns, jobs
+    jobs_before = len(await sb.job_list())
+    for attempt in (
+        lambda: sb.run("echo \ud800"),
+        lambda: sb.run(["printf", "%s", "\ud800"]),
+        lambda: sb.run("true", env={"V": "\ud800"}),
+        lambda: sb.read("x\ud800.txt"),
+        lambda: sb.grep("\ud800", "."),
+        lambda: sb.start_job("echo \ud800"),
+    ):
+        with pytest.raises(InvalidArgument, match="lone surrogate"):
+            await attempt()
+    assert len(await sb.job_list()) == jobs_before  # (no job half-made)
+    assert (await sb.run("echo still fine")).stdout == "still fine\n"

@@ -73,6 +73,22 @@ async def test_kill_sends_the_signal_to_the_whole_group(sb: Sandbox) -> None:
     assert live.stdout == ""
 
 
+@pytest.mark.parametrize("flavour", ["sshd", "dash_sshd"])
+async def test_int_and_quit_reach_a_job(
+    flavour: str, request: pytest.FixtureRequest, client_key: Path, pool: ConnectionPool
+) -> None:
+    """A shell without job control starts background commands with INT and QUIT ignored, for good:
+    a job starts with them at their defaults instead."""
+    server: SSHD = request.getfixturevalue(flavour)
+    async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
+        for signal, code in (("INT", 130), ("QUIT", 131)):
+            marker = leaf_sleep()
+            job = await box.start_job(marker)
+            await wait_until_running(marker, 10)
+            killed = await box.job_kill(job.id, signal)
+            assert (killed.status, killed.exit_code, killed.signal) == ("exited", code, signal)
+
+
 async def test_kill_with_kill_signal_and_bad_signals(sb: Sandbox) -> None:
     job = await sb.start_job("sleep 1000")
     with pytest.raises(InvalidArgument, match="unknown signal"):
@@ -273,3 +289,20 @@ async def fresh_process(pool: ConnectionPool) -> AsyncIterator[ConnectionPool]:
         yield fresh
     finally:
         await fresh.close()
+
+
+async def test_a_job_that_ended_a_week_ago_is_forgotten(
+    sb: Sandbox, host_endpoint: SSHEndpoint, pool: ConnectionPool
+) -> None:
+    """Its directory is removed by the next shell to start on the box; running jobs and recent
+    ones stay."""
+    old, recent = await sb.start_job("true"), await sb.start_job("true")
+    running = await sb.start_job("sleep 1000")
+    await wait_for_exit(sb, old.id)
+    await wait_for_exit(sb, recent.id)
+    jobs_dir = (await sb._p.executor.info()).jobs_dir
+    await sb.run(["touch", "-d", "8 days ago", f"{jobs_dir}/{old.id}/exit", f"{jobs_dir}/{running.id}/pid"])
+    async with Sandbox(host_endpoint, pool=pool) as fresh:
+        listed = {job.id for job in await fresh.job_list()}
+    assert old.id not in listed and {recent.id, running.id} <= listed
+    await sb.job_kill(running.id, "KILL")

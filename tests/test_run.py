@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from sandbox import ConnectionPool, Sandbox, SSHEndpoint
-from sandbox.errors import CommandTimeout, ConnectError, ConnectionLost, FileNotFound, InvalidArgument
+from sandbox.errors import (
+    CommandTimeout,
+    ConnectError,
+    ConnectionLost,
+    FileNotFound,
+    InvalidArgument,
+    PermissionDenied,
+)
 from tests.conftest import endpoint_for
 from tests.processes import ArgvWatch, leaf_sleep, wait_until_gone, wait_until_running
 from tests.sshd import SSHD
@@ -93,9 +100,26 @@ async def test_command_output_on_the_box_is_private_to_its_user(sb: Sandbox) -> 
 async def test_a_removed_working_directory_falls_back_to_home(sb: Sandbox) -> None:
     await sb.run("mkdir doomed && cd doomed")
     await sb.run(["rmdir", await sb.cwd()])
+    await sb.run("mkdir doomed && cd doomed")
+    await sb.run(["rmdir", await sb.cwd()])
+    job = await sb.start_job("pwd")  # a job too, as run does
+    output = await sb.job_output(job.id, wait_ms=5000)
+    assert (output.stdout, output.exit_code) == (f"{await sb.home()}\n", 0) and "is gone" in output.stderr
     r = await sb.run("pwd")
     assert r.stdout.strip() == await sb.home()
     assert "is gone" in r.stderr
+
+
+async def test_a_cwd_it_may_not_enter_is_named_as_such(sb: Sandbox) -> None:
+    await sb.run("mkdir shut && chmod 000 shut")
+    try:
+        with pytest.raises(PermissionDenied, match=r"may not enter.*did not run"):
+            await sb.run("touch ran", cwd="shut")
+        job = await sb.start_job("touch ran", cwd="shut")
+        output = await sb.job_output(job.id, wait_ms=5000)
+        assert output.exit_code == 125 and "cannot enter" in output.stderr
+    finally:
+        await sb.run("chmod 700 shut")
 
 
 async def test_argv_elements_are_never_interpreted(sb: Sandbox) -> None:
