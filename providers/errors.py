@@ -39,8 +39,9 @@ class SandboxNotFound(ProviderError, LookupError):
 class SandboxGone(ProviderError):
     """The sandbox exists in the ledger but was terminated."""
 
-    def __init__(self, ref: str, status: str) -> None:
-        super().__init__(f"sandbox {ref!r} is {status}; create a new one with sandbox_create")
+    def __init__(self, ref: str, status: str, message: str | None = None) -> None:
+        default = f"sandbox {ref!r} is {status}; create a new one with sandbox_create (or `tether up`)"
+        super().__init__(message or default)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from .local_server import SANDBOX_ID, daemon_state, ensure_server, local_dir, sa
 from .profiles import PROFILES, SUBSTRATES
 
 USER_MANAGED = "user-managed"
+TERM_GRACE_S = 1.0  # at most, between the TERM and the KILL of what runs in an ending local sandbox
 
 
 def host_draining() -> bool:
@@ -107,14 +108,18 @@ class LocalProvider(Provider):
 
 
 def kill_processes_of(sandbox_id: str) -> None:
-    """SIGKILL this user's processes that belong to the sandbox: every session of the embedded
+    """Stop this user's processes that belong to the sandbox: every session of the embedded
     server starts with TETHER_SANDBOX set, and whatever runs in it inherits that (a command another
-    tether process is running in it, say). Where there is no /proc, jobs alone were stopped."""
+    tether process is running in it, say). Where there is no /proc, jobs alone were stopped.
+
+    TERM first, then KILL: a login shell's profile may hold a lock its EXIT trap releases
+    (`pyenv rehash` does), which a KILL would leave behind for every later login shell to wait on."""
     marker = f"TETHER_SANDBOX={sandbox_id}".encode()
     daemon = daemon_state()
     spared = {os.getpid(), int(daemon["pid"]) if daemon else 0}  # (tether's own servers, whatever they carry)
-    for _ in range(3):  # again, for what forked while the last pass ran
-        killed = 0
+
+    def members() -> list[int]:
+        found = []
         with contextlib.suppress(OSError):
             for entry in os.scandir("/proc"):
                 if not entry.name.isdigit() or int(entry.name) in spared:
@@ -124,11 +129,33 @@ def kill_processes_of(sandbox_id: str) -> None:
                 except OSError:  # (gone, or another user's)
                     continue
                 if marker in environment.split(b"\0"):
-                    with contextlib.suppress(OSError):
-                        os.kill(int(entry.name), signal.SIGKILL)
-                        killed += 1
-        if not killed:
+                    found.append(int(entry.name))
+        return found
+
+    def send(pids: list[int], sent: signal.Signals) -> None:
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sent)
+
+    pids = members()
+    send(pids, signal.SIGTERM)
+    deadline = time.monotonic() + TERM_GRACE_S
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.05)
+        pids = [pid for pid in members() if not _is_zombie(pid)]
+    for _ in range(3):  # again, for what forked while the last pass ran
+        if not pids:
             return
+        send(pids, signal.SIGKILL)
+        pids = [pid for pid in members() if not _is_zombie(pid)]
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # (gone)
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
 
 
 def remove_tree(root: Path) -> None:

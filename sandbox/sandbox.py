@@ -18,7 +18,7 @@ import asyncssh
 
 from .channels import DEFAULT_IDLE_TIMEOUT, SFTPChannel, ShellPool
 from .endpoint import SSHEndpoint
-from .errors import InvalidArgument, SandboxEnded
+from .errors import ConnectionLost, InvalidArgument, SandboxEnded
 from .executor import MAX_OUTPUT_CHARS, Executor, RawResult, RunResult
 from .files import Edit, EditResult, Files, FileStat, Image, ReadResult, WriteResult
 from .jobs import Job, JobOutput, Jobs
@@ -122,11 +122,23 @@ class Sandbox:
             if task is not None and task in self._ending and task.uncancel() == 0:
                 raise SandboxEnded(self.name, self._ended or "ended") from None
             raise
+        except ConnectionLost as exc:
+            # A shell or connection that died under a command: say so if the machine was ended
+            # elsewhere (another process destroyed it), not that the command killed its shell.
+            why = await self.ended_elsewhere()
+            if why is not None:
+                raise SandboxEnded(self.name, why) from exc
+            raise
         finally:
             self._busy -= 1
             self._operations.discard(task)  # type: ignore[arg-type]
             self._ending.discard(task)  # type: ignore[arg-type]
             self.last_used = time.time()
+
+    async def ended_elsewhere(self) -> str | None:
+        """Why the machine ended, when something other than this object ended it; None while it
+        lives (or when nothing can tell: a plain Sandbox). Owners that keep records override it."""
+        return None
 
     async def end_operations(self, why: str, grace: float = 10.0) -> None:
         """The machine is about to end (destroyed, expired): stop the commands, job waits and

@@ -782,6 +782,28 @@ async def test_a_command_running_when_its_sandbox_expires_is_stopped_and_says_so
         assert await wait_until_gone(marker) == []
 
 
+async def test_a_default_sandbox_ended_by_another_process_is_said_so_not_replaced_silently() -> None:
+    """`tether down` elsewhere under a running command: the call says its sandbox ended (not that the
+    command killed its shell); the next call says the default is gone, once; then a new one."""
+    marker = leaf_sleep()
+    async with stdio_client("--provider", "local") as client:
+        for empty in ("sandbox_info", "sandbox_destroy", "run"):
+            refused = await client.call_tool(empty, {"sandbox": ""} | ({"command": "true"} if empty == "run" else {}))
+            assert refused.is_error and "sandbox" in text(refused), text(refused)
+        first = structured(await client.call_tool("run", {"command": "touch here; pwd"}))
+        default = structured(await client.call_tool("sandbox_list", {}))["default"]
+        running = asyncio.ensure_future(client.call_tool("run", {"command": marker, "timeout_ms": 60000}))
+        await wait_until_running(marker, 20)
+        assert (await asyncio.to_thread(tether, "down", default)).returncode == 0
+        ran = await running
+        assert ran.is_error and "ended while this ran" in text(ran), text(ran)
+        told = await client.call_tool("run", {"command": "ls"})
+        assert told.is_error and "the default sandbox" in text(told) and default in text(told), text(told)
+        again = structured(await client.call_tool("run", {"command": "ls; pwd"}))
+        assert again["stdout"].split() == [] or again["cwd"] != first["cwd"]
+        assert structured(await client.call_tool("sandbox_list", {}))["default"] != default
+
+
 def test_a_client_gone_without_a_goodbye_ends_the_server_quietly() -> None:
     """A client killed with -9 leaves a pipe nobody reads: its answers are dropped, and the end of
     its input ends the server (and its teardown) as a clean close would, without a traceback."""

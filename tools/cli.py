@@ -28,6 +28,7 @@ from providers import Fleet, Request, SandboxRecord
 from providers import host as host_daemon
 from providers.capacity import host_capacity
 from providers.errors import ProviderError
+from providers.ledger import CostEvent
 from providers.local_server import local_dir, work_dir
 from providers.registry import profile_of
 from sandbox.errors import SandboxError
@@ -36,7 +37,7 @@ from sandbox.state import default_store, read_config, state_dir
 from tunnels import Notifier
 
 from . import results as R
-from .config import check_sections
+from .config import check_sections, key_file
 from .links import ENDED_CHECK_SECONDS, close_tunnels_of_ended_sandboxes, fleet_notifier, preview_source, tunnel_manager
 from .output import ProgressBar, duration, print_json, print_table, when
 
@@ -206,7 +207,7 @@ def attach_command(args: argparse.Namespace) -> int:
         provider="ssh",
         name=args.name,
         keep=True,
-        options={"host": args.target, **({"key_path": args.identity} if args.identity else {})},
+        options={"host": args.target, **({"key_path": key_file(args.identity)} if args.identity else {})},
     )
 
     async def attach(fleet: Fleet) -> None:
@@ -253,14 +254,14 @@ def info_command(args: argparse.Namespace) -> int:
         row["tunnels"] = [R.TunnelInfo.of_row(t).model_dump() for t in fleet.ledger.tunnels(record.id)]
         event = fleet.ledger.cost_event(record.id)
         if event and not args.json:  # (the JSON has the cost, so far or final, in MCP's shape)
-            row["cost"] = event.as_dict()
+            row["cost"] = cost_text(event)
         return row
 
     row = with_fleet(info)
     if args.json:
         print_json(row)
         return 0
-    if row.get("provider") == "local" and row.get("ssh"):
+    if row.get("provider") == "local" and row.get("ssh") and row.get("status") == "running":
         # (the embedded server lives in whichever tether process serves the sandbox at the moment)
         row["ssh"] = f"{row['ssh']} while a tether process serves it (`tether ssh {row['id']}` works any time)"
     for key in ("id", "name", "provider", "pool", "status", "status_reason", "ssh", "created_at", "expires_at"):
@@ -287,9 +288,15 @@ def down_command(args: argparse.Namespace) -> int:
     if args.json:
         print_json(R.DestroyResult(id=event.sandbox_id, cost=R.Cost.of(event)).model_dump(mode="json"))  # (MCP's)
     else:
-        usd = f", ~${event.estimated_usd:.4f}" if event.estimated_usd is not None else ""
-        print(f"terminated {event.sandbox_id} after {duration(event.seconds)} ({event.billing_model}{usd})")
+        print(f"terminated {event.sandbox_id} after {cost_text(event)}")
     return 0
+
+
+def cost_text(event: CostEvent) -> str:
+    """`4m 12s (per-second, ~$0.0021)`, GPU time included when there was some."""
+    gpu = f", {duration(event.gpu_seconds)} of {event.gpu_type or 'GPU'}" if event.gpu_seconds else ""
+    usd = f", ~${event.estimated_usd:.4f}" if event.estimated_usd is not None else ""
+    return f"{duration(event.seconds)} ({event.billing_model}{gpu}{usd})"
 
 
 @command("pause")

@@ -38,6 +38,7 @@ from sandbox.files import MAX_READ_CHARS, Edit, EditResult, Image
 from tunnels import Tunnel, listening_ports
 
 from . import results as R
+from .config import key_file
 from .links import ENDED_CHECK_SECONDS, close_tunnels_of_ended_sandboxes, fleet_notifier, preview_source, tunnel_manager
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class ServerState:
         self.default_request: Request | None = None
         if attach:
             # Kept: stopping the server must not kill what runs on someone's own machine.
-            options = {"host": attach, **({"key_path": identity} if identity else {})}
+            options = {"host": attach, **({"key_path": key_file(identity)} if identity else {})}
             self.default_request = Request(provider="ssh", keep=True, options=options)
         elif provider == "ssh" and not any(p.provider == "ssh" for p in self.fleet.pools):
             raise ValueError("--provider ssh needs a host: --attach USER@HOST[:PORT], or an ssh pool in config.toml")
@@ -199,8 +200,19 @@ class ServerState:
         if ref:
             return await self.fleet.get(ref)
         if self.default_id is not None:
-            with contextlib.suppress(SandboxGone):
+            try:
                 return await self.fleet.get(self.default_id)
+            except SandboxGone:
+                # Ended behind the agent's back (another process's `tether down`, the reaper): say
+                # so once, rather than go on in a new, empty machine as if it were the same.
+                gone, self.default_id = self.fleet.ledger.get(self.default_id), None
+                why = f" ({gone.status_reason})" if gone.status_reason else ""
+                raise SandboxGone(
+                    gone.id,
+                    gone.status,
+                    f"the default sandbox {gone.name} ({gone.id}) ended{why}, and its files and processes with it; "
+                    "call again to get a new one, or name another from sandbox_list",
+                ) from None
         async with self._default_lock:
             found = self.current_default()
             if found is not None:
@@ -394,7 +406,11 @@ CONSUMES = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempote
 
 SandboxArg = Annotated[
     str | None,
-    Field(description="Sandbox id or name. Omit to use the default sandbox (created on first use)."),
+    Field(
+        min_length=1,
+        description="Sandbox id or name. Omit it for the default sandbox (the file, shell and tunnel tools create "
+        "a local one when there is none; the others never create one).",
+    ),
 ]
 
 
@@ -513,6 +529,7 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
     ) -> Annotated[CallToolResult, R.SandboxResult]:
         """Attach a machine you have SSH access to. Its host key is pinned on first use; detaching
         (sandbox_destroy) removes only tether's own files and jobs there."""
+        key_path = key_file(key_path) if key_path else None
         options = {k: v for k, v in {"host": host, "user": user, "port": port, "key_path": key_path}.items() if v}
         box = await state.fleet.create(
             Request(provider="ssh", name=name, keep=True, options=options), progress_reporter(ctx)
@@ -571,7 +588,9 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
     async def sandbox_destroy(
         sandbox: Annotated[
             str | None,
-            Field(description="Sandbox id or name. Omit to destroy the default sandbox, when there is one."),
+            Field(
+                min_length=1, description="Sandbox id or name. Omit to destroy the default sandbox, when there is one."
+            ),
         ] = None,
     ) -> Annotated[CallToolResult, R.DestroyResult]:
         """Terminate a sandbox (an attached host is only detached) and report its cost."""
