@@ -44,7 +44,7 @@ FALLBACK_BOOT_COMMAND = "exec /bin/sh -l"
 # 125 with one of these notes, which the executor turns into its error.
 _NO_CWD = (
     '{ [ -n "$__f" ] || { trap - EXIT; if [ -d "$__d" ]; then __w=\'cannot be entered\'; '
-    'elif [ -e "$__d" ]; then __w=\'is not a directory\'; '
+    "elif [ -e \"$__d\" ]; then __w='is not a directory'; "
     "else __w='does not exist'; fi; printf 'tether: cwd %s %s\\n' \"$__d\" \"$__w\" >&2; exit 125; }; "
     '__t_cd -- "$__f" 2>/dev/null || __t_cd || exit 125; '
     'printf \'tether: directory %s is gone; running in %s\\n\' "$__d" "$PWD" >&2; }'
@@ -82,7 +82,7 @@ _JOB = (
     _BUILTINS + "__j=$3; __s=$2; "
     '__t_cd -- "$1" 2>/dev/null || { [ -n "$4" ] && __t_cd -- "$4" && '
     'printf \'tether: directory %s is gone; running in %s\\n\' "$1" "$PWD" >&2; } || '
-    '{ printf \'tether: cannot enter %s\\n\' "$1" >&2; printf \'125\\n\' >"$__j/exit"; exit 125; }; '
+    "{ printf 'tether: cannot enter %s\\n' \"$1\" >&2; printf '125\\n' >\"$__j/exit\"; exit 125; }; "
     "trap : TERM INT HUP; "
     '( trap - TERM INT HUP; if [ -s "$3/env" ]; then . "$3/env"; : >"$3/env"; fi; __s=$2; set --; eval "$__s" ); '
     '__x=$?; printf \'%s\\n\' "$__x" >"$__j/exit.tmp" && mv -f "$__j/exit.tmp" "$__j/exit"'
