@@ -236,7 +236,8 @@ class Search:
         Modes as in ripgrep: `files_with_matches` (one path per line, newest first), `content`
         (`path:line:text`, context lines `path-line-text`, sorted by path), `count` (`path:N`). `head_limit` keeps the
         first N lines. Without ripgrep on the box, POSIX `grep -E` is used: `type` and `multiline`
-        need ripgrep, and the regex dialect is ERE instead of Rust's.
+        need ripgrep, and the regex dialect is ERE instead of Rust's; `glob` selects the same files
+        as with ripgrep, or is refused (see _find_glob_filter).
         """
         if not pattern:
             raise InvalidArgument("grep pattern is empty")
@@ -341,7 +342,7 @@ def _rg_argv(q: GrepQuery, one_thread: bool = False) -> list[str]:
     if q.multiline:
         argv += ["--multiline", "--multiline-dotall"]
     if q.glob:
-        argv += ["--glob", q.glob]
+        argv += ["--glob", _rg_glob(q.glob, q.root)]
     if q.type:
         argv += ["--type", q.type]
     return [*argv, "--regexp", q.pattern, "--", q.root]
@@ -352,8 +353,8 @@ def _grep_argv(q: GrepQuery) -> list[str]:
         raise InvalidArgument("multiline search needs ripgrep (rg) on the box; install it or search line by line")
     if q.type:
         raise InvalidArgument(f"type filters need ripgrep (rg) on the box; use glob='*.{q.type}' instead")
-    # find walks (skipping .git, as rg does; the glob on the base name, as grep's GNU-only --include
-    # would) and hands the files to grep: the same on GNU, BSD and busybox boxes. The pattern never
+    # find walks (skipping .git, as rg does; the glob as find tests, see _find_glob_filter) and
+    # hands the files to grep: the same on GNU, BSD and busybox boxes. The pattern never
     # is an argument of find, which would take a lone ';' for the end of -exec and refuse any '{}':
     # it reaches grep through the environment of the sh that starts find.
     grep = ["-E", "-I", "-H"]
@@ -367,10 +368,247 @@ def _grep_argv(q: GrepQuery) -> list[str]:
         grep += _context_flags(q, "-C", "-B", "-A")
     if q.case_insensitive:
         grep.append("-i")
-    name = ["-name", q.glob] if q.glob else []
-    walk = [q.root, "-name", ".git", "-prune", "-o", "-type", "f", *name]
+    walk = [q.root, "-name", ".git", "-prune", "-o", *_find_glob_filter(q.glob, q.root)]
     run_grep = ["sh", "-c", 'exec grep -e "$TETHER_GREP_PATTERN" "$@"', "grep", *grep, "--", "{}", "+"]
     return ["sh", "-c", _FIND_WITH_PATTERN, "sh", q.pattern, *walk, "-exec", *run_grep]
+
+
+# -- grep's `glob` ---------------------------------------------------------------------------------
+# ripgrep reads a --glob as a line of a .gitignore (that of its working directory) and inverts it:
+# `*.py` (no '/') matches a name at any depth, `src/*.py` (a '/' before its end) a path relative to
+# the working directory, a leading '!' excludes (a directory it matches is not entered), a trailing
+# '/' matches directories only; `**` is any number of directories; `{a,b}` alternatives. A path
+# given on the command line (the root) is searched whatever the globs say.
+
+
+@dataclass(frozen=True)
+class _GlobLine:
+    """A grep `glob` as ripgrep parses it (ignore::gitignore::GitignoreBuilder::add_line)."""
+
+    pattern: str  # without the '!', a leading '/' or a trailing '/'
+    negated: bool
+    anchored: bool  # relative to the root, not a name at any depth
+    only_dirs: bool
+
+
+def _parse_glob(glob: str) -> _GlobLine | None:
+    """None for what ripgrep ignores: an empty glob, or one that starts with '#' (a comment)."""
+    if glob.startswith("#"):
+        return None
+    line = glob if glob.endswith("\\ ") else glob.rstrip()
+    if not line:
+        return None
+    negated = anchored = only_dirs = False
+    if line.startswith(("\\!", "\\#")):
+        line = line[1:]
+    else:
+        if line.startswith("!"):
+            negated, line = True, line[1:]
+        if line.startswith("/"):
+            anchored, line = True, line[1:]
+    if line.endswith("/"):
+        only_dirs, line = True, line[:-1]
+        line = line[:-1] if line.endswith("\\") else line
+    return _GlobLine(line, negated, anchored or "/" in line, only_dirs)
+
+
+# What a glob (rg's, fnmatch's) gives a meaning to; a backslash before one makes it itself.
+_GLOB_SPECIAL = re.compile(r"([][*?{}\\])")
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # (bytes os.fsdecode could not decode)
+
+
+def _rg_glob(glob: str, root: str) -> str:
+    """The --glob to give rg for a grep `glob`. rg runs from "/" (SEARCH_FROM: its paths come out
+    absolute), and anchors a glob with a '/' to its working directory: such a glob gets the root in
+    front (its glob characters escaped), so that `src/*.py` is `ROOT/src/*.py`, as it would be were
+    rg run from the root. (Running it there would not do: rg compares paths with the working
+    directory as getcwd spells it, and spells a root reached through a symlink otherwise.) A glob
+    without a '/' matches names at any depth and is passed on as it is."""
+    line = _parse_glob(glob)
+    if line is None or not line.anchored:
+        return glob
+    # (A byte that is not UTF-8 becomes a '?': rg's glob would never match it as it is. Every path
+    # rg prints starts with the root anyway; the prefix only has to reach as deep.)
+    prefix = _NOT_UTF8.sub("?", _GLOB_SPECIAL.sub(r"\\\1", root.strip("/")))
+    anchored = f"/{prefix}/{line.pattern}" if prefix else f"/{line.pattern}"
+    return ("!" if line.negated else "") + anchored + ("/" if line.only_dirs else "")
+
+
+MAX_GLOB_ALTERNATIVES = 64
+
+
+def _find_glob_filter(glob: str | None, root: str) -> list[str]:
+    """The find expression, after `-name .git -prune -o`, that selects the files to grep as rg's
+    --glob would (see _parse_glob): `-type f` and a test for a glob, or an excluding glob's test
+    with `-prune` (so that find does not enter a directory it matches, as rg does not), and the
+    root itself always (rg searches what it is given).
+
+    find's `-path` lets `*` match '/' too, so a glob becomes tests that are exact all the same:
+    a '/' glob without `**` is a `-path` with as many '/' as the path may have; with a `**`, only
+    a last part right after a `**` may have wildcards (`src/**/*.py`, `**/test_*.py`,
+    `!**/node_modules/**`, a `-name` then); the rest is refused, not answered with wrong files.
+    `{a,b}` becomes one test per alternative."""
+    line = _parse_glob(glob) if glob else None
+    if line is None:
+        return ["-type", "f"]
+    tests: list[str] = []
+    # (a lone '!' is `**/` to rg, which matches everything)
+    pattern = line.pattern if line.pattern or line.anchored else "**"
+    for alternative in _expand_braces(pattern):
+        test = _find_test(alternative, line, root)
+        if test is None:
+            raise InvalidArgument(
+                f"glob {glob!r} needs ripgrep (rg), which this box lacks: without it, a glob with '**' may"
+                " have wildcards only in its last part, right after a '**' (src/**/*.py, **/test_*.py,"
+                " !**/node_modules/**), and one without '**' anywhere (src/*/*.py); install ripgrep, or"
+                " give the directory to search as path and a simpler glob"
+            )
+        tests += [*(["-o"] if tests else []), "(", *test, ")"]
+    itself = ["-path", _fnmatch_escape(root)]  # (the root as find prints it: as given)
+    if line.negated:
+        return ["!", *itself, "(", *tests, ")", "-prune", "-o", "-type", "f"]
+    return ["-type", "f", "(", *itself, "-o", *tests, ")"]
+
+
+_SOME = "\0"  # in _find_test's segments: one directory or more (find's `*`, which matches '/' too)
+
+
+def _find_test(alternative: str, line: _GlobLine, root: str) -> list[str] | None:
+    """find's test for one brace alternative of a glob, None when find cannot express it exactly."""
+    segments = alternative.split("/")
+    if not line.anchored and segments != ["**"]:
+        segments = ["**", *segments]
+    only_dirs = line.only_dirs
+    if segments[-1] == "**" and len(segments) > 1:
+        # `dir/**` is what is inside the directory, not the directory itself: to exclude it is to
+        # exclude the directory (which rg then does not enter).
+        if line.negated and set(segments[:-1]) != {"**"}:
+            segments, only_dirs = segments[:-1], True
+        else:
+            segments.append("*")
+    segments = _runs_of_stars(segments)
+    kind = ["-type", "d"] if only_dirs else []
+    under = _fnmatch_escape(root.rstrip("/")) + "/"
+    if segments == ["**"]:
+        return [*kind, "-path", "*"]
+    if "**" not in segments and _SOME not in segments:
+        # As deep as the glob and no deeper: then none of its `*` can have matched a '/'.
+        exact = under + "/".join(_to_fnmatch(s) for s in segments)
+        return [*kind, "-path", exact, "!", "-path", under + "/".join(["*"] * (len(segments) + 1))]
+    name: list[str] = []
+    if len(segments) > 1 and segments[-1] not in ("**", _SOME) and segments[-2] in ("**", _SOME):
+        # `…/**/NAME`: a name, as deep as it may be (the directories between are in the `*`).
+        name = ["-name", _to_fnmatch(segments.pop())]
+        if segments[-1] == "**":
+            segments.pop()
+        segments.append(_SOME)
+    if any(s not in ("**", _SOME) and _has_wildcards(s) for s in segments) or segments.count("**") > 4:
+        return None  # (a `*` there could match a '/')
+    paths = [under]
+    for i, segment in enumerate(segments):
+        if segment == "**":  # no directory or some
+            paths = [p + part for p in paths for part in ("", "*/")]
+        else:
+            text = "*" if segment == _SOME else segment
+            paths = [p + text + ("/" if i < len(segments) - 1 else "") for p in paths]
+    if paths == [under + "*"] and name:
+        return [*kind, *name]  # (anything under the root)
+    either = [arg for i, p in enumerate(dict.fromkeys(paths)) for arg in [*(["-o"] if i else []), "-path", p]]
+    return [*kind, "(", *either, ")", *name]
+
+
+def _runs_of_stars(segments: list[str]) -> list[str]:
+    """Each run of `**` and `*` segments with a `**` in it as find can test it: `**` alone (no
+    directory or some), or one `_SOME` per `*` (`*/**` is one directory or more)."""
+    out: list[str] = []
+    run: list[str] = []
+    for segment in [*segments, ""]:
+        if segment in ("**", "*"):
+            run.append(segment)
+            continue
+        if "**" in run:
+            stars = run.count("*")
+            out += [_SOME] * stars if stars else ["**"]
+        else:
+            out += run
+        run = []
+        out.append(segment)
+    return out[:-1]
+
+
+def _fnmatch_escape(text: str) -> str:
+    return re.sub(r"([*?[\\])", r"\\\1", text)
+
+
+def _has_wildcards(segment: str) -> bool:
+    return re.search(r"(?<!\\)(?:\\\\)*[*?[]", segment) is not None
+
+
+def _to_fnmatch(segment: str) -> str:
+    """A segment of an rg glob as an fnmatch pattern: the same but for `[^…]`, which is `[!…]`."""
+    return re.sub(r"((?<!\\)(?:\\\\)*)\[\^", r"\1[!", segment)
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    """`a.{py,ts}` → `a.py`, `a.ts` (nested groups too); a backslash-escaped or bracketed brace
+    or comma is a character."""
+    out, i = _expand_sequence(pattern, 0, nested=False)
+    if i < len(pattern):
+        raise InvalidArgument(f"unbalanced braces in glob {pattern!r}")
+    return list(dict.fromkeys(out))
+
+
+def _expand_sequence(pattern: str, i: int, nested: bool) -> tuple[list[str], int]:
+    results = [""]
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            if i + 1 == len(pattern):
+                raise InvalidArgument(f"glob {pattern!r} ends in a lone backslash; write \\\\ for one")
+            token, i = pattern[i : i + 2], i + 2
+        elif c == "[":
+            end = _class_end(pattern, i)
+            if end == i:
+                raise InvalidArgument(f"glob {pattern!r} has a '[' that never closes; write [[] for a '['")
+            token, i = pattern[i : end + 1], end + 1
+        elif c == "{":
+            options, i = _expand_options(pattern, i + 1)
+            results = [r + o for r in results for o in options]
+            if len(results) > MAX_GLOB_ALTERNATIVES:
+                raise InvalidArgument(
+                    f"glob {pattern!r} has over {MAX_GLOB_ALTERNATIVES} alternatives; use fewer braces"
+                )
+            continue
+        elif c in ",}" and nested:
+            break
+        elif c == "}":
+            raise InvalidArgument(f"unbalanced braces in glob {pattern!r}")
+        else:
+            token, i = c, i + 1
+        results = [r + token for r in results]
+    return results, i
+
+
+def _expand_options(pattern: str, i: int) -> tuple[list[str], int]:
+    options: list[str] = []
+    while True:
+        option, i = _expand_sequence(pattern, i, nested=True)
+        options += option
+        if i >= len(pattern):
+            raise InvalidArgument(f"unbalanced braces in glob {pattern!r}")
+        i += 1
+        if pattern[i - 1] == "}":
+            return options, i
+
+
+def _class_end(pattern: str, start: int) -> int:
+    """The index of the `]` closing the class that opens at `start` (a `]` first is in the set);
+    `start` itself when it never closes."""
+    i = start + 1
+    i += pattern[i : i + 1] in ("!", "^")
+    i += pattern[i : i + 1] == "]"
+    end = pattern.find("]", i)
+    return start if end < 0 else end
 
 
 # `sh -c _FIND_WITH_PATTERN sh PATTERN FIND-ARGS...`: find, with the pattern in its environment.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,8 +25,8 @@ TREE = {
 }
 
 
-async def make_tree(box: Sandbox) -> str:
-    root = f"{await box.home()}/tree-{secrets.token_hex(4)}"
+async def make_tree(box: Sandbox, name: str = "tree") -> str:
+    root = f"{await box.home()}/{name}-{secrets.token_hex(4)}"
     for rel, text in TREE.items():
         await box.write(f"{root}/{rel}", text)
     # distinct mtimes, oldest first in TREE order, so "newest first" is checkable
@@ -68,6 +69,71 @@ async def test_count_mode(sb: Sandbox, tree: str) -> None:
 async def test_glob_and_type_filters(sb: Sandbox, tree: str) -> None:
     assert (await sb.grep("hello", tree, glob="*.ts")).text == f"{tree}/src/web/index.ts"
     assert (await sb.grep("hello", tree, type="ts", case_insensitive=True)).text == f"{tree}/src/web/index.ts"
+
+
+# A grep `glob` means for both engines what it means to ripgrep run from the root: no '/', a name at
+# any depth; a '/', a path under the root; '!' excludes; `**` any directories; `{a,b}` alternatives.
+GREP_GLOBS = {
+    "*.py": ["src/app.py", "src/util.py"],
+    "*.{py,ts}": ["src/app.py", "src/util.py", "src/web/index.ts"],
+    "**/*.py": ["src/app.py", "src/util.py"],
+    "!*.py": ["src/web/index.ts", "README.md", ".hidden/secret.txt"],
+    "src/*.py": ["src/app.py", "src/util.py"],
+    "src/*": ["src/app.py", "src/util.py"],
+    "src/**": ["src/app.py", "src/util.py", "src/web/index.ts"],
+    "!src/**": ["README.md", ".hidden/secret.txt"],
+    "src/**/*.ts": ["src/web/index.ts"],
+    "/README.md": ["README.md"],
+    "*/*.txt": [".hidden/secret.txt"],
+    "{src/web,.hidden}/*": ["src/web/index.ts", ".hidden/secret.txt"],
+    "!**/web/**": ["src/app.py", "src/util.py", "README.md", ".hidden/secret.txt"],
+    "!web": ["src/app.py", "src/util.py", "README.md", ".hidden/secret.txt"],  # (a directory, not entered)
+    "web/*.ts": [],  # (no web/ at the top)
+    "src/": [],  # (directories only)
+}
+
+
+@pytest.mark.parametrize("engine", ["rg", "grep"])
+async def test_grep_globs_mean_what_they_mean_to_ripgrep_run_from_the_root(
+    engine: str, sb: Sandbox, minimal_box: Sandbox
+) -> None:
+    """rg runs from "/" and would anchor a glob with a '/' there; find's -name takes no '/', `**`,
+    `{a,b}` or '!'. A root with glob characters (and a space) in its name is no glob."""
+    box = sb if engine == "rg" else minimal_box
+    tree = await make_tree(box, "t [x]{a,b}*?\\!#")
+    for glob, expected in GREP_GLOBS.items():
+        found = await box.grep("hello", tree, glob=glob, case_insensitive=True)
+        assert found.engine == engine
+        assert sorted(found.text.splitlines()) == sorted(f"{tree}/{p}" for p in expected), glob
+    content = await box.grep("print", tree, glob="src/*.py", output_mode="content")
+    assert content.text == f"{tree}/src/app.py:4:    print('Hello')"
+    # a file given as the path is searched whatever the glob says (as rg does)
+    assert (await box.grep("print", f"{tree}/src/app.py", glob="*.ts")).text == f"{tree}/src/app.py"
+
+
+async def test_a_glob_with_a_slash_under_a_symlinked_or_not_utf8_root(sb: Sandbox) -> None:
+    """(Why rg is not simply run from the root: it would compare paths with the root as getcwd
+    spells it, the symlink's target. And rg reads a glob's bytes that are not UTF-8 as U+FFFD.)"""
+    tree = await make_tree(sb)
+    await sb.run(["ln", "-s", tree, f"{tree}-link"])
+    odd = await make_tree(sb, os.fsdecode(b"t\xff\xfe"))
+    for root in (f"{tree}-link", odd):
+        found = await sb.grep("def", root, glob="src/*.py")
+        assert sorted(found.text.splitlines()) == [f"{root}/src/app.py", f"{root}/src/util.py"]
+
+
+async def test_globs_find_cannot_express_are_refused_without_ripgrep(sb: Sandbox, minimal_box: Sandbox) -> None:
+    """find's -path lets '*' match '/': `**/web/*.ts` would match src/web/x/y.ts too. Refused, not
+    answered with other files than rg's."""
+    tree = await make_tree(minimal_box)
+    with pytest.raises(InvalidArgument, match=r"glob '\*\*/web/\*\.ts' needs ripgrep .*src/\*\*/\*\.py"):
+        await minimal_box.grep("hello", tree, glob="**/web/*.ts")
+    with pytest.raises(InvalidArgument, match="unbalanced braces"):
+        await minimal_box.grep("hello", tree, glob="*.{py,ts")
+    with pytest.raises(InvalidArgument, match="never closes"):  # (rg: "unclosed character class")
+        await minimal_box.grep("hello", tree, glob="src/[ab.py")
+    rg_tree = await make_tree(sb)
+    assert (await sb.grep("hello", rg_tree, glob="**/web/*.ts")).text == f"{rg_tree}/src/web/index.ts"
 
 
 async def test_multiline_and_head_limit(sb: Sandbox, tree: str) -> None:
