@@ -7,6 +7,7 @@ shell text, so nothing an agent sends can be read as an option or as code.
 from __future__ import annotations
 
 import asyncio
+import posixpath
 import re
 import time
 from dataclasses import dataclass
@@ -170,10 +171,16 @@ class Search:
             pattern = pattern[2:].lstrip("/")
         if not pattern:
             raise InvalidArgument("glob pattern is empty")
-        if pattern.startswith("/"):
-            # An absolute pattern: search from its longest literal directory prefix.
+        if pattern.startswith("/") or "/../" in f"/{pattern}":
+            # An absolute pattern, or one that climbs (`../*.txt`): search from its longest literal
+            # directory prefix, resolved.
+            if not pattern.startswith("/"):
+                pattern = f"{root.rstrip('/')}/{pattern}"
             prefix = pattern.split("*")[0].split("?")[0].split("[")[0].split("{")[0]
             root, pattern = prefix.rsplit("/", 1)[0] or "/", pattern[len(prefix.rsplit("/", 1)[0]) + 1 :]
+            root = posixpath.normpath(root) if root != "/" else root
+            if ".." in pattern.split("/"):
+                raise InvalidArgument(f"glob {pattern!r}: '..' after a wildcard matches nothing; put it before")
         matcher = glob_to_regex(pattern)
         await self._require_directory(root)
         if await self._has_rg():

@@ -169,6 +169,11 @@ async def test_glob_is_newest_first_and_respects_depth(sb: Sandbox, tree: str) -
         f"{tree}/src/util.py",
         f"{tree}/src/app.py",
     ]
+    # a pattern that climbs searches from where it leads, as a shell's glob would
+    assert (await sb.glob("../*.md", f"{tree}/src")).files == [f"{tree}/README.md"]
+    assert (await sb.glob("src/../src/*.py", tree)).files == (await sb.glob("src/*.py", tree)).files
+    with pytest.raises(InvalidArgument, match="after a wildcard"):
+        await sb.glob("*/../*.md", tree)
 
 
 async def test_glob_caps_at_100_and_says_so(sb: Sandbox) -> None:
