@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import http.server
 import json
+import logging
 import os
 import secrets
 import shlex
@@ -18,7 +19,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncssh
@@ -33,19 +35,32 @@ from tests.conftest import endpoint_for
 from tests.mcp_support import ROOT, server_env, stdio_client, structured, tether, text
 from tests.sshd import SSHD, ensure_account, free_port
 from tunnels import ChannelConfig, Notifier, RelayConfig, TunnelError, TunnelManager
+from tunnels import manager as tunnels_manager
 from tunnels.check import verify
 from tunnels.ports import listening_ports, parse_netstat, parse_proc_net_tcp
-from tunnels.relay import find_url
+from tunnels.relay import RelayForward, find_url
 
 PAGE = "hello through the tunnel\n"
 
 
-async def start_http_server(box: Sandbox, bind: str = "127.0.0.1") -> int:
+# http.server speaking HTTP/1.1, which keeps a connection open for the next request.
+KEEP_ALIVE_SERVER = """
+import http.server, sys
+class Handler(http.server.SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+http.server.ThreadingHTTPServer((sys.argv[2], int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+async def start_http_server(box: Sandbox, bind: str = "127.0.0.1", keep_alive: bool = False) -> int:
     """`python3 -m http.server` as a background job in the sandbox; returns its port."""
     directory = f"{await box.home()}/site-{secrets.token_hex(3)}"
     await box.write(f"{directory}/index.html", PAGE)
     port = free_port()  # a random port could be one the kernel lent to a client socket
-    job = await box.start_job(f"exec python3 -m http.server {port} --bind {bind}", cwd=directory)
+    server = (
+        f"-c {shlex.quote(KEEP_ALIVE_SERVER)} {port} {bind}" if keep_alive else f"-m http.server {port} --bind {bind}"
+    )
+    job = await box.start_job(f"exec python3 {server}", cwd=directory)
     deadline = time.monotonic() + 15
     while True:
         probe = await box.run(f"python3 -c 'import socket; socket.create_connection((\"{bind}\", {port}))'")
@@ -131,6 +146,41 @@ async def test_forwarded_connections_are_closed_once_both_ends_are_done(any_box:
     while len(conn._channels) > before and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     assert len(conn._channels) <= before
+    await tunnels.close_all()
+
+
+async def test_closing_a_local_tunnel_ends_the_connections_made_through_it(ssh_box: Sandbox) -> None:
+    """A kept-alive HTTP connection through the tunnel does not outlive it, nor does its channel."""
+    port = await start_http_server(ssh_box, keep_alive=True)
+    conn = await ssh_box.connection()
+    tunnels = TunnelManager()
+    tunnel = await tunnels.open(ssh_box, port, backend="local")
+    async with httpx.AsyncClient() as client:
+        for _ in range(3):  # (one connection: the server keeps it open)
+            assert (await client.get(f"{tunnel.url}/index.html")).text == PAGE
+        await tunnels.close(tunnel.id)
+        with pytest.raises(httpx.TransportError):
+            await client.get(f"{tunnel.url}/index.html")
+    deadline = time.monotonic() + 5
+    while any(isinstance(c, asyncssh.SSHTCPChannel) for c in conn._channels.values()):
+        assert time.monotonic() < deadline, "the forwarded connection's channel stayed open"
+        await asyncio.sleep(0.05)
+
+
+async def test_tethers_own_ports_are_not_suggested(local_box: Sandbox) -> None:
+    """A local sandbox runs as tether's user: its SSH server and tether's tunnel listeners are not
+    servers the agent meant."""
+    port = await start_http_server(local_box)
+    tunnels = TunnelManager(check_timeout=2)
+    tunnel = await tunnels.open(local_box, port, backend="local")
+    listener = int(tunnel.url.rsplit(":", 1)[1])
+    own = await listening_ports(local_box, own_only=True)
+    assert port in own and local_box.endpoint.port not in own and listener not in own
+    assert {local_box.endpoint.port, listener} <= set(await listening_ports(local_box))  # (they do listen)
+    with pytest.raises(TunnelError) as caught:
+        await tunnels.open(local_box, 1, backend="local")
+    named = {int(p) for p in str(caught.value).split("listening in the sandbox: ")[1].split(";")[0].split(", ")}
+    assert not {local_box.endpoint.port, listener} & named
     await tunnels.close_all()
 
 
@@ -283,48 +333,82 @@ async def test_a_relay_tunnel_comes_back_after_the_relay_connection_drops(
     await tunnels.close_all()
 
 
+Banner = Callable[[asyncssh.SSHWriter[str], int, int], Awaitable[None]]
+
+
+async def sish_banner(out: asyncssh.SSHWriter[str], public_port: int, nth: int) -> None:
+    """What sish tells a session: the public URL, in colour, among other lines."""
+    out.write("\x1b[1;32mPress Ctrl-C to close the session.\x1b[0m\r\n")
+    out.write(
+        "Starting SSH Forwarding service for \x1b[33mhttp:80\x1b[0m. Forwarded connections can be "
+        "accessed via the following methods:\r\n"
+    )
+    out.write(f"\x1b[36mHTTP\x1b[0m: \x1b[4mhttp://127.0.0.1:{public_port}\x1b[0m\r\n")
+
+
+@dataclass
+class FakeRelay:
+    """A sish-style test relay: it accepts any user and remote forwards, and writes `banner` to each
+    session (on stdout, or on stderr); the forward listens on 127.0.0.1:public_port."""
+
+    port: int
+    public_port: int
+    connections: int = 0  # logins so far
+    forwards: int = 0  # remote forwards granted so far
+    live: set[asyncssh.SSHServerConnection] = field(default_factory=set)
+
+    def drop(self) -> None:
+        """Cut every connection to the relay (as a relay restart does)."""
+        for conn in list(self.live):
+            conn.close()
+
+
 class SishStyleRelay(asyncssh.SSHServer):
-    """A test relay: like sish, it accepts remote forwards and tells the session the public URL, in
-    colour; on stdout, or on stderr."""
+    def __init__(self, relay: FakeRelay) -> None:
+        self.relay = relay
+        self.conn: asyncssh.SSHServerConnection | None = None
 
-    connections = 0
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        self.relay.connections += 1
+        self.relay.live.add(conn)
 
-    def __init__(self, stream: str) -> None:
-        self.stream = stream
-        SishStyleRelay.connections += 1
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.live.discard(self.conn)  # type: ignore[arg-type]
 
     def begin_auth(self, username: str) -> bool:
         return False
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        self.relay.forwards += 1
         return True
 
 
 @contextlib.asynccontextmanager
-async def sish_relay(stream: str) -> AsyncIterator[tuple[int, int]]:
-    public_port = free_port()
+async def sish_relay(stream: str = "stdout", banner: Banner = sish_banner) -> AsyncIterator[FakeRelay]:
+    relay = FakeRelay(0, free_port())
 
-    async def session(process: asyncssh.SSHServerProcess) -> None:
-        out = process.stderr if stream == "stderr" else process.stdout
-        out.write("\x1b[1;32mPress Ctrl-C to close the session.\x1b[0m\r\n")
-        out.write(
-            "Starting SSH Forwarding service for \x1b[33mhttp:80\x1b[0m. Forwarded connections can be "
-            "accessed via the following methods:\r\n"
-        )
-        out.write(f"\x1b[36mHTTP\x1b[0m: \x1b[4mhttp://127.0.0.1:{public_port}\x1b[0m\r\n")
+    async def session(process: asyncssh.SSHServerProcess[str]) -> None:
+        await banner(process.stderr if stream == "stderr" else process.stdout, relay.public_port, relay.connections)
         await process.stdin.read()  # stay open like a relay session does
 
     server = await asyncssh.listen(
         "127.0.0.1",
         0,
-        server_factory=lambda: SishStyleRelay(stream),
+        server_factory=lambda: SishStyleRelay(relay),
         server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
         process_factory=session,
     )
+    relay.port = server.sockets[0].getsockname()[1]
     try:
-        yield server.sockets[0].getsockname()[1], public_port
+        yield relay
     finally:
         server.close()
+        relay.drop()
+
+
+def sish_config(relay: FakeRelay, user: str = "anyone") -> RelayConfig:
+    return RelayConfig(host=f"{user}@127.0.0.1:{relay.port}", remote_host="127.0.0.1", remote_port=relay.public_port)
 
 
 @pytest.mark.parametrize("stream", ["stdout", "stderr"])
@@ -333,18 +417,171 @@ async def test_relay_url_read_from_a_sish_style_banner(stream: str, ssh_box: San
     the session messages of one connection from one queue: a second tunnel's URL would go to the
     first tunnel's session)."""
     port = await start_http_server(ssh_box)
-    async with sish_relay(stream) as (relay_port, public_port):
-        config = RelayConfig(host=f"anyone@127.0.0.1:{relay_port}", remote_host="127.0.0.1", remote_port=public_port)
-        tunnels = TunnelManager(relay=config)
-        before = SishStyleRelay.connections
+    async with sish_relay(stream) as relay:
+        tunnels = TunnelManager(relay=sish_config(relay))
         tunnel = await tunnels.open(ssh_box, port, backend="relay")
-        assert tunnel.url == f"http://127.0.0.1:{public_port}"
+        assert tunnel.url == f"http://127.0.0.1:{relay.public_port}"
         async with httpx.AsyncClient() as client:
             assert (await client.get(f"{tunnel.url}/index.html")).text == PAGE
         await tunnels.close_all()
         again = await tunnels.open(ssh_box, port, backend="relay")
         await tunnels.close_all()
-        assert again.url == tunnel.url and SishStyleRelay.connections - before == 2
+        assert again.url == tunnel.url and relay.connections == 2
+
+
+async def split_line(out: asyncssh.SSHWriter[str], public_port: int, nth: int) -> None:
+    out.write("Forwarding HTTP traffic from http://127.0.0.1:")
+    await asyncio.sleep(0.3)
+    out.write(f"{public_port}\r\n")
+
+
+async def http_then_https(out: asyncssh.SSHWriter[str], public_port: int, nth: int) -> None:
+    out.write("\x1b[32mHTTP\x1b[0m: http://abc.relay.example\r\n")
+    await asyncio.sleep(0.2)  # sish sends them as two messages
+    out.write("\x1b[32mHTTPS\x1b[0m: https://abc.relay.example\r\n")
+
+
+async def no_newline(out: asyncssh.SSHWriter[str], public_port: int, nth: int) -> None:
+    out.write(f"Your URL: http://127.0.0.1:{public_port}")
+
+
+@pytest.mark.parametrize(
+    ("banner", "expected"),
+    [
+        (split_line, "http://127.0.0.1:{public_port}"),
+        (http_then_https, "https://abc.relay.example"),
+        (no_newline, "http://127.0.0.1:{public_port}"),
+    ],
+)
+async def test_the_relay_url_is_read_from_whole_lines(
+    banner: Banner, expected: str, ssh_box: Sandbox, pool: ConnectionPool
+) -> None:
+    """A line the relay has not finished is not taken (http://127.0.0.1: is no URL yet), unless the
+    relay goes quiet after it; and an https line that comes a moment after the http one wins."""
+    async with sish_relay(banner=banner) as relay:
+        forward = RelayForward(ssh_box, 1, sish_config(relay), pool)
+        try:
+            await forward.start()
+            assert forward.url == expected.format(public_port=relay.public_port)
+        finally:
+            await forward.close()
+
+
+async def test_a_relay_tunnel_cancelled_while_opening_leaves_nothing_up(ssh_box: Sandbox, pool: ConnectionPool) -> None:
+    """A relay that never prints a URL, and a tool call cancelled while tether waits for one: the
+    relay's connection and its forward go, nothing is recorded, and the sandbox's connection is
+    no longer held."""
+    port = await start_http_server(ssh_box)
+
+    async def silent(out: asyncssh.SSHWriter[str], public_port: int, nth: int) -> None:
+        pass
+
+    def holds() -> int:  # (the pool's own count of what keeps the sandbox's connection open)
+        return sum(p.holds for p in pool._groups[ssh_box.endpoint.pool_key()].connections)
+
+    async with sish_relay(banner=silent) as relay:
+        seen: list[str] = []
+        tunnels = TunnelManager(relay=sish_config(relay), recorder=lambda what, t: seen.append(what))
+        held = holds()
+        opening = asyncio.create_task(tunnels.open(ssh_box, port, backend="relay"))
+        deadline = time.monotonic() + 10
+        while not relay.forwards:
+            assert time.monotonic() < deadline, "the forward was never requested"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # waiting for the URL now
+        assert holds() == held + 1
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        deadline = time.monotonic() + 5
+        while relay.live:
+            assert time.monotonic() < deadline, "the relay's connection stayed up"
+            await asyncio.sleep(0.05)
+        with pytest.raises(httpx.TransportError):  # the relay serves the sandbox's page no more
+            async with httpx.AsyncClient() as client:
+                await client.get(f"http://127.0.0.1:{relay.public_port}/index.html", timeout=5)
+        assert holds() == held and tunnels.list() == [] and seen == []
+
+
+async def test_a_token_in_the_relays_user_name_is_never_shown(
+    ssh_box: Sandbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pinggy Pro logs in as TOKEN@pro.pinggy.io: not in tool errors, not in log lines (tether's
+    re-open lines, asyncssh's "auth for user")."""
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="asyncssh")
+    token = f"pbSECRETTOKEN{secrets.token_hex(4)}"
+    port = await start_http_server(ssh_box)
+    dead = RelayConfig(host=f"{token}@127.0.0.1:{free_port()}", remote_port=0)
+    with pytest.raises(TunnelError) as caught:
+        await TunnelManager(relay=dead).open(ssh_box, port, backend="relay")
+    assert "relay 127.0.0.1:" in str(caught.value) and "cannot connect" in str(caught.value)
+    assert token not in str(caught.value)
+    async with sish_relay() as relay:
+        tunnels = TunnelManager(relay=sish_config(relay, user=token))
+        await tunnels.open(ssh_box, port, backend="relay")
+    # the relay is gone: its tunnel tries to re-open, and says so
+    deadline = time.monotonic() + 5
+    while "re-open failed" not in caplog.text:
+        assert time.monotonic() < deadline, "no re-open was logged"
+        await asyncio.sleep(0.05)
+    await tunnels.close_all()
+    assert "Beginning auth for user" in caplog.text  # (asyncssh's line is there, its name masked)
+    assert token not in caplog.text
+
+
+async def test_a_relays_new_url_is_announced_only_once_it_answers(
+    ssh_box: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a reconnect, the relay hands out a URL where nothing answers yet: the tunnel keeps its
+    checked URL, and channels hear nothing, until a request through the new one gets an answer."""
+    monkeypatch.setattr(tunnels_manager, "MOVE_RETRY", (0.2,), raising=False)
+    port = await start_http_server(ssh_box)
+    later = free_port()
+    banners = 0
+
+    async def banner(out: asyncssh.SSHWriter[str], public_port: int, nth: int) -> None:
+        nonlocal banners
+        banners += 1
+        out.write(f"HTTP: http://127.0.0.1:{public_port if banners == 1 else later}\r\n")
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async with sish_relay(banner=banner) as relay:
+
+        async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            to_reader, to_writer = await asyncio.open_connection("127.0.0.1", relay.public_port)
+            await asyncio.gather(pipe(reader, to_writer), pipe(to_reader, writer))
+
+        seen: list[tuple[str, str]] = []
+        tunnels = TunnelManager(
+            relay=sish_config(relay), recorder=lambda w, t: seen.append((w, t.url)), check_timeout=2
+        )
+        tunnel = await tunnels.open(ssh_box, port, backend="relay")
+        first = tunnel.url
+        relay.drop()
+        deadline = time.monotonic() + 10
+        while banners < 2:
+            assert time.monotonic() < deadline, "the relay tunnel did not reconnect"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1)  # checked (and refused) several times
+        assert tunnel.url == first and seen == [("opened", first)]
+        server = await asyncio.start_server(proxy, "127.0.0.1", later)  # the new URL answers now
+        try:
+            while tunnel.url == first:
+                assert time.monotonic() < deadline + 10, "the new URL was never taken"
+                await asyncio.sleep(0.05)
+            assert seen == [("opened", first), ("moved", f"http://127.0.0.1:{later}")]
+            async with httpx.AsyncClient() as client:
+                assert (await client.get(f"{tunnel.url}/index.html")).text == PAGE
+        finally:
+            await tunnels.close_all()
+            server.close()
 
 
 async def test_auto_goes_on_to_local_when_the_relay_is_unreachable(

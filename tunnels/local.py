@@ -6,76 +6,134 @@ import asyncio
 import contextlib
 import logging
 
-import asyncssh
-
 from sandbox import Sandbox
+from sandbox.forwarding import ClosingForwarder
 from sandbox.pool import Hold
 
 from .base import BackendName, reopen
-from .ports import loopback_for
+from .ports import loopback_for, own_listeners
 
 log = logging.getLogger(__name__)
+
+
+class _Accepted(ClosingForwarder):
+    """A connection accepted on the tunnel's local port. Reading waits until its channel to the
+    sandbox's port is open (nothing arrives before there is somewhere to send it)."""
+
+    def __init__(self, forward: LocalForward) -> None:
+        super().__init__()
+        self._forward = forward
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.pause_reading()
+        self._forward._accepted(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._forward._connections.discard(self)
+        super().connection_lost(exc)
 
 
 class LocalForward:
     """A listener on 127.0.0.1 whose connections become direct-tcpip channels to the sandbox's port.
 
-    When the sandbox's connection dies, the forward is re-opened on a new one, on the same local
-    port, so the URL stays valid.
+    The listener is tether's own (not asyncssh's), so the tunnel knows every connection it accepted
+    and closing it closes them too, with their channels: a kept-alive HTTP connection ends with
+    the tunnel. When the sandbox's connection dies, new connections go over the pool's new one, and
+    the local port (so the URL) stays the same.
     """
 
     def __init__(self, box: Sandbox, port: int, host: str = "127.0.0.1") -> None:
         self._box = box
         self._port = port
         self._host = host  # the sandbox's loopback address the port listens on
-        self._listener: asyncssh.SSHListener | None = None
+        self._server: asyncio.Server | None = None
         self._hold: Hold | None = None  # keeps the connection from being closed as idle
         self._supervisor: asyncio.Task[None] | None = None
+        self._connections: set[_Accepted] = set()  # accepted and not yet closed
+        self._pairing: set[asyncio.Task[None]] = set()  # channels being opened for them
         self._closed = False
         self._local_port = 0
         self.url = ""
         self.headers: dict[str, str] = {}
 
     async def start(self) -> None:
-        self._listener = await self._listen(0)
-        self._local_port = self._listener.get_port()
+        self._hold = await self._box.hold_connection()
+        try:
+            self._server = await asyncio.get_running_loop().create_server(lambda: _Accepted(self), "127.0.0.1", 0)
+        except BaseException:
+            self._hold.release()
+            self._hold = None
+            raise
+        self._local_port = self._server.sockets[0].getsockname()[1]
+        own_listeners.add(self._local_port)
         self.url = f"http://127.0.0.1:{self._local_port}"
         self._supervisor = asyncio.get_running_loop().create_task(self._keep_open())
 
-    async def _listen(self, local_port: int) -> asyncssh.SSHListener:
+    async def _keep_open(self) -> None:
+        """Hold the sandbox's connection while the tunnel is open: when it dies, hold the new one."""
+        while not self._closed:
+            assert self._hold is not None
+            await self._hold.conn.wait_closed()
+            if not await reopen(self._hold_again, lambda: self._closed, f"tunnel {self.url}"):
+                return
+
+    async def _hold_again(self) -> None:
         hold = await self._box.hold_connection()
-        try:
-            listener = await hold.conn.forward_local_port("127.0.0.1", local_port, self._host, self._port)
-        except BaseException:
-            hold.release()
-            raise
         if self._hold is not None:
             self._hold.release()
         self._hold = hold
-        return listener
 
-    async def _keep_open(self) -> None:
-        while not self._closed:
-            assert self._listener is not None
-            await self._listener.wait_closed()
-            if not await reopen(self._listen_again, lambda: self._closed, f"tunnel {self.url}"):
-                return
+    def _accepted(self, local: _Accepted) -> None:
+        if self._closed:
+            local.close()
+            return
+        self._connections.add(local)
+        task = asyncio.get_running_loop().create_task(self._pair(local))
+        self._pairing.add(task)
+        task.add_done_callback(self._pairing.discard)
 
-    async def _listen_again(self) -> None:
-        self._listener = await self._listen(self._local_port)  # the same port: the URL stays valid
+    async def _pair(self, local: _Accepted) -> None:
+        """Open the accepted connection's channel to the sandbox's port (over the pool's live
+        connection, re-dialed if the held one died), then let the data flow."""
+        try:
+            conn = await self._box.connection()
+            await conn.create_connection(lambda: ClosingForwarder(local), self._host, self._port)
+        except Exception as exc:  # (asyncssh's, a connect error, the pool closed: the client sees a hang-up)
+            log.debug("tunnel %s: no channel to port %d: %s", self.url, self._port, exc)
+            local.close()
+            return
+        except BaseException:
+            local.close()
+            raise
+        if local.transport is not None and not local.transport.is_closing():
+            local.transport.resume_reading()
 
     async def close(self) -> None:
+        # Everything is let go before the first await, so a close that is itself cancelled still
+        # leaves nothing open.
         self._closed = True
+        own_listeners.discard(self._local_port)
         if self._supervisor is not None:
             self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
-        if self._listener is not None:
-            self._listener.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._listener.wait_closed(), 2)
+        for task in list(self._pairing):
+            task.cancel()
+        if self._server is not None:
+            self._server.close()
+        for local in list(self._connections):
+            local.close()  # (and its channel with it)
+        self._connections.clear()
         if self._hold is not None:
             self._hold.release()
+        if self._supervisor is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
 
 
 class LocalBackend:
@@ -83,5 +141,9 @@ class LocalBackend:
 
     async def open(self, box: Sandbox, port: int) -> LocalForward:
         forward = LocalForward(box, port, await loopback_for(box, port))
-        await forward.start()
+        try:
+            await forward.start()
+        except BaseException:
+            await forward.close()
+            raise
         return forward

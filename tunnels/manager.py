@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -21,6 +23,8 @@ from .relay import RelayBackend, RelayConfig
 log = logging.getLogger(__name__)
 # Called with ("opened" | "moved" | "closed", tunnel): tools records it in the ledger.
 Recorder = Callable[[str, Tunnel], None]
+# Seconds between checks of a relay's new URL (after a reconnect) that got no answer yet; the last repeats.
+MOVE_RETRY = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
 class TunnelManager:
@@ -36,6 +40,7 @@ class TunnelManager:
         self._recorder = recorder
         self.check_timeout = check_timeout
         self._open: dict[str, tuple[Tunnel, Opened, dict[str, Any]]] = {}
+        self._moves: dict[str, asyncio.Task[None]] = {}  # tunnel id -> the check of its relay's new URL
 
     async def open(
         self,
@@ -81,16 +86,58 @@ class TunnelManager:
             self._open[tunnel.id] = (tunnel, opened, sandbox)
             self._record("opened", tunnel, sandbox)
             if hasattr(opened, "on_url_change"):  # a relay may hand out another URL after a reconnect
-                opened.on_url_change = self._mover(tunnel, path, sandbox)
+                opened.on_url_change = self._mover(tunnel, path, box, sandbox)
             return tunnel
         raise TunnelError("no tunnel backend could open the port: " + "; ".join(problems))
 
-    def _mover(self, tunnel: Tunnel, path: str | None, sandbox: dict[str, Any]) -> Callable[[str], None]:
+    def _mover(self, tunnel: Tunnel, path: str | None, box: Sandbox, sandbox: dict[str, Any]) -> Callable[[str], None]:
+        """What a relay tunnel calls with its new URL after a reconnect: the URL is checked (in the
+        background: the relay's supervisor goes on watching its connection) before it is recorded
+        and announced, as any URL tether reports."""
+
         def moved(url: str) -> None:
-            tunnel.url = url.rstrip("/") + (path or "")
-            self._record("moved", tunnel, sandbox)
+            previous = self._moves.pop(tunnel.id, None)
+            if previous is not None:
+                previous.cancel()  # (a URL that moved again before it answered)
+            task = asyncio.get_running_loop().create_task(
+                self._confirm_move(tunnel, url.rstrip("/") + (path or ""), box, sandbox)
+            )
+            self._moves[tunnel.id] = task
+            task.add_done_callback(lambda done: self._forget_move(tunnel.id, done))
 
         return moved
+
+    def _forget_move(self, tunnel_id: str, done: asyncio.Task[None]) -> None:
+        if self._moves.get(tunnel_id) is done:
+            del self._moves[tunnel_id]
+
+    async def _confirm_move(self, tunnel: Tunnel, url: str, box: Sandbox, sandbox: dict[str, Any]) -> None:
+        """Record and announce `url` once a request through it gets an answer; until then the
+        tunnel stays listed at its last checked URL, and the check is retried until the tunnel
+        closes (the relay may still be setting up, or the server in the sandbox restarting)."""
+        delays = itertools.chain(MOVE_RETRY, itertools.repeat(MOVE_RETRY[-1]))
+        for attempt, delay in enumerate(delays):
+            if tunnel.id not in self._open:
+                return
+            try:
+                await verify(url, tunnel.headers, box, tunnel.port, self.check_timeout)
+            except Exception as exc:  # (TunnelError, or the sandbox's connection down for now)
+                level = logging.WARNING if attempt == 0 else logging.INFO
+                log.log(
+                    level,
+                    "tunnel %s moved to %s after its relay reconnected, which got no answer yet (%s); "
+                    "it is announced once it does (next check in %ss)",
+                    tunnel.id,
+                    url,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            if tunnel.id in self._open and url != tunnel.url:
+                tunnel.url = url
+                self._record("moved", tunnel, sandbox)
+            return
 
     def _candidates(self, backend: str, preview: PreviewSource | None) -> list[Any]:
         available: dict[str, Any] = {"local": LocalBackend()}
@@ -119,6 +166,9 @@ class TunnelManager:
     async def close(self, tunnel_id: str) -> Tunnel:
         self.get(tunnel_id)
         tunnel, opened, sandbox = self._open.pop(tunnel_id)
+        move = self._moves.pop(tunnel_id, None)
+        if move is not None:
+            move.cancel()
         await opened.close()
         tunnel.status = "closed"
         self._record("closed", tunnel, sandbox)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
 
 from sandbox import Sandbox
@@ -11,6 +12,10 @@ from sandbox.errors import SandboxError
 from .base import TunnelError
 
 LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
+
+# The local ports this process listens on for local tunnels (tunnels.local keeps it): on a sandbox on
+# this machine (the local provider) they would show up as the sandbox user's own.
+own_listeners: set[int] = set()
 
 
 def parse_proc_net_tcp(text: str, uid: int | None = None) -> set[int]:
@@ -53,18 +58,38 @@ async def proc_listeners(box: Sandbox, uid: int | None = None) -> tuple[set[int]
 async def listening_ports(box: Sandbox, own_only: bool = False) -> list[int]:
     """Sorted listening TCP ports: /proc/net/tcp{,6} over SFTP, else `netstat -an`.
 
-    With `own_only`, only sockets of the sandbox's login user (a shared host lists everyone's).
+    With `own_only`, only sockets of the sandbox's login user (a shared host lists everyone's), and
+    none of tether's own (see `tethers_own`): these name the servers an agent may have meant.
     """
     tables = await proc_listeners(box, (await box.stat("~")).uid if own_only else None)
     if tables is not None:
-        return sorted(tables[0] | tables[1])
+        ports = tables[0] | tables[1]
+    else:
+        try:
+            raw = await box.exec_raw(["netstat", "-an"], timeout=15)
+        except (SandboxError, TimeoutError):
+            raise PortsUnknown(
+                "which ports listen inside the sandbox cannot be read (no /proc/net/tcp, no netstat)"
+            ) from None
+        ports = parse_netstat(raw.stdout.decode("ascii", "replace"))
+    return sorted(ports - tethers_own(box) if own_only else ports)
+
+
+def tethers_own(box: Sandbox) -> set[int]:
+    """Ports inside the sandbox that are tether's, where it can know them: for a sandbox on this
+    machine (an endpoint on loopback, reached directly), the SSH server's port (the local
+    provider's embedded server runs as the same user) and this process's local-tunnel listeners."""
+    endpoint = getattr(box, "endpoint", None)
+    if endpoint is None or endpoint.jump or endpoint.socket_factory is not None or not _loopback(endpoint.host):
+        return set()
+    return {endpoint.port, *own_listeners}
+
+
+def _loopback(host: str) -> bool:
     try:
-        raw = await box.exec_raw(["netstat", "-an"], timeout=15)
-    except (SandboxError, TimeoutError):
-        raise PortsUnknown(
-            "which ports listen inside the sandbox cannot be read (no /proc/net/tcp, no netstat)"
-        ) from None
-    return sorted(parse_netstat(raw.stdout.decode("ascii", "replace")))
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 async def loopback_for(box: Sandbox, port: int) -> str:

@@ -13,6 +13,7 @@ closed); should the relay hand out another URL, `on_url_change` hears of it.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import logging
 import re
@@ -38,6 +39,12 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|
 BRIDGE_WINDOW = 8 * 1024 * 1024
 BRIDGE_PACKET = 256 * 1024
 URL = re.compile(r"https?://[^\s'\"<>()\[\]]+")
+# The banner is read a line at a time: a URL counts once its line has ended, or once the relay has
+# been quiet this long after writing it (a relay that ends its last line with no newline).
+QUIET = 0.5
+# After the first URL, how long to wait for another one: sish sends its http and https lines as two
+# messages, and the https one is preferred.
+SETTLE = 0.5
 
 
 class RelayConfig(BaseModel):
@@ -65,6 +72,48 @@ class RelayConfig(BaseModel):
         if self.identityFile:
             update["key_paths"] = (str(Path(self.identityFile).expanduser()),)
         return endpoint.model_copy(update=update)
+
+
+def relay_name(endpoint: SSHEndpoint) -> str:
+    """How messages and logs name a relay: host and port, never its user name, which can be a
+    credential (Pinggy Pro logs in as TOKEN@pro.pinggy.io)."""
+    host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+    return f"{host}:{endpoint.port}"
+
+
+def masked(text: str, endpoint: SSHEndpoint) -> str:
+    """`text` (an error from dialing the relay) with the relay named by `relay_name`: its user names
+    (the relay's and its jump hosts') taken out."""
+    hops = (*endpoint.jump, endpoint)
+    for hop in hops:
+        text = text.replace(hop.display, relay_name(hop))
+    for user in {hop.user for hop in hops if hop.user}:
+        text = text.replace(f"{user}@", "")
+        if len(user) >= 8:  # token-like: wherever else it stands as a word
+            text = re.sub(rf"(?<![\w.-]){re.escape(user)}(?![\w.-])", "<user>", text)
+    return text
+
+
+class _MaskRelayUsers(logging.Filter):
+    """asyncssh logs the user name it logs in as ("Beginning auth for user %s"): for a relay, that
+    name may be a token. Such records get the name masked before any handler sees them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.users: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            self.users
+            and isinstance(record.args, tuple)
+            and any(isinstance(a, str) and a in self.users for a in record.args)
+        ):
+            record.args = tuple("<relay user>" if isinstance(a, str) and a in self.users else a for a in record.args)
+        return True
+
+
+_MASK_USERS = _MaskRelayUsers()
+logging.getLogger("asyncssh").addFilter(_MASK_USERS)
 
 
 def strip_ansi(text: str) -> str:
@@ -137,60 +186,106 @@ class RelayForward:
 
     async def _open(self) -> None:
         endpoint = self._config.endpoint()
+        name = relay_name(endpoint)
+        _MASK_USERS.users.update(hop.user for hop in (*endpoint.jump, endpoint) if hop.user)
         try:
-            # A connection of this tunnel's own: sish reads the session messages of one connection
-            # from one queue, so a second tunnel on it would have its URL read by the first one's
-            # session. (The pool still pins the relay's host key.)
-            conn = self._relay_conn = await dial(endpoint, self._pool.pins)
+            try:
+                # A connection of this tunnel's own: sish reads the session messages of one connection
+                # from one queue, so a second tunnel on it would have its URL read by the first one's
+                # session. (The pool still pins the relay's host key.)
+                conn = self._relay_conn = await dial(endpoint, self._pool.pins)
+            except SandboxError as exc:
+                text = masked(str(exc), endpoint)
+                if text == str(exc):
+                    raise  # (connect errors say what to do)
+                raise TunnelError(f"relay {text}") from None
             self._holds.append(await self._box.hold_connection())
-            # Relays print their URL to the session, so it comes first; then the forward.
-            self._session = await conn.create_process(self._config.command, encoding=None)
-            self._listener = await conn.create_server(
-                lambda _host, _port: self._bridge(),
-                self._config.remote_host,
-                self._config.remote_port,
-                window=BRIDGE_WINDOW,
-                max_pktsize=BRIDGE_PACKET,
-            )
-        except (asyncssh.Error, OSError, SandboxError) as exc:
+            try:
+                # Relays print their URL to the session, so it comes first; then the forward.
+                self._session = await conn.create_process(self._config.command, encoding=None)
+                self._listener = await conn.create_server(
+                    lambda _host, _port: self._bridge(),
+                    self._config.remote_host,
+                    self._config.remote_port,
+                    window=BRIDGE_WINDOW,
+                    max_pktsize=BRIDGE_PACKET,
+                )
+            except (asyncssh.Error, OSError) as exc:
+                raise TunnelError(f"relay {name} refused the forward: {masked(str(exc), endpoint)}") from None
+            if self._config.url_template:
+                self.url = self._config.url_template.format(host=endpoint.host, port=self._listener.get_port())
+            else:
+                try:
+                    self.url = await self._read_url(name)
+                except (asyncssh.Error, OSError) as exc:
+                    raise TunnelError(
+                        f"relay {name} ended the session before it gave a URL: {masked(str(exc), endpoint)}"
+                    ) from None
+        except BaseException:
+            # Failed, timed out or cancelled half way: nothing of it stays up (the relay would go on
+            # serving the sandbox's port, untracked, and the sandbox's connection stay held).
             self._release()
-            if isinstance(exc, SandboxError):
-                raise  # (connect errors name the relay and say what to do)
-            raise TunnelError(f"relay {endpoint.display} refused the forward: {exc}") from None
-        if self._config.url_template:
-            self.url = self._config.url_template.format(host=endpoint.host, port=self._listener.get_port())
-        else:
-            self.url = await self._read_url(endpoint.display)
+            raise
 
     async def _read_url(self, relay: str) -> str:
+        """The URL in the session's output (stdout and stderr), read a whole line at a time."""
         assert self._session is not None
-        banner = ""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.url_timeout
         streams = [self._session.stdout, self._session.stderr]
+        decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in streams}
+        unfinished = dict.fromkeys(streams, "")  # each stream's line so far
+        lines = ""  # the finished lines of both, in the order they came
         pending = {asyncio.ensure_future(s.read(4096)): s for s in streams}
+        heard = loop.time()
+        found: str | None = None
+        found_at = 0.0
         try:
-            async with asyncio.timeout(self._config.url_timeout):
-                while pending:
-                    done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                    for task in done:
-                        stream = pending.pop(task)
-                        chunk = task.result()
-                        if chunk:
-                            banner += chunk.decode("utf-8", "replace")
-                            pending[asyncio.ensure_future(stream.read(4096))] = stream
-                    url = find_url(banner, self._config.url_pattern)
-                    if url:
-                        return url
-        except TimeoutError:
-            pass
+            while True:
+                now = loop.time()
+                if found and (found.startswith("https://") or self._config.url_pattern or now >= found_at + SETTLE):
+                    return found  # (https, or a pattern's: nothing better can come)
+                if now >= deadline or not pending:
+                    break
+                wake = [deadline, found_at + SETTLE if found else deadline]
+                if any(unfinished.values()) and now < heard + QUIET:
+                    wake.append(heard + QUIET)  # then an unfinished line counts as finished
+                done, _ = await asyncio.wait(
+                    pending, timeout=max(0.0, min(wake) - now), return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    stream = pending.pop(task)
+                    chunk = task.result()
+                    if chunk:
+                        unfinished[stream] += decoders[stream].decode(chunk)
+                        pending[asyncio.ensure_future(stream.read(4096))] = stream
+                        heard = loop.time()
+                    else:  # the stream ended, and its last line with it
+                        unfinished[stream] += decoders[stream].decode(b"", final=True) + "\n"
+                    finished, newline, rest = unfinished[stream].rpartition("\n")
+                    if newline:
+                        lines += finished + "\n"
+                        unfinished[stream] = rest
+                quiet = loop.time() >= heard + QUIET or not pending
+                url = find_url(lines + self._unfinished(unfinished) if quiet else lines, self._config.url_pattern)
+                if url and (found is None or (url.startswith("https://") and not found.startswith("https://"))):
+                    found, found_at = url, found_at or loop.time()
+            banner = lines + self._unfinished(unfinished)
+            url = found or find_url(banner, self._config.url_pattern)
+            if url:
+                return url
         finally:
             for task in pending:
                 task.cancel()
-        self._release()
         shown = strip_ansi(banner).strip()[-300:] or "(nothing)"
         raise TunnelError(
             f"relay {relay} printed no URL within {self._config.url_timeout:g}s; it said: {shown}. "
             "Set url_template (or url_pattern) in [relay]"
         )
+
+    @staticmethod
+    def _unfinished(unfinished: dict[object, str]) -> str:
+        return "".join(line + "\n" for line in unfinished.values() if line)
 
     async def _bridge(self) -> ClosingForwarder:
         """A connection that arrived at the relay, paired with a channel to the sandbox's port over the
@@ -206,12 +301,15 @@ class RelayForward:
         return ClosingForwarder(inner)
 
     async def close(self) -> None:
+        # Everything is let go before the first await: a close that is itself cancelled still
+        # leaves nothing open.
         self._closed = True
         if self._supervisor is not None:
             self._supervisor.cancel()
+        self._release()
+        if self._supervisor is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
-        self._release()
 
     def _release(self) -> None:
         if self._listener is not None:
@@ -236,5 +334,9 @@ class RelayBackend:
 
     async def open(self, box: Sandbox, port: int) -> RelayForward:
         forward = RelayForward(box, port, self.config, self._pool or default_pool(), await loopback_for(box, port))
-        await forward.start()
+        try:
+            await forward.start()
+        except BaseException:
+            await forward.close()  # (whatever start left, cancelled or failed)
+            raise
         return forward
