@@ -167,14 +167,23 @@ async def _run_session(process: asyncssh.SSHServerProcess[bytes]) -> None:
             await process.stderr.drain()
     finally:
         if child.returncode is None:
+            # TERM, then KILL a moment later: the profile may be running (`pyenv rehash` holds a
+            # lock its EXIT trap releases; a KILL would leave it to stall every later login).
             with contextlib.suppress(ProcessLookupError):
-                child.kill()
+                child.terminate()
+            asyncio.get_running_loop().call_later(1.0, _kill_if_running, child)
     if code < 0:
         process.exit_with_signal(_signal_name(-code))
     else:
         process.exit(code)
     with contextlib.suppress(Exception):
         await process.wait_closed()  # runs asyncssh's cleanup of the redirected pipes
+
+
+def _kill_if_running(child: asyncio.subprocess.Process) -> None:
+    if child.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            child.kill()
 
 
 def _signal_name(number: int) -> str:
