@@ -14,6 +14,7 @@ the implicit pools are `local` plus one per cloud provider whose credentials are
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Literal
 
@@ -39,11 +40,27 @@ class _Strict(BaseModel):
 
 
 class Resources(_Strict):
-    """spec.resources and its pool defaults (Modal's page)."""
+    """A Modal pool's spec.resources and their defaults (Modal's page: its "Resource configuration")."""
 
     cpu: float = Field(2.0, gt=0, description="vCPU count (float)")
     memoryMB: int = Field(2048, gt=0, description="Memory in MiB")
     timeoutSec: int = Field(3600, gt=0, description="Sandbox timeout in seconds (the TTL)")
+
+
+# Daytona's page: "Idle workspaces automatically enter an archived state after autoStopInterval
+# minutes (default: 30 minutes, or timeoutSec / 60 if set in resources)".
+DAYTONA_AUTO_STOP_MINUTES = 30
+
+
+class DaytonaResources(_Strict):
+    """A Daytona pool's spec.resources: the page names timeoutSec alone, and gives it no default."""
+
+    timeoutSec: int | None = Field(
+        None,
+        gt=0,
+        description="Sets the auto-stop interval, ceil(timeoutSec / 60) minutes (unset: 30), after which an idle "
+        "workspace is archived; not a TTL",
+    )
 
 
 class LocalPoolConfig(BaseModel):
@@ -67,13 +84,21 @@ class DaytonaPoolConfig(_Strict):
     diskGB: float = Field(20, gt=0, description="Disk size per workspace in GB")
     user: str = Field("daytona", description="Workspace user")
     command: list[str] = Field(default_factory=lambda: list(DONMAI_COMMAND), description="Launch command")
-    resources: Resources = Field(default_factory=Resources)
+    resources: DaytonaResources = Field(default_factory=DaytonaResources)
+
+    def auto_stop_minutes(self) -> int:
+        """Daytona's autoStopInterval for this pool's workspaces: `ceil(timeoutSec / 60)`, default 30.
+        Daytona archives an idle workspace then (storage-only cost); nothing ends it at a set time
+        (maxSessionDurationSeconds: null), so this is no TTL."""
+        timeout = self.resources.timeoutSec
+        return DAYTONA_AUTO_STOP_MINUTES if timeout is None else math.ceil(timeout / 60)
 
 
 class E2BPoolConfig(_Strict):
+    """E2B's page has these two keys and no resources (its sandboxes' timeout is the request's TTL)."""
+
     templateId: str = Field("base", description="E2B template ID")
     launchRunnerInline: bool = Field(False, description="Launch the runner via execCommand after provision")
-    resources: Resources = Field(default_factory=Resources)
 
 
 class ModalPoolConfig(_Strict):
@@ -81,6 +106,11 @@ class ModalPoolConfig(_Strict):
     gpu: str | None = Field(None, description="GPU type (e.g. a10g, a100, h100); omit for CPU-only")
     entrypoint: list[str] = Field(default_factory=lambda: list(DONMAI_COMMAND), description="Sandbox entrypoint")
     resources: Resources = Field(default_factory=Resources)
+
+    def ttl(self) -> tuple[int, bool]:
+        """Modal's sandbox timeout (Modal ends the sandbox then: a TTL), and whether this pool's
+        config set it rather than taking the page's default."""
+        return self.resources.timeoutSec, "timeoutSec" in self.resources.model_fields_set
 
     def gpu_spec(self) -> tuple[str | None, int]:
         """GPU type and count ("A100:2" → ("A100", 2)); (None, 0) for CPU-only."""
@@ -100,7 +130,6 @@ class RunPodPoolConfig(_Strict):
     containerDiskInGb: int = Field(50, gt=0)
     volumeInGb: int = Field(0, ge=0)
     rateUsdPerHour: float | None = Field(None, ge=0, description="Your rate, for cost estimates")
-    resources: Resources = Field(default_factory=Resources)
 
     def gpu_spec(self) -> tuple[str | None, int]:
         """GPU type (the first RunPod may choose) and count."""

@@ -3,6 +3,8 @@
 create: dispatch to a pool → ledger row → provider.provision → the engine's Sandbox on its endpoint.
 destroy: provider.terminate → ledger terminated + exactly one cost event.
 reap: terminate what outlived its TTL or idle timeout (the MCP server runs this periodically).
+activity: while an open sandbox has an operation in flight, its last activity is written through to
+the ledger (the heartbeat), where every process's reaper reads it.
 gc: reap, then reconcile the ledger with each provider's own listing — terminate orphans and
 interrupted provisions, mark vanished sandboxes.
 """
@@ -35,8 +37,12 @@ log = logging.getLogger(__name__)
 LABEL = "tether-id"
 LEDGER_RECHECK_SECONDS = 1.0
 # How often an open sandbox's last activity is written through to the ledger, where other
-# processes' reapers read it (far below any sensible idle timeout).
+# processes' reapers read it (far below any sensible idle timeout; a third of a shorter one).
 ACTIVITY_FLUSH_SECONDS = 5.0
+HEARTBEAT_TASK = "tether-activity-heartbeat"  # (its asyncio task's name)
+# How long the reaper waits for a sandbox to say whether tether's background jobs still run in it:
+# one that does not answer in time is idle.
+JOB_PROBE_TIMEOUT_S = 20.0
 CLEANUP_GRACE_S = 30.0  # how long closing waits for a failed provision's cleanup
 
 
@@ -66,14 +72,27 @@ class ManagedSandbox(Sandbox):
         self.provider = record.provider
         self.pool_name = record.pool
         self.keep = record.keep
+        self.idle_timeout = record.idle_timeout
         self.verified_at = time.monotonic()  # when the ledger last said it is live
-        self.flushed_activity = self.last_used  # the last_activity the ledger has from us
+        # The last use, and the last_activity the ledger has: opening it is not using it.
+        self.last_used = self.flushed_activity = record.last_activity
+
+    @property
+    def flush_every(self) -> float:
+        """How stale the ledger's last_activity may grow while this sandbox is in use: every
+        ACTIVITY_FLUSH_SECONDS, or a third of a shorter idle timeout (so that another process's
+        reaper never sees a sandbox in use as idle)."""
+        if self.idle_timeout is None:
+            return ACTIVITY_FLUSH_SECONDS
+        return min(ACTIVITY_FLUSH_SECONDS, self.idle_timeout / 3)
 
     @property
     def _p(self):  # type: ignore[no-untyped-def]
         parts = super()._p  # (marks the moment of use)
-        if self.last_used - self.flushed_activity >= ACTIVITY_FLUSH_SECONDS:
+        if self.last_used - self.flushed_activity >= self.flush_every:
             self.fleet.flush_activity(self)
+        if self.busy:  # (a command, job wait or transfer starting: the heartbeat covers it while it runs)
+            self.fleet.keep_beating()
         return parts
 
     @property
@@ -133,6 +152,7 @@ class Fleet:
         self._cleanups: set[asyncio.Future[None]] = set()
         self.created_here: set[str] = set()
         self._ending: set[str] = set()  # ids this fleet is terminating right now
+        self._heartbeat: asyncio.Task[None] | None = None  # runs while an open sandbox is busy
         # Called with ("sandbox.created" | "sandbox.terminated", payload): chat channels, tunnel cleanup.
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
@@ -291,10 +311,11 @@ class Fleet:
 
     def _expiry(self, request: Request, pool: Pool) -> float | None:
         """The TTL: the request's, else the one its pool's config sets, else [defaults] ttl_s, else
-        the pool config's default (timeoutSec 3600); none for a pool without resources (local)."""
-        resources = pool_setting(pool, "resources")
-        pool_ttl = resources.timeoutSec if resources is not None else None
-        pool_set = resources is not None and "timeoutSec" in resources.model_fields_set
+        the pool config's default. Only a provider whose page gives its sandboxes a timeout has a
+        pool TTL (Modal: resources.timeoutSec, default 3600; its config's `ttl`): Daytona's
+        timeoutSec is an auto-stop interval, and E2B, RunPod, ssh and local pools have none."""
+        ttl_of = pool_setting(pool, "ttl")
+        pool_ttl, pool_set = ttl_of() if ttl_of is not None else (None, False)
         ttl = request.timeout_s or (pool_ttl if pool_set else None) or self.defaults.ttl_s or pool_ttl
         return time.time() + ttl if ttl else None
 
@@ -362,22 +383,48 @@ class Fleet:
                     await box.end_operations(reason)
                     with contextlib.suppress(Exception):
                         await box.close()  # its own channels only: other sandboxes may share the connection
-                if record.handle:
-                    await self._provider_of(record).terminate(Handle.model_validate(record.handle))
-                recorded = self._record_termination(record, reason)
+                recorded = await self._terminate(record, reason)
             finally:
                 self._ending.discard(record.id)
         event = self.ledger.cost_event(record.id)
         assert event is not None
         return event, recorded
 
+    async def _terminate(self, record: SandboxRecord, reason: str) -> bool:
+        """Have the provider end the sandbox, then record that with its cost event; whether this
+        call recorded it.
+
+        A row with no handle is a provision cut short (it failed, or its process died) or one
+        another process is still making. As gc does, the provider's listing says what it left: that
+        is removed here and billed from the provision's start (nothing found: nothing billed). A
+        process still provisioning finds the row terminated and removes what it gets; should it
+        finish first, the sandbox is ended by its handle like any other.
+        """
+        for _ in range(3):  # (provisioning → running or failed → terminated: the row changes twice at most)
+            if record.status == "terminated":
+                return False
+            if record.handle:
+                await self._provider_of(record).terminate(Handle.model_validate(record.handle))
+                return self._record_termination(record, reason)
+            found = await self._remove_leftovers(record)
+            if self._record_termination(record, reason, found=found, only_if=record.status):
+                return True
+            record = self.ledger.get(record.id)  # (it changed meanwhile: look again)
+        return False
+
     def _record_termination(
-        self, record: SandboxRecord, reason: str, ended: float | None = None, found: bool = False
+        self,
+        record: SandboxRecord,
+        reason: str,
+        ended: float | None = None,
+        found: bool = False,
+        only_if: str | None = None,
     ) -> bool:
         """Mark it terminated with its cost event, once; whether this call did. `ended` is when it
-        stopped costing, if not now; `found`: a provision cut short left a machine behind."""
+        stopped costing, if not now; `found`: a provision cut short left a machine behind;
+        `only_if`: only while its status is still this."""
         event = self._cost(record, time.time(), ended, found)
-        recorded = self.ledger.terminate(record.id, reason, event)
+        recorded = self.ledger.terminate(record.id, reason, event, only_if=only_if)
         if recorded:
             self._emit(
                 "sandbox.terminated",
@@ -491,10 +538,71 @@ class Fleet:
             return
         box.flushed_activity = box.last_used
 
+    def keep_beating(self) -> None:
+        """Make sure the heartbeat runs (an open sandbox has an operation in flight)."""
+        if self._heartbeat is not None and not self._heartbeat.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # (no loop, no operation in flight either)
+            return
+        self._heartbeat = loop.create_task(self._beat(), name=HEARTBEAT_TASK)
+
+    async def _beat(self) -> None:
+        """The heartbeat: while some open sandbox has an operation in flight (a command, a job wait,
+        a transfer), write its activity through to the ledger before it is `flush_every` stale, so
+        that no process's reaper takes it for idle however long the operation runs (the operation
+        itself only marks its start); once more when the operation ends. Returns when no open
+        sandbox is busy; `close` cancels it."""
+        beating: set[str] = set()
+        while True:
+            busy = []
+            for box in list(self._open.values()):
+                if box.busy:
+                    busy.append(box)
+                    if time.time() >= box.flushed_activity + box.flush_every * 0.9:
+                        self.flush_activity(box)
+                elif box.id in beating:
+                    self.flush_activity(box)  # (when its operation ended)
+            beating = {box.id for box in busy}
+            if not busy:
+                return
+            due = min(box.flushed_activity + box.flush_every * 0.9 for box in busy)
+            # (a write that failed left its box due already: try again a little later, not at once)
+            await asyncio.sleep(max(due - time.time(), min(box.flush_every for box in busy) / 10))
+
+    async def _jobs_running(self, record: SandboxRecord) -> bool:
+        """Whether any of tether's background jobs still runs in the sandbox: one look, through a
+        sandbox object of its own (the look is not activity). A box that cannot be reached or does
+        not answer within JOB_PROBE_TIMEOUT_S runs nothing tether can see: False."""
+        if record.handle is None:
+            return False
+        try:
+            provider = self._provider_of(record)
+            handle = Handle.model_validate(record.handle)
+
+            async def look() -> bool:
+                endpoint = await provider.endpoint(handle)
+                probe = Sandbox(endpoint, pool=self.connections, tether_dir=provider.tether_dir(record.id))
+                try:
+                    return any(job.status == "running" for job in await probe.job_list())
+                finally:
+                    with contextlib.suppress(Exception):
+                        await probe.close()
+
+            return await asyncio.wait_for(look(), JOB_PROBE_TIMEOUT_S)
+        except Exception as exc:  # (unreachable, gone, timed out: idle)
+            log.info("could not look for %s's background jobs (taken as idle): %s", record.id, exc)
+            return False
+
     async def reap(self, now: float | None = None, errors: list[str] | None = None) -> list[tuple[str, str]]:
         """Terminate sandboxes past their TTL or idle timeout; returns (id, reason) for each this
-        call terminated, and appends to `errors` what could not be. An open sandbox with a command
-        in flight is not idle."""
+        call terminated, and appends to `errors` what could not be.
+
+        Activity, for the idle timeout: an operation in flight in any process (a command, a job
+        wait, a transfer: the heartbeat writes it through), any other operation when it was made,
+        and a background job of tether's still running in the sandbox (asked of the sandbox, only
+        when it would otherwise be reaped as idle; finding one counts as activity now)."""
         for box in list(self._open.values()):
             self.flush_activity(box)
         now = time.time() if now is None else now
@@ -507,7 +615,14 @@ class Fleet:
                 reason = "expired (TTL)"
             elif record.idle_timeout is not None and now - record.last_activity >= record.idle_timeout:
                 reason = f"idle for {now - record.last_activity:.0f}s"
-            elif not record.keep and not record.owner_alive():
+                # (a paused sandbox runs nothing, and asking it could resume it; one whose creator
+                # ended without tearing it down is reaped all the same)
+                spared = record.keep or record.owner_alive()
+                if record.status == "running" and spared and await self._jobs_running(record):
+                    reason = None
+                    with contextlib.suppress(sqlite3.Error):  # (not idle either way; the next pass retries)
+                        self.ledger.touch(record.id)
+            if reason is None and not record.keep and not record.owner_alive():
                 reason = f"its creator (pid {record.owner_pid}) ended without tearing it down"
             if reason is None:
                 continue
@@ -608,14 +723,19 @@ class Fleet:
 
     async def _reconcile_one(self, record: SandboxRecord) -> None:
         """After a failed provision: remove whatever the provider left, then close the row."""
+        found = await self._remove_leftovers(record)
+        self._record_termination(self.ledger.get(record.id), record.status_reason or "provisioning failed", found=found)
+
+    async def _remove_leftovers(self, record: SandboxRecord) -> bool:
+        """Terminate what the provider's listing shows labelled with this sandbox's id (a provision
+        that left no handle); whether there was anything. A provider with no listing: nothing."""
         provider = self._provider_of(record)
-        listed = await provider.list()
         found = False
-        for resource in listed or []:
+        for resource in await provider.list() or []:
             if resource.tether_id == record.id:
                 await provider.terminate(Handle(external_id=resource.external_id, data=resource.data))
                 found = True
-        self._record_termination(self.ledger.get(record.id), record.status_reason or "provisioning failed", found=found)
+        return found
 
     def costs(self) -> list[tuple[SandboxRecord, CostEvent]]:
         return self.ledger.cost_events()
@@ -635,6 +755,10 @@ class Fleet:
                         log.warning("could not tear down %s: %s", sandbox_id, exc)
         if self._cleanups:  # failed provisions still being cleaned up: let them finish (gc would, later)
             await asyncio.wait(set(self._cleanups), timeout=CLEANUP_GRACE_S)
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is not None and not heartbeat.done():
+            heartbeat.cancel()
+            await asyncio.wait({heartbeat})  # (its cancellation is not ours: not raised here)
         for box in list(self._open.values()):
             self.flush_activity(box)
             with contextlib.suppress(Exception):

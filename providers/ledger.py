@@ -270,14 +270,17 @@ class Ledger:
                 (when or time.time(), sandbox_id),
             )
 
-    def terminate(self, sandbox_id: str, reason: str, event: CostEvent) -> bool:
-        """Mark terminated and record the cost event, once. Returns False if it already was."""
+    def terminate(self, sandbox_id: str, reason: str, event: CostEvent, only_if: str | None = None) -> bool:
+        """Mark terminated and record the cost event, once. Returns False if it already was, or
+        (with `only_if`) if its status is no longer `only_if`: then nothing is written."""
         with self.store.transaction() as db:
             changed = db.execute(
                 "UPDATE sandboxes SET status = 'terminated', status_reason = ?, terminated_at = ?"
-                " WHERE id = ? AND status != 'terminated'",
-                (reason, event.created_at, sandbox_id),
+                " WHERE id = ? AND status != 'terminated' AND status = COALESCE(?, status)",
+                (reason, event.created_at, sandbox_id, only_if),
             ).rowcount
+            if not changed:
+                return False
             db.execute(
                 "INSERT OR IGNORE INTO cost_events (sandbox_id, kind, seconds, gpu_seconds, gpu_type,"
                 " billing_model, estimated_usd, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -296,7 +299,7 @@ class Ledger:
                 "UPDATE tunnels SET status = 'closed', closed_at = ? WHERE sandbox_id = ? AND status = 'open'",
                 (event.created_at, sandbox_id),
             )
-        return changed > 0
+        return True
 
     def get(self, ref: str) -> SandboxRecord:
         """By id, or by name (the live sandbox of that name, else the newest terminated one)."""

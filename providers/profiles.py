@@ -19,6 +19,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from .errors import ProviderError
+
 PROVIDERS = ("local", "ssh", "daytona", "e2b", "modal", "runpod")
 
 
@@ -268,9 +270,14 @@ SUBSTRATES: dict[str, Substrate] = {
     ),
 }
 
-# The seeds' status mappings (provider state -> tether status); anything else is "terminated".
+# Provider state -> tether status. Daytona's and Modal's are their pages' tables. E2B's and RunPod's
+# pages give none; theirs map the states of their API specs (shared/specs): E2B's SandboxState
+# (running, paused: a paused sandbox keeps memory and disk and resumes), RunPod's PodStatus (v2; v1's
+# desiredStatus and the GraphQL API use a subset). A state a table does not name is "terminated", the
+# seeds' "others" row.
 STATUS_MAPS: dict[str, dict[str, str]] = {
     "daytona": {"creating": "provisioning", "started": "running", "running": "running", "error": "failed"},
+    "e2b": {"running": "running", "paused": "paused"},
     "modal": {
         "creating": "provisioning",
         "pending": "provisioning",
@@ -278,6 +285,16 @@ STATUS_MAPS: dict[str, dict[str, str]] = {
         "ready": "running",
         "error": "failed",
         "failed": "failed",
+    },
+    "runpod": {
+        "provisioning": "provisioning",
+        "starting": "provisioning",
+        "running": "running",
+        "error": "failed",
+        # A stopped pod keeps only its volume (no memory: not "paused" in the profile's sense) and
+        # runs nothing; "terminated": deleted.
+        "exited": "terminated",
+        "terminated": "terminated",
     },
 }
 
@@ -290,4 +307,13 @@ LOCAL_AUTH_MODES = ("host-session", "local")
 
 
 def map_status(provider: str, state: str) -> str:
-    return STATUS_MAPS.get(provider, {}).get(state.lower(), "terminated")
+    """Tether's status for a cloud provider's state of a sandbox (a state its table does not name:
+    "terminated"). Raises ProviderError for a provider with no table: tether's own providers (local,
+    ssh) and custom ones report tether's statuses themselves."""
+    table = STATUS_MAPS.get(provider)
+    if table is None:
+        raise ProviderError(
+            f"no status mapping for provider {provider!r}; there is one for {', '.join(sorted(STATUS_MAPS))}, "
+            "other providers report tether's statuses (provisioning, running, paused, failed, terminated) themselves"
+        )
+    return table.get(state.lower(), "terminated")

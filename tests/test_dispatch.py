@@ -226,6 +226,9 @@ def test_runtime_provides_overrides_the_substrate() -> None:
         ('[[pools]]\nname = "m"\nprovider = "modal"\nsize = "big"', "size"),
         ('[[pools]]\nname = "l"\nprovider = "local"\nactive = "no"', "active"),  # not quietly true
         ('[[pools]]\nname = "d"\nprovider = "daytona"\nconfig = { resources = { timeoutSec = "3600" } }', "timeoutSec"),
+        # Modal's resource defaults are Modal's: Daytona's page names timeoutSec alone, E2B's no resources
+        ('[[pools]]\nname = "d"\nprovider = "daytona"\nconfig = { resources = { cpu = 4.0 } }', "cpu: unknown key"),
+        ('[[pools]]\nname = "e"\nprovider = "e2b"\nconfig = { resources = { timeoutSec = 60 } }', "resources: unknown"),
         ("pools = [1]", "each pool is a table"),
         ("providers = [1]", "array of tables"),
         (

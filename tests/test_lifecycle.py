@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import ClassVar
 
@@ -130,6 +132,46 @@ def test_a_crash_mid_provision_with_a_provider_that_keeps_no_listing(tmp_path: P
     assert Ledger().get(record.id).status == "terminated" and cost_event_count(record.id) == 1
 
 
+async def test_destroying_a_provision_cut_short_removes_what_it_left_as_gc_would(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    cloud, env = hanging_cloud(tmp_path)
+    record = crash_mid_provision(cloud, env, f"down-crashy-{os.getpid()}")
+    monkeypatch.setenv("TETHER_TEST_CLOUD", str(cloud))
+    fleet = Fleet(config=tomllib.loads(Path(env["TETHER_CONFIG"]).read_text()))
+    try:
+        started = time.time()
+        event = await fleet.destroy(record.id)
+        assert list(cloud.iterdir()) == []  # its machine is gone ...
+        # ... and was billed from the start of the provision until destroy removed it
+        assert started - record.created_at <= event.seconds <= time.time() - record.created_at
+        assert fleet.ledger.get(record.id).status == "terminated" and cost_event_count(record.id) == 1
+        assert (await fleet.gc()).interrupted == [] and cost_event_count(record.id) == 1
+    finally:
+        await fleet.close()
+
+
+async def test_destroying_a_sandbox_another_process_is_still_provisioning(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    cloud, env = hanging_cloud(tmp_path)
+    name = f"down-busy-{os.getpid()}"
+    process = subprocess.Popen([sys.executable, "-c", HANGING_CREATE.format(name=name)], env=env, cwd=ROOT)
+    monkeypatch.setenv("TETHER_TEST_CLOUD", str(cloud))
+    fleet = Fleet(config=tomllib.loads(Path(env["TETHER_CONFIG"]).read_text()))
+    try:
+        deadline = time.monotonic() + 30
+        while not list(cloud.iterdir()):
+            assert process.poll() is None and time.monotonic() < deadline, "the provider never created its machine"
+            await asyncio.sleep(0.05)
+        record = fleet.ledger.get(name)
+        assert record.status == "provisioning" and record.owner_alive()
+        event = await fleet.destroy(name)
+        assert list(cloud.iterdir()) == []
+        assert 0 < event.seconds <= time.time() - record.created_at and cost_event_count(record.id) == 1
+        assert (await fleet.gc()).interrupted == [] and cost_event_count(record.id) == 1
+    finally:
+        process.kill()
+        process.wait()
+        await fleet.close()
+
+
 def test_gc_leaves_the_rows_of_a_provider_it_cannot_use_for_later() -> None:
     """A provider unusable here (no credentials, not built) cannot be asked what it left: its
     abandoned rows are not closed as if it had nothing, they wait for a gc that can look."""
@@ -240,6 +282,158 @@ async def test_a_command_still_running_is_not_idle_here_or_to_another_process(mo
         await other.close()
 
 
+def heartbeats() -> list[asyncio.Task[object]]:
+    from providers.fleet import HEARTBEAT_TASK
+
+    return [t for t in asyncio.all_tasks() if t.get_name() == HEARTBEAT_TASK and not t.done()]
+
+
+async def test_a_command_running_in_one_process_is_not_idle_to_another_processs_reaper(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The owner runs no reaper of its own (the CLI, a script): only its heartbeat tells the other
+    process's reaper that the sandbox is in use, however short the idle timeout."""
+    from providers import fleet as fleet_module
+
+    unit = 0.6  # the idle timeout, and ACTIVITY_FLUSH_SECONDS (the report's case: 5 and 5)
+    monkeypatch.setattr(fleet_module, "ACTIVITY_FLUSH_SECONDS", unit)
+    owner, reaper = Fleet(config={}), Fleet(config={})
+    try:
+        box = await owner.create(Request(provider="local", idle_timeout_s=unit))
+        command = asyncio.ensure_future(box.run(f"sleep {6 * unit}; echo done"))
+        while not command.done():
+            assert await reaper.reap() == [], "reaped while its command ran"
+            await asyncio.sleep(unit / 4)
+        assert (await command).stdout == "done\n"
+        for _ in range(20):  # the heartbeat stops once nothing runs ...
+            if not heartbeats():
+                break
+            await asyncio.sleep(unit / 4)
+        assert heartbeats() == []
+        await asyncio.sleep(2 * unit)  # ... and the idle clock then runs out
+        assert [r for r, _ in await reaper.reap()] == [box.id]
+    finally:
+        await owner.close()
+        await reaper.close()
+
+
+async def test_nothing_of_the_heartbeat_outlives_its_fleet() -> None:
+    fleet = Fleet(config={})
+    box = await fleet.create(Request(provider="local"))
+    running = asyncio.ensure_future(box.run("sleep 30"))
+    try:
+        for _ in range(100):
+            if heartbeats():
+                break
+            await asyncio.sleep(0.05)
+        assert heartbeats(), "no heartbeat while a command runs"
+    finally:
+        await fleet.close()
+    assert heartbeats() == []  # (with the command still running)
+    cleaner = Fleet(config={})
+    await cleaner.destroy(box.id)
+    await cleaner.close()
+    with contextlib.suppress(Exception):
+        await running
+
+
+EXEC_UNDER_GC = 'started=$(pwd)/started; touch "$started"; sleep 5; echo done'
+
+
+async def test_tether_exec_keeps_its_sandbox_from_tether_gc_in_another_process() -> None:
+    """The report's repro: an idle timeout, `tether exec ID -- 'sleep …; echo done'`, and a reaper in
+    another process while it runs."""
+    maker = Fleet(config={})  # (`tether up`)
+    box = await maker.create(Request(provider="local", idle_timeout_s=1.5, keep=True))
+    await maker.close()
+    fleet = Fleet(config={})  # (`tether gc`)
+    try:
+        started = local_dir() / "sandboxes" / box.id / "work" / "started"
+        exec_process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tools.cli",
+            "exec",
+            box.id,
+            "--",
+            EXEC_UNDER_GC,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        output = asyncio.ensure_future(exec_process.communicate())
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert not output.done(), (await output)[1].decode()
+            assert time.monotonic() < deadline, "the command never started"
+            await asyncio.sleep(0.05)
+        while not output.done():
+            assert await fleet.reap() == [], "reaped while `tether exec` ran its command"
+            await asyncio.sleep(0.2)
+        stdout, stderr = await output
+        assert (exec_process.returncode, stdout) == (0, b"done\n"), stderr.decode()
+        await asyncio.sleep(2)
+        assert [r for r, _ in await fleet.reap()] == [box.id]
+    finally:
+        await fleet.close()
+
+
+async def test_a_background_job_still_running_is_activity_to_any_reaper() -> None:
+    owner, reaper = Fleet(config={}), Fleet(config={})
+    try:
+        box = await owner.create(Request(provider="local", idle_timeout_s=0.6))
+        job = await box.start_job("sleep 2.5")
+        await asyncio.sleep(1)  # idle by the clock, but the job runs
+        looked = time.time()
+        assert await reaper.reap() == []
+        assert reaper.ledger.get(box.id).last_activity >= looked  # (seen running: activity)
+        assert await owner.reap() == []
+        while (await box.job_output(job.id, wait_ms=500)).status == "running":
+            pass
+        await asyncio.sleep(1)
+        reaped = dict(await reaper.reap())
+        assert reaped[box.id].startswith("idle for")
+    finally:
+        await owner.close()
+        await reaper.close()
+
+
+class UnreachableProvider(LocalProvider):
+    """This machine, whose SSH server stops answering for the sandboxes in `cut`."""
+
+    name = "unreachable"
+    cut: ClassVar[set[str]] = set()
+
+    async def endpoint(self, handle):  # type: ignore[no-untyped-def]
+        endpoint = await super().endpoint(handle)
+        if handle.data["dir"].rsplit("/", 1)[-1] not in self.cut:
+            return endpoint
+        import socket
+
+        with socket.socket() as closed:  # a port nothing listens on
+            closed.bind(("127.0.0.1", 0))
+            port = closed.getsockname()[1]
+        return endpoint.model_copy(update={"port": port})
+
+
+async def test_a_sandbox_that_cannot_be_asked_about_its_jobs_is_idle() -> None:
+    config = {
+        "providers": [{"name": "unreachable", "class": "tests.test_lifecycle:UnreachableProvider"}],
+        "pools": [{"name": "unreachable", "provider": "unreachable"}],
+    }
+    owner, reaper = Fleet(config=config), Fleet(config=config)
+    try:
+        box = await owner.create(Request(pool="unreachable", idle_timeout_s=0.5))
+        await box.start_job("sleep 60")
+        UnreachableProvider.cut.add(box.id)
+        await asyncio.sleep(0.7)
+        reaped = dict(await reaper.reap())
+        assert reaped[box.id].startswith("idle for") and cost_event_count(box.id) == 1
+    finally:
+        UnreachableProvider.cut.clear()
+        await owner.close()
+        await reaper.close()
+
+
 async def test_concurrent_reapers_report_each_reaped_sandbox_once() -> None:
     fleets = [Fleet(config={}) for _ in range(3)]
     try:
@@ -327,6 +521,28 @@ def test_a_ttl_comes_from_the_request_then_the_pool_then_the_defaults() -> None:
     assert ttl(without, Request(), unsaid) == 3600
     assert with_defaults._expiry(Request(), parse_pool({"name": "l", "provider": "local"})) is not None
     assert without._expiry(Request(), parse_pool({"name": "l", "provider": "local"})) is None
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"name": "d", "provider": "daytona"},
+        # Daytona's timeoutSec sets when an idle workspace is archived, not when it ends
+        {"name": "d", "provider": "daytona", "config": {"resources": {"timeoutSec": 600}}},
+        {"name": "e", "provider": "e2b"},
+        {"name": "r", "provider": "runpod"},
+    ],
+)
+def test_only_modal_pools_give_their_sandboxes_a_ttl_of_their_own(entry: dict) -> None:
+    """The seeds: Modal's resources default to timeoutSec 3600; Daytona's page has no session
+    ceiling (maxSessionDurationSeconds null) and E2B's no resources; RunPod has no page."""
+    from providers.config import parse_pool
+
+    pool = parse_pool(entry)
+    assert Fleet(config={})._expiry(Request(), pool) is None
+    assert round(Fleet(config={})._expiry(Request(timeout_s=90), pool) - time.time()) == 90  # type: ignore[operator]
+    defaults = Fleet(config={"defaults": {"ttl_s": 600}})
+    assert round(defaults._expiry(Request(), pool) - time.time()) == 600  # type: ignore[operator]
 
 
 def test_a_sandbox_whose_creator_ended_without_teardown_is_reaped(tmp_path: Path) -> None:

@@ -12,13 +12,16 @@ import pytest
 from providers.config import (
     CONFIG_MODELS,
     DaytonaPoolConfig,
+    DaytonaResources,
     E2BPoolConfig,
     ModalPoolConfig,
     Resources,
 )
+from providers.errors import ProviderError
 from providers.profiles import PROFILES, STATUS_MAPS, SUBSTRATES, map_status
 
 SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
+SPECS = SEEDS.parent / "specs"
 PAGES = {"local": "Local Sandbox", "daytona": "Daytona Sandbox", "e2b": "E2B Sandbox", "modal": "Modal Sandbox"}
 CAPABILITY_FIELDS = [
     "transportModel",
@@ -132,6 +135,49 @@ def test_status_mappings_match_the_seeds(provider: str, header: str) -> None:
     assert all(map_status(provider, state.upper()) == status for state, status in seed.items())
 
 
+def e2b_sandbox_states() -> list[str]:
+    """SandboxState's enum in E2B's OpenAPI spec (YAML, read as text: no YAML parser needed)."""
+    text = (SPECS / "e2b" / "openapi.yml").read_text()
+    block = re.search(r"\n    SandboxState:\n((?:      .*\n|        .*\n)+)", text)
+    assert block, "SandboxState moved in the E2B spec"
+    return re.findall(r"^        - (\S+)$", block.group(1), re.MULTILINE)
+
+
+def runpod_pod_statuses() -> list[str]:
+    """PodStatus's enum in RunPod's v2 spec; v1's desiredStatus (what the GraphQL API returns) is a subset."""
+    v2 = json.loads((SPECS / "runpod" / "openapi-v2.json").read_text())["components"]["schemas"]["PodStatus"]["enum"]
+    v1 = json.loads((SPECS / "runpod" / "openapi-v1.json").read_text())["components"]["schemas"]["Pod"]
+    assert set(v1["properties"]["desiredStatus"]["enum"]) <= set(v2)
+    return list(v2)
+
+
+@pytest.mark.parametrize(("provider", "states"), [("e2b", e2b_sandbox_states), ("runpod", runpod_pod_statuses)])
+def test_status_mappings_cover_every_state_of_the_api_specs(provider: str, states) -> None:  # type: ignore[no-untyped-def]
+    """E2B's and RunPod's pages give no mapping: every state their API specs name has one."""
+    spec = states()
+    assert spec and sorted(STATUS_MAPS[provider]) == sorted(s.lower() for s in spec)
+    assert all(map_status(provider, state) in (*PLATFORM_STATUSES, "paused") for state in spec)
+
+
+def test_status_mappings_where_the_specs_are_plain() -> None:
+    assert [map_status("e2b", s) for s in ("running", "paused")] == ["running", "paused"]
+    assert [map_status("runpod", s) for s in ("PROVISIONING", "STARTING", "RUNNING", "ERROR", "TERMINATED")] == [
+        "provisioning",
+        "provisioning",
+        "running",
+        "failed",
+        "terminated",
+    ]
+
+
+@pytest.mark.parametrize("provider", ["local", "ssh", "some-custom-provider"])
+def test_map_status_refuses_a_provider_without_a_mapping(provider: str) -> None:
+    with pytest.raises(
+        ProviderError, match=f"no status mapping for provider '{provider}'.*daytona, e2b, modal, runpod"
+    ):
+        map_status(provider, "running")
+
+
 CONFIG_TYPES = ("string[]", "string", "number", "boolean")
 
 
@@ -176,9 +222,11 @@ PYTHON_TYPES = {"string": str, "number": (int, float), "boolean": bool, "string[
     ("provider", "model"), [("daytona", DaytonaPoolConfig), ("e2b", E2BPoolConfig), ("modal", ModalPoolConfig)]
 )
 def test_pool_config_defaults_match_the_seeds(provider: str, model: type) -> None:
-    table = seed_config_table(seed_page(PAGES[provider]))
+    page = seed_page(PAGES[provider])
+    table = seed_config_table(page)
     defaults = model()
-    assert set(model.model_fields) == {*table, "resources"}
+    # spec.resources where the page speaks of it (Modal's table, Daytona's timeoutSec), else not at all
+    assert set(model.model_fields) == {*table, *(["resources"] if "spec.resources" in page else [])}
     for key, (type_name, text, whole_cell) in table.items():
         ours = getattr(defaults, key)
         expected = _as_seed_text(ours)
@@ -191,11 +239,34 @@ def test_pool_config_defaults_match_the_seeds(provider: str, model: type) -> Non
 
 
 def test_resource_defaults_match_the_seed() -> None:
+    """Modal's "Resource configuration" table, field for field; no other page gives these defaults."""
     lines = seed_page(PAGES["modal"]).splitlines()
     at = lines.index("| Field | Default | Description |")
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines[at + 2 : at + 5]]
+    rows = []
+    for line in lines[at + 2 :]:
+        if line.count("|") < 3:
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
     seed = {row[0]: row[1] for row in rows}
     assert seed == {key: str(value) for key, value in Resources().model_dump().items()}
+    assert ModalPoolConfig().ttl() == (3600, False)
+    assert ModalPoolConfig.model_validate({"resources": {"timeoutSec": 60}}).ttl() == (60, True)
+    for provider in ("daytona", "e2b"):  # (nor cpu or memory: those are Modal's pool defaults alone)
+        assert "memoryMB" not in seed_page(PAGES[provider]), provider
+
+
+def test_daytona_timeout_sets_its_auto_stop_interval_as_the_seed_says() -> None:
+    """Daytona's page: `autoStopInterval = ceil(timeoutSec / 60)  // minutes; default 30`, and no
+    session ceiling (maxSessionDurationSeconds null): its timeoutSec is no TTL, and has no default."""
+    page = seed_page(PAGES["daytona"])
+    formula = re.search(r"autoStopInterval = ceil\(timeoutSec / 60\)\s*// minutes; default (\d+)", page)
+    assert formula, "the seed's auto-stop formula moved"
+    assert DaytonaResources.model_fields.keys() == {"timeoutSec"} and DaytonaResources().timeoutSec is None
+    assert DaytonaPoolConfig().auto_stop_minutes() == int(formula.group(1)) == 30
+    for timeout, minutes in ((60, 1), (61, 2), (1800, 30), (7200, 120)):
+        config = DaytonaPoolConfig.model_validate({"resources": {"timeoutSec": timeout}})
+        assert config.auto_stop_minutes() == minutes
+    assert not hasattr(DaytonaPoolConfig(), "ttl") and PROFILES["daytona"].max_session_duration_seconds is None
 
 
 def test_every_provider_has_a_profile_substrate_and_config_model() -> None:
