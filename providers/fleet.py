@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ HEARTBEAT_TASK = "tether-activity-heartbeat"  # (its asyncio task's name)
 # How long the reaper waits for a sandbox to say whether tether's background jobs still run in it:
 # one that does not answer in time is idle.
 JOB_PROBE_TIMEOUT_S = 20.0
+ENDED_ELSEWHERE_WAIT_S = 3.0  # see ManagedSandbox.ended_elsewhere
 CLEANUP_GRACE_S = 30.0  # how long closing waits for a failed provision's cleanup
 
 
@@ -98,6 +100,23 @@ class ManagedSandbox(Sandbox):
     @property
     def record(self) -> SandboxRecord:
         return self.fleet.ledger.get(self.id)
+
+    async def ended_elsewhere(self) -> str | None:
+        """Why the ledger says it ended (another process's `tether down`, gc, a reaper), if it did.
+        Asked when a connection died under a command: the process ending it records that once the
+        machine is gone, so the ledger is given a few seconds to say so."""
+        deadline = time.monotonic() + ENDED_ELSEWHERE_WAIT_S
+        while True:
+            try:
+                record = self.record
+            except Exception:  # (no answer from the ledger is no news)
+                return None
+            if record.status == "terminated":
+                self.verified_at = -math.inf  # (the fleet's next get() reads the ledger, and says it ended)
+                return record.status_reason or "terminated elsewhere"
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(0.1)
 
     async def destroy(self) -> CostEvent:
         return await self.fleet.destroy(self.id)
