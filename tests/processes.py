@@ -9,6 +9,7 @@ import secrets
 import subprocess
 import threading
 import time
+from typing import Self
 
 
 def leaf_sleep() -> str:
@@ -40,19 +41,22 @@ async def wait_until_gone(marker: str, seconds: float = 5.0) -> list[str]:
     return left
 
 
-class ArgvWatch:
-    """Reads every process's command line (/proc/*/cmdline, what `ps` shows every user) over and
-    over in a thread while the block runs, keeping each one that contains `needle`: a process
-    that lives a millisecond is still seen, as another user's watcher would see it."""
+class Watcher:
+    """Runs `watch_once` over and over in a thread while the `with` block runs: what a watcher of
+    another user, on this machine, would see meanwhile."""
 
-    def __init__(self, needle: str) -> None:
-        self.needle = needle.encode()
-        self.seen: list[str] = []
-        self.scans = 0
+    def __init__(self) -> None:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
-    def __enter__(self) -> ArgvWatch:
+    def watch_once(self) -> None:
+        raise NotImplementedError
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.watch_once()
+
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -60,16 +64,27 @@ class ArgvWatch:
         self._stop.set()
         self._thread.join()
 
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            for entry in os.scandir("/proc"):
-                if not entry.name.isdigit():
-                    continue
-                try:
-                    with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                        argv = f.read()
-                except OSError:
-                    continue
-                if self.needle in argv:
-                    self.seen.append(argv.replace(b"\0", b" ").decode(errors="replace"))
-            self.scans += 1
+
+class ArgvWatch(Watcher):
+    """Reads every process's command line (/proc/*/cmdline, what `ps` shows every user) over and
+    over while the block runs, keeping each one that contains `needle`: a process that lives a
+    millisecond is still seen."""
+
+    def __init__(self, needle: str) -> None:
+        super().__init__()
+        self.needle = needle.encode()
+        self.seen: list[str] = []
+        self.scans = 0
+
+    def watch_once(self) -> None:
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    argv = f.read()
+            except OSError:
+                continue
+            if self.needle in argv:
+                self.seen.append(argv.replace(b"\0", b" ").decode(errors="replace"))
+        self.scans += 1

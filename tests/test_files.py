@@ -10,7 +10,6 @@ import os
 import select
 import stat
 import struct
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -32,6 +31,7 @@ from sandbox.errors import (
     SpecialFile,
 )
 from sandbox.files import MAX_READ_CHARS
+from tests.processes import Watcher
 
 HOSTILE_NAMES = [
     "with space.txt",
@@ -380,41 +380,34 @@ async def test_temp_files_are_private_until_they_take_the_files_mode(sb: Sandbox
     assert (await sb.stat(".env")).mode == 0o600 and await sb.read_text(".env") == "TOKEN=newer\n"
 
 
-class CreatedModes:
+class CreatedModes(Watcher):
     """The mode each file had the moment it appeared in a directory (inotify, from this process:
     the test sshd's files are on this machine), as a watcher of another user would catch it."""
 
     IN_CREATE = 0x100
 
     def __init__(self, directory: str) -> None:
+        super().__init__()
         self.directory = directory
         self.modes: dict[str, int] = {}
-        self._libc = ctypes.CDLL(None, use_errno=True)
-        self._fd = self._libc.inotify_init1(os.O_NONBLOCK)
-        assert self._fd >= 0 and self._libc.inotify_add_watch(self._fd, directory.encode(), self.IN_CREATE) >= 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = libc.inotify_init1(os.O_NONBLOCK)
+        assert self._fd >= 0 and libc.inotify_add_watch(self._fd, directory.encode(), self.IN_CREATE) >= 0
 
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            if not select.select([self._fd], [], [], 0.05)[0]:
-                continue
-            buffer = os.read(self._fd, 65536)
-            at = 0
-            while at < len(buffer):
-                _, _, _, length = struct.unpack_from("iIII", buffer, at)
-                name = buffer[at + 16 : at + 16 + length].rstrip(b"\0").decode()
-                at += 16 + length
-                with contextlib.suppress(FileNotFoundError):
-                    self.modes[name] = stat.S_IMODE(os.lstat(os.path.join(self.directory, name)).st_mode)
+    def watch_once(self) -> None:
+        if not select.select([self._fd], [], [], 0.05)[0]:
+            return
+        buffer = os.read(self._fd, 65536)
+        at = 0
+        while at < len(buffer):  # (struct inotify_event: wd, mask, cookie, len, then the name)
+            _, _, _, length = struct.unpack_from("iIII", buffer, at)
+            name = buffer[at + 16 : at + 16 + length].rstrip(b"\0").decode()
+            at += 16 + length
+            with contextlib.suppress(FileNotFoundError):
+                self.modes[name] = stat.S_IMODE(os.lstat(os.path.join(self.directory, name)).st_mode)
 
-    def __enter__(self) -> CreatedModes:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
         os.close(self._fd)
 
 
