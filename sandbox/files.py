@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
+import functools
 import logging
 import posixpath
 import secrets
@@ -12,7 +13,7 @@ import stat as stat_module
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import asyncssh
 
@@ -39,6 +40,7 @@ from .sftpio import holds_exactly, read_exactly, write_all
 from .tempfacts import TempFileFacts
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_LINE_LIMIT = 2000
 MAX_LINE_CHARS = 2000
@@ -363,7 +365,7 @@ class Files:
         # created 0600 and widened to it (or to the replaced file's mode) just before the rename,
         # so a secret written over a 0600 file is never readable by others in between.
         self._new_file_mode: int | None = None
-        self._learning: asyncio.Future[int | None] | None = None
+        self._learning: asyncio.Future[None] | None = None  # the probe (see _probe_new_file_mode)
         # Paths seen to be regular files (or directories). Any other path is stat'ed before it is
         # opened: sftp-server serves one request at a time, and opening a named pipe with no writer
         # blocks it, and with it every file operation and command of the sandbox.
@@ -501,9 +503,26 @@ class Files:
         except Exception as exc:
             return attrs, exc
 
-    def _close_if_opened(self, opening: asyncio.Future[asyncssh.SFTPClientFile]) -> None:
+    def _close_if_opened(self, opening: asyncio.Future[asyncssh.SFTPClientFile], remove: str | None = None) -> None:
+        """For an open its caller gave up on: close the handle, if it opened (and remove the file)."""
         if not opening.cancelled() and opening.exception() is None:
             self._sftp.close_later(opening.result())
+            if remove is not None:
+                self._sftp.remove_later(remove)
+
+    async def _with_temp_file(
+        self, sftp: asyncssh.SFTPClient, work: Awaitable[T], temp: str, make_directory: str | None = None
+    ) -> tuple[T | BaseException, asyncssh.SFTPClientFile | BaseException]:
+        """`work`, and the creation of the private temp file `temp` (and of `make_directory` when it
+        is missing), sent together; each result or its error. Should the caller be cancelled, the
+        temp file the open made is closed and removed once it lands."""
+        opening = asyncio.ensure_future(self._open_temp(sftp, temp, make_directory))
+        try:
+            done, temp_file = await asyncio.gather(work, asyncio.shield(opening), return_exceptions=True)
+        except asyncio.CancelledError:
+            opening.add_done_callback(functools.partial(self._close_if_opened, remove=temp))
+            raise
+        return done, temp_file
 
     # -- write ---------------------------------------------------------------------------------------
 
@@ -535,16 +554,9 @@ class Files:
         """
         directory, name = posixpath.split(path)
         temp = posixpath.join(directory, temp_name(name, "tmp"))
-        if self._new_file_mode is None and self._learning is None:  # (the first write: see __init__)
+        if self._learning is None:  # (the first write: see __init__)
             self._learning = asyncio.ensure_future(self._probe_new_file_mode(sftp, directory, name))
-        opening = asyncio.ensure_future(self._open_temp(sftp, temp, directory))
-        try:
-            existing, temp_file = await asyncio.gather(
-                sftp.lstat(path), asyncio.shield(opening), return_exceptions=True
-            )
-        except asyncio.CancelledError:  # (the open was sent: once it lands, remove what it made)
-            opening.add_done_callback(lambda done: self._discard_if_opened(done, temp))
-            raise
+        existing, temp_file = await self._with_temp_file(sftp, sftp.lstat(path), temp, make_directory=directory)
         if isinstance(existing, asyncssh.SFTPNoSuchFile):
             existing = None
         problem = next((o for o in (existing, temp_file) if isinstance(o, BaseException)), None)
@@ -597,20 +609,25 @@ class Files:
                 self._sftp.remove_later(temp)
         return existing if isinstance(existing, asyncssh.SFTPAttrs) else None
 
-    async def _open_temp(self, sftp: asyncssh.SFTPClient, temp: str, directory: str) -> asyncssh.SFTPClientFile:
+    async def _open_temp(
+        self, sftp: asyncssh.SFTPClient, temp: str, make_directory: str | None
+    ) -> asyncssh.SFTPClientFile:
         try:
             return await sftp.open(temp, "xb", PRIVATE)
         except asyncssh.SFTPNoSuchFile:
-            await sftp.makedirs(directory, exist_ok=True)
+            if make_directory is None:
+                raise
+            await sftp.makedirs(make_directory, exist_ok=True)
             return await sftp.open(temp, "xb", PRIVATE)
 
     async def _probe_new_file_mode(self, sftp: asyncssh.SFTPClient, directory: str, name: str) -> None:
         """Create an empty file beside the first one written, as any program would create it, and
-        take its mode (the next write tries again when that fails)."""
+        take its mode. Once per session: only a probe that could not be created (its directory did
+        not exist yet) is tried again, by the next write that needs it."""
         probe = posixpath.join(directory, temp_name(name, "probe"))
         try:
             f = await sftp.open(probe, "xb")
-        except Exception:  # (its directory may not exist yet: see _learned_new_file_mode)
+        except Exception:
             self._learning = None
             return
         try:
@@ -620,26 +637,16 @@ class Files:
         except Exception as exc:  # (a write that waits for it sees the connection's failure itself)
             log.debug("could not learn a new file's mode in %s: %s", directory, exc)
         finally:
-            self._learning = None
             self._sftp.close_later(f)
             self._sftp.remove_later(probe)
 
     async def _learned_new_file_mode(self, sftp: asyncssh.SFTPClient, directory: str, name: str) -> int | None:
-        """The mode a new file gets, waiting for the probe (or probing now: the first one may have
-        gone before the write created the directory). None when the box won't say."""
-        for _ in range(2):
-            if self._new_file_mode is not None:
-                break
-            if self._learning is None:
-                self._learning = asyncio.ensure_future(self._probe_new_file_mode(sftp, directory, name))
-            await asyncio.shield(self._learning)  # (a cancelled write leaves the probe to finish and clean up)
+        """The mode a new file gets, once the probe answered (probing now if the first one could not
+        be made: it went before the write created the directory). None when the box won't say."""
+        if self._learning is None:
+            self._learning = asyncio.ensure_future(self._probe_new_file_mode(sftp, directory, name))
+        await asyncio.shield(self._learning)  # (a cancelled write leaves the probe to finish and clean up)
         return self._new_file_mode
-
-    def _discard_if_opened(self, opening: asyncio.Future[asyncssh.SFTPClientFile], temp: str) -> None:
-        """For an open whose caller was cancelled: close and remove the file it created, if any."""
-        if not opening.cancelled() and opening.exception() is None:
-            self._sftp.close_later(opening.result())
-            self._sftp.remove_later(temp)
 
     async def _learn_temp_facts(self, temp_file: asyncssh.SFTPClientFile, directory: str) -> asyncssh.SFTPAttrs:
         attrs = await temp_file.stat()
@@ -724,16 +731,12 @@ class Files:
         started = time.time()
         # lstat, not stat: a symlink is edited through its target (below), and for anything else the
         # two say the same.
-        opening = asyncio.ensure_future(sftp.open(temp, "xb", PRIVATE))  # (given the file's own mode later)
 
         async def look_and_open() -> tuple[asyncssh.SFTPAttrs | BaseException, asyncssh.SFTPClientFile | BaseException]:
             return await self._look_and_open(path, sftp.lstat(path), sftp.open(path, "rb"))
 
-        try:
-            looked, temp_file = await asyncio.gather(look_and_open(), asyncio.shield(opening), return_exceptions=True)
-        except asyncio.CancelledError:  # (the open was sent: once it lands, remove what it made)
-            opening.add_done_callback(lambda done: self._discard_if_opened(done, temp))
-            raise
+        # (the temp file gets the file's own mode later)
+        looked, temp_file = await self._with_temp_file(sftp, look_and_open(), temp)
         if isinstance(looked, BaseException):  # (a named pipe)
             if isinstance(temp_file, asyncssh.SFTPClientFile):
                 await self._discard_temp(sftp, temp_file, temp)
