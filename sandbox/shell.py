@@ -156,10 +156,13 @@ if ! { [ -w "$__T/run" ] && [ -w "$__T/jobs" ]; }; then
   { [ ! -L "$__T" ] && [ -O "$__T" ] && [ -w "$__T/run" ] && [ -w "$__T/jobs" ]; } || __T=
 fi
 # The whole output of cut commands is kept a week, and so is a job once it ended (then job_list
-# forgets it). (Job directories are named j-HEX: a name never holds a newline.)
-[ -n "$__T" ] && find "$__T/run" -type f -mtime +7 -exec rm -f {} \; 2>/dev/null
-[ -n "$__T" ] && find "$__T/jobs" -mindepth 2 -maxdepth 2 -name exit -type f -mtime +7 2>/dev/null |
-  while IFS= read -r __x; do rm -rf "${__x%/exit}"; done
+# forgets it), swept in the background: the shell is ready without waiting for find. (Job
+# directories are named j-HEX: a name never holds a newline.)
+[ -n "$__T" ] && {
+  find "$__T/run" -type f -mtime +7 -exec rm -f {} \;
+  find "$__T/jobs" -mindepth 2 -maxdepth 2 -name exit -type f -mtime +7 |
+    while IFS= read -r __x; do rm -rf "${__x%/exit}"; done
+} </dev/null >/dev/null 2>&1 &
 case "${SHELL##*/}" in
   bash|zsh|ksh|mksh|dash|ash|sh) __TSH=$SHELL ;;
   *) __TSH=/bin/sh ;;
@@ -186,12 +189,6 @@ else
   __TPG=none
   __t_bg() { "$@" </dev/null >>"$__o" 2>>"$__e" 7<&- 8<&- & }
 fi
-# A job starts with INT and QUIT at their defaults, so that job_kill INT works: a shell without job
-# control starts a background command with them ignored (POSIX), and a shell that finds them
-# ignored cannot reset them. GNU env (coreutils 8.31+) resets them; elsewhere only TERM, KILL, HUP
-# and the rest reach a job.
-__TDFL=
-env --default-signal=INT,QUIT true 2>/dev/null && __TDFL='env --default-signal=INT,QUIT'
 if [ -n "${BASH_VERSION:-}" ] && set -m 2>/dev/null && case $- in *m*) true ;; *) false ;; esac; then
   # `fork` mode: with job control on, every background job gets its own process group, so a
   # forked subshell is enough; no exec, and the functions the profile defined (nvm, …) still work.
@@ -251,6 +248,13 @@ __t_job() {
   __o="$2/stdout"; __e="$2/stderr"; __m=$-
   # Environment values through a private file the job reads and empties (not its arguments).
   if [ -n "$5" ]; then __t_private "$2/env" "$5"; fi
+  # A job starts with INT and QUIT at their defaults, so that job_kill INT works: a shell without
+  # job control starts a background command with them ignored (POSIX), and a shell that finds them
+  # ignored cannot reset them. GNU env (coreutils 8.31+) resets them; elsewhere only TERM, KILL,
+  # HUP and the rest reach a job. (Asked at the first job, not at every shell's start.)
+  if [ -z "${__TDFL+asked}" ]; then
+    __TDFL=; env --default-signal=INT,QUIT true 2>/dev/null && __TDFL='env --default-signal=INT,QUIT'
+  fi
   set +m
   __t_bg $__TDFL "$__TSH" -c "$__TJOB" "${__TSH##*/}" "$3" "$4" "$2" "$6"
   __p=$!
@@ -277,14 +281,16 @@ trap 'rm -f "$__P.o" "$__P.e" "$__P.c" "$__P.v"' EXIT
 # from this script's first line, so a command's errors would read "main: line 57: …" for its own
 # line 3. From that file they read as under `bash -c`. (Elsewhere the command's $0 is the shell's
 # name and its eval sits on line 1: "dash: 3: …", as dash -c says.)
+# The file is written once (by the first shell; its name carries the version of its text).
 __t_eval() { eval "$__s"; }
-if [ "$__TPG" = fork ] && [ -n "$__T" ] && mkdir "$__P.d" 2>/dev/null; then
-  printf '%s\n' '__t_eval() { eval "$__s"; }' >"$__P.d/bash"
+__te="$__T/eval-1"
+if [ "$__TPG" = fork ] && [ -n "$__T" ] && { [ -s "$__te/bash" ] || {
+  mkdir -p "$__te" && printf '%s\n' '__t_eval() { eval "$__s"; }' >"$__te/bash.$$" && mv -f "$__te/bash.$$" "$__te/bash"
+}; } 2>/dev/null; then
   __t_od=$PWD; __t_oo=$OLDPWD; __t_sp=; shopt -q sourcepath && __t_sp=1
   # (`. bash`, no slash: so that its name is just "bash"; sourcepath off, so it is ./bash)
-  if command cd "$__P.d" 2>/dev/null; then shopt -u sourcepath; . bash; command cd "$__t_od"; fi
+  if command cd "$__te" 2>/dev/null; then shopt -u sourcepath; . bash; command cd "$__t_od"; fi
   [ -n "$__t_sp" ] && shopt -s sourcepath; OLDPWD=$__t_oo
-  rm -rf "$__P.d"
 fi
 __rg=0; command -v rg >/dev/null 2>&1 && __rg=1
 printf 'READY %s %s %s %s\0%s\0%s\0%s\0' "__NONCE__" "$__TPG" "$__rg" "$__TSH" "$HOME" "$__T" "$PWD"
