@@ -282,18 +282,15 @@ class Jobs:
             state = await self._read_state(directory)
         if state.pid is None:
             return self._job(job_id, state, set())  # it never started (or was cut off): nothing to signal
-
-        async def note(sftp: asyncssh.SFTPClient) -> None:
-            async with sftp.open(f"{directory}/signal", "w") as f:
-                await f.write(signal)
-
-        if state.exit_code is None and not await self._alive([state.process]):
-            # Its wrapper is gone without a word (a reboot, the OOM killer): the pid may be
-            # another process's by now, so nothing is signalled.
-            return await self.get(job_id)
         if state.exit_code is None:  # (one that ended before was never signalled: nothing to note)
-            await self._sftp.once(note)
-            await self._executor.signal_group(state.pid, signal)
+            # One call: the pid is checked to be still the job's (its wrapper may be gone without a
+            # word, a reboot, the OOM killer, and the pid another process's by now), the signal
+            # noted, and sent.
+            assert state.process is not None
+            async with self._shells.borrow() as shell:
+                reply = await shell.call("jobkill", signal, state.process, f"{directory}/signal")
+            if reply == ["gone"]:
+                return await self.get(job_id)
             deadline = time.monotonic() + 2
             while time.monotonic() < deadline:
                 job = await self.get(job_id)

@@ -274,6 +274,18 @@ __t_kill() {
   __t_killtree "$2" "$3"
   printf '%s R %s\0' "$1" "$?"
 }
+# `__t_jobkill ID SIGNAL PID:STAMP NOTE`: signal a job's tree only while its pid is still the job's
+# (see __t_ours), noting the signal in the file NOTE first (the job's end is then told as its
+# doing); replies "gone" when the pid is no longer the job's.
+__t_jobkill() {
+  if __t_ours "$3"; then
+    printf '%s' "$2" >"$4"
+    __t_killtree "$2" "$__p"
+    printf '%s R %s\0' "$1" "$?"
+  else
+    printf '%s R gone\0' "$1"
+  fi
+}
 __P="$__T/run/__NONCE__"; __g=0
 trap 'rm -f "$__P.o" "$__P.e" "$__P.c" "$__P.v"' EXIT
 # In `fork` mode a command runs in __t_eval, which is defined from a file named `bash`: bash's error
