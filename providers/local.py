@@ -21,16 +21,16 @@ from pathlib import Path
 
 from sandbox import SSHEndpoint
 from sandbox.jobs import STOP_ALL_JOBS
+from sandbox.state import process_running
 
 from .base import Capacity, Handle, ListedResource, Progress, Provider, ProvisionSpec, SandboxStatus, no_progress
 from .capacity import host_capacity
 from .config import LocalPoolConfig
 from .errors import ProviderError, ProviderUnavailable
-from .local_server import SANDBOX_ID, daemon_state, ensure_server, local_dir, sandbox_root, work_dir
+from .local_server import SANDBOX_ID, TERM_GRACE_S, daemon_state, ensure_server, local_dir, sandbox_root, work_dir
 from .profiles import PROFILES, SUBSTRATES
 
 USER_MANAGED = "user-managed"
-TERM_GRACE_S = 1.0  # at most, between the TERM and the KILL of what runs in an ending local sandbox
 
 
 def host_draining() -> bool:
@@ -142,20 +142,12 @@ def kill_processes_of(sandbox_id: str) -> None:
     deadline = time.monotonic() + TERM_GRACE_S
     while pids and time.monotonic() < deadline:
         time.sleep(0.05)
-        pids = [pid for pid in members() if not _is_zombie(pid)]
+        pids = [pid for pid in members() if process_running(pid)]
     for _ in range(3):  # again, for what forked while the last pass ran
         if not pids:
             return
         send(pids, signal.SIGKILL)
-        pids = [pid for pid in members() if not _is_zombie(pid)]
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # (gone)
-    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
+        pids = [pid for pid in members() if process_running(pid)]
 
 
 def remove_tree(root: Path) -> None:

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 SANDBOX_ID = re.compile(r"sb-[0-9a-f]{10}\Z")
+# At most, between the TERM and the KILL of what runs in a local sandbox that ends (a session's
+# login shell left running, or everything in a sandbox being terminated).
+TERM_GRACE_S = 1.0
 
 
 def local_dir() -> Path:
@@ -171,7 +174,7 @@ async def _run_session(process: asyncssh.SSHServerProcess[bytes]) -> None:
             # lock its EXIT trap releases; a KILL would leave it to stall every later login).
             with contextlib.suppress(ProcessLookupError):
                 child.terminate()
-            asyncio.get_running_loop().call_later(1.0, _kill_if_running, child)
+            asyncio.get_running_loop().call_later(TERM_GRACE_S, _kill_if_running, child)
     if code < 0:
         process.exit_with_signal(_signal_name(-code))
     else:
