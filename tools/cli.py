@@ -31,6 +31,7 @@ from providers.errors import ProviderError
 from providers.ledger import CostEvent
 from providers.local_server import local_dir, work_dir
 from providers.registry import profile_of
+from sandbox import SSHEndpoint
 from sandbox.errors import SandboxError
 from sandbox.hostkeys import HostKeyPins
 from sandbox.state import default_store, read_config, state_dir
@@ -624,17 +625,15 @@ def forget_host_command(args: argparse.Namespace) -> int:
 
 
 def _host_and_port(target: str) -> tuple[str, int]:
-    """`host`, `host:port`, `[v6]:port` or a bare IPv6 address (`::1`) -> (host, port)."""
-    if target.startswith("[") and "]" in target:
-        host, _, rest = target[1:].partition("]")
-        port_text = rest.removeprefix(":") or "22"
-    elif target.count(":") == 1:
-        host, _, port_text = target.partition(":")
-    else:  # a name, or an IPv6 address without brackets
-        host, port_text = target, "22"
-    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"expected HOST, HOST:PORT or [IPv6]:PORT (port 1-65535), not {target!r}")
-    return host, int(port_text)
+    """`host`, `host:port`, `[v6]:port` (an SSH address, as SSHEndpoint parses it) or a bare IPv6
+    address (`::1`) -> (host, port)."""
+    if target.count(":") > 1 and not target.startswith("["):  # an IPv6 address without brackets
+        return target, 22
+    try:
+        endpoint = SSHEndpoint.parse(target)
+    except ValueError:
+        raise ValueError(f"expected HOST, HOST:PORT or [IPv6]:PORT (port 1-65535), not {target!r}") from None
+    return endpoint.host, endpoint.port
 
 
 def _argparse_seconds(text: str) -> float:
