@@ -602,12 +602,8 @@ class Fleet:
 
             async def look() -> bool:
                 endpoint = await provider.endpoint(handle)
-                probe = Sandbox(endpoint, pool=self.connections, tether_dir=provider.tether_dir(record.id))
-                try:
+                async with Sandbox(endpoint, pool=self.connections, tether_dir=provider.tether_dir(record.id)) as probe:
                     return any(job.status == "running" for job in await probe.job_list())
-                finally:
-                    with contextlib.suppress(Exception):
-                        await probe.close()
 
             return await asyncio.wait_for(look(), JOB_PROBE_TIMEOUT_S)
         except Exception as exc:  # (unreachable, gone, timed out: idle)
