@@ -110,16 +110,19 @@ class _Cursor:
 @dataclass
 class _Files:
     meta: dict[str, object] = field(default_factory=dict)
-    pid: int | None = None
     exit_code: int | None = None
     signal: str | None = None
     process: str | None = None  # the pid file as written, "PID:STAMP" (PROC_STAMP_FN), for `alive`
 
+    @property
+    def pid(self) -> int | None:
+        return int(self.process.split(":", 1)[0]) if self.process else None
 
-def _pid_file(text: str | None) -> tuple[int | None, str | None]:
-    """(pid, the process as `alive` checks it) from a job's pid file ("PID" or "PID:STAMP")."""
+
+def _pid_file(text: str | None) -> str | None:
+    """The process as `alive` checks it ("PID" or "PID:STAMP") from a job's pid file."""
     match = _PID_FILE.match((text or "").strip())
-    return (int(match.group(1)), match.group(0)) if match else (None, None)
+    return match.group(0) if match else None
 
 
 class Jobs:
@@ -366,7 +369,7 @@ class Jobs:
                 files.meta = json.loads(meta) if meta else {}
             except ValueError:
                 files.meta = {}
-            files.pid, files.process = _pid_file(pid)
+            files.process = _pid_file(pid)
             files.exit_code = int(exit_code) if exit_code and exit_code.strip().lstrip("-").isdigit() else None
             files.signal = signal.strip() or None if signal else None
             return files
@@ -484,7 +487,7 @@ async def _look(
         return int(text) if text and text.strip().lstrip("-").isdigit() else None
 
     async def pid_file() -> str | None:
-        return _pid_file(await _read_small(sftp, f"{directory}/pid"))[1]
+        return _pid_file(await _read_small(sftp, f"{directory}/pid"))
 
     exit_code, found, out, err = await asyncio.gather(
         number("exit"), pid_file() if process is None else asyncio.sleep(0, process), size("stdout"), size("stderr")
