@@ -28,7 +28,6 @@ from providers import Fleet, Request, SandboxRecord
 from providers import host as host_daemon
 from providers.capacity import host_capacity
 from providers.errors import ProviderError
-from providers.ledger import CostEvent
 from providers.local_server import local_dir, work_dir
 from providers.registry import profile_of
 from sandbox import SSHEndpoint
@@ -255,7 +254,7 @@ def info_command(args: argparse.Namespace) -> int:
         row["tunnels"] = [R.TunnelInfo.of_row(t).model_dump() for t in fleet.ledger.tunnels(record.id)]
         event = fleet.ledger.cost_event(record.id)
         if event and not args.json:  # (the JSON has the cost, so far or final, in MCP's shape)
-            row["cost"] = cost_text(event)
+            row["cost"] = R.Cost.of(event).text()
         return row
 
     row = with_fleet(info)
@@ -286,18 +285,12 @@ def info_command(args: argparse.Namespace) -> int:
 @command("down")
 def down_command(args: argparse.Namespace) -> int:
     event = with_fleet(lambda fleet: fleet.destroy(args.id))
+    result = R.DestroyResult(id=event.sandbox_id, cost=R.Cost.of(event))  # (MCP's)
     if args.json:
-        print_json(R.DestroyResult(id=event.sandbox_id, cost=R.Cost.of(event)).model_dump(mode="json"))  # (MCP's)
+        print_json(result.model_dump(mode="json"))
     else:
-        print(f"terminated {event.sandbox_id} after {cost_text(event)}")
+        print(result.text())
     return 0
-
-
-def cost_text(event: CostEvent) -> str:
-    """`4m 12s (per-second, ~$0.0021)`, GPU time included when there was some."""
-    gpu = f", {duration(event.gpu_seconds)} of {event.gpu_type or 'GPU'}" if event.gpu_seconds else ""
-    usd = f", ~${event.estimated_usd:.4f}" if event.estimated_usd is not None else ""
-    return f"{duration(event.seconds)} ({event.billing_model}{gpu}{usd})"
 
 
 @command("pause")

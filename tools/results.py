@@ -15,6 +15,8 @@ from providers import CostEvent, SandboxRecord
 from providers.profiles import CapabilityProfile, Substrate
 from sandbox import Job
 
+from .output import duration
+
 
 def iso(timestamp: float | None) -> str | None:
     if timestamp is None:
@@ -69,6 +71,12 @@ class Cost(Result):
     @classmethod
     def of(cls, event: CostEvent) -> Cost:
         return cls(**event.as_dict())
+
+    def text(self) -> str:
+        """`4m12s (per-second, ~$0.0021)`, GPU time included when there was some."""
+        gpu = f", {duration(self.gpu_seconds)} of {self.gpu_type or 'GPU'}" if self.gpu_seconds else ""
+        usd = f", ~${self.estimated_usd:.4f}" if self.estimated_usd is not None else ""
+        return f"{duration(self.seconds)} ({self.billing_model}{gpu}{usd})"
 
 
 def capabilities(profile: CapabilityProfile, substrate: Substrate) -> dict[str, Any]:
@@ -206,8 +214,7 @@ class DestroyResult(Result):
     cost: Cost
 
     def text(self) -> str:
-        usd = f", about ${self.cost.estimated_usd:.4f}" if self.cost.estimated_usd is not None else ""
-        return f"terminated {self.id} after {self.cost.seconds:.0f}s ({self.cost.billing_model}{usd})"
+        return f"terminated {self.id} after {self.cost.text()}"
 
 
 class StatusResult(Result):
