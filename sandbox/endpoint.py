@@ -133,11 +133,17 @@ class SSHEndpoint(BaseModel):
         return self.user or getpass.getuser()
 
     @property
+    def address(self) -> str:
+        """host:port, an IPv6 host in brackets: the server alone, with no user name (which can be a
+        credential: a gateway token, a relay's Pinggy Pro token)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
     def display(self) -> str:
         """A safe name for messages and logs (never contains a token)."""
         who = "<token>" if self.token is not None else (self.user or getpass.getuser())
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{who}@{host}:{self.port}"
+        return f"{who}@{self.address}"
 
     def pool_key(self) -> tuple[Any, ...]:
         """Endpoints with equal keys may share a connection."""

@@ -52,6 +52,14 @@ def test_secrets_never_show_in_messages() -> None:
     assert endpoint.login == "tok-secret"  # but the token is what goes on the wire
 
 
+def test_address_names_the_server_alone() -> None:
+    """host:port (an IPv6 host bracketed), with no user name: what names a relay whose user is a token."""
+    assert SSHEndpoint.parse("alice@box.example:2222").address == "box.example:2222"
+    v6 = SSHEndpoint.parse("bob@[fe80::1]")
+    assert (v6.address, v6.display) == ("[fe80::1]:22", "bob@[fe80::1]:22")
+    assert SSHEndpoint(host="gw.example", token="tok-secret").display == "<token>@gw.example:22"
+
+
 def test_ssh_config_alias(tmp_path: Path) -> None:
     config = tmp_path / "config"
     config.write_text(

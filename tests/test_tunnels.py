@@ -530,6 +530,23 @@ async def test_a_token_in_the_relays_user_name_is_never_shown(
     assert token not in caplog.text
 
 
+async def test_a_relay_whose_host_key_changed_is_a_tunnel_error_that_says_what_to_do(
+    ssh_box: Sandbox, pool: ConnectionPool
+) -> None:
+    """Every failure to reach the relay is a TunnelError (whether or not its text named a user),
+    and a changed host key keeps what the engine says about it."""
+    async with sish_relay() as relay:
+        other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+        pool.pins.pin("127.0.0.1", relay.port, other)
+        forward = RelayForward(ssh_box, 1, sish_config(relay), pool)
+        with pytest.raises(TunnelError) as caught:
+            await forward.start()
+        await forward.close()
+    message = str(caught.value)
+    assert message.startswith(f"relay host key for 127.0.0.1:{relay.port} changed")
+    assert f"tether forget-host 127.0.0.1:{relay.port}" in message and "anyone" not in message
+
+
 async def test_a_relays_new_url_is_announced_only_once_it_answers(
     ssh_box: Sandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:

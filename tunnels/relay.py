@@ -74,19 +74,13 @@ class RelayConfig(BaseModel):
         return endpoint.model_copy(update=update)
 
 
-def relay_name(endpoint: SSHEndpoint) -> str:
-    """How messages and logs name a relay: host and port, never its user name, which can be a
-    credential (Pinggy Pro logs in as TOKEN@pro.pinggy.io)."""
-    host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
-    return f"{host}:{endpoint.port}"
-
-
 def masked(text: str, endpoint: SSHEndpoint) -> str:
-    """`text` (an error from dialing the relay) with the relay named by `relay_name`: its user names
-    (the relay's and its jump hosts') taken out."""
+    """`text` (an error from dialing the relay) with the relay named by its address (host:port): its
+    user names (the relay's and its jump hosts') taken out. Messages and logs never name a relay's
+    user, which can be a credential (Pinggy Pro logs in as TOKEN@pro.pinggy.io)."""
     hops = (*endpoint.jump, endpoint)
     for hop in hops:
-        text = text.replace(hop.display, relay_name(hop))
+        text = text.replace(hop.display, hop.address)
     for user in {hop.user for hop in hops if hop.user}:
         text = text.replace(f"{user}@", "")
         if len(user) >= 8:  # token-like: wherever else it stands as a word
@@ -186,7 +180,7 @@ class RelayForward:
 
     async def _open(self) -> None:
         endpoint = self._config.endpoint()
-        name = relay_name(endpoint)
+        name = endpoint.address
         _MASK_USERS.users.update(hop.user for hop in (*endpoint.jump, endpoint) if hop.user)
         try:
             try:
@@ -194,11 +188,8 @@ class RelayForward:
                 # from one queue, so a second tunnel on it would have its URL read by the first one's
                 # session. (The pool still pins the relay's host key.)
                 conn = self._relay_conn = await dial(endpoint, self._pool.pins)
-            except SandboxError as exc:
-                text = masked(str(exc), endpoint)
-                if text == str(exc):
-                    raise  # (connect errors say what to do)
-                raise TunnelError(f"relay {text}") from None
+            except SandboxError as exc:  # (a connect error says what to do: it is kept, user names masked)
+                raise TunnelError(f"relay {masked(str(exc), endpoint)}") from None
             self._holds.append(await self._box.hold_connection())
             try:
                 # Relays print their URL to the session, so it comes first; then the forward.
