@@ -468,11 +468,12 @@ async def test_a_shell_that_goes_lets_go_of_its_output_files(host_endpoint: SSHE
         run_dir = (await box.run(f"cd {tether_dir}/run && pwd")).stdout.strip()
         shells = {name.rsplit(".", 1)[0] for name in (await box.run("ls", cwd=run_dir)).stdout.split()}
         assert len(shells) == 1  # (one shell so far)
+        files = f"{run_dir}/{next(iter(shells))}."
+        # (looked for from here: the box is this machine, and sftp-server hides its descriptors
+        # from its own user) — held now, so the look below can see them
+        assert _descriptors_naming(files), "the shell's output files should be held open between commands"
         with pytest.raises(ConnectionLost):
             await box.run("echo last words; echo >&2 on stderr; kill -9 $$")
-        files = f"{run_dir}/{shells.pop()}."
-        # (looked for from here: the box is this machine, and sftp-server hides its descriptors
-        # from its own user)
         deadline = time.monotonic() + 5
         while (holders := _descriptors_naming(files)) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
