@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .errors import FileNotFound, InvalidArgument, PermissionDenied, SpecialFile
-from .executor import Executor, RawResult
-from .files import Files
+from .executor import Executor, RawResult, quote_word
+from .files import Files, split_lines
 
 GLOB_LIMIT = 100
 # Searches run from "/": their paths are absolute, and the session's cwd may have been removed.
@@ -58,20 +58,30 @@ class GrepQuery:
     multiline: bool
 
 
-def glob_to_regex(pattern: str) -> re.Pattern[str]:
+def glob_to_regex(pattern: str, *, rg: bool = False) -> re.Pattern[str]:
     """Compile a glob with `**`, `*`, `?`, `[…]` and `{a,b}` to a regex over '/'-separated paths.
 
     A pattern without '/' matches at the top level only (`*.py`); use `**/*.py` to recurse, as in
-    Claude Code's Glob tool.
+    Claude Code's Glob tool. `rg`: as ripgrep reads a --glob, a backslash makes the next character
+    itself, a `**` that is not a whole part of the path is a `*`, and a `[` that never closes is an
+    error (not a `[`).
     """
     out, i, depth = [], 0, 0
     while i < len(pattern):
         c = pattern[i]
-        if pattern.startswith("**/", i):
+        if rg and c == "\\":
+            if i + 1 == len(pattern):
+                raise InvalidArgument(f"glob {pattern!r} ends in a lone backslash; write \\\\ for one")
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+            continue
+        # (to ripgrep, a `**` that is not a whole part of the path is a `*`)
+        whole = not rg or (i == 0 or pattern[i - 1] == "/")
+        if whole and pattern.startswith("**/", i):
             out.append("(?:[^/]+/)*")
             i += 3
             continue
-        if pattern.startswith("**", i):
+        if whole and pattern.startswith("**", i) and (not rg or i + 2 == len(pattern)):
             out.append(".*")
             i += 2
             continue
@@ -81,6 +91,8 @@ def glob_to_regex(pattern: str) -> re.Pattern[str]:
             out.append("[^/]")
         elif c == "[":
             bracket = _bracket_to_regex(pattern, i)
+            if bracket is None and rg:
+                raise InvalidArgument(f"glob {pattern!r} has a '[' that never closes; write [[] for a '['")
             if bracket is None:
                 out.append(re.escape(c))
             else:
@@ -244,7 +256,7 @@ class Search:
         (`path:line:text`, context lines `path-line-text`, sorted by path), `count` (`path:N`). `head_limit` keeps the
         first N lines. Without ripgrep on the box, POSIX `grep -E` is used: `type` and `multiline`
         need ripgrep, and the regex dialect is ERE instead of Rust's; `glob` selects the same files
-        as with ripgrep, or is refused (see _find_glob_filter).
+        as with ripgrep (see _selected_by_glob).
         """
         if not pattern:
             raise InvalidArgument("grep pattern is empty")
@@ -258,9 +270,13 @@ class Search:
         )
         use_rg = await self._has_rg()
         one_thread = self._small_roots.get(root, False)
-        argv = _rg_argv(query, one_thread) if use_rg else _grep_argv(query)
         started = time.monotonic()
-        raw = await self._search(argv, root)
+        if use_rg:
+            raw = await self._search(_rg_argv(query, one_thread), root)
+        elif glob and _parse_glob(glob):
+            raw = await self._grep_selected_files(query)
+        else:
+            raw = await self._search(_grep_argv(query), root)
         if use_rg and output_mode == "files_with_matches":
             took = time.monotonic() - started
             if len(self._small_roots) > 1000:
@@ -281,11 +297,10 @@ class Search:
         # lines of content with U+FFFD for what is not UTF-8.
         paths_only = output_mode == "files_with_matches"
         text_out = raw.stdout.decode("utf-8", "surrogateescape" if paths_only else "replace")
-        # rg -l separates paths with NUL, so names with newlines stay whole
-        # (and lines at "\n" alone: a form feed or a lone "\r" inside a line of content is not its end)
-        lines = text_out.split("\0" if use_rg and paths_only else "\n")
-        if lines and lines[-1] == "":
-            lines.pop()
+        if use_rg and paths_only:  # rg -l separates paths with NUL, so names with newlines stay whole
+            lines = [path for path in text_out.split("\0") if path]
+        else:  # (lines end at "\n" alone: a form feed or a lone "\r" inside a line of content is not its end)
+            lines = split_lines(text_out)
         truncated = raw.stdout_truncated
         if output_mode == "count" and not use_rg:
             lines = [line for line in lines if not line.endswith(":0")]
@@ -302,6 +317,27 @@ class Search:
                 break
             text.append(line)
         return GrepResult(output_mode, "\n".join(text), len(text), truncated, "rg" if use_rg else "grep")
+
+    async def _grep_selected_files(self, q: GrepQuery) -> RawResult:
+        """grep without ripgrep, with a glob: find lists the files under the root (as glob does),
+        the glob picks those rg would search, and grep reads them, a batch at a time, each path its
+        own argument (sorted, so that lines come in the order of rg's --sort=path)."""
+        flags = _grep_flags(q)
+        listing = await self._executor.exec_raw(["find", *_walk(q.root), "-print0"], cwd=SEARCH_FROM)
+        names = [name for name in listing.stdout.decode("utf-8", "surrogateescape").split("\0") if name]
+        paths = sorted(_selected_by_glob(names, q.glob or "", q.root))
+        if not paths:  # no match; or the root is missing or refused, which find's stderr says
+            return RawResult(listing.exit_code or 1, b"", listing.stderr, listing.stdout_truncated)
+        gate = asyncio.Semaphore(4)
+
+        async def grep(batch: list[str]) -> RawResult:
+            async with gate:
+                return await self._executor.exec_raw(["grep", *flags, "-e", q.pattern, "--", *batch], cwd=SEARCH_FROM)
+
+        async with asyncio.TaskGroup() as group:
+            batches = [group.create_task(grep(batch)) for batch in _batches(paths)]
+        # (a listing cut short was searched in part)
+        return _combined([batch.result() for batch in batches], listing.stdout_truncated)
 
     async def _search(self, argv: list[str], root: str) -> RawResult:
         """Run a grep. One that is still going after a second has its root looked at: a named pipe
@@ -355,15 +391,13 @@ def _rg_argv(q: GrepQuery, one_thread: bool = False) -> list[str]:
     return [*argv, "--regexp", q.pattern, "--", q.root]
 
 
-def _grep_argv(q: GrepQuery) -> list[str]:
+def _grep_flags(q: GrepQuery) -> list[str]:
+    """POSIX grep's options for a query (the same on GNU, BSD and busybox boxes), or InvalidArgument
+    for what only ripgrep does."""
     if q.multiline:
         raise InvalidArgument("multiline search needs ripgrep (rg) on the box; install it or search line by line")
     if q.type:
         raise InvalidArgument(f"type filters need ripgrep (rg) on the box; use glob='*.{q.type}' instead")
-    # find walks (skipping .git, as rg does; the glob as find tests, see _find_glob_filter) and
-    # hands the files to grep: the same on GNU, BSD and busybox boxes. The pattern never
-    # is an argument of find, which would take a lone ';' for the end of -exec and refuse any '{}':
-    # it reaches grep through the environment of the sh that starts find.
     grep = ["-E", "-I", "-H"]
     if q.output_mode == "files_with_matches":
         grep.append("-l")
@@ -375,9 +409,55 @@ def _grep_argv(q: GrepQuery) -> list[str]:
         grep += _context_flags(q, "-C", "-B", "-A")
     if q.case_insensitive:
         grep.append("-i")
-    walk = [q.root, "-name", ".git", "-prune", "-o", *_find_glob_filter(q.glob, q.root)]
-    run_grep = ["sh", "-c", 'exec grep -e "$TETHER_GREP_PATTERN" "$@"', "grep", *grep, "--", "{}", "+"]
-    return ["sh", "-c", _FIND_WITH_PATTERN, "sh", q.pattern, *walk, "-exec", *run_grep]
+    return grep
+
+
+def _walk(root: str) -> list[str]:
+    """find's arguments for the files under `root`: .git skipped and a root that is a symlink
+    followed, as rg does. (-H, not glob's trailing '/': grep's root may be a file.)"""
+    return ["-H", root, "-name", ".git", "-prune", "-o", "-type", "f"]
+
+
+def _grep_argv(q: GrepQuery) -> list[str]:
+    """Without a glob: find hands every file to grep, in one command. The pattern never is an
+    argument of find, which would take a lone ';' for the end of -exec and refuse any '{}': it
+    reaches grep through the environment of the sh that starts find."""
+    run_grep = ["sh", "-c", 'exec grep -e "$TETHER_GREP_PATTERN" "$@"', "grep", *_grep_flags(q), "--", "{}", "+"]
+    return ["sh", "-c", _FIND_WITH_PATTERN, "sh", q.pattern, *_walk(q.root), "-exec", *run_grep]
+
+
+# `sh -c _FIND_WITH_PATTERN sh PATTERN FIND-ARGS...`: find, with the pattern in its environment.
+_FIND_WITH_PATTERN = 'TETHER_GREP_PATTERN=$1; export TETHER_GREP_PATTERN; shift; exec find "$@"'
+
+# A command's text reaches a shell that is not bash as one argument of `sh -c`, which Linux caps
+# at 128 KiB: grep is given its files in batches of half that (the rest is the pattern's).
+GREP_BATCH_CHARS = 64 << 10
+
+
+def _batches(paths: list[str], budget: int = GREP_BATCH_CHARS) -> list[list[str]]:
+    batches: list[list[str]] = []
+    size = budget
+    for path in paths:
+        cost = len(quote_word(path).encode("utf-8", "surrogateescape")) + 1
+        if size + cost > budget:
+            batches.append([])
+            size = 0
+        batches[-1].append(path)
+        size += cost
+    return batches
+
+
+def _combined(results: list[RawResult], truncated: bool) -> RawResult:
+    """One grep's result from those of its batches: a match anywhere is a match (0), an error
+    anywhere an error (2)."""
+    codes = [r.exit_code for r in results]
+    code = max(codes) if max(codes) > 1 else min(codes)
+    return RawResult(
+        code,
+        b"".join(r.stdout for r in results),
+        b"".join(r.stderr for r in results),
+        truncated or any(r.stdout_truncated for r in results),
+    )
 
 
 # -- grep's `glob` ---------------------------------------------------------------------------------
@@ -441,185 +521,46 @@ def _rg_glob(glob: str, root: str) -> str:
     return ("!" if line.negated else "") + anchored + ("/" if line.only_dirs else "")
 
 
-MAX_GLOB_ALTERNATIVES = 64
-
-
-def _find_glob_filter(glob: str | None, root: str) -> list[str]:
-    """The find expression, after `-name .git -prune -o`, that selects the files to grep as rg's
-    --glob would (see _parse_glob): `-type f` and a test for a glob, or an excluding glob's test
-    with `-prune` (so that find does not enter a directory it matches, as rg does not), and the
-    root itself always (rg searches what it is given).
-
-    find's `-path` lets `*` match '/' too, so a glob becomes tests that are exact all the same:
-    a '/' glob without `**` is a `-path` with as many '/' as the path may have; with a `**`, only
-    a last part right after a `**` may have wildcards (`src/**/*.py`, `**/test_*.py`,
-    `!**/node_modules/**`, a `-name` then); the rest is refused, not answered with wrong files.
-    `{a,b}` becomes one test per alternative."""
-    line = _parse_glob(glob) if glob else None
+def _selected_by_glob(paths: list[str], glob: str, root: str) -> list[str]:
+    """The files of `paths` (find's listing of `root`) that `rg --glob GLOB` would search: the
+    glob made a path relative to the root as ripgrep makes it (`**/` before one without a '/',
+    `/*` after a final `/**`), matched by glob_to_regex; with a '!', a file it matches is left out,
+    and so is everything in a directory it matches."""
+    line = _parse_glob(glob)
     if line is None:
-        return ["-type", "f"]
-    tests: list[str] = []
+        return paths
+    glob_to_regex(line.pattern, rg=True)  # (so that an error names the glob as given, not as made below)
     # (a lone '!' is `**/` to rg, which matches everything)
     pattern = line.pattern if line.pattern or line.anchored else "**"
-    for alternative in _expand_braces(pattern):
-        test = _find_test(alternative, line, root)
-        if test is None:
-            raise InvalidArgument(
-                f"glob {glob!r} needs ripgrep (rg), which this box lacks: without it, a glob with '**' may"
-                " have wildcards only in its last part, right after a '**' (src/**/*.py, **/test_*.py,"
-                " !**/node_modules/**), and one without '**' anywhere (src/*/*.py); install ripgrep, or"
-                " give the directory to search as path and a simpler glob"
-            )
-        tests += [*(["-o"] if tests else []), "(", *test, ")"]
-    itself = ["-path", _fnmatch_escape(root)]  # (the root as find prints it: as given)
-    if line.negated:
-        return ["!", *itself, "(", *tests, ")", "-prune", "-o", "-type", "f"]
-    return ["-type", "f", "(", *itself, "-o", *tests, ")"]
+    if not line.anchored and pattern != "**" and not pattern.startswith("**/"):
+        pattern = f"**/{pattern}"
+    if pattern.endswith("/**"):  # what is in the directory, not the directory itself
+        pattern += "/*"
+    matches = glob_to_regex(pattern, rg=True).match
+    excluded: dict[str, bool] = {"": False}  # directory (relative) → in or under one the glob excludes
 
+    def in_excluded_directory(rel: str) -> bool:
+        above, directory = [], posixpath.dirname(rel)
+        while directory not in excluded:
+            above.append(directory)
+            directory = posixpath.dirname(directory)
+        verdict = excluded[directory]
+        for directory in reversed(above):
+            verdict = excluded[directory] = verdict or bool(matches(directory))
+        return verdict
 
-_SOME = "\0"  # in _find_test's segments: one directory or more (find's `*`, which matches '/' too)
-
-
-def _find_test(alternative: str, line: _GlobLine, root: str) -> list[str] | None:
-    """find's test for one brace alternative of a glob, None when find cannot express it exactly."""
-    segments = alternative.split("/")
-    if not line.anchored and segments != ["**"]:
-        segments = ["**", *segments]
-    only_dirs = line.only_dirs
-    if segments[-1] == "**" and len(segments) > 1:
-        # `dir/**` is what is inside the directory, not the directory itself: to exclude it is to
-        # exclude the directory (which rg then does not enter).
-        if line.negated and set(segments[:-1]) != {"**"}:
-            segments, only_dirs = segments[:-1], True
-        else:
-            segments.append("*")
-    segments = _runs_of_stars(segments)
-    kind = ["-type", "d"] if only_dirs else []
-    under = _fnmatch_escape(root.rstrip("/")) + "/"
-    if segments == ["**"]:
-        return [*kind, "-path", "*"]
-    if "**" not in segments and _SOME not in segments:
-        # As deep as the glob and no deeper: then none of its `*` can have matched a '/'.
-        exact = under + "/".join(_to_fnmatch(s) for s in segments)
-        return [*kind, "-path", exact, "!", "-path", under + "/".join(["*"] * (len(segments) + 1))]
-    name: list[str] = []
-    if len(segments) > 1 and segments[-1] not in ("**", _SOME) and segments[-2] in ("**", _SOME):
-        # `…/**/NAME`: a name, as deep as it may be (the directories between are in the `*`).
-        name = ["-name", _to_fnmatch(segments.pop())]
-        if segments[-1] == "**":
-            segments.pop()
-        segments.append(_SOME)
-    if any(s not in ("**", _SOME) and _has_wildcards(s) for s in segments) or segments.count("**") > 4:
-        return None  # (a `*` there could match a '/')
-    paths = [under]
-    for i, segment in enumerate(segments):
-        if segment == "**":  # no directory or some
-            paths = [p + part for p in paths for part in ("", "*/")]
-        else:
-            text = "*" if segment == _SOME else segment
-            paths = [p + text + ("/" if i < len(segments) - 1 else "") for p in paths]
-    if paths == [under + "*"] and name:
-        return [*kind, *name]  # (anything under the root)
-    either = [arg for i, p in enumerate(dict.fromkeys(paths)) for arg in [*(["-o"] if i else []), "-path", p]]
-    return [*kind, "(", *either, ")", *name]
-
-
-def _runs_of_stars(segments: list[str]) -> list[str]:
-    """Each run of `**` and `*` segments with a `**` in it as find can test it: `**` alone (no
-    directory or some), or one `_SOME` per `*` (`*/**` is one directory or more)."""
-    out: list[str] = []
-    run: list[str] = []
-    for segment in [*segments, ""]:
-        if segment in ("**", "*"):
-            run.append(segment)
+    under = root.rstrip("/") + "/"
+    selected = []
+    for path in paths:
+        if not path.startswith(under):  # the root itself, a file: searched whatever the glob says
+            selected.append(path)
             continue
-        if "**" in run:
-            stars = run.count("*")
-            out += [_SOME] * stars if stars else ["**"]
-        else:
-            out += run
-        run = []
-        out.append(segment)
-    return out[:-1]
-
-
-def _fnmatch_escape(text: str) -> str:
-    return re.sub(r"([*?[\\])", r"\\\1", text)
-
-
-def _has_wildcards(segment: str) -> bool:
-    return re.search(r"(?<!\\)(?:\\\\)*[*?[]", segment) is not None
-
-
-def _to_fnmatch(segment: str) -> str:
-    """A segment of an rg glob as an fnmatch pattern: the same but for `[^…]`, which is `[!…]`."""
-    return re.sub(r"((?<!\\)(?:\\\\)*)\[\^", r"\1[!", segment)
-
-
-def _expand_braces(pattern: str) -> list[str]:
-    """`a.{py,ts}` → `a.py`, `a.ts` (nested groups too); a backslash-escaped or bracketed brace
-    or comma is a character."""
-    out, i = _expand_sequence(pattern, 0, nested=False)
-    if i < len(pattern):
-        raise InvalidArgument(f"unbalanced braces in glob {pattern!r}")
-    return list(dict.fromkeys(out))
-
-
-def _expand_sequence(pattern: str, i: int, nested: bool) -> tuple[list[str], int]:
-    results = [""]
-    while i < len(pattern):
-        c = pattern[i]
-        if c == "\\":
-            if i + 1 == len(pattern):
-                raise InvalidArgument(f"glob {pattern!r} ends in a lone backslash; write \\\\ for one")
-            token, i = pattern[i : i + 2], i + 2
-        elif c == "[":
-            end = _class_end(pattern, i)
-            if end == i:
-                raise InvalidArgument(f"glob {pattern!r} has a '[' that never closes; write [[] for a '['")
-            token, i = pattern[i : end + 1], end + 1
-        elif c == "{":
-            options, i = _expand_options(pattern, i + 1)
-            results = [r + o for r in results for o in options]
-            if len(results) > MAX_GLOB_ALTERNATIVES:
-                raise InvalidArgument(
-                    f"glob {pattern!r} has over {MAX_GLOB_ALTERNATIVES} alternatives; use fewer braces"
-                )
-            continue
-        elif c in ",}" and nested:
-            break
-        elif c == "}":
-            raise InvalidArgument(f"unbalanced braces in glob {pattern!r}")
-        else:
-            token, i = c, i + 1
-        results = [r + token for r in results]
-    return results, i
-
-
-def _expand_options(pattern: str, i: int) -> tuple[list[str], int]:
-    options: list[str] = []
-    while True:
-        option, i = _expand_sequence(pattern, i, nested=True)
-        options += option
-        if i >= len(pattern):
-            raise InvalidArgument(f"unbalanced braces in glob {pattern!r}")
-        i += 1
-        if pattern[i - 1] == "}":
-            return options, i
-
-
-def _class_end(pattern: str, start: int) -> int:
-    """The index of the `]` closing the class that opens at `start` (a `]` first is in the set);
-    `start` itself when it never closes."""
-    i = start + 1
-    i += pattern[i : i + 1] in ("!", "^")
-    i += pattern[i : i + 1] == "]"
-    end = pattern.find("]", i)
-    return start if end < 0 else end
-
-
-# `sh -c _FIND_WITH_PATTERN sh PATTERN FIND-ARGS...`: find, with the pattern in its environment.
-_FIND_WITH_PATTERN = 'TETHER_GREP_PATTERN=$1; export TETHER_GREP_PATTERN; shift; exec find "$@"'
+        rel = path[len(under) :]
+        matched = not line.only_dirs and matches(rel) is not None
+        keep = (not matched and not in_excluded_directory(rel)) if line.negated else matched
+        if keep:
+            selected.append(path)
+    return selected
 
 
 def _context_flags(q: GrepQuery, around: str, before: str, after: str) -> list[str]:

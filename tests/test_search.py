@@ -90,6 +90,12 @@ GREP_GLOBS = {
     "!web": ["src/app.py", "src/util.py", "README.md", ".hidden/secret.txt"],  # (a directory, not entered)
     "web/*.ts": [],  # (no web/ at the top)
     "src/": [],  # (directories only)
+    # (without rg, these were once refused: find's -path lets '*' match '/')
+    "**/web/*.ts": ["src/web/index.ts"],
+    "s*/**/*.ts": ["src/web/index.ts"],
+    "*/web/**": ["src/web/index.ts"],
+    "!s*/w*/": ["src/app.py", "src/util.py", "README.md", ".hidden/secret.txt"],
+    "*.{p[xy],t?}": ["src/app.py", "src/util.py", "src/web/index.ts"],
 }
 
 
@@ -111,29 +117,53 @@ async def test_grep_globs_mean_what_they_mean_to_ripgrep_run_from_the_root(
     assert (await box.grep("print", f"{tree}/src/app.py", glob="*.ts")).text == f"{tree}/src/app.py"
 
 
-async def test_a_glob_with_a_slash_under_a_symlinked_or_not_utf8_root(sb: Sandbox) -> None:
+@pytest.mark.parametrize("engine", ["rg", "grep"])
+async def test_a_glob_with_a_slash_under_a_symlinked_or_not_utf8_root(
+    engine: str, sb: Sandbox, minimal_box: Sandbox
+) -> None:
     """(Why rg is not simply run from the root: it would compare paths with the root as getcwd
     spells it, the symlink's target. And rg reads a glob's bytes that are not UTF-8 as U+FFFD.)"""
-    tree = await make_tree(sb)
-    await sb.run(["ln", "-s", tree, f"{tree}-link"])
-    odd = await make_tree(sb, os.fsdecode(b"t\xff\xfe"))
+    box = sb if engine == "rg" else minimal_box
+    tree = await make_tree(box)
+    await box.run(["ln", "-s", tree, f"{tree}-link"])
+    odd = await make_tree(box, os.fsdecode(b"t\xff\xfe"))
     for root in (f"{tree}-link", odd):
-        found = await sb.grep("def", root, glob="src/*.py")
+        found = await box.grep("def", root, glob="src/*.py")
         assert sorted(found.text.splitlines()) == [f"{root}/src/app.py", f"{root}/src/util.py"]
+        assert (await box.grep("def", root)).lines == 2  # (no glob: the root is followed all the same)
 
 
-async def test_globs_find_cannot_express_are_refused_without_ripgrep(sb: Sandbox, minimal_box: Sandbox) -> None:
-    """find's -path lets '*' match '/': `**/web/*.ts` would match src/web/x/y.ts too. Refused, not
-    answered with other files than rg's."""
+async def test_globs_without_ripgrep_work_or_are_refused_as_with_it(sb: Sandbox, minimal_box: Sandbox) -> None:
+    """Without rg the files are listed and the glob picks among them in Python: `**/web/*.ts`
+    (which find's -path could not say: its '*' matches '/') is src/web/index.ts and web/z.ts, not
+    src/web/x/y.ts. What rg refuses is refused."""
     tree = await make_tree(minimal_box)
-    with pytest.raises(InvalidArgument, match=r"glob '\*\*/web/\*\.ts' needs ripgrep .*src/\*\*/\*\.py"):
-        await minimal_box.grep("hello", tree, glob="**/web/*.ts")
+    await minimal_box.write(f"{tree}/src/web/x/y.ts", "hello again\n")
+    await minimal_box.write(f"{tree}/web/z.ts", "hello at the top\n")
+    found = await minimal_box.grep("hello", tree, glob="**/web/*.ts")
+    assert sorted(found.text.splitlines()) == [f"{tree}/src/web/index.ts", f"{tree}/web/z.ts"]
+    rg_tree = await make_tree(sb)
+    assert (await sb.grep("hello", rg_tree, glob="**/web/*.ts")).text == f"{rg_tree}/src/web/index.ts"
     with pytest.raises(InvalidArgument, match="unbalanced braces"):
         await minimal_box.grep("hello", tree, glob="*.{py,ts")
     with pytest.raises(InvalidArgument, match="never closes"):  # (rg: "unclosed character class")
         await minimal_box.grep("hello", tree, glob="src/[ab.py")
-    rg_tree = await make_tree(sb)
-    assert (await sb.grep("hello", rg_tree, glob="**/web/*.ts")).text == f"{rg_tree}/src/web/index.ts"
+    for glob in ("*.{py,ts", "src/[ab.py"):
+        with pytest.raises(InvalidArgument, match="grep failed"):
+            await sb.grep("hello", rg_tree, glob=glob)
+
+
+async def test_a_glob_without_ripgrep_over_more_files_than_one_command_takes(minimal_box: Sandbox) -> None:
+    """grep is given the files a glob picked in batches: a command's text has a limit (128 KiB
+    for the `sh -c` of a shell that is not bash)."""
+    root = f"{await minimal_box.home()}/many-{secrets.token_hex(4)}"
+    await minimal_box.makedirs(root)
+    name = "n" * 150
+    script = 'cd "$1" && for i in $(seq 1 1500); do echo "needle $i" > "$2-$i.txt"; done; echo needle > other.md'
+    await minimal_box.run(["sh", "-c", script, "sh", root, name])
+    found = await minimal_box.grep("needle (1|750|1500)$", root, glob="*.txt", output_mode="content")
+    assert found.engine == "grep" and not found.truncated
+    assert found.text.splitlines() == [f"{root}/{name}-{i}.txt:1:needle {i}" for i in ("1", "1500", "750")]
 
 
 async def test_multiline_and_head_limit(sb: Sandbox, tree: str) -> None:
