@@ -168,7 +168,7 @@ class Fleet:
         self._connections = connections
         self._providers: dict[str, Provider] = {}
         self._open: dict[str, ManagedSandbox] = {}
-        self._cleanups: set[asyncio.Future[None]] = set()
+        self._cleanups: set[asyncio.Future[bool]] = set()
         self.created_here: set[str] = set()
         self._ending: set[str] = set()  # ids this fleet is terminating right now
         self._heartbeat: asyncio.Task[None] | None = None  # runs while an open sandbox is busy
@@ -262,8 +262,9 @@ class Fleet:
             # that a cancelled call (the caller's scope re-cancels every await) still gets it done.
             # Should this process die first, gc finds the row marked failed.
             reason = "provisioning interrupted" if not isinstance(exc, Exception) else f"provisioning failed: {exc}"
-            self.ledger.set_status(sandbox_id, "failed", reason[:500])
-            cleanup = asyncio.ensure_future(self._reconcile_one(self.ledger.get(sandbox_id)))
+            reason = reason[:500]
+            self.ledger.set_status(sandbox_id, "failed", reason)
+            cleanup = asyncio.ensure_future(self._terminate(self.ledger.get(sandbox_id), reason))
             self._cleanups.add(cleanup)
             cleanup.add_done_callback(self._cleanup_done)
             if isinstance(exc, Exception):
@@ -301,7 +302,7 @@ class Fleet:
             update.update(pool=self.defaults.pool, provider=self.defaults.provider)
         return request.model_copy(update=update)
 
-    def _cleanup_done(self, cleanup: asyncio.Future[None]) -> None:
+    def _cleanup_done(self, cleanup: asyncio.Future[bool]) -> None:
         self._cleanups.discard(cleanup)
         if not cleanup.cancelled() and cleanup.exception() is not None:
             log.warning("could not clean up after a failed provision: %s", cleanup.exception())
@@ -735,11 +736,6 @@ class Fleet:
                 ended = max(current.last_activity, current.created_at)
                 if self._record_termination(current, "vanished: the provider no longer has it", ended):
                     report.vanished.append(record.id)
-
-    async def _reconcile_one(self, record: SandboxRecord) -> None:
-        """After a failed provision: remove whatever the provider left, then close the row."""
-        found = await self._remove_leftovers(record)
-        self._record_termination(self.ledger.get(record.id), record.status_reason or "provisioning failed", found=found)
 
     async def _remove_leftovers(self, record: SandboxRecord) -> bool:
         """Terminate what the provider's listing shows labelled with this sandbox's id (a provision
