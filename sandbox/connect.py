@@ -60,7 +60,8 @@ class _PinningClient(asyncssh.SSHClient):
 
 class _Redact(logging.Filter):
     """asyncssh logs the user name it logs in as ("Beginning auth for user %s"); when that name is
-    a gateway token, the log would hold a credential. Rewrites such records before any handler."""
+    a gateway token (or a relay's, in tunnels), the log would hold a credential. Rewrites such
+    records before any handler. Secrets are added with `redact_in_logs`."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -78,6 +79,12 @@ class _Redact(logging.Filter):
 
 _REDACT = _Redact()
 logging.getLogger("asyncssh").addFilter(_REDACT)
+
+
+def redact_in_logs(secret: str) -> None:
+    """From now on, asyncssh's log records show `secret` (a user name that is a credential) as <token>."""
+    if secret:
+        _REDACT.secrets.add(secret)
 
 
 class _CorkedTransport:
@@ -173,7 +180,7 @@ def _connect_options(endpoint: SSHEndpoint, pinned: str | None) -> dict[str, Any
         options["server_host_key_algs"] = [alg.decode() for alg in asyncssh.import_public_key(pinned).sig_algorithms]
     if endpoint.token is not None:
         # Gateway auth: the token is the user name and "none" auth is the only method offered.
-        _REDACT.secrets.add(endpoint.token.get_secret_value())
+        redact_in_logs(endpoint.token.get_secret_value())
         options.update(client_keys=None, agent_path=None, password=None, preferred_auth="none")
         return options
     keys: list[Any] = []

@@ -24,7 +24,7 @@ import asyncssh
 from pydantic import BaseModel, ConfigDict, Field
 
 from sandbox import ConnectionPool, Sandbox, SSHEndpoint, default_pool
-from sandbox.connect import dial
+from sandbox.connect import dial, redact_in_logs
 from sandbox.errors import SandboxError
 from sandbox.forwarding import ClosingForwarder
 from sandbox.pool import Hold
@@ -83,31 +83,15 @@ def masked(text: str, endpoint: SSHEndpoint) -> str:
         text = text.replace(hop.display, hop.address)
     for user in {hop.user for hop in hops if hop.user}:
         text = text.replace(f"{user}@", "")
-        if len(user) >= 8:  # token-like: wherever else it stands as a word
+        if _token_like(user):  # wherever else it stands as a word
             text = re.sub(rf"(?<![\w.-]){re.escape(user)}(?![\w.-])", "<user>", text)
     return text
 
 
-class _MaskRelayUsers(logging.Filter):
-    """asyncssh logs the user name it logs in as ("Beginning auth for user %s"): for a relay, that
-    name may be a token. Such records get the name masked before any handler sees them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.users: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if (
-            self.users
-            and isinstance(record.args, tuple)
-            and any(isinstance(a, str) and a in self.users for a in record.args)
-        ):
-            record.args = tuple("<relay user>" if isinstance(a, str) and a in self.users else a for a in record.args)
-        return True
-
-
-_MASK_USERS = _MaskRelayUsers()
-logging.getLogger("asyncssh").addFilter(_MASK_USERS)
+def _token_like(user: str) -> bool:
+    """A user name long enough to be a credential (Pinggy Pro's token). Short ones (nokey, tcp, qr)
+    name a mode, and masking them wherever they stand would mangle words ("tcp" in direct-tcpip)."""
+    return len(user) >= 8
 
 
 def strip_ansi(text: str) -> str:
@@ -181,7 +165,9 @@ class RelayForward:
     async def _open(self) -> None:
         endpoint = self._config.endpoint()
         name = endpoint.address
-        _MASK_USERS.users.update(hop.user for hop in (*endpoint.jump, endpoint) if hop.user)
+        for hop in (*endpoint.jump, endpoint):
+            if hop.user and _token_like(hop.user):
+                redact_in_logs(hop.user)  # (asyncssh logs "Beginning auth for user …")
         try:
             try:
                 # A connection of this tunnel's own: sish reads the session messages of one connection
