@@ -17,7 +17,7 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,9 +93,14 @@ class ManagedSandbox(Sandbox):
         parts = super()._p  # (marks the moment of use)
         if self.last_used - self.flushed_activity >= self.flush_every:
             self.fleet.flush_activity(self)
-        if self.busy:  # (a command, job wait or transfer starting: the heartbeat covers it while it runs)
-            self.fleet.keep_beating()
         return parts
+
+    @contextlib.asynccontextmanager
+    async def _in_flight(self) -> AsyncIterator[None]:
+        async with super()._in_flight():
+            # A command, job wait or transfer starts: the heartbeat covers it while it runs.
+            self.fleet.keep_beating(self)
+            yield
 
     @property
     def record(self) -> SandboxRecord:
@@ -172,6 +177,8 @@ class Fleet:
         self.created_here: set[str] = set()
         self._ending: set[str] = set()  # ids this fleet is terminating right now
         self._heartbeat: asyncio.Task[None] | None = None  # runs while an open sandbox is busy
+        self._heartbeat_wake = asyncio.Event()  # (set: look again now, not at _heartbeat_due)
+        self._heartbeat_due = math.inf  # when the heartbeat looks next (time.time())
         # Called with ("sandbox.created" | "sandbox.terminated", payload): chat channels, tunnel cleanup.
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
@@ -558,14 +565,18 @@ class Fleet:
             return
         box.flushed_activity = box.last_used
 
-    def keep_beating(self) -> None:
-        """Make sure the heartbeat runs (an open sandbox has an operation in flight)."""
+    def keep_beating(self, box: ManagedSandbox) -> None:
+        """An operation starts in `box`: make sure the heartbeat runs, and that it looks at `box`
+        before the ledger's last activity of it grows stale (it may be asleep until another box is due)."""
         if self._heartbeat is not None and not self._heartbeat.done():
+            if box.flushed_activity + box.flush_every * 0.9 < self._heartbeat_due:
+                self._heartbeat_wake.set()
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # (no loop, no operation in flight either)
             return
+        self._heartbeat_wake = asyncio.Event()  # (of this loop)
         self._heartbeat = loop.create_task(self._beat(), name=HEARTBEAT_TASK)
 
     async def _beat(self) -> None:
@@ -574,22 +585,20 @@ class Fleet:
         that no process's reaper takes it for idle however long the operation runs (the operation
         itself only marks its start); once more when the operation ends. Returns when no open
         sandbox is busy; `close` cancels it."""
-        beating: set[str] = set()
         while True:
-            busy = []
-            for box in list(self._open.values()):
-                if box.busy:
-                    busy.append(box)
-                    if time.time() >= box.flushed_activity + box.flush_every * 0.9:
-                        self.flush_activity(box)
-                elif box.id in beating:
-                    self.flush_activity(box)  # (when its operation ended)
-            beating = {box.id for box in busy}
+            boxes = list(self._open.values())
+            for box in boxes:
+                if not box.busy or time.time() >= box.flushed_activity + box.flush_every * 0.9:
+                    self.flush_activity(box)  # (not busy: news only when its operation ended since the last look)
+            busy = [box for box in boxes if box.busy]
             if not busy:
                 return
             due = min(box.flushed_activity + box.flush_every * 0.9 for box in busy)
             # (a write that failed left its box due already: try again a little later, not at once)
-            await asyncio.sleep(max(due - time.time(), min(box.flush_every for box in busy) / 10))
+            self._heartbeat_due = max(due, time.time() + min(box.flush_every for box in busy) / 10)
+            self._heartbeat_wake.clear()
+            with contextlib.suppress(TimeoutError):  # (or sooner: woken for a box that became busy)
+                await asyncio.wait_for(self._heartbeat_wake.wait(), self._heartbeat_due - time.time())
 
     async def _jobs_running(self, record: SandboxRecord) -> bool:
         """Whether any of tether's background jobs still runs in the sandbox: one look, through a

@@ -315,6 +315,31 @@ async def test_a_command_running_in_one_process_is_not_idle_to_another_processs_
         await reaper.close()
 
 
+async def test_a_sandbox_busy_while_the_heartbeat_sleeps_for_another_is_not_idle_to_a_reaper() -> None:
+    """The heartbeat, asleep until a slow sandbox is due, still writes through a command started
+    meanwhile in a sandbox with a short idle timeout (it is woken for it)."""
+    unit = 0.6  # the short idle timeout; the other sandbox is due only every ACTIVITY_FLUSH_SECONDS (5 s)
+    owner, reaper = Fleet(config={}), Fleet(config={})
+    try:
+        slow = await owner.create(Request(provider="local"))
+        quick = await owner.create(Request(provider="local", idle_timeout_s=unit))
+        long_one = asyncio.ensure_future(slow.run("sleep 30"))
+        while not heartbeats():
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(unit / 2)  # (the heartbeat is asleep until the slow one is due)
+        command = asyncio.ensure_future(quick.run(f"sleep {6 * unit}; echo done"))
+        while not command.done():
+            assert quick.id not in [r for r, _ in await reaper.reap()], "reaped while its command ran"
+            await asyncio.sleep(unit / 4)
+        assert (await command).stdout == "done\n"
+        long_one.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await long_one
+    finally:
+        await owner.close(teardown_created=True)
+        await reaper.close()
+
+
 async def test_nothing_of_the_heartbeat_outlives_its_fleet() -> None:
     fleet = Fleet(config={})
     box = await fleet.create(Request(provider="local"))
