@@ -37,6 +37,7 @@ from tests.sshd import SSHD, ensure_account, free_port
 from tunnels import ChannelConfig, Notifier, RelayConfig, TunnelError, TunnelManager
 from tunnels import manager as tunnels_manager
 from tunnels.check import verify
+from tunnels.local import LocalForward
 from tunnels.ports import listening_ports, parse_netstat, parse_proc_net_tcp
 from tunnels.relay import RelayForward, find_url
 
@@ -164,6 +165,59 @@ async def test_closing_a_local_tunnel_ends_the_connections_made_through_it(ssh_b
     deadline = time.monotonic() + 5
     while any(isinstance(c, asyncssh.SSHTCPChannel) for c in conn._channels.values()):
         assert time.monotonic() < deadline, "the forwarded connection's channel stayed open"
+        await asyncio.sleep(0.05)
+
+
+# A server whose connects wait: with its accept queue held full (listen(0), and one connection of its
+# own), the kernel drops a new connection's SYN and the connecting side sends it again 1 s, then 3 s,
+# later. It accepts (and keeps what it accepts open) once the file argv[2] exists.
+SLOW_TO_CONNECT_SERVER = """
+import os, socket, sys, time
+server = socket.socket()
+server.bind(("127.0.0.1", int(sys.argv[1])))
+server.listen(0)
+queued = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+print("ready", flush=True)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.05)
+kept = []
+while True:
+    kept.append(server.accept()[0])
+    print("accepted", flush=True)
+"""
+
+
+async def test_a_channel_still_opening_when_its_tunnel_closes_is_closed_once_it_opens(ssh_box: Sandbox) -> None:
+    """A client connects, and the tunnel closes (hanging up on it) while the sandbox's SSH server is
+    still connecting the client's channel to the port: once the channel opens after all, it is
+    closed, not left open on the sandbox's connection for as long as that lives."""
+    port, go = free_port(), f"{await ssh_box.home()}/go-{secrets.token_hex(3)}"
+    job = await ssh_box.start_job(f"exec python3 -c {shlex.quote(SLOW_TO_CONNECT_SERVER)} {port} {go}")
+    out = ""
+    deadline = time.monotonic() + 15
+    while "ready" not in out:
+        assert time.monotonic() < deadline, "the server did not start"
+        out += (await ssh_box.job_output(job.id, wait_ms=200)).stdout
+    conn = await ssh_box.connection()
+
+    def channels() -> int:
+        return sum(isinstance(c, asyncssh.SSHTCPChannel) for c in conn._channels.values())
+
+    forward = LocalForward(ssh_box, port)
+    await forward.start()
+    _, client = await asyncio.open_connection("127.0.0.1", int(forward.url.rsplit(":", 1)[1]))
+    while not channels():  # the channel's open was requested: sshd is connecting it
+        assert time.monotonic() < deadline, "no channel was opened for the client"
+        await asyncio.sleep(0.01)
+    await forward.close()
+    client.close()
+    await ssh_box.write(go, "")  # the server accepts now: sshd's connect goes through at its next SYN
+    while out.count("accepted") < 2:  # (its own queued connection, then sshd's)
+        assert time.monotonic() < deadline + 10, "the channel's connection never arrived"
+        out += (await ssh_box.job_output(job.id, wait_ms=200)).stdout
+    deadline = time.monotonic() + 5
+    while channels():
+        assert time.monotonic() < deadline, "the channel that opened after its tunnel closed stayed open"
         await asyncio.sleep(0.05)
 
 

@@ -7,7 +7,7 @@ import contextlib
 import logging
 
 from sandbox import Sandbox
-from sandbox.forwarding import ClosingForwarder
+from sandbox.forwarding import ClosingForwarder, forward_over
 from sandbox.pool import Hold
 
 from .base import BackendName, reopen
@@ -23,13 +23,10 @@ class _Accepted(ClosingForwarder):
     def __init__(self, forward: LocalForward) -> None:
         super().__init__()
         self._forward = forward
-        self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.pause_reading()
+        self.pause_reading()
         self._forward._accepted(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -100,17 +97,15 @@ class LocalForward:
         """Open the accepted connection's channel to the sandbox's port (over the pool's live
         connection, re-dialed if the held one died), then let the data flow."""
         try:
-            conn = await self._box.connection()
-            await conn.create_connection(lambda: ClosingForwarder(local), self._host, self._port)
-        except Exception as exc:  # (asyncssh's, a connect error, the pool closed: the client sees a hang-up)
+            await forward_over(self._box.connection, self._host, self._port, local)
+        except Exception as exc:  # (no connection, the port refused, the client gone: the client sees a hang-up)
             log.debug("tunnel %s: no channel to port %d: %s", self.url, self._port, exc)
             local.close()
             return
         except BaseException:
             local.close()
             raise
-        if local.transport is not None and not local.transport.is_closing():
-            local.transport.resume_reading()
+        local.resume_reading()
 
     async def close(self) -> None:
         # Everything is let go before the first await, so a close that is itself cancelled still

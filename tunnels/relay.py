@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sandbox import ConnectionPool, Sandbox, SSHEndpoint, default_pool
 from sandbox.connect import dial, redact_in_logs
 from sandbox.errors import SandboxError
-from sandbox.forwarding import ClosingForwarder
+from sandbox.forwarding import FORWARD_PACKET, FORWARD_WINDOW, ClosingForwarder, forward_over
 from sandbox.pool import Hold
 
 from .base import BackendName, TunnelError, reopen
@@ -34,10 +34,6 @@ from .ports import loopback_for
 
 log = logging.getLogger(__name__)
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
-# Each byte crosses two SSH connections in this process (decrypted from one, encrypted into the
-# other): bigger packets and windows mean fewer trips through asyncssh's per-packet Python code.
-BRIDGE_WINDOW = 8 * 1024 * 1024
-BRIDGE_PACKET = 256 * 1024
 URL = re.compile(r"https?://[^\s'\"<>()\[\]]+")
 # The banner is read a line at a time: a URL counts once its line has ended, or once the relay has
 # been quiet this long after writing it (a relay that ends its last line with no newline).
@@ -180,12 +176,14 @@ class RelayForward:
             try:
                 # Relays print their URL to the session, so it comes first; then the forward.
                 self._session = await conn.create_process(self._config.command, encoding=None)
+                # Each byte crosses two SSH connections in this process (decrypted from one,
+                # encrypted into the other): both channels get forward_over's bigger window and packets.
                 self._listener = await conn.create_server(
                     lambda _host, _port: self._bridge(),
                     self._config.remote_host,
                     self._config.remote_port,
-                    window=BRIDGE_WINDOW,
-                    max_pktsize=BRIDGE_PACKET,
+                    window=FORWARD_WINDOW,
+                    max_pktsize=FORWARD_PACKET,
                 )
             except (asyncssh.Error, OSError) as exc:
                 raise TunnelError(f"relay {name} refused the forward: {masked(str(exc), endpoint)}") from None
@@ -268,14 +266,7 @@ class RelayForward:
         """A connection that arrived at the relay, paired with a channel to the sandbox's port over the
         sandbox's own connection (re-dialed by the pool if it died). asyncssh's forwarders pipe the
         two channels at the protocol level, as its own port forwarding does."""
-        try:
-            conn = await self._box.connection()
-            _, inner = await conn.create_connection(
-                ClosingForwarder, self._host, self._port, window=BRIDGE_WINDOW, max_pktsize=BRIDGE_PACKET
-            )
-        except (asyncssh.Error, OSError) as exc:
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"sandbox port {self._port}: {exc}") from None
-        return ClosingForwarder(inner)
+        return await forward_over(self._box.connection, self._host, self._port)
 
     async def close(self) -> None:
         # Everything is let go before the first await: a close that is itself cancelled still
