@@ -1,7 +1,7 @@
 """The fleet: the sandboxes tether knows about, and their lifecycle.
 
 create: dispatch to a pool → ledger row → provider.provision → the engine's Sandbox on its endpoint.
-destroy: provider.terminate → ledger terminated + exactly one cost event.
+destroy: ledger marked ending → provider.terminate → ledger terminated + exactly one cost event.
 reap: terminate what outlived its TTL or idle timeout (the MCP server runs this periodically).
 activity: while an open sandbox has an operation in flight, its last activity is written through to
 the ledger (the heartbeat), where every process's reaper reads it.
@@ -44,7 +44,6 @@ HEARTBEAT_TASK = "tether-activity-heartbeat"  # (its asyncio task's name)
 # How long the reaper waits for a sandbox to say whether tether's background jobs still run in it:
 # one that does not answer in time is idle.
 JOB_PROBE_TIMEOUT_S = 20.0
-ENDED_ELSEWHERE_WAIT_S = 3.0  # see ManagedSandbox.ended_elsewhere
 CLEANUP_GRACE_S = 30.0  # how long closing waits for a failed provision's cleanup
 
 
@@ -107,21 +106,17 @@ class ManagedSandbox(Sandbox):
         return self.fleet.ledger.get(self.id)
 
     async def ended_elsewhere(self) -> str | None:
-        """Why the ledger says it ended (another process's `tether down`, gc, a reaper), if it did.
-        Asked when a connection died under a command: the process ending it records that once the
-        machine is gone, so the ledger is given a few seconds to say so."""
-        deadline = time.monotonic() + ENDED_ELSEWHERE_WAIT_S
-        while True:
-            try:
-                record = self.record
-            except Exception:  # (no answer from the ledger is no news)
-                return None
-            if record.status == "terminated":
-                self.verified_at = -math.inf  # (the fleet's next get() reads the ledger, and says it ended)
-                return record.status_reason or "terminated elsewhere"
-            if time.monotonic() >= deadline:
-                return None
-            await asyncio.sleep(0.1)
+        """Why the ledger says it ended or is ending (another process's `tether down`, gc, a
+        reaper), if it does. Asked when a connection died under a command: whoever ends a sandbox
+        records that before the provider is asked (Fleet._terminate), so one read tells."""
+        try:
+            record = self.record
+        except Exception:  # (no answer from the ledger is no news)
+            return None
+        why = (record.status_reason or "terminated elsewhere") if record.status == "terminated" else record.ending()
+        if why is not None:
+            self.verified_at = -math.inf  # (the fleet's next get() reads the ledger, and says it ended)
+        return why
 
     async def destroy(self) -> CostEvent:
         return await self.fleet.destroy(self.id)
@@ -366,8 +361,9 @@ class Fleet:
         if record.status == "terminated":
             self._open.pop(record.id, None)
             raise SandboxGone(ref, f"terminated ({record.status_reason})")
-        if record.id in self._ending:
-            raise SandboxGone(ref, "being terminated")
+        ending = record.ending()  # (by another process)
+        if record.id in self._ending or ending is not None:
+            raise SandboxGone(ref, f"being terminated ({ending})" if ending else "being terminated")
         if record.status in ("provisioning", "failed"):
             raise ProviderError(f"sandbox {ref!r} is {record.status}; wait, or destroy it and create another")
         box = self._open.get(record.id)
@@ -418,8 +414,8 @@ class Fleet:
         return event, recorded
 
     async def _terminate(self, record: SandboxRecord, reason: str) -> bool:
-        """Have the provider end the sandbox, then record that with its cost event; whether this
-        call recorded it.
+        """Have the provider end the sandbox (the ledger says it is ending first), then record
+        that with its cost event; whether this call recorded it.
 
         A row with no handle is a provision cut short (it failed, or its process died) or one
         another process is still making. As gc does, the provider's listing says what it left: that
@@ -431,7 +427,18 @@ class Fleet:
             if record.status == "terminated":
                 return False
             if record.handle:
-                await self._provider_of(record).terminate(Handle.model_validate(record.handle))
+                provider = self._provider_of(record)
+                # Recorded before the provider is asked: a process whose connection to the machine
+                # dies meanwhile reads why at once (ManagedSandbox.ended_elsewhere). Should this
+                # process die before it records the termination, the row is as it was, marked so
+                # that the reaper finishes the job.
+                self.ledger.mark_ending(record.id, reason)
+                try:
+                    await provider.terminate(Handle.model_validate(record.handle))
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        self.ledger.clear_ending(record.id)
+                    raise
                 return self._record_termination(record, reason)
             found = await self._remove_leftovers(record)
             if self._record_termination(record, reason, found=found, only_if=record.status):
@@ -627,7 +634,9 @@ class Fleet:
         Activity, for the idle timeout: an operation in flight in any process (a command, a job
         wait, a transfer: the heartbeat writes it through), any other operation when it was made,
         and a background job of tether's still running in the sandbox (asked of the sandbox, only
-        when it would otherwise be reaped as idle; finding one counts as activity now)."""
+        when it would otherwise be reaped as idle; finding one counts as activity now).
+
+        A termination another process began and did not live to record is finished."""
         for box in list(self._open.values()):
             self.flush_activity(box)
         now = time.time() if now is None else now
@@ -636,7 +645,9 @@ class Fleet:
             if record.status not in ("running", "paused"):
                 continue
             reason = None
-            if record.expires_at is not None and now >= record.expires_at:
+            if record.ending_interrupted():
+                reason = f"{record.ending_reason} (finished here: the process ending it died first)"
+            elif record.expires_at is not None and now >= record.expires_at:
                 reason = "expired (TTL)"
             elif record.idle_timeout is not None and now - record.last_activity >= record.idle_timeout:
                 reason = f"idle for {now - record.last_activity:.0f}s"

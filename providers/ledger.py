@@ -87,6 +87,15 @@ ALTER TABLE sandboxes ADD COLUMN paused_at REAL;
 ALTER TABLE sandboxes ADD COLUMN paused_seconds REAL NOT NULL DEFAULT 0
 """
 
+# A termination under way: why, and which process is ending it. Written before the provider is
+# asked, so that a process whose connection dies under a command can tell at once that the sandbox
+# is ending; cleared when the termination is recorded (or fails). What `status` says is unchanged.
+ENDING_SCHEMA = """
+ALTER TABLE sandboxes ADD COLUMN ending_reason TEXT;
+ALTER TABLE sandboxes ADD COLUMN ending_host TEXT;
+ALTER TABLE sandboxes ADD COLUMN ending_pid INTEGER
+"""
+
 LIVE = ("provisioning", "running", "paused", "failed")
 
 
@@ -122,6 +131,9 @@ class SandboxRecord:
     gpu_count: int
     paused_at: float | None = None  # when the current pause began
     paused_seconds: float = 0.0  # pauses that ended
+    ending_reason: str | None = None  # a termination under way (see ENDING_SCHEMA)
+    ending_host: str | None = None
+    ending_pid: int | None = None
 
     @property
     def live(self) -> bool:
@@ -135,6 +147,22 @@ class SandboxRecord:
     def owner_alive(self) -> bool:
         """Whether the process that created the sandbox still runs (only knowable on its host)."""
         return owner_alive(self.owner_host, self.owner_pid)
+
+    def ending(self) -> str | None:
+        """Why it is being terminated, while the process terminating it runs (the provider was
+        asked to end it; the row is not marked terminated yet)."""
+        if self.status == "terminated" or self.ending_reason is None:
+            return None
+        return self.ending_reason if owner_alive(self.ending_host, self.ending_pid) else None
+
+    def ending_interrupted(self) -> bool:
+        """A termination whose process died before it was recorded: the machine may be half gone,
+        and the row still says what it said before (the reaper finishes the job)."""
+        return (
+            self.status != "terminated"
+            and self.ending_reason is not None
+            and not owner_alive(self.ending_host, self.ending_pid)
+        )
 
     def provision_abandoned(self) -> bool:
         """A provision that will never finish: it failed (perhaps cancelled, its process alive), or
@@ -173,6 +201,7 @@ class Ledger:
         self.store.ensure_schema("ledger-v1", LEDGER_SCHEMA)
         self.store.ensure_schema("ledger-v2-tunnel-owner", TUNNEL_OWNER_SCHEMA)
         self.store.ensure_schema("ledger-v3-paused-time", PAUSED_TIME_SCHEMA)
+        self.store.ensure_schema("ledger-v4-ending", ENDING_SCHEMA)
 
     # -- sandboxes -----------------------------------------------------------------------------------
 
@@ -270,12 +299,31 @@ class Ledger:
                 (when or time.time(), sandbox_id),
             )
 
+    def mark_ending(self, sandbox_id: str, reason: str) -> None:
+        """Record that this process is about to have the provider end the sandbox, and why."""
+        with self.store.transaction() as db:
+            db.execute(
+                "UPDATE sandboxes SET ending_reason = ?, ending_host = ?, ending_pid = ?"
+                " WHERE id = ? AND status != 'terminated'",
+                (reason, socket.gethostname(), os.getpid(), sandbox_id),
+            )
+
+    def clear_ending(self, sandbox_id: str) -> None:
+        """This process's termination of the sandbox did not happen after all (the provider failed)."""
+        with self.store.transaction() as db:
+            db.execute(
+                "UPDATE sandboxes SET ending_reason = NULL, ending_host = NULL, ending_pid = NULL"
+                " WHERE id = ? AND ending_host = ? AND ending_pid = ?",
+                (sandbox_id, socket.gethostname(), os.getpid()),
+            )
+
     def terminate(self, sandbox_id: str, reason: str, event: CostEvent, only_if: str | None = None) -> bool:
         """Mark terminated and record the cost event, once. Returns False if it already was, or
         (with `only_if`) if its status is no longer `only_if`: then nothing is written."""
         with self.store.transaction() as db:
             changed = db.execute(
-                "UPDATE sandboxes SET status = 'terminated', status_reason = ?, terminated_at = ?"
+                "UPDATE sandboxes SET status = 'terminated', status_reason = ?, terminated_at = ?,"
+                " ending_reason = NULL, ending_host = NULL, ending_pid = NULL"
                 " WHERE id = ? AND status != 'terminated' AND status = COALESCE(?, status)",
                 (reason, event.created_at, sandbox_id, only_if),
             ).rowcount
@@ -433,6 +481,9 @@ def _record(row: sqlite3.Row) -> SandboxRecord:
         gpu_count=row["gpu_count"],
         paused_at=row["paused_at"],
         paused_seconds=row["paused_seconds"],
+        ending_reason=row["ending_reason"],
+        ending_host=row["ending_host"],
+        ending_pid=row["ending_pid"],
     )
 
 

@@ -16,8 +16,9 @@ from typing import ClassVar
 
 import pytest
 
-from providers import Fleet, Request, SandboxRecord
+from providers import Fleet, Request, SandboxGone, SandboxRecord
 from providers.config import RunPodPoolConfig
+from providers.errors import ProviderError
 from providers.ledger import Ledger
 from providers.local import LocalProvider
 from providers.local_server import local_dir
@@ -590,6 +591,62 @@ def test_a_sandbox_whose_creator_ended_without_teardown_is_reaped(tmp_path: Path
         asyncio.run(fleet.destroy(kept))
     finally:
         asyncio.run(fleet.close())
+
+
+HANGING_TERMINATE = (
+    "import asyncio, sys\n"
+    "from providers import Fleet\n"
+    "from providers.local import LocalProvider\n"
+    "async def hang(self, handle):\n"
+    "    await asyncio.sleep(3600)\n"
+    "LocalProvider.terminate = hang\n"
+    "asyncio.run(Fleet(config={}).destroy(sys.argv[1]))\n"
+)
+
+
+async def test_a_termination_cut_short_is_no_end_and_is_finished_by_the_reaper(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Whoever ends a sandbox says so in the ledger before the provider is asked: while it does, a
+    connection lost elsewhere is read as the end at once. Should it fail, or die before recording
+    the end, the row is as it was (not ended, to anyone); a death leaves the reaper to finish it."""
+    fleet = Fleet(config={})
+    ender = None
+    try:
+        box = await fleet.create(Request(provider="local", keep=True))
+
+        async def refuse(self, handle):  # type: ignore[no-untyped-def]
+            raise ProviderError("the provider said no")
+
+        monkeypatch.setattr(LocalProvider, "terminate", refuse)
+        with pytest.raises(ProviderError):
+            await fleet.destroy(box.id)
+        monkeypatch.undo()
+        assert fleet.ledger.get(box.id).ending_reason is None and fleet.ledger.get(box.id).status == "running"
+
+        box = await fleet.get(box.id)
+        ender = subprocess.Popen([sys.executable, "-c", HANGING_TERMINATE, box.id], cwd=ROOT)
+        deadline = time.monotonic() + 30
+        while fleet.ledger.get(box.id).ending() is None:
+            assert ender.poll() is None and time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert await box.ended_elsewhere() == "destroyed"
+        with pytest.raises(SandboxGone, match="being terminated"):
+            await fleet.get(box.id)
+
+        ender.kill()
+        ender.wait()
+        record = fleet.ledger.get(box.id)
+        assert record.status == "running" and record.ending() is None and record.ending_interrupted()
+        assert await box.ended_elsewhere() is None
+        assert (await (await fleet.get(box.id)).run("echo alive")).stdout == "alive\n"
+        reaped = dict(await fleet.reap())
+        assert reaped[box.id].startswith("destroyed")
+        assert fleet.ledger.get(box.id).status == "terminated" and cost_event_count(box.id) == 1
+        assert not (local_dir() / "sandboxes" / box.id).exists()
+    finally:
+        if ender is not None and ender.poll() is None:
+            ender.kill()
+            ender.wait()
+        await fleet.close()
 
 
 class PausingProvider(LocalProvider):

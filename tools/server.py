@@ -206,7 +206,8 @@ class ServerState:
                 # Ended behind the agent's back (another process's `tether down`, the reaper): say
                 # so once, rather than go on in a new, empty machine as if it were the same.
                 gone, self.default_id = self.fleet.ledger.get(self.default_id), None
-                why = f" ({gone.status_reason})" if gone.status_reason else ""
+                reason = gone.status_reason or gone.ending()  # (ended, or being ended by another process)
+                why = f" ({reason})" if reason else ""
                 raise SandboxGone(
                     gone.id,
                     gone.status,
