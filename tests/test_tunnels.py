@@ -664,8 +664,17 @@ async def test_auto_goes_on_to_local_when_the_relay_is_unreachable(
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
     port = await start_http_server(local_box)
     tunnels = TunnelManager(relay=RelayConfig(host=f"nobody@127.0.0.1:{free_port()}", remote_port=0))
+    tables: list[str] = []  # (where the port listens is read once, not again for local after the relay)
+    read_bytes = local_box.read_bytes
+
+    async def reading(path: str) -> bytes:
+        tables.extend([path] if path.startswith("/proc/net/") else [])
+        return await read_bytes(path)
+
+    monkeypatch.setattr(local_box, "read_bytes", reading)
     tunnel = await tunnels.open(local_box, port)
     assert tunnel.backend == "local"
+    assert sorted(tables) == ["/proc/net/tcp", "/proc/net/tcp6"]
     with pytest.raises(TunnelError, match="relay"):  # named, it says what failed
         await tunnels.open(local_box, port, backend="relay")
     await tunnels.close_all()

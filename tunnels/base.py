@@ -98,5 +98,8 @@ class Opened(Protocol):
 
 class Backend(Protocol):
     name: BackendName
+    # Whether it forwards to the port over SSH (relay, local): then `open` is given `host`, the
+    # sandbox's loopback address the port listens on (127.0.0.1, or ::1 for a server on IPv6 alone).
+    forwards: bool
 
-    async def open(self, box: Sandbox, port: int) -> Opened: ...
+    async def open(self, box: Sandbox, port: int, host: str = "127.0.0.1") -> Opened: ...

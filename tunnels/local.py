@@ -11,7 +11,7 @@ from sandbox.forwarding import ClosingForwarder, forward_over
 from sandbox.pool import Hold
 
 from .base import BackendName, reopen
-from .ports import loopback_for, own_listeners
+from .ports import own_listeners
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +133,10 @@ class LocalForward:
 
 class LocalBackend:
     name: BackendName = "local"
+    forwards = True
 
-    async def open(self, box: Sandbox, port: int) -> LocalForward:
-        forward = LocalForward(box, port, await loopback_for(box, port))
+    async def open(self, box: Sandbox, port: int, host: str = "127.0.0.1") -> LocalForward:
+        forward = LocalForward(box, port, host)
         try:
             await forward.start()
         except BaseException:

@@ -13,10 +13,11 @@ from urllib.parse import quote
 from sandbox import Sandbox
 from sandbox.errors import SandboxError
 
-from .base import BackendName, Opened, PreviewSource, Tunnel, TunnelError, new_tunnel_id
+from .base import Backend, BackendName, Opened, PreviewSource, Tunnel, TunnelError, new_tunnel_id
 from .channels import Notifier
 from .check import CHECK_TIMEOUT, NothingListens, verify
 from .local import LocalBackend
+from .ports import loopback_for
 from .provider import ProviderBackend
 from .relay import RelayBackend, RelayConfig
 
@@ -60,12 +61,17 @@ class TunnelManager:
         path = url_path(path)
         sandbox = sandbox or {"id": getattr(box, "id", box.name), "name": box.name}
         problems: list[str] = []
+        loopback: str | None = None  # where the port listens inside the sandbox: read once, when needed
         for candidate in self._candidates(backend, preview):
             # Under auto, a backend that fails (the relay unreachable, the provider's API down, a URL
             # that gets no answer from a port that listens: a provider's edge may want 0.0.0.0) hands
             # over to the next one; nothing listening on the port is the end of it for all.
             try:
-                opened = await candidate.open(box, port)
+                if candidate.forwards:
+                    loopback = loopback or await loopback_for(box, port)
+                    opened = await candidate.open(box, port, loopback)
+                else:
+                    opened = await candidate.open(box, port)
             except SandboxError as exc:
                 if backend != "auto" and isinstance(exc, TunnelError):
                     raise
@@ -139,8 +145,8 @@ class TunnelManager:
                 self._record("moved", tunnel, sandbox)
             return
 
-    def _candidates(self, backend: str, preview: PreviewSource | None) -> list[Any]:
-        available: dict[str, Any] = {"local": LocalBackend()}
+    def _candidates(self, backend: str, preview: PreviewSource | None) -> list[Backend]:
+        available: dict[str, Backend] = {"local": LocalBackend()}
         if self.relay is not None:
             available["relay"] = RelayBackend(self.relay)
         if preview is not None:

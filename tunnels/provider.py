@@ -23,11 +23,12 @@ class ProviderURL:
 
 class ProviderBackend:
     name: BackendName = "provider"
+    forwards = False
 
     def __init__(self, source: PreviewSource) -> None:
         self._source = source
 
-    async def open(self, box: Sandbox, port: int) -> ProviderURL:
+    async def open(self, box: Sandbox, port: int, host: str = "127.0.0.1") -> ProviderURL:
         try:
             preview = await self._source(port)
         except TunnelError:

@@ -30,7 +30,6 @@ from sandbox.forwarding import FORWARD_PACKET, FORWARD_WINDOW, ClosingForwarder,
 from sandbox.pool import Hold
 
 from .base import BackendName, TunnelError, reopen
-from .ports import loopback_for
 
 log = logging.getLogger(__name__)
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
@@ -295,13 +294,14 @@ class RelayForward:
 
 class RelayBackend:
     name: BackendName = "relay"
+    forwards = True
 
     def __init__(self, config: RelayConfig, pool: ConnectionPool | None = None) -> None:
         self.config = config
         self._pool = pool
 
-    async def open(self, box: Sandbox, port: int) -> RelayForward:
-        forward = RelayForward(box, port, self.config, self._pool or default_pool(), await loopback_for(box, port))
+    async def open(self, box: Sandbox, port: int, host: str = "127.0.0.1") -> RelayForward:
+        forward = RelayForward(box, port, self.config, self._pool or default_pool(), host)
         try:
             await forward.start()
         except BaseException:
