@@ -313,6 +313,7 @@ async def test_destroying_a_sandbox_from_another_process_stops_what_runs_in_it(f
     assert await wait_until_gone(marker) == []
     done, _ = await asyncio.wait([running], timeout=30)
     assert done, "the run did not end with its sandbox"
+    assert isinstance(running.exception(), SandboxEnded), running.exception()  # (the end, not a dead shell)
 
 
 async def test_destroying_a_sandbox_stops_its_running_command_and_says_why(fleet: Fleet) -> None:
