@@ -27,7 +27,17 @@ from .base import Capacity, Handle, ListedResource, Progress, Provider, Provisio
 from .capacity import host_capacity
 from .config import LocalPoolConfig
 from .errors import ProviderError, ProviderUnavailable
-from .local_server import SANDBOX_ID, TERM_GRACE_S, daemon_state, ensure_server, local_dir, sandbox_root, work_dir
+from .local_server import (
+    SANDBOX_ID,
+    TERM_GRACE_S,
+    RunningServer,
+    daemon_state,
+    ensure_server,
+    known_server,
+    local_dir,
+    sandbox_root,
+    work_dir,
+)
 from .profiles import PROFILES, SUBSTRATES
 
 USER_MANAGED = "user-managed"
@@ -65,16 +75,17 @@ class LocalProvider(Provider):
         return Handle(external_id=USER_MANAGED, data={"dir": str(root)})
 
     async def endpoint(self, handle: Handle) -> SSHEndpoint:
-        server = ensure_server()
-        return SSHEndpoint(
-            host="127.0.0.1",
-            port=server.port,
-            user=_sandbox_id(handle),
-            key_paths=(str(server.client_key),),
-            use_agent=False,
-            host_key=server.host_key,
-            keepalive_interval=0,
-        )
+        """Where the sandbox is served now. The fleet asks at every ledger recheck (endpoint_moves),
+        so this is cheap: the server found last is kept while host.json is unchanged, the daemon it
+        named still runs and a live connection reaches the sandbox there. Otherwise (the daemon
+        started, stopped or moved; no connection yet, or the last one failed or was lost) it is looked
+        for again, asking the daemon whether it answers, off the event loop."""
+        known = known_server()
+        if known is not None and self.connections is not None:
+            endpoint = _endpoint(handle, known)
+            if self.connections.stats(endpoint):
+                return endpoint
+        return _endpoint(handle, await asyncio.to_thread(ensure_server))
 
     def tether_dir(self, sandbox_id: str) -> str:
         return str(sandbox_root(sandbox_id) / "tether")
@@ -168,6 +179,18 @@ def remove_tree(root: Path) -> None:
         pass
     except OSError as exc:
         raise ProviderError(f"could not remove the local sandbox's directory {root}: {exc}") from None
+
+
+def _endpoint(handle: Handle, server: RunningServer) -> SSHEndpoint:
+    return SSHEndpoint(
+        host="127.0.0.1",
+        port=server.port,
+        user=_sandbox_id(handle),
+        key_paths=(str(server.client_key),),
+        use_agent=False,
+        host_key=server.host_key,
+        keepalive_interval=0,
+    )
 
 
 def _sandbox_id(handle: Handle) -> str:

@@ -308,21 +308,49 @@ def daemon_state() -> dict[str, Any] | None:
     return state  # type: ignore[no-any-return]
 
 
-def daemon_server() -> RunningServer | None:
-    """The `tether host serve` daemon's server, when one runs on this machine and answers."""
-    state = daemon_state()
-    if state is None:
+@dataclass(frozen=True)
+class _Found:
+    """Where local sandboxes were last found to be served, and what that rested on."""
+
+    host_file: tuple[int, int, int] | None  # host.json's (inode, mtime, size) then; None: there was none
+    daemon_pid: int | None  # the daemon's, when it was the daemon's server (None: this process's own)
+    server: RunningServer
+
+
+_found: _Found | None = None
+
+
+def _host_file() -> tuple[int, int, int] | None:
+    try:
+        info = os.stat(host_state_path())
+    except OSError:
         return None
-    return RunningServer(port=int(state["port"]), host_key=state["host_key"], client_key=tether_key())
+    return info.st_ino, info.st_mtime_ns, info.st_size
 
 
 def ensure_server() -> RunningServer:
-    """The daemon's server if it runs, else this process's own (started on first use)."""
-    found = daemon_server()
-    if found is not None:
-        return found
-    global _in_process
-    with _lock:
-        if _in_process is None:
-            _in_process = LocalSSHServer()
-        return _in_process.start()
+    """The daemon's server if it runs and answers, else this process's own (started on first use)."""
+    global _found, _in_process
+    seen = _host_file()  # (before it is read: a change meanwhile is seen by the next known_server)
+    state = daemon_state()
+    if state is not None:
+        server = RunningServer(port=int(state["port"]), host_key=state["host_key"], client_key=tether_key())
+    else:
+        with _lock:
+            if _in_process is None:
+                _in_process = LocalSSHServer()
+            server = _in_process.start()
+    _found = _Found(seen, int(state["pid"]) if state is not None else None, server)
+    return server
+
+
+def known_server() -> RunningServer | None:
+    """The server ensure_server found last, while host.json is as it was then and the daemon it
+    named still runs: a stat and a pid check, no connection (one that fails tells the rest). None
+    when it must be looked for again."""
+    found = _found
+    if found is None or found.host_file != _host_file():
+        return None
+    if found.daemon_pid is not None and not process_running(found.daemon_pid):
+        return None
+    return found.server

@@ -260,6 +260,28 @@ async def test_the_ledger_shows_where_the_sandbox_is_served_now() -> None:
         await first.close()
 
 
+async def test_asking_where_a_sandbox_in_use_is_served_connects_to_nothing(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fleet asks where a local sandbox is served at every ledger recheck (nearly every call):
+    while host.json is unchanged and a connection reaches the sandbox, that is a stat and a pid
+    check, not a connection to the daemon on the event loop."""
+    from providers import fleet as fleet_module
+    from providers import local_server
+
+    monkeypatch.setattr(fleet_module, "LEDGER_RECHECK_SECONDS", 0)
+    box = await fleet.create(Request(provider="local"))
+    await box.run("true")
+    looked: list[int] = []
+    daemon_state = local_server.daemon_state
+    monkeypatch.setattr(local_server, "daemon_state", lambda: looked.append(1) or daemon_state())
+    for _ in range(5):
+        assert await fleet.get(box.id) is box
+        assert (await box.run("echo here")).stdout == "here\n"
+    assert looked == []
+    await box.destroy()
+
+
 class _SmallDisk(io.RawIOBase):
     """A file on a disk that takes at most 5 bytes per write and holds `room` bytes in all: on a
     full disk, write(2) writes what fits and says how much; only the next one fails (ENOSPC)."""
