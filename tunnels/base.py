@@ -66,19 +66,29 @@ class Tunnel:
 REOPEN_BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)  # seconds between attempts; the last one repeats
 
 
-async def reopen(attempt: Callable[[], Awaitable[None]], closed: Callable[[], bool], what: str) -> bool:
+async def reopen(
+    attempt: Callable[[], Awaitable[object]],
+    closed: Callable[[], bool],
+    what: str,
+    doing: str = "re-open",
+    first_failure: int = logging.INFO,
+) -> bool:
     """Call `attempt` until it succeeds, waiting longer between failures (the box or relay may be
-    restarting), or until `closed()`. Returns whether it succeeded."""
-    for delay in itertools.chain(REOPEN_BACKOFF, itertools.repeat(REOPEN_BACKOFF[-1])):
+    restarting, a relay's new URL not answer yet), or until `closed()`. Returns whether it
+    succeeded. Failures are logged as "<what>: <doing> failed (why); retrying in Ns", the first
+    at level `first_failure`, the others at INFO."""
+    delays = itertools.chain(REOPEN_BACKOFF, itertools.repeat(REOPEN_BACKOFF[-1]))
+    for tries, delay in enumerate(delays):
         if closed():
             return False
         try:
             await attempt()
         except Exception as exc:
-            log.info("%s: re-open failed (%s); retrying in %ss", what, exc, delay)
+            level = first_failure if tries == 0 else logging.INFO
+            log.log(level, "%s: %s failed (%s); retrying in %ss", what, doing, exc, delay)
             await asyncio.sleep(delay)
             continue
-        log.info("re-opened %s after its connection dropped", what)
+        log.info("%s: %s succeeded", what, doing)
         return True
     return False  # (unreachable: the delays never run out)
 

@@ -18,10 +18,18 @@ class NothingListens(TunnelError):
     """Nothing listens on the port inside the sandbox: no backend can help."""
 
 
-async def verify(url: str, headers: dict[str, str], box: Sandbox, port: int, timeout: float = CHECK_TIMEOUT) -> int:
+class NoAnswer(TunnelError):
+    """No HTTP answer came through a URL."""
+
+    def __init__(self, url: str, timeout: float, problem: str) -> None:
+        self.problem = problem  # what httpx said, or "no answer"
+        super().__init__(f"no HTTP answer came through {url} within {timeout:g}s ({problem})")
+
+
+async def answers(url: str, headers: dict[str, str], timeout: float = CHECK_TIMEOUT) -> int:
     """GET `url`; any HTTP answer (even 404 or 500) passes. Returns the status code.
 
-    Raises TunnelError saying whether anything listens on `port` inside the sandbox.
+    Raises NoAnswer (with no word on why: that is `verify`'s, and costs round trips to the sandbox).
     """
     try:
         # One bound for the whole request (httpx's timeout bounds each phase: connect, each read);
@@ -39,6 +47,15 @@ async def verify(url: str, headers: dict[str, str], box: Sandbox, port: int, tim
         problem = f"{type(exc).__name__}: {exc}".rstrip(": ")
     except TimeoutError:
         problem = "no answer"
+    raise NoAnswer(url, timeout, problem)
+
+
+async def verify(url: str, headers: dict[str, str], box: Sandbox, port: int, timeout: float = CHECK_TIMEOUT) -> int:
+    """`answers(url)`, or a TunnelError saying whether anything listens on `port` inside the sandbox."""
+    try:
+        return await answers(url, headers, timeout)
+    except NoAnswer as exc:
+        problem = exc.problem
     try:
         listening = port in await listening_ports(box)
     except PortsUnknown as exc:

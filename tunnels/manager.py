@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -13,9 +12,9 @@ from urllib.parse import quote
 from sandbox import Sandbox
 from sandbox.errors import SandboxError
 
-from .base import Backend, BackendName, Opened, PreviewSource, Tunnel, TunnelError, new_tunnel_id
+from .base import Backend, BackendName, Opened, PreviewSource, Tunnel, TunnelError, new_tunnel_id, reopen
 from .channels import Notifier
-from .check import CHECK_TIMEOUT, NothingListens, verify
+from .check import CHECK_TIMEOUT, NothingListens, answers, verify
 from .local import LocalBackend
 from .ports import loopback_for
 from .provider import ProviderBackend
@@ -24,8 +23,6 @@ from .relay import RelayBackend, RelayConfig
 log = logging.getLogger(__name__)
 # Called with ("opened" | "moved" | "closed", tunnel): tools records it in the ledger.
 Recorder = Callable[[str, Tunnel], None]
-# Seconds between checks of a relay's new URL (after a reconnect) that got no answer yet; the last repeats.
-MOVE_RETRY = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
 class TunnelManager:
@@ -92,11 +89,11 @@ class TunnelManager:
             self._open[tunnel.id] = (tunnel, opened, sandbox)
             self._record("opened", tunnel, sandbox)
             if hasattr(opened, "on_url_change"):  # a relay may hand out another URL after a reconnect
-                opened.on_url_change = self._mover(tunnel, path, box, sandbox)
+                opened.on_url_change = self._mover(tunnel, path, sandbox)
             return tunnel
         raise TunnelError("no tunnel backend could open the port: " + "; ".join(problems))
 
-    def _mover(self, tunnel: Tunnel, path: str | None, box: Sandbox, sandbox: dict[str, Any]) -> Callable[[str], None]:
+    def _mover(self, tunnel: Tunnel, path: str | None, sandbox: dict[str, Any]) -> Callable[[str], None]:
         """What a relay tunnel calls with its new URL after a reconnect: the URL is checked (in the
         background: the relay's supervisor goes on watching its connection) before it is recorded
         and announced, as any URL tether reports."""
@@ -106,7 +103,7 @@ class TunnelManager:
             if previous is not None:
                 previous.cancel()  # (a URL that moved again before it answered)
             task = asyncio.get_running_loop().create_task(
-                self._confirm_move(tunnel, url.rstrip("/") + (path or ""), box, sandbox)
+                self._confirm_move(tunnel, url.rstrip("/") + (path or ""), sandbox)
             )
             self._moves[tunnel.id] = task
             task.add_done_callback(lambda done: self._forget_move(tunnel.id, done))
@@ -117,33 +114,22 @@ class TunnelManager:
         if self._moves.get(tunnel_id) is done:
             del self._moves[tunnel_id]
 
-    async def _confirm_move(self, tunnel: Tunnel, url: str, box: Sandbox, sandbox: dict[str, Any]) -> None:
+    async def _confirm_move(self, tunnel: Tunnel, url: str, sandbox: dict[str, Any]) -> None:
         """Record and announce `url` once a request through it gets an answer; until then the
-        tunnel stays listed at its last checked URL, and the check is retried until the tunnel
-        closes (the relay may still be setting up, or the server in the sandbox restarting)."""
-        delays = itertools.chain(MOVE_RETRY, itertools.repeat(MOVE_RETRY[-1]))
-        for attempt, delay in enumerate(delays):
-            if tunnel.id not in self._open:
-                return
-            try:
-                await verify(url, tunnel.headers, box, tunnel.port, self.check_timeout)
-            except Exception as exc:  # (TunnelError, or the sandbox's connection down for now)
-                level = logging.WARNING if attempt == 0 else logging.INFO
-                log.log(
-                    level,
-                    "tunnel %s moved to %s after its relay reconnected, which got no answer yet (%s); "
-                    "it is announced once it does (next check in %ss)",
-                    tunnel.id,
-                    url,
-                    exc,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                continue
-            if tunnel.id in self._open and url != tunnel.url:
-                tunnel.url = url
-                self._record("moved", tunnel, sandbox)
-            return
+        tunnel stays listed at its last checked URL, and the request is retried, with reopen's
+        backoff, until the tunnel closes (close() cancels this task): the relay may still be
+        setting up, or the server in the sandbox restarting. Only the request is retried: why
+        nothing answers (verify's look at what listens in the sandbox) costs SFTP round trips."""
+        await reopen(
+            lambda: answers(url, tunnel.headers, self.check_timeout),
+            lambda: False,  # (it ends when it succeeds, or when close() cancels it)
+            f"tunnel {tunnel.id}",
+            "a request through its new URL after its relay reconnected (it is announced once one gets an answer)",
+            first_failure=logging.WARNING,
+        )
+        if url != tunnel.url:
+            tunnel.url = url
+            self._record("moved", tunnel, sandbox)
 
     def _candidates(self, backend: str, preview: PreviewSource | None) -> list[Backend]:
         available: dict[str, Backend] = {"local": LocalBackend()}
