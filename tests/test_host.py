@@ -80,8 +80,13 @@ async def test_serve_status_drain_and_stop() -> None:
         host_state_path().unlink(missing_ok=True)
 
 
-async def test_a_long_running_process_follows_its_local_sandboxes_when_the_daemon_stops_and_returns() -> None:
+async def test_a_long_running_process_follows_its_local_sandboxes_when_the_daemon_stops_and_returns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """An MCP server keeps its sandboxes open for hours; the daemon serving them may be restarted."""
+    from providers import fleet as fleet_module
+
+    monkeypatch.setattr(fleet_module, "LEDGER_RECHECK_SECONDS", 0)  # (the fleet asks where a sandbox is every time)
     daemon = start_daemon()
     fleet = Fleet(config={})
     try:
@@ -91,7 +96,6 @@ async def test_a_long_running_process_follows_its_local_sandboxes_when_the_daemo
         await box.run("mkdir -p deeper && cd deeper")
 
         assert tether("host", "stop").returncode == 0 and daemon.wait(10) == 0
-        await asyncio.sleep(1.1)  # (the fleet asks where a sandbox is at most once a second)
         same = await fleet.get(box.id)
         assert same is box and box.endpoint.port != port  # this process serves it now
         assert (await box.run("echo here")).stdout == "here\n"
@@ -100,7 +104,6 @@ async def test_a_long_running_process_follows_its_local_sandboxes_when_the_daemo
 
         daemon = start_daemon()
         assert host_daemon.read_state()["port"] == port  # back on the port it had
-        await asyncio.sleep(1.1)
         assert (await fleet.get(box.id)).endpoint.port == port
         assert (await box.run("echo back")).stdout == "back\n"
         await box.destroy()

@@ -220,7 +220,7 @@ def test_local_provider_as_a_non_root_user_without_sshd(tmp_path: Path) -> None:
 
 
 async def test_the_embedded_server_sends_no_empty_ignore_packets(
-    caplog: pytest.LogCaptureFixture, tmp_path: Path, fleet: Fleet
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     """asyncssh puts an empty MSG_IGNORE before every packet it sends (a CBC defence); the embedded
     server, like tether's client, leaves them out: half the packets to encrypt and decrypt."""
