@@ -108,6 +108,10 @@ def guarded(fn: Callable[..., Awaitable[CallToolResult]]) -> Callable[..., Await
     return call
 
 
+class NoSandboxYet(InvalidArgument):
+    """No sandbox was named, and there is none a call without one could use."""
+
+
 class ServerState:
     """What the tools share: the fleet, the default sandbox, the reaper."""
 
@@ -227,15 +231,18 @@ class ServerState:
 
     async def existing(self, ref: str | None) -> ManagedSandbox:
         """As `sandbox`, but never creating one: for tools that report on a sandbox or change its
-        state, where a new machine (maybe a billed one) would be no answer."""
-        ref = ref or self.current_default()
-        if ref is None:
+        state, where a new machine (maybe a billed one) would be no answer. A default that ended is
+        said so, once, as `sandbox` says it. Raises NoSandboxYet when there is none to use."""
+        if ref or self.default_id is not None:
+            return await self.sandbox(ref)  # (with a default made or named, it creates nothing)
+        found = self.current_default()
+        if found is None:
             self.refuse_if_ambiguous()
-            raise InvalidArgument(
+            raise NoSandboxYet(
                 "there is no sandbox yet: create one with sandbox_create (or any file or shell tool makes "
                 "the default one), or name one from sandbox_list"
             )
-        return await self.fleet.get(ref)
+        return await self.fleet.get(found)
 
     def refuse_if_ambiguous(self) -> None:
         """With nothing named at start and several sandboxes to choose from, the caller must choose."""
@@ -881,10 +888,10 @@ def register_shell_tools(server: MCPServer, state: ServerState) -> None:
     @guarded
     async def job_list(sandbox: SandboxArg = None) -> Annotated[CallToolResult, R.JobList]:
         """Background jobs of a sandbox with command, status and start time."""
-        if sandbox is None and state.current_default() is None:
-            state.refuse_if_ambiguous()
+        try:
+            box = await state.existing(sandbox)
+        except NoSandboxYet:
             return ok(R.JobList(jobs=[]))  # (no sandbox yet: none has jobs)
-        box = await state.existing(sandbox)
         jobs = [R.JobInfo.of(job) for job in await box.job_list()]
         return ok(R.JobList(jobs=jobs))
 
