@@ -35,7 +35,7 @@ from tests.conftest import endpoint_for
 from tests.mcp_support import ROOT, server_env, stdio_client, structured, tether, text
 from tests.sshd import SSHD, ensure_account, free_port
 from tunnels import ChannelConfig, Notifier, RelayConfig, TunnelError, TunnelManager
-from tunnels import manager as tunnels_manager
+from tunnels import base as tunnels_base
 from tunnels.check import verify
 from tunnels.local import LocalForward
 from tunnels.ports import listening_ports, parse_netstat, parse_proc_net_tcp
@@ -606,7 +606,7 @@ async def test_a_relays_new_url_is_announced_only_once_it_answers(
 ) -> None:
     """After a reconnect, the relay hands out a URL where nothing answers yet: the tunnel keeps its
     checked URL, and channels hear nothing, until a request through the new one gets an answer."""
-    monkeypatch.setattr(tunnels_manager, "MOVE_RETRY", (0.2,), raising=False)
+    monkeypatch.setattr(tunnels_base, "REOPEN_BACKOFF", (0.2,))  # (the new URL's checks, and the relay's re-open)
     port = await start_http_server(ssh_box)
     later = free_port()
     banners = 0
@@ -640,7 +640,19 @@ async def test_a_relays_new_url_is_announced_only_once_it_answers(
         while banners < 2:
             assert time.monotonic() < deadline, "the relay tunnel did not reconnect"
             await asyncio.sleep(0.05)
-        await asyncio.sleep(1)  # checked (and refused) several times
+        checks = 0
+
+        async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal checks
+            checks += 1
+            writer.close()
+
+        refusing = await asyncio.start_server(hang_up, "127.0.0.1", later)  # the new URL gets no answer yet
+        while checks < 2:  # checked (and not answered) more than once
+            assert time.monotonic() < deadline, "the new URL was not checked"
+            await asyncio.sleep(0.05)
+        refusing.close()
+        await refusing.wait_closed()
         assert tunnel.url == first and seen == [("opened", first)]
         server = await asyncio.start_server(proxy, "127.0.0.1", later)  # the new URL answers now
         try:
