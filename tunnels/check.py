@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 
 import httpx
 
@@ -50,8 +51,16 @@ async def answers(url: str, headers: dict[str, str], timeout: float = CHECK_TIME
     raise NoAnswer(url, timeout, problem)
 
 
-async def verify(url: str, headers: dict[str, str], box: Sandbox, port: int, timeout: float = CHECK_TIMEOUT) -> int:
-    """`answers(url)`, or a TunnelError saying whether anything listens on `port` inside the sandbox."""
+async def verify(
+    url: str,
+    headers: dict[str, str],
+    box: Sandbox,
+    port: int,
+    timeout: float = CHECK_TIMEOUT,
+    exclude: Collection[int] = (),
+) -> int:
+    """`answers(url)`, or a TunnelError saying whether anything listens on `port` inside the sandbox
+    (and, when nothing does, what does: not `exclude`, this process's own listeners)."""
     try:
         return await answers(url, headers, timeout)
     except NoAnswer as exc:
@@ -69,7 +78,7 @@ async def verify(url: str, headers: dict[str, str], box: Sandbox, port: int, tim
             f"{timeout:g}s ({problem}); is it an HTTP server, and does it answer on 127.0.0.1?"
         )
     # The suggestion names the sandbox user's own servers: a shared host lists everyone's.
-    own = await listening_ports(box, own_only=True)
+    own = await listening_ports(box, own_only=True, exclude=exclude)
     raise NothingListens(f"nothing is listening on port {port} inside the sandbox; {suggest(port, own)}")
 
 

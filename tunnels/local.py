@@ -11,7 +11,6 @@ from sandbox.forwarding import ClosingForwarder, forward_over
 from sandbox.pool import Hold
 
 from .base import BackendName, reopen
-from .ports import own_listeners
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ class LocalForward:
         self._connections: set[_Accepted] = set()  # accepted and not yet closed
         self._pairing: set[asyncio.Task[None]] = set()  # channels being opened for them
         self._closed = False
-        self._local_port = 0
+        self.local_port = 0  # the listener's
         self.url = ""
         self.headers: dict[str, str] = {}
 
@@ -65,9 +64,8 @@ class LocalForward:
             self._hold.release()
             self._hold = None
             raise
-        self._local_port = self._server.sockets[0].getsockname()[1]
-        own_listeners.add(self._local_port)
-        self.url = f"http://127.0.0.1:{self._local_port}"
+        self.local_port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.local_port}"
         self._supervisor = asyncio.get_running_loop().create_task(self._keep_open())
 
     async def _keep_open(self) -> None:
@@ -111,7 +109,6 @@ class LocalForward:
         # Everything is let go before the first await, so a close that is itself cancelled still
         # leaves nothing open.
         self._closed = True
-        own_listeners.discard(self._local_port)
         if self._supervisor is not None:
             self._supervisor.cancel()
         for task in list(self._pairing):

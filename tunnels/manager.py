@@ -15,7 +15,7 @@ from sandbox.errors import SandboxError
 from .base import Backend, BackendName, Opened, PreviewSource, Tunnel, TunnelError, new_tunnel_id, reopen
 from .channels import Notifier
 from .check import CHECK_TIMEOUT, NothingListens, answers, verify
-from .local import LocalBackend
+from .local import LocalBackend, LocalForward
 from .ports import loopback_for
 from .provider import ProviderBackend
 from .relay import RelayBackend, RelayConfig
@@ -78,7 +78,7 @@ class TunnelManager:
                 continue
             url = opened.url.rstrip("/") + (path or "")
             try:
-                await verify(url, opened.headers, box, port, self.check_timeout)
+                await verify(url, opened.headers, box, port, self.check_timeout, self._listeners(opened))
             except BaseException as exc:
                 await opened.close()
                 if backend != "auto" or not isinstance(exc, TunnelError) or isinstance(exc, NothingListens):
@@ -145,6 +145,12 @@ class TunnelManager:
             why = "no [relay] is configured in config.toml" if backend == "relay" else "its provider has no URLs"
             raise TunnelError(f"backend {backend} is not available for this sandbox: {why}")
         return [available[backend]]
+
+    def _listeners(self, *also: Opened) -> set[int]:
+        """The ports this process listens on for local tunnels (those of `also` too): a sandbox on
+        this machine lists them among its user's, but they are no server an agent meant."""
+        opened = [o for _, o, _ in self._open.values()] + list(also)
+        return {o.local_port for o in opened if isinstance(o, LocalForward)}
 
     def list(self, sandbox_id: str | None = None) -> list[Tunnel]:
         return [t for t, _, _ in self._open.values() if sandbox_id is None or t.sandbox_id == sandbox_id]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import re
+from collections.abc import Collection
 
 from sandbox import Sandbox
 from sandbox.errors import SandboxError
@@ -12,10 +13,6 @@ from sandbox.errors import SandboxError
 from .base import TunnelError
 
 LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
-
-# The local ports this process listens on for local tunnels (tunnels.local keeps it): on a sandbox on
-# this machine (the local provider) they would show up as the sandbox user's own.
-own_listeners: set[int] = set()
 
 
 def parse_proc_net_tcp(text: str, uid: int | None = None) -> set[int]:
@@ -55,11 +52,12 @@ async def proc_listeners(box: Sandbox, uid: int | None = None) -> tuple[set[int]
     return None if v4 is None and v6 is None else (v4 or set(), v6 or set())
 
 
-async def listening_ports(box: Sandbox, own_only: bool = False) -> list[int]:
+async def listening_ports(box: Sandbox, own_only: bool = False, exclude: Collection[int] = ()) -> list[int]:
     """Sorted listening TCP ports: /proc/net/tcp{,6} over SFTP, else `netstat -an`.
 
     With `own_only`, only sockets of the sandbox's login user (a shared host lists everyone's), and
-    none of tether's own (see `tethers_own`): these name the servers an agent may have meant.
+    none of tether's own (see `tethers_own`; `exclude`: the ports this process listens on, its local
+    tunnels'): these name the servers an agent may have meant.
     """
     tables = await proc_listeners(box, (await box.stat("~")).uid if own_only else None)
     if tables is not None:
@@ -72,17 +70,18 @@ async def listening_ports(box: Sandbox, own_only: bool = False) -> list[int]:
                 "which ports listen inside the sandbox cannot be read (no /proc/net/tcp, no netstat)"
             ) from None
         ports = parse_netstat(raw.stdout.decode("ascii", "replace"))
-    return sorted(ports - tethers_own(box) if own_only else ports)
+    return sorted(ports - tethers_own(box, exclude) if own_only else ports)
 
 
-def tethers_own(box: Sandbox) -> set[int]:
+def tethers_own(box: Sandbox, listeners: Collection[int] = ()) -> set[int]:
     """Ports inside the sandbox that are tether's, where it can know them: for a sandbox on this
     machine (an endpoint on loopback, reached directly), the SSH server's port (the local
-    provider's embedded server runs as the same user) and this process's local-tunnel listeners."""
+    provider's embedded server runs as the same user) and `listeners`, this process's own (its
+    local tunnels'). Elsewhere, none: the same numbers there are the sandbox's."""
     endpoint = getattr(box, "endpoint", None)
     if endpoint is None or endpoint.jump or endpoint.socket_factory is not None or not _loopback(endpoint.host):
         return set()
-    return {endpoint.port, *own_listeners}
+    return {endpoint.port, *listeners}
 
 
 def _loopback(host: str) -> bool:
