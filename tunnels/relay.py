@@ -13,7 +13,6 @@ closed); should the relay hand out another URL, `on_url_change` hears of it.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
 import logging
 import re
@@ -130,7 +129,7 @@ class RelayForward:
     ) -> None:
         self._box, self._port, self._config, self._pool = box, port, config, pool
         self._host = host  # the sandbox's loopback address the port listens on
-        self._session: asyncssh.SSHClientProcess[bytes] | None = None
+        self._session: asyncssh.SSHClientProcess[str] | None = None
         self._listener: asyncssh.SSHListener | None = None
         self._holds: list[Hold] = []  # the relay's connection and the sandbox's, kept from idling out
         self._relay_conn: asyncssh.SSHClientConnection | None = None
@@ -174,7 +173,9 @@ class RelayForward:
             self._holds.append(await self._box.hold_connection())
             try:
                 # Relays print their URL to the session, so it comes first; then the forward.
-                self._session = await conn.create_process(self._config.command, encoding=None)
+                self._session = await conn.create_process(
+                    self._config.command, stderr=asyncssh.STDOUT, encoding="utf-8", errors="replace"
+                )
                 # Each byte crosses two SSH connections in this process (decrypted from one,
                 # encrypted into the other): both channels get forward_over's bigger window and packets.
                 self._listener = await conn.create_server(
@@ -202,64 +203,49 @@ class RelayForward:
             raise
 
     async def _read_url(self, relay: str) -> str:
-        """The URL in the session's output (stdout and stderr), read a whole line at a time."""
+        """The URL in the session's output (stdout and stderr, as one stream), read a whole line at a
+        time: a line still being written counts once the relay has been quiet for QUIET."""
         assert self._session is not None
+        output = self._session.stdout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._config.url_timeout
-        streams = [self._session.stdout, self._session.stderr]
-        decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in streams}
-        unfinished = dict.fromkeys(streams, "")  # each stream's line so far
-        lines = ""  # the finished lines of both, in the order they came
-        pending = {asyncio.ensure_future(s.read(4096)): s for s in streams}
-        heard = loop.time()
+        lines = tail = ""  # the finished lines, and the one still being written
+        heard = loop.time()  # when output last came
         found: str | None = None
         found_at = 0.0
+        reading: asyncio.Future[str] | None = asyncio.ensure_future(output.read(4096))  # None: it ended
         try:
             while True:
                 now = loop.time()
                 if found and (found.startswith("https://") or self._config.url_pattern or now >= found_at + SETTLE):
                     return found  # (https, or a pattern's: nothing better can come)
-                if now >= deadline or not pending:
+                if now >= deadline or reading is None:
                     break
-                wake = [deadline, found_at + SETTLE if found else deadline]
-                if any(unfinished.values()) and now < heard + QUIET:
-                    wake.append(heard + QUIET)  # then an unfinished line counts as finished
-                done, _ = await asyncio.wait(
-                    pending, timeout=max(0.0, min(wake) - now), return_when=asyncio.FIRST_COMPLETED
-                )
-                for task in done:
-                    stream = pending.pop(task)
-                    chunk = task.result()
-                    if chunk:
-                        unfinished[stream] += decoders[stream].decode(chunk)
-                        pending[asyncio.ensure_future(stream.read(4096))] = stream
-                        heard = loop.time()
-                    else:  # the stream ended, and its last line with it
-                        unfinished[stream] += decoders[stream].decode(b"", final=True) + "\n"
-                    finished, newline, rest = unfinished[stream].rpartition("\n")
-                    if newline:
-                        lines += finished + "\n"
-                        unfinished[stream] = rest
-                quiet = loop.time() >= heard + QUIET or not pending
-                url = find_url(lines + self._unfinished(unfinished) if quiet else lines, self._config.url_pattern)
+                wake = min(deadline, found_at + SETTLE if found else deadline)
+                if tail and now < heard + QUIET:
+                    wake = min(wake, heard + QUIET)  # then the line being written counts as finished
+                done, _ = await asyncio.wait({reading}, timeout=max(0.0, wake - now))
+                if done:
+                    chunk = reading.result()
+                    reading = asyncio.ensure_future(output.read(4096)) if chunk else None
+                    heard = loop.time()
+                    finished, newline, tail = (tail + chunk).rpartition("\n")
+                    lines += finished + newline
+                quiet = reading is None or loop.time() >= heard + QUIET
+                url = find_url(lines + tail if quiet else lines, self._config.url_pattern)
                 if url and (found is None or (url.startswith("https://") and not found.startswith("https://"))):
                     found, found_at = url, found_at or loop.time()
-            banner = lines + self._unfinished(unfinished)
-            url = found or find_url(banner, self._config.url_pattern)
+            url = found or find_url(lines + tail, self._config.url_pattern)
             if url:
                 return url
         finally:
-            for task in pending:
-                task.cancel()
-        shown = strip_ansi(banner).strip()[-300:] or "(nothing)"
+            if reading is not None:
+                reading.cancel()
+        shown = strip_ansi(lines + tail).strip()[-300:] or "(nothing)"
         raise TunnelError(
             f"relay {relay} printed no URL within {self._config.url_timeout:g}s; it said: {shown}. "
             "Set url_template (or url_pattern) in [relay]"
         )
-
-    @staticmethod
-    def _unfinished(unfinished: dict[object, str]) -> str:
-        return "".join(line + "\n" for line in unfinished.values() if line)
 
     async def _bridge(self) -> ClosingForwarder:
         """A connection that arrived at the relay, paired with a channel to the sandbox's port over the
