@@ -131,14 +131,14 @@ class Notifier:
         self.channels = channels
         self._client_factory = client or (lambda: httpx.AsyncClient(timeout=10))
         self._delays = delays
-        self._pending: dict[asyncio.Task[None], str] = {}  # delivery -> "label: event", for drain
+        self._pending: dict[asyncio.Task[None], tuple[ChannelConfig, str]] = {}  # delivery -> (channel, event)
         self.failures: list[str] = []  # "kind name: reason", for tests and `tether doctor`
 
     def emit(self, event: str, data: dict[str, Any]) -> None:
         for channel in self.channels:
             if event in channel.events:
                 task = asyncio.get_running_loop().create_task(self._deliver(channel, event, data))
-                self._pending[task] = f"{channel.label}: could not deliver {event}"
+                self._pending[task] = (channel, event)
                 task.add_done_callback(lambda done: self._pending.pop(done, None))
 
     async def _deliver(self, channel: ChannelConfig, event: str, data: dict[str, Any]) -> None:
@@ -181,7 +181,8 @@ class Notifier:
             return
         _, late = await asyncio.wait(set(self._pending), timeout=timeout)
         for task in late:
-            message = f"{self._pending.get(task, 'a channel')}: still failing when tether exited"
+            channel, event = self._pending[task]  # (still pending: its done callback has not run)
+            message = f"{channel.label}: could not deliver {event}: still failing when tether exited"
             task.cancel()
             self.failures.append(message)
             log.warning(message)
