@@ -36,11 +36,11 @@ class PooledConnection:
     budget: ChannelBudget = field(default_factory=ChannelBudget)
     alive: bool = True
     idle_timer: asyncio.TimerHandle | None = None
-    holds: int = 0  # port forwards using it: not sessions, but reasons not to close it when idle
 
     @property
     def idle(self) -> bool:
-        return self.budget.in_use == 0 and self.holds == 0
+        # A held endpoint keeps the connection its port forwards go over (see Hold).
+        return self.budget.in_use == 0 and not (self.group.holds and self.group.forwarding() is self)
 
 
 @dataclass(eq=False)
@@ -65,9 +65,21 @@ class Lease:
             self._release(self)
 
 
-class Hold(Lease):
-    """Keeps a connection from being closed as idle while port forwards use it (they are channels
-    but not sessions: a hold takes no slot)."""
+@dataclass(eq=False)
+class Hold:
+    """Keeps an endpoint's forwarding connection (the one port forwards go over) from being closed
+    as idle while tunnels use it: they are channels but not sessions, so they take no slot. The
+    hold is on the endpoint, not on one connection: when that connection dies, the one dialed in
+    its place is held as well, with no one having to take the hold again."""
+
+    group: _EndpointConnections
+    _release: Callable[[Hold], None]
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._release(self)
 
 
 class _EndpointConnections:
@@ -79,8 +91,14 @@ class _EndpointConnections:
         self.changed = asyncio.Condition()
         self.dialing = 0
         self.ever_connected = False
+        self.holds = 0  # tunnels using the forwarding connection (see Hold)
         # Learned from refusals; every connection to the same server shares it.
         self.session_limit = DEFAULT_SESSION_LIMIT
+
+    def forwarding(self) -> PooledConnection | None:
+        """The connection port forwards go over: the first live one (ConnectionPool.connection)."""
+        # is_closed() too: a connection can close before its watcher has run and marked it dead.
+        return next((p for p in self.connections if p.alive and not p.conn.is_closed()), None)
 
 
 class ConnectionPool:
@@ -116,20 +134,25 @@ class ConnectionPool:
         return (await self._live(endpoint)).conn
 
     async def hold(self, endpoint: SSHEndpoint) -> Hold:
-        """A live connection that is not closed as idle until the hold is released (a tunnel's)."""
+        """Keep `endpoint`'s forwarding connection open (not closed as idle) until the hold is
+        released: a tunnel's. The connection is dialed now, if there is none."""
         pooled = await self._live(endpoint)
-        pooled.holds += 1
+        pooled.group.holds += 1
         self._cancel_idle_timer(pooled)
-        return Hold(pooled, self._release_hold)
+        return Hold(pooled.group, self._release_hold)
+
+    def holds(self, endpoint: SSHEndpoint) -> int:
+        """How many holds keep `endpoint`'s forwarding connection open: for tests."""
+        group = self._groups.get(endpoint.pool_key())
+        return group.holds if group else 0
 
     async def _live(self, endpoint: SSHEndpoint) -> PooledConnection:
         group = self._group(endpoint)
-        for pooled in list(group.connections):
-            # is_closed() too: a connection can close before its watcher has run and marked it dead.
-            if pooled.alive and not pooled.conn.is_closed():
-                return pooled
-            if pooled.conn.is_closed():
-                self._forget(group, pooled)
+        for pooled in [p for p in group.connections if p.conn.is_closed()]:
+            self._forget(group, pooled)
+        pooled = group.forwarding()
+        if pooled is not None:
+            return pooled
         async with group.changed:
             return await self._dial(group)
 
@@ -293,8 +316,9 @@ class ConnectionPool:
         asyncio.get_running_loop().create_task(self._notify(pooled.group))
 
     def _release_hold(self, hold: Hold) -> None:
-        hold.pooled.holds = max(0, hold.pooled.holds - 1)
-        self._maybe_idle(hold.pooled)
+        hold.group.holds = max(0, hold.group.holds - 1)
+        for pooled in hold.group.connections:
+            self._maybe_idle(pooled)
 
     def _maybe_idle(self, pooled: PooledConnection) -> None:
         if pooled.alive and pooled.idle and self.idle_close > 0 and pooled.idle_timer is None:

@@ -318,6 +318,39 @@ async def test_the_local_tunnel_is_reestablished_after_the_connection_dies(
         await stop_jobs(box)
 
 
+@pytest.mark.parametrize("backend", ["local", "relay"])
+async def test_a_tunnel_holds_the_connection_dialed_after_the_old_one_died(
+    backend: str, own_sshd: SSHD, client_key: Path, pool: ConnectionPool
+) -> None:
+    """A tunnel keeps the sandbox's connection from the pool's idle close. When that connection
+    dies, the one dialed in its place (by the next request through the tunnel) is kept open as
+    well, for as long as the tunnel is; once it closes, the connection idles out."""
+    pool.idle_close = 0.5
+    async with Sandbox(endpoint_for(own_sshd, client_key), pool=pool) as box, sish_relay() as relay:
+        port = await start_http_server(box)
+        tunnels = TunnelManager(relay=sish_config(relay))
+        tunnel = await tunnels.open(box, port, backend=backend)
+        own_sshd.kill_connections()
+        deadline = time.monotonic() + 15
+        async with httpx.AsyncClient(timeout=2) as client:
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(f"{tunnel.url}/index.html")).text == PAGE:
+                        break
+                assert time.monotonic() < deadline, "the tunnel did not come back"
+                await asyncio.sleep(0.2)
+        conn = await box.connection()  # (the one the request went over)
+        await asyncio.sleep(pool.idle_close * 3)
+        assert not conn.is_closed() and await box.connection() is conn
+        await tunnels.close(tunnel.id)
+        assert pool.holds(box.endpoint) == 0
+        deadline = time.monotonic() + pool.idle_close + 5
+        while not conn.is_closed():
+            assert time.monotonic() < deadline, "the connection was still held after its tunnel closed"
+            await asyncio.sleep(0.05)
+        await stop_jobs(box)
+
+
 # -- relays ----------------------------------------------------------------------------------------------
 
 
@@ -531,7 +564,7 @@ async def test_a_relay_tunnel_cancelled_while_opening_leaves_nothing_up(ssh_box:
         pass
 
     def holds() -> int:  # (the pool's own count of what keeps the sandbox's connection open)
-        return sum(p.holds for p in pool._groups[ssh_box.endpoint.pool_key()].connections)
+        return pool.holds(ssh_box.endpoint)
 
     async with sish_relay(banner=silent) as relay:
         seen: list[str] = []

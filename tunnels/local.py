@@ -10,7 +10,7 @@ from sandbox import Sandbox
 from sandbox.forwarding import ClosingForwarder, forward_over
 from sandbox.pool import Hold
 
-from .base import BackendName, reopen
+from .base import BackendName
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ class LocalForward:
 
     The listener is tether's own (not asyncssh's), so the tunnel knows every connection it accepted
     and closing it closes them too, with their channels: a kept-alive HTTP connection ends with
-    the tunnel. When the sandbox's connection dies, new connections go over the pool's new one, and
-    the local port (so the URL) stays the same.
+    the tunnel. When the sandbox's connection dies, new connections go over the pool's new one
+    (which the tunnel's hold keeps open too), and the local port (so the URL) stays the same.
     """
 
     def __init__(self, box: Sandbox, port: int, host: str = "127.0.0.1") -> None:
@@ -47,8 +47,7 @@ class LocalForward:
         self._port = port
         self._host = host  # the sandbox's loopback address the port listens on
         self._server: asyncio.Server | None = None
-        self._hold: Hold | None = None  # keeps the connection from being closed as idle
-        self._supervisor: asyncio.Task[None] | None = None
+        self._hold: Hold | None = None  # keeps the sandbox's connection from being closed as idle
         self._connections: set[_Accepted] = set()  # accepted and not yet closed
         self._pairing: set[asyncio.Task[None]] = set()  # channels being opened for them
         self._closed = False
@@ -66,21 +65,6 @@ class LocalForward:
             raise
         self.local_port = self._server.sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{self.local_port}"
-        self._supervisor = asyncio.get_running_loop().create_task(self._keep_open())
-
-    async def _keep_open(self) -> None:
-        """Hold the sandbox's connection while the tunnel is open: when it dies, hold the new one."""
-        while not self._closed:
-            assert self._hold is not None
-            await self._hold.conn.wait_closed()
-            if not await reopen(self._hold_again, lambda: self._closed, f"tunnel {self.url}"):
-                return
-
-    async def _hold_again(self) -> None:
-        hold = await self._box.hold_connection()
-        if self._hold is not None:
-            self._hold.release()
-        self._hold = hold
 
     def _accepted(self, local: _Accepted) -> None:
         if self._closed:
@@ -109,8 +93,6 @@ class LocalForward:
         # Everything is let go before the first await, so a close that is itself cancelled still
         # leaves nothing open.
         self._closed = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
         for task in list(self._pairing):
             task.cancel()
         if self._server is not None:
@@ -120,9 +102,6 @@ class LocalForward:
         self._connections.clear()
         if self._hold is not None:
             self._hold.release()
-        if self._supervisor is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)

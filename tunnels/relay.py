@@ -131,7 +131,7 @@ class RelayForward:
         self._host = host  # the sandbox's loopback address the port listens on
         self._session: asyncssh.SSHClientProcess[str] | None = None
         self._listener: asyncssh.SSHListener | None = None
-        self._holds: list[Hold] = []  # the relay's connection and the sandbox's, kept from idling out
+        self._hold: Hold | None = None  # keeps the sandbox's connection from being closed as idle
         self._relay_conn: asyncssh.SSHClientConnection | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._closed = False
@@ -140,6 +140,8 @@ class RelayForward:
         self.on_url_change: Callable[[str], None] | None = None
 
     async def start(self) -> None:
+        # Held for the tunnel's life, across relay reconnects (and the pool's re-dials of the sandbox).
+        self._hold = await self._box.hold_connection()
         await self._open()
         self._supervisor = asyncio.get_running_loop().create_task(self._keep_open())
 
@@ -170,7 +172,6 @@ class RelayForward:
                 conn = self._relay_conn = await dial(endpoint, self._pool.pins)
             except SandboxError as exc:  # (a connect error says what to do: it is kept, user names masked)
                 raise TunnelError(f"relay {masked(str(exc), endpoint)}") from None
-            self._holds.append(await self._box.hold_connection())
             try:
                 # Relays print their URL to the session, so it comes first; then the forward.
                 self._session = await conn.create_process(
@@ -198,7 +199,7 @@ class RelayForward:
                     ) from None
         except BaseException:
             # Failed, timed out or cancelled half way: nothing of it stays up (the relay would go on
-            # serving the sandbox's port, untracked, and the sandbox's connection stay held).
+            # serving the sandbox's port, untracked).
             self._release()
             raise
 
@@ -260,20 +261,20 @@ class RelayForward:
         if self._supervisor is not None:
             self._supervisor.cancel()
         self._release()
+        if self._hold is not None:
+            self._hold.release()
         if self._supervisor is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
 
     def _release(self) -> None:
+        """Let go of what is on the relay (its connection, the session, the forward)."""
         if self._listener is not None:
             self._listener.close()
             self._listener = None
         if self._session is not None:
             self._session.close()
             self._session = None
-        for hold in self._holds:
-            hold.release()
-        self._holds.clear()
         if self._relay_conn is not None:
             self._relay_conn.close()
 
