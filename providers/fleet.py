@@ -366,6 +366,13 @@ class Fleet:
             raise SandboxGone(ref, f"being terminated ({ending})" if ending else "being terminated")
         if record.status in ("provisioning", "failed"):
             raise ProviderError(f"sandbox {ref!r} is {record.status}; wait, or destroy it and create another")
+        if record.expires_at is not None and time.time() >= record.expires_at:
+            # Past its TTL: ended now, not used until a reaper comes by (a CLI command runs none).
+            try:
+                await self.destroy(record.id, "expired (TTL)")
+            except ProviderError as exc:
+                log.warning("could not terminate expired sandbox %s (gc will retry): %s", record.id, exc)
+            raise SandboxGone(ref, "expired (its TTL ran out)")
         box = self._open.get(record.id)
         provider = self._provider_of(record)
         if box is None or provider.endpoint_moves:

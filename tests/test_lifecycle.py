@@ -18,7 +18,7 @@ import pytest
 
 from providers import Fleet, Request, SandboxGone, SandboxRecord
 from providers.config import RunPodPoolConfig
-from providers.errors import ProviderError
+from providers.errors import ProviderError, SandboxGone
 from providers.ledger import Ledger
 from providers.local import LocalProvider
 from providers.local_server import local_dir
@@ -48,6 +48,29 @@ async def test_expired_sandboxes_are_reaped_with_exactly_one_cost_event() -> Non
         assert 0.3 <= fleet.ledger.cost_event(box.id).seconds < 10
     finally:
         await fleet.close()
+
+
+async def test_a_sandbox_past_its_ttl_is_not_used_before_a_reaper_comes() -> None:
+    """`tether exec` runs no reaper: an expired sandbox is ended when it is asked for, with its one
+    cost event, and the command is refused saying why. An open one goes within the ledger recheck."""
+    maker = Fleet(config={})  # (`tether up --ttl 1 --keep`)
+    kept = await maker.create(Request(provider="local", timeout_s=1, keep=True))
+    opened = await maker.create(Request(provider="local", timeout_s=1))
+    await opened.run("true")
+    await asyncio.sleep(1.2)
+    try:
+        with pytest.raises(SandboxGone, match="expired"):
+            await (await maker.get(opened.id)).run("true")
+        result = await asyncio.to_thread(tether, "exec", kept.id, "--", "echo ran")
+        assert result.returncode != 0 and "ran" not in result.stdout
+        assert "expired" in result.stderr, result.stderr
+        for box in (kept, opened):
+            record = maker.ledger.get(box.id)
+            assert (record.status, record.status_reason) == ("terminated", "expired (TTL)")
+            assert cost_event_count(box.id) == 1
+        assert not (local_dir() / "sandboxes" / kept.id).exists()
+    finally:
+        await maker.close()
 
 
 async def test_idle_sandboxes_are_reaped_but_used_ones_are_not() -> None:
