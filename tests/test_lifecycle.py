@@ -18,7 +18,7 @@ import pytest
 
 from providers import Fleet, Request, SandboxGone, SandboxRecord
 from providers.config import RunPodPoolConfig
-from providers.errors import ProviderError, SandboxGone
+from providers.errors import ProviderError
 from providers.ledger import Ledger
 from providers.local import LocalProvider
 from providers.local_server import local_dir
