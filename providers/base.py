@@ -19,6 +19,7 @@ from sandbox.executor import build_env
 
 from .config import MAX_TIMEOUT_S, LocalPoolConfig, Pool
 from .errors import Unsupported
+from .ledger import SANDBOX_ID
 from .profiles import LOCAL_AUTH_MODES, CapabilityProfile, Substrate
 
 SandboxStatus = Literal["provisioning", "running", "paused", "failed", "terminated"]
@@ -65,6 +66,14 @@ class Request(BaseModel):
             build_env(value)
         except InvalidArgument as exc:
             raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _not_an_id(cls, value: str | None) -> str | None:
+        # Sandboxes are found by id or name, the id first: a name of that form could be another's id.
+        if value is not None and SANDBOX_ID.match(value):
+            raise ValueError(f"{value!r} has the form of a sandbox id (sb-…); pick another name")
         return value
 
     @field_validator("auth_mode")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import socket
 import sqlite3
@@ -189,6 +190,9 @@ class CostEvent:
         if self.estimated_usd is not None:
             out["estimated_usd"] = round(self.estimated_usd, 6)
         return out
+
+
+SANDBOX_ID = re.compile(r"sb-[0-9a-f]{10}\Z")  # what new_sandbox_id makes (and no name may be)
 
 
 def new_sandbox_id() -> str:

@@ -27,8 +27,8 @@ from .base import Capacity, Handle, ListedResource, Progress, Provider, Provisio
 from .capacity import host_capacity
 from .config import LocalPoolConfig
 from .errors import ProviderError, ProviderUnavailable
+from .ledger import SANDBOX_ID
 from .local_server import (
-    SANDBOX_ID,
     TERM_GRACE_S,
     RunningServer,
     daemon_state,

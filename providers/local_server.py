@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import pwd
-import re
 import socket
 import threading
 from collections.abc import Awaitable
@@ -33,11 +32,11 @@ from sandbox.state import process_running, read_config, state_dir
 
 from .config import CREDENTIAL_ENV
 from .identity import generated_key, public_key_line, tether_key
+from .ledger import SANDBOX_ID
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-SANDBOX_ID = re.compile(r"sb-[0-9a-f]{10}\Z")
 # At most, between the TERM and the KILL of what runs in a local sandbox that ends (a session's
 # login shell left running, or everything in a sandbox being terminated).
 TERM_GRACE_S = 1.0

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from providers import AuthPinError, ConfigError, DispatchError, Request
 from providers.config import LocalPoolConfig, Pool, implicit_pools, load_pools
 from providers.dispatch import choose_pool
+from providers.ledger import new_sandbox_id
 
 CONFIG = tomllib.loads("""
 [[pools]]
@@ -275,3 +276,10 @@ def test_config_defaults_are_bounded_like_requests(value: str) -> None:
 
     with pytest.raises(ConfigError, match="ttl_s"):
         load_defaults({"defaults": {"ttl_s": float(value)}})
+
+
+def test_a_name_cannot_take_the_form_of_a_sandbox_id() -> None:
+    """Sandboxes are found by id before name: a sandbox named like another's id could not be reached."""
+    with pytest.raises(ValidationError, match="form of a sandbox id"):
+        Request(name=new_sandbox_id())
+    assert Request(name="sb-web").name == "sb-web"
