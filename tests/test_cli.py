@@ -9,11 +9,14 @@ import os
 import pty
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+from providers.ledger import Ledger
+from providers.local_server import local_dir
 from tests.mcp_support import ROOT, server_env, tether
 from tests.processes import leaf_sleep, wait_until_gone, wait_until_running
 from tests.sshd import SSHD
@@ -194,6 +197,35 @@ def test_demo_runs_the_whole_story() -> None:
     ):
         assert f"==> {step}" in result.stdout
     assert "-> 200 'Hi, tether!'" in result.stdout and "OK" in result.stdout
+
+
+def test_a_demo_ended_by_sigterm_tears_its_sandbox_down() -> None:
+    """A demo stopped midway (SIGTERM, as a terminal closing or a supervisor does) leaves no
+    sandbox behind for gc: it ends as Ctrl-C would, tearing down what it created."""
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "tools.cli", "demo"],
+        cwd=ROOT,
+        env=server_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert demo.stdout is not None
+        lines = []
+        for line in demo.stdout:
+            lines.append(line)
+            if line.startswith("==> fetching a page"):  # (its server runs as a job by now)
+                break
+        sandbox_id = re.search(r"\((sb-[0-9a-f]{10})\)", "".join(lines))
+        assert sandbox_id is not None, "".join(lines)
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(timeout=60) == 143, demo.stderr.read() if demo.stderr else ""
+    finally:
+        demo.kill()
+    record = Ledger().get(sandbox_id.group(1))
+    assert record.status == "terminated", record
+    assert not (local_dir() / "sandboxes" / record.id).exists()
 
 
 def test_pause_and_resume_for_people_and_for_scripts(tmp_path: Path) -> None:

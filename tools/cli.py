@@ -56,6 +56,16 @@ def command(name: str) -> Callable[[Command], Command]:
     return register
 
 
+def sigterm_cancels() -> None:
+    """SIGTERM ends the running command as Ctrl-C does (asyncio.run turns SIGINT into cancelling
+    the main task): what it started on a box is killed, its temporary files removed, the sandboxes
+    it created and would tear down torn down."""
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # (not the main thread: no handler)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+
+
 def with_fleet(work: Callable[[Fleet], Awaitable[T]]) -> T:
     """Run `work` on a fleet, closing its connections (never tearing anything down) afterwards.
     Chat channels hear of the sandboxes it creates and terminates (up, attach, down, gc)."""
@@ -66,12 +76,7 @@ def with_fleet_and_channels(work: Callable[[Fleet, Notifier], Awaitable[T]]) -> 
     """As `with_fleet`, handing `work` the chat channels' notifier too (for its tunnels)."""
 
     async def run() -> T:
-        # SIGTERM ends the command as Ctrl-C does: what it started on a box is killed, its
-        # temporary files removed. (asyncio.run turns SIGINT into the same cancellation.)
-        main_task = asyncio.current_task()
-        assert main_task is not None
-        with contextlib.suppress(NotImplementedError, RuntimeError):  # (not the main thread: no handler)
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+        sigterm_cancels()
         fleet = Fleet()
         notifier = fleet_notifier(fleet)
         try:
@@ -157,7 +162,11 @@ def mcp_command(args: argparse.Namespace) -> int:
 def demo_command(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return asyncio.run(run_demo())
+    async def demo() -> int:
+        sigterm_cancels()
+        return await run_demo()
+
+    return asyncio.run(demo())
 
 
 # -- sandboxes ------------------------------------------------------------------------------------------
