@@ -420,6 +420,49 @@ async def test_a_relay_tunnel_comes_back_after_the_relay_connection_drops(
     await tunnels.close_all()
 
 
+async def established_to(box: Sandbox, port: int) -> int:
+    """How many TCP connections to 127.0.0.1:`port` are open inside the sandbox (/proc/net/tcp)."""
+    count = (
+        "import sys; port = int(sys.argv[1]); rows = open('/proc/net/tcp').read().splitlines()[1:]; "
+        "print(sum(1 for r in rows if int(r.split()[1].split(':')[1], 16) == port and r.split()[3] == '01'))"
+    )
+    return int((await box.run(f"python3 -c {shlex.quote(count)} {port}")).stdout)
+
+
+async def test_a_relay_connection_still_being_bridged_when_its_tunnel_closes_leaves_nothing_open(
+    ssh_box: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request arrives at the relay; its channel to the sandbox takes a while (as when the
+    sandbox's connection is being re-dialed), and the tunnel closes meanwhile. Once that channel
+    opens it is closed too: nothing stays connected to the dev server in the sandbox."""
+    port = await start_http_server(ssh_box, keep_alive=True)
+    async with sish_relay() as relay:
+        tunnels = TunnelManager(relay=sish_config(relay))
+        tunnel = await tunnels.open(ssh_box, port, backend="relay")
+        assert await established_to(ssh_box, port) == 0
+        dial = ssh_box.connection
+
+        async def slow_dial() -> asyncssh.SSHClientConnection:
+            await asyncio.sleep(1)
+            return await dial()
+
+        monkeypatch.setattr(ssh_box, "connection", slow_dial)
+
+        async def request() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                async with httpx.AsyncClient(timeout=5) as client:
+                    await client.get(f"{tunnel.url}/index.html")
+
+        requesting = asyncio.create_task(request())
+        await asyncio.sleep(0.3)  # (at the relay, waiting for its bridge)
+        await tunnels.close(tunnel.id)
+        await requesting
+        await asyncio.sleep(1.5)  # (the bridge's channel opened by now)
+        monkeypatch.undo()
+        assert await established_to(ssh_box, port) == 0
+    await stop_jobs(ssh_box)
+
+
 Banner = Callable[[asyncssh.SSHWriter[str], int, int], Awaitable[None]]
 
 

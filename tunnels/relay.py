@@ -252,7 +252,16 @@ class RelayForward:
         """A connection that arrived at the relay, paired with a channel to the sandbox's port over the
         sandbox's own connection (re-dialed by the pool if it died). asyncssh's forwarders pipe the
         two channels at the protocol level, as its own port forwarding does."""
-        return await forward_over(self._box.connection, self._host, self._port)
+        relay = self._relay_conn
+        bridged = await forward_over(self._box.connection, self._host, self._port)
+        if self._closed or relay is None or relay.is_closed():
+            # The tunnel closed or the relay dropped while the channel opened (a re-dial can take
+            # seconds). asyncssh, finding the relay's connection gone, would drop what this returns
+            # unclosed: the sandbox's channel and the dev server's socket would stay open for good.
+            # (asyncssh looks right after this returns, with no await between: nothing slips by.)
+            bridged.close()
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "the tunnel closed")
+        return bridged
 
     async def close(self) -> None:
         # Everything is let go before the first await: a close that is itself cancelled still
