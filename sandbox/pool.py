@@ -148,13 +148,21 @@ class ConnectionPool:
 
     async def _live(self, endpoint: SSHEndpoint) -> PooledConnection:
         group = self._group(endpoint)
-        for pooled in [p for p in group.connections if p.conn.is_closed()]:
-            self._forget(group, pooled)
-        pooled = group.forwarding()
-        if pooled is not None:
-            return pooled
         async with group.changed:
-            return await self._dial(group)
+            while True:
+                for pooled in [p for p in group.connections if p.conn.is_closed()]:
+                    self._forget(group, pooled)
+                pooled = group.forwarding()
+                if pooled is not None:
+                    return pooled
+                if not group.dialing:
+                    break
+                # A burst of forwards after the connection died (a page's requests through a
+                # tunnel) waits for the one dial under way, instead of each dialing its own.
+                await group.changed.wait()
+            pooled = await self._dial(group)
+            self._maybe_idle(pooled)  # (no session may ever come to arm its idle close)
+            return pooled
 
     async def open_session(
         self, endpoint: SSHEndpoint, opener: Callable[[asyncssh.SSHClientConnection], Awaitable[T]]

@@ -351,6 +351,28 @@ async def test_a_tunnel_holds_the_connection_dialed_after_the_old_one_died(
         await stop_jobs(box)
 
 
+async def test_a_burst_of_requests_after_the_connection_died_dials_one_connection(
+    own_sshd: SSHD, client_key: Path, pool: ConnectionPool
+) -> None:
+    """A page's many requests through a tunnel whose connection just died wait for one re-dial
+    (each dialing its own would log in to the sandbox dozens of times, and tunnels hold them all)."""
+    async with Sandbox(endpoint_for(own_sshd, client_key), pool=pool) as box:
+        port = await start_http_server(box)
+        tunnels = TunnelManager()
+        tunnel = await tunnels.open(box, port, backend="local")
+        own_sshd.kill_connections()
+        deadline = time.monotonic() + 10
+        while pool.stats(box.endpoint):  # (until the pool has seen it die: then the burst comes)
+            assert time.monotonic() < deadline, "the pool never saw its connection die"
+            await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=20)) as client:
+            pages = await asyncio.gather(*(client.get(f"{tunnel.url}/index.html") for _ in range(12)))
+        assert {page.text for page in pages} == {PAGE}
+        assert len(pool.stats(box.endpoint)) == 1
+        await tunnels.close_all()
+        await stop_jobs(box)
+
+
 # -- relays ----------------------------------------------------------------------------------------------
 
 
