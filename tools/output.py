@@ -11,6 +11,9 @@ from typing import Any, TextIO
 
 def print_json(value: Any, stream: TextIO = sys.stdout) -> None:
     stream.write(json.dumps(value, indent=2, default=str) + "\n")
+    # Flushed: a command that goes on running after it prints (`tether tunnel --json` holds its
+    # tunnel until Ctrl-C) would otherwise leave a pipe's reader waiting for the end.
+    stream.flush()
 
 
 def print_table(

@@ -1,0 +1,79 @@
+"""`tether tunnel` as a real process: what it prints while it holds the tunnel, and what other
+processes (the MCP server) see of the tunnel it holds."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from tests.mcp_support import ROOT, server_env, tether
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def web_server() -> Iterator[int]:
+    """An HTTP server on loopback (a local sandbox shares this machine's network): its port."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def held_tunnel(sandbox: str, port: int) -> Iterator[dict[str, Any]]:
+    """`tether tunnel SANDBOX PORT --json` into a pipe, with Python's own buffering (this machine
+    may set PYTHONUNBUFFERED, which would hide a missing flush): the tunnel it printed while it
+    still holds it."""
+    env = server_env()
+    env.pop("PYTHONUNBUFFERED", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tools.cli", "tunnel", sandbox, str(port), "--backend", "local", "--json"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    try:
+        printed, deadline = b"", time.monotonic() + 30
+        while not printed.rstrip().endswith(b"}"):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, f"nothing printed while the tunnel is open: {printed!r}"
+            if select.select([process.stdout], [], [], 0.2)[0]:
+                printed += os.read(process.stdout.fileno(), 65536)
+        yield json.loads(printed)
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+
+
+@contextlib.contextmanager
+def local_sandbox(name: str) -> Iterator[str]:
+    up = tether("up", "local", "--name", name)
+    assert up.returncode == 0, up.stderr
+    try:
+        yield up.stdout.strip()
+    finally:
+        tether("down", up.stdout.strip())
+
+
+def test_tunnel_json_reaches_a_pipe_while_the_tunnel_is_open() -> None:
+    with local_sandbox("tunnel-json") as box, web_server() as port, held_tunnel(box, port) as tunnel:
+        assert tunnel["port"] == port and tunnel["url"].startswith("http://")
