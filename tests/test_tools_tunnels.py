@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from tests.mcp_support import ROOT, server_env, tether
+from tests.mcp_support import ROOT, server_env, stdio_client, structured, tether
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -77,3 +77,14 @@ def local_sandbox(name: str) -> Iterator[str]:
 def test_tunnel_json_reaches_a_pipe_while_the_tunnel_is_open() -> None:
     with local_sandbox("tunnel-json") as box, web_server() as port, held_tunnel(box, port) as tunnel:
         assert tunnel["port"] == port and tunnel["url"].startswith("http://")
+
+
+async def test_sandbox_info_lists_a_tunnel_held_by_another_process() -> None:
+    """As tunnel_list and `tether info` do: the tunnel is the sandbox's, whoever holds it."""
+    with local_sandbox("tunnel-elsewhere") as box, web_server() as port, held_tunnel(box, port) as tunnel:
+        async with stdio_client() as client:
+            info = structured(await client.call_tool("sandbox_info", {"sandbox": box}))
+            listed = structured(await client.call_tool("tunnel_list", {"sandbox": box}))
+        [shown] = [t for t in info["tunnels"] if t["tunnel_id"] == tunnel["tunnel_id"]]
+        assert shown["url"] == tunnel["url"] and shown["port"] == port and shown["held_by_pid"]
+        assert [t["tunnel_id"] for t in listed["tunnels"]] == [t["tunnel_id"] for t in info["tunnels"]]

@@ -183,11 +183,19 @@ class TunnelInfo(Result):
     backend: str
     url: str
     status: str
+    held_by_pid: int | None = Field(None, description="set when another tether process holds the tunnel")
 
     @classmethod
     def of_row(cls, row: dict[str, Any]) -> TunnelInfo:
-        """From the ledger's tunnels table (any process's tunnel)."""
-        return cls(tunnel_id=row["id"], port=row["port"], backend=row["backend"], url=row["url"], status=row["status"])
+        """From the ledger's tunnels table (another process's tunnel)."""
+        return cls(
+            tunnel_id=row["id"],
+            port=row["port"],
+            backend=row["backend"],
+            url=row["url"],
+            status=row["status"],
+            held_by_pid=row["owner_pid"],
+        )
 
 
 class SandboxInfo(Result):

@@ -572,6 +572,13 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
             R.TunnelInfo(tunnel_id=t.id, port=t.port, backend=t.backend, url=t.url, status=t.status)
             for t in state.tunnels.list(record.id)
         ]
+        # Tunnels other tether processes hold (`tether tunnel`, another server) are the sandbox's
+        # too: from the ledger, as tunnel_list and `tether info` show them.
+        ours = {t.tunnel_id for t in tunnels}
+        state.fleet.ledger.close_abandoned_tunnels()
+        tunnels += [
+            t for t in map(R.TunnelInfo.of_row, state.fleet.ledger.tunnels(record.id)) if t.tunnel_id not in ours
+        ]
         info = R.SandboxInfo(
             id=record.id,
             name=record.name,
