@@ -669,6 +669,10 @@ async def test_a_token_in_the_relays_user_name_is_never_shown(
         await TunnelManager(relay=dead).open(ssh_box, port, backend="relay")
     assert "relay 127.0.0.1:" in str(caught.value) and "cannot connect" in str(caught.value)
     assert token not in str(caught.value)
+    mistyped = RelayConfig(host=f"{token}@127.0.0.1:4430000")  # (a port out of range: it does not parse)
+    with pytest.raises(TunnelError, match="host is not usable") as caught:
+        await TunnelManager(relay=mistyped).open(ssh_box, port, backend="relay")
+    assert token not in str(caught.value)
     async with sish_relay() as relay:
         tunnels = TunnelManager(relay=sish_config(relay, user=token))
         await tunnels.open(ssh_box, port, backend="relay")
@@ -830,6 +834,14 @@ def test_find_url_in_banners() -> None:
     )
     assert find_url(pinggy) == "https://rnxyz-203-0-113-5.a.free.pinggy.link"
     assert find_url("no url here") is None
+    # a tunnel may be named like a relay's page (sish takes remote_host as the subdomain; a custom
+    # domain may start with www): a page is one on the relay's own domain
+    sish_app = "HTTP: http://app.tuns.sh\r\nHTTPS: https://app.tuns.sh\r\n"
+    assert find_url(sish_app, relay="tuns.sh", subdomain="app") == "https://app.tuns.sh"
+    assert find_url(sish_app, relay="tuns.sh", subdomain="localhost") is None
+    custom = "set up at https://admin.localhost.run/\nhttps://www.example.com tunneled with tls termination\n"
+    assert find_url(custom, relay="localhost.run") == "https://www.example.com"
+    assert find_url(pinggy, relay="a.pinggy.io") == "https://rnxyz-203-0-113-5.a.free.pinggy.link"
     assert (
         find_url("see https://docs.example and go https://x.tunnel.example", r"(https://\S+\.tunnel\.example)")
         == "https://x.tunnel.example"

@@ -92,10 +92,14 @@ def strip_ansi(text: str) -> str:
     return ANSI.sub("", text)
 
 
-def find_url(banner: str, pattern: str | None = None) -> str | None:
+def find_url(
+    banner: str, pattern: str | None = None, relay: str | None = None, subdomain: str | None = None
+) -> str | None:
     """The public URL in a relay's banner: the first https one, else the first http one, of those
     that can be a tunnel's. Welcome texts also link the relay's own pages (localhost.run: its
-    Twitter, admin and docs; pinggy: its dashboard), which come first."""
+    Twitter, admin and docs; pinggy: its dashboard), which come first. `relay` (the relay's host
+    name) and `subdomain` (the one asked for, as sish takes remote_host) tell a page of the relay's
+    own site from a tunnel that happens to be named app, www or docs."""
     clean = strip_ansi(banner)
     if pattern:
         match = re.search(pattern, clean)
@@ -103,7 +107,7 @@ def find_url(banner: str, pattern: str | None = None) -> str | None:
             return None
         return match.group(1) if match.re.groups else match.group(0)
     urls = [u.rstrip(".,;:") for u in URL.findall(clean)]
-    urls = [u for u in urls if not _relay_page(u)]
+    urls = [u for u in urls if not _relay_page(u, relay, subdomain)]
     return next((u for u in urls if u.startswith("https://")), urls[0] if urls else None)
 
 
@@ -112,15 +116,26 @@ _NOT_TUNNELS = {"twitter.com", "x.com", "github.com", "discord.gg", "discord.com
 _SITE_PAGES = {"admin", "dashboard", "docs", "www", "help", "status", "blog", "app", "console"}
 
 
-def _relay_page(url: str) -> bool:
+def _relay_page(url: str, relay: str | None, subdomain: str | None) -> bool:
     host, _, path = url.split("://", 1)[1].partition("/")
     host = host.lower().rsplit("@", 1)[-1].split(":")[0]
+    label, _, parent = host.partition(".")
+    if subdomain and label == subdomain.lower():
+        return False  # (the name this tunnel asked for)
+    # A page's name on the relay's own domain (admin.localhost.run for localhost.run,
+    # dashboard.pinggy.io for a.pinggy.io); on any other domain it can be a tunnel's.
+    on_relays_site = relay is None or _domain(parent) == _domain(relay.lower())
     return (
         host in _NOT_TUNNELS
         or host.removeprefix("www.") in _NOT_TUNNELS
-        or host.split(".", 1)[0] in _SITE_PAGES
+        or (label in _SITE_PAGES and on_relays_site)
         or path.lower().startswith("docs")
     )
+
+
+def _domain(host: str) -> str:
+    """The last two labels of a host name (pinggy.io of a.pinggy.io)."""
+    return ".".join(host.rsplit(".", 2)[-2:])
 
 
 class RelayForward:
@@ -138,6 +153,8 @@ class RelayForward:
         self.url = ""
         self.headers: dict[str, str] = {}
         self.on_url_change: Callable[[str], None] | None = None
+        # find_url's pattern, relay host and subdomain asked for (see _open)
+        self._url_hints: tuple[str | None, str | None, str | None] = (config.url_pattern, None, None)
 
     async def start(self) -> None:
         # Held for the tunnel's life, across relay reconnects (and the pool's re-dials of the sandbox).
@@ -159,8 +176,14 @@ class RelayForward:
                 self.on_url_change(self.url)
 
     async def _open(self) -> None:
-        endpoint = self._config.endpoint()
+        try:
+            endpoint = self._config.endpoint()
+        except (ValueError, SandboxError) as exc:  # (an address that does not parse: it is quoted whole)
+            users = self._config.host.rpartition("@")[0]
+            text = str(exc).replace(f"{users}@", "") if users else str(exc)
+            raise TunnelError(f"[relay] host is not usable: {text}") from None
         name = endpoint.address
+        self._url_hints = (self._config.url_pattern, endpoint.host, self._config.remote_host)
         for hop in (*endpoint.jump, endpoint):
             if hop.user and _token_like(hop.user):
                 redact_in_logs(hop.user)  # (asyncssh logs "Beginning auth for user …")
@@ -192,7 +215,7 @@ class RelayForward:
                 self.url = self._config.url_template.format(host=endpoint.host, port=self._listener.get_port())
             else:
                 try:
-                    self.url = await self._read_url(name)
+                    self.url = await self._read_url(endpoint)
                 except (asyncssh.Error, OSError) as exc:
                     raise TunnelError(
                         f"relay {name} ended the session before it gave a URL: {masked(str(exc), endpoint)}"
@@ -203,7 +226,7 @@ class RelayForward:
             self._release()
             raise
 
-    async def _read_url(self, relay: str) -> str:
+    async def _read_url(self, endpoint: SSHEndpoint) -> str:
         """The URL in the session's output (stdout and stderr, as one stream), read a whole line at a
         time: a line still being written counts once the relay has been quiet for QUIET."""
         assert self._session is not None
@@ -233,18 +256,18 @@ class RelayForward:
                     finished, newline, tail = (tail + chunk).rpartition("\n")
                     lines += finished + newline
                 quiet = reading is None or loop.time() >= heard + QUIET
-                url = find_url(lines + tail if quiet else lines, self._config.url_pattern)
+                url = find_url(lines + tail if quiet else lines, *self._url_hints)
                 if url and (found is None or (url.startswith("https://") and not found.startswith("https://"))):
                     found, found_at = url, found_at or loop.time()
-            url = found or find_url(lines + tail, self._config.url_pattern)
+            url = found or find_url(lines + tail, *self._url_hints)
             if url:
                 return url
         finally:
             if reading is not None:
                 reading.cancel()
-        shown = strip_ansi(lines + tail).strip()[-300:] or "(nothing)"
+        shown = masked(strip_ansi(lines + tail).strip()[-300:], endpoint) or "(nothing)"  # (a relay may greet its user)
         raise TunnelError(
-            f"relay {relay} printed no URL within {self._config.url_timeout:g}s; it said: {shown}. "
+            f"relay {endpoint.address} printed no URL within {self._config.url_timeout:g}s; it said: {shown}. "
             "Set url_template (or url_pattern) in [relay]"
         )
 
