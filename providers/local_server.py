@@ -40,6 +40,9 @@ LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 # At most, between the TERM and the KILL of what runs in a local sandbox that ends (a session's
 # login shell left running, or everything in a sandbox being terminated).
 TERM_GRACE_S = 1.0
+# At most, between a session's command exiting and its exit status being sent while something it
+# left running still holds its stdout or stderr open.
+OUTPUT_GRACE_S = 1.0
 
 
 def local_dir() -> Path:
@@ -161,25 +164,59 @@ async def _run_session(process: asyncssh.SSHServerProcess[bytes]) -> None:
         process.stderr.write(f"tether: cannot start {shell}: {exc}\n".encode())
         process.exit(127)
         return
+    # The child's output is copied here rather than by asyncssh's redirect: asyncssh sends the
+    # channel's EOF at the first pipe's EOF and lets exit() close the channel while the other pipe
+    # is still being copied; its next write then raises ("Channel not open for sending"), and
+    # asyncssh closes the whole connection (SFTP, shells, forwards) on a session task's error.
+    output = asyncio.ensure_future(_deliver_output(child, process))
+    exited = asyncio.ensure_future(child.wait())
+    closed = asyncio.ensure_future(process.channel.wait_closed())  # (by the client)
     try:
-        await process.redirect(stdin=child.stdin, stdout=child.stdout, stderr=child.stderr)
-        code = await child.wait()
-        with contextlib.suppress(Exception):
-            await process.stdout.drain()
-            await process.stderr.drain()
+        await process.redirect(stdin=child.stdin)
+        await asyncio.wait([output, exited, closed], return_when=asyncio.FIRST_COMPLETED)
+        if exited.done() and not output.done():
+            # Everything the child wrote reaches the client before its exit status. (Something it
+            # left running may hold its pipes open: sshd would wait for that forever; not us.)
+            await asyncio.wait([output, closed], timeout=OUTPUT_GRACE_S, return_when=asyncio.FIRST_COMPLETED)
+        elif output.done() and not exited.done():
+            await asyncio.wait([exited, closed], return_when=asyncio.FIRST_COMPLETED)
     finally:
+        for task in (output, exited, closed):
+            task.cancel()
         if child.returncode is None:
-            # TERM, then KILL a moment later: the profile may be running (`pyenv rehash` holds a
-            # lock its EXIT trap releases; a KILL would leave it to stall every later login).
+            # The session ended first (the client closed it): TERM, then KILL a moment later. The
+            # profile may be running (`pyenv rehash` holds a lock its EXIT trap releases; a KILL
+            # would leave it to stall every later login).
             with contextlib.suppress(ProcessLookupError):
                 child.terminate()
             asyncio.get_running_loop().call_later(TERM_GRACE_S, _kill_if_running, child)
-    if code < 0:
+    code = child.returncode
+    if code is None:
+        process.close()
+    elif code < 0:
         process.exit_with_signal(_signal_name(-code))
     else:
         process.exit(code)
     with contextlib.suppress(Exception):
-        await process.wait_closed()  # runs asyncssh's cleanup of the redirected pipes
+        await process.wait_closed()  # runs asyncssh's cleanup of the redirected stdin
+
+
+async def _deliver_output(child: asyncio.subprocess.Process, process: asyncssh.SSHServerProcess[bytes]) -> None:
+    await asyncio.gather(
+        _deliver(cast(asyncio.StreamReader, child.stdout), process.stdout),
+        _deliver(cast(asyncio.StreamReader, child.stderr), process.stderr),
+    )
+
+
+async def _deliver(pipe: asyncio.StreamReader, channel: asyncssh.SSHWriter[bytes]) -> None:
+    """Copy one of the child's output pipes to the channel until the pipe's EOF, or until the
+    channel takes no more (the client closed it): a late write must never raise out of the session."""
+    while data := await pipe.read(1 << 16):
+        try:
+            channel.write(data)
+            await channel.drain()  # (the client's window: a fast writer waits for a slow reader)
+        except (OSError, asyncssh.Error):
+            return
 
 
 def _kill_if_running(child: asyncio.subprocess.Process) -> None:
