@@ -15,6 +15,8 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 from providers.ledger import Ledger
 from providers.local_server import local_dir
 from tests.mcp_support import ROOT, server_env, tether
@@ -199,8 +201,9 @@ def test_demo_runs_the_whole_story() -> None:
     assert "-> 200 'Hi, tether!'" in result.stdout and "OK" in result.stdout
 
 
-def test_a_demo_ended_by_sigterm_tears_its_sandbox_down() -> None:
-    """A demo stopped midway (SIGTERM, as a terminal closing or a supervisor does) leaves no
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
+def test_a_demo_ended_by_a_signal_tears_its_sandbox_down(stop: signal.Signals) -> None:
+    """A demo stopped midway (SIGTERM from a supervisor, SIGHUP from a closed terminal) leaves no
     sandbox behind for gc: it ends as Ctrl-C would, tearing down what it created."""
     demo = subprocess.Popen(
         [sys.executable, "-m", "tools.cli", "demo"],
@@ -219,8 +222,8 @@ def test_a_demo_ended_by_sigterm_tears_its_sandbox_down() -> None:
                 break
         sandbox_id = re.search(r"\((sb-[0-9a-f]{10})\)", "".join(lines))
         assert sandbox_id is not None, "".join(lines)
-        demo.send_signal(signal.SIGTERM)
-        assert demo.wait(timeout=60) == 143, demo.stderr.read() if demo.stderr else ""
+        demo.send_signal(stop)
+        assert demo.wait(timeout=60) == 128 + stop, demo.stderr.read() if demo.stderr else ""
     finally:
         demo.kill()
     record = Ledger().get(sandbox_id.group(1))

@@ -389,6 +389,17 @@ async def test_streamable_http_with_a_token(stop: signal.Signals) -> None:
     assert Ledger().get(created["id"]).status == "terminated"  # SIGTERM and SIGINT tear down too
 
 
+async def test_sighup_stops_the_http_server_and_tears_down() -> None:
+    """A closed terminal or a dropped SSH session ends the server as SIGTERM does: its sandboxes
+    are terminated, not left running until a gc."""
+    with http_server() as (process, url, _):
+        async with http_client(url) as client:
+            created = structured(await client.call_tool("sandbox_create", {"provider": "local"}))
+        process.send_signal(signal.SIGHUP)
+        assert await asyncio.to_thread(process.wait, 30) == 0
+    assert Ledger().get(created["id"]).status == "terminated"
+
+
 CREATE = {"name": "sandbox_create"}
 
 
@@ -425,7 +436,8 @@ def stdio_server_with_a_sandbox(
             return process, reply["result"]["structuredContent"]
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+# (SIGHUP: the terminal closed, or the SSH session the server was started from dropped)
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_stops_the_stdio_server_and_tears_down(stop: signal.Signals) -> None:
     process, created = stdio_server_with_a_sandbox({"provider": "local"})
     try:

@@ -56,14 +56,28 @@ def command(name: str) -> Callable[[Command], Command]:
     return register
 
 
-def sigterm_cancels() -> None:
-    """SIGTERM ends the running command as Ctrl-C does (asyncio.run turns SIGINT into cancelling
-    the main task): what it started on a box is killed, its temporary files removed, the sandboxes
-    it created and would tear down torn down."""
+# Signals that end a command as Ctrl-C does: SIGTERM (a supervisor, `kill`) and SIGHUP (the terminal
+# closed, the SSH session to this machine dropped), whose default action would end the process at
+# once and leave what it started running, and billing, until a gc.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_stopped_by: list[signal.Signals] = []  # for the exit status: 128 + the signal, as a shell reports it
+
+
+def stop_signals_cancel() -> None:
+    """SIGTERM and SIGHUP end the running command as Ctrl-C does (asyncio.run turns SIGINT into
+    cancelling the main task): what it started on a box is killed, its temporary files removed, the
+    sandboxes it created and would tear down torn down."""
     main_task = asyncio.current_task()
     assert main_task is not None
+    loop = asyncio.get_running_loop()
+
+    def stop(sig: signal.Signals) -> None:
+        _stopped_by.append(sig)
+        main_task.cancel()
+
     with contextlib.suppress(NotImplementedError, RuntimeError):  # (not the main thread: no handler)
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, stop, sig)
 
 
 def with_fleet(work: Callable[[Fleet], Awaitable[T]]) -> T:
@@ -76,7 +90,7 @@ def with_fleet_and_channels(work: Callable[[Fleet, Notifier], Awaitable[T]]) -> 
     """As `with_fleet`, handing `work` the chat channels' notifier too (for its tunnels)."""
 
     async def run() -> T:
-        sigterm_cancels()
+        stop_signals_cancel()
         fleet = Fleet()
         notifier = fleet_notifier(fleet)
         try:
@@ -136,7 +150,7 @@ def mcp_command(args: argparse.Namespace) -> int:
         return 0
 
     async def stdio() -> None:
-        # SIGINT/SIGTERM end the session like a closed stdin does: the lifespan tears down. Once the
+        # SIGINT/SIGTERM/SIGHUP end the session like a closed stdin does: the lifespan tears down. Once the
         # teardown is under way, further signals are ignored: clients close stdin and send SIGTERM
         # a moment later, and cancelling then would leave machines running.
         task = asyncio.current_task()
@@ -145,11 +159,12 @@ def mcp_command(args: argparse.Namespace) -> int:
 
         def stop() -> None:
             if state.stopping or task.cancelling():
-                print("tether mcp: stopping; tearing down the sandboxes it created", file=sys.stderr, flush=True)
+                with contextlib.suppress(OSError):  # (after SIGHUP the terminal may be gone)
+                    print("tether mcp: stopping; tearing down the sandboxes it created", file=sys.stderr, flush=True)
                 return
             task.cancel()
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, *STOP_SIGNALS):
             loop.add_signal_handler(sig, stop)
         with contextlib.suppress(asyncio.CancelledError):
             await serve_stdio(server)
@@ -163,7 +178,7 @@ def demo_command(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     async def demo() -> int:
-        sigterm_cancels()
+        stop_signals_cancel()
         return await run_demo()
 
     return asyncio.run(demo())
@@ -474,7 +489,7 @@ def _split_location(text: str) -> tuple[str | None, str]:
 
 @command("tunnel")
 def tunnel_command(args: argparse.Namespace) -> int:
-    """Open a tunnel, print its URL, keep it open until Ctrl-C (or SIGTERM)."""
+    """Open a tunnel, print its URL, keep it open until Ctrl-C (or SIGTERM, SIGHUP)."""
 
     async def hold(fleet: Fleet, notifier: Notifier) -> int:
         tunnels = tunnel_manager(fleet, notifier)
@@ -494,7 +509,7 @@ def tunnel_command(args: argparse.Namespace) -> int:
             print(f"{tunnel.url}{headers}\n(Ctrl-C closes the tunnel)", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, *STOP_SIGNALS):
             loop.add_signal_handler(sig, stop.set)
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -803,8 +818,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except asyncio.CancelledError:  # SIGTERM (see with_fleet_and_channels)
-        return 143
+    except asyncio.CancelledError:  # SIGTERM or SIGHUP (see stop_signals_cancel)
+        return 128 + (_stopped_by[0] if _stopped_by else signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -132,8 +132,13 @@ async def serve_http(server: MCPServer, host: str, port: int, token: str | None,
     print(f"tether mcp: serving http://{url_host(host)}:{port}/mcp", file=sys.stderr, flush=True)
     app = build_app(server, host, port, token, allowed_hosts)
     config = uvicorn.Config(app, log_level="warning", lifespan="on")
+    web = uvicorn.Server(config)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM (our lifespan tears down), then re-raises the
     # signal once its own handlers are gone; let that re-raise end the process with status 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    await uvicorn.Server(config).serve(sockets=[listening])
+    # SIGHUP (the terminal closed, the SSH session to this machine dropped) would end the process at
+    # once, leaving its sandboxes running until a gc: it shuts down as SIGTERM does. (uvicorn does
+    # not handle it, so this handler stays in place while it serves.)
+    signal.signal(signal.SIGHUP, lambda _, frame: web.handle_exit(signal.SIGTERM, frame))
+    await web.serve(sockets=[listening])
