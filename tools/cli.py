@@ -735,7 +735,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="HOST[:PORT]",
-        help="HTTP: another Host header to accept (DNS-rebinding protection)",
+        help="HTTP: another Host header to accept (DNS-rebinding protection): HOST:PORT exactly that, a bare "
+        "HOST with or without any port (as a reverse proxy may pass it on); http and https origins of it too",
     )
     mcp.add_argument("--reap-interval", type=_argparse_seconds, default=30.0, help="seconds between reaper passes")
     mcp.add_argument("--verbose", action="store_true", help="log lifecycle events to stderr")

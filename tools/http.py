@@ -5,7 +5,8 @@
 - With a token set (on any address), every request must carry `Authorization: Bearer <token>`;
   others get 401. Compared in constant time.
 - Host and Origin headers are checked against DNS rebinding (the MCP SDK's transport security):
-  on loopback only 127.0.0.1/localhost hosts and origins are accepted; add more with --allow-host.
+  on loopback only 127.0.0.1/localhost hosts and origins are accepted; add more with --allow-host
+  (see host_patterns), whose pages may be http or https origins.
 - Request bodies are limited (MAX_REQUEST_BYTES; the SDK answers 413 beyond).
 """
 
@@ -99,17 +100,40 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+def host_patterns(value: str) -> list[str]:
+    """The Host headers one --allow-host value accepts (the SDK's patterns: `name:*` is any port).
+
+    `name:port` is exactly that. A bare name is the name with or without any port: a reverse proxy
+    may pass the Host header on without one (Caddy, nginx's $host, cloudflared). Any port is as safe
+    against DNS rebinding as one: a rebinding page's requests carry the attacker's name, whatever
+    its port, never one of ours.
+    """
+    value = value.strip().lower()  # (browsers and proxies send host names in lower case)
+    if value.startswith("["):  # [v6] or [v6]:port
+        name, _, port = value.partition("]")
+        name, port = name + "]", port.removeprefix(":")
+    elif value.count(":") > 1:  # a bare IPv6 address
+        name, port = url_host(value), ""
+    else:
+        name, _, port = value.partition(":")
+    valid_port = port in ("", "*") or (port.isdigit() and 0 < int(port) < 65536)
+    if name in ("", "[]") or not valid_port:
+        raise HTTPSecurityError(f"--allow-host takes HOST, HOST:PORT or HOST:*, not {value!r}")
+    return [f"{name}:{port}"] if port else [name, f"{name}:*"]
+
+
 def build_app(server: MCPServer, host: str, port: int, token: str | None, allowed_hosts: list[str]) -> ASGIApp:
     # (on loopback, the address bound too: 127.0.0.2 is loopback, and the URL printed names it)
     names = ("127.0.0.1", "localhost", "[::1]", url_host(host))
     hosts = list(dict.fromkeys(f"{h}:{port}" for h in names)) if is_loopback(host) else []
-    hosts += [f"{h}:{port}" if ":" not in h else h for h in allowed_hosts]
+    hosts += [pattern for value in allowed_hosts for pattern in host_patterns(value)]
     security = TransportSecuritySettings(
         # Off-loopback with no --allow-host, the bearer token is the protection (a rebinding page
         # cannot know it), so the Host check would only refuse legitimate names.
         enable_dns_rebinding_protection=bool(hosts),
         allowed_hosts=hosts,
-        allowed_origins=[f"http://{h}" for h in hosts],
+        # A page served by an allowed name, over http or (behind a TLS proxy) https
+        allowed_origins=[f"{scheme}://{h}" for h in hosts for scheme in ("http", "https")],
     )
     app: ASGIApp = server.streamable_http_app(
         host=host, transport_security=security, max_request_body_size=MAX_REQUEST_BYTES
@@ -123,6 +147,8 @@ async def serve_http(server: MCPServer, host: str, port: int, token: str | None,
     # Bound here, before the app is built: with port 0 the Host check must name the port the
     # kernel chose, and so must the address printed for the client.
     host = host.strip("[]")  # ([::1] as a URL writes it)
+    for value in allowed_hosts:  # (a bad --allow-host is refused before anything listens)
+        host_patterns(value)
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listening = socket.create_server((host, port), family=family)

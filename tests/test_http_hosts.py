@@ -1,0 +1,52 @@
+"""`tether mcp --transport http --allow-host`: the Host and Origin headers a real server accepts,
+as a browser, a client or a reverse proxy in front of it sends them."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.mcp_support import http_server, tether
+
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+}
+MCP_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+
+
+async def test_allowed_hosts_with_and_without_ports_and_https_origins() -> None:
+    with http_server("--allow-host", "Tether.example", "--allow-host", "pinned.example:9443") as (_, url, _):
+        port = url.split(":")[2].split("/")[0]
+
+        async def status(host: str, origin: str | None = None) -> int:
+            headers = {**MCP_HEADERS, "Host": host, **({"Origin": origin} if origin else {})}
+            async with httpx.AsyncClient() as client:
+                return (await client.post(url, headers=headers, json=INITIALIZE)).status_code
+
+        # a bare name: as a reverse proxy passes it on (no port), or with any port
+        for host in ("tether.example", "tether.example:443", "tether.example:8080"):
+            assert await status(host) == 200, host
+        # its pages, over https behind a TLS proxy or plain http
+        for origin in ("https://tether.example", "http://tether.example", "https://tether.example:8443"):
+            assert await status("tether.example", origin) == 200, origin
+        # a name with a port: exactly that
+        assert await status("pinned.example:9443", "https://pinned.example:9443") == 200
+        for host in ("pinned.example", "pinned.example:9444"):
+            assert await status(host) == 421, host
+        # other names, and pages elsewhere, are still refused (DNS rebinding)
+        for host in ("evil.example", "evil.example:443", "tether.example.evil.example"):
+            assert await status(host) == 421, host
+        for origin in ("https://evil.example", "https://tether.example.evil.example", "null"):
+            assert await status("tether.example", origin) == 403, origin
+        # loopback as before
+        assert await status(f"127.0.0.1:{port}", f"http://127.0.0.1:{port}") == 200
+        assert await status("127.0.0.1", "http://127.0.0.1") == 421  # (loopback names carry the port)
+
+
+def test_a_malformed_allow_host_is_refused_before_serving() -> None:
+    for bad in ("box:http", "box:0", ":8080", "box:99999"):
+        refused = tether("mcp", "--transport", "http", "--port", "0", "--allow-host", bad, timeout=30)
+        assert refused.returncode == 2 and "--allow-host takes HOST" in refused.stderr, refused.stderr
+        assert "serving" not in refused.stderr
