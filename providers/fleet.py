@@ -249,52 +249,68 @@ class Fleet:
             gpu_count=gpu_count,
         )
         self.created_here.add(sandbox_id)
-        await progress(f"provisioning {name} on pool {pool.name} ({pool.provider})", 0.05)
-        spec = ProvisionSpec(sandbox_id=sandbox_id, name=name, request=request, labels={LABEL: sandbox_id})
-
-        async def provider_progress(message: str, fraction: float | None = None) -> None:
-            # The provider reports its own 0..1; it is one stretch (5%..85%) of the whole create.
-            await progress(message, None if fraction is None else 0.05 + 0.8 * min(max(fraction, 0.0), 1.0))
-
+        # From the row on, whatever ends this call early (an error, or the caller's cancellation at
+        # any await) leaves nothing behind: see _abandon.
         try:
+            await progress(f"provisioning {name} on pool {pool.name} ({pool.provider})", 0.05)
+            spec = ProvisionSpec(sandbox_id=sandbox_id, name=name, request=request, labels={LABEL: sandbox_id})
+
+            async def provider_progress(message: str, fraction: float | None = None) -> None:
+                # The provider reports its own 0..1; it is one stretch (5%..85%) of the whole create.
+                await progress(message, None if fraction is None else 0.05 + 0.8 * min(max(fraction, 0.0), 1.0))
+
             handle = await provider.provision(spec, provider_progress)
             endpoint = await provider.endpoint(handle)
+            if not self.ledger.set_provisioned(
+                sandbox_id,
+                handle.external_id,
+                handle.model_dump(),
+                {"host": endpoint.host, "port": endpoint.port, "user": endpoint.user},
+            ):
+                # Destroyed (or collected) by another process while it was being provisioned.
+                with contextlib.suppress(Exception):
+                    await provider.terminate(handle)
+                why = self.ledger.get(sandbox_id).status_reason
+                raise SandboxGone(sandbox_id, f"terminated while it was being provisioned ({why})")
+            box = ManagedSandbox(
+                self, self.ledger.get(sandbox_id), endpoint, provider.tether_dir(sandbox_id), request.env
+            )
+            self._open[sandbox_id] = box
+            await progress(f"connecting to {name}", 0.9)
+            await box.connect()
+            await progress(f"{name} is running", 1.0)
         except BaseException as exc:
-            # The provider cleans up what it can; the rest is removed here, in a task of its own so
-            # that a cancelled call (the caller's scope re-cancels every await) still gets it done.
-            # Should this process die first, gc finds the row marked failed.
-            reason = "provisioning interrupted" if not isinstance(exc, Exception) else f"provisioning failed: {exc}"
-            reason = reason[:500]
-            self.ledger.set_status(sandbox_id, "failed", reason)
-            cleanup = asyncio.ensure_future(self._terminate(self.ledger.get(sandbox_id), reason))
-            self._cleanups.add(cleanup)
-            cleanup.add_done_callback(self._cleanup_done)
-            if isinstance(exc, Exception):
+            cleanup = self._abandon(sandbox_id, exc)
+            if cleanup is not None:
+                # Awaited shielded, so that a plain task.cancel() returns once it is done; under an
+                # anyio scope (MCP's cancelled tool calls), which cancels every later await, this
+                # await ends at once but the task goes on (close() waits for it).
                 with contextlib.suppress(Exception):
                     await asyncio.shield(cleanup)
             raise
-        if not self.ledger.set_provisioned(
-            sandbox_id,
-            handle.external_id,
-            handle.model_dump(),
-            {"host": endpoint.host, "port": endpoint.port, "user": endpoint.user},
-        ):
-            # Destroyed (or collected) by another process while it was being provisioned.
-            with contextlib.suppress(Exception):
-                await provider.terminate(handle)
-            why = self.ledger.get(sandbox_id).status_reason
-            raise SandboxGone(sandbox_id, f"terminated while it was being provisioned ({why})")
-        box = ManagedSandbox(self, self.ledger.get(sandbox_id), endpoint, provider.tether_dir(sandbox_id), request.env)
-        self._open[sandbox_id] = box
-        await progress(f"connecting to {name}", 0.9)
-        try:
-            await box.connect()
-        except BaseException:
-            await self.destroy(sandbox_id, "could not connect after provisioning")
-            raise
-        await progress(f"{name} is running", 1.0)
         self._emit("sandbox.created", {"sandbox": summary(box.record)})
         return box
+
+    def _abandon(self, sandbox_id: str, exc: BaseException) -> asyncio.Future[Any] | None:
+        """Undo a create that ended early: the task that ends what it made, or None when nothing
+        needs ending. The task is one of its own, so the caller's cancellation can't cut it short.
+        Should this process die first, the row says what the reaper or gc must finish."""
+        record = self.ledger.get(sandbox_id)
+        interrupted = not isinstance(exc, Exception)
+        if record.status == "provisioning":
+            # No handle recorded: the provider cleans up what it can; the rest is found by its label.
+            reason = "provisioning interrupted" if interrupted else f"provisioning failed: {exc}"
+            self.ledger.set_status(sandbox_id, "failed", reason[:500])
+            work: Any = self._terminate(self.ledger.get(sandbox_id), reason[:500])
+        elif record.live:  # provisioned: ended by its handle, with its cost event, like any other
+            reason = "creation interrupted" if interrupted else "could not connect after provisioning"
+            work = self.destroy(sandbox_id, reason)
+        else:
+            return None
+        cleanup = asyncio.ensure_future(work)
+        self._cleanups.add(cleanup)
+        cleanup.add_done_callback(self._cleanup_done)
+        return cleanup
 
     def _with_defaults(self, request: Request) -> Request:
         """[defaults] fills in what the request leaves open: where (a pool, else a provider, when it
@@ -307,7 +323,7 @@ class Fleet:
     def _cleanup_done(self, cleanup: asyncio.Future[bool]) -> None:
         self._cleanups.discard(cleanup)
         if not cleanup.cancelled() and cleanup.exception() is not None:
-            log.warning("could not clean up after a failed provision: %s", cleanup.exception())
+            log.warning("could not clean up after a create that failed or was interrupted: %s", cleanup.exception())
 
     def _choose(self, request: Request) -> Pool:
         pools = list(self.pools)

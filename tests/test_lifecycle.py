@@ -11,9 +11,11 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
+import anyio
 import pytest
 
 from providers import Fleet, Request, SandboxGone, SandboxRecord
@@ -537,6 +539,51 @@ def test_a_cancelled_provision_is_cleaned_up_by_the_process_that_cancelled_it(tm
     assert list(cloud.iterdir()) == []
     record = Ledger().get(name)
     assert "interrupted" in record.status_reason and cost_event_count(record.id) == 1
+
+
+@pytest.mark.parametrize("canceller", ["task.cancel", "anyio scope"])
+@pytest.mark.parametrize(
+    ("stage", "waits"),
+    [
+        ("provisioning ", True),
+        ("provisioning ", False),  # (in the provision)
+        ("connecting to ", True),
+        ("connecting to ", False),  # (in the connect: an error's cleanup, under anyio, was cancelled too)
+        (" is running", True),  # (the last await: cancelled after it, create has returned)
+    ],
+)
+async def test_a_create_cancelled_at_any_point_leaves_nothing_behind(stage: str, canceller: str, waits: bool) -> None:
+    """Cancelled while reporting progress (or at the await just after), a create ends what it made:
+    no row left provisioning or running for ever, no sandbox dir, one cost event. An anyio scope
+    (how MCP cancels a tool call) cancels every await after too, the cleanup's own included."""
+    fleet = Fleet(config={})
+    cancel: Callable[[], object]
+
+    async def progress(message: str, fraction: float | None = None) -> None:
+        if message.startswith(stage) or message.endswith(stage):
+            cancel()
+            if waits:
+                await asyncio.sleep(3600)
+
+    try:
+        if canceller == "task.cancel":
+            task = asyncio.ensure_future(fleet.create(Request(provider="local", keep=True), progress))
+            cancel = task.cancel
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            with anyio.CancelScope() as scope:
+                cancel = scope.cancel
+                await fleet.create(Request(provider="local", keep=True), progress)
+            assert scope.cancelled_caught
+    finally:
+        await fleet.close()  # (it waits for cleanups still under way)
+    [sandbox_id] = fleet.created_here
+    record = fleet.ledger.get(sandbox_id)
+    assert record.status == "terminated", (record.status, record.status_reason)
+    assert "interrupted" in (record.status_reason or "")
+    assert not (local_dir() / "sandboxes" / sandbox_id).exists()
+    assert cost_event_count(sandbox_id) == 1
 
 
 def test_gpu_type_and_count_come_from_the_pool_when_the_request_names_none() -> None:
