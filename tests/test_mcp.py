@@ -629,6 +629,41 @@ async def test_stdio_drops_an_oversized_message_whole_and_reads_on() -> None:
     assert lines == ["(a message over 16 bytes was dropped)", '{"id": 2}\n', '{"id": 3}']
 
 
+async def test_a_stdio_request_over_the_limit_is_answered_with_its_own_id() -> None:
+    """A tool call too long to read (a write of a huge file) gets an error result saying what to do
+    instead, not a parse error with id null that leaves the client waiting; the server reads on."""
+    limit = 64 * 1024  # (the real limit, 64 MiB, works the same, slowly)
+    async with stdio_client(env=server_env(TETHER_MCP_MAX_LINE_BYTES=str(limit))) as client:
+        with anyio.fail_after(30):
+            refused = await client.call_tool("write", {"path": "big.txt", "content": "x" * (2 * limit)})
+        assert refused.is_error and "tether cp" in text(refused) and "limit" in text(refused), text(refused)
+        written = structured(await client.call_tool("write", {"path": "small.txt", "content": "fits"}))
+        assert written["bytes"] == 4
+        never_written = await client.call_tool("read", {"path": "big.txt"})
+        assert never_written.is_error and "no such file" in text(never_written)
+
+
+async def test_stdio_answers_oversized_requests_and_drops_other_oversized_lines() -> None:
+    reader = asyncio.StreamReader(limit=64)
+    pad = "x" * 200
+    reader.feed_data(
+        (
+            f'{{"jsonrpc": "2.0", "id": "a\\"b", "method": "tools/call", "params": "{pad}"}}\n'
+            f'{{"jsonrpc":"2.0","id":7,"method":"resources/read","params":"{pad}"}}\n'
+            f'{{"jsonrpc": "2.0", "id": 8, "result": "{pad}"}}\n'  # a response: nothing to answer
+            f'{{"jsonrpc": "2.0", "method": "notifications/x", "params": "{pad}"}}\n'
+            '{"id": 9}\n'
+        ).encode()
+    )
+    reader.feed_eof()
+    sink = Sink()
+    lines = [line async for line in _LineReader(reader, 64, sink)]  # type: ignore[arg-type]
+    assert lines == ["(a message over 64 bytes was dropped)"] * 2 + ['{"id": 9}\n']
+    call, other = (json.loads(line) for line in sink.lines)
+    assert call["id"] == 'a"b' and call["result"]["isError"] and "tether cp" in call["result"]["content"][0]["text"]
+    assert other["id"] == 7 and other["error"]["code"] == -32600
+
+
 @pytest.mark.parametrize("wiring", ["two sockets", "one socket"])
 def test_stdio_serves_separate_sockets_and_one_shared_by_stdin_and_stdout(wiring: str) -> None:
     """MCP clients give the server pipes (served from the event loop, as every stdio_client test

@@ -17,14 +17,21 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import stat
 import sys
 from collections.abc import Iterator
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.stdio import stdio_server
+from mcp.types import CallToolResult, TextContent
 
 MAX_LINE_BYTES = 64 << 20  # one JSON-RPC message per line; an image read can be several MB
+# (a smaller limit, for tests: what happens beyond it, without sending 64 MiB)
+LIMIT_ENV = "TETHER_MCP_MAX_LINE_BYTES"
+# The members a request's line starts with, as JSON-RPC clients write them ("jsonrpc", "id",
+# "method" first, params last): enough to answer a request too long to parse.
+_HEAD_MEMBER = re.compile(rb'\s*"(jsonrpc|id|method)"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)\s*,')
 
 
 def _separate_pipes() -> bool:
@@ -46,12 +53,13 @@ async def serve_stdio(server: MCPServer) -> None:
         return
     with _claimed_stdio() as (wire_in, wire_out):
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=MAX_LINE_BYTES)
+        limit = int(os.environ.get(LIMIT_ENV) or MAX_LINE_BYTES)
+        reader = asyncio.StreamReader(limit=limit)
         read_transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), wire_in)
         write_transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, wire_out)
         writer = asyncio.StreamWriter(write_transport, protocol, None, loop)
         lines_out = _LineWriter(writer)
-        lines_in = _LineReader(reader, MAX_LINE_BYTES, lines_out)
+        lines_in = _LineReader(reader, limit, lines_out)
         try:
             async with stdio_server(lines_in, lines_out) as (read_stream, write_stream):  # type: ignore[arg-type]
                 await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
@@ -86,7 +94,9 @@ def _claimed_stdio() -> Iterator[tuple[object, object]]:
 
 class _LineReader:
     """What stdio_server reads: an async iterator of lines. A line over the reader's limit is dropped
-    whole and replaced by text that is not JSON, which the session reports as a parse error.
+    whole. A request whose id and method are at its start (as clients write them) is answered here,
+    so the client's call ends; any other line is replaced by text that is not JSON, which the
+    session reports as a parse error (with id null: the id is not known).
 
     A request with a lone surrogate escape ("\\ud800", which JavaScript's JSON.stringify can send)
     is answered here with an error: the SDK's parser refuses such a line and answers nothing, and
@@ -101,7 +111,7 @@ class _LineReader:
         return self
 
     async def __anext__(self) -> str:
-        skipping = False
+        skipping, head = False, b""
         while True:
             try:
                 line = await self._reader.readuntil(b"\n")
@@ -110,14 +120,44 @@ class _LineReader:
                     raise StopAsyncIteration from None
                 line = exc.partial
             except asyncio.LimitOverrunError as exc:
-                await self._reader.readexactly(exc.consumed)
+                dropped = await self._reader.readexactly(exc.consumed)
+                head = head or dropped[:4096]
                 skipping = True
                 continue
             if skipping:
+                if await self._refused_oversized(head):
+                    skipping, head = False, b""
+                    continue
                 return f"(a message over {self._limit} bytes was dropped)"
             if (b"\\ud" in line or b"\\uD" in line) and await self._refused_surrogates(line):
                 continue
             return line.decode("utf-8", "replace")
+
+    async def _refused_oversized(self, head: bytes) -> bool:
+        """Whether the line that began with `head` (and was too long) is a request, now answered:
+        a tool call with an error result (what an agent reads), another request with an error."""
+        head = head.lstrip()
+        members, at = {}, 1 if head.startswith(b"{") else 0
+        while at and (member := _HEAD_MEMBER.match(head, at)):
+            try:
+                members[member[1].decode()] = json.loads(member[2])
+            except ValueError:  # (a string with a bad escape)
+                return False
+            at = member.end()
+        if "id" not in members or not isinstance(members.get("method"), str) or self._answer is None:
+            return False
+        message = (
+            f"the request is over this server's limit for one message ({self._limit} bytes); "
+            "copy large files with `tether cp` (or write them in parts, or produce them in the sandbox with run)"
+        )
+        if members["method"] == "tools/call":
+            result = CallToolResult(content=[TextContent(type="text", text=message)], is_error=True)
+            answer = {"result": result.model_dump(by_alias=True, exclude_none=True, mode="json")}
+        else:
+            answer = {"error": {"code": -32600, "message": message}}
+        await self._answer.write(json.dumps({"jsonrpc": "2.0", "id": members["id"], **answer}) + "\n")
+        await self._answer.flush()
+        return True
 
     async def _refused_surrogates(self, line: bytes) -> bool:
         """Whether `line` is a request holding a lone surrogate, now answered with an error."""
