@@ -184,6 +184,22 @@ def test_doctor_checks_each_pool(sshd: SSHD, client_key: Path, tmp_path: Path) -
     assert result.returncode == 1
 
 
+def test_doctor_reports_a_pool_whose_host_does_not_parse_and_goes_on(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[[pools]]\nname = "odd"\nprovider = "ssh"\nconfig = { host = "-me@box" }\n\n'
+        '[[pools]]\nname = "here"\nprovider = "local"\n'
+    )
+    result = tether("doctor", "--json", env=server_env(TETHER_CONFIG=str(config)))
+    checks = {c["name"]: c for c in json.loads(result.stdout)}
+    odd = checks["pool odd (ssh)"]
+    assert odd["status"] == "fail" and "-me" in odd["detail"], odd
+    assert checks["pool here (local)"]["status"] == "ok"  # the checks after it still ran
+    assert result.returncode == 1 and "invalid arguments" not in result.stderr
+    people = tether("doctor", env=server_env(TETHER_CONFIG=str(config)))
+    assert "[FAIL] pool odd (ssh): " in people.stdout and people.returncode == 1
+
+
 def test_demo_runs_the_whole_story() -> None:
     result = tether("demo", timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr

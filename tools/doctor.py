@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
+from pydantic import ValidationError
+
 from providers import Fleet, Pool
 from providers.config import CREDENTIAL_ENV, SSHPoolConfig, load_defaults
 from providers.errors import ProviderError
@@ -24,6 +26,7 @@ from sandbox.state import config_path, state_dir
 from tunnels import load_channels, load_relay
 
 from .config import check_sections
+from .results import validation_problems
 
 API_HOSTS = {
     "daytona": "https://app.daytona.io/api",
@@ -56,7 +59,14 @@ async def run_doctor() -> list[Check]:
     checks += _defaults_and_channels(fleet)
     try:
         for pool in fleet.pools:
-            checks.append(await _pool(pool, fleet))
+            try:
+                checks.append(await _pool(pool, fleet))
+            except (SandboxError, ProviderError, ValueError, OSError) as exc:
+                # One pool's odd config (a host SSHEndpoint refuses: pydantic's ValidationError) is
+                # that pool's [FAIL], not the end of the report: the other checks and --json's JSON
+                # still come out.
+                detail = validation_problems(exc) if isinstance(exc, ValidationError) else str(exc)
+                checks.append(Check(f"pool {pool.name} ({pool.provider})", "fail", detail))
     finally:
         await fleet.close()
     checks += _half_set_credentials({p.provider for p in fleet.pools})
