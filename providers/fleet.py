@@ -458,6 +458,15 @@ class Fleet:
                 self.ledger.mark_ending(record.id, reason)
                 try:
                     await provider.terminate(Handle.model_validate(record.handle))
+                except ProviderError as exc:
+                    if not getattr(exc, "sandbox_ended", False):
+                        with contextlib.suppress(sqlite3.Error):
+                            self.ledger.clear_ending(record.id)
+                        raise
+                    # Ended, but not cleanly (an attached host that could not be reached): the
+                    # ledger's reason says what is left where, as nothing will find it later.
+                    log.warning("%s ended with leftovers: %s", record.id, exc)
+                    reason = f"{reason}; but {exc}"[:1000]
                 except BaseException:
                     with contextlib.suppress(sqlite3.Error):
                         self.ledger.clear_ending(record.id)

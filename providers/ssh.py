@@ -3,13 +3,13 @@
 Attach by `user@host[:port]` or an ~/.ssh/config alias (ProxyJump works), offering tether's own key,
 your ~/.ssh keys and your ssh-agent (or one identity file you name). The host key is pinned on first
 use. Each attachment keeps its files in ~/.tether/sandboxes/<id>/ on the host; terminating detaches
-and removes only that directory and the jobs tether started there.
+and removes only that directory and the jobs tether started there (a host it cannot reach then is
+detached all the same, its sandbox's end recording what was left there).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,6 @@ from .errors import ProviderError
 from .identity import tether_key
 from .profiles import PROFILES, SUBSTRATES
 
-log = logging.getLogger(__name__)
 DEFAULT_IDENTITIES = ("id_ed25519", "id_ecdsa", "id_rsa")
 
 # Stop the attachment's jobs, then remove its directory ($1).
@@ -67,6 +66,15 @@ def endpoint_from_fields(fields: dict[str, Any]) -> SSHEndpoint:
         alias=fields.get("alias"),
         jump=tuple(endpoint_from_fields(j) for j in fields.get("jump", [])),
     )
+
+
+class DetachedWithLeftovers(ProviderError):
+    """Detached without cleaning up: the host could not be reached (or refused tether). The
+    attachment ends all the same, since a host gone for good must not keep `tether down` failing
+    for ever, and nothing could find the leftovers later (an ssh host has no listing for gc); so the
+    message, which the fleet records as part of the sandbox's end, says what was left where."""
+
+    sandbox_ended = True  # (what the fleet looks for: the sandbox counts as ended all the same)
 
 
 class SSHProvider(Provider):
@@ -118,7 +126,11 @@ class SSHProvider(Provider):
             async with Sandbox(endpoint, pool=self.connections, tether_dir=directory) as box:
                 await box.exec_raw(["sh", "-c", _DETACH, "sh", directory], timeout=30)
         except SandboxError as exc:
-            log.warning("detached from %s without cleaning up %s: %s", endpoint.display, directory, exc)
+            raise DetachedWithLeftovers(
+                f"could not clean up on {endpoint.display} ({exc}): tether's jobs there may still run, "
+                f"and {directory} is still there (the jobs' pids are under its jobs/); stop them and "
+                "remove it when the host is back"
+            ) from exc
 
     async def capacity(self, handle: Handle | None) -> Capacity:
         if handle is None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 
 from providers import Fleet, Request, Unsupported
 from providers.capacity import host_capacity
-from tests.sshd import SSHD, ensure_account
+from tests.sshd import SSHD, Account, ensure_account
 from tools.cli import ssh_argv
 
 
@@ -158,3 +160,31 @@ async def test_gpus_come_from_nvidia_smi_over_ssh_and_on_this_machine(
     (local_bin / "nvidia-smi").chmod(0o755)
     monkeypatch.setenv("PATH", f"{local_bin}:{os.environ['PATH']}")
     assert (await host_capacity(tmp_path)).gpus == TWO_A100S
+
+
+async def test_detaching_from_a_host_that_is_down_says_what_it_left_there(
+    bash_account: Account, client_key: Path
+) -> None:
+    """The attachment ends (a host gone for good must not keep `tether down` failing), but its end
+    says plainly that tether's jobs may still run there: no listing lets gc find them later."""
+    server = SSHD(bash_account, client_key).start()
+    fleet = Fleet(config={})
+    job_pid = None
+    try:
+        box = await fleet.create(Request(provider="ssh", options={"host": server.address, "key_path": str(client_key)}))
+        job = await box.start_job("sleep 300")
+        job_pid, own_dir = job.pid, box.record.handle["data"]["tether_dir"]
+        server.stop()
+        await fleet.destroy(box.id)
+        record = fleet.ledger.get(box.id)
+        assert record.status == "terminated" and fleet.ledger.cost_event(box.id) is not None
+        reason = record.status_reason or ""
+        assert reason.startswith("destroyed") and f"could not clean up on {server.address}" in reason, reason
+        assert "jobs there may still run" in reason and own_dir in reason, reason
+        assert job_pid is not None and Path(f"/proc/{job_pid}").exists()  # (what it warns of is so)
+    finally:
+        if job_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(job_pid, signal.SIGKILL)
+        await fleet.close()
+        server.cleanup()
