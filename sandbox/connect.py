@@ -183,16 +183,16 @@ def _connect_options(endpoint: SSHEndpoint, pinned: str | None) -> dict[str, Any
         redact_in_logs(endpoint.token.get_secret_value())
         options.update(client_keys=None, agent_path=None, password=None, preferred_auth="none")
         return options
-    keys: list[Any] = []
-    for path in endpoint.key_paths:
-        expanded = os.path.expanduser(path)
-        if not os.path.isfile(expanded):
-            raise AuthFailed(f"{endpoint.display}: key file {path} does not exist; check the identity path")
-        keys.append(expanded)
+    keys: list[Any] = [os.path.expanduser(path) for path in endpoint.key_paths]
     if endpoint.key_material is not None:
-        keys.append(asyncssh.import_private_key(endpoint.key_material.get_secret_value()))
+        try:
+            keys.append(asyncssh.import_private_key(endpoint.key_material.get_secret_value()))
+        except asyncssh.KeyImportError as exc:
+            raise AuthFailed(f"{endpoint.display}: the key material is not a usable private key: {exc}") from None
     if keys:
         options["client_keys"] = keys
+        # Encrypted key files (checked by _encrypted_keys) are left out; the agent may hold them.
+        options["ignore_encrypted"] = True
     if not endpoint.use_agent:
         options["agent_path"] = None
     if endpoint.password is not None:
@@ -238,6 +238,7 @@ async def _dial_one(
 ) -> asyncssh.SSHClientConnection:
     pinned = endpoint.host_key or pins.get(endpoint.host, endpoint.port)
     client = _PinningClient(endpoint, pins)
+    encrypted = _encrypted_keys(endpoint) if endpoint.token is None else []
     options = _connect_options(endpoint, pinned)
     if tunnel is not None:
         options["tunnel"] = tunnel
@@ -278,6 +279,11 @@ async def _dial_one(
             raise HostKeyMismatch(endpoint.host, endpoint.port, *client.mismatch) from None
         raise ConnectError(f"{endpoint.display}: host key not accepted: {exc.reason}") from None
     except asyncssh.PermissionDenied:
+        if encrypted:  # (left out, and the agent did not have it)
+            raise AuthFailed(
+                f"{endpoint.display}: authentication failed; {_encrypted_advice(encrypted)} "
+                f"(the server refused the rest: {_offered(endpoint)})"
+            ) from None
         raise AuthFailed(
             f"{endpoint.display}: authentication failed; the server refused {_offered(endpoint)}. "
             "Check the user name and that the key is in the account's authorized_keys"
@@ -310,6 +316,45 @@ async def _dial_one(
             f"{endpoint.display}: cannot connect: {reason}; check the host name and port, and that an SSH "
             "server runs there"
         ) from None
+
+
+def _encrypted_keys(endpoint: SSHEndpoint) -> list[str]:
+    """The endpoint's key files that have a passphrase, which tether cannot ask for. Read up front:
+    a file that is missing or not a private key is an AuthFailed naming it and what to do (asyncssh's
+    own "Invalid private key" names neither), and an encrypted one with no other way to log in too.
+    """
+    encrypted = []
+    for path in endpoint.key_paths:
+        expanded = os.path.expanduser(path)
+        if not os.path.isfile(expanded):
+            raise AuthFailed(f"{endpoint.display}: key file {path} does not exist; check the identity path")
+        try:
+            asyncssh.read_private_key(expanded)
+        except asyncssh.KeyImportError as exc:
+            if "passphrase" not in str(exc).lower():
+                raise AuthFailed(
+                    f"{endpoint.display}: key file {path} is not a private key ({exc}); give the private key "
+                    "file (not the .pub), in OpenSSH, PEM or PKCS#8 format"
+                ) from None
+            encrypted.append(path)
+        except OSError as exc:
+            raise AuthFailed(f"{endpoint.display}: cannot read key file {path}: {exc.strerror or exc}") from None
+    others = len(encrypted) < len(endpoint.key_paths) or endpoint.key_material or endpoint.password
+    if encrypted and not (others or _agent_usable(endpoint)):
+        raise AuthFailed(f"{endpoint.display}: {_encrypted_advice(encrypted)}")
+    return encrypted
+
+
+def _agent_usable(endpoint: SSHEndpoint) -> bool:
+    return endpoint.use_agent and bool(os.environ.get("SSH_AUTH_SOCK"))
+
+
+def _encrypted_advice(encrypted: list[str]) -> str:
+    files = ", ".join(encrypted)
+    return (
+        f"key file {files} is encrypted (has a passphrase, which tether cannot ask for): add it to ssh-agent "
+        f"(`ssh-add {encrypted[0]}`) and omit --identity/key_path/identityFile, or use a key without a passphrase"
+    )
 
 
 def _offered(endpoint: SSHEndpoint) -> str:

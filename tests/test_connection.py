@@ -10,6 +10,7 @@ import random
 import secrets
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -361,6 +362,35 @@ async def test_a_server_that_cannot_be_reached_times_out_in_the_connect_phase(po
 async def test_a_missing_key_file_is_named(own_sshd: SSHD, tmp_path: Path, pool: ConnectionPool) -> None:
     with pytest.raises(AuthFailed, match=r"key file .*absent does not exist"):
         async with Sandbox(endpoint_for(own_sshd, tmp_path / "absent"), pool=pool) as box:
+            await box.run("true")
+
+
+async def test_a_key_file_that_is_not_a_private_key_is_named(
+    own_sshd: SSHD, client_key: Path, tmp_path: Path, pool: ConnectionPool
+) -> None:
+    not_a_key = tmp_path / "notes.txt"
+    not_a_key.write_text("not a key\n")
+    for path in (not_a_key, Path(f"{client_key}.pub")):  # (the .pub, given by mistake)
+        with pytest.raises(AuthFailed, match=rf"key file {path} is not a private key .*give the private key file"):
+            async with Sandbox(endpoint_for(own_sshd, path), pool=pool) as box:
+                await box.run("true")
+
+
+async def test_an_encrypted_key_file_says_to_use_the_agent(
+    own_sshd: SSHD, keys_dir: Path, pool: ConnectionPool
+) -> None:
+    """tether cannot ask for a passphrase: the error names the file and the way on (ssh-agent),
+    before any dial when there is nothing else to log in with, or when the login fails."""
+    encrypted = keys_dir / f"encrypted-{random.randrange(1 << 30)}"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret phrase", "-f", str(encrypted)], check=True)
+    advice = rf"key file {encrypted} is encrypted .*ssh-add {encrypted}.*omit --identity"
+    with pytest.raises(AuthFailed, match=advice):
+        async with Sandbox(endpoint_for(own_sshd, encrypted), pool=pool) as box:
+            await box.run("true")
+    stranger = keygen(keys_dir / f"stranger-{random.randrange(1 << 30)}")  # another key, refused
+    both = SSHEndpoint.parse(own_sshd.address, key_paths=(str(encrypted), str(stranger)), use_agent=False)
+    with pytest.raises(AuthFailed, match=rf"authentication failed; {advice}"):
+        async with Sandbox(both, pool=pool) as box:
             await box.run("true")
 
 
