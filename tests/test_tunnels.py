@@ -619,6 +619,35 @@ async def test_the_relay_url_is_read_from_whole_lines(
             await forward.close()
 
 
+def resident_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+async def test_what_a_relay_says_after_the_url_is_read_and_dropped(ssh_box: Sandbox, pool: ConnectionPool) -> None:
+    """A relay that goes on writing to the session (a log line per request, for days) costs no
+    memory: what it says after the URL is read and dropped, not kept unread in tether's buffers."""
+    said = asyncio.Event()
+
+    async def chatty(out: asyncssh.SSHWriter[str], public_port: int, nth: int) -> None:
+        await sish_banner(out, public_port, nth)
+        await asyncio.sleep(0.5)  # (tether has the URL by now)
+        for _ in range(1024):  # 128 MiB
+            out.write("GET /index.html 200 " + "x" * 131072 + "\r\n")
+            await out.drain()
+        said.set()
+
+    async with sish_relay(banner=chatty) as relay:
+        forward = RelayForward(ssh_box, 1, sish_config(relay), pool)
+        try:
+            await forward.start()
+            before = resident_mib()
+            await asyncio.wait_for(said.wait(), 20)  # (unread, the relay blocks on its writes)
+            await asyncio.sleep(0.5)
+            assert resident_mib() - before < 48
+        finally:
+            await forward.close()
+
+
 async def test_a_relay_tunnel_cancelled_while_opening_leaves_nothing_up(ssh_box: Sandbox, pool: ConnectionPool) -> None:
     """A relay that never prints a URL, and a tool call cancelled while tether waits for one: the
     relay's connection and its forward go, nothing is recorded, and the sandbox's connection is

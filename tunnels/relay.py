@@ -149,6 +149,7 @@ class RelayForward:
         self._hold: Hold | None = None  # keeps the sandbox's connection from being closed as idle
         self._relay_conn: asyncssh.SSHClientConnection | None = None
         self._supervisor: asyncio.Task[None] | None = None
+        self._draining: asyncio.Task[None] | None = None  # reads what the relay says after the URL
         self._closed = False
         self.url = ""
         self.headers: dict[str, str] = {}
@@ -225,6 +226,7 @@ class RelayForward:
             # serving the sandbox's port, untracked).
             self._release()
             raise
+        self._draining = asyncio.get_running_loop().create_task(_discard(self._session.stdout))
 
     async def _read_url(self, endpoint: SSHEndpoint) -> str:
         """The URL in the session's output (stdout and stderr, as one stream), read a whole line at a
@@ -304,11 +306,22 @@ class RelayForward:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        if self._draining is not None:
+            self._draining.cancel()
+            self._draining = None
         if self._session is not None:
             self._session.close()
             self._session = None
         if self._relay_conn is not None:
             self._relay_conn.close()
+
+
+async def _discard(output: asyncssh.SSHReader[str]) -> None:
+    """Read what the relay goes on writing to the session (connection logs, notices) and drop it:
+    left unread, it would fill the session's window, and a relay blocked writing to it can stall."""
+    with contextlib.suppress(asyncssh.Error, OSError):
+        while await output.read(65536):
+            pass
 
 
 class RelayBackend:
