@@ -265,7 +265,7 @@ def info_command(args: argparse.Namespace) -> int:
             **(record_json(record, fleet) if args.json else record_row(record)),
             "status_reason": record.status_reason,
             "external_id": record.external_id,
-            "capabilities": profile_of(record.provider).model_dump(by_alias=True),
+            "capabilities": R.sandbox_capabilities(fleet, record),  # (MCP's shape, as sandbox_info's)
         }
         if record.status == "running":
             box = await fleet.get(record.id)
@@ -544,22 +544,7 @@ def doctor_command(args: argparse.Namespace) -> int:
 @command("pools")
 def pools_command(args: argparse.Namespace) -> int:
     fleet = Fleet()
-    rows = []
-    for pool in fleet.pools:
-        substrate = pool.substrate()
-        rows.append(
-            {
-                "name": pool.name,
-                "provider": pool.provider,
-                "active": pool.active,
-                "implicit": pool.implicit,
-                "available": (reason := fleet.availability(pool)) is None,
-                "unavailable_reason": reason,
-                "requirement_kinds": substrate.requirement_kinds,
-                "runtime_kinds": substrate.runtime_kinds,
-                "capabilities": profile_of(pool.provider).model_dump(by_alias=True, exclude={"notes"}),
-            }
-        )
+    rows = [R.PoolInfo.of(pool, fleet).model_dump(mode="json") for pool in fleet.pools]  # (as pools_list)
     if args.json:
         print_json(rows)
     else:
@@ -604,17 +589,15 @@ def costs_command(args: argparse.Namespace) -> int:
                 "pool": record.pool,
                 # for scripts ISO 8601 UTC, as everywhere in --json; for people the local time
                 "terminated": R.iso(event.created_at) if args.json else when(event.created_at),
-                "seconds": round(event.seconds, 1),
-                "duration": duration(event.seconds),
-                "gpu_seconds": round(event.gpu_seconds, 1),
-                "gpu_type": event.gpu_type,
-                "billing_model": event.billing_model,
-                "estimated_usd": event.estimated_usd,
+                # the cost's fields and values as `down --json` and MCP give them (not rounded)
+                **R.Cost.of(event).model_dump(mode="json"),
             }
         )
     if args.json:
         print_json(rows)
         return 0
+    for row in rows:
+        row["duration"] = duration(row["seconds"])
     print_table(
         rows,
         ["id", "name", "provider", "terminated", "duration", "gpu_seconds", "billing_model", "estimated_usd"],

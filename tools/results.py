@@ -11,8 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from providers import CostEvent, SandboxRecord
+from providers import CostEvent, Fleet, Pool, SandboxRecord
 from providers.profiles import CapabilityProfile, Substrate
+from providers.registry import profile_of
 from sandbox import Job
 
 from .output import duration
@@ -86,6 +87,13 @@ def capabilities(profile: CapabilityProfile, substrate: Substrate) -> dict[str, 
         "runtimeKinds": substrate.runtime_kinds,
         "requirementKinds": substrate.requirement_kinds,
     }
+
+
+def sandbox_capabilities(fleet: Fleet, record: SandboxRecord) -> dict[str, Any]:
+    """A sandbox's capabilities, as every tool and --json shows them: its pool's substrate's kinds."""
+    pool = next((p for p in fleet.pools if p.name == record.pool), None)
+    substrate = pool.substrate() if pool else fleet.provider_for(fleet._pool_of(record)).substrate
+    return capabilities(profile_of(record.provider), substrate)
 
 
 class SandboxResult(Result):
@@ -246,6 +254,25 @@ class PoolInfo(Result):
     runtime_kinds: list[str]
     requirement_kinds: list[str]
     config: dict[str, Any]
+
+    @classmethod
+    def of(cls, pool: Pool, fleet: Fleet) -> PoolInfo:
+        reason = fleet.availability(pool)
+        substrate = pool.substrate()
+        profile = profile_of(pool.provider)
+        return cls(
+            name=pool.name,
+            provider=pool.provider,
+            active=pool.active,
+            implicit=pool.implicit,
+            available=reason is None,
+            unavailable_reason=reason,
+            capabilities=capabilities(profile, substrate),
+            notes=profile.notes,
+            runtime_kinds=substrate.runtime_kinds,
+            requirement_kinds=substrate.requirement_kinds,
+            config=pool.config.model_dump(mode="json") if isinstance(pool.config, BaseModel) else {},
+        )
 
 
 class PoolList(Result):

@@ -282,9 +282,7 @@ class ServerState:
         ]
 
     def capabilities(self, record: SandboxRecord) -> dict[str, Any]:
-        pool = next((p for p in self.fleet.pools if p.name == record.pool), None)
-        substrate = pool.substrate() if pool else self.fleet.provider_for(self.fleet._pool_of(record)).substrate
-        return R.capabilities(profile_of(record.provider), substrate)
+        return R.sandbox_capabilities(self.fleet, record)
 
 
 class TetherServer(MCPServer):
@@ -650,28 +648,7 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
     async def pools_list() -> Annotated[CallToolResult, R.PoolList]:
         """Pools sandboxes can be created in: provider, active flag, capability profile, runtime and
         requirement kinds."""
-        pools = []
-        for pool in state.fleet.pools:
-            reason = state.fleet.availability(pool)
-            substrate = pool.substrate()
-            profile = profile_of(pool.provider)
-            config = pool.config.model_dump(mode="json") if isinstance(pool.config, BaseModel) else {}
-            pools.append(
-                R.PoolInfo(
-                    name=pool.name,
-                    provider=pool.provider,
-                    active=pool.active,
-                    implicit=pool.implicit,
-                    available=reason is None,
-                    unavailable_reason=reason,
-                    capabilities=R.capabilities(profile, substrate),
-                    notes=profile.notes,
-                    runtime_kinds=substrate.runtime_kinds,
-                    requirement_kinds=substrate.requirement_kinds,
-                    config=config,
-                )
-            )
-        return ok(R.PoolList(pools=pools))
+        return ok(R.PoolList(pools=[R.PoolInfo.of(pool, state.fleet) for pool in state.fleet.pools]))
 
 
 def register_file_tools(server: MCPServer, state: ServerState) -> None:
