@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -53,8 +54,37 @@ def write_state(state: dict[str, Any]) -> None:
 # -- serve ------------------------------------------------------------------------------------------
 
 
+def lock_path() -> Path:
+    return local_dir() / "host.lock"
+
+
+def _hold_daemon_lock() -> int:
+    """Take the daemon's lock (held until its process ends, and released with it however it ends);
+    the open descriptor. Checking host.json and then writing it is no guard by itself: two daemons
+    started at the same moment would both find none and both serve, and `host stop` stops one."""
+    fd = os.open(lock_path(), os.O_RDWR | os.O_CREAT, 0o600)  # (not inherited: sandboxes' shells don't hold it)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()  # (empty: it is just starting)
+        os.close(fd)
+        pid = f" (pid {holder})" if holder else ""
+        raise RuntimeError(f"a tether host daemon already runs{pid}; stop it first (tether host stop)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
 async def serve(port: int = 0) -> None:
     """Run the daemon until SIGTERM or SIGINT. The draining flag survives only until the next start."""
+    lock = _hold_daemon_lock()
+    try:
+        await _serve(port)
+    finally:
+        os.close(lock)  # (after host.json is gone: the next daemon's is never removed by this one)
+
+
+async def _serve(port: int) -> None:
     if (running := daemon_state()) is not None:
         raise RuntimeError(f"a tether host daemon already runs (pid {running['pid']}); stop it first")
     server = LocalSSHServer()

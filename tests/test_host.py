@@ -176,3 +176,44 @@ def test_a_stale_host_file_neither_drains_nor_gets_its_pid_signalled() -> None:
         bystander.kill()
         bystander.wait()
         path.unlink(missing_ok=True)
+
+
+def test_of_daemons_started_at_the_same_moment_exactly_one_serves() -> None:
+    """Both used to find no host.json and both serve (and `tether host stop` stopped one); the
+    daemon's lock now lets one in, and the others say so and exit."""
+    # `tether host serve`, each started once its imports are done and a line arrives: all at once.
+    ready = "import sys, tools.cli; sys.stdin.readline(); sys.exit(tools.cli.main(['host', 'serve']))"
+    serves = [
+        subprocess.Popen(
+            [sys.executable, "-c", ready],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    try:
+        time.sleep(2)  # (the imports)
+        for process in serves:
+            assert process.stdin is not None
+            process.stdin.write("go\n")
+            process.stdin.flush()
+        deadline = time.monotonic() + 20
+        while sum(p.poll() is None for p in serves) > 1 or host_daemon.daemon_state() is None:
+            assert time.monotonic() < deadline, "more than one daemon kept running"
+            time.sleep(0.05)
+        [serving] = [p for p in serves if p.poll() is None]
+        assert host_daemon.daemon_state()["pid"] == serving.pid
+        for refused in (p for p in serves if p is not serving):
+            assert refused.returncode != 0
+            assert "a tether host daemon already runs" in refused.stderr.read(), refused.stdout.read()
+        assert tether("host", "stop").returncode == 0
+        assert serving.wait(10) == 0 and host_daemon.daemon_state() is None
+    finally:
+        for process in serves:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+        host_state_path().unlink(missing_ok=True)
