@@ -95,10 +95,15 @@ class DaytonaPoolConfig(_Strict):
 
 
 class E2BPoolConfig(_Strict):
-    """E2B's page has these two keys and no resources (its sandboxes' timeout is the request's TTL)."""
+    """E2B's page has two keys in its table, a third in its text (pause and resume: "Set
+    config.snapshotId on the pool or use launchRunnerInline: true"), and no resources (its
+    sandboxes' timeout is the request's TTL)."""
 
     templateId: str = Field("base", description="E2B template ID")
     launchRunnerInline: bool = Field(False, description="Launch the runner via execCommand after provision")
+    snapshotId: str | None = Field(
+        None, description="Provision from this sandbox (one paused with `e2b sandbox pause`) instead of the template"
+    )
 
 
 class ModalPoolConfig(_Strict):

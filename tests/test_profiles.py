@@ -225,8 +225,12 @@ def test_pool_config_defaults_match_the_seeds(provider: str, model: type) -> Non
     page = seed_page(PAGES[provider])
     table = seed_config_table(page)
     defaults = model()
-    # spec.resources where the page speaks of it (Modal's table, Daytona's timeoutSec), else not at all
-    assert set(model.model_fields) == {*table, *(["resources"] if "spec.resources" in page else [])}
+    # spec.resources where the page speaks of it (Modal's table, Daytona's timeoutSec), else not at all;
+    # and the keys its text names (E2B: "Set config.snapshotId on the pool"), with no default
+    named = set(re.findall(r"\bconfig\.([a-z][A-Za-z0-9]*)", page)) - set(table)
+    assert set(model.model_fields) == {*table, *named, *(["resources"] if "spec.resources" in page else [])}
+    assert all(getattr(defaults, key) is None for key in named)
+    model.model_validate({key: "x" for key in named})  # (a pool may set them as the page says)
     for key, (type_name, text, whole_cell) in table.items():
         ours = getattr(defaults, key)
         expected = _as_seed_text(ours)
