@@ -119,8 +119,13 @@ def test_errors_say_what_to_do() -> None:
     assert nowhere.returncode == 2 and "tether up local" in nowhere.stderr
     for ttl in ("inf", "-5", "1e12"):  # refused before anything is created, without pydantic's report
         refused = tether("up", "local", "--ttl", ttl)
-        assert refused.returncode == 2 and refused.stderr.startswith("tether: invalid arguments: timeout_s: ")
+        assert refused.returncode == 2 and refused.stderr.startswith("tether: invalid arguments: --ttl: ")
         assert "pydantic" not in refused.stderr and "tether up --help" in refused.stderr
+    memory = tether("up", "local", "--memory-mb", "0")  # an option's error names the option
+    assert memory.returncode == 2 and "invalid arguments: --memory-mb: " in memory.stderr, memory.stderr
+    reaping = tether("mcp", "--reap-interval", "0")
+    assert reaping.returncode == 2 and "--reap-interval: expected a positive number of seconds" in reaping.stderr
+    assert "--timeout" not in reaping.stderr
     unknown = tether("up", "nope")
     assert unknown.returncode == 2 and "provider: unknown provider 'nope'; known: local" in unknown.stderr
     no_such = tether("mcp", "--provider", "nope")  # refused at start, not blamed on each tool call

@@ -187,18 +187,30 @@ def demo_command(args: argparse.Namespace) -> int:
 # -- sandboxes ------------------------------------------------------------------------------------------
 
 
+# `tether up`'s options by the Request field each sets: an invalid value's error names the option.
+UP_OPTIONS = {"provider": "provider", "memory_mb": "--memory-mb", "timeout_s": "--ttl"}
+
+
 @command("up")
 def up_command(args: argparse.Namespace) -> int:
-    request = Request(
-        provider=args.provider,
-        pool=args.pool,
-        gpu=args.gpu,
-        cpu=args.cpu,
-        memory_mb=args.memory_mb,
-        timeout_s=args.ttl,
-        name=args.name,
-        keep=True,
-    )
+    try:
+        request = Request(
+            provider=args.provider,
+            pool=args.pool,
+            gpu=args.gpu,
+            cpu=args.cpu,
+            memory_mb=args.memory_mb,
+            timeout_s=args.ttl,
+            name=args.name,
+            keep=True,
+        )
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{UP_OPTIONS.get(str(e['loc'][0]), '--' + str(e['loc'][0])) if e['loc'] else 'arguments'}: "
+            f"{e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        raise ValueError(f"invalid arguments: {problems}; see `tether up --help`") from None
 
     async def up(fleet: Fleet) -> None:
         if not (request.pool or request.provider or fleet.defaults.says_where):
@@ -639,8 +651,9 @@ def _host_and_port(target: str) -> tuple[str, int]:
 def _argparse_seconds(text: str) -> float:
     try:
         return seconds(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    except ValueError:
+        # (argparse's message names the option: "argument --reap-interval: expected ...")
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {text!r}") from None
 
 
 def seconds(text: str) -> float:
