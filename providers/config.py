@@ -258,6 +258,15 @@ class Defaults(_Strict):
         None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False, description="Idle timeout of new sandboxes that give none"
     )
 
+    @field_validator("provider")
+    @classmethod
+    def _known_provider(cls, value: str | None) -> str | None:
+        # (checked when the config loads, not at the first create, as a pool's provider is)
+        known = registry.known_providers()
+        if value is not None and value not in known:
+            raise ValueError(f"unknown provider {value!r}; known: {', '.join(known)}")
+        return value
+
     @property
     def says_where(self) -> bool:
         """Whether a request that names no place goes somewhere (rather than being refused)."""
