@@ -141,6 +141,7 @@ KILL_TREE = KILL_TREE_FN + '\n__t_killtree "$1" "$2"'
 
 _INIT = r"""
 set +e +u 2>/dev/null
+set +C 2>/dev/null  # (a profile's noclobber would keep tether's files from being emptied: `: >file`)
 unalias -a 2>/dev/null
 SHLVL=1; export SHLVL
 __T=__TETHER_DIR__
