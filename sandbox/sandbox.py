@@ -172,9 +172,9 @@ class Sandbox:
         parts = self._p
         if parts.executor.cwd:
             return parts.executor.cwd
-        if parts.shells.info is not None:
-            return parts.shells.info.start_dir
-        return await parts.sftp.retrying(lambda sftp: sftp.realpath("."))
+        # Where a login shell lands, which a profile may move (`cd ~/project`): SFTP's "." is the
+        # home directory whatever the profile does, so the first relative path starts a shell.
+        return (await parts.executor.info()).start_dir
 
     async def resolve(self, path: str) -> str:
         """An absolute remote path: `~` expanded, relative paths joined to `cwd()`."""
