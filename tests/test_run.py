@@ -9,6 +9,7 @@ import secrets
 import shlex
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from sandbox.errors import (
 )
 from tests.conftest import endpoint_for
 from tests.processes import ArgvWatch, leaf_sleep, wait_until_gone, wait_until_running
-from tests.sshd import SSHD
+from tests.sshd import SSHD, ensure_account
 
 
 async def test_streams_are_kept_apart_with_the_exit_code(sb: Sandbox) -> None:
@@ -490,3 +491,36 @@ def _descriptors_naming(prefix: str) -> list[str]:
             if os.readlink(fd).startswith(prefix):
                 found.append(str(fd))
     return found
+
+
+@pytest.fixture(scope="module")
+def strict_profile_sshd(client_key: Path) -> Iterator[SSHD]:
+    """A login profile that sets noclobber and moves to a project directory, as dev boxes' do."""
+    profile = "set -o noclobber\nmkdir -p ~/project && cd ~/project\n"
+    server = SSHD(ensure_account("tether-strict", "/bin/bash", {".bash_profile": profile}), client_key).start()
+    yield server
+    server.cleanup()
+
+
+async def test_a_profiles_noclobber_does_not_mix_one_commands_output_into_the_next(
+    strict_profile_sshd: SSHD, client_key: Path, pool: ConnectionPool
+) -> None:
+    async with Sandbox(endpoint_for(strict_profile_sshd, client_key), pool=pool) as box:
+        first, second = await box.run("echo one"), await box.run("echo two; echo err >&2")
+        assert (first.stdout, second.stdout, second.stderr) == ("one\n", "two\n", "err\n")
+        moved = await box.run("cd /tmp")
+        assert moved.stderr == "" and await box.cwd() == "/tmp"
+        job = await box.start_job("echo started; sleep 100")
+        await box.job_output(job.id, wait_ms=2000)
+        assert (await box.job_kill(job.id, "TERM")).status == "exited"
+
+
+async def test_relative_paths_before_any_command_are_where_the_login_lands(
+    strict_profile_sshd: SSHD, client_key: Path, pool: ConnectionPool
+) -> None:
+    """The profile moves the login shell to ~/project: a file written there by a relative path
+    before the first command is the one that command sees."""
+    async with Sandbox(endpoint_for(strict_profile_sshd, client_key), pool=pool) as box:
+        written = await box.write(f"notes-{secrets.token_hex(3)}.txt", "hello\n")
+        assert written.path.endswith(f"/project/{written.path.rsplit('/', 1)[1]}")
+        assert (await box.run(["cat", written.path.rsplit("/", 1)[1]])).stdout == "hello\n"
