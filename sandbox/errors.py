@@ -81,8 +81,8 @@ class IsADirectory(FileOperationError, IsADirectoryError):
 
 
 class NotADirectory(FileOperationError, NotADirectoryError):
-    def __init__(self, path: str) -> None:
-        super().__init__(path, f"{path}: a component of the path is not a directory")
+    def __init__(self, path: str, message: str | None = None) -> None:
+        super().__init__(path, message or f"{path}: a component of the path is not a directory")
 
 
 class PermissionDenied(FileOperationError, PermissionError):

@@ -892,11 +892,14 @@ class Files:
         try:
             return await self._sftp.retrying(listing)
         except FileOperationError as exc:
-            if isinstance(exc, FileNotFound | PermissionDenied):
+            if isinstance(exc, PermissionDenied):
                 raise
-            stat = await self.stat(path)
+            # (OpenSSH's sftp-server says "no such file" for a file too: what is there tells)
+            stat = await self.stat(path)  # (FileNotFound when nothing is)
             if stat.type != "directory":
-                raise NotADirectory(path) from None
+                raise NotADirectory(
+                    path, f"{path} is a {stat.type}, not a directory; read it, or list its parent"
+                ) from None
             raise
 
     async def remove(self, path: str) -> None:

@@ -26,6 +26,7 @@ from sandbox.errors import (
     InvalidEdit,
     IsADirectory,
     NoMatch,
+    NotADirectory,
     NotUnique,
     PermissionDenied,
     SpecialFile,
@@ -687,3 +688,12 @@ async def test_text_that_utf8_cannot_encode_is_refused_clearly(sb: Sandbox) -> N
             await attempt()
     assert len(await sb.job_list()) == jobs_before  # (no job half-made)
     assert (await sb.run("echo still fine")).stdout == "still fine\n"
+
+
+async def test_listing_a_file_says_it_is_no_directory(sb: Sandbox) -> None:
+    """OpenSSH's sftp-server answers a readdir of a file with "no such file": not what to tell."""
+    await sb.write("plain.txt", "a")
+    with pytest.raises(NotADirectory, match=r"plain\.txt is a file, not a directory"):
+        await sb.list_dir("plain.txt")
+    with pytest.raises(FileNotFound):
+        await sb.list_dir("nothing-here")
