@@ -22,6 +22,7 @@ GLOB_LIMIT = 100
 SEARCH_FROM = "/"
 MAX_SORTED = 10_000  # results beyond this many are not sorted by mtime (and are reported as truncated)
 GREP_MAX_CHARS = 30_000
+MAX_COLUMNS = 2000  # a line of content longer than this is cut (a match in a minified file)
 GrepMode = Literal["files_with_matches", "content", "count"]
 GREP_MODES = ("files_with_matches", "content", "count")
 
@@ -309,6 +310,11 @@ class Search:
             truncated = truncated or cut
         if head_limit is not None and len(lines) > head_limit:
             lines, truncated = lines[:head_limit], True
+        if output_mode == "content" and not use_rg:  # (as rg's --max-columns-preview cuts them)
+            lines = [
+                f"{line[:MAX_COLUMNS]} [... omitted end of long line]" if len(line) > MAX_COLUMNS else line
+                for line in lines
+            ]
         text, size = [], 0
         for line in lines:
             size += len(line) + 1
@@ -369,7 +375,7 @@ def _rg_argv(q: GrepQuery, one_thread: bool = False) -> list[str]:
         "--hidden",
         "--glob",
         "!.git",
-        "--max-columns=2000",
+        f"--max-columns={MAX_COLUMNS}",
         "--max-columns-preview",
     ]
     if q.output_mode == "files_with_matches":

@@ -351,3 +351,18 @@ async def test_glob_follows_a_symlinked_root_without_ripgrep(minimal_box: Sandbo
     link = f"{tree}-link"
     await minimal_box.run(["ln", "-s", tree, link])
     assert (await minimal_box.glob("**/*.py", link)).files == [f"{link}/src/util.py", f"{link}/src/app.py"]
+
+
+@pytest.mark.parametrize("engine", ["rg", "grep"])
+async def test_a_very_long_matching_line_is_cut_not_the_whole_answer(
+    engine: str, sb: Sandbox, minimal_box: Sandbox
+) -> None:
+    """A match in a minified file: its line is cut, and the other matches still come."""
+    box = sb if engine == "rg" else minimal_box
+    root = f"{await box.cwd()}/long-{secrets.token_hex(3)}"
+    await box.write(f"{root}/a.min.js", "var a=1;" + "x" * 40_000 + "NEEDLE\n")
+    await box.write(f"{root}/b.txt", "NEEDLE short line\n")
+    result = await box.grep("NEEDLE", root, output_mode="content")
+    first, second = sorted(result.text.splitlines())  # (busybox grep -r lists in directory order)
+    assert first.startswith(f"{root}/a.min.js:1:var a=1;xxx") and len(first) < 2200
+    assert second == f"{root}/b.txt:1:NEEDLE short line"
