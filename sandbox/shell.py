@@ -208,7 +208,10 @@ else
     # Environment values go through a private file, not the new shell's arguments (ps shows those).
     __vf=
     if [ -n "$3" ]; then __t_private "$__P.v" "$3"; __vf="$__P.v"; fi
-    __t_bg "$__TSH" -c "$__TCHILD" "${__TSH##*/}" "$1" "$2" "$__c" "$__vf" "$5"
+    # A long command goes through a file too: one argument may hold at most 128 KiB (Linux).
+    __sc=$2
+    if [ ${#__sc} -gt __LONG__ ]; then __t_private "$__P.s" "$2"; __sc='. "${__c%.c}.s"'; fi
+    __t_bg "$__TSH" -c "$__TCHILD" "${__TSH##*/}" "$1" "$__sc" "$__c" "$__vf" "$5"
   }
 fi
 __t_run() {
@@ -256,8 +259,11 @@ __t_job() {
   if [ -z "${__TDFL+asked}" ]; then
     __TDFL=; env --default-signal=INT,QUIT true 2>/dev/null && __TDFL='env --default-signal=INT,QUIT'
   fi
+  # A long command goes through a file in the job's directory (one argument holds at most 128 KiB).
+  __sc=$4
+  if [ ${#__sc} -gt __LONG__ ]; then __t_private "$2/command" "$4"; __sc='. "$__j/command"'; fi
   set +m
-  __t_bg $__TDFL "$__TSH" -c "$__TJOB" "${__TSH##*/}" "$3" "$4" "$2" "$6"
+  __t_bg $__TDFL "$__TSH" -c "$__TJOB" "${__TSH##*/}" "$3" "$__sc" "$2" "$6"
   __p=$!
   case $__m in *m*) set -m ;; esac
   __t_stamp "$__p"
@@ -308,8 +314,12 @@ fi
 __rg=0; command -v rg >/dev/null 2>&1 && __rg=1
 printf 'READY %s %s %s %s\0%s\0%s\0%s\0' "__NONCE__" "$__TPG" "$__rg" "$__TSH" "$HOME" "$__T" "$PWD"
 """
+# Characters of a command beyond which it is handed to a new shell through a file, not as an
+# argument: 32 Ki characters of up to 4 bytes each stay within Linux's 128 KiB per argument.
+LONG_COMMAND_CHARS = 32768
 _INIT = (
-    _INIT.replace("__CHILD__", shlex.quote(_CHILD))
+    _INIT.replace("__LONG__", str(LONG_COMMAND_CHARS))
+    .replace("__CHILD__", shlex.quote(_CHILD))
     .replace("__JOB__", shlex.quote(_JOB))
     .replace("__KILL_TREE_FN__", KILL_TREE_FN)
     .replace("__PROC_STAMP_FN__", PROC_STAMP_FN)

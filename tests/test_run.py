@@ -369,6 +369,27 @@ async def test_other_login_shells(
         assert await box.cwd() == await box.home() and not os.path.exists(f"{doomed}-ran")
 
 
+@pytest.mark.parametrize("flavour", ["sshd", "dash_sshd", "busybox_sshd"])
+async def test_commands_longer_than_an_argument_may_be_run_and_started_as_jobs(
+    flavour: str, request: pytest.FixtureRequest, client_key: Path, pool: ConnectionPool
+) -> None:
+    """An agent writing a big file with a here-document: over the 128 KiB one argument may hold."""
+    server: SSHD = request.getfixturevalue(flavour)
+    body = "x" * 150_000 + "\n" + "é" * 40_000
+    command = f"cat > big.txt <<'EOF'\n{body}\nEOF\nwc -c < big.txt"
+    async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
+        ran = await box.run(command, env={"GREETING": "hi"})
+        assert (ran.exit_code, ran.stdout.strip()) == (0, str(len(body.encode()) + 1)), ran.stderr
+        assert await box.read_text("big.txt") == body + "\n"
+        job = await box.start_job(command)
+        out = await box.job_output(job.id, wait_ms=10_000)
+        printed = out.stdout
+        while out.status == "running":
+            out = await box.job_output(job.id, wait_ms=1000)
+            printed += out.stdout
+        assert (out.exit_code, printed.strip()) == (0, str(len(body.encode()) + 1)), out.stderr
+
+
 @pytest.mark.parametrize(("flavour", "says"), [("sshd", "bash: line 3: "), ("dash_sshd", "dash: 3: eval: ")])
 async def test_a_commands_errors_read_as_its_shell_would_print_them(
     flavour: str, says: str, request: pytest.FixtureRequest, client_key: Path, pool: ConnectionPool
