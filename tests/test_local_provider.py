@@ -361,19 +361,19 @@ async def test_output_written_just_before_exit_reaches_the_client_and_the_connec
     """A command that writes to stderr as it exits: its exit status used to close the channel while
     that write was still being copied to it, and the copy's error made asyncssh drop the whole
     connection (every SFTP client, shell and forward on it)."""
-    box = await fleet.create(Request(provider="local"))
-    conn = await dial(box.endpoint, HostKeyPins(StateStore(tmp_path / "pins.db")))
-    async with conn, conn.start_sftp_client() as sftp:
-        for _ in range(50):
-            r = await conn.run("echo a; echo b >&2; exit 3")
-            assert (r.stdout, r.stderr, r.exit_status) == ("a\n", "b\n", 3)
-        await sftp.stat(".")  # (the connection's other channels live too)
-    # and through OpenSSH's client, as a user runs what `tether ssh` prints
-    ssh = [
-        "ssh", "-p", str(box.endpoint.port), "-i", box.endpoint.key_paths[0], "-o", "BatchMode=yes",
-        "-o", "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={tmp_path / 'known'}",
-        "-o", "LogLevel=ERROR", f"{box.id}@127.0.0.1", "ls /nonexistent",
-    ]  # fmt: skip
-    for _ in range(10):
-        p = await asyncio.to_thread(subprocess.run, ssh, capture_output=True, text=True)
-        assert p.returncode == 2 and "nonexistent" in p.stderr, (p.returncode, p.stderr)
+    async with await fleet.create(Request(provider="local")) as box:
+        conn = await dial(box.endpoint, HostKeyPins(StateStore(tmp_path / "pins.db")))
+        async with conn, conn.start_sftp_client() as sftp:
+            for _ in range(50):
+                r = await conn.run("echo a; echo b >&2; exit 3")
+                assert (r.stdout, r.stderr, r.exit_status) == ("a\n", "b\n", 3)
+            await sftp.stat(".")  # (the connection's other channels live too)
+        # and through OpenSSH's client, as a user runs what `tether ssh` prints
+        ssh = [
+            "ssh", "-p", str(box.endpoint.port), "-i", box.endpoint.key_paths[0], "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={tmp_path / 'known'}",
+            "-o", "LogLevel=ERROR", f"{box.id}@127.0.0.1", "ls /nonexistent",
+        ]  # fmt: skip
+        for _ in range(10):
+            p = await asyncio.to_thread(subprocess.run, ssh, capture_output=True, text=True)
+            assert p.returncode == 2 and "nonexistent" in p.stderr, (p.returncode, p.stderr)
