@@ -337,10 +337,6 @@ class Fleet:
             # An ad-hoc attach (`create("ssh", host=...)`): the request's options say where.
             pools.insert(0, Pool(name=request.provider, provider=request.provider, implicit=True))
         elif wanted and not any(p.provider == wanted for p in pools):
-            if wanted not in registry.known_providers():  # (rather than Pool's raw ValidationError)
-                raise ProviderUnavailable(
-                    f"unknown provider {wanted!r}; known: {', '.join(registry.known_providers())}"
-                )
             if request.auth_mode in LOCAL_AUTH_MODES:
                 # The pin asks for a local pool the config activates: one made up here would
                 # bypass it (the seed: with none active, dispatch fails at validation).
