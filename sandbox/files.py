@@ -729,11 +729,22 @@ class Files:
         directory, name = posixpath.split(path)
         temp = posixpath.join(directory, temp_name(name, "tmp"))
         started = time.time()
-        # lstat, not stat: a symlink is edited through its target (below), and for anything else the
-        # two say the same.
+        # The open follows a symlink, so the look sent before it does too (stat): a link whose
+        # target became a named pipe is caught, and its open released, before it blocks the
+        # session. An lstat goes along in the same round trip: a symlink is edited through its
+        # target (below), as renaming over the link would replace it with a file.
 
         async def look_and_open() -> tuple[asyncssh.SFTPAttrs | BaseException, asyncssh.SFTPClientFile | BaseException]:
-            return await self._look_and_open(path, sftp.lstat(path), sftp.open(path, "rb"))
+            link = asyncio.ensure_future(sftp.lstat(path))
+            try:
+                attrs, opened = await self._look_and_open(path, sftp.stat(path), sftp.open(path, "rb"))
+            except BaseException:
+                link.add_done_callback(lambda done: done.cancelled() or done.exception())  # (not needed now)
+                raise
+            linked = (await asyncio.gather(link, return_exceptions=True))[0]
+            if isinstance(linked, asyncssh.SFTPAttrs) and file_kind(linked) == "symlink":
+                return linked, opened  # (the handle is closed with the others)
+            return attrs, opened
 
         # (the temp file gets the file's own mode later)
         looked, temp_file = await self._with_temp_file(sftp, look_and_open(), temp)

@@ -697,3 +697,17 @@ async def test_listing_a_file_says_it_is_no_directory(sb: Sandbox) -> None:
         await sb.list_dir("plain.txt")
     with pytest.raises(FileNotFound):
         await sb.list_dir("nothing-here")
+
+
+async def test_editing_through_a_symlink_whose_target_became_a_named_pipe_is_refused(sb: Sandbox) -> None:
+    """The link was edited before (so its path is opened without a stat alone first): its target
+    replaced by a named pipe since is refused, and the session goes on (an open of a pipe with no
+    writer would block sftp-server, and every file operation of the sandbox with it)."""
+    await sb.write("pipe-target.txt", "hello\n")
+    await sb.run("ln -sf pipe-target.txt pipe-link.txt")
+    await sb.edit("pipe-link.txt", "hello", "bye")
+    assert await sb.read_text("pipe-target.txt") == "bye\n"
+    await sb.run("rm pipe-target.txt && mkfifo pipe-target.txt")
+    with pytest.raises(SpecialFile, match="named pipe"):
+        await asyncio.wait_for(sb.edit("pipe-link.txt", "bye", "again"), 10)
+    assert (await asyncio.wait_for(sb.stat("pipe-link.txt"), 10)).symlink_target == "pipe-target.txt"
