@@ -30,6 +30,12 @@ class Unsupported(ProviderError):
         )
 
 
+class EndedWithLeftovers(ProviderError):
+    """The machine counts as ended, but the provider could not clean up all of it (an attached
+    host that could not be reached). The message says what was left where: the fleet records it
+    as part of the sandbox's end (nothing would find the leftovers later)."""
+
+
 class SandboxNotFound(ProviderError, LookupError):
     def __init__(self, ref: str) -> None:
         self.ref = ref

@@ -30,8 +30,8 @@ from . import registry
 from .base import Capacity, Handle, ListedResource, Progress, Provider, ProvisionSpec, Request, no_progress
 from .config import CONFIG_MODELS, LocalPoolConfig, Pool, credentials_missing, load_defaults, load_pools
 from .dispatch import choose_pool
-from .errors import ProviderError, ProviderUnavailable, SandboxGone, Unsupported
-from .ledger import CostEvent, Ledger, SandboxRecord, new_sandbox_id
+from .errors import EndedWithLeftovers, ProviderError, ProviderUnavailable, SandboxGone, Unsupported
+from .ledger import LEFTOVERS, CostEvent, Ledger, SandboxRecord, new_sandbox_id
 from .profiles import GPU_RATES_USD_PER_HOUR, LOCAL_AUTH_MODES, CapabilityProfile
 
 log = logging.getLogger(__name__)
@@ -458,15 +458,11 @@ class Fleet:
                 self.ledger.mark_ending(record.id, reason)
                 try:
                     await provider.terminate(Handle.model_validate(record.handle))
-                except ProviderError as exc:
-                    if not getattr(exc, "sandbox_ended", False):
-                        with contextlib.suppress(sqlite3.Error):
-                            self.ledger.clear_ending(record.id)
-                        raise
+                except EndedWithLeftovers as exc:
                     # Ended, but not cleanly (an attached host that could not be reached): the
                     # ledger's reason says what is left where, as nothing will find it later.
                     log.warning("%s ended with leftovers: %s", record.id, exc)
-                    reason = f"{reason}; but {exc}"[:1000]
+                    reason = f"{reason}{LEFTOVERS}{exc}"[:1000]
                 except BaseException:
                     with contextlib.suppress(sqlite3.Error):
                         self.ledger.clear_ending(record.id)

@@ -145,6 +145,11 @@ class SandboxRecord:
         ongoing = max(0.0, end - self.paused_at) if self.paused_at is not None else 0.0
         return self.paused_seconds + ongoing
 
+    def left_behind(self) -> str | None:
+        """What its provider could not clean up when it ended (see EndedWithLeftovers), if anything."""
+        reason = self.status_reason or ""
+        return reason.split(LEFTOVERS, 1)[1] if self.status == "terminated" and LEFTOVERS in reason else None
+
     def owner_alive(self) -> bool:
         """Whether the process that created the sandbox still runs (only knowable on its host)."""
         return owner_alive(self.owner_host, self.owner_pid)
@@ -192,6 +197,8 @@ class CostEvent:
         return out
 
 
+# Between why a sandbox ended and what its provider could not clean up, in its status_reason.
+LEFTOVERS = "; but "
 SANDBOX_ID = re.compile(r"sb-[0-9a-f]{10}\Z")  # what new_sandbox_id makes (and no name may be)
 
 

@@ -21,7 +21,7 @@ from sandbox.jobs import STOP_JOBS_FN
 from .base import Capacity, Handle, Progress, Provider, ProvisionSpec, SandboxStatus, no_progress
 from .capacity import remote_capacity
 from .config import SSHPoolConfig
-from .errors import ProviderError
+from .errors import EndedWithLeftovers, ProviderError
 from .identity import tether_key
 from .profiles import PROFILES, SUBSTRATES
 
@@ -68,13 +68,10 @@ def endpoint_from_fields(fields: dict[str, Any]) -> SSHEndpoint:
     )
 
 
-class DetachedWithLeftovers(ProviderError):
+class DetachedWithLeftovers(EndedWithLeftovers):
     """Detached without cleaning up: the host could not be reached (or refused tether). The
     attachment ends all the same, since a host gone for good must not keep `tether down` failing
-    for ever, and nothing could find the leftovers later (an ssh host has no listing for gc); so the
-    message, which the fleet records as part of the sandbox's end, says what was left where."""
-
-    sandbox_ended = True  # (what the fleet looks for: the sandbox counts as ended all the same)
+    for ever, and nothing could find the leftovers later (an ssh host has no listing for gc)."""
 
 
 class SSHProvider(Provider):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +15,7 @@ import pytest
 
 from providers import Fleet, Request, Unsupported
 from providers.capacity import host_capacity
+from tests.mcp_support import tether
 from tests.sshd import SSHD, Account, ensure_account
 from tools.cli import ssh_argv
 
@@ -175,7 +178,10 @@ async def test_detaching_from_a_host_that_is_down_says_what_it_left_there(
         job = await box.start_job("sleep 300")
         job_pid, own_dir = job.pid, box.record.handle["data"]["tether_dir"]
         server.stop()
-        await fleet.destroy(box.id)
+        down = await asyncio.to_thread(tether, "down", box.id, "--json")  # (MCP's sandbox_destroy result)
+        assert down.returncode == 0, down.stderr
+        left = json.loads(down.stdout)["left_behind"]
+        assert left.startswith(f"could not clean up on {server.address}") and own_dir in left, left
         record = fleet.ledger.get(box.id)
         assert record.status == "terminated" and fleet.ledger.cost_event(box.id) is not None
         reason = record.status_reason or ""

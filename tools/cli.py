@@ -320,8 +320,11 @@ def info_command(args: argparse.Namespace) -> int:
 
 @command("down")
 def down_command(args: argparse.Namespace) -> int:
-    event = with_fleet(lambda fleet: fleet.destroy(args.id))
-    result = R.DestroyResult(id=event.sandbox_id, cost=R.Cost.of(event))  # (MCP's)
+    async def down(fleet: Fleet) -> R.DestroyResult:
+        event = await fleet.destroy(args.id)
+        return R.DestroyResult.of(fleet.ledger.get(event.sandbox_id), event)  # (MCP's)
+
+    result = with_fleet(down)
     if args.json:
         print_json(result.model_dump(mode="json"))
     else:

@@ -228,9 +228,17 @@ class DestroyResult(Result):
     id: str
     status: Literal["terminated"] = "terminated"
     cost: Cost
+    left_behind: str | None = Field(
+        None, description="What could not be cleaned up (an attached host that was unreachable), and where"
+    )
+
+    @classmethod
+    def of(cls, record: SandboxRecord, event: CostEvent) -> DestroyResult:
+        return cls(id=record.id, cost=Cost.of(event), left_behind=record.left_behind())
 
     def text(self) -> str:
-        return f"terminated {self.id} after {self.cost.text()}"
+        text = f"terminated {self.id} after {self.cost.text()}"
+        return f"{text}; but {self.left_behind}" if self.left_behind else text
 
 
 class StatusResult(Result):

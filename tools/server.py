@@ -614,7 +614,7 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
         event = await state.fleet.destroy(record.id)
         if state.default_id == record.id:
             state.default_id = None
-        return ok(R.DestroyResult(id=record.id, cost=R.Cost.of(event)))
+        return ok(R.DestroyResult.of(state.fleet.ledger.get(record.id), event))
 
     @server.tool(annotations=DESTRUCTIVE)
     @guarded
