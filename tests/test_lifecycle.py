@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Callable
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import anyio
+import httpx
 import pytest
 
 from providers import Fleet, Request, SandboxGone, SandboxRecord
@@ -26,6 +29,7 @@ from providers.local import LocalProvider
 from providers.local_server import local_dir
 from providers.profiles import PROFILES
 from tests.mcp_support import ROOT, tether
+from tunnels import TunnelManager
 
 
 def cost_event_count(sandbox_id: str) -> int:
@@ -425,6 +429,41 @@ async def test_tether_exec_keeps_its_sandbox_from_tether_gc_in_another_process()
         await asyncio.sleep(2)
         assert [r for r, _ in await fleet.reap()] == [box.id]
     finally:
+        await fleet.close()
+
+
+async def test_connections_through_a_tunnel_are_activity() -> None:
+    """A dev server someone keeps opening through its tunnel keeps its sandbox from the idle
+    reaper (each connection counts when it is made), however long ago the agent's last call was."""
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    # (a local sandbox's loopback is this machine's: a server of the test's own stands for the app)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    fleet = Fleet(config={})
+    try:
+        box = await fleet.create(Request(provider="local", idle_timeout_s=1))
+        tunnels = TunnelManager()
+        tunnel = await tunnels.open(box, server.server_port, backend="local")
+        async with httpx.AsyncClient(headers={"Connection": "close"}) as client:
+            for _ in range(8):
+                await asyncio.sleep(0.3)
+                assert (await client.get(tunnel.url)).text == "ok"
+                assert await fleet.reap() == [], "reaped while its tunnel was in use"
+        await tunnels.close_all()
+        await asyncio.sleep(1.3)
+        assert [r for r, _ in await fleet.reap()] == [box.id]
+    finally:
+        server.shutdown()
         await fleet.close()
 
 
