@@ -735,13 +735,11 @@ class Files:
         # target (below), as renaming over the link would replace it with a file.
 
         async def look_and_open() -> tuple[asyncssh.SFTPAttrs | BaseException, asyncssh.SFTPClientFile | BaseException]:
-            link = asyncio.ensure_future(sftp.lstat(path))
-            try:
-                attrs, opened = await self._look_and_open(path, sftp.stat(path), sftp.open(path, "rb"))
-            except BaseException:
-                link.add_done_callback(lambda done: done.cancelled() or done.exception())  # (not needed now)
-                raise
-            linked = (await asyncio.gather(link, return_exceptions=True))[0]
+            # (sent in this order: lstat, then _look_and_open's stat before its open)
+            looking = self._look_and_open(path, sftp.stat(path), sftp.open(path, "rb"))
+            linked, looked = await asyncio.gather(sftp.lstat(path), looking, return_exceptions=True)
+            _raise_first(looked)  # (a named pipe)
+            attrs, opened = looked  # type: ignore[misc]
             if isinstance(linked, asyncssh.SFTPAttrs) and file_kind(linked) == "symlink":
                 return linked, opened  # (the handle is closed with the others)
             return attrs, opened

@@ -435,8 +435,8 @@ def _grep_argv(q: GrepQuery) -> list[str]:
 # `sh -c _FIND_WITH_PATTERN sh PATTERN FIND-ARGS...`: find, with the pattern in its environment.
 _FIND_WITH_PATTERN = 'TETHER_GREP_PATTERN=$1; export TETHER_GREP_PATTERN; shift; exec find "$@"'
 
-# A command's text reaches a shell that is not bash as one argument of `sh -c`, which Linux caps
-# at 128 KiB: grep is given its files in batches of half that (the rest is the pattern's).
+# grep is given its files in batches of this many bytes of arguments: execve's room for arguments
+# and environment together (ARG_MAX) is at least 128 KiB on Linux (a quarter of a small stack).
 GREP_BATCH_CHARS = 64 << 10
 
 

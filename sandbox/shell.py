@@ -294,7 +294,7 @@ __t_jobkill() {
   fi
 }
 __P="$__T/run/__NONCE__"; __g=0
-trap 'rm -f "$__P.o" "$__P.e" "$__P.c" "$__P.v"' EXIT
+trap 'rm -f "$__P.o" "$__P.e" "$__P.c" "$__P.v" "$__P.s"' EXIT
 # In `fork` mode a command runs in __t_eval, which is defined from a file named `bash`: bash's error
 # messages name the file the running function came from ("main" for this script) and count lines
 # from this script's first line, so a command's errors would read "main: line 57: …" for its own
