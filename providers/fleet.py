@@ -203,7 +203,8 @@ class Fleet:
             self._providers[pool.name] = provider
         return provider
 
-    def _pool_of(self, record: SandboxRecord) -> Pool:
+    def pool_of(self, record: SandboxRecord) -> Pool:
+        """The pool a sandbox was made in (an implicit one of its provider when config.toml has it no more)."""
         for pool in self.pools:
             if pool.name == record.pool and pool.provider == record.provider:
                 return pool
@@ -217,7 +218,7 @@ class Fleet:
             ) from None
 
     def _provider_of(self, record: SandboxRecord) -> Provider:
-        return self.provider_for(self._pool_of(record))
+        return self.provider_for(self.pool_of(record))
 
     def profile(self, provider: str) -> CapabilityProfile:
         return registry.profile_of(provider)
@@ -543,7 +544,7 @@ class Fleet:
 
     def _hourly_rate(self, record: SandboxRecord) -> float | None:
         with contextlib.suppress(ProviderError):
-            own = pool_setting(self._pool_of(record), "rateUsdPerHour")
+            own = pool_setting(self.pool_of(record), "rateUsdPerHour")
             if own is not None:
                 return float(own)
         if record.gpu_type:

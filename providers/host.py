@@ -85,9 +85,7 @@ async def serve(port: int = 0) -> None:
 
 
 async def _serve(port: int) -> None:
-    if (running := daemon_state()) is not None:
-        raise RuntimeError(f"a tether host daemon already runs (pid {running['pid']}); stop it first")
-    server = LocalSSHServer()
+    server = LocalSSHServer()  # (no other daemon runs: serve holds the lock)
     last_port = local_dir() / "host.port"
     running = None
     if not port:

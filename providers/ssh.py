@@ -68,12 +68,6 @@ def endpoint_from_fields(fields: dict[str, Any]) -> SSHEndpoint:
     )
 
 
-class DetachedWithLeftovers(EndedWithLeftovers):
-    """Detached without cleaning up: the host could not be reached (or refused tether). The
-    attachment ends all the same, since a host gone for good must not keep `tether down` failing
-    for ever, and nothing could find the leftovers later (an ssh host has no listing for gc)."""
-
-
 class SSHProvider(Provider):
     name = "ssh"
     profile = PROFILES["ssh"]
@@ -123,7 +117,9 @@ class SSHProvider(Provider):
             async with Sandbox(endpoint, pool=self.connections, tether_dir=directory) as box:
                 await box.exec_raw(["sh", "-c", _DETACH, "sh", directory], timeout=30)
         except SandboxError as exc:
-            raise DetachedWithLeftovers(
+            # Detached all the same (a host gone for good must not keep `tether down` failing), and
+            # nothing would find the leftovers later (no listing for gc): the sandbox's end says so.
+            raise EndedWithLeftovers(
                 f"could not clean up on {endpoint.display} ({exc}): tether's jobs there may still run, "
                 f"and {directory} is still there (the jobs' pids are under its jobs/); stop them and "
                 "remove it when the host is back"
