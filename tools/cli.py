@@ -188,7 +188,14 @@ def demo_command(args: argparse.Namespace) -> int:
 
 
 # `tether up`'s options by the Request field each sets: an invalid value's error names the option.
-UP_OPTIONS = {"provider": "provider", "memory_mb": "--memory-mb", "timeout_s": "--ttl"}
+UP_OPTIONS = {
+    "pool": "--pool",
+    "gpu": "--gpu",
+    "cpu": "--cpu",
+    "memory_mb": "--memory-mb",
+    "timeout_s": "--ttl",
+    "name": "--name",
+}
 
 
 @command("up")
@@ -205,12 +212,9 @@ def up_command(args: argparse.Namespace) -> int:
             keep=True,
         )
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{UP_OPTIONS.get(str(e['loc'][0]), '--' + str(e['loc'][0])) if e['loc'] else 'arguments'}: "
-            f"{e['msg'].removeprefix('Value error, ')}"
-            for e in exc.errors()
-        )
-        raise ValueError(f"invalid arguments: {problems}; see `tether up --help`") from None
+        raise ValueError(
+            f"invalid arguments: {R.validation_problems(exc, UP_OPTIONS)}; see `tether up --help`"
+        ) from None
 
     async def up(fleet: Fleet) -> None:
         if not (request.pool or request.provider or fleet.defaults.says_where):
@@ -287,7 +291,7 @@ def info_command(args: argparse.Namespace) -> int:
             row["jobs"] = [R.JobInfo.of(job).model_dump(mode="json") for job in await box.job_list()]
         fleet.ledger.close_abandoned_tunnels()
         # (MCP's shapes; a tunnel is held by whichever process opened it)
-        row["tunnels"] = [R.TunnelInfo.of_row(t).model_dump() for t in fleet.ledger.tunnels(record.id)]
+        row["tunnels"] = [R.TunnelResult.held_elsewhere(t).model_dump() for t in fleet.ledger.tunnels(record.id)]
         event = fleet.ledger.cost_event(record.id)
         if event and not args.json:  # (the JSON has the cost, so far or final, in MCP's shape)
             row["cost"] = R.Cost.of(event).text()

@@ -28,12 +28,15 @@ def iso(timestamp: float | None) -> str | None:
         return "9999-12-31T23:59:59Z"
 
 
-def validation_problems(exc: ValidationError) -> str:
-    """pydantic's report as one line per problem's parameter and message, without its links."""
-    return "; ".join(
-        f"{'.'.join(str(part) for part in error['loc']) or 'arguments'}: {error['msg'].removeprefix('Value error, ')}"
-        for error in exc.errors()
-    )
+def validation_problems(exc: ValidationError, names: dict[str, str] | None = None) -> str:
+    """pydantic's report as one line per problem's parameter and message, without its links.
+    `names`: what to call a field instead (a command line's option that sets it)."""
+
+    def where(loc: tuple[int | str, ...]) -> str:
+        field = ".".join(str(part) for part in loc) or "arguments"
+        return (names or {}).get(field, field)
+
+    return "; ".join(f"{where(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
 
 
 def _nullable_as_type_list(schema: dict[str, Any]) -> None:
@@ -91,9 +94,7 @@ def capabilities(profile: CapabilityProfile, substrate: Substrate) -> dict[str, 
 
 def sandbox_capabilities(fleet: Fleet, record: SandboxRecord) -> dict[str, Any]:
     """A sandbox's capabilities, as every tool and --json shows them: its pool's substrate's kinds."""
-    pool = next((p for p in fleet.pools if p.name == record.pool), None)
-    substrate = pool.substrate() if pool else fleet.provider_for(fleet._pool_of(record)).substrate
-    return capabilities(profile_of(record.provider), substrate)
+    return capabilities(profile_of(record.provider), fleet.pool_of(record).substrate())
 
 
 class SandboxResult(Result):
@@ -185,25 +186,37 @@ class JobInfo(Result):
         )
 
 
-class TunnelInfo(Result):
+class TunnelResult(Result):
+    """tunnel_open; a tunnel in tunnel_list and sandbox_info."""
+
     tunnel_id: str
-    port: int
-    backend: str
     url: str
-    status: str
-    held_by_pid: int | None = Field(None, description="set when another tether process holds the tunnel")
+    backend: Literal["provider", "relay", "local"]
+    headers: dict[str, str] = Field(description="headers a request through the URL must carry (may be empty)")
+    port: int
+    sandbox: str
+    status: Literal["open"] = "open"  # (closed ones are listed nowhere)
+    held_by_pid: int | None = Field(
+        None, description="set when another tether process holds the tunnel (close it there)"
+    )
 
     @classmethod
-    def of_row(cls, row: dict[str, Any]) -> TunnelInfo:
-        """From the ledger's tunnels table (another process's tunnel)."""
+    def held_elsewhere(cls, row: dict[str, Any]) -> TunnelResult:
+        """Another process's tunnel, from the ledger (its headers are that process's to know)."""
         return cls(
             tunnel_id=row["id"],
-            port=row["port"],
-            backend=row["backend"],
             url=row["url"],
-            status=row["status"],
+            backend=row["backend"],
+            headers={},
+            port=row["port"],
+            sandbox=row["sandbox_id"],
             held_by_pid=row["owner_pid"],
         )
+
+    def text(self) -> str:
+        needs = f" with headers {self.headers}" if self.headers else ""
+        held = f", held by tether process {self.held_by_pid}" if self.held_by_pid else ""
+        return f"port {self.port} is at {self.url}{needs} ({self.backend} tunnel {self.tunnel_id}{held})"
 
 
 class SandboxInfo(Result):
@@ -220,7 +233,7 @@ class SandboxInfo(Result):
     capacity: dict[str, Any] | None = Field(description="cpus, memory_mb, disk, gpus; null where unsupported")
     cwd: str | None
     jobs: list[JobInfo]
-    tunnels: list[TunnelInfo]
+    tunnels: list[TunnelResult]
     listening_ports: list[int] = Field(default_factory=list)
 
 
@@ -382,38 +395,6 @@ class JobKillResult(Result):
     status: Literal["running", "exited"]
     exit_code: int | None
     signal: str
-
-
-class TunnelResult(Result):
-    """tunnel_open."""
-
-    tunnel_id: str
-    url: str
-    backend: Literal["provider", "relay", "local"]
-    headers: dict[str, str] = Field(description="headers a request through the URL must carry (may be empty)")
-    port: int
-    sandbox: str
-    held_by_pid: int | None = Field(
-        None, description="set when another tether process holds the tunnel (close it there)"
-    )
-
-    @classmethod
-    def held_elsewhere(cls, row: dict[str, Any]) -> TunnelResult:
-        """Another process's tunnel, from the ledger (its headers are that process's to know)."""
-        return cls(
-            tunnel_id=row["id"],
-            url=row["url"],
-            backend=row["backend"],
-            headers={},
-            port=row["port"],
-            sandbox=row["sandbox_id"],
-            held_by_pid=row["owner_pid"],
-        )
-
-    def text(self) -> str:
-        needs = f" with headers {self.headers}" if self.headers else ""
-        held = f", held by tether process {self.held_by_pid}" if self.held_by_pid else ""
-        return f"port {self.port} is at {self.url}{needs} ({self.backend} tunnel {self.tunnel_id}{held})"
 
 
 class TunnelList(Result):

@@ -281,8 +281,14 @@ class ServerState:
             if r.status in ("running", "paused") and (r.keep or r.id in self.fleet.created_here)
         ]
 
-    def capabilities(self, record: SandboxRecord) -> dict[str, Any]:
-        return R.sandbox_capabilities(self.fleet, record)
+    def open_tunnels(self, sandbox_id: str | None = None) -> list[R.TunnelResult]:
+        """Open tunnels (of one sandbox when given): this server's, then those other tether
+        processes hold (`tether tunnel`, another server), from the ledger."""
+        mine = [tunnel_result(t) for t in self.tunnels.list(sandbox_id)]
+        ours = {t.tunnel_id for t in mine}
+        self.fleet.ledger.close_abandoned_tunnels()
+        others = [R.TunnelResult.held_elsewhere(row) for row in self.fleet.ledger.tunnels(sandbox_id)]
+        return mine + [t for t in others if t.tunnel_id not in ours]
 
 
 class TetherServer(MCPServer):
@@ -430,6 +436,18 @@ def edited(result: EditResult) -> CallToolResult:
     )
 
 
+def tunnel_result(tunnel: Tunnel) -> R.TunnelResult:
+    """One of this server's tunnels, as the tunnel tools give it."""
+    return R.TunnelResult(
+        tunnel_id=tunnel.id,
+        url=tunnel.url,
+        backend=tunnel.backend,
+        headers=tunnel.headers,
+        port=tunnel.port,
+        sandbox=tunnel.sandbox_id,
+    )
+
+
 def tether_version() -> str:
     try:
         return importlib.metadata.version("tether")
@@ -519,7 +537,7 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
         )
         box = await state.fleet.create(request, progress_reporter(ctx))
         record = box.record
-        return ok(R.SandboxResult.of(record, state.capabilities(record)))
+        return ok(R.SandboxResult.of(record, R.sandbox_capabilities(state.fleet, record)))
 
     @server.tool(annotations=CREATES)
     @guarded
@@ -541,7 +559,7 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
             Request(provider="ssh", name=name, keep=True, options=options), progress_reporter(ctx)
         )
         record = box.record
-        return ok(R.SandboxResult.of(record, state.capabilities(record)))
+        return ok(R.SandboxResult.of(record, R.sandbox_capabilities(state.fleet, record)))
 
     @server.tool(annotations=READ_ONLY)
     @guarded
@@ -566,17 +584,6 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
                 jobs = [R.JobInfo.of(job) for job in await box.job_list()]
                 cwd = await box.cwd()
                 ports = await listening_ports(box)
-        tunnels = [
-            R.TunnelInfo(tunnel_id=t.id, port=t.port, backend=t.backend, url=t.url, status=t.status)
-            for t in state.tunnels.list(record.id)
-        ]
-        # Tunnels other tether processes hold (`tether tunnel`, another server) are the sandbox's
-        # too: from the ledger, as tunnel_list and `tether info` show them.
-        ours = {t.tunnel_id for t in tunnels}
-        state.fleet.ledger.close_abandoned_tunnels()
-        tunnels += [
-            t for t in map(R.TunnelInfo.of_row, state.fleet.ledger.tunnels(record.id)) if t.tunnel_id not in ours
-        ]
         info = R.SandboxInfo(
             id=record.id,
             name=record.name,
@@ -587,11 +594,11 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
             created_at=R.iso(record.created_at) or "",
             expires_at=R.iso(record.expires_at),
             ssh=R.SSHInfo.of(record),
-            capabilities=state.capabilities(record),
+            capabilities=R.sandbox_capabilities(state.fleet, record),
             capacity=capacity,
             cwd=cwd,
             jobs=jobs,
-            tunnels=tunnels,
+            tunnels=state.open_tunnels(record.id),
             listening_ports=ports,
         )
         return ok(info)
@@ -900,16 +907,6 @@ def register_shell_tools(server: MCPServer, state: ServerState) -> None:
 
 
 def register_tunnel_tools(server: MCPServer, state: ServerState) -> None:
-    def result(tunnel: Tunnel) -> R.TunnelResult:
-        return R.TunnelResult(
-            tunnel_id=tunnel.id,
-            url=tunnel.url,
-            backend=tunnel.backend,
-            headers=tunnel.headers,
-            port=tunnel.port,
-            sandbox=tunnel.sandbox_id,
-        )
-
     @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=True))
     @guarded
     async def tunnel_open(
@@ -933,18 +930,14 @@ def register_tunnel_tools(server: MCPServer, state: ServerState) -> None:
             preview=preview_source(state.fleet, box.id),
             sandbox={"id": record.id, "name": record.name, "provider": record.provider, "pool": record.pool},
         )
-        return ok(result(tunnel))
+        return ok(tunnel_result(tunnel))
 
     @server.tool(annotations=READ_ONLY)
     @guarded
     async def tunnel_list(sandbox: SandboxArg = None) -> Annotated[CallToolResult, R.TunnelList]:
         """Open tunnels (of one sandbox when given), this server's and other tether processes'."""
         sandbox_id = (await state.sandbox(sandbox)).id if sandbox else None
-        mine = [result(t) for t in state.tunnels.list(sandbox_id)]
-        ours = {t.tunnel_id for t in mine}
-        state.fleet.ledger.close_abandoned_tunnels()
-        others = [R.TunnelResult.held_elsewhere(row) for row in state.fleet.ledger.tunnels(sandbox_id)]
-        return ok(R.TunnelList(tunnels=mine + [t for t in others if t.tunnel_id not in ours]))
+        return ok(R.TunnelList(tunnels=state.open_tunnels(sandbox_id)))
 
     @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True))
     @guarded
