@@ -164,11 +164,7 @@ class SandboxRecord:
     def ending_interrupted(self) -> bool:
         """A termination whose process died before it was recorded: the machine may be half gone,
         and the row still says what it said before (the reaper finishes the job)."""
-        return (
-            self.status != "terminated"
-            and self.ending_reason is not None
-            and not owner_alive(self.ending_host, self.ending_pid)
-        )
+        return self.status != "terminated" and self.ending_reason is not None and self.ending() is None
 
     def provision_abandoned(self) -> bool:
         """A provision that will never finish: it failed (perhaps cancelled, its process alive), or

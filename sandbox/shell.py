@@ -495,11 +495,7 @@ class PersistentShell:
         pid (= its process group when groups are on). Should `cwd` be missing, it runs in `fallback`
         instead, or, when that is empty, not at all (exit status 125, `tether: cwd … ` on stderr)."""
         words = " ".join(shlex.quote(word) for word in (cwd, script, exports, fallback))
-        data = wire_bytes(f"__t_run {command_id} {words}\n")
-        try:
-            self._process.stdin.write(data)
-        except (BrokenPipeError, asyncssh.Error, OSError) as exc:
-            raise ShellDied(f"the shell's channel is closed: {exc}") from None
+        self._send(f"__t_run {command_id} {words}\n")
         return await self.started(command_id)
 
     async def started(self, command_id: str) -> int:
@@ -517,12 +513,16 @@ class PersistentShell:
     async def call(self, function: str, *args: str) -> list[str]:
         """Call one of the shell's builtin-only helpers (`job`, `alive`, `kill`) and return its reply."""
         call_id = secrets.token_hex(8)
-        data = wire_bytes(" ".join([f"__t_{function}", call_id, *(shlex.quote(a) for a in args)]) + "\n")
+        self._send(" ".join([f"__t_{function}", call_id, *(shlex.quote(a) for a in args)]) + "\n")
+        return await self._expect(call_id, "R", maxsplit=-1, allow_empty=True)
+
+    def _send(self, line: str) -> None:
+        """One line of shell code down the shell's stdin (see wire_bytes)."""
+        data = wire_bytes(line)
         try:
             self._process.stdin.write(data)
         except (BrokenPipeError, asyncssh.Error, OSError) as exc:
             raise ShellDied(f"the shell's channel is closed: {exc}") from None
-        return await self._expect(call_id, "R", maxsplit=-1, allow_empty=True)
 
     async def _expect(self, command_id: str, kind: str, maxsplit: int = -1, allow_empty: bool = False) -> list[str]:
         prefix = f"{command_id} {kind}"
