@@ -728,8 +728,10 @@ class Fleet:
                     if record.provision_abandoned() and self._record_termination(record, reason):
                         report.interrupted.append(record.id)
                 continue
-            after = [r for r in self.ledger.list(include_terminated=True) if r.provider == provider_name]
-            await self._reconcile(provider, listed, before, after, report)
+            rows = self.ledger.list(include_terminated=True)
+            after = [r for r in rows if r.provider == provider_name]
+            others = {r.id for r in rows if r.provider != provider_name}
+            await self._reconcile(provider, listed, before, after, others, report)
         report.tunnels_closed = self.ledger.close_abandoned_tunnels()
         return report
 
@@ -751,14 +753,17 @@ class Fleet:
         listed: list[ListedResource],
         before: list[SandboxRecord],
         after: list[SandboxRecord],
+        others: set[str],
         report: GcReport,
     ) -> None:
-        """One provider's listing against its ledger rows (read before and after the listing)."""
+        """One provider's listing against its ledger rows (read before and after the listing).
+        `others`: the ids of other providers' rows, whose resources a provider that shares where it
+        keeps them (a LocalProvider subclass lists every local sandbox) may list too: never orphans."""
         by_id = {r.id: r for r in after}
         seen = set()
         for resource in listed:
-            if not resource.tether_id:
-                continue  # not labelled by tether: not ours to remove
+            if not resource.tether_id or resource.tether_id in others:
+                continue  # not labelled by tether, or another provider's: not this one's to remove
             record = by_id.get(resource.tether_id)
             if record is not None:
                 seen.add(record.id)

@@ -524,6 +524,25 @@ async def test_a_sandbox_that_cannot_be_asked_about_its_jobs_is_idle() -> None:
         await reaper.close()
 
 
+async def test_gc_leaves_another_providers_sandboxes_that_a_listing_shows() -> None:
+    """A provider built on LocalProvider lists every local sandbox: those the ledger has under
+    another provider are not its orphans (gc removed them, and drain then waited on their rows)."""
+    config = {
+        "providers": [{"name": "unreachable", "class": "tests.test_lifecycle:UnreachableProvider"}],
+        "pools": [{"name": "unreachable", "provider": "unreachable"}, {"name": "local", "provider": "local"}],
+    }
+    fleet = Fleet(config=config)
+    try:
+        ours = await fleet.create(Request(pool="unreachable"))
+        local = await fleet.create(Request(pool="local"))
+        report = await fleet.gc()
+        assert local.id not in report.orphans and ours.id not in report.orphans
+        assert (local_dir() / "sandboxes" / local.id).is_dir() and fleet.ledger.get(local.id).status == "running"
+        assert (await local.run("echo alive")).stdout == "alive\n"
+    finally:
+        await fleet.close(teardown_created=True)
+
+
 async def test_concurrent_reapers_report_each_reaped_sandbox_once() -> None:
     fleets = [Fleet(config={}) for _ in range(3)]
     try:
