@@ -9,6 +9,7 @@ import secrets
 import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Self
 
 
@@ -16,6 +17,15 @@ def leaf_sleep() -> str:
     """`sleep 1000.NNNNNNNN`: a command that is its own marker, so the process that must die is
     the one found (a marker on a parent `sh -c` would pass once the parent alone is killed)."""
     return f"sleep 1000.{secrets.randbelow(10**8):08d}"
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a container's pid 1 may never reap what it inherits)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
 
 
 def processes_matching(marker: str) -> list[str]:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import pty
+import queue
 import re
 import shlex
 import signal
@@ -231,20 +232,19 @@ def test_a_demo_ended_by_a_signal_tears_its_sandbox_down(stop: signal.Signals) -
         cwd=ROOT,
         env=server_env(),
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
     )
+    lines: queue.Queue[str] = queue.Queue()  # (read in a thread: a demo that hangs fails the test)
+    threading.Thread(target=lambda: [lines.put(line) for line in demo.stdout or ()], daemon=True).start()
     try:
-        assert demo.stdout is not None
-        lines = []
-        for line in demo.stdout:
-            lines.append(line)
-            if line.startswith("==> fetching a page"):  # (its server runs as a job by now)
-                break
-        sandbox_id = re.search(r"\((sb-[0-9a-f]{10})\)", "".join(lines))
-        assert sandbox_id is not None, "".join(lines)
+        output = ""
+        while "==> fetching a page" not in output:  # (its server runs as a job by now)
+            output += lines.get(timeout=60)
+        sandbox_id = re.search(r"\((sb-[0-9a-f]{10})\)", output)
+        assert sandbox_id is not None, output
         demo.send_signal(stop)
-        assert demo.wait(timeout=60) == 128 + stop, demo.stderr.read() if demo.stderr else ""
+        assert demo.wait(timeout=60) == 128 + stop, output
     finally:
         demo.kill()
     record = Ledger().get(sandbox_id.group(1))

@@ -182,7 +182,10 @@ def test_of_daemons_started_at_the_same_moment_exactly_one_serves() -> None:
     """Both used to find no host.json and both serve (and `tether host stop` stopped one); the
     daemon's lock now lets one in, and the others say so and exit."""
     # `tether host serve`, each started once its imports are done and a line arrives: all at once.
-    ready = "import sys, tools.cli; sys.stdin.readline(); sys.exit(tools.cli.main(['host', 'serve']))"
+    ready = (
+        "import sys, tools.cli; print('ready', flush=True); sys.stdin.readline(); "
+        "sys.exit(tools.cli.main(['host', 'serve']))"
+    )
     serves = [
         subprocess.Popen(
             [sys.executable, "-c", ready],
@@ -195,7 +198,8 @@ def test_of_daemons_started_at_the_same_moment_exactly_one_serves() -> None:
         for _ in range(3)
     ]
     try:
-        time.sleep(2)  # (the imports)
+        for process in serves:  # (each has done its imports: go at once)
+            assert process.stdout is not None and process.stdout.readline() == "ready\n"
         for process in serves:
             assert process.stdin is not None
             process.stdin.write("go\n")

@@ -15,7 +15,7 @@ from sandbox import ConnectionPool, Sandbox, SSHEndpoint
 from sandbox.errors import FileNotFound, InvalidArgument, JobNotFound, SandboxError
 from sandbox.jobs import STOP_ALL_JOBS
 from tests.conftest import endpoint_for
-from tests.processes import leaf_sleep, processes_matching, wait_until_gone, wait_until_running
+from tests.processes import leaf_sleep, processes_matching, running, wait_until_gone, wait_until_running
 from tests.sshd import SSHD
 
 
@@ -178,7 +178,10 @@ async def test_a_job_whose_wrapper_was_killed_alone_can_still_be_stopped(sb: San
     job = await sb.start_job(marker)
     await wait_until_running(marker, 10)
     await sb.run(f"kill -KILL {job.pid}")  # the wrapper alone
-    await asyncio.sleep(0.2)
+    deadline = time.monotonic() + 5
+    while running(job.pid):  # (until the KILL landed: then the command has outlived it)
+        assert time.monotonic() < deadline, "the wrapper outlived its KILL"
+        await asyncio.sleep(0.02)
     assert processes_matching(marker), "the command should outlive its wrapper"
     assert [j.status for j in await sb.job_list() if j.id == job.id] == ["running"]
     await sb.job_kill(job.id, "KILL")

@@ -263,8 +263,10 @@ async def test_gc_leaves_alone_a_sandbox_created_while_it_lists(monkeypatch) -> 
     created: list[object] = []
 
     async def slow_list(self: LocalProvider) -> list[object]:
-        # another process creates a sandbox between gc's ledger read and its listing
-        created.append(await creator.create(Request(provider="local")))
+        # another process creates a sandbox between gc's ledger read and its listing (once: other
+        # providers built on LocalProvider, which earlier tests registered, list too)
+        if not created:
+            created.append(await creator.create(Request(provider="local")))
         return await listing(self)  # type: ignore[return-value]
 
     monkeypatch.setattr(LocalProvider, "list", slow_list)
@@ -282,7 +284,7 @@ async def test_gc_leaves_alone_a_sandbox_created_while_it_lists(monkeypatch) -> 
         assert box.id in (await collector.gc()).vanished  # type: ignore[attr-defined]
     finally:
         monkeypatch.setattr(LocalProvider, "list", listing)
-        await creator.close()
+        await creator.close(teardown_created=True)
         await collector.close()
 
 
@@ -328,7 +330,7 @@ async def test_a_command_running_in_one_process_is_not_idle_to_another_processs_
     owner, reaper = Fleet(config={}), Fleet(config={})
     try:
         box = await owner.create(Request(provider="local", idle_timeout_s=unit))
-        command = asyncio.ensure_future(box.run(f"sleep {6 * unit}; echo done"))
+        command = asyncio.ensure_future(box.run(f"sleep {4 * unit}; echo done"))
         while not command.done():
             assert await reaper.reap() == [], "reaped while its command ran"
             await asyncio.sleep(unit / 4)
@@ -354,10 +356,12 @@ async def test_a_sandbox_busy_while_the_heartbeat_sleeps_for_another_is_not_idle
         slow = await owner.create(Request(provider="local"))
         quick = await owner.create(Request(provider="local", idle_timeout_s=unit))
         long_one = asyncio.ensure_future(slow.run("sleep 30"))
+        deadline = time.monotonic() + 10
         while not heartbeats():
+            assert time.monotonic() < deadline, "no heartbeat while a command ran"
             await asyncio.sleep(0.05)
         await asyncio.sleep(unit / 2)  # (the heartbeat is asleep until the slow one is due)
-        command = asyncio.ensure_future(quick.run(f"sleep {6 * unit}; echo done"))
+        command = asyncio.ensure_future(quick.run(f"sleep {4 * unit}; echo done"))
         while not command.done():
             assert quick.id not in [r for r, _ in await reaper.reap()], "reaped while its command ran"
             await asyncio.sleep(unit / 4)
@@ -390,14 +394,14 @@ async def test_nothing_of_the_heartbeat_outlives_its_fleet() -> None:
         await running
 
 
-EXEC_UNDER_GC = 'started=$(pwd)/started; touch "$started"; sleep 5; echo done'
+EXEC_UNDER_GC = 'started=$(pwd)/started; touch "$started"; sleep 2.5; echo done'
 
 
 async def test_tether_exec_keeps_its_sandbox_from_tether_gc_in_another_process() -> None:
     """The report's repro: an idle timeout, `tether exec ID -- 'sleep …; echo done'`, and a reaper in
     another process while it runs."""
     maker = Fleet(config={})  # (`tether up`)
-    box = await maker.create(Request(provider="local", idle_timeout_s=1.5, keep=True))
+    box = await maker.create(Request(provider="local", idle_timeout_s=0.6, keep=True))
     await maker.close()
     fleet = Fleet(config={})  # (`tether gc`)
     try:
@@ -426,8 +430,11 @@ async def test_tether_exec_keeps_its_sandbox_from_tether_gc_in_another_process()
             await asyncio.sleep(0.2)
         stdout, stderr = await output
         assert (exec_process.returncode, stdout) == (0, b"done\n"), stderr.decode()
-        await asyncio.sleep(2)
-        assert [r for r, _ in await fleet.reap()] == [box.id]
+        deadline = time.monotonic() + 10
+        while not (reaped := [r for r, _ in await fleet.reap()]):  # (idle once the command ended)
+            assert time.monotonic() < deadline, "never reaped once idle"
+            await asyncio.sleep(0.1)
+        assert reaped == [box.id]
     finally:
         await fleet.close()
 

@@ -28,19 +28,10 @@ from sandbox.errors import IsADirectory, SandboxEnded
 from sandbox.hostkeys import HostKeyPins
 from sandbox.state import StateStore
 from tests.mcp_support import tether
-from tests.processes import leaf_sleep, wait_until_gone, wait_until_running
+from tests.processes import leaf_sleep, running, wait_until_gone, wait_until_running
 from tests.sshd import ensure_account, is_root
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def running(pid: int) -> bool:
-    """Alive and not a zombie (a container's pid 1 may never reap what it inherits)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 @pytest.fixture

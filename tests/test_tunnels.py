@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 import httpx
@@ -297,35 +298,15 @@ async def test_a_port_that_listens_but_never_answers_http_is_named_as_such(local
         await local_box.job_kill(job.id, "KILL")
 
 
-async def test_the_local_tunnel_is_reestablished_after_the_connection_dies(
-    own_sshd: SSHD, client_key: Path, pool: ConnectionPool
-) -> None:
-    server = own_sshd
-    async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
-        port = await start_http_server(box)
-        tunnels = TunnelManager()
-        tunnel = await tunnels.open(box, port, backend="local")
-        server.kill_connections()
-        deadline = time.monotonic() + 15
-        async with httpx.AsyncClient(timeout=2) as client:
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get(f"{tunnel.url}/index.html")).text == PAGE:
-                        break
-                assert time.monotonic() < deadline, "the tunnel did not come back"
-                await asyncio.sleep(0.2)
-        await tunnels.close_all()
-        await stop_jobs(box)
-
-
 @pytest.mark.parametrize("backend", ["local", "relay"])
 async def test_a_tunnel_holds_the_connection_dialed_after_the_old_one_died(
     backend: str, own_sshd: SSHD, client_key: Path, pool: ConnectionPool
 ) -> None:
     """A tunnel keeps the sandbox's connection from the pool's idle close. When that connection
     dies, the one dialed in its place (by the next request through the tunnel) is kept open as
-    well, for as long as the tunnel is; once it closes, the connection idles out."""
-    pool.idle_close = 0.5
+    well, for as long as the tunnel is; once it closes, the connection idles out. (Either tunnel is
+    re-established after its connection died, at the same URL.)"""
+    pool.idle_close = 0.2
     async with Sandbox(endpoint_for(own_sshd, client_key), pool=pool) as box, sish_relay() as relay:
         port = await start_http_server(box)
         tunnels = TunnelManager(relay=sish_config(relay))
@@ -463,10 +444,23 @@ async def test_a_relay_connection_still_being_bridged_when_its_tunnel_closes_lea
         tunnel = await tunnels.open(ssh_box, port, backend="relay")
         assert await established_to(ssh_box, port) == 0
         dial = ssh_box.connection
+        dialing, closed, bridged = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
-        async def slow_dial() -> asyncssh.SSHClientConnection:
-            await asyncio.sleep(1)
-            return await dial()
+        class Watched:
+            """The sandbox's connection, telling when the bridge's channel to the port opened."""
+
+            def __init__(self, conn: asyncssh.SSHClientConnection) -> None:
+                self.conn = conn
+
+            async def create_connection(self, *args: Any, **kwargs: Any) -> Any:
+                opened = await self.conn.create_connection(*args, **kwargs)
+                bridged.set()
+                return opened
+
+        async def slow_dial() -> Watched:  # (as when the sandbox's connection is being re-dialed)
+            dialing.set()
+            await closed.wait()
+            return Watched(await dial())
 
         monkeypatch.setattr(ssh_box, "connection", slow_dial)
 
@@ -476,12 +470,16 @@ async def test_a_relay_connection_still_being_bridged_when_its_tunnel_closes_lea
                     await client.get(f"{tunnel.url}/index.html")
 
         requesting = asyncio.create_task(request())
-        await asyncio.sleep(0.3)  # (at the relay, waiting for its bridge)
+        await asyncio.wait_for(dialing.wait(), 10)  # (at the relay, waiting for its bridge)
         await tunnels.close(tunnel.id)
+        closed.set()
+        await asyncio.wait_for(bridged.wait(), 10)  # (the bridge's channel opened, after the close)
         await requesting
-        await asyncio.sleep(1.5)  # (the bridge's channel opened by now)
         monkeypatch.undo()
-        assert await established_to(ssh_box, port) == 0
+        deadline = time.monotonic() + 5
+        while await established_to(ssh_box, port):
+            assert time.monotonic() < deadline, "a connection to the dev server outlived its tunnel"
+            await asyncio.sleep(0.1)
     await stop_jobs(ssh_box)
 
 
