@@ -12,6 +12,10 @@ import asyncio
 import weakref
 from typing import Any
 
+from pydantic import ValidationError
+
+from sandbox.errors import InvalidArgument, validation_problems
+
 from .base import Capacity, Handle, Progress, Provider, ProvisionSpec, Request, no_progress
 from .config import Pool, load_pools
 from .errors import (
@@ -84,5 +88,8 @@ async def create(
     """
     fields = {k: v for k, v in arguments.items() if k in _REQUEST_FIELDS}
     options = {k: v for k, v in arguments.items() if k not in _REQUEST_FIELDS}
-    request = Request(provider=provider, pool=pool, options=options, **fields)
+    try:
+        request = Request(provider=provider, pool=pool, options=options, **fields)
+    except ValidationError as exc:
+        raise InvalidArgument(f"invalid arguments to create: {validation_problems(exc)}") from None
     return await default_fleet().create(request, progress)

@@ -141,6 +141,9 @@ class Provider:
     # Whether a live sandbox's endpoint can change under it (local: the serving process restarts on
     # another port, or stops and this process serves instead). The fleet then asks again now and then.
     endpoint_moves: ClassVar[bool] = False
+    # The request options (`create(..., host=...)`) it reads; the fleet refuses others, so a typo is
+    # an error and not an option silently ignored. None: any (a plugin that does not say).
+    option_names: ClassVar[tuple[str, ...] | None] = None
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

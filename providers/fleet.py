@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from sandbox import ConnectionPool, Sandbox, SSHEndpoint, default_pool
+from sandbox.errors import InvalidArgument
 from sandbox.state import StateStore
 
 from . import registry
@@ -233,6 +234,7 @@ class Fleet:
         request = self._with_defaults(request)
         pool = self._choose(request)
         provider = self.provider_for(pool)
+        _refuse_unknown_options(request, provider)
         gpu_type, gpu_count = _gpu_of(request, pool)
         sandbox_id = new_sandbox_id()
         name = request.name or f"{pool.provider}-{sandbox_id[3:9]}"
@@ -342,6 +344,8 @@ class Fleet:
                 # The pin asks for a local pool the config activates: one made up here would
                 # bypass it (the seed: with none active, dispatch fails at validation).
                 return choose_pool(request, pools, self.availability)
+            if wanted not in registry.known_providers():
+                raise InvalidArgument(f"unknown provider {wanted!r}; known: {', '.join(registry.known_providers())}")
             model = CONFIG_MODELS.get(wanted)
             config = model() if model is not None and wanted != "ssh" else None
             implicit = Pool(name=wanted, provider=wanted, config=config, implicit=True)
@@ -865,3 +869,13 @@ def _gpu_rate_key(gpu_type: str, rates: dict[str, float]) -> str | None:
     name = gpu_type.lower().replace("-", " ").replace("_", " ")
     found = [key for key in rates if key.replace("-", " ") in name]
     return max(found, key=len, default=None)
+
+
+def _refuse_unknown_options(request: Request, provider: Provider) -> None:
+    known = provider.option_names
+    unknown = sorted(set(request.options) - set(known)) if known is not None else []
+    if unknown:
+        takes = f"it takes {', '.join(known)}" if known else "it takes none"
+        raise InvalidArgument(
+            f"the {provider.name} provider has no option {', '.join(map(repr, unknown))} ({takes}); nothing was created"
+        )

@@ -55,6 +55,7 @@ class LocalProvider(Provider):
     substrate = SUBSTRATES["local"]
     config_model = LocalPoolConfig
     endpoint_moves = True  # the daemon's server, or this process's own when none runs
+    option_names = ()
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

@@ -73,6 +73,7 @@ class SSHProvider(Provider):
     profile = PROFILES["ssh"]
     substrate = SUBSTRATES["ssh"]
     config_model = SSHPoolConfig
+    option_names = ("host", "user", "port", "key_path")
 
     def _target(self, options: dict[str, Any]) -> SSHEndpoint:
         config = self.pool.config if isinstance(self.pool.config, SSHPoolConfig) else None

@@ -5,6 +5,8 @@ Every message says what happened and what to do next: the MCP layer hands them t
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class SandboxError(Exception):
     """Base class of everything tether's engine raises on purpose."""
@@ -193,3 +195,14 @@ class JobNotFound(SandboxError, LookupError):
 
 class InvalidArgument(SandboxError, ValueError):
     """An argument that tether refuses before anything is sent."""
+
+
+def validation_problems(exc: ValidationError, names: dict[str, str] | None = None) -> str:
+    """pydantic's report as one line per problem's parameter and message, without its links.
+    `names`: what to call a field instead (a command line's option that sets it)."""
+
+    def where(loc: tuple[int | str, ...]) -> str:
+        field = ".".join(str(part) for part in loc) or "arguments"
+        return (names or {}).get(field, field)
+
+    return "; ".join(f"{where(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())

@@ -128,7 +128,7 @@ def test_errors_say_what_to_do() -> None:
     assert reaping.returncode == 2 and "--reap-interval: expected a positive number of seconds" in reaping.stderr
     assert "--timeout" not in reaping.stderr
     unknown = tether("up", "nope")
-    assert unknown.returncode == 2 and "provider: unknown provider 'nope'; known: local" in unknown.stderr
+    assert unknown.returncode == 2 and "unknown provider 'nope'; known: local" in unknown.stderr
     no_such = tether("mcp", "--provider", "nope")  # refused at start, not blamed on each tool call
     assert no_such.returncode == 2 and "unknown provider 'nope'" in no_such.stderr
     unimplemented = tether("up", "daytona")

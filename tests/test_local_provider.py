@@ -24,7 +24,7 @@ from providers import Fleet, Request, Unsupported
 from providers.local_server import _WorkdirSFTPServer, sandbox_root
 from sandbox import Sandbox
 from sandbox.connect import dial
-from sandbox.errors import IsADirectory, SandboxEnded
+from sandbox.errors import InvalidArgument, IsADirectory, SandboxEnded
 from sandbox.hostkeys import HostKeyPins
 from sandbox.state import StateStore
 from tests.mcp_support import tether
@@ -104,6 +104,22 @@ async def test_create_from_the_public_api() -> None:
     record = providers.default_fleet().ledger.get(sandbox_id)
     assert record.status == "terminated" and record.request["env_names"] == ["GREETING"]
     assert "hello" not in json.dumps(record.request)  # env values never reach the ledger
+
+
+async def test_the_public_api_refuses_bad_arguments_by_name() -> None:
+    before = providers.default_fleet().ledger.list(include_terminated=True)
+    for args, options, problem in (
+        (("bogus",), {}, "unknown provider 'bogus'; known: local"),
+        (("local",), {"cpu": -1}, "invalid arguments to create: cpu: Input should be greater than 0"),
+        (("local",), {"name": "sb-0123456789"}, "has the form of a sandbox id"),
+        # a provider's options are the ones it reads: a typo is not silently ignored
+        (("local",), {"host": "gpu-box"}, "the local provider has no option 'host' (it takes none)"),
+        (("ssh",), {"host": "gpu-box", "keypath": "~/k"}, "has no option 'keypath' (it takes host, user, port"),
+    ):
+        with pytest.raises(InvalidArgument) as refused:
+            await providers.create(*args, **options)
+        assert problem in str(refused.value) and "pydantic" not in str(refused.value)
+    assert providers.default_fleet().ledger.list(include_terminated=True) == before  # nothing was created
 
 
 async def test_tethers_own_credentials_do_not_reach_the_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:

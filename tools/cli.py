@@ -31,7 +31,7 @@ from providers.errors import ProviderError
 from providers.local_server import local_dir, work_dir
 from providers.registry import profile_of
 from sandbox import SSHEndpoint
-from sandbox.errors import SandboxError
+from sandbox.errors import SandboxError, validation_problems
 from sandbox.hostkeys import HostKeyPins
 from sandbox.state import default_store, read_config, state_dir
 from tunnels import Notifier
@@ -212,9 +212,7 @@ def up_command(args: argparse.Namespace) -> int:
             keep=True,
         )
     except ValidationError as exc:
-        raise ValueError(
-            f"invalid arguments: {R.validation_problems(exc, UP_OPTIONS)}; see `tether up --help`"
-        ) from None
+        raise ValueError(f"invalid arguments: {validation_problems(exc, UP_OPTIONS)}; see `tether up --help`") from None
 
     async def up(fleet: Fleet) -> None:
         if not (request.pool or request.provider or fleet.defaults.says_where):
@@ -810,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
             check_sections(read_config())
         return COMMANDS[args.command](args)
     except ValidationError as exc:
-        problems = R.validation_problems(exc)
+        problems = validation_problems(exc)
         print(f"tether: invalid arguments: {problems}; see `tether {args.command} --help`", file=sys.stderr)
         return 2
     except BrokenPipeError:  # (`tether exec … | head -1`: the reader went away; as other tools do)

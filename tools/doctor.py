@@ -21,12 +21,11 @@ from providers.local_server import ensure_server, sandbox_root
 from providers.registry import provider_class
 from providers.ssh import identities
 from sandbox import Sandbox, SSHEndpoint
-from sandbox.errors import SandboxError
+from sandbox.errors import SandboxError, validation_problems
 from sandbox.state import config_path, state_dir
 from tunnels import load_channels, load_relay
 
 from .config import check_sections
-from .results import validation_problems
 
 API_HOSTS = {
     "daytona": "https://app.daytona.io/api",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from providers import CostEvent, Fleet, Pool, SandboxRecord
 from providers.profiles import CapabilityProfile, Substrate
@@ -26,17 +26,6 @@ def iso(timestamp: float | None) -> str | None:
         return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
     except (OverflowError, ValueError, OSError):  # (beyond year 9999: a row from before TTLs were bounded)
         return "9999-12-31T23:59:59Z"
-
-
-def validation_problems(exc: ValidationError, names: dict[str, str] | None = None) -> str:
-    """pydantic's report as one line per problem's parameter and message, without its links.
-    `names`: what to call a field instead (a command line's option that sets it)."""
-
-    def where(loc: tuple[int | str, ...]) -> str:
-        field = ".".join(str(part) for part in loc) or "arguments"
-        return (names or {}).get(field, field)
-
-    return "; ".join(f"{where(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
 
 
 def _nullable_as_type_list(schema: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ from providers import Fleet, ManagedSandbox, Request, SandboxGone, SandboxRecord
 from providers.config import MAX_TIMEOUT_S
 from providers.errors import ProviderError
 from providers.registry import profile_of
-from sandbox.errors import InvalidArgument, JobNotFound, SandboxError
+from sandbox.errors import InvalidArgument, JobNotFound, SandboxError, validation_problems
 from sandbox.executor import MAX_OUTPUT_CHARS, cap_text, signal_name
 from sandbox.files import MAX_READ_CHARS, Edit, EditResult, Image
 from tunnels import Tunnel, listening_ports
@@ -98,7 +98,7 @@ def guarded(fn: Callable[..., Awaitable[CallToolResult]]) -> Callable[..., Await
         except (SandboxError, ProviderError) as exc:
             return failure(str(exc))
         except ValidationError as exc:
-            return failure(f"invalid arguments: {R.validation_problems(exc)}")
+            return failure(f"invalid arguments: {validation_problems(exc)}")
         except (ValueError, TimeoutError) as exc:
             return failure(str(exc) or type(exc).__name__)
         except Exception as exc:  # a bug of ours: say so, and keep the details in the server log
@@ -309,7 +309,7 @@ class TetherServer(MCPServer):
         except ToolError as exc:
             if not isinstance(exc.__cause__, ValidationError) or isinstance(exc, UnexpectedToolError):
                 raise
-            problems = R.validation_problems(exc.__cause__)
+            problems = validation_problems(exc.__cause__)
             raise ToolError(
                 f"invalid arguments for {name}: {problems}. Fix them (the tool's input schema describes each "
                 "parameter) and call again"
