@@ -155,6 +155,17 @@ class Provider:
         # The connection pool the fleet uses, for providers that talk SSH themselves (ssh: terminate).
         self.connections = connections
 
+    def check_request(self, request: Request) -> None:
+        """Refuse, with InvalidArgument, what this provider cannot take; called before anything is
+        recorded or created. The base refuses options not in `option_names`."""
+        known = self.option_names
+        unknown = sorted(set(request.options) - set(known)) if known is not None else []
+        if unknown:
+            takes = f"it takes {', '.join(known)}" if known else "it takes none"
+            raise InvalidArgument(
+                f"the {self.name} provider has no option {', '.join(map(repr, unknown))} ({takes}); nothing was created"
+            )
+
     async def provision(self, spec: ProvisionSpec, progress: Progress = no_progress) -> Handle:
         raise NotImplementedError
 

@@ -234,7 +234,7 @@ class Fleet:
         request = self._with_defaults(request)
         pool = self._choose(request)
         provider = self.provider_for(pool)
-        _refuse_unknown_options(request, provider)
+        provider.check_request(request)  # (before the row: a refused request leaves no trace)
         gpu_type, gpu_count = _gpu_of(request, pool)
         sandbox_id = new_sandbox_id()
         name = request.name or f"{pool.provider}-{sandbox_id[3:9]}"
@@ -869,13 +869,3 @@ def _gpu_rate_key(gpu_type: str, rates: dict[str, float]) -> str | None:
     name = gpu_type.lower().replace("-", " ").replace("_", " ")
     found = [key for key in rates if key.replace("-", " ") in name]
     return max(found, key=len, default=None)
-
-
-def _refuse_unknown_options(request: Request, provider: Provider) -> None:
-    known = provider.option_names
-    unknown = sorted(set(request.options) - set(known)) if known is not None else []
-    if unknown:
-        takes = f"it takes {', '.join(known)}" if known else "it takes none"
-        raise InvalidArgument(
-            f"the {provider.name} provider has no option {', '.join(map(repr, unknown))} ({takes}); nothing was created"
-        )

@@ -14,11 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from sandbox import Sandbox, SSHEndpoint
-from sandbox.errors import SandboxError
+from sandbox.errors import InvalidArgument, SandboxError, validation_problems
 from sandbox.jobs import STOP_JOBS_FN
 
-from .base import Capacity, Handle, Progress, Provider, ProvisionSpec, SandboxStatus, no_progress
+from .base import Capacity, Handle, Progress, Provider, ProvisionSpec, Request, SandboxStatus, no_progress
 from .capacity import remote_capacity
 from .config import SSHPoolConfig
 from .errors import EndedWithLeftovers, ProviderError
@@ -83,9 +85,16 @@ class SSHProvider(Provider):
         user = options.get("user") or (config.user if config else None)
         port = options.get("port") or (config.port if config else None)
         key = options.get("key_path") or (config.identityFile if config else None)
-        endpoint = SSHEndpoint.resolve(str(host), user=user, port=port)
+        try:
+            endpoint = SSHEndpoint.resolve(str(host), user=user, port=port)
+        except ValidationError as exc:
+            raise InvalidArgument(f"cannot attach to {host}: {validation_problems(exc)}") from None
         keys = identities(key) if key or not endpoint.key_paths else endpoint.key_paths
         return endpoint.model_copy(update={"key_paths": keys})
+
+    def check_request(self, request: Request) -> None:
+        super().check_request(request)
+        self._target(request.options)  # (no host, or an address or port it cannot use: refused now)
 
     async def provision(self, spec: ProvisionSpec, progress: Progress = no_progress) -> Handle:
         endpoint = self._target(spec.request.options)
