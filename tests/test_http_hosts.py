@@ -40,8 +40,11 @@ async def test_allowed_hosts_with_and_without_ports_and_https_origins() -> None:
             assert await status(host) == 421, host
         for origin in ("https://evil.example", "https://tether.example.evil.example", "null"):
             assert await status("tether.example", origin) == 403, origin
-        # loopback as before
+        # loopback as before; names in any letter case (they are case-insensitive)
         assert await status(f"127.0.0.1:{port}", f"http://127.0.0.1:{port}") == 200
+        assert await status(f"LocalHost:{port}", f"HTTP://LOCALHOST:{port}") == 200
+        assert await status("TETHER.example", "https://Tether.Example") == 200
+        assert await status(f"LocalHost.evil.example:{port}") == 421
         assert await status("127.0.0.1", "http://127.0.0.1") == 421  # (loopback names carry the port)
 
 

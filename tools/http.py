@@ -100,6 +100,24 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+def lowercase_host_and_origin(app: ASGIApp) -> ASGIApp:
+    """ASGI middleware: Host and Origin in lower case before the SDK compares them (exactly) with
+    the allowed ones. Host names are case-insensitive (RFC 9110 section 4.2.3), and so are an
+    origin's scheme and host: `LOCALHOST:8765` is the same server."""
+
+    async def lowered(
+        scope: Scope, receive: Callable[..., Awaitable[Any]], send: Callable[..., Awaitable[Any]]
+    ) -> None:
+        if scope["type"] == "http":
+            headers = [
+                (name, value.lower() if name in (b"host", b"origin") else value) for name, value in scope["headers"]
+            ]
+            scope = {**scope, "headers": headers}
+        await app(scope, receive, send)
+
+    return lowered
+
+
 def host_patterns(value: str) -> list[str]:
     """The Host headers one --allow-host value accepts (the SDK's patterns: `name:*` is any port).
 
@@ -138,6 +156,7 @@ def build_app(server: MCPServer, host: str, port: int, token: str | None, allowe
     app: ASGIApp = server.streamable_http_app(
         host=host, transport_security=security, max_request_body_size=MAX_REQUEST_BYTES
     )
+    app = lowercase_host_and_origin(app)
     return BearerAuth(app, token) if token else app
 
 
