@@ -274,10 +274,8 @@ class Search:
         started = time.monotonic()
         if use_rg:
             raw = await self._search(_rg_argv(query, one_thread), root)
-        elif glob and _parse_glob(glob):
-            raw = await self._grep_selected_files(query)
         else:
-            raw = await self._search(_grep_argv(query), root)
+            raw = await self._grep_files(query)
         if use_rg and output_mode == "files_with_matches":
             took = time.monotonic() - started
             if len(self._small_roots) > 1000:
@@ -324,10 +322,11 @@ class Search:
             text.append(line)
         return GrepResult(output_mode, "\n".join(text), len(text), truncated, "rg" if use_rg else "grep")
 
-    async def _grep_selected_files(self, q: GrepQuery) -> RawResult:
-        """grep without ripgrep, with a glob: find lists the files under the root (as glob does),
-        the glob picks those rg would search, and grep reads them, a batch at a time, each path its
-        own argument (sorted, so that lines come in the order of rg's --sort=path)."""
+    async def _grep_files(self, q: GrepQuery) -> RawResult:
+        """grep without ripgrep: find lists the files under the root (as glob does), the glob if
+        any picks those rg would search, and grep reads them, a batch at a time, each path its own
+        argument (sorted, so that lines come in the order of rg's --sort=path; a `grep -r`, or find
+        handing files to grep, would give them in the order of the directories' entries)."""
         flags = _grep_flags(q)
         listing = await self._executor.exec_raw(["find", *_walk(q.root), "-print0"], cwd=SEARCH_FROM)
         names = [name for name in listing.stdout.decode("utf-8", "surrogateescape").split("\0") if name]
@@ -423,17 +422,6 @@ def _walk(root: str) -> list[str]:
     followed, as rg does. (-H, not glob's trailing '/': grep's root may be a file.)"""
     return ["-H", root, "-name", ".git", "-prune", "-o", "-type", "f"]
 
-
-def _grep_argv(q: GrepQuery) -> list[str]:
-    """Without a glob: find hands every file to grep, in one command. The pattern never is an
-    argument of find, which would take a lone ';' for the end of -exec and refuse any '{}': it
-    reaches grep through the environment of the sh that starts find."""
-    run_grep = ["sh", "-c", 'exec grep -e "$TETHER_GREP_PATTERN" "$@"', "grep", *_grep_flags(q), "--", "{}", "+"]
-    return ["sh", "-c", _FIND_WITH_PATTERN, "sh", q.pattern, *_walk(q.root), "-exec", *run_grep]
-
-
-# `sh -c _FIND_WITH_PATTERN sh PATTERN FIND-ARGS...`: find, with the pattern in its environment.
-_FIND_WITH_PATTERN = 'TETHER_GREP_PATTERN=$1; export TETHER_GREP_PATTERN; shift; exec find "$@"'
 
 # grep is given its files in batches of this many bytes of arguments: execve's room for arguments
 # and environment together (ARG_MAX) is at least 128 KiB on Linux (a quarter of a small stack).

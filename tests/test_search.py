@@ -334,6 +334,29 @@ async def test_content_lines_end_at_newlines_only(sb: Sandbox) -> None:
     assert (result.text, result.lines) == (f"{root}/a.py:1:foo\x0cbar\n{root}/a.py:2:x\rfoo", 2)
 
 
+@pytest.mark.parametrize("engine", ["rg", "grep"])
+async def test_grep_answers_in_path_order_with_either_engine(engine: str, sb: Sandbox, minimal_box: Sandbox) -> None:
+    """Not in the order of the directories' entries (which is a hash order on most filesystems)."""
+    box = sb if engine == "rg" else minimal_box
+    root = f"{await box.cwd()}/order-{secrets.token_hex(3)}"
+    names = [f"d{i % 3}/f{i:02d}.txt" for i in range(24)]
+    await box.run(
+        [
+            "sh",
+            "-c",
+            'mkdir -p "$1" && cd "$1" && shift && for n; do mkdir -p "${n%/*}" && echo NEEDLE >"$n"; done',
+            "sh",
+            root,
+            *names[::-1],
+        ]
+    )
+    expected = sorted(f"{root}/{name}" for name in names)
+    content = await box.grep("NEEDLE", root, output_mode="content")
+    assert (content.engine, content.text.splitlines()) == (engine, [f"{path}:1:NEEDLE" for path in expected])
+    count = await box.grep("NEEDLE", root, output_mode="count")
+    assert count.text.splitlines() == [f"{path}:1" for path in expected]
+
+
 async def test_grep_of_a_named_pipe_ends_with_a_clear_error(sb: Sandbox) -> None:
     """rg would wait for a writer forever; the pipe is noticed once the search takes a second."""
     pipe = f"{await sb.cwd()}/pipe-{secrets.token_hex(3)}"
@@ -363,6 +386,6 @@ async def test_a_very_long_matching_line_is_cut_not_the_whole_answer(
     await box.write(f"{root}/a.min.js", "var a=1;" + "x" * 40_000 + "NEEDLE\n")
     await box.write(f"{root}/b.txt", "NEEDLE short line\n")
     result = await box.grep("NEEDLE", root, output_mode="content")
-    first, second = sorted(result.text.splitlines())  # (busybox grep -r lists in directory order)
+    first, second = result.text.splitlines()
     assert first.startswith(f"{root}/a.min.js:1:var a=1;xxx") and len(first) < 2200
     assert second == f"{root}/b.txt:1:NEEDLE short line"
