@@ -25,6 +25,10 @@ CHANNEL_GONE = (*CONNECTION_GONE, ShellDied, ConnectionLost, asyncssh.SFTPConnec
 # Channels unused this long are closed (and reopened on the next use); once a connection has no
 # channels left, the pool closes it after its own idle timeout.
 DEFAULT_IDLE_TIMEOUT = 300.0
+# A caller that waited this long for one of a sandbox's shells (each busy with a long command) gets
+# a shell of its own, up to ShellPool.max_size: a short command must not wait for a long one to end.
+# (Shorter waits are a busy moment, when a shell comes back sooner than a new one would start.)
+BURST_AFTER_S = 1.0
 
 
 class _IdleTimer:
@@ -215,7 +219,11 @@ class _Slot:
 
 
 class ShellPool:
-    """Up to `size` persistent shells for one sandbox; callers borrow one for each command."""
+    """Persistent shells for one sandbox; callers borrow one for each command.
+
+    Up to `size` shells are opened as callers need them. Beyond that, a caller that has waited
+    BURST_AFTER_S opens one more, up to `max_size`; such a surplus is closed when it is given back
+    while another shell is idle (the burst is over)."""
 
     def __init__(
         self,
@@ -225,10 +233,12 @@ class ShellPool:
         boot_timeout: float = 60,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         tether_dir: str = DEFAULT_TETHER_DIR,
+        max_size: int = 16,
     ) -> None:
         self._endpoint = endpoint
         self._pool = pool
         self.size = size
+        self.max_size = max(size, max_size)
         self.boot_timeout = boot_timeout
         self.tether_dir = tether_dir
         self._idle_timer = _IdleTimer(idle_timeout, self._close_idle)
@@ -293,15 +303,19 @@ class ShellPool:
         return slot
 
     async def _acquire(self) -> _Slot:
+        loop = asyncio.get_running_loop()
+        burst_at = loop.time() + BURST_AFTER_S
         async with self._changed:
             while True:
                 slot = self.try_borrow_idle()
                 if slot is not None:
                     return slot
-                if self._count < self.size:
+                bursting = loop.time() >= burst_at
+                if self._count < (self.max_size if bursting else self.size):
                     self._count += 1
                     break
-                await self._changed.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), None if bursting else burst_at - loop.time())
         # Opening a shell may wait for a session (the server's MaxSessions); a shell another caller
         # gives back meanwhile is taken instead, and the opening, if it still completes, goes idle.
         opening = asyncio.ensure_future(
@@ -368,7 +382,9 @@ class ShellPool:
 
     async def give_back(self, slot: _Slot, healthy: bool) -> None:
         self._idle_timer.touch()
-        if healthy and slot.alive:
+        if healthy and slot.alive and self._count > self.size and any(idle.alive for idle in self._idle):
+            await self._close_slot(slot)  # a burst's surplus: another shell is idle already
+        elif healthy and slot.alive:
             self._idle.append(slot)
             async with self._changed:
                 self._changed.notify_all()  # (a caller waiting to open a shell may take this one)

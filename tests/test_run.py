@@ -24,7 +24,7 @@ from sandbox.errors import (
     PermissionDenied,
 )
 from tests.conftest import endpoint_for
-from tests.processes import ArgvWatch, leaf_sleep, wait_until_gone, wait_until_running
+from tests.processes import ArgvWatch, leaf_sleep, processes_matching, wait_until_gone, wait_until_running
 from tests.sshd import SSHD, ensure_account
 
 
@@ -280,6 +280,37 @@ async def test_concurrent_runs_use_several_shells(sb: Sandbox) -> None:
     results = await asyncio.gather(*(sb.run("sleep 1; echo $$") for _ in range(4)))
     assert all(r.exit_code == 0 for r in results)
     assert time.monotonic() - started < 3  # in parallel (about 1 s), not one after another (4 s)
+
+
+async def test_a_short_command_does_not_wait_for_long_ones_holding_every_shell(
+    host_endpoint: SSHEndpoint, pool: ConnectionPool
+) -> None:
+    """Four long runs hold the four shells: a fifth caller gets a shell of its own after waiting
+    BURST_AFTER_S, and the surplus goes once the long runs give theirs back."""
+    tether_dir = f"~/.tether/t-{secrets.token_hex(3)}"
+    async with Sandbox(host_endpoint, pool=pool, tether_dir=tether_dir, shells=4) as box:
+        run_dir = (await box.run(f"cd {tether_dir}/run && pwd")).stdout.strip()
+        marker = leaf_sleep()
+        long_runs = [asyncio.ensure_future(box.run(f"{marker}; true", timeout=6)) for _ in range(4)]
+        deadline = time.monotonic() + 10
+        while len(processes_matching(marker)) < 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        started = time.monotonic()
+        quick = await box.run("echo quick")
+        assert quick.stdout == "quick\n" and time.monotonic() - started < 4  # (not after the long ones: 6 s)
+        assert not any(run.done() for run in long_runs)
+        assert all(run.timed_out for run in await asyncio.gather(*long_runs))
+        deadline = time.monotonic() + 10
+        while (shells := _shells_in(run_dir)) > 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert shells == 4
+        await box.run(["rm", "-rf", run_dir.rsplit("/", 1)[0]], cwd="/")
+
+
+def _shells_in(run_dir: str) -> int:
+    """The shells alive on this machine (the box) with output files in `run_dir` (each removes its
+    own when it exits)."""
+    return len({name.name.split(".", 1)[0] for name in Path(run_dir).iterdir() if name.name.count(".") == 1})
 
 
 async def test_raw_output_larger_than_one_sftp_request_comes_back_whole(sb: Sandbox) -> None:
