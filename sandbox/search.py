@@ -18,6 +18,7 @@ from .executor import Executor, RawResult, quote_word
 from .files import Files, split_lines
 
 GLOB_LIMIT = 100
+GLOB_LISTING_BYTES = 8 << 20  # of paths listed for one glob (about 100 000); beyond, matches may be missing
 # Searches run from "/": their paths are absolute, and the session's cwd may have been removed.
 SEARCH_FROM = "/"
 MAX_SORTED = 10_000  # results beyond this many are not sorted by mtime (and are reported as truncated)
@@ -31,6 +32,7 @@ GREP_MODES = ("files_with_matches", "content", "count")
 class GlobResult:
     files: list[str]  # newest first
     truncated: bool
+    listing_cut: bool = False  # the tree held more files than one listing takes: matches may be missing
 
 
 @dataclass
@@ -196,17 +198,32 @@ class Search:
                 raise InvalidArgument(f"glob {pattern!r}: '..' after a wildcard matches nothing; put it before")
         matcher = glob_to_regex(pattern)
         await self._require_directory(root)
+        # Only the part of the tree a match can lie in is listed: a listing of a whole home
+        # directory would be cut short, and slow, for a `*` at its top.
+        below, pattern, depth = _narrowed(root, pattern)
+        if below != root:
+            try:
+                await self._require_directory(below)
+            except (FileNotFound, InvalidArgument):  # (the pattern's leading directory is not there)
+                return GlobResult([], False)
+            root, matcher = below, glob_to_regex(pattern)
         if await self._has_rg():
-            argv = ["rg", "--files", "--hidden", "--glob", "!.git", "--null", "--no-config", "--", root]
+            argv = ["rg", "--files", "--hidden", "--glob", "!.git", "--null", "--no-config"]
+            argv += [f"--max-depth={depth}"] if depth else []
+            argv += ["--glob", name] if (name := _basename_filter(pattern)) else []
+            argv += ["--", root]
         else:
             # The trailing slash makes find follow a root that is a symlink to a directory (as rg does).
-            argv = ["find", f"{root.rstrip('/')}/", "-name", ".git", "-prune", "-o", "-type", "f", "-print0"]
-        raw = await self._executor.exec_raw(argv, cwd=SEARCH_FROM)
+            argv = ["find", f"{root.rstrip('/')}/", *(["-maxdepth", str(depth)] if depth else [])]
+            argv += ["-name", ".git", "-prune", "-o", "-type", "f", "-print0"]
+        raw = await self._executor.exec_raw(argv, cwd=SEARCH_FROM, max_bytes=GLOB_LISTING_BYTES)
         _raise_if_root_refused(root, raw.stderr)
         names = raw.stdout.decode("utf-8", "surrogateescape").split("\0")
+        if raw.stdout_truncated:
+            names.pop()  # (a path cut in the middle)
         matches = [n for n in names if n and matcher.match(_relative(n, root))]
         newest, cut = await self._newest_first(matches, GLOB_LIMIT)
-        return GlobResult(newest, cut or raw.stdout_truncated)
+        return GlobResult(newest, cut or raw.stdout_truncated, listing_cut=raw.stdout_truncated)
 
     async def _newest_first(self, paths: list[str], limit: int | None) -> tuple[list[str], bool]:
         """`paths` sorted newest first (ties by name), at most `limit`; and whether any were left out.
@@ -415,6 +432,36 @@ def _grep_flags(q: GrepQuery) -> list[str]:
     if q.case_insensitive:
         grep.append("-i")
     return grep
+
+
+_GLOB_SPECIAL = re.compile(r"[*?\[{\\]")
+
+
+def _narrowed(root: str, pattern: str) -> tuple[str, str, int | None]:
+    """The glob's search moved down through the pattern's leading literal directories (`src/app/*.py`
+    under R is `*.py` under R/src/app), and how deep under it a match can lie (None: any, for a
+    pattern with `**` or braces, which may hold a '/')."""
+    parts = pattern.split("/")
+    literal = 0
+    while (
+        literal < len(parts) - 1 and parts[literal] not in ("", ".", "..") and not _GLOB_SPECIAL.search(parts[literal])
+    ):
+        literal += 1
+    if literal:
+        root = posixpath.join(root, *parts[:literal])
+        parts = parts[literal:]
+    deep = "**" in pattern or "{" in pattern
+    return root, "/".join(parts), None if deep else len(parts)
+
+
+def _basename_filter(pattern: str) -> str | None:
+    """A --glob for rg that every file the pattern matches passes (its last part: to rg, a glob
+    without '/' is matched against the name alone), or None when there is none that is safe: a
+    backslash (an escape to rg, a character to glob), braces (may hold a '/'), `**`, a leading '!'."""
+    last = pattern.rsplit("/", 1)[-1]
+    if last in ("*", "") or "**" in last or "{" in pattern or "\\" in last or last.startswith("!"):
+        return None
+    return last
 
 
 def _walk(root: str) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import ConnectionPool, Sandbox
+from sandbox import ConnectionPool, Sandbox, search
 from sandbox.errors import FileNotFound, InvalidArgument, PermissionDenied, SpecialFile
 from sandbox.search import glob_to_regex
 from tests.conftest import endpoint_for
@@ -204,6 +204,26 @@ async def test_glob_is_newest_first_and_respects_depth(sb: Sandbox, tree: str) -
     assert (await sb.glob("src/../src/*.py", tree)).files == (await sb.glob("src/*.py", tree)).files
     with pytest.raises(InvalidArgument, match="after a wildcard"):
         await sb.glob("*/../*.md", tree)
+
+
+@pytest.mark.parametrize("engine", ["rg", "grep"])
+async def test_glob_lists_only_where_a_match_can_lie(
+    engine: str, sb: Sandbox, minimal_box: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `*` at the top of a big tree, or `deep/dir/*.txt`, lists no more than it must: a listing of
+    the whole tree would be cut short (here at 4 KiB) and miss the matches."""
+    box = sb if engine == "rg" else minimal_box
+    root = f"{await box.cwd()}/big-{secrets.token_hex(3)}"
+    script = 'mkdir -p "$1/bulk/deep/dir" && cd "$1" && : >top1 && : >top2.txt && : >bulk/deep/dir/x.txt && cd bulk && '
+    script += 'for i in $(seq 1 200); do : >"file-with-a-rather-long-name-$i.txt"; done'
+    await box.run(["sh", "-c", script, "sh", root])
+    monkeypatch.setattr(search, "GLOB_LISTING_BYTES", 4096)
+    top = await box.glob("*", root)
+    assert sorted(top.files) == [f"{root}/top1", f"{root}/top2.txt"] and not top.truncated
+    assert (await box.glob("bulk/deep/*/*.txt", root)).files == [f"{root}/bulk/deep/dir/x.txt"]
+    assert (await box.glob("no/such/dir/*.txt", root)).files == []
+    everything = await box.glob("**/*.txt", root)  # the whole tree it must list: it says it was cut
+    assert everything.truncated and everything.listing_cut
 
 
 async def test_glob_caps_at_100_and_says_so(sb: Sandbox) -> None:

@@ -748,7 +748,11 @@ def register_file_tools(server: MCPServer, state: ServerState) -> None:
         box = await state.sandbox(sandbox)
         result = await box.glob(pattern, path)
         text = "\n".join(result.files) or "no files match"
-        if result.truncated:
+        if result.listing_cut:
+            text += (
+                "\n[the tree holds too many files to list whole, so files that match may be missing; narrow the path]"
+            )
+        elif result.truncated:
             text += "\n[more than 100 files match; narrow the pattern or the path]"
         return ok(R.GlobResult(files=result.files, truncated=result.truncated), text)
 
