@@ -650,6 +650,10 @@ async def test_stdio_answers_oversized_requests_and_drops_other_oversized_lines(
         (
             f'{{"jsonrpc": "2.0", "id": "a\\"b", "method": "tools/call", "params": "{pad}"}}\n'
             f'{{"jsonrpc":"2.0","id":7,"method":"resources/read","params":"{pad}"}}\n'
+            # as the TypeScript SDK writes a request ({...request, jsonrpc, id}): params before the id
+            f'{{"method":"tools/call","params":{{"name":"write","arguments":{{"id":1,"c":"{pad}"}}}},"jsonrpc":"2.0","id":11}}\n'
+            # an id only inside params is not the request's
+            f'{{"method":"tools/call","params":{{"arguments":{{"c":"{pad}","id":12}}}}}}\n'
             f'{{"jsonrpc": "2.0", "id": 8, "result": "{pad}"}}\n'  # a response: nothing to answer
             f'{{"jsonrpc": "2.0", "method": "notifications/x", "params": "{pad}"}}\n'
             '{"id": 9}\n'
@@ -658,10 +662,11 @@ async def test_stdio_answers_oversized_requests_and_drops_other_oversized_lines(
     reader.feed_eof()
     sink = Sink()
     lines = [line async for line in _LineReader(reader, 64, sink)]  # type: ignore[arg-type]
-    assert lines == ["(a message over 64 bytes was dropped)"] * 2 + ['{"id": 9}\n']
-    call, other = (json.loads(line) for line in sink.lines)
+    assert lines == ["(a message over 64 bytes was dropped)"] * 3 + ['{"id": 9}\n']
+    call, other, typescript = (json.loads(line) for line in sink.lines)
     assert call["id"] == 'a"b' and call["result"]["isError"] and "tether cp" in call["result"]["content"][0]["text"]
     assert other["id"] == 7 and other["error"]["code"] == -32600
+    assert typescript["id"] == 11 and typescript["result"]["isError"]
 
 
 @pytest.mark.parametrize("wiring", ["two sockets", "one socket"])

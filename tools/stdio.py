@@ -32,6 +32,9 @@ LIMIT_ENV = "TETHER_MCP_MAX_LINE_BYTES"
 # The members a request's line starts with, as JSON-RPC clients write them ("jsonrpc", "id",
 # "method" first, params last): enough to answer a request too long to parse.
 _HEAD_MEMBER = re.compile(rb'\s*"(jsonrpc|id|method)"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)\s*,')
+# ... or at its end, as the TypeScript SDK writes them (`{...request, jsonrpc, id}`: params first).
+# (Inside a JSON string a '"' is escaped: `,"id":` cannot be part of one.)
+_TAIL_MEMBER = re.compile(rb'[,{]\s*"(jsonrpc|id|method)"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)\s*\Z')
 
 
 def _separate_pipes() -> bool:
@@ -94,7 +97,7 @@ def _claimed_stdio() -> Iterator[tuple[object, object]]:
 
 class _LineReader:
     """What stdio_server reads: an async iterator of lines. A line over the reader's limit is dropped
-    whole. A request whose id and method are at its start (as clients write them) is answered here,
+    whole. A request whose id and method are at its start or its end (as clients write them) is answered here,
     so the client's call ends; any other line is replaced by text that is not JSON, which the
     session reports as a parse error (with id null: the id is not known).
 
@@ -111,7 +114,7 @@ class _LineReader:
         return self
 
     async def __anext__(self) -> str:
-        skipping, head = False, b""
+        skipping, head, tail = False, b"", b""
         while True:
             try:
                 line = await self._reader.readuntil(b"\n")
@@ -122,28 +125,37 @@ class _LineReader:
             except asyncio.LimitOverrunError as exc:
                 dropped = await self._reader.readexactly(exc.consumed)
                 head = head or dropped[:4096]
+                tail = (tail + dropped)[-4096:]
                 skipping = True
                 continue
             if skipping:
-                if await self._refused_oversized(head):
-                    skipping, head = False, b""
+                if await self._refused_oversized(head, (tail + line)[-4096:]):
+                    skipping, head, tail = False, b"", b""
                     continue
                 return f"(a message over {self._limit} bytes was dropped)"
             if (b"\\ud" in line or b"\\uD" in line) and await self._refused_surrogates(line):
                 continue
             return line.decode("utf-8", "replace")
 
-    async def _refused_oversized(self, head: bytes) -> bool:
-        """Whether the line that began with `head` (and was too long) is a request, now answered:
-        a tool call with an error result (what an agent reads), another request with an error."""
-        head = head.lstrip()
-        members, at = {}, 1 if head.startswith(b"{") else 0
+    async def _refused_oversized(self, head: bytes, tail: bytes) -> bool:
+        """Whether the line that began with `head` and ended with `tail` (and was too long) is a
+        request, now answered: a tool call with an error result (what an agent reads), another
+        request with an error."""
+        head, rest = head.lstrip(), tail.rstrip()
+        found, at = [], 1 if head.startswith(b"{") else 0
         while at and (member := _HEAD_MEMBER.match(head, at)):
+            found.append(member)
+            at = member.end()
+        rest = rest[:-1] if rest.endswith(b"}") else b""
+        while member := _TAIL_MEMBER.search(rest):
+            found.append(member)
+            rest = rest[: member.start()]
+        members = {}
+        for member in found:
             try:
                 members[member[1].decode()] = json.loads(member[2])
             except ValueError:  # (a string with a bad escape)
                 return False
-            at = member.end()
         if "id" not in members or not isinstance(members.get("method"), str) or self._answer is None:
             return False
         message = (
