@@ -61,16 +61,18 @@ _BUILTINS = (
 # How a command is started, `exec` mode: a new shell in its own session (setsid). $1 cwd, $2 the
 # command, $3 the cwd file, $4 the file of env exports, $5 the fallback directory (see _NO_CWD),
 # empty when the caller named the directory. The exports come first, so that an env name
-# cannot redirect tether's own variables, which are set from the arguments after them. The EXIT trap
-# records where the command ended so the next command can start there. It appends: the parent
-# empties the file before each command, and on ext4 a truncating open followed by a write costs a
-# flush on close.
+# cannot redirect tether's own variables, which are set from the arguments after them. Where the
+# command ended is recorded (_RECORD_CWD) so the next command can start there: after it, and by an
+# EXIT trap for a command that calls `exit` (a command that sets its own EXIT trap replaces that
+# one, but not the record after it). It appends: the parent empties the file before each command,
+# and on ext4 a truncating open followed by a write costs a flush on close.
+_RECORD_CWD = '[ -s "$__c" ] || __t_pwd >>"$__c" 2>/dev/null'
 _CHILD = (
     'if [ -n "$4" ]; then . "$4"; : >"$4"; fi; '
     + _BUILTINS
-    + "__c=$3; __s=$2; __d=$1; __f=$5; trap '__t_pwd >>\"$__c\" 2>/dev/null' EXIT; "
+    + f"__c=$3; __s=$2; __d=$1; __f=$5; trap {shlex.quote(_RECORD_CWD)} EXIT; "
     '__t_cd -- "$__d" 2>/dev/null || ' + _NO_CWD + "; "
-    'set --; eval "$__s"'
+    f'set --; eval "$__s"; __x=$?; {_RECORD_CWD}; exit $__x'
 )
 
 # A background job's wrapper. $1 cwd, $2 the command, $3 the job's directory, $4 the fallback
@@ -198,9 +200,9 @@ if [ -n "${BASH_VERSION:-}" ] && set -m 2>/dev/null && case $- in *m*) true ;; *
     # The env exports first: tether's own variables are then set from the arguments.
     ( set +m; [ -n "$3" ] && eval "$3"
       __c=$4; __d=$1; __s=$2; __f=$5; set --
-      trap '__t_pwd >>"$__c" 2>/dev/null' EXIT
+      trap '__RECORD_CWD__' EXIT
       __t_cd -- "$__d" 2>/dev/null || __NO_CWD__
-      __t_eval
+      __t_eval; __x=$?; __RECORD_CWD__; exit $__x
     ) </dev/null >>"$__o" 2>>"$__e" 7<&- 8<&- &
   }
 else
@@ -324,6 +326,7 @@ _INIT = (
     .replace("__KILL_TREE_FN__", KILL_TREE_FN)
     .replace("__PROC_STAMP_FN__", PROC_STAMP_FN)
     .replace("__NO_CWD__", _NO_CWD)
+    .replace("__RECORD_CWD__", _RECORD_CWD)
     .replace("__BUILTINS__", _BUILTINS)
 )
 

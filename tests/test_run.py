@@ -339,6 +339,11 @@ async def test_empty_and_nul_commands_are_refused(sb: Sandbox) -> None:
 
 async def test_user_exit_and_exec_do_not_break_the_shell(sb: Sandbox) -> None:
     assert (await sb.run("exit 3")).exit_code == 3
+    assert (await sb.run("cd /tmp; trap 'echo bye' EXIT; exit 5")).exit_code == 5
+    start = await sb.cwd()
+    trapped = await sb.run("mkdir -p trap-dir && cd trap-dir; trap 'echo bye' EXIT; false")
+    assert (trapped.stdout, trapped.exit_code, trapped.cwd) == ("bye\n", 1, f"{start}/trap-dir")
+    await sb.run("cd ..")
     assert (await sb.run("exec echo replaced")).stdout == "replaced\n"
     # Under bash, commands are forked subshells and $$ is the persistent shell itself: killing it
     # fails that command with a clear error, and the next one gets a fresh shell.
@@ -358,6 +363,10 @@ async def test_other_login_shells(
         r = await box.run("echo out; echo err >&2; cd /tmp; exit 4")
         assert (r.stdout, r.stderr, r.exit_code, r.cwd) == ("out\n", "err\n", 4, "/tmp")
         assert (await box.run("pwd")).stdout == "/tmp\n"
+        # A command's own EXIT trap (a temp file's cleanup) runs, and where it ended is still kept.
+        trapped = await box.run("cd /; mark=$(mktemp); trap 'rm -f \"$mark\"; echo cleaned' EXIT; echo in")
+        assert (trapped.stdout, trapped.cwd) == ("in\ncleaned\n", "/")
+        assert (await box.run("pwd; cd /tmp")).stdout == "/\n"
         # The descriptors the shell holds on its output files are not the command's, nor a job's.
         held = "for n in 7 8; do [ -e /proc/self/fd/$n ] && echo fd $n open; done; true"
         assert (await box.run(held)).stdout == ""
