@@ -325,7 +325,11 @@ def _apply_to(path: str, original: bytes, edits: Sequence[Edit], indexed: bool) 
     try:
         before = original.decode("utf-8")
     except UnicodeDecodeError:
-        raise FileOperationError(path, f"{path} is not UTF-8 text; edit refuses to re-encode it") from None
+        raise FileOperationError(
+            path,
+            f"{path} is not UTF-8 text; edit refuses to re-encode it: change it with run (sed, or iconv to "
+            "UTF-8 first)",
+        ) from None
     after, count = apply_edits(path, before, edits, indexed)
     return before, after, count
 

@@ -278,6 +278,8 @@ class Search:
         """
         if not pattern:
             raise InvalidArgument("grep pattern is empty")
+        if "\0" in pattern:
+            raise InvalidArgument("a grep pattern cannot contain a NUL byte")
         if output_mode not in GREP_MODES:
             raise InvalidArgument(f"output_mode must be one of {', '.join(GREP_MODES)}")
         for name, value in (("before", before), ("after", after), ("context", context), ("head_limit", head_limit)):

@@ -189,8 +189,16 @@ async def test_file_and_shell_tools(where: str, transport: str, ssh_pool_env: di
         ]:
             refused = await client.call_tool(tool, arguments)
             assert refused.is_error and hint in text(refused) and "Its parameters: " in text(refused), text(refused)
+        # ... inside multi_edit's edits too: a camel-cased replaceAll is not dropped (to replace only one)
+        await client.call_tool("write", {"path": "twice.txt", "content": "a a\n"})
+        camel = {"path": "twice.txt", "edits": [{"old_string": "a", "new_string": "b", "replaceAll": True}]}
+        refused = await client.call_tool("multi_edit", camel)
+        assert refused.is_error and "edits.0.replaceAll: Extra inputs are not permitted" in text(refused), text(refused)
+        assert "1\ta a" in text(await client.call_tool("read", {"path": "twice.txt"}))
         listed_tools = await client.list_tools()
         assert all(t.input_schema.get("additionalProperties") is False for t in listed_tools.tools)
+        edits_schema = next(t for t in listed_tools.tools if t.name == "multi_edit").input_schema
+        assert edits_schema["$defs"]["EditSpec"]["additionalProperties"] is False
         unknown = await client.call_tool("run", {"command": "true", "sandbox": "sb-doesnotexist"})
         assert unknown.is_error and "no sandbox 'sb-doesnotexist'" in text(unknown)
         before = len(structured(await client.call_tool("sandbox_list", {}))["sandboxes"])

@@ -26,7 +26,7 @@ import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp_types import CallToolResult, ImageContent, TextContent, ToolAnnotations
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from providers import Fleet, ManagedSandbox, Request, SandboxGone, SandboxRecord, registry
 from providers.config import MAX_TIMEOUT_S
@@ -424,6 +424,10 @@ SandboxArg = Annotated[
         "a local one when there is none; the others never create one).",
     ),
 ]
+JobSandboxArg = Annotated[
+    str | None,
+    Field(min_length=1, description="Sandbox id or name; may be omitted: a job id leads to its sandbox"),
+]
 
 
 def edited(result: EditResult) -> CallToolResult:
@@ -489,7 +493,13 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
     @guarded
     async def sandbox_create(
         ctx: Context,
-        provider: Annotated[str | None, Field(description="local, ssh, daytona, e2b, modal, runpod")] = None,
+        provider: Annotated[
+            str | None,
+            Field(
+                description="local (this machine), ssh (a host configured as a pool; attach others with "
+                "host_attach) or a plugin's; see pools_list"
+            ),
+        ] = None,
         pool: Annotated[str | None, Field(description="A pool name from pools_list")] = None,
         image: Annotated[str | None, Field(description="Container image, where the provider uses one")] = None,
         gpu: Annotated[str | None, Field(description="GPU type (e.g. a10g, a100); implies the gpu requirement")] = None,
@@ -721,6 +731,8 @@ def register_file_tools(server: MCPServer, state: ServerState) -> None:
         return edited(await box.edit(path, old_string, new_string, replace_all))
 
     class EditSpec(BaseModel):
+        model_config = ConfigDict(extra="forbid")  # (a misspelt replaceAll must not be dropped silently)
+
         old_string: str = Field(description="Exact text to replace")
         new_string: str = Field(description="Replacement text")
         replace_all: bool = Field(False, description="Replace every occurrence")
@@ -814,7 +826,13 @@ def register_shell_tools(server: MCPServer, state: ServerState) -> None:
         ctx: Context,
         command: Annotated[str, Field(description="Shell command, run in the user's login shell")],
         timeout_ms: Annotated[
-            int, Field(ge=1, le=MAX_TIMEOUT_MS, description="Kill the command after this long (max 600000)")
+            int,
+            Field(
+                ge=1,
+                le=MAX_TIMEOUT_MS,
+                description="Kill the command after this long (max 600000); a background job has no timeout "
+                "(stop it with job_kill)",
+            ),
         ] = DEFAULT_TIMEOUT_MS,
         cwd: Annotated[str | None, Field(description="Directory to run in (default: where the last one ended)")] = None,
         env: Annotated[dict[str, str] | None, Field(description="Extra environment for this command")] = None,
@@ -863,7 +881,7 @@ def register_shell_tools(server: MCPServer, state: ServerState) -> None:
     async def job_output(
         job_id: Annotated[str, Field(description="From run with run_in_background")],
         wait_ms: Annotated[int, Field(ge=0, le=MAX_TIMEOUT_MS, description="Wait up to this long for new output")] = 0,
-        sandbox: SandboxArg = None,
+        sandbox: JobSandboxArg = None,
     ) -> Annotated[CallToolResult, R.JobOutputResult]:
         """New output of a background job since the previous call, its status and exit code."""
         box = await job_sandbox(job_id, sandbox)
@@ -900,7 +918,7 @@ def register_shell_tools(server: MCPServer, state: ServerState) -> None:
                 description="TERM, KILL, INT, HUP, QUIT, USR1, USR2, STOP or CONT (SIGKILL and 9 are understood too)"
             ),
         ] = "TERM",
-        sandbox: SandboxArg = None,
+        sandbox: JobSandboxArg = None,
     ) -> Annotated[CallToolResult, R.JobKillResult]:
         """Send a signal to a background job's whole process group."""
         signal = signal_name(signal)
@@ -938,7 +956,11 @@ def register_tunnel_tools(server: MCPServer, state: ServerState) -> None:
 
     @server.tool(annotations=READ_ONLY)
     @guarded
-    async def tunnel_list(sandbox: SandboxArg = None) -> Annotated[CallToolResult, R.TunnelList]:
+    async def tunnel_list(
+        sandbox: Annotated[
+            str | None, Field(min_length=1, description="Only this sandbox's tunnels (id or name); omit it for all")
+        ] = None,
+    ) -> Annotated[CallToolResult, R.TunnelList]:
         """Open tunnels (of one sandbox when given), this server's and other tether processes'."""
         sandbox_id = (await state.sandbox(sandbox)).id if sandbox else None
         return ok(R.TunnelList(tunnels=state.open_tunnels(sandbox_id)))
