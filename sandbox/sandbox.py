@@ -295,11 +295,15 @@ class Sandbox:
 
     async def glob(self, pattern: str, path: str | None = None) -> GlobResult:
         """Files matching `pattern` under `path` (default: cwd), newest first, at most 100."""
-        return await self._p.search.glob(pattern, await self.resolve(path or "."))
+        where = await self.resolve(path or ".")
+        async with self._in_flight():  # (a search of a big tree is long work, as a command is)
+            return await self._p.search.glob(pattern, where)
 
     async def grep(self, pattern: str, path: str | None = None, **options: Any) -> GrepResult:
         """Search file contents; see `Search.grep` for the options (ripgrep semantics)."""
-        return await self._p.search.grep(pattern, await self.resolve(path or "."), **options)
+        where = await self.resolve(path or ".")
+        async with self._in_flight():
+            return await self._p.search.grep(pattern, where, **options)
 
     # -- background jobs -----------------------------------------------------------------------------
 

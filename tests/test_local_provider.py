@@ -8,10 +8,12 @@ import io
 import json
 import logging
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import pytest
 import providers
 from providers import Fleet, Request, Unsupported
 from providers.local_server import _WorkdirSFTPServer, sandbox_root
-from sandbox import Sandbox
+from sandbox import Sandbox, search
 from sandbox.connect import dial
 from sandbox.errors import InvalidArgument, IsADirectory, SandboxEnded
 from sandbox.hostkeys import HostKeyPins
@@ -346,7 +348,9 @@ async def test_destroying_a_sandbox_from_another_process_stops_what_runs_in_it(f
     assert isinstance(running.exception(), SandboxEnded), running.exception()  # (the end, not a dead shell)
 
 
-async def test_destroying_a_sandbox_stops_its_running_command_and_says_why(fleet: Fleet) -> None:
+async def test_destroying_a_sandbox_stops_its_running_command_and_says_why(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
     box = await fleet.create(Request(provider="local"))
     marker, running = await run_in_background(box)
     await fleet.destroy(box.id)
@@ -355,6 +359,25 @@ async def test_destroying_a_sandbox_stops_its_running_command_and_says_why(fleet
     assert await wait_until_gone(marker) == []
     with pytest.raises(SandboxEnded):  # and nothing new starts on it
         await box.run("true")
+    # a search in flight is told the same (not that its shell died under it): here rg waits on a
+    # named pipe given as its root, which tether would look at only after a minute
+    monkeypatch.setattr(search, "SLOW_SEARCH_S", 60)
+    searched = await fleet.create(Request(provider="local"))
+    pipe = f"pipe-{secrets.token_hex(4)}"
+    await searched.run(["mkfifo", pipe])
+    grep = asyncio.ensure_future(searched.grep("x", pipe))
+    path, deadline = await searched.resolve(pipe), time.monotonic() + 10
+    while True:  # until rg reads the pipe (it has no writer until then: ENXIO)
+        try:
+            writer = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as exc:
+            assert exc.errno == errno.ENXIO and time.monotonic() < deadline, exc
+            await asyncio.sleep(0.05)
+    await fleet.destroy(searched.id)
+    with pytest.raises(SandboxEnded, match="ended while this ran"):
+        await grep
+    os.close(writer)
     # a caller's own timeout is still a timeout, on a sandbox that lives
     other = await fleet.create(Request(provider="local"))
     with pytest.raises(TimeoutError):
