@@ -86,6 +86,8 @@ def build_script(command: str | Sequence[str]) -> str:
     """
     if isinstance(command, str):
         text = command
+    elif not isinstance(command, (list, tuple)):
+        raise InvalidArgument(f"a command is shell code (str) or an argv (list of str), not {type(command).__name__}")
     else:
         if not command:
             raise InvalidArgument("empty command")
@@ -102,10 +104,12 @@ def build_env(env: Mapping[str, str] | None) -> str:
     file, never through a process's arguments (which `ps` shows to every user of the box)."""
     exports = []
     for name, value in (env or {}).items():
-        if not _ENV_NAME.match(name):
+        if not isinstance(name, str) or not _ENV_NAME.match(name):
             raise InvalidArgument(
                 f"invalid environment variable name {name!r}: use letters, digits and '_', not starting with a digit"
             )
+        if not isinstance(value, str):
+            raise InvalidArgument(f"environment variable {name}'s value must be text (str), not {type(value).__name__}")
         if "\0" in value:
             raise InvalidArgument(f"environment variable {name} contains a NUL byte")
         exports.append(f"export {name}={quote_word(value)}")
@@ -166,8 +170,8 @@ class Executor:
     ) -> RunResult:
         """Run a command; see `Sandbox.run`."""
         script, exports = build_script(command), build_env(env)
-        if timeout <= 0:
-            raise InvalidArgument("timeout must be positive")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise InvalidArgument(f"timeout must be a positive number of seconds, not {timeout!r}")
         started = time.monotonic()
         async with self._shells.borrow(timeout) as shell:
             start_dir, fallback = self._start_dir(shell, cwd)

@@ -107,6 +107,12 @@ class Edit:
     new_string: str
     replace_all: bool = False
 
+    def __post_init__(self) -> None:
+        if not (isinstance(self.old_string, str) and isinstance(self.new_string, str)):
+            raise InvalidArgument("an edit's old_string and new_string are text (str)")
+        if not isinstance(self.replace_all, bool):
+            raise InvalidArgument("an edit's replace_all is true or false")
+
 
 @dataclass
 class FileStat:
@@ -536,6 +542,10 @@ class Files:
         Parent directories are created; an existing file keeps its permission bits; writing through
         a symlink replaces the file it points to, not the link.
         """
+        if isinstance(content, (bytearray, memoryview)):
+            content = bytes(content)
+        elif not isinstance(content, (str, bytes)):  # (before anything reaches the file: None would empty it)
+            raise InvalidArgument(f"write takes text (str) or bytes, not {type(content).__name__}")
         data = encode_text(path, content) if isinstance(content, str) else content
         async with self._writers.hold(path):
             return await self._write(path, data)

@@ -365,6 +365,10 @@ class Sandbox:
 
 def _edit_from(index: int, fields: Mapping[str, Any]) -> Edit:
     """An Edit from a mapping (as JSON gives it), or InvalidArgument naming what is wrong."""
+    if not isinstance(fields, Mapping):
+        raise InvalidArgument(
+            f"edit {index}: expected an Edit or a mapping with old_string and new_string, not {type(fields).__name__}"
+        )
     unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(Edit)})
     missing = sorted({"old_string", "new_string"} - set(fields))
     if unknown or missing:

@@ -211,6 +211,19 @@ async def test_edits_of_a_crlf_file_take_newlines_as_crlf(sb: Sandbox) -> None:
         await sb.edit("mixed.txt", "a\nb", "x")
 
 
+async def test_arguments_of_the_wrong_type_are_refused_before_the_file_is_touched(sb: Sandbox) -> None:
+    await sb.write("typed.txt", "important\n")
+    for content in (None, 42, ["a"]):
+        with pytest.raises(InvalidArgument, match="write takes text \\(str\\) or bytes"):
+            await sb.write("typed.txt", content)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="old_string and new_string are text"):
+        await sb.edit("typed.txt", "important", None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="edit 0: expected an Edit or a mapping"):
+        await sb.multi_edit("typed.txt", [("important", "gone")])  # type: ignore[list-item]
+    assert await sb.read_text("typed.txt") == "important\n"
+    assert (await sb.write("typed.txt", bytearray(b"bytes too"))).bytes == 9
+
+
 async def test_multi_edit_refuses_malformed_edits_by_index(sb: Sandbox) -> None:
     await sb.write("m.txt", "a\n")
     with pytest.raises(InvalidArgument, match=r"edit 1: unknown keys \['old'\]"):

@@ -71,6 +71,13 @@ async def test_relative_cwd_is_relative_to_the_sandbox_directory(sb: Sandbox) ->
 async def test_bad_env_names_are_refused_before_anything_runs(sb: Sandbox) -> None:
     with pytest.raises(InvalidArgument, match="invalid environment variable name"):
         await sb.run("true", env={"A;rm -rf ~": "x"})
+    with pytest.raises(InvalidArgument, match="A's value must be text"):
+        await sb.run("true", env={"A": 1})  # type: ignore[dict-item]
+    with pytest.raises(InvalidArgument, match="not int"):
+        await sb.run(123)  # type: ignore[arg-type]
+    for timeout in ("5", float("nan"), 0):
+        with pytest.raises(InvalidArgument, match="timeout must be a positive number of seconds"):
+            await sb.run("true", timeout=timeout)  # type: ignore[arg-type]
 
 
 async def test_a_cwd_that_does_not_exist_is_an_error_and_nothing_runs(sb: Sandbox) -> None:
