@@ -83,7 +83,7 @@ class SSHProvider(Provider):
         if not host:
             raise ProviderError("the ssh provider needs a host: user@host[:port] or an ~/.ssh/config alias")
         user = options.get("user") or (config.user if config else None)
-        port = options.get("port") or (config.port if config else None)
+        port = options["port"] if options.get("port") is not None else (config.port if config else None)
         key = options.get("key_path") or (config.identityFile if config else None)
         try:
             endpoint = SSHEndpoint.resolve(str(host), user=user, port=port)
