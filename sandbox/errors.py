@@ -193,6 +193,10 @@ class JobNotFound(SandboxError, LookupError):
         super().__init__(f"no background job {job_id!r}{where}")
 
 
+class StateUnusable(SandboxError, OSError):
+    """tether's own state (its directory, its SQLite database) cannot be used."""
+
+
 class InvalidArgument(SandboxError, ValueError):
     """An argument that tether refuses before anything is sent."""
 

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import StateUnusable
+
 ENGINE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS host_keys (
     host        TEXT NOT NULL,
@@ -39,8 +41,14 @@ def state_dir() -> Path:
     else:
         xdg = os.environ.get("XDG_STATE_HOME")
         path = (Path(xdg).expanduser() if xdg else Path.home() / ".local" / "state") / "tether"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    info = path.stat()
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        info = path.stat()
+    except OSError as exc:
+        raise StateUnusable(
+            f"tether's state dir {path} cannot be created ({exc.strerror or exc}); set TETHER_STATE_DIR to a "
+            "directory you can write to"
+        ) from None
     if info.st_uid != os.getuid():
         raise PermissionError(
             f"tether's state dir {path} belongs to another user (uid {info.st_uid}); "
@@ -96,18 +104,25 @@ class StateStore:
 
     def __init__(self, path: Path | str | None = None) -> None:
         self.path = Path(path) if path else state_dir() / "tether.db"
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.RLock()
-        # isolation_level=None: we open transactions ourselves (BEGIN IMMEDIATE) so that writers from
-        # several processes serialize instead of failing half-way with "database is locked".
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        os.chmod(self.path, 0o600)
-        self._db.execute("CREATE TABLE IF NOT EXISTS schema_applied (name TEXT PRIMARY KEY)")
-        self.ensure_schema("engine", ENGINE_SCHEMA)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # isolation_level=None: we open transactions ourselves (BEGIN IMMEDIATE) so that writers
+            # from several processes serialize instead of failing half-way with "database is locked".
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            os.chmod(self.path, 0o600)
+            self._db.execute("CREATE TABLE IF NOT EXISTS schema_applied (name TEXT PRIMARY KEY)")
+            self.ensure_schema("engine", ENGINE_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise StateUnusable(
+                f"tether's state database {self.path} cannot be used ({exc}); check its permissions and the "
+                "disk, move it aside if it is damaged (its host-key pins and sandbox records go with it), or "
+                "set TETHER_STATE_DIR to another directory"
+            ) from None
 
     def ensure_schema(self, name: str, ddl: str) -> None:
         """Apply `ddl` once per database under `name` (idempotent DDL is still recommended)."""

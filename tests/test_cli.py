@@ -206,6 +206,25 @@ def test_doctor_reports_a_pool_whose_host_does_not_parse_and_goes_on(tmp_path: P
     assert "[FAIL] pool odd (ssh): " in people.stdout and people.returncode == 1
 
 
+def test_a_damaged_or_impossible_state_dir_is_named_not_a_traceback(tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged"
+    damaged.mkdir(mode=0o700)
+    (damaged / "tether.db").write_text("not a database")
+    listed = tether("ls", env=server_env(TETHER_STATE_DIR=str(damaged)))
+    assert listed.returncode == 2 and "Traceback" not in listed.stderr, listed.stderr
+    assert f"state database {damaged}/tether.db cannot be used (file is not a database)" in listed.stderr
+    doctor = tether("doctor", env=server_env(TETHER_STATE_DIR=str(damaged)))
+    assert doctor.returncode == 1 and "[FAIL] state db: " in doctor.stdout, doctor.stdout + doctor.stderr
+    impossible = str(tmp_path / "a-file" / "state")
+    (tmp_path / "a-file").write_text("")
+    for command in ("ls", "doctor"):
+        result = tether(command, env=server_env(TETHER_STATE_DIR=impossible))
+        assert "Traceback" not in result.stderr and f"state dir {impossible} cannot be created" in (
+            result.stdout + result.stderr
+        ), result.stdout + result.stderr
+        assert result.returncode == (1 if command == "doctor" else 2)
+
+
 def test_demo_runs_the_whole_story() -> None:
     result = tether("demo", timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr

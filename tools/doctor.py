@@ -21,7 +21,7 @@ from providers.local_server import ensure_server, sandbox_root
 from providers.registry import provider_class
 from providers.ssh import identities
 from sandbox import Sandbox, SSHEndpoint
-from sandbox.errors import SandboxError, validation_problems
+from sandbox.errors import SandboxError, StateUnusable, validation_problems
 from sandbox.state import config_path, state_dir
 from tunnels import load_channels, load_relay
 
@@ -47,6 +47,8 @@ async def run_doctor() -> list[Check]:
     checks = [_state_dir()]
     try:
         fleet = Fleet()
+    except StateUnusable as exc:  # (the state dir's check names a directory that cannot be made)
+        return checks if checks[0].status == "fail" else [*checks, Check("state db", "fail", str(exc))]
     except (ProviderError, ValueError) as exc:
         return [*checks, Check("config", "fail", str(exc))]
     path = config_path()
@@ -131,7 +133,7 @@ def _state_dir() -> Check:
     try:
         path = state_dir()
     except OSError as exc:
-        return Check("state dir", "fail", f"cannot be created: {exc}")
+        return Check("state dir", "fail", str(exc) if isinstance(exc, StateUnusable) else f"cannot be created: {exc}")
     probe = path / f".doctor-{secrets.token_hex(4)}"
     try:
         probe.write_text("ok")
