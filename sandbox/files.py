@@ -36,7 +36,7 @@ from .errors import (
 )
 from .known import KnownContents
 from .pathlocks import PathLocks
-from .sftpio import holds_exactly, read_exactly, write_all
+from .sftpio import holds_exactly, read_exactly, read_to_eof, write_all
 from .tempfacts import TempFileFacts
 
 log = logging.getLogger(__name__)
@@ -453,7 +453,7 @@ class Files:
                 raise FileTooLarge(path, size, max_bytes)
             try:
                 # A size of 0 may be a lie (/proc files): then read until EOF, up to the limit.
-                data = await read_exactly(f, size) if size else await f.read(max_bytes + 1)
+                data = await read_exactly(f, size) if size else await read_to_eof(f, max_bytes)
             except asyncssh.SFTPError as exc:
                 raise sftp_error(path, exc) from None
             if len(data) > max_bytes:

@@ -48,6 +48,20 @@ async def read_prefix(f: asyncssh.SFTPClientFile, max_bytes: int) -> tuple[bytes
     return head + await read_range(f, want - len(head), len(head)), size
 
 
+async def read_to_eof(f: asyncssh.SFTPClientFile, max_bytes: int) -> bytes:
+    """Everything up to the end of a file whose size says nothing (an empty file, or /proc's, which
+    say 0), up to `max_bytes` + 1 bytes: one request at a time (a parallel read of `max_bytes`
+    would send a hundred requests for what is mostly nothing)."""
+    chunks, done = [], 0
+    while done <= max_bytes:
+        chunk = await read_upto(f, SMALL, done)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        done += len(chunk)
+    return b"".join(chunks)
+
+
 async def holds_exactly(f: asyncssh.SFTPClientFile, expected: bytes) -> bool:
     """Whether the file open as `f` holds `expected` and nothing more. A small file takes one
     request (for a disk file a server answers a read in full up to the end; below GUARANTEED it

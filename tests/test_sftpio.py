@@ -8,7 +8,7 @@ from pathlib import Path
 
 import asyncssh
 
-from sandbox.sftpio import holds_exactly, read_exactly, read_prefix, read_range
+from sandbox.sftpio import holds_exactly, read_exactly, read_prefix, read_range, read_to_eof
 
 PIECE = 32 * 1024
 
@@ -49,6 +49,9 @@ async def test_reads_go_on_past_short_answers(tmp_path: Path) -> None:
             assert small == data[:50_000]
             assert await read_range(f, 60_000, 250_000) == data[250_000:]
             assert await read_exactly(f, 400_000) == data
+            # a file whose size says nothing (/proc's say 0): read to its end, or past the limit
+            assert await read_to_eof(f, 400_000) == data
+            assert 100_000 < len(await read_to_eof(f, 100_000)) < 300_000
             # whether a file holds exactly some bytes: small and large, the same, shorter, longer
             assert await holds_exactly(f, data)
             assert not await holds_exactly(f, data[:-1]) and not await holds_exactly(f, data + b"x")
