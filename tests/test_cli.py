@@ -113,6 +113,26 @@ def test_attach_and_ssh_command(sshd: SSHD, client_key: Path) -> None:
     assert tether("down", sandbox_id).returncode == 0
 
 
+def test_attach_json_and_info_of_a_host_that_went_away(sshd: SSHD, client_key: Path) -> None:
+    """`attach --json` answers as host_attach does; `info` of a host that stopped answering shows
+    what the ledger knows and says it is unreachable, rather than failing outright."""
+    server = SSHD(sshd.account, client_key).start()
+    try:
+        attached = tether("attach", server.address, "--identity", str(client_key), "--json")
+        assert attached.returncode == 0, attached.stderr
+        row = json.loads(attached.stdout)
+        assert row["capabilities"]["transportModel"] and row["ssh"]["port"] == server.port
+        assert {"id", "name", "provider", "pool", "status", "ssh", "capabilities", "expires_at"} <= set(row)
+    finally:
+        server.cleanup()
+    people = tether("info", row["id"])
+    assert people.returncode == 0 and "status:        running" in people.stdout, people.stdout + people.stderr
+    assert "unreachable:   " in people.stdout and "cannot connect" in people.stdout
+    scripts = json.loads(tether("info", row["id"], "--json").stdout)
+    assert "cannot connect" in scripts["unreachable"] and "jobs" not in scripts
+    assert tether("down", row["id"]).returncode == 0
+
+
 def test_errors_say_what_to_do() -> None:
     missing = tether("info", "sb-nope")
     assert missing.returncode == 2 and "no sandbox 'sb-nope'" in missing.stderr and "tether ls" in missing.stderr

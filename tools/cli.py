@@ -232,9 +232,11 @@ def up_command(args: argparse.Namespace) -> int:
 
 
 def print_created(record: SandboxRecord, fleet: Fleet, as_json: bool) -> None:
-    """What `up` and `attach` print: the id, or the sandbox as JSON."""
+    """What `up` and `attach` print: the id, or the sandbox as JSON (sandbox_create's shape, with
+    the cost so far and status_reason as `ls --json` has them)."""
     if as_json:
-        print_json(record_json(record, fleet))
+        created = R.SandboxResult.of(record, R.sandbox_capabilities(fleet, record)).model_dump(mode="json")
+        print_json({**record_json(record, fleet), **created})
     else:
         print(record.id)
 
@@ -275,18 +277,31 @@ def ls_command(args: argparse.Namespace) -> int:
 def info_command(args: argparse.Namespace) -> int:
     async def info(fleet: Fleet) -> dict[str, Any]:
         record = fleet.record(args.id)
+        box, unreachable = None, None
+        if record.status == "running":
+            try:
+                box = await fleet.get(record.id)
+            except (SandboxError, ProviderError) as exc:
+                unreachable = str(exc)
+            record = fleet.record(record.id)  # (as get found it: its endpoint now, or its end)
         row: dict[str, Any] = {
             **(record_json(record, fleet) if args.json else record_row(record)),
             "status_reason": record.status_reason,
             "external_id": record.external_id,
             "capabilities": R.sandbox_capabilities(fleet, record),  # (MCP's shape, as sandbox_info's)
         }
-        if record.status == "running":
-            box = await fleet.get(record.id)
-            if profile_of(record.provider).supports_capacity_query:
-                with contextlib.suppress(SandboxError, ProviderError):
-                    row["capacity"] = (await box.capacity()).model_dump()
-            row["jobs"] = [R.JobInfo.of(job).model_dump(mode="json") for job in await box.job_list()]
+        if box is not None:
+            try:
+                jobs = await box.job_list()
+            except (SandboxError, ProviderError) as exc:
+                unreachable = str(exc)  # (what the ledger knows is shown all the same)
+            else:
+                row["jobs"] = [R.JobInfo.of(job).model_dump(mode="json") for job in jobs]
+                if profile_of(record.provider).supports_capacity_query:
+                    with contextlib.suppress(SandboxError, ProviderError):
+                        row["capacity"] = (await box.capacity()).model_dump()
+        if unreachable is not None:
+            row["unreachable"] = unreachable
         fleet.ledger.close_abandoned_tunnels()
         # (MCP's shapes; a tunnel is held by whichever process opened it)
         row["tunnels"] = [R.TunnelResult.held_elsewhere(t).model_dump() for t in fleet.ledger.tunnels(record.id)]
@@ -305,6 +320,8 @@ def info_command(args: argparse.Namespace) -> int:
     for key in ("id", "name", "provider", "pool", "status", "status_reason", "ssh", "created_at", "expires_at"):
         if row.get(key) is not None:
             print(f"{key + ':':15}{row[key]}")
+    if row.get("unreachable"):
+        print(f"{'unreachable:':15}{row['unreachable']} (its jobs and capacity are not known)")
     if "capacity" in row:
         c = row["capacity"]
         print(
