@@ -48,6 +48,10 @@ def test_up_exec_cp_info_down(tmp_path: Path) -> None:
     # options may follow the ID
     timed = tether("exec", sandbox_id, "--timeout", "0.5", "--", "sleep 5")
     assert timed.returncode == 124 and "timed out after 0.5s" in timed.stderr
+    # after `--`, everything is the command, dashes and all
+    dashed = tether("exec", sandbox_id, "--", "--timeout", "5")
+    assert dashed.returncode == 127 and "--timeout" in dashed.stderr, dashed.stderr
+    assert tether("exec", sandbox_id, "--", "--", "true").returncode == 127  # (a command named --)
 
     local = tmp_path / "data.bin"
     local.write_bytes(os.urandom(3 * 1024 * 1024))
@@ -134,6 +138,8 @@ def test_attach_json_and_info_of_a_host_that_went_away(sshd: SSHD, client_key: P
 
 
 def test_errors_say_what_to_do() -> None:
+    version = tether("--version")
+    assert version.returncode == 0 and re.fullmatch(r"tether \d+\.\d+\.\d+\n", version.stdout), version.stdout
     missing = tether("info", "sb-nope")
     assert missing.returncode == 2 and "no sandbox 'sb-nope'" in missing.stderr and "tether ls" in missing.stderr
     nowhere = tether("up")

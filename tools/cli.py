@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import importlib.metadata
 import logging
 import math
 import os
@@ -730,8 +731,16 @@ def host_command(args: argparse.Namespace) -> int:
 # -- the parser -----------------------------------------------------------------------------------------
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tether")
+    except importlib.metadata.PackageNotFoundError:  # (run from a checkout that was never installed)
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tether", description="Give AI agents real computers over SSH.")
+    parser.add_argument("--version", action="version", version=f"tether {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_text: str, json_flag: bool = True) -> argparse.ArgumentParser:
@@ -819,7 +828,17 @@ def port_number(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `tether exec ID [--timeout N] -- CMD...`: what follows the first `--` is the command, whatever
+    # it looks like (argparse would eat that `--`, and then take a command's `-n` for an option).
+    command: list[str] = []
+    if argv[:1] == ["exec"] and "--" in argv:
+        argv, command = argv[: argv.index("--")], ["--", *argv[argv.index("--") + 1 :]]
     args = build_parser().parse_args(argv)
+    if args.command == "exec":
+        args.cmd = [*args.cmd, *command]
+    if args.command != "mcp":  # (which sets its own, with --verbose)
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="tether: %(message)s")
     try:
         if args.command != "doctor":  # (doctor reports a bad config instead of refusing to run)
             check_sections(read_config())
