@@ -229,8 +229,12 @@ async def test_kept_output_older_than_a_week_is_swept_when_shells_start(
         run_dir = (await first._p.executor.info()).run_dir
         await first.run(f"cd {run_dir} && echo x > old.o && touch -d '8 days ago' old.o && echo y > recent.o")
     async with Sandbox(host_endpoint, pool=pool) as second:
-        listing = (await second.run(["ls", run_dir])).stdout.split()
-        assert "old.o" not in listing and "recent.o" in listing
+        # (the sweep runs in the background of the new shell: the shell is ready before it ends)
+        deadline = time.monotonic() + 20
+        while "old.o" in (listing := (await second.run(["ls", run_dir])).stdout.split()):
+            assert time.monotonic() < deadline, "old.o was not swept"
+            await asyncio.sleep(0.1)
+        assert "recent.o" in listing
         await second.run(["rm", f"{run_dir}/recent.o"])
 
 
