@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import contextlib
 import functools
-import importlib.metadata
 import logging
 import math
 import os
@@ -38,6 +37,7 @@ from sandbox.state import default_store, read_config, state_dir
 from tunnels import Notifier
 
 from . import results as R
+from . import tether_version
 from .config import check_sections, key_file
 from .links import ENDED_CHECK_SECONDS, close_tunnels_of_ended_sandboxes, fleet_notifier, preview_source, tunnel_manager
 from .output import ProgressBar, duration, print_json, print_table, when
@@ -731,16 +731,9 @@ def host_command(args: argparse.Namespace) -> int:
 # -- the parser -----------------------------------------------------------------------------------------
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("tether")
-    except importlib.metadata.PackageNotFoundError:  # (run from a checkout that was never installed)
-        return "(not installed)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tether", description="Give AI agents real computers over SSH.")
-    parser.add_argument("--version", action="version", version=f"tether {_version()}")
+    parser.add_argument("--version", action="version", version=f"tether {tether_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_text: str, json_flag: bool = True) -> argparse.ArgumentParser:

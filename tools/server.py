@@ -13,7 +13,6 @@ import contextlib
 import contextvars
 import difflib
 import functools
-import importlib.metadata
 import json
 import logging
 import math
@@ -38,6 +37,7 @@ from sandbox.files import MAX_READ_CHARS, Edit, EditResult, Image
 from tunnels import Tunnel, listening_ports
 
 from . import results as R
+from . import tether_version
 from .config import key_file
 from .links import ENDED_CHECK_SECONDS, close_tunnels_of_ended_sandboxes, fleet_notifier, preview_source, tunnel_manager
 
@@ -450,13 +450,6 @@ def tunnel_result(tunnel: Tunnel) -> R.TunnelResult:
         port=tunnel.port,
         sandbox=tunnel.sandbox_id,
     )
-
-
-def tether_version() -> str:
-    try:
-        return importlib.metadata.version("tether")
-    except importlib.metadata.PackageNotFoundError:  # (run from a checkout, not installed)
-        return "0+unknown"
 
 
 def build_server(state: ServerState) -> MCPServer:
