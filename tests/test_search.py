@@ -46,6 +46,18 @@ async def minimal_box(busybox_sshd: SSHD, client_key: Path, pool: ConnectionPool
         yield box
 
 
+@pytest.fixture(params=["rg", "grep"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """A test taking it runs twice: on a box with ripgrep, and on a busybox box with grep alone."""
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def box(engine: str, request: pytest.FixtureRequest) -> Sandbox:
+    """The box for `engine`: `sb` (ripgrep) or `minimal_box` (busybox grep)."""
+    return request.getfixturevalue("sb" if engine == "rg" else "minimal_box")  # type: ignore[no-any-return]
+
+
 async def test_files_with_matches_is_newest_first(sb: Sandbox, tree: str) -> None:
     r = await sb.grep("hello", tree, case_insensitive=True)
     assert r.engine == "rg" and r.mode == "files_with_matches"
@@ -99,13 +111,9 @@ GREP_GLOBS = {
 }
 
 
-@pytest.mark.parametrize("engine", ["rg", "grep"])
-async def test_grep_globs_mean_what_they_mean_to_ripgrep_run_from_the_root(
-    engine: str, sb: Sandbox, minimal_box: Sandbox
-) -> None:
+async def test_grep_globs_mean_what_they_mean_to_ripgrep_run_from_the_root(engine: str, box: Sandbox) -> None:
     """rg runs from "/" and would anchor a glob with a '/' there; find's -name takes no '/', `**`,
     `{a,b}` or '!'. A root with glob characters (and a space) in its name is no glob."""
-    box = sb if engine == "rg" else minimal_box
     tree = await make_tree(box, "t [x]{a,b}*?\\!#")
     for glob, expected in GREP_GLOBS.items():
         found = await box.grep("hello", tree, glob=glob, case_insensitive=True)
@@ -117,13 +125,9 @@ async def test_grep_globs_mean_what_they_mean_to_ripgrep_run_from_the_root(
     assert (await box.grep("print", f"{tree}/src/app.py", glob="*.ts")).text == f"{tree}/src/app.py"
 
 
-@pytest.mark.parametrize("engine", ["rg", "grep"])
-async def test_a_glob_with_a_slash_under_a_symlinked_or_not_utf8_root(
-    engine: str, sb: Sandbox, minimal_box: Sandbox
-) -> None:
+async def test_a_glob_with_a_slash_under_a_symlinked_or_not_utf8_root(box: Sandbox) -> None:
     """(Why rg is not simply run from the root: it would compare paths with the root as getcwd
     spells it, the symlink's target. And rg reads a glob's bytes that are not UTF-8 as U+FFFD.)"""
-    box = sb if engine == "rg" else minimal_box
     tree = await make_tree(box)
     await box.run(["ln", "-s", tree, f"{tree}-link"])
     odd = await make_tree(box, os.fsdecode(b"t\xff\xfe"))
@@ -206,13 +210,9 @@ async def test_glob_is_newest_first_and_respects_depth(sb: Sandbox, tree: str) -
         await sb.glob("*/../*.md", tree)
 
 
-@pytest.mark.parametrize("engine", ["rg", "grep"])
-async def test_glob_lists_only_where_a_match_can_lie(
-    engine: str, sb: Sandbox, minimal_box: Sandbox, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_glob_lists_only_where_a_match_can_lie(box: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
     """A `*` at the top of a big tree, or `deep/dir/*.txt`, lists no more than it must: a listing of
     the whole tree would be cut short (here at 4 KiB) and miss the matches."""
-    box = sb if engine == "rg" else minimal_box
     root = f"{await box.cwd()}/big-{secrets.token_hex(3)}"
     script = 'mkdir -p "$1/bulk/deep/dir" && cd "$1" && : >top1 && : >top2.txt && : >bulk/deep/dir/x.txt && cd bulk && '
     script += 'for i in $(seq 1 200); do : >"file-with-a-rather-long-name-$i.txt"; done'
@@ -319,11 +319,7 @@ def test_unknown_character_classes_in_globs_are_refused() -> None:
         glob_to_regex("[[:nope:]].txt")
 
 
-@pytest.mark.parametrize("engine", ["rg", "grep"])
-async def test_unreadable_files_are_no_matches_but_an_unreadable_root_is_an_error(
-    engine: str, sb: Sandbox, minimal_box: Sandbox
-) -> None:
-    box = sb if engine == "rg" else minimal_box
+async def test_unreadable_files_are_no_matches_but_an_unreadable_root_is_an_error(engine: str, box: Sandbox) -> None:
     root = f"{await box.cwd()}/locked-{secrets.token_hex(3)}"
     await box.write(f"{root}/secret.txt", "needle\n")
     await box.write(f"{root}/closed/inside.txt", "needle\n")
@@ -354,10 +350,8 @@ async def test_content_lines_end_at_newlines_only(sb: Sandbox) -> None:
     assert (result.text, result.lines) == (f"{root}/a.py:1:foo\x0cbar\n{root}/a.py:2:x\rfoo", 2)
 
 
-@pytest.mark.parametrize("engine", ["rg", "grep"])
-async def test_grep_answers_in_path_order_with_either_engine(engine: str, sb: Sandbox, minimal_box: Sandbox) -> None:
+async def test_grep_answers_in_path_order_with_either_engine(engine: str, box: Sandbox) -> None:
     """Not in the order of the directories' entries (which is a hash order on most filesystems)."""
-    box = sb if engine == "rg" else minimal_box
     root = f"{await box.cwd()}/order-{secrets.token_hex(3)}"
     names = [f"d{i % 3}/f{i:02d}.txt" for i in range(24)]
     await box.run(
@@ -396,12 +390,8 @@ async def test_glob_follows_a_symlinked_root_without_ripgrep(minimal_box: Sandbo
     assert (await minimal_box.glob("**/*.py", link)).files == [f"{link}/src/util.py", f"{link}/src/app.py"]
 
 
-@pytest.mark.parametrize("engine", ["rg", "grep"])
-async def test_a_very_long_matching_line_is_cut_not_the_whole_answer(
-    engine: str, sb: Sandbox, minimal_box: Sandbox
-) -> None:
+async def test_a_very_long_matching_line_is_cut_not_the_whole_answer(box: Sandbox) -> None:
     """A match in a minified file: its line is cut, and the other matches still come."""
-    box = sb if engine == "rg" else minimal_box
     root = f"{await box.cwd()}/long-{secrets.token_hex(3)}"
     await box.write(f"{root}/a.min.js", "var a=1;" + "x" * 40_000 + "NEEDLE\n")
     await box.write(f"{root}/b.txt", "NEEDLE short line\n")
