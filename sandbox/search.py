@@ -196,21 +196,24 @@ class Search:
             root = posixpath.normpath(root) if root != "/" else root
             if ".." in pattern.split("/"):
                 raise InvalidArgument(f"glob {pattern!r}: '..' after a wildcard matches nothing; put it before")
-        matcher = glob_to_regex(pattern)
-        await self._require_directory(root)
+        matcher = glob_to_regex(pattern)  # (a bad glob is refused as given, before the box is asked)
         # Only the part of the tree a match can lie in is listed: a listing of a whole home
-        # directory would be cut short, and slow, for a `*` at its top.
-        below, pattern, depth = _narrowed(root, pattern)
+        # directory would be cut short, and slow, for a `*` at its top. One stat, of where the
+        # listing starts; the root is looked at only when that is not a directory.
+        below, narrowed, depth = _narrowed(root, pattern)
+        try:
+            await self._require_directory(below)
+        except (FileNotFound, InvalidArgument):
+            if below == root:
+                raise
+            await self._require_directory(root)  # (a missing root is the caller's error)
+            return GlobResult([], False)  # (the pattern's leading directory is not there)
         if below != root:
-            try:
-                await self._require_directory(below)
-            except (FileNotFound, InvalidArgument):  # (the pattern's leading directory is not there)
-                return GlobResult([], False)
-            root, matcher = below, glob_to_regex(pattern)
+            root, matcher = below, glob_to_regex(narrowed)
         if await self._has_rg():
             argv = ["rg", "--files", "--hidden", "--glob", "!.git", "--null", "--no-config"]
             argv += [f"--max-depth={depth}"] if depth else []
-            argv += ["--glob", name] if (name := _basename_filter(pattern)) else []
+            argv += ["--glob", name] if (name := _basename_filter(narrowed)) else []
             argv += ["--", root]
         else:
             # The trailing slash makes find follow a root that is a symlink to a directory (as rg does).

@@ -222,6 +222,10 @@ async def test_glob_lists_only_where_a_match_can_lie(box: Sandbox, monkeypatch: 
     assert sorted(top.files) == [f"{root}/top1", f"{root}/top2.txt"] and not top.truncated
     assert (await box.glob("bulk/deep/*/*.txt", root)).files == [f"{root}/bulk/deep/dir/x.txt"]
     assert (await box.glob("no/such/dir/*.txt", root)).files == []
+    with pytest.raises(FileNotFound):  # (but a root that is not there is an error, however narrowed)
+        await box.glob("bulk/*.txt", f"{root}/missing")
+    with pytest.raises(InvalidArgument, match="is not a directory"):
+        await box.glob("bulk/*.txt", f"{root}/top1")
     everything = await box.glob("**/*.txt", root)  # the whole tree it must list: it says it was cut
     assert everything.truncated and everything.listing_cut
 
