@@ -439,7 +439,8 @@ def _grep_flags(q: GrepQuery) -> list[str]:
     return grep
 
 
-_GLOB_SPECIAL = re.compile(r"[*?\[{\\]")
+# What a glob (rg's, fnmatch's) gives a meaning to; a backslash before one makes it itself.
+_GLOB_SPECIAL = re.compile(r"([][*?{}\\])")
 
 
 def _narrowed(root: str, pattern: str) -> tuple[str, str, int | None]:
@@ -545,8 +546,6 @@ def _parse_glob(glob: str) -> _GlobLine | None:
     return _GlobLine(line, negated, anchored or "/" in line, only_dirs)
 
 
-# What a glob (rg's, fnmatch's) gives a meaning to; a backslash before one makes it itself.
-_GLOB_SPECIAL = re.compile(r"([][*?{}\\])")
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # (bytes os.fsdecode could not decode)
 
 
