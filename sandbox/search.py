@@ -18,7 +18,7 @@ from .executor import Executor, RawResult, quote_word
 from .files import Files, split_lines
 
 GLOB_LIMIT = 100
-GLOB_LISTING_BYTES = 8 << 20  # of paths listed for one glob (about 100 000); beyond, matches may be missing
+LISTING_BYTES = 8 << 20  # of paths listed for a glob, or a grep without rg (about 100 000); beyond, some are missing
 # Searches run from "/": their paths are absolute, and the session's cwd may have been removed.
 SEARCH_FROM = "/"
 MAX_SORTED = 10_000  # results beyond this many are not sorted by mtime (and are reported as truncated)
@@ -216,17 +216,21 @@ class Search:
             argv += ["--glob", name] if (name := _basename_filter(narrowed)) else []
             argv += ["--", root]
         else:
-            # The trailing slash makes find follow a root that is a symlink to a directory (as rg does).
-            argv = ["find", f"{root.rstrip('/')}/", *(["-maxdepth", str(depth)] if depth else [])]
-            argv += ["-name", ".git", "-prune", "-o", "-type", "f", "-print0"]
-        raw = await self._executor.exec_raw(argv, cwd=SEARCH_FROM, max_bytes=GLOB_LISTING_BYTES)
+            argv = ["find", *_walk(root, depth), "-print0"]
+        names, raw = await self._listing(argv)
         _raise_if_root_refused(root, raw.stderr)
+        matches = [n for n in names if matcher.match(_relative(n, root))]
+        newest, cut = await self._newest_first(matches, GLOB_LIMIT)
+        return GlobResult(newest, cut or raw.stdout_truncated, listing_cut=raw.stdout_truncated)
+
+    async def _listing(self, argv: list[str]) -> tuple[list[str], RawResult]:
+        """The paths a listing command prints, NUL-separated (as os.fsdecode decodes them), up to
+        LISTING_BYTES of them; and its result, whose stdout_truncated says whether it was cut."""
+        raw = await self._executor.exec_raw(argv, cwd=SEARCH_FROM, max_bytes=LISTING_BYTES)
         names = raw.stdout.decode("utf-8", "surrogateescape").split("\0")
         if raw.stdout_truncated:
             names.pop()  # (a path cut in the middle)
-        matches = [n for n in names if n and matcher.match(_relative(n, root))]
-        newest, cut = await self._newest_first(matches, GLOB_LIMIT)
-        return GlobResult(newest, cut or raw.stdout_truncated, listing_cut=raw.stdout_truncated)
+        return [name for name in names if name], raw
 
     async def _newest_first(self, paths: list[str], limit: int | None) -> tuple[list[str], bool]:
         """`paths` sorted newest first (ties by name), at most `limit`; and whether any were left out.
@@ -350,8 +354,7 @@ class Search:
         argument (sorted, so that lines come in the order of rg's --sort=path; a `grep -r`, or find
         handing files to grep, would give them in the order of the directories' entries)."""
         flags = _grep_flags(q)
-        listing = await self._executor.exec_raw(["find", *_walk(q.root), "-print0"], cwd=SEARCH_FROM)
-        names = [name for name in listing.stdout.decode("utf-8", "surrogateescape").split("\0") if name]
+        names, listing = await self._listing(["find", *_walk(q.root), "-print0"])
         paths = sorted(_selected_by_glob(names, q.glob or "", q.root))
         if not paths:  # no match; or the root is missing or refused, which find's stderr says
             return RawResult(listing.exit_code or 1, b"", listing.stderr, listing.stdout_truncated)
@@ -470,10 +473,10 @@ def _basename_filter(pattern: str) -> str | None:
     return last
 
 
-def _walk(root: str) -> list[str]:
-    """find's arguments for the files under `root`: .git skipped and a root that is a symlink
-    followed, as rg does. (-H, not glob's trailing '/': grep's root may be a file.)"""
-    return ["-H", root, "-name", ".git", "-prune", "-o", "-type", "f"]
+def _walk(root: str, depth: int | None = None) -> list[str]:
+    """find's arguments for the files under `root` (at most `depth` levels down): .git skipped and
+    a root that is a symlink followed, as rg does. (-H, not a trailing '/': grep's root may be a file.)"""
+    return ["-H", root, *(["-maxdepth", str(depth)] if depth else []), "-name", ".git", "-prune", "-o", "-type", "f"]
 
 
 # grep is given its files in batches of this many bytes of arguments: execve's room for arguments

@@ -217,7 +217,7 @@ async def test_glob_lists_only_where_a_match_can_lie(box: Sandbox, monkeypatch: 
     script = 'mkdir -p "$1/bulk/deep/dir" && cd "$1" && : >top1 && : >top2.txt && : >bulk/deep/dir/x.txt && cd bulk && '
     script += 'for i in $(seq 1 200); do : >"file-with-a-rather-long-name-$i.txt"; done'
     await box.run(["sh", "-c", script, "sh", root])
-    monkeypatch.setattr(search, "GLOB_LISTING_BYTES", 4096)
+    monkeypatch.setattr(search, "LISTING_BYTES", 4096)
     top = await box.glob("*", root)
     assert sorted(top.files) == [f"{root}/top1", f"{root}/top2.txt"] and not top.truncated
     assert (await box.glob("bulk/deep/*/*.txt", root)).files == [f"{root}/bulk/deep/dir/x.txt"]
