@@ -739,7 +739,7 @@ class Files:
     async def _edit_in_place(
         self, sftp: asyncssh.SFTPClient, path: str, edits: list[Edit], indexed: bool, use_known: bool
     ) -> EditResult | str:
-        await self._refuse_special(sftp, path)
+        known = await self._refuse_special(sftp, path)
         directory, name = posixpath.split(path)
         temp = posixpath.join(directory, temp_name(name, "tmp"))
         started = time.time()
@@ -749,8 +749,10 @@ class Files:
         # target (below), as renaming over the link would replace it with a file.
 
         async def look_and_open() -> tuple[asyncssh.SFTPAttrs | BaseException, asyncssh.SFTPClientFile | BaseException]:
-            # (sent in this order: lstat, then _look_and_open's stat before its open)
-            looking = self._look_and_open(path, sftp.stat(path), sftp.open(path, "rb"))
+            # (sent in this order: lstat, then _look_and_open's stat before its open; no stat when
+            # _refuse_special has just made one)
+            look = sftp.stat(path) if known is None else asyncio.sleep(0, known)
+            looking = self._look_and_open(path, look, sftp.open(path, "rb"))
             linked, looked = await asyncio.gather(sftp.lstat(path), looking, return_exceptions=True)
             _raise_first(looked)  # (a named pipe)
             attrs, opened = looked  # type: ignore[misc]
