@@ -177,9 +177,8 @@ class Pool(_Strict):
     @field_validator("provider")
     @classmethod
     def _known_provider(cls, value: str) -> str:
-        known = registry.known_providers()
-        if value not in known:
-            raise ValueError(f"unknown provider {value!r}; known: {', '.join(known)}")
+        if why := registry.unknown_provider(value):
+            raise ValueError(why)
         return value
 
     @model_validator(mode="after")
@@ -262,9 +261,8 @@ class Defaults(_Strict):
     @classmethod
     def _known_provider(cls, value: str | None) -> str | None:
         # (checked when the config loads, not at the first create, as a pool's provider is)
-        known = registry.known_providers()
-        if value is not None and value not in known:
-            raise ValueError(f"unknown provider {value!r}; known: {', '.join(known)}")
+        if value is not None and (why := registry.unknown_provider(value)):
+            raise ValueError(why)
         return value
 
     @property

@@ -344,8 +344,8 @@ class Fleet:
                 # The pin asks for a local pool the config activates: one made up here would
                 # bypass it (the seed: with none active, dispatch fails at validation).
                 return choose_pool(request, pools, self.availability)
-            if wanted not in registry.known_providers():
-                raise InvalidArgument(f"unknown provider {wanted!r}; known: {', '.join(registry.known_providers())}")
+            if why := registry.unknown_provider(wanted):
+                raise InvalidArgument(why)
             model = CONFIG_MODELS.get(wanted)
             config = model() if model is not None and wanted != "ssh" else None
             implicit = Pool(name=wanted, provider=wanted, config=config, implicit=True)

@@ -59,6 +59,12 @@ def known_providers() -> list[str]:
     return [*PROFILES, *_custom]
 
 
+def unknown_provider(name: str) -> str | None:
+    """Why `name` names no provider here (what the error says), or None when it does."""
+    known = known_providers()
+    return None if name in known else f"unknown provider {name!r}; known: {', '.join(known)}"
+
+
 def provider_class(name: str) -> type[Provider]:
     """The class implementing `name`. Raises ProviderUnavailable for a known but unimplemented one."""
     if name in NOT_YET_IMPLEMENTED:
@@ -68,7 +74,7 @@ def provider_class(name: str) -> type[Provider]:
         )
     target = BUILTIN_CLASSES.get(name) or _custom.get(name)
     if target is None:
-        raise ProviderUnavailable(f"unknown provider {name!r}; known: {', '.join(known_providers())}")
+        raise ProviderUnavailable(unknown_provider(name) or name)
     module_name, _, class_name = target.partition(":")
     try:
         return getattr(importlib.import_module(module_name), class_name)  # type: ignore[no-any-return]
