@@ -1,5 +1,5 @@
 """Processes on this machine (the test sshd and the local provider run here), found by a marker in
-their command line."""
+their command line; and waiting for a background job's end."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 
 def leaf_sleep() -> str:
@@ -98,3 +98,16 @@ class ArgvWatch(Watcher):
             if self.needle in argv:
                 self.seen.append(argv.replace(b"\0", b" ").decode(errors="replace"))
         self.scans += 1
+
+
+async def output_until_exit(box: Any, job_id: str, seconds: float = 30.0) -> tuple[str, Any]:
+    """A job's stdout until it exits, and its last JobOutput (exit code, stderr); an AssertionError
+    if it still runs after `seconds`."""
+    deadline = time.monotonic() + seconds
+    out = await box.job_output(job_id, wait_ms=500)
+    printed = out.stdout
+    while out.status == "running":
+        assert time.monotonic() < deadline, f"{job_id} still running after {seconds:g}s"
+        out = await box.job_output(job_id, wait_ms=500)
+        printed += out.stdout
+    return printed, out

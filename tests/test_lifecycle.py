@@ -29,6 +29,7 @@ from providers.local import LocalProvider
 from providers.local_server import local_dir
 from providers.profiles import PROFILES
 from tests.mcp_support import ROOT, tether
+from tests.processes import output_until_exit
 from tunnels import TunnelManager
 
 
@@ -484,8 +485,7 @@ async def test_a_background_job_still_running_is_activity_to_any_reaper() -> Non
         assert await reaper.reap() == []
         assert reaper.ledger.get(box.id).last_activity >= looked  # (seen running: activity)
         assert await owner.reap() == []
-        while (await box.job_output(job.id, wait_ms=500)).status == "running":
-            pass
+        await output_until_exit(box, job.id)
         await asyncio.sleep(1)
         reaped = dict(await reaper.reap())
         assert reaped[box.id].startswith("idle for")

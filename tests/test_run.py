@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import ConnectionPool, Sandbox, SSHEndpoint
+from sandbox import ConnectionPool, Sandbox, SSHEndpoint, channels
 from sandbox.errors import (
     CommandTimeout,
     ConnectError,
@@ -24,7 +24,14 @@ from sandbox.errors import (
     PermissionDenied,
 )
 from tests.conftest import endpoint_for
-from tests.processes import ArgvWatch, leaf_sleep, processes_matching, wait_until_gone, wait_until_running
+from tests.processes import (
+    ArgvWatch,
+    leaf_sleep,
+    output_until_exit,
+    processes_matching,
+    wait_until_gone,
+    wait_until_running,
+)
 from tests.sshd import SSHD, ensure_account
 
 
@@ -294,21 +301,23 @@ async def test_concurrent_runs_use_several_shells(sb: Sandbox) -> None:
 
 
 async def test_a_short_command_does_not_wait_for_long_ones_holding_every_shell(
-    host_endpoint: SSHEndpoint, pool: ConnectionPool
+    host_endpoint: SSHEndpoint, pool: ConnectionPool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Four long runs hold the four shells: a fifth caller gets a shell of its own after waiting
     BURST_AFTER_S, and the surplus goes once the long runs give theirs back."""
+    monkeypatch.setattr(channels, "BURST_AFTER_S", 0.3)
     tether_dir = f"~/.tether/t-{secrets.token_hex(3)}"
     async with Sandbox(host_endpoint, pool=pool, tether_dir=tether_dir, shells=4) as box:
         run_dir = (await box.run(f"cd {tether_dir}/run && pwd")).stdout.strip()
         marker = leaf_sleep()
-        long_runs = [asyncio.ensure_future(box.run(f"{marker}; true", timeout=6)) for _ in range(4)]
+        long_runs = [asyncio.ensure_future(box.run(f"{marker}; true", timeout=3)) for _ in range(4)]
         deadline = time.monotonic() + 10
         while len(processes_matching(marker)) < 4 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        assert len(processes_matching(marker)) == 4  # (every shell is busy)
         started = time.monotonic()
         quick = await box.run("echo quick")
-        assert quick.stdout == "quick\n" and time.monotonic() - started < 4  # (not after the long ones: 6 s)
+        assert quick.stdout == "quick\n" and time.monotonic() - started < 2  # (not after the long ones: 3 s)
         assert not any(run.done() for run in long_runs)
         assert all(run.timed_out for run in await asyncio.gather(*long_runs))
         deadline = time.monotonic() + 10
@@ -431,11 +440,7 @@ async def test_commands_longer_than_an_argument_may_be_run_and_started_as_jobs(
         assert (ran.exit_code, ran.stdout.strip()) == (0, str(len(body.encode()) + 1)), ran.stderr
         assert await box.read_text("big.txt") == body + "\n"
         job = await box.start_job(command)
-        out = await box.job_output(job.id, wait_ms=10_000)
-        printed = out.stdout
-        while out.status == "running":
-            out = await box.job_output(job.id, wait_ms=1000)
-            printed += out.stdout
+        printed, out = await output_until_exit(box, job.id)
         assert (out.exit_code, printed.strip()) == (0, str(len(body.encode()) + 1)), out.stderr
 
 
@@ -581,7 +586,7 @@ async def test_a_profiles_noclobber_does_not_mix_one_commands_output_into_the_ne
         moved = await box.run("cd /tmp")
         assert moved.stderr == "" and await box.cwd() == "/tmp"
         job = await box.start_job("echo started; sleep 100")
-        await box.job_output(job.id, wait_ms=2000)
+        assert (await box.job_output(job.id, wait_ms=5000)).stdout == "started\n"
         assert (await box.job_kill(job.id, "TERM")).status == "exited"
 
 
