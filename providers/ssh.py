@@ -34,9 +34,10 @@ _DETACH = STOP_JOBS_FN + '\n__t_stopjobs "$1/jobs"; rm -rf -- "$1"'
 
 
 def identities(identity_file: str | None) -> tuple[str, ...]:
-    """The named key, else tether's key and whichever default ~/.ssh keys exist."""
+    """The named key, else tether's key and whichever default ~/.ssh keys exist. A named key's
+    path is made absolute: the ledger keeps it for later commands, run from other directories."""
     if identity_file:
-        return (str(Path(identity_file).expanduser()),)
+        return (str(Path(identity_file).expanduser().absolute()),)
     found = [str(tether_key())]
     for name in DEFAULT_IDENTITIES:
         path = Path.home() / ".ssh" / name

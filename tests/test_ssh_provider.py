@@ -20,6 +20,27 @@ from tests.sshd import SSHD, Account, ensure_account
 from tools.cli import ssh_argv
 
 
+async def test_a_relative_key_path_keeps_working_from_another_directory(
+    sshd: SSHD, client_key: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger keeps the key's path for later commands, which may run from anywhere."""
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "id").write_bytes(client_key.read_bytes())
+    (tmp_path / "keys" / "id").chmod(0o600)
+    monkeypatch.chdir(tmp_path)
+    fleet = Fleet(config={})
+    try:
+        box = await fleet.create(Request(provider="ssh", options={"host": sshd.address, "key_path": "keys/id"}))
+        assert box.record.handle["data"]["key_paths"] == [str(tmp_path / "keys" / "id")]
+        await box.close()
+        monkeypatch.chdir("/")
+        again = await fleet.get(box.id)
+        assert (await again.run("whoami")).stdout.strip() == sshd.account.name
+        await again.destroy()
+    finally:
+        await fleet.close()
+
+
 async def test_attach_run_capacity_and_detach(sshd: SSHD, client_key: Path) -> None:
     fleet = Fleet(config={})
     try:

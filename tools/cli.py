@@ -38,7 +38,7 @@ from tunnels import Notifier
 
 from . import results as R
 from . import tether_version
-from .config import check_sections, key_file
+from .config import check_sections
 from .links import ENDED_CHECK_SECONDS, close_tunnels_of_ended_sandboxes, fleet_notifier, preview_source, tunnel_manager
 from .output import ProgressBar, duration, print_json, print_table, when
 
@@ -248,7 +248,7 @@ def attach_command(args: argparse.Namespace) -> int:
         provider="ssh",
         name=args.name,
         keep=True,
-        options={"host": args.target, **({"key_path": key_file(args.identity)} if args.identity else {})},
+        options={"host": args.target, **({"key_path": args.identity} if args.identity else {})},
     )
 
     async def attach(fleet: Fleet) -> None:

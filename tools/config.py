@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from sandbox.state import config_path
@@ -16,9 +15,3 @@ def check_sections(config: dict[str, Any]) -> None:
     unknown = sorted(set(config) - set(SECTIONS))
     if unknown:
         raise ValueError(f"{config_path()}: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
-
-
-def key_file(path: str) -> str:
-    """A key file's path as given on a command line or to a tool, made absolute: the ledger keeps it
-    for later commands, which may run from another directory."""
-    return os.path.abspath(os.path.expanduser(path))

@@ -38,7 +38,6 @@ from tunnels import Tunnel, listening_ports
 
 from . import results as R
 from . import tether_version
-from .config import key_file
 from .links import ENDED_CHECK_SECONDS, close_tunnels_of_ended_sandboxes, fleet_notifier, preview_source, tunnel_manager
 
 log = logging.getLogger(__name__)
@@ -129,7 +128,7 @@ class ServerState:
         self.default_request: Request | None = None
         if attach:
             # Kept: stopping the server must not kill what runs on someone's own machine.
-            options = {"host": attach, **({"key_path": key_file(identity)} if identity else {})}
+            options = {"host": attach, **({"key_path": identity} if identity else {})}
             self.default_request = Request(provider="ssh", keep=True, options=options)
         elif provider == "ssh" and not any(p.provider == "ssh" for p in self.fleet.pools):
             raise ValueError("--provider ssh needs a host: --attach USER@HOST[:PORT], or an ssh pool in config.toml")
@@ -556,7 +555,6 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
     ) -> Annotated[CallToolResult, R.SandboxResult]:
         """Attach a machine you have SSH access to. Its host key is pinned on first use; detaching
         (sandbox_destroy) removes only tether's own files and jobs there."""
-        key_path = key_file(key_path) if key_path else None
         options = {k: v for k, v in {"host": host, "user": user, "port": port, "key_path": key_path}.items() if v}
         box = await state.fleet.create(
             Request(provider="ssh", name=name, keep=True, options=options), progress_reporter(ctx)
