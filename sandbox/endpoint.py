@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import ipaddress
 import os
 import re
 import socket
@@ -26,6 +27,16 @@ DEFAULT_SSH_CONFIG = Path("~/.ssh/config")
 
 
 _NOT_IN_LOGIN_NAMES = set("'\"`$;&|<>(){}[]*?!\\%#~=,/:")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name, an address, an IPv6 address in brackets) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class SSHEndpoint(BaseModel):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import re
 from collections.abc import Collection
 
 from sandbox import Sandbox
+from sandbox.endpoint import is_loopback
 from sandbox.errors import SandboxError
 
 from .base import TunnelError
@@ -79,16 +79,9 @@ def tethers_own(box: Sandbox, listeners: Collection[int] = ()) -> set[int]:
     provider's embedded server runs as the same user) and `listeners`, this process's own (its
     local tunnels'). Elsewhere, none: the same numbers there are the sandbox's."""
     endpoint = getattr(box, "endpoint", None)
-    if endpoint is None or endpoint.jump or endpoint.socket_factory is not None or not _loopback(endpoint.host):
+    if endpoint is None or endpoint.jump or endpoint.socket_factory is not None or not is_loopback(endpoint.host):
         return set()
     return {endpoint.port, *listeners}
-
-
-def _loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 async def loopback_for(box: Sandbox, port: int) -> str:
