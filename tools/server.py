@@ -575,16 +575,26 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
         """Status, SSH endpoint, capability profile, capacity, background jobs and tunnels of a sandbox."""
         box = await state.existing(sandbox)
         record = box.record
-        capacity = None
-        if profile_of(record.provider).supports_capacity_query:
-            with contextlib.suppress(SandboxError, ProviderError):
-                capacity = (await box.capacity()).model_dump()
-        jobs, cwd, ports = [], None, []
-        if record.status == "running":  # (a paused or unreachable machine still has a status to show)
-            with contextlib.suppress(SandboxError, ProviderError):
-                jobs = [R.JobInfo.of(job) for job in await box.job_list()]
-                cwd = await box.cwd()
-                ports = await listening_ports(box)
+        running = record.status == "running"  # (a paused or unreachable machine still has a status to show)
+
+        async def ask_capacity() -> dict[str, Any] | None:
+            return (await box.capacity()).model_dump() if profile_of(record.provider).supports_capacity_query else None
+
+        async def ask_jobs() -> list[R.JobInfo]:
+            return [R.JobInfo.of(job) for job in await box.job_list()] if running else []
+
+        async def ask_cwd() -> str | None:
+            return await box.cwd() if running else None
+
+        async def ask_ports() -> list[int]:
+            return await listening_ports(box) if running else []
+
+        # Asked together (each is a round trip or more); what the box cannot answer is left out.
+        answers = await asyncio.gather(ask_capacity(), ask_jobs(), ask_cwd(), ask_ports(), return_exceptions=True)
+        for answer in answers:
+            if isinstance(answer, BaseException) and not isinstance(answer, (SandboxError, ProviderError)):
+                raise answer
+        capacity, jobs, cwd, ports = (None if isinstance(a, BaseException) else a for a in answers)
         info = R.SandboxInfo(
             id=record.id,
             name=record.name,
@@ -598,9 +608,9 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
             capabilities=R.sandbox_capabilities(state.fleet, record),
             capacity=capacity,
             cwd=cwd,
-            jobs=jobs,
+            jobs=jobs or [],
             tunnels=state.open_tunnels(record.id),
-            listening_ports=ports,
+            listening_ports=ports or [],
         )
         return ok(info)
 
@@ -953,7 +963,7 @@ def register_tunnel_tools(server: MCPServer, state: ServerState) -> None:
         ] = None,
     ) -> Annotated[CallToolResult, R.TunnelList]:
         """Open tunnels (of one sandbox when given), this server's and other tether processes'."""
-        sandbox_id = (await state.sandbox(sandbox)).id if sandbox else None
+        sandbox_id = state.fleet.record(sandbox).id if sandbox else None  # (the ledger's: no connection)
         return ok(R.TunnelList(tunnels=state.open_tunnels(sandbox_id)))
 
     @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True))
