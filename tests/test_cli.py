@@ -52,6 +52,8 @@ def test_up_exec_cp_info_down(tmp_path: Path) -> None:
     dashed = tether("exec", sandbox_id, "--", "--timeout", "5")
     assert dashed.returncode == 127 and "--timeout" in dashed.stderr, dashed.stderr
     assert tether("exec", sandbox_id, "--", "--", "true").returncode == 127  # (a command named --)
+    misplaced = tether("exec", sandbox_id, "echo", "--", "hi")
+    assert misplaced.returncode == 2 and "'echo' before --" in misplaced.stderr
 
     local = tmp_path / "data.bin"
     local.write_bytes(os.urandom(3 * 1024 * 1024))

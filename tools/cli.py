@@ -236,8 +236,7 @@ def print_created(record: SandboxRecord, fleet: Fleet, as_json: bool) -> None:
     """What `up` and `attach` print: the id, or the sandbox as JSON (sandbox_create's shape, with
     the cost so far and status_reason as `ls --json` has them)."""
     if as_json:
-        created = R.SandboxResult.of(record, R.sandbox_capabilities(fleet, record)).model_dump(mode="json")
-        print_json({**record_json(record, fleet), **created})
+        print_json({**record_json(record, fleet), "capabilities": R.sandbox_capabilities(fleet, record)})
     else:
         print(record.id)
 
@@ -377,16 +376,18 @@ def _pause_or_resume(args: argparse.Namespace, action: str) -> int:
 
 @command("exec")
 def exec_command(args: argparse.Namespace) -> int:
-    argv = list(args.cmd)
     # `tether exec ID --timeout 5 -- CMD`: options after ID land in the remainder; take them out.
-    while argv and argv[0].startswith("--timeout"):
-        flag = argv.pop(0)
-        value = flag.partition("=")[2] if "=" in flag else (argv.pop(0) if argv else "")
+    # Without a `--` (see main) what is left is the command, which then cannot start with a dash.
+    rest = list(args.cmd)
+    while rest and rest[0].startswith("--timeout"):
+        flag = rest.pop(0)
+        value = flag.partition("=")[2] if "=" in flag else (rest.pop(0) if rest else "")
         args.timeout = seconds(value)
-    if argv and argv[0].startswith("-") and argv[0] != "--":  # (no command starts with a dash)
-        raise ValueError(f"tether exec has no option {argv[0]} (only --timeout); the command goes after --")
-    if argv and argv[0] == "--":
-        argv = argv[1:]
+    if rest and rest[0].startswith("-"):
+        raise ValueError(f"tether exec has no option {rest[0]} (only --timeout); the command goes after --")
+    if rest and args.after_dashes is not None:
+        raise ValueError(f"{rest[0]!r} before --: the whole command goes after it, `tether exec ID -- CMD...`")
+    argv = rest if args.after_dashes is None else args.after_dashes
     if not argv:
         raise ValueError("nothing to run: `tether exec ID -- CMD...`")
     # One word is shell code ('make && ./run'); several are an argv, each word quoted.
@@ -824,12 +825,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # `tether exec ID [--timeout N] -- CMD...`: what follows the first `--` is the command, whatever
     # it looks like (argparse would eat that `--`, and then take a command's `-n` for an option).
-    command: list[str] = []
+    after_dashes = None
     if argv[:1] == ["exec"] and "--" in argv:
-        argv, command = argv[: argv.index("--")], ["--", *argv[argv.index("--") + 1 :]]
+        argv, after_dashes = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     args = build_parser().parse_args(argv)
-    if args.command == "exec":
-        args.cmd = [*args.cmd, *command]
+    args.after_dashes = after_dashes
     if args.command != "mcp":  # (which sets its own, with --verbose)
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="tether: %(message)s")
     try:
