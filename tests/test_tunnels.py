@@ -624,11 +624,11 @@ def resident_mib() -> float:
 async def test_what_a_relay_says_after_the_url_is_read_and_dropped(ssh_box: Sandbox, pool: ConnectionPool) -> None:
     """A relay that goes on writing to the session (a log line per request, for days) costs no
     memory: what it says after the URL is read and dropped, not kept unread in tether's buffers."""
-    said = asyncio.Event()
+    said, measured = asyncio.Event(), asyncio.Event()
 
     async def chatty(out: asyncssh.SSHWriter[str], public_port: int, nth: int) -> None:
         await sish_banner(out, public_port, nth)
-        await asyncio.sleep(0.5)  # (tether has the URL by now)
+        await measured.wait()  # (tether has the URL, and the memory before is known)
         for _ in range(1024):  # 128 MiB
             out.write("GET /index.html 200 " + "x" * 131072 + "\r\n")
             await out.drain()
@@ -639,6 +639,7 @@ async def test_what_a_relay_says_after_the_url_is_read_and_dropped(ssh_box: Sand
         try:
             await forward.start()
             before = resident_mib()
+            measured.set()
             await asyncio.wait_for(said.wait(), 20)  # (unread, the relay blocks on its writes)
             await asyncio.sleep(0.5)
             assert resident_mib() - before < 48
@@ -667,8 +668,9 @@ async def test_a_relay_tunnel_cancelled_while_opening_leaves_nothing_up(ssh_box:
         while not relay.forwards:
             assert time.monotonic() < deadline, "the forward was never requested"
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)  # waiting for the URL now
-        assert holds() == held + 1
+        while holds() != held + 1:  # (waiting for the URL now, the sandbox's connection held)
+            assert time.monotonic() < deadline, f"holds: {holds()}, expected {held + 1}"
+            await asyncio.sleep(0.05)
         opening.cancel()
         with pytest.raises(asyncio.CancelledError):
             await opening
