@@ -367,6 +367,8 @@ async def test_a_sandbox_busy_while_the_heartbeat_sleeps_for_another_is_not_idle
             assert quick.id not in [r for r, _ in await reaper.reap()], "reaped while its command ran"
             await asyncio.sleep(unit / 4)
         assert (await command).stdout == "done\n"
+        await asyncio.sleep(2 * unit)  # ... and, once idle, the same reaper does reap it
+        assert quick.id in [r for r, _ in await reaper.reap()]
         long_one.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await long_one
