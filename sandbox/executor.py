@@ -19,6 +19,7 @@ import asyncssh
 
 from .channels import CHANNEL_GONE, SFTPChannel, ShellPool
 from .errors import CommandTimeout, ConnectionLost, FileNotFound, InvalidArgument, PermissionDenied
+from .follow import OnOutput, OutputFollower
 from .heldoutput import HeldOutput
 from .sftpio import read_prefix, read_range
 from .shell import KILL_TREE, Finished, PersistentShell, ShellDied, ShellInfo, Stream
@@ -167,6 +168,7 @@ class Executor:
         timeout: float = 120.0,
         max_chars: int = MAX_OUTPUT_CHARS,
         keep_output: bool = False,
+        on_output: OnOutput | None = None,
     ) -> RunResult:
         """Run a command; see `Sandbox.run`."""
         script, exports = build_script(command), build_env(env)
@@ -176,14 +178,22 @@ class Executor:
         async with self._shells.borrow(timeout) as shell:
             start_dir, fallback = self._start_dir(shell, cwd)
             command_id = secrets.token_hex(8)
-            finished, timed_out = await self._execute(shell, command_id, start_dir, script, timeout, exports, fallback)
-            # Read before the shell takes its next command: it empties these files first.
-            kept = f"{shell.info.run_dir}/{command_id}"
-            (stdout, out_path), (stderr, err_path) = await asyncio.gather(
-                self._collect(shell, finished, "stdout", max_chars, f"{kept}.o", keep_output),
-                self._collect(shell, finished, "stderr", max_chars, f"{kept}.e", keep_output),
-            )
-        _raise_if_cwd_refused(cwd, finished, stderr)
+            execute = functools.partial(self._execute, shell, command_id, start_dir, script, timeout, exports, fallback)
+            if on_output is not None:
+                finished, timed_out, heads = await self._streaming(shell, execute, on_output)
+                stdout = stderr = ""
+                out_path = err_path = None
+                said = heads["stderr"].decode("utf-8", "replace")
+            else:
+                finished, timed_out = await execute()
+                # Read before the shell takes its next command: it empties these files first.
+                kept = f"{shell.info.run_dir}/{command_id}"
+                (stdout, out_path), (stderr, err_path) = await asyncio.gather(
+                    self._collect(shell, finished, "stdout", max_chars, f"{kept}.o", keep_output),
+                    self._collect(shell, finished, "stderr", max_chars, f"{kept}.e", keep_output),
+                )
+                said = stderr
+        _raise_if_cwd_refused(cwd, finished, said)
         self.cwd = finished.cwd or start_dir
         return RunResult(
             exit_code=None if timed_out else finished.exit_code,
@@ -196,6 +206,27 @@ class Executor:
             stdout_path=out_path,
             stderr_path=err_path,
         )
+
+    async def _streaming(
+        self,
+        shell: PersistentShell,
+        execute: Callable[[asyncio.Event], Awaitable[tuple[Finished, bool]]],
+        on_output: OnOutput,
+    ) -> tuple[Finished, bool, dict[Stream, bytes]]:
+        """`execute` with its output handed to `on_output` as it comes, the rest once it ended.
+        Should `on_output` fail (its reader went away), the command is stopped as on a cancel."""
+        paths: dict[Stream, str] = {"stdout": shell.output_path("stdout"), "stderr": shell.output_path("stderr")}
+        follower, began = OutputFollower(self._sftp, paths, on_output), asyncio.Event()
+        try:
+            async with asyncio.TaskGroup() as group:
+                following = group.create_task(follower.follow(began))
+                finished, timed_out = await execute(began)
+                following.cancel()
+        except BaseExceptionGroup as failed:  # (one error at a time, as without the follower)
+            raise failed.exceptions[0] from None
+        # Read before the shell takes its next command: it empties these files first.
+        await follower.drain()
+        return finished, timed_out, follower.heads
 
     async def exec_raw(
         self, argv: Sequence[str], *, cwd: str | None = None, timeout: float = 120.0, max_bytes: int = 8 << 20
@@ -272,10 +303,13 @@ class Executor:
         timeout: float,
         exports: str = "",
         fallback: str = "",
+        began: asyncio.Event | None = None,
     ) -> tuple[Finished, bool]:
         pid: int | None = None
         try:
             pid = await shell.begin(command_id, cwd, script, exports, fallback)
+            if began is not None:
+                began.set()
             try:
                 async with asyncio.timeout(timeout):
                     return await shell.finish(command_id), False

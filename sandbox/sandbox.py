@@ -21,6 +21,7 @@ from .endpoint import SSHEndpoint
 from .errors import ConnectionLost, InvalidArgument, SandboxEnded
 from .executor import MAX_OUTPUT_CHARS, Executor, RawResult, RunResult
 from .files import Edit, EditResult, Files, FileStat, Image, ReadResult, WriteResult
+from .follow import OnOutput
 from .jobs import Job, JobOutput, Jobs
 from .pool import ConnectionPool, Hold, default_pool
 from .search import GlobResult, GrepResult, Search
@@ -209,6 +210,7 @@ class Sandbox:
         timeout: float = 120.0,
         max_chars: int = MAX_OUTPUT_CHARS,
         keep_output: bool = False,
+        on_output: OnOutput | None = None,
     ) -> RunResult:
         """Run a command in a persistent shell and wait for it.
 
@@ -221,6 +223,9 @@ class Sandbox:
         InvalidArgument for a file); a saved cwd removed since falls back to where the login landed.
         With `keep_output`, neither stream is read back: both stay, as bytes, in the remote files
         named by `stdout_path`/`stderr_path` (empty streams: None), the caller's to read and remove.
+        With `on_output`, both streams are handed to it as bytes while the command runs (every 50 to
+        500 ms, the whole of each stream, uncapped) and the result's are empty; should it raise,
+        the command is stopped and the error raised here.
 
         Raises: ConnectionLost (the connection died while the command ran), InvalidArgument,
         FileNotFound, ShellsBusy.
@@ -229,7 +234,13 @@ class Sandbox:
         where = await self.resolve(cwd) if cwd is not None else None
         async with self._in_flight():
             return await self._p.executor.run(
-                command, cwd=where, env=merged, timeout=timeout, max_chars=max_chars, keep_output=keep_output
+                command,
+                cwd=where,
+                env=merged,
+                timeout=timeout,
+                max_chars=max_chars,
+                keep_output=keep_output,
+                on_output=on_output,
             )
 
     async def exec_raw(

@@ -9,6 +9,7 @@ import os
 import pty
 import queue
 import re
+import select
 import shlex
 import signal
 import subprocess
@@ -388,15 +389,23 @@ def test_exec_and_cp_at_the_edges(tmp_path: Path) -> None:
             timeout=120,
         )
         assert head.stdout == "1\n" and "Traceback" not in head.stderr, head.stderr
-        # SIGTERM ends the remote command too, as Ctrl-C does
-        marker = leaf_sleep()
-        killed = subprocess.Popen(
-            [sys.executable, "-m", "tools.cli", "exec", box, "--", marker], cwd=ROOT, env=server_env()
-        )
-        asyncio.run(wait_until_running(marker, 30))
-        killed.terminate()
-        assert killed.wait(30) == 143
-        assert asyncio.run(wait_until_gone(marker)) == []
+        # Output shows as it comes; Ctrl-C and SIGTERM end the remote command too
+        for stop, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+            marker = leaf_sleep()
+            killed = subprocess.Popen(
+                [sys.executable, "-m", "tools.cli", "exec", box, "--", f"echo started; {marker}"],
+                cwd=ROOT,
+                env=server_env(),
+                stdout=subprocess.PIPE,
+            )
+            assert killed.stdout is not None
+            shown, _, _ = select.select([killed.stdout], [], [], 30)
+            assert shown and killed.stdout.readline() == b"started\n", "exec should show output while it runs"
+            asyncio.run(wait_until_running(marker, 30))
+            killed.send_signal(stop)
+            assert killed.wait(30) == code
+            assert asyncio.run(wait_until_gone(marker)) == []
+            killed.stdout.close()
         # cp: into 'dir/' (created), and nothing over or out of a pipe or a device
         assert tether("exec", box, "--", "echo hi > f.txt").returncode == 0
         assert tether("cp", f"{box}:f.txt", f"{tmp_path}/made/").returncode == 0

@@ -229,6 +229,48 @@ async def test_long_output_is_capped_head_and_tail_with_the_full_stream_kept(sb:
     assert full.split() == [str(i) for i in range(1, 100001)]
 
 
+async def test_output_is_handed_over_as_it_comes_whole_and_uncapped(sb: Sandbox) -> None:
+    got: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+    first_seen: list[float] = []
+
+    def on_output(stream: str, data: bytes) -> None:
+        if not first_seen:
+            first_seen.append(time.monotonic())
+        got[stream].append(data)
+
+    r = await sb.run("printf 'first\\n'; sleep 2; seq 1 300000; printf '\\377err' >&2", on_output=on_output)
+    ended = time.monotonic()
+    assert (r.exit_code, r.stdout, r.stderr, r.truncated) == (0, "", "", False)
+    assert ended - first_seen[0] > 1.5, "the first line should have come while the command still ran"
+    expected = "first\n" + "".join(f"{i}\n" for i in range(1, 300001))
+    assert b"".join(got["stdout"]) == expected.encode()  # (over 2 MB: beyond the cap, and many reads)
+    assert b"".join(got["stderr"]) == b"\xfferr"  # bytes as they are, not decoded
+    assert len(got["stdout"]) > 1
+    # and the shell goes on as usual
+    assert (await sb.run("echo next")).stdout == "next\n"
+
+
+async def test_a_failing_output_reader_stops_the_command(sb: Sandbox) -> None:
+    """`tether exec … | head -1`: once our reader is gone, the remote command must not run on."""
+    marker = leaf_sleep()
+
+    def reader_gone(stream: str, data: bytes) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(BrokenPipeError):
+        await sb.run(f"echo hi; {marker}", on_output=reader_gone, timeout=60)
+    assert await wait_until_gone(marker) == []
+    assert (await sb.run("echo ok")).stdout == "ok\n"
+
+
+async def test_a_streamed_run_that_times_out_still_delivers_what_it_printed(sb: Sandbox) -> None:
+    got: list[bytes] = []
+    r = await sb.run("echo before; sleep 30", timeout=0.5, on_output=lambda _, data: got.append(data))
+    assert r.timed_out and b"".join(got) == b"before\n"
+    with pytest.raises(FileNotFound):  # a named cwd that is missing: nothing runs, as without streaming
+        await sb.run("echo never", cwd="no/such/dir", on_output=lambda _, data: got.append(data))
+
+
 async def test_kept_output_older_than_a_week_is_swept_when_shells_start(
     host_endpoint: SSHEndpoint, pool: ConnectionPool
 ) -> None:

@@ -395,29 +395,22 @@ def exec_command(args: argparse.Namespace) -> int:
 
     async def execute(fleet: Fleet) -> int:
         box = await fleet.get(args.id)
-        # Byte for byte, whatever the command prints (`tether exec ID -- cat image.png > copy.png`):
-        # the streams stay in files on the box, read back raw and removed.
-        result = await box.run(command_text, timeout=args.timeout, keep_output=True)
-        with tempfile.TemporaryDirectory() as scratch:
-            copies = []
-            streams = (("out", result.stdout_path, sys.stdout), ("err", result.stderr_path, sys.stderr))
-            for name, path, stream in streams:
-                if path:  # (both fetched and removed from the box before a reader that went away can stop us)
-                    await box.download(path, Path(scratch) / name)
-                    with contextlib.suppress(Exception):
-                        await box.remove(path)
-                    copies.append((Path(scratch) / name, stream))
-            for copy, stream in copies:
-                stream.flush()
-                with copy.open("rb") as f:
-                    shutil.copyfileobj(f, stream.buffer)
-                stream.buffer.flush()
+        # Byte for byte, as it comes (`tether exec ID -- make`, `… -- cat image.png > copy.png`).
+        result = await box.run(command_text, timeout=args.timeout, on_output=write_raw)
         if result.timed_out:
             print(f"tether: timed out after {args.timeout:g}s; the process group was killed", file=sys.stderr)
             return 124
         return result.exit_code or 0
 
     return with_fleet(execute)
+
+
+def write_raw(stream: str, data: bytes) -> None:
+    """Part of a remote command's output, passed on unchanged to ours."""
+    out = sys.stdout if stream == "stdout" else sys.stderr
+    out.flush()  # (whatever was printed as text goes first)
+    out.buffer.write(data)
+    out.buffer.flush()
 
 
 @command("ssh")
