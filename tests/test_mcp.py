@@ -216,8 +216,13 @@ async def test_file_and_shell_tools(where: str, transport: str, ssh_pool_env: di
         assert output["stdout"] == "one\n" and output["status"] == "running"
         listed = structured(await client.call_tool("job_list", {}))
         assert job["job_id"] in [j["job_id"] for j in listed["jobs"]]
-        killed = structured(await client.call_tool("job_kill", {"job_id": job["job_id"], "signal": "SIGKILL"}))
-        assert killed["status"] == "exited" and killed["signal"] == "KILL"
+        killed = await client.call_tool("job_kill", {"job_id": job["job_id"], "signal": "SIGKILL"})
+        assert structured(killed)["status"] == "exited" and structured(killed)["signal"] == "KILL"
+        assert text(killed).startswith(f"sent KILL to {job['job_id']}: exited"), text(killed)
+        done = structured(await client.call_tool("run", {"command": "true", "run_in_background": True}))
+        assert structured(await client.call_tool("job_output", {"job_id": done["job_id"], "wait_ms": 5000}))
+        late = await client.call_tool("job_kill", {"job_id": done["job_id"]})
+        assert text(late) == f"{done['job_id']} had already exited (0); nothing was signalled", text(late)
         bad_signal = await client.call_tool("job_kill", {"job_id": job["job_id"], "signal": "SIGWHAT"})
         assert bad_signal.is_error and "use one of" in text(bad_signal)
         await client.call_tool("run", {"command": f"cd .. && rm -rf {work}"})
