@@ -131,6 +131,9 @@ class ListedResource(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)  # enough to build a Handle and terminate it
 
 
+SIZING = ("image", "cpu", "memory_mb", "disk_gb")
+
+
 class Provider:
     """Base class of providers; see the module docstring."""
 
@@ -144,6 +147,9 @@ class Provider:
     # The request options (`create(..., host=...)`) it reads; the fleet refuses others, so a typo is
     # an error and not an option silently ignored. None: any (a plugin that does not say).
     option_names: ClassVar[tuple[str, ...] | None] = None
+    # Which of a request's sizing fields (SIZING) it makes the machine to; local and ssh make none,
+    # they use a machine as it is (the fleet says so when a request sets one).
+    sizes_by: ClassVar[tuple[str, ...]] = SIZING
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -165,6 +171,10 @@ class Provider:
             raise InvalidArgument(
                 f"the {self.name} provider has no option {', '.join(map(repr, unknown))} ({takes}); nothing was created"
             )
+
+    def unapplied(self, request: Request) -> list[str]:
+        """The sizing fields `request` sets that this provider does not apply."""
+        return [field for field in SIZING if getattr(request, field) is not None and field not in self.sizes_by]
 
     async def provision(self, spec: ProvisionSpec, progress: Progress = no_progress) -> Handle:
         raise NotImplementedError

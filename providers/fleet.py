@@ -256,6 +256,10 @@ class Fleet:
         # any await) leaves nothing behind: see _abandon.
         try:
             await progress(f"provisioning {name} on pool {pool.name} ({pool.provider})", 0.05)
+            if unapplied := provider.unapplied(request):
+                note = f"note: {pool.provider} uses the machine as it is; {', '.join(unapplied)} not applied"
+                log.info("%s: %s", sandbox_id, note)
+                await progress(note, 0.05)
             spec = ProvisionSpec(sandbox_id=sandbox_id, name=name, request=request, labels={LABEL: sandbox_id})
 
             async def provider_progress(message: str, fraction: float | None = None) -> None:

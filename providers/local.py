@@ -56,6 +56,7 @@ class LocalProvider(Provider):
     config_model = LocalPoolConfig
     endpoint_moves = True  # the daemon's server, or this process's own when none runs
     option_names = ()
+    sizes_by = ()  # (the machine as it is)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

@@ -77,6 +77,7 @@ class SSHProvider(Provider):
     substrate = SUBSTRATES["ssh"]
     config_model = SSHPoolConfig
     option_names = ("host", "user", "port", "key_path")
+    sizes_by = ()  # (the machine as it is)
 
     def _target(self, options: dict[str, Any]) -> SSHEndpoint:
         config = self.pool.config if isinstance(self.pool.config, SSHPoolConfig) else None

@@ -74,6 +74,21 @@ async def test_local_sandbox_end_to_end(tmp_path: Path, fleet: Fleet) -> None:
     assert await fleet.destroy(box.id) == event  # idempotent: the same single event
 
 
+async def test_sizing_the_local_machine_cannot_take_is_said_not_silently_dropped(fleet: Fleet) -> None:
+    heard: list[str] = []
+
+    async def progress(message: str, fraction: float | None = None) -> None:
+        heard.append(message)
+
+    sized = await fleet.create(Request(provider="local", cpu=64, memory_mb=4096), progress)
+    assert "note: local uses the machine as it is; cpu, memory_mb not applied" in heard, heard
+    heard.clear()
+    plain = await fleet.create(Request(provider="local"), progress)
+    assert heard and not [m for m in heard if m.startswith("note:")], heard
+    await sized.destroy()
+    await plain.destroy()
+
+
 async def test_each_local_sandbox_has_its_own_dir_and_jobs(fleet: Fleet) -> None:
     a = await fleet.create(Request(provider="local"))
     b = await fleet.create(Request(provider="local"))
