@@ -216,16 +216,21 @@ class Executor:
         """`execute` with its output handed to `on_output` as it comes, the rest once it ended.
         Should `on_output` fail (its reader went away), the command is stopped as on a cancel."""
         paths: dict[Stream, str] = {"stdout": shell.output_path("stdout"), "stderr": shell.output_path("stderr")}
-        follower, began = OutputFollower(self._sftp, paths, on_output), asyncio.Event()
+        follower, began, ended = OutputFollower(self._sftp, paths, on_output), asyncio.Event(), asyncio.Event()
         try:
-            async with asyncio.TaskGroup() as group:
-                following = group.create_task(follower.follow(began))
-                finished, timed_out = await execute(began)
-                following.cancel()
-        except BaseExceptionGroup as failed:  # (one error at a time, as without the follower)
-            raise failed.exceptions[0] from None
-        # Read before the shell takes its next command: it empties these files first.
-        await follower.drain()
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(follower.follow(began, ended))
+                    try:
+                        finished, timed_out = await execute(began)
+                    finally:
+                        ended.set()  # (a delivery under way is finished, not cut off)
+            except BaseExceptionGroup as failed:  # (one error at a time, as without the follower)
+                raise failed.exceptions[0] from None
+            # Read before the shell takes its next command: it empties these files first.
+            await follower.drain()
+        finally:
+            follower.release()
         return finished, timed_out, follower.heads
 
     async def exec_raw(

@@ -2,15 +2,20 @@
 
 The shell sends a command's stdout and stderr to two files on the box (see shell.py); following
 them is reading each from where the last read ended, every POLL_FIRST_S at first and backing off to
-POLL_LAST_S while nothing new comes. Bytes are delivered unchanged, each exactly once: an offset
-moves only once its bytes were handed over, so a read cut short (the command ended, the follower
-was stopped) is simply read again by `drain`.
+POLL_LAST_S while nothing new comes. A poll reads up to the size the file had when it began, and
+the last read once the command ended up to the size it had then: output that never pauses (or a
+background process the command left writing to the file) can neither hold a delivery back nor keep
+the run from returning. Bytes are delivered unchanged, each exactly once: an offset moves as its
+bytes are handed over, and a read cut short is read again from there.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+import functools
+import inspect
+from collections.abc import Awaitable, Callable
 
 import asyncssh
 
@@ -21,10 +26,12 @@ from .shell import Stream
 
 POLL_FIRST_S = 0.05
 POLL_LAST_S = 0.5
-PER_POLL_BYTES = 4 << 20  # at most this much per stream before the other stream gets its turn
-HEAD_BYTES = 256  # how much of each stream's start is kept (tether's own cwd message is shorter)
+# How much of each stream's start is kept (for tether's own cwd message, whose path may be long).
+HEAD_BYTES = 8192
 
-OnOutput = Callable[[Stream, bytes], None]
+# Called with each new piece of a stream; may be a coroutine function, which is awaited (a writer
+# to a pipe that may be slow to drain, say), and the next piece waits for it.
+OnOutput = Callable[[Stream, bytes], Awaitable[None] | None]
 
 
 class OutputFollower:
@@ -36,47 +43,68 @@ class OutputFollower:
         self._offsets: dict[Stream, int] = dict.fromkeys(paths, 0)
         self.heads: dict[Stream, bytes] = dict.fromkeys(paths, b"")
 
-    async def follow(self, started: asyncio.Event) -> None:
-        """Deliver output until cancelled; starts once the command has (its files are emptied first)."""
-        await started.wait()
+    async def follow(self, began: asyncio.Event, ended: asyncio.Event) -> None:
+        """Deliver output from when the command began (its files are emptied first) until it ended.
+        A delivery under way when it ends is finished first: nothing is cut in the middle."""
+        await began.wait()
         delay = POLL_FIRST_S
-        while True:
-            await asyncio.sleep(delay)
+        while not ended.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), delay)
+            if ended.is_set():
+                return
             delay = POLL_FIRST_S if await self._read_new() else min(delay * 2, POLL_LAST_S)
 
     async def drain(self) -> None:
-        """Deliver the rest, up to the ends of both files, and let go of them."""
-        try:
-            while await self._read_new():
-                pass
-        finally:
-            self._held.release()
+        """Deliver the rest: up to where each file ends now."""
+        await self._read_new()
+
+    def release(self) -> None:
+        """Let go of the files (whatever ended the run)."""
+        self._held.release()
 
     async def _read_new(self) -> bool:
-        """Read and deliver what each file gained since the last read; whether anything came."""
-
-        async def read(sftp: asyncssh.SFTPClient, stream: Stream) -> bytes:
-            f = await self._held.open(sftp, self._paths[stream], 0)
-            chunks, size, offset = [], 0, self._offsets[stream]
-            while size < PER_POLL_BYTES:
-                # (one request at a time: a short answer may be the server's limit, not the end)
-                chunk = await read_upto(f, SMALL, offset + size)
+        """Read and deliver what each file gained since the last read, up to its size as of now;
+        whether anything came. Reads are retried on a new session should the connection die (the
+        offsets say where to go on from); deliveries are not reads: their errors are the caller's."""
+        ends = await self._channel.retrying(
+            lambda sftp: asyncio.gather(*(self._end(sftp, stream) for stream in self._paths))
+        )
+        came = False
+        for stream, end in zip(self._paths, ends, strict=True):
+            while end is not None and self._offsets[stream] < end:
+                offset = self._offsets[stream]
+                read = functools.partial(self._read, stream=stream, offset=offset, most=end - offset)
+                chunk = await self._channel.retrying(read)
                 if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-            return b"".join(chunks)
+                    break  # (the file was cut shorter meanwhile, or cannot be read now)
+                came = True
+                await self._hand_over(stream, chunk)
+        return came
 
-        async def both(sftp: asyncssh.SFTPClient) -> list[bytes]:
-            return await asyncio.gather(*(read(sftp, stream) for stream in self._paths))
+    async def _end(self, sftp: asyncssh.SFTPClient, stream: Stream) -> int | None:
+        """Where the stream's file ends now; None when it cannot be followed (not now, or at all)."""
+        try:
+            return (await (await self._held.open(sftp, self._paths[stream], 0)).stat()).size or 0
+        except asyncssh.SFTPNoSuchFile:
+            return None  # (the command removed tether's directory: nothing of it to follow)
+        except asyncssh.SFTPError:
+            self._held.forget(self._paths[stream])  # (opened anew by the next poll)
+            return None
 
-        grew = False
-        for stream, data in zip(self._paths, await self._channel.retrying(both), strict=True):
-            if data:
-                grew = True
-                head = self.heads[stream]
-                if len(head) < HEAD_BYTES:
-                    self.heads[stream] = head + data[: HEAD_BYTES - len(head)]
-                self._offsets[stream] += len(data)
-                self._deliver(stream, data)
-        return grew
+    async def _read(self, sftp: asyncssh.SFTPClient, stream: Stream, offset: int, most: int) -> bytes:
+        """One request's worth from `offset` (an answer shorter than asked may be the server's limit)."""
+        try:
+            return await read_upto(await self._held.open(sftp, self._paths[stream], 0), min(SMALL, most), offset)
+        except asyncssh.SFTPError:
+            self._held.forget(self._paths[stream])
+            return b""
+
+    async def _hand_over(self, stream: Stream, data: bytes) -> None:
+        head = self.heads[stream]
+        if len(head) < HEAD_BYTES:
+            self.heads[stream] = head + data[: HEAD_BYTES - len(head)]
+        self._offsets[stream] += len(data)
+        delivered = self._deliver(stream, data)
+        if inspect.isawaitable(delivered):
+            await delivered

@@ -224,8 +224,9 @@ class Sandbox:
         With `keep_output`, neither stream is read back: both stay, as bytes, in the remote files
         named by `stdout_path`/`stderr_path` (empty streams: None), the caller's to read and remove.
         With `on_output`, both streams are handed to it as bytes while the command runs (every 50 to
-        500 ms, the whole of each stream, uncapped) and the result's are empty; should it raise,
-        the command is stopped and the error raised here.
+        500 ms, the whole of each stream, uncapped) and the result's are empty. It may be a
+        coroutine function (awaited before the next piece); should it raise, the command is
+        stopped and the error raised here.
 
         Raises: ConnectionLost (the connection died while the command ran), InvalidArgument,
         FileNotFound, ShellsBusy.

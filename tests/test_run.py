@@ -267,8 +267,55 @@ async def test_a_streamed_run_that_times_out_still_delivers_what_it_printed(sb: 
     got: list[bytes] = []
     r = await sb.run("echo before; sleep 30", timeout=0.5, on_output=lambda _, data: got.append(data))
     assert r.timed_out and b"".join(got) == b"before\n"
-    with pytest.raises(FileNotFound):  # a named cwd that is missing: nothing runs, as without streaming
-        await sb.run("echo never", cwd="no/such/dir", on_output=lambda _, data: got.append(data))
+    for missing in ("no/such/dir", "d" * 250):  # a named cwd that is missing: nothing runs, as without streaming
+        with pytest.raises(FileNotFound):
+            await sb.run("echo never", cwd=missing, on_output=lambda _, data: got.append(data))
+
+
+@pytest.fixture
+def slow_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each read of a followed output file takes a 30 ms round trip, as over a real link."""
+    import sandbox.follow
+
+    real = sandbox.follow.read_upto
+
+    async def read_upto(f: object, size: int, offset: int = 0) -> bytes:
+        await asyncio.sleep(0.03)
+        return await real(f, size, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sandbox.follow, "read_upto", read_upto)
+
+
+async def test_output_that_never_pauses_is_still_handed_over_as_it_comes(sb: Sandbox, slow_reads: None) -> None:
+    """A line every 10 ms, read at 30 ms a request: each poll takes what there was when it began."""
+    seen: list[float] = []
+    r = await sb.run(
+        "i=0; while [ $i -lt 200 ]; do echo $i; sleep 0.01; i=$((i+1)); done",
+        on_output=lambda _, data: seen.append(time.monotonic()),
+    )
+    ended = time.monotonic()
+    assert r.exit_code == 0 and len(seen) > 3 and ended - seen[0] > 1, (len(seen), ended - seen[0])
+
+
+async def test_a_writer_left_behind_does_not_keep_a_streamed_run_from_returning(sb: Sandbox, slow_reads: None) -> None:
+    got: list[bytes] = []
+    writer = "sh -c 'while :; do echo more; sleep 0.01; done'"
+    try:
+        async with asyncio.timeout(20):
+            r = await sb.run(f"{writer} & echo pid $!", on_output=lambda _, data: got.append(data), timeout=60)
+        assert r.exit_code == 0 and b"".join(got).startswith(b"pid ")
+    finally:
+        pid = b"".join(got).split(b"\n")[0].split()[-1].decode()
+        await sb.run(["kill", pid])
+
+
+async def test_a_streamed_command_that_removes_tethers_directory_still_ends_well(sb: Sandbox) -> None:
+    home = (await sb.run("cd && pwd")).stdout.strip()
+    r = await sb.run("rm -rf .tether/run; echo hi; sleep 0.3", cwd=home, on_output=lambda _, data: None)
+    assert r.exit_code == 0
+    got: list[bytes] = []
+    await sb.run("echo again", on_output=lambda _, data: got.append(data))  # (the next one streams again)
+    assert got == [b"again\n"]
 
 
 async def test_kept_output_older_than_a_week_is_swept_when_shells_start(

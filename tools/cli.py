@@ -405,12 +405,17 @@ def exec_command(args: argparse.Namespace) -> int:
     return with_fleet(execute)
 
 
-def write_raw(stream: str, data: bytes) -> None:
-    """Part of a remote command's output, passed on unchanged to ours."""
+async def write_raw(stream: str, data: bytes) -> None:
+    """Part of a remote command's output, passed on unchanged to ours. In a thread: a reader that
+    is slow to take it (`| less`) holds up the next piece, not timeouts, keepalives and signals."""
     out = sys.stdout if stream == "stdout" else sys.stderr
-    out.flush()  # (whatever was printed as text goes first)
-    out.buffer.write(data)
-    out.buffer.flush()
+
+    def write() -> None:
+        out.flush()  # (whatever was printed as text goes first)
+        out.buffer.write(data)
+        out.buffer.flush()
+
+    await asyncio.to_thread(write)
 
 
 @command("ssh")
