@@ -73,6 +73,7 @@ class Job:
     exit_code: int | None = None
     pid: int | None = None
     signal: str | None = None  # the last signal job_kill sent
+    sent: bool = False  # (job_kill's answer only) whether that call signalled the job
 
 
 @dataclass
@@ -295,18 +296,20 @@ class Jobs:
             if reply == ["gone"]:
                 return await self.get(job_id)
             deadline = time.monotonic() + 2
-            while time.monotonic() < deadline:
+            while True:
                 job = await self.get(job_id)
-                if job.status == "exited":
-                    if job.exit_code is None:
-                        # Killed too hard to record its own status (KILL): record it, so its pid,
-                        # which another process may get later, is never trusted again.
-                        await self._record_exit(directory, 128 + SIGNAL_NUMBERS.get(signal, 9))
-                        return await self.get(job_id)
-                    return job
-                if signal in ("STOP", "CONT", "USR1", "USR2"):
-                    return job
+                if job.status == "exited" or signal in ("STOP", "CONT", "USR1", "USR2"):
+                    break
+                if time.monotonic() >= deadline:
+                    break
                 await asyncio.sleep(POLL_INTERVAL)
+            if job.status == "exited" and job.exit_code is None:
+                # Killed too hard to record its own status (KILL): record it, so its pid, which
+                # another process may get later, is never trusted again.
+                await self._record_exit(directory, 128 + SIGNAL_NUMBERS.get(signal, 9))
+                job = await self.get(job_id)
+            job.sent = True
+            return job
         return await self.get(job_id)
 
     async def _record_exit(self, directory: str, code: int) -> None:

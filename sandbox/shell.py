@@ -120,24 +120,40 @@ __t_killtree() {
 # /proc/PID/stat, in clock ticks since boot) where the box has /proc: a job whose wrapper died
 # without recording its end (a reboot, the OOM killer) leaves its pid behind, and the kernel may
 # give that pid to something else. A pid is taken for the job only while its stamp still matches.
-# `__t_stamp PID` sets __st (empty without /proc); `__t_ours PID[:STAMP]` sets __p to the pid and
-# succeeds when that process runs and is the one the stamp names, or when it is gone but its
-# process group is not (the wrapper was killed, the command runs on): a pid is never handed out
-# while a group of that id exists. Builtins only.
+# `__t_stamp PID` sets __st, and __ss to the process's state (both empty without /proc);
+# `__t_ours PID[:STAMP]` sets __p to the pid and succeeds when that process runs and is the one the
+# stamp names, or when it is gone but its process group is not (the wrapper was killed, the command
+# runs on): a pid is never handed out while a group of that id exists. Zombies do not count: a
+# killed process stays one until its parent (or, for orphans, an init that may be slow about it)
+# reaps it, and `kill -0` cannot tell (`__t_livegroup` reads /proc where there is one). Builtins only.
 PROC_STAMP_FN = r"""__t_stamp() {
-  __st=
+  __st=; __ss=
   read -r __sl 2>/dev/null <"/proc/$1/stat" || return 0
   set -- ${__sl##*) }
+  __ss=$1
   [ $# -ge 20 ] && shift 19 && __st=$1
   return 0
 }
+__t_livegroup() {
+  [ -r /proc/self/stat ] || return 0
+  __gp=$1
+  for __gf in /proc/[0-9]*/stat; do
+    read -r __gl 2>/dev/null <"$__gf" || continue
+    set -- ${__gl##*) }
+    [ "$3" = "$__gp" ] && [ "$1" != Z ] && return 0
+  done
+  return 1
+}
 __t_ours() {
   __p=${1%%:*}
-  kill -0 "$__p" 2>/dev/null || { kill -0 -"$__p" 2>/dev/null; return; }
-  case $1 in *:*) __t_stamp "$__p"; [ "$__st" = "${1#*:}" ] ;; esac
+  if kill -0 "$__p" 2>/dev/null; then
+    __t_stamp "$__p"
+    case $1 in *:*) [ "$__st" = "${1#*:}" ] || return 1 ;; esac
+    [ "$__ss" != Z ] && return 0
+  fi
+  kill -0 -"$__p" 2>/dev/null && __t_livegroup "$__p"
 }"""
 
-# A standalone script: signal $1 to the tree of $2 (for an exec channel, when no shell is free).
 KILL_TREE = KILL_TREE_FN + '\n__t_killtree "$1" "$2"'
 
 

@@ -97,7 +97,9 @@ async def test_kill_with_kill_signal_and_bad_signals(sb: Sandbox) -> None:
     assert killed.status == "exited" and killed.signal == "KILL"
     done = await sb.start_job("true")
     await wait_for_exit(sb, done.id)
-    assert (await sb.job_kill(done.id)).signal is None  # it ended by itself: nothing was signalled
+    late = await sb.job_kill(done.id)
+    assert late.signal is None and not late.sent  # it ended by itself: nothing was signalled
+    assert killed.sent and not (await sb.job_kill(job.id)).sent  # (a second kill finds it ended)
 
 
 async def test_output_ending_in_half_a_character_is_delivered_once_the_job_ended(sb: Sandbox) -> None:

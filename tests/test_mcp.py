@@ -219,6 +219,9 @@ async def test_file_and_shell_tools(where: str, transport: str, ssh_pool_env: di
         killed = await client.call_tool("job_kill", {"job_id": job["job_id"], "signal": "SIGKILL"})
         assert structured(killed)["status"] == "exited" and structured(killed)["signal"] == "KILL"
         assert text(killed).startswith(f"sent KILL to {job['job_id']}: exited"), text(killed)
+        again = await client.call_tool("job_kill", {"job_id": job["job_id"]})  # (ended by the first)
+        assert text(again) == f"{job['job_id']} had already exited (137); nothing was signalled", text(again)
+        assert structured(again)["signal"] is None
         done = structured(await client.call_tool("run", {"command": "true", "run_in_background": True}))
         assert structured(await client.call_tool("job_output", {"job_id": done["job_id"], "wait_ms": 5000}))
         late = await client.call_tool("job_kill", {"job_id": done["job_id"]})

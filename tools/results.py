@@ -383,7 +383,7 @@ class JobKillResult(Result):
     job_id: str
     status: Literal["running", "exited"]
     exit_code: int | None
-    signal: str
+    signal: str | None = Field(description="The signal this call sent; null when the job had already ended")
 
 
 class TunnelList(Result):

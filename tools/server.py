@@ -925,12 +925,13 @@ def register_shell_tools(server: MCPServer, state: ServerState) -> None:
         signal = signal_name(signal)
         box = await job_sandbox(job_id, sandbox)
         job = await box.job_kill(job_id, signal)
-        if job.status == "exited" and job.signal is None:  # (it ended by itself, before this call)
+        if not job.sent:  # (it had ended before this call)
             text = f"{job_id} had already exited ({job.exit_code}); nothing was signalled"
         else:
             now = f"exited ({job.exit_code})" if job.status == "exited" else "running"
             text = f"sent {signal} to {job_id}: {now}"
-        return ok(R.JobKillResult(job_id=job_id, status=job.status, exit_code=job.exit_code, signal=signal), text)
+        sent = signal if job.sent else None
+        return ok(R.JobKillResult(job_id=job_id, status=job.status, exit_code=job.exit_code, signal=sent), text)
 
 
 def register_tunnel_tools(server: MCPServer, state: ServerState) -> None:
