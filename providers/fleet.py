@@ -76,6 +76,7 @@ class ManagedSandbox(Sandbox):
         self.keep = record.keep
         self.idle_timeout = record.idle_timeout
         self.verified_at = time.monotonic()  # when the ledger last said it is live
+        self.notes: list[str] = []  # what its creation had to say (a request's sizing not applied)
         # The last use, and the last_activity the ledger has: opening it is not using it.
         self.last_used = self.flushed_activity = record.last_activity
 
@@ -256,10 +257,11 @@ class Fleet:
         # any await) leaves nothing behind: see _abandon.
         try:
             await progress(f"provisioning {name} on pool {pool.name} ({pool.provider})", 0.05)
+            notes = []
             if unapplied := provider.unapplied(request):
-                note = f"note: {pool.provider} uses the machine as it is; {', '.join(unapplied)} not applied"
-                log.info("%s: %s", sandbox_id, note)
-                await progress(note, 0.05)
+                notes.append(f"note: {pool.provider} uses the machine as it is; {', '.join(unapplied)} not applied")
+                log.info("%s: %s", sandbox_id, notes[-1])
+                await progress(notes[-1], 0.05)
             spec = ProvisionSpec(sandbox_id=sandbox_id, name=name, request=request, labels={LABEL: sandbox_id})
 
             async def provider_progress(message: str, fraction: float | None = None) -> None:
@@ -282,6 +284,7 @@ class Fleet:
             box = ManagedSandbox(
                 self, self.ledger.get(sandbox_id), endpoint, provider.tether_dir(sandbox_id), request.env
             )
+            box.notes = notes
             self._open[sandbox_id] = box
             await progress(f"connecting to {name}", 0.9)
             await box.connect()

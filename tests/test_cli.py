@@ -424,7 +424,8 @@ def test_exec_and_cp_at_the_edges(tmp_path: Path) -> None:
 
 
 def test_forget_host_reads_ipv6_and_refuses_bad_ports() -> None:
-    assert "no host key pinned for ::1:22" in tether("forget-host", "::1").stderr
+    unknown = tether("forget-host", "::1")
+    assert unknown.returncode == 2 and "no host key pinned for ::1:22" in unknown.stderr, unknown.stderr
     assert "no host key pinned for ::1:2222" in tether("forget-host", "[::1]:2222").stderr
     for bad in ("127.0.0.1:99999999999999999999", "host:0", "host:x"):
         refused = tether("forget-host", bad)

@@ -273,7 +273,9 @@ async def test_lifecycle_tools_and_stopping_tears_down(
         created = structured(await client.call_tool("sandbox_create", {"provider": "local", "name": "lc-one"}))
         assert created["status"] == "running" and created["provider"] == "local" and created["ssh"]["port"]
         assert created["capabilities"]["billingModel"] == "fixed"
-        kept = structured(await client.call_tool("sandbox_create", {"provider": "local", "keep": True}))
+        kept_call = await client.call_tool("sandbox_create", {"provider": "local", "keep": True, "cpu": 8})
+        kept = structured(kept_call)
+        assert "note: local uses the machine as it is; cpu not applied" in text(kept_call), text(kept_call)
         attached = structured(
             await client.call_tool("host_attach", {"host": sshd.address, "key_path": str(client_key), "name": "lc-box"})
         )

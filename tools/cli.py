@@ -654,8 +654,7 @@ def forget_host_command(args: argparse.Namespace) -> int:
     if pins.forget(host, port):
         print(f"forgot the pinned host key of {host}:{port}; the next connection pins the key it presents")
         return 0
-    print(f"no host key pinned for {host}:{port}", file=sys.stderr)
-    return 1
+    raise ValueError(f"no host key pinned for {host}:{port}, so nothing was forgotten (is the port right?)")
 
 
 def _host_and_port(target: str) -> tuple[str, int]:

@@ -538,8 +538,8 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
             keep=keep,
         )
         box = await state.fleet.create(request, progress_reporter(ctx))
-        record = box.record
-        return ok(R.SandboxResult.of(record, R.sandbox_capabilities(state.fleet, record)))
+        result = R.SandboxResult.of(box.record, R.sandbox_capabilities(state.fleet, box.record))
+        return ok(result, "\n".join([result.text(), *box.notes]))  # (notes: in the answer, not only as progress)
 
     @server.tool(annotations=CREATES)
     @guarded
