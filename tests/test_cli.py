@@ -430,3 +430,9 @@ def test_forget_host_reads_ipv6_and_refuses_bad_ports() -> None:
     for bad in ("127.0.0.1:99999999999999999999", "host:0", "host:x"):
         refused = tether("forget-host", bad)
         assert refused.returncode == 2 and "port 1-65535" in refused.stderr, refused.stderr
+
+
+def test_an_unknown_option_is_refused_with_the_commands_own_usage() -> None:
+    refused = tether("ls", "--bogus")
+    assert refused.returncode == 2 and "usage: tether ls" in refused.stderr, refused.stderr
+    assert "unrecognized arguments: --bogus" in refused.stderr

@@ -825,7 +825,11 @@ def main(argv: list[str] | None = None) -> int:
     after_dashes = None
     if argv[:1] == ["exec"] and "--" in argv:
         argv, after_dashes = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # (said by the command's own parser, whose usage is the one that helps)
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     args.after_dashes = after_dashes
     if args.command != "mcp":  # (which sets its own, with --verbose)
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="tether: %(message)s")
