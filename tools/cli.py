@@ -528,6 +528,8 @@ def tunnel_command(args: argparse.Namespace) -> int:
     async def hold(fleet: Fleet, notifier: Notifier) -> int:
         tunnels = tunnel_manager(fleet, notifier)
         box = await fleet.get(args.id)
+        if not args.json:  # (a port that does not speak HTTP is only known once the check gives up)
+            print(f"opening port {args.port} of {box.name}; checking that it answers HTTP", file=sys.stderr, flush=True)
         tunnel = await tunnels.open(
             box,
             args.port,
