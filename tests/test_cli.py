@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -436,3 +437,13 @@ def test_an_unknown_option_is_refused_with_the_commands_own_usage() -> None:
     refused = tether("ls", "--bogus")
     assert refused.returncode == 2 and "usage: tether ls" in refused.stderr, refused.stderr
     assert "unrecognized arguments: --bogus" in refused.stderr
+
+
+def test_exec_runs_no_longer_than_the_sandboxs_ttl() -> None:
+    """No reaper runs in a CLI command: exec itself stops at the TTL, and the sandbox ends."""
+    box = tether("up", "local", "--ttl", "3").stdout.strip()
+    started = time.monotonic()
+    cut = tether("exec", box, "--", "echo start; sleep 60; echo never")
+    assert cut.returncode == 2 and "TTL ran out" in cut.stderr, cut.stderr
+    assert cut.stdout == "start\n" and time.monotonic() - started < 30
+    assert json.loads(tether("info", box, "--json").stdout)["status"] == "terminated"

@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -395,10 +396,16 @@ def exec_command(args: argparse.Namespace) -> int:
 
     async def execute(fleet: Fleet) -> int:
         box = await fleet.get(args.id)
+        # No longer than the sandbox's TTL allows: then it ends, command and all (no reaper runs here).
+        expires_at = fleet.record(box.id).expires_at
+        ttl_left = expires_at - time.time() if expires_at is not None else math.inf
         # Byte for byte, as it comes (`tether exec ID -- make`, `… -- cat image.png > copy.png`).
-        result = await box.run(command_text, timeout=args.timeout, on_output=write_raw)
+        limit = max(min(args.timeout, ttl_left), 0.001)
+        result = await box.run(command_text, timeout=limit, on_output=write_raw)
+        if result.timed_out and limit < args.timeout:
+            await fleet.get(box.id)  # (which ends it, its TTL having run out, and says so)
         if result.timed_out:
-            print(f"tether: timed out after {args.timeout:g}s; the process group was killed", file=sys.stderr)
+            print(f"tether: timed out after {limit:g}s; the process group was killed", file=sys.stderr)
             return 124
         return result.exit_code or 0
 
