@@ -767,6 +767,8 @@ async def test_attach_with_a_key_of_its_own_and_ssh_without_a_host(
     env = server_env(HOME=str(tmp_path))  # no ~/.ssh keys, no agent: only --identity can log in
     env.pop("SSH_AUTH_SOCK", None)
     async with stdio_client("--attach", sshd.address, "--identity", str(client_key), env=env) as client:
+        before = await client.call_tool("sandbox_info", {})  # (reports on nothing: attaches nothing)
+        assert before.is_error and f"attaches {sshd.address}, the default" in text(before), text(before)
         ran = structured(await client.call_tool("run", {"command": "whoami"}))
         assert ran["stdout"] == f"{sshd.account.name}\n"
         await client.call_tool("sandbox_destroy", {})

@@ -237,9 +237,11 @@ class ServerState:
         found = self.current_default()
         if found is None:
             self.refuse_if_ambiguous()
+            attach = self.default_request.options.get("host") if self.default_request else None
+            makes = f"attaches {attach}, the default" if attach else "makes the default one"
             raise NoSandboxYet(
-                "there is no sandbox yet: create one with sandbox_create (or any file or shell tool makes "
-                "the default one), or name one from sandbox_list"
+                f"there is no sandbox yet: create one with sandbox_create (or any file or shell tool {makes}), "
+                "or name one from sandbox_list"
             )
         return await self.fleet.get(found)
 
