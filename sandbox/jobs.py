@@ -35,10 +35,12 @@ log = logging.getLogger(__name__)
 
 JobStatus = Literal["running", "exited"]
 
-# `__t_stopjobs DIR` stops every job in a jobs directory that has not ended, with its whole tree.
-# A job with an `exit` file has ended, and its pid may belong to another process by now, so it is
-# left alone, as is a pid whose start stamp is not the job's (PROC_STAMP_FN); each job stopped here
-# gets an `exit` file, so its pid is never trusted again. POSIX sh, for any box (and this machine).
+# `__t_stopjobs DIR` stops every job in a jobs directory that has not ended, with its whole tree,
+# and what ended jobs left running in their groups. A job with an `exit` file has ended, and its pid
+# may belong to another process by now: only a group still holding what it left (__t_leftof) is
+# stopped, as is a running job's pid only while its start stamp is the job's (PROC_STAMP_FN); each
+# job stopped here gets an `exit` file, so its pid is never trusted again. POSIX sh, for any box
+# (and this machine).
 STOP_JOBS_FN = (
     KILL_TREE_FN
     + "\n"
@@ -46,9 +48,14 @@ STOP_JOBS_FN = (
     + """
 __t_stopjobs() {
   for d in "$1"/*/; do
-    [ -f "$d/pid" ] && [ ! -f "$d/exit" ] || continue
-    read -r __r 2>/dev/null <"$d/pid" && __t_ours "$__r" && __t_killtree KILL "$__p"
-    printf '137\\n' >"$d/exit"
+    [ -f "$d/pid" ] || continue
+    __r=; read -r __r 2>/dev/null <"$d/pid"
+    if [ -f "$d/exit" ]; then
+      __t_leftof "$d" "${__r%%:*}" && __t_killtree KILL "${__r%%:*}"
+    else
+      [ -n "$__r" ] && __t_ours "$__r" && __t_killtree KILL "$__p"
+      printf '137\\n' >"$d/exit"
+    fi
   done
 }"""
 )
@@ -274,7 +281,8 @@ class Jobs:
         return self._job(job_id, state, alive)
 
     async def kill(self, job_id: str, signal: str = "TERM") -> Job:
-        """Send `signal` to the job's process group and wait briefly for it to end."""
+        """Send `signal` to the job's process group and wait briefly for it to end; to a job that
+        ended, what its command left running in its group (see shell._LEFT_FN), if anything."""
         signal = signal_name(signal)
         directory = await self._directory(job_id)
         state = await self._read_state(directory)
@@ -286,31 +294,44 @@ class Jobs:
             state = await self._read_state(directory)
         if state.pid is None:
             return self._job(job_id, state, set())  # it never started (or was cut off): nothing to signal
-        if state.exit_code is None:  # (one that ended before was never signalled: nothing to note)
-            # One call: the pid is checked to be still the job's (its wrapper may be gone without a
-            # word, a reboot, the OOM killer, and the pid another process's by now), the signal
-            # noted, and sent.
-            assert state.process is not None
-            async with self._shells.borrow() as shell:
-                reply = await shell.call("jobkill", signal, state.process, f"{directory}/signal")
-            if reply == ["gone"]:
-                return await self.get(job_id)
-            deadline = time.monotonic() + 2
-            while True:
-                job = await self.get(job_id)
-                if job.status == "exited" or signal in ("STOP", "CONT", "USR1", "USR2"):
-                    break
-                if time.monotonic() >= deadline:
-                    break
-                await asyncio.sleep(POLL_INTERVAL)
-            if job.status == "exited" and job.exit_code is None:
-                # Killed too hard to record its own status (KILL): record it, so its pid, which
-                # another process may get later, is never trusted again.
-                await self._record_exit(directory, 128 + SIGNAL_NUMBERS.get(signal, 9))
-                job = await self.get(job_id)
-            job.sent = True
-            return job
-        return await self.get(job_id)
+        if state.exit_code is not None:
+            return await self._kill_left(job_id, directory, state, signal)
+        # One call: the pid is checked to be still the job's (its wrapper may be gone without a
+        # word, a reboot, the OOM killer, and the pid another process's by now), the signal
+        # noted, and sent.
+        assert state.process is not None
+        async with self._shells.borrow() as shell:
+            reply = await shell.call("jobkill", signal, state.process, f"{directory}/signal")
+        if reply == ["gone"]:
+            return await self.get(job_id)
+        deadline = time.monotonic() + 2
+        while True:
+            job = await self.get(job_id)
+            if job.status == "exited" or signal in ("STOP", "CONT", "USR1", "USR2") or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(POLL_INTERVAL)
+        if job.status == "exited" and job.exit_code is None:
+            # Killed too hard to record its own status (KILL): record it, so its pid, which
+            # another process may get later, is never trusted again.
+            await self._record_exit(directory, 128 + SIGNAL_NUMBERS.get(signal, 9))
+            job = await self.get(job_id)
+        job.sent = True
+        return job
+
+    async def _kill_left(self, job_id: str, directory: str, state: _Files, signal: str) -> Job:
+        """A job that ended: signal what its command left running in its group (`server &`), if
+        anything, and wait briefly for that to end."""
+        assert state.pid is not None
+        async with self._shells.borrow() as shell:
+            reply = await shell.call("leftkill", signal, str(state.pid), directory)
+        deadline = time.monotonic() + 2
+        while reply == ["sent"] and signal not in ("STOP", "CONT", "USR1", "USR2"):
+            if time.monotonic() >= deadline or not await self._alive([str(state.pid)]):
+                break
+            await asyncio.sleep(POLL_INTERVAL)
+        job = await self.get(job_id)
+        job.sent = reply == ["sent"]
+        return job
 
     async def _record_exit(self, directory: str, code: int) -> None:
         async def write(sftp: asyncssh.SFTPClient) -> None:

@@ -75,19 +75,38 @@ _CHILD = (
     f'set --; eval "$__s"; __x=$?; {_RECORD_CWD}; exit $__x'
 )
 
+# `__t_left DIR`, run by a job's wrapper (its group's leader) once the command ended: writes to
+# DIR/left the "PID:STAMP" of each live process the command left running in the group (`server &`),
+# for job_kill and teardown to stop later (__t_leftof). Where there is no /proc, nothing is recorded.
+_LEFT_FN = r"""__t_left() {
+  [ -r /proc/self/stat ] || return 0
+  __lf=
+  for __f in /proc/[0-9]*/stat; do
+    read -r __l 2>/dev/null <"$__f" || continue
+    __n=${__f#/proc/}; __n=${__n%/stat}
+    set -- ${__l##*) }
+    [ "$3" = "$$" ] && [ "$__n" != "$$" ] && [ "$1" != Z ] && [ $# -ge 20 ] && __lf="$__lf$__n:${20}
+"
+  done
+  [ -z "$__lf" ] || printf '%s' "$__lf" >"$__j/left"
+}
+"""
+
 # A background job's wrapper. $1 cwd, $2 the command, $3 the job's directory, $4 the fallback
 # directory (see _NO_CWD; empty when the caller named the cwd). The wrapper lives in
 # the job's process group but shrugs off TERM/INT/HUP (a no-op trap, which children do not inherit)
 # so that it can record the exit status after `job_kill`; the command runs in a subshell with the
-# default dispositions, in the foreground so that INT is not ignored.
+# default dispositions, in the foreground so that INT is not ignored. What the command left running
+# in the group is recorded before its end (__t_left).
 _JOB = (
-    _BUILTINS + "__j=$3; __s=$2; "
+    _BUILTINS + _LEFT_FN + "__j=$3; __s=$2; "
     '__t_cd -- "$1" 2>/dev/null || { [ -n "$4" ] && __t_cd -- "$4" && '
     'printf \'tether: directory %s is gone; running in %s\\n\' "$1" "$PWD" >&2; } || '
     "{ printf 'tether: cannot enter %s\\n' \"$1\" >&2; printf '125\\n' >\"$__j/exit\"; exit 125; }; "
     "trap : TERM INT HUP; "
     '( trap - TERM INT HUP; if [ -s "$3/env" ]; then . "$3/env"; : >"$3/env"; fi; __s=$2; set --; eval "$__s" ); '
-    '__x=$?; printf \'%s\\n\' "$__x" >"$__j/exit.tmp" && mv -f "$__j/exit.tmp" "$__j/exit"'
+    "__x=$?; __t_left 2>/dev/null; "
+    'printf \'%s\\n\' "$__x" >"$__j/exit.tmp" && mv -f "$__j/exit.tmp" "$__j/exit"'
 )
 
 # `__t_killtree SIGNAL PID` signals the process group PID leads (or the process, if it leads none)
@@ -120,19 +139,30 @@ __t_killtree() {
 # /proc/PID/stat, in clock ticks since boot) where the box has /proc: a job whose wrapper died
 # without recording its end (a reboot, the OOM killer) leaves its pid behind, and the kernel may
 # give that pid to something else. A pid is taken for the job only while its stamp still matches.
-# `__t_stamp PID` sets __st, and __ss to the process's state (both empty without /proc);
+# `__t_stamp PID` sets __st, __ss to the process's state and __sg to its group (empty without /proc);
+# `__t_leftof DIR PID`, for a job that ended: whether what its command left running (DIR/left, see
+# _LEFT_FN) still runs in its group PID, that is, one of those processes still runs as itself (pid
+# and stamp) in it: then the group is still the job's, though its leader is long gone;
 # `__t_ours PID[:STAMP]` sets __p to the pid and succeeds when that process runs and is the one the
 # stamp names, or when it is gone but its process group is not (the wrapper was killed, the command
 # runs on): a pid is never handed out while a group of that id exists. Zombies do not count: a
 # killed process stays one until its parent (or, for orphans, an init that may be slow about it)
 # reaps it, and `kill -0` cannot tell (`__t_livegroup` reads /proc where there is one). Builtins only.
 PROC_STAMP_FN = r"""__t_stamp() {
-  __st=; __ss=
+  __st=; __ss=; __sg=
   read -r __sl 2>/dev/null <"/proc/$1/stat" || return 0
   set -- ${__sl##*) }
-  __ss=$1
+  __ss=$1; __sg=$3
   [ $# -ge 20 ] && shift 19 && __st=$1
   return 0
+}
+__t_leftof() {
+  [ -r "$1/left" ] || return 1
+  while IFS= read -r __r; do
+    __t_stamp "${__r%%:*}"
+    [ -n "$__st" ] && [ "$__st" = "${__r#*:}" ] && [ "$__ss" != Z ] && [ "$__sg" = "$2" ] && return 0
+  done <"$1/left"
+  return 1
 }
 __t_livegroup() {
   [ -r /proc/self/stat ] || return 0
@@ -302,6 +332,17 @@ __t_kill() {
 # `__t_jobkill ID SIGNAL PID:STAMP NOTE`: signal a job's tree only while its pid is still the job's
 # (see __t_ours), noting the signal in the file NOTE first (the job's end is then told as its
 # doing); replies "gone" when the pid is no longer the job's.
+# `__t_leftkill ID SIGNAL PID DIR`, for a job that ended: signal what its command left running in
+# its group (see __t_leftof), noting the signal; replies "sent", or "none" when nothing is left.
+__t_leftkill() {
+  if __t_leftof "$4" "$3"; then
+    printf '%s' "$2" >"$4/signal"
+    __t_killtree "$2" "$3"
+    printf '%s R sent\0' "$1"
+  else
+    printf '%s R none\0' "$1"
+  fi
+}
 __t_jobkill() {
   if __t_ours "$3"; then
     printf '%s' "$2" >"$4"

@@ -145,6 +145,51 @@ async def test_a_job_that_never_got_a_pid_is_not_running_forever(sb: Sandbox) ->
     await sb.run(["rm", "-rf", f"{jobs_dir}/{old}", f"{jobs_dir}/{new}"])
 
 
+@pytest.mark.parametrize("flavour", ["sshd", "dash_sshd"])
+async def test_what_an_ended_job_left_running_is_stopped_by_job_kill_and_teardown(
+    flavour: str, request: pytest.FixtureRequest, client_key: Path, pool: ConnectionPool
+) -> None:
+    """`run_in_background: "server &"`: the job ends at once, the server runs on in its group. The
+    wrapper notes it as it ends; job_kill and a sandbox's teardown (the ssh provider's detach)
+    stop it, and nothing that merely has its pid and stamp but sits in another group."""
+    server: SSHD = request.getfixturevalue(flavour)
+    async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
+        await what_an_ended_job_left_running_is_stopped(box)
+
+
+async def what_an_ended_job_left_running_is_stopped(sb: Sandbox) -> None:
+    jobs_dir = (await sb._p.executor.info()).jobs_dir
+    for stop in ("job_kill", "teardown"):
+        marker = leaf_sleep()
+        job = await sb.start_job(f"{marker} & echo started")
+        await wait_for_exit(sb, job.id)
+        await wait_until_running(marker)
+        assert (await sb.job_output(job.id)).exit_code == 0
+        if stop == "job_kill":
+            killed = await sb.job_kill(job.id)
+            assert killed.sent and (killed.status, killed.exit_code, killed.signal) == ("exited", 0, "TERM")
+            assert not (await sb.job_kill(job.id)).sent  # (nothing left the second time)
+        else:  # (on a copy of its directory: the other tests' jobs are left alone)
+            alone = f"{jobs_dir}-alone"
+            await sb.run(["sh", "-c", 'mkdir -p "$2" && cp -R "$1" "$2"/', "sh", f"{jobs_dir}/{job.id}", alone])
+            await sb.run(["sh", "-c", STOP_ALL_JOBS + '; rm -rf "$1"', "sh", alone])
+        assert await wait_until_gone(marker) == [], f"{stop} left what the job started"
+    # a `left` file naming a process that runs as itself, but in a group of its own: not the job's
+    bystander = int((await sb.run("setsid sleep 1000 >/dev/null 2>&1 & echo $!")).stdout)
+    try:
+        stamp = Path(f"/proc/{bystander}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        ended = await sb.start_job("true")
+        await wait_for_exit(sb, ended.id)
+        await sb.write(f"{jobs_dir}/{ended.id}/left", f"{bystander}:{stamp}\n")
+        assert not (await sb.job_kill(ended.id, "KILL")).sent
+        alone = f"{jobs_dir}-alone"
+        await sb.run(["sh", "-c", 'mkdir -p "$2" && cp -R "$1" "$2"/', "sh", f"{jobs_dir}/{ended.id}", alone])
+        await sb.run(["sh", "-c", STOP_ALL_JOBS + '; rm -rf "$1"', "sh", alone])
+        assert (await sb.run(f"kill -0 {bystander}")).exit_code == 0, "the bystander was signalled"
+    finally:
+        await sb.run(f"kill {bystander}")
+
+
 async def test_a_pid_that_now_names_another_process_is_never_signalled(sb: Sandbox) -> None:
     """A job whose wrapper died without recording its end (the OOM killer, a reboot) leaves its pid
     file behind, and the kernel may hand that pid to anything: neither job_kill nor a sandbox's
