@@ -75,22 +75,18 @@ _CHILD = (
     f'set --; eval "$__s"; __x=$?; {_RECORD_CWD}; exit $__x'
 )
 
-# `__t_left DIR`, run by a job's wrapper (its group's leader) once the command ended: writes to
-# DIR/left the "PID:STAMP" of each live process the command left running in the group (`server &`),
-# for job_kill and teardown to stop later (__t_leftof). Where there is no /proc, nothing is recorded.
-_LEFT_FN = r"""__t_left() {
-  [ -r /proc/self/stat ] || return 0
-  __lf=
-  for __f in /proc/[0-9]*/stat; do
-    read -r __l 2>/dev/null <"$__f" || continue
-    __n=${__f#/proc/}; __n=${__n%/stat}
-    set -- ${__l##*) }
-    [ "$3" = "$$" ] && [ "$__n" != "$$" ] && [ "$1" != Z ] && [ $# -ge 20 ] && __lf="$__lf$__n:${20}
-"
-  done
-  [ -z "$__lf" ] || printf '%s' "$__lf" >"$__j/left"
-}
-"""
+# `__t_left`, run by a job's wrapper (its group's leader) once the command ended: writes to the
+# job's `left` file, on one line, the "PID:STAMP" of each live process the command left running in
+# the group (`server &`), for job_kill and teardown to stop later (__t_leftof). Where there is no
+# /proc, nothing is recorded. (Defined on one line, as _BUILTINS: a job's errors count lines from
+# the wrapper's first, and "line 3" must be the command's own line 3.)
+_LEFT_FN = (
+    "__t_left() { [ -r /proc/self/stat ] || return 0; __lf=; "
+    'for __f in /proc/[0-9]*/stat; do read -r __l 2>/dev/null <"$__f" || continue; '
+    "__n=${__f#/proc/}; __n=${__n%/stat}; set -- ${__l##*) }; "
+    '[ "$3" = "$$" ] && [ "$__n" != "$$" ] && [ "$1" != Z ] && [ $# -ge 20 ] && __lf="$__lf$__n:${20} "; '
+    'done; [ -z "$__lf" ] || printf \'%s\\n\' "$__lf" >"$__j/left"; }; '
+)
 
 # A background job's wrapper. $1 cwd, $2 the command, $3 the job's directory, $4 the fallback
 # directory (see _NO_CWD; empty when the caller named the cwd). The wrapper lives in
@@ -157,11 +153,11 @@ PROC_STAMP_FN = r"""__t_stamp() {
   return 0
 }
 __t_leftof() {
-  [ -r "$1/left" ] || return 1
-  while IFS= read -r __r; do
+  __lo=; read -r __lo 2>/dev/null <"$1/left" || [ -n "$__lo" ] || return 1
+  for __r in $__lo; do
     __t_stamp "${__r%%:*}"
     [ -n "$__st" ] && [ "$__st" = "${__r#*:}" ] && [ "$__ss" != Z ] && [ "$__sg" = "$2" ] && return 0
-  done <"$1/left"
+  done
   return 1
 }
 __t_livegroup() {
