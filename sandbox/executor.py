@@ -180,10 +180,10 @@ class Executor:
             command_id = secrets.token_hex(8)
             execute = functools.partial(self._execute, shell, command_id, start_dir, script, timeout, exports, fallback)
             if on_output is not None:
-                finished, timed_out, heads = await self._streaming(shell, execute, on_output)
+                finished, timed_out, stderr_head = await self._streaming(shell, execute, on_output)
                 stdout = stderr = ""
                 out_path = err_path = None
-                said = heads["stderr"].decode("utf-8", "replace")
+                said = stderr_head.decode("utf-8", "replace")
             else:
                 finished, timed_out = await execute()
                 # Read before the shell takes its next command: it empties these files first.
@@ -212,9 +212,10 @@ class Executor:
         shell: PersistentShell,
         execute: Callable[[asyncio.Event], Awaitable[tuple[Finished, bool]]],
         on_output: OnOutput,
-    ) -> tuple[Finished, bool, dict[Stream, bytes]]:
-        """`execute` with its output handed to `on_output` as it comes, the rest once it ended.
-        Should `on_output` fail (its reader went away), the command is stopped as on a cancel."""
+    ) -> tuple[Finished, bool, bytes]:
+        """`execute` with its output handed to `on_output` as it comes, the rest once it ended; and
+        the start of stderr. Should `on_output` fail (its reader went away), the command is stopped
+        as on a cancel."""
         paths: dict[Stream, str] = {"stdout": shell.output_path("stdout"), "stderr": shell.output_path("stderr")}
         follower, began, ended = OutputFollower(self._sftp, paths, on_output), asyncio.Event(), asyncio.Event()
         try:
@@ -231,7 +232,7 @@ class Executor:
             await follower.drain()
         finally:
             follower.release()
-        return finished, timed_out, follower.heads
+        return finished, timed_out, follower.stderr_head
 
     async def exec_raw(
         self, argv: Sequence[str], *, cwd: str | None = None, timeout: float = 120.0, max_bytes: int = 8 << 20

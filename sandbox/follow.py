@@ -26,7 +26,7 @@ from .shell import Stream
 
 POLL_FIRST_S = 0.05
 POLL_LAST_S = 0.5
-# How much of each stream's start is kept (for tether's own cwd message, whose path may be long).
+# How much of stderr's start is kept (for tether's own message of a missing cwd, whose path may be long).
 HEAD_BYTES = 8192
 
 # Called with each new piece of a stream; may be a coroutine function, which is awaited (a writer
@@ -41,18 +41,18 @@ class OutputFollower:
         self._held = HeldOutput(channel)  # (its own handles, on the session of the moment)
         self._channel = channel
         self._offsets: dict[Stream, int] = dict.fromkeys(paths, 0)
-        self.heads: dict[Stream, bytes] = dict.fromkeys(paths, b"")
+        self.stderr_head = b""
 
     async def follow(self, began: asyncio.Event, ended: asyncio.Event) -> None:
         """Deliver output from when the command began (its files are emptied first) until it ended.
         A delivery under way when it ends is finished first: nothing is cut in the middle."""
         await began.wait()
         delay = POLL_FIRST_S
-        while not ended.is_set():
+        while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ended.wait(), delay)
             if ended.is_set():
-                return
+                return  # (the rest is drain's)
             delay = POLL_FIRST_S if await self._read_new() else min(delay * 2, POLL_LAST_S)
 
     async def drain(self) -> None:
@@ -101,9 +101,8 @@ class OutputFollower:
             return b""
 
     async def _hand_over(self, stream: Stream, data: bytes) -> None:
-        head = self.heads[stream]
-        if len(head) < HEAD_BYTES:
-            self.heads[stream] = head + data[: HEAD_BYTES - len(head)]
+        if stream == "stderr" and len(self.stderr_head) < HEAD_BYTES:
+            self.stderr_head += data[: HEAD_BYTES - len(self.stderr_head)]
         self._offsets[stream] += len(data)
         delivered = self._deliver(stream, data)
         if inspect.isawaitable(delivered):

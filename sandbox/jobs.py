@@ -68,6 +68,7 @@ START_GRACE_SECONDS = 30.0  # a job with no pid this long after it was prepared 
 # run sftp-server out of descriptors (its limit is the process's, often 1024).
 LIST_IN_FLIGHT = 64
 SIGNAL_NUMBERS = {"HUP": 1, "INT": 2, "QUIT": 3, "KILL": 9, "TERM": 15}  # the same on every POSIX box
+OUTLIVED = ("STOP", "CONT", "USR1", "USR2")  # signals a job does not end by: job_kill waits for no end
 
 
 @dataclass
@@ -307,7 +308,7 @@ class Jobs:
         deadline = time.monotonic() + 2
         while True:
             job = await self.get(job_id)
-            if job.status == "exited" or signal in ("STOP", "CONT", "USR1", "USR2") or time.monotonic() >= deadline:
+            if job.status == "exited" or signal in OUTLIVED or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(POLL_INTERVAL)
         if job.status == "exited" and job.exit_code is None:
@@ -325,7 +326,7 @@ class Jobs:
         async with self._shells.borrow() as shell:
             reply = await shell.call("leftkill", signal, str(state.pid), directory)
         deadline = time.monotonic() + 2
-        while reply == ["sent"] and signal not in ("STOP", "CONT", "USR1", "USR2"):
+        while reply == ["sent"] and signal not in OUTLIVED:
             if time.monotonic() >= deadline or not await self._alive([str(state.pid)]):
                 break
             await asyncio.sleep(POLL_INTERVAL)

@@ -75,18 +75,22 @@ _CHILD = (
     f'set --; eval "$__s"; __x=$?; {_RECORD_CWD}; exit $__x'
 )
 
-# `__t_left`, run by a job's wrapper (its group's leader) once the command ended: writes to the
-# job's `left` file, on one line, the "PID:STAMP" of each live process the command left running in
-# the group (`server &`), for job_kill and teardown to stop later (__t_leftof). Where there is no
-# /proc, nothing is recorded. (Defined on one line, as _BUILTINS: a job's errors count lines from
-# the wrapper's first, and "line 3" must be the command's own line 3.)
-_LEFT_FN = (
-    "__t_left() { [ -r /proc/self/stat ] || return 0; __lf=; "
-    'for __f in /proc/[0-9]*/stat; do read -r __l 2>/dev/null <"$__f" || continue; '
-    "__n=${__f#/proc/}; __n=${__n%/stat}; set -- ${__l##*) }; "
-    '[ "$3" = "$$" ] && [ "$__n" != "$$" ] && [ "$1" != Z ] && [ $# -ge 20 ] && __lf="$__lf$__n:${20} "; '
-    'done; [ -z "$__lf" ] || printf \'%s\\n\' "$__lf" >"$__j/left"; }; '
+# `__t_members GROUP [BUT]` sets __mb to "PID:STAMP " for each live process (not a zombie) of the
+# process group GROUP, BUT left out; empty where there is no /proc. Defined on one line, as
+# _BUILTINS: it goes into a job's wrapper too, whose errors count lines from its first, and "line 3"
+# must be the command's own line 3.
+_MEMBERS_FN = (
+    "__t_members() { __mb=; __mg=$1; __mx=${2-}; [ -r /proc/self/stat ] || return 0; "
+    'for __mf in /proc/[0-9]*/stat; do read -r __ml 2>/dev/null <"$__mf" || continue; '
+    "__mn=${__mf#/proc/}; __mn=${__mn%/stat}; set -- ${__ml##*) }; "
+    '[ "$3" = "$__mg" ] && [ "$__mn" != "$__mx" ] && [ "$1" != Z ] && [ $# -ge 20 ] && __mb="$__mb$__mn:${20} "; '
+    "done; }; "
 )
+
+# `__t_left`, run by a job's wrapper (its group's leader) once the command ended: writes to the
+# job's `left` file, on one line, what the command left running in the group (`server &`), for
+# job_kill and teardown to stop later (__t_leftof). Where there is no /proc, nothing is recorded.
+_LEFT_FN = '__t_left() { __t_members $$ $$; [ -z "$__mb" ] || printf \'%s\\n\' "$__mb" >"$__j/left"; }; '
 
 # A background job's wrapper. $1 cwd, $2 the command, $3 the job's directory, $4 the fallback
 # directory (see _NO_CWD; empty when the caller named the cwd). The wrapper lives in
@@ -95,7 +99,7 @@ _LEFT_FN = (
 # default dispositions, in the foreground so that INT is not ignored. What the command left running
 # in the group is recorded before its end (__t_left).
 _JOB = (
-    _BUILTINS + _LEFT_FN + "__j=$3; __s=$2; "
+    _BUILTINS + _MEMBERS_FN + _LEFT_FN + "__j=$3; __s=$2; "
     '__t_cd -- "$1" 2>/dev/null || { [ -n "$4" ] && __t_cd -- "$4" && '
     'printf \'tether: directory %s is gone; running in %s\\n\' "$1" "$PWD" >&2; } || '
     "{ printf 'tether: cannot enter %s\\n' \"$1\" >&2; printf '125\\n' >\"$__j/exit\"; exit 125; }; "
@@ -144,7 +148,10 @@ __t_killtree() {
 # runs on): a pid is never handed out while a group of that id exists. Zombies do not count: a
 # killed process stays one until its parent (or, for orphans, an init that may be slow about it)
 # reaps it, and `kill -0` cannot tell (`__t_livegroup` reads /proc where there is one). Builtins only.
-PROC_STAMP_FN = r"""__t_stamp() {
+PROC_STAMP_FN = (
+    _MEMBERS_FN.rstrip("; ")
+    + "\n"
+    + r"""__t_stamp() {
   __st=; __ss=; __sg=
   read -r __sl 2>/dev/null <"/proc/$1/stat" || return 0
   set -- ${__sl##*) }
@@ -162,13 +169,7 @@ __t_leftof() {
 }
 __t_livegroup() {
   [ -r /proc/self/stat ] || return 0
-  __gp=$1
-  for __gf in /proc/[0-9]*/stat; do
-    read -r __gl 2>/dev/null <"$__gf" || continue
-    set -- ${__gl##*) }
-    [ "$3" = "$__gp" ] && [ "$1" != Z ] && return 0
-  done
-  return 1
+  __t_members "$1"; [ -n "$__mb" ]
 }
 __t_ours() {
   __p=${1%%:*}
@@ -179,6 +180,7 @@ __t_ours() {
   fi
   kill -0 -"$__p" 2>/dev/null && __t_livegroup "$__p"
 }"""
+)
 
 KILL_TREE = KILL_TREE_FN + '\n__t_killtree "$1" "$2"'
 
