@@ -1,11 +1,14 @@
 """Bulk copies over SFTP, pipelined: many requests in flight, block size from the server's limits.
 
 Both directions write to a temporary name and rename at the end, so an interrupted copy never
-leaves a half-written file under the real name.
+leaves a half-written file under the real name. The temp file is written and given its mode
+through the handle that created it (never reopened by name): someone who may rename files in
+the target directory cannot swap in a symlink and have another file written or chmod'ed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import posixpath
@@ -16,7 +19,7 @@ from pathlib import Path
 import asyncssh
 
 from .channels import SFTPChannel
-from .errors import WRITE_SPECIAL_HINT, FileNotFound, IsADirectory, SpecialFile
+from .errors import WRITE_SPECIAL_HINT, FileNotFound, FileOperationError, IsADirectory, SpecialFile
 from .files import (
     MAX_LINK_HOPS,
     PRIVATE,
@@ -36,6 +39,9 @@ Progress = Callable[[int, int], None]
 # asyncssh sizes blocks from the server's limits@openssh.com reply (OpenSSH: 255 KiB) when given -1;
 # more requests in flight than its default keeps a high-latency link busy.
 MAX_REQUESTS = 128
+# An upload is read from disk in pieces of this size, each sent as parallel writes of one block per
+# request; enough pieces are in flight together to keep MAX_REQUESTS requests going.
+PIECE = 4 << 20
 
 
 class Transfers:
@@ -69,16 +75,13 @@ class Transfers:
             temp = posixpath.join(directory, temp_name(name, "part"))
             try:
                 await sftp.makedirs(directory, exist_ok=True)
-                # Created private first: put() reopens it (keeping the mode), and the final mode is
-                # given only once every byte is there.
-                async with sftp.open(temp, "xb", PRIVATE) as f:
-                    if contents:
+                # Created private: the final mode is given only once every byte is there.
+                async with sftp.open(temp, "xb", PRIVATE, block_size=-1, max_requests=MAX_REQUESTS) as f:
+                    if contents is None:
+                        await _send(local, f, size, progress)
+                    elif contents:
                         await write_all(f, contents)
-                if contents is None:
-                    await sftp.put(
-                        str(local), temp, block_size=-1, max_requests=MAX_REQUESTS, progress_handler=_adapt(progress)
-                    )
-                await sftp.chmod(temp, info.st_mode & 0o777)
+                    await f.chmod(info.st_mode & 0o777)
                 await sftp.posix_rename(temp, target)
             except BaseException as exc:
                 try:
@@ -119,21 +122,20 @@ class Transfers:
                 if what is not None:  # (opening a named pipe would block sftp-server)
                     raise SpecialFile(remote, what)
                 with open(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:  # private until done
-                    if not attrs.size:  # it may hold more than it says (/proc's files): read to the end
+                    if attrs.size:
+                        await _receive(sftp, remote, f.fileno(), attrs.size, progress)
+                    else:  # it may hold more than it says (/proc's files): read to the end
                         f.write(await _read_to_end(sftp, remote))
-                if attrs.size:
-                    await sftp.get(
-                        remote, str(temp), block_size=-1, max_requests=MAX_REQUESTS, progress_handler=_adapt(progress)
-                    )
+                    if attrs.permissions is not None:
+                        os.fchmod(f.fileno(), attrs.permissions & 0o777)
+                    size = f.tell() if not attrs.size else attrs.size
             except BaseException as exc:
                 temp.unlink(missing_ok=True)
                 if isinstance(exc, asyncssh.SFTPError):
                     raise sftp_error(remote, exc) from None
                 raise
-            if attrs.permissions is not None:
-                os.chmod(temp, attrs.permissions & 0o777)
             os.replace(temp, local)
-            return attrs.size or local.stat().st_size
+            return size
 
         return await self._sftp.once(get)
 
@@ -172,7 +174,48 @@ async def _read_to_end(sftp: asyncssh.SFTPClient, path: str) -> bytes:
     return b"".join(chunks)
 
 
-def _adapt(progress: Progress | None) -> Callable[[bytes, bytes, int, int], None] | None:
-    if progress is None:
-        return None
-    return lambda _src, _dst, done, total: progress(done, total)
+async def _send(local: Path, f: asyncssh.SFTPClientFile, size: int, progress: Progress | None) -> None:
+    """`size` bytes of `local` written to the open remote file: pieces read in turn, several pieces'
+    writes in flight at once (each piece's blocks are parallel requests of their own)."""
+    pieces_in_flight = max(1, MAX_REQUESTS * max(f.write_len, 1) // PIECE)
+    gate = asyncio.Semaphore(pieces_in_flight)
+    done = 0
+
+    async def write(data: bytes, offset: int) -> None:
+        nonlocal done
+        try:
+            await f.write(data, offset)
+        finally:
+            gate.release()
+        done += len(data)
+        if progress is not None:
+            progress(done, size)
+
+    with open(local, "rb") as source:
+        try:
+            async with asyncio.TaskGroup() as group:
+                for offset in range(0, size, PIECE):
+                    await gate.acquire()
+                    # (a file that shrank meanwhile ends the copy short: the sizes are compared below)
+                    data = source.read(min(PIECE, size - offset))
+                    if not data:
+                        gate.release()
+                        break
+                    group.create_task(write(data, offset))
+        except BaseExceptionGroup as failed:  # (the pieces fail together when the connection goes)
+            raise failed.exceptions[0] from None
+    if done != size:
+        raise FileOperationError(str(local), f"{local} changed size while it was copied; copy it again")
+
+
+async def _receive(sftp: asyncssh.SFTPClient, remote: str, fd: int, size: int, progress: Progress | None) -> None:
+    """`size` bytes of `remote` written to the open local file `fd`, many reads in flight."""
+    done = 0
+    async with sftp.open(remote, "rb", block_size=-1, max_requests=MAX_REQUESTS) as f:
+        async for offset, data in await f.read_parallel(size, 0):
+            os.pwrite(fd, data, offset)
+            done += len(data)
+            if progress is not None:
+                progress(done, size)
+    if done != size:  # (it shrank meanwhile)
+        raise FileOperationError(remote, f"{remote} changed size while it was copied; copy it again")

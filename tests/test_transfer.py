@@ -32,6 +32,64 @@ async def test_64_mib_uploads_and_downloads_byte_exact(sb: Sandbox, tmp_path: Pa
     assert [p.name for p in back.parent.iterdir()] == ["blob.bin"]  # no temporary file left
 
 
+def swap_for_a_link(directory: Path, victim: Path) -> None:
+    """What someone who may rename files in `directory` can do mid-copy: put a symlink to `victim`
+    where the copy's temp file was."""
+    [temp] = [p for p in directory.iterdir() if p.name.endswith(".part")]
+    temp.rename(directory / "moved-aside")
+    temp.symlink_to(victim)
+
+
+@pytest.mark.parametrize("direction", ["upload", "download"])
+async def test_a_temp_file_swapped_for_a_symlink_mid_copy_never_touches_its_target(
+    sb: Sandbox, tmp_path: Path, direction: str
+) -> None:
+    """The temp file is written and chmod'ed through the handle that made it, never by its name."""
+    home = Path(await sb.home())
+    remote_dir = home / f"swap-{os.getpid()}"
+    await sb.makedirs(str(remote_dir))
+    local_dir = tmp_path / "into"
+    local_dir.mkdir()
+    source = tmp_path / "blob.bin"
+    source.write_bytes(os.urandom(24 << 20))
+    source.chmod(0o755)
+    await sb.upload(source, f"{remote_dir}/blob.bin")  # (the download's source, 0755 too)
+    victim = home / f"victim-{os.getpid()}" if direction == "upload" else tmp_path / "victim"
+    if direction == "upload":
+        await sb.write(str(victim), "mine\n")
+        await sb.run(["chmod", "600", str(victim)])
+    else:
+        victim.write_text("mine\n")
+        victim.chmod(0o600)
+    swapped = False
+
+    def swap(done: int, total: int) -> None:
+        nonlocal swapped
+        if not swapped and done < total:
+            swap_for_a_link(remote_dir if direction == "upload" else local_dir, victim)
+            swapped = True
+
+    if direction == "upload":
+        await sb.upload(source, f"{remote_dir}/copy.bin", progress=swap)
+    else:
+        await sb.download(f"{remote_dir}/blob.bin", local_dir / "copy.bin", progress=swap)
+    assert swapped
+    assert victim.read_text() == "mine\n" and stat.S_IMODE(victim.stat().st_mode) == 0o600
+    await sb.run(["rm", "-rf", str(remote_dir), str(victim)])
+
+
+async def test_copies_through_symlinks_copy_what_they_name(sb: Sandbox, tmp_path: Path) -> None:
+    """As cp does: a symlink given as the source is copied as the file it names."""
+    (tmp_path / "real.txt").write_text("contents\n")
+    (tmp_path / "link.txt").symlink_to("real.txt")
+    await sb.upload(tmp_path / "link.txt", "uploaded-link.txt")
+    assert (await sb.stat("uploaded-link.txt")).type == "file"
+    assert await sb.read_text("uploaded-link.txt") == "contents\n"
+    await sb.run(["ln", "-sf", "uploaded-link.txt", "remote-link.txt"])
+    await sb.download("remote-link.txt", tmp_path / "back.txt")
+    assert not (tmp_path / "back.txt").is_symlink() and (tmp_path / "back.txt").read_text() == "contents\n"
+
+
 async def test_upload_keeps_the_local_mode(sb: Sandbox, tmp_path: Path) -> None:
     script = tmp_path / "run.sh"
     script.write_text("#!/bin/sh\necho uploaded\n")
