@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 
-from tests.mcp_support import http_server, tether
+from tests.mcp_support import http_server, server_env, tether
 
 INITIALIZE = {
     "jsonrpc": "2.0",
@@ -16,12 +16,17 @@ INITIALIZE = {
 MCP_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
 
 
+TOKEN = "proxied-token-0123456789"
+
+
 async def test_allowed_hosts_with_and_without_ports_and_https_origins() -> None:
-    with http_server("--allow-host", "Tether.example", "--allow-host", "pinned.example:9443") as (_, url, _):
+    env = server_env(TETHER_MCP_TOKEN=TOKEN)
+    with http_server("--allow-host", "Tether.example", "--allow-host", "pinned.example:9443", env=env) as (_, url, _):
         port = url.split(":")[2].split("/")[0]
 
         async def status(host: str, origin: str | None = None) -> int:
-            headers = {**MCP_HEADERS, "Host": host, **({"Origin": origin} if origin else {})}
+            headers = {**MCP_HEADERS, "Host": host, "Authorization": f"Bearer {TOKEN}"}
+            headers |= {"Origin": origin} if origin else {}
             async with httpx.AsyncClient() as client:
                 return (await client.post(url, headers=headers, json=INITIALIZE)).status_code
 
@@ -53,3 +58,13 @@ def test_a_malformed_allow_host_is_refused_before_serving() -> None:
         refused = tether("mcp", "--transport", "http", "--port", "0", "--allow-host", bad, timeout=30)
         assert refused.returncode == 2 and "--allow-host takes HOST" in refused.stderr, refused.stderr
         assert "serving" not in refused.stderr
+
+
+def test_a_name_a_proxy_serves_needs_a_token_and_loopback_names_do_not() -> None:
+    """A reverse proxy in front of a loopback bind passes on other machines' requests: an
+    --allow-host name that is not loopback's is refused without a token, before serving."""
+    refused = tether("mcp", "--transport", "http", "--port", "0", "--allow-host", "tether.example", timeout=30)
+    assert refused.returncode == 2 and "serving" not in refused.stderr, refused.stderr
+    assert "refusing to serve MCP for --allow-host tether.example without authentication" in refused.stderr
+    with http_server("--allow-host", "localhost:9000", "--allow-host", "[::1]") as (_, url, said):
+        assert url.startswith("http://127.0.0.1:") and "token" not in said

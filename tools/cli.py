@@ -140,14 +140,15 @@ def mcp_command(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr, format="tether: %(message)s"
     )
-    token = resolve_token(args.host, args.generate_token) if args.transport == "http" else None
+    http = args.transport == "http"
+    token = resolve_token(args.host, args.generate_token, allowed_hosts=args.allow_host) if http else None
     if args.identity and not args.attach:
         raise ValueError("--identity is the key for --attach; give the host too")
     state = ServerState(
         provider=args.provider, attach=args.attach, identity=args.identity, reap_interval=args.reap_interval
     )
     server = build_server(state)
-    if args.transport == "http":
+    if http:
         asyncio.run(serve_http(server, args.host, args.port, token, args.allow_host))
         return 0
 

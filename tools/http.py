@@ -18,7 +18,7 @@ import secrets
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
 from mcp.server.mcpserver import MCPServer
@@ -41,10 +41,18 @@ def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def resolve_token(host: str, generate: bool, environ: MutableMapping[str, str] = os.environ) -> str | None:
+def resolve_token(
+    host: str,
+    generate: bool,
+    environ: MutableMapping[str, str] = os.environ,
+    *,
+    allowed_hosts: Sequence[str] = (),
+) -> str | None:
     """The bearer token to require, or None (loopback without TETHER_MCP_TOKEN).
 
-    Raises HTTPSecurityError for a non-loopback bind with no token and no --generate-token.
+    Raises HTTPSecurityError when the server would be reachable from elsewhere with no token and no
+    --generate-token: a non-loopback bind, or an --allow-host name that is not loopback's (a
+    reverse proxy in front of a loopback bind passes other machines' requests on).
     """
     token = environ.get("TETHER_MCP_TOKEN") or None
     if token is None and generate:
@@ -54,6 +62,13 @@ def resolve_token(host: str, generate: bool, environ: MutableMapping[str, str] =
         raise HTTPSecurityError(
             f"refusing to serve MCP on {host} without authentication: set TETHER_MCP_TOKEN, or pass "
             "--generate-token to have one generated and printed once (or bind 127.0.0.1)"
+        )
+    outside = [value for value in allowed_hosts if not is_loopback(_allowed_name(value))]
+    if token is None and outside:
+        raise HTTPSecurityError(
+            f"refusing to serve MCP for --allow-host {outside[0]} without authentication (a proxy passes "
+            "on requests from other machines): set TETHER_MCP_TOKEN, or pass --generate-token to have one "
+            "generated and printed once"
         )
     if token is not None and any(c.isspace() for c in token):
         # (a client cannot send it: HTTP strips a header value's edges, and a space splits it)
@@ -130,6 +145,12 @@ def host_patterns(value: str) -> list[str]:
     if name in ("", "[]") or not valid_port:
         raise HTTPSecurityError(f"--allow-host takes HOST, HOST:PORT or HOST:*, not {value!r}")
     return [f"{name}:{port}"] if port else [name, f"{name}:*"]
+
+
+def _allowed_name(value: str) -> str:
+    """The host name of an --allow-host value (without its port)."""
+    first = host_patterns(value)[0]
+    return first if first.endswith("]") or ":" not in first else first.rsplit(":", 1)[0]
 
 
 def build_app(server: MCPServer, host: str, port: int, token: str | None, allowed_hosts: list[str]) -> ASGIApp:
