@@ -8,6 +8,7 @@ base class's optional methods refuse with `Unsupported`, so a provider only writ
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Literal
 
@@ -23,6 +24,7 @@ from .ledger import SANDBOX_ID
 from .profiles import LOCAL_AUTH_MODES, CapabilityProfile, Substrate
 
 SandboxStatus = Literal["provisioning", "running", "paused", "failed", "terminated"]
+SANDBOX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # (it goes into work dirs, labels, host names)
 # Progress reporter: (message, fraction done or None).
 Progress = Callable[[str, float | None], Awaitable[None]]
 
@@ -38,7 +40,7 @@ class Request(BaseModel):
 
     provider: str | None = None
     pool: str | None = None
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    name: str | None = None
     image: str | None = None
     gpu: str | None = Field(None, description="GPU type; implies the `gpu` requirement")
     cpu: float | None = Field(None, gt=0)
@@ -70,7 +72,12 @@ class Request(BaseModel):
 
     @field_validator("name")
     @classmethod
-    def _not_an_id(cls, value: str | None) -> str | None:
+    def _usable_name(cls, value: str | None) -> str | None:
+        if value is not None and not SANDBOX_NAME.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a usable name: start with a letter or digit, then letters, digits, '.', '_' "
+                "or '-', at most 63 characters in all"
+            )
         # Sandboxes are found by id or name, the id first: a name of that form could be another's id.
         if value is not None and SANDBOX_ID.match(value):
             raise ValueError(f"{value!r} has the form of a sandbox id (sb-…); pick another name")

@@ -113,6 +113,7 @@ class SpecialFile(FileOperationError):
 
 # A write renames a new file over the old: over a pipe or a device that would put a plain file in
 # its place (think /dev/null on a box where the agent is root).
+WRITE_DIRECTORY_HINT = "write and edit take a file's path: name a file inside it"
 WRITE_SPECIAL_HINT = "tether writes by replacing files, which would replace it too; write to it with run instead"
 
 
@@ -181,6 +182,14 @@ class CommandTimeout(SandboxError, TimeoutError):
     def __init__(self, command: str, timeout: float) -> None:
         self.command, self.timeout = command, timeout
         super().__init__(f"command timed out after {timeout:g}s and was killed: {command[:200]}")
+
+
+class SearchTimeout(CommandTimeout):
+    """A grep, or a glob's listing, ran too long and was stopped."""
+
+    def __init__(self, tool: str, root: str, timeout: float, narrower: str) -> None:
+        self.command, self.timeout = tool, timeout
+        SandboxError.__init__(self, f"{tool} in {root} ran over {timeout:g}s and was stopped; search {narrower}")
 
 
 class ShellsBusy(SandboxError):

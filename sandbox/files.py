@@ -19,6 +19,7 @@ import asyncssh
 
 from .channels import SFTPChannel
 from .errors import (
+    WRITE_DIRECTORY_HINT,
     WRITE_SPECIAL_HINT,
     BinaryFile,
     EditConflict,
@@ -210,6 +211,15 @@ def refuse_read_only(path: str, existing: asyncssh.SFTPAttrs, ours: tuple[int, i
     if not writable:
         hint = f" (mode {mode:04o}): make it writable first (chmod u+w with run) if it should change"
         raise PermissionDenied(path, hint)
+
+
+def no_file_beside(path: str, directory: str) -> FileOperationError:
+    """`path` is there, but no file can be made in its directory: a kernel's (/proc, /sys)."""
+    return FileOperationError(
+        path,
+        f"{path}: no new file can be made in {directory or '/'} (a filesystem such as /proc or /sys), and write"
+        " and edit replace a file through a temp file beside it; change it in place with run (e.g. a redirection)",
+    )
 
 
 def directory_not_writable(path: str, directory: str) -> PermissionDenied:
@@ -575,7 +585,7 @@ class Files:
             existing = None
         problem = next((o for o in (existing, temp_file) if isinstance(o, BaseException)), None)
         if problem is None and existing is not None and file_kind(existing) in ("symlink", "directory"):
-            problem = IsADirectory(path) if file_kind(existing) == "directory" else None
+            problem = IsADirectory(path, WRITE_DIRECTORY_HINT) if file_kind(existing) == "directory" else None
             if problem is None:  # a symlink: write the file it points to, in that file's directory
                 await self._discard_temp(sftp, temp_file, temp)
                 if hops >= MAX_LINK_HOPS:
@@ -588,6 +598,8 @@ class Files:
                 await self._discard_temp(sftp, temp_file, temp)
             if problem is temp_file and isinstance(problem, asyncssh.SFTPPermissionDenied):
                 raise directory_not_writable(path, directory)
+            if problem is temp_file and existing is not None and isinstance(problem, asyncssh.SFTPNoSuchFile):
+                raise no_file_beside(path, directory)  # (the file is there: not the path's fault)
             raise sftp_error(path, problem) if isinstance(problem, asyncssh.SFTPError) else problem
         assert isinstance(temp_file, asyncssh.SFTPClientFile)
         renamed = False
@@ -794,19 +806,26 @@ class Files:
                 except FileOperationError:
                     return "stale"  # (or the edit does not apply: the file itself will say which)
             else:
+                # (a size of 0 may be a lie, as /proc's files tell it: then read to the end)
+                size = attrs.size
+                reading = read_exactly(original_file, size) if size else read_to_eof(original_file, MAX_EDIT_BYTES)
                 original, temp_attrs = await asyncio.gather(
-                    read_exactly(original_file, attrs.size) if attrs.size else original_file.read(),
+                    reading,
                     # (the temp file's own failure is reported after the edit's: asyncio.sleep(0) is a no-op)
                     temp_file.stat() if ask else asyncio.sleep(0),  # type: ignore[union-attr]
                     return_exceptions=True,
                 )
                 _raise_first(original)
                 assert isinstance(original, bytes)
+                if len(original) > MAX_EDIT_BYTES:
+                    raise FileTooLarge(path, len(original), MAX_EDIT_BYTES)
                 if isinstance(temp_attrs, asyncssh.SFTPAttrs):
                     facts.learn(directory, temp_attrs)
                 before, after, count = _apply_to(path, original, edits, indexed)
             if isinstance(temp_file, asyncssh.SFTPPermissionDenied):
                 raise directory_not_writable(path, directory)
+            if isinstance(temp_file, asyncssh.SFTPNoSuchFile):  # (the file was just opened: not its fault)
+                raise no_file_beside(path, directory)
             if isinstance(temp_file, BaseException):
                 raise sftp_error(path, temp_file) if isinstance(temp_file, asyncssh.SFTPError) else temp_file
             refuse_read_only(path, attrs, facts.owner(directory))

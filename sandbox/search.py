@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from .errors import FileNotFound, InvalidArgument, PermissionDenied, SpecialFile
+from .errors import CommandTimeout, FileNotFound, InvalidArgument, PermissionDenied, SearchTimeout, SpecialFile
 from .executor import Executor, RawResult, quote_word
 from .files import Files, split_lines
 
@@ -42,6 +42,7 @@ class GrepResult:
     lines: int  # lines in `text`
     truncated: bool
     engine: Literal["rg", "grep"]
+    limited: bool = False  # truncated by head_limit alone: more lines follow those asked for
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,7 @@ def _bracket_to_regex(pattern: str, start: int) -> tuple[str, int] | None:
 # thread; one that turns out slow goes back to rg's default. (Sorted modes are single-threaded anyway.)
 ONE_THREAD_BELOW_S = 0.025
 PARALLEL_ABOVE_S = 0.060
+SEARCH_TIMEOUT_S = 120.0  # a grep or a glob's listing that runs longer is stopped
 SLOW_SEARCH_S = 1.0  # a search still going after this long has its root looked at (see _search)
 
 
@@ -217,7 +219,10 @@ class Search:
             argv += ["--", root]
         else:
             argv = ["find", *_walk(root, depth), "-print0"]
-        names, raw = await self._listing(argv)
+        try:
+            names, raw = await self._listing(argv)
+        except CommandTimeout:
+            raise SearchTimeout("glob", root, SEARCH_TIMEOUT_S, "a narrower path or pattern") from None
         _raise_if_root_refused(root, raw.stderr)
         matches = [n for n in names if matcher.match(_relative(n, root))]
         newest, cut = await self._newest_first(matches, GLOB_LIMIT)
@@ -226,7 +231,7 @@ class Search:
     async def _listing(self, argv: list[str]) -> tuple[list[str], RawResult]:
         """The paths a listing command prints, NUL-separated (as os.fsdecode decodes them), up to
         LISTING_BYTES of them; and its result, whose stdout_truncated says whether it was cut."""
-        raw = await self._executor.exec_raw(argv, cwd=SEARCH_FROM, max_bytes=LISTING_BYTES)
+        raw = await self._executor.exec_raw(argv, cwd=SEARCH_FROM, timeout=SEARCH_TIMEOUT_S, max_bytes=LISTING_BYTES)
         names = raw.stdout.decode("utf-8", "surrogateescape").split("\0")
         if raw.stdout_truncated:
             names.pop()  # (a path cut in the middle)
@@ -298,10 +303,10 @@ class Search:
         use_rg = await self._has_rg()
         one_thread = self._small_roots.get(root, False)
         started = time.monotonic()
-        if use_rg:
-            raw = await self._search(_rg_argv(query, one_thread), root)
-        else:
-            raw = await self._grep_files(query)
+        try:
+            raw = await (self._search(_rg_argv(query, one_thread), root) if use_rg else self._grep_files(query))
+        except CommandTimeout:
+            raise SearchTimeout("grep", root, SEARCH_TIMEOUT_S, "a narrower path, or give glob or type") from None
         if use_rg and output_mode == "files_with_matches":
             took = time.monotonic() - started
             if len(self._small_roots) > 1000:
@@ -332,8 +337,9 @@ class Search:
         elif output_mode == "files_with_matches":
             lines, cut = await self._newest_first(lines, None)
             truncated = truncated or cut
+        limited = False  # (cut by head_limit alone)
         if head_limit is not None and len(lines) > head_limit:
-            lines, truncated = lines[:head_limit], True
+            lines, truncated, limited = lines[:head_limit], True, not truncated
         if output_mode == "content" and not use_rg:  # (as rg's --max-columns-preview cuts them)
             lines = [
                 f"{line[:MAX_COLUMNS]} [... omitted end of long line]" if len(line) > MAX_COLUMNS else line
@@ -343,10 +349,10 @@ class Search:
         for line in lines:
             size += len(line) + 1
             if size > GREP_MAX_CHARS:
-                truncated = True
+                truncated, limited = True, False
                 break
             text.append(line)
-        return GrepResult(output_mode, "\n".join(text), len(text), truncated, "rg" if use_rg else "grep")
+        return GrepResult(output_mode, "\n".join(text), len(text), truncated, "rg" if use_rg else "grep", limited)
 
     async def _grep_files(self, q: GrepQuery) -> RawResult:
         """grep without ripgrep: find lists the files under the root (as glob does), the glob if
@@ -362,7 +368,8 @@ class Search:
 
         async def grep(batch: list[str]) -> RawResult:
             async with gate:
-                return await self._executor.exec_raw(["grep", *flags, "-e", q.pattern, "--", *batch], cwd=SEARCH_FROM)
+                argv = ["grep", *flags, "-e", q.pattern, "--", *batch]
+                return await self._executor.exec_raw(argv, cwd=SEARCH_FROM, timeout=SEARCH_TIMEOUT_S)
 
         async with asyncio.TaskGroup() as group:
             batches = [group.create_task(grep(batch)) for batch in _batches(paths)]
@@ -373,7 +380,7 @@ class Search:
         """Run a grep. One that is still going after a second has its root looked at: a named pipe
         given as the root would hold it until something writes to the pipe (rg and grep skip the
         pipes they find in a tree, not the one they are given)."""
-        search = asyncio.ensure_future(self._executor.exec_raw(argv, cwd=SEARCH_FROM))
+        search = asyncio.ensure_future(self._executor.exec_raw(argv, cwd=SEARCH_FROM, timeout=SEARCH_TIMEOUT_S))
         try:
             done, _ = await asyncio.wait({search}, timeout=SLOW_SEARCH_S)
             if not done and (await self._files.stat(root)).type == "other":

@@ -161,6 +161,14 @@ async def test_a_failed_write_leaves_the_original_intact(sb: Sandbox) -> None:
         await sb.run("chmod 755 locked")
 
 
+@pytest.mark.parametrize("change", ["write", "edit"])
+async def test_a_file_of_the_kernels_is_said_to_be_changed_with_run(sb: Sandbox, change: str) -> None:
+    """No file can be made beside one in /proc: that is what is said, not that the file is missing."""
+    path = "/proc/self/comm"  # (sftp-server's own name: writable by its user)
+    with pytest.raises(FileOperationError, match=r"^/proc/self/comm: no new file can be made in /proc/self .*with run"):
+        await (sb.write(path, "x\n") if change == "write" else sb.edit(path, "sftp", "x"))
+
+
 async def test_a_read_only_file_is_refused_as_an_editor_would_refuse_it(sb: Sandbox) -> None:
     """Renaming over a file needs only its directory writable: write and edit check the file's own
     mode, first use in a directory included (who the sandbox user is comes from the temp file)."""

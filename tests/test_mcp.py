@@ -165,6 +165,10 @@ async def test_file_and_shell_tools(where: str, transport: str, ssh_pool_env: di
         grep = await client.call_tool("grep", {"pattern": "y =", "output_mode": "content"})
         assert text(grep) == f"{ran['cwd']}/app.py:3:y = 5"
         assert structured(grep)["mode"] == "content" and structured(grep)["lines"] == 1
+        first = await client.call_tool("grep", {"pattern": "=", "output_mode": "content", "head_limit": 1})
+        assert text(first).endswith(":1:x = 3\n[head_limit reached; more lines follow: raise head_limit to see them]")
+        into_directory = await client.call_tool("write", {"path": ran["cwd"], "content": "x"})
+        assert into_directory.is_error and "take a file's path: name a file inside it" in text(into_directory)
 
         png = base64.b64encode(PNG_1X1).decode()
         await client.call_tool("run", {"command": f"printf %s {png} | base64 -d > dot.png"})
@@ -209,6 +213,8 @@ async def test_file_and_shell_tools(where: str, transport: str, ssh_pool_env: di
         for env in ({"BAD NAME": "s3cret"}, {"X": "s3cret\u0000"}):
             bad_env = await client.call_tool("sandbox_create", {"provider": "local", "env": env})
             assert bad_env.is_error and "env" in text(bad_env) and "s3cret" not in text(bad_env), text(bad_env)
+        unusable = await client.call_tool("sandbox_create", {"provider": "local", "name": "my box"})
+        assert unusable.is_error and "start with a letter or digit, then letters" in text(unusable), text(unusable)
         assert len(structured(await client.call_tool("sandbox_list", {}))["sandboxes"]) == before
 
         job = structured(await client.call_tool("run", {"command": "echo one; sleep 1000", "run_in_background": True}))

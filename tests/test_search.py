@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sandbox import ConnectionPool, Sandbox, search
-from sandbox.errors import FileNotFound, InvalidArgument, PermissionDenied, SpecialFile
+from sandbox.errors import FileNotFound, InvalidArgument, PermissionDenied, SearchTimeout, SpecialFile
 from sandbox.search import glob_to_regex
 from tests.conftest import endpoint_for
 from tests.sshd import SSHD
@@ -174,7 +174,21 @@ async def test_multiline_and_head_limit(sb: Sandbox, tree: str) -> None:
     r = await sb.grep(r"def main\(\):\n\s+print", tree, multiline=True)
     assert r.text == f"{tree}/src/app.py"
     limited = await sb.grep("hello", tree, case_insensitive=True, head_limit=2)
-    assert limited.lines == 2 and limited.truncated
+    assert limited.lines == 2 and limited.truncated and limited.limited
+    whole = await sb.grep("hello", tree, case_insensitive=True, head_limit=20)
+    assert whole.lines == 5 and not whole.truncated and not whole.limited
+
+
+async def test_a_search_over_its_time_is_stopped_and_says_to_narrow_it(
+    sb: Sandbox, tree: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(search, "SEARCH_TIMEOUT_S", 0.001)  # (less than any round trip)
+    with pytest.raises(SearchTimeout, match=rf"^grep in {tree} ran over 0.001s and was stopped; search a narrower"):
+        await sb.grep("hello", tree)
+    with pytest.raises(SearchTimeout, match=r"^glob in .* ran over 0.001s and was stopped; search a narrower path"):
+        await sb.glob("**/*.py", tree)
+    monkeypatch.undo()
+    assert (await sb.grep("Hello", tree, output_mode="count")).lines == 2  # (its shells still serve)
 
 
 async def test_grep_argument_errors(sb: Sandbox, tree: str) -> None:

@@ -808,7 +808,9 @@ def register_file_tools(server: MCPServer, state: ServerState) -> None:
             head_limit=head_limit,
         )
         text = result.text or "no matches"
-        if result.truncated:
+        if result.limited:
+            text += "\n[head_limit reached; more lines follow: raise head_limit to see them]"
+        elif result.truncated:
             text += "\n[output cut; use head_limit, a narrower path, or glob]"
         return ok(
             R.GrepResult(
