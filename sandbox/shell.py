@@ -72,7 +72,7 @@ _CHILD = (
     + _BUILTINS
     + f"__c=$3; __s=$2; __d=$1; __f=$5; trap {shlex.quote(_RECORD_CWD)} EXIT; "
     '__t_cd -- "$__d" 2>/dev/null || ' + _NO_CWD + "; "
-    f'set --; eval "$__s"; __x=$?; {_RECORD_CWD}; exit $__x'
+    f'set --; eval " $__s"; __x=$?; {_RECORD_CWD}; exit $__x'
 )
 
 # `__t_members GROUP [BUT]` sets __mb to "PID:STAMP " for each live process (not a zombie) of the
@@ -104,7 +104,7 @@ _JOB = (
     'printf \'tether: directory %s is gone; running in %s\\n\' "$1" "$PWD" >&2; } || '
     "{ printf 'tether: cannot enter %s\\n' \"$1\" >&2; printf '125\\n' >\"$__j/exit\"; exit 125; }; "
     "trap : TERM INT HUP; "
-    '( trap - TERM INT HUP; if [ -s "$3/env" ]; then . "$3/env"; : >"$3/env"; fi; __s=$2; set --; eval "$__s" ); '
+    '( trap - TERM INT HUP; if [ -s "$3/env" ]; then . "$3/env"; : >"$3/env"; fi; __s=$2; set --; eval " $__s" ); '
     "__x=$?; __t_left 2>/dev/null; "
     'printf \'%s\\n\' "$__x" >"$__j/exit.tmp" && mv -f "$__j/exit.tmp" "$__j/exit"'
 )
@@ -357,11 +357,12 @@ trap 'rm -f "$__P.o" "$__P.e" "$__P.c" "$__P.v" "$__P.s"' EXIT
 # from this script's first line, so a command's errors would read "main: line 57: …" for its own
 # line 3. From that file they read as under `bash -c`. (Elsewhere the command's $0 is the shell's
 # name and its eval sits on line 1: "dash: 3: …", as dash -c says.)
-# The file is written once (by the first shell; its name carries the version of its text).
-__t_eval() { eval "$__s"; }
-__te="$__T/eval-1"
+# The file is written once (by the first shell; its name carries the version of its text). The
+# space before the command keeps eval from taking a command that starts with '-' for its options.
+__t_eval() { eval " $__s"; }
+__te="$__T/eval-2"
 if [ "$__TPG" = fork ] && [ -n "$__T" ] && { [ -s "$__te/bash" ] || {
-  mkdir -p "$__te" && printf '%s\n' '__t_eval() { eval "$__s"; }' >"$__te/bash.$$" && mv -f "$__te/bash.$$" "$__te/bash"
+  mkdir -p "$__te" && printf '%s\n' '__t_eval() { eval " $__s"; }' >"$__te/bash.$$" && mv -f "$__te/bash.$$" "$__te/bash"
 }; } 2>/dev/null; then
   __t_od=$PWD; __t_oo=$OLDPWD; __t_sp=; shopt -q sourcepath && __t_sp=1
   # (`. bash`, no slash: so that its name is just "bash"; sourcepath off, so it is ./bash)

@@ -533,6 +533,22 @@ async def test_commands_longer_than_an_argument_may_be_run_and_started_as_jobs(
         assert (out.exit_code, printed.strip()) == (0, str(len(body.encode()) + 1)), out.stderr
 
 
+@pytest.mark.parametrize("flavour", ["sshd", "dash_sshd", "busybox_sshd"])
+async def test_a_command_that_starts_with_a_dash_is_a_command_not_evals_option(
+    flavour: str, request: pytest.FixtureRequest, client_key: Path, pool: ConnectionPool
+) -> None:
+    """As `sh -c '-x'` has it: '-x: not found', 127 (not eval's 'invalid option')."""
+    server: SSHD = request.getfixturevalue(flavour)
+    async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
+        for command in ("-x", "--", "-- echo hi", "--help"):
+            ran = await box.run(command)
+            assert (ran.exit_code, ran.stdout) == (127, ""), (command, ran)
+            assert command.split()[0] in ran.stderr and "option" not in ran.stderr, ran.stderr
+            job = await box.start_job(command)
+            printed, out = await output_until_exit(box, job.id)
+            assert (out.exit_code, printed) == (127, ""), (command, out)
+
+
 @pytest.mark.parametrize(("flavour", "says"), [("sshd", "bash: line 3: "), ("dash_sshd", "dash: 3: eval: ")])
 async def test_a_commands_errors_read_as_its_shell_would_print_them(
     flavour: str, says: str, request: pytest.FixtureRequest, client_key: Path, pool: ConnectionPool
