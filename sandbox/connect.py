@@ -193,6 +193,8 @@ def _connect_options(endpoint: SSHEndpoint, pinned: str | None) -> dict[str, Any
         options["client_keys"] = keys
         # Encrypted key files (checked by _encrypted_keys) are left out; the agent may hold them.
         options["ignore_encrypted"] = True
+    elif not endpoint.default_keys:
+        options["client_keys"] = None  # (asyncssh's way of saying none: left out, it loads ~/.ssh's)
     if not endpoint.use_agent:
         options["agent_path"] = None
     if endpoint.password is not None:
@@ -363,10 +365,10 @@ def _offered(endpoint: SSHEndpoint) -> str:
     offered = []
     if endpoint.key_paths or endpoint.key_material:
         offered.append("the configured key")
-    else:
+    elif endpoint.default_keys:
         offered.append("the default keys in ~/.ssh")
     if endpoint.use_agent:
         offered.append("the ssh-agent's keys")
     if endpoint.password is not None:
         offered.append("the password")
-    return ", ".join(offered)
+    return ", ".join(offered) or "a login with no key (none was named)"

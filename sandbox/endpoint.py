@@ -57,6 +57,9 @@ class SSHEndpoint(BaseModel):
     password: SecretStr | None = None
     token: SecretStr | None = Field(None, description="Gateway token used as the user name, with 'none' auth.")
     use_agent: bool = Field(True, description="Offer keys held by the ssh-agent at $SSH_AUTH_SOCK.")
+    default_keys: bool = Field(
+        True, description="With no key named, offer the default key files in ~/.ssh (as ssh does)."
+    )
     host_key: str | None = Field(
         None, description="The server's public key ('ssh-ed25519 AAAA…'); when set, no other key is accepted."
     )
@@ -166,6 +169,7 @@ class SSHEndpoint(BaseModel):
             self.key_material.get_secret_value() if self.key_material else None,
             self.password.get_secret_value() if self.password else None,
             self.use_agent,
+            self.default_keys,
             self.host_key,
             tuple(j.pool_key() for j in self.jump),
             id(self.socket_factory) if self.socket_factory else None,

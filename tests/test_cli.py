@@ -191,6 +191,10 @@ def test_config_defaults_and_unknown_sections(tmp_path: Path) -> None:
     channel = next(c for name, c in checks.items() if name.startswith("channel "))
     assert channel["status"] == "warn" and "$TETHER_TEST_UNSET_HOOK not set" in channel["detail"]
 
+    config.write_text('[relay]\nhost = "relay.example"\n')  # (no user name: none of this machine's is sent)
+    checks = {c["name"]: c for c in json.loads(tether("doctor", "--json", env=env).stdout)}
+    assert checks["config"]["status"] == "fail" and "no user name for relay.example:22" in checks["config"]["detail"]
+
 
 def test_doctor_checks_each_pool(sshd: SSHD, client_key: Path, tmp_path: Path) -> None:
     config = tmp_path / "config.toml"

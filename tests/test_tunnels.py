@@ -31,7 +31,7 @@ import pytest
 from providers import Fleet, Request
 from providers.local import LocalProvider
 from sandbox import ConnectionPool, Sandbox
-from sandbox.errors import CommandTimeout, FileNotFound
+from sandbox.errors import CommandTimeout, ConnectionLost, FileNotFound
 from tests.conftest import endpoint_for
 from tests.mcp_support import ROOT, server_env, stdio_client, structured, tether, text
 from tests.sshd import SSHD, ensure_account, free_port
@@ -40,6 +40,7 @@ from tunnels import base as tunnels_base
 from tunnels.check import verify
 from tunnels.local import LocalForward
 from tunnels.ports import listening_ports, parse_netstat, parse_proc_net_tcp
+from tunnels.relay import RelayBackend
 from tunnels.relay import RelayForward, find_url
 
 PAGE = "hello through the tunnel\n"
@@ -380,6 +381,32 @@ def relay_config(openssh_relay: SSHD, client_key: Path) -> RelayConfig:
     )
 
 
+async def test_a_relay_is_offered_only_the_user_and_key_the_config_names(
+    relay_config: RelayConfig, client_key: Path, ssh_box: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not this machine's user name, not ~/.ssh's keys, not the agent's: a public relay would learn
+    whose they are. (Here ~/.ssh holds a key the relay accepts: it must not be offered.)"""
+    (tmp_path / ".ssh").mkdir()
+    default_key = tmp_path / ".ssh" / "id_ed25519"
+    default_key.write_bytes(client_key.read_bytes())
+    default_key.chmod(0o600)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    port = await start_http_server(ssh_box)
+    unnamed = relay_config.model_copy(update={"identityFile": None})
+    with pytest.raises(TunnelError, match="authentication failed; the server refused a login with no key"):
+        await TunnelManager(relay=unnamed).open(ssh_box, port, backend="relay")
+    nameless = relay_config.model_copy(update={"host": relay_config.host.split("@", 1)[1]})
+    with pytest.raises(TunnelError, match="no user name for 127.0.0.1:.*a relay is not told this machine's user"):
+        await TunnelManager(relay=nameless).open(ssh_box, port, backend="relay")
+    tunnels = TunnelManager(relay=relay_config)  # (its identityFile: the one key offered)
+    tunnel = await tunnels.open(ssh_box, port, backend="relay")
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"{tunnel.url}/index.html")).text == PAGE
+    await tunnels.close_all()
+    await stop_jobs(ssh_box)
+
+
 async def test_relay_through_a_real_openssh_sshd(relay_config: RelayConfig, any_box: Sandbox) -> None:
     port = await start_http_server(any_box)
     tunnels = TunnelManager(relay=relay_config)
@@ -698,10 +725,13 @@ async def test_a_token_in_the_relays_user_name_is_never_shown(
         await TunnelManager(relay=dead).open(ssh_box, port, backend="relay")
     assert "relay 127.0.0.1:" in str(caught.value) and "cannot connect" in str(caught.value)
     assert token not in str(caught.value)
-    mistyped = RelayConfig(host=f"{token}@127.0.0.1:4430000")  # (a port out of range: it does not parse)
-    with pytest.raises(TunnelError, match="host is not usable") as caught:
-        await TunnelManager(relay=mistyped).open(ssh_box, port, backend="relay")
-    assert token not in str(caught.value)
+    for mistyped in (
+        RelayConfig(host=f"{token}@127.0.0.1:4430000"),  # (a port out of range: it does not parse)
+        RelayConfig(host=f"{token}=x@127.0.0.1:22"),  # (not a login name: quoted by pydantic too)
+    ):
+        with pytest.raises(TunnelError, match="host is not usable") as caught:
+            await TunnelManager(relay=mistyped).open(ssh_box, port, backend="relay")
+        assert token not in str(caught.value)
     async with sish_relay() as relay:
         tunnels = TunnelManager(relay=sish_config(relay, user=token))
         await tunnels.open(ssh_box, port, backend="relay")
@@ -713,6 +743,32 @@ async def test_a_token_in_the_relays_user_name_is_never_shown(
     await tunnels.close_all()
     assert "Beginning auth for user" in caplog.text  # (asyncssh's line is there, its name masked)
     assert token not in caplog.text
+
+
+async def test_a_relay_hears_nothing_of_why_the_sandbox_could_not_be_reached(
+    ssh_box: Sandbox, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request arriving at the relay while the sandbox cannot be reached: the refusal the relay
+    (someone else's machine) gets gives no reason of ours (an address, a user, a key file's path);
+    tether's own log has it."""
+    port = await start_http_server(ssh_box)
+    async with sish_relay() as relay:
+        forward = await RelayBackend(sish_config(relay)).open(ssh_box, port)
+        try:
+
+            async def unreachable() -> asyncssh.SSHClientConnection:
+                raise ConnectionLost("me@10.1.2.3:22: key /home/me/.ssh/id_work refused")
+
+            monkeypatch.setattr(ssh_box, "connection", unreachable)
+            caplog.set_level(logging.WARNING, logger="tunnels.relay")
+            with pytest.raises(asyncssh.ChannelOpenError) as refused:
+                await forward._bridge()  # (what the relay's channel open for a request runs)
+            assert refused.value.reason == "the sandbox's port cannot be reached"
+            assert "id_work" in caplog.text
+        finally:
+            await forward.close()
+    monkeypatch.undo()
+    await stop_jobs(ssh_box)
 
 
 async def test_a_relay_whose_host_key_changed_is_a_tunnel_error_that_says_what_to_do(

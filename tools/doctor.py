@@ -23,7 +23,7 @@ from providers.ssh import identities
 from sandbox import Sandbox, SSHEndpoint
 from sandbox.errors import SandboxError, StateUnusable, validation_problems
 from sandbox.state import config_path, state_dir
-from tunnels import load_channels, load_relay
+from tunnels import TunnelError, load_channels, load_relay
 
 from .config import check_sections
 
@@ -121,12 +121,19 @@ def _config_problems(config: dict[str, Any]) -> list[str]:
     """What is wrong with the sections the fleet does not read itself ([relay], [[channels]]) and
     with the file's top level."""
     problems = []
-    for check in (check_sections, load_relay, load_channels):
+    for check in (check_sections, _relay_problems, load_channels):
         try:
             check(config)
-        except (ValueError, ProviderError) as exc:
+        except (ValueError, ProviderError, TunnelError) as exc:
             problems.append(str(exc))
     return problems
+
+
+def _relay_problems(config: dict[str, Any]) -> None:
+    """Raises what is wrong with [relay]: its keys, or its host (a user name is required)."""
+    relay = load_relay(config)
+    if relay is not None:
+        relay.usable_endpoint()
 
 
 def _state_dir() -> Check:

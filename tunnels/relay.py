@@ -58,11 +58,33 @@ class RelayConfig(BaseModel):
         10.0, gt=0, description="Seconds for the relay's key exchange and login (auto then tries local)"
     )
 
+    def usable_endpoint(self) -> SSHEndpoint:
+        """`endpoint()`, or a TunnelError that says what is wrong with `host` (its user names,
+        which can be tokens, taken out)."""
+        try:
+            return self.endpoint()
+        except (ValueError, SandboxError) as exc:  # (an address that does not parse: it is quoted whole)
+            raise TunnelError(f"[relay] host is not usable: {_without_users(str(exc), self.host)}") from None
+
     def endpoint(self) -> SSHEndpoint:
+        """The relay, offered only what the config names: its user name (never this machine's) and
+        identityFile (or its ~/.ssh/config alias's IdentityFile), no other key of ~/.ssh or the
+        agent. A public relay (localhost.run, pinggy) would learn whose they are."""
         endpoint = SSHEndpoint.resolve(self.host)
+        hops = (*endpoint.jump, endpoint)
+        if nameless := [hop.address for hop in hops if hop.user is None]:
+            raise ValueError(
+                f"no user name for {nameless[0]}: write it as user@host (e.g. nokey@localhost.run), or give "
+                "the ~/.ssh/config alias a User; a relay is not told this machine's user name"
+            )
+        private = {"use_agent": False, "default_keys": False}
         # A relay that accepts and never speaks would otherwise hold a tunnel_open for the
         # engine's 30 s default before auto goes on to the local backend.
-        update: dict[str, object] = {"login_timeout": self.login_timeout}
+        update: dict[str, object] = {
+            **private,
+            "login_timeout": self.login_timeout,
+            "jump": tuple(hop.model_copy(update=private) for hop in endpoint.jump),
+        }
         if self.identityFile:
             update["key_paths"] = (str(Path(self.identityFile).expanduser()),)
         return endpoint.model_copy(update=update)
@@ -79,6 +101,17 @@ def masked(text: str, endpoint: SSHEndpoint) -> str:
         text = text.replace(f"{user}@", "")
         if _token_like(user):  # wherever else it stands as a word
             text = re.sub(rf"(?<![\w.-]){re.escape(user)}(?![\w.-])", "<user>", text)
+    return text
+
+
+def _without_users(text: str, host: str) -> str:
+    """`text` with the user names written in `host` (user@host, jumps included) taken out wherever
+    they stand: an error about an address that does not parse quotes its parts (pydantic's
+    input_value=…), and a user name can be a token."""
+    for user in {part.rpartition("@")[0] for part in re.split(r"[,\s]+", host) if "@" in part}:
+        text = text.replace(f"{user}@", "")
+        if _token_like(user):  # (a short one names a mode: nokey, tcp)
+            text = text.replace(user, "<user>")
     return text
 
 
@@ -177,12 +210,7 @@ class RelayForward:
                 self.on_url_change(self.url)
 
     async def _open(self) -> None:
-        try:
-            endpoint = self._config.endpoint()
-        except (ValueError, SandboxError) as exc:  # (an address that does not parse: it is quoted whole)
-            users = self._config.host.rpartition("@")[0]
-            text = str(exc).replace(f"{users}@", "") if users else str(exc)
-            raise TunnelError(f"[relay] host is not usable: {text}") from None
+        endpoint = self._config.usable_endpoint()
         name = endpoint.address
         self._url_hints = (self._config.url_pattern, endpoint.host, self._config.remote_host)
         for hop in (*endpoint.jump, endpoint):
@@ -278,7 +306,13 @@ class RelayForward:
         sandbox's own connection (re-dialed by the pool if it died). asyncssh's forwarders pipe the
         two channels at the protocol level, as its own port forwarding does."""
         relay = self._relay_conn
-        bridged = await forward_over(self._box.connection, self._host, self._port)
+        try:
+            bridged = await forward_over(self._box.connection, self._host, self._port)
+        except asyncssh.ChannelOpenError as exc:
+            # The relay (someone else's machine) hears only that it failed: the reason can name the
+            # sandbox's address, its user, this machine's key files.
+            log.warning("relay tunnel to port %s: %s", self._port, exc.reason)
+            raise asyncssh.ChannelOpenError(exc.code, "the sandbox's port cannot be reached") from None
         if self._closed or relay is None or relay.is_closed():
             # The tunnel closed or the relay dropped while the channel opened (a re-dial can take
             # seconds). asyncssh, finding the relay's connection gone, would drop what this returns
