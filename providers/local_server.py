@@ -300,6 +300,11 @@ class LocalSSHServer:
             encoding=None,
             password_auth=False,
             kbdint_auth=False,
+            # (asyncssh offers Kerberos by default when python-gssapi and a keytab are there: tether's
+            # key is the one way in)
+            gss_host=None,
+            gss_kex=False,
+            gss_auth=False,
             agent_forwarding=False,
             x11_forwarding=False,
             allow_scp=False,
