@@ -362,7 +362,8 @@ trap 'rm -f "$__P.o" "$__P.e" "$__P.c" "$__P.v" "$__P.s"' EXIT
 __t_eval() { eval " $__s"; }
 __te="$__T/eval-2"
 if [ "$__TPG" = fork ] && [ -n "$__T" ] && { [ -s "$__te/bash" ] || {
-  mkdir -p "$__te" && printf '%s\n' '__t_eval() { eval " $__s"; }' >"$__te/bash.$$" && mv -f "$__te/bash.$$" "$__te/bash"
+  mkdir -p "$__te" && printf '%s\n' '__t_eval() { eval " $__s"; }' >"$__te/bash.$$" &&
+    mv -f "$__te/bash.$$" "$__te/bash"
 }; } 2>/dev/null; then
   __t_od=$PWD; __t_oo=$OLDPWD; __t_sp=; shopt -q sourcepath && __t_sp=1
   # (`. bash`, no slash: so that its name is just "bash"; sourcepath off, so it is ./bash)
