@@ -24,6 +24,9 @@ Availability = Callable[[Pool], str | None]
 def choose_pool(request: Request, pools: Sequence[Pool], availability: Availability) -> Pool:
     """The pool to provision on. Raises AuthPinError or DispatchError (with per-pool reasons)."""
     _check_auth_pin(request, pools)
+    if request.pool and all(pool.name != request.pool for pool in pools):
+        names = ", ".join(pool.name for pool in pools) or "none"
+        raise DispatchError(f"no pool named {request.pool!r}; the pools here: {names} (see pools_list)", [])
     rejections = []
     for pool in pools:
         reasons = rejection_reasons(request, pool, availability)

@@ -83,7 +83,10 @@ class SSHProvider(Provider):
         config = self.pool.config if isinstance(self.pool.config, SSHPoolConfig) else None
         host = options.get("host") or (config.host if config else None)
         if not host:
-            raise ProviderError("the ssh provider needs a host: user@host[:port] or an ~/.ssh/config alias")
+            raise ProviderError(
+                "the ssh provider needs a host: user@host[:port] or an ~/.ssh/config alias (host_attach, "
+                "`tether attach HOST`, or an ssh pool with a host in config.toml)"
+            )
         user = options.get("user") or (config.user if config else None)
         port = options["port"] if options.get("port") is not None else (config.port if config else None)
         key = options.get("key_path") or (config.identityFile if config else None)

@@ -118,6 +118,8 @@ class Transfers:
         async def get(sftp: asyncssh.SFTPClient) -> int:
             try:
                 attrs = await sftp.stat(remote)
+                if file_kind(attrs) == "directory":
+                    raise IsADirectory(remote, COPIES_FILES)
                 what = special_kind(attrs)
                 if what is not None:  # (opening a named pipe would block sftp-server)
                     raise SpecialFile(remote, what)

@@ -103,6 +103,21 @@ def test_up_exec_cp_info_down(tmp_path: Path) -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", cost["terminated"])  # as ls --json's times
 
 
+def test_up_alone_is_local_and_down_again_says_it_had_ended(tmp_path: Path) -> None:
+    env = server_env(TETHER_CONFIG=str(tmp_path / "none.toml"), E2B_API_KEY="e2b-set")  # (an implicit cloud pool)
+    up = tether("up", "--json", env=env)
+    assert up.returncode == 0, up.stderr
+    row = json.loads(up.stdout)
+    assert row["provider"] == "local"
+    first = tether("down", row["id"], env=env)
+    assert first.returncode == 0 and first.stdout.startswith(f"terminated {row['id']} after "), first.stdout
+    again = tether("down", row["id"], env=env)
+    assert again.returncode == 0 and again.stdout.startswith(f"{row['id']} had already ended (terminated after ")
+    assert "nothing was done" in again.stdout
+    checks = {c["name"]: c for c in json.loads(tether("doctor", "--json", env=env).stdout)}
+    assert checks["config"]["status"] == "warn" and "none.toml, which does not exist" in checks["config"]["detail"]
+
+
 def test_attach_and_ssh_command(sshd: SSHD, client_key: Path) -> None:
     attached = tether("attach", sshd.address, "--identity", str(client_key), "--name", "cli-attached")
     assert attached.returncode == 0, attached.stderr
@@ -146,8 +161,12 @@ def test_errors_say_what_to_do() -> None:
     assert version.returncode == 0 and re.fullmatch(r"tether \d+\.\d+\.\d+\n", version.stdout), version.stdout
     missing = tether("info", "sb-nope")
     assert missing.returncode == 2 and "no sandbox 'sb-nope'" in missing.stderr and "tether ls" in missing.stderr
-    nowhere = tether("up")
-    assert nowhere.returncode == 2 and "tether up local" in nowhere.stderr
+    bare = tether()  # the commands, not argparse's "the following arguments are required"
+    assert bare.returncode == 2 and "exec " in bare.stderr and "TETHER_STATE_DIR" in bare.stderr, bare.stderr
+    early = tether("--json", "ls")
+    assert early.returncode == 2 and "--json goes after the command: tether ls --json" in early.stderr
+    port = tether("tunnel", "sb-nope", "70000")  # (refused before anything is looked up or opened)
+    assert port.returncode == 2 and "expected a port, 1-65535, not '70000'" in port.stderr, port.stderr
     for ttl in ("inf", "-5", "1e12"):  # refused before anything is created, without pydantic's report
         refused = tether("up", "local", "--ttl", ttl)
         assert refused.returncode == 2 and refused.stderr.startswith("tether: invalid arguments: --ttl: ")

@@ -98,6 +98,12 @@ def test_a_failed_dispatch_lists_every_pools_reason() -> None:
     )
 
 
+def test_a_pool_that_does_not_exist_is_named_with_the_pools_there_are() -> None:
+    with pytest.raises(DispatchError, match=r"^no pool named 'lapotp'; the pools here: laptop, ") as caught:
+        choose_pool(Request(pool="lapotp"), POOLS, everything_available)
+    assert caught.value.rejections == []
+
+
 def test_unavailable_providers_are_rejected_with_the_reason() -> None:
     with pytest.raises(DispatchError) as caught:
         choose_pool(Request(provider="daytona"), POOLS, no_daytona_key)
@@ -294,3 +300,7 @@ def test_a_name_cannot_take_the_form_of_a_sandbox_id() -> None:
     with pytest.raises(ValidationError, match="form of a sandbox id"):
         Request(name=new_sandbox_id())
     assert Request(name="sb-web").name == "sb-web"
+    for unusable in ("my box", "-x", ".hidden", "a/b", "x" * 64):
+        with pytest.raises(ValidationError, match="is not a usable name: start with a letter or digit"):
+            Request(name=unusable)
+    assert Request(name="x" * 63).name == "x" * 63

@@ -314,6 +314,8 @@ async def test_lifecycle_tools_and_stopping_tears_down(
         assert detached["status"] == "terminated" and detached["cost"]["billing_model"] == "fixed"
         again = await client.call_tool("sandbox_info", {"sandbox": "lc-box"})
         assert again.is_error and "terminated" in text(again)
+        twice = await client.call_tool("sandbox_destroy", {"sandbox": "lc-box"})  # (its cost, and that it had ended)
+        assert structured(twice) == detached and "had already ended" in text(twice), text(twice)
     # the client closed the server's stdin: it stopped and tore down what it created, except `keep`
     ledger = Ledger()
     for made in (created, pausing, pooled):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sandbox import ConnectionPool, Sandbox
-from sandbox.errors import ConnectionLost, FileNotFound, SpecialFile
+from sandbox.errors import ConnectionLost, FileNotFound, IsADirectory, SpecialFile
 from tests.conftest import endpoint_for
 from tests.sshd import SSHD
 
@@ -88,6 +88,21 @@ async def test_copies_through_symlinks_copy_what_they_name(sb: Sandbox, tmp_path
     await sb.run(["ln", "-sf", "uploaded-link.txt", "remote-link.txt"])
     await sb.download("remote-link.txt", tmp_path / "back.txt")
     assert not (tmp_path / "back.txt").is_symlink() and (tmp_path / "back.txt").read_text() == "contents\n"
+
+
+async def test_a_directory_is_no_file_to_copy_either_way(sb: Sandbox, tmp_path: Path) -> None:
+    """Said once, with what to do instead (not the server's reason after the path again)."""
+    await sb.makedirs("a-dir")
+    for copy, named in (
+        (sb.download("a-dir", tmp_path / "here"), "a-dir"),
+        (sb.upload(tmp_path, "there"), tmp_path.name),
+    ):
+        with pytest.raises(
+            IsADirectory, match=r" is a directory; copies are of single files \(tar a directory first\)$"
+        ) as e:
+            await copy
+        assert str(e.value).count(named) == 1, str(e.value)
+    assert not (tmp_path / "here").exists() and not await sb.exists("there")
 
 
 async def test_upload_keeps_the_local_mode(sb: Sandbox, tmp_path: Path) -> None:

@@ -40,8 +40,7 @@ from tunnels import base as tunnels_base
 from tunnels.check import verify
 from tunnels.local import LocalForward
 from tunnels.ports import listening_ports, parse_netstat, parse_proc_net_tcp
-from tunnels.relay import RelayBackend
-from tunnels.relay import RelayForward, find_url
+from tunnels.relay import RelayBackend, RelayForward, find_url
 
 PAGE = "hello through the tunnel\n"
 
@@ -292,9 +291,27 @@ async def test_a_port_that_listens_but_never_answers_http_is_named_as_such(local
             assert time.monotonic() < deadline, "the silent server did not start"
             await asyncio.sleep(0.1)
         started = time.monotonic()
-        with pytest.raises(TunnelError, match=f"port {port} is listening inside the sandbox but no HTTP answer"):
+        with pytest.raises(TunnelError, match=f"port {port} is listening inside the sandbox but no HTTP answer") as e:
             await TunnelManager(check_timeout=1).open(local_box, port, backend="local")
         assert time.monotonic() - started < 8  # one bound for the whole request
+        assert "within 1s (no answer)" in str(e.value)
+    finally:
+        await local_box.job_kill(job.id, "KILL")
+    # one that hangs up at once: what was said of it, and no word of a time that did not run out
+    port = free_port()
+    rude = (
+        f"import socket; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen()\n"
+        "while True: s.accept()[0].close()"
+    )
+    job = await local_box.start_job(f"exec python3 -c {shlex.quote(rude)}")
+    try:
+        deadline = time.monotonic() + 10
+        while port not in await listening_ports(local_box):
+            assert time.monotonic() < deadline, "the rude server did not start"
+            await asyncio.sleep(0.1)
+        with pytest.raises(TunnelError, match=f"port {port} is listening inside the sandbox but no HTTP answer") as e:
+            await TunnelManager(check_timeout=30).open(local_box, port, backend="local")
+        assert "within" not in str(e.value) and "Error" in str(e.value), str(e.value)
     finally:
         await local_box.job_kill(job.id, "KILL")
 
@@ -397,7 +414,7 @@ async def test_a_relay_is_offered_only_the_user_and_key_the_config_names(
     with pytest.raises(TunnelError, match="authentication failed; the server refused a login with no key"):
         await TunnelManager(relay=unnamed).open(ssh_box, port, backend="relay")
     nameless = relay_config.model_copy(update={"host": relay_config.host.split("@", 1)[1]})
-    with pytest.raises(TunnelError, match="no user name for 127.0.0.1:.*a relay is not told this machine's user"):
+    with pytest.raises(TunnelError, match=r"no user name for 127.0.0.1:.*a relay is not told this machine's user"):
         await TunnelManager(relay=nameless).open(ssh_box, port, backend="relay")
     tunnels = TunnelManager(relay=relay_config)  # (its identityFile: the one key offered)
     tunnel = await tunnels.open(ssh_box, port, backend="relay")

@@ -218,11 +218,11 @@ def up_command(args: argparse.Namespace) -> int:
         raise ValueError(f"invalid arguments: {validation_problems(exc, UP_OPTIONS)}; see `tether up --help`") from None
 
     async def up(fleet: Fleet) -> None:
-        if not (request.pool or request.provider or fleet.defaults.says_where):
-            raise ValueError(
-                "say where: `tether up local`, `tether up runpod --gpu a100`, `tether up --pool NAME`, "
-                "or set pool (or provider) under [defaults] in config.toml"
-            )
+        nonlocal request
+        if not (request.pool or request.provider or request.gpu or fleet.defaults.says_where):
+            # As `tether mcp` has it: this machine, never a cloud pool picked for a bare request.
+            # (A GPU asked for is left to dispatch: it picks a pool that has one.)
+            request = request.model_copy(update={"provider": "local"})
 
         async def progress(message: str, fraction: float | None = None) -> None:
             if not args.json:
@@ -341,15 +341,16 @@ def info_command(args: argparse.Namespace) -> int:
 
 @command("down")
 def down_command(args: argparse.Namespace) -> int:
-    async def down(fleet: Fleet) -> R.DestroyResult:
+    async def down(fleet: Fleet) -> tuple[R.DestroyResult, bool]:
+        already = fleet.ledger.get(args.id).status == "terminated"
         event = await fleet.destroy(args.id)
-        return R.DestroyResult.of(fleet.ledger.get(event.sandbox_id), event)  # (MCP's)
+        return R.DestroyResult.of(fleet.ledger.get(event.sandbox_id), event), already  # (MCP's)
 
-    result = with_fleet(down)
+    result, already = with_fleet(down)
     if args.json:
         print_json(result.model_dump(mode="json"))
     else:
-        print(result.text())
+        print(result.text(already))
     return 0
 
 
@@ -550,7 +551,8 @@ def tunnel_command(args: argparse.Namespace) -> int:
             print_json(tunnel.public())
         else:
             headers = "".join(f"\n  header {k}: {v}" for k, v in tunnel.headers.items())
-            print(f"{tunnel.url}{headers}\n(Ctrl-C closes the tunnel)", flush=True)
+            print(f"{tunnel.url}{headers}", flush=True)
+            print("(Ctrl-C closes the tunnel)", file=sys.stderr, flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, *STOP_SIGNALS):
@@ -687,6 +689,13 @@ def _argparse_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {text!r}") from None
 
 
+def _argparse_port(text: str) -> int:
+    """A TCP port, 1-65535 (refused before anything is opened)."""
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port, 1-65535, not {text!r}")
+    return int(text)
+
+
 def seconds(text: str) -> float:
     """A positive, finite number of seconds (argparse's type for timeouts)."""
     try:
@@ -740,7 +749,13 @@ def host_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tether", description="Give AI agents real computers over SSH.")
+    parser = argparse.ArgumentParser(
+        prog="tether",
+        description="Give AI agents real computers over SSH.",
+        epilog="environment: TETHER_STATE_DIR (state: the ledger, keys; default ~/.local/state/tether), "
+        "TETHER_CONFIG (default ~/.config/tether/config.toml), TETHER_MCP_TOKEN (tether mcp over HTTP). "
+        "`tether COMMAND --help` for a command's options.",
+    )
     parser.add_argument("--version", action="version", version=f"tether {tether_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -803,7 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("dst")
     tunnel = add("tunnel", "give a port in a sandbox a URL and keep it open until Ctrl-C")
     tunnel.add_argument("id", metavar="ID")
-    tunnel.add_argument("port", type=int, metavar="PORT")
+    tunnel.add_argument("port", type=_argparse_port, metavar="PORT")
     tunnel.add_argument("--backend", choices=["auto", "provider", "relay", "local"], default="auto")
     tunnel.add_argument("--path", help="path to check and put in the URL, e.g. /health")
     add("doctor", "check configured providers' credentials and reachability")
@@ -836,9 +851,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["exec"] and "--" in argv:
         argv, after_dashes = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     parser = build_parser()
+    if not argv:  # (what a newcomer types first: the commands, not argparse's complaint)
+        parser.print_help(sys.stderr)
+        return 2
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # (said by the command's own parser, whose usage is the one that helps)
         commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        before = argv[: argv.index(args.command)] if args.command in argv else []
+        if misplaced := [option for option in unknown if option in before]:
+            parser.error(f"{' '.join(misplaced)} goes after the command: tether {args.command} {' '.join(misplaced)}")
         commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     args.after_dashes = after_dashes
     if args.command != "mcp":  # (which sets its own, with --verbose)

@@ -55,8 +55,13 @@ async def run_doctor() -> list[Check]:
     problems = _config_problems(fleet.config)
     if problems:
         checks.append(Check("config", "fail", "; ".join(problems)))
+    elif path.exists():
+        checks.append(Check("config", "ok", str(path)))
+    elif os.environ.get("TETHER_CONFIG"):  # (named on purpose, and not there: a typo, likely)
+        detail = f"TETHER_CONFIG names {path}, which does not exist: using implicit pools"
+        checks.append(Check("config", "warn", detail))
     else:
-        checks.append(Check("config", "ok", f"{path}" if path.exists() else f"no {path}: using implicit pools"))
+        checks.append(Check("config", "ok", f"no {path}: using implicit pools"))
     checks += _defaults_and_channels(fleet)
     try:
         for pool in fleet.pools:

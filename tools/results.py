@@ -238,8 +238,12 @@ class DestroyResult(Result):
     def of(cls, record: SandboxRecord, event: CostEvent) -> DestroyResult:
         return cls(id=record.id, cost=Cost.of(event), left_behind=record.left_behind())
 
-    def text(self) -> str:
-        text = f"terminated {self.id} after {self.cost.text()}"
+    def text(self, already: bool = False) -> str:
+        """`already`: it had ended before this call, which did nothing."""
+        if already:
+            text = f"{self.id} had already ended (terminated after {self.cost.text()}); nothing was done"
+        else:
+            text = f"terminated {self.id} after {self.cost.text()}"
         return f"{text}; but {self.left_behind}" if self.left_behind else text
 
 

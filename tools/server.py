@@ -634,7 +634,8 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
         event = await state.fleet.destroy(record.id)
         if state.default_id == record.id:
             state.default_id = None
-        return ok(R.DestroyResult.of(state.fleet.ledger.get(record.id), event))
+        result = R.DestroyResult.of(state.fleet.ledger.get(record.id), event)
+        return ok(result, result.text(already=record.status == "terminated"))
 
     @server.tool(annotations=DESTRUCTIVE)
     @guarded

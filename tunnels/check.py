@@ -24,7 +24,10 @@ class NoAnswer(TunnelError):
 
     def __init__(self, url: str, timeout: float, problem: str) -> None:
         self.problem = problem  # what httpx said, or "no answer"
-        super().__init__(f"no HTTP answer came through {url} within {timeout:g}s ({problem})")
+        # (the time is named only when it ran out: a connection reset comes at once)
+        within = f" within {timeout:g}s" if problem == "no answer" else ""
+        self.said = f"no HTTP answer came through {url}{within} ({problem})"
+        super().__init__(self.said)
 
 
 async def answers(url: str, headers: dict[str, str], timeout: float = CHECK_TIMEOUT) -> int:
@@ -64,18 +67,18 @@ async def verify(
     try:
         return await answers(url, headers, timeout)
     except NoAnswer as exc:
-        problem = exc.problem
+        said = exc.said
     try:
         listening = port in await listening_ports(box)
     except PortsUnknown as exc:
         raise TunnelError(
-            f"no HTTP answer came through {url} within {timeout:g}s ({problem}); {exc}, so whether port "
-            f"{port} listens is unknown: check that the server runs (job_list, job_output)"
+            f"{said}; {exc}, so whether port {port} listens is unknown: check that the server runs "
+            "(job_list, job_output)"
         ) from None
     if listening:
         raise TunnelError(
-            f"port {port} is listening inside the sandbox but no HTTP answer came through {url} within "
-            f"{timeout:g}s ({problem}); is it an HTTP server, and does it answer on 127.0.0.1?"
+            f"port {port} is listening inside the sandbox but {said}; is it an HTTP server, and does it "
+            "answer on 127.0.0.1?"
         )
     # The suggestion names the sandbox user's own servers: a shared host lists everyone's.
     own = await listening_ports(box, own_only=True, exclude=exclude)
