@@ -18,7 +18,7 @@ import asyncssh
 
 from .channels import DEFAULT_IDLE_TIMEOUT, SFTPChannel, ShellPool
 from .endpoint import SSHEndpoint
-from .errors import ConnectionLost, InvalidArgument, SandboxEnded
+from .errors import ConnectionLost, FileNotFound, InvalidArgument, SandboxEnded
 from .executor import MAX_OUTPUT_CHARS, Executor, RawResult, RunResult
 from .files import Edit, EditResult, Files, FileStat, Image, ReadResult, WriteResult
 from .follow import OnOutput
@@ -26,7 +26,7 @@ from .jobs import Job, JobOutput, Jobs
 from .pool import ConnectionPool, Hold, default_pool
 from .search import GlobResult, GrepResult, Search
 from .shell import DEFAULT_TETHER_DIR, wire_bytes
-from .transfer import Progress, Transfers
+from .transfer import Progress, Transfers, TreeCopy
 
 
 class Sandbox:
@@ -360,6 +360,28 @@ class Sandbox:
         into = str(local).endswith(("/", os.sep))
         async with self._in_flight():
             return await self._p.transfers.download(where, Path(local), progress, into_directory=into)
+
+    async def upload_dir(self, local: str | Path, remote: str, progress: Progress | None = None) -> TreeCopy:
+        """Copy a local directory to the box, as `cp -r` does: into `remote` when that is a directory
+        already (under the local directory's name), else to `remote` itself (created). Each file
+        goes as `upload` sends one; see Transfers.upload_tree for what is skipped."""
+        source = Path(local)
+        where = await self.resolve(remote or ".")
+        with contextlib.suppress(FileNotFound):
+            if (await self.stat(where)).type == "directory":
+                where = posixpath.join(where, source.resolve().name)
+        async with self._in_flight():
+            return await self._p.transfers.upload_tree(source, where, progress)
+
+    async def download_dir(self, remote: str, local: str | Path, progress: Progress | None = None) -> TreeCopy:
+        """Copy a directory of the box here, as `cp -r` does: into `local` when that is a directory
+        already (under the remote directory's name), else to `local` itself (created)."""
+        where = await self.resolve(remote)
+        target = Path(local)
+        if target.is_dir():
+            target = target / posixpath.basename(where.rstrip("/"))
+        async with self._in_flight():
+            return await self._p.transfers.download_tree(where, target, progress)
 
     # -- low level -----------------------------------------------------------------------------------
 

@@ -13,13 +13,22 @@ import contextlib
 import os
 import posixpath
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 
 from .channels import SFTPChannel
-from .errors import WRITE_SPECIAL_HINT, FileNotFound, FileOperationError, IsADirectory, SpecialFile
+from .errors import (
+    WRITE_SPECIAL_HINT,
+    FileNotFound,
+    FileOperationError,
+    InvalidArgument,
+    IsADirectory,
+    SpecialFile,
+)
 from .files import (
     MAX_LINK_HOPS,
     PRIVATE,
@@ -33,7 +42,8 @@ from .files import (
 )
 from .sftpio import GUARANTEED, read_upto, write_all
 
-COPIES_FILES = "copies are of single files (tar a directory first)"
+COPIES_FILES = "copies are of single files; copy a directory whole with upload_dir / download_dir (tether cp -r)"
+TREE_COPIES = 8  # files of a directory copied at once
 # Called with (bytes done, total bytes).
 Progress = Callable[[int, int], None]
 # asyncssh sizes blocks from the server's limits@openssh.com reply (OpenSSH: 255 KiB) when given -1;
@@ -44,9 +54,141 @@ MAX_REQUESTS = 128
 PIECE = 4 << 20
 
 
+@dataclass
+class TreeCopy:
+    """What a directory copy did."""
+
+    files: int = 0
+    bytes: int = 0
+    skipped: list[str] = field(default_factory=list)  # symlinked directories and special files, not copied
+
+
 class Transfers:
     def __init__(self, sftp: SFTPChannel) -> None:
         self._sftp = sftp
+
+    async def upload_tree(self, local: Path, remote: str, progress: Progress | None = None) -> TreeCopy:
+        """Copy the directory `local` to the directory `remote` (created, parents too; what is there
+        is added to, files of the same name replaced), as `cp -r`: its files (through symlinks to
+        files, as cp -L), its directories with their modes. A symlinked directory is not entered
+        and a special file not copied: both are listed in `skipped`."""
+        if not local.is_dir():
+            raise FileNotFound(str(local), " (a directory) on this machine")
+        copy = TreeCopy()
+        directories: list[tuple[str, int]] = [(remote, local.stat().st_mode)]
+        files: list[tuple[Path, str, int]] = []
+        for top, names, file_names in os.walk(local):  # (symlinked directories: listed, not followed)
+            here = Path(top)
+            into = posixpath.join(remote, here.relative_to(local).as_posix()).rstrip("/").removesuffix("/.")
+            for name in list(names):
+                if (here / name).is_symlink():
+                    names.remove(name)
+                    copy.skipped.append(str(here / name))
+                else:
+                    directories.append((posixpath.join(into, name), (here / name).stat().st_mode))
+            for name in file_names:
+                try:
+                    info = (here / name).stat()
+                except OSError:  # (a dangling link)
+                    info = None
+                if info is None or not stat.S_ISREG(info.st_mode):
+                    copy.skipped.append(str(here / name))
+                else:
+                    files.append((here / name, posixpath.join(into, name), info.st_size))
+
+        async def make_directories(sftp: asyncssh.SFTPClient) -> None:
+            for path, _ in directories:
+                await sftp.makedirs(path, exist_ok=True)
+
+        await self._sftp.once(make_directories)
+        await self._copy_all(files, self.upload, progress, copy)
+
+        async def give_modes(sftp: asyncssh.SFTPClient) -> None:  # (last, deepest first: 0555 ones too)
+            for path, mode in reversed(directories):
+                await sftp.chmod(path, mode & 0o7777)
+
+        await self._sftp.once(give_modes)
+        return copy
+
+    async def download_tree(self, remote: str, local: Path, progress: Progress | None = None) -> TreeCopy:
+        """Copy the directory `remote` to the directory `local`, as upload_tree does the other way."""
+        copy = TreeCopy()
+        directories: list[tuple[Path, int]] = []
+        files: list[tuple[str, Path, int]] = []
+
+        async def walk(sftp: asyncssh.SFTPClient) -> None:
+            top = await sftp.stat(remote)
+            if file_kind(top) != "directory":
+                raise InvalidArgument(f"{remote} is not a directory; copy a file with download")
+            directories.append((local, top.permissions or 0o755))
+            pending = [(remote, local)]
+            while pending:
+                here, there = pending.pop()
+                try:
+                    entries = await sftp.readdir(here)
+                except asyncssh.SFTPError as exc:
+                    raise sftp_error(here, exc) from None
+                for entry in entries:
+                    name = entry.filename
+                    if name in (".", ".."):
+                        continue
+                    path, attrs = posixpath.join(here, name), entry.attrs
+                    kind = file_kind(attrs)
+                    if kind == "symlink":  # (what it names, when that is a file)
+                        with contextlib.suppress(asyncssh.SFTPError):
+                            attrs = await sftp.stat(path)
+                        kind = "file" if file_kind(attrs) == "file" else "other"
+                    if kind == "directory":
+                        directories.append((there / name, attrs.permissions or 0o755))
+                        pending.append((path, there / name))
+                    elif kind == "file":
+                        files.append((path, there / name, attrs.size or 0))
+                    else:
+                        copy.skipped.append(path)
+
+        try:
+            await self._sftp.retrying(walk)
+        except asyncssh.SFTPError as exc:
+            raise sftp_error(remote, exc) from None
+        for path, _ in directories:
+            if path.exists() and not path.is_dir():
+                raise FileOperationError(str(path), f"{path} is in the way: a directory goes there")
+            path.mkdir(parents=True, exist_ok=True)
+        await self._copy_all(files, self.download, progress, copy)
+        for path, mode in reversed(directories):
+            os.chmod(path, mode & 0o7777)
+        return copy
+
+    @staticmethod
+    async def _copy_all(
+        files: list[tuple[Any, Any, int]],
+        copy_one: Callable[..., Awaitable[int]],
+        progress: Progress | None,
+        copy: TreeCopy,
+    ) -> None:
+        """Each (source, target, size) copied with `copy_one`, TREE_COPIES at a time; progress
+        counts the bytes of them all."""
+        total = sum(size for _, _, size in files)
+        done: dict[int, int] = {}
+        gate = asyncio.Semaphore(TREE_COPIES)
+
+        async def one(index: int, source: Any, target: Any) -> None:
+            def counted(sent: int, _size: int) -> None:
+                done[index] = sent
+                if progress is not None:
+                    progress(sum(done.values()), total)
+
+            async with gate:
+                sent = await copy_one(source, target, counted)
+            copy.bytes += sent  # (after the await: `copy.bytes += await …` would read it before)
+            copy.files += 1
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for index, (source, target, _) in enumerate(files):
+                    group.create_task(one(index, source, target))
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None
 
     async def upload(
         self, local: Path, remote: str, progress: Progress | None = None, *, into_directory: bool = False

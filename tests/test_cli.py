@@ -84,6 +84,16 @@ def test_up_exec_cp_info_down(tmp_path: Path) -> None:
     )
     assert piped.returncode == 0 and piped.stdout == local.read_bytes() and piped.stderr == b"\xff"
     assert tether("cp", str(local), f"{sandbox_id}:in/").returncode == 0  # into a directory: its own name
+    tree = tmp_path / "tree"
+    (tree / "sub dir").mkdir(parents=True)
+    (tree / "top.txt").write_text("top\n")
+    (tree / "sub dir" / "low.txt").write_text("low\n")
+    whole = tether("cp", str(tree), f"{sandbox_id}:copied")
+    assert whole.returncode == 2 and "tether cp -r" in whole.stderr, whole.stderr
+    whole = tether("cp", "-r", str(tree), f"{sandbox_id}:copied")
+    assert whole.returncode == 0 and whole.stdout == "copied 8 bytes in 2 files\n", whole.stdout + whole.stderr
+    assert tether("cp", "-r", "cli-box:copied", str(tmp_path / "tree-back")).returncode == 0
+    assert (tmp_path / "tree-back" / "sub dir" / "low.txt").read_text() == "low\n"
     assert tether("exec", sandbox_id, "--", "cmp", "in/data.bin", "in/data.bin").returncode == 0
 
     info = json.loads(tether("info", sandbox_id, "--json").stdout)

@@ -6,12 +6,13 @@ import asyncio
 import hashlib
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from sandbox import ConnectionPool, Sandbox
-from sandbox.errors import ConnectionLost, FileNotFound, IsADirectory, SpecialFile
+from sandbox.errors import ConnectionLost, FileNotFound, InvalidArgument, IsADirectory, SpecialFile
 from tests.conftest import endpoint_for
 from tests.sshd import SSHD
 
@@ -94,15 +95,73 @@ async def test_a_directory_is_no_file_to_copy_either_way(sb: Sandbox, tmp_path: 
     """Said once, with what to do instead (not the server's reason after the path again)."""
     await sb.makedirs("a-dir")
     for copy, named in (
-        (sb.download("a-dir", tmp_path / "here"), "a-dir"),
-        (sb.upload(tmp_path, "there"), tmp_path.name),
+        (lambda: sb.download("a-dir", tmp_path / "here"), "a-dir"),
+        (lambda: sb.upload(tmp_path, "there"), tmp_path.name),
     ):
-        with pytest.raises(
-            IsADirectory, match=r" is a directory; copies are of single files \(tar a directory first\)$"
-        ) as e:
-            await copy
-        assert str(e.value).count(named) == 1, str(e.value)
+        with pytest.raises(IsADirectory, match=r" is a directory; copies are of single files; copy a directory") as e:
+            await copy()
+        assert str(e.value).count(named) == 1 and str(e.value).endswith("(tether cp -r)"), str(e.value)
     assert not (tmp_path / "here").exists() and not await sb.exists("there")
+
+
+def make_tree(root: Path) -> None:
+    """Nested directories and odd names, a file's symlink, a directory's symlink, a named pipe, a
+    read-only directory: what a project directory holds."""
+    (root / "src" / "deep er").mkdir(parents=True)
+    (root / "src" / "app.py").write_text("print('hi')\n")
+    (root / "src" / "deep er" / "it's $(x).txt").write_text("odd\n")
+    (root / "run.sh").write_text("#!/bin/sh\n")
+    (root / "run.sh").chmod(0o750)
+    (root / "big.bin").write_bytes(os.urandom(3 << 20))
+    (root / "link.txt").symlink_to("run.sh")  # copied as the file it names
+    (root / "src-link").symlink_to("src")  # not entered
+    os.mkfifo(root / "pipe")  # not copied
+    (root / "frozen").mkdir()
+    (root / "frozen" / "kept.txt").write_text("kept\n")
+    (root / "frozen").chmod(0o555)
+
+
+def tree_of(root: Path) -> dict[str, tuple[str, int, bytes]]:
+    """Relative path -> (kind, mode, contents) of everything under `root`."""
+    found = {}
+    for top, names, files in os.walk(root):
+        for name in names + files:
+            path = Path(top) / name
+            info = path.lstat()
+            kind = "dir" if stat.S_ISDIR(info.st_mode) else "file" if stat.S_ISREG(info.st_mode) else "other"
+            found[str(path.relative_to(root))] = (
+                kind,
+                stat.S_IMODE(info.st_mode),
+                path.read_bytes() if kind == "file" else b"",
+            )
+    return found
+
+
+async def test_a_directory_goes_both_ways_whole_as_cp_r(sb: Sandbox, tmp_path: Path) -> None:
+    source = tmp_path / "project"
+    make_tree(source)
+    seen: list[tuple[int, int]] = []
+    remote = f"{await sb.home()}/tree-{os.getpid()}"
+    sent = await sb.upload_dir(source, remote, progress=lambda done, total: seen.append((done, total)))
+    regular = {k: v for k, v in tree_of(source).items() if v[0] != "other"}
+    expected = {k: v for k, v in regular.items() if k != "src-link"}
+    expected["link.txt"] = ("file", 0o750, b"#!/bin/sh\n")  # (the file it names)
+    assert sent.files == 6 and sent.bytes == sum(len(c) for _, _, c in expected.values())
+    assert sorted(sent.skipped) == [str(source / "pipe"), str(source / "src-link")]
+    assert seen[-1] == (sent.bytes, sent.bytes)
+    assert tree_of(Path(remote)) == expected  # (the sandbox is on this machine: looked at directly)
+    back = tmp_path / "back"
+    back.mkdir()
+    got = await sb.download_dir(remote, back)  # an existing directory: into it, under the name
+    assert (got.files, got.bytes, got.skipped) == (sent.files, sent.bytes, [])
+    assert tree_of(back / f"tree-{os.getpid()}") == expected
+    again = await sb.upload_dir(source, remote)  # into what is there now, as cp -r does
+    assert again.files == 6 and tree_of(Path(remote) / "project") == expected
+    with pytest.raises(InvalidArgument, match="is not a directory"):
+        await sb.download_dir(f"{remote}/run.sh", tmp_path / "x")
+    await sb.run(["sh", "-c", 'chmod -R u+w "$1" && rm -rf "$1"', "sh", remote])
+    for path in (source, back):
+        subprocess.run(["chmod", "-R", "u+w", str(path)], check=True)
 
 
 async def test_upload_keeps_the_local_mode(sb: Sandbox, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import functools
 import logging
 import math
 import os
+import posixpath
 import shlex
 import shutil
 import signal
@@ -32,9 +33,10 @@ from providers.errors import ProviderError
 from providers.local_server import local_dir, work_dir
 from providers.registry import profile_of
 from sandbox import SSHEndpoint
-from sandbox.errors import SandboxError, validation_problems
+from sandbox.errors import FileNotFound, SandboxError, validation_problems
 from sandbox.hostkeys import HostKeyPins
 from sandbox.state import default_store, read_config, state_dir
+from sandbox.transfer import Progress, TreeCopy
 from tunnels import Notifier
 
 from . import results as R
@@ -497,29 +499,52 @@ def cp_command(args: argparse.Namespace) -> int:
     if source[0] is None and target[0] is None:
         raise ValueError("one side must be in a sandbox: ID:path")
 
-    async def copy(fleet: Fleet) -> int:
+    async def transfer(fleet: Fleet) -> TreeCopy:
         bar = ProgressBar(f"{args.src} -> {args.dst}", enabled=sys.stderr.isatty() and not args.json)
         try:
+            whole = args.recursive and await _is_directory(fleet, *source)
             if source[0] and target[0]:  # sandbox to sandbox, through this machine
                 with tempfile.TemporaryDirectory() as scratch:
-                    staged = Path(scratch) / Path(source[1]).name
-                    await (await fleet.get(source[0])).download(source[1], staged, bar.update)
-                    size = await (await fleet.get(target[0])).upload(staged, target[1], bar.update)
-            elif source[0]:
-                size = await (await fleet.get(source[0])).download(source[1], target[1], bar.update)  # ('dir/' kept)
-            else:
-                assert target[0] is not None
-                size = await (await fleet.get(target[0])).upload(Path(source[1]), target[1], bar.update)
+                    staged = Path(scratch) / posixpath.basename(source[1].rstrip("/"))
+                    await _copy(fleet, source, (None, str(staged)), whole, bar.update)
+                    return await _copy(fleet, (None, str(staged)), target, whole, bar.update)
+            return await _copy(fleet, source, target, whole, bar.update)
         finally:
             bar.close()
-        return size
 
-    size = with_fleet(copy)
+    copy = with_fleet(transfer)
     if args.json:
-        print_json({"bytes": size})
+        print_json({"bytes": copy.bytes, "files": copy.files, "skipped": copy.skipped})
     else:
-        print(f"copied {size} bytes")
+        print(f"copied {copy.bytes} bytes" + (f" in {copy.files} files" if copy.files != 1 else ""))
+        for path in copy.skipped:
+            print(f"  skipped {path} (a symlinked directory or a special file)", file=sys.stderr)
     return 0
+
+
+async def _is_directory(fleet: Fleet, sandbox: str | None, path: str) -> bool:
+    if sandbox is None:
+        return Path(path).is_dir()
+    try:
+        return (await (await fleet.get(sandbox)).stat(path)).type == "directory"
+    except FileNotFound:
+        return False  # (the copy says so)
+
+
+async def _copy(
+    fleet: Fleet, source: tuple[str | None, str], target: tuple[str | None, str], whole: bool, progress: Progress
+) -> TreeCopy:
+    """One copy between this machine and a sandbox: a file, or (`whole`) a directory as cp -r."""
+    if source[0] is not None:
+        box = await fleet.get(source[0])
+        if whole:
+            return await box.download_dir(source[1], target[1], progress)
+        return TreeCopy(1, await box.download(source[1], target[1], progress))  # ('dir/' kept)
+    assert target[0] is not None
+    box = await fleet.get(target[0])
+    if whole:
+        return await box.upload_dir(source[1], target[1], progress)
+    return TreeCopy(1, await box.upload(Path(source[1]), target[1], progress))
 
 
 def _split_location(text: str) -> tuple[str | None, str]:
@@ -816,6 +841,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp = add("cp", "copy files to, from or between sandboxes (ID:path on either side)")
     cp.add_argument("src")
     cp.add_argument("dst")
+    cp.add_argument("-r", "--recursive", action="store_true", help="copy a directory whole, as cp -r")
     tunnel = add("tunnel", "give a port in a sandbox a URL and keep it open until Ctrl-C")
     tunnel.add_argument("id", metavar="ID")
     tunnel.add_argument("port", type=_argparse_port, metavar="PORT")
