@@ -119,6 +119,9 @@ def test_up_alone_is_local_and_down_again_says_it_had_ended(tmp_path: Path) -> N
     assert up.returncode == 0, up.stderr
     row = json.loads(up.stdout)
     assert row["provider"] == "local"
+    listed = tether("ls", env=env).stdout  # (for people: what it has cost so far)
+    assert "COST" in listed.splitlines()[0] and re.search(rf"{row['id']} .* \(fixed, ~\$0\.0000\) so far", listed)
+    assert "so far" in tether("info", row["id"], env=env).stdout
     first = tether("down", row["id"], env=env)
     assert first.returncode == 0 and first.stdout.startswith(f"terminated {row['id']} after "), first.stdout
     again = tether("down", row["id"], env=env)

@@ -115,6 +115,11 @@ def record_json(record: SandboxRecord, fleet: Fleet) -> dict[str, Any]:
     return {**summary, "status_reason": record.status_reason, "ssh": R.SSHInfo.of(record).model_dump()}
 
 
+def cost_text(record: SandboxRecord, fleet: Fleet) -> str:
+    """`4m12s (per-second, ~$0.0021)`: final once it ended, else so far."""
+    return R.Cost.of(fleet.cost_so_far(record)).text() + (" so far" if record.live else "")
+
+
 def record_row(record: SandboxRecord) -> dict[str, Any]:
     """A sandbox for people: local times, `user@host:port`."""
     endpoint = record.endpoint or {}
@@ -268,10 +273,10 @@ def ls_command(args: argparse.Namespace) -> int:
     if args.json:
         print_json([record_json(r, fleet) for r in records])
     else:
-        rows = [record_row(r) for r in records]
+        rows = [{**record_row(r), "cost": cost_text(r, fleet)} for r in records]
         print_table(
             rows,
-            ["id", "name", "provider", "pool", "status", "created_at", "expires_at"],
+            ["id", "name", "provider", "pool", "status", "created_at", "expires_at", "cost"],
             empty="no sandboxes; create one with `tether up local`",
         )
     return 0
@@ -309,9 +314,8 @@ def info_command(args: argparse.Namespace) -> int:
         fleet.ledger.close_abandoned_tunnels()
         # (MCP's shapes; a tunnel is held by whichever process opened it)
         row["tunnels"] = [R.TunnelResult.held_elsewhere(t).model_dump() for t in fleet.ledger.tunnels(record.id)]
-        event = fleet.ledger.cost_event(record.id)
-        if event and not args.json:  # (the JSON has the cost, so far or final, in MCP's shape)
-            row["cost"] = R.Cost.of(event).text()
+        if not args.json:  # (the JSON has the cost, so far or final, in MCP's shape)
+            row["cost"] = cost_text(record, fleet)
         return row
 
     row = with_fleet(info)
@@ -812,12 +816,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = add("up", "create a sandbox and print its id")
     up.add_argument("provider", nargs="?", help="local, ssh, daytona, e2b, modal, runpod")
-    up.add_argument("--pool")
-    up.add_argument("--gpu")
-    up.add_argument("--cpu", type=float)
-    up.add_argument("--memory-mb", type=int)
-    up.add_argument("--ttl", type=float, help="terminate after this many seconds")
-    up.add_argument("--name")
+    up.add_argument("--pool", help="a pool of config.toml (`tether pools` lists them)")
+    up.add_argument("--gpu", metavar="TYPE", help="a GPU of this type, e.g. a100 (picks a pool that has one)")
+    up.add_argument("--cpu", type=float, metavar="N", help="CPUs, where the provider sizes machines")
+    up.add_argument("--memory-mb", type=int, metavar="N", help="memory in MiB, where the provider sizes machines")
+    up.add_argument("--ttl", type=float, metavar="SECONDS", help="terminate after this many seconds (at most a year)")
+    up.add_argument("--name", help="a name to refer to it by: letters, digits, . _ -")
     attach = add("attach", "attach a machine you can SSH to, and print its sandbox id")
     attach.add_argument("target", metavar="[USER@]HOST[:PORT]", help="or an ~/.ssh/config alias")
     attach.add_argument("--name")
