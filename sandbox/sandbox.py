@@ -26,7 +26,8 @@ from .jobs import Job, JobOutput, Jobs
 from .pool import ConnectionPool, Hold, default_pool
 from .search import GlobResult, GrepResult, Search
 from .shell import DEFAULT_TETHER_DIR, wire_bytes
-from .transfer import Progress, Transfers, TreeCopy
+from .transfer import Progress, Transfers
+from .trees import TreeCopies, TreeCopy, contents_of
 
 
 class Sandbox:
@@ -363,25 +364,26 @@ class Sandbox:
 
     async def upload_dir(self, local: str | Path, remote: str, progress: Progress | None = None) -> TreeCopy:
         """Copy a local directory to the box, as `cp -r` does: into `remote` when that is a directory
-        already (under the local directory's name), else to `remote` itself (created). Each file
-        goes as `upload` sends one; see Transfers.upload_tree for what is skipped."""
-        source = Path(local)
+        already (under the local directory's name; a `local` ending in "/." puts what it holds
+        there instead), else to `remote` itself (created). See sandbox/trees.py."""
         where = await self.resolve(remote or ".")
-        with contextlib.suppress(FileNotFound):
-            if (await self.stat(where)).type == "directory":
-                where = posixpath.join(where, source.resolve().name)
+        if not contents_of(local):
+            with contextlib.suppress(FileNotFound):
+                if (await self.stat(where)).type == "directory":
+                    where = posixpath.join(where, os.path.basename(os.path.abspath(local)))
         async with self._in_flight():
-            return await self._p.transfers.upload_tree(source, where, progress)
+            return await self._p.trees.upload_tree(Path(local), where, progress)
 
     async def download_dir(self, remote: str, local: str | Path, progress: Progress | None = None) -> TreeCopy:
         """Copy a directory of the box here, as `cp -r` does: into `local` when that is a directory
-        already (under the remote directory's name), else to `local` itself (created)."""
-        where = await self.resolve(remote)
+        already (under the remote directory's name; a `remote` ending in "/." puts what it holds
+        there instead), else to `local` itself (created)."""
+        where = await self.resolve(remote or ".")
         target = Path(local)
-        if target.is_dir():
-            target = target / posixpath.basename(where.rstrip("/"))
+        if target.is_dir() and not contents_of(remote or "."):
+            target = target / (posixpath.basename(where.rstrip("/")) or "root")
         async with self._in_flight():
-            return await self._p.transfers.download_tree(where, target, progress)
+            return await self._p.trees.download_tree(where, target, progress)
 
     # -- low level -----------------------------------------------------------------------------------
 
@@ -436,3 +438,4 @@ class _Parts:
         self.search = Search(self.executor, self.files)
         self.jobs = Jobs(self.executor, self.shells, self.sftp)
         self.transfers = Transfers(self.sftp)
+        self.trees = TreeCopies(self.transfers)

@@ -371,8 +371,11 @@ class Search:
                 argv = ["grep", *flags, "-e", q.pattern, "--", *batch]
                 return await self._executor.exec_raw(argv, cwd=SEARCH_FROM, timeout=SEARCH_TIMEOUT_S)
 
-        async with asyncio.TaskGroup() as group:
-            batches = [group.create_task(grep(batch)) for batch in _batches(paths)]
+        try:
+            async with asyncio.TaskGroup() as group:
+                batches = [group.create_task(grep(batch)) for batch in _batches(paths)]
+        except BaseExceptionGroup as failed:  # (a timeout or a lost connection, as itself)
+            raise failed.exceptions[0] from None
         # (a listing cut short was searched in part)
         return _combined([batch.result() for batch in batches], listing.stdout_truncated)
 

@@ -180,13 +180,28 @@ async def test_multiline_and_head_limit(sb: Sandbox, tree: str) -> None:
 
 
 async def test_a_search_over_its_time_is_stopped_and_says_to_narrow_it(
-    sb: Sandbox, tree: str, monkeypatch: pytest.MonkeyPatch
+    sb: Sandbox, tree: str, minimal_box: Sandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """With ripgrep, and without (grep's batches run together: their timeout is said as one)."""
+    plain_tree = await make_tree(minimal_box)
     monkeypatch.setattr(search, "SEARCH_TIMEOUT_S", 0.001)  # (less than any round trip)
-    with pytest.raises(SearchTimeout, match=rf"^grep in {tree} ran over 0.001s and was stopped; search a narrower"):
-        await sb.grep("hello", tree)
-    with pytest.raises(SearchTimeout, match=r"^glob in .* ran over 0.001s and was stopped; search a narrower path"):
-        await sb.glob("**/*.py", tree)
+    for box, root in ((sb, tree), (minimal_box, plain_tree)):
+        with pytest.raises(SearchTimeout, match=rf"^grep in {root} ran over 0.001s and was stopped; search a narrow"):
+            await box.grep("hello", root)
+        with pytest.raises(SearchTimeout, match=r"^glob in .* ran over 0.001s and was stopped; search a narrower path"):
+            await box.glob("**/*.py", root)
+    monkeypatch.undo()
+    # without ripgrep, a timeout of grep's batches (the listing before them in time)
+    listing = search.Search._listing
+
+    async def then_no_time(self: search.Search, argv: list[str]) -> object:
+        listed = await listing(self, argv)
+        monkeypatch.setattr(search, "SEARCH_TIMEOUT_S", 0.001)
+        return listed
+
+    monkeypatch.setattr(search.Search, "_listing", then_no_time)
+    with pytest.raises(SearchTimeout, match=rf"^grep in {plain_tree} ran over 0.001s and was stopped"):
+        await minimal_box.grep("hello", plain_tree)
     monkeypatch.undo()
     assert (await sb.grep("Hello", tree, output_mode="count")).lines == 2  # (its shells still serve)
 

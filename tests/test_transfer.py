@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from sandbox import ConnectionPool, Sandbox
-from sandbox.errors import ConnectionLost, FileNotFound, InvalidArgument, IsADirectory, SpecialFile
+from sandbox.errors import (
+    ConnectionLost,
+    FileNotFound,
+    FileOperationError,
+    InvalidArgument,
+    IsADirectory,
+    SpecialFile,
+)
 from tests.conftest import endpoint_for
 from tests.sshd import SSHD
 
@@ -147,7 +154,10 @@ async def test_a_directory_goes_both_ways_whole_as_cp_r(sb: Sandbox, tmp_path: P
     expected = {k: v for k, v in regular.items() if k != "src-link"}
     expected["link.txt"] = ("file", 0o750, b"#!/bin/sh\n")  # (the file it names)
     assert sent.files == 6 and sent.bytes == sum(len(c) for _, _, c in expected.values())
-    assert sorted(sent.skipped) == [str(source / "pipe"), str(source / "src-link")]
+    assert sorted(sent.skipped) == [
+        f"{source / 'pipe'} (a special file)",
+        f"{source / 'src-link'} (a symlinked directory)",
+    ]
     assert seen[-1] == (sent.bytes, sent.bytes)
     assert tree_of(Path(remote)) == expected  # (the sandbox is on this machine: looked at directly)
     back = tmp_path / "back"
@@ -159,6 +169,28 @@ async def test_a_directory_goes_both_ways_whole_as_cp_r(sb: Sandbox, tmp_path: P
     assert again.files == 6 and tree_of(Path(remote) / "project") == expected
     with pytest.raises(InvalidArgument, match="is not a directory"):
         await sb.download_dir(f"{remote}/run.sh", tmp_path / "x")
+    # "dir/.": what it holds, into the directory given (as cp -r reads it)
+    contents = tmp_path / "contents"
+    contents.mkdir()
+    assert (await sb.download_dir(f"{remote}/src/.", contents)).files == 2
+    assert sorted(p.name for p in contents.iterdir()) == ["app.py", "deep er"]
+    # a file where a directory is (or the other way round) is refused, not put inside it
+    (source / "src" / "app.py").unlink()
+    (source / "src" / "app.py").mkdir()
+    with pytest.raises(FileOperationError, match=r"app\.py is in the way: a directory goes there"):
+        await sb.upload_dir(source, remote)
+    (source / "src" / "app.py").rmdir()
+    (source / "src" / "app.py").write_text("again\n")
+    await sb.run(["sh", "-c", 'rm "$1/src/app.py" && mkdir "$1/src/app.py"', "sh", f"{remote}/project"])
+    with pytest.raises(IsADirectory):
+        await sb.upload_dir(source, remote)
+    # a directory whose entries cannot be looked at: named, not copied empty in silence
+    await sb.run(
+        ["sh", "-c", 'mkdir -p "$1/closed" && touch "$1/closed/inside" && chmod 600 "$1/closed"', "sh", remote]
+    )
+    closed = await sb.download_dir(remote, tmp_path / "again")
+    assert f"{remote}/closed (a directory its owner may not search)" in closed.skipped
+    assert not (tmp_path / "again" / "closed").exists()
     await sb.run(["sh", "-c", 'chmod -R u+w "$1" && rm -rf "$1"', "sh", remote])
     for path in (source, back):
         subprocess.run(["chmod", "-R", "u+w", str(path)], check=True)

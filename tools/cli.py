@@ -36,7 +36,8 @@ from sandbox import SSHEndpoint
 from sandbox.errors import FileNotFound, SandboxError, validation_problems
 from sandbox.hostkeys import HostKeyPins
 from sandbox.state import default_store, read_config, state_dir
-from sandbox.transfer import Progress, TreeCopy
+from sandbox.transfer import Progress
+from sandbox.trees import TreeCopy, contents_of
 from tunnels import Notifier
 
 from . import results as R
@@ -507,11 +508,14 @@ def cp_command(args: argparse.Namespace) -> int:
         bar = ProgressBar(f"{args.src} -> {args.dst}", enabled=sys.stderr.isatty() and not args.json)
         try:
             whole = args.recursive and await _is_directory(fleet, *source)
-            if source[0] and target[0]:  # sandbox to sandbox, through this machine
+            if source[0] and target[0]:  # sandbox to sandbox, through this machine, under the source's name
                 with tempfile.TemporaryDirectory() as scratch:
-                    staged = Path(scratch) / posixpath.basename(source[1].rstrip("/"))
-                    await _copy(fleet, source, (None, str(staged)), whole, bar.update)
-                    return await _copy(fleet, (None, str(staged)), target, whole, bar.update)
+                    resolved = await (await fleet.get(source[0])).resolve(source[1] or ".")
+                    staged = str(Path(scratch) / (posixpath.basename(resolved.rstrip("/")) or "root"))
+                    await _copy(fleet, source, (None, staged), whole, bar.update)
+                    if whole and contents_of(source[1] or "."):
+                        staged += "/."  # (what it holds goes, as from the source)
+                    return await _copy(fleet, (None, staged), target, whole, bar.update)
             return await _copy(fleet, source, target, whole, bar.update)
         finally:
             bar.close()
@@ -521,8 +525,8 @@ def cp_command(args: argparse.Namespace) -> int:
         print_json({"bytes": copy.bytes, "files": copy.files, "skipped": copy.skipped})
     else:
         print(f"copied {copy.bytes} bytes" + (f" in {copy.files} files" if copy.files != 1 else ""))
-        for path in copy.skipped:
-            print(f"  skipped {path} (a symlinked directory or a special file)", file=sys.stderr)
+        for skipped in copy.skipped:
+            print(f"  skipped {skipped}", file=sys.stderr)
     return 0
 
 

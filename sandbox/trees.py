@@ -1,0 +1,255 @@
+"""Directory copies, as `cp -r` makes them: the tree's directories first (one request each, a level
+at a time), then its files as single-file copies (sandbox/transfer.py), several at a time, then
+the directories' modes (last: a read-only directory is filled before it becomes one).
+
+What cannot be copied is skipped and named, never dropped in silence: a symlinked directory (not
+entered), a special file, a directory whose entries cannot be listed. A file is copied through a
+symlink to it, as `cp -L` does. Modes are kept on the sandbox's side; on this machine they are
+given less the umask, as cp gives new files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import posixpath
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from .errors import FileNotFound, FileOperationError, InvalidArgument
+from .files import file_kind, sftp_error
+from .transfer import Progress, Transfers, umask
+
+TREE_COPIES = 8  # files of a tree copied at once (they share the sandbox's pieces in flight)
+
+
+@dataclass
+class TreeCopy:
+    """What a directory copy did."""
+
+    files: int = 0
+    bytes: int = 0
+    skipped: list[str] = field(default_factory=list)  # "path (why)": not copied
+
+
+@dataclass
+class _Tree:
+    """A tree's contents: directories (relative posix paths, "" the top, parents first) with their
+    modes, and files (relative path, size) with where each is read from."""
+
+    directories: list[tuple[str, int]] = field(default_factory=list)
+    files: list[tuple[Any, str, int]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+class TreeCopies:
+    def __init__(self, transfers: Transfers) -> None:
+        self._transfers = transfers
+        self._sftp = transfers.sftp
+
+    async def upload_tree(self, local: Path, remote: str, progress: Progress | None = None) -> TreeCopy:
+        """Copy the directory `local` to the directory `remote` (created with its parents; what is
+        there already is added to, files of the same name replaced)."""
+        tree = _local_tree(local)
+
+        async def make_directories(sftp: asyncssh.SFTPClient) -> None:
+            parent = posixpath.dirname(remote.rstrip("/"))
+            if parent:
+                try:
+                    await sftp.makedirs(parent, exist_ok=True)
+                except asyncssh.SFTPError as exc:
+                    raise sftp_error(parent, exc) from None
+            for level in _levels(tree.directories):
+                paths = [_below(remote, relative) for relative in level]
+                made = await asyncio.gather(*(sftp.mkdir(path) for path in paths), return_exceptions=True)
+                for path, outcome in zip(paths, made, strict=True):
+                    if isinstance(outcome, asyncssh.SFTPError):  # (there already: as a directory, it is fine)
+                        await _is_remote_directory(sftp, path, outcome)
+                    elif isinstance(outcome, BaseException):
+                        raise outcome
+
+        await self._sftp.once(make_directories)
+        copy = TreeCopy(skipped=tree.skipped)
+        jobs = [(source, _below(remote, relative), size) for source, relative, size in tree.files]
+        await _copy_files(jobs, lambda s, t, p: self._transfers.upload(s, t, p, exact=True), progress, copy)
+
+        async def give_modes(sftp: asyncssh.SFTPClient) -> None:
+            paths = [(_below(remote, relative), mode) for relative, mode in tree.directories]
+            given = await asyncio.gather(*(sftp.chmod(p, m & 0o7777) for p, m in paths), return_exceptions=True)
+            for (path, _), outcome in zip(paths, given, strict=True):
+                if isinstance(outcome, asyncssh.SFTPError):
+                    raise sftp_error(path, outcome)
+                if isinstance(outcome, BaseException):
+                    raise outcome
+
+        await self._sftp.once(give_modes)
+        return copy
+
+    async def download_tree(self, remote: str, local: Path, progress: Progress | None = None) -> TreeCopy:
+        """Copy the directory `remote` to the directory `local`, as upload_tree does the other way."""
+        tree = await self._sftp.retrying(lambda sftp: _remote_tree(sftp, remote))
+        for relative, _ in tree.directories:
+            path = local / relative if relative else local
+            if path.exists() and not path.is_dir():
+                raise FileOperationError(str(path), f"{path} is in the way: a directory goes there")
+            path.mkdir(parents=True, exist_ok=True)
+        copy = TreeCopy(skipped=tree.skipped)
+        jobs = [(source, local / relative, size) for source, relative, size in tree.files]
+        await _copy_files(jobs, lambda s, t, p: self._transfers.download(s, t, p, exact=True), progress, copy)
+        mask = umask()
+        for relative, mode in reversed(tree.directories):  # (deepest first)
+            os.chmod(local / relative if relative else local, mode & 0o7777 & ~mask)
+        return copy
+
+
+def _local_tree(local: Path) -> _Tree:
+    if not local.is_dir():
+        raise FileNotFound(str(local), " (a directory) on this machine")
+    tree = _Tree(directories=[("", local.stat().st_mode)])
+
+    def unreadable(error: OSError) -> None:  # (before anything is copied: nothing is half done)
+        raise FileOperationError(
+            str(error.filename), f"{error.filename} cannot be listed ({error.strerror}); nothing was copied"
+        )
+
+    for top, names, file_names in os.walk(local, onerror=unreadable):  # (symlinked directories: not entered)
+        here = Path(top)
+        relative = here.relative_to(local).as_posix().removeprefix(".")
+        for name in list(names):
+            if (here / name).is_symlink():
+                names.remove(name)
+                tree.skipped.append(f"{here / name} (a symlinked directory)")
+            else:
+                tree.directories.append((posixpath.join(relative, name), (here / name).stat().st_mode))
+        for name in file_names:
+            try:
+                info = (here / name).stat()
+            except OSError:
+                tree.skipped.append(f"{here / name} (a symlink to nothing)")
+                continue
+            if stat.S_ISREG(info.st_mode):
+                tree.files.append((here / name, posixpath.join(relative, name), info.st_size))
+            else:
+                tree.skipped.append(f"{here / name} (a special file)")
+    return tree
+
+
+async def _remote_tree(sftp: asyncssh.SFTPClient, remote: str) -> _Tree:
+    """The tree under `remote`, listed a directory at a time (lstat-like entries: a symlink is
+    followed only to a file)."""
+    try:
+        top = await sftp.stat(remote)
+    except asyncssh.SFTPError as exc:
+        raise sftp_error(remote, exc) from None
+    if file_kind(top) != "directory":
+        raise InvalidArgument(f"{remote} is not a directory; copy a file with download")
+    tree = _Tree(directories=[("", top.permissions or 0o755)])
+    pending = [""]
+    while pending:
+        relative = pending.pop(0)
+        here = _below(remote, relative)
+        try:
+            entries = await sftp.readdir(here)
+        except asyncssh.SFTPError as exc:
+            raise sftp_error(here, exc) from None
+        for entry in entries:
+            name, attrs = entry.filename, entry.attrs
+            if name in (".", ".."):
+                continue
+            if not isinstance(name, str) or not name or "/" in name or "\0" in name:
+                tree.skipped.append(f"{here}/{name!r} (a name no file can have)")  # (a server's mistake, or worse)
+                continue
+            path, below = posixpath.join(here, name), posixpath.join(relative, name)
+            kind = file_kind(attrs)
+            if kind == "symlink":
+                try:
+                    attrs = await sftp.stat(path)
+                    kind = "file" if file_kind(attrs) == "file" else "linked directory or special"
+                except asyncssh.SFTPError:
+                    kind = "dangling"
+            if kind == "directory" and not (attrs.permissions or 0) & 0o100:
+                # (sftp-server leaves out the entries it cannot look at: they would go missing unsaid)
+                tree.skipped.append(f"{path} (a directory its owner may not search)")
+            elif kind == "directory":
+                tree.directories.append((below, attrs.permissions or 0o755))
+                pending.append(below)
+            elif kind == "file":
+                tree.files.append((path, below, attrs.size or 0))
+            else:
+                tree.skipped.append(f"{path} ({_WHY_SKIPPED.get(kind, 'a special file')})")
+    return tree
+
+
+_WHY_SKIPPED = {
+    "linked directory or special": "a symlink to a directory or a special file",
+    "dangling": "a symlink to nothing",
+}
+
+
+async def _copy_files(
+    jobs: list[tuple[Any, Any, int]],
+    copy_one: Callable[[Any, Any, Progress], Awaitable[int]],
+    progress: Progress | None,
+    copy: TreeCopy,
+) -> None:
+    """Each (source, target, size) copied with `copy_one` by TREE_COPIES workers; progress counts
+    the bytes of them all."""
+    total = sum(size for _, _, size in jobs)
+    done = 0
+    queue = list(reversed(jobs))
+
+    async def worker() -> None:
+        nonlocal done
+        while queue:
+            source, target, _ = queue.pop()
+            counted = 0
+
+            def count(sent: int, _size: int) -> None:
+                nonlocal done, counted
+                done, counted = done + sent - counted, sent
+                if progress is not None:
+                    progress(done, total)
+
+            sent = await copy_one(source, target, count)
+            copy.bytes += sent
+            copy.files += 1
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(min(TREE_COPIES, len(jobs))):
+                group.create_task(worker())
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+
+
+def contents_of(path: str | Path) -> bool:
+    """Whether a directory copy's source names what a directory holds (`dir/.`, as cp -r reads it)."""
+    text = str(path).rstrip("/") if isinstance(path, str) else ""  # (a Path has lost its "/.")
+    return text == "." or text.endswith("/.")
+
+
+def _levels(directories: list[tuple[str, int]]) -> list[list[str]]:
+    """The directories' relative paths by depth, top first (a level's parents are all made before)."""
+    levels: dict[int, list[str]] = {}
+    for relative, _ in directories:
+        levels.setdefault(relative.count("/") + 1 if relative else 0, []).append(relative)
+    return [levels[depth] for depth in sorted(levels)]
+
+
+def _below(root: str, relative: str) -> str:
+    return posixpath.join(root, relative) if relative else root
+
+
+async def _is_remote_directory(sftp: asyncssh.SFTPClient, path: str, refused: asyncssh.SFTPError) -> None:
+    """A mkdir of `path` was refused: fine when a directory is there; else the reason."""
+    try:
+        attrs = await sftp.stat(path)
+    except asyncssh.SFTPError:
+        raise sftp_error(path, refused) from None
+    if file_kind(attrs) != "directory":
+        raise FileOperationError(path, f"{path} is in the way: a directory goes there")
