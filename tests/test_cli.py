@@ -122,6 +122,11 @@ def test_up_alone_is_local_and_down_again_says_it_had_ended(tmp_path: Path) -> N
     listed = tether("ls", env=env).stdout  # (for people: what it has cost so far)
     assert "COST" in listed.splitlines()[0] and re.search(rf"{row['id']} .* \(fixed, ~\$0\.0000\) so far", listed)
     assert "so far" in tether("info", row["id"], env=env).stdout
+    exec_cat = [sys.executable, "-m", "tools.cli", "exec", row["id"], "--", "cat"]
+    piped = subprocess.run(exec_cat, input="data\n", capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    assert (piped.returncode, piped.stdout) == (0, "") and "reads /dev/null, not this stdin" in piped.stderr
+    quiet = subprocess.run(exec_cat, stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert (quiet.returncode, quiet.stderr) == (0, "")
     first = tether("down", row["id"], env=env)
     assert first.returncode == 0 and first.stdout.startswith(f"terminated {row['id']} after "), first.stdout
     again = tether("down", row["id"], env=env)

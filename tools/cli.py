@@ -7,8 +7,10 @@ what to do); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
 import contextlib
+import fcntl
 import functools
 import logging
 import math
@@ -17,8 +19,10 @@ import posixpath
 import shlex
 import shutil
 import signal
+import stat
 import sys
 import tempfile
+import termios
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -384,6 +388,21 @@ def _pause_or_resume(args: argparse.Namespace, action: str) -> int:
     return 0
 
 
+def _data_on_stdin() -> bool:
+    """Whether data was piped or redirected in (`echo x | tether exec …`): it would go nowhere."""
+    try:
+        info = os.fstat(sys.stdin.fileno())
+        if stat.S_ISREG(info.st_mode):
+            return info.st_size > 0
+        if not stat.S_ISFIFO(info.st_mode):
+            return False  # (a terminal, /dev/null)
+        waiting = array.array("i", [0])  # (bytes in the pipe now: a pipe at its end has none)
+        fcntl.ioctl(sys.stdin.fileno(), termios.FIONREAD, waiting)
+        return waiting[0] > 0
+    except (OSError, ValueError):  # (no stdin at all)
+        return False
+
+
 @command("exec")
 def exec_command(args: argparse.Namespace) -> int:
     # `tether exec ID --timeout 5 -- CMD`: options after ID land in the remainder; take them out.
@@ -402,6 +421,8 @@ def exec_command(args: argparse.Namespace) -> int:
         raise ValueError("nothing to run: `tether exec ID -- CMD...`")
     # One word is shell code ('make && ./run'); several are an argv, each word quoted.
     command_text: str | list[str] = argv[0] if len(argv) == 1 else argv
+    if _data_on_stdin():
+        print("tether: exec's command reads /dev/null, not this stdin; copy data in with `tether cp`", file=sys.stderr)
 
     async def execute(fleet: Fleet) -> int:
         box = await fleet.get(args.id)
