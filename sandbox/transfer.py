@@ -231,22 +231,23 @@ async def _send(
 async def _receive(
     sftp: asyncssh.SFTPClient, remote: str, fd: int, size: int, progress: Progress | None, pieces: asyncio.Semaphore
 ) -> None:
-    """`size` bytes of `remote` written to the open local file `fd`, several pieces in flight."""
+    """`size` bytes of `remote` written to the open local file `fd`, several pieces in flight, each
+    block written as it comes (a piece put together first costs two copies of it: half the speed)."""
     done = 0
 
     async def read(f: asyncssh.SFTPClientFile, offset: int) -> None:
         nonlocal done
         try:
-            data = await f.read(min(PIECE, size - offset), offset)
+            async for at, data in await f.read_parallel(min(PIECE, size - offset), offset):
+                view = memoryview(data)
+                while view:  # (a full disk writes short: the rest is not dropped, it fails)
+                    written = os.pwrite(fd, view, at)
+                    view, at = view[written:], at + written
+                done += len(data)
+                if progress is not None:
+                    progress(done, size)
         finally:
             pieces.release()
-        view = memoryview(data)
-        while view:  # (a full disk writes short: the rest is not dropped, it fails)
-            written = os.pwrite(fd, view, offset)
-            view, offset = view[written:], offset + written
-        done += len(data)
-        if progress is not None:
-            progress(done, size)
 
     async with sftp.open(remote, "rb", block_size=-1, max_requests=MAX_REQUESTS) as f, _pieces_together() as group:
         for offset in range(0, size, PIECE):
