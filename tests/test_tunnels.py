@@ -312,6 +312,14 @@ async def test_a_port_that_listens_but_never_answers_http_is_named_as_such(local
         with pytest.raises(TunnelError, match=f"port {port} is listening inside the sandbox but no HTTP answer") as e:
             await TunnelManager(check_timeout=30).open(local_box, port, backend="local")
         assert "within" not in str(e.value) and "Error" in str(e.value), str(e.value)
+
+        async def no_urls(_port: int) -> None:  # (a provider with no URLs of its own, as local and ssh)
+            return None
+
+        with pytest.raises(TunnelError) as e:  # auto: what was tried says what failed, and only that
+            await TunnelManager(check_timeout=30).open(local_box, port, preview=no_urls)
+        assert str(e.value).startswith(f"no tunnel backend could open the port: local: port {port} is listening")
+        assert "provider" not in str(e.value), str(e.value)
     finally:
         await local_box.job_kill(job.id, "KILL")
 

@@ -17,7 +17,7 @@ from .channels import Notifier
 from .check import CHECK_TIMEOUT, NothingListens, answers, verify
 from .local import LocalBackend, LocalForward
 from .ports import loopback_for
-from .provider import ProviderBackend
+from .provider import NoProviderURLs, ProviderBackend
 from .relay import RelayBackend, RelayConfig
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ class TunnelManager:
                     raise
                 if backend != "auto":
                     raise TunnelError(f"{candidate.name} backend: {exc}") from None
-                problems.append(f"{candidate.name}: {exc}")
+                if not isinstance(exc, NoProviderURLs):  # (the usual case on local and ssh: said by no one)
+                    problems.append(f"{candidate.name}: {exc}")
                 continue
             url = opened.url.rstrip("/") + (path or "")
             try:

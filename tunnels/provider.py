@@ -12,6 +12,10 @@ from sandbox import Sandbox
 from .base import BackendName, PreviewSource, PreviewURL, TunnelError
 
 
+class NoProviderURLs(TunnelError):
+    """The sandbox's provider has no URLs of its own (local, ssh): under auto, not worth a word."""
+
+
 class ProviderURL:
     def __init__(self, preview: PreviewURL) -> None:
         self.url = preview.url
@@ -36,5 +40,5 @@ class ProviderBackend:
         except Exception as exc:  # (the provider's own API failed: under auto, the next backend)
             raise TunnelError(f"the provider could not give a URL for port {port}: {exc}") from None
         if preview is None:
-            raise TunnelError("this sandbox's provider has no URLs of its own for ports; use backend relay or local")
+            raise NoProviderURLs("this sandbox's provider has no URLs of its own for ports; use backend relay or local")
         return ProviderURL(preview)
