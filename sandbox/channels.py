@@ -19,7 +19,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Errors after which an SFTP client or shell is dead and must be reopened.
-CHANNEL_GONE = (*CONNECTION_GONE, ShellDied, ConnectionLost, asyncssh.SFTPConnectionLost, asyncssh.SFTPEOFError)
+CHANNEL_GONE = (
+    *CONNECTION_GONE,
+    ShellDied,
+    ConnectionLost,
+    asyncssh.SFTPConnectionLost,
+    asyncssh.SFTPNoConnection,
+    asyncssh.SFTPEOFError,
+)
 
 
 # Channels unused this long are closed (and reopened on the next use); once a connection has no

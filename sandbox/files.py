@@ -127,7 +127,10 @@ class FileStat:
 
 
 def sftp_error(path: str, exc: Exception) -> Exception:
-    """The typed error for an SFTP failure on `path`."""
+    """The typed error for an SFTP failure on `path`; a session that ended is left as it is (the
+    SFTP channel re-dials on it, or says ConnectionLost: it is no fault of the file's)."""
+    if isinstance(exc, (asyncssh.SFTPConnectionLost, asyncssh.SFTPNoConnection)):
+        return exc
     if isinstance(exc, asyncssh.SFTPNoSuchFile):
         return FileNotFound(path)
     if isinstance(exc, asyncssh.SFTPPermissionDenied):

@@ -80,7 +80,10 @@ class Transfers:
         size = info.st_size if contents is None else len(contents)
 
         async def put(sftp: asyncssh.SFTPClient) -> None:
-            target = await _upload_target(sftp, remote, local.name, into_directory, may_enter=not exact)
+            try:
+                target = await _upload_target(sftp, remote, local.name, into_directory, may_enter=not exact)
+            except asyncssh.SFTPError as exc:
+                raise sftp_error(remote, exc) from None
             directory, name = posixpath.split(target)
             temp = posixpath.join(directory, temp_name(name, "part"))
             try:
@@ -149,12 +152,12 @@ class Transfers:
                     if attrs.permissions is not None:
                         os.fchmod(f.fileno(), attrs.permissions & 0o777 & ~umask())
                     size = f.tell() if not attrs.size else attrs.size
+                os.replace(temp, local)
             except BaseException as exc:
                 temp.unlink(missing_ok=True)
                 if isinstance(exc, asyncssh.SFTPError):
                     raise sftp_error(remote, exc) from None
                 raise
-            os.replace(temp, local)
             return size
 
         return await self.sftp.once(get)
@@ -218,8 +221,12 @@ async def _send(
         async with _pieces_together() as group:
             for offset in range(0, size, PIECE):
                 await pieces.acquire()
-                # (a file that shrank meanwhile ends the copy short: the sizes are compared below)
-                data = source.read(min(PIECE, size - offset))
+                try:
+                    # (a file that shrank meanwhile ends the copy short: the sizes are compared below)
+                    data = source.read(min(PIECE, size - offset))
+                except BaseException:
+                    pieces.release()  # (else a sandbox's copies would run out of pieces for good)
+                    raise
                 if not data:
                     pieces.release()
                     break

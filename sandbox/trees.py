@@ -1,16 +1,18 @@
 """Directory copies, as `cp -r` makes them: the tree's directories first (one request each, a level
 at a time), then its files as single-file copies (sandbox/transfer.py), several at a time, then
-the directories' modes (last: a read-only directory is filled before it becomes one).
+the modes of the directories the copy made (last: a read-only directory is filled before it
+becomes one; a directory that was there keeps its own, as with cp).
 
 What cannot be copied is skipped and named, never dropped in silence: a symlinked directory (not
-entered), a special file, a directory whose entries cannot be listed. A file is copied through a
-symlink to it, as `cp -L` does. Modes are kept on the sandbox's side; on this machine they are
-given less the umask, as cp gives new files.
+entered), a special file, a directory whose entries cannot be listed, a file that cannot be read
+or went away. A file is copied through a symlink to it, as `cp -L` does. Modes are kept on the
+sandbox's side; on this machine they are given less the umask, as cp gives new files.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import posixpath
 import stat
@@ -21,7 +23,7 @@ from typing import Any
 
 import asyncssh
 
-from .errors import FileNotFound, FileOperationError, InvalidArgument
+from .errors import FileNotFound, FileOperationError, InvalidArgument, PermissionDenied, SpecialFile
 from .files import file_kind, sftp_error
 from .transfer import Progress, Transfers, umask
 
@@ -57,7 +59,11 @@ class TreeCopies:
         there already is added to, files of the same name replaced)."""
         tree = _local_tree(local)
 
+        made: list[tuple[str, int]] = []  # (the directories this copy made: only they get modes)
+        modes = dict(tree.directories)
+
         async def make_directories(sftp: asyncssh.SFTPClient) -> None:
+            made.clear()  # (a re-dial runs this again)
             parent = posixpath.dirname(remote.rstrip("/"))
             if parent:
                 try:
@@ -66,11 +72,13 @@ class TreeCopies:
                     raise sftp_error(parent, exc) from None
             for level in _levels(tree.directories):
                 paths = [_below(remote, relative) for relative in level]
-                made = await asyncio.gather(*(sftp.mkdir(path) for path in paths), return_exceptions=True)
-                for path, outcome in zip(paths, made, strict=True):
-                    if isinstance(outcome, asyncssh.SFTPError):  # (there already: as a directory, it is fine)
+                outcomes = await asyncio.gather(*(sftp.mkdir(path) for path in paths), return_exceptions=True)
+                for relative, path, outcome in zip(level, paths, outcomes, strict=True):
+                    if outcome is None:
+                        made.append((path, modes[relative]))
+                    elif isinstance(outcome, asyncssh.SFTPError):  # (there already: as a directory, it is fine)
                         await _is_remote_directory(sftp, path, outcome)
-                    elif isinstance(outcome, BaseException):
+                    else:
                         raise outcome
 
         await self._sftp.once(make_directories)
@@ -79,7 +87,7 @@ class TreeCopies:
         await _copy_files(jobs, lambda s, t, p: self._transfers.upload(s, t, p, exact=True), progress, copy)
 
         async def give_modes(sftp: asyncssh.SFTPClient) -> None:
-            paths = [(_below(remote, relative), mode) for relative, mode in tree.directories]
+            paths = made[::-1]  # (deepest first: a parent that becomes unsearchable last; sent in this order)
             given = await asyncio.gather(*(sftp.chmod(p, m & 0o7777) for p, m in paths), return_exceptions=True)
             for (path, _), outcome in zip(paths, given, strict=True):
                 if isinstance(outcome, asyncssh.SFTPError):
@@ -93,17 +101,20 @@ class TreeCopies:
     async def download_tree(self, remote: str, local: Path, progress: Progress | None = None) -> TreeCopy:
         """Copy the directory `remote` to the directory `local`, as upload_tree does the other way."""
         tree = await self._sftp.retrying(lambda sftp: _remote_tree(sftp, remote))
-        for relative, _ in tree.directories:
+        made: list[tuple[Path, int]] = []  # (the directories this copy made: only they get modes)
+        for relative, mode in tree.directories:
             path = local / relative if relative else local
             if path.exists() and not path.is_dir():
                 raise FileOperationError(str(path), f"{path} is in the way: a directory goes there")
-            path.mkdir(parents=True, exist_ok=True)
+            if not path.is_dir():
+                path.mkdir(parents=True)
+                made.append((path, mode))
         copy = TreeCopy(skipped=tree.skipped)
         jobs = [(source, local / relative, size) for source, relative, size in tree.files]
         await _copy_files(jobs, lambda s, t, p: self._transfers.download(s, t, p, exact=True), progress, copy)
         mask = umask()
-        for relative, mode in reversed(tree.directories):  # (deepest first)
-            os.chmod(local / relative if relative else local, mode & 0o7777 & ~mask)
+        for path, mode in reversed(made):  # (deepest first)
+            os.chmod(path, mode & 0o7777 & ~mask)
         return copy
 
 
@@ -112,14 +123,15 @@ def _local_tree(local: Path) -> _Tree:
         raise FileNotFound(str(local), " (a directory) on this machine")
     tree = _Tree(directories=[("", local.stat().st_mode)])
 
-    def unreadable(error: OSError) -> None:  # (before anything is copied: nothing is half done)
-        raise FileOperationError(
-            str(error.filename), f"{error.filename} cannot be listed ({error.strerror}); nothing was copied"
-        )
+    def unlistable(error: OSError) -> None:
+        if str(error.filename) == str(local):
+            raise FileOperationError(str(local), f"{local} cannot be listed ({error.strerror}); nothing was copied")
+        tree.skipped.append(f"{error.filename} (a directory that cannot be listed: {error.strerror})")
 
-    for top, names, file_names in os.walk(local, onerror=unreadable):  # (symlinked directories: not entered)
+    for top, names, file_names in os.walk(local, onerror=unlistable):  # (symlinked directories: not entered)
         here = Path(top)
-        relative = here.relative_to(local).as_posix().removeprefix(".")
+        relative = here.relative_to(local).as_posix()
+        relative = "" if relative == "." else relative  # (the top; ".git" stays ".git")
         for name in list(names):
             if (here / name).is_symlink():
                 names.remove(name)
@@ -149,14 +161,18 @@ async def _remote_tree(sftp: asyncssh.SFTPClient, remote: str) -> _Tree:
     if file_kind(top) != "directory":
         raise InvalidArgument(f"{remote} is not a directory; copy a file with download")
     tree = _Tree(directories=[("", top.permissions or 0o755)])
-    pending = [""]
+    pending = collections.deque([""])
     while pending:
-        relative = pending.pop(0)
+        relative = pending.popleft()
         here = _below(remote, relative)
         try:
             entries = await sftp.readdir(here)
         except asyncssh.SFTPError as exc:
-            raise sftp_error(here, exc) from None
+            failure = sftp_error(here, exc)
+            if not relative or not isinstance(failure, FileOperationError):  # (the top; or the session)
+                raise failure from None
+            tree.skipped.append(f"{here} (a directory that cannot be listed: {failure})")
+            continue
         for entry in entries:
             name, attrs = entry.filename, entry.attrs
             if name in (".", ".."):
@@ -201,21 +217,29 @@ async def _copy_files(
     the bytes of them all."""
     total = sum(size for _, _, size in jobs)
     done = 0
-    queue = list(reversed(jobs))
+    queue = collections.deque(jobs)
 
     async def worker() -> None:
-        nonlocal done
+        nonlocal done, total
         while queue:
-            source, target, _ = queue.pop()
+            source, target, size = queue.popleft()
             counted = 0
 
-            def count(sent: int, _size: int) -> None:
-                nonlocal done, counted
+            def count(sent: int, now_size: int) -> None:
+                nonlocal done, counted, total, size
+                if now_size != size:  # (it changed since it was listed)
+                    total, size = total + now_size - size, now_size
                 done, counted = done + sent - counted, sent
                 if progress is not None:
-                    progress(done, total)
+                    progress(done, max(total, done))
 
-            sent = await copy_one(source, target, count)
+            try:
+                sent = await copy_one(source, target, count)
+            except (FileNotFound, PermissionDenied, SpecialFile) as exc:  # (gone, or not to be read, since)
+                copy.skipped.append(f"{source} ({exc})")
+                total -= size
+                done -= counted
+                continue
             copy.bytes += sent
             copy.files += 1
 

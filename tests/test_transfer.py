@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+import signal
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from sandbox import ConnectionPool, Sandbox
+from sandbox import ConnectionPool, Sandbox, transfer
 from sandbox.errors import (
     ConnectionLost,
     FileNotFound,
@@ -126,6 +128,10 @@ def make_tree(root: Path) -> None:
     (root / "frozen").mkdir()
     (root / "frozen" / "kept.txt").write_text("kept\n")
     (root / "frozen").chmod(0o555)
+    (root / ".git" / "objects").mkdir(parents=True)  # (a hidden directory: under its own name, dot and all)
+    (root / ".git" / "objects" / "o1").write_text("object\n")
+    (root / "git").mkdir()
+    (root / "git" / "o1").write_text("not the object\n")
 
 
 def tree_of(root: Path) -> dict[str, tuple[str, int, bytes]]:
@@ -153,7 +159,7 @@ async def test_a_directory_goes_both_ways_whole_as_cp_r(sb: Sandbox, tmp_path: P
     regular = {k: v for k, v in tree_of(source).items() if v[0] != "other"}
     expected = {k: v for k, v in regular.items() if k != "src-link"}
     expected["link.txt"] = ("file", 0o750, b"#!/bin/sh\n")  # (the file it names)
-    assert sent.files == 6 and sent.bytes == sum(len(c) for _, _, c in expected.values())
+    assert sent.files == 8 and sent.bytes == sum(len(c) for _, _, c in expected.values())
     assert sorted(sent.skipped) == [
         f"{source / 'pipe'} (a special file)",
         f"{source / 'src-link'} (a symlinked directory)",
@@ -166,14 +172,18 @@ async def test_a_directory_goes_both_ways_whole_as_cp_r(sb: Sandbox, tmp_path: P
     assert (got.files, got.bytes, got.skipped) == (sent.files, sent.bytes, [])
     assert tree_of(back / f"tree-{os.getpid()}") == expected
     again = await sb.upload_dir(source, remote)  # into what is there now, as cp -r does
-    assert again.files == 6 and tree_of(Path(remote) / "project") == expected
+    assert again.files == 8 and tree_of(Path(remote) / "project") == expected
     with pytest.raises(InvalidArgument, match="is not a directory"):
         await sb.download_dir(f"{remote}/run.sh", tmp_path / "x")
-    # "dir/.": what it holds, into the directory given (as cp -r reads it)
+    # "dir/.": what it holds, into the directory given (as cp -r reads it), which keeps its mode
     contents = tmp_path / "contents"
-    contents.mkdir()
+    contents.mkdir(mode=0o700)
     assert (await sb.download_dir(f"{remote}/src/.", contents)).files == 2
     assert sorted(p.name for p in contents.iterdir()) == ["app.py", "deep er"]
+    assert stat.S_IMODE(contents.stat().st_mode) == 0o700
+    await sb.run(["mkdir", "-m", "700", f"{remote}-into"])
+    await sb.upload_dir(f"{source}/src/.", f"{remote}-into")
+    assert (await sb.stat(f"{remote}-into")).mode == 0o700 and await sb.exists(f"{remote}-into/deep er")
     # a file where a directory is (or the other way round) is refused, not put inside it
     (source / "src" / "app.py").unlink()
     (source / "src" / "app.py").mkdir()
@@ -191,9 +201,39 @@ async def test_a_directory_goes_both_ways_whole_as_cp_r(sb: Sandbox, tmp_path: P
     closed = await sb.download_dir(remote, tmp_path / "again")
     assert f"{remote}/closed (a directory its owner may not search)" in closed.skipped
     assert not (tmp_path / "again" / "closed").exists()
-    await sb.run(["sh", "-c", 'chmod -R u+w "$1" && rm -rf "$1"', "sh", remote])
+    await sb.run(["sh", "-c", 'chmod -R u+w "$1" && rm -rf "$1" "$1-into"', "sh", remote])
     for path in (source, back):
         subprocess.run(["chmod", "-R", "u+w", str(path)], check=True)
+
+
+async def test_a_file_that_fails_to_read_gives_back_what_its_copy_held(
+    sb: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read error mid-upload (EIO, as sysfs gives for some files): the copy fails, and the pieces
+    in flight it held are given back; else a sandbox's copies would all hang once eight had failed."""
+    source = tmp_path / "flaky.bin"
+    source.write_bytes(b"x" * 5000)
+
+    class Failing:
+        def __init__(self, *_: object) -> None:
+            pass
+
+        def __enter__(self) -> Failing:
+            return self
+
+        def __exit__(self, *_: object) -> None:
+            pass
+
+        def read(self, _size: int) -> bytes:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(transfer, "open", Failing, raising=False)
+    for _ in range(transfer.PIECES_IN_FLIGHT + 1):
+        with pytest.raises(OSError, match="Input/output error"):
+            await sb.upload(source, "flaky.bin")
+    monkeypatch.undo()
+    assert await asyncio.wait_for(sb.upload(source, "flaky.bin"), 10) == 5000
+    assert not [n for n in (await sb.run("ls -a")).stdout.split() if n.endswith(".part")]
 
 
 async def test_upload_keeps_the_local_mode(sb: Sandbox, tmp_path: Path) -> None:
@@ -329,6 +369,30 @@ async def test_an_upload_cut_off_by_a_lost_connection_leaves_no_partial_file(
             await asyncio.sleep(0.1)
         assert list(Path(target).iterdir()) == []
         await box.run(["rm", "-rf", target])
+
+
+async def test_a_copy_whose_sftp_session_ended_says_so_and_the_next_one_works(
+    own_sshd: SSHD, client_key: Path, pool: ConnectionPool, tmp_path: Path
+) -> None:
+    """sftp-server gone mid-copy (killed, or out of memory): ConnectionLost, not a file's error;
+    and the sandbox's next copy opens a new session."""
+    async with Sandbox(endpoint_for(own_sshd, client_key), pool=pool) as box:
+        source = tmp_path / "big.bin"
+        source.write_bytes(os.urandom(64 << 20))
+        await box.upload(source, "first.bin")  # (a session is open)
+
+        def kill_sftp_server(done: int, total: int) -> None:
+            if done > total // 4:
+                found = subprocess.run(["pgrep", "-u", own_sshd.account.name, "sftp-server"], capture_output=True)
+                for pid in found.stdout.split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+
+        with pytest.raises(ConnectionLost):
+            await box.upload(source, "cut.bin", progress=kill_sftp_server)
+        assert await box.upload(source, "again.bin") == 64 << 20
+        assert (await box.run(["cmp", "again.bin", "first.bin"])).exit_code == 0
+        await box.run(["rm", "-f", "first.bin", "again.bin"])
 
 
 async def test_local_links_are_followed_and_pipes_and_devices_refused(sb: Sandbox, tmp_path: Path) -> None:

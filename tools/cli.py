@@ -24,7 +24,7 @@ import sys
 import tempfile
 import termios
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -530,13 +530,15 @@ def cp_command(args: argparse.Namespace) -> int:
         try:
             whole = args.recursive and await _is_directory(fleet, *source)
             if source[0] and target[0]:  # sandbox to sandbox, through this machine, under the source's name
-                with tempfile.TemporaryDirectory() as scratch:
+                # (staged with no umask, in a private directory: the modes arrive as they left)
+                with tempfile.TemporaryDirectory() as scratch, _no_umask():
                     resolved = await (await fleet.get(source[0])).resolve(source[1] or ".")
                     staged = str(Path(scratch) / (posixpath.basename(resolved.rstrip("/")) or "root"))
-                    await _copy(fleet, source, (None, staged), whole, bar.update)
+                    await _copy(fleet, source, (None, staged), whole, lambda done, total: bar.update(done, 2 * total))
                     if whole and contents_of(source[1] or "."):
                         staged += "/."  # (what it holds goes, as from the source)
-                    return await _copy(fleet, (None, staged), target, whole, bar.update)
+                    second_half = lambda done, total: bar.update(total + done, 2 * total)  # noqa: E731
+                    return await _copy(fleet, (None, staged), target, whole, second_half)
             return await _copy(fleet, source, target, whole, bar.update)
         finally:
             bar.close()
@@ -549,6 +551,15 @@ def cp_command(args: argparse.Namespace) -> int:
         for skipped in copy.skipped:
             print(f"  skipped {skipped}", file=sys.stderr)
     return 0
+
+
+@contextlib.contextmanager
+def _no_umask() -> Iterator[None]:
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
 async def _is_directory(fleet: Fleet, sandbox: str | None, path: str) -> bool:
