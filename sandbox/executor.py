@@ -23,6 +23,7 @@ from .follow import OnOutput, OutputFollower
 from .heldoutput import HeldOutput
 from .sftpio import read_prefix, read_range
 from .shell import KILL_TREE, Finished, PersistentShell, ShellDied, ShellInfo, Stream
+from .tasks import task_group
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -219,15 +220,12 @@ class Executor:
         paths: dict[Stream, str] = {"stdout": shell.output_path("stdout"), "stderr": shell.output_path("stderr")}
         follower, began, ended = OutputFollower(self._sftp, paths, on_output), asyncio.Event(), asyncio.Event()
         try:
-            try:
-                async with asyncio.TaskGroup() as group:
-                    group.create_task(follower.follow(began, ended))
-                    try:
-                        finished, timed_out = await execute(began)
-                    finally:
-                        ended.set()  # (a delivery under way is finished, not cut off)
-            except BaseExceptionGroup as failed:  # (one error at a time, as without the follower)
-                raise failed.exceptions[0] from None
+            async with task_group() as group:  # (one error at a time, as without the follower)
+                group.create_task(follower.follow(began, ended))
+                try:
+                    finished, timed_out = await execute(began)
+                finally:
+                    ended.set()  # (a delivery under way is finished, not cut off)
             # Read before the shell takes its next command: it empties these files first.
             await follower.drain()
         finally:

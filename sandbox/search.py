@@ -16,6 +16,7 @@ from typing import Literal
 from .errors import CommandTimeout, FileNotFound, InvalidArgument, PermissionDenied, SearchTimeout, SpecialFile
 from .executor import Executor, RawResult, quote_word
 from .files import Files, split_lines
+from .tasks import task_group
 
 GLOB_LIMIT = 100
 LISTING_BYTES = 8 << 20  # of paths listed for a glob, or a grep without rg (about 100 000); beyond, some are missing
@@ -371,11 +372,8 @@ class Search:
                 argv = ["grep", *flags, "-e", q.pattern, "--", *batch]
                 return await self._executor.exec_raw(argv, cwd=SEARCH_FROM, timeout=SEARCH_TIMEOUT_S)
 
-        try:
-            async with asyncio.TaskGroup() as group:
-                batches = [group.create_task(grep(batch)) for batch in _batches(paths)]
-        except BaseExceptionGroup as failed:  # (a timeout or a lost connection, as itself)
-            raise failed.exceptions[0] from None
+        async with task_group() as group:  # (a timeout or a lost connection, as itself)
+            batches = [group.create_task(grep(batch)) for batch in _batches(paths)]
         # (a listing cut short was searched in part)
         return _combined([batch.result() for batch in batches], listing.stdout_truncated)
 

@@ -13,7 +13,7 @@ import contextlib
 import os
 import posixpath
 import stat
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncssh
@@ -32,6 +32,7 @@ from .files import (
     too_many_links,
 )
 from .sftpio import GUARANTEED, read_upto, write_all
+from .tasks import task_group
 
 COPIES_FILES = "copies are of single files; copy a directory whole with upload_dir / download_dir (tether cp -r)"
 # Called with (bytes done, total bytes).
@@ -218,7 +219,7 @@ async def _send(
             progress(done, size)
 
     with open(local, "rb") as source:
-        async with _pieces_together() as group:
+        async with task_group() as group:
             for offset in range(0, size, PIECE):
                 await pieces.acquire()
                 try:
@@ -256,23 +257,12 @@ async def _receive(
         finally:
             pieces.release()
 
-    async with sftp.open(remote, "rb", block_size=-1, max_requests=MAX_REQUESTS) as f, _pieces_together() as group:
+    async with sftp.open(remote, "rb", block_size=-1, max_requests=MAX_REQUESTS) as f, task_group() as group:
         for offset in range(0, size, PIECE):
             await pieces.acquire()
             group.create_task(read(f, offset))
     if done != size:  # (it shrank meanwhile)
         raise FileOperationError(remote, f"{remote} changed size while it was copied; copy it again")
-
-
-@contextlib.asynccontextmanager
-async def _pieces_together() -> AsyncIterator[asyncio.TaskGroup]:
-    """A TaskGroup whose first failure is raised as itself (the pieces of a copy fail together when
-    the connection goes: the caller knows what to make of a ConnectionLost, not of a group)."""
-    try:
-        async with asyncio.TaskGroup() as group:
-            yield group
-    except BaseExceptionGroup as failed:
-        raise failed.exceptions[0] from None
 
 
 def umask() -> int:

@@ -25,6 +25,7 @@ import asyncssh
 
 from .errors import FileNotFound, FileOperationError, InvalidArgument, PermissionDenied, SpecialFile
 from .files import file_kind, sftp_error
+from .tasks import task_group
 from .transfer import Progress, Transfers, umask
 
 TREE_COPIES = 8  # files of a tree copied at once (they share the sandbox's pieces in flight)
@@ -243,12 +244,9 @@ async def _copy_files(
             copy.bytes += sent
             copy.files += 1
 
-    try:
-        async with asyncio.TaskGroup() as group:
-            for _ in range(min(TREE_COPIES, len(jobs))):
-                group.create_task(worker())
-    except BaseExceptionGroup as failed:
-        raise failed.exceptions[0] from None
+    async with task_group() as group:
+        for _ in range(min(TREE_COPIES, len(jobs))):
+            group.create_task(worker())
 
 
 def contents_of(path: str | Path) -> bool:
