@@ -424,10 +424,11 @@ class Fleet:
     async def destroy(self, ref: str, reason: str = "destroyed") -> CostEvent:
         """Terminate a sandbox and record its cost event (idempotent: a second call returns the first
         event). Raises ProviderError when the provider could not terminate it (try again, or gc)."""
-        return (await self._destroy(ref, reason))[0]
+        return (await self.end(ref, reason))[0]
 
-    async def _destroy(self, ref: str, reason: str) -> tuple[CostEvent, bool]:
-        """destroy, and whether this call was the one that recorded the termination."""
+    async def end(self, ref: str, reason: str = "destroyed") -> tuple[CostEvent, bool]:
+        """destroy, and whether this call was the one that recorded the termination (False: it
+        had ended already, or another process ended it meanwhile)."""
         record = self.ledger.get(ref)
         recorded = False
         if record.status != "terminated":
@@ -703,7 +704,7 @@ class Fleet:
             if reason is None:
                 continue
             try:
-                _, recorded = await self._destroy(record.id, reason)
+                _, recorded = await self.end(record.id, reason)
                 if recorded:  # (another process's reaper may have got there first)
                     reaped.append((record.id, reason))
             except Exception as exc:  # keep reaping the others; this one is retried next time

@@ -353,15 +353,14 @@ def info_command(args: argparse.Namespace) -> int:
 @command("down")
 def down_command(args: argparse.Namespace) -> int:
     async def down(fleet: Fleet) -> tuple[R.DestroyResult, bool]:
-        already = fleet.ledger.get(args.id).status == "terminated"
-        event = await fleet.destroy(args.id)
-        return R.DestroyResult.of(fleet.ledger.get(event.sandbox_id), event), already  # (MCP's)
+        event, ended = await fleet.end(args.id)
+        return R.DestroyResult.of(fleet.ledger.get(event.sandbox_id), event), ended  # (MCP's)
 
-    result, already = with_fleet(down)
+    result, ended = with_fleet(down)
     if args.json:
         print_json(result.model_dump(mode="json"))
     else:
-        print(result.text(already))
+        print(result.text(already=not ended))
     return 0
 
 

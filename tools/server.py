@@ -631,11 +631,11 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
         if sandbox is None and default is None:  # (none is created just to be destroyed)
             raise InvalidArgument("there is no default sandbox; name the one to destroy (see sandbox_list)")
         record = state.fleet.ledger.get(sandbox or default or "")
-        event = await state.fleet.destroy(record.id)
+        event, ended = await state.fleet.end(record.id)
         if state.default_id == record.id:
             state.default_id = None
         result = R.DestroyResult.of(state.fleet.ledger.get(record.id), event)
-        return ok(result, result.text(already=record.status == "terminated"))
+        return ok(result, result.text(already=not ended))
 
     @server.tool(annotations=DESTRUCTIVE)
     @guarded
