@@ -63,7 +63,7 @@ def resolve_token(
             f"refusing to serve MCP on {host} without authentication: set TETHER_MCP_TOKEN, or pass "
             "--generate-token to have one generated and printed once (or bind 127.0.0.1)"
         )
-    outside = [value for value in allowed_hosts if not is_loopback(_allowed_name(value))]
+    outside = [value for value in allowed_hosts if not is_loopback(_name_and_port(value)[0])]
     if token is None and outside:
         raise HTTPSecurityError(
             f"refusing to serve MCP for --allow-host {outside[0]} without authentication (a proxy passes "
@@ -133,6 +133,12 @@ def host_patterns(value: str) -> list[str]:
     against DNS rebinding as one: a rebinding page's requests carry the attacker's name, whatever
     its port, never one of ours.
     """
+    name, port = _name_and_port(value)
+    return [f"{name}:{port}"] if port else [name, f"{name}:*"]
+
+
+def _name_and_port(value: str) -> tuple[str, str]:
+    """An --allow-host value's host name (an IPv6 address in brackets) and port ("", "*" or digits)."""
     value = value.strip().lower()  # (browsers and proxies send host names in lower case)
     if value.startswith("["):  # [v6] or [v6]:port
         name, _, port = value.partition("]")
@@ -144,13 +150,7 @@ def host_patterns(value: str) -> list[str]:
     valid_port = port in ("", "*") or (port.isdigit() and 0 < int(port) < 65536)
     if name in ("", "[]") or not valid_port:
         raise HTTPSecurityError(f"--allow-host takes HOST, HOST:PORT or HOST:*, not {value!r}")
-    return [f"{name}:{port}"] if port else [name, f"{name}:*"]
-
-
-def _allowed_name(value: str) -> str:
-    """The host name of an --allow-host value (without its port)."""
-    first = host_patterns(value)[0]
-    return first if first.endswith("]") or ":" not in first else first.rsplit(":", 1)[0]
+    return name, port
 
 
 def build_app(server: MCPServer, host: str, port: int, token: str | None, allowed_hosts: list[str]) -> ASGIApp:
