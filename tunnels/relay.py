@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import asyncssh
@@ -64,7 +64,8 @@ class RelayConfig(BaseModel):
         try:
             return self.endpoint()
         except (ValueError, SandboxError) as exc:  # (an address that does not parse: it is quoted whole)
-            raise TunnelError(f"[relay] host is not usable: {_without_users(str(exc), self.host)}") from None
+            users = {part.rpartition("@")[0] for part in re.split(r"[,\s]+", self.host) if "@" in part}
+            raise TunnelError(f"[relay] host is not usable: {_without_users(str(exc), users)}") from None
 
     def endpoint(self) -> SSHEndpoint:
         """The relay, offered only what the config names: its user name (never this machine's) and
@@ -97,21 +98,16 @@ def masked(text: str, endpoint: SSHEndpoint) -> str:
     hops = (*endpoint.jump, endpoint)
     for hop in hops:
         text = text.replace(hop.display, hop.address)
-    for user in {hop.user for hop in hops if hop.user}:
-        text = text.replace(f"{user}@", "")
-        if _token_like(user):  # wherever else it stands as a word
-            text = re.sub(rf"(?<![\w.-]){re.escape(user)}(?![\w.-])", "<user>", text)
-    return text
+    return _without_users(text, {hop.user for hop in hops if hop.user})
 
 
-def _without_users(text: str, host: str) -> str:
-    """`text` with the user names written in `host` (user@host, jumps included) taken out wherever
-    they stand: an error about an address that does not parse quotes its parts (pydantic's
-    input_value=…), and a user name can be a token."""
-    for user in {part.rpartition("@")[0] for part in re.split(r"[,\s]+", host) if "@" in part}:
+def _without_users(text: str, users: Iterable[str]) -> str:
+    """`text` with `users` taken out: before an '@', and, a token-like one, wherever it stands as a
+    word (an address that does not parse is quoted in pydantic's input_value=…)."""
+    for user in users:
         text = text.replace(f"{user}@", "")
         if _token_like(user):  # (a short one names a mode: nokey, tcp)
-            text = text.replace(user, "<user>")
+            text = re.sub(rf"(?<![\w.-]){re.escape(user)}(?![\w.-])", "<user>", text)
     return text
 
 
