@@ -216,21 +216,20 @@ def refuse_read_only(path: str, existing: asyncssh.SFTPAttrs, ours: tuple[int, i
         raise PermissionDenied(path, hint)
 
 
-def no_file_beside(path: str, directory: str) -> FileOperationError:
-    """`path` is there, but no file can be made in its directory: a kernel's (/proc, /sys)."""
-    return FileOperationError(
-        path,
-        f"{path}: no new file can be made in {directory or '/'} (a filesystem such as /proc or /sys), and write"
-        " and edit replace a file through a temp file beside it; change it in place with run (e.g. a redirection)",
+def temp_file_failure(path: str, directory: str, failure: BaseException, *, file_there: bool = True) -> BaseException:
+    """The error to raise when no temp file could be made beside `path` (write and edit replace a
+    file through one): its directory is not writable, or is a kernel's (/proc, /sys) where no new
+    file can be made, which says "no such file" of the temp file while `path` is there."""
+    why = (
+        " and write and edit replace a file through a temp file beside it; change it in place with run"
+        " (e.g. a redirection)"
     )
-
-
-def directory_not_writable(path: str, directory: str) -> PermissionDenied:
-    hint = (
-        f": its directory {directory or '/'} is not writable, and write and edit replace a file through a"
-        " temp file beside it; change it in place with run (e.g. a redirection) if it must"
-    )
-    return PermissionDenied(path, hint)
+    if isinstance(failure, asyncssh.SFTPPermissionDenied):
+        return PermissionDenied(path, f": its directory {directory or '/'} is not writable,{why} if it must")
+    if isinstance(failure, asyncssh.SFTPNoSuchFile) and file_there:
+        where = f"{directory or '/'} (a filesystem such as /proc or /sys)"
+        return FileOperationError(path, f"{path}: no new file can be made in {where},{why}")
+    return sftp_error(path, failure) if isinstance(failure, asyncssh.SFTPError) else failure
 
 
 def _late_chmod(mode: int, data: bytes) -> bool:
@@ -599,10 +598,8 @@ class Files:
         if problem is not None:
             if isinstance(temp_file, asyncssh.SFTPClientFile):
                 await self._discard_temp(sftp, temp_file, temp)
-            if problem is temp_file and isinstance(problem, asyncssh.SFTPPermissionDenied):
-                raise directory_not_writable(path, directory)
-            if problem is temp_file and existing is not None and isinstance(problem, asyncssh.SFTPNoSuchFile):
-                raise no_file_beside(path, directory)  # (the file is there: not the path's fault)
+            if problem is temp_file:
+                raise temp_file_failure(path, directory, problem, file_there=existing is not None)
             raise sftp_error(path, problem) if isinstance(problem, asyncssh.SFTPError) else problem
         assert isinstance(temp_file, asyncssh.SFTPClientFile)
         renamed = False
@@ -825,12 +822,8 @@ class Files:
                 if isinstance(temp_attrs, asyncssh.SFTPAttrs):
                     facts.learn(directory, temp_attrs)
                 before, after, count = _apply_to(path, original, edits, indexed)
-            if isinstance(temp_file, asyncssh.SFTPPermissionDenied):
-                raise directory_not_writable(path, directory)
-            if isinstance(temp_file, asyncssh.SFTPNoSuchFile):  # (the file was just opened: not its fault)
-                raise no_file_beside(path, directory)
-            if isinstance(temp_file, BaseException):
-                raise sftp_error(path, temp_file) if isinstance(temp_file, asyncssh.SFTPError) else temp_file
+            if isinstance(temp_file, BaseException):  # (the file was just opened: there)
+                raise temp_file_failure(path, directory, temp_file)
             refuse_read_only(path, attrs, facts.owner(directory))
             data = encode_text(path, after)
             if self.before_conflict_check is not None:
