@@ -184,12 +184,11 @@ class CommandTimeout(SandboxError, TimeoutError):
         super().__init__(f"command timed out after {timeout:g}s and was killed: {command[:200]}")
 
 
-class SearchTimeout(CommandTimeout):
+class SearchTimeout(SandboxError, TimeoutError):
     """A grep, or a glob's listing, ran too long and was stopped."""
 
     def __init__(self, tool: str, root: str, timeout: float, narrower: str) -> None:
-        self.command, self.timeout = tool, timeout
-        SandboxError.__init__(self, f"{tool} in {root} ran over {timeout:g}s and was stopped; search {narrower}")
+        super().__init__(f"{tool} in {root} ran over {timeout:g}s and was stopped; search {narrower}")
 
 
 class ShellsBusy(SandboxError):
