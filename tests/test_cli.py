@@ -136,6 +136,27 @@ def test_up_alone_is_local_and_down_again_says_it_had_ended(tmp_path: Path) -> N
     assert checks["config"]["status"] == "warn" and "none.toml, which does not exist" in checks["config"]["detail"]
 
 
+def test_copies_between_two_sandboxes_keep_names_and_modes(tmp_path: Path) -> None:
+    """Through this machine: a file, a directory under its name, and what `dir/.` holds; the modes as
+    they were (group-writable: a umask of 022 on the way would take that away)."""
+    one, two = (tether("up", "local").stdout.strip() for _ in range(2))
+    try:
+        made = "mkdir -p proj/sub && echo hi > proj/sub/f.txt && echo true > proj/run.sh && chmod 775 proj/run.sh"
+        assert tether("exec", one, "--", made).returncode == 0
+        assert tether("cp", f"{one}:proj/run.sh", f"{two}:").returncode == 0
+        assert tether("cp", "-r", f"{one}:proj", f"{two}:").returncode == 0
+        assert tether("exec", two, "--", "mkdir into").returncode == 0
+        assert tether("cp", "-r", f"{one}:proj/.", f"{two}:into").returncode == 0
+        listed = tether(
+            "exec", two, "--", "stat -c '%a %n' run.sh proj/run.sh into/run.sh proj/sub/f.txt into/sub/f.txt"
+        )
+        assert listed.stdout.split("\n")[:3] == ["775 run.sh", "775 proj/run.sh", "775 into/run.sh"], listed.stdout
+        assert listed.returncode == 0 and "into/proj" not in tether("exec", two, "--", "find into").stdout
+    finally:
+        for box in (one, two):
+            tether("down", box)
+
+
 def test_attach_and_ssh_command(sshd: SSHD, client_key: Path) -> None:
     attached = tether("attach", sshd.address, "--identity", str(client_key), "--name", "cli-attached")
     assert attached.returncode == 0, attached.stderr

@@ -15,7 +15,6 @@ import functools
 import logging
 import math
 import os
-import posixpath
 import shlex
 import shutil
 import signal
@@ -528,16 +527,16 @@ def cp_command(args: argparse.Namespace) -> int:
         bar = ProgressBar(f"{args.src} -> {args.dst}", enabled=sys.stderr.isatty() and not args.json)
         try:
             whole = args.recursive and await _is_directory(fleet, *source)
-            if source[0] and target[0]:  # sandbox to sandbox, through this machine, under the source's name
-                # (staged with no umask, in a private directory: the modes arrive as they left)
+            if source[0] and target[0]:  # sandbox to sandbox, through this machine
+                # Staged into a private directory, as a copy into a directory goes (under the
+                # source's name, or what `dir/.` holds), with no umask: the modes arrive as they left.
                 with tempfile.TemporaryDirectory() as scratch, _no_umask():
-                    resolved = await (await fleet.get(source[0])).resolve(source[1] or ".")
-                    staged = str(Path(scratch) / (posixpath.basename(resolved.rstrip("/")) or "root"))
-                    await _copy(fleet, source, (None, staged), whole, lambda done, total: bar.update(done, 2 * total))
+                    await _copy(fleet, source, (None, f"{scratch}/"), whole, lambda d, t: bar.update(d, 2 * t))
                     if whole and contents_of(source[1] or "."):
-                        staged += "/."  # (what it holds goes, as from the source)
-                    second_half = lambda done, total: bar.update(total + done, 2 * total)  # noqa: E731
-                    return await _copy(fleet, (None, staged), target, whole, second_half)
+                        staged = f"{scratch}/."  # (what it holds, as from the source)
+                    else:
+                        [staged] = map(str, Path(scratch).iterdir())  # (the source, under its name)
+                    return await _copy(fleet, (None, staged), target, whole, lambda d, t: bar.update(t + d, 2 * t))
             return await _copy(fleet, source, target, whole, bar.update)
         finally:
             bar.close()
