@@ -159,6 +159,14 @@ async def test_what_an_ended_job_left_running_is_stopped_by_job_kill_and_teardow
 
 async def what_an_ended_job_left_running_is_stopped(sb: Sandbox) -> None:
     jobs_dir = (await sb._p.executor.info()).jobs_dir
+
+    async def teardown_of(job_id: str) -> None:
+        """What a teardown (an ssh host's detach) does, on a copy of the job's directory alone:
+        the other tests' jobs are left alone."""
+        alone = f"{jobs_dir}-alone"
+        await sb.run(["sh", "-c", 'mkdir -p "$2" && cp -R "$1" "$2"/', "sh", f"{jobs_dir}/{job_id}", alone])
+        await sb.run(["sh", "-c", STOP_ALL_JOBS + '; rm -rf "$1"', "sh", alone])
+
     for stop in ("job_kill", "teardown"):
         marker = leaf_sleep()
         job = await sb.start_job(f"{marker} & echo started")
@@ -169,10 +177,8 @@ async def what_an_ended_job_left_running_is_stopped(sb: Sandbox) -> None:
             killed = await sb.job_kill(job.id)
             assert killed.sent and (killed.status, killed.exit_code, killed.signal) == ("exited", 0, "TERM")
             assert not (await sb.job_kill(job.id)).sent  # (nothing left the second time)
-        else:  # (on a copy of its directory: the other tests' jobs are left alone)
-            alone = f"{jobs_dir}-alone"
-            await sb.run(["sh", "-c", 'mkdir -p "$2" && cp -R "$1" "$2"/', "sh", f"{jobs_dir}/{job.id}", alone])
-            await sb.run(["sh", "-c", STOP_ALL_JOBS + '; rm -rf "$1"', "sh", alone])
+        else:
+            await teardown_of(job.id)
         assert await wait_until_gone(marker) == [], f"{stop} left what the job started"
     # a `left` file naming a process that runs as itself, but in a group of its own: not the job's
     bystander = int((await sb.run("setsid sleep 1000 >/dev/null 2>&1 & echo $!")).stdout)
@@ -182,9 +188,7 @@ async def what_an_ended_job_left_running_is_stopped(sb: Sandbox) -> None:
         await wait_for_exit(sb, ended.id)
         await sb.write(f"{jobs_dir}/{ended.id}/left", f"{bystander}:{stamp}\n")
         assert not (await sb.job_kill(ended.id, "KILL")).sent
-        alone = f"{jobs_dir}-alone"
-        await sb.run(["sh", "-c", 'mkdir -p "$2" && cp -R "$1" "$2"/', "sh", f"{jobs_dir}/{ended.id}", alone])
-        await sb.run(["sh", "-c", STOP_ALL_JOBS + '; rm -rf "$1"', "sh", alone])
+        await teardown_of(ended.id)
         assert (await sb.run(f"kill -0 {bystander}")).exit_code == 0, "the bystander was signalled"
     finally:
         await sb.run(f"kill {bystander}")

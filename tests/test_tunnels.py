@@ -278,37 +278,32 @@ async def test_a_port_where_nothing_listens_gives_a_clear_error(ssh_box: Sandbox
     assert str(port) in str(caught.value)  # it names what does listen
 
 
-async def test_a_port_that_listens_but_never_answers_http_is_named_as_such(local_box: Sandbox) -> None:
+@contextlib.asynccontextmanager
+async def tcp_server(box: Sandbox, each: str) -> AsyncIterator[int]:
+    """A TCP server that speaks no HTTP, run in the sandbox until the block ends: it does `each`
+    (python, with the listening socket `s`) over and over. Yields its port once it listens."""
     port = free_port()  # a random port could be one the kernel lent to a client socket
-    silent = (
-        f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen(); "
-        "c = s.accept(); time.sleep(1000)"
-    )
-    job = await local_box.start_job(f"exec python3 -c {shlex.quote(silent)}")
+    script = f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen()\nwhile True: {each}"
+    job = await box.start_job(f"exec python3 -c {shlex.quote(script)}")
     try:
         deadline = time.monotonic() + 10
-        while port not in await listening_ports(local_box):
-            assert time.monotonic() < deadline, "the silent server did not start"
+        while port not in await listening_ports(box):
+            assert time.monotonic() < deadline, "the server did not start"
             await asyncio.sleep(0.1)
+        yield port
+    finally:
+        await box.job_kill(job.id, "KILL")
+
+
+async def test_a_port_that_listens_but_never_answers_http_is_named_as_such(local_box: Sandbox) -> None:
+    async with tcp_server(local_box, "c = s.accept(); time.sleep(1000)") as port:  # (silent)
         started = time.monotonic()
         with pytest.raises(TunnelError, match=f"port {port} is listening inside the sandbox but no HTTP answer") as e:
             await TunnelManager(check_timeout=1).open(local_box, port, backend="local")
         assert time.monotonic() - started < 8  # one bound for the whole request
         assert "within 1s (no answer)" in str(e.value)
-    finally:
-        await local_box.job_kill(job.id, "KILL")
     # one that hangs up at once: what was said of it, and no word of a time that did not run out
-    port = free_port()
-    rude = (
-        f"import socket; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen()\n"
-        "while True: s.accept()[0].close()"
-    )
-    job = await local_box.start_job(f"exec python3 -c {shlex.quote(rude)}")
-    try:
-        deadline = time.monotonic() + 10
-        while port not in await listening_ports(local_box):
-            assert time.monotonic() < deadline, "the rude server did not start"
-            await asyncio.sleep(0.1)
+    async with tcp_server(local_box, "s.accept()[0].close()") as port:
         with pytest.raises(TunnelError, match=f"port {port} is listening inside the sandbox but no HTTP answer") as e:
             await TunnelManager(check_timeout=30).open(local_box, port, backend="local")
         assert "within" not in str(e.value) and "Error" in str(e.value), str(e.value)
@@ -320,8 +315,6 @@ async def test_a_port_that_listens_but_never_answers_http_is_named_as_such(local
             await TunnelManager(check_timeout=30).open(local_box, port, preview=no_urls)
         assert str(e.value).startswith(f"no tunnel backend could open the port: local: port {port} is listening")
         assert "provider" not in str(e.value), str(e.value)
-    finally:
-        await local_box.job_kill(job.id, "KILL")
 
 
 @pytest.mark.parametrize("backend", ["local", "relay"])
