@@ -183,12 +183,16 @@ async def _remote_tree(sftp: asyncssh.SFTPClient, remote: str) -> _Tree:
                 continue
             path, below = posixpath.join(here, name), posixpath.join(relative, name)
             kind = file_kind(attrs)
-            if kind == "symlink":
+            if kind == "symlink":  # (followed to a file alone)
                 try:
                     attrs = await sftp.stat(path)
-                    kind = "file" if file_kind(attrs) == "file" else "linked directory or special"
                 except asyncssh.SFTPError:
-                    kind = "dangling"
+                    tree.skipped.append(f"{path} (a symlink to nothing)")
+                    continue
+                if file_kind(attrs) != "file":
+                    tree.skipped.append(f"{path} (a symlink to a directory or a special file)")
+                    continue
+                kind = "file"
             if kind == "directory" and not (attrs.permissions or 0) & 0o100:
                 # (sftp-server leaves out the entries it cannot look at: they would go missing unsaid)
                 tree.skipped.append(f"{path} (a directory its owner may not search)")
@@ -198,14 +202,8 @@ async def _remote_tree(sftp: asyncssh.SFTPClient, remote: str) -> _Tree:
             elif kind == "file":
                 tree.files.append((path, below, attrs.size or 0))
             else:
-                tree.skipped.append(f"{path} ({_WHY_SKIPPED.get(kind, 'a special file')})")
+                tree.skipped.append(f"{path} (a special file)")
     return tree
-
-
-_WHY_SKIPPED = {
-    "linked directory or special": "a symlink to a directory or a special file",
-    "dangling": "a symlink to nothing",
-}
 
 
 async def _copy_files(

@@ -201,6 +201,15 @@ async def test_a_directory_goes_both_ways_whole_as_cp_r(sb: Sandbox, tmp_path: P
     closed = await sb.download_dir(remote, tmp_path / "again")
     assert f"{remote}/closed (a directory its owner may not search)" in closed.skipped
     assert not (tmp_path / "again" / "closed").exists()
+    # the sandbox's symlinks: to a file, copied as it; to a directory or to nothing, named
+    await sb.run(["sh", "-c", 'cd "$1" && ln -s run.sh rlink && ln -s src rdir && ln -s nowhere rdead', "sh", remote])
+    linked = await sb.download_dir(remote, tmp_path / "linked")
+    assert (tmp_path / "linked" / "rlink").read_text() == "#!/bin/sh\n"
+    assert not (tmp_path / "linked" / "rdir").exists() and not (tmp_path / "linked" / "rdead").exists()
+    assert {
+        f"{remote}/rdir (a symlink to a directory or a special file)",
+        f"{remote}/rdead (a symlink to nothing)",
+    } <= set(linked.skipped)
     await sb.run(["sh", "-c", 'chmod -R u+w "$1" && rm -rf "$1" "$1-into"', "sh", remote])
     for path in (source, back):
         subprocess.run(["chmod", "-R", "u+w", str(path)], check=True)
