@@ -478,6 +478,9 @@ def test_exec_and_cp_at_the_edges(tmp_path: Path) -> None:
         assert refused.returncode == 2 and "named pipe" in refused.stderr
         refused = tether("cp", "/dev/zero", f"{box}:zero")
         assert refused.returncode == 2 and "character device" in refused.stderr
+        for stream in ([f"{box}:f.txt", "-"], ["-", f"{box}:g.txt"]):  # not a file named '-'
+            refused = tether("cp", *stream)
+            assert refused.returncode == 2 and "not standard input or output" in refused.stderr, refused.stderr
         directory = tether("cp", str(tmp_path / "made"), f"{box}:made")
         assert directory.returncode == 2 and "copies are of single files" in directory.stderr, directory.stderr
         denied = tether("cp", f"{box}:f.txt", "/proc/no-such-dir/f.txt")  # an OSError here: a message

@@ -522,6 +522,11 @@ def cp_command(args: argparse.Namespace) -> int:
     source, target = _split_location(args.src), _split_location(args.dst)
     if source[0] is None and target[0] is None:
         raise ValueError("one side must be in a sandbox: ID:path")
+    if (None, "-") in (source, target):  # (scp has no '-' either; a file of that name would surprise)
+        raise ValueError(
+            "tether cp copies files, not standard input or output: for a stream use "
+            "`tether exec ID -- cat PATH`; for a file named '-' write ./-"
+        )
 
     async def transfer(fleet: Fleet) -> TreeCopy:
         bar = ProgressBar(f"{args.src} -> {args.dst}", enabled=sys.stderr.isatty() and not args.json)
