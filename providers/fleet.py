@@ -46,6 +46,23 @@ HEARTBEAT_TASK = "tether-activity-heartbeat"  # (its asyncio task's name)
 # one that does not answer in time is idle.
 JOB_PROBE_TIMEOUT_S = 20.0
 CLEANUP_GRACE_S = 30.0  # how long closing waits for a failed provision's cleanup
+ENDING_WAIT_S = 120.0  # how long a destroy waits for another process's ending of the same sandbox
+
+
+# The endings under way in this process, whichever Fleet began them (the ledger's claim names a
+# process, and a process may hold several fleets).
+_ENDINGS: dict[str, asyncio.Future[bool]] = {}
+
+
+def _ending_here(sandbox_id: str) -> asyncio.Future[bool] | None:
+    """This process's ending of the sandbox under way in this event loop, if any (one left by a
+    loop that has gone is no ending: the ledger's claim of it is this process's to take over)."""
+    ending = _ENDINGS.get(sandbox_id)
+    try:
+        here = asyncio.get_running_loop()
+    except RuntimeError:
+        here = None
+    return ending if ending is not None and ending.get_loop() is here and not ending.done() else None
 
 
 def summary(record: SandboxRecord) -> dict[str, Any]:
@@ -172,7 +189,6 @@ class Fleet:
         self._open: dict[str, ManagedSandbox] = {}
         self._cleanups: set[asyncio.Future[bool]] = set()
         self.created_here: set[str] = set()
-        self._ending: set[str] = set()  # ids this fleet is terminating right now
         self._heartbeat: asyncio.Task[None] | None = None  # runs while an open sandbox is busy
         self._heartbeat_wake = asyncio.Event()  # (set: look again now, not at _heartbeat_due)
         self._heartbeat_due = math.inf  # when the heartbeat looks next (time.time())
@@ -331,9 +347,10 @@ class Fleet:
         return request.model_copy(update=update)
 
     def _cleanup_done(self, cleanup: asyncio.Future[bool]) -> None:
+        """(For a task finishing what its caller gave up on: a failed create's undoing, an ending.)"""
         self._cleanups.discard(cleanup)
         if not cleanup.cancelled() and cleanup.exception() is not None:
-            log.warning("could not clean up after a create that failed or was interrupted: %s", cleanup.exception())
+            log.warning("could not finish ending a sandbox (gc will retry): %s", cleanup.exception())
 
     def _choose(self, request: Request) -> Pool:
         pools = list(self.pools)
@@ -390,7 +407,7 @@ class Fleet:
             self._open.pop(record.id, None)
             raise SandboxGone(ref, f"terminated ({record.status_reason})")
         ending = record.ending()  # (by another process)
-        if record.id in self._ending or ending is not None:
+        if _ending_here(record.id) is not None or ending is not None:
             raise SandboxGone(ref, f"being terminated ({ending})" if ending else "being terminated")
         if record.status in ("provisioning", "failed"):
             raise ProviderError(f"sandbox {ref!r} is {record.status}; wait, or destroy it and create another")
@@ -428,30 +445,87 @@ class Fleet:
 
     async def end(self, ref: str, reason: str = "destroyed") -> tuple[CostEvent, bool]:
         """destroy, and whether this call was the one that recorded the termination (False: it
-        had ended already, or another process ended it meanwhile)."""
+        had ended already, or another call or process ended it meanwhile: this one waited for it)."""
         record = self.ledger.get(ref)
-        recorded = False
-        if record.status != "terminated":
-            self._ending.add(record.id)  # (get() opens it no more meanwhile)
-            try:
-                box = self._open.pop(record.id, None)
-                if box is not None:
-                    self.flush_activity(box)
-                    # A command still running is stopped first, while the machine is there to kill
-                    # it on: it would run on (a local one) or end unseen, its output gone with the box.
-                    await box.end_operations(reason)
-                    with contextlib.suppress(Exception):
-                        await box.close()  # its own channels only: other sandboxes may share the connection
-                recorded = await self._terminate(record, reason)
-            finally:
-                self._ending.discard(record.id)
+        recorded = await self._end(record, reason)
         event = self.ledger.cost_event(record.id)
-        assert event is not None
+        if event is None:  # (the other process's termination failed: it is running still)
+            raise ProviderError(f"sandbox {ref} could not be terminated by the process that tried; try again")
         return event, recorded
 
+    async def _end(
+        self, record: SandboxRecord, reason: str, idle_since: float | None = None, wait: bool = True
+    ) -> bool:
+        """End the sandbox unless it has ended; whether this call recorded its termination.
+
+        The ledger is claimed first (Ledger.claim_ending), so that no two calls or processes ask
+        the provider to end one sandbox. One being ended elsewhere is waited for (`wait`), or left
+        to that. `idle_since`: end it only if nothing was done in it after that (the reaper's idle
+        timeout; this fleet's own activity is written through first, a command in flight is now).
+
+        The ending runs as a task of its own: a caller cancelled half way (a cancelled tool call,
+        Ctrl-C) does not leave a machine half gone and recorded as running; it is finished here
+        in the background (close() waits for it), or, should this process die first, by a reaper."""
+        deadline = time.monotonic() + ENDING_WAIT_S
+        while True:
+            if record.status == "terminated":
+                return False
+            ending = _ending_here(record.id)
+            if ending is None:
+                box = self._open.get(record.id)
+                if box is not None:
+                    self.flush_activity(box)
+                claim = self.ledger.claim_ending(record.id, reason, idle_since)
+                if claim == "claimed":
+                    break
+                if claim != "ending elsewhere" or not wait:
+                    return False
+                if time.monotonic() > deadline:
+                    raise ProviderError(
+                        f"sandbox {record.id} is being terminated by another process that has not finished in "
+                        f"{ENDING_WAIT_S:.0f}s; try again later, or `tether gc`"
+                    )
+                await asyncio.sleep(0.2)
+            elif not wait:
+                return False
+            else:
+                with contextlib.suppress(Exception):  # (its failure is its caller's to report; see end())
+                    await asyncio.shield(ending)
+            record = self.ledger.get(record.id)
+        # Claimed: from here on, nothing this fleet does opens the sandbox again (get() looks here).
+        work = asyncio.ensure_future(self._finish_ending(record, reason, self._open.pop(record.id, None)))
+        _ENDINGS[record.id] = work
+        work.add_done_callback(lambda _: _ENDINGS.pop(record.id, None) if _ENDINGS.get(record.id) is work else None)
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            if not work.done():
+                self._cleanups.add(work)
+                work.add_done_callback(self._cleanup_done)
+            raise
+
+    async def _finish_ending(self, record: SandboxRecord, reason: str, box: ManagedSandbox | None) -> bool:
+        """The ending itself, once claimed: whether it recorded the termination. Should the provider
+        fail, the claim is withdrawn (the sandbox is as it was: try again); should this task be
+        cancelled (the process is going away), the claim stays, for a reaper to finish."""
+        try:
+            if box is not None:
+                self.flush_activity(box)
+                # A command still running is stopped first, while the machine is there to kill
+                # it on: it would run on (a local one) or end unseen, its output gone with the box.
+                await box.end_operations(reason)
+                with contextlib.suppress(Exception):
+                    await box.close()  # its own channels only: other sandboxes may share the connection
+            return await self._terminate(record, reason)
+        except Exception:
+            with contextlib.suppress(sqlite3.Error):
+                self.ledger.clear_ending(record.id)
+            raise
+
     async def _terminate(self, record: SandboxRecord, reason: str) -> bool:
-        """Have the provider end the sandbox (the ledger says it is ending first), then record
-        that with its cost event; whether this call recorded it.
+        """Have the provider end the sandbox, then record that with its cost event; whether this
+        call recorded it. (A sandbox with a handle is claimed first, see _end: a process whose
+        connection to the machine dies meanwhile reads why at once, ManagedSandbox.ended_elsewhere.)
 
         A row with no handle is a provision cut short (it failed, or its process died) or one
         another process is still making. As gc does, the provider's listing says what it left: that
@@ -464,11 +538,6 @@ class Fleet:
                 return False
             if record.handle:
                 provider = self._provider_of(record)
-                # Recorded before the provider is asked: a process whose connection to the machine
-                # dies meanwhile reads why at once (ManagedSandbox.ended_elsewhere). Should this
-                # process die before it records the termination, the row is as it was, marked so
-                # that the reaper finishes the job.
-                self.ledger.mark_ending(record.id, reason)
                 try:
                     await provider.terminate(Handle.model_validate(record.handle))
                 except EndedWithLeftovers as exc:
@@ -476,10 +545,6 @@ class Fleet:
                     # ledger's reason says what is left where, as nothing will find it later.
                     log.warning("%s ended with leftovers: %s", record.id, exc)
                     reason = f"{reason}{LEFTOVERS}{exc}"[:1000]
-                except BaseException:
-                    with contextlib.suppress(sqlite3.Error):
-                        self.ledger.clear_ending(record.id)
-                    raise
                 return self._record_termination(record, reason)
             found = await self._remove_leftovers(record)
             if self._record_termination(record, reason, found=found, only_if=record.status):
@@ -685,13 +750,13 @@ class Fleet:
         for record in self.ledger.list():
             if record.status not in ("running", "paused"):
                 continue
-            reason = None
+            reason, idle_since = None, None
             if record.ending_interrupted():
                 reason = f"{record.ending_reason} (finished here: the process ending it died first)"
             elif record.expires_at is not None and now >= record.expires_at:
                 reason = "expired (TTL)"
             elif record.idle_timeout is not None and now - record.last_activity >= record.idle_timeout:
-                reason = f"idle for {now - record.last_activity:.0f}s"
+                reason, idle_since = f"idle for {now - record.last_activity:.0f}s", record.last_activity
                 # (a paused sandbox runs nothing, and asking it could resume it; one whose creator
                 # ended without tearing it down is reaped all the same)
                 spared = record.keep or record.owner_alive()
@@ -700,12 +765,13 @@ class Fleet:
                     with contextlib.suppress(sqlite3.Error):  # (not idle either way; the next pass retries)
                         self.ledger.touch(record.id)
             if reason is None and not record.keep and not record.owner_alive():
-                reason = f"its creator (pid {record.owner_pid}) ended without tearing it down"
+                reason, idle_since = f"its creator (pid {record.owner_pid}) ended without tearing it down", None
             if reason is None:
                 continue
             try:
-                _, recorded = await self.end(record.id, reason)
-                if recorded:  # (another process's reaper may have got there first)
+                # The row was read before the awaits above: ended only if, now, it is still idle
+                # and no one else is ending it (another process's reaper, a destroy).
+                if await self._end(record, reason, idle_since=idle_since, wait=False):
                     reaped.append((record.id, reason))
             except Exception as exc:  # keep reaping the others; this one is retried next time
                 log.warning("could not reap %s (%s): %s", record.id, reason, exc)
@@ -798,6 +864,8 @@ class Fleet:
             if current.provision_abandoned():
                 if self._record_termination(current, "provisioning interrupted; nothing was left behind"):
                     report.interrupted.append(record.id)
+            elif current.ending() is not None:
+                continue  # (not listed, as the process ending it has had it removed: it records that)
             elif record.status in ("running", "paused"):  # it existed before the listing began
                 ended = max(current.last_activity, current.created_at)
                 if self._record_termination(current, "vanished: the provider no longer has it", ended):

@@ -306,14 +306,31 @@ class Ledger:
                 (when or time.time(), sandbox_id),
             )
 
-    def mark_ending(self, sandbox_id: str, reason: str) -> None:
-        """Record that this process is about to have the provider end the sandbox, and why."""
+    def claim_ending(self, sandbox_id: str, reason: str, idle_since: float | None = None) -> str:
+        """Record that this process is about to have the provider end the sandbox, and why, unless
+        it should not: "claimed", or why not: "terminated", "ending elsewhere" (another live
+        process is ending it), "active" (with `idle_since`, the last activity a reaper judged it
+        idle by: some activity was recorded since). One transaction, so that two processes never
+        both end it."""
         with self.store.transaction() as db:
+            row = db.execute(
+                "SELECT status, last_activity, ending_reason, ending_host, ending_pid FROM sandboxes WHERE id = ?",
+                (sandbox_id,),
+            ).fetchone()
+            if row is None or row["status"] == "terminated":
+                return "terminated"
+            here = (socket.gethostname(), os.getpid())
+            holder = (row["ending_host"], row["ending_pid"])
+            # (one of this process's own: its caller knows it is not under way, see fleet._ending_here)
+            if row["ending_reason"] is not None and holder != here and owner_alive(*holder):
+                return "ending elsewhere"
+            if idle_since is not None and row["last_activity"] > idle_since:
+                return "active"
             db.execute(
-                "UPDATE sandboxes SET ending_reason = ?, ending_host = ?, ending_pid = ?"
-                " WHERE id = ? AND status != 'terminated'",
-                (reason, socket.gethostname(), os.getpid(), sandbox_id),
+                "UPDATE sandboxes SET ending_reason = ?, ending_host = ?, ending_pid = ? WHERE id = ?",
+                (reason, *here, sandbox_id),
             )
+            return "claimed"
 
     def clear_ending(self, sandbox_id: str) -> None:
         """This process's termination of the sandbox did not happen after all (the provider failed)."""

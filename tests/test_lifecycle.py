@@ -566,6 +566,111 @@ async def test_concurrent_reapers_report_each_reaped_sandbox_once() -> None:
             await f.close()
 
 
+@pytest.mark.parametrize("reaper_is", ["the owner", "another process"])
+async def test_a_sandbox_used_while_the_reaper_looks_at_others_is_not_reaped(reaper_is: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The reaper reads every row, then takes its time (asking one sandbox about its jobs): a
+    sandbox that was idle when read but used since is spared, and its command runs to the end."""
+    looking = asyncio.Event()
+
+    async def slow_look(self, record):  # type: ignore[no-untyped-def]
+        looking.set()
+        await asyncio.sleep(1.0)  # (a slow box: up to JOB_PROBE_TIMEOUT_S)
+        return False
+
+    monkeypatch.setattr(Fleet, "_jobs_running", slow_look)
+    owner = Fleet(config={})
+    reaper = owner if reaper_is == "the owner" else Fleet(config={})
+    try:
+        box = await owner.create(Request(provider="local", idle_timeout_s=0.5))
+        await asyncio.sleep(0.7)
+        reaping = asyncio.ensure_future(reaper.reap())
+        await looking.wait()
+        result = await box.run("sleep 0.8; echo done")
+        assert result.stdout == "done\n"
+        assert await reaping == []
+        assert owner.ledger.get(box.id).status == "running"
+        await asyncio.sleep(0.7)  # (idle again, and nothing else to look at: reaped)
+        assert [r for r, _ in await reaper.reap()] == [box.id]
+    finally:
+        await owner.close()
+        await reaper.close()
+
+
+def stalling_terminate(monkeypatch, seconds: float) -> list[str]:  # type: ignore[no-untyped-def]
+    """LocalProvider.terminate does its work, then stalls (a slow cloud API): the ids it was asked to end."""
+    asked: list[str] = []
+    terminate = LocalProvider.terminate
+
+    async def stalling(self, handle):  # type: ignore[no-untyped-def]
+        asked.append(handle.external_id)
+        await terminate(self, handle)
+        await asyncio.sleep(seconds)
+
+    monkeypatch.setattr(LocalProvider, "terminate", stalling)
+    return asked
+
+
+async def test_a_sandbox_being_ended_is_not_ended_again_by_a_reaper_or_another_destroy(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    asked = stalling_terminate(monkeypatch, 0.8)
+    fleet, other = Fleet(config={}), Fleet(config={})
+    try:
+        box = await fleet.create(Request(provider="local", timeout_s=0.5))
+        destroying = asyncio.ensure_future(fleet.end(box.id))
+        while not asked:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)  # (expired now, and still being ended)
+        assert await fleet.reap() == [] and await other.reap() == []
+        waited = await asyncio.gather(fleet.end(box.id), other.end(box.id))  # (wait for the first, as it ends it)
+        first = await destroying
+        assert first[1] is True and [recorded for _, recorded in waited] == [False, False]
+        assert {event for event, _ in waited} == {first[0]}
+        assert len(asked) == 1 and cost_event_count(box.id) == 1
+        assert fleet.ledger.get(box.id).status_reason == "destroyed"
+    finally:
+        await fleet.close()
+        await other.close()
+
+
+async def test_gc_does_not_take_a_sandbox_being_ended_elsewhere_for_vanished(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    asked = stalling_terminate(monkeypatch, 0.8)
+    ender, collector = Fleet(config={}), Fleet(config={})
+    try:
+        box = await ender.create(Request(provider="local"))
+        ending = asyncio.ensure_future(ender.end(box.id, "destroyed by its user"))
+        while not asked:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)  # (gone from the provider's listing, not yet recorded as ended)
+        report = await collector.gc()
+        assert box.id not in report.vanished and not [e for e in report.errors if box.id in e]
+        assert (await ending)[1] is True
+        assert ender.ledger.get(box.id).status_reason == "destroyed by its user"
+    finally:
+        await ender.close()
+        await collector.close()
+
+
+async def test_a_destroy_cancelled_half_way_is_finished_not_left_half_done(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Ctrl-C, a cancelled tool call: the machine is half gone by then, so the ending goes on
+    in the background (and close() waits for it), recorded with its cost event."""
+    asked = stalling_terminate(monkeypatch, 0.5)
+    fleet = Fleet(config={})
+    try:
+        box = await fleet.create(Request(provider="local"))
+        destroying = asyncio.ensure_future(fleet.destroy(box.id))
+        while not asked:
+            await asyncio.sleep(0.02)
+        destroying.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await destroying
+        with pytest.raises(SandboxGone, match="being terminated"):
+            await fleet.get(box.id)
+    finally:
+        await fleet.close()
+    record = fleet.ledger.get(box.id)
+    assert (record.status, record.status_reason) == ("terminated", "destroyed")
+    assert cost_event_count(box.id) == 1 and len(asked) == 1
+
+
 CANCELLED_CREATE = """
 import asyncio, os
 from providers import Fleet, Request
