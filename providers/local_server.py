@@ -71,11 +71,27 @@ def login_shell() -> str:
 def secret_env_names() -> set[str]:
     """Variables holding tether's own credentials: they must not leak into the shells agents get.
     Provider keys, tether's (TETHER_*), and the ones config.toml names for channels and the relay."""
-    names = {n for group in CREDENTIAL_ENV.values() for n in group}
-    config = read_config()
-    for section in [*(config.get("channels") or []), config.get("relay") or {}]:
-        names |= {section[k] for k in ("url_env", "secret_env") if isinstance(section.get(k), str)}
-    return names
+    return {n for group in CREDENTIAL_ENV.values() for n in group} | _configured_secret_names()
+
+
+_config_secret_names: set[str] = set()  # every variable config.toml has named so far
+
+
+def _configured_secret_names() -> set[str]:
+    """The variables config.toml names as holding secrets, read at each session's start (an edit
+    applies at once). Names are only ever added: a config broken mid-edit (not TOML, a section of
+    the wrong shape) neither stops the shells nor lets through a secret that it held back before."""
+    try:
+        config = read_config()
+    except (OSError, ValueError) as exc:
+        log.warning("%s; sessions keep the secret variable names it gave before", exc)
+        config = {}
+    channels = config.get("channels")
+    for section in [*(channels if isinstance(channels, list) else []), config.get("relay")]:
+        if isinstance(section, dict):
+            named = (section.get(key) for key in ("url_env", "secret_env"))
+            _config_secret_names.update(name for name in named if isinstance(name, str))
+    return set(_config_secret_names)
 
 
 def session_env(sandbox_id: str) -> dict[str, str]:

@@ -141,11 +141,23 @@ async def test_the_public_api_refuses_bad_arguments_by_name() -> None:
     assert providers.default_fleet().ledger.list(include_terminated=True) == before  # nothing was created
 
 
-async def test_tethers_own_credentials_do_not_reach_the_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_tethers_own_credentials_do_not_reach_the_sandbox(monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Provider keys, and the variables config.toml names for channel secrets; a config broken
+    while sandboxes run (an edit half done) stops no new shell and lets no secret through."""
+    config = tmp_path / "config.toml"
+    config.write_text('[[channels]]\nkind = "webhook"\nurl_env = "HOOK_URL"\nsecret_env = "HOOK_SECRET"\n')
+    monkeypatch.setenv("TETHER_CONFIG", str(config))
     monkeypatch.setenv("RUNPOD_API_KEY", "rp-secret-value")
+    monkeypatch.setenv("HOOK_SECRET", "hook-secret-value")
     async with await providers.create("local") as sb:
         out = (await sb.run("env")).stdout
         assert "rp-secret-value" not in out and "RUNPOD_API_KEY" not in out
+        assert "hook-secret-value" not in out
+        for broken in ("[[channels]\n", 'channels = "not a table"\n'):
+            config.write_text(broken)
+            await sb.close()  # (new sessions: each reads the config afresh)
+            out = (await sb.run("env", timeout=10)).stdout
+            assert "hook-secret-value" not in out and "rp-secret-value" not in out
 
 
 NONROOT_SCRIPT = textwrap.dedent("""
