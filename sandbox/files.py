@@ -585,16 +585,21 @@ class Files:
         existing, temp_file = await self._with_temp_file(sftp, sftp.lstat(path), temp, make_directory=directory)
         if isinstance(existing, asyncssh.SFTPNoSuchFile):
             existing = None
-        problem = next((o for o in (existing, temp_file) if isinstance(o, BaseException)), None)
-        if problem is None and existing is not None and file_kind(existing) in ("symlink", "directory"):
-            problem = IsADirectory(path, WRITE_DIRECTORY_HINT) if file_kind(existing) == "directory" else None
-            if problem is None:  # a symlink: write the file it points to, in that file's directory
+        if isinstance(existing, asyncssh.SFTPAttrs) and file_kind(existing) == "symlink":
+            # Write the file it points to, through a temp file in that file's directory (whether or
+            # not one could be made beside the link: that directory may well be read-only).
+            if isinstance(temp_file, asyncssh.SFTPClientFile):
                 await self._discard_temp(sftp, temp_file, temp)
-                if hops >= MAX_LINK_HOPS:
-                    raise too_many_links(path)
-                return await self._replace(sftp, await link_target(sftp, path), data, hops + 1)
+            if hops >= MAX_LINK_HOPS:
+                raise too_many_links(path)
+            return await self._replace(sftp, await link_target(sftp, path), data, hops + 1)
+        problem = existing if isinstance(existing, BaseException) else None
+        if problem is None and existing is not None and file_kind(existing) == "directory":
+            problem = IsADirectory(path, WRITE_DIRECTORY_HINT)
         if problem is None and existing is not None and (what := special_kind(existing)):
             problem = SpecialFile(path, what, WRITE_SPECIAL_HINT)
+        if problem is None and isinstance(temp_file, BaseException):
+            problem = temp_file
         if problem is not None:
             if isinstance(temp_file, asyncssh.SFTPClientFile):
                 await self._discard_temp(sftp, temp_file, temp)

@@ -144,6 +144,18 @@ async def test_write_through_a_symlink_replaces_the_target_not_the_link(sb: Sand
     assert await sb.read_text("real.txt") == "new"
 
 
+async def test_write_through_a_symlink_in_a_read_only_directory_writes_the_target(sb: Sandbox) -> None:
+    """The temp file goes beside the target: the link's own directory may not be writable."""
+    await sb.write("rw/target.txt", "old\n")
+    await sb.run("mkdir ro && ln -s ../rw/target.txt ro/link && chmod 555 ro")
+    try:
+        await sb.write("ro/link", "new\n")
+        assert await sb.read_text("rw/target.txt") == "new\n"
+        assert (await sb.stat("ro/link")).symlink_target == "../rw/target.txt"
+    finally:
+        await sb.run("chmod 755 ro")
+
+
 async def test_write_leaves_no_temporary_files(sb: Sandbox) -> None:
     await asyncio.gather(*(sb.write(f"many/{i}.txt", str(i)) for i in range(20)))
     names = sorted(e.path.rsplit("/", 1)[1] for e in await sb.list_dir("many"))
