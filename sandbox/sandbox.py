@@ -309,6 +309,8 @@ class Sandbox:
     async def glob(self, pattern: str, path: str | None = None) -> GlobResult:
         """Files matching `pattern` under `path` (default: cwd), newest first, at most 100."""
         where = await self.resolve(path or ".")
+        if isinstance(pattern, str) and (pattern == "~" or pattern.startswith("~/")):
+            pattern = await self.home() + pattern[1:]  # (as in any path: not a directory named '~')
         async with self._in_flight():  # (a search of a big tree is long work, as a command is)
             return await self._p.search.glob(pattern, where)
 

@@ -225,6 +225,8 @@ class Search:
         except CommandTimeout:
             raise SearchTimeout("glob", root, SEARCH_TIMEOUT_S, "a narrower path or pattern") from None
         _raise_if_root_refused(root, raw.stderr)
+        if raw.exit_code == 2 and not names and not _only_file_errors(message := raw.stderr.decode("utf-8", "replace")):
+            raise InvalidArgument(f"glob failed: {message.strip()}; fix the pattern and search again")
         matches = [n for n in names if matcher.match(_relative(n, root))]
         newest, cut = await self._newest_first(matches, GLOB_LIMIT)
         return GlobResult(newest, cut or raw.stdout_truncated, listing_cut=raw.stdout_truncated)
@@ -328,7 +330,7 @@ class Search:
         # lines of content with U+FFFD for what is not UTF-8.
         paths_only = output_mode == "files_with_matches"
         text_out = raw.stdout.decode("utf-8", "surrogateescape" if paths_only else "replace")
-        if use_rg and paths_only:  # rg -l separates paths with NUL, so names with newlines stay whole
+        if paths_only:  # separated by NUL (see _grep_files), so names with newlines stay whole
             lines = [path for path in text_out.split("\0") if path]
         else:  # (lines end at "\n" alone: a form feed or a lone "\r" inside a line of content is not its end)
             lines = split_lines(text_out)
@@ -370,7 +372,14 @@ class Search:
         async def grep(batch: list[str]) -> RawResult:
             async with gate:
                 argv = ["grep", *flags, "-e", q.pattern, "--", *batch]
-                return await self._executor.exec_raw(argv, cwd=SEARCH_FROM, timeout=SEARCH_TIMEOUT_S)
+                raw = await self._executor.exec_raw(argv, cwd=SEARCH_FROM, timeout=SEARCH_TIMEOUT_S)
+            if q.output_mode != "files_with_matches":
+                return raw
+            # grep -l ends each path with a newline (POSIX grep has no -Z): NUL-separated here, as
+            # rg gives them, with the names that hold a newline put back together.
+            found = _paths_among(raw.stdout.decode("utf-8", "surrogateescape"), set(batch))
+            listed = "".join(f"{path}\0" for path in found).encode("utf-8", "surrogateescape")
+            return RawResult(raw.exit_code, listed, raw.stderr, raw.stdout_truncated)
 
         async with task_group() as group:  # (a timeout or a lost connection, as itself)
             batches = [group.create_task(grep(batch)) for batch in _batches(paths)]
@@ -474,9 +483,12 @@ def _narrowed(root: str, pattern: str) -> tuple[str, str, int | None]:
 def _basename_filter(pattern: str) -> str | None:
     """A --glob for rg that every file the pattern matches passes (its last part: to rg, a glob
     without '/' is matched against the name alone), or None when there is none that is safe: a
-    backslash (an escape to rg, a character to glob), braces (may hold a '/'), `**`, a leading '!'."""
+    backslash (an escape to rg, a character to glob), braces (may hold a '/'), `**`, a leading '!'
+    or '#', brackets (rg knows no [[:digit:]], and refuses an unclosed '['), blanks at either end
+    (which rg trims)."""
     last = pattern.rsplit("/", 1)[-1]
-    if last in ("*", "") or "**" in last or "{" in pattern or "\\" in last or last.startswith("!"):
+    unsafe = ("**", "\\", "[", "]")
+    if last in ("*", "") or "{" in pattern or any(u in last for u in unsafe) or last[0] in "!#" or last != last.strip():
         return None
     return last
 
@@ -503,6 +515,31 @@ def _batches(paths: list[str], budget: int = GREP_BATCH_CHARS) -> list[list[str]
         batches[-1].append(path)
         size += cost
     return batches
+
+
+def _paths_among(listing: str, known: set[str]) -> list[str]:
+    """The paths of `known` that a listing of one per line names, in its order, names that hold a
+    newline put back together: the listing's lines read as a run of known names (a line may be the
+    start of one that goes on in the next: "a", then "a\nb", may each be a file)."""
+    lines = listing.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    span = 1 + max((name.count("\n") for name in known), default=0)  # (lines one name can take)
+    # next_at[i]: where the name that starts at line i ends, such that the rest reads whole too
+    next_at: list[int | None] = [None] * len(lines) + [len(lines)]
+    for i in reversed(range(len(lines))):
+        for j in range(i + 1, min(i + span, len(lines)) + 1):
+            if next_at[j] is not None and "\n".join(lines[i:j]) in known:
+                next_at[i] = j
+    if next_at[0] is None:  # (not a listing of these: the names it does hold, line by line)
+        return [line for line in lines if line in known]
+    found, i = [], 0
+    while i < len(lines):
+        end = next_at[i]
+        assert end is not None
+        found.append("\n".join(lines[i:end]))
+        i = end
+    return found
 
 
 def _combined(results: list[RawResult], truncated: bool) -> RawResult:

@@ -318,6 +318,30 @@ async def test_glob_fallback_without_ripgrep(minimal_box: Sandbox) -> None:
     assert f"{tree}/odd\nname.py" in (await minimal_box.glob("*.py", tree)).files
 
 
+async def test_names_that_mean_something_to_ripgreps_filters_are_found_by_both_engines(box: Sandbox) -> None:
+    """glob's name filter, and grep -l's one path per line: the same files on both engines."""
+    root = f"{await box.cwd()}/odd-{secrets.token_hex(3)}"
+    names = ["foo[.txt", "file1.txt", "trail ", "#hash.txt", "a", "a\nb.txt", "c.txt"]
+    for name in names:
+        await box.write(f"{root}/{name}", "needle\n")
+    for pattern, found in {
+        "foo[.txt": ["foo[.txt"],
+        "file[[:digit:]].txt": ["file1.txt"],
+        "trail ": ["trail "],
+        "#hash.txt": ["#hash.txt"],
+        "a*": ["a", "a\nb.txt"],
+    }.items():
+        assert sorted((await box.glob(pattern, root)).files) == [f"{root}/{n}" for n in found], pattern
+    result = await box.grep("needle", root)  # (one path each, the one with a newline too)
+    assert result.lines == len(names) and all(f"{root}/{n}" in result.text for n in names)
+    home_dir = f"tl-{secrets.token_hex(3)}"
+    await box.write(f"~/{home_dir}/x.py", "")
+    try:
+        assert (await box.glob(f"~/{home_dir}/*.py", "/tmp")).files == [f"{await box.home()}/{home_dir}/x.py"]
+    finally:
+        await box.run(["rm", "-rf", f"{await box.home()}/{home_dir}"])
+
+
 @pytest.mark.parametrize(
     ("pattern", "path", "matches"),
     [
