@@ -15,11 +15,12 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -29,13 +30,23 @@ from sandbox.state import StateStore
 
 from . import registry
 from .base import Capacity, Handle, ListedResource, Progress, Provider, ProvisionSpec, Request, no_progress
-from .config import CONFIG_MODELS, LocalPoolConfig, Pool, credentials_missing, load_defaults, load_pools
+from .config import (
+    CONFIG_MODELS,
+    Defaults,
+    LocalPoolConfig,
+    Pool,
+    credentials_missing,
+    implicit_pools,
+    load_defaults,
+    load_pools,
+)
 from .dispatch import choose_pool
 from .errors import EndedWithLeftovers, ProviderError, ProviderUnavailable, SandboxGone, Unsupported
 from .ledger import LEFTOVERS, CostEvent, Ledger, SandboxRecord, new_sandbox_id
 from .profiles import GPU_RATES_USD_PER_HOUR, LOCAL_AUTH_MODES, CapabilityProfile
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 LABEL = "tether-id"
 LEDGER_RECHECK_SECONDS = 1.0
 # How often an open sandbox's last activity is written through to the ledger, where other
@@ -176,13 +187,28 @@ class Fleet:
         config: dict[str, Any] | None = None,
         store: StateStore | None = None,
         connections: ConnectionPool | None = None,
+        lenient: bool = False,
     ) -> None:
+        """`lenient`: for work on sandboxes that exist (listing, using, ending them), a part of
+        config.toml that cannot be read is left out, and said in `config_problems`, instead of
+        refused: a typo in a pool must not keep anyone from tearing down what runs and costs."""
         from sandbox.state import read_config
 
-        self.config = read_config() if config is None else config
-        registry.register_from_config(self.config)
-        self.pools = load_pools(self.config)
-        self.defaults = load_defaults(self.config)
+        self.config_problems: list[str] = []
+
+        def loaded(load: Callable[[], T], instead: Callable[[], T]) -> T:
+            if not lenient:
+                return load()
+            try:
+                return load()
+            except ValueError as exc:  # (ConfigError is one; so is config.toml that is not TOML)
+                self.config_problems.append(str(exc))
+                return instead()
+
+        self.config = config if config is not None else loaded(read_config, dict)
+        loaded(lambda: registry.register_from_config(self.config), lambda: None)
+        self.pools = loaded(lambda: load_pools(self.config), lambda: implicit_pools(os.environ))
+        self.defaults = loaded(lambda: load_defaults(self.config), Defaults)
         self.ledger = Ledger(store)
         self._connections = connections
         self._providers: dict[str, Provider] = {}

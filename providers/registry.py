@@ -77,9 +77,14 @@ def provider_class(name: str) -> type[Provider]:
         raise ProviderUnavailable(unknown_provider(name) or name)
     module_name, _, class_name = target.partition(":")
     try:
-        return getattr(importlib.import_module(module_name), class_name)  # type: ignore[no-any-return]
+        found = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"provider {name!r}: cannot load {target}: {exc}") from None
+    from .base import Provider  # (here: base, through config, imports this module)
+
+    if not (isinstance(found, type) and issubclass(found, Provider)):
+        raise ConfigError(f"provider {name!r}: {target} is not a class derived from providers.Provider")
+    return found
 
 
 def profile_of(name: str) -> CapabilityProfile:

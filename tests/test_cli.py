@@ -234,8 +234,10 @@ def test_config_defaults_and_unknown_sections(tmp_path: Path) -> None:
     assert tether("down", row["id"], env=env).returncode == 0
 
     config.write_text('[chanels]\nkind = "slack"\n\n[relay]\nhost = "r.example"\nidentity_file = "x"\n')
-    refused = tether("ls", env=env)
+    refused = tether("up", env=env)
     assert refused.returncode == 2 and "unknown section(s) chanels" in refused.stderr
+    warned = tether("ls", env=env)  # (what exists can be worked on: see the test below)
+    assert warned.returncode == 0 and "warning: " in warned.stderr and "unknown section(s) chanels" in warned.stderr
     checks = {c["name"]: c for c in json.loads(tether("doctor", "--json", env=env).stdout)}
     assert checks["config"]["status"] == "fail"
     assert "chanels" in checks["config"]["detail"] and "identity_file" in checks["config"]["detail"]
@@ -485,6 +487,35 @@ def test_exec_and_cp_at_the_edges(tmp_path: Path) -> None:
         assert directory.returncode == 2 and "copies are of single files" in directory.stderr, directory.stderr
         denied = tether("cp", f"{box}:f.txt", "/proc/no-such-dir/f.txt")  # an OSError here: a message
         assert denied.returncode == 2 and denied.stderr.startswith("tether: ") and "Traceback" not in denied.stderr
+    finally:
+        tether("down", box)
+
+
+def test_a_config_mistake_keeps_no_one_from_the_sandboxes_that_exist(tmp_path: Path) -> None:
+    """A typo in config.toml (a section that has nothing to do with the sandbox) refuses new
+    sandboxes, saying what is wrong; what runs, and costs, can still be listed, used and torn down."""
+    config = tmp_path / "config.toml"
+    env = server_env(TETHER_CONFIG=str(config))
+    box = tether("up", "local", env=env).stdout.strip()
+    try:
+        for mistake, named in {
+            '[[channels]]\nkind = "telegram"\nurl = "http://x"\n': "[[channels]] #1",
+            '[[pools]]\nname = "p"\nprovider = "local"\nbogus = 1\n': "bogus",
+            "[[pools]\n": "not valid TOML",
+            '[[providers]]\nname = "x"\nclass = "json:JSONDecoder"\n[[pools]]\nname = "p"\nprovider = "x"\n': (
+                "not a class derived from providers.Provider"
+            ),
+        }.items():
+            config.write_text(mistake)
+            refused = tether("up", "local", env=env)
+            assert refused.returncode == 2 and named in refused.stderr and "Traceback" not in refused.stderr, mistake
+            listed = tether("ls", "--json", env=env)
+            assert listed.returncode == 0 and box in listed.stdout, listed.stderr
+            ran = tether("exec", box, "--", "echo still here", env=env)
+            assert (ran.returncode, ran.stdout) == (0, "still here\n"), ran.stderr
+            assert named in ran.stderr and "warning" in ran.stderr
+        assert tether("down", box, env=env).returncode == 0
+        assert json.loads(tether("info", box, "--json", env=env).stdout)["status"] == "terminated"
     finally:
         tether("down", box)
 

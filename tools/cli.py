@@ -88,19 +88,26 @@ def stop_signals_cancel() -> None:
             loop.add_signal_handler(sig, stop, sig)
 
 
-def with_fleet(work: Callable[[Fleet], Awaitable[T]]) -> T:
+def with_fleet(work: Callable[[Fleet], Awaitable[T]], creates: bool = False) -> T:
     """Run `work` on a fleet, closing its connections (never tearing anything down) afterwards.
-    Chat channels hear of the sandboxes it creates and terminates (up, attach, down, gc)."""
-    return with_fleet_and_channels(lambda fleet, _: work(fleet))
+    Chat channels hear of the sandboxes it creates and terminates (up, attach, down, gc).
+    `creates`: config.toml must be read whole (else see `existing_fleet`)."""
+    return with_fleet_and_channels(lambda fleet, _: work(fleet), creates)
 
 
-def with_fleet_and_channels(work: Callable[[Fleet, Notifier], Awaitable[T]]) -> T:
+def with_fleet_and_channels(work: Callable[[Fleet, Notifier], Awaitable[T]], creates: bool = False) -> T:
     """As `with_fleet`, handing `work` the chat channels' notifier too (for its tunnels)."""
 
     async def run() -> T:
         stop_signals_cancel()
-        fleet = Fleet()
-        notifier = fleet_notifier(fleet)
+        fleet = Fleet() if creates else existing_fleet()
+        try:
+            notifier = fleet_notifier(fleet)
+        except ValueError as exc:  # (a channel that cannot be read: none hears of this command's work)
+            if creates:
+                raise
+            warn_config([str(exc)])
+            notifier = Notifier([])
         try:
             return await work(fleet, notifier)
         finally:
@@ -110,6 +117,29 @@ def with_fleet_and_channels(work: Callable[[Fleet, Notifier], Awaitable[T]]) -> 
             await notifier.drain(CLI_CHANNEL_WAIT_S)
 
     return asyncio.run(run())
+
+
+# The commands that refuse to run on a config.toml with a mistake in it: they make something new
+# from it. (doctor reports the mistakes; the others work on sandboxes that exist.)
+NEEDS_WHOLE_CONFIG = {"mcp", "demo", "up", "attach", "pools", "tunnel", "host"}
+
+
+def existing_fleet() -> Fleet:
+    """A fleet for work on sandboxes that exist (ls, info, exec, cp, down, gc, …): a part of
+    config.toml that cannot be read is left out, with a warning, not a refusal. Machines that run,
+    and cost, can always be used and torn down."""
+    fleet = Fleet(lenient=True)
+    try:
+        check_sections(fleet.config)
+    except ValueError as exc:
+        fleet.config_problems.append(str(exc))
+    warn_config(fleet.config_problems)
+    return fleet
+
+
+def warn_config(problems: list[str]) -> None:
+    for problem in problems:
+        print(f"tether: warning: {problem} (left out; `tether doctor` checks the config)", file=sys.stderr)
 
 
 def record_json(record: SandboxRecord, fleet: Fleet) -> dict[str, Any]:
@@ -241,7 +271,7 @@ def up_command(args: argparse.Namespace) -> int:
 
         print_created((await fleet.create(request, progress)).record, fleet, args.json)
 
-    with_fleet(up)
+    with_fleet(up, creates=True)
     return 0
 
 
@@ -266,13 +296,13 @@ def attach_command(args: argparse.Namespace) -> int:
     async def attach(fleet: Fleet) -> None:
         print_created((await fleet.create(request)).record, fleet, args.json)
 
-    with_fleet(attach)
+    with_fleet(attach, creates=True)
     return 0
 
 
 @command("ls")
 def ls_command(args: argparse.Namespace) -> int:
-    fleet = Fleet()
+    fleet = existing_fleet()
     records = fleet.list(include_terminated=args.all)
     if args.json:
         print_json([record_json(r, fleet) for r in records])
@@ -455,7 +485,7 @@ async def write_raw(stream: str, data: bytes) -> None:
 
 @command("ssh")
 def ssh_command(args: argparse.Namespace) -> int:
-    record = Fleet().record(args.id)
+    record = existing_fleet().record(args.id)
     if record.status != "running":
         raise ValueError(f"sandbox {args.id} is {record.status}")
     if record.provider == "local":
@@ -694,7 +724,7 @@ def gc_command(args: argparse.Namespace) -> int:
 @command("costs")
 def costs_command(args: argparse.Namespace) -> int:
     rows = []
-    for record, event in Fleet().costs():
+    for record, event in existing_fleet().costs():
         rows.append(
             {
                 "id": record.id,
@@ -934,7 +964,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "mcp":  # (which sets its own, with --verbose)
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="tether: %(message)s")
     try:
-        if args.command != "doctor":  # (doctor reports a bad config instead of refusing to run)
+        if args.command in NEEDS_WHOLE_CONFIG:  # (the others leave out what they cannot read: existing_fleet)
             check_sections(read_config())
         return COMMANDS[args.command](args)
     except ValidationError as exc:
