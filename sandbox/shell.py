@@ -376,6 +376,7 @@ printf 'READY %s %s %s %s\0%s\0%s\0%s\0' "__NONCE__" "$__TPG" "$__rg" "$__TSH" "
 # Characters of a command beyond which it is handed to a new shell through a file, not as an
 # argument: 32 Ki characters of up to 4 bytes each stay within Linux's 128 KiB per argument.
 LONG_COMMAND_CHARS = 32768
+EOF_GRACE_S = 1.0  # how long closing a shell waits for it to end on its own (see PersistentShell.close)
 _INIT = (
     _INIT.replace("__LONG__", str(LONG_COMMAND_CHARS))
     .replace("__CHILD__", shlex.quote(_CHILD))
@@ -604,6 +605,13 @@ class PersistentShell:
         for let_go in self.on_close:
             with contextlib.suppress(Exception):
                 let_go()
+        # The end of its input first: the shell's script ends, and its EXIT trap removes this
+        # shell's output files. (A closed channel leaves that to a signal, which a shell may not
+        # live to act on: the files, a command's whole output, then wait a week for the sweep.)
+        # Not waited for long: a shell still busy with something is closed as before.
+        with contextlib.suppress(Exception):
+            self._process.stdin.write_eof()
+            await asyncio.wait_for(self._process.wait_closed(), EOF_GRACE_S)
         self._process.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._process.wait_closed(), 2)
