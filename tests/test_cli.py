@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from providers import Fleet
 from providers.ledger import Ledger
 from providers.local_server import local_dir
 from tests.mcp_support import ROOT, server_env, tether
@@ -495,7 +496,7 @@ def test_a_config_mistake_keeps_no_one_from_the_sandboxes_that_exist(tmp_path: P
     """A typo in config.toml (a section that has nothing to do with the sandbox) refuses new
     sandboxes, saying what is wrong; what runs, and costs, can still be listed, used and torn down."""
     config = tmp_path / "config.toml"
-    env = server_env(TETHER_CONFIG=str(config))
+    env, dir_env = server_env(TETHER_CONFIG=str(config)), server_env(TETHER_CONFIG=str(tmp_path))
     box = tether("up", "local", env=env).stdout.strip()
     try:
         for mistake, named in {
@@ -514,8 +515,60 @@ def test_a_config_mistake_keeps_no_one_from_the_sandboxes_that_exist(tmp_path: P
             ran = tether("exec", box, "--", "echo still here", env=env)
             assert (ran.returncode, ran.stdout) == (0, "still here\n"), ran.stderr
             assert named in ran.stderr and "warning" in ran.stderr
+        config.write_bytes(b"\xff\xfe")
+        for where, named in ((env, "config.toml is not valid TOML: 'utf-8' codec"), (dir_env, "is a directory")):
+            refused = tether("up", "local", env=where)
+            assert refused.returncode == 2 and named in refused.stderr, refused.stderr
+            assert named in tether("exec", box, "--", "true", env=where).stderr
         assert tether("down", box, env=env).returncode == 0
         assert json.loads(tether("info", box, "--json", env=env).stdout)["status"] == "terminated"
+    finally:
+        tether("down", box)
+
+
+def test_tether_exec_leaves_none_of_its_output_on_the_box() -> None:
+    """Each `tether exec` opens the sandbox and closes it: its shell's files (the command's whole
+    output) go as it ends, however soon this process exits after (not a week later, by the sweep)."""
+    box = tether("up", "local").stdout.strip()
+    try:
+        for _ in range(4):
+            ran = tether("exec", box, "--", "seq 1 50000")
+            assert ran.returncode == 0 and ran.stdout.endswith("\n50000\n"), ran.stderr
+        assert sorted(p.name for p in (local_dir() / "sandboxes" / box / "tether" / "run").iterdir()) == []
+    finally:
+        tether("down", box)
+
+
+def test_an_open_tether_ssh_session_is_activity_and_an_expired_sandbox_gets_none(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("[defaults]\nidle_timeout_s = 1\n")
+    env = server_env(TETHER_CONFIG=str(config))
+    box = tether("up", "local", env=env).stdout.strip()
+    reaper = Fleet(config={})
+    try:
+        session = subprocess.Popen(
+            [sys.executable, "-m", "tools.cli", "ssh", box],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
+        assert session.stdin is not None
+        session.stdin.write("sleep 2.5; echo still-here\n")
+        session.stdin.close()
+        time.sleep(1.8)  # (past the idle timeout, the session still open)
+        assert box not in [r for r, _ in asyncio.run(reaper.reap())]
+        assert session.wait(timeout=60) == 0 and session.stdout is not None
+        assert "still-here" in session.stdout.read()
+        time.sleep(1.2)
+        assert box in [r for r, _ in asyncio.run(reaper.reap())]  # (once it ended, idle like any other)
+        expiring = tether("up", "local", "--ttl", "0.5").stdout.strip()
+        time.sleep(0.8)
+        refused = tether("ssh", expiring)
+        assert refused.returncode == 2 and "expired" in refused.stderr, refused.stderr
+        assert reaper.ledger.get(expiring).status == "terminated"
     finally:
         tether("down", box)
 

@@ -19,9 +19,11 @@ import shlex
 import shutil
 import signal
 import stat
+import subprocess
 import sys
 import tempfile
 import termios
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -485,7 +487,10 @@ async def write_raw(stream: str, data: bytes) -> None:
 
 @command("ssh")
 def ssh_command(args: argparse.Namespace) -> int:
-    record = existing_fleet().record(args.id)
+    fleet = existing_fleet()
+    record = fleet.record(args.id)
+    if record.status == "running" and record.expires_at is not None and time.time() >= record.expires_at:
+        with_fleet(lambda fleet: fleet.get(record.id))  # (ends it, as any use would: SandboxGone says so)
     if record.status != "running":
         raise ValueError(f"sandbox {args.id} is {record.status}")
     if record.provider == "local":
@@ -495,14 +500,40 @@ def ssh_command(args: argparse.Namespace) -> int:
             print(f"cd {shlex.quote(str(work_dir(record.id)))} && TETHER_SANDBOX={record.id} {shell} -l")
             return 0
         print(f"tether: shell in {work_dir(record.id)} (exit to leave)", file=sys.stderr)
-        os.chdir(work_dir(record.id))
-        os.execvpe(shell, [shell, "-l"], {**os.environ, "TETHER_SANDBOX": record.id})
-    argv = ssh_argv(record)
-    if args.print or not shutil.which("ssh"):
-        print(shlex.join(argv))
-        return 0
-    os.execvp(argv[0], argv)
-    return 0  # pragma: no cover
+        argv, cwd, env = [shell, "-l"], work_dir(record.id), {**os.environ, "TETHER_SANDBOX": record.id}
+    else:
+        argv, cwd, env = ssh_argv(record), None, None
+        if args.print or not shutil.which("ssh"):
+            print(shlex.join(argv))
+            return 0
+    return run_as_activity(fleet, record, argv, cwd, env)
+
+
+def run_as_activity(
+    fleet: Fleet, record: SandboxRecord, argv: list[str], cwd: Path | None, env: dict[str, str] | None
+) -> int:
+    """Run a person's session (a shell, ssh) in the foreground until it ends; its exit code. While
+    it is open the sandbox is in use: its last activity is written on, as a command's is, so that
+    no reaper takes it for idle. (Ctrl-C and Ctrl-Z are the session's: not this process's.)"""
+    every = min(5.0, (record.idle_timeout or 15.0) / 3)
+    ended = threading.Event()
+
+    def beat() -> None:
+        while not ended.wait(every):
+            with contextlib.suppress(Exception):  # (a locked database: the next beat)
+                fleet.ledger.touch(record.id)
+
+    fleet.ledger.touch(record.id)
+    session = subprocess.Popen(argv, cwd=cwd, env=env)
+    # (ignored here only once it runs: a child would inherit the ignoring, and pass it on to
+    # every command run in the shell)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=beat, daemon=True).start()
+    try:
+        return session.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        ended.set()
 
 
 def ssh_argv(record: SandboxRecord, pins: HostKeyPins | None = None) -> list[str]:
