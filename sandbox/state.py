@@ -90,13 +90,17 @@ def config_path() -> Path:
 def read_config() -> dict[str, Any]:
     """The parsed config file, or {} when there is none. Each layer validates its own sections."""
     path = config_path()
-    if not path.is_file():
+    if not path.exists():
         return {}
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; the config is a file (TETHER_CONFIG names it)")
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ValueError(f"{path} cannot be read: {exc.strerror or exc}") from None
 
 
 class StateStore:
