@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from sandbox import Sandbox, SSHEndpoint
+from sandbox.endpoint import written_login_and_port
 from sandbox.errors import InvalidArgument, SandboxError, validation_problems
 from sandbox.jobs import STOP_JOBS_FN
 
@@ -87,6 +88,9 @@ class SSHProvider(Provider):
                 "the ssh provider needs a host: user@host[:port] or an ~/.ssh/config alias (host_attach, "
                 "`tether attach HOST`, or an ssh pool with a host in config.toml)"
             )
+        for given, written in zip(("user", "port"), written_login_and_port(str(host)), strict=True):
+            if written is not None and options.get(given) is not None and options[given] != written:
+                raise InvalidArgument(f"{host} says {given} {written}, and {given} says {options[given]}: give one")
         user = options.get("user") or (config.user if config else None)
         port = options["port"] if options.get("port") is not None else (config.port if config else None)
         key = options.get("key_path") or (config.identityFile if config else None)

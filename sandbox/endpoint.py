@@ -26,6 +26,14 @@ _ADDRESS = re.compile(
 DEFAULT_SSH_CONFIG = Path("~/.ssh/config")
 
 
+def written_login_and_port(target: str) -> tuple[str | None, int | None]:
+    """The user name and port an address spells out (`user@host:port`), each None when it does not."""
+    written = _ADDRESS.match(target.strip())
+    if written is None:
+        return None, None
+    return written["user"], int(written["port"]) if written["port"] else None
+
+
 _NOT_IN_LOGIN_NAMES = set("'\"`$;&|<>(){}[]*?!\\%#~=,/:")
 
 

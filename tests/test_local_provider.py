@@ -133,6 +133,8 @@ async def test_the_public_api_refuses_bad_arguments_by_name() -> None:
         (("local",), {"host": "gpu-box"}, "the local provider has no option 'host' (it takes none)"),
         (("ssh",), {"host": "gpu-box", "keypath": "~/k"}, "has no option 'keypath' (it takes host, user, port"),
         (("ssh",), {"host": "127.0.0.1", "port": "twenty-two"}, "cannot attach to 127.0.0.1: port: Input should be"),
+        (("ssh",), {"host": "me@127.0.0.1:2222", "port": 22}, "me@127.0.0.1:2222 says port 2222, and port says 22"),
+        (("ssh",), {"host": "me@127.0.0.1", "user": "you"}, "says user me, and user says you: give one"),
         (("ssh",), {"host": "127.0.0.1", "port": 0}, "cannot attach to 127.0.0.1: port: Input should be greater"),
     ):
         with pytest.raises(InvalidArgument) as refused:
