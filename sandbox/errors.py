@@ -127,12 +127,18 @@ class FileTooLarge(FileOperationError):
         )
 
 
+def edit_label(index: int | None) -> str:
+    """Which of a multi_edit's edits a message is about, by its place in the list as sent (from 0,
+    as an agent indexes its own JSON array), or nothing for a single edit."""
+    return "" if index is None else f"edits[{index}]: "
+
+
 class NoMatch(FileOperationError):
     """An edit's old_string does not occur in the file."""
 
     def __init__(self, path: str, edit_index: int | None = None) -> None:
         self.edit_index = edit_index
-        which = f"edit {edit_index}: " if edit_index is not None else ""
+        which = edit_label(edit_index)
         super().__init__(
             path,
             f"{which}old_string not found in {path}; read the file again and copy the text exactly, "
@@ -145,11 +151,12 @@ class NotUnique(FileOperationError):
 
     def __init__(self, path: str, count: int, lines: list[int], edit_index: int | None = None) -> None:
         self.count, self.lines, self.edit_index = count, lines, edit_index
-        which = f"edit {edit_index}: " if edit_index is not None else ""
-        shown = ", ".join(str(n) for n in lines[:20]) + (", …" if len(lines) > 20 else "")
+        which = edit_label(edit_index)
+        distinct = sorted(set(lines))
+        shown = ", ".join(str(n) for n in distinct[:20]) + (", …" if len(distinct) > 20 else "")
         super().__init__(
             path,
-            f"{which}old_string matches {count} times (lines {shown}) in {path}: "
+            f"{which}old_string matches {count} times ({'line' if len(distinct) == 1 else 'lines'} {shown}) in {path}: "
             "add surrounding context or set replace_all",
         )
 
@@ -159,7 +166,7 @@ class InvalidEdit(FileOperationError, ValueError):
 
     def __init__(self, path: str, reason: str, edit_index: int | None = None) -> None:
         self.edit_index = edit_index
-        which = f"edit {edit_index}: " if edit_index is not None else ""
+        which = edit_label(edit_index)
         super().__init__(path, f"{which}{reason}")
 
 

@@ -405,16 +405,16 @@ def _edit_from(index: int, fields: Mapping[str, Any]) -> Edit:
     """An Edit from a mapping (as JSON gives it), or InvalidArgument naming what is wrong."""
     if not isinstance(fields, Mapping):
         raise InvalidArgument(
-            f"edit {index}: expected an Edit or a mapping with old_string and new_string, not {type(fields).__name__}"
+            f"edits[{index}]: expected an Edit or a mapping with old_string and new_string, not {type(fields).__name__}"
         )
     unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(Edit)})
     missing = sorted({"old_string", "new_string"} - set(fields))
     if unknown or missing:
         problem = f"unknown keys {unknown}" if unknown else f"missing {missing}"
-        raise InvalidArgument(f"edit {index}: {problem}; each edit has old_string, new_string and replace_all")
+        raise InvalidArgument(f"edits[{index}]: {problem}; each edit has old_string, new_string and replace_all")
     old, new, replace_all = fields["old_string"], fields["new_string"], fields.get("replace_all", False)
     if not (isinstance(old, str) and isinstance(new, str) and isinstance(replace_all, bool)):
-        raise InvalidArgument(f"edit {index}: old_string and new_string are text, replace_all true or false")
+        raise InvalidArgument(f"edits[{index}]: old_string and new_string are text, replace_all true or false")
     return Edit(old, new, replace_all)
 
 

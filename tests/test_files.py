@@ -238,7 +238,7 @@ async def test_arguments_of_the_wrong_type_are_refused_before_the_file_is_touche
             await sb.write("typed.txt", content)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument, match="old_string and new_string are text"):
         await sb.edit("typed.txt", "important", None)  # type: ignore[arg-type]
-    with pytest.raises(InvalidArgument, match="edit 0: expected an Edit or a mapping"):
+    with pytest.raises(InvalidArgument, match=r"edits\[0\]: expected an Edit or a mapping"):
         await sb.multi_edit("typed.txt", [("important", "gone")])  # type: ignore[list-item]
     assert await sb.read_text("typed.txt") == "important\n"
     assert (await sb.write("typed.txt", bytearray(b"bytes too"))).bytes == 9
@@ -246,11 +246,11 @@ async def test_arguments_of_the_wrong_type_are_refused_before_the_file_is_touche
 
 async def test_multi_edit_refuses_malformed_edits_by_index(sb: Sandbox) -> None:
     await sb.write("m.txt", "a\n")
-    with pytest.raises(InvalidArgument, match=r"edit 1: unknown keys \['old'\]"):
+    with pytest.raises(InvalidArgument, match=r"edits\[1\]: unknown keys \['old'\]"):
         await sb.multi_edit("m.txt", [{"old_string": "a", "new_string": "b"}, {"old": "a", "new_string": "c"}])
-    with pytest.raises(InvalidArgument, match=r"edit 0: missing \['new_string'\]"):
+    with pytest.raises(InvalidArgument, match=r"edits\[0\]: missing \['new_string'\]"):
         await sb.multi_edit("m.txt", [{"old_string": "a"}])
-    with pytest.raises(InvalidArgument, match="edit 0: old_string and new_string are text"):
+    with pytest.raises(InvalidArgument, match=r"edits\[0\]: old_string and new_string are text"):
         await sb.multi_edit("m.txt", [{"old_string": "a", "new_string": 1}])
     assert await sb.read_text("m.txt") == "a\n"
 
@@ -266,7 +266,7 @@ async def test_edit_refuses_ambiguous_match_and_names_lines(sb: Sandbox) -> None
         await sb.edit("dup.txt", "1", "2")
     assert caught.value.count == 3 and caught.value.lines == [1, 3, 5]
     await sb.write("same-line.txt", "a a a\n")
-    with pytest.raises(NotUnique, match=r"matches 3 times \(lines 1\)"):
+    with pytest.raises(NotUnique, match=r"matches 3 times \(line 1\)"):
         await sb.edit("same-line.txt", "a", "b")
 
 
@@ -306,7 +306,7 @@ async def test_multi_edit_applies_in_order(sb: Sandbox) -> None:
 
 async def test_multi_edit_is_all_or_nothing_and_names_the_failing_edit(sb: Sandbox) -> None:
     await sb.write("multi.txt", "one two three")
-    with pytest.raises(NoMatch, match="edit 1:"):
+    with pytest.raises(NoMatch, match=r"edits\[1\]:"):
         await sb.multi_edit("multi.txt", [Edit("one", "1"), Edit("four", "4")])
     assert await sb.read_text("multi.txt") == "one two three"
 

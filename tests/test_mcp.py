@@ -157,7 +157,7 @@ async def test_file_and_shell_tools(where: str, transport: str, ssh_pool_env: di
                 "edits": [{"old_string": "y = 5", "new_string": "y = 6"}, {"old_string": "nope", "new_string": "z"}],
             },
         )
-        assert failed.is_error and "edit 1:" in text(failed)
+        assert failed.is_error and "edits[1]:" in text(failed)
         assert "y = 5" in text(await client.call_tool("read", {"path": "app.py"}))
 
         found = await client.call_tool("glob", {"pattern": "*.py"})
@@ -182,6 +182,12 @@ async def test_file_and_shell_tools(where: str, transport: str, ssh_pool_env: di
         bad = await client.call_tool("run", {"command": "true", "timeout_ms": "soon"})
         assert bad.is_error and text(bad).startswith("invalid arguments for run: timeout_ms: ")
         assert "pydantic" not in text(bad) and "call again" in text(bad)
+        for arguments, said in [  # (what pydantic alone would take: true as 1 ms, "yes" as true)
+            ({"command": "true", "timeout_ms": True}, "timeout_ms: a number, not true"),
+            ({"command": "true", "run_in_background": "yes"}, 'run_in_background: true or false, not "yes"'),
+        ]:
+            refused = await client.call_tool("run", arguments)
+            assert refused.is_error and said in text(refused), text(refused)
         missing = await client.call_tool("edit", {"path": "x"})
         assert missing.is_error and "old_string: Field required" in text(missing)
         # another tool set's names are refused, with tether's name for them, not quietly dropped

@@ -301,10 +301,13 @@ class TetherServer(MCPServer):
         if tool is not None and isinstance(arguments, dict):
             # pydantic would drop them without a word: an agent used to another tool set's names
             # (file_path, timeout, -i) would get a call that quietly does something else.
-            known = list(tool.parameters.get("properties", {}))
+            properties = tool.parameters.get("properties", {})
+            known = list(properties)
             unknown = [key for key in arguments if key not in known]
             if unknown:
                 raise ToolError(f"invalid arguments for {name}: {unknown_parameters(unknown, known)}")
+            if mistyped := truth_values_mistyped(arguments, properties):
+                raise ToolError(f"invalid arguments for {name}: {mistyped}. Fix them and call again")
         try:
             return await super().call_tool(name, arguments, context)
         except ToolError as exc:
@@ -329,6 +332,20 @@ _SAID_ELSEWHERE = {
     "-C": "context",
     "run_in_bg": "run_in_background",
 }
+
+
+def truth_values_mistyped(arguments: dict[str, Any], properties: dict[str, Any]) -> str:
+    """What pydantic would take, and should not: true as a number (timeout_ms: true is a 1 ms
+    timeout), or "yes" as true. (A number sent as a string, "100", is taken as meant.)"""
+    problems = []
+    for key, value in arguments.items():
+        schema = properties.get(key, {})
+        types = {schema.get("type")} | {option.get("type") for option in schema.get("anyOf", [])}
+        if isinstance(value, bool) and "boolean" not in types and types & {"integer", "number"}:
+            problems.append(f"{key}: a number, not {json.dumps(value)}")
+        elif "boolean" in types and value is not None and not isinstance(value, bool):
+            problems.append(f"{key}: true or false, not {json.dumps(value)}")
+    return "; ".join(problems)
 
 
 def unknown_parameters(unknown: list[str], known: list[str]) -> str:
@@ -749,7 +766,7 @@ def register_file_tools(server: MCPServer, state: ServerState) -> None:
         sandbox: SandboxArg = None,
     ) -> Annotated[CallToolResult, R.EditResult]:
         """Apply several exact-string edits to one file in order, atomically: either all apply or none
-        does (the error names the failing edit's index)."""
+        does (the error names the failing edit as edits[i], i counted from 0)."""
         box = await state.sandbox(sandbox)
         return edited(await box.multi_edit(path, [Edit(e.old_string, e.new_string, e.replace_all) for e in edits]))
 
