@@ -53,6 +53,20 @@ async def test_allowed_hosts_with_and_without_ports_and_https_origins() -> None:
         assert await status("127.0.0.1", "http://127.0.0.1") == 421  # (loopback names carry the port)
 
 
+async def test_a_wildcard_bind_with_allowed_hosts_still_answers_on_loopback() -> None:
+    env = server_env(TETHER_MCP_TOKEN=TOKEN)
+    with http_server("--allow-host", "tether.example", env=env, host="0.0.0.0") as (_, url, _):
+        port = url.split(":")[2].split("/")[0]
+        async with httpx.AsyncClient() as client:
+            for host, expected in ((f"127.0.0.1:{port}", 200), (f"localhost:{port}", 200), ("tether.example", 200)):
+                headers = {**MCP_HEADERS, "Host": host, "Authorization": f"Bearer {TOKEN}"}
+                answer = await client.post(f"http://127.0.0.1:{port}/mcp", headers=headers, json=INITIALIZE)
+                assert answer.status_code == expected, host
+            headers = {**MCP_HEADERS, "Host": "evil.example", "Authorization": f"Bearer {TOKEN}"}
+            answer = await client.post(f"http://127.0.0.1:{port}/mcp", headers=headers, json=INITIALIZE)
+            assert answer.status_code == 421
+
+
 def test_a_malformed_allow_host_is_refused_before_serving() -> None:
     for bad in ("box:http", "box:0", ":8080", "box:99999"):
         refused = tether("mcp", "--transport", "http", "--port", "0", "--allow-host", bad, timeout=30)

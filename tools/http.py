@@ -154,9 +154,11 @@ def _name_and_port(value: str) -> tuple[str, str]:
 
 
 def build_app(server: MCPServer, host: str, port: int, token: str | None, allowed_hosts: list[str]) -> ASGIApp:
-    # (on loopback, the address bound too: 127.0.0.2 is loopback, and the URL printed names it)
+    # (on loopback, the address bound too: 127.0.0.2 is loopback, and the URL printed names it;
+    # a wildcard bind, 0.0.0.0 or ::, serves loopback as well)
     names = ("127.0.0.1", "localhost", "[::1]", url_host(host))
-    hosts = list(dict.fromkeys(f"{h}:{port}" for h in names)) if is_loopback(host) else []
+    serves_loopback = is_loopback(host) or host in ("0.0.0.0", "::")
+    hosts = list(dict.fromkeys(f"{h}:{port}" for h in names)) if serves_loopback else []
     hosts += [pattern for value in allowed_hosts for pattern in host_patterns(value)]
     security = TransportSecuritySettings(
         # Off-loopback with no --allow-host, the bearer token is the protection (a rebinding page
