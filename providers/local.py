@@ -26,7 +26,7 @@ from sandbox.state import process_running
 from .base import Capacity, Handle, ListedResource, Progress, Provider, ProvisionSpec, SandboxStatus, no_progress
 from .capacity import host_capacity
 from .config import LocalPoolConfig
-from .errors import ProviderError, ProviderUnavailable
+from .errors import ProviderError, ProviderUnavailable, SandboxGone
 from .ledger import SANDBOX_ID
 from .local_server import (
     TERM_GRACE_S,
@@ -82,6 +82,14 @@ class LocalProvider(Provider):
         named still runs and a live connection reaches the sandbox there. Otherwise (the daemon
         started, stopped or moved; no connection yet, or the last one failed or was lost) it is looked
         for again, asking the daemon whether it answers, off the event loop."""
+        sandbox_id = _sandbox_id(handle)
+        if not work_dir(sandbox_id).is_dir():  # (the server would refuse the login: not a key problem)
+            raise SandboxGone(
+                sandbox_id,
+                "gone",
+                f"sandbox {sandbox_id}'s directory {work_dir(sandbox_id)} is gone (removed outside tether); "
+                f"`tether down {sandbox_id}` records its end (`tether gc` finds all such)",
+            )
         known = known_server()
         if known is not None and self.connections is not None:
             endpoint = _endpoint(handle, known)

@@ -11,6 +11,7 @@ import queue
 import re
 import select
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -569,6 +570,18 @@ def test_an_open_tether_ssh_session_is_activity_and_an_expired_sandbox_gets_none
         refused = tether("ssh", expiring)
         assert refused.returncode == 2 and "expired" in refused.stderr, refused.stderr
         assert reaper.ledger.get(expiring).status == "terminated"
+    finally:
+        tether("down", box)
+
+
+def test_a_local_sandbox_whose_directory_was_removed_says_so() -> None:
+    box = tether("up", "local").stdout.strip()
+    try:
+        shutil.rmtree(local_dir() / "sandboxes" / box / "work")
+        refused = tether("exec", box, "--", "true")
+        assert refused.returncode == 2 and "directory" in refused.stderr and "is gone" in refused.stderr, refused.stderr
+        assert "authentication" not in refused.stderr and f"tether down {box}" in refused.stderr
+        assert tether("down", box).returncode == 0
     finally:
         tether("down", box)
 
