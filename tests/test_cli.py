@@ -221,6 +221,8 @@ def test_errors_say_what_to_do() -> None:
     assert unknown.returncode == 2 and "unknown provider 'nope'; known: local" in unknown.stderr
     no_such = tether("mcp", "--provider", "nope")  # refused at start, not blamed on each tool call
     assert no_such.returncode == 2 and "unknown provider 'nope'" in no_such.stderr
+    bad_host = tether("mcp", "--attach", "bad host", timeout=30)  # (stdio: it would wait for a client)
+    assert bad_host.returncode == 2 and "cannot parse SSH address 'bad host'" in bad_host.stderr
     unimplemented = tether("up", "daytona")
     assert unimplemented.returncode == 2 and "daytona provider is not part of this version" in unimplemented.stderr
 

@@ -187,6 +187,8 @@ def mcp_command(args: argparse.Namespace) -> int:
     token = resolve_token(args.host, args.generate_token, allowed_hosts=args.allow_host) if http else None
     if args.identity and not args.attach:
         raise ValueError("--identity is the key for --attach; give the host too")
+    if args.attach:
+        SSHEndpoint.resolve(args.attach)  # (an address it cannot use: refused now, not at the first tool call)
     state = ServerState(
         provider=args.provider, attach=args.attach, identity=args.identity, reap_interval=args.reap_interval
     )
