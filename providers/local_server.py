@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import io
 import json
@@ -18,6 +19,7 @@ import logging
 import os
 import pwd
 import socket
+import sys
 import threading
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -257,6 +259,21 @@ class RunningServer:
     client_key: Path
 
 
+def keep_environment_private() -> None:
+    """Keep the shells this process serves from reading its environment (tether's credentials,
+    which session_env keeps out of theirs) in /proc/PID/environ, or its memory through ptrace: on
+    Linux the process is made non-dumpable, which leaves those to root alone. (A local sandbox is
+    not an isolation boundary: it runs as you. This closes the one-line way to what tether holds.)"""
+    if sys.platform != "linux":
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+PR_SET_DUMPABLE = 4  # (linux/prctl.h)
+
+
 class LocalSSHServer:
     """One embedded server, on a thread of its own."""
 
@@ -270,6 +287,7 @@ class LocalSSHServer:
         """Start listening (idempotent); returns where."""
         if self.running is not None:
             return self.running
+        keep_environment_private()
         ready: asyncio.Future[RunningServer] | None = None
         started = threading.Event()
         failure: list[BaseException] = []

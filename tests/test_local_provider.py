@@ -174,6 +174,9 @@ NONROOT_SCRIPT = textwrap.dedent("""
             await sb.edit("app/main.py", "hello", "greetings")
             report["python"] = (await sb.run("python3 app/main.py")).stdout
             report["glob"] = [os.path.basename(f) for f in (await sb.glob("**/*.py")).files]
+            # the server's environment (tether's credentials) is not the sandbox's to read
+            peek = await sb.run(f"cat /proc/{os.getpid()}/environ")
+            report["environ_read"] = "TETHER_STATE_DIR=" in peek.stdout
             job = await sb.start_job("echo job-ran")
             report["job"] = (await sb.job_output(job.id, wait_ms=5000)).stdout
             report["sandbox_dir_exists"] = os.path.isdir(os.path.join(os.environ["TETHER_STATE_DIR"], "local"))
@@ -253,6 +256,7 @@ def test_local_provider_as_a_non_root_user_without_sshd(tmp_path: Path) -> None:
         assert report["python"] == "greetings from tether\n"
         assert report["glob"] == ["main.py"]
         assert report["job"] == "job-ran\n"
+        assert report["environ_read"] is False
         assert report["removed"], "destroy left the sandbox's directory behind"
     finally:
         if is_root():
