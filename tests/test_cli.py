@@ -569,6 +569,8 @@ def test_an_open_tether_ssh_session_is_activity_and_an_expired_sandbox_gets_none
         assert box in [r for r, _ in asyncio.run(reaper.reap())]  # (once it ended, idle like any other)
         expiring = tether("up", "local", "--ttl", "0.5").stdout.strip()
         time.sleep(0.8)
+        listed = tether("ls")
+        assert any(expiring in line and "running (expired)" in line for line in listed.stdout.splitlines())
         refused = tether("ssh", expiring)
         assert refused.returncode == 2 and "expired" in refused.stderr, refused.stderr
         assert reaper.ledger.get(expiring).status == "terminated"

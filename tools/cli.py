@@ -312,12 +312,21 @@ def ls_command(args: argparse.Namespace) -> int:
         print_json([record_json(r, fleet) for r in records])
     else:
         rows = [{**record_row(r), "cost": cost_text(r, fleet)} for r in records]
+        expired = [row for row, r in zip(rows, records, strict=True) if r.live and _past_ttl(r)]
+        for row in expired:  # (it runs, and costs, until something ends it: say so)
+            row["status"] += " (expired)"
         print_table(
             rows,
             ["id", "name", "provider", "pool", "status", "created_at", "expires_at", "cost"],
             empty="no sandboxes; create one with `tether up local`",
         )
+        if expired:
+            print("(expired: ended at its next use, by a running `tether mcp`, or by `tether gc`)", file=sys.stderr)
     return 0
+
+
+def _past_ttl(record: SandboxRecord) -> bool:
+    return record.expires_at is not None and time.time() >= record.expires_at
 
 
 @command("info")
@@ -491,7 +500,7 @@ async def write_raw(stream: str, data: bytes) -> None:
 def ssh_command(args: argparse.Namespace) -> int:
     fleet = existing_fleet()
     record = fleet.record(args.id)
-    if record.status == "running" and record.expires_at is not None and time.time() >= record.expires_at:
+    if record.status == "running" and _past_ttl(record):
         with_fleet(lambda fleet: fleet.get(record.id))  # (ends it, as any use would: SandboxGone says so)
     if record.status != "running":
         raise ValueError(f"sandbox {args.id} is {record.status}")
