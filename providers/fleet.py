@@ -278,7 +278,8 @@ class Fleet:
         pool = self._choose(request)
         provider = self.provider_for(pool)
         provider.check_request(request)  # (before the row: a refused request leaves no trace)
-        gpu_type, gpu_count = _gpu_of(request, pool)
+        unapplied = provider.unapplied(request)
+        gpu_type, gpu_count = _gpu_of(request, pool) if "gpu" not in unapplied else (None, 0)
         sandbox_id = new_sandbox_id()
         name = request.name or f"{pool.provider}-{sandbox_id[3:9]}"
         self.ledger.insert(
@@ -300,7 +301,7 @@ class Fleet:
         try:
             await progress(f"provisioning {name} on pool {pool.name} ({pool.provider})", 0.05)
             notes = []
-            if unapplied := provider.unapplied(request):
+            if unapplied:
                 notes.append(f"note: {pool.provider} uses the machine as it is; {', '.join(unapplied)} not applied")
                 log.info("%s: %s", sandbox_id, notes[-1])
                 await progress(notes[-1], 0.05)

@@ -23,7 +23,17 @@ from sandbox import SSHEndpoint
 from sandbox.jobs import STOP_ALL_JOBS
 from sandbox.state import process_running
 
-from .base import Capacity, Handle, ListedResource, Progress, Provider, ProvisionSpec, SandboxStatus, no_progress
+from .base import (
+    Capacity,
+    Handle,
+    ListedResource,
+    Progress,
+    Provider,
+    ProvisionSpec,
+    Request,
+    SandboxStatus,
+    no_progress,
+)
 from .capacity import host_capacity
 from .config import LocalPoolConfig
 from .errors import ProviderError, ProviderUnavailable, SandboxGone
@@ -57,6 +67,12 @@ class LocalProvider(Provider):
     endpoint_moves = True  # the daemon's server, or this process's own when none runs
     option_names = ()
     sizes_by = ()  # (the machine as it is)
+
+    def unapplied(self, request: Request) -> list[str]:
+        """As any provider's, and a GPU asked of a machine that has none (no nvidia-smi): the
+        sandbox gets none, and is billed for none."""
+        missing_gpu = request.gpu is not None and shutil.which("nvidia-smi") is None
+        return [*super().unapplied(request), *(["gpu"] if missing_gpu else [])]
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

@@ -87,6 +87,30 @@ async def test_sizing_the_local_machine_cannot_take_is_said_not_silently_dropped
     assert heard and not [m for m in heard if m.startswith("note:")], heard
     await sized.destroy()
     await plain.destroy()
+    # a GPU asked of a machine with none (a pool that says it has one): none given, none billed
+    said_gpu = Fleet(
+        config={
+            "pools": [
+                {
+                    "name": "gpu-here",
+                    "provider": "local",
+                    "runtime_provides": {"runtimeKinds": [], "requirementKinds": ["gpu"]},
+                }
+            ]
+        }
+    )
+    try:
+        heard.clear()
+        gpu = await said_gpu.create(Request(gpu="a100"), progress)
+        record = said_gpu.ledger.get(gpu.id)
+        if shutil.which("nvidia-smi") is None:
+            assert "note: local uses the machine as it is; gpu not applied" in heard, heard
+            assert (record.gpu_type, record.gpu_count) == (None, 0)
+            assert (await gpu.destroy()).gpu_seconds == 0
+        else:  # (a machine with one: given, and billed)
+            assert record.gpu_type == "a100"
+    finally:
+        await said_gpu.close(teardown_created=True)
 
 
 async def test_each_local_sandbox_has_its_own_dir_and_jobs(fleet: Fleet) -> None:
