@@ -90,7 +90,10 @@ class _EndpointConnections:
         self.connections: list[PooledConnection] = []
         self.changed = asyncio.Condition()
         self.dialing = 0
-        self.ever_connected = False
+        # Whether a dial retries through REDIAL_BACKOFF: once a connection was had (a drop is often
+        # a moment's: sshd restarting), until a re-dial failed all the way through it (the host is
+        # down: each caller then learns so at the first refusal, not after seconds of retries).
+        self.redial_backoff = False
         self.holds = 0  # tunnels using the forwarding connection (see Hold)
         # Learned from refusals; every connection to the same server shares it.
         self.session_limit = DEFAULT_SESSION_LIMIT
@@ -286,21 +289,25 @@ class ConnectionPool:
             group.changed.notify_all()
         pooled = PooledConnection(conn, group, ChannelBudget(group.session_limit))
         group.connections.append(pooled)
-        group.ever_connected = True
+        group.redial_backoff = True
         # Others waiting for room may fit on the new connection too.
         group.changed.notify_all()
         asyncio.get_running_loop().create_task(self._watch(group, pooled))
         return pooled
 
     async def _dial_with_backoff(self, group: _EndpointConnections) -> asyncssh.SSHClientConnection:
-        delays = REDIAL_BACKOFF if group.ever_connected else ()
+        delays = REDIAL_BACKOFF if group.redial_backoff else ()
         for delay in delays:
             try:
                 return await dial(group.endpoint, self.pins)
             except (Unreachable, ConnectionLost) as exc:
                 log.info("re-dial of %s failed (%s); retrying in %.2fs", group.endpoint.display, exc, delay)
                 await asyncio.sleep(delay)
-        return await dial(group.endpoint, self.pins)
+        try:
+            return await dial(group.endpoint, self.pins)
+        except (Unreachable, ConnectionLost):
+            group.redial_backoff = False
+            raise
 
     async def _watch(self, group: _EndpointConnections, pooled: PooledConnection) -> None:
         with contextlib.suppress(Exception):

@@ -24,6 +24,7 @@ import pytest
 from providers import Fleet
 from providers.ledger import Ledger
 from providers.local import LocalProvider
+from sandbox.pool import REDIAL_BACKOFF
 from tests.mcp_support import (
     ROOT,
     http_client,
@@ -919,3 +920,26 @@ def test_a_client_gone_without_a_goodbye_ends_the_server_quietly() -> None:
     server.stdin.close()
     assert server.wait(30) == 0
     assert "Traceback" not in server.stderr.read().decode()
+
+
+async def test_sandbox_info_of_a_host_that_went_away_says_it_could_not_ask(sshd: SSHD, client_key: Path) -> None:
+    """Its jobs and ports then read empty: `unreachable` says why, so that no agent takes that for none."""
+    server = SSHD(sshd.account, client_key).start()
+    async with stdio_client() as client:
+        try:
+            attached = structured(
+                await client.call_tool("host_attach", {"host": server.address, "key_path": str(client_key)})
+            )
+            assert (
+                structured(await client.call_tool("sandbox_info", {"sandbox": attached["id"]}))["unreachable"] is None
+            )
+        finally:
+            server.cleanup()
+        info = structured(await client.call_tool("sandbox_info", {"sandbox": attached["id"]}))
+        assert info["status"] == "running" and info["jobs"] == [] and "cannot connect" in info["unreachable"], info
+        # The first call waited out the re-dial backoff (a dropped connection is often a moment's);
+        # once that failed, the host is taken for down: the next call learns so at the first refusal.
+        started = time.monotonic()
+        again = structured(await client.call_tool("sandbox_info", {"sandbox": attached["id"]}))
+        assert "cannot connect" in again["unreachable"] and time.monotonic() - started < sum(REDIAL_BACKOFF)
+        await client.call_tool("sandbox_destroy", {"sandbox": attached["id"]})

@@ -224,6 +224,11 @@ class SandboxInfo(Result):
     jobs: list[JobInfo]
     tunnels: list[TunnelResult]
     listening_ports: list[int] = Field(default_factory=list)
+    unreachable: str | None = Field(
+        None,
+        description="Why the machine could not be asked for capacity, cwd, jobs or listening ports: they "
+        "are then left empty, which does not mean it has none",
+    )
 
 
 class DestroyResult(Result):

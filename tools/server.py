@@ -614,6 +614,7 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
             if isinstance(answer, BaseException) and not isinstance(answer, (SandboxError, ProviderError)):
                 raise answer
         capacity, jobs, cwd, ports = (None if isinstance(a, BaseException) else a for a in answers)
+        failures = [str(a) for a in answers if isinstance(a, BaseException)]
         info = R.SandboxInfo(
             id=record.id,
             name=record.name,
@@ -630,6 +631,7 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
             jobs=jobs or [],
             tunnels=state.open_tunnels(record.id),
             listening_ports=ports or [],
+            unreachable=failures[0] if failures else None,  # (the same trouble each time, as a rule)
         )
         return ok(info)
 
