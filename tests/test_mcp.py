@@ -189,6 +189,8 @@ async def test_file_and_shell_tools(where: str, transport: str, ssh_pool_env: di
         ]:
             refused = await client.call_tool("run", arguments)
             assert refused.is_error and said in text(refused), text(refused)
+        unknown_tool = await client.call_tool("read_file", {"path": "x"})
+        assert unknown_tool.is_error and "unknown tool 'read_file' (did you mean 'read'?)" in text(unknown_tool)
         missing = await client.call_tool("edit", {"path": "x"})
         assert missing.is_error and "old_string: Field required" in text(missing)
         # another tool set's names are refused, with tether's name for them, not quietly dropped

@@ -298,7 +298,12 @@ class TetherServer(MCPServer):
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
         tool = self._tool_manager.get_tool(name)
-        if tool is not None and isinstance(arguments, dict):
+        if tool is None:
+            names = [t.name for t in self._tool_manager.list_tools()]
+            close = difflib.get_close_matches(name, names, n=1)
+            guess = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ToolError(f"unknown tool {name!r}{guess}; the tools are: {', '.join(sorted(names))}")
+        if isinstance(arguments, dict):
             # pydantic would drop them without a word: an agent used to another tool set's names
             # (file_path, timeout, -i) would get a call that quietly does something else.
             properties = tool.parameters.get("properties", {})
