@@ -19,7 +19,7 @@ from pathlib import Path
 import asyncssh
 
 from .channels import SFTPChannel
-from .errors import WRITE_SPECIAL_HINT, FileNotFound, FileOperationError, IsADirectory, SpecialFile
+from .errors import WRITE_SPECIAL_HINT, FileNotFound, FileOperationError, IsADirectory, SandboxError, SpecialFile
 from .files import (
     MAX_LINK_HOPS,
     PRIVATE,
@@ -134,7 +134,6 @@ class Transfers:
                 raise IsADirectory(str(local), COPIES_FILES)
             if not stat.S_ISREG(mode):
                 raise SpecialFile(str(local), special_mode_kind(mode) or "odd", WRITE_SPECIAL_HINT)
-        local.parent.mkdir(parents=True, exist_ok=True)
         temp = local.with_name(temp_name(local.name, "part"))
 
         async def get(sftp: asyncssh.SFTPClient) -> int:
@@ -145,7 +144,12 @@ class Transfers:
                 what = special_kind(attrs)
                 if what is not None:  # (opening a named pipe would block sftp-server)
                     raise SpecialFile(remote, what)
-                with open(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:  # private until done
+                try:  # (only once there is something to copy: a failed copy leaves no directories)
+                    local.parent.mkdir(parents=True, exist_ok=True)
+                    created = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # private until done
+                except OSError as exc:
+                    raise local_write_failure(local, exc) from None
+                with open(created, "wb") as f:
                     if attrs.size:
                         await _receive(sftp, remote, f.fileno(), attrs.size, progress, self._pieces)
                     else:  # it may hold more than it says (/proc's files): read to the end
@@ -162,6 +166,13 @@ class Transfers:
             return size
 
         return await self.sftp.once(get)
+
+
+def local_write_failure(local: Path, exc: OSError) -> SandboxError:
+    """A copy that cannot be written on this machine, named as asked for (not by the temp file
+    beside it, which is what the OS names)."""
+    reason = (exc.strerror or str(exc)).lower()
+    return SandboxError(f"{local}: cannot write it on this machine: {reason}")
 
 
 async def _upload_target(

@@ -491,6 +491,11 @@ def test_exec_and_cp_at_the_edges(tmp_path: Path) -> None:
         assert directory.returncode == 2 and "copies are of single files" in directory.stderr, directory.stderr
         denied = tether("cp", f"{box}:f.txt", "/proc/no-such-dir/f.txt")  # an OSError here: a message
         assert denied.returncode == 2 and denied.stderr.startswith("tether: ") and "Traceback" not in denied.stderr
+        assert "/proc/no-such-dir/f.txt: cannot write it on this machine" in denied.stderr, denied.stderr
+        assert ".part" not in denied.stderr  # (tether's temp file is not what was asked for)
+        missing = tether("cp", f"{box}:no-such.txt", f"{tmp_path}/not-made/")
+        assert missing.returncode == 2 and "no such file" in missing.stderr
+        assert not (tmp_path / "not-made").exists()  # (a failed copy leaves no directory behind)
     finally:
         tether("down", box)
 
