@@ -76,6 +76,15 @@ def _ending_here(sandbox_id: str) -> asyncio.Future[bool] | None:
     return ending if ending is not None and ending.get_loop() is here and not ending.done() else None
 
 
+def activity_flush_every(idle_timeout: float | None) -> float:
+    """How stale the ledger's last_activity may grow while a sandbox is in use: every
+    ACTIVITY_FLUSH_SECONDS, or a third of a shorter idle timeout (so that another process's
+    reaper never sees a sandbox in use as idle)."""
+    if idle_timeout is None:
+        return ACTIVITY_FLUSH_SECONDS
+    return min(ACTIVITY_FLUSH_SECONDS, idle_timeout / 3)
+
+
 def summary(record: SandboxRecord) -> dict[str, Any]:
     """What events say about a sandbox (no handle, no request: nothing secret)."""
     return {
@@ -110,12 +119,7 @@ class ManagedSandbox(Sandbox):
 
     @property
     def flush_every(self) -> float:
-        """How stale the ledger's last_activity may grow while this sandbox is in use: every
-        ACTIVITY_FLUSH_SECONDS, or a third of a shorter idle timeout (so that another process's
-        reaper never sees a sandbox in use as idle)."""
-        if self.idle_timeout is None:
-            return ACTIVITY_FLUSH_SECONDS
-        return min(ACTIVITY_FLUSH_SECONDS, self.idle_timeout / 3)
+        return activity_flush_every(self.idle_timeout)
 
     @property
     def _p(self):  # type: ignore[no-untyped-def]
@@ -433,12 +437,12 @@ class Fleet:
         if record.status == "terminated":
             self._open.pop(record.id, None)
             raise SandboxGone(ref, f"terminated ({record.status_reason})")
-        ending = record.ending()  # (by another process)
-        if _ending_here(record.id) is not None or ending is not None:
-            raise SandboxGone(ref, f"being terminated ({ending})" if ending else "being terminated")
+        ending = record.ending()  # (by this process or another: each claims it in the ledger first)
+        if ending is not None:
+            raise SandboxGone(ref, f"being terminated ({ending})")
         if record.status in ("provisioning", "failed"):
             raise ProviderError(f"sandbox {ref!r} is {record.status}; wait, or destroy it and create another")
-        if record.expires_at is not None and time.time() >= record.expires_at:
+        if record.expired():
             # Past its TTL: ended now, not used until a reaper comes by (a CLI command runs none).
             try:
                 await self.destroy(record.id, "expired (TTL)")
@@ -780,7 +784,7 @@ class Fleet:
             reason, idle_since = None, None
             if record.ending_interrupted():
                 reason = f"{record.ending_reason} (finished here: the process ending it died first)"
-            elif record.expires_at is not None and now >= record.expires_at:
+            elif record.expired(now):
                 reason = "expired (TTL)"
             elif record.idle_timeout is not None and now - record.last_activity >= record.idle_timeout:
                 reason, idle_since = f"idle for {now - record.last_activity:.0f}s", record.last_activity

@@ -140,6 +140,10 @@ class SandboxRecord:
     def live(self) -> bool:
         return self.status != "terminated"
 
+    def expired(self, now: float | None = None) -> bool:
+        """Past its TTL (it may still run, and cost, until something ends it)."""
+        return self.expires_at is not None and (time.time() if now is None else now) >= self.expires_at
+
     def paused_until(self, end: float) -> float:
         """Seconds spent paused up to `end`."""
         ongoing = max(0.0, end - self.paused_at) if self.paused_at is not None else 0.0

@@ -152,7 +152,10 @@ def test_copies_between_two_sandboxes_keep_names_and_modes(tmp_path: Path) -> No
         listed = tether(
             "exec", two, "--", "stat -c '%a %n' run.sh proj/run.sh into/run.sh proj/sub/f.txt into/sub/f.txt"
         )
-        assert listed.stdout.split("\n")[:3] == ["775 run.sh", "775 proj/run.sh", "775 into/run.sh"], listed.stdout
+        modes = listed.stdout.splitlines()
+        assert modes[:3] == ["775 run.sh", "775 proj/run.sh", "775 into/run.sh"], listed.stdout
+        original = tether("exec", one, "--", "stat -c %a proj/sub/f.txt").stdout.strip()
+        assert modes[3:] == [f"{original} proj/sub/f.txt", f"{original} into/sub/f.txt"], listed.stdout
         assert listed.returncode == 0 and "into/proj" not in tether("exec", two, "--", "find into").stdout
     finally:
         for box in (one, two):
@@ -527,7 +530,8 @@ def test_a_config_mistake_keeps_no_one_from_the_sandboxes_that_exist(tmp_path: P
         for where, named in ((env, "config.toml is not valid TOML: 'utf-8' codec"), (dir_env, "is a directory")):
             refused = tether("up", "local", env=where)
             assert refused.returncode == 2 and named in refused.stderr, refused.stderr
-            assert named in tether("exec", box, "--", "true", env=where).stderr
+            ran = tether("exec", box, "--", "true", env=where)
+            assert ran.returncode == 0 and named in ran.stderr, ran.stderr
         assert tether("down", box, env=env).returncode == 0
         assert json.loads(tether("info", box, "--json", env=env).stdout)["status"] == "terminated"
     finally:

@@ -35,6 +35,7 @@ from providers import Fleet, Request, SandboxRecord
 from providers import host as host_daemon
 from providers.capacity import host_capacity
 from providers.errors import ProviderError
+from providers.fleet import activity_flush_every
 from providers.local_server import local_dir, work_dir
 from providers.registry import profile_of
 from sandbox import SSHEndpoint
@@ -90,30 +91,31 @@ def stop_signals_cancel() -> None:
             loop.add_signal_handler(sig, stop, sig)
 
 
-def with_fleet(work: Callable[[Fleet], Awaitable[T]], creates: bool = False) -> T:
-    """Run `work` on a fleet, closing its connections (never tearing anything down) afterwards.
-    Chat channels hear of the sandboxes it creates and terminates (up, attach, down, gc).
-    `creates`: config.toml must be read whole (else see `existing_fleet`)."""
-    return with_fleet_and_channels(lambda fleet, _: work(fleet), creates)
+def with_fleet(work: Callable[[Fleet], Awaitable[T]]) -> T:
+    """Run `work` on the command's fleet (see `command_fleet`), closing its connections (never
+    tearing anything down) afterwards. Chat channels hear of the sandboxes it creates and
+    terminates (up, attach, down, gc)."""
+    return with_fleet_and_channels(lambda fleet, _: work(fleet))
 
 
-def with_fleet_and_channels(work: Callable[[Fleet, Notifier], Awaitable[T]], creates: bool = False) -> T:
-    """As `with_fleet`, handing `work` the chat channels' notifier too (for its tunnels)."""
+def with_fleet_and_channels(work: Callable[[Fleet, Notifier], Awaitable[T]], fleet: Fleet | None = None) -> T:
+    """As `with_fleet`, handing `work` the chat channels' notifier too (for its tunnels); on
+    `fleet` when the command has made it already."""
 
     async def run() -> T:
         stop_signals_cancel()
-        fleet = Fleet() if creates else existing_fleet()
+        used = fleet or command_fleet()
         try:
-            notifier = fleet_notifier(fleet)
+            notifier = fleet_notifier(used)
         except ValueError as exc:  # (a channel that cannot be read: none hears of this command's work)
-            if creates:
+            if _whole_config:
                 raise
             warn_config([str(exc)])
             notifier = Notifier([])
         try:
-            return await work(fleet, notifier)
+            return await work(used, notifier)
         finally:
-            await fleet.close()
+            await used.close()
             # A person waits on this: a first attempt and a retry or two, not a dead channel's
             # whole backoff.
             await notifier.drain(CLI_CHANNEL_WAIT_S)
@@ -123,13 +125,16 @@ def with_fleet_and_channels(work: Callable[[Fleet, Notifier], Awaitable[T]], cre
 
 # The commands that refuse to run on a config.toml with a mistake in it: they make something new
 # from it. (doctor reports the mistakes; the others work on sandboxes that exist.)
-NEEDS_WHOLE_CONFIG = {"mcp", "demo", "up", "attach", "pools", "tunnel", "host"}
+NEEDS_WHOLE_CONFIG = {"mcp", "up", "attach", "pools", "tunnel", "host"}
+_whole_config = True  # whether the running command is one of them (set by main)
 
 
-def existing_fleet() -> Fleet:
-    """A fleet for work on sandboxes that exist (ls, info, exec, cp, down, gc, …): a part of
-    config.toml that cannot be read is left out, with a warning, not a refusal. Machines that run,
-    and cost, can always be used and torn down."""
+def command_fleet() -> Fleet:
+    """The running command's fleet. For work on sandboxes that exist (ls, info, exec, cp, down,
+    gc, …), a part of config.toml that cannot be read is left out, with a warning, not refused:
+    machines that run, and cost, can always be used and torn down."""
+    if _whole_config:
+        return Fleet()
     fleet = Fleet(lenient=True)
     try:
         check_sections(fleet.config)
@@ -187,8 +192,6 @@ def mcp_command(args: argparse.Namespace) -> int:
     token = resolve_token(args.host, args.generate_token, allowed_hosts=args.allow_host) if http else None
     if args.identity and not args.attach:
         raise ValueError("--identity is the key for --attach; give the host too")
-    if args.attach:
-        SSHEndpoint.resolve(args.attach)  # (an address it cannot use: refused now, not at the first tool call)
     state = ServerState(
         provider=args.provider, attach=args.attach, identity=args.identity, reap_interval=args.reap_interval
     )
@@ -275,7 +278,7 @@ def up_command(args: argparse.Namespace) -> int:
 
         print_created((await fleet.create(request, progress)).record, fleet, args.json)
 
-    with_fleet(up, creates=True)
+    with_fleet(up)
     return 0
 
 
@@ -300,19 +303,19 @@ def attach_command(args: argparse.Namespace) -> int:
     async def attach(fleet: Fleet) -> None:
         print_created((await fleet.create(request)).record, fleet, args.json)
 
-    with_fleet(attach, creates=True)
+    with_fleet(attach)
     return 0
 
 
 @command("ls")
 def ls_command(args: argparse.Namespace) -> int:
-    fleet = existing_fleet()
+    fleet = command_fleet()
     records = fleet.list(include_terminated=args.all)
     if args.json:
         print_json([record_json(r, fleet) for r in records])
     else:
         rows = [{**record_row(r), "cost": cost_text(r, fleet)} for r in records]
-        expired = [row for row, r in zip(rows, records, strict=True) if r.live and _past_ttl(r)]
+        expired = [row for row, r in zip(rows, records, strict=True) if r.live and r.expired()]
         for row in expired:  # (it runs, and costs, until something ends it: say so)
             row["status"] += " (expired)"
         print_table(
@@ -323,10 +326,6 @@ def ls_command(args: argparse.Namespace) -> int:
         if expired:
             print("(expired: ended at its next use, by a running `tether mcp`, or by `tether gc`)", file=sys.stderr)
     return 0
-
-
-def _past_ttl(record: SandboxRecord) -> bool:
-    return record.expires_at is not None and time.time() >= record.expires_at
 
 
 @command("info")
@@ -498,10 +497,11 @@ async def write_raw(stream: str, data: bytes) -> None:
 
 @command("ssh")
 def ssh_command(args: argparse.Namespace) -> int:
-    fleet = existing_fleet()
+    fleet = command_fleet()
     record = fleet.record(args.id)
-    if record.status == "running" and _past_ttl(record):
-        with_fleet(lambda fleet: fleet.get(record.id))  # (ends it, as any use would: SandboxGone says so)
+    if record.status == "running" and record.expired():
+        # (ends it, as any use would: SandboxGone says so)
+        with_fleet_and_channels(lambda used, _: used.get(record.id), fleet)
     if record.status != "running":
         raise ValueError(f"sandbox {args.id} is {record.status}")
     if record.provider == "local":
@@ -526,7 +526,7 @@ def run_as_activity(
     """Run a person's session (a shell, ssh) in the foreground until it ends; its exit code. While
     it is open the sandbox is in use: its last activity is written on, as a command's is, so that
     no reaper takes it for idle. (Ctrl-C and Ctrl-Z are the session's: not this process's.)"""
-    every = min(5.0, (record.idle_timeout or 15.0) / 3)
+    every = activity_flush_every(record.idle_timeout)
     ended = threading.Event()
 
     def beat() -> None:
@@ -766,7 +766,7 @@ def gc_command(args: argparse.Namespace) -> int:
 @command("costs")
 def costs_command(args: argparse.Namespace) -> int:
     rows = []
-    for record, event in existing_fleet().costs():
+    for record, event in command_fleet().costs():
         rows.append(
             {
                 "id": record.id,
@@ -985,6 +985,7 @@ def port_number(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _whole_config
     argv = sys.argv[1:] if argv is None else list(argv)
     # `tether exec ID [--timeout N] -- CMD...`: what follows the first `--` is the command, whatever
     # it looks like (argparse would eat that `--`, and then take a command's `-n` for an option).
@@ -1006,7 +1007,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "mcp":  # (which sets its own, with --verbose)
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="tether: %(message)s")
     try:
-        if args.command in NEEDS_WHOLE_CONFIG:  # (the others leave out what they cannot read: existing_fleet)
+        _whole_config = args.command in NEEDS_WHOLE_CONFIG
+        if _whole_config:  # (the others leave out what they cannot read: command_fleet)
             check_sections(read_config())
         return COMMANDS[args.command](args)
     except ValidationError as exc:

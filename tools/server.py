@@ -31,6 +31,7 @@ from providers import Fleet, ManagedSandbox, Request, SandboxGone, SandboxRecord
 from providers.config import MAX_TIMEOUT_S
 from providers.errors import ProviderError
 from providers.registry import profile_of
+from sandbox import SSHEndpoint
 from sandbox.errors import InvalidArgument, JobNotFound, SandboxError, validation_problems
 from sandbox.executor import MAX_OUTPUT_CHARS, cap_text, signal_name
 from sandbox.files import MAX_READ_CHARS, Edit, EditResult, Image
@@ -127,6 +128,7 @@ class ServerState:
         self.fleet = fleet or Fleet()
         self.default_request: Request | None = None
         if attach:
+            SSHEndpoint.resolve(attach)  # an address it cannot use is refused now, not blamed on each call
             # Kept: stopping the server must not kill what runs on someone's own machine.
             options = {"host": attach, **({"key_path": identity} if identity else {})}
             self.default_request = Request(provider="ssh", keep=True, options=options)
