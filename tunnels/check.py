@@ -22,13 +22,6 @@ class NothingListens(TunnelError):
 class NoAnswer(TunnelError):
     """No HTTP answer came through a URL."""
 
-    def __init__(self, url: str, timeout: float, problem: str) -> None:
-        self.problem = problem  # what httpx said, or "no answer"
-        # (the time is named only when it ran out: a connection reset comes at once)
-        within = f" within {timeout:g}s" if problem == "no answer" else ""
-        self.said = f"no HTTP answer came through {url}{within} ({problem})"
-        super().__init__(self.said)
-
 
 async def answers(url: str, headers: dict[str, str], timeout: float = CHECK_TIMEOUT) -> int:
     """GET `url`; any HTTP answer (even 404 or 500) passes. Returns the status code.
@@ -49,9 +42,9 @@ async def answers(url: str, headers: dict[str, str], timeout: float = CHECK_TIME
             return response.status_code
     except httpx.HTTPError as exc:
         problem = f"{type(exc).__name__}: {exc}".rstrip(": ")
-    except TimeoutError:
-        problem = "no answer"
-    raise NoAnswer(url, timeout, problem)
+        raise NoAnswer(f"no HTTP answer came through {url} ({problem})") from None
+    except TimeoutError:  # (the time is named only when it ran out: a connection reset comes at once)
+        raise NoAnswer(f"no HTTP answer came through {url} within {timeout:g}s (no answer)") from None
 
 
 async def verify(
@@ -67,7 +60,7 @@ async def verify(
     try:
         return await answers(url, headers, timeout)
     except NoAnswer as exc:
-        said = exc.said
+        said = str(exc)
     try:
         listening = port in await listening_ports(box)
     except PortsUnknown as exc:
