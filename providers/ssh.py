@@ -17,8 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from sandbox import Sandbox, SSHEndpoint
-from sandbox.endpoint import written_login_and_port
-from sandbox.errors import InvalidArgument, SandboxError, validation_problems
+from sandbox.errors import InvalidArgument, InvalidEndpoint, SandboxError, validation_problems
 from sandbox.jobs import STOP_JOBS_FN
 
 from .base import Capacity, Handle, Progress, Provider, ProvisionSpec, Request, SandboxStatus, no_progress
@@ -88,9 +87,6 @@ class SSHProvider(Provider):
                 "the ssh provider needs a host: user@host[:port] or an ~/.ssh/config alias (host_attach, "
                 "`tether attach HOST`, or an ssh pool with a host in config.toml)"
             )
-        for given, written in zip(("user", "port"), written_login_and_port(str(host)), strict=True):
-            if written is not None and options.get(given) is not None and options[given] != written:
-                raise InvalidArgument(f"{host} says {given} {written}, and {given} says {options[given]}: give one")
         user = options.get("user") or (config.user if config else None)
         port = options["port"] if options.get("port") is not None else (config.port if config else None)
         key = options.get("key_path") or (config.identityFile if config else None)
@@ -98,6 +94,8 @@ class SSHProvider(Provider):
             endpoint = SSHEndpoint.resolve(str(host), user=user, port=port)
         except ValidationError as exc:
             raise InvalidArgument(f"cannot attach to {host}: {validation_problems(exc)}") from None
+        except InvalidEndpoint as exc:  # (an address it cannot read, or one at odds with user or port)
+            raise InvalidArgument(f"cannot attach to {host}: {exc}") from None
         keys = identities(key) if key or not endpoint.key_paths else endpoint.key_paths
         return endpoint.model_copy(update={"key_paths": keys})
 

@@ -26,12 +26,13 @@ _ADDRESS = re.compile(
 DEFAULT_SSH_CONFIG = Path("~/.ssh/config")
 
 
-def written_login_and_port(target: str) -> tuple[str | None, int | None]:
-    """The user name and port an address spells out (`user@host:port`), each None when it does not."""
-    written = _ADDRESS.match(target.strip())
-    if written is None:
-        return None, None
-    return written["user"], int(written["port"]) if written["port"] else None
+def _refuse_contradictions(address: str, written: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """A user or port the address spells out that an override says otherwise is refused: which one
+    was meant is not for tether to guess."""
+    for key in ("user", "port"):
+        given = overrides.get(key)
+        if key in written and given is not None and given != written[key]:
+            raise InvalidEndpoint(f"{address} says {key} {written[key]}, and {key} says {given}: give one")
 
 
 _NOT_IN_LOGIN_NAMES = set("'\"`$;&|<>(){}[]*?!\\%#~=,/:")
@@ -114,6 +115,7 @@ class SSHEndpoint(BaseModel):
             if not 1 <= port <= 65535:
                 raise InvalidEndpoint(f"port {port} out of range in {address!r}")
             fields["port"] = port
+        _refuse_contradictions(address, fields, overrides)
         fields.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**fields)
 
@@ -129,6 +131,8 @@ class SSHEndpoint(BaseModel):
         options = _ssh_config_for(name, path) if name else {}
         if not options:
             return cls.parse(target, **overrides)
+        if bare and bare["user"]:
+            _refuse_contradictions(target, {"user": bare["user"]}, overrides)
         user = bare["user"] if bare and bare["user"] else options.get("User")
         fields: dict[str, Any] = {
             "host": options.get("Hostname", name),

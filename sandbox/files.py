@@ -37,7 +37,7 @@ from .errors import (
 )
 from .known import KnownContents
 from .pathlocks import PathLocks
-from .sftpio import holds_exactly, read_exactly, read_to_eof, write_all
+from .sftpio import holds_exactly, read_whole, write_all
 from .tempfacts import TempFileFacts
 
 log = logging.getLogger(__name__)
@@ -464,8 +464,7 @@ class Files:
             if size > max_bytes:
                 raise FileTooLarge(path, size, max_bytes)
             try:
-                # A size of 0 may be a lie (/proc files): then read until EOF, up to the limit.
-                data = await read_exactly(f, size) if size else await read_to_eof(f, max_bytes)
+                data = await read_whole(f, size, max_bytes)
             except asyncssh.SFTPError as exc:
                 raise sftp_error(path, exc) from None
             if len(data) > max_bytes:
@@ -811,11 +810,8 @@ class Files:
                 except FileOperationError:
                     return "stale"  # (or the edit does not apply: the file itself will say which)
             else:
-                # (a size of 0 may be a lie, as /proc's files tell it: then read to the end)
-                size = attrs.size
-                reading = read_exactly(original_file, size) if size else read_to_eof(original_file, MAX_EDIT_BYTES)
                 original, temp_attrs = await asyncio.gather(
-                    reading,
+                    read_whole(original_file, attrs.size or 0, MAX_EDIT_BYTES),
                     # (the temp file's own failure is reported after the edit's: asyncio.sleep(0) is a no-op)
                     temp_file.stat() if ask else asyncio.sleep(0),  # type: ignore[union-attr]
                     return_exceptions=True,

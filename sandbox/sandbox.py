@@ -18,7 +18,7 @@ import asyncssh
 
 from .channels import DEFAULT_IDLE_TIMEOUT, SFTPChannel, ShellPool
 from .endpoint import SSHEndpoint
-from .errors import ConnectionLost, FileNotFound, InvalidArgument, SandboxEnded
+from .errors import ConnectionLost, FileNotFound, InvalidArgument, SandboxEnded, edit_label
 from .executor import MAX_OUTPUT_CHARS, Executor, RawResult, RunResult
 from .files import Edit, EditResult, Files, FileStat, Image, ReadResult, WriteResult
 from .follow import OnOutput
@@ -185,13 +185,16 @@ class Sandbox:
         if "\0" in path:
             raise InvalidArgument("a path cannot contain NUL bytes")
         wire_bytes(path)  # (a lone surrogate: no name on the box has it)
-        if path == "~" or path.startswith("~/"):
-            path = await self.home() + path[1:]
-        elif not path.startswith("/"):
+        path = await self._expand_home(path)
+        if not path.startswith("/"):
             path = posixpath.join(await self.cwd(), path)
         normalized = posixpath.normpath(path)
         # normpath turns '//x' into '//x' on POSIX; a single leading slash is what SFTP servers expect.
         return "/" + normalized.lstrip("/")
+
+    async def _expand_home(self, path: str) -> str:
+        """`~` and `~/…` as the home directory; anything else as it is."""
+        return await self.home() + path[1:] if path == "~" or path.startswith("~/") else path
 
     async def resolve_file(self, path: str) -> str:
         """As `resolve`, for a path that must name a file: one ending in '/', '.' or '..' is refused
@@ -309,8 +312,8 @@ class Sandbox:
     async def glob(self, pattern: str, path: str | None = None) -> GlobResult:
         """Files matching `pattern` under `path` (default: cwd), newest first, at most 100."""
         where = await self.resolve(path or ".")
-        if isinstance(pattern, str) and (pattern == "~" or pattern.startswith("~/")):
-            pattern = await self.home() + pattern[1:]  # (as in any path: not a directory named '~')
+        if isinstance(pattern, str):
+            pattern = await self._expand_home(pattern)  # (as in any path: not a directory named '~')
         async with self._in_flight():  # (a search of a big tree is long work, as a command is)
             return await self._p.search.glob(pattern, where)
 
@@ -405,16 +408,17 @@ def _edit_from(index: int, fields: Mapping[str, Any]) -> Edit:
     """An Edit from a mapping (as JSON gives it), or InvalidArgument naming what is wrong."""
     if not isinstance(fields, Mapping):
         raise InvalidArgument(
-            f"edits[{index}]: expected an Edit or a mapping with old_string and new_string, not {type(fields).__name__}"
+            f"{edit_label(index)}expected an Edit or a mapping with old_string and new_string, "
+            f"not {type(fields).__name__}"
         )
     unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(Edit)})
     missing = sorted({"old_string", "new_string"} - set(fields))
     if unknown or missing:
         problem = f"unknown keys {unknown}" if unknown else f"missing {missing}"
-        raise InvalidArgument(f"edits[{index}]: {problem}; each edit has old_string, new_string and replace_all")
+        raise InvalidArgument(f"{edit_label(index)}{problem}; each edit has old_string, new_string and replace_all")
     old, new, replace_all = fields["old_string"], fields["new_string"], fields.get("replace_all", False)
     if not (isinstance(old, str) and isinstance(new, str) and isinstance(replace_all, bool)):
-        raise InvalidArgument(f"edits[{index}]: old_string and new_string are text, replace_all true or false")
+        raise InvalidArgument(f"{edit_label(index)}old_string and new_string are text, replace_all true or false")
     return Edit(old, new, replace_all)
 
 

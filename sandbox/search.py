@@ -376,13 +376,16 @@ class Search:
             if q.output_mode != "files_with_matches":
                 return raw
             # grep -l ends each path with a newline (POSIX grep has no -Z): NUL-separated here, as
-            # rg gives them, with the names that hold a newline put back together.
-            found = _paths_among(raw.stdout.decode("utf-8", "surrogateescape"), set(batch))
+            # rg gives them. A name holding a newline is searched alone: any output is its match.
+            text = raw.stdout.decode("utf-8", "surrogateescape")
+            found = batch if len(batch) == 1 and text else [path for path in text.split("\n") if path]
             listed = "".join(f"{path}\0" for path in found).encode("utf-8", "surrogateescape")
             return RawResult(raw.exit_code, listed, raw.stderr, raw.stdout_truncated)
 
+        alone = [p for p in paths if "\n" in p] if q.output_mode == "files_with_matches" else []
+        batched = [*_batches([p for p in paths if p not in alone]), *([p] for p in alone)]  # (-l: sorted again)
         async with task_group() as group:  # (a timeout or a lost connection, as itself)
-            batches = [group.create_task(grep(batch)) for batch in _batches(paths)]
+            batches = [group.create_task(grep(batch)) for batch in batched]
         # (a listing cut short was searched in part)
         return _combined([batch.result() for batch in batches], listing.stdout_truncated)
 
@@ -515,31 +518,6 @@ def _batches(paths: list[str], budget: int = GREP_BATCH_CHARS) -> list[list[str]
         batches[-1].append(path)
         size += cost
     return batches
-
-
-def _paths_among(listing: str, known: set[str]) -> list[str]:
-    """The paths of `known` that a listing of one per line names, in its order, names that hold a
-    newline put back together: the listing's lines read as a run of known names (a line may be the
-    start of one that goes on in the next: "a", then "a\nb", may each be a file)."""
-    lines = listing.split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    span = 1 + max((name.count("\n") for name in known), default=0)  # (lines one name can take)
-    # next_at[i]: where the name that starts at line i ends, such that the rest reads whole too
-    next_at: list[int | None] = [None] * len(lines) + [len(lines)]
-    for i in reversed(range(len(lines))):
-        for j in range(i + 1, min(i + span, len(lines)) + 1):
-            if next_at[j] is not None and "\n".join(lines[i:j]) in known:
-                next_at[i] = j
-    if next_at[0] is None:  # (not a listing of these: the names it does hold, line by line)
-        return [line for line in lines if line in known]
-    found, i = [], 0
-    while i < len(lines):
-        end = next_at[i]
-        assert end is not None
-        found.append("\n".join(lines[i:end]))
-        i = end
-    return found
 
 
 def _combined(results: list[RawResult], truncated: bool) -> RawResult:

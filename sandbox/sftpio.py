@@ -48,6 +48,12 @@ async def read_prefix(f: asyncssh.SFTPClientFile, max_bytes: int) -> tuple[bytes
     return head + await read_range(f, want - len(head), len(head)), size
 
 
+async def read_whole(f: asyncssh.SFTPClientFile, size: int, max_bytes: int) -> bytes:
+    """A whole file whose stat gave `size`: those bytes, or, when it says 0 (which /proc's files
+    say whatever they hold), whatever is there, up to `max_bytes` + 1 (the caller says too large)."""
+    return await read_exactly(f, size) if size else await read_to_eof(f, max_bytes)
+
+
 async def read_to_eof(f: asyncssh.SFTPClientFile, max_bytes: int) -> bytes:
     """Everything up to the end of a file whose size says nothing (an empty file, or /proc's, which
     say 0), up to `max_bytes` + 1 bytes: one request at a time (a parallel read of `max_bytes`

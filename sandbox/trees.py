@@ -64,7 +64,6 @@ class TreeCopies:
         modes = dict(tree.directories)
 
         async def make_directories(sftp: asyncssh.SFTPClient) -> None:
-            made.clear()  # (a re-dial runs this again)
             parent = posixpath.dirname(remote.rstrip("/"))
             if parent:
                 try:
