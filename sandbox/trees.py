@@ -152,8 +152,9 @@ def _local_tree(local: Path) -> _Tree:
 
 
 async def _remote_tree(sftp: asyncssh.SFTPClient, remote: str) -> _Tree:
-    """The tree under `remote`, listed a directory at a time (lstat-like entries: a symlink is
-    followed only to a file)."""
+    """The tree under `remote`, listed a level at a time (the directories of one level, and then
+    the symlinks they hold, asked together: a round trip is what a listing costs). Entries are
+    lstat-like: a symlink is followed only to a file."""
     try:
         top = await sftp.stat(remote)
     except asyncssh.SFTPError as exc:
@@ -161,31 +162,36 @@ async def _remote_tree(sftp: asyncssh.SFTPClient, remote: str) -> _Tree:
     if file_kind(top) != "directory":
         raise InvalidArgument(f"{remote} is not a directory; copy a file with download")
     tree = _Tree(directories=[("", top.permissions or 0o755)])
-    pending = collections.deque([""])
-    while pending:
-        relative = pending.popleft()
-        here = _below(remote, relative)
-        try:
-            entries = await sftp.readdir(here)
-        except asyncssh.SFTPError as exc:
-            failure = sftp_error(here, exc)
-            if not relative or not isinstance(failure, FileOperationError):  # (the top; or the session)
-                raise failure from None
-            tree.skipped.append(f"{here} (a directory that cannot be listed: {failure})")
-            continue
-        for entry in entries:
-            name, attrs = entry.filename, entry.attrs
-            if name in (".", ".."):
+    level = [""]
+    while level:
+        listings = await asyncio.gather(*(sftp.readdir(_below(remote, r)) for r in level), return_exceptions=True)
+        found = []  # (path, relative path, attrs) of this level's entries
+        for relative, entries in zip(level, listings, strict=True):
+            here = _below(remote, relative)
+            if isinstance(entries, BaseException):
+                failure = sftp_error(here, entries) if isinstance(entries, asyncssh.SFTPError) else entries
+                if not relative or not isinstance(failure, FileOperationError):  # (the top; or the session)
+                    raise failure from None
+                tree.skipped.append(f"{here} (a directory that cannot be listed: {failure})")
                 continue
-            if not isinstance(name, str) or not name or "/" in name or "\0" in name:
-                tree.skipped.append(f"{here}/{name!r} (a name no file can have)")  # (a server's mistake, or worse)
-                continue
-            path, below = posixpath.join(here, name), posixpath.join(relative, name)
+            for entry in entries:
+                name = entry.filename
+                if name in (".", ".."):
+                    continue
+                if not isinstance(name, str) or not name or "/" in name or "\0" in name:
+                    tree.skipped.append(f"{here}/{name!r} (a name no file can have)")  # (a server's mistake, or worse)
+                    continue
+                found.append((posixpath.join(here, name), posixpath.join(relative, name), entry.attrs))
+        links = [path for path, _, attrs in found if file_kind(attrs) == "symlink"]
+        targets = dict(zip(links, await asyncio.gather(*map(sftp.stat, links), return_exceptions=True), strict=True))
+        level = []
+        for path, below, attrs in found:
             kind = file_kind(attrs)
             if kind == "symlink":  # (followed to a file alone)
-                try:
-                    attrs = await sftp.stat(path)
-                except asyncssh.SFTPError:
+                attrs = targets[path]
+                if isinstance(attrs, BaseException):
+                    if not isinstance(attrs, asyncssh.SFTPError):
+                        raise attrs
                     tree.skipped.append(f"{path} (a symlink to nothing)")
                     continue
                 if file_kind(attrs) != "file":
@@ -197,7 +203,7 @@ async def _remote_tree(sftp: asyncssh.SFTPClient, remote: str) -> _Tree:
                 tree.skipped.append(f"{path} (a directory its owner may not search)")
             elif kind == "directory":
                 tree.directories.append((below, attrs.permissions or 0o755))
-                pending.append(below)
+                level.append(below)
             elif kind == "file":
                 tree.files.append((path, below, attrs.size or 0))
             else:
