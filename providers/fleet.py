@@ -210,7 +210,7 @@ class Fleet:
                 return instead()
 
         self.config = config if config is not None else loaded(read_config, dict)
-        loaded(lambda: registry.register_from_config(self.config), lambda: None)
+        # ([[providers]] are registered by load_pools: a broken one is one problem, said once)
         self.pools = loaded(lambda: load_pools(self.config), lambda: implicit_pools(os.environ))
         self.defaults = loaded(lambda: load_defaults(self.config), Defaults)
         self.ledger = Ledger(store)
@@ -523,7 +523,7 @@ class Fleet:
                 with contextlib.suppress(Exception):  # (its failure is its caller's to report; see end())
                     await asyncio.shield(ending)
             record = self.ledger.get(record.id)
-        # Claimed: from here on, nothing this fleet does opens the sandbox again (get() looks here).
+        # Claimed: from here on, nothing opens the sandbox again (get() reads the claim).
         work = asyncio.ensure_future(self._finish_ending(record, reason, self._open.pop(record.id, None)))
         _ENDINGS[record.id] = work
         work.add_done_callback(lambda _: _ENDINGS.pop(record.id, None) if _ENDINGS.get(record.id) is work else None)
@@ -541,7 +541,6 @@ class Fleet:
         cancelled (the process is going away), the claim stays, for a reaper to finish."""
         try:
             if box is not None:
-                self.flush_activity(box)
                 # A command still running is stopped first, while the machine is there to kill
                 # it on: it would run on (a local one) or end unseen, its output gone with the box.
                 await box.end_operations(reason)

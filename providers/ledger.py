@@ -317,18 +317,14 @@ class Ledger:
         idle by: some activity was recorded since). One transaction, so that two processes never
         both end it."""
         with self.store.transaction() as db:
-            row = db.execute(
-                "SELECT status, last_activity, ending_reason, ending_host, ending_pid FROM sandboxes WHERE id = ?",
-                (sandbox_id,),
-            ).fetchone()
+            row = db.execute("SELECT * FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone()
             if row is None or row["status"] == "terminated":
                 return "terminated"
-            here = (socket.gethostname(), os.getpid())
-            holder = (row["ending_host"], row["ending_pid"])
+            record, here = _record(row), (socket.gethostname(), os.getpid())
             # (one of this process's own: its caller knows it is not under way, see fleet._ending_here)
-            if row["ending_reason"] is not None and holder != here and owner_alive(*holder):
+            if record.ending() is not None and (record.ending_host, record.ending_pid) != here:
                 return "ending elsewhere"
-            if idle_since is not None and row["last_activity"] > idle_since:
+            if idle_since is not None and record.last_activity > idle_since:
                 return "active"
             db.execute(
                 "UPDATE sandboxes SET ending_reason = ?, ending_host = ?, ending_pid = ? WHERE id = ?",

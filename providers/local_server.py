@@ -260,8 +260,9 @@ class RunningServer:
 
 
 def keep_environment_private() -> None:
-    """Keep the shells this process serves from reading its environment (tether's credentials,
-    which session_env keeps out of theirs) in /proc/PID/environ, or its memory through ptrace: on
+    """Keep local sandboxes' shells (this process's, or a `tether host` daemon's: the same user)
+    from reading its environment (tether's credentials, which session_env keeps out of theirs) in
+    /proc/PID/environ, or its memory through ptrace: on
     Linux the process is made non-dumpable, which leaves those to root alone. (A local sandbox is
     not an isolation boundary: it runs as you. This closes the one-line way to what tether holds.)"""
     if sys.platform != "linux":

@@ -32,6 +32,7 @@ from sandbox.state import StateStore
 from tests.mcp_support import tether
 from tests.processes import leaf_sleep, running, wait_until_gone, wait_until_running
 from tests.sshd import ensure_account, is_root
+from tests.test_ssh_provider import FAKE_NVIDIA_SMI
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,6 +109,16 @@ async def test_sizing_the_local_machine_cannot_take_is_said_not_silently_dropped
         assert "note: local uses the machine as it is; gpu not applied" in heard, heard
         assert (record.gpu_type, record.gpu_count) == (None, 0)
         assert (await gpu.destroy()).gpu_seconds == 0
+        # ... and a machine with one (nvidia-smi answers): given, and billed
+        (tmp_path / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
+        (tmp_path / "nvidia-smi").chmod(0o755)
+        heard.clear()
+        with pytest.MonkeyPatch.context() as has_gpu:
+            has_gpu.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+            gpu = await said_gpu.create(Request(gpu="a100"), progress)
+        assert not [m for m in heard if m.startswith("note:")], heard
+        assert said_gpu.ledger.get(gpu.id).gpu_type == "a100"
+        assert (await gpu.destroy()).gpu_seconds > 0
     finally:
         await said_gpu.close(teardown_created=True)
 
@@ -200,6 +211,7 @@ NONROOT_SCRIPT = textwrap.dedent("""
             # the server's environment (tether's credentials) is not the sandbox's to read
             peek = await sb.run(f"cat /proc/{os.getpid()}/environ")
             report["environ_read"] = "TETHER_STATE_DIR=" in peek.stdout
+            report["environ_refused"] = peek.exit_code != 0 and "Permission denied" in peek.stderr
             job = await sb.start_job("echo job-ran")
             report["job"] = (await sb.job_output(job.id, wait_ms=5000)).stdout
             report["sandbox_dir_exists"] = os.path.isdir(os.path.join(os.environ["TETHER_STATE_DIR"], "local"))
@@ -279,7 +291,7 @@ def test_local_provider_as_a_non_root_user_without_sshd(tmp_path: Path) -> None:
         assert report["python"] == "greetings from tether\n"
         assert report["glob"] == ["main.py"]
         assert report["job"] == "job-ran\n"
-        assert report["environ_read"] is False
+        assert report["environ_read"] is False and report["environ_refused"] is True
         assert report["removed"], "destroy left the sandbox's directory behind"
     finally:
         if is_root():

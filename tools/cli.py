@@ -36,7 +36,7 @@ from providers import host as host_daemon
 from providers.capacity import host_capacity
 from providers.errors import ProviderError
 from providers.fleet import activity_flush_every
-from providers.local_server import local_dir, work_dir
+from providers.local_server import keep_environment_private, local_dir, work_dir
 from providers.registry import profile_of
 from sandbox import SSHEndpoint
 from sandbox.errors import FileNotFound, SandboxError, validation_problems
@@ -986,6 +986,9 @@ def port_number(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     global _whole_config
+    # Whatever this command does, it may hold credentials while local sandboxes' shells run as the
+    # same user (here, or served by a `tether host` daemon): /proc/PID/environ is not theirs to read.
+    keep_environment_private()
     argv = sys.argv[1:] if argv is None else list(argv)
     # `tether exec ID [--timeout N] -- CMD...`: what follows the first `--` is the command, whatever
     # it looks like (argparse would eat that `--`, and then take a command's `-n` for an option).
