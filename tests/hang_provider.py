@@ -25,9 +25,12 @@ class HangProvider(Provider):
     config_model = LocalPoolConfig
 
     async def provision(self, spec: ProvisionSpec, progress: Progress = no_progress) -> Handle:
-        machine = account() / f"vm-{spec.sandbox_id}"
-        machine.mkdir(parents=True)
-        (machine / "labels.json").write_text(json.dumps(spec.labels))
+        # The machine appears in the account with its labels already on it, as a cloud's does: it is
+        # made aside and moved in, so a listing never sees one half-made.
+        staging = account().parent / f"staging-{spec.sandbox_id}"
+        staging.mkdir()
+        (staging / "labels.json").write_text(json.dumps(spec.labels))
+        staging.rename(account() / f"vm-{spec.sandbox_id}")
         await asyncio.sleep(3600)  # the boot that never finishes
         raise AssertionError("unreachable")
 

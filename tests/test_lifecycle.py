@@ -175,7 +175,7 @@ async def test_destroying_a_provision_cut_short_removes_what_it_left_as_gc_would
         # ... and was billed from the start of the provision until destroy removed it
         assert started - record.created_at <= event.seconds <= time.time() - record.created_at
         assert fleet.ledger.get(record.id).status == "terminated" and cost_event_count(record.id) == 1
-        assert (await fleet.gc()).interrupted == [] and cost_event_count(record.id) == 1
+        assert record.id not in (await fleet.gc()).interrupted and cost_event_count(record.id) == 1
     finally:
         await fleet.close()
 
@@ -196,7 +196,7 @@ async def test_destroying_a_sandbox_another_process_is_still_provisioning(tmp_pa
         event = await fleet.destroy(name)
         assert list(cloud.iterdir()) == []
         assert 0 < event.seconds <= time.time() - record.created_at and cost_event_count(record.id) == 1
-        assert (await fleet.gc()).interrupted == [] and cost_event_count(record.id) == 1
+        assert record.id not in (await fleet.gc()).interrupted and cost_event_count(record.id) == 1
     finally:
         process.kill()
         process.wait()
