@@ -24,10 +24,12 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 EVENTS = ("tunnel.opened", "tunnel.closed", "sandbox.created", "sandbox.terminated")
@@ -119,6 +121,12 @@ def render(channel: ChannelConfig, event: str, data: dict[str, Any]) -> tuple[by
     return body, headers
 
 
+def _default_client() -> httpx.AsyncClient:
+    import httpx
+
+    return httpx.AsyncClient(timeout=10)
+
+
 class Notifier:
     """Delivers events to the configured channels without ever blocking or failing the caller."""
 
@@ -129,7 +137,7 @@ class Notifier:
         delays: tuple[float, ...] = RETRY_DELAYS,
     ) -> None:
         self.channels = channels
-        self._client_factory = client or (lambda: httpx.AsyncClient(timeout=10))
+        self._client_factory = client or _default_client
         self._delays = delays
         self._pending: dict[asyncio.Task[None], tuple[ChannelConfig, str]] = {}  # delivery -> (channel, event)
         self.failures: list[str] = []  # "kind name: reason", for tests and `tether doctor`
@@ -142,6 +150,8 @@ class Notifier:
                 task.add_done_callback(lambda done: self._pending.pop(done, None))
 
     async def _deliver(self, channel: ChannelConfig, event: str, data: dict[str, Any]) -> None:
+        import httpx  # (here, not at the top: every tether command imports this module, few send)
+
         try:
             url = channel.resolved_url()
             body, headers = render(channel, event, data)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Collection
 
-import httpx
-
 from sandbox import Sandbox
 
 from .base import TunnelError
@@ -28,6 +26,8 @@ async def answers(url: str, headers: dict[str, str], timeout: float = CHECK_TIME
 
     Raises NoAnswer (with no word on why: that is `verify`'s, and costs round trips to the sandbox).
     """
+    import httpx  # (here, not at the top: every tether command imports this module, few fetch)
+
     try:
         # One bound for the whole request (httpx's timeout bounds each phase: connect, each read);
         # the status line is the answer, the body is not waited for.
@@ -79,5 +79,7 @@ async def verify(
 
 
 def _on_this_machine(url: str) -> bool:
+    import httpx
+
     host = httpx.URL(url).host
     return host in ("localhost", "::1") or host.startswith("127.")
