@@ -30,6 +30,7 @@ T = TypeVar("T")
 
 MAX_OUTPUT_CHARS = 30_000
 KILL_GRACE_SECONDS = 10
+COUNT_TIMEOUT_S = 120.0  # wc -l of a large file (a reader waits for it: see window.py)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 SIGNALS = ("HUP", "INT", "QUIT", "KILL", "TERM", "USR1", "USR2", "CONT", "STOP")
 _SIGNAL_NUMBERS = {"1": "HUP", "2": "INT", "3": "QUIT", "9": "KILL", "15": "TERM"}  # (the ones POSIX fixes)
@@ -253,6 +254,14 @@ class Executor:
         if timed_out:
             raise CommandTimeout(shlex.join(argv), timeout)
         return RawResult(finished.exit_code, stdout, stderr, cut)
+
+    async def count_newlines(self, path: str) -> int:
+        """The newlines in a file, counted on the box: a large file's line count without fetching
+        it. Raises ValueError when `wc` gave no count."""
+        raw = await self.exec_raw(["sh", "-c", 'exec wc -l < "$1"', "sh", path], cwd="/", timeout=COUNT_TIMEOUT_S)
+        if raw.exit_code != 0:
+            raise ValueError(f"wc -l exited {raw.exit_code}")
+        return int(raw.stdout)  # (macOS pads it with spaces, which int() allows)
 
     async def signal_group(self, pid: int, signal: str = "KILL") -> None:
         """Send `signal` to the process group `pid` leads (and to `pid` itself, should it lead none)."""

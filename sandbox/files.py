@@ -39,6 +39,7 @@ from .known import KnownContents
 from .pathlocks import PathLocks
 from .sftpio import holds_exactly, read_whole, write_all
 from .tempfacts import TempFileFacts
+from .window import CountNewlines, read_window
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,7 +50,8 @@ MAX_LINE_CHARS = 2000
 # allows): 2000 lines of 2000 characters would be 4 MB in one answer. "read on with offset=N" follows.
 MAX_READ_CHARS = 100_000
 MAX_IMAGE_BYTES = 5 * 1024 * 1024
-MAX_TEXT_BYTES = 256 * 1024 * 1024  # read() refuses bigger files: download them
+MAX_TEXT_BYTES = 256 * 1024 * 1024  # read_bytes() refuses bigger files: download them
+WHOLE_READ_BYTES = 8 * 1024 * 1024  # read() of a bigger file fetches only the lines it shows
 MAX_EDIT_BYTES = 64 * 1024 * 1024
 PRIVATE = asyncssh.SFTPAttrs(permissions=0o600)  # temp files start readable by their owner alone
 BINARY_SNIFF_BYTES = 8192
@@ -255,13 +257,17 @@ def _looks_binary(head: bytes) -> bool:
     return b"\0" in head[:BINARY_SNIFF_BYTES]
 
 
-def number_lines(lines: Sequence[str], first: int, max_chars: int = MAX_READ_CHARS) -> tuple[str, int, int]:
+def number_lines(
+    lines: Sequence[str], first: int, max_chars: int = MAX_READ_CHARS, lengths: Sequence[int] | None = None
+) -> tuple[str, int, int]:
     """`cat -n` formatting; lines over MAX_LINE_CHARS are cut with a marker. Lines stop before the
-    text would pass `max_chars` (one is always given). Returns (text, lines cut, lines given)."""
+    text would pass `max_chars` (one is always given). `lengths`: the lines' lengths, where they
+    were cut before (a window of a large file). Returns (text, lines cut, lines given)."""
     out, cut, size = [], 0, 0
     for number, line in enumerate(lines, first):
-        if len(line) > MAX_LINE_CHARS:
-            line = f"{line[:MAX_LINE_CHARS]}… [line cut: {len(line)} characters]"
+        length = len(line) if lengths is None else lengths[number - first]
+        if length > MAX_LINE_CHARS:
+            line = f"{line[:MAX_LINE_CHARS]}… [line cut: {length} characters]"
             cut += 1
         numbered = f"{number:>6}\t{line}"
         size += len(numbered) + 1
@@ -269,6 +275,15 @@ def number_lines(lines: Sequence[str], first: int, max_chars: int = MAX_READ_CHA
             break
         out.append(numbered)
     return "\n".join(out), cut, len(out)
+
+
+def _text_window(path: str, data: bytes, offset: int, limit: int) -> ReadResult:
+    """Numbered lines `offset`.. of a whole file's bytes."""
+    if _looks_binary(data):
+        raise BinaryFile(path, len(data))
+    lines = split_lines(data.decode("utf-8", "replace"))
+    text, cut, given = number_lines(lines[offset - 1 : offset - 1 + limit], offset)
+    return ReadResult(path, text, offset, offset + given - 1, len(lines), cut)
 
 
 def split_lines(text: str) -> list[str]:
@@ -377,8 +392,11 @@ class Files:
     are closed in the background, so a small read costs two round trips and a write three.
     """
 
-    def __init__(self, sftp: SFTPChannel) -> None:
+    def __init__(self, sftp: SFTPChannel, count_newlines: CountNewlines | None = None) -> None:
         self._sftp = sftp
+        # How a read of a large file learns its line count without fetching all of it: asked of
+        # the box (see window.py). None: the rest of the file is read, counting.
+        self._count_newlines = count_newlines
         # Fault injection for tests: awaited with the path after an edit was applied and just before
         # the file is read again for the conflict check (where a concurrent writer would strike).
         self.before_conflict_check: Callable[[str], Awaitable[None]] | None = None
@@ -430,15 +448,43 @@ class Files:
         if limit < 1:
             raise InvalidArgument("limit must be at least 1")
         mime = _image_type(path)
-        data = await self.read_bytes(path, MAX_IMAGE_BYTES if mime else MAX_TEXT_BYTES)
-        if mime and _image_magic_ok(mime, data):
-            return Image(path, mime, data)
-        if _looks_binary(data):
-            raise BinaryFile(path, len(data))
-        lines = split_lines(data.decode("utf-8", "replace"))
-        window = lines[offset - 1 : offset - 1 + limit]
-        text, cut, given = number_lines(window, offset)
-        return ReadResult(path, text, offset, offset + given - 1, len(lines), cut)
+        if mime:
+            data = await self.read_bytes(path, MAX_IMAGE_BYTES)
+            if _image_magic_ok(mime, data):
+                return Image(path, mime, data)
+            return _text_window(path, data, offset, limit)
+
+        async def read(sftp: asyncssh.SFTPClient) -> ReadResult:
+            known = await self._refuse_special(sftp, path)
+            attrs, f = await self._stat_and_open(sftp, path, "rb", known)
+            try:
+                size = attrs.size or 0
+                if size <= WHOLE_READ_BYTES:  # (or a size that says nothing, as /proc's)
+                    data = await self._read_opened(f, path, size, MAX_TEXT_BYTES)
+                    self._known.remember(path, data)
+                    return _text_window(path, data, offset, limit)
+                try:
+                    found = await read_window(
+                        f,
+                        path,
+                        size,
+                        offset,
+                        limit,
+                        self._count_newlines,
+                        keep_chars=MAX_LINE_CHARS,
+                        max_chars=MAX_READ_CHARS,
+                        sniff_bytes=BINARY_SNIFF_BYTES,
+                    )
+                except asyncssh.SFTPError as exc:
+                    raise sftp_error(path, exc) from None
+            finally:
+                self._sftp.close_later(f)
+            if _looks_binary(found.head):
+                raise BinaryFile(path, size)
+            text, cut, given = number_lines(found.lines, offset, lengths=found.lengths)
+            return ReadResult(path, text, offset, offset + given - 1, found.total_lines, cut)
+
+        return await self._sftp.retrying(read)
 
     async def read_bytes(self, path: str, max_bytes: int = MAX_TEXT_BYTES) -> bytes:
         """The whole file. Raises: FileNotFound, IsADirectory, FileTooLarge, PermissionDenied."""
@@ -460,18 +506,22 @@ class Files:
         try:
             if file_kind(attrs) == "directory":
                 raise IsADirectory(path)
-            size = attrs.size or 0
-            if size > max_bytes:
-                raise FileTooLarge(path, size, max_bytes)
-            try:
-                data = await read_whole(f, size, max_bytes)
-            except asyncssh.SFTPError as exc:
-                raise sftp_error(path, exc) from None
-            if len(data) > max_bytes:
-                raise FileTooLarge(path, len(data), max_bytes)
-            return attrs, data
+            return attrs, await self._read_opened(f, path, attrs.size or 0, max_bytes)
         finally:
             self._sftp.close_later(f)
+
+    @staticmethod
+    async def _read_opened(f: asyncssh.SFTPClientFile, path: str, size: int, max_bytes: int) -> bytes:
+        """All of a file open as `f` whose stat said `size`, up to `max_bytes`, else FileTooLarge."""
+        if size > max_bytes:
+            raise FileTooLarge(path, size, max_bytes)
+        try:
+            data = await read_whole(f, size, max_bytes)
+        except asyncssh.SFTPError as exc:
+            raise sftp_error(path, exc) from None
+        if len(data) > max_bytes:
+            raise FileTooLarge(path, len(data), max_bytes)
+        return data
 
     async def _stat_and_open(
         self,

@@ -440,7 +440,7 @@ class _Parts:
             endpoint, pool, options.shells, options.boot_timeout, options.idle_timeout, options.tether_dir
         )
         self.executor = Executor(self.shells, self.sftp)
-        self.files = Files(self.sftp)
+        self.files = Files(self.sftp, self.executor.count_newlines)
         self.search = Search(self.executor, self.files)
         self.jobs = Jobs(self.executor, self.shells, self.sftp)
         self.transfers = Transfers(self.sftp)

@@ -31,7 +31,8 @@ from sandbox.errors import (
     PermissionDenied,
     SpecialFile,
 )
-from sandbox.files import MAX_READ_CHARS
+from sandbox.files import MAX_READ_CHARS, MAX_TEXT_BYTES, WHOLE_READ_BYTES, Files
+from sandbox.files import _text_window as text_window
 from tests.processes import Watcher
 
 HOSTILE_NAMES = [
@@ -89,6 +90,58 @@ async def test_read_cuts_long_lines_with_a_marker(sb: Sandbox) -> None:
     first, second = r.text.split("\n")
     assert first == f"     1\t{'x' * 2000}… [line cut: 5000 characters]"
     assert second == "     2\tshort" and r.lines_cut == 1
+
+
+def large_text() -> bytes:
+    """Over WHOLE_READ_BYTES, with what a reader taking it a chunk at a time could get wrong: a line
+    longer than can be shown made of two-byte characters, crossing the first chunk's end; bytes
+    that are not UTF-8; CRLF; an empty line; no newline at the end."""
+    lines = [f"line {i} ünï\r".encode() for i in range(1, 200_001)]
+    lines[100] = b"bad \xff\xfe bytes \xc3"
+    lines[101] = b""
+    lines[150_000] = "é".encode() * 2_500_000  # (5 MB: from below CHUNK to past it)
+    lines[150_001] = b"x\x80" * 3000  # (long, and not UTF-8)
+    data = b"\n".join(lines)
+    assert len(data) > WHOLE_READ_BYTES and not data.endswith(b"\n")
+    return data
+
+
+@pytest.mark.parametrize("window", [(1, 2000), (95, 10), (149_990, 15), (150_001, 3), (199_990, 50), (250_000, 5)])
+async def test_a_window_of_a_large_file_is_what_reading_it_whole_gives(sb: Sandbox, window: tuple[int, int]) -> None:
+    data = large_text()
+    await sb.write("large.txt", data)
+    offset, limit = window
+    got = await sb.read("large.txt", offset=offset, limit=limit)
+    assert got == text_window(got.path, data, offset, limit)
+
+
+async def test_a_window_of_a_file_over_any_whole_read_limit_is_read(sb: Sandbox) -> None:
+    """Bigger than read_bytes takes at all: a window is still read, and its total line count is
+    the box's (nothing but the window is fetched)."""
+    size = MAX_TEXT_BYTES + 1000
+    await sb.run(f"yes 'a line of text' | head -c {size} > huge.txt")
+    try:
+        got = await sb.read("huge.txt", offset=3, limit=2)
+        assert isinstance(got, ReadResult) and got.text == "     3\ta line of text\n     4\ta line of text"
+        assert got.total_lines == -(-size // len("a line of text\n")) and got.more_after
+    finally:
+        await sb.run("rm -f huge.txt")
+
+
+async def test_a_large_file_is_counted_by_reading_it_when_the_box_cannot_count(sb: Sandbox) -> None:
+    data = large_text()
+    await sb.write("large.txt", data)
+    await sb.read("large.txt")  # (the sandbox's SFTP session is open)
+    uncounted = Files(sb._p.sftp)  # (as the engine's files are, with no way to run wc on the box)
+    path = await sb.resolve_file("large.txt")
+    assert await uncounted.read(path, 10, 5) == text_window(path, data, 10, 5)
+
+
+async def test_a_large_binary_file_is_refused_naming_its_size(sb: Sandbox) -> None:
+    data = b"\0" + large_text()
+    await sb.write("large.bin", data)
+    with pytest.raises(BinaryFile, match=f"{len(data)} bytes"):
+        await sb.read("large.bin")
 
 
 async def test_read_empty_file(sb: Sandbox) -> None:

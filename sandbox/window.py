@@ -1,0 +1,149 @@
+"""A window of lines from a large file, without fetching the whole file.
+
+An agent reads a big log or data file a window at a time. Fetching all of it to show 2000 lines
+costs the whole transfer (seconds over a real link) and its size in memory. Instead the file is
+read in order only until the window is complete, and the total line count the result reports is
+asked of the box (`wc -l`, through `count_newlines`) at the same time. Where that cannot answer,
+the rest of the file is read, counting its newlines, as before.
+
+Lines are split on b"\\n" before decoding: in UTF-8 no character's bytes contain 0x0A, so a line
+decoded alone is what decoding the whole file and splitting it gives. A line far longer than can
+be shown keeps only its head (decoded as it comes, to count its characters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import asyncssh
+
+from .sftpio import read_range, read_upto
+
+CHUNK = 4 << 20  # bytes per read; each is pipelined by asyncssh
+
+CountNewlines = Callable[[str], Awaitable[int]]
+
+
+@dataclass
+class Window:
+    """What `read_window` found: the window's lines (each cut to `keep_chars` plus one, with its
+    full length in characters), the file's first bytes (for binary sniffing), its line count."""
+
+    lines: list[str] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    head: bytes = b""
+    total_lines: int = 0
+
+
+class _Line:
+    """A line of the window being assembled across chunks: the characters of it that can be
+    shown (and one more, to tell that it goes on), and its length."""
+
+    def __init__(self, keep_chars: int) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._keep = keep_chars + 1
+        self._head: list[str] = []
+        self.chars = 0
+        self.empty = True
+
+    def add(self, piece: bytes) -> None:
+        self.empty = self.empty and not piece
+        self._take(self._decoder.decode(piece))
+
+    def finish(self) -> tuple[str, int]:
+        self._take(self._decoder.decode(b"", final=True))
+        return "".join(self._head), self.chars
+
+    def _take(self, text: str) -> None:
+        if self.chars < self._keep:
+            self._head.append(text[: self._keep - self.chars])
+        self.chars += len(text)
+
+
+async def read_window(
+    f: asyncssh.SFTPClientFile,
+    path: str,
+    size: int,
+    first: int,
+    count: int,
+    count_newlines: CountNewlines | None,
+    *,
+    keep_chars: int,
+    max_chars: int,
+    sniff_bytes: int,
+) -> Window:
+    """Lines `first`.. (1-based) of the file open as `f`, at most `count` of them and no more than
+    `max_chars` characters in all (the reader shows no more), and the file's total line count.
+
+    `size` is what a stat said; the file is read to its real end should it have grown."""
+    window = Window()
+    counting = asyncio.ensure_future(_count_lines(f, path, size, count_newlines)) if count_newlines else None
+    if counting is not None:  # (its failure is an answer here, not an error to log)
+        counting.add_done_callback(lambda done: done.cancelled() or done.exception())
+    try:
+        last = first + count - 1
+        number, newlines, offset, chars = 1, 0, 0, 0
+        line: _Line | None = None  # (only for lines in the window)
+        ends_with_newline = True
+        while True:
+            chunk = await read_range(f, CHUNK, offset)
+            if not chunk:
+                break
+            if offset == 0:
+                window.head = chunk[:sniff_bytes]
+                if b"\0" in window.head:
+                    return window  # (the caller refuses it as binary)
+            offset += len(chunk)
+            ends_with_newline = chunk.endswith(b"\n")
+            found = chunk.count(b"\n")
+            newlines += found
+            if number > last or number + found < first:  # (nothing of this chunk is in the window)
+                number += found
+            else:
+                pieces = chunk.split(b"\n")
+                for index, piece in enumerate(pieces):
+                    if first <= number <= last:
+                        line = line or _Line(keep_chars)
+                        line.add(piece)
+                    if index < len(pieces) - 1:  # (the line ends here)
+                        if line is not None:
+                            text, length = line.finish()
+                            window.lines.append(text)
+                            window.lengths.append(length)
+                            chars += min(length, keep_chars) + 8
+                            line = None
+                            if chars > max_chars:
+                                last = number  # (no more would be shown)
+                        number += 1
+            if number > last and counting is not None:
+                total = await _answer(counting)
+                if total is not None:
+                    window.total_lines = max(total, number - 1)
+                    return window
+                counting = None  # (the box could not say: read on, counting)
+        if line is not None and not line.empty:  # (a last line with no newline after it)
+            text, length = line.finish()
+            window.lines.append(text)
+            window.lengths.append(length)
+        window.total_lines = newlines + (0 if ends_with_newline or offset == 0 else 1)
+        return window
+    finally:
+        if counting is not None and not counting.done():
+            counting.cancel()
+
+
+async def _count_lines(f: asyncssh.SFTPClientFile, path: str, size: int, count_newlines: CountNewlines) -> int:
+    """The file's lines as `split_lines` counts them: its newlines, and one more for a last line
+    that has none after it."""
+    newlines, last_byte = await asyncio.gather(count_newlines(path), read_upto(f, 1, size - 1))
+    return newlines + (0 if last_byte in (b"\n", b"") else 1)
+
+
+async def _answer(counting: asyncio.Future[int]) -> int | None:
+    with contextlib.suppress(Exception):
+        return await counting
+    return None
