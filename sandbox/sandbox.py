@@ -357,15 +357,18 @@ class Sandbox:
         async with self._in_flight():
             return await self._p.transfers.upload(Path(local), where, progress, into_directory=into)
 
-    async def download(self, remote: str, local: str | Path, progress: Progress | None = None) -> int:
+    async def download(
+        self, remote: str, local: str | Path, progress: Progress | None = None, *, umask: int | None = None
+    ) -> int:
         """Copy a file from the box (pipelined SFTP, atomic rename at the end). Returns bytes received.
 
         As with cp, a `local` that is a directory, or ends in '/' (created when missing), gets the
-        file under its own name."""
+        file under its own name; a new file gets the remote one's mode less `umask` (None: this
+        process's), a file copied over keeps its own."""
         where = await self.resolve(remote)
         into = str(local).endswith(("/", os.sep))
         async with self._in_flight():
-            return await self._p.transfers.download(where, Path(local), progress, into_directory=into)
+            return await self._p.transfers.download(where, Path(local), progress, into_directory=into, umask=umask)
 
     async def upload_dir(self, local: str | Path, remote: str, progress: Progress | None = None) -> TreeCopy:
         """Copy a local directory to the box, as `cp -r` does: into `remote` when that is a directory
@@ -379,16 +382,18 @@ class Sandbox:
         async with self._in_flight():
             return await self._p.trees.upload_tree(Path(local), where, progress)
 
-    async def download_dir(self, remote: str, local: str | Path, progress: Progress | None = None) -> TreeCopy:
+    async def download_dir(
+        self, remote: str, local: str | Path, progress: Progress | None = None, *, umask: int | None = None
+    ) -> TreeCopy:
         """Copy a directory of the box here, as `cp -r` does: into `local` when that is a directory
         already (under the remote directory's name; a `remote` ending in "/." puts what it holds
-        there instead), else to `local` itself (created)."""
+        there instead), else to `local` itself (created). Modes as `download` gives them."""
         where = await self.resolve(remote or ".")
         target = Path(local)
         if target.is_dir() and not contents_of(remote or "."):
             target = target / (posixpath.basename(where.rstrip("/")) or "root")
         async with self._in_flight():
-            return await self._p.trees.download_tree(where, target, progress)
+            return await self._p.trees.download_tree(where, target, progress, umask)
 
     # -- low level -----------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from .files import (
     PRIVATE,
     file_kind,
     link_target,
+    refuse_read_only,
     sftp_error,
     special_kind,
     special_mode_kind,
@@ -82,7 +83,7 @@ class Transfers:
 
         async def put(sftp: asyncssh.SFTPClient) -> None:
             try:
-                target = await _upload_target(sftp, remote, local.name, into_directory, may_enter=not exact)
+                target, existing = await _upload_target(sftp, remote, local.name, into_directory, not exact)
             except asyncssh.SFTPError as exc:
                 raise sftp_error(remote, exc) from None
             directory, name = posixpath.split(target)
@@ -92,11 +93,15 @@ class Transfers:
                     await sftp.makedirs(directory, exist_ok=True)
                 # Created private: the final mode is given only once every byte is there.
                 async with sftp.open(temp, "xb", PRIVATE, block_size=-1, max_requests=MAX_REQUESTS) as f:
+                    if existing is not None:  # (the temp file's owner is the sandbox user's)
+                        ours = await f.stat()
+                        refuse_read_only(target, existing, (ours.uid, ours.gid) if ours.uid is not None else None)
                     if contents is None:
                         await _send(local, f, size, progress, self._pieces)
                     elif contents:
                         await write_all(f, contents)
-                    await f.chmod(info.st_mode & 0o777)
+                    # As cp: a file copied over another keeps the other's mode (a 0600 secret stays 0600)
+                    await f.chmod((info.st_mode if existing is None else existing.permissions or 0) & 0o777)
                 await sftp.posix_rename(temp, target)
             except BaseException as exc:
                 try:
@@ -118,22 +123,30 @@ class Transfers:
         *,
         into_directory: bool = False,
         exact: bool = False,
+        umask: int | None = None,
     ) -> int:
         """Copy `remote` to `local` (parents created, atomic rename). Returns the size copied.
         When `local` is a directory (or `into_directory`: one to create), the copy goes into it
-        under the remote file's name; `exact`: `local` is the file's own path. The file gets the
-        remote one's mode less this process's umask, as cp gives a new file."""
+        under the remote file's name; `exact`: `local` is the file's own path. As cp has it, a new
+        file gets the remote one's mode less `umask` (None: this process's), and a file copied
+        over keeps its own mode; one this user may not write is refused."""
         if into_directory or (local.is_dir() and not exact):
             local = local / posixpath.basename(remote)
         # As cp does: through a symlink to the file it names; never over a pipe or a device (which
         # the rename at the end would replace with a plain file: think /dev/null).
         local = Path(os.path.realpath(local))
+        existing: int | None = None  # (the mode of the file copied over)
         with contextlib.suppress(FileNotFoundError):
-            mode = local.stat().st_mode
-            if stat.S_ISDIR(mode):
+            existing = local.stat().st_mode
+            if stat.S_ISDIR(existing):
                 raise IsADirectory(str(local), COPIES_FILES)
-            if not stat.S_ISREG(mode):
-                raise SpecialFile(str(local), special_mode_kind(mode) or "odd", WRITE_SPECIAL_HINT)
+            if not stat.S_ISREG(existing):
+                raise SpecialFile(str(local), special_mode_kind(existing) or "odd", WRITE_SPECIAL_HINT)
+            if not os.access(local, os.W_OK):
+                raise SandboxError(
+                    f"{local}: it is read-only on this machine (mode {existing & 0o777:04o}), and cp would not "
+                    "write it either; make it writable first (chmod u+w) if it should change"
+                )
         temp = local.with_name(temp_name(local.name, "part"))
 
         async def get(sftp: asyncssh.SFTPClient) -> int:
@@ -154,8 +167,10 @@ class Transfers:
                         await _receive(sftp, remote, f.fileno(), attrs.size, progress, self._pieces)
                     else:  # it may hold more than it says (/proc's files): read to the end
                         f.write(await _read_to_end(sftp, remote))
-                    if attrs.permissions is not None:
-                        os.fchmod(f.fileno(), attrs.permissions & 0o777 & ~umask())
+                    if existing is not None or attrs.permissions is not None:
+                        mask = current_umask() if umask is None else umask
+                        mode = existing if existing is not None else (attrs.permissions or 0) & ~mask
+                        os.fchmod(f.fileno(), mode & 0o777)
                     size = f.tell() if not attrs.size else attrs.size
                 os.replace(temp, local)
             except BaseException as exc:
@@ -177,18 +192,19 @@ def local_write_failure(local: Path, exc: OSError) -> SandboxError:
 
 async def _upload_target(
     sftp: asyncssh.SFTPClient, remote: str, name: str, into_directory: bool, may_enter: bool = True
-) -> str:
-    """The file an upload to `remote` replaces, as cp has it: `name` inside `remote` when that is a
-    directory (or `into_directory`: one to create; not when `may_enter` is false); through symlinks
-    to the file they name (as `write` does). A pipe or a device is refused, and so is a directory in
-    the file's place. One lstat per step: a new file costs a single round trip."""
+) -> tuple[str, asyncssh.SFTPAttrs | None]:
+    """The file an upload to `remote` replaces, as cp has it, and its attributes (None: a new file):
+    `name` inside `remote` when that is a directory (or `into_directory`: one to create; not when
+    `may_enter` is false); through symlinks to the file they name (as `write` does). A pipe or a
+    device is refused, and so is a directory in the file's place. One lstat per step: a new file
+    costs a single round trip."""
     path = posixpath.join(remote, name) if into_directory else remote
     may_enter = may_enter and not into_directory
     for _ in range(MAX_LINK_HOPS):
         try:
             attrs = await sftp.lstat(path)
         except asyncssh.SFTPNoSuchFile:
-            return path
+            return path, None
         kind = file_kind(attrs)
         if kind == "symlink":
             path = await link_target(sftp, path)
@@ -199,7 +215,7 @@ async def _upload_target(
         elif what := special_kind(attrs):
             raise SpecialFile(path, what, WRITE_SPECIAL_HINT)
         else:
-            return path
+            return path, attrs
     raise too_many_links(path)
 
 
@@ -276,7 +292,7 @@ async def _receive(
         raise FileOperationError(remote, f"{remote} changed size while it was copied; copy it again")
 
 
-def umask() -> int:
+def current_umask() -> int:
     """This process's umask (read without changing it where /proc says it)."""
     with contextlib.suppress(OSError, ValueError, StopIteration):
         with open("/proc/self/status") as status:

@@ -26,7 +26,7 @@ import asyncssh
 from .errors import FileNotFound, FileOperationError, InvalidArgument, PermissionDenied, SpecialFile
 from .files import file_kind, sftp_error
 from .tasks import task_group
-from .transfer import Progress, Transfers, umask
+from .transfer import Progress, Transfers, current_umask
 
 TREE_COPIES = 8  # files of a tree copied at once (they share the sandbox's pieces in flight)
 
@@ -98,8 +98,11 @@ class TreeCopies:
         await self._sftp.once(give_modes)
         return copy
 
-    async def download_tree(self, remote: str, local: Path, progress: Progress | None = None) -> TreeCopy:
-        """Copy the directory `remote` to the directory `local`, as upload_tree does the other way."""
+    async def download_tree(
+        self, remote: str, local: Path, progress: Progress | None = None, umask: int | None = None
+    ) -> TreeCopy:
+        """Copy the directory `remote` to the directory `local`, as upload_tree does the other way.
+        What it makes gets the remote modes less `umask` (None: this process's)."""
         tree = await self._sftp.retrying(lambda sftp: _remote_tree(sftp, remote))
         made: list[tuple[Path, int]] = []  # (the directories this copy made: only they get modes)
         for relative, mode in tree.directories:
@@ -111,8 +114,10 @@ class TreeCopies:
                 made.append((path, mode))
         copy = TreeCopy(skipped=tree.skipped)
         jobs = [(source, local / relative, size) for source, relative, size in tree.files]
-        await _copy_files(jobs, lambda s, t, p: self._transfers.download(s, t, p, exact=True), progress, copy)
-        mask = umask()
+        await _copy_files(
+            jobs, lambda s, t, p: self._transfers.download(s, t, p, exact=True, umask=umask), progress, copy
+        )
+        mask = current_umask() if umask is None else umask
         for path, mode in reversed(made):  # (deepest first)
             os.chmod(path, mode & 0o7777 & ~mask)
         return copy

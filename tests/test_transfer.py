@@ -20,6 +20,7 @@ from sandbox.errors import (
     FileOperationError,
     InvalidArgument,
     IsADirectory,
+    PermissionDenied,
     SpecialFile,
 )
 from tests.conftest import endpoint_for
@@ -252,6 +253,51 @@ async def test_upload_keeps_the_local_mode(sb: Sandbox, tmp_path: Path) -> None:
     await sb.upload(script, "bin/run.sh")
     assert (await sb.stat("bin/run.sh")).mode == 0o750
     assert (await sb.run("./bin/run.sh")).stdout == "uploaded\n"
+
+
+async def test_a_file_copied_over_another_keeps_the_others_mode_as_cp_does(sb: Sandbox, tmp_path: Path) -> None:
+    """A 0600 secret replaced by a copy of a 0644 file stays 0600, either way; a read-only file is
+    refused, as cp refuses to write it (the sandbox user is not root)."""
+    public = tmp_path / "public.env"
+    public.write_text("PUBLIC=1\n")
+    public.chmod(0o644)
+    await sb.write("secret.env", "TOKEN=old\n")
+    await sb.run("chmod 600 secret.env")
+    await sb.upload(public, "secret.env")
+    assert (await sb.stat("secret.env")).mode == 0o600 and await sb.read_text("secret.env") == "PUBLIC=1\n"
+    await sb.run("chmod 644 secret.env")
+    local_secret = tmp_path / "secret.env"
+    local_secret.write_text("TOKEN=mine\n")
+    local_secret.chmod(0o600)
+    await sb.download("secret.env", local_secret)
+    assert stat.S_IMODE(local_secret.stat().st_mode) == 0o600 and local_secret.read_text() == "PUBLIC=1\n"
+    await sb.run("chmod 444 secret.env")
+    with pytest.raises(PermissionDenied, match="mode 0444"):
+        await sb.upload(public, "secret.env")
+    assert await sb.read_text("secret.env") == "PUBLIC=1\n" and (await sb.stat("secret.env")).mode == 0o444
+    assert not [n for n in (await sb.run("ls -a")).stdout.split() if n.endswith(".part")]
+    await sb.run("rm -f secret.env")
+
+
+async def test_a_download_gives_new_files_the_umask_asked_for_and_leaves_the_processs(
+    sb: Sandbox, tmp_path: Path
+) -> None:
+    """tether cp between sandboxes stages files here with no umask, so modes arrive as they left,
+    without changing the process's umask (shells the local provider starts meanwhile inherit it)."""
+    await sb.run("mkdir -p shared/sub && echo x > shared/sub/f && chmod 664 shared/sub/f && chmod 775 shared/sub")
+    before = os.umask(0o022)
+    try:
+        await sb.download("shared/sub/f", tmp_path / "plain")
+        await sb.download("shared/sub/f", tmp_path / "exact", umask=0)
+        await sb.download_dir("shared", tmp_path / "tree", umask=0)
+        assert transfer.current_umask() == 0o022
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "exact").stat().st_mode) == 0o664
+    assert stat.S_IMODE((tmp_path / "tree/sub").stat().st_mode) == 0o775
+    assert stat.S_IMODE((tmp_path / "tree/sub/f").stat().st_mode) == 0o664
+    await sb.run("rm -rf shared")
 
 
 async def test_an_upload_to_a_directory_goes_into_it_as_cp_does(sb: Sandbox, tmp_path: Path) -> None:

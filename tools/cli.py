@@ -25,7 +25,7 @@ import tempfile
 import termios
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -607,8 +607,9 @@ def cp_command(args: argparse.Namespace) -> int:
             if source[0] and target[0]:  # sandbox to sandbox, through this machine
                 # Staged into a private directory, as a copy into a directory goes (under the
                 # source's name, or what `dir/.` holds), with no umask: the modes arrive as they left.
-                with tempfile.TemporaryDirectory() as scratch, _no_umask():
-                    await _copy(fleet, source, (None, f"{scratch}/"), whole, lambda d, t: bar.update(d, 2 * t))
+                with tempfile.TemporaryDirectory() as scratch:
+                    staging = (None, f"{scratch}/")
+                    await _copy(fleet, source, staging, whole, lambda d, t: bar.update(d, 2 * t), umask=0)
                     if whole and contents_of(source[1] or "."):
                         staged = f"{scratch}/."  # (what it holds, as from the source)
                     else:
@@ -628,15 +629,6 @@ def cp_command(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _no_umask() -> Iterator[None]:
-    old = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
 async def _is_directory(fleet: Fleet, sandbox: str | None, path: str) -> bool:
     if sandbox is None:
         return Path(path).is_dir()
@@ -647,14 +639,20 @@ async def _is_directory(fleet: Fleet, sandbox: str | None, path: str) -> bool:
 
 
 async def _copy(
-    fleet: Fleet, source: tuple[str | None, str], target: tuple[str | None, str], whole: bool, progress: Progress
+    fleet: Fleet,
+    source: tuple[str | None, str],
+    target: tuple[str | None, str],
+    whole: bool,
+    progress: Progress,
+    umask: int | None = None,
 ) -> TreeCopy:
-    """One copy between this machine and a sandbox: a file, or (`whole`) a directory as cp -r."""
+    """One copy between this machine and a sandbox: a file, or (`whole`) a directory as cp -r.
+    `umask`: what new files here lose of their modes (None: this process's umask)."""
     if source[0] is not None:
         box = await fleet.get(source[0])
         if whole:
-            return await box.download_dir(source[1], target[1], progress)
-        return TreeCopy(1, await box.download(source[1], target[1], progress))  # ('dir/' kept)
+            return await box.download_dir(source[1], target[1], progress, umask=umask)
+        return TreeCopy(1, await box.download(source[1], target[1], progress, umask=umask))  # ('dir/' kept)
     assert target[0] is not None
     box = await fleet.get(target[0])
     if whole:
