@@ -19,14 +19,26 @@ def fingerprint_of(line: str) -> str:
     return asyncssh.import_public_key(line).get_fingerprint("sha256")
 
 
+def pin_name(host: str) -> str:
+    """The name a host's key is pinned under: DNS names are case-blind and `example.com.` is
+    `example.com`, so every spelling of one host shares its pin (as OpenSSH's known_hosts does);
+    otherwise a new spelling would be trusted on first use again."""
+    return host.lower().rstrip(".")
+
+
+# Rows pinned before names were normalised are found under any spelling too.
+_SAME_HOST = "lower(rtrim(host, '.')) = ? AND port = ?"
+
+
 class HostKeyPins:
-    """The `host_keys` table of the state store, keyed by the host name as tether dials it and the port."""
+    """The `host_keys` table of the state store, keyed by the host name as tether dials it (see
+    `pin_name`) and the port."""
 
     def __init__(self, store: StateStore) -> None:
         self._store = store
 
     def get(self, host: str, port: int) -> str | None:
-        rows = self._store.query("SELECT key FROM host_keys WHERE host = ? AND port = ?", (host, port))
+        rows = self._store.query(f"SELECT key FROM host_keys WHERE {_SAME_HOST}", (pin_name(host), port))
         return rows[0]["key"] if rows else None
 
     def pin(self, host: str, port: int, line: str) -> None:
@@ -34,12 +46,12 @@ class HostKeyPins:
         with self._store.transaction() as db:
             db.execute(
                 "INSERT OR IGNORE INTO host_keys (host, port, key, fingerprint, first_seen) VALUES (?, ?, ?, ?, ?)",
-                (host, port, line, fingerprint_of(line), time.time()),
+                (pin_name(host), port, line, fingerprint_of(line), time.time()),
             )
 
     def forget(self, host: str, port: int) -> bool:
         with self._store.transaction() as db:
-            return db.execute("DELETE FROM host_keys WHERE host = ? AND port = ?", (host, port)).rowcount > 0
+            return db.execute(f"DELETE FROM host_keys WHERE {_SAME_HOST}", (pin_name(host), port)).rowcount > 0
 
     def all(self) -> list[tuple[str, int, str]]:
         rows = self._store.query("SELECT host, port, fingerprint FROM host_keys ORDER BY host, port")

@@ -222,6 +222,35 @@ async def test_first_use_pins_the_host_key_and_a_changed_key_is_refused(
         await second.close()
 
 
+async def test_a_host_key_is_pinned_for_every_spelling_of_its_host(
+    own_sshd: SSHD, client_key: Path, tmp_path: Path
+) -> None:
+    """DNS names are case-blind and may end in a dot: a new spelling of a pinned host is the same
+    host, refused when its key changed, not trusted on first use again."""
+    store = StateStore(tmp_path / "pins.db")
+    pins = HostKeyPins(store)
+    first = ConnectionPool(pins)
+    async with Sandbox(endpoint_for(own_sshd, client_key, host="localhost"), pool=first) as box:
+        await box.run("true")
+    await first.close()
+    [(host, _, pinned)] = pins.all()
+    own_sshd.restart(new_host_key=True)
+    second = ConnectionPool(pins)
+    try:
+        for spelling in ("LocalHost", "LOCALHOST"):
+            with pytest.raises(HostKeyMismatch):
+                async with Sandbox(endpoint_for(own_sshd, client_key, host=spelling), pool=second) as box:
+                    await box.run("true")
+    finally:
+        await second.close()
+    assert pins.all() == [(host, own_sshd.port, pinned)]
+    # a pin recorded under another spelling (before names were normalised) is found and forgotten too
+    with store.transaction() as db:
+        db.execute("UPDATE host_keys SET host = 'LOCALHOST.'")
+    assert pins.get("localhost", own_sshd.port) is not None and pins.forget("Localhost", own_sshd.port)
+    assert pins.all() == []
+
+
 def test_a_state_dir_open_to_others_is_made_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The state dir holds tether's client key and its pins: nobody else may swap them."""
     shared = tmp_path / "shared-state"
