@@ -136,8 +136,13 @@ class Transfers:
         # the rename at the end would replace with a plain file: think /dev/null).
         local = Path(os.path.realpath(local))
         existing: int | None = None  # (the mode of the file copied over)
-        with contextlib.suppress(FileNotFoundError):
+        try:
             existing = local.stat().st_mode
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # (a file where a directory of the path should be: NotADirectoryError)
+            raise local_write_failure(local, exc) from None
+        if existing is not None:
             if stat.S_ISDIR(existing):
                 raise IsADirectory(str(local), COPIES_FILES)
             if not stat.S_ISREG(existing):

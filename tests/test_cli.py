@@ -499,6 +499,17 @@ def test_exec_and_cp_at_the_edges(tmp_path: Path) -> None:
         missing = tether("cp", f"{box}:no-such.txt", f"{tmp_path}/not-made/")
         assert missing.returncode == 2 and "no such file" in missing.stderr
         assert not (tmp_path / "not-made").exists()  # (a failed copy leaves no directory behind)
+        in_the_way = tether("cp", f"{box}:f.txt", f"{tmp_path}/made/f.txt/x")  # (a file where a directory goes)
+        assert in_the_way.returncode == 2 and "x: cannot write it on this machine: not a directory" in in_the_way.stderr
+        for empty in ([f"{box}:f.txt", ""], ["", f"{box}:g.txt"]):
+            refused = tether("cp", *empty)
+            assert refused.returncode == 2 and "an empty path names no file" in refused.stderr, refused.stderr
+        # a directory is not copied into itself, nor anywhere below itself
+        assert tether("exec", box, "--", "mkdir -p d/sub && echo x > d/sub/f").returncode == 0
+        for into in ("d", "d/", "d/sub/new", "./d/sub"):
+            refused = tether("cp", "-r", f"{box}:d", f"{box}:{into}")
+            assert refused.returncode == 2 and "into itself" in refused.stderr, refused.stderr
+        assert tether("exec", box, "--", "find d | sort").stdout == "d\nd/sub\nd/sub/f\n"
     finally:
         tether("down", box)
 

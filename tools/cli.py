@@ -38,7 +38,7 @@ from providers.errors import ProviderError
 from providers.fleet import activity_flush_every
 from providers.local_server import keep_environment_private, local_dir, work_dir
 from providers.registry import profile_of
-from sandbox import SSHEndpoint
+from sandbox import Sandbox, SSHEndpoint
 from sandbox.errors import FileNotFound, SandboxError, validation_problems
 from sandbox.hostkeys import HostKeyPins
 from sandbox.state import default_store, read_config, state_dir
@@ -594,6 +594,8 @@ def cp_command(args: argparse.Namespace) -> int:
     source, target = _split_location(args.src), _split_location(args.dst)
     if source[0] is None and target[0] is None:
         raise ValueError("one side must be in a sandbox: ID:path")
+    if (None, "") in (source, target):
+        raise ValueError("an empty path names no file (cp refuses it too); for this directory give .")
     if (None, "-") in (source, target):  # (scp has no '-' either; a file of that name would surprise)
         raise ValueError(
             "tether cp copies files, not standard input or output: for a stream use "
@@ -604,6 +606,8 @@ def cp_command(args: argparse.Namespace) -> int:
         bar = ProgressBar(f"{args.src} -> {args.dst}", enabled=sys.stderr.isatty() and not args.json)
         try:
             whole = args.recursive and await _is_directory(fleet, *source)
+            if whole and source[0] is not None and source[0] == target[0]:
+                await _refuse_copy_into_itself(await fleet.get(source[0]), source, target)
             if source[0] and target[0]:  # sandbox to sandbox, through this machine
                 # Staged into a private directory, as a copy into a directory goes (under the
                 # source's name, or what `dir/.` holds), with no umask: the modes arrive as they left.
@@ -627,6 +631,15 @@ def cp_command(args: argparse.Namespace) -> int:
         for skipped in copy.skipped:
             print(f"  skipped {skipped}", file=sys.stderr)
     return 0
+
+
+async def _refuse_copy_into_itself(
+    box: Sandbox, source: tuple[str | None, str], target: tuple[str | None, str]
+) -> None:
+    """As cp -r: a directory is not copied into itself (the copy would hold a copy of the tree)."""
+    directory = (await box.resolve(source[1])).rstrip("/") + "/"
+    if ((await box.resolve(target[1])).rstrip("/") + "/").startswith(directory):
+        raise ValueError(f"cannot copy a directory, {source[1]}, into itself, {target[1]} (cp -r refuses it too)")
 
 
 async def _is_directory(fleet: Fleet, sandbox: str | None, path: str) -> bool:
@@ -660,7 +673,10 @@ async def _copy(
     return TreeCopy(1, await box.upload(Path(source[1]), target[1], progress))
 
 
-def _split_location(text: str) -> tuple[str | None, str]:
+Location = tuple[str | None, str]  # (sandbox id or None for this machine, path)
+
+
+def _split_location(text: str) -> Location:
     """'ID:path' -> (ID, path); a local path (even one with ':' after a '/') -> (None, path)."""
     head, sep, tail = text.partition(":")
     if sep and head and "/" not in head and not Path(text).exists():
