@@ -389,7 +389,7 @@ class Executor:
         async def read(f: asyncssh.SFTPClientFile) -> tuple[str, bool]:
             # One read decides: up to 4 × max_chars bytes (a character is at most 4) is enough.
             limit = 4 * max_chars
-            note = f"\n[output cut to {max_chars} characters; the whole stream is in {keep_as}]"
+            note = f"\n[output cut to {max_chars} characters; the whole stream is in {keep_as}: read it in windows]"
             head, size = await read_prefix(f, limit + 1)
             if len(head) <= limit:
                 return cap_text(head, max_chars, note)

@@ -178,6 +178,9 @@ async def test_file_and_shell_tools(where: str, transport: str, ssh_pool_env: di
 
         missing = await client.call_tool("read", {"path": "missing.txt"})
         assert missing.is_error and "no such file" in text(missing)
+        long = await client.call_tool("run", {"command": "seq 1 100000"})
+        kept = structured(long)["stdout_path"]
+        assert kept and text(long).count(kept) == 1 and text(long).endswith("read it in windows]\n[exit code 0]")
         timed = structured(await client.call_tool("run", {"command": "echo started; sleep 30", "timeout_ms": 500}))
         assert timed["timed_out"] and timed["exit_code"] is None and timed["stdout"] == "started\n"
         bad = await client.call_tool("run", {"command": "true", "timeout_ms": "soon"})

@@ -223,6 +223,8 @@ async def test_long_output_is_capped_head_and_tail_with_the_full_stream_kept(sb:
     assert r.truncated and r.stdout_path and r.stderr_path is None
     assert r.stdout.startswith("1\n2\n3\n")
     assert "100000" in r.stdout and "bytes not shown" in r.stdout
+    note = f"[output cut to 30000 characters; the whole stream is in {r.stdout_path}: read it in windows]"
+    assert r.stdout.endswith(note)
     assert len(r.stdout) <= 30_000 and len(r.stderr) <= 30_000  # the markers count too
     assert r.stderr == "1\n2\n3\n4\n5\n"
     full = await sb.read_text(r.stdout_path)

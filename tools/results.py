@@ -355,10 +355,7 @@ class RunResult(Result):
             parts.append(f"[timed out after {self.duration_ms / 1000:.1f}s; the process group was killed]")
         else:
             parts.append(f"[exit code {self.exit_code}]")
-        for label, path in (("stdout", self.stdout_path), ("stderr", self.stderr_path)):
-            if path:
-                parts.append(f"[{label} was cut; the whole stream is in {path} (read it with offset/limit)]")
-        return "\n".join(parts)
+        return "\n".join(parts)  # (a stream that was cut says so at its end, with where the rest is)
 
 
 class JobOutputResult(Result):
