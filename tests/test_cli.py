@@ -25,6 +25,7 @@ from providers import Fleet
 from providers.ledger import Ledger
 from providers.local_server import local_dir
 from tests.mcp_support import ROOT, server_env, tether
+from tools.output import duration
 from tests.processes import leaf_sleep, wait_until_gone, wait_until_running
 from tests.sshd import SSHD
 
@@ -633,3 +634,8 @@ def test_exec_runs_no_longer_than_the_sandboxs_ttl() -> None:
     assert cut.returncode == 2 and "TTL ran out" in cut.stderr, cut.stderr
     assert cut.stdout == "start\n" and time.monotonic() - started < 30
     assert json.loads(tether("info", box, "--json").stdout)["status"] == "terminated"
+
+
+def test_durations_read_as_people_say_them() -> None:
+    """A sandbox that lived a second and a bit is not shown as 0s."""
+    assert [duration(s) for s in (0.63, 1.1, 42.9, 75, 3700)] == ["0.6s", "1.1s", "42s", "1m15s", "1h01m"]

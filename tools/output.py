@@ -51,6 +51,8 @@ def when(timestamp: float | None) -> str | None:
 
 
 def duration(seconds: float) -> str:
+    if seconds < 10:  # (a sandbox that lived a second must not read as 0s)
+        return f"{seconds:.1f}s"
     seconds = int(seconds)
     if seconds < 60:
         return f"{seconds}s"
