@@ -25,9 +25,9 @@ from providers import Fleet
 from providers.ledger import Ledger
 from providers.local_server import local_dir
 from tests.mcp_support import ROOT, server_env, tether
-from tools.output import duration
 from tests.processes import leaf_sleep, wait_until_gone, wait_until_running
 from tests.sshd import SSHD
+from tools.output import duration
 
 
 def test_up_exec_cp_info_down(tmp_path: Path) -> None:
