@@ -45,8 +45,9 @@ def state_dir() -> Path:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         info = path.stat()
     except OSError as exc:
+        why = "it is not a directory" if isinstance(exc, FileExistsError) else exc.strerror or exc
         raise StateUnusable(
-            f"tether's state dir {path} cannot be created ({exc.strerror or exc}); set TETHER_STATE_DIR to a "
+            f"tether's state dir {path} cannot be created ({why}); set TETHER_STATE_DIR to a "
             "directory you can write to"
         ) from None
     if info.st_uid != os.getuid():

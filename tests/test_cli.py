@@ -325,6 +325,8 @@ def test_a_damaged_or_impossible_state_dir_is_named_not_a_traceback(tmp_path: Pa
             result.stdout + result.stderr
         ), result.stdout + result.stderr
         assert result.returncode == (1 if command == "doctor" else 2)
+    a_file = tether("ls", env=server_env(TETHER_STATE_DIR=str(tmp_path / "a-file")))
+    assert f"state dir {tmp_path}/a-file cannot be created (it is not a directory)" in a_file.stderr, a_file.stderr
 
 
 def test_demo_runs_the_whole_story() -> None:
