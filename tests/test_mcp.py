@@ -791,7 +791,8 @@ async def test_attach_with_a_key_of_its_own_and_ssh_without_a_host(
         assert before.is_error and f"attaches {sshd.address}, the default" in text(before), text(before)
         ran = structured(await client.call_tool("run", {"command": "whoami"}))
         assert ran["stdout"] == f"{sshd.account.name}\n"
-        await client.call_tool("sandbox_destroy", {})
+        detached = text(await client.call_tool("sandbox_destroy", {}))
+        assert detached.endswith(f"default sandbox: a call that names no sandbox now attaches {sshd.address} again")
     refused = tether("mcp", "--provider", "ssh")
     assert refused.returncode == 2 and "--attach" in refused.stderr, refused.stderr
 
@@ -809,8 +810,10 @@ async def test_the_default_sandbox_comes_from_config_defaults(tmp_path: Path) ->
         default = next(s for s in listed["sandboxes"] if s["id"] == listed["default"])
         assert default["pool"] == "mine"
         assert Ledger().get(listed["default"]).idle_timeout == 900
-        destroyed = structured(await client.call_tool("sandbox_destroy", {}))  # the default, by omission
-        assert destroyed["id"] == listed["default"] and Ledger().get(destroyed["id"]).status == "terminated"
+        destroyed = await client.call_tool("sandbox_destroy", {})  # the default, by omission
+        assert structured(destroyed)["id"] == listed["default"]
+        assert Ledger().get(listed["default"]).status == "terminated"
+        assert text(destroyed).endswith("the default sandbox: a call that names no sandbox now makes a new, empty one")
 
 
 async def test_the_only_live_sandbox_is_the_default_everywhere() -> None:

@@ -247,6 +247,22 @@ class ServerState:
             )
         return await self.fleet.get(found)
 
+    def what_the_next_default_is(self) -> str:
+        """What a call naming no sandbox will use now that the default ended, said to the agent
+        that ended it (a new machine must not pass for the old one, whose files are gone)."""
+        found = self.current_default()
+        if found is not None:
+            record = self.fleet.ledger.get(found)
+            return f"a call that names no sandbox now uses {record.name} ({record.id})"
+        if self.default_request is None and len(self._default_candidates()) > 1:
+            return "a call that names no sandbox must now name one (several exist)"
+        attach = self.default_request.options.get("host") if self.default_request else None
+        return (
+            f"a call that names no sandbox now attaches {attach} again"
+            if attach
+            else ("a call that names no sandbox now makes a new, empty one")
+        )
+
     def refuse_if_ambiguous(self) -> None:
         """With nothing named at start and several sandboxes to choose from, the caller must choose."""
         if self.default_request is None and len(live := self._default_candidates()) > 1:
@@ -658,10 +674,12 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
             raise InvalidArgument("there is no default sandbox; name the one to destroy (see sandbox_list)")
         record = state.fleet.ledger.get(sandbox or default or "")
         event, ended = await state.fleet.end(record.id)
+        result = R.DestroyResult.of(state.fleet.ledger.get(record.id), event)
+        text = result.text(already=not ended)
         if state.default_id == record.id:
             state.default_id = None
-        result = R.DestroyResult.of(state.fleet.ledger.get(record.id), event)
-        return ok(result, result.text(already=not ended))
+            text += f"; it was the default sandbox: {state.what_the_next_default_is()}"
+        return ok(result, text)
 
     @server.tool(annotations=DESTRUCTIVE)
     @guarded
