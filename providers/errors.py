@@ -24,10 +24,19 @@ class Unsupported(ProviderError):
 
     def __init__(self, provider: str, operation: str, why: str = "") -> None:
         self.provider, self.operation = provider, operation
+        instead = _INSTEAD.get(operation, "")
         super().__init__(
-            f"the {provider} provider cannot {operation}{': ' + why if why else ''}; "
+            f"the {provider} provider cannot {operation}{': ' + why if why else ''}; {instead}"
             "see its capability profile (pools_list, or tether pools --json)"
         )
+
+
+# What to do when an operation is not offered, by operation.
+_INSTEAD = {
+    "pause": "leave it running (its idle timeout ends it, if it has one) or end it with sandbox_destroy "
+    "(tether down); ",
+    "snapshot": "copy what must be kept off the box with download (tether cp); ",
+}
 
 
 class EndedWithLeftovers(ProviderError):

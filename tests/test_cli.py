@@ -104,7 +104,7 @@ def test_up_exec_cp_info_down(tmp_path: Path) -> None:
     assert info["capabilities"]["billingModel"] == "fixed"
 
     refused = tether("pause", sandbox_id)
-    assert refused.returncode == 2 and "cannot pause" in refused.stderr
+    assert refused.returncode == 2 and "cannot pause" in refused.stderr and "tether down" in refused.stderr
 
     down = json.loads(tether("down", sandbox_id, "--json").stdout)
     assert down["status"] == "terminated" and down["cost"]["billing_model"] == "fixed"
