@@ -50,7 +50,7 @@ MAX_LINE_CHARS = 2000
 # allows): 2000 lines of 2000 characters would be 4 MB in one answer. "read on with offset=N" follows.
 MAX_READ_CHARS = 100_000
 MAX_IMAGE_BYTES = 5 * 1024 * 1024
-MAX_TEXT_BYTES = 256 * 1024 * 1024  # read_bytes() refuses bigger files: download them
+MAX_TEXT_BYTES = 256 * 1024 * 1024  # read_bytes() refuses bigger files (read() too, where wc cannot count them)
 WHOLE_READ_BYTES = 8 * 1024 * 1024  # read() of a bigger file fetches only the lines it shows
 MAX_EDIT_BYTES = 64 * 1024 * 1024
 PRIVATE = asyncssh.SFTPAttrs(permissions=0o600)  # temp files start readable by their owner alone
@@ -189,7 +189,7 @@ def special_mode_kind(mode: int) -> str | None:
     return None
 
 
-async def _keep_owner(
+async def keep_owner(
     temp_file: asyncssh.SFTPClientFile, original: asyncssh.SFTPAttrs, ours: tuple[int, int] | None
 ) -> None:
     """Give the temp file the replaced file's owner and group, where the server lets us (root may
@@ -474,6 +474,7 @@ class Files:
                         keep_chars=MAX_LINE_CHARS,
                         max_chars=MAX_READ_CHARS,
                         sniff_bytes=BINARY_SNIFF_BYTES,
+                        max_uncounted=MAX_TEXT_BYTES,
                     )
                 except asyncssh.SFTPError as exc:
                     raise sftp_error(path, exc) from None
@@ -664,7 +665,7 @@ class Files:
             if existing is not None:
                 # The owner first: a chown by anyone but root clears setuid bits the chmod sets.
                 # (A temp file's group depends on its directory: unless known, always ask.)
-                pending.append(_keep_owner(temp_file, existing, self._temp_facts.owner(directory)))
+                pending.append(keep_owner(temp_file, existing, self._temp_facts.owner(directory)))
                 if self._temp_facts.owner(directory) is None:  # (who we are: see refuse_read_only)
                     pending.append(self._learn_temp_facts(temp_file, directory))
             if chmod_now:
@@ -880,7 +881,7 @@ class Files:
             if self.before_conflict_check is not None:
                 await self.before_conflict_check(path)
             mode = (attrs.permissions or 0) & 0o7777
-            writes: list[Awaitable[object]] = [_keep_owner(temp_file, attrs, facts.owner(directory))]
+            writes: list[Awaitable[object]] = [keep_owner(temp_file, attrs, facts.owner(directory))]
             if not _late_chmod(mode, data):
                 writes.append(temp_file.chmod(mode))
             if data:

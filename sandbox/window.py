@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import asyncssh
 
-from .sftpio import read_range, read_upto
+from .errors import FileTooLarge
+from .sftpio import read_range
 
 CHUNK = 4 << 20  # bytes per read; each is pipelined by asyncssh
 
@@ -75,12 +76,17 @@ async def read_window(
     keep_chars: int,
     max_chars: int,
     sniff_bytes: int,
+    max_uncounted: int,
 ) -> Window:
     """Lines `first`.. (1-based) of the file open as `f`, at most `count` of them and no more than
     `max_chars` characters in all (the reader shows no more), and the file's total line count.
 
-    `size` is what a stat said; the file is read to its real end should it have grown."""
+    `size` is what a stat said, and as far as the file is read (a log growing as fast as it is
+    read would otherwise be read for ever). Where the box cannot count lines, a file over
+    `max_uncounted` bytes is refused (FileTooLarge) rather than read whole to count them."""
     window = Window()
+    if count_newlines is None and size > max_uncounted:
+        raise FileTooLarge(path, size, max_uncounted)
     counting = asyncio.ensure_future(_count_lines(f, path, size, count_newlines)) if count_newlines else None
     if counting is not None:  # (its failure is an answer here, not an error to log)
         counting.add_done_callback(lambda done: done.cancelled() or done.exception())
@@ -89,9 +95,9 @@ async def read_window(
         number, newlines, offset, chars = 1, 0, 0, 0
         line: _Line | None = None  # (only for lines in the window)
         ends_with_newline = True
-        while True:
-            chunk = await read_range(f, CHUNK, offset)
-            if not chunk:
+        while offset < size:
+            chunk = await read_range(f, min(CHUNK, size - offset), offset)
+            if not chunk:  # (it shrank)
                 break
             if offset == 0:
                 window.head = chunk[:sniff_bytes]
@@ -119,12 +125,14 @@ async def read_window(
                             if chars > max_chars:
                                 last = number  # (no more would be shown)
                         number += 1
-            if number > last and counting is not None:
+            if counting is not None and (number > last or _past_the_end(counting, first)):
                 total = await _answer(counting)
                 if total is not None:
                     window.total_lines = max(total, number - 1)
                     return window
                 counting = None  # (the box could not say: read on, counting)
+                if size > max_uncounted:
+                    raise FileTooLarge(path, size, max_uncounted)
         if line is not None and not line.empty:  # (a last line with no newline after it)
             text, length = line.finish()
             window.lines.append(text)
@@ -139,8 +147,16 @@ async def read_window(
 async def _count_lines(f: asyncssh.SFTPClientFile, path: str, size: int, count_newlines: CountNewlines) -> int:
     """The file's lines as `split_lines` counts them: its newlines, and one more for a last line
     that has none after it."""
-    newlines, last_byte = await asyncio.gather(count_newlines(path), read_upto(f, 1, size - 1))
+    # (f.read itself, not read_upto, which turns off the handle's parallel reads while it waits)
+    newlines, last_byte = await asyncio.gather(count_newlines(path), f.read(1, size - 1))
     return newlines + (0 if last_byte in (b"\n", b"") else 1)
+
+
+def _past_the_end(counting: asyncio.Future[int], first: int) -> bool:
+    """Whether the box's count came, and says the window begins after the last line."""
+    if not counting.done() or counting.cancelled() or counting.exception() is not None:
+        return False
+    return first > counting.result()
 
 
 async def _answer(counting: asyncio.Future[int]) -> int | None:
