@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import time
 
 import asyncssh
@@ -21,8 +23,11 @@ def fingerprint_of(line: str) -> str:
 
 def pin_name(host: str) -> str:
     """The name a host's key is pinned under: DNS names are case-blind and `example.com.` is
-    `example.com`, so every spelling of one host shares its pin (as OpenSSH's known_hosts does);
-    otherwise a new spelling would be trusted on first use again."""
+    `example.com`, and an IPv6 address has many spellings (`::1`, `0:0::1`), so every spelling of
+    one host shares its pin (as OpenSSH's known_hosts does); otherwise a new spelling would be
+    trusted on first use again."""
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(host).compressed
     return host.lower().rstrip(".")
 
 

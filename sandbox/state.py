@@ -47,8 +47,7 @@ def state_dir() -> Path:
     except OSError as exc:
         why = "it is not a directory" if isinstance(exc, FileExistsError) else exc.strerror or exc
         raise StateUnusable(
-            f"tether's state dir {path} cannot be created ({why}); set TETHER_STATE_DIR to a "
-            "directory you can write to"
+            f"tether's state dir {path} cannot be created ({why}); set TETHER_STATE_DIR to a directory you can write to"
         ) from None
     if info.st_uid != os.getuid():
         raise PermissionError(

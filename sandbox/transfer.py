@@ -24,6 +24,7 @@ from .files import (
     MAX_LINK_HOPS,
     PRIVATE,
     file_kind,
+    keep_owner,
     link_target,
     refuse_read_only,
     sftp_error,
@@ -94,8 +95,10 @@ class Transfers:
                 # Created private: the final mode is given only once every byte is there.
                 async with sftp.open(temp, "xb", PRIVATE, block_size=-1, max_requests=MAX_REQUESTS) as f:
                     if existing is not None:  # (the temp file's owner is the sandbox user's)
-                        ours = await f.stat()
-                        refuse_read_only(target, existing, (ours.uid, ours.gid) if ours.uid is not None else None)
+                        made = await f.stat()
+                        ours = (made.uid, made.gid) if made.uid is not None and made.gid is not None else None
+                        refuse_read_only(target, existing, ours)
+                        await keep_owner(f, existing, ours)  # (root copying over app's .env: still app's)
                     if contents is None:
                         await _send(local, f, size, progress, self._pieces)
                     elif contents:

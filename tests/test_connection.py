@@ -249,6 +249,10 @@ async def test_a_host_key_is_pinned_for_every_spelling_of_its_host(
         db.execute("UPDATE host_keys SET host = 'LOCALHOST.'")
     assert pins.get("localhost", own_sshd.port) is not None and pins.forget("Localhost", own_sshd.port)
     assert pins.all() == []
+    # an IPv6 address, however it is written
+    line = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDxyTHuNF1+fRVp5KhaDGqj8UmhGvdKQr9aS+n8OJ6Oq"
+    pins.pin("0:0::1", 22, line)
+    assert pins.get("::1", 22) == line and pins.get("0000::0001", 22) == line
 
 
 def test_a_state_dir_open_to_others_is_made_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -75,6 +75,28 @@ async def test_local_sandbox_end_to_end(tmp_path: Path, fleet: Fleet) -> None:
     assert await fleet.destroy(box.id) == event  # idempotent: the same single event
 
 
+async def test_a_root_sandbox_copying_over_another_users_file_leaves_it_theirs(tmp_path: Path, fleet: Fleet) -> None:
+    """As cp does (it writes in place): a root agent's copy over an app's 0600 .env keeps it the
+    app's, readable by the app alone, instead of root's, which the app could no longer read."""
+    if not is_root():
+        pytest.fail("the local provider's user must be root to own files for others (CI runs as root)")
+    box = await fleet.create(Request(provider="local", name="root-copies"))
+    try:
+        secret = sandbox_root(box.id) / "work" / "app.env"
+        secret.write_text("TOKEN=old\n")
+        secret.chmod(0o600)
+        os.chown(secret, 1, 1)
+        new = tmp_path / "new.env"
+        new.write_text("TOKEN=new\n")
+        new.chmod(0o644)
+        await box.upload(new, "app.env")
+        info = secret.stat()
+        assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (1, 1, 0o600)
+        assert secret.read_text() == "TOKEN=new\n"
+    finally:
+        await box.destroy()
+
+
 async def test_sizing_the_local_machine_cannot_take_is_said_not_silently_dropped(fleet: Fleet, tmp_path: Path) -> None:
     heard: list[str] = []
 

@@ -816,6 +816,15 @@ async def test_the_default_sandbox_comes_from_config_defaults(tmp_path: Path) ->
         assert text(destroyed).endswith("the default sandbox: a call that names no sandbox now makes a new, empty one")
 
 
+async def test_destroying_the_only_sandbox_says_the_next_call_makes_a_new_one() -> None:
+    """The only live sandbox is the default before any call has used it: ending it says so too."""
+    async with stdio_client() as client:
+        made = structured(await client.call_tool("sandbox_create", {"provider": "local"}))
+        ended = await client.call_tool("sandbox_destroy", {})
+        assert structured(ended)["id"] == made["id"]
+        assert text(ended).endswith("the default sandbox: a call that names no sandbox now makes a new, empty one")
+
+
 async def test_the_only_live_sandbox_is_the_default_everywhere() -> None:
     """With no default named or made, the only live sandbox is what calls without `sandbox` use:
     sandbox_list marks it, and sandbox_destroy without `sandbox` destroys it."""

@@ -676,7 +676,7 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
         event, ended = await state.fleet.end(record.id)
         result = R.DestroyResult.of(state.fleet.ledger.get(record.id), event)
         text = result.text(already=not ended)
-        if state.default_id == record.id:
+        if record.id in (state.default_id, default):  # (made or named, or the only one there was)
             state.default_id = None
             text += f"; it was the default sandbox: {state.what_the_next_default_is()}"
         return ok(result, text)
