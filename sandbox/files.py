@@ -286,6 +286,16 @@ def _text_window(path: str, data: bytes, offset: int, limit: int) -> ReadResult:
     return ReadResult(path, text, offset, offset + given - 1, len(lines), cut)
 
 
+async def _all_of(f: asyncssh.SFTPClientFile, path: str, size: int, max_bytes: int) -> bytes:
+    """All of a file open as `f` whose stat said `size`, up to `max_bytes`, else FileTooLarge."""
+    if size > max_bytes:
+        raise FileTooLarge(path, size, max_bytes)
+    data = await read_whole(f, size, max_bytes)
+    if len(data) > max_bytes:
+        raise FileTooLarge(path, len(data), max_bytes)
+    return data
+
+
 def split_lines(text: str) -> list[str]:
     lines = text.split("\n")
     if lines and lines[-1] == "":
@@ -454,75 +464,58 @@ class Files:
                 return Image(path, mime, data)
             return _text_window(path, data, offset, limit)
 
-        async def read(sftp: asyncssh.SFTPClient) -> ReadResult:
-            known = await self._refuse_special(sftp, path)
-            attrs, f = await self._stat_and_open(sftp, path, "rb", known)
-            try:
-                size = attrs.size or 0
-                if size <= WHOLE_READ_BYTES:  # (or a size that says nothing, as /proc's)
-                    data = await self._read_opened(f, path, size, MAX_TEXT_BYTES)
-                    self._known.remember(path, data)
-                    return _text_window(path, data, offset, limit)
-                try:
-                    found = await read_window(
-                        f,
-                        path,
-                        size,
-                        offset,
-                        limit,
-                        self._count_newlines,
-                        keep_chars=MAX_LINE_CHARS,
-                        max_chars=MAX_READ_CHARS,
-                        sniff_bytes=BINARY_SNIFF_BYTES,
-                        max_uncounted=MAX_TEXT_BYTES,
-                    )
-                except asyncssh.SFTPError as exc:
-                    raise sftp_error(path, exc) from None
-            finally:
-                self._sftp.close_later(f)
-            if _looks_binary(found.head):
+        async def window(attrs: asyncssh.SFTPAttrs, f: asyncssh.SFTPClientFile) -> ReadResult:
+            size = attrs.size or 0
+            if size <= WHOLE_READ_BYTES:  # (or a size that says nothing, as /proc's)
+                data = await _all_of(f, path, size, MAX_TEXT_BYTES)
+                self._known.remember(path, data)
+                return _text_window(path, data, offset, limit)
+            found = await read_window(
+                f,
+                path,
+                size,
+                offset,
+                limit,
+                self._count_newlines,
+                keep_chars=MAX_LINE_CHARS,
+                max_chars=MAX_READ_CHARS,
+                sniff_bytes=BINARY_SNIFF_BYTES,
+                max_uncounted=MAX_TEXT_BYTES,
+            )
+            if found.binary:
                 raise BinaryFile(path, size)
             text, cut, given = number_lines(found.lines, offset, lengths=found.lengths)
             return ReadResult(path, text, offset, offset + given - 1, found.total_lines, cut)
 
-        return await self._sftp.retrying(read)
+        return await self._sftp.retrying(lambda sftp: self._reading(sftp, path, window))
 
     async def read_bytes(self, path: str, max_bytes: int = MAX_TEXT_BYTES) -> bytes:
         """The whole file. Raises: FileNotFound, IsADirectory, FileTooLarge, PermissionDenied."""
 
-        async def read(sftp: asyncssh.SFTPClient) -> bytes:
-            return (await self._read_whole(sftp, path, max_bytes))[1]
+        async def whole(attrs: asyncssh.SFTPAttrs, f: asyncssh.SFTPClientFile) -> bytes:
+            return await _all_of(f, path, attrs.size or 0, max_bytes)
 
-        data = await self._sftp.retrying(read)
+        data = await self._sftp.retrying(lambda sftp: self._reading(sftp, path, whole))
         self._known.remember(path, data)
         return data
 
-    async def _read_whole(
-        self, sftp: asyncssh.SFTPClient, path: str, max_bytes: int
-    ) -> tuple[asyncssh.SFTPAttrs, bytes]:
-        """stat and open in one round trip, then one exact-size read; the close is not waited for.
-        (A path not seen before is stat'ed alone first, see `_refuse_special`, and not again.)"""
+    async def _reading(
+        self,
+        sftp: asyncssh.SFTPClient,
+        path: str,
+        use: Callable[[asyncssh.SFTPAttrs, asyncssh.SFTPClientFile], Awaitable[T]],
+    ) -> T:
+        """`use` the file open for reading, with its attributes: stat and open in one round trip (a
+        path not seen before is stat'ed alone first, see `_refuse_special`, and not again); a
+        directory is refused; the close is not waited for."""
         known = await self._refuse_special(sftp, path)
         attrs, f = await self._stat_and_open(sftp, path, "rb", known)
         try:
-            if file_kind(attrs) == "directory":
-                raise IsADirectory(path)
-            return attrs, await self._read_opened(f, path, attrs.size or 0, max_bytes)
-        finally:
-            self._sftp.close_later(f)
-
-    @staticmethod
-    async def _read_opened(f: asyncssh.SFTPClientFile, path: str, size: int, max_bytes: int) -> bytes:
-        """All of a file open as `f` whose stat said `size`, up to `max_bytes`, else FileTooLarge."""
-        if size > max_bytes:
-            raise FileTooLarge(path, size, max_bytes)
-        try:
-            data = await read_whole(f, size, max_bytes)
+            return await use(attrs, f)
         except asyncssh.SFTPError as exc:
             raise sftp_error(path, exc) from None
-        if len(data) > max_bytes:
-            raise FileTooLarge(path, len(data), max_bytes)
-        return data
+        finally:
+            self._sftp.close_later(f)
 
     async def _stat_and_open(
         self,

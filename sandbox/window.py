@@ -32,12 +32,13 @@ CountNewlines = Callable[[str], Awaitable[int]]
 @dataclass
 class Window:
     """What `read_window` found: the window's lines (each cut to `keep_chars` plus one, with its
-    full length in characters), the file's first bytes (for binary sniffing), its line count."""
+    full length in characters) and the file's line count; or that it is binary (a NUL byte in its
+    first `sniff_bytes`), and nothing more."""
 
     lines: list[str] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
-    head: bytes = b""
     total_lines: int = 0
+    binary: bool = False
 
 
 class _Line:
@@ -99,10 +100,9 @@ async def read_window(
             chunk = await read_range(f, min(CHUNK, size - offset), offset)
             if not chunk:  # (it shrank)
                 break
-            if offset == 0:
-                window.head = chunk[:sniff_bytes]
-                if b"\0" in window.head:
-                    return window  # (the caller refuses it as binary)
+            if offset == 0 and b"\0" in chunk[:sniff_bytes]:
+                window.binary = True
+                return window
             offset += len(chunk)
             ends_with_newline = chunk.endswith(b"\n")
             found = chunk.count(b"\n")
