@@ -13,7 +13,7 @@ import stat as stat_module
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import asyncssh
 
@@ -420,7 +420,7 @@ class Files:
         # opened: sftp-server serves one request at a time, and opening a named pipe with no writer
         # blocks it, and with it every file operation and command of the sandbox.
         self._openable: set[str] = set()
-        self._temp_facts = TempFileFacts()
+        self.temp_facts = TempFileFacts()  # (shared with the sandbox's Transfers: who a new file's owner is)
         self._known = KnownContents()
         self._writers = PathLocks()
 
@@ -581,7 +581,7 @@ class Files:
         """`work`, and the creation of the private temp file `temp` (and of `make_directory` when it
         is missing), sent together; each result or its error. Should the caller be cancelled, the
         temp file the open made is closed and removed once it lands."""
-        opening = asyncio.ensure_future(self._open_temp(sftp, temp, make_directory))
+        opening = asyncio.ensure_future(open_temp(sftp, temp, make_directory))
         try:
             done, temp_file = await asyncio.gather(work, asyncio.shield(opening), return_exceptions=True)
         except asyncio.CancelledError:
@@ -658,8 +658,8 @@ class Files:
             if existing is not None:
                 # The owner first: a chown by anyone but root clears setuid bits the chmod sets.
                 # (A temp file's group depends on its directory: unless known, always ask.)
-                pending.append(keep_owner(temp_file, existing, self._temp_facts.owner(directory)))
-                if self._temp_facts.owner(directory) is None:  # (who we are: see refuse_read_only)
+                pending.append(keep_owner(temp_file, existing, self.temp_facts.owner(directory)))
+                if self.temp_facts.owner(directory) is None:  # (who we are: see refuse_read_only)
                     pending.append(self._learn_temp_facts(temp_file, directory))
             if chmod_now:
                 assert mode is not None
@@ -668,7 +668,7 @@ class Files:
                 pending.append(write_all(temp_file, data))
             await asyncio.gather(*pending)
             if existing is not None:
-                refuse_read_only(path, existing, self._temp_facts.owner(directory))
+                refuse_read_only(path, existing, self.temp_facts.owner(directory))
             if mode is None:  # the first new file: it gets the probe's mode (or stays 0600 without one)
                 mode = await self._learned_new_file_mode(sftp, directory, name)
             if mode is not None and not chmod_now:
@@ -682,17 +682,6 @@ class Files:
             if not renamed:
                 self._sftp.remove_later(temp)
         return existing if isinstance(existing, asyncssh.SFTPAttrs) else None
-
-    async def _open_temp(
-        self, sftp: asyncssh.SFTPClient, temp: str, make_directory: str | None
-    ) -> asyncssh.SFTPClientFile:
-        try:
-            return await sftp.open(temp, "xb", PRIVATE)
-        except asyncssh.SFTPNoSuchFile:
-            if make_directory is None:
-                raise
-            await sftp.makedirs(make_directory, exist_ok=True)
-            return await sftp.open(temp, "xb", PRIVATE)
 
     async def _probe_new_file_mode(self, sftp: asyncssh.SFTPClient, directory: str, name: str) -> None:
         """Create an empty file beside the first one written, as any program would create it, and
@@ -724,7 +713,7 @@ class Files:
 
     async def _learn_temp_facts(self, temp_file: asyncssh.SFTPClientFile, directory: str) -> asyncssh.SFTPAttrs:
         attrs = await temp_file.stat()
-        self._temp_facts.learn(directory, attrs)
+        self.temp_facts.learn(directory, attrs)
         return attrs
 
     async def _discard_temp(self, sftp: asyncssh.SFTPClient, f: asyncssh.SFTPClientFile, temp: str) -> None:
@@ -844,7 +833,7 @@ class Files:
             assert isinstance(attrs, asyncssh.SFTPAttrs) and isinstance(original_file, asyncssh.SFTPClientFile)
             if (attrs.size or 0) > MAX_EDIT_BYTES:
                 raise FileTooLarge(path, attrs.size or 0, MAX_EDIT_BYTES)
-            facts = self._temp_facts
+            facts = self.temp_facts
             ask = isinstance(temp_file, asyncssh.SFTPClientFile) and facts.owner(directory) is None
             remembered = self._known.get(path, attrs.size) if use_known and not ask else None
             if remembered is not None:
@@ -1004,6 +993,21 @@ class Files:
                 raise sftp_error(path, exc) from None
 
         await self._sftp.once(make)
+
+
+async def open_temp(
+    sftp: asyncssh.SFTPClient, temp: str, make_directory: str | None = None, **options: Any
+) -> asyncssh.SFTPClientFile:
+    """Create the private temp file `temp` (with asyncssh's open `options`); `make_directory`, when
+    given, is made only should the open find it missing (asyncssh's makedirs costs two round
+    trips per component of the path, the existing ones too)."""
+    try:
+        return await sftp.open(temp, "xb", PRIVATE, **options)
+    except asyncssh.SFTPNoSuchFile:
+        if make_directory is None:
+            raise
+        await sftp.makedirs(make_directory, exist_ok=True)
+        return await sftp.open(temp, "xb", PRIVATE, **options)
 
 
 async def link_target(sftp: asyncssh.SFTPClient, path: str) -> str:

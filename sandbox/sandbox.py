@@ -448,5 +448,5 @@ class _Parts:
         self.files = Files(self.sftp, self.executor.count_newlines)
         self.search = Search(self.executor, self.files)
         self.jobs = Jobs(self.executor, self.shells, self.sftp)
-        self.transfers = Transfers(self.sftp)
+        self.transfers = Transfers(self.sftp, self.files.temp_facts)
         self.trees = TreeCopies(self.transfers)

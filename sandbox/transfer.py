@@ -22,10 +22,10 @@ from .channels import SFTPChannel
 from .errors import WRITE_SPECIAL_HINT, FileNotFound, FileOperationError, IsADirectory, SandboxError, SpecialFile
 from .files import (
     MAX_LINK_HOPS,
-    PRIVATE,
     file_kind,
     keep_owner,
     link_target,
+    open_temp,
     refuse_read_only,
     sftp_error,
     special_kind,
@@ -35,6 +35,7 @@ from .files import (
 )
 from .sftpio import GUARANTEED, read_upto, write_all
 from .tasks import task_group
+from .tempfacts import TempFileFacts
 
 COPIES_FILES = "copies are of single files; copy a directory whole with upload_dir / download_dir (tether cp -r)"
 # Called with (bytes done, total bytes).
@@ -50,8 +51,11 @@ MAX_REQUESTS = PIECE // GUARANTEED  # (a piece's blocks all at once, even at the
 
 
 class Transfers:
-    def __init__(self, sftp: SFTPChannel) -> None:
+    def __init__(self, sftp: SFTPChannel, temp_facts: TempFileFacts | None = None) -> None:
         self.sftp = sftp
+        # Who a new file's owner is, per directory (learned by an fstat of one, shared with Files):
+        # an upload over a file needs it, and asks only where it is not known.
+        self._facts = temp_facts or TempFileFacts()
         self._pieces = asyncio.Semaphore(PIECES_IN_FLIGHT)  # (shared by every copy of the sandbox)
 
     async def upload(
@@ -90,13 +94,13 @@ class Transfers:
             directory, name = posixpath.split(target)
             temp = posixpath.join(directory, temp_name(name, "part"))
             try:
-                if not exact:
-                    await sftp.makedirs(directory, exist_ok=True)
                 # Created private: the final mode is given only once every byte is there.
-                async with sftp.open(temp, "xb", PRIVATE, block_size=-1, max_requests=MAX_REQUESTS) as f:
-                    if existing is not None:  # (the temp file's owner is the sandbox user's)
-                        made = await f.stat()
-                        ours = (made.uid, made.gid) if made.uid is not None and made.gid is not None else None
+                opening = open_temp(sftp, temp, None if exact else directory, block_size=-1, max_requests=MAX_REQUESTS)
+                async with await opening as f:
+                    if existing is not None:
+                        if self._facts.owner(directory) is None:  # (the temp file's owner is the sandbox user's)
+                            self._facts.learn(directory, await f.stat())
+                        ours = self._facts.owner(directory)
                         refuse_read_only(target, existing, ours)
                         await keep_owner(f, existing, ours)  # (root copying over app's .env: still app's)
                     if contents is None:
