@@ -161,7 +161,7 @@ class Jobs:
         async def prepare(sftp: asyncssh.SFTPClient) -> None:
             # (the named cwd is looked at in the same round trip as the job's directory is made)
             looked = sftp.stat(cwd) if cwd_named else asyncio.sleep(0)
-            made, attrs = await asyncio.gather(sftp.makedirs(directory, exist_ok=True), looked, return_exceptions=True)
+            made, attrs = await asyncio.gather(_make_directory(sftp, directory), looked, return_exceptions=True)
             if isinstance(made, BaseException):
                 raise made
             problem = _cwd_problem(cwd, attrs) if cwd_named else None
@@ -518,3 +518,12 @@ async def _look(
         number("exit"), pid_file() if process is None else asyncio.sleep(0, process), size("stdout"), size("stderr")
     )
     return exit_code, found, out, err
+
+
+async def _make_directory(sftp: asyncssh.SFTPClient, path: str) -> None:
+    """mkdir `path`, and its parents only should they be missing (the jobs directory is there
+    after the first job: asyncssh's makedirs costs two round trips per component of the path)."""
+    try:
+        await sftp.mkdir(path)
+    except asyncssh.SFTPNoSuchFile:
+        await sftp.makedirs(path, exist_ok=True)
