@@ -589,6 +589,9 @@ def ssh_argv(record: SandboxRecord, pins: HostKeyPins | None = None) -> list[str
     return ["ssh", *reach(data), *through(data.get("jump", []), data["host"], int(data["port"])), "--", data["host"]]
 
 
+Location = tuple[str | None, str]  # (sandbox id or None for this machine, path)
+
+
 @command("cp")
 def cp_command(args: argparse.Namespace) -> int:
     source, target = _split_location(args.src), _split_location(args.dst)
@@ -633,9 +636,7 @@ def cp_command(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _refuse_copy_into_itself(
-    box: Sandbox, source: tuple[str | None, str], target: tuple[str | None, str]
-) -> None:
+async def _refuse_copy_into_itself(box: Sandbox, source: Location, target: Location) -> None:
     """As cp -r: a directory is not copied into itself (the copy would hold a copy of the tree)."""
     directory = (await box.resolve(source[1])).rstrip("/") + "/"
     if ((await box.resolve(target[1])).rstrip("/") + "/").startswith(directory):
@@ -653,8 +654,8 @@ async def _is_directory(fleet: Fleet, sandbox: str | None, path: str) -> bool:
 
 async def _copy(
     fleet: Fleet,
-    source: tuple[str | None, str],
-    target: tuple[str | None, str],
+    source: Location,
+    target: Location,
     whole: bool,
     progress: Progress,
     umask: int | None = None,
@@ -671,9 +672,6 @@ async def _copy(
     if whole:
         return await box.upload_dir(source[1], target[1], progress)
     return TreeCopy(1, await box.upload(Path(source[1]), target[1], progress))
-
-
-Location = tuple[str | None, str]  # (sandbox id or None for this machine, path)
 
 
 def _split_location(text: str) -> Location:

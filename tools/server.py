@@ -239,29 +239,29 @@ class ServerState:
         found = self.current_default()
         if found is None:
             self.refuse_if_ambiguous()
-            attach = self.default_request.options.get("host") if self.default_request else None
-            makes = f"attaches {attach}, the default" if attach else "makes the default one"
+            makes = f"attaches {self.default_host}, the default" if self.default_host else "makes the default one"
             raise NoSandboxYet(
                 f"there is no sandbox yet: create one with sandbox_create (or any file or shell tool {makes}), "
                 "or name one from sandbox_list"
             )
         return await self.fleet.get(found)
 
+    @property
+    def default_host(self) -> str | None:
+        """The host `--attach` named, if any."""
+        return self.default_request.options.get("host") if self.default_request is not None else None
+
     def what_the_next_default_is(self) -> str:
         """What a call naming no sandbox will use now that the default ended, said to the agent
         that ended it (a new machine must not pass for the old one, whose files are gone)."""
-        found = self.current_default()
-        if found is not None:
+        if (found := self.current_default()) is not None:
             record = self.fleet.ledger.get(found)
-            return f"a call that names no sandbox now uses {record.name} ({record.id})"
-        if self.default_request is None and len(self._default_candidates()) > 1:
-            return "a call that names no sandbox must now name one (several exist)"
-        attach = self.default_request.options.get("host") if self.default_request else None
-        return (
-            f"a call that names no sandbox now attaches {attach} again"
-            if attach
-            else ("a call that names no sandbox now makes a new, empty one")
-        )
+            then = f"uses {record.name} ({record.id})"
+        elif self.default_request is None and len(self._default_candidates()) > 1:
+            return "a call must now name its sandbox (several exist)"
+        else:
+            then = f"attaches {self.default_host} again" if self.default_host else "makes a new, empty one"
+        return f"a call that names no sandbox now {then}"
 
     def refuse_if_ambiguous(self) -> None:
         """With nothing named at start and several sandboxes to choose from, the caller must choose."""
@@ -276,7 +276,7 @@ class ServerState:
         live candidate."""
         if self.default_id is not None and self.fleet.ledger.get(self.default_id).live:
             return self.default_id
-        host = self.default_request.options.get("host") if self.default_request is not None else None
+        host = self.default_host
         if host:
             for record in self.fleet.list():
                 if (
