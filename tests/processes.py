@@ -1,5 +1,5 @@
 """Processes on this machine (the test sshd and the local provider run here), found by a marker in
-their command line; and waiting for a background job's end."""
+their command line; waiting for a background job's end; and a fake nvidia-smi to put on a PATH."""
 
 from __future__ import annotations
 
@@ -111,3 +111,19 @@ async def output_until_exit(box: Any, job_id: str, seconds: float = 30.0) -> tup
         out = await box.job_output(job_id, wait_ms=500)
         printed += out.stdout
     return printed, out
+
+
+FAKE_NVIDIA_SMI = """#!/bin/sh
+# nvidia-smi as two A100s answer tether's query (and nothing else)
+[ "$1" = "--query-gpu=name,memory.total" ] && [ "$2" = "--format=csv,noheader,nounits" ] || exit 2
+printf 'NVIDIA A100-SXM4-80GB, 81920\\nNVIDIA A100-SXM4-80GB, 81920\\n'
+"""
+TWO_A100S = [{"name": "NVIDIA A100-SXM4-80GB", "memory_mb": 81920}] * 2  # (what it reports, as tether reads it)
+
+
+def fake_nvidia_smi(directory: Path) -> Path:
+    """An executable `nvidia-smi` in `directory` that reports TWO_A100S."""
+    fake = directory / "nvidia-smi"
+    fake.write_text(FAKE_NVIDIA_SMI)
+    fake.chmod(0o755)
+    return fake

@@ -30,9 +30,8 @@ from sandbox.errors import InvalidArgument, IsADirectory, SandboxEnded
 from sandbox.hostkeys import HostKeyPins
 from sandbox.state import StateStore
 from tests.mcp_support import tether
-from tests.processes import leaf_sleep, running, wait_until_gone, wait_until_running
+from tests.processes import fake_nvidia_smi, leaf_sleep, running, wait_until_gone, wait_until_running
 from tests.sshd import ensure_account, is_root
-from tests.test_ssh_provider import FAKE_NVIDIA_SMI
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,8 +131,7 @@ async def test_sizing_the_local_machine_cannot_take_is_said_not_silently_dropped
         assert (record.gpu_type, record.gpu_count) == (None, 0)
         assert (await gpu.destroy()).gpu_seconds == 0
         # ... and a machine with one (nvidia-smi answers): given, and billed
-        (tmp_path / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
-        (tmp_path / "nvidia-smi").chmod(0o755)
+        fake_nvidia_smi(tmp_path)
         heard.clear()
         with pytest.MonkeyPatch.context() as has_gpu:
             has_gpu.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")

@@ -939,9 +939,9 @@ def test_a_client_gone_without_a_goodbye_ends_the_server_quietly() -> None:
     assert "Traceback" not in server.stderr.read().decode()
 
 
-async def test_sandbox_info_of_a_host_that_went_away_says_it_could_not_ask(sshd: SSHD, client_key: Path) -> None:
+async def test_sandbox_info_of_a_host_that_went_away_says_it_could_not_ask(own_sshd: SSHD, client_key: Path) -> None:
     """Its jobs and ports then read empty: `unreachable` says why, so that no agent takes that for none."""
-    server = SSHD(sshd.account, client_key).start()
+    server = own_sshd
     async with stdio_client() as client:
         try:
             attached = structured(

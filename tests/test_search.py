@@ -179,15 +179,24 @@ async def test_multiline_and_head_limit(sb: Sandbox, tree: str) -> None:
     assert whole.lines == 5 and not whole.truncated and not whole.limited
 
 
+async def big_tree(box: Sandbox) -> str:
+    """3000 files: a tree no search gets through in a millisecond (a small one can be searched
+    before the answer that it began is read, on a busy machine)."""
+    root = f"{await box.home()}/big-{secrets.token_hex(4)}"
+    script = 'mkdir -p "$1" && cd "$1" && i=0; while [ $i -lt 3000 ]; do echo "hello $i" > f$i.txt; i=$((i+1)); done'
+    made = await box.exec_raw(["sh", "-c", script, "sh", root])
+    assert made.exit_code == 0, made.stderr
+    return root
+
+
 async def test_a_search_over_its_time_is_stopped_and_says_to_narrow_it(
     sb: Sandbox, tree: str, minimal_box: Sandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With ripgrep, and without (grep's batches run together: their timeout is said as one).
-    The root is a tree no search gets through in a millisecond (a small one can be searched before
-    the answer that it began is read, on a busy machine)."""
-    root = "/usr/share/doc"
+    """With ripgrep, and without (grep's batches run together: their timeout is said as one)."""
+    roots = [(box, await big_tree(box)) for box in (sb, minimal_box)]
+    plain_root = roots[1][1]
     monkeypatch.setattr(search, "SEARCH_TIMEOUT_S", 0.001)
-    for box in (sb, minimal_box):
+    for box, root in roots:
         with pytest.raises(SearchTimeout, match=rf"^grep in {root} ran over 0.001s and was stopped; search a narrow"):
             await box.grep("hello", root)
         with pytest.raises(SearchTimeout, match=r"^glob in .* ran over 0.001s and was stopped; search a narrower path"):
@@ -202,10 +211,12 @@ async def test_a_search_over_its_time_is_stopped_and_says_to_narrow_it(
         return listed
 
     monkeypatch.setattr(search.Search, "_listing", then_no_time)
-    with pytest.raises(SearchTimeout, match=rf"^grep in {root} ran over 0.001s and was stopped"):
-        await minimal_box.grep("hello", root)
+    with pytest.raises(SearchTimeout, match=rf"^grep in {plain_root} ran over 0.001s and was stopped"):
+        await minimal_box.grep("hello", plain_root)
     monkeypatch.undo()
     assert (await sb.grep("Hello", tree, output_mode="count")).lines == 2  # (its shells still serve)
+    for box, root in roots:
+        await box.run(["rm", "-rf", root])
 
 
 async def test_grep_argument_errors(sb: Sandbox, tree: str) -> None:

@@ -16,6 +16,7 @@ import pytest
 from providers import Fleet, Request, Unsupported
 from providers.capacity import host_capacity
 from tests.mcp_support import tether
+from tests.processes import TWO_A100S, fake_nvidia_smi
 from tests.sshd import SSHD, Account, ensure_account
 from tools.cli import ssh_argv
 
@@ -149,14 +150,6 @@ async def test_attach_to_an_unreachable_host_fails_and_leaves_a_closed_record() 
         await fleet.close()
 
 
-FAKE_NVIDIA_SMI = """#!/bin/sh
-# nvidia-smi as two A100s answer tether's query (and nothing else)
-[ "$1" = "--query-gpu=name,memory.total" ] && [ "$2" = "--format=csv,noheader,nounits" ] || exit 2
-printf 'NVIDIA A100-SXM4-80GB, 81920\\nNVIDIA A100-SXM4-80GB, 81920\\n'
-"""
-TWO_A100S = [{"name": "NVIDIA A100-SXM4-80GB", "memory_mb": 81920}] * 2
-
-
 async def test_gpus_come_from_nvidia_smi_over_ssh_and_on_this_machine(
     dash_sshd: SSHD, client_key: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -164,9 +157,7 @@ async def test_gpus_come_from_nvidia_smi_over_ssh_and_on_this_machine(
     remote_bin = dash_sshd.account.home / "bin"
     remote_bin.mkdir(exist_ok=True)
     os.chown(remote_bin, dash_sshd.account.uid, dash_sshd.account.gid)
-    fake = remote_bin / "nvidia-smi"
-    fake.write_text(FAKE_NVIDIA_SMI)
-    fake.chmod(0o755)
+    fake = fake_nvidia_smi(remote_bin)
     fleet = Fleet(config={})
     try:
         box = await fleet.create(
@@ -180,8 +171,7 @@ async def test_gpus_come_from_nvidia_smi_over_ssh_and_on_this_machine(
     # on this machine (the local provider's capacity)
     local_bin = tmp_path / "bin"
     local_bin.mkdir()
-    (local_bin / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
-    (local_bin / "nvidia-smi").chmod(0o755)
+    fake_nvidia_smi(local_bin)
     monkeypatch.setenv("PATH", f"{local_bin}:{os.environ['PATH']}")
     assert (await host_capacity(tmp_path)).gpus == TWO_A100S
 
