@@ -928,7 +928,7 @@ class Fleet:
                         destroyed.append(sandbox_id)
                     except Exception as exc:
                         log.warning("could not tear down %s: %s", sandbox_id, exc)
-        if self._cleanups:  # failed provisions still being cleaned up: let them finish (gc would, later)
+        if self._cleanups:  # failed provisions being undone, endings a caller gave up on: let them finish
             await asyncio.wait(set(self._cleanups), timeout=CLEANUP_GRACE_S)
         heartbeat, self._heartbeat = self._heartbeat, None
         if heartbeat is not None and not heartbeat.done():
