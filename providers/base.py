@@ -42,7 +42,9 @@ class Request(BaseModel):
     pool: str | None = None
     name: str | None = None
     image: str | None = None
-    gpu: str | None = Field(None, description="GPU type; implies the `gpu` requirement")
+    gpu: str | None = Field(
+        None, description="GPU type, with a count after a colon for more than one (a100:2); implies `gpu`"
+    )
     cpu: float | None = Field(None, gt=0)
     memory_mb: int | None = Field(None, gt=0)
     disk_gb: int | None = Field(None, gt=0)
@@ -68,6 +70,14 @@ class Request(BaseModel):
             build_env(value)
         except InvalidArgument as exc:
             raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("gpu")
+    @classmethod
+    def _usable_gpu(cls, value: str | None) -> str | None:
+        kind, colon, count = (value or "").partition(":")
+        if value is not None and (not kind.strip() or (colon and not (count.isdigit() and int(count) > 0))):
+            raise ValueError(f"{value!r} is not a GPU: write its type, and a count after a colon for more (a100:2)")
         return value
 
     @field_validator("name")

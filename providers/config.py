@@ -106,6 +106,12 @@ class E2BPoolConfig(_Strict):
     )
 
 
+def gpu_type_and_count(spec: str) -> tuple[str, int]:
+    """A GPU as Modal spells it, type and an optional count: "A100:2" → ("A100", 2), "h100" → ("h100", 1)."""
+    kind, _, n = spec.partition(":")
+    return kind, int(n) if n.isdigit() and int(n) > 0 else 1
+
+
 class ModalPoolConfig(_Strict):
     image: str = Field(DONMAI_IMAGE, description="Container image")
     gpu: str | None = Field(None, description="GPU type (e.g. a10g, a100, h100); omit for CPU-only")
@@ -119,10 +125,7 @@ class ModalPoolConfig(_Strict):
 
     def gpu_spec(self) -> tuple[str | None, int]:
         """GPU type and count ("A100:2" → ("A100", 2)); (None, 0) for CPU-only."""
-        if not self.gpu:
-            return None, 0
-        kind, _, n = self.gpu.partition(":")
-        return kind, int(n) if n.isdigit() else 1
+        return gpu_type_and_count(self.gpu) if self.gpu else (None, 0)
 
 
 class RunPodPoolConfig(_Strict):

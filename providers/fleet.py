@@ -36,6 +36,7 @@ from .config import (
     LocalPoolConfig,
     Pool,
     credentials_missing,
+    gpu_type_and_count,
     implicit_pools,
     load_defaults,
     load_pools,
@@ -960,12 +961,14 @@ def pool_setting(pool: Pool, name: str) -> Any:
 
 
 def _gpu_of(request: Request, pool: Pool) -> tuple[str | None, int]:
-    """The GPU type and count a sandbox will have: the request's type, else its pool config's
-    (the configs of GPU providers have `gpu_spec`)."""
+    """The GPU type and count a sandbox will have: the request's ("h100", or "h100:2" for two),
+    else its pool config's (the configs of GPU providers have `gpu_spec`). A request that names a
+    type and no count takes the pool's count."""
     spec = pool_setting(pool, "gpu_spec")
     kind, count = spec() if spec is not None else (None, 0)
     if request.gpu:
-        return request.gpu, max(1, count)
+        asked, asked_count = gpu_type_and_count(request.gpu)
+        return asked, asked_count if ":" in request.gpu else max(1, count)
     return (kind, count) if kind else (None, 0)
 
 

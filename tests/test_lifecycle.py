@@ -759,12 +759,19 @@ async def test_a_create_cancelled_at_any_point_leaves_nothing_behind(stage: str,
 
 
 def test_gpu_type_and_count_come_from_the_pool_when_the_request_names_none() -> None:
+    from pydantic import ValidationError
+
     from providers.config import parse_pool
     from providers.fleet import _gpu_of, _gpu_rate_key
 
     runpod = parse_pool({"name": "gpus", "provider": "runpod", "config": {"gpuCount": 2}})
     assert _gpu_of(Request(), runpod) == ("NVIDIA A100 80GB PCIe", 2)
     assert _gpu_of(Request(gpu="h100"), runpod) == ("h100", 2)
+    assert _gpu_of(Request(gpu="h100:4"), runpod) == ("h100", 4)  # (a count asked for beats the pool's)
+    assert _gpu_of(Request(gpu="A100:2"), parse_pool({"name": "l", "provider": "local"})) == ("A100", 2)
+    for unusable in ("a100:0", "a100:two", ":2", ""):
+        with pytest.raises(ValidationError, match="is not a GPU"):
+            Request(gpu=unusable)
     modal = parse_pool({"name": "m", "provider": "modal", "config": {"gpu": "A100:4"}})
     assert _gpu_of(Request(), modal) == ("A100", 4)
     assert _gpu_of(Request(), parse_pool({"name": "cpu", "provider": "modal"})) == (None, 0)

@@ -940,7 +940,9 @@ def build_parser() -> argparse.ArgumentParser:
     up = add("up", "create a sandbox and print its id")
     up.add_argument("provider", nargs="?", help="local, ssh, daytona, e2b, modal, runpod")
     up.add_argument("--pool", help="a pool of config.toml (`tether pools` lists them)")
-    up.add_argument("--gpu", metavar="TYPE", help="a GPU of this type, e.g. a100 (picks a pool that has one)")
+    up.add_argument(
+        "--gpu", metavar="TYPE", help="a GPU of this type, e.g. a100, or a100:2 for two (picks a pool that has GPUs)"
+    )
     up.add_argument("--cpu", type=float, metavar="N", help="CPUs, where the provider sizes machines")
     up.add_argument("--memory-mb", type=int, metavar="N", help="memory in MiB, where the provider sizes machines")
     up.add_argument("--ttl", type=float, metavar="SECONDS", help="terminate after this many seconds (at most a year)")

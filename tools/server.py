@@ -536,7 +536,9 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
         ] = None,
         pool: Annotated[str | None, Field(description="A pool name from pools_list")] = None,
         image: Annotated[str | None, Field(description="Container image, where the provider uses one")] = None,
-        gpu: Annotated[str | None, Field(description="GPU type (e.g. a10g, a100); implies the gpu requirement")] = None,
+        gpu: Annotated[
+            str | None, Field(description="GPU type (e.g. a10g, a100), a100:2 for two; implies the gpu requirement")
+        ] = None,
         cpu: Annotated[float | None, Field(gt=0, description="vCPUs")] = None,
         memory_mb: Annotated[int | None, Field(gt=0, description="Memory in MiB")] = None,
         disk_gb: Annotated[int | None, Field(gt=0, description="Disk in GB")] = None,
