@@ -22,7 +22,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import asyncssh
 import httpx
@@ -477,35 +476,31 @@ async def established_to(box: Sandbox, port: int) -> int:
     return int((await box.run(f"python3 -c {shlex.quote(count)} {port}")).stdout)
 
 
+@pytest.mark.parametrize("dial_finishes", [False, True])
 async def test_a_relay_connection_still_being_bridged_when_its_tunnel_closes_leaves_nothing_open(
-    ssh_box: Sandbox, monkeypatch: pytest.MonkeyPatch
+    dial_finishes: bool, ssh_box: Sandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A request arrives at the relay; its channel to the sandbox takes a while (as when the
-    sandbox's connection is being re-dialed), and the tunnel closes meanwhile. Once that channel
-    opens it is closed too: nothing stays connected to the dev server in the sandbox."""
+    sandbox's connection is being re-dialed), and the tunnel closes meanwhile: that channel is
+    never opened, or, should the dial finish all the same, closed once it opens. Nothing stays
+    connected to the dev server in the sandbox."""
     port = await start_http_server(ssh_box, keep_alive=True)
     async with sish_relay() as relay:
         tunnels = TunnelManager(relay=sish_config(relay))
         tunnel = await tunnels.open(ssh_box, port, backend="relay")
         assert await established_to(ssh_box, port) == 0
         dial = ssh_box.connection
-        dialing, closed, bridged = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        dialing, closed = asyncio.Event(), asyncio.Event()
 
-        class Watched:
-            """The sandbox's connection, telling when the bridge's channel to the port opened."""
-
-            def __init__(self, conn: asyncssh.SSHClientConnection) -> None:
-                self.conn = conn
-
-            async def create_connection(self, *args: Any, **kwargs: Any) -> Any:
-                opened = await self.conn.create_connection(*args, **kwargs)
-                bridged.set()
-                return opened
-
-        async def slow_dial() -> Watched:  # (as when the sandbox's connection is being re-dialed)
-            dialing.set()
-            await closed.wait()
-            return Watched(await dial())
+        async def slow_dial() -> asyncssh.SSHClientConnection:
+            dialing.set()  # (as when the sandbox's connection is being re-dialed)
+            try:
+                await closed.wait()
+            except asyncio.CancelledError:
+                if not dial_finishes:
+                    raise
+                await closed.wait()  # (a dial that finishes before the tunnel's cancel lands)
+            return await dial()
 
         monkeypatch.setattr(ssh_box, "connection", slow_dial)
 
@@ -515,10 +510,11 @@ async def test_a_relay_connection_still_being_bridged_when_its_tunnel_closes_lea
                     await client.get(f"{tunnel.url}/index.html")
 
         requesting = asyncio.create_task(request())
-        await asyncio.wait_for(dialing.wait(), 10)  # (at the relay, waiting for its bridge)
-        await tunnels.close(tunnel.id)
+        await asyncio.wait_for(dialing.wait(), 10)  # (at the relay, waiting for its channel)
+        closing = asyncio.create_task(tunnels.close(tunnel.id))
+        await asyncio.sleep(0)  # (the close has begun, and cancelled the dial)
         closed.set()
-        await asyncio.wait_for(bridged.wait(), 10)  # (the bridge's channel opened, after the close)
+        await closing
         await requesting
         monkeypatch.undo()
         deadline = time.monotonic() + 5
@@ -766,9 +762,9 @@ async def test_a_token_in_the_relays_user_name_is_never_shown(
 async def test_a_relay_hears_nothing_of_why_the_sandbox_could_not_be_reached(
     ssh_box: Sandbox, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A request arriving at the relay while the sandbox cannot be reached: the refusal the relay
-    (someone else's machine) gets gives no reason of ours (an address, a user, a key file's path);
-    tether's own log has it."""
+    """A request arriving at the relay while the sandbox cannot be reached: the relay (someone
+    else's machine) sees its channel closed, with no reason of ours (an address, a user, a key
+    file's path); tether's own log has it. And once the sandbox is back, the tunnel serves again."""
     port = await start_http_server(ssh_box)
     async with sish_relay() as relay:
         forward = await RelayBackend(sish_config(relay)).open(ssh_box, port)
@@ -779,10 +775,17 @@ async def test_a_relay_hears_nothing_of_why_the_sandbox_could_not_be_reached(
 
             monkeypatch.setattr(ssh_box, "connection", unreachable)
             caplog.set_level(logging.WARNING, logger="tunnels.relay")
-            with pytest.raises(asyncssh.ChannelOpenError) as refused:
-                await forward._bridge()  # (what the relay's channel open for a request runs)
-            assert refused.value.reason == "the sandbox's port cannot be reached"
-            assert "id_work" in caplog.text
+            async with httpx.AsyncClient(timeout=5) as client:
+                with pytest.raises(httpx.TransportError) as hung_up:
+                    await client.get(f"{forward.url}/index.html")
+                assert "id_work" not in str(hung_up.value)
+                assert "id_work" in caplog.text
+                monkeypatch.undo()
+                assert (await client.get(f"{forward.url}/index.html")).text == PAGE
+            deadline = time.monotonic() + 5
+            while forward._connections or forward._pairing:  # (the request's channel, closed after it)
+                assert time.monotonic() < deadline, "a connection through the relay was kept after it ended"
+                await asyncio.sleep(0.05)
         finally:
             await forward.close()
     monkeypatch.undo()
