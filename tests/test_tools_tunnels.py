@@ -88,3 +88,26 @@ async def test_sandbox_info_lists_a_tunnel_held_by_another_process() -> None:
         [shown] = [t for t in info["tunnels"] if t["tunnel_id"] == tunnel["tunnel_id"]]
         assert shown["url"] == tunnel["url"] and shown["port"] == port and shown["held_by_pid"]
         assert [t["tunnel_id"] for t in listed["tunnels"]] == [t["tunnel_id"] for t in info["tunnels"]]
+
+
+async def test_no_tunnel_publishes_the_mcp_server_or_tethers_ssh_server() -> None:
+    """On loopback the HTTP server asks no token: a tunnel to its port (a local sandbox shares this
+    machine's network) would hand the whole server to anyone with the URL, a relay's public one
+    included. tunnel_open refuses it, and the embedded SSH server's port, for every backend; a
+    server of the sandbox's own goes through."""
+    from urllib.parse import urlsplit
+
+    from tests.mcp_support import http_client, http_server
+
+    with http_server() as (_, url, _), web_server() as app:
+        async with http_client(url) as client:
+            structured(await client.call_tool("run", {"command": "true"}))  # (the default sandbox, made)
+            info = structured(await client.call_tool("sandbox_info", {}))
+            assert info["provider"] == "local"
+            for port in (urlsplit(url).port, info["ssh"]["port"]):
+                for backend in ("local", "auto"):
+                    refused = await client.call_tool("tunnel_open", {"port": port, "backend": backend})
+                    assert refused.is_error, (port, backend)
+                    assert "is tether's own" in refused.content[0].text
+            opened = structured(await client.call_tool("tunnel_open", {"port": app, "backend": "local"}))
+            assert opened["url"].startswith("http://127.0.0.1:")

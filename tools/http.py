@@ -25,6 +25,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 
 from sandbox.endpoint import is_loopback
+from tunnels.ports import PRIVATE_PORTS
 
 MAX_REQUEST_BYTES = 16 * 1024 * 1024  # a write tool call carries a whole file
 Scope = MutableMapping[str, Any]
@@ -189,6 +190,7 @@ async def serve_http(server: MCPServer, host: str, port: int, token: str | None,
     except (OSError, OverflowError) as exc:
         raise RuntimeError(f"cannot listen on {host} port {port}: {exc}; check --host and --port") from None
     port = listening.getsockname()[1]
+    PRIVATE_PORTS.add(port)  # (no tunnel_open may publish the server itself)
     print(f"tether mcp: serving http://{url_host(host)}:{port}/mcp", file=sys.stderr, flush=True)
     app = build_app(server, host, port, token, allowed_hosts)
     config = uvicorn.Config(app, log_level="warning", lifespan="on")

@@ -16,7 +16,7 @@ from .base import Backend, BackendName, Opened, PreviewSource, Tunnel, TunnelErr
 from .channels import Notifier
 from .check import CHECK_TIMEOUT, NothingListens, answers, verify
 from .local import LocalBackend, LocalForward
-from .ports import loopback_for
+from .ports import loopback_for, tethers_own
 from .provider import NoProviderURLs, ProviderBackend
 from .relay import RelayBackend, RelayConfig
 
@@ -55,6 +55,11 @@ class TunnelManager:
         """
         if not isinstance(port, int) or not 1 <= port <= 65535:
             raise TunnelError(f"port must be 1-65535, not {port!r}")
+        if port in tethers_own(box, self._listeners()):
+            raise TunnelError(
+                f"port {port} on this machine is tether's own (its SSH or MCP server, or a tunnel), not a server "
+                "of the sandbox's, and is never published; tunnel the port your app listens on"
+            )
         path = url_path(path)
         sandbox = sandbox or {"id": getattr(box, "id", box.name), "name": box.name}
         problems: list[str] = []

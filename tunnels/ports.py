@@ -13,6 +13,10 @@ from sandbox.errors import SandboxError
 from .base import TunnelError
 
 LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
+# Ports this process serves on this machine that no tunnel may publish: the MCP server's HTTP port
+# (on loopback it asks no token, trusting whoever can reach it there: a tunnel to it would hand the
+# whole server to anyone with the URL). tools/http.py adds it once bound.
+PRIVATE_PORTS: set[int] = set()
 
 
 def parse_proc_net_tcp(text: str, uid: int | None = None) -> set[int]:
@@ -76,12 +80,12 @@ async def listening_ports(box: Sandbox, own_only: bool = False, exclude: Collect
 def tethers_own(box: Sandbox, listeners: Collection[int] = ()) -> set[int]:
     """Ports inside the sandbox that are tether's, where it can know them: for a sandbox on this
     machine (an endpoint on loopback, reached directly), the SSH server's port (the local
-    provider's embedded server runs as the same user) and `listeners`, this process's own (its
-    local tunnels'). Elsewhere, none: the same numbers there are the sandbox's."""
+    provider's embedded server runs as the same user), PRIVATE_PORTS and `listeners`, this
+    process's own (its local tunnels'). Elsewhere, none: the same numbers there are the sandbox's."""
     endpoint = getattr(box, "endpoint", None)
     if endpoint is None or endpoint.jump or endpoint.socket_factory is not None or not is_loopback(endpoint.host):
         return set()
-    return {endpoint.port, *listeners}
+    return {endpoint.port, *PRIVATE_PORTS, *listeners}
 
 
 async def loopback_for(box: Sandbox, port: int) -> str:
