@@ -178,6 +178,16 @@ def test_attach_and_ssh_command(sshd: SSHD, client_key: Path) -> None:
         ["ssh", "-o", "BatchMode=yes", *command[1:], "whoami"], capture_output=True, text=True, timeout=30
     )
     assert result.stdout.strip() == sshd.account.name, result.stderr
+    # its pin forgotten (as after the host was rebuilt): tether dials it first, pinning its key
+    # again, and OpenSSH is still told to accept that key alone (not the user's own settings)
+    assert tether("forget-host", f"127.0.0.1:{sshd.port}").returncode == 0
+    again = tether("ssh", sandbox_id, "--print")
+    assert again.returncode == 0, again.stderr
+    assert "StrictHostKeyChecking=yes" in again.stdout
+    known = again.stdout.split("UserKnownHostsFile=")[1].split()[0]
+    assert sshd.host_key is not None
+    host_key = Path(f"{sshd.host_key}.pub").read_text().split()[:2]
+    assert Path(known).read_text().split()[1:3] == host_key
     assert tether("down", sandbox_id).returncode == 0
 
 

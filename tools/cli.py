@@ -513,6 +513,10 @@ def ssh_command(args: argparse.Namespace) -> int:
         print(f"tether: shell in {work_dir(record.id)} (exit to leave)", file=sys.stderr)
         argv, cwd, env = [shell, "-l"], work_dir(record.id), {**os.environ, "TETHER_SANDBOX": record.id}
     else:
+        if unpinned(record):
+            # A host tether never dialed, or whose pin `forget-host` dropped: dialed through tether
+            # first, which pins its key on first use (OpenSSH is told to trust no other).
+            with_fleet(lambda fleet: _dial(fleet, record.id))
         argv, cwd, env = ssh_argv(record), None, None
         if args.print or not shutil.which("ssh"):
             print(shlex.join(argv))
@@ -547,29 +551,47 @@ def run_as_activity(
         ended.set()
 
 
+async def _dial(fleet: Fleet, sandbox_id: str) -> None:
+    await (await fleet.get(sandbox_id)).connection()
+
+
+def _hops(record: SandboxRecord) -> list[dict[str, Any]]:
+    """The attached host's address data, and each of its ProxyJump hops'."""
+    data = (record.handle or {}).get("data", {})
+    return [data, *data.get("jump", [])]
+
+
+def unpinned(record: SandboxRecord, pins: HostKeyPins | None = None) -> list[str]:
+    """The hosts (host:port) of an attached sandbox's path that tether has no host key pinned for."""
+    pins = pins or HostKeyPins(default_store())
+    return [f"{hop['host']}:{hop['port']}" for hop in _hops(record) if not pins.get(hop["host"], int(hop["port"]))]
+
+
 def ssh_argv(record: SandboxRecord, pins: HostKeyPins | None = None) -> list[str]:
     """An OpenSSH command line for an attached host that verifies the host keys tether pinned, its
-    ProxyJump hops' included. (OpenSSH's own -J passes none of -o and -i to the ssh it runs for a
-    hop, which would check the hop against ~/.ssh/known_hosts instead: each hop is an explicit
-    ProxyCommand with the same options.)"""
+    ProxyJump hops' included, and accepts no other. (OpenSSH's own -J passes none of -o and -i to
+    the ssh it runs for a hop, which would check the hop against ~/.ssh/known_hosts instead: each
+    hop is an explicit ProxyCommand with the same options.) A host with no pin is refused: OpenSSH
+    would leave its key to the user's own settings (accept-new takes any)."""
     data = (record.handle or {}).get("data", {})
     known = state_dir() / "known_hosts" / record.id  # 0700 state dir, not a predictable name in /tmp
     pins = pins or HostKeyPins(default_store())
+    if missing := unpinned(record, pins):
+        raise ValueError(
+            f"tether has no host key pinned for {', '.join(missing)}; reach the sandbox through tether once "
+            f"(`tether exec {record.id} -- true` pins it on first use), then run tether ssh again"
+        )
     lines = []
-    for where in [data, *data.get("jump", [])]:
+    for where in _hops(record):
         port = int(where["port"])
-        pinned = pins.get(where["host"], port)
-        if pinned:
-            host_field = where["host"] if port == 22 else f"[{where['host']}]:{port}"
-            lines.append(f"{host_field} {pinned}\n")
-    checks = []
-    if lines:
-        known.parent.mkdir(mode=0o700, exist_ok=True)
-        known.write_text("".join(lines))
-        checks = [
-            *("-o", f"UserKnownHostsFile={known}", "-o", "GlobalKnownHostsFile=/dev/null"),
-            *("-o", "StrictHostKeyChecking=yes"),
-        ]
+        host_field = where["host"] if port == 22 else f"[{where['host']}]:{port}"
+        lines.append(f"{host_field} {pins.get(where['host'], port)}\n")
+    known.parent.mkdir(mode=0o700, exist_ok=True)
+    known.write_text("".join(lines))
+    checks = [
+        *("-o", f"UserKnownHostsFile={known}", "-o", "GlobalKnownHostsFile=/dev/null"),
+        *("-o", "StrictHostKeyChecking=yes"),
+    ]
 
     def reach(where: dict[str, Any]) -> list[str]:
         argv = ["-p", str(where["port"]), *checks]
@@ -938,7 +960,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("demo", "the whole story on this machine: write, edit, grep, test, serve, fetch, tear down", json_flag=False)
 
     up = add("up", "create a sandbox and print its id")
-    up.add_argument("provider", nargs="?", help="local, ssh, daytona, e2b, modal, runpod")
+    up.add_argument("provider", nargs="?", help="local or ssh (daytona, e2b, modal, runpod: named, not usable yet)")
     up.add_argument("--pool", help="a pool of config.toml (`tether pools` lists them)")
     up.add_argument(
         "--gpu", metavar="TYPE", help="a GPU of this type, e.g. a100, or a100:2 for two (picks a pool that has GPUs)"
