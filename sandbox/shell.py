@@ -67,8 +67,12 @@ _BUILTINS = (
 # one, but not the record after it). It appends: the parent empties the file before each command,
 # and on ext4 a truncating open followed by a write costs a flush on close.
 _RECORD_CWD = '[ -s "$__c" ] || __t_pwd >>"$__c" 2>/dev/null'
+# Tracing off first (BASH_ENV's `set -x` would print the env exports it reads), quietly: a trace
+# of the `set` itself goes nowhere.
+_QUIET = "{ set +x +v; } 2>/dev/null; "
 _CHILD = (
-    'if [ -n "$4" ]; then . "$4"; : >"$4"; fi; '
+    _QUIET
+    + 'if [ -n "$4" ]; then . "$4"; : >"$4"; fi; '
     + _BUILTINS
     + f"__c=$3; __s=$2; __d=$1; __f=$5; trap {shlex.quote(_RECORD_CWD)} EXIT; "
     '__t_cd -- "$__d" 2>/dev/null || ' + _NO_CWD + "; "
@@ -99,7 +103,7 @@ _LEFT_FN = '__t_left() { __t_members $$ $$; [ -z "$__mb" ] || printf \'%s\\n\' "
 # default dispositions, in the foreground so that INT is not ignored. What the command left running
 # in the group is recorded before its end (__t_left).
 _JOB = (
-    _BUILTINS + _MEMBERS_FN + _LEFT_FN + "__j=$3; __s=$2; "
+    _QUIET + _BUILTINS + _MEMBERS_FN + _LEFT_FN + "__j=$3; __s=$2; "
     '__t_cd -- "$1" 2>/dev/null || { [ -n "$4" ] && __t_cd -- "$4" && '
     'printf \'tether: directory %s is gone; running in %s\\n\' "$1" "$PWD" >&2; } || '
     "{ printf 'tether: cannot enter %s\\n' \"$1\" >&2; printf '125\\n' >\"$__j/exit\"; exit 125; }; "
@@ -186,6 +190,7 @@ KILL_TREE = KILL_TREE_FN + '\n__t_killtree "$1" "$2"'
 
 
 _INIT = r"""
+{ set +x +v; } 2>/dev/null  # (a profile's xtrace would print every command's env exports to stderr)
 set +e +u 2>/dev/null
 set +C 2>/dev/null  # (a profile's noclobber would keep tether's files from being emptied: `: >file`)
 unalias -a 2>/dev/null

@@ -677,9 +677,11 @@ def _descriptors_naming(prefix: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def strict_profile_sshd(client_key: Path) -> Iterator[SSHD]:
-    """A login profile that sets noclobber and moves to a project directory, as dev boxes' do."""
-    profile = "set -o noclobber\nmkdir -p ~/project && cd ~/project\n"
-    server = SSHD(ensure_account("tether-strict", "/bin/bash", {".bash_profile": profile}), client_key).start()
+    """A login profile that sets noclobber, traces (set -x, and for every bash it starts, through
+    BASH_ENV) and moves to a project directory, as dev boxes' do."""
+    profile = "set -o noclobber\nset -x\nexport BASH_ENV=~/.trace\nmkdir -p ~/project && cd ~/project\n"
+    rc_files = {".bash_profile": profile, ".trace": "set -x\n"}
+    server = SSHD(ensure_account("tether-strict", "/bin/bash", rc_files), client_key).start()
     yield server
     server.cleanup()
 
@@ -695,6 +697,22 @@ async def test_a_profiles_noclobber_does_not_mix_one_commands_output_into_the_ne
         job = await box.start_job("echo started; sleep 100")
         assert (await box.job_output(job.id, wait_ms=5000)).stdout == "started\n"
         assert (await box.job_kill(job.id, "TERM")).status == "exited"
+
+
+async def test_a_profiles_tracing_shows_no_env_value(
+    strict_profile_sshd: SSHD, client_key: Path, pool: ConnectionPool
+) -> None:
+    """Env values can be secrets: a profile's `set -x` (or BASH_ENV's) must not print the exports
+    tether runs before a command or a job, in its output or in a shell's error."""
+    secret = f"s3cr3t-{secrets.token_hex(6)}"
+    async with Sandbox(endpoint_for(strict_profile_sshd, client_key), pool=pool, env={"API_KEY": secret}) as box:
+        ran = await box.run('test "$API_KEY" = "$OTHER" && echo same', env={"OTHER": secret})
+        assert (ran.stdout, ran.stderr) == ("same\n", "")
+        traced = await box.run("set -x; true")  # (a command's own tracing is its own)
+        assert "+ true" in traced.stderr and secret not in traced.stderr
+        job = await box.start_job('echo "${#API_KEY} ${#OTHER}"', env={"OTHER": secret})
+        output = await box.job_output(job.id, wait_ms=5000)
+        assert (output.stdout, output.stderr) == (f"{len(secret)} {len(secret)}\n", "")
 
 
 async def test_relative_paths_before_any_command_are_where_the_login_lands(
