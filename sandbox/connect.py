@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncssh
+from asyncssh.public_key import get_default_public_key_algs
 
 from .endpoint import SSHEndpoint
 from .errors import AuthFailed, ConnectError, ConnectTimeout, HostKeyMismatch, Unreachable
@@ -155,6 +156,13 @@ def _same_key(a: str, b: str) -> bool:
     return a.split()[:2] == b.split()[:2]
 
 
+# Host keys as plain keys, never certificates (OpenSSH's or X.509): tether pins the key itself, and
+# asyncssh would take a certificate on a CA's word instead, refusing one signed by a CA it does not
+# know (a host with a HostCertificate could not be attached) and accepting, unpinned, one whose CA
+# is in ~/.ssh/ca-bundle.crt. A host with a certificate has its plain key too.
+PLAIN_HOST_KEY_ALGS = [alg.decode() for alg in get_default_public_key_algs()]
+
+
 def _connect_options(endpoint: SSHEndpoint, pinned: str | None) -> dict[str, Any]:
     options: dict[str, Any] = {
         "username": endpoint.login,
@@ -173,6 +181,8 @@ def _connect_options(endpoint: SSHEndpoint, pinned: str | None) -> dict[str, Any
         # in Python, which costs more CPU per small request than the request itself (AES-GCM is one
         # call into OpenSSL). Every OpenSSH since 6.2 offers it; chacha20 stays as a fallback.
         "encryption_algs": PREFERRED_CIPHERS,
+        "server_host_key_algs": PLAIN_HOST_KEY_ALGS,
+        "x509_trusted_certs": None,
     }
     if pinned:
         # Ask for the pinned key's kind, or a server with several keys may show another one. Its
@@ -257,11 +267,11 @@ async def _dial_one(
             try:
                 conn, _ = await asyncssh.create_connection(lambda: client, endpoint.host, endpoint.port, **options)
             except (asyncssh.KeyExchangeFailed, asyncssh.ConnectionLost, ConnectionResetError):
-                if not pinned or "server_host_key_algs" not in options or endpoint.socket_factory is not None:
+                if not pinned or options["server_host_key_algs"] == PLAIN_HOST_KEY_ALGS or endpoint.socket_factory:
                     raise
                 # Asked only for the pinned key's kind, the server may have none of it left (its key
                 # was replaced by one of another kind): ask for any, to name the key it now presents.
-                del options["server_host_key_algs"]
+                options["server_host_key_algs"] = PLAIN_HOST_KEY_ALGS
                 client.transport_up = False
                 phase.reschedule(loop.time() + endpoint.connect_timeout)
                 conn, _ = await asyncssh.create_connection(lambda: client, endpoint.host, endpoint.port, **options)

@@ -310,6 +310,46 @@ async def test_a_host_key_replaced_by_one_of_another_kind_is_a_mismatch(
         await pool.close()
 
 
+async def test_a_host_with_a_host_certificate_is_pinned_by_its_key_not_its_ca(
+    own_sshd: SSHD, client_key: Path, tmp_path: Path
+) -> None:
+    """A server that presents a host certificate (HostCertificate, as fleets signed by a CA do) can
+    be attached: tether pins its plain key on first use, as any host's. A CA's signature vouches
+    for nothing: the same CA's certificate on a new key is a changed key, refused."""
+    server = own_sshd
+    ca = keygen(tmp_path / "host_ca")
+
+    def certified(host_key: Path) -> None:
+        subprocess.run(
+            ["ssh-keygen", "-q", "-s", str(ca), "-I", "host", "-h", "-n", "127.0.0.1", f"{host_key}.pub"], check=True
+        )
+        server.extra_config = [f"HostCertificate {host_key}-cert.pub"]
+
+    assert server.host_key is not None
+    server.stop()
+    certified(server.host_key)
+    server.start()
+    pins = HostKeyPins(StateStore(tmp_path / "pins.db"))
+    pool = ConnectionPool(pins)
+    try:
+        async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
+            assert (await box.run("echo ok")).stdout == "ok\n"
+        pinned = pins.get("127.0.0.1", server.port)
+        assert pinned is not None
+        assert pinned.split()[:2] == Path(f"{server.host_key}.pub").read_text().split()[:2]
+        await pool.close()
+        server.stop()
+        server.host_key = keygen(server.workdir / "host_new_ed25519")
+        certified(server.host_key)
+        server.start()
+        pool = ConnectionPool(pins)
+        with pytest.raises(HostKeyMismatch):
+            async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
+                await box.run("true")
+    finally:
+        await pool.close()
+
+
 async def test_an_explicit_host_key_is_the_only_one_accepted(own_sshd: SSHD, client_key: Path, pool: ConnectionPool):
     assert own_sshd.host_key is not None
     real = Path(f"{own_sshd.host_key}.pub").read_text().split()
