@@ -219,7 +219,9 @@ class SandboxInfo(Result):
     expires_at: str | None
     ssh: SSHInfo
     capabilities: dict[str, Any]
-    capacity: dict[str, Any] | None = Field(description="cpus, memory_mb, disk, gpus; null where unsupported")
+    capacity: dict[str, Any] | None = Field(
+        description="cpus, memory_mb, disk_free_gb, disk_total_gb, gpus; null where unsupported"
+    )
     cwd: str | None
     jobs: list[JobInfo]
     tunnels: list[TunnelResult]
