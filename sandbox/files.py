@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import difflib
 import functools
 import logging
 import posixpath
+import re
 import secrets
 import stat as stat_module
 import time
@@ -254,7 +256,33 @@ def _identity(attrs: asyncssh.SFTPAttrs) -> tuple[object, ...]:
 
 
 def _looks_binary(head: bytes) -> bool:
-    return b"\0" in head[:BINARY_SNIFF_BYTES]
+    return b"\0" in head[:BINARY_SNIFF_BYTES] and utf16_codec(head) is None
+
+
+_UTF16_BOMS = {codecs.BOM_UTF16_LE: "utf-16-le", codecs.BOM_UTF16_BE: "utf-16-be"}
+
+
+def utf16_codec(data: bytes) -> str | None:
+    """The codec of text that begins with a UTF-16 byte-order mark (PowerShell's `>`, Notepad's
+    "Unicode", .reg files), else None. Its NUL bytes would make it look binary; ripgrep reads it
+    (transcoding), so read and edit must too. A head that does not read as UTF-16 text is not."""
+    codec = _UTF16_BOMS.get(data[:2])
+    if codec is None or data[:4] in (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE):
+        return None
+    try:  # (incrementally: the sniffed head may end inside a character)
+        head = codecs.getincrementaldecoder(codec)().decode(data[2:BINARY_SNIFF_BYTES])
+    except UnicodeDecodeError:
+        return None
+    return None if "\0" in head else codec
+
+
+def decode_text(data: bytes, errors: str = "strict") -> tuple[str, str]:
+    """A text file's content and its codec: UTF-16 after a byte-order mark (see utf16_codec), else
+    UTF-8."""
+    codec = utf16_codec(data)
+    if codec is not None:
+        return data[2:].decode(codec, errors), codec
+    return data.decode("utf-8", errors), "utf-8"
 
 
 def number_lines(
@@ -281,7 +309,7 @@ def _text_window(path: str, data: bytes, offset: int, limit: int) -> ReadResult:
     """Numbered lines `offset`.. of a whole file's bytes."""
     if _looks_binary(data):
         raise BinaryFile(path, len(data))
-    lines = split_lines(data.decode("utf-8", "replace"))
+    lines = split_lines(decode_text(data, "replace")[0])
     text, cut, given = number_lines(lines[offset - 1 : offset - 1 + limit], offset)
     return ReadResult(path, text, offset, offset + given - 1, len(lines), cut)
 
@@ -318,7 +346,8 @@ def apply_edits(path: str, text: str, edits: Sequence[Edit], indexed: bool) -> t
     """Apply edits in order to `text`; raise on the first that cannot apply. Returns (text, replacements).
 
     In a file whose every line ends in CRLF, the edits' line breaks are taken as CRLF too: an agent
-    sends "\n" (as Claude Code's Edit does), and the file keeps its line endings."""
+    sends "\n" (as Claude Code's Edit does), and the file keeps its line endings. In one with both
+    kinds, old_string's line breaks match either (see _edit_across_line_endings)."""
     total = 0
     crlf = "\r\n" in text and text.count("\n") == text.count("\r\n")
     for index, edit in enumerate(edits):
@@ -331,6 +360,11 @@ def apply_edits(path: str, text: str, edits: Sequence[Edit], indexed: bool) -> t
             if text:
                 raise InvalidEdit(path, "old_string is empty but the file is not; quote the text to replace", which)
             text, total = edit.new_string, total + 1
+            continue
+        if "\r\n" in text and "\n" in edit.old_string and not crlf:
+            # Some lines end in CRLF, some in LF (a line appended with echo): "\n" matches either.
+            text, count = _edit_across_line_endings(path, text, edit, which)
+            total += count
             continue
         count = text.count(edit.old_string)
         if count == 0:
@@ -346,27 +380,49 @@ def apply_edits(path: str, text: str, edits: Sequence[Edit], indexed: bool) -> t
     return text, total
 
 
+def _edit_across_line_endings(path: str, text: str, edit: Edit, which: int | None) -> tuple[str, int]:
+    """`edit` applied with each line break of old_string matching CRLF or LF; new_string's line
+    breaks become CRLF where the text it replaces has one. Returns (text, replacements)."""
+    parts = edit.old_string.replace("\r\n", "\n").split("\n")
+    pattern = re.compile(r"\r?\n".join(re.escape(part) for part in parts))
+    matches = list(pattern.finditer(text))
+    if not matches:
+        raise NoMatch(path, which)
+    if len(matches) > 1 and not edit.replace_all:
+        lines = sorted({text.count("\n", 0, match.start()) + 1 for match in matches})
+        raise NotUnique(path, len(matches), lines, which)
+    new = edit.new_string.replace("\r\n", "\n")
+    text = pattern.sub(
+        lambda match: _crlf(new) if "\r\n" in match.group(0) else new, text, count=0 if edit.replace_all else 1
+    )
+    return text, len(matches) if edit.replace_all else 1
+
+
 def _crlf(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\n", "\r\n")
 
 
-def encode_text(path: str, text: str) -> bytes:
-    """UTF-8 bytes of text to write, or InvalidArgument for a string that has no UTF-8 form."""
+def encode_text(path: str, text: str, codec: str = "utf-8") -> bytes:
+    """The bytes of text to write (UTF-16 ones after their byte-order mark), or InvalidArgument for
+    a string that has no such form."""
     try:
-        return text.encode()
+        encoded = text.encode(codec)
     except UnicodeEncodeError as exc:
         raise InvalidArgument(
             f"the text for {path} contains {text[exc.start]!r} at index {exc.start}, a lone surrogate that "
-            "UTF-8 cannot encode; send valid Unicode text (or bytes, from Python)"
+            f"{codec.upper()} cannot encode; send valid Unicode text (or bytes, from Python)"
         ) from None
+    bom = next((mark for mark, name in _UTF16_BOMS.items() if name == codec), b"")
+    return bom + encoded
 
 
-def _apply_to(path: str, original: bytes, edits: Sequence[Edit], indexed: bool) -> tuple[str, str, int]:
-    """(text before, text after, replacements) of an edit of a file's bytes."""
+def _apply_to(path: str, original: bytes, edits: Sequence[Edit], indexed: bool) -> tuple[str, str, int, str]:
+    """(text before, text after, replacements, codec) of an edit of a file's bytes. A UTF-16 file
+    stays UTF-16, its byte-order mark and all."""
     if _looks_binary(original):
         raise BinaryFile(path, len(original))
     try:
-        before = original.decode("utf-8")
+        before, codec = decode_text(original)
     except UnicodeDecodeError:
         raise FileOperationError(
             path,
@@ -374,7 +430,7 @@ def _apply_to(path: str, original: bytes, edits: Sequence[Edit], indexed: bool) 
             "UTF-8 first)",
         ) from None
     after, count = apply_edits(path, before, edits, indexed)
-    return before, after, count
+    return before, after, count, codec
 
 
 def unified_diff(path: str, before: str, after: str) -> str:
@@ -839,7 +895,7 @@ class Files:
             if remembered is not None:
                 try:
                     original = remembered
-                    before, after, count = _apply_to(path, original, edits, indexed)
+                    before, after, count, codec = _apply_to(path, original, edits, indexed)
                 except FileOperationError:
                     return "stale"  # (or the edit does not apply: the file itself will say which)
             else:
@@ -855,11 +911,11 @@ class Files:
                     raise FileTooLarge(path, len(original), MAX_EDIT_BYTES)
                 if isinstance(temp_attrs, asyncssh.SFTPAttrs):
                     facts.learn(directory, temp_attrs)
-                before, after, count = _apply_to(path, original, edits, indexed)
+                before, after, count, codec = _apply_to(path, original, edits, indexed)
             if isinstance(temp_file, BaseException):  # (the file was just opened: there)
                 raise temp_file_failure(path, directory, temp_file)
             refuse_read_only(path, attrs, facts.owner(directory))
-            data = encode_text(path, after)
+            data = encode_text(path, after, codec)
             if self.before_conflict_check is not None:
                 await self.before_conflict_check(path)
             mode = (attrs.permissions or 0) & 0o7777

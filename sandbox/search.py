@@ -67,14 +67,14 @@ def glob_to_regex(pattern: str, *, rg: bool = False) -> re.Pattern[str]:
     """Compile a glob with `**`, `*`, `?`, `[…]` and `{a,b}` to a regex over '/'-separated paths.
 
     A pattern without '/' matches at the top level only (`*.py`); use `**/*.py` to recurse, as in
-    Claude Code's Glob tool. `rg`: as ripgrep reads a --glob, a backslash makes the next character
-    itself, a `**` that is not a whole part of the path is a `*`, and a `[` that never closes is an
-    error (not a `[`).
+    Claude Code's Glob tool. A backslash makes the next character itself (`app/\\[slug\\]/*`, a
+    Next.js route). `rg`: as ripgrep reads a --glob, a `**` that is not a whole part of the path is
+    a `*`, and a `[` that never closes is an error (not a `[`).
     """
     out, i, depth = [], 0, 0
     while i < len(pattern):
         c = pattern[i]
-        if rg and c == "\\":
+        if c == "\\":
             if i + 1 == len(pattern):
                 raise InvalidArgument(f"glob {pattern!r} ends in a lone backslash; write \\\\ for one")
             out.append(re.escape(pattern[i + 1]))
@@ -194,7 +194,7 @@ class Search:
             # directory prefix, resolved.
             if not pattern.startswith("/"):
                 pattern = f"{root.rstrip('/')}/{pattern}"
-            prefix = pattern.split("*")[0].split("?")[0].split("[")[0].split("{")[0]
+            prefix = pattern.split("*")[0].split("?")[0].split("[")[0].split("{")[0].split("\\")[0]
             root, pattern = prefix.rsplit("/", 1)[0] or "/", pattern[len(prefix.rsplit("/", 1)[0]) + 1 :]
             root = posixpath.normpath(root) if root != "/" else root
             if ".." in pattern.split("/"):
@@ -486,7 +486,7 @@ def _narrowed(root: str, pattern: str) -> tuple[str, str, int | None]:
 def _basename_filter(pattern: str) -> str | None:
     """A --glob for rg that every file the pattern matches passes (its last part: to rg, a glob
     without '/' is matched against the name alone), or None when there is none that is safe: a
-    backslash (an escape to rg, a character to glob), braces (may hold a '/'), `**`, a leading '!'
+    backslash (an escape, which rg reads after its own rules), braces (may hold a '/'), `**`, a leading '!'
     or '#', brackets (rg knows no [[:digit:]], and refuses an unclosed '['), blanks at either end
     (which rg trims)."""
     last = pattern.rsplit("/", 1)[-1]

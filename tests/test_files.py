@@ -279,9 +279,42 @@ async def test_edits_of_a_crlf_file_take_newlines_as_crlf(sb: Sandbox) -> None:
     await sb.edit("dos.txt", "a\nb", "A\nB\nB2")  # as an agent writes it
     await sb.edit("dos.txt", "B2\r\nc", "C")  # or as the file has it
     assert await sb.read_text("dos.txt") == "A\r\nB\r\nC\r\n"
-    await sb.write("mixed.txt", "a\r\nb\nc\r\n")  # (mixed endings: matched as they are)
+
+
+async def test_edits_of_a_file_with_mixed_line_endings_match_either(sb: Sandbox) -> None:
+    """A CRLF file with a line appended by echo: a "\n" the agent sends matches CRLF or LF, and the
+    new text's line breaks are CRLF where the text it replaced had them."""
+    await sb.write("mixed.txt", "one\r\ntwo\r\nthree\r\nfour\nfive\n")
+    await sb.edit("mixed.txt", "one\ntwo", "ONE\nTWO")
+    await sb.edit("mixed.txt", "four\nfive", "FOUR\nFIVE")
+    await sb.edit("mixed.txt", "three\nFOUR", "3\n4")  # (across a CRLF line and an LF one)
+    assert await sb.read_text("mixed.txt") == "ONE\r\nTWO\r\n3\r\n4\nFIVE\n"
+    await sb.write("mixed.txt", "x\r\ny\r\nx\ny\n")
+    with pytest.raises(NotUnique) as twice:
+        await sb.edit("mixed.txt", "x\ny", "z")
+    assert twice.value.lines == [1, 3]
+    assert (await sb.edit("mixed.txt", "x\ny", "z\nz", replace_all=True)).replacements == 2
+    assert await sb.read_text("mixed.txt") == "z\r\nz\r\nz\nz\n"
     with pytest.raises(NoMatch):
-        await sb.edit("mixed.txt", "a\nb", "x")
+        await sb.edit("mixed.txt", "z\nq", "x")
+
+
+async def test_utf16_text_is_read_and_edited_as_text(sb: Sandbox) -> None:
+    """A file that begins with a UTF-16 byte-order mark (PowerShell's `>`, Notepad's "Unicode") is
+    text, as ripgrep finds it: read gives its lines, edit keeps its encoding and mark."""
+    for codec in ("utf-16-le", "utf-16-be"):
+        bom = b"\xff\xfe" if codec == "utf-16-le" else b"\xfe\xff"
+        await sb.write("u16.txt", bom + "hello\r\nfoo bär 🙂\r\n".encode(codec))
+        window = await sb.read("u16.txt")
+        assert isinstance(window, ReadResult) and window.total_lines == 2
+        assert "     2\tfoo bär 🙂" in window.text
+        await sb.edit("u16.txt", "foo", "baz")
+        assert await sb.read_bytes("u16.txt") == bom + "hello\r\nbaz bär 🙂\r\n".encode(codec)
+    # binary that starts like it is still binary: UTF-32's mark, a NUL, or no UTF-16 at all
+    for data in (b"\xff\xfe\x00\x00h\x00\x00\x00", b"\xff\xfeh\x00\x00\x00i\x00", b"\xff\xfe\x00\xdc\x00\x00"):
+        await sb.write("notext.bin", data)
+        with pytest.raises(BinaryFile):
+            await sb.read("notext.bin")
 
 
 async def test_arguments_of_the_wrong_type_are_refused_before_the_file_is_touched(sb: Sandbox) -> None:

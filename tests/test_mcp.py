@@ -168,6 +168,10 @@ async def test_file_and_shell_tools(where: str, transport: str, ssh_pool_env: di
         assert structured(grep)["mode"] == "content" and structured(grep)["lines"] == 1
         first = await client.call_tool("grep", {"pattern": "=", "output_mode": "content", "head_limit": 1})
         assert text(first).endswith(":1:x = 3\n[head_limit reached; more lines follow: raise head_limit to see them]")
+        unlimited = await client.call_tool("grep", {"pattern": "=", "output_mode": "content", "head_limit": 0})
+        assert structured(unlimited)["lines"] > 1  # (0: no limit, as agents send it)
+        from_zero = await client.call_tool("read", {"path": "app.py", "offset": 0, "limit": 1})
+        assert text(from_zero).startswith("     1\tx = 3")  # (0: from the start)
         into_directory = await client.call_tool("write", {"path": ran["cwd"], "content": "x"})
         assert into_directory.is_error and "take a file's path: name a file inside it" in text(into_directory)
 

@@ -235,6 +235,21 @@ async def test_a_pattern_that_looks_like_an_option_is_a_pattern(sb: Sandbox, tre
     assert (await sb.grep("--files", tree)).text == f"{tree}/flags.txt"
 
 
+async def test_glob_takes_backslash_escapes_as_ripgrep_does(sb: Sandbox, minimal_box: Sandbox) -> None:
+    """A Next.js route's bracketed directory: `\\[slug\\]` is the name itself, for glob (with rg and
+    without) as for grep's glob, relative or absolute."""
+    for box in (sb, minimal_box):
+        root = f"{await box.cwd()}/routes-{secrets.token_hex(3)}"
+        await box.write(f"{root}/app/[slug]/page.tsx", "export default 1\n")
+        await box.write(f"{root}/app/s/page.tsx", "export default 2\n")
+        for pattern in ("app/\\[slug\\]/page.tsx", "app/\\[slug\\]/*.tsx", f"{root}/app/\\[slug\\]/*"):
+            assert (await box.glob(pattern, root)).files == [f"{root}/app/[slug]/page.tsx"], pattern
+        assert (await box.grep("export", root, glob="app/\\[slug\\]/*")).text == f"{root}/app/[slug]/page.tsx"
+        with pytest.raises(InvalidArgument, match="lone backslash"):
+            await box.glob("app\\", root)
+        await box.run(["rm", "-rf", root])
+
+
 async def test_glob_is_newest_first_and_respects_depth(sb: Sandbox, tree: str) -> None:
     assert (await sb.glob("**/*.py", tree)).files == [f"{tree}/src/util.py", f"{tree}/src/app.py"]
     assert (await sb.glob("*.md", tree)).files == [f"{tree}/README.md"]
@@ -376,6 +391,10 @@ async def test_names_that_mean_something_to_ripgreps_filters_are_found_by_both_e
         ("[[:digit:]_]*", "x_", False),
         ("[a-c].txt", "b.txt", True),
         ("x[.txt", "x[.txt", True),  # a '[' that never closes is itself
+        ("app/\\[slug\\]/*.tsx", "app/[slug]/page.tsx", True),  # a backslash makes the next character itself
+        ("app/\\[slug\\]/*.tsx", "app/s/page.tsx", False),
+        ("a\\*", "a*", True),
+        ("a\\*", "ab", False),
     ],
 )
 def test_glob_translation(pattern: str, path: str, matches: bool) -> None:

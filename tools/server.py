@@ -723,14 +723,14 @@ def register_file_tools(server: MCPServer, state: ServerState) -> None:
     @guarded
     async def read(
         path: Annotated[str, Field(description="File to read (absolute, or relative to the sandbox's cwd)")],
-        offset: Annotated[int, Field(ge=1, description="1-based line to start at")] = 1,
+        offset: Annotated[int, Field(ge=0, description="1-based line to start at (0 is the start too)")] = 1,
         limit: Annotated[int, Field(ge=1, description="Number of lines to read")] = 2000,
         sandbox: SandboxArg = None,
     ) -> CallToolResult:
         """Read a text file as numbered lines (cat -n). Lines over 2000 characters are cut; says when more
         lines follow. PNG, JPEG, GIF and WebP images (up to 5 MB) come back as images."""
         box = await state.sandbox(sandbox)
-        result = await box.read(path, offset, limit)
+        result = await box.read(path, max(offset, 1), limit)  # (agents send 0 for "from the start")
         if isinstance(result, Image):
             import base64
 
@@ -835,7 +835,9 @@ def register_file_tools(server: MCPServer, state: ServerState) -> None:
         line_numbers: Annotated[bool, Field(description="Show line numbers (content)")] = True,
         case_insensitive: Annotated[bool, Field(description="Ignore case")] = False,
         multiline: Annotated[bool, Field(description="Let . and patterns span lines (needs rg)")] = False,
-        head_limit: Annotated[int | None, Field(ge=1, description="Keep only the first N lines of output")] = None,
+        head_limit: Annotated[
+            int | None, Field(ge=0, description="Keep only the first N lines of output (0: all of them)")
+        ] = None,
         sandbox: SandboxArg = None,
     ) -> Annotated[CallToolResult, R.GrepResult]:
         """Search file contents with ripgrep semantics (hidden files included, .gitignore respected)."""
@@ -852,7 +854,7 @@ def register_file_tools(server: MCPServer, state: ServerState) -> None:
             line_numbers=line_numbers,
             case_insensitive=case_insensitive,
             multiline=multiline,
-            head_limit=head_limit,
+            head_limit=head_limit or None,
         )
         text = result.text or "no matches"
         if result.limited:
