@@ -359,6 +359,9 @@ class Fleet:
             # No handle recorded: the provider cleans up what it can; the rest is found by its label.
             reason = "provisioning interrupted" if interrupted else f"provisioning failed: {exc}"
             self.ledger.set_status(sandbox_id, "failed", reason[:500])
+            # Claimed as any ending is: a destroy meanwhile (a server stopping, `tether down`, gc)
+            # waits for this one instead of asking the provider to end it a second time.
+            self.ledger.claim_ending(sandbox_id, reason[:500])
             work: Any = self._terminate(self.ledger.get(sandbox_id), reason[:500])
         elif record.live:  # provisioned: ended by its handle, with its cost event, like any other
             reason = "creation interrupted" if interrupted else "could not connect after provisioning"
@@ -368,6 +371,11 @@ class Fleet:
         cleanup = asyncio.ensure_future(work)
         self._cleanups.add(cleanup)
         cleanup.add_done_callback(self._cleanup_done)
+        if record.status == "provisioning":
+            _ENDINGS[sandbox_id] = cleanup
+            cleanup.add_done_callback(
+                lambda _: _ENDINGS.pop(sandbox_id, None) if _ENDINGS.get(sandbox_id) is cleanup else None
+            )
         return cleanup
 
     def _with_defaults(self, request: Request) -> Request:
@@ -778,6 +786,13 @@ class Fleet:
             self.flush_activity(box)
         now = time.time() if now is None else now
         reaped = []
+
+        def lag(record: SandboxRecord) -> float:
+            """How late the ledger may hear of the sandbox's last use: a process writes a use
+            through only once it is flush_every newer than the last it wrote (this one's are
+            written above)."""
+            return 0.0 if record.id in self._open else activity_flush_every(record.idle_timeout)
+
         for record in self.ledger.list():
             if record.status not in ("running", "paused"):
                 continue
@@ -786,7 +801,7 @@ class Fleet:
                 reason = f"{record.ending_reason} (finished here: the process ending it died first)"
             elif record.expired(now):
                 reason = "expired (TTL)"
-            elif record.idle_timeout is not None and now - record.last_activity >= record.idle_timeout:
+            elif record.idle_timeout is not None and now - record.last_activity >= record.idle_timeout + lag(record):
                 reason, idle_since = f"idle for {now - record.last_activity:.0f}s", record.last_activity
                 # (a paused sandbox runs nothing, and asking it could resume it; one whose creator
                 # ended without tearing it down is reaped all the same)

@@ -291,9 +291,10 @@ STATUS_MAPS: dict[str, dict[str, str]] = {
         "starting": "provisioning",
         "running": "running",
         "error": "failed",
-        # A stopped pod keeps only its volume (no memory: not "paused" in the profile's sense) and
-        # runs nothing; "terminated": deleted.
-        "exited": "terminated",
+        # A stopped pod (its container exited) runs nothing but still exists, billing its volume:
+        # not "terminated" (deleted; then no one would delete it), nor "paused" (no memory is
+        # kept: the profile says no pause/resume). "failed": ended by the ledger, deleted by gc.
+        "exited": "failed",
         "terminated": "terminated",
     },
 }

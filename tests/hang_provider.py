@@ -60,3 +60,16 @@ class UnlistedHangProvider(HangProvider):
 
     async def list(self) -> None:  # type: ignore[override]
         return None
+
+
+class SlowEndingHangProvider(HangProvider):
+    """The same, whose terminate takes a while and is counted (terminations.log beside the
+    account): a second ending started during the first one shows."""
+
+    name = "slow-ending-hang"
+
+    async def terminate(self, handle: Handle) -> None:
+        with open(account().parent / "terminations.log", "a") as log:
+            log.write(f"{handle.data['dir']}\n")
+        await asyncio.sleep(0.5)
+        await super().terminate(handle)

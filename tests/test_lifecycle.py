@@ -96,6 +96,29 @@ async def test_idle_sandboxes_are_reaped_but_used_ones_are_not() -> None:
         await fleet.close()
 
 
+async def test_a_use_not_yet_in_the_ledger_does_not_make_another_process_reap_early() -> None:
+    """A process writes a sandbox's last use through only once it is flush_every newer than the
+    last it wrote: another process's reaper allows for that lag, and never ends a sandbox used
+    less than its idle timeout ago."""
+    owner, reaper = Fleet(config={}), Fleet(config={})
+    try:
+        box = await owner.create(Request(provider="local", idle_timeout_s=1.2))  # (flush_every: 0.4)
+        created = owner.ledger.get(box.id).last_activity
+        await asyncio.sleep(0.3)
+        await box.write("note.txt", "used\n")  # (not written through: 0.3 s after the last)
+        used = time.time()
+        assert owner.ledger.get(box.id).last_activity == created
+        await asyncio.sleep(max(0.0, created + 1.25 - time.time()))  # idle 1.25 s by the ledger
+        if time.time() - used < 1.2:  # (a slow machine may be past the real timeout by now)
+            assert await reaper.reap() == [], "reaped before its idle timeout"
+        while time.time() < used + 1.2 + 0.4 + 0.1:
+            await asyncio.sleep(0.1)
+        assert [r for r, _ in await reaper.reap()] == [box.id]
+    finally:
+        await owner.close()
+        await reaper.close()
+
+
 async def test_gc_marks_vanished_sandboxes_and_removes_orphans() -> None:
     first = Fleet(config={})
     box = await first.create(Request(provider="local", keep=True))
@@ -341,7 +364,7 @@ async def test_a_command_running_in_one_process_is_not_idle_to_another_processs_
                 break
             await asyncio.sleep(unit / 4)
         assert heartbeats() == []
-        await asyncio.sleep(2 * unit)  # ... and the idle clock then runs out
+        await asyncio.sleep(3 * unit)  # ... and the idle clock then runs out (and the lag it allows for)
         assert [r for r, _ in await reaper.reap()] == [box.id]
     finally:
         await owner.close()
@@ -711,6 +734,32 @@ def test_a_cancelled_provision_is_cleaned_up_by_the_process_that_cancelled_it(tm
     assert list(cloud.iterdir()) == []
     record = Ledger().get(name)
     assert "interrupted" in record.status_reason and cost_event_count(record.id) == 1
+
+
+async def test_a_fleet_closing_while_a_cancelled_provision_is_undone_ends_the_machine_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server stops (tearing down what it created) while a provision it cancelled is being
+    undone: the teardown waits for that undoing instead of asking the provider to end the same
+    machine a second time, at once."""
+    cloud, env = hanging_cloud(tmp_path, "SlowEndingHangProvider")
+    for name in ("TETHER_CONFIG", "TETHER_TEST_CLOUD"):
+        monkeypatch.setenv(name, env[name])
+    fleet = Fleet()
+    task = asyncio.ensure_future(fleet.create(Request(pool="flaky")))
+    while not list(cloud.iterdir()):  # (its machine exists; the boot hangs)
+        await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.sleep(0.1)  # (the create waits for its undoing ...)
+    task.cancel()  # (... unless cancelled again, as an anyio scope, MCP's, cancels every await)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await fleet.close(teardown_created=True)
+    [sandbox_id] = fleet.created_here
+    record = fleet.ledger.get(sandbox_id)
+    assert record.status == "terminated" and "provisioning interrupted" in (record.status_reason or "")
+    assert len((tmp_path / "terminations.log").read_text().splitlines()) == 1
+    assert list(cloud.iterdir()) == [] and cost_event_count(sandbox_id) == 1
 
 
 @pytest.mark.parametrize("canceller", ["task.cancel", "anyio scope"])

@@ -143,6 +143,12 @@ def e2b_sandbox_states() -> list[str]:
     return re.findall(r"^        - (\S+)$", block.group(1), re.MULTILINE)
 
 
+def test_a_stopped_runpod_pod_is_not_taken_for_deleted() -> None:
+    """EXITED: the container stopped, the pod still exists and bills its volume (RunPod's v2 spec);
+    only TERMINATED is deleted."""
+    assert map_status("runpod", "EXITED") == "failed" and map_status("runpod", "TERMINATED") == "terminated"
+
+
 def runpod_pod_statuses() -> list[str]:
     """PodStatus's enum in RunPod's v2 spec; v1's desiredStatus (what the GraphQL API returns) is a subset."""
     v2 = json.loads((SPECS / "runpod" / "openapi-v2.json").read_text())["components"]["schemas"]["PodStatus"]["enum"]
