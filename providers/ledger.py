@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sandbox.state import StateStore, default_store, process_running
+from sandbox.state import StateStore, default_store, process_running, process_stamp
 
 from .errors import SandboxNotFound
 
@@ -97,15 +97,32 @@ ALTER TABLE sandboxes ADD COLUMN ending_host TEXT;
 ALTER TABLE sandboxes ADD COLUMN ending_pid INTEGER
 """
 
+# Which process, beyond its pid: a pid reused after its process ended (a reboot makes that likely)
+# must not keep a claim or an ownership alive for good (see sandbox.state.process_stamp).
+STAMP_SCHEMA = """
+ALTER TABLE sandboxes ADD COLUMN owner_stamp TEXT;
+ALTER TABLE sandboxes ADD COLUMN ending_stamp TEXT;
+ALTER TABLE tunnels ADD COLUMN owner_stamp TEXT
+"""
+
 LIVE = ("provisioning", "running", "paused", "failed")
 
 
-def owner_alive(host: str | None, pid: int | None) -> bool:
+def owner_alive(host: str | None, pid: int | None, stamp: str | None = None) -> bool:
     """Whether the process that owns a row still runs: only knowable on its host (elsewhere, or with
-    no pid recorded, it is taken to be alive)."""
+    no pid recorded, it is taken to be alive). A process now running under the pid is another one
+    when its stamp differs from the one recorded."""
     if host != socket.gethostname() or pid is None:
         return True
-    return process_running(pid)
+    if not process_running(pid):
+        return False
+    now = process_stamp(pid) if stamp is not None else None
+    return now is None or now == stamp
+
+
+def my_stamp() -> str | None:
+    """This process's stamp (asked each time: rows are written rarely, and a fork is another process)."""
+    return process_stamp(os.getpid())
 
 
 @dataclass(frozen=True)
@@ -135,6 +152,8 @@ class SandboxRecord:
     ending_reason: str | None = None  # a termination under way (see ENDING_SCHEMA)
     ending_host: str | None = None
     ending_pid: int | None = None
+    owner_stamp: str | None = None
+    ending_stamp: str | None = None
 
     @property
     def live(self) -> bool:
@@ -156,14 +175,14 @@ class SandboxRecord:
 
     def owner_alive(self) -> bool:
         """Whether the process that created the sandbox still runs (only knowable on its host)."""
-        return owner_alive(self.owner_host, self.owner_pid)
+        return owner_alive(self.owner_host, self.owner_pid, self.owner_stamp)
 
     def ending(self) -> str | None:
         """Why it is being terminated, while the process terminating it runs (the provider was
         asked to end it; the row is not marked terminated yet)."""
         if self.status == "terminated" or self.ending_reason is None:
             return None
-        return self.ending_reason if owner_alive(self.ending_host, self.ending_pid) else None
+        return self.ending_reason if owner_alive(self.ending_host, self.ending_pid, self.ending_stamp) else None
 
     def ending_interrupted(self) -> bool:
         """A termination whose process died before it was recorded: the machine may be half gone,
@@ -213,6 +232,7 @@ class Ledger:
         self.store.ensure_schema("ledger-v2-tunnel-owner", TUNNEL_OWNER_SCHEMA)
         self.store.ensure_schema("ledger-v3-paused-time", PAUSED_TIME_SCHEMA)
         self.store.ensure_schema("ledger-v4-ending", ENDING_SCHEMA)
+        self.store.ensure_schema("ledger-v5-process-stamps", STAMP_SCHEMA)
 
     # -- sandboxes -----------------------------------------------------------------------------------
 
@@ -236,8 +256,8 @@ class Ledger:
             with self.store.transaction() as db:
                 db.execute(
                     "INSERT INTO sandboxes (id, name, provider, pool, status, request, created_at, expires_at,"
-                    " idle_timeout, last_activity, keep, owner_host, owner_pid, gpu_type, gpu_count)"
-                    " VALUES (?, ?, ?, ?, 'provisioning', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " idle_timeout, last_activity, keep, owner_host, owner_pid, gpu_type, gpu_count, owner_stamp)"
+                    " VALUES (?, ?, ?, ?, 'provisioning', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         sandbox_id,
                         name,
@@ -253,6 +273,7 @@ class Ledger:
                         os.getpid(),
                         gpu_type,
                         gpu_count,
+                        my_stamp(),
                     ),
                 )
         except sqlite3.IntegrityError:
@@ -327,8 +348,9 @@ class Ledger:
             if idle_since is not None and record.last_activity > idle_since:
                 return "active"
             db.execute(
-                "UPDATE sandboxes SET ending_reason = ?, ending_host = ?, ending_pid = ? WHERE id = ?",
-                (reason, *here, sandbox_id),
+                "UPDATE sandboxes SET ending_reason = ?, ending_host = ?, ending_pid = ?, ending_stamp = ?"
+                " WHERE id = ?",
+                (reason, *here, my_stamp(), sandbox_id),
             )
             return "claimed"
 
@@ -336,7 +358,7 @@ class Ledger:
         """This process's termination of the sandbox did not happen after all (the provider failed)."""
         with self.store.transaction() as db:
             db.execute(
-                "UPDATE sandboxes SET ending_reason = NULL, ending_host = NULL, ending_pid = NULL"
+                "UPDATE sandboxes SET ending_reason = NULL, ending_host = NULL, ending_pid = NULL, ending_stamp = NULL"
                 " WHERE id = ? AND ending_host = ? AND ending_pid = ?",
                 (sandbox_id, socket.gethostname(), os.getpid()),
             )
@@ -347,7 +369,7 @@ class Ledger:
         with self.store.transaction() as db:
             changed = db.execute(
                 "UPDATE sandboxes SET status = 'terminated', status_reason = ?, terminated_at = ?,"
-                " ending_reason = NULL, ending_host = NULL, ending_pid = NULL"
+                " ending_reason = NULL, ending_host = NULL, ending_pid = NULL, ending_stamp = NULL"
                 " WHERE id = ? AND status != 'terminated' AND status = COALESCE(?, status)",
                 (reason, event.created_at, sandbox_id, only_if),
             ).rowcount
@@ -434,9 +456,9 @@ class Ledger:
     def add_tunnel(self, tunnel_id: str, sandbox_id: str, port: int, backend: str, url: str) -> None:
         with self.store.transaction() as db:
             db.execute(
-                "INSERT INTO tunnels (id, sandbox_id, port, backend, url, status, created_at, owner_host, owner_pid)"
-                " VALUES (?, ?, ?, ?, ?, 'open', ?, ?, ?)",
-                (tunnel_id, sandbox_id, port, backend, url, time.time(), socket.gethostname(), os.getpid()),
+                "INSERT INTO tunnels (id, sandbox_id, port, backend, url, status, created_at, owner_host, owner_pid,"
+                " owner_stamp) VALUES (?, ?, ?, ?, ?, 'open', ?, ?, ?, ?)",
+                (tunnel_id, sandbox_id, port, backend, url, time.time(), socket.gethostname(), os.getpid(), my_stamp()),
             )
 
     def move_tunnel(self, tunnel_id: str, url: str) -> None:
@@ -457,10 +479,10 @@ class Ledger:
         abandoned = [
             row["id"]
             for row in self.store.query(
-                "SELECT t.id, t.owner_host, t.owner_pid, s.status FROM tunnels t JOIN sandboxes s"
+                "SELECT t.id, t.owner_host, t.owner_pid, t.owner_stamp, s.status FROM tunnels t JOIN sandboxes s"
                 " ON s.id = t.sandbox_id WHERE t.status = 'open'"
             )
-            if row["status"] == "terminated" or not owner_alive(row["owner_host"], row["owner_pid"])
+            if row["status"] == "terminated" or not owner_alive(row["owner_host"], row["owner_pid"], row["owner_stamp"])
         ]
         if abandoned:  # (nothing is written when nothing was abandoned: tunnel_list calls this)
             with self.store.transaction() as db:
@@ -508,6 +530,8 @@ def _record(row: sqlite3.Row) -> SandboxRecord:
         ending_reason=row["ending_reason"],
         ending_host=row["ending_host"],
         ending_pid=row["ending_pid"],
+        owner_stamp=row["owner_stamp"],
+        ending_stamp=row["ending_stamp"],
     )
 
 

@@ -81,6 +81,17 @@ def process_running(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
 
 
+def process_stamp(pid: int) -> str | None:
+    """What tells the process `pid` now is from another that had that pid before (after it ended,
+    or a reboot): the boot's id and the process's start time, where /proc says them; else None."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        started = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19]
+    except (OSError, IndexError):
+        return None
+    return f"{boot}:{started}"
+
+
 def config_path() -> Path:
     """$TETHER_CONFIG, else ~/.config/tether/config.toml (which need not exist)."""
     explicit = os.environ.get("TETHER_CONFIG")

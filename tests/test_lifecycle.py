@@ -119,6 +119,39 @@ async def test_a_use_not_yet_in_the_ledger_does_not_make_another_process_reap_ea
         await reaper.close()
 
 
+async def test_a_pid_taken_by_another_process_keeps_no_claim_or_ownership_alive() -> None:
+    """`tether down` died half way, and after a reboot its pid belongs to some other process (pid 1
+    here, whose start differs from the one recorded): the sandbox is not stuck "being terminated"
+    for good, and one whose creator is gone is reaped. A row from before stamps keeps the old rule."""
+    import socket
+
+    fleet = Fleet(config={})
+    try:
+        claimed = await fleet.create(Request(provider="local", keep=True))
+        orphaned = await fleet.create(Request(provider="local"))
+        legacy = await fleet.create(Request(provider="local"))
+        with fleet.ledger.store.transaction() as db:
+            db.execute(
+                "UPDATE sandboxes SET ending_reason = 'destroyed', ending_host = ?, ending_pid = 1,"
+                " ending_stamp = 'another-boot:1' WHERE id = ?",
+                (socket.gethostname(), claimed.id),
+            )
+            db.execute(
+                "UPDATE sandboxes SET owner_pid = 1, owner_stamp = 'another-boot:1' WHERE id = ?", (orphaned.id,)
+            )
+            db.execute("UPDATE sandboxes SET owner_pid = 1, owner_stamp = NULL WHERE id = ?", (legacy.id,))
+        assert fleet.ledger.get(claimed.id).ending_interrupted()
+        assert not fleet.ledger.get(orphaned.id).owner_alive() and fleet.ledger.get(legacy.id).owner_alive()
+        reaped = dict(await fleet.reap())
+        assert set(reaped) == {claimed.id, orphaned.id}
+        assert "finished here" in reaped[claimed.id] and "ended without tearing it down" in reaped[orphaned.id]
+        assert cost_event_count(claimed.id) == 1 and cost_event_count(orphaned.id) == 1
+        assert fleet.ledger.get(fleet.ledger.get(claimed.id).id).ending_stamp is None
+        await legacy.destroy()
+    finally:
+        await fleet.close()
+
+
 async def test_gc_marks_vanished_sandboxes_and_removes_orphans() -> None:
     first = Fleet(config={})
     box = await first.create(Request(provider="local", keep=True))
