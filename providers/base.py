@@ -144,6 +144,9 @@ class ListedResource(BaseModel):
 
     external_id: str
     tether_id: str | None  # from the label tether put on it
+    # From its tether-installation label: the state dir whose ledger has it. None where the provider
+    # cannot tell, or lists only this state dir's (local): then it is taken for this one's.
+    installation: str | None = None
     status: SandboxStatus
     data: dict[str, Any] = Field(default_factory=dict)  # enough to build a Handle and terminate it
 

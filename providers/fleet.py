@@ -49,6 +49,7 @@ from .profiles import GPU_RATES_USD_PER_HOUR, LOCAL_AUTH_MODES, CapabilityProfil
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 LABEL = "tether-id"
+INSTALLATION_LABEL = "tether-installation"  # which state dir's ledger the sandbox is in (Ledger.installation_id)
 LEDGER_RECHECK_SECONDS = 1.0
 # How often an open sandbox's last activity is written through to the ledger, where other
 # processes' reapers read it (far below any sensible idle timeout; a third of a shorter one).
@@ -310,7 +311,12 @@ class Fleet:
                 notes.append(f"note: {pool.provider} uses the machine as it is; {', '.join(unapplied)} not applied")
                 log.info("%s: %s", sandbox_id, notes[-1])
                 await progress(notes[-1], 0.05)
-            spec = ProvisionSpec(sandbox_id=sandbox_id, name=name, request=request, labels={LABEL: sandbox_id})
+            spec = ProvisionSpec(
+                sandbox_id=sandbox_id,
+                name=name,
+                request=request,
+                labels={LABEL: sandbox_id, INSTALLATION_LABEL: self.ledger.installation_id},
+            )
 
             async def provider_progress(message: str, fraction: float | None = None) -> None:
                 # The provider reports its own 0..1; it is one stretch (5%..85%) of the whole create.
@@ -882,12 +888,16 @@ class Fleet:
     ) -> None:
         """One provider's listing against its ledger rows (read before and after the listing).
         `others`: the ids of other providers' rows, whose resources a provider that shares where it
-        keeps them (a LocalProvider subclass lists every local sandbox) may list too: never orphans."""
+        keeps them (a LocalProvider subclass lists every local sandbox) may list too: never orphans.
+        Nor is what another installation made (another state dir, on a shared account)."""
         by_id = {r.id: r for r in after}
         seen = set()
+        mine = self.ledger.installation_id
         for resource in listed:
             if not resource.tether_id or resource.tether_id in others:
                 continue  # not labelled by tether, or another provider's: not this one's to remove
+            if resource.installation not in (None, mine):
+                continue  # another installation's: its own gc's to reconcile
             record = by_id.get(resource.tether_id)
             if record is not None:
                 seen.add(record.id)

@@ -105,6 +105,13 @@ ALTER TABLE sandboxes ADD COLUMN ending_stamp TEXT;
 ALTER TABLE tunnels ADD COLUMN owner_stamp TEXT
 """
 
+# This state dir's own id, on every resource it has a provider make beside the sandbox's id: two
+# installations (two people, two state dirs) may share one cloud account, and gc must take only
+# its own for orphans.
+INSTALLATION_SCHEMA = """
+CREATE TABLE IF NOT EXISTS installation (id TEXT NOT NULL)
+"""
+
 LIVE = ("provisioning", "running", "paused", "failed")
 
 
@@ -233,6 +240,20 @@ class Ledger:
         self.store.ensure_schema("ledger-v3-paused-time", PAUSED_TIME_SCHEMA)
         self.store.ensure_schema("ledger-v4-ending", ENDING_SCHEMA)
         self.store.ensure_schema("ledger-v5-process-stamps", STAMP_SCHEMA)
+        self.store.ensure_schema("ledger-v6-installation", INSTALLATION_SCHEMA)
+        self._installation: str | None = None
+
+    @property
+    def installation_id(self) -> str:
+        """This state dir's id (made once, by whichever process asks first; see INSTALLATION_SCHEMA)."""
+        if self._installation is None:
+            with self.store.transaction() as db:
+                row = db.execute("SELECT id FROM installation").fetchone()
+                if row is None:
+                    row = (secrets.token_hex(8),)
+                    db.execute("INSERT INTO installation (id) VALUES (?)", row)
+            self._installation = row[0]
+        return self._installation
 
     # -- sandboxes -----------------------------------------------------------------------------------
 

@@ -35,15 +35,19 @@ class HangProvider(Provider):
         raise AssertionError("unreachable")
 
     async def list(self) -> list[ListedResource]:
-        return [
-            ListedResource(
-                external_id=d.name,
-                tether_id=json.loads((d / "labels.json").read_text()).get("tether-id"),
-                status="running",
-                data={"dir": str(d)},
+        listed = []
+        for machine in sorted(account().iterdir()):
+            labels = json.loads((machine / "labels.json").read_text())
+            listed.append(
+                ListedResource(
+                    external_id=machine.name,
+                    tether_id=labels.get("tether-id"),
+                    installation=labels.get("tether-installation"),
+                    status="running",
+                    data={"dir": str(machine)},
+                )
             )
-            for d in sorted(account().iterdir())
-        ]
+        return listed
 
     async def terminate(self, handle: Handle) -> None:
         shutil.rmtree(handle.data["dir"], ignore_errors=True)

@@ -194,7 +194,14 @@ def hanging_cloud(tmp_path: Path, provider: str = "HangProvider") -> tuple[Path,
 
 
 def crash_mid_provision(cloud: Path, env: dict[str, str], name: str) -> SandboxRecord:
-    """A process provisions `name` on the hanging pool and is killed once its machine exists."""
+    """A process provisions `name` on the hanging pool and is killed once its machine exists: its row."""
+    kill_mid_provision(cloud, env, name)
+    return Ledger().get(name)
+
+
+def kill_mid_provision(cloud: Path, env: dict[str, str], name: str) -> None:
+    """A process (of `env`'s state dir) provisions `name` on the hanging pool and is killed once its
+    machine exists."""
     process = subprocess.Popen([sys.executable, "-c", HANGING_CREATE.format(name=name)], env=env, cwd=ROOT)
     try:
         deadline = time.monotonic() + 30
@@ -205,7 +212,6 @@ def crash_mid_provision(cloud: Path, env: dict[str, str], name: str) -> SandboxR
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    return Ledger().get(name)
 
 
 def test_a_crash_mid_provision_with_a_provider_that_keeps_no_listing(tmp_path: Path) -> None:
@@ -285,6 +291,19 @@ def test_gc_leaves_the_rows_of_a_provider_it_cannot_use_for_later() -> None:
     assert record.id not in report["interrupted"] and Ledger().get(record.id).status == "provisioning"
     with ledger.store.transaction() as db:
         db.execute("DELETE FROM sandboxes WHERE id = ?", (record.id,))
+
+
+def test_gc_leaves_what_another_installation_made_on_a_shared_account(tmp_path: Path) -> None:
+    """Two state dirs (two people, say) share one cloud account. A machine the other one's crash
+    left is no orphan here: this gc leaves it, the other's reconciles it."""
+    cloud, env = hanging_cloud(tmp_path)
+    other = {**env, "TETHER_STATE_DIR": str(tmp_path / "other-state")}
+    kill_mid_provision(cloud, other, f"theirs-{os.getpid()}")
+    [machine] = list(cloud.iterdir())
+    mine = json.loads(tether("gc", "--json", env=env).stdout)
+    assert mine["orphans"] == [] and mine["interrupted"] == [] and machine.exists()
+    theirs = json.loads(tether("gc", "--json", env=other).stdout)
+    assert len(theirs["interrupted"]) == 1 and not machine.exists()
 
 
 def test_a_crash_mid_provision_is_reconciled_by_gc(tmp_path: Path) -> None:
