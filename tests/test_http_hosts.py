@@ -67,6 +67,23 @@ async def test_a_wildcard_bind_with_allowed_hosts_still_answers_on_loopback() ->
             assert answer.status_code == 421
 
 
+async def test_a_wildcard_bind_with_a_token_serves_other_machines_by_any_name() -> None:
+    """Bound to 0.0.0.0 with no --allow-host, the names other machines use are unknown: the token
+    is the protection (as off loopback), and a request with it is served whatever its Host."""
+    env = server_env(TETHER_MCP_TOKEN=TOKEN)
+    with http_server(env=env, host="0.0.0.0") as (_, url, _):
+        port = url.split(":")[2].split("/")[0]
+        async with httpx.AsyncClient() as client:
+            for host in ("10.0.0.5:" + port, "box.lan:" + port, f"127.0.0.1:{port}"):
+                headers = {**MCP_HEADERS, "Host": host, "Authorization": f"Bearer {TOKEN}"}
+                answer = await client.post(f"http://127.0.0.1:{port}/mcp", headers=headers, json=INITIALIZE)
+                assert answer.status_code == 200, host
+            headers = {**MCP_HEADERS, "Host": "box.lan:" + port}
+            assert (
+                await client.post(f"http://127.0.0.1:{port}/mcp", headers=headers, json=INITIALIZE)
+            ).status_code == 401
+
+
 def test_a_malformed_allow_host_is_refused_before_serving() -> None:
     for bad in ("box:http", "box:0", ":8080", "box:99999"):
         refused = tether("mcp", "--transport", "http", "--port", "0", "--allow-host", bad, timeout=30)

@@ -156,9 +156,10 @@ def _name_and_port(value: str) -> tuple[str, str]:
 
 def build_app(server: MCPServer, host: str, port: int, token: str | None, allowed_hosts: list[str]) -> ASGIApp:
     # (on loopback, the address bound too: 127.0.0.2 is loopback, and the URL printed names it;
-    # a wildcard bind, 0.0.0.0 or ::, serves loopback as well)
+    # a wildcard bind, 0.0.0.0 or ::, serves loopback as well, but its Host check is on only with
+    # --allow-host: without, the names other machines reach it by are unknown, and the token guards)
     names = ("127.0.0.1", "localhost", "[::1]", url_host(host))
-    serves_loopback = is_loopback(host) or host in ("0.0.0.0", "::")
+    serves_loopback = is_loopback(host) or (host in ("0.0.0.0", "::") and bool(allowed_hosts))
     hosts = list(dict.fromkeys(f"{h}:{port}" for h in names)) if serves_loopback else []
     hosts += [pattern for value in allowed_hosts for pattern in host_patterns(value)]
     security = TransportSecuritySettings(
