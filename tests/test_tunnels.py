@@ -36,7 +36,7 @@ from tests.mcp_support import ROOT, server_env, stdio_client, structured, tether
 from tests.sshd import SSHD, ensure_account, free_port
 from tunnels import ChannelConfig, Notifier, RelayConfig, TunnelError, TunnelManager
 from tunnels import base as tunnels_base
-from tunnels.check import verify
+from tunnels.check import NothingListens, verify
 from tunnels.local import LocalForward
 from tunnels.ports import listening_ports, parse_netstat, parse_proc_net_tcp
 from tunnels.relay import RelayBackend, RelayForward, find_url
@@ -933,6 +933,10 @@ def test_find_url_in_banners() -> None:
     )
     assert find_url(welcome) is None  # (the tunnel line has not come yet: wait for it)
     assert find_url(welcome + localhost_run) == "https://abc123.lhr.life"
+    # as a tunnel reads it: the relay's name and the subdomain asked for (remote_host "localhost",
+    # the default, which is no subdomain: localhost.run's own pages are still its pages)
+    assert find_url(welcome, relay="localhost.run", subdomain="localhost") is None
+    assert find_url(welcome + localhost_run, relay="localhost.run", subdomain="localhost") == "https://abc123.lhr.life"
     pinggy = (
         "You are not authenticated.\nYour tunnel will expire in 60 minutes. Upgrade to Pinggy Pro to get "
         "unrestricted tunnels. https://dashboard.pinggy.io\n\nhttp://rnxyz-203-0-113-5.a.free.pinggy.link\n"
@@ -981,7 +985,12 @@ def token_gate() -> Iterator[int]:
                 self.end_headers()
                 return
             port, _, rest = self.path.lstrip("/").partition("/")
-            body = httpx.get(f"http://127.0.0.1:{port}/{rest}").content
+            try:
+                body = httpx.get(f"http://127.0.0.1:{port}/{rest}").content
+            except httpx.ConnectError:  # (as E2B's and Daytona's edges answer for a closed port)
+                self.send_response(502)
+                self.end_headers()
+                return
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -1020,6 +1029,10 @@ async def test_provider_backend_through_a_test_provider() -> None:
             async with httpx.AsyncClient() as client:
                 assert (await client.get(f"{tunnel.url}/index.html", headers=tunnel.headers)).text == PAGE
                 assert (await client.get(f"{tunnel.url}/index.html")).status_code == 403
+            # the edge's 502 for a port where nothing listens is no answer of the app's
+            closed = free_port()
+            with pytest.raises(NothingListens, match=f"nothing is listening on port {closed}"):
+                await tunnels.open(box, closed, backend="provider", preview=preview_source(fleet, box.id))
         finally:
             await fleet.close(teardown_created=True)
 
@@ -1053,8 +1066,10 @@ def webhook_receiver(fail_first: int = 0) -> Iterator[tuple[str, list[tuple[str,
 
 
 async def test_tunnel_urls_reach_chat_channels_signed(ssh_box: Sandbox) -> None:
+    """Every channel's first delivery fails once (503) and is retried: each channel still hears of
+    the tunnel's opening before its closing."""
     port = await start_http_server(ssh_box)
-    with webhook_receiver(fail_first=1) as (base, received):
+    with webhook_receiver(fail_first=3) as (base, received):
         os.environ["TETHER_TEST_HOOK_SECRET"] = "s3cret-for-hmac"
         channels = [
             ChannelConfig(kind="slack", url=f"{base}/slack"),
@@ -1071,7 +1086,7 @@ async def test_tunnel_urls_reach_chat_channels_signed(ssh_box: Sandbox) -> None:
         by_path.setdefault(path, []).append((headers, body))
     assert sorted(by_path) == ["/discord", "/hook", "/slack"]
     assert len(by_path["/discord"]) == 1  # it asked for tunnel.opened only
-    slack_texts = sorted(json.loads(b)["text"] for _, b in by_path["/slack"])  # deliveries run concurrently
+    slack_texts = [json.loads(b)["text"] for _, b in by_path["/slack"]]
     opened_text = f"tether: port {port} of demo is at {tunnel.url}"
     assert slack_texts == [opened_text, f"tether: tunnel to port {port} of demo closed"]
     assert json.loads(by_path["/discord"][0][1])["content"] == opened_text
@@ -1080,8 +1095,8 @@ async def test_tunnel_urls_reach_chat_channels_signed(ssh_box: Sandbox) -> None:
         assert headers["X-Tether-Signature"] == expected
         payload = json.loads(body)
         assert payload["tunnel"]["url"] == tunnel.url and payload["sandbox"]["name"] == "demo"
-    assert sorted(json.loads(b)["event"] for _, b in by_path["/hook"]) == ["tunnel.closed", "tunnel.opened"]
-    assert notifier.failures == []  # the first 503 was retried
+    assert [json.loads(b)["event"] for _, b in by_path["/hook"]] == ["tunnel.opened", "tunnel.closed"]
+    assert notifier.failures == []  # the first 503s were retried
 
 
 async def test_what_agents_name_cannot_ping_or_link_in_chat(ssh_box: Sandbox) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import json
@@ -140,24 +141,46 @@ class Notifier:
         self._client_factory = client or _default_client
         self._delays = delays
         self._pending: dict[asyncio.Task[None], tuple[ChannelConfig, str]] = {}  # delivery -> (channel, event)
+        self._last: dict[int, asyncio.Task[None]] = {}  # id(channel) -> its latest delivery
         self.failures: list[str] = []  # "kind name: reason", for tests and `tether doctor`
 
     def emit(self, event: str, data: dict[str, Any]) -> None:
         for channel in self.channels:
-            if event in channel.events:
-                task = asyncio.get_running_loop().create_task(self._deliver(channel, event, data))
-                self._pending[task] = (channel, event)
-                task.add_done_callback(lambda done: self._pending.pop(done, None))
+            if event not in channel.events:
+                continue
+            try:  # (rendered now: a webhook's timestamp is the event's, not its delivery's)
+                url = channel.resolved_url()
+                body, headers = render(channel, event, data)
+            except ValueError as exc:
+                self._failed(channel, event, str(exc))
+                continue
+            # A channel hears of events in the order they happened: each delivery waits for the one
+            # before it (a tunnel.opened being retried must not land after its tunnel.closed).
+            key = id(channel)
+            after = self._last.get(key)
+            task = asyncio.get_running_loop().create_task(self._deliver(channel, event, url, body, headers, after))
+            self._pending[task] = (channel, event)
+            self._last[key] = task
+            task.add_done_callback(functools.partial(self._delivered, key=key))
 
-    async def _deliver(self, channel: ChannelConfig, event: str, data: dict[str, Any]) -> None:
+    def _delivered(self, task: asyncio.Task[None], *, key: int) -> None:
+        self._pending.pop(task, None)
+        if self._last.get(key) is task:
+            del self._last[key]
+
+    async def _deliver(
+        self,
+        channel: ChannelConfig,
+        event: str,
+        url: str,
+        body: bytes,
+        headers: dict[str, str],
+        after: asyncio.Task[None] | None,
+    ) -> None:
         import httpx  # (here, not at the top: every tether command imports this module, few send)
 
-        try:
-            url = channel.resolved_url()
-            body, headers = render(channel, event, data)
-        except ValueError as exc:
-            self._failed(channel, event, str(exc))
-            return
+        if after is not None:
+            await asyncio.wait({after})  # (however it ended: delivered, given up, cancelled)
         problem = ""
         async with self._client_factory() as client:
             for attempt, delay in enumerate((0.0, *self._delays)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Collection
 
 from sandbox import Sandbox
@@ -11,6 +12,7 @@ from .base import TunnelError
 from .ports import PortsUnknown, listening_ports, suggest
 
 CHECK_TIMEOUT = 10.0
+GATEWAY_ERRORS = (502, 503, 504)
 
 
 class NothingListens(TunnelError):
@@ -56,11 +58,21 @@ async def verify(
     exclude: Collection[int] = (),
 ) -> int:
     """`answers(url)`, or a TunnelError saying whether anything listens on `port` inside the sandbox
-    (and, when nothing does, what does: not `exclude`, this process's own listeners)."""
+    (and, when nothing does, what does: not `exclude`, this process's own listeners).
+
+    A gateway's error (502, 503, 504) is the answer of whatever stands in front of the sandbox (a
+    relay, a provider's edge) as often as the app's: it counts only if the port listens."""
     try:
-        return await answers(url, headers, timeout)
+        status = await answers(url, headers, timeout)
     except NoAnswer as exc:
         said = str(exc)
+    else:
+        if status not in GATEWAY_ERRORS:
+            return status
+        said = f"only a gateway's error ({status}) came through {url}"
+        with contextlib.suppress(PortsUnknown):
+            if port in await listening_ports(box):
+                return status  # (the app's own, it may be: it listens)
     try:
         listening = port in await listening_ports(box)
     except PortsUnknown as exc:

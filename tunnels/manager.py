@@ -173,9 +173,11 @@ class TunnelManager:
         move = self._moves.pop(tunnel_id, None)
         if move is not None:
             move.cancel()
-        await opened.close()
-        tunnel.status = "closed"
-        self._record("closed", tunnel, sandbox)
+        try:
+            await opened.close()  # (which lets go of everything before its first await)
+        finally:  # (recorded and announced even when the call is cancelled meanwhile)
+            tunnel.status = "closed"
+            self._record("closed", tunnel, sandbox)
         return tunnel
 
     async def close_for_sandbox(self, sandbox_id: str) -> list[Tunnel]:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sandbox import ConnectionPool, Sandbox, SSHEndpoint, default_pool
 from sandbox.connect import dial, redact_in_logs
+from sandbox.endpoint import is_loopback
 from sandbox.errors import SandboxError
 from sandbox.forwarding import FORWARD_PACKET, FORWARD_WINDOW, ClosingForwarder, forward_over
 from sandbox.pool import Hold
@@ -149,17 +150,14 @@ def _relay_page(url: str, relay: str | None, subdomain: str | None) -> bool:
     host, _, path = url.split("://", 1)[1].partition("/")
     host = host.lower().rsplit("@", 1)[-1].split(":")[0]
     label, _, parent = host.partition(".")
+    if host in _NOT_TUNNELS or host.removeprefix("www.") in _NOT_TUNNELS or path.lower().startswith("docs"):
+        return True
     if subdomain and label == subdomain.lower():
         return False  # (the name this tunnel asked for)
     # A page's name on the relay's own domain (admin.localhost.run for localhost.run,
     # dashboard.pinggy.io for a.pinggy.io); on any other domain it can be a tunnel's.
     on_relays_site = relay is None or _domain(parent) == _domain(relay.lower())
-    return (
-        host in _NOT_TUNNELS
-        or host.removeprefix("www.") in _NOT_TUNNELS
-        or (label in _SITE_PAGES and on_relays_site)
-        or path.lower().startswith("docs")
-    )
+    return label in _SITE_PAGES and on_relays_site
 
 
 def _domain(host: str) -> str:
@@ -246,7 +244,12 @@ class RelayForward:
     async def _open(self) -> None:
         endpoint = self._config.usable_endpoint()
         name = endpoint.address
-        self._url_hints = (self._config.url_pattern, endpoint.host, self._config.remote_host)
+        # (sish takes remote_host as the subdomain; a bind address, localhost or 0.0.0.0, names none)
+        asked = self._config.remote_host
+        subdomain = (
+            None if not asked or asked == "localhost" or is_loopback(asked) or asked in ("0.0.0.0", "::") else asked
+        )
+        self._url_hints = (self._config.url_pattern, endpoint.host, subdomain)
         for hop in (*endpoint.jump, endpoint):
             if hop.user and _token_like(hop.user):
                 redact_in_logs(hop.user)  # (asyncssh logs "Beginning auth for user …")
