@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -51,6 +52,8 @@ from .local_server import (
 from .profiles import PROFILES, SUBSTRATES
 
 USER_MANAGED = "user-managed"
+
+log = logging.getLogger(__name__)
 
 
 def host_draining() -> bool:
@@ -174,17 +177,21 @@ def kill_processes_of(sandbox_id: str) -> None:
             with contextlib.suppress(OSError):
                 os.kill(pid, sent)
 
-    pids = members()
-    send(pids, signal.SIGTERM)
-    deadline = time.monotonic() + TERM_GRACE_S
-    while pids and time.monotonic() < deadline:
-        time.sleep(0.05)
-        pids = [pid for pid in members() if process_running(pid)]
-    for _ in range(3):  # again, for what forked while the last pass ran
-        if not pids:
+    # Each process gets its TERM, and TERM_GRACE_S, before a KILL: one forked after the first pass
+    # (a profile starting `pyenv rehash` just then) too. Bounded: what is still there after a few
+    # graces (forking as fast as it is killed) is KILLed whatever it was sent.
+    termed: dict[int, float] = {}
+    give_up = time.monotonic() + 4 * TERM_GRACE_S
+    while pids := [pid for pid in members() if process_running(pid)]:
+        now = time.monotonic()
+        fresh = [pid for pid in pids if pid not in termed]
+        send(fresh, signal.SIGTERM)
+        termed.update(dict.fromkeys(fresh, now))
+        send([pid for pid in pids if now - termed[pid] >= TERM_GRACE_S or now >= give_up], signal.SIGKILL)
+        if now >= give_up + TERM_GRACE_S:
+            log.warning("processes of %s would not end: %s", sandbox_id, pids)  # (stuck in the kernel)
             return
-        send(pids, signal.SIGKILL)
-        pids = [pid for pid in members() if process_running(pid)]
+        time.sleep(0.05)
 
 
 def remove_tree(root: Path) -> None:

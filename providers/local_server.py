@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import pwd
+import signal
 import socket
 import sys
 import threading
@@ -165,6 +166,10 @@ class _Server(asyncssh.SSHServer):
 
 
 async def _run_session(process: asyncssh.SSHServerProcess[bytes]) -> None:
+    if process.subsystem:  # (sftp has its own handler: any other name would get a login shell)
+        process.stderr.write(f"tether: no subsystem {process.subsystem!r} here (only sftp)\n".encode())
+        process.exit(1)
+        return
     sandbox_id = process.get_extra_info("username")
     shell = login_shell()
     argv = [shell, "-l"] if process.command is None else [shell, "-c", process.command]
@@ -202,11 +207,13 @@ async def _run_session(process: asyncssh.SSHServerProcess[bytes]) -> None:
         for task in (output, exited, closed):
             task.cancel()
         if child.returncode is None:
-            # The session ended first (the client closed it): TERM, then KILL a moment later. The
-            # profile may be running (`pyenv rehash` holds a lock its EXIT trap releases; a KILL
-            # would leave it to stall every later login).
-            with contextlib.suppress(ProcessLookupError):
-                child.terminate()
+            # The session ended first (the client closed it): TERM to the child's whole process
+            # group (what an exec request's `sleep 100; echo` runs too; tether's commands and jobs
+            # run in groups of their own), then KILL to the child alone a moment later. The
+            # profile may be running: `pyenv rehash` holds a lock its EXIT trap releases, which a
+            # TERM runs and a KILL would not, leaving every later login to stall on the lock.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGTERM)
             asyncio.get_running_loop().call_later(TERM_GRACE_S, _kill_if_running, child)
     code = child.returncode
     if code is None:
@@ -244,8 +251,6 @@ def _kill_if_running(child: asyncio.subprocess.Process) -> None:
 
 
 def _signal_name(number: int) -> str:
-    import signal
-
     try:
         return signal.Signals(number).name.removeprefix("SIG")
     except ValueError:

@@ -497,3 +497,21 @@ async def test_output_written_just_before_exit_reaches_the_client_and_the_connec
         for _ in range(10):
             p = await asyncio.to_thread(subprocess.run, ssh, capture_output=True, text=True)
             assert p.returncode == 2 and "nonexistent" in p.stderr, (p.returncode, p.stderr)
+
+
+async def test_a_session_the_client_closes_takes_its_commands_with_it_and_no_subsystem_is_a_shell(
+    tmp_path: Path, fleet: Fleet
+) -> None:
+    """An exec request whose channel the client closes (a cancelled exec_raw, a dropped ssh) ends
+    what it started, not only its shell; a subsystem other than sftp is refused, not a login shell."""
+    async with await fleet.create(Request(provider="local")) as box:
+        conn = await dial(box.endpoint, HostKeyPins(StateStore(tmp_path / "pins.db")))
+        async with conn:
+            marker = leaf_sleep()
+            session = await conn.create_process(f"{marker}; echo done")
+            await wait_until_running(marker)
+            session.close()
+            assert await wait_until_gone(marker) == [], "the command outlived its session"
+            other = await conn.create_process(subsystem="netconf")
+            done = await other.wait()  # (a login shell would wait for input, or end with the profile's status)
+            assert done.exit_status == 1 and "no subsystem 'netconf'" in str(done.stderr)
