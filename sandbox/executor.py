@@ -32,6 +32,9 @@ MAX_OUTPUT_CHARS = 30_000
 KILL_GRACE_SECONDS = 10
 COUNT_TIMEOUT_S = 120.0  # wc -l of a large file (a reader waits for it: see window.py)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# Names the shells hold read-only: an export of one fails inside the shell, and the variable is
+# not set (bash: UID, EUID, PPID, SHELLOPTS, BASHOPTS, BASHPID, BASH_VERSINFO).
+_READ_ONLY_NAMES = frozenset({"UID", "EUID", "PPID", "SHELLOPTS", "BASHOPTS", "BASHPID", "BASH_VERSINFO"})
 SIGNALS = ("HUP", "INT", "QUIT", "KILL", "TERM", "USR1", "USR2", "CONT", "STOP")
 _SIGNAL_NUMBERS = {"1": "HUP", "2": "INT", "3": "QUIT", "9": "KILL", "15": "TERM"}  # (the ones POSIX fixes)
 
@@ -111,6 +114,8 @@ def build_env(env: Mapping[str, str] | None) -> str:
             raise InvalidArgument(
                 f"invalid environment variable name {name!r}: use letters, digits and '_', not starting with a digit"
             )
+        if name in _READ_ONLY_NAMES:
+            raise InvalidArgument(f"environment variable {name} is read-only in the sandbox's shell and cannot be set")
         if not isinstance(value, str):
             raise InvalidArgument(f"environment variable {name}'s value must be text (str), not {type(value).__name__}")
         if "\0" in value:

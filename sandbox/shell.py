@@ -66,7 +66,9 @@ _BUILTINS = (
 # EXIT trap for a command that calls `exit` (a command that sets its own EXIT trap replaces that
 # one, but not the record after it). It appends: the parent empties the file before each command,
 # and on ext4 a truncating open followed by a write costs a flush on close.
-_RECORD_CWD = '[ -s "$__c" ] || __t_pwd >>"$__c" 2>/dev/null'
+# (Functions the command defined named command, pwd, cd or builtin are dropped first: the shell is
+# ending, and `command() { echo x; }` would have made the cwd recorded "x".)
+_RECORD_CWD = 'unset -f command pwd cd builtin 2>/dev/null; [ -s "$__c" ] || __t_pwd >>"$__c" 2>/dev/null'
 # Tracing off first (BASH_ENV's `set -x` would print the env exports it reads), quietly: a trace
 # of the `set` itself goes nowhere.
 _QUIET = "{ set +x +v; } 2>/dev/null; "
@@ -109,7 +111,13 @@ _JOB = (
     "{ printf 'tether: cannot enter %s\\n' \"$1\" >&2; printf '125\\n' >\"$__j/exit\"; exit 125; }; "
     "trap : TERM INT HUP; "
     '( trap - TERM INT HUP; if [ -s "$3/env" ]; then . "$3/env"; : >"$3/env"; fi; __s=$2; set --; eval " $__s" ); '
-    "__x=$?; __t_left 2>/dev/null; "
+    "__x=$?; "
+    # Ended by a signal (job_kill TERM): the shell running the command dies at once, while the
+    # program it ran may still be shutting down (a server closing its connections): the job is not
+    # over, nor its output all written, until its group has no one left.
+    '[ "$__x" -gt 128 ] && { __t_members $$ $$; while [ -n "$__mb" ]; do '
+    "sleep 0.2 2>/dev/null || sleep 1; __t_members $$ $$; done; }; "
+    "__t_left 2>/dev/null; "
     'printf \'%s\\n\' "$__x" >"$__j/exit.tmp" && mv -f "$__j/exit.tmp" "$__j/exit"'
 )
 

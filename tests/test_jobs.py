@@ -74,6 +74,32 @@ async def test_kill_sends_the_signal_to_the_whole_group(sb: Sandbox) -> None:
 
 
 @pytest.mark.parametrize("flavour", ["sshd", "dash_sshd"])
+async def test_a_job_shutting_down_on_term_runs_until_it_has(
+    flavour: str, request: pytest.FixtureRequest, client_key: Path, pool: ConnectionPool
+) -> None:
+    """A server that cleans up when TERMed (uvicorn, node) still runs after job_kill: the job says
+    so until it has ended, and all it wrote is there once it says exited (an agent that restarts it
+    at "exited" would find its port still taken)."""
+    server: SSHD = request.getfixturevalue(flavour)
+    graceful = (
+        "import signal, sys, time\n"
+        "def stop(*_):\n    time.sleep(3); print('cleaned', flush=True); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\nprint('serving', flush=True)\ntime.sleep(1000)\n"
+    )
+    async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
+        await box.write("graceful.py", graceful)
+        job = await box.start_job("python3 graceful.py")
+        assert (await box.job_output(job.id, wait_ms=5000)).stdout == "serving\n"
+        killed = await box.job_kill(job.id, "TERM")
+        assert killed.sent and killed.status == "running"
+        said, output = "", await box.job_output(job.id, wait_ms=1000)
+        while output.status == "running":
+            said += output.stdout
+            output = await box.job_output(job.id, wait_ms=5000)
+        assert (output.status, said + output.stdout) == ("exited", "cleaned\n")
+
+
+@pytest.mark.parametrize("flavour", ["sshd", "dash_sshd"])
 async def test_int_and_quit_reach_a_job(
     flavour: str, request: pytest.FixtureRequest, client_key: Path, pool: ConnectionPool
 ) -> None:

@@ -69,6 +69,21 @@ async def test_cwd_and_env_per_call(sb: Sandbox) -> None:
     assert (await sb.run("printenv GREETING")).exit_code == 1  # env does not leak into later calls
 
 
+@pytest.mark.parametrize("flavour", ["sshd", "dash_sshd"])
+async def test_a_command_defining_command_pwd_or_cd_does_not_change_the_cwd_recorded(
+    flavour: str, request: pytest.FixtureRequest, client_key: Path, pool: ConnectionPool
+) -> None:
+    """The cwd is recorded as the command's shell ends: functions of its own named command, pwd,
+    cd or builtin must not answer for the shell's (bash runs commands in a subshell, dash in a new
+    shell: both)."""
+    server: SSHD = request.getfixturevalue(flavour)
+    async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
+        for defined in ("command() { echo hijack; }", "pwd() { echo hijack; }", "builtin() { echo hijack; }"):
+            ran = await box.run(f"{defined}; cd /tmp")
+            assert ran.cwd == "/tmp" and await box.cwd() == "/tmp", (defined, ran.cwd)
+            await box.run("cd /")
+
+
 async def test_relative_cwd_is_relative_to_the_sandbox_directory(sb: Sandbox) -> None:
     await sb.run("mkdir -p a/b")
     here = await sb.cwd()
@@ -80,6 +95,8 @@ async def test_bad_env_names_are_refused_before_anything_runs(sb: Sandbox) -> No
         await sb.run("true", env={"A;rm -rf ~": "x"})
     with pytest.raises(InvalidArgument, match="A's value must be text"):
         await sb.run("true", env={"A": 1})  # type: ignore[dict-item]
+    with pytest.raises(InvalidArgument, match="UID is read-only in the sandbox's shell"):
+        await sb.run("true", env={"UID": "0"})
     with pytest.raises(InvalidArgument, match="not int"):
         await sb.run(123)  # type: ignore[arg-type]
     for timeout in ("5", float("nan"), 0):
