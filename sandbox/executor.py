@@ -388,7 +388,8 @@ class Executor:
         if not finished.wrote(stream):
             return "", None
         if keep:
-            await self._sftp.once(lambda sftp: sftp.posix_rename(path, keep_as))
+            if not await self._kept(path, keep_as):
+                return "", None
             return "", keep_as
 
         async def read(f: asyncssh.SFTPClientFile) -> tuple[str, bool]:
@@ -403,11 +404,19 @@ class Executor:
                 head.decode("utf-8", "replace"), tail.decode("utf-8", "replace"), size, max_chars, note
             ), True
 
-        text, cut = await self._read_output(shell, finished.files_generation, path, read)
-        if not cut:
+        text, cut = await self._read_output(shell, finished.files_generation, path, read, ("", False))
+        if not cut or not await self._kept(path, keep_as):
             return text, None
-        await self._sftp.once(lambda sftp: sftp.posix_rename(path, keep_as))
         return text, keep_as
+
+    async def _kept(self, path: str, keep_as: str) -> bool:
+        """Move a stream's file to `keep_as`; False when no path names it any more (the command
+        removed tether's directory: what it wrote is read through the handle held open on it)."""
+        try:
+            await self._sftp.once(lambda sftp: sftp.posix_rename(path, keep_as))
+        except asyncssh.SFTPNoSuchFile:
+            return False
+        return True
 
     async def _read_head(
         self, shell: PersistentShell, finished: Finished, stream: Stream, max_bytes: int
@@ -419,7 +428,7 @@ class Executor:
             data, _ = await read_prefix(f, max_bytes + 1)
             return data[:max_bytes], len(data) > max_bytes
 
-        return await self._read_output(shell, finished.files_generation, shell.output_path(stream), read)
+        return await self._read_output(shell, finished.files_generation, shell.output_path(stream), read, (b"", False))
 
     async def _read_output(
         self,
@@ -427,15 +436,21 @@ class Executor:
         generation: int,
         path: str,
         read: Callable[[asyncssh.SFTPClientFile], Awaitable[T]],
+        gone: T,
     ) -> T:
-        """`read` applied to one of the shell's output files, through the handle held open for it."""
+        """`read` applied to one of the shell's output files, through the handle held open for it;
+        `gone` when there is none and no path names the file any more (the command removed
+        tether's directory before this stream's handle was ever opened)."""
         held = self._held_output.get(shell)
         if held is None:
-            held = self._held_output[shell] = HeldOutput(self._sftp)
+            held = self._held_output[shell] = HeldOutput(self._sftp, (shell.stdout_path, shell.stderr_path))
             shell.on_close.append(held.release)
 
         async def attempt(sftp: asyncssh.SFTPClient) -> T:
-            f = await held.open(sftp, path, generation)
+            try:
+                f = await held.open(sftp, path, generation)
+            except asyncssh.SFTPNoSuchFile:
+                return gone
             try:
                 return await read(f)
             except asyncssh.SFTPError:

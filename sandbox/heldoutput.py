@@ -10,17 +10,22 @@ command and counts up a generation when it had to create them anew (a command re
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncssh
 
 from .channels import SFTPChannel
 
 
 class HeldOutput:
-    def __init__(self, channel: SFTPChannel) -> None:
+    def __init__(self, channel: SFTPChannel, together: tuple[str, ...] = ()) -> None:
         self._channel = channel
         self._client: asyncssh.SFTPClient | None = None
         self._generation = -1
         self._files: dict[str, asyncssh.SFTPClientFile] = {}
+        # Opened along with the first one of a generation (in the same round trip): a command that
+        # removes tether's directory leaves its output readable only through handles held already.
+        self._together = together
 
     async def open(self, sftp: asyncssh.SFTPClient, path: str, generation: int) -> asyncssh.SFTPClientFile:
         """The handle of `path` in `generation` on the session `sftp`, opened on first use."""
@@ -29,7 +34,16 @@ class HeldOutput:
             self._client, self._generation = sftp, generation
         held = self._files.get(path)
         if held is None:
-            held = self._files[path] = await sftp.open(path, "rb")
+            others = [other for other in self._together if other != path and other not in self._files]
+            opened = await asyncio.gather(
+                sftp.open(path, "rb"), *(sftp.open(other, "rb") for other in others), return_exceptions=True
+            )
+            for other, handle in zip(others, opened[1:], strict=True):
+                if isinstance(handle, asyncssh.SFTPClientFile):
+                    self._files[other] = handle
+            if isinstance(opened[0], BaseException):
+                raise opened[0]
+            held = self._files[path] = opened[0]
         return held
 
     def forget(self, path: str) -> None:

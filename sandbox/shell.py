@@ -68,7 +68,9 @@ _BUILTINS = (
 # and on ext4 a truncating open followed by a write costs a flush on close.
 # (Functions the command defined named command, pwd, cd or builtin are dropped first: the shell is
 # ending, and `command() { echo x; }` would have made the cwd recorded "x".)
-_RECORD_CWD = 'unset -f command pwd cd builtin 2>/dev/null; [ -s "$__c" ] || __t_pwd >>"$__c" 2>/dev/null'
+# (stderr's redirection first: should the record's file be gone, the shell's complaint about it
+# must not land in the command's stderr.)
+_RECORD_CWD = 'unset -f command pwd cd builtin 2>/dev/null; [ -s "$__c" ] || __t_pwd 2>/dev/null >>"$__c"'
 # Tracing off first (BASH_ENV's `set -x` would print the env exports it reads), quietly: a trace
 # of the `set` itself goes nowhere.
 _QUIET = "{ set +x +v; } 2>/dev/null; "
@@ -301,8 +303,10 @@ __t_run() {
 }$__l"; done <"$__c"
     if [ "$__lc" = __unset ]; then unset LC_ALL; else LC_ALL=$__lc; fi
   fi
-  __so=0; [ -s "$__o" ] && __so=1
-  __se=0; [ -s "$__e" ] && __se=1
+  # (by its path, else by this shell's descriptor on it: a command that removed tether's directory
+  # wrote to files that are still there for tether's open SFTP handles)
+  __so=0; { [ -s "$__o" ] || [ -s /dev/fd/7 ]; } 2>/dev/null && __so=1
+  __se=0; { [ -s "$__e" ] || [ -s /dev/fd/8 ]; } 2>/dev/null && __se=1
   printf '%s E %s %s %s %s %s\0' "$1" "$__x" "$__so" "$__se" "$__g" "$__cwd"
 }
 __t_job() {

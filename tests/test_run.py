@@ -657,6 +657,10 @@ async def test_commands_go_on_after_tethers_directory_was_removed(
         job = await box.start_job("echo from a job")
         out = await box.job_output(job.id, wait_ms=3000)
         assert out.stdout == "from a job\n"
+        # the command that removes it keeps what it wrote after (to files no path names now)
+        gone = await box.run(f"rm -rf {shlex.quote(where)}; echo said after; echo err after >&2", cwd="/")
+        assert (gone.stdout, gone.stderr) == ("said after\n", "err after\n")
+        assert (await box.run("echo and on")).stdout == "and on\n"
         await box.run(["rm", "-rf", where], cwd="/")
 
 
