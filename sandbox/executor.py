@@ -201,7 +201,11 @@ class Executor:
                 )
                 said = stderr
         _raise_if_cwd_refused(cwd, finished, said)
-        self.cwd = finished.cwd or start_dir
+        ended_in = finished.cwd or start_dir
+        if cwd is not None or ended_in != start_dir:
+            # (a command that stayed where it started says nothing of where the sandbox is: one
+            # running beside it may have moved, and its cd must stand)
+            self.cwd = ended_in
         return RunResult(
             exit_code=None if timed_out else finished.exit_code,
             stdout=stdout,
@@ -209,7 +213,7 @@ class Executor:
             timed_out=timed_out,
             truncated=not keep_output and bool(out_path or err_path),
             duration_ms=round((time.monotonic() - started) * 1000, 3),
-            cwd=self.cwd,
+            cwd=ended_in,
             stdout_path=out_path,
             stderr_path=err_path,
         )

@@ -200,7 +200,10 @@ class Sandbox:
         """As `resolve`, for a path that must name a file: one ending in '/', '.' or '..' is refused
         (normalized away, `write("app/")` would otherwise create a file named `app`)."""
         if isinstance(path, str) and path and posixpath.basename(path) in ("", ".", ".."):
-            raise InvalidArgument(f"{path!r} names a directory (it ends in '/', '.' or '..'); give the file's path")
+            raise InvalidArgument(
+                f"{path!r} names a directory (it ends in '/', '.' or '..'); give a file's path (glob, pattern *, "
+                f"path {path}, lists its files)"
+            )
         return await self.resolve(path)
 
     # -- commands ------------------------------------------------------------------------------------

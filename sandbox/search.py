@@ -189,6 +189,8 @@ class Search:
             pattern = pattern[2:].lstrip("/")
         if not pattern:
             raise InvalidArgument("glob pattern is empty")
+        if "\0" in pattern:
+            raise InvalidArgument("a glob pattern cannot contain a NUL byte")
         if pattern.startswith("/") or "/../" in f"/{pattern}":
             # An absolute pattern, or one that climbs (`../*.txt`): search from its longest literal
             # directory prefix, resolved.

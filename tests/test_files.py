@@ -166,6 +166,8 @@ async def test_read_a_directory_suggests_glob(sb: Sandbox) -> None:
     await sb.makedirs("adir")
     with pytest.raises(IsADirectory, match="glob"):
         await sb.read("adir")
+    with pytest.raises(InvalidArgument, match="glob, pattern \\*, path adir/"):
+        await sb.read("adir/")
 
 
 async def test_read_missing_file(sb: Sandbox) -> None:

@@ -196,6 +196,16 @@ async def test_file_and_shell_tools(where: str, transport: str, ssh_pool_env: di
         ]:
             refused = await client.call_tool("run", arguments)
             assert refused.is_error and said in text(refused), text(refused)
+        # what clients send for "not given" (null) and for a boolean (at times the string "true")
+        spelled = await client.call_tool(
+            "run", {"command": "echo spelled", "run_in_background": " False ", "timeout_ms": None, "cwd": None}
+        )
+        assert structured(spelled)["stdout"] == "spelled\n"
+        await client.call_tool("write", {"path": "flags.txt", "content": "a a\n"})
+        flagged = await client.call_tool(
+            "edit", {"path": "flags.txt", "old_string": "a", "new_string": "b", "replace_all": "TRUE"}
+        )
+        assert structured(flagged)["replacements"] == 2
         unknown_tool = await client.call_tool("read_file", {"path": "x"})
         assert unknown_tool.is_error and "unknown tool 'read_file' (did you mean 'read'?)" in text(unknown_tool)
         missing = await client.call_tool("edit", {"path": "x"})
@@ -276,6 +286,14 @@ async def test_a_file_name_that_is_not_utf8_is_shown_not_fatal() -> None:
         missing = await client.call_tool("read", {"path": f"{work}/caf\ufffd.txt"})
         assert missing.is_error and "no such file" in text(missing)
         assert "ok" in text(await client.call_tool("read", {"path": f"{work}/plain.txt"}))
+        # an edit in a directory so named (the cwd, given by a relative path): the file changes,
+        # and the answer says so (its diff names the path with U+FFFD), not an encoding error
+        inside = f"{work}/d$(printf '\351')"
+        moved = await client.call_tool("run", {"command": f'mkdir "{inside}" && cd "{inside}" && echo hello > f.txt'})
+        assert structured(moved)["exit_code"] == 0
+        edited = await client.call_tool("edit", {"path": "f.txt", "old_string": "hello", "new_string": "bye"})
+        assert not edited.is_error and "+bye" in structured(edited)["diff"], text(edited)
+        await client.call_tool("run", {"command": "cd ~"})
         await client.call_tool("run", {"command": f"rm -rf {work}"})
 
 

@@ -84,6 +84,19 @@ async def test_a_command_defining_command_pwd_or_cd_does_not_change_the_cwd_reco
             await box.run("cd /")
 
 
+async def test_a_command_that_stays_put_does_not_undo_a_cd_made_beside_it(sb: Sandbox) -> None:
+    """Two runs at once: the one that cds ends first; the one that never moved, ending later, says
+    nothing of where the sandbox is (it used to put the old directory back)."""
+    await sb.run("cd ~")
+    home = await sb.cwd()
+    slow = asyncio.ensure_future(sb.run("sleep 1; echo built"))
+    await asyncio.sleep(0.2)
+    moved = await sb.run("cd /tmp")
+    assert (await slow).cwd == home and moved.cwd == "/tmp"
+    assert await sb.cwd() == "/tmp"
+    assert (await sb.run("pwd")).stdout == "/tmp\n"
+
+
 async def test_relative_cwd_is_relative_to_the_sandbox_directory(sb: Sandbox) -> None:
     await sb.run("mkdir -p a/b")
     here = await sb.cwd()

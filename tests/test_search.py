@@ -247,6 +247,8 @@ async def test_glob_takes_backslash_escapes_as_ripgrep_does(sb: Sandbox, minimal
         assert (await box.grep("export", root, glob="app/\\[slug\\]/*")).text == f"{root}/app/[slug]/page.tsx"
         with pytest.raises(InvalidArgument, match="lone backslash"):
             await box.glob("app\\", root)
+        with pytest.raises(InvalidArgument, match="a glob pattern cannot contain a NUL byte"):
+            await box.glob("a\0b", root)
         await box.run(["rm", "-rf", root])
 
 

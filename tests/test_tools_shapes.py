@@ -31,3 +31,15 @@ async def test_cli_json_and_mcp_results_agree() -> None:
     assert set(row) == {"id", "name", "provider", "pool", "terminated", *down["cost"]}
     listed = [s for s in cli_json("ls", "--all") if s["id"] == box]
     assert listed[0]["cost"] == down["cost"]
+
+
+def test_an_edits_answer_carries_a_path_that_is_not_utf8() -> None:
+    """A file under a directory whose name is not UTF-8 (its path as os.fsdecode spells it, with a
+    lone surrogate): the edit was made, and its answer must say so, not fail to encode the diff."""
+    from sandbox.files import EditResult
+    from tools.server import edited
+
+    path = "/w/d\udce9/f.txt"
+    answer = edited(EditResult(path, 1, f"--- a{path}\n+++ b{path}\n@@ -1 +1 @@\n-hello\n+bye\n"))
+    assert not answer.is_error and answer.structured_content is not None
+    assert answer.structured_content["diff"].endswith("-hello\n+bye\n")

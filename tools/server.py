@@ -329,6 +329,9 @@ class TetherServer(MCPServer):
             unknown = [key for key in arguments if key not in known]
             if unknown:
                 raise ToolError(f"invalid arguments for {name}: {unknown_parameters(unknown, known)}")
+            # An explicit null is what a client that fills every field sends for "not given".
+            arguments = {key: value for key, value in arguments.items() if value is not None}
+            arguments = truth_values_spelled_out(arguments, properties)
             if mistyped := truth_values_mistyped(arguments, properties):
                 raise ToolError(f"invalid arguments for {name}: {mistyped}. Fix them and call again")
         try:
@@ -357,13 +360,28 @@ _SAID_ELSEWHERE = {
 }
 
 
+def _types(schema: dict[str, Any]) -> set[Any]:
+    return {schema.get("type")} | {option.get("type") for option in schema.get("anyOf", [])}
+
+
+def truth_values_spelled_out(arguments: dict[str, Any], properties: dict[str, Any]) -> dict[str, Any]:
+    """A boolean parameter's "true" or "false" (any case, blanks around) taken as meant: some clients
+    send every argument as a string (Claude Code, at times). Other strings stay refused."""
+    spelled = {"true": True, "false": False}
+    return {
+        key: spelled[value.strip().lower()]
+        if isinstance(value, str) and value.strip().lower() in spelled and "boolean" in _types(properties.get(key, {}))
+        else value
+        for key, value in arguments.items()
+    }
+
+
 def truth_values_mistyped(arguments: dict[str, Any], properties: dict[str, Any]) -> str:
     """What pydantic would take, and should not: true as a number (timeout_ms: true is a 1 ms
     timeout), or "yes" as true. (A number sent as a string, "100", is taken as meant.)"""
     problems = []
     for key, value in arguments.items():
-        schema = properties.get(key, {})
-        types = {schema.get("type")} | {option.get("type") for option in schema.get("anyOf", [])}
+        types = _types(properties.get(key, {}))
         if isinstance(value, bool) and "boolean" not in types and types & {"integer", "number"}:
             problems.append(f"{key}: a number, not {json.dumps(value)}")
         elif "boolean" in types and value is not None and not isinstance(value, bool):
@@ -474,7 +492,10 @@ JobSandboxArg = Annotated[
 def edited(result: EditResult) -> CallToolResult:
     """An edit's answer; a diff longer than a command's output may be (a replace_all across a big
     file) keeps its head and tail."""
-    diff, _ = cap_text(result.diff.encode(), MAX_OUTPUT_CHARS, "\n[diff cut; read the file for the rest]")
+    # (surrogateescape: a path that is not UTF-8 is in the diff's header as os.fsdecode spells it)
+    diff, _ = cap_text(
+        result.diff.encode("utf-8", "surrogateescape"), MAX_OUTPUT_CHARS, "\n[diff cut; read the file for the rest]"
+    )
     return ok(
         R.EditResult(path=result.path, replacements=result.replacements, diff=diff),
         f"{result.replacements} replacement(s) in {result.path}\n{diff}",
