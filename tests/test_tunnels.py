@@ -783,7 +783,7 @@ async def test_a_relay_hears_nothing_of_why_the_sandbox_could_not_be_reached(
                 monkeypatch.undo()
                 assert (await client.get(f"{forward.url}/index.html")).text == PAGE
             deadline = time.monotonic() + 5
-            while forward._connections or forward._pairing:  # (the request's channel, closed after it)
+            while forward._pairings.connections or forward._pairings.pairing:  # (the request, closed after it)
                 assert time.monotonic() < deadline, "a connection through the relay was kept after it ended"
                 await asyncio.sleep(0.05)
         finally:

@@ -7,30 +7,12 @@ import contextlib
 import logging
 
 from sandbox import Sandbox
-from sandbox.forwarding import ClosingForwarder, forward_over
 from sandbox.pool import Hold
 
 from .base import BackendName
+from .pairing import Pairings
 
 log = logging.getLogger(__name__)
-
-
-class _Accepted(ClosingForwarder):
-    """A connection accepted on the tunnel's local port. Reading waits until its channel to the
-    sandbox's port is open (nothing arrives before there is somewhere to send it)."""
-
-    def __init__(self, forward: LocalForward) -> None:
-        super().__init__()
-        self._forward = forward
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.pause_reading()
-        self._forward._accepted(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._forward._connections.discard(self)
-        super().connection_lost(exc)
 
 
 class LocalForward:
@@ -45,12 +27,9 @@ class LocalForward:
     def __init__(self, box: Sandbox, port: int, host: str = "127.0.0.1") -> None:
         self._box = box
         self._port = port
-        self._host = host  # the sandbox's loopback address the port listens on
         self._server: asyncio.Server | None = None
         self._hold: Hold | None = None  # keeps the sandbox's connection from being closed as idle
-        self._connections: set[_Accepted] = set()  # accepted and not yet closed
-        self._pairing: set[asyncio.Task[None]] = set()  # channels being opened for them
-        self._closed = False
+        self._pairings = Pairings(box, host, port, self._failed)  # (host: the sandbox's loopback address)
         self.local_port = 0  # the listener's
         self.url = ""
         self.headers: dict[str, str] = {}
@@ -58,7 +37,7 @@ class LocalForward:
     async def start(self) -> None:
         self._hold = await self._box.hold_connection()
         try:
-            self._server = await asyncio.get_running_loop().create_server(lambda: _Accepted(self), "127.0.0.1", 0)
+            self._server = await asyncio.get_running_loop().create_server(self._pairings.new, "127.0.0.1", 0)
         except BaseException:
             self._hold.release()
             self._hold = None
@@ -66,40 +45,15 @@ class LocalForward:
         self.local_port = self._server.sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{self.local_port}"
 
-    def _accepted(self, local: _Accepted) -> None:
-        if self._closed:
-            local.close()
-            return
-        self._connections.add(local)
-        task = asyncio.get_running_loop().create_task(self._pair(local))
-        self._pairing.add(task)
-        task.add_done_callback(self._pairing.discard)
-
-    async def _pair(self, local: _Accepted) -> None:
-        """Open the accepted connection's channel to the sandbox's port (over the pool's live
-        connection, re-dialed if the held one died), then let the data flow."""
-        try:
-            await forward_over(self._box.connection, self._host, self._port, local)
-        except Exception as exc:  # (no connection, the port refused, the client gone: the client sees a hang-up)
-            log.debug("tunnel %s: no channel to port %d: %s", self.url, self._port, exc)
-            local.close()
-            return
-        except BaseException:
-            local.close()
-            raise
-        local.resume_reading()
+    def _failed(self, exc: Exception) -> None:  # (the client sees a hang-up)
+        log.debug("tunnel %s: no channel to port %d: %s", self.url, self._port, exc)
 
     async def close(self) -> None:
         # Everything is let go before the first await, so a close that is itself cancelled still
         # leaves nothing open.
-        self._closed = True
-        for task in list(self._pairing):
-            task.cancel()
+        self._pairings.close()
         if self._server is not None:
             self._server.close()
-        for local in list(self._connections):
-            local.close()  # (and its channel with it)
-        self._connections.clear()
         if self._hold is not None:
             self._hold.release()
         if self._server is not None:

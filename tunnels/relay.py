@@ -26,10 +26,11 @@ from sandbox import ConnectionPool, Sandbox, SSHEndpoint, default_pool
 from sandbox.connect import dial, redact_in_logs
 from sandbox.endpoint import is_loopback
 from sandbox.errors import SandboxError
-from sandbox.forwarding import FORWARD_PACKET, FORWARD_WINDOW, ClosingForwarder, forward_over
+from sandbox.forwarding import FORWARD_PACKET, FORWARD_WINDOW
 from sandbox.pool import Hold
 
 from .base import BackendName, TunnelError, reopen
+from .pairing import Pairings
 
 log = logging.getLogger(__name__)
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
@@ -165,56 +166,19 @@ def _domain(host: str) -> str:
     return ".".join(host.rsplit(".", 2)[-2:])
 
 
-class _Arrived(ClosingForwarder):
-    """A channel the relay opened for a connection that arrived there, accepted before its channel
-    to the sandbox's port is open. What the relay sends meanwhile is kept and passed on once they
-    are paired (`paired`); reading pauses at the first packet, so that is at most the channel's
-    window. (Pausing at once would not hold: asyncssh resumes a new channel's reading itself, once
-    its session has started.)"""
-
-    def __init__(self, forward: RelayForward) -> None:
-        super().__init__()
-        self._forward = forward
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._forward._accepted(self)
-
-    def data_received(self, data: bytes, datatype: int | None = None) -> None:
-        if self._peer is None:
-            self.pause_reading()
-        super().data_received(data, datatype)  # (kept in _inpbuf until paired)
-
-    def paired(self) -> None:
-        """Pass on what came before the channel to the sandbox's port opened, and read on."""
-        if self.closed or self._peer is None:
-            return
-        if self._inpbuf:
-            self._peer.write(self._inpbuf)
-            self._inpbuf = b""
-        if self._eof_received:
-            self._peer.write_eof()
-        self.resume_reading()
-
-    def close(self) -> None:
-        self._forward._connections.discard(self)
-        super().close()
-
-
 class RelayForward:
     def __init__(
         self, box: Sandbox, port: int, config: RelayConfig, pool: ConnectionPool, host: str = "127.0.0.1"
     ) -> None:
         self._box, self._port, self._config, self._pool = box, port, config, pool
-        self._host = host  # the sandbox's loopback address the port listens on
+        # The connections that arrive at the relay (host: the sandbox's loopback address)
+        self._pairings = Pairings(box, host, port, self._failed)
         self._session: asyncssh.SSHClientProcess[str] | None = None
         self._listener: asyncssh.SSHListener | None = None
         self._hold: Hold | None = None  # keeps the sandbox's connection from being closed as idle
         self._relay_conn: asyncssh.SSHClientConnection | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._draining: asyncio.Task[None] | None = None  # reads what the relay says after the URL
-        self._connections: set[_Arrived] = set()  # arrived at the relay and not yet closed
-        self._pairing: set[asyncio.Task[None]] = set()  # channels to the sandbox's port being opened
         self._closed = False
         self.url = ""
         self.headers: dict[str, str] = {}
@@ -269,7 +233,7 @@ class RelayForward:
                 # Each byte crosses two SSH connections in this process (decrypted from one,
                 # encrypted into the other): both channels get forward_over's bigger window and packets.
                 self._listener = await conn.create_server(
-                    self._arrived,
+                    lambda _host, _port: self._pairings.new(),
                     self._config.remote_host,
                     self._config.remote_port,
                     window=FORWARD_WINDOW,
@@ -338,39 +302,10 @@ class RelayForward:
             "Set url_template (or url_pattern) in [relay]"
         )
 
-    def _arrived(self, _host: str, _port: int) -> _Arrived:
-        """A connection that arrived at the relay: its channel is accepted at once, and its channel
-        to the sandbox's port opened meanwhile (see _pair). Accepting only once that was open made
-        each request wait for the two channel opens one after the other."""
-        return _Arrived(self)
-
-    def _accepted(self, arrived: _Arrived) -> None:
-        if self._closed:
-            arrived.close()
-            return
-        self._connections.add(arrived)
-        task = asyncio.get_running_loop().create_task(self._pair(arrived))
-        self._pairing.add(task)
-        task.add_done_callback(self._pairing.discard)
-
-    async def _pair(self, arrived: _Arrived) -> None:
-        """Pair a connection that arrived at the relay with a channel to the sandbox's port over
-        the sandbox's own connection (re-dialed by the pool if it died); asyncssh's forwarders
-        then pipe the two channels at the protocol level, as its own port forwarding does. Should
-        the relay's connection or the tunnel close while the channel opens, forward_over closes
-        the channel too (`arrived` closed with them)."""
-        try:
-            await forward_over(self._box.connection, self._host, self._port, arrived)
-        except Exception as exc:
-            # The relay (someone else's machine) sees the connection end with no reason: the reason
-            # can name the sandbox's address, its user, this machine's key files. The log has it.
-            log.warning("relay tunnel to port %s: %s", self._port, getattr(exc, "reason", exc))
-            arrived.close()
-            return
-        except BaseException:
-            arrived.close()
-            raise
-        arrived.paired()
+    def _failed(self, exc: Exception) -> None:
+        # The relay (someone else's machine) sees the connection end with no reason: the reason can
+        # name the sandbox's address, its user, this machine's key files. The log has it.
+        log.warning("relay tunnel to port %s: %s", self._port, getattr(exc, "reason", exc))
 
     async def close(self) -> None:
         # Everything is let go before the first await: a close that is itself cancelled still
@@ -378,8 +313,7 @@ class RelayForward:
         self._closed = True
         if self._supervisor is not None:
             self._supervisor.cancel()
-        for task in list(self._pairing):
-            task.cancel()
+        self._pairings.close()
         self._release()
         if self._hold is not None:
             self._hold.release()
@@ -392,9 +326,7 @@ class RelayForward:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        for arrived in list(self._connections):
-            arrived.close()  # (and its channel to the sandbox with it)
-        self._connections.clear()
+        self._pairings.close_connections()  # (they arrived over the connection let go of)
         if self._draining is not None:
             self._draining.cancel()
             self._draining = None
