@@ -561,10 +561,19 @@ def _hops(record: SandboxRecord) -> list[dict[str, Any]]:
     return [data, *data.get("jump", [])]
 
 
+def _pinned_keys(record: SandboxRecord, pins: HostKeyPins | None) -> list[tuple[dict[str, Any], str | None]]:
+    """Each hop of an attached sandbox's path (see _hops), with the host key tether pinned for it."""
+    pins = pins or HostKeyPins(default_store())
+    return [(hop, pins.get(hop["host"], int(hop["port"]))) for hop in _hops(record)]
+
+
 def unpinned(record: SandboxRecord, pins: HostKeyPins | None = None) -> list[str]:
     """The hosts (host:port) of an attached sandbox's path that tether has no host key pinned for."""
-    pins = pins or HostKeyPins(default_store())
-    return [f"{hop['host']}:{hop['port']}" for hop in _hops(record) if not pins.get(hop["host"], int(hop["port"]))]
+    return _without_keys(_pinned_keys(record, pins))
+
+
+def _without_keys(keys: list[tuple[dict[str, Any], str | None]]) -> list[str]:
+    return [f"{hop['host']}:{hop['port']}" for hop, key in keys if key is None]
 
 
 def ssh_argv(record: SandboxRecord, pins: HostKeyPins | None = None) -> list[str]:
@@ -575,17 +584,17 @@ def ssh_argv(record: SandboxRecord, pins: HostKeyPins | None = None) -> list[str
     would leave its key to the user's own settings (accept-new takes any)."""
     data = (record.handle or {}).get("data", {})
     known = state_dir() / "known_hosts" / record.id  # 0700 state dir, not a predictable name in /tmp
-    pins = pins or HostKeyPins(default_store())
-    if missing := unpinned(record, pins):
+    keys = _pinned_keys(record, pins)
+    if missing := _without_keys(keys):
         raise ValueError(
             f"tether has no host key pinned for {', '.join(missing)}; reach the sandbox through tether once "
             f"(`tether exec {record.id} -- true` pins it on first use), then run tether ssh again"
         )
     lines = []
-    for where in _hops(record):
+    for where, key in keys:
         port = int(where["port"])
         host_field = where["host"] if port == 22 else f"[{where['host']}]:{port}"
-        lines.append(f"{host_field} {pins.get(where['host'], port)}\n")
+        lines.append(f"{host_field} {key}\n")
     known.parent.mkdir(mode=0o700, exist_ok=True)
     known.write_text("".join(lines))
     checks = [

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Collection
 
 from sandbox import Sandbox
@@ -62,6 +61,7 @@ async def verify(
 
     A gateway's error (502, 503, 504) is the answer of whatever stands in front of the sandbox (a
     relay, a provider's edge) as often as the app's: it counts only if the port listens."""
+    status: int | None = None
     try:
         status = await answers(url, headers, timeout)
     except NoAnswer as exc:
@@ -70,9 +70,6 @@ async def verify(
         if status not in GATEWAY_ERRORS:
             return status
         said = f"only a gateway's error ({status}) came through {url}"
-        with contextlib.suppress(PortsUnknown):
-            if port in await listening_ports(box):
-                return status  # (the app's own, it may be: it listens)
     try:
         listening = port in await listening_ports(box)
     except PortsUnknown as exc:
@@ -80,6 +77,8 @@ async def verify(
             f"{said}; {exc}, so whether port {port} listens is unknown: check that the server runs "
             "(job_list, job_output)"
         ) from None
+    if listening and status is not None:
+        return status  # (a gateway's error from a port that listens: the app's own, it may be)
     if listening:
         raise TunnelError(
             f"port {port} is listening inside the sandbox but {said}; is it an HTTP server, and does it "
