@@ -255,14 +255,11 @@ def _identity(attrs: asyncssh.SFTPAttrs) -> tuple[object, ...]:
     return attrs.size, attrs.mtime, attrs.permissions, attrs.uid, attrs.gid
 
 
-def _looks_binary(head: bytes) -> bool:
-    return b"\0" in head[:BINARY_SNIFF_BYTES] and utf16_codec(head) is None
-
-
 _UTF16_BOMS = {codecs.BOM_UTF16_LE: "utf-16-le", codecs.BOM_UTF16_BE: "utf-16-be"}
+_BOM_OF = {codec: bom for bom, codec in _UTF16_BOMS.items()}
 
 
-def utf16_codec(data: bytes) -> str | None:
+def _utf16_codec(data: bytes) -> str | None:
     """The codec of text that begins with a UTF-16 byte-order mark (PowerShell's `>`, Notepad's
     "Unicode", .reg files), else None. Its NUL bytes would make it look binary; ripgrep reads it
     (transcoding), so read and edit must too. A head that does not read as UTF-16 text is not."""
@@ -276,13 +273,14 @@ def utf16_codec(data: bytes) -> str | None:
     return None if "\0" in head else codec
 
 
-def decode_text(data: bytes, errors: str = "strict") -> tuple[str, str]:
-    """A text file's content and its codec: UTF-16 after a byte-order mark (see utf16_codec), else
-    UTF-8."""
-    codec = utf16_codec(data)
-    if codec is not None:
-        return data[2:].decode(codec, errors), codec
-    return data.decode("utf-8", errors), "utf-8"
+def decode_text(path: str, data: bytes, errors: str = "strict") -> tuple[str, str]:
+    """A text file's content and its codec: UTF-16 after a byte-order mark (see _utf16_codec), else
+    UTF-8. BinaryFile for a NUL byte in its head otherwise."""
+    codec = _utf16_codec(data)
+    if codec is None and b"\0" in data[:BINARY_SNIFF_BYTES]:
+        raise BinaryFile(path, len(data))
+    codec = codec or "utf-8"
+    return data[len(_BOM_OF.get(codec, b"")) :].decode(codec, errors), codec
 
 
 def number_lines(
@@ -307,9 +305,7 @@ def number_lines(
 
 def _text_window(path: str, data: bytes, offset: int, limit: int) -> ReadResult:
     """Numbered lines `offset`.. of a whole file's bytes."""
-    if _looks_binary(data):
-        raise BinaryFile(path, len(data))
-    lines = split_lines(decode_text(data, "replace")[0])
+    lines = split_lines(decode_text(path, data, "replace")[0])
     text, cut, given = number_lines(lines[offset - 1 : offset - 1 + limit], offset)
     return ReadResult(path, text, offset, offset + given - 1, len(lines), cut)
 
@@ -412,17 +408,14 @@ def encode_text(path: str, text: str, codec: str = "utf-8") -> bytes:
             f"the text for {path} contains {text[exc.start]!r} at index {exc.start}, a lone surrogate that "
             f"{codec.upper()} cannot encode; send valid Unicode text (or bytes, from Python)"
         ) from None
-    bom = next((mark for mark, name in _UTF16_BOMS.items() if name == codec), b"")
-    return bom + encoded
+    return _BOM_OF.get(codec, b"") + encoded
 
 
 def _apply_to(path: str, original: bytes, edits: Sequence[Edit], indexed: bool) -> tuple[str, str, int, str]:
     """(text before, text after, replacements, codec) of an edit of a file's bytes. A UTF-16 file
     stays UTF-16, its byte-order mark and all."""
-    if _looks_binary(original):
-        raise BinaryFile(path, len(original))
     try:
-        before, codec = decode_text(original)
+        before, codec = decode_text(path, original)
     except UnicodeDecodeError:
         raise FileOperationError(
             path,
