@@ -78,6 +78,12 @@ def _ending_here(sandbox_id: str) -> asyncio.Future[bool] | None:
     return ending if ending is not None and ending.get_loop() is here and not ending.done() else None
 
 
+def _ending_started(sandbox_id: str, ending: asyncio.Future[Any]) -> None:
+    """Note this process's ending of the sandbox, under way until `ending` is done (_ending_here)."""
+    _ENDINGS[sandbox_id] = ending
+    ending.add_done_callback(lambda _: _ENDINGS.pop(sandbox_id, None) if _ENDINGS.get(sandbox_id) is ending else None)
+
+
 def activity_flush_every(idle_timeout: float | None) -> float:
     """How stale the ledger's last_activity may grow while a sandbox is in use: every
     ACTIVITY_FLUSH_SECONDS, or a third of a shorter idle timeout (so that another process's
@@ -378,10 +384,7 @@ class Fleet:
         self._cleanups.add(cleanup)
         cleanup.add_done_callback(self._cleanup_done)
         if record.status == "provisioning":
-            _ENDINGS[sandbox_id] = cleanup
-            cleanup.add_done_callback(
-                lambda _: _ENDINGS.pop(sandbox_id, None) if _ENDINGS.get(sandbox_id) is cleanup else None
-            )
+            _ending_started(sandbox_id, cleanup)
         return cleanup
 
     def _with_defaults(self, request: Request) -> Request:
@@ -540,8 +543,7 @@ class Fleet:
             record = self.ledger.get(record.id)
         # Claimed: from here on, nothing opens the sandbox again (get() reads the claim).
         work = asyncio.ensure_future(self._finish_ending(record, reason, self._open.pop(record.id, None)))
-        _ENDINGS[record.id] = work
-        work.add_done_callback(lambda _: _ENDINGS.pop(record.id, None) if _ENDINGS.get(record.id) is work else None)
+        _ending_started(record.id, work)
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
