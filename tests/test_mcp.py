@@ -288,7 +288,7 @@ async def test_a_file_name_that_is_not_utf8_is_shown_not_fatal() -> None:
         assert "ok" in text(await client.call_tool("read", {"path": f"{work}/plain.txt"}))
         # an edit in a directory so named (the cwd, given by a relative path): the file changes,
         # and the answer says so (its diff names the path with U+FFFD), not an encoding error
-        inside = f"{work}/d$(printf '\351')"
+        inside = f"{work}/d$(printf '\\351')"  # (the byte E9 alone: not UTF-8)
         moved = await client.call_tool("run", {"command": f'mkdir "{inside}" && cd "{inside}" && echo hello > f.txt'})
         assert structured(moved)["exit_code"] == 0
         edited = await client.call_tool("edit", {"path": "f.txt", "old_string": "hello", "new_string": "bye"})
