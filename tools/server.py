@@ -368,12 +368,11 @@ def truth_values_spelled_out(arguments: dict[str, Any], properties: dict[str, An
     """A boolean parameter's "true" or "false" (any case, blanks around) taken as meant: some clients
     send every argument as a string (Claude Code, at times). Other strings stay refused."""
     spelled = {"true": True, "false": False}
-    return {
-        key: spelled[value.strip().lower()]
-        if isinstance(value, str) and value.strip().lower() in spelled and "boolean" in _types(properties.get(key, {}))
-        else value
-        for key, value in arguments.items()
-    }
+    taken = dict(arguments)
+    for key, value in arguments.items():
+        if isinstance(value, str) and "boolean" in _types(properties.get(key, {})):
+            taken[key] = spelled.get(value.strip().lower(), value)
+    return taken
 
 
 def truth_values_mistyped(arguments: dict[str, Any], properties: dict[str, Any]) -> str:
@@ -384,7 +383,7 @@ def truth_values_mistyped(arguments: dict[str, Any], properties: dict[str, Any])
         types = _types(properties.get(key, {}))
         if isinstance(value, bool) and "boolean" not in types and types & {"integer", "number"}:
             problems.append(f"{key}: a number, not {json.dumps(value)}")
-        elif "boolean" in types and value is not None and not isinstance(value, bool):
+        elif "boolean" in types and not isinstance(value, bool):  # (nulls are gone by now)
             problems.append(f"{key}: true or false, not {json.dumps(value)}")
     return "; ".join(problems)
 
