@@ -24,7 +24,7 @@ import pytest
 from sandbox import ConnectionPool, Sandbox, SSHEndpoint
 from sandbox.hostkeys import HostKeyPins
 from sandbox.state import StateStore
-from tests.sshd import FAST_RC, SLOW_RC, SSHD, Account, ensure_account, is_root, keygen
+from tests.sshd import FAST_RC, SLOW_RC, SSHD, Account, ensure_account, is_root, keygen, machine_setup_lock
 
 BUSYBOX = shutil.which("busybox")
 
@@ -105,9 +105,10 @@ def busybox_sshd(client_key: Path) -> Iterator[SSHD]:
     if not is_root() or not BUSYBOX:
         pytest.fail("the busybox tests need root and busybox (scripts/test installs it)")
     applets = Path("/opt/tether-test/busybox-bin")
-    if not (applets / "ash").exists():
-        applets.mkdir(parents=True, exist_ok=True)
-        subprocess.run([BUSYBOX, "--install", "-s", str(applets)], check=True)
+    with machine_setup_lock():
+        if not (applets / "ash").exists():
+            applets.mkdir(parents=True, exist_ok=True)
+            subprocess.run([BUSYBOX, "--install", "-s", str(applets)], check=True)
     account = ensure_account("tether-ash", str(applets / "ash"), {".profile": f"PATH={applets}; export PATH\n"})
     server = _start(account, client_key)
     yield server

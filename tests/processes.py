@@ -4,6 +4,7 @@ their command line; waiting for a background job's end; and a fake nvidia-smi to
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import secrets
 import subprocess
@@ -100,17 +101,19 @@ class ArgvWatch(Watcher):
         self.scans += 1
 
 
-async def output_until_exit(box: Any, job_id: str, seconds: float = 30.0) -> tuple[str, Any]:
-    """A job's stdout until it exits, and its last JobOutput (exit code, stderr); an AssertionError
-    if it still runs after `seconds`."""
+async def output_until_exit(box: Any, job_id: str, seconds: float = 30.0) -> Any:
+    """A job's JobOutput once it exited, with all of its stdout and stderr: each read returns what
+    came since the previous one, and returns as soon as either stream has some, so one read may see
+    a job's stderr and not yet its stdout or its end. An AssertionError if it still runs after
+    `seconds`."""
     deadline = time.monotonic() + seconds
     out = await box.job_output(job_id, wait_ms=500)
-    printed = out.stdout
+    stdout, stderr = out.stdout, out.stderr
     while out.status == "running":
         assert time.monotonic() < deadline, f"{job_id} still running after {seconds:g}s"
         out = await box.job_output(job_id, wait_ms=500)
-        printed += out.stdout
-    return printed, out
+        stdout, stderr = stdout + out.stdout, stderr + out.stderr
+    return dataclasses.replace(out, stdout=stdout, stderr=stderr)
 
 
 FAKE_NVIDIA_SMI = """#!/bin/sh

@@ -9,6 +9,7 @@ current account is available.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import grp
 import os
 import pwd
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +62,7 @@ class Account:
 
 
 EXTRA_GROUP = "tether-test"
+ACCOUNTS_LOCK = Path(tempfile.gettempdir()) / "tether-test-accounts.lock"
 
 
 def ensure_account(name: str, shell: str = "/bin/bash", rc_files: dict[str, str] | None = None) -> Account:
@@ -70,6 +73,24 @@ def ensure_account(name: str, shell: str = "/bin/bash", rc_files: dict[str, str]
     if not is_root():
         me = pwd.getpwuid(os.getuid())
         return Account(me.pw_name, Path(me.pw_dir), me.pw_uid, me.pw_gid, me.pw_shell)
+    # Under pytest-xdist each worker gets accounts of its own: one worker's jobs, ~/.tether and
+    # processes never show up in another's listings. useradd locks /etc/passwd and fails when another
+    # process holds it, so the workers take turns.
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    name = f"{name}-{worker}" if worker else name
+    with machine_setup_lock():
+        return _ensure_account_locked(name, shell, rc_files or {})
+
+
+@contextlib.contextmanager
+def machine_setup_lock() -> Iterator[None]:
+    """Held while test processes change this machine (accounts, installed helpers)."""
+    with open(ACCOUNTS_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _ensure_account_locked(name: str, shell: str, rc_files: dict[str, str]) -> Account:
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
@@ -88,7 +109,7 @@ def ensure_account(name: str, shell: str = "/bin/bash", rc_files: dict[str, str]
     home = Path(entry.pw_dir)
     home.mkdir(parents=True, exist_ok=True)
     os.chown(home, entry.pw_uid, entry.pw_gid)
-    for rel, text in (rc_files or {}).items():
+    for rel, text in rc_files.items():
         path = home / rel
         path.write_text(text)
         os.chown(path, entry.pw_uid, entry.pw_gid)

@@ -33,7 +33,7 @@ from sandbox.errors import (
 )
 from sandbox.files import MAX_READ_CHARS, MAX_TEXT_BYTES, WHOLE_READ_BYTES, Files
 from sandbox.files import _text_window as text_window
-from tests.processes import Watcher
+from tests.processes import Watcher, output_until_exit
 
 HOSTILE_NAMES = [
     "with space.txt",
@@ -667,12 +667,7 @@ async def test_hostile_names_as_directories_and_through_every_other_operation(
     assert (await sb.run("echo here > marker; pwd")).stdout == f"{directory}\n"
     assert (await sb.run(["cat", "--", f"{directory}/marker"])).stdout == "here\n"
     job = await sb.start_job("pwd; ls", cwd=directory)
-    output = await sb.job_output(job.id, wait_ms=5000)
-    printed = output.stdout
-    while output.status == "running":  # (each call returns what came since the previous one)
-        output = await sb.job_output(job.id, wait_ms=1000)
-        printed += output.stdout
-    assert printed.startswith(f"{directory}\nmarker\n")
+    assert (await output_until_exit(sb, job.id)).stdout.startswith(f"{directory}\nmarker\n")
 
     local = tmp_path / "payload.bin"
     local.write_bytes(bytes(range(256)) * 100)

@@ -146,7 +146,7 @@ async def test_a_removed_working_directory_falls_back_to_home(sb: Sandbox) -> No
     await sb.run("mkdir doomed && cd doomed")
     await sb.run(["rmdir", await sb.cwd()])
     job = await sb.start_job("pwd")  # a job too, as run does
-    output = await sb.job_output(job.id, wait_ms=5000)
+    output = await output_until_exit(sb, job.id)
     assert (output.stdout, output.exit_code) == (f"{await sb.home()}\n", 0) and "is gone" in output.stderr
     r = await sb.run("pwd")
     assert r.stdout.strip() == await sb.home()
@@ -159,7 +159,7 @@ async def test_a_cwd_it_may_not_enter_is_named_as_such(sb: Sandbox) -> None:
         with pytest.raises(PermissionDenied, match=r"may not enter.*did not run"):
             await sb.run("touch ran", cwd="shut")
         job = await sb.start_job("touch ran", cwd="shut")
-        output = await sb.job_output(job.id, wait_ms=5000)
+        output = await output_until_exit(sb, job.id)
         assert output.exit_code == 125 and "cannot enter" in output.stderr
     finally:
         await sb.run("chmod 700 shut")
@@ -561,8 +561,8 @@ async def test_commands_longer_than_an_argument_may_be_run_and_started_as_jobs(
         assert (ran.exit_code, ran.stdout.strip()) == (0, str(len(body.encode()) + 1)), ran.stderr
         assert await box.read_text("big.txt") == body + "\n"
         job = await box.start_job(command)
-        printed, out = await output_until_exit(box, job.id)
-        assert (out.exit_code, printed.strip()) == (0, str(len(body.encode()) + 1)), out.stderr
+        out = await output_until_exit(box, job.id)
+        assert (out.exit_code, out.stdout.strip()) == (0, str(len(body.encode()) + 1)), out.stderr
 
 
 @pytest.mark.parametrize("flavour", ["sshd", "dash_sshd", "busybox_sshd"])
@@ -577,8 +577,8 @@ async def test_a_command_that_starts_with_a_dash_is_a_command_not_evals_option(
             assert (ran.exit_code, ran.stdout) == (127, ""), (command, ran)
             assert command.split()[0] in ran.stderr and "option" not in ran.stderr, ran.stderr
             job = await box.start_job(command)
-            printed, out = await output_until_exit(box, job.id)
-            assert (out.exit_code, printed) == (127, ""), (command, out)
+            out = await output_until_exit(box, job.id)
+            assert (out.exit_code, out.stdout) == (127, ""), (command, out)
 
 
 @pytest.mark.parametrize(("flavour", "says"), [("sshd", "bash: line 3: "), ("dash_sshd", "dash: 3: eval: ")])
@@ -593,7 +593,7 @@ async def test_a_commands_errors_read_as_its_shell_would_print_them(
         ran = await box.run(script)
         assert ran.stdout == "one\ntwo\n" and ran.stderr.startswith(f"{says}nosuch-command-xyz: ")
         job = await box.start_job(script)
-        output = await box.job_output(job.id, wait_ms=5000)
+        output = await output_until_exit(box, job.id)
         assert output.stdout == "one\ntwo\n" and output.stderr.startswith(f"{says}nosuch-command-xyz: ")
 
 
@@ -614,14 +614,9 @@ async def test_environment_values_never_show_in_ps(
             assert (await running).stdout == f"{secret}\n"
             for _ in range(20):  # quick ones too: a process that writes the value lives a millisecond
                 assert (await box.run("echo $TOKEN", env={"TOKEN": secret})).stdout == f"{secret}\n"
-            # Each read returns what is new since the previous one: keep all of it.
-            output = await box.job_output(job.id, wait_ms=10_000)
-            stdout = output.stdout
-            while output.status == "running":
-                output = await box.job_output(job.id, wait_ms=10_000)
-                stdout += output.stdout
+            output = await output_until_exit(box, job.id)
         assert watch.scans > 10 and watch.seen == []
-        assert secret in stdout
+        assert secret in output.stdout
 
 
 async def test_a_call_cancelled_just_as_its_shell_opened_leaves_the_shell_to_others(
