@@ -225,6 +225,13 @@ async def test_file_and_shell_tools(where: str, transport: str, ssh_pool_env: di
         refused = await client.call_tool("multi_edit", camel)
         assert refused.is_error and "edits.0.replaceAll: Extra inputs are not permitted" in text(refused), text(refused)
         assert "1\ta a" in text(await client.call_tool("read", {"path": "twice.txt"}))
+        # ... and its replace_all is read as the top-level flags are: "yes" refused, "true" taken
+        for flag in ("yes", 1):
+            camel["edits"][0] = {"old_string": "a", "new_string": "b", "replace_all": flag}
+            refused = await client.call_tool("multi_edit", camel)
+            assert refused.is_error and "edits.0.replace_all: Input should be a valid boolean" in text(refused)
+        camel["edits"][0]["replace_all"] = " True"
+        assert structured(await client.call_tool("multi_edit", camel))["replacements"] == 2
         listed_tools = await client.list_tools()
         assert all(t.input_schema.get("additionalProperties") is False for t in listed_tools.tools)
         edits_schema = next(t for t in listed_tools.tools if t.name == "multi_edit").input_schema

@@ -25,7 +25,7 @@ import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp_types import CallToolResult, ImageContent, TextContent, ToolAnnotations
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError
 
 from providers import Fleet, ManagedSandbox, Request, SandboxGone, SandboxRecord, registry
 from providers.config import MAX_TIMEOUT_S
@@ -364,14 +364,20 @@ def _types(schema: dict[str, Any]) -> set[Any]:
     return {schema.get("type")} | {option.get("type") for option in schema.get("anyOf", [])}
 
 
+def spelled_truth(value: object) -> object:
+    """ "true" or "false" (any case, blanks around) as the boolean meant: some clients send every
+    argument as a string (Claude Code, at times). Anything else is returned as it came."""
+    if isinstance(value, str):
+        return {"true": True, "false": False}.get(value.strip().lower(), value)
+    return value
+
+
 def truth_values_spelled_out(arguments: dict[str, Any], properties: dict[str, Any]) -> dict[str, Any]:
-    """A boolean parameter's "true" or "false" (any case, blanks around) taken as meant: some clients
-    send every argument as a string (Claude Code, at times). Other strings stay refused."""
-    spelled = {"true": True, "false": False}
+    """A boolean parameter's "true" or "false" taken as meant. Other strings stay refused."""
     taken = dict(arguments)
     for key, value in arguments.items():
-        if isinstance(value, str) and "boolean" in _types(properties.get(key, {})):
-            taken[key] = spelled.get(value.strip().lower(), value)
+        if "boolean" in _types(properties.get(key, {})):
+            taken[key] = spelled_truth(value)
     return taken
 
 
@@ -805,7 +811,10 @@ def register_file_tools(server: MCPServer, state: ServerState) -> None:
 
         old_string: str = Field(description="Exact text to replace")
         new_string: str = Field(description="Replacement text")
-        replace_all: bool = Field(False, description="Replace every occurrence")
+        # (as the top-level flags: "true" taken, "yes" or 1 refused rather than read as true)
+        replace_all: Annotated[StrictBool, BeforeValidator(spelled_truth)] = Field(
+            False, description="Replace every occurrence"
+        )
 
     @server.tool(annotations=DESTRUCTIVE)
     @guarded
