@@ -43,6 +43,9 @@ LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 # At most, between the TERM and the KILL of what runs in a local sandbox that ends (a session's
 # login shell left running, or everything in a sandbox being terminated).
 TERM_GRACE_S = 1.0
+# At most, between a session the client closed and a TERM to what it still runs: time for a login
+# shell still reading its profile to finish it and exit on the end of its input.
+EOF_GRACE_S = 2.0
 # At most, between a session's command exiting and its exit status being sent while something it
 # left running still holds its stdout or stderr open.
 OUTPUT_GRACE_S = 1.0
@@ -184,8 +187,9 @@ async def _run_session(process: asyncssh.SSHServerProcess[bytes]) -> None:
             start_new_session=True,
         )
     except OSError as exc:
-        process.stderr.write(f"tether: cannot start {shell}: {exc}\n".encode())
-        process.exit(127)
+        if not process.channel.is_closing():
+            process.stderr.write(f"tether: cannot start {shell}: {exc}\n".encode())
+            process.exit(127)
         return
     # The child's output is copied here rather than by asyncssh's redirect: asyncssh sends the
     # channel's EOF at the first pipe's EOF and lets exit() close the channel while the other pipe
@@ -195,6 +199,11 @@ async def _run_session(process: asyncssh.SSHServerProcess[bytes]) -> None:
     exited = asyncio.ensure_future(child.wait())
     closed = asyncio.ensure_future(process.channel.wait_closed())  # (by the client)
     try:
+        if process.channel.is_closing():
+            # The client closed the session while the child started. asyncssh's redirect would
+            # fail on the closed channel, and it closes the whole connection (SFTP, shells,
+            # forwards) on a session task's error.
+            return
         await process.redirect(stdin=child.stdin)
         await asyncio.wait([output, exited, closed], return_when=asyncio.FIRST_COMPLETED)
         if exited.done() and not output.done():
@@ -206,15 +215,10 @@ async def _run_session(process: asyncssh.SSHServerProcess[bytes]) -> None:
     finally:
         for task in (output, exited, closed):
             task.cancel()
-        if child.returncode is None:
-            # The session ended first (the client closed it): TERM to the child's whole process
-            # group (what an exec request's `sleep 100; echo` runs too; tether's commands and jobs
-            # run in groups of their own), then KILL to the child alone a moment later. The
-            # profile may be running: `pyenv rehash` holds a lock its EXIT trap releases, which a
-            # TERM runs and a KILL would not, leaving every later login to stall on the lock.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(child.pid, signal.SIGTERM)
-            asyncio.get_running_loop().call_later(TERM_GRACE_S, _kill_if_running, child)
+        if child.returncode is None:  # the session ended first (the client closed it)
+            ending = asyncio.ensure_future(_end_left_running(child))
+            _ending.add(ending)
+            ending.add_done_callback(_ending.discard)
     code = child.returncode
     if code is None:
         process.close()
@@ -244,10 +248,33 @@ async def _deliver(pipe: asyncio.StreamReader, channel: asyncssh.SSHWriter[bytes
             return
 
 
-def _kill_if_running(child: asyncio.subprocess.Process) -> None:
-    if child.returncode is None:
+_ending: set[asyncio.Future[None]] = set()  # (the server's shutdown waits for them)
+
+
+async def _end_left_running(child: asyncio.subprocess.Process) -> None:
+    """End a session's child that outlived the session. First, as sshd does, the end of its input:
+    a login shell still reading its profile finishes it and then exits. Interrupting a profile is
+    not harmless: `pyenv rehash` takes a lock and only then sets the EXIT trap that releases it, and
+    a signal in between leaves the lock for every later login shell to stall on. What still runs
+    after a moment (an exec request's `sleep 100; echo`, a profile that hangs) gets TERM to its
+    whole process group (tether's commands and jobs run in groups of their own), then KILL."""
+    if child.stdin is not None:
+        child.stdin.close()
+    if await _exits_within(child, EOF_GRACE_S):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, signal.SIGTERM)
+    if not await _exits_within(child, TERM_GRACE_S):
         with contextlib.suppress(ProcessLookupError):
             child.kill()
+
+
+async def _exits_within(child: asyncio.subprocess.Process, seconds: float) -> bool:
+    try:
+        await asyncio.wait_for(child.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
 
 
 def _signal_name(number: int) -> str:
@@ -358,6 +385,8 @@ class LocalSSHServer:
             self._acceptor.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._acceptor.wait_closed(), 2)
+        if _ending:  # (shells left to end: they are past their EOF soon after the sessions closed)
+            await asyncio.wait(list(_ending), timeout=2)
 
     def stop(self) -> None:
         if self._loop is not None and self._thread is not None:

@@ -515,3 +515,47 @@ async def test_a_session_the_client_closes_takes_its_commands_with_it_and_no_sub
             other = await conn.create_process(subsystem="netconf")
             done = await other.wait()  # (a login shell would wait for input, or end with the profile's status)
             assert done.exit_status == 1 and "no subsystem 'netconf'" in str(done.stderr)
+
+
+async def test_a_session_closed_while_its_profile_runs_lets_the_profile_finish(
+    tmp_path: Path, fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pyenv rehash` (in many a profile) takes a lock, and only then sets the EXIT trap that
+    releases it: a signal in between leaves the lock behind, and every later login shell waits a
+    minute on it. A session closed while its login shell still reads the profile (a short-lived
+    `tether exec`, a shell warming up when its sandbox ends) lets the profile run to its end, as
+    sshd does, and the shell exits on the end of its input."""
+    monkeypatch.setenv("SHELL", shutil.which("zsh") or "zsh")  # (its start-up files are in ZDOTDIR)
+    monkeypatch.setenv("ZDOTDIR", str(tmp_path))
+    held = tmp_path / "held"
+    (tmp_path / ".zprofile").write_text(f': > {held}\nsleep 0.5\ntrap "rm -f {held}" EXIT\n')
+    async with await fleet.create(Request(provider="local")) as box:
+        conn = await dial(box.endpoint, HostKeyPins(StateStore(tmp_path / "pins.db")))
+        async with conn:
+            session = await conn.create_process()
+            for _ in range(100):
+                if held.exists():
+                    break
+                await asyncio.sleep(0.01)
+            assert held.exists(), "the profile did not start"
+            session.close()
+            for _ in range(50):
+                if not held.exists():
+                    break
+                await asyncio.sleep(0.1)
+            assert not held.exists(), "the profile was cut short, its lock left behind"
+
+
+async def test_sessions_closed_as_they_start_leave_the_connection_up(tmp_path: Path, fleet: Fleet) -> None:
+    """A session the client closes while its shell is being started (a call cancelled as its shell
+    opened) ends that session alone: asyncssh closes the whole connection, and with it every
+    other shell, SFTP and forward of the sandbox, when a session's handler fails on a closed channel."""
+    async with await fleet.create(Request(provider="local")) as box:
+        conn = await dial(box.endpoint, HostKeyPins(StateStore(tmp_path / "pins.db")))
+        async with conn, conn.start_sftp_client() as sftp:
+            for _ in range(40):
+                (await conn.create_process()).close()
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.5)
+            assert (await conn.run("echo still up")).stdout == "still up\n"
+            assert await sftp.isdir(".")
