@@ -576,6 +576,12 @@ class SishStyleRelay(asyncssh.SSHServer):
         return True
 
 
+# One host key for every test relay, as a real relay keeps its own: tether's default pool pins the
+# relays it reaches for the whole run, and a later relay given a port an earlier one had would
+# otherwise be refused as a changed key.
+RELAY_HOST_KEY = asyncssh.generate_private_key("ssh-ed25519")
+
+
 @contextlib.asynccontextmanager
 async def sish_relay(stream: str = "stdout", banner: Banner = sish_banner) -> AsyncIterator[FakeRelay]:
     relay = FakeRelay(0, free_port())
@@ -588,7 +594,7 @@ async def sish_relay(stream: str = "stdout", banner: Banner = sish_banner) -> As
         "127.0.0.1",
         0,
         server_factory=lambda: SishStyleRelay(relay),
-        server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
+        server_host_keys=[RELAY_HOST_KEY],
         process_factory=session,
     )
     relay.port = server.sockets[0].getsockname()[1]
