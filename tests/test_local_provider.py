@@ -546,10 +546,15 @@ async def test_a_session_closed_while_its_profile_runs_lets_the_profile_finish(
             assert not held.exists(), "the profile was cut short, its lock left behind"
 
 
-async def test_sessions_closed_as_they_start_leave_the_connection_up(tmp_path: Path, fleet: Fleet) -> None:
+async def test_sessions_closed_as_they_start_leave_the_connection_up(
+    tmp_path: Path, fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A session the client closes while its shell is being started (a call cancelled as its shell
     opened) ends that session alone: asyncssh closes the whole connection, and with it every
     other shell, SFTP and forward of the sandbox, when a session's handler fails on a closed channel."""
+    # (sh: forty login shells of this account's own at once would run its profile forty times over,
+    # pyenv's rehash among them, which then wait on each other's lock)
+    monkeypatch.setenv("SHELL", "/bin/sh")
     async with await fleet.create(Request(provider="local")) as box:
         conn = await dial(box.endpoint, HostKeyPins(StateStore(tmp_path / "pins.db")))
         async with conn, conn.start_sftp_client() as sftp:
