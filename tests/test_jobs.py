@@ -15,7 +15,14 @@ from sandbox import ConnectionPool, Sandbox, SSHEndpoint
 from sandbox.errors import FileNotFound, InvalidArgument, JobNotFound, SandboxError
 from sandbox.jobs import STOP_ALL_JOBS
 from tests.conftest import endpoint_for
-from tests.processes import leaf_sleep, processes_matching, running, wait_until_gone, wait_until_running
+from tests.processes import (
+    leaf_sleep,
+    output_until_exit,
+    processes_matching,
+    running,
+    wait_until_gone,
+    wait_until_running,
+)
 from tests.sshd import SSHD
 
 
@@ -92,11 +99,8 @@ async def test_a_job_shutting_down_on_term_runs_until_it_has(
         assert (await box.job_output(job.id, wait_ms=5000)).stdout == "serving\n"
         killed = await box.job_kill(job.id, "TERM")
         assert killed.sent and killed.status == "running"
-        said, output = "", await box.job_output(job.id, wait_ms=1000)
-        while output.status == "running":
-            said += output.stdout
-            output = await box.job_output(job.id, wait_ms=5000)
-        assert (output.status, said + output.stdout) == ("exited", "cleaned\n")
+        output = await output_until_exit(box, job.id)
+        assert (output.status, output.stdout) == ("exited", "cleaned\n")
 
 
 @pytest.mark.parametrize("flavour", ["sshd", "dash_sshd"])

@@ -210,9 +210,7 @@ class RelayForward:
         name = endpoint.address
         # (sish takes remote_host as the subdomain; a bind address, localhost or 0.0.0.0, names none)
         asked = self._config.remote_host
-        subdomain = (
-            None if not asked or asked == "localhost" or is_loopback(asked) or asked in ("0.0.0.0", "::") else asked
-        )
+        subdomain = None if not asked or is_loopback(asked) or asked in ("0.0.0.0", "::") else asked
         self._url_hints = (self._config.url_pattern, endpoint.host, subdomain)
         for hop in (*endpoint.jump, endpoint):
             if hop.user and _token_like(hop.user):
