@@ -348,11 +348,13 @@ async def test_a_new_tether_process_goes_on_where_the_last_read_ended(
     MCP server would have) gets only what came after the first one's read, not the job's whole
     output again; and a damaged position file means reading from the start, not an error."""
     async with Sandbox(host_endpoint, pool=pool) as first:
-        job = await first.start_job("echo one; echo uno >&2; read -r _ < /dev/null; sleep 0.5; echo two; echo dos >&2")
+        job = await first.start_job("echo one; echo uno >&2; read -r _ < /dev/null; sleep 2; echo two; echo dos >&2")
         out = await first.job_output(job.id, wait_ms=3000)
-        while (out.stdout, out.stderr) != ("one\n", "uno\n"):
-            out = await first.job_output(job.id, wait_ms=1000)  # (the two streams may come apart)
-            assert out.stdout in ("", "one\n")
+        said = (out.stdout, out.stderr)
+        while said != ("one\n", "uno\n"):  # (the two streams may come apart: one read each)
+            out = await first.job_output(job.id, wait_ms=1000)
+            said = (said[0] + out.stdout, said[1] + out.stderr)
+            assert said[0] in ("", "one\n")
     async with fresh_process(pool) as other_pool, Sandbox(host_endpoint, pool=other_pool) as second:
         await wait_for_exit(second, job.id)
         rest = await second.job_output(job.id)
