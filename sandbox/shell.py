@@ -74,13 +74,19 @@ _RECORD_CWD = 'unset -f command pwd cd builtin 2>/dev/null; [ -s "$__c" ] || __t
 # Tracing off first (BASH_ENV's `set -x` would print the env exports it reads), quietly: a trace
 # of the `set` itself goes nowhere.
 _QUIET = "{ set +x +v; } 2>/dev/null; "
+# After the command, tracing off again before tether's own lines run, which a command's `set -x`
+# would otherwise print into its stderr; the exit status taken in the same quiet group. (zsh and mksh
+# trace to a descriptor of their own, and show the few lines that turn it off; a command that calls
+# `exit` under `set -v` shows the EXIT trap's text, which the shell echoes as it reads it.)
+_ENDED = "{ __x=$?; set +x +v; } 2>/dev/null; "
+_RECORD_CWD_TRAP = shlex.quote(_QUIET + _RECORD_CWD)
 _CHILD = (
     _QUIET
     + 'if [ -n "$4" ]; then . "$4"; : >"$4"; fi; '
     + _BUILTINS
-    + f"__c=$3; __s=$2; __d=$1; __f=$5; trap {shlex.quote(_RECORD_CWD)} EXIT; "
+    + f"__c=$3; __s=$2; __d=$1; __f=$5; trap {_RECORD_CWD_TRAP} EXIT; "
     '__t_cd -- "$__d" 2>/dev/null || ' + _NO_CWD + "; "
-    f'set --; eval " $__s"; __x=$?; {_RECORD_CWD}; exit $__x'
+    f'set --; eval " $__s"; {_ENDED}{_RECORD_CWD}; exit $__x'
 )
 
 # `__t_members GROUP [BUT]` sets __mb to "PID:STAMP " for each live process (not a zombie) of the
@@ -259,9 +265,9 @@ if [ -n "${BASH_VERSION:-}" ] && set -m 2>/dev/null && case $- in *m*) true ;; *
     # The env exports first: tether's own variables are then set from the arguments.
     ( set +m; [ -n "$3" ] && eval "$3"
       __c=$4; __d=$1; __s=$2; __f=$5; set --
-      trap '__RECORD_CWD__' EXIT
+      trap __RECORD_CWD_TRAP__ EXIT
       __t_cd -- "$__d" 2>/dev/null || __NO_CWD__
-      __t_eval; __x=$?; __RECORD_CWD__; exit $__x
+      __t_eval; __ENDED__ __RECORD_CWD__; exit $__x
     ) </dev/null >>"$__o" 2>>"$__e" 7<&- 8<&- &
   }
 else
@@ -401,6 +407,8 @@ _INIT = (
     .replace("__KILL_TREE_FN__", KILL_TREE_FN)
     .replace("__PROC_STAMP_FN__", PROC_STAMP_FN)
     .replace("__NO_CWD__", _NO_CWD)
+    .replace("__RECORD_CWD_TRAP__", _RECORD_CWD_TRAP)
+    .replace("__ENDED__", _ENDED)
     .replace("__RECORD_CWD__", _RECORD_CWD)
     .replace("__BUILTINS__", _BUILTINS)
 )

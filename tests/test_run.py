@@ -567,6 +567,30 @@ async def test_commands_longer_than_an_argument_may_be_run_and_started_as_jobs(
         assert (out.exit_code, out.stdout.strip()) == (0, str(len(body.encode()) + 1)), out.stderr
 
 
+@pytest.mark.parametrize("flavour", ["sshd", "dash_sshd", "busybox_sshd", "zsh_sshd", "mksh_sshd"])
+async def test_a_commands_own_tracing_shows_its_lines_and_none_of_tethers(
+    flavour: str, request: pytest.FixtureRequest, client_key: Path, pool: ConnectionPool
+) -> None:
+    """`set -x` is common in agents' scripts: the trace in stderr must be the command's, not also
+    tether's lines that record the exit status and the cwd after it (or in its EXIT trap). zsh and
+    mksh trace to a descriptor a redirection does not move: they show the lines that turn tracing
+    off (zsh one, mksh the exit status taken, the redirection and the `set`), and none after."""
+    server: SSHD = request.getfixturevalue(flavour)
+    allowed = {"zsh_sshd": 1, "mksh_sshd": 3}.get(flavour, 0)
+
+    def not_its_own(stderr: str) -> list[str]:
+        return [line for line in stderr.splitlines() if not re.search(r"traced|cd /tmp|exit 3", line)]
+
+    async with Sandbox(endpoint_for(server, client_key), pool=pool) as box:
+        for command in ("set -x; echo traced", "set -x; cd /tmp; echo traced; exit 3"):
+            ran = await box.run(command)
+            assert "traced" in ran.stderr and len(not_its_own(ran.stderr)) <= allowed, ran
+        assert ran.exit_code == 3 and await box.cwd() == "/tmp"
+        job = await box.start_job("set -x; echo traced")
+        out = await output_until_exit(box, job.id)
+        assert "traced" in out.stderr and len(not_its_own(out.stderr)) <= allowed, out
+
+
 @pytest.mark.parametrize("flavour", ["sshd", "dash_sshd", "busybox_sshd"])
 async def test_a_command_that_starts_with_a_dash_is_a_command_not_evals_option(
     flavour: str, request: pytest.FixtureRequest, client_key: Path, pool: ConnectionPool
