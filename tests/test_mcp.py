@@ -888,6 +888,19 @@ async def test_the_server_reaps_expired_and_idle_sandboxes_itself() -> None:
         assert gone.is_error and "terminated" in text(gone)
 
 
+async def test_a_list_does_not_show_running_what_outlived_its_ttl() -> None:
+    """The reaper comes by every 30 s; a list in between must agree with what a call would find."""
+    async with stdio_client() as client:
+        brief = structured(await client.call_tool("sandbox_create", {"provider": "local", "timeout_s": 1}))
+        kept = structured(await client.call_tool("sandbox_create", {"provider": "local", "name": "kept"}))
+        listed = structured(await client.call_tool("sandbox_list", {}))["sandboxes"]
+        assert {s["id"] for s in listed} == {brief["id"], kept["id"]}
+        await asyncio.sleep(1.5)
+        listed = structured(await client.call_tool("sandbox_list", {}))["sandboxes"]
+        assert [s["id"] for s in listed] == [kept["id"]]
+        assert Ledger().get(brief["id"]).status_reason == "expired (TTL)"
+
+
 async def test_big_reads_and_diffs_come_back_cut_with_a_way_on() -> None:
     async with stdio_client("--provider", "local") as client:
         wide = "".join(f"{i:04d}" + "w" * 996 + "\n" for i in range(1, 3001))

@@ -636,6 +636,13 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
     @guarded
     async def sandbox_list() -> Annotated[CallToolResult, R.SandboxList]:
         """List sandboxes that are not terminated, with the default one marked."""
+        # What outlived its TTL or idle timeout ends first, as the reaper would end it at its next
+        # pass: a list must not show running what a call to it would find expired.
+        try:
+            for sandbox_id, reason in await state.fleet.reap():
+                log.info("reaped %s: %s", sandbox_id, reason)
+        except Exception:  # (the list is still worth having; the reaper retries)
+            log.exception("reaping before a list failed")
         summaries = [R.SandboxSummary.of(r, state.fleet.cost_so_far(r)) for r in state.fleet.list()]
         return ok(R.SandboxList(sandboxes=summaries, default=state.current_default()))
 
