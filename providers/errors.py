@@ -35,7 +35,7 @@ class Unsupported(ProviderError):
 _INSTEAD = {
     "pause": "leave it running (its idle timeout ends it, if it has one) or end it with sandbox_destroy "
     "(tether down); ",
-    "snapshot": "copy what must be kept off the box with download (tether cp); ",
+    "snapshot": "copy what must be kept off the box (`tether cp SANDBOX:PATH .`, or Sandbox.download in Python); ",
 }
 
 

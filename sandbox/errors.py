@@ -92,13 +92,18 @@ class PermissionDenied(FileOperationError, PermissionError):
         super().__init__(path, f"{path}: permission denied for the sandbox user{hint}")
 
 
+# How a file comes off the box, for a message that suggests it: there is no download tool (an
+# agent's answer is no place for megabytes), so a person or a script does it.
+DOWNLOAD_HINT = "`tether cp SANDBOX:PATH .` on tether's host, or Sandbox.download in Python"
+
+
 class BinaryFile(FileOperationError):
     def __init__(self, path: str, size: int) -> None:
         self.size = size
         super().__init__(
             path,
             f"{path} is a binary file ({size} bytes), not shown as text; look into it with run (file, "
-            "xxd | head), or copy it off the box (download it)",
+            f"xxd | head), or download it: {DOWNLOAD_HINT}",
         )
 
 
@@ -122,8 +127,7 @@ class FileTooLarge(FileOperationError):
         self.size, self.limit = size, limit
         super().__init__(
             path,
-            f"{path} is {size} bytes, over the {limit}-byte limit; shrink it with run, or copy it off the box "
-            "(download it)",
+            f"{path} is {size} bytes, over the {limit}-byte limit; shrink it with run, or download it: {DOWNLOAD_HINT}",
         )
 
 

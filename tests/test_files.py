@@ -140,8 +140,9 @@ async def test_a_large_file_is_counted_by_reading_it_when_the_box_cannot_count(s
 async def test_a_large_binary_file_is_refused_naming_its_size(sb: Sandbox) -> None:
     data = b"\0" + large_text()
     await sb.write("large.bin", data)
-    with pytest.raises(BinaryFile, match=f"{len(data)} bytes"):
+    with pytest.raises(BinaryFile, match=f"{len(data)} bytes") as refused:
         await sb.read("large.bin")
+    assert "tether cp SANDBOX:PATH ." in str(refused.value)  # (a way to download it that exists)
 
 
 async def test_read_empty_file(sb: Sandbox) -> None:
