@@ -144,6 +144,17 @@ def sftp_error(path: str, exc: Exception) -> Exception:
     if isinstance(exc, asyncssh.SFTPFileIsADirectory):
         return IsADirectory(path)
     if isinstance(exc, asyncssh.SFTPError):
+        # Failures SFTP has no code for, by what the server says (Linux's strerror, asyncssh's makedirs).
+        reason = exc.reason.lower()
+        if "not a directory" in reason:  # (a write under t.txt/: its parents are made, and one is a file)
+            return NotADirectory(path, f"{path}: {exc.reason}; a part of the path is a file: choose another path")
+        # (OpenSSH's sftp-server says "Bad message" for a name too long: the path itself tells)
+        if "name too long" in reason or any(
+            len(part.encode(errors="surrogateescape")) > 255 for part in path.split("/")
+        ):
+            return FileOperationError(
+                path, f"{path}: file name too long; a name in a path may be at most 255 bytes: choose a shorter one"
+            )
         return FileOperationError(path, f"{path}: {exc.reason}")
     return exc
 

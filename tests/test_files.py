@@ -137,6 +137,19 @@ async def test_a_large_file_is_counted_by_reading_it_when_the_box_cannot_count(s
     assert await uncounted.read(path, 10, 5) == text_window(path, data, 10, 5)
 
 
+async def test_a_path_through_a_file_or_with_a_name_too_long_says_what_to_change(sb: Sandbox) -> None:
+    """What SFTP has no status code for (OpenSSH's sftp-server answers "Bad message" to a name
+    over 255 bytes) still reads as what went wrong and what to do instead."""
+    await sb.write("plain.txt", "x")
+    for under_a_file in ("plain.txt/b.txt", "plain.txt/deeper/b.txt"):
+        with pytest.raises(NotADirectory, match="a part of the path is a file: choose another path"):
+            await sb.write(under_a_file, "y")
+    for call in (lambda: sb.write("n" * 256, "y"), lambda: sb.read("é" * 128)):
+        with pytest.raises(FileOperationError, match="file name too long; a name in a path may be at most 255 bytes"):
+            await call()
+    assert await sb.read_text("plain.txt") == "x"
+
+
 async def test_a_large_binary_file_is_refused_naming_its_size(sb: Sandbox) -> None:
     data = b"\0" + large_text()
     await sb.write("large.bin", data)
