@@ -118,10 +118,11 @@ def test_up_exec_cp_info_down(tmp_path: Path) -> None:
 
 def test_up_alone_is_local_and_down_again_says_it_had_ended(tmp_path: Path) -> None:
     env = server_env(TETHER_CONFIG=str(tmp_path / "none.toml"), E2B_API_KEY="e2b-set")  # (an implicit cloud pool)
-    up = tether("up", "--json", env=env)
+    up = tether("up", "--json", "--cpu", "4", env=env)
     assert up.returncode == 0, up.stderr
     row = json.loads(up.stdout)
     assert row["provider"] == "local"
+    assert row["notes"] == ["note: local uses the machine as it is; cpu not applied"]  # (without --json: as it goes)
     listed = tether("ls", env=env).stdout  # (for people: what it has cost so far)
     assert "COST" in listed.splitlines()[0] and re.search(rf"{row['id']} .* \(fixed, ~\$0\.0000\) so far", listed)
     assert "so far" in tether("info", row["id"], env=env).stdout
@@ -356,6 +357,51 @@ def test_demo_runs_the_whole_story() -> None:
     assert "-> 200 'Hi, tether!'" in result.stdout and "OK" in result.stdout
 
 
+def test_a_demo_whose_reader_leaves_ends_quietly_and_tears_down() -> None:
+    """`tether demo | head -3`: as any command whose reader went away (141, no complaint), and its
+    sandbox is torn down."""
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "tools.cli", "demo"],
+        cwd=ROOT,
+        env=server_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert demo.stdout is not None
+        first = demo.stdout.readline()  # (names the sandbox: "==> provisioning … (sb-…)" comes next)
+        sandbox_id = None
+        while sandbox_id is None:
+            line = demo.stdout.readline()
+            assert line, first
+            sandbox_id = re.search(r"\((sb-[0-9a-f]{10})\)", line)
+        demo.stdout.close()
+        assert demo.wait(timeout=120) == 141
+        assert "demo failed" not in (demo.stderr.read() if demo.stderr else "")
+    finally:
+        demo.kill()
+    assert Ledger().get(sandbox_id.group(1)).status == "terminated"
+
+
+def test_an_id_that_cannot_be_printed_ends_the_sandbox_it_names(tmp_path: Path) -> None:
+    """`tether up >&-` or onto a full disk: a script would never learn the id to end the sandbox,
+    so tether ends it and fails. With stdout closed, any command says so (no traceback)."""
+    env = server_env(TETHER_CONFIG=str(tmp_path / "none.toml"))
+    before = {row["id"] for row in json.loads(tether("ls", "--all", "--json", env=env).stdout)}
+    closed = ["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "tools.cli"]
+    for command, target in ((closed, None), ([sys.executable, "-m", "tools.cli"], "/dev/full")):
+        with open(target or os.devnull, "w") as out:
+            up = subprocess.run([*command, "up"], stdout=out, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+        assert up.returncode == 2 and "Traceback" not in up.stderr, up.stderr
+        assert ("standard output is closed" if target is None else "No space left on device") in up.stderr
+    made = [row for row in json.loads(tether("ls", "--all", "--json", env=env).stdout) if row["id"] not in before]
+    assert len(made) == 2 and {row["status"] for row in made} == {"terminated"}, made
+    assert all(row["status_reason"] == "its id could not be printed" for row in made)
+    listed = subprocess.run([*closed, "ls"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert (listed.returncode, listed.stderr) == (2, "tether: [Errno 9] standard output is closed\n")
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
 def test_a_demo_ended_by_a_signal_tears_its_sandbox_down(stop: signal.Signals) -> None:
     """A demo stopped midway (SIGTERM from a supervisor, SIGHUP from a closed terminal) leaves no
@@ -537,14 +583,16 @@ def test_a_config_mistake_keeps_no_one_from_the_sandboxes_that_exist(tmp_path: P
         for mistake, named in {
             '[[channels]]\nkind = "telegram"\nurl = "http://x"\n': "[[channels]] #1",
             '[[pools]]\nname = "p"\nprovider = "local"\nbogus = 1\n': "bogus",
+            "[relay]\nurl = 3\n": "[relay]: host: Field required",
             "[[pools]\n": "not valid TOML",
             '[[providers]]\nname = "x"\nclass = "json:JSONDecoder"\n[[pools]]\nname = "p"\nprovider = "x"\n': (
                 "not a class derived from providers.Provider"
             ),
         }.items():
             config.write_text(mistake)
-            refused = tether("up", "local", env=env)
-            assert refused.returncode == 2 and named in refused.stderr and "Traceback" not in refused.stderr, mistake
+            for making in (("up", "local"), ("pools",)):  # (pools shows what up would choose from)
+                refused = tether(*making, env=env)
+                assert refused.returncode == 2 and named in refused.stderr and "Traceback" not in refused.stderr, making
             listed = tether("ls", "--json", env=env)
             assert listed.returncode == 0 and box in listed.stdout, listed.stderr
             ran = tether("exec", box, "--", "echo still here", env=env)

@@ -35,7 +35,7 @@ from providers import Fleet, Request, SandboxRecord
 from providers import host as host_daemon
 from providers.capacity import host_capacity
 from providers.errors import ProviderError
-from providers.fleet import activity_flush_every
+from providers.fleet import ManagedSandbox, activity_flush_every
 from providers.local_server import keep_environment_private, local_dir, work_dir
 from providers.registry import profile_of
 from sandbox import Sandbox, SSHEndpoint
@@ -48,9 +48,9 @@ from tunnels import Notifier
 
 from . import results as R
 from . import tether_version
-from .config import check_sections
+from .config import section_problems
 from .links import ENDED_CHECK_SECONDS, close_tunnels_of_ended_sandboxes, fleet_notifier, preview_source, tunnel_manager
-from .output import ProgressBar, duration, print_json, print_table, when
+from .output import ClosedOutput, ProgressBar, duration, print_json, print_table, when
 
 T = TypeVar("T")
 # How long a command waits at its end for chat deliveries still in flight.
@@ -107,11 +107,10 @@ def with_fleet_and_channels(work: Callable[[Fleet, Notifier], Awaitable[T]], fle
         used = fleet or command_fleet()
         try:
             notifier = fleet_notifier(used)
-        except ValueError as exc:  # (a channel that cannot be read: none hears of this command's work)
+        except ValueError:  # (a channel that cannot be read: none hears of this command's work)
             if _whole_config:
                 raise
-            warn_config([str(exc)])
-            notifier = Notifier([])
+            notifier = Notifier([])  # (command_fleet has warned of it)
         try:
             return await work(used, notifier)
         finally:
@@ -136,10 +135,7 @@ def command_fleet() -> Fleet:
     if _whole_config:
         return Fleet()
     fleet = Fleet(lenient=True)
-    try:
-        check_sections(fleet.config)
-    except ValueError as exc:
-        fleet.config_problems.append(str(exc))
+    fleet.config_problems += section_problems(fleet.config)
     warn_config(fleet.config_problems)
     return fleet
 
@@ -276,19 +272,27 @@ def up_command(args: argparse.Namespace) -> int:
             if not args.json:
                 print(f"  {message}", file=sys.stderr)
 
-        print_created((await fleet.create(request, progress)).record, fleet, args.json)
+        await print_created(await fleet.create(request, progress), fleet, args.json)
 
     with_fleet(up)
     return 0
 
 
-def print_created(record: SandboxRecord, fleet: Fleet, as_json: bool) -> None:
+async def print_created(box: ManagedSandbox, fleet: Fleet, as_json: bool) -> None:
     """What `up` and `attach` print: the id, or the sandbox as JSON (sandbox_create's shape, with
-    the cost so far and status_reason as `ls --json` has them)."""
-    if as_json:
-        print_json({**record_json(record, fleet), "capabilities": R.sandbox_capabilities(fleet, record)})
-    else:
-        print(record.id)
+    the cost so far and status_reason as `ls --json` has them, and what of the request was not
+    applied, which `up` otherwise says as it goes). Should it not get out (stdout closed, a full
+    disk, a reader gone), the sandbox is ended: no one would know its id to end it."""
+    record = box.record
+    try:
+        if as_json:
+            capabilities = R.sandbox_capabilities(fleet, record)
+            print_json({**record_json(record, fleet), "capabilities": capabilities, "notes": box.notes})
+        else:
+            print(record.id, flush=True)
+    except OSError:
+        await fleet.destroy(record.id, "its id could not be printed")
+        raise
 
 
 @command("attach")
@@ -301,7 +305,7 @@ def attach_command(args: argparse.Namespace) -> int:
     )
 
     async def attach(fleet: Fleet) -> None:
-        print_created((await fleet.create(request)).record, fleet, args.json)
+        await print_created(await fleet.create(request), fleet, args.json)
 
     with_fleet(attach)
     return 0
@@ -1034,6 +1038,8 @@ def main(argv: list[str] | None = None) -> int:
     # Whatever this command does, it may hold credentials while local sandboxes' shells run as the
     # same user (here, or served by a `tether host` daemon): /proc/PID/environ is not theirs to read.
     keep_environment_private()
+    if sys.stdout is None:  # (started with it closed, `>&-`: Python would drop what is printed, silently)
+        sys.stdout = ClosedOutput()
     argv = sys.argv[1:] if argv is None else list(argv)
     # `tether exec ID [--timeout N] -- CMD...`: what follows the first `--` is the command, whatever
     # it looks like (argparse would eat that `--`, and then take a command's `-n` for an option).
@@ -1056,8 +1062,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="tether: %(message)s")
     try:
         _whole_config = args.command in NEEDS_WHOLE_CONFIG
-        if _whole_config:  # (the others leave out what they cannot read: command_fleet)
-            check_sections(read_config())
+        # Those that make something new refuse any mistake in config.toml; the others leave out what
+        # they cannot read (command_fleet).
+        if _whole_config and (problems := section_problems(read_config())):
+            raise ValueError("; ".join(problems))
         return COMMANDS[args.command](args)
     except ValidationError as exc:
         problems = validation_problems(exc)

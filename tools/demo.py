@@ -121,6 +121,8 @@ async def run_demo() -> int:
         show(f"terminated after {event.seconds:.1f}s; billing {event.billing_model}, cost ${usd:.2f}")
         print(f"\ndone in {time.monotonic() - started:.1f}s", flush=True)
         return 0
+    except BrokenPipeError:  # (`tether demo | head`: quietly, as any command whose reader left)
+        raise
     except Exception as exc:
         print(f"\ndemo failed: {exc}", file=sys.stderr)
         return 1

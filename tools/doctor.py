@@ -9,7 +9,6 @@ import secrets
 import shutil
 import socket
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlparse
 
 from pydantic import ValidationError
@@ -23,9 +22,9 @@ from providers.ssh import identities
 from sandbox import Sandbox, SSHEndpoint
 from sandbox.errors import SandboxError, StateUnusable, validation_problems
 from sandbox.state import config_path, state_dir
-from tunnels import TunnelError, load_channels, load_relay
+from tunnels import load_channels
 
-from .config import check_sections
+from .config import section_problems
 
 API_HOSTS = {
     "daytona": "https://app.daytona.io/api",
@@ -52,7 +51,7 @@ async def run_doctor() -> list[Check]:
     except (ProviderError, ValueError) as exc:
         return [*checks, Check("config", "fail", str(exc))]
     path = config_path()
-    problems = _config_problems(fleet.config)
+    problems = section_problems(fleet.config)
     if problems:
         checks.append(Check("config", "fail", "; ".join(problems)))
     elif path.exists():
@@ -120,25 +119,6 @@ def _half_set_credentials(checked: set[str]) -> list[Check]:
         if provider not in checked and 0 < len(missing) < len(names):
             checks.append(Check(f"{provider} credentials", "warn", f"partly set: also set {', '.join(missing)}"))
     return checks
-
-
-def _config_problems(config: dict[str, Any]) -> list[str]:
-    """What is wrong with the sections the fleet does not read itself ([relay], [[channels]]) and
-    with the file's top level."""
-    problems = []
-    for check in (check_sections, _relay_problems, load_channels):
-        try:
-            check(config)
-        except (ValueError, ProviderError, TunnelError) as exc:
-            problems.append(str(exc))
-    return problems
-
-
-def _relay_problems(config: dict[str, Any]) -> None:
-    """Raises what is wrong with [relay]: its keys, or its host (a user name is required)."""
-    relay = load_relay(config)
-    if relay is not None:
-        relay.usable_endpoint()
 
 
 def _state_dir() -> Check:

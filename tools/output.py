@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import sys
 import time
@@ -9,7 +11,24 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 
-def print_json(value: Any, stream: TextIO = sys.stdout) -> None:
+class ClosedOutput(io.TextIOBase):
+    """Standard output for a command started with it closed: what is printed fails as a write to a
+    closed descriptor does (EBADF), so that `tether up >&-` says so and ends what it made, where
+    Python would have dropped its id without a word."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, "standard output is closed")
+
+    def flush(self) -> None:  # (nothing is ever held; and Python flushes stdout once more as it exits)
+        pass
+
+    @property
+    def buffer(self) -> ClosedOutput:  # (for bytes passed on as they are: tether exec)
+        return self
+
+
+def print_json(value: Any, stream: TextIO | None = None) -> None:
+    stream = stream or sys.stdout  # (as it is now, not as it was on import: see ClosedOutput)
     stream.write(json.dumps(value, indent=2, default=str) + "\n")
     # Flushed: a command that goes on running after it prints (`tether tunnel --json` holds its
     # tunnel until Ctrl-C) would otherwise leave a pipe's reader waiting for the end.
@@ -17,8 +36,9 @@ def print_json(value: Any, stream: TextIO = sys.stdout) -> None:
 
 
 def print_table(
-    rows: Sequence[dict[str, Any]], columns: Sequence[str], stream: TextIO = sys.stdout, empty: str = "(none)"
+    rows: Sequence[dict[str, Any]], columns: Sequence[str], stream: TextIO | None = None, empty: str = "(none)"
 ) -> None:
+    stream = stream or sys.stdout
     if not rows:
         stream.write(empty + "\n")
         return
