@@ -18,7 +18,7 @@ import asyncssh
 
 from .channels import DEFAULT_IDLE_TIMEOUT, SFTPChannel, ShellPool
 from .endpoint import SSHEndpoint
-from .errors import ConnectionLost, FileNotFound, InvalidArgument, SandboxEnded, edit_label
+from .errors import ConnectionLost, FileNotFound, FileOperationError, InvalidArgument, SandboxEnded, edit_label
 from .executor import MAX_OUTPUT_CHARS, Executor, RawResult, RunResult
 from .files import Edit, EditResult, Files, FileStat, Image, ReadResult, WriteResult
 from .follow import OnOutput
@@ -124,9 +124,10 @@ class Sandbox:
             if task is not None and task in self._ending and task.uncancel() == 0:
                 raise SandboxEnded(self.name, self._ended or "ended") from None
             raise
-        except ConnectionLost as exc:
-            # A shell or connection that died under a command: say so if the machine was ended
-            # elsewhere (another process destroyed it), not that the command killed its shell.
+        except (ConnectionLost, FileOperationError) as exc:
+            # A shell or connection that died under a command, or a transfer's file gone from under
+            # it: say so if the machine was ended elsewhere (another process destroyed it), not
+            # that the command killed its shell or that the path does not exist.
             why = await self.ended_elsewhere()
             if why is not None:
                 raise SandboxEnded(self.name, why) from exc

@@ -437,6 +437,25 @@ async def test_destroying_a_sandbox_from_another_process_stops_what_runs_in_it(f
     assert isinstance(running.exception(), SandboxEnded), running.exception()  # (the end, not a dead shell)
 
 
+async def test_a_copy_cut_short_by_a_destroy_from_another_process_says_the_sandbox_ended(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """`tether cp` while `tether down` ends the sandbox: the copy fails saying so, not that its
+    target path does not exist (the sandbox's directory went with it)."""
+    box = await fleet.create(Request(provider="local", keep=True))
+    source = tmp_path / "big.bin"
+    source.write_bytes(os.urandom(16 << 20))
+    ended: list[int] = []
+
+    def down_once(sent: int, total: int) -> None:  # (blocks the loop meanwhile: the copy waits for it)
+        if not ended:
+            ended.append(tether("down", box.id).returncode)
+
+    with pytest.raises(SandboxEnded, match="ended while this ran"):
+        await box.upload(source, "big.bin", progress=down_once)
+    assert ended == [0]
+
+
 async def test_destroying_a_sandbox_stops_its_running_command_and_says_why(
     fleet: Fleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
