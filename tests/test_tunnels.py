@@ -56,7 +56,8 @@ http.server.ThreadingHTTPServer((sys.argv[2], int(sys.argv[1])), Handler).serve_
 
 async def start_http_server(box: Sandbox, bind: str = "127.0.0.1", keep_alive: bool = False) -> int:
     """`python3 -m http.server` as a background job in the sandbox; returns its port."""
-    directory = f"{await box.home()}/site-{secrets.token_hex(3)}"
+    # (in the sandbox's own directory: a local sandbox's home is this machine user's real one)
+    directory = f"{await box.cwd()}/site-{secrets.token_hex(3)}"
     await box.write(f"{directory}/index.html", PAGE)
     port = free_port()  # a random port could be one the kernel lent to a client socket
     server = (
