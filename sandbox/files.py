@@ -231,17 +231,17 @@ def refuse_read_only(path: str, existing: asyncssh.SFTPAttrs, ours: tuple[int, i
         raise PermissionDenied(path, hint)
 
 
-def temp_file_failure(path: str, directory: str, failure: BaseException, *, file_there: bool = True) -> BaseException:
-    """The error to raise when no temp file could be made beside `path` (write and edit replace a
-    file through one): its directory is not writable, or is a kernel's (/proc, /sys) where no new
-    file can be made, which says "no such file" of the temp file while `path` is there."""
-    why = (
-        " and write and edit replace a file through a temp file beside it; change it in place with run"
-        " (e.g. a redirection)"
-    )
+def temp_file_failure(
+    path: str, directory: str, failure: BaseException, *, who: str = "write and edit"
+) -> BaseException:
+    """The error to raise when no temp file could be made beside `path` (write, edit and a copy
+    replace a file through one): its directory is not writable, or is a kernel's (/proc, /sys)
+    where no new file can be made, which says "no such file" of the temp file while the directory
+    is there (made by open_temp, or known to be)."""
+    why = f" and {who} replace a file through a temp file beside it; change it in place with run (e.g. a redirection)"
     if isinstance(failure, asyncssh.SFTPPermissionDenied):
         return PermissionDenied(path, f": its directory {directory or '/'} is not writable,{why} if it must")
-    if isinstance(failure, asyncssh.SFTPNoSuchFile) and file_there:
+    if isinstance(failure, asyncssh.SFTPNoSuchFile):
         where = f"{directory or '/'} (a filesystem such as /proc or /sys)"
         return FileOperationError(path, f"{path}: no new file can be made in {where},{why}")
     return sftp_error(path, failure) if isinstance(failure, asyncssh.SFTPError) else failure
@@ -707,7 +707,7 @@ class Files:
             if isinstance(temp_file, asyncssh.SFTPClientFile):
                 await self._discard_temp(sftp, temp_file, temp)
             if problem is temp_file:
-                raise temp_file_failure(path, directory, problem, file_there=existing is not None)
+                raise temp_file_failure(path, directory, problem)
             raise sftp_error(path, problem) if isinstance(problem, asyncssh.SFTPError) else problem
         assert isinstance(temp_file, asyncssh.SFTPClientFile)
         renamed = False

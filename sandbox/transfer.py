@@ -30,6 +30,7 @@ from .files import (
     sftp_error,
     special_kind,
     special_mode_kind,
+    temp_file_failure,
     temp_name,
     too_many_links,
 )
@@ -95,8 +96,13 @@ class Transfers:
             temp = posixpath.join(directory, temp_name(name, "part"))
             try:
                 # Created private: the final mode is given only once every byte is there.
-                opening = open_temp(sftp, temp, None if exact else directory, block_size=-1, max_requests=MAX_REQUESTS)
-                async with await opening as f:
+                try:
+                    opened = await open_temp(
+                        sftp, temp, None if exact else directory, block_size=-1, max_requests=MAX_REQUESTS
+                    )
+                except asyncssh.SFTPError as exc:  # (its directory is there: made, or known to be)
+                    raise temp_file_failure(target, directory, exc, who="copies") from None
+                async with opened as f:
                     if existing is not None:
                         if self._facts.owner(directory) is None:  # (the temp file's owner is the sandbox user's)
                             self._facts.learn(directory, await f.stat())

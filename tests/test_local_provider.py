@@ -26,7 +26,7 @@ from providers import Fleet, Request, Unsupported
 from providers.local_server import _WorkdirSFTPServer, sandbox_root
 from sandbox import Sandbox, search
 from sandbox.connect import dial
-from sandbox.errors import InvalidArgument, IsADirectory, SandboxEnded
+from sandbox.errors import FileOperationError, InvalidArgument, IsADirectory, SandboxEnded
 from sandbox.hostkeys import HostKeyPins
 from sandbox.state import StateStore
 from tests.mcp_support import tether
@@ -454,6 +454,18 @@ async def test_a_copy_cut_short_by_a_destroy_from_another_process_says_the_sandb
     with pytest.raises(SandboxEnded, match="ended while this ran"):
         await box.upload(source, "big.bin", progress=down_once)
     assert ended == [0]
+
+
+async def test_a_file_put_where_none_can_be_made_says_so(fleet: Fleet, tmp_path: Path) -> None:
+    """/proc answers a new file's creation with "no such file" (to root; others are refused): the
+    copy and the write say that the directory makes no files, not that the path is missing."""
+    async with await fleet.create(Request(provider="local")) as box:
+        source = tmp_path / "x.txt"
+        source.write_text("x")
+        refused = "no new file can be made in /proc" if is_root() else "is not writable"
+        for put in (lambda: box.upload(source, "/proc/version"), lambda: box.write("/proc/tether-probe", "x")):
+            with pytest.raises(FileOperationError, match=refused):
+                await put()
 
 
 async def test_destroying_a_sandbox_stops_its_running_command_and_says_why(
