@@ -193,11 +193,16 @@ class ServerState:
     async def _reap_forever(self) -> None:
         while True:
             await asyncio.sleep(self.reap_interval)
-            try:
-                for sandbox_id, reason in await self.fleet.reap():
-                    log.info("reaped %s: %s", sandbox_id, reason)
-            except Exception:  # the reaper must outlive one bad pass
-                log.exception("reaper pass failed")
+            await self.reap()
+
+    async def reap(self) -> None:
+        """One reaper pass: what outlived its TTL or idle timeout ends. A failed pass is logged,
+        not raised (the reaper must outlive it; the next pass retries)."""
+        try:
+            for sandbox_id, reason in await self.fleet.reap():
+                log.info("reaped %s: %s", sandbox_id, reason)
+        except Exception:
+            log.exception("reaper pass failed")
 
     # -- sandboxes -----------------------------------------------------------------------------------
 
@@ -636,13 +641,9 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
     @guarded
     async def sandbox_list() -> Annotated[CallToolResult, R.SandboxList]:
         """List sandboxes that are not terminated, with the default one marked."""
-        # What outlived its TTL or idle timeout ends first, as the reaper would end it at its next
-        # pass: a list must not show running what a call to it would find expired.
-        try:
-            for sandbox_id, reason in await state.fleet.reap():
-                log.info("reaped %s: %s", sandbox_id, reason)
-        except Exception:  # (the list is still worth having; the reaper retries)
-            log.exception("reaping before a list failed")
+        # The reaper's pass first, as it would come by later: a list must not show running what a
+        # call to it would find expired.
+        await state.reap()
         summaries = [R.SandboxSummary.of(r, state.fleet.cost_so_far(r)) for r in state.fleet.list()]
         return ok(R.SandboxList(sandboxes=summaries, default=state.current_default()))
 
