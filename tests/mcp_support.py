@@ -39,6 +39,13 @@ def tether(*args: str, env: dict[str, str] | None = None, timeout: float = 120) 
     )
 
 
+def tether_process(*args: str, env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen[Any]:
+    """`tether ARGS` started as a subprocess and left running: stdout and stderr piped and text
+    unless `popen` says otherwise (any other Popen argument goes through too)."""
+    options: dict[str, Any] = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+    return subprocess.Popen([sys.executable, "-m", "tools.cli", *args], cwd=ROOT, env=env or server_env(), **options)
+
+
 @contextlib.asynccontextmanager
 async def stdio_client(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[mcp.Client]:
     """The official client, launching `tether mcp ARGS` over stdio (closing it closes the server's stdin)."""

@@ -24,7 +24,7 @@ import pytest
 from providers import Fleet
 from providers.ledger import Ledger
 from providers.local_server import local_dir
-from tests.mcp_support import ROOT, server_env, tether
+from tests.mcp_support import ROOT, server_env, tether, tether_process
 from tests.processes import leaf_sleep, wait_until_gone, wait_until_running
 from tests.sshd import SSHD
 from tools.output import duration
@@ -360,22 +360,14 @@ def test_demo_runs_the_whole_story() -> None:
 def test_a_demo_whose_reader_leaves_ends_quietly_and_tears_down() -> None:
     """`tether demo | head -3`: as any command whose reader went away (141, no complaint), and its
     sandbox is torn down."""
-    demo = subprocess.Popen(
-        [sys.executable, "-m", "tools.cli", "demo"],
-        cwd=ROOT,
-        env=server_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    demo = tether_process("demo")
     try:
         assert demo.stdout is not None
-        first = demo.stdout.readline()  # (names the sandbox: "==> provisioning … (sb-…)" comes next)
         sandbox_id = None
-        while sandbox_id is None:
-            line = demo.stdout.readline()
-            assert line, first
-            sandbox_id = re.search(r"\((sb-[0-9a-f]{10})\)", line)
+        for line in demo.stdout:  # (until a line names the sandbox)
+            if sandbox_id := re.search(r"\((sb-[0-9a-f]{10})\)", line):
+                break
+        assert sandbox_id is not None, "the demo never named its sandbox"
         demo.stdout.close()
         assert demo.wait(timeout=120) == 141
         assert "demo failed" not in (demo.stderr.read() if demo.stderr else "")
@@ -406,14 +398,7 @@ def test_an_id_that_cannot_be_printed_ends_the_sandbox_it_names(tmp_path: Path) 
 def test_a_demo_ended_by_a_signal_tears_its_sandbox_down(stop: signal.Signals) -> None:
     """A demo stopped midway (SIGTERM from a supervisor, SIGHUP from a closed terminal) leaves no
     sandbox behind for gc: it ends as Ctrl-C would, tearing down what it created."""
-    demo = subprocess.Popen(
-        [sys.executable, "-m", "tools.cli", "demo"],
-        cwd=ROOT,
-        env=server_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    demo = tether_process("demo", stderr=subprocess.STDOUT)
     lines: queue.Queue[str] = queue.Queue()  # (read in a thread: a demo that hangs fails the test)
     threading.Thread(target=lambda: [lines.put(line) for line in demo.stdout or ()], daemon=True).start()
     try:
@@ -523,12 +508,7 @@ def test_exec_and_cp_at_the_edges(tmp_path: Path) -> None:
         # Output shows as it comes; Ctrl-C and SIGTERM end the remote command too
         for stop, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
             marker = leaf_sleep()
-            killed = subprocess.Popen(
-                [sys.executable, "-m", "tools.cli", "exec", box, "--", f"echo started; {marker}"],
-                cwd=ROOT,
-                env=server_env(),
-                stdout=subprocess.PIPE,
-            )
+            killed = tether_process("exec", box, "--", f"echo started; {marker}", stderr=None, text=False)
             assert killed.stdout is not None
             shown, _, _ = select.select([killed.stdout], [], [], 30)
             assert shown and killed.stdout.readline() == b"started\n", "exec should show output while it runs"
@@ -636,15 +616,7 @@ def test_an_open_tether_ssh_session_is_activity_and_an_expired_sandbox_gets_none
     session: subprocess.Popen[str] | None = None
     expiring = ""
     try:
-        session = subprocess.Popen(
-            [sys.executable, "-m", "tools.cli", "ssh", box],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-            env=env,
-        )
+        session = tether_process("ssh", box, env=env, stdin=subprocess.PIPE)
         assert session.stdin is not None
         session.stdin.write("sleep 2.5; echo still-here\n")
         session.stdin.close()

@@ -34,6 +34,7 @@ from tests.mcp_support import (
     stdio_client,
     structured,
     tether,
+    tether_process,
     text,
 )
 from tests.processes import leaf_sleep, processes_matching, wait_until_gone, wait_until_running
@@ -474,15 +475,7 @@ def stdio_server_with_a_sandbox(
     arguments: dict[str, Any], env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[str], dict[str, Any]]:
     """`tether mcp` over raw stdio, initialized, with a sandbox created by sandbox_create."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tools.cli", "mcp"],
-        env=env or server_env(),
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = tether_process("mcp", env=env, stdin=subprocess.PIPE)
     assert process.stdin and process.stdout
     messages = [
         INITIALIZE,
@@ -619,15 +612,7 @@ def test_a_token_with_whitespace_is_refused_at_start(token: str) -> None:
 def test_a_request_with_a_lone_surrogate_gets_an_answer() -> None:
     """JavaScript's JSON.stringify can send "\\ud800" alone; the SDK's parser refuses the line and
     would answer nothing (the client waits forever): it gets an error, and the next call goes on."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tools.cli", "mcp"],
-        env=server_env(),
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = tether_process("mcp", stdin=subprocess.PIPE)
     try:
         assert process.stdin and process.stdout
         write = '{"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "write", '
@@ -955,14 +940,7 @@ async def test_a_default_sandbox_ended_by_another_process_is_said_so_not_replace
 def test_a_client_gone_without_a_goodbye_ends_the_server_quietly() -> None:
     """A client killed with -9 leaves a pipe nobody reads: its answers are dropped, and the end of
     its input ends the server (and its teardown) as a clean close would, without a traceback."""
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tools.cli", "mcp"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=ROOT,
-        env=server_env(),
-    )
+    server = tether_process("mcp", stdin=subprocess.PIPE, text=False)
     assert server.stdin is not None and server.stdout is not None and server.stderr is not None
     server.stdout.close()  # the client's end, gone
     initialize = {

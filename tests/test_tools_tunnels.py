@@ -8,14 +8,12 @@ import http.server
 import json
 import os
 import select
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
-from tests.mcp_support import ROOT, server_env, stdio_client, structured, tether
+from tests.mcp_support import server_env, stdio_client, structured, tether, tether_process
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -43,13 +41,7 @@ def held_tunnel(sandbox: str, port: int) -> Iterator[dict[str, Any]]:
     still holds it."""
     env = server_env()
     env.pop("PYTHONUNBUFFERED", None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tools.cli", "tunnel", sandbox, str(port), "--backend", "local", "--json"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    process = tether_process("tunnel", sandbox, str(port), "--backend", "local", "--json", env=env, text=False)
     assert process.stdout is not None
     try:
         printed, deadline = b"", time.monotonic() + 30

@@ -33,7 +33,7 @@ from providers.local import LocalProvider
 from sandbox import ConnectionPool, Sandbox
 from sandbox.errors import CommandTimeout, ConnectionLost, FileNotFound
 from tests.conftest import endpoint_for
-from tests.mcp_support import ROOT, server_env, stdio_client, structured, tether, text
+from tests.mcp_support import ROOT, server_env, stdio_client, structured, tether, tether_process, text
 from tests.sshd import SSHD, ensure_account, free_port
 from tunnels import ChannelConfig, Notifier, RelayConfig, TunnelError, TunnelManager
 from tunnels import base as tunnels_base
@@ -1218,14 +1218,7 @@ async def test_tunnel_tools_over_mcp() -> None:
 
 async def test_tether_tunnel_command(local_box: Sandbox) -> None:
     port = await start_http_server(local_box)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tools.cli", "tunnel", local_box.id, str(port)],  # type: ignore[attr-defined]
-        cwd=ROOT,
-        env=server_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = tether_process("tunnel", local_box.id, str(port))  # type: ignore[attr-defined]
     try:
         url = await asyncio.to_thread(process.stdout.readline)  # type: ignore[union-attr]
         assert url.startswith("http://127.0.0.1:"), process.stderr.read() if process.stderr else url
@@ -1249,14 +1242,7 @@ async def test_a_tunnel_closes_when_another_process_ends_its_sandbox() -> None:
     process = None
     try:
         port = await start_http_server(box)
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tools.cli", "tunnel", box.id, str(port)],
-            cwd=ROOT,
-            env=server_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        process = tether_process("tunnel", box.id, str(port))
         url = (await asyncio.to_thread(process.stdout.readline)).strip()  # type: ignore[union-attr]
         assert url.startswith("http://127.0.0.1:")
         assert (await asyncio.to_thread(tether, "down", box.id)).returncode == 0  # from another shell
