@@ -1204,6 +1204,10 @@ async def test_tunnel_tools_over_mcp() -> None:
         closed = structured(await client.call_tool("tunnel_close", {"tunnel_id": opened["tunnel_id"]}))
         assert closed["status"] == "closed"
         assert structured(await client.call_tool("tunnel_list", {}))["tunnels"] == []
+        again_closed = await client.call_tool("tunnel_close", {"tunnel_id": opened["tunnel_id"]})
+        assert structured(again_closed)["status"] == "closed" and "already closed" in text(again_closed)
+        unknown = await client.call_tool("tunnel_close", {"tunnel_id": "t-nosuch"})
+        assert unknown.is_error and "tunnel_list" in text(unknown)
         # a sandbox ended by another process (`tether down` in another shell): its tunnels close here
         again = structured(await client.call_tool("tunnel_open", {"port": port}))
         assert (await asyncio.to_thread(tether, "down", info["id"])).returncode == 0

@@ -1068,13 +1068,15 @@ def register_tunnel_tools(server: MCPServer, state: ServerState) -> None:
     ) -> Annotated[CallToolResult, R.TunnelClosed]:
         """Close a tunnel this server opened."""
         if tunnel_id not in {t.id for t in state.tunnels.list()}:
-            # Not this server's: another live process's (which alone can close it), or none at all.
+            # Not open here: another live process's (which alone can close it), one closed already, or none.
             state.fleet.ledger.close_abandoned_tunnels()
-            held = [row for row in state.fleet.ledger.tunnels() if row["id"] == tunnel_id]
-            if held:
+            held = [row for row in state.fleet.ledger.tunnels(open_only=False) if row["id"] == tunnel_id]
+            if held and held[0]["status"] == "open":
                 raise InvalidArgument(
                     f"tunnel {tunnel_id} is held by another tether process (pid {held[0]['owner_pid']}); close "
                     "it there (Ctrl-C on `tether tunnel`, or that server's tunnel_close)"
                 )
+            if held:  # closed already: closing again changes nothing, as the tool's idempotent hint promises
+                return ok(R.TunnelClosed(tunnel_id=tunnel_id), f"{tunnel_id} was already closed")
         tunnel = await state.tunnels.close(tunnel_id)
         return ok(R.TunnelClosed(tunnel_id=tunnel.id), f"closed {tunnel.id} (port {tunnel.port})")
