@@ -40,6 +40,7 @@ from .config import LocalPoolConfig
 from .errors import ProviderError, ProviderUnavailable, SandboxGone
 from .ledger import SANDBOX_ID
 from .local_server import (
+    EOF_GRACE_S,
     TERM_GRACE_S,
     RunningServer,
     daemon_state,
@@ -152,8 +153,10 @@ def kill_processes_of(sandbox_id: str) -> None:
     server starts with TETHER_SANDBOX set, and whatever runs in it inherits that (a command another
     tether process is running in it, say). Where there is no /proc, jobs alone were stopped.
 
-    TERM first, then KILL: a login shell's profile may hold a lock its EXIT trap releases
-    (`pyenv rehash` does), which a KILL would leave behind for every later login shell to wait on."""
+    A login shell still running its profile is let finish it first, and then TERM, then KILL:
+    `pyenv rehash` (in many a profile) takes a lock and only then sets the EXIT trap that releases
+    it, and a signal in between, or a KILL at all, leaves the lock for every later login shell of
+    this user, tether's or not, to stall a minute on."""
     marker = f"TETHER_SANDBOX={sandbox_id}".encode()
     daemon = daemon_state()
     spared = {os.getpid(), int(daemon["pid"]) if daemon else 0}  # (tether's own servers, whatever they carry)
@@ -178,20 +181,44 @@ def kill_processes_of(sandbox_id: str) -> None:
                 os.kill(pid, sent)
 
     # Each process gets its TERM, and TERM_GRACE_S, before a KILL: one forked after the first pass
-    # (a profile starting `pyenv rehash` just then) too. Bounded: what is still there after a few
-    # graces (forking as fast as it is killed) is KILLed whatever it was sent.
+    # too. What runs in a login shell's own process group besides the shell is its profile (tether's
+    # commands and jobs run in groups of their own): it is spared for up to EOF_GRACE_S, after which
+    # the shell waits on its input alone. Bounded: what is still there after a few graces (forking
+    # as fast as it is killed) is KILLed whatever it was sent.
     termed: dict[int, float] = {}
-    give_up = time.monotonic() + 4 * TERM_GRACE_S
+    started = time.monotonic()
+    give_up = started + 4 * TERM_GRACE_S
     while pids := [pid for pid in members() if process_running(pid)]:
         now = time.monotonic()
-        fresh = [pid for pid in pids if pid not in termed]
+        profiles = _profiles_running(pids) if now < started + EOF_GRACE_S else set()
+        fresh = [pid for pid in pids if pid not in termed and pid not in profiles]
         send(fresh, signal.SIGTERM)
         termed.update(dict.fromkeys(fresh, now))
-        send([pid for pid in pids if now - termed[pid] >= TERM_GRACE_S or now >= give_up], signal.SIGKILL)
+        send([pid for pid in pids if now - termed.get(pid, now) >= TERM_GRACE_S or now >= give_up], signal.SIGKILL)
         if now >= give_up + TERM_GRACE_S:
             log.warning("processes of %s would not end: %s", sandbox_id, pids)  # (stuck in the kernel)
             return
         time.sleep(0.05)
+
+
+def _profiles_running(pids: list[int]) -> set[int]:
+    """Those of `pids` in the process group of a login shell (`SHELL -l`, which the embedded server
+    starts as a session leader) with more in it than the shell: the shell and what its profile runs."""
+    groups: dict[int, list[int]] = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        groups.setdefault(int(fields[2]), []).append(pid)  # (state, ppid, pgrp, session, ...)
+    return {pid for group, members in groups.items() if len(members) > 1 and _is_login_shell(group) for pid in members}
+
+
+def _is_login_shell(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:] == [b"-l", b""]
+    except OSError:
+        return False
 
 
 def remove_tree(root: Path) -> None:

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -575,6 +576,32 @@ async def test_a_session_closed_while_its_profile_runs_lets_the_profile_finish(
                     break
                 await asyncio.sleep(0.1)
             assert not held.exists(), "the profile was cut short, its lock left behind"
+
+
+async def test_a_sandbox_ended_while_a_login_shell_reads_its_profile_lets_the_profile_finish(
+    tmp_path: Path, fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same lock, when the sandbox ends (`tether down` from another shell) while a session is
+    still open and its login shell is in the middle of its profile: the profile's processes are let
+    finish before the shell is stopped, or the lock stays behind for every later login shell."""
+    monkeypatch.setenv("SHELL", shutil.which("zsh") or "zsh")
+    monkeypatch.setenv("ZDOTDIR", str(tmp_path))
+    held = tmp_path / "held"
+    # (pyenv-rehash is a bash script the profile runs: the lock, a moment, the trap, the work)
+    rehash = f': > {held}; sleep 0.5; trap "rm -f {held}" EXIT; sleep 0.2'
+    (tmp_path / ".zprofile").write_text(f"bash -c {shlex.quote(rehash)}\n")
+    box = await fleet.create(Request(provider="local"))
+    conn = await dial(box.endpoint, HostKeyPins(StateStore(tmp_path / "pins.db")))
+    async with conn:
+        await conn.create_process()
+        for _ in range(100):
+            if held.exists():
+                break
+            await asyncio.sleep(0.01)
+        assert held.exists(), "the profile did not start"
+        await fleet.destroy(box.id)
+        assert not held.exists(), "the profile was cut short, its lock left behind"
+        assert not sandbox_root(box.id).exists()
 
 
 async def test_sessions_closed_as_they_start_leave_the_connection_up(
