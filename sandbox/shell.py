@@ -549,7 +549,11 @@ class PersistentShell:
                 ]
         except TimeoutError:
             process.close()
-            raise ConnectTimeout(f"the login shell did not start within {timeout:g}s") from None
+            raise ConnectTimeout(
+                f"the login shell did not start within {timeout:g}s: its start-up files hang or wait on "
+                "something (a stale lock, say ~/.pyenv/shims/.pyenv-shim); the account's shell run as "
+                "`SHELL -lx -c true` on the box shows where"
+            ) from None
         except BaseException:
             process.close()
             raise

@@ -27,7 +27,7 @@ from providers import Fleet, Request, Unsupported
 from providers.local_server import _WorkdirSFTPServer, sandbox_root
 from sandbox import Sandbox, search
 from sandbox.connect import dial
-from sandbox.errors import FileOperationError, InvalidArgument, IsADirectory, SandboxEnded
+from sandbox.errors import ConnectTimeout, FileOperationError, InvalidArgument, IsADirectory, SandboxEnded
 from sandbox.hostkeys import HostKeyPins
 from sandbox.state import StateStore
 from tests.mcp_support import tether
@@ -602,6 +602,19 @@ async def test_a_sandbox_ended_while_a_login_shell_reads_its_profile_lets_the_pr
         await fleet.destroy(box.id)
         assert not held.exists(), "the profile was cut short, its lock left behind"
         assert not sandbox_root(box.id).exists()
+
+
+async def test_a_login_shell_that_hangs_in_its_profile_is_named_as_the_cause(
+    tmp_path: Path, fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SHELL", shutil.which("zsh") or "zsh")
+    monkeypatch.setenv("ZDOTDIR", str(tmp_path))
+    (tmp_path / ".zprofile").write_text("sleep 3\n")  # (a stale lock pyenv rehash waits on, say)
+    async with await fleet.create(Request(provider="local")) as box:
+        async with Sandbox(box.endpoint, boot_timeout=0.5) as slow:
+            with pytest.raises(ConnectTimeout, match=r"within 0.5s: its start-up files hang.*SHELL -lx -c true"):
+                await slow.run("true")
+            assert (await slow.stat(str(sandbox_root(box.id) / "work"))).type == "directory"  # (SFTP: no shell)
 
 
 async def test_sessions_closed_as_they_start_leave_the_connection_up(
