@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -277,6 +278,39 @@ async def test_a_port_where_nothing_listens_gives_a_clear_error(ssh_box: Sandbox
         await TunnelManager(check_timeout=3).open(ssh_box, 1, backend="local")
     assert "nothing is listening on port 1 inside the sandbox" in str(caught.value)
     assert str(port) in str(caught.value)  # it names what does listen
+
+
+async def test_on_a_shared_host_only_the_login_users_own_servers_are_suggested(ssh_box: Sandbox) -> None:
+    port = await start_http_server(ssh_box)
+    with socket.socket() as others:  # (this test process's: another user than the sshd account's)
+        others.bind(("127.0.0.1", 0))
+        others.listen()
+        theirs = others.getsockname()[1]
+        assert {port, theirs} <= set(await listening_ports(ssh_box))
+        own = await listening_ports(ssh_box, own_only=True)
+        assert port in own and theirs not in own
+
+
+async def test_a_port_where_nothing_listens_is_named_when_login_shells_hang(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Which ports listen is read over SFTP alone: a box whose login shells hang in their profile
+    (waiting on a stale lock, say) still gets its answer, not a check that never ends."""
+    monkeypatch.setenv("SHELL", shutil.which("zsh") or "zsh")
+    monkeypatch.setenv("ZDOTDIR", str(tmp_path))
+    (tmp_path / ".zprofile").write_text("sleep 30\n")
+    fleet = Fleet(config={})
+    try:
+        box = await fleet.create(Request(provider="local"))
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen()
+            async with Sandbox(box.endpoint, boot_timeout=30) as hung:
+                with pytest.raises(NothingListens) as caught:
+                    await asyncio.wait_for(TunnelManager(check_timeout=2).open(hung, 1, backend="local"), 10)
+            assert str(server.getsockname()[1]) in str(caught.value)  # (the user's own: tether's user)
+    finally:
+        await fleet.close(teardown_created=True)
 
 
 @contextlib.asynccontextmanager

@@ -63,7 +63,7 @@ async def listening_ports(box: Sandbox, own_only: bool = False, exclude: Collect
     none of tether's own (see `tethers_own`; `exclude`: the ports this process listens on, its local
     tunnels'): these name the servers an agent may have meant.
     """
-    tables = await proc_listeners(box, (await box.stat("~")).uid if own_only else None)
+    tables = await proc_listeners(box, await _login_uid(box) if own_only else None)
     if tables is not None:
         ports = tables[0] | tables[1]
     else:
@@ -75,6 +75,17 @@ async def listening_ports(box: Sandbox, own_only: bool = False, exclude: Collect
             ) from None
         ports = parse_netstat(raw.stdout.decode("ascii", "replace"))
     return sorted(ports - tethers_own(box, exclude) if own_only else ports)
+
+
+async def _login_uid(box: Sandbox) -> int | None:
+    """The login user's uid, from the SFTP server's own /proc/self/status (it runs as that user):
+    over SFTP alone, as the tables are, so a box whose login shells will not start still answers."""
+    try:
+        status = (await box.read_bytes("/proc/self/status")).decode("ascii", "replace")
+    except SandboxError:
+        return None
+    found = re.search(r"^Uid:\s+(\d+)", status, re.MULTILINE)
+    return int(found.group(1)) if found else None
 
 
 def tethers_own(box: Sandbox, listeners: Collection[int] = ()) -> set[int]:
