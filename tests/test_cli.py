@@ -564,6 +564,8 @@ def test_a_config_mistake_keeps_no_one_from_the_sandboxes_that_exist(tmp_path: P
             '[[channels]]\nkind = "telegram"\nurl = "http://x"\n': "[[channels]] #1",
             '[[pools]]\nname = "p"\nprovider = "local"\nbogus = 1\n': "bogus",
             "[relay]\nurl = 3\n": "[relay]: host: Field required",
+            '[relay]\nhost = "r.example"\nurl_template = "http://{host}/{sub}"\n': "can name only {host} and {port}",
+            '[relay]\nhost = "r.example"\nurl_pattern = "(http"\n': "'(http' is not a regular expression",
             "[[pools]\n": "not valid TOML",
             '[[providers]]\nname = "x"\nclass = "json:JSONDecoder"\n[[pools]]\nname = "p"\nprovider = "x"\n': (
                 "not a class derived from providers.Provider"

@@ -1008,6 +1008,15 @@ def test_find_url_in_banners() -> None:
     custom = "set up at https://admin.localhost.run/\nhttps://www.example.com tunneled with tls termination\n"
     assert find_url(custom, relay="localhost.run") == "https://www.example.com"
     assert find_url(pinggy, relay="a.pinggy.io") == "https://rnxyz-203-0-113-5.a.free.pinggy.link"
+    # any page of the relay's own site, whatever its name, is not a tunnel: tunnels have names of
+    # their own (or, on a relay that tells them apart by port, a port)
+    site = "FAQ: https://localhost.run/faq and https://www.localhost.run\n"
+    assert find_url(site, relay="localhost.run") is None
+    assert find_url(site + localhost_run, relay="localhost.run") == "https://abc123.lhr.life"
+    pricing = "Pricing: https://pinggy.io/pricing\n"
+    assert find_url(pricing + pinggy, relay="a.pinggy.io") == "https://rnxyz-203-0-113-5.a.free.pinggy.link"
+    assert find_url("at http://relay.example:40123\n", relay="relay.example") == "http://relay.example:40123"
+    assert find_url("at http://127.0.0.1/\n", relay="127.0.0.1") == "http://127.0.0.1/"
     assert (
         find_url("see https://docs.example and go https://x.tunnel.example", r"(https://\S+\.tunnel\.example)")
         == "https://x.tunnel.example"

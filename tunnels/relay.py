@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import asyncssh
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sandbox import ConnectionPool, Sandbox, SSHEndpoint, default_pool
 from sandbox.connect import dial, redact_in_logs
@@ -59,6 +60,26 @@ class RelayConfig(BaseModel):
     login_timeout: float = Field(
         10.0, gt=0, description="Seconds for the relay's key exchange and login (auto then tries local)"
     )
+
+    @field_validator("url_template")
+    @classmethod
+    def _formats(cls, template: str | None) -> str | None:
+        if template is not None:
+            try:
+                template.format(host="relay.example", port=8080)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(f"{template!r} can name only {{host}} and {{port}} ({exc!r})") from None
+        return template
+
+    @field_validator("url_pattern")
+    @classmethod
+    def _compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+        return pattern
 
     def usable_endpoint(self) -> SSHEndpoint:
         """`endpoint()`, or a TunnelError that says what is wrong with `host` (its user names,
@@ -148,22 +169,33 @@ _SITE_PAGES = {"admin", "dashboard", "docs", "www", "help", "status", "blog", "a
 
 
 def _relay_page(url: str, relay: str | None, subdomain: str | None) -> bool:
-    host, _, path = url.split("://", 1)[1].partition("/")
-    host = host.lower().rsplit("@", 1)[-1].split(":")[0]
+    relay = relay.lower() if relay else None
+    authority, _, path = url.split("://", 1)[1].partition("/")
+    host, _, port = authority.lower().rsplit("@", 1)[-1].partition(":")
     label, _, parent = host.partition(".")
     if host in _NOT_TUNNELS or host.removeprefix("www.") in _NOT_TUNNELS or path.lower().startswith("docs"):
         return True
+    if relay and not port and not _is_address(host) and host.removeprefix("www.") in {relay, _domain(relay)}:
+        return True  # the relay's own site (localhost.run/faq, pinggy.io/pricing): a tunnel has a name
     if subdomain and label == subdomain.lower():
         return False  # (the name this tunnel asked for)
     # A page's name on the relay's own domain (admin.localhost.run for localhost.run,
     # dashboard.pinggy.io for a.pinggy.io); on any other domain it can be a tunnel's.
-    on_relays_site = relay is None or _domain(parent) == _domain(relay.lower())
+    on_relays_site = relay is None or _domain(parent) == _domain(relay)
     return label in _SITE_PAGES and on_relays_site
 
 
 def _domain(host: str) -> str:
     """The last two labels of a host name (pinggy.io of a.pinggy.io)."""
     return ".".join(host.rsplit(".", 2)[-2:])
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class RelayForward:
