@@ -1283,6 +1283,31 @@ async def test_tether_tunnel_command(local_box: Sandbox) -> None:
             process.kill()
 
 
+async def test_tether_tunnel_ends_its_sandbox_when_its_ttl_runs_out() -> None:
+    """Connections through a tunnel are no use that would end an expired sandbox, and `tether tunnel`
+    runs no reaper: it ends the sandbox itself, tunnel and all, once its TTL is up."""
+    fleet = Fleet(config={})
+    box = await fleet.create(Request(provider="local", timeout_s=6))
+    try:
+        port = await start_http_server(box)
+        process = tether_process("tunnel", box.id, str(port))
+        try:
+            url = (await asyncio.to_thread(process.stdout.readline)).strip()  # type: ignore[union-attr]
+            async with httpx.AsyncClient() as client:
+                assert (await client.get(f"{url}/index.html")).text == PAGE
+            assert await asyncio.to_thread(process.wait, 20) == 1
+            assert "ended (expired (TTL)); tunnel closed" in process.stderr.read()  # type: ignore[union-attr]
+        finally:
+            if process.poll() is None:
+                process.kill()
+        assert fleet.ledger.get(box.id).status == "terminated"
+        with pytest.raises(httpx.TransportError):
+            async with httpx.AsyncClient() as client:
+                await client.get(f"{url}/index.html", timeout=5)
+    finally:
+        await fleet.close(teardown_created=True)
+
+
 async def test_a_tunnel_closes_when_another_process_ends_its_sandbox() -> None:
     fleet = Fleet(config={})
     box = await fleet.create(Request(provider="local", keep=True))
@@ -1294,7 +1319,7 @@ async def test_a_tunnel_closes_when_another_process_ends_its_sandbox() -> None:
         assert url.startswith("http://127.0.0.1:")
         assert (await asyncio.to_thread(tether, "down", box.id)).returncode == 0  # from another shell
         assert await asyncio.to_thread(process.wait, 15) == 1
-        assert "ended; tunnel closed" in process.stderr.read()  # type: ignore[union-attr]
+        assert "ended (destroyed); tunnel closed" in process.stderr.read()  # type: ignore[union-attr]
         with pytest.raises(httpx.TransportError):
             async with httpx.AsyncClient() as client:
                 await client.get(url, timeout=5)

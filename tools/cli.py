@@ -748,7 +748,9 @@ def tunnel_command(args: argparse.Namespace) -> int:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), ENDED_CHECK_SECONDS)
             if await close_tunnels_of_ended_sandboxes(fleet, tunnels):
-                print(f"sandbox {box.name} ({box.id}) ended; tunnel closed", file=sys.stderr)
+                why = fleet.ledger.get(box.id).status_reason
+                why = f" ({why})" if why else ""
+                print(f"sandbox {box.name} ({box.id}) ended{why}; tunnel closed", file=sys.stderr)
                 return 1
         await tunnels.close_all()
         print("tunnel closed", file=sys.stderr)

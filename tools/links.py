@@ -4,12 +4,16 @@ providers, so the wiring lives here)."""
 
 from __future__ import annotations
 
-from providers import Fleet, SandboxNotFound
+import logging
+
+from providers import Fleet, ProviderError, SandboxNotFound
 from tunnels import Notifier, PreviewSource, PreviewURL, Tunnel, TunnelManager, load_channels, load_relay
 
 # How often a process holding tunnels looks for their sandboxes having ended elsewhere (`tether down`
 # in another shell, another process's reaper): a tunnel to a machine that is gone must not linger.
 ENDED_CHECK_SECONDS = 2.0
+
+log = logging.getLogger(__name__)
 
 
 def fleet_notifier(fleet: Fleet) -> Notifier:
@@ -43,14 +47,22 @@ def preview_source(fleet: Fleet, sandbox_id: str) -> PreviewSource:
 
 
 async def close_tunnels_of_ended_sandboxes(fleet: Fleet, tunnels: TunnelManager) -> list[str]:
-    """Close the tunnels whose sandbox the ledger says has ended (whoever ended it). Returns the
-    ids of those sandboxes."""
+    """Close the tunnels whose sandbox the ledger says has ended (whoever ended it), and end, with
+    its tunnels, a sandbox past its TTL: connections through a tunnel are no use of the sandbox
+    that would end it, and `tether tunnel` runs no reaper. Returns the ids of those sandboxes."""
     ended = []
     for sandbox_id in {t.sandbox_id for t in tunnels.list()}:
         try:
-            live = fleet.ledger.get(sandbox_id).live
+            record = fleet.ledger.get(sandbox_id)
         except SandboxNotFound:
             live = False
+        else:
+            live = record.live and not record.expired()
+            if record.live and not live:
+                try:
+                    await fleet.destroy(sandbox_id, "expired (TTL)")
+                except ProviderError as exc:
+                    log.warning("could not terminate expired sandbox %s (gc will retry): %s", sandbox_id, exc)
         if not live:
             await tunnels.close_for_sandbox(sandbox_id)
             ended.append(sandbox_id)
