@@ -221,8 +221,9 @@ def test_errors_say_what_to_do() -> None:
     assert bare.returncode == 2 and "exec " in bare.stderr and "TETHER_STATE_DIR" in bare.stderr, bare.stderr
     early = tether("--json", "ls")
     assert early.returncode == 2 and "--json goes after the command: tether ls --json" in early.stderr
-    port = tether("tunnel", "sb-nope", "70000")  # (refused before anything is looked up or opened)
-    assert port.returncode == 2 and "expected a port, 1-65535, not '70000'" in port.stderr, port.stderr
+    for text in ("70000", "²"):  # (refused before anything is looked up or opened; ² is a digit to str)
+        port = tether("tunnel", "sb-nope", text)
+        assert port.returncode == 2 and f"expected a port, 1-65535, not '{text}'" in port.stderr, port.stderr
     for ttl in ("inf", "-5", "1e12"):  # refused before anything is created, without pydantic's report
         refused = tether("up", "local", "--ttl", ttl)
         assert refused.returncode == 2 and refused.stderr.startswith("tether: invalid arguments: --ttl: ")

@@ -1263,24 +1263,37 @@ async def test_tunnel_tools_over_mcp() -> None:
                 await http.get(again["url"], timeout=5)
 
 
-async def test_tether_tunnel_command(local_box: Sandbox) -> None:
+async def test_tether_tunnel_command(local_box: Sandbox, tmp_path: Path) -> None:
     port = await start_http_server(local_box)
-    process = tether_process("tunnel", local_box.id, str(port))  # type: ignore[attr-defined]
-    try:
-        url = await asyncio.to_thread(process.stdout.readline)  # type: ignore[union-attr]
-        assert url.startswith("http://127.0.0.1:"), process.stderr.read() if process.stderr else url
-        async with httpx.AsyncClient() as client:
-            assert (await client.get(f"{url.strip()}/index.html")).text == PAGE
-        process.send_signal(signal.SIGINT)
-        assert await asyncio.to_thread(process.wait, 15) == 0
-        with pytest.raises(httpx.TransportError):  # Ctrl-C closed it
+    with webhook_receiver() as (base, received):
+        config = tmp_path / "config.toml"
+        config.write_text(f'[[channels]]\nkind = "webhook"\nurl = "{base}/hook"\nsecret = "s3cret"\n')
+        process = tether_process("tunnel", local_box.id, str(port), env=server_env(TETHER_CONFIG=str(config)))
+        try:
+            url = (await asyncio.to_thread(process.stdout.readline)).strip()  # type: ignore[union-attr]
+            assert url.startswith("http://127.0.0.1:"), process.stderr.read() if process.stderr else url
             async with httpx.AsyncClient() as client:
-                await client.get(f"{url.strip()}/index.html", timeout=5)
-        rows = json.loads(tether("info", local_box.id, "--json").stdout)["tunnels"]  # type: ignore[attr-defined]
-        assert all(row["url"] != url.strip() for row in rows)  # and its record with it
-    finally:
-        if process.poll() is None:
-            process.kill()
+                assert (await client.get(f"{url}/index.html")).text == PAGE
+            process.send_signal(signal.SIGINT)
+            assert await asyncio.to_thread(process.wait, 15) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+    with pytest.raises(httpx.TransportError):  # Ctrl-C closed it
+        async with httpx.AsyncClient() as client:
+            await client.get(f"{url}/index.html", timeout=5)
+    rows = json.loads(tether("info", local_box.id, "--json").stdout)["tunnels"]  # type: ignore[attr-defined]
+    assert all(row["url"] != url for row in rows)  # and its record with it
+    events = {json.loads(body)["event"]: json.loads(body) for _, _, body in received}
+    assert sorted(events) == ["tunnel.closed", "tunnel.opened"]
+    # the sandbox as the server's tunnel events and the fleet's own events name it
+    assert events["tunnel.opened"]["sandbox"] == {
+        "id": local_box.id,  # type: ignore[attr-defined]
+        "name": local_box.name,
+        "provider": "local",
+        "pool": "local",
+        "status": "running",
+    }
 
 
 async def test_tether_tunnel_ends_its_sandbox_when_its_ttl_runs_out() -> None:
@@ -1437,3 +1450,7 @@ async def test_a_channel_url_httpx_cannot_use_is_a_logged_failure() -> None:
     notifier.emit("tunnel.opened", {"tunnel": {"port": 1}})
     await notifier.drain()
     assert notifier.failures and "slack channel bad-port: could not deliver tunnel.opened" in notifier.failures[0]
+    unset = Notifier([ChannelConfig(kind="slack", url_env="TETHER_TEST_UNSET_URL", name="team")], delays=(0.01,))
+    unset.emit("tunnel.opened", {"tunnel": {"port": 1}})
+    await unset.drain()
+    assert unset.failures == ["slack channel team: could not deliver tunnel.opened: $TETHER_TEST_UNSET_URL is not set"]

@@ -35,7 +35,7 @@ from providers import Fleet, Request, SandboxRecord
 from providers import host as host_daemon
 from providers.capacity import host_capacity
 from providers.errors import ProviderError
-from providers.fleet import ManagedSandbox, activity_flush_every
+from providers.fleet import ManagedSandbox, activity_flush_every, summary
 from providers.local_server import keep_environment_private, local_dir, work_dir
 from providers.registry import profile_of
 from sandbox import Sandbox, SSHEndpoint
@@ -732,7 +732,7 @@ def tunnel_command(args: argparse.Namespace) -> int:
             args.backend,
             args.path,
             preview=preview_source(fleet, box.id),
-            sandbox={"id": box.id, "name": box.name},
+            sandbox=summary(box.record),  # (as channels hear of the sandbox's own events)
         )
         if args.json:
             print_json(tunnel.public())
@@ -880,7 +880,7 @@ def _argparse_seconds(text: str) -> float:
 
 def _argparse_port(text: str) -> int:
     """A TCP port, 1-65535 (refused before anything is opened)."""
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise argparse.ArgumentTypeError(f"expected a port, 1-65535, not {text!r}")
     return int(text)
 

@@ -30,6 +30,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, 
 from providers import Fleet, ManagedSandbox, Request, SandboxGone, SandboxRecord, registry
 from providers.config import MAX_TIMEOUT_S
 from providers.errors import ProviderError
+from providers.fleet import summary
 from providers.registry import profile_of
 from sandbox import SSHEndpoint
 from sandbox.errors import InvalidArgument, JobNotFound, SandboxError, validation_problems
@@ -1039,14 +1040,13 @@ def register_tunnel_tools(server: MCPServer, state: ServerState) -> None:
         """Give a port inside the sandbox a URL. It is returned only after an HTTP request through it got an
         answer; if nothing listens on the port the error says which ports do. Chat channels get the URL."""
         box = await state.sandbox(sandbox)
-        record = box.record
         tunnel = await state.tunnels.open(
             box,
             port,
             backend,
             path,
             preview=preview_source(state.fleet, box.id),
-            sandbox={"id": record.id, "name": record.name, "provider": record.provider, "pool": record.pool},
+            sandbox=summary(box.record),  # (as channels hear of the sandbox's own events)
         )
         return ok(tunnel_result(tunnel))
 

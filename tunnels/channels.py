@@ -67,13 +67,13 @@ class ChannelConfig(BaseModel):
     def resolved_url(self) -> str:
         url = self.url or os.environ.get(self.url_env or "", "")
         if not url:
-            raise ValueError(f"{self.label}: ${self.url_env} is not set")
+            raise ValueError(f"${self.url_env} is not set")
         return url
 
     def resolved_secret(self) -> bytes:
         secret = self.secret or os.environ.get(self.secret_env or "", "")
         if not secret:
-            raise ValueError(f"{self.label}: ${self.secret_env} is not set")
+            raise ValueError(f"${self.secret_env} is not set")
         return secret.encode()
 
 

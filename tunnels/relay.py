@@ -50,7 +50,7 @@ class RelayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     host: str = Field(description="The relay: user@host[:port] or an ~/.ssh/config alias, e.g. nokey@localhost.run")
-    identityFile: str | None = Field(None, description="Key for the relay (default: ~/.ssh keys and the agent)")
+    identityFile: str | None = Field(None, description="The one key offered to the relay (default: none)")
     remote_host: str = Field("localhost", description="Bind address requested (sish uses it as the subdomain)")
     remote_port: int = Field(80, ge=0, le=65535, description="Port requested on the relay (0: any free one)")
     url_template: str | None = Field(None, description="URL when the relay prints none: {host} and {port}")
