@@ -282,12 +282,14 @@ else
   }
 fi
 __t_run() {
-  # This shell's own output files, emptied for each command; the command appends to them, so a
-  # stray background process still holding an old descriptor appends too (as in a terminal)
-  # instead of writing into a hole.
+  # This shell's own output files, emptied for each command; the command appends to them.
   __o="$__P.o"; __e="$__P.e"; __c="$__P.c"
   # (a command may have removed tether's directory: `rm -rf ~/.tether`, or the whole home's contents)
   [ -d "$__T/run" ] || { mkdir -p "$__T/run" "$__T/jobs" && chmod 700 "$__T"; } 2>/dev/null
+  # What the last command left running in its process group (`server &`, `(sleep 1; echo) &`) still
+  # appends to these files: it gets them to itself, unlinked, and this command new ones (which
+  # tether opens anew: see __g below), or its output would turn up in the results of later commands.
+  [ -n "$__lp" ] && kill -0 -"$__lp" 2>/dev/null && rm -f "$__o" "$__e"
   : >"$__o"; : >"$__e"; : >"$__c"
   # tether keeps these two files open over SFTP from one command to the next (reading an output
   # then takes one round trip, not two). This shell holds them too, as fds 7 and 8 (which no
@@ -297,7 +299,8 @@ __t_run() {
   { [ "$__o" -ef /dev/fd/7 ] && [ "$__e" -ef /dev/fd/8 ]; } 2>/dev/null || {
     [ -r "$__o" ] && [ -r "$__e" ] && command exec 7<"$__o" 8<"$__e"; __g=$((__g + 1)); }
   __t_spawn "$2" "$3" "$4" "$__c" "$5"
-  __p=$!
+  __p=$!; __lp=
+  [ "$__TPG" = none ] || __lp=$__p  # (the command's own process group, when it has one)
   printf '%s S %s\0' "$1" "$__p"
   wait "$__p" 2>/dev/null; __x=$?
   __cwd=

@@ -85,6 +85,26 @@ async def test_a_command_defining_command_pwd_or_cd_does_not_change_the_cwd_reco
             await box.run("cd /")
 
 
+@pytest.mark.parametrize("flavour", ["sshd", "dash_sshd", "busybox_sshd", "zsh_sshd", "mksh_sshd"])
+async def test_what_a_command_left_running_writes_later_is_in_no_later_commands_output(
+    flavour: str, request: pytest.FixtureRequest, client_key: Path, pool: ConnectionPool
+) -> None:
+    """A command that leaves something running (`(sleep; echo) &`) returns at once, and what that
+    writes afterwards does not turn up in the results of the commands the same shell runs next."""
+    server: SSHD = request.getfixturevalue(flavour)
+    async with Sandbox(endpoint_for(server, client_key), pool=pool, shells=1) as box:
+        left = await box.run("echo first; (for i in 1 2 3; do sleep 0.3; echo LEAK$i; echo ERR$i >&2; done) &")
+        assert (left.stdout, left.stderr, left.exit_code) == ("first\n", "", 0)
+        later = [await box.run(f"sleep 0.4; echo next{i}") for i in range(3)]
+        assert [(r.stdout, r.stderr) for r in later] == [(f"next{i}\n", "") for i in range(3)]
+        # and a long output of its own is still kept whole, and the shell goes on as before
+        long = await box.run("seq 1 20000", max_chars=1000)
+        assert long.stdout_path and (await box.read_bytes(long.stdout_path)).decode().split() == [
+            str(i) for i in range(1, 20001)
+        ]
+        assert (await box.run("echo after")).stdout == "after\n"
+
+
 async def test_a_command_that_stays_put_does_not_undo_a_cd_made_beside_it(sb: Sandbox) -> None:
     """Two runs at once: the one that cds ends first; the one that never moved, ending later, says
     nothing of where the sandbox is (it used to put the old directory back)."""
