@@ -450,6 +450,43 @@ def unified_diff(path: str, before: str, after: str) -> str:
     return "".join(line if line.endswith("\n") else f"{line}\n\\ No newline at end of file\n" for line in lines)
 
 
+def shorten_diff_lines(diff: str, limit: int = MAX_LINE_CHARS) -> str:
+    """`diff` with each line over `limit` characters cut to `limit` of them, marked as read cuts
+    lines. A changed line is cut around where it differs from its counterpart (the removed line
+    the added one replaces, and back), so an edit inside a long line (minified code, a one-line
+    JSON file) shows both sides of the change, not the first `limit` characters of each."""
+    lines = diff.split("\n")
+    focus = [0] * len(lines)
+    i = next((n for n, line in enumerate(lines) if line.startswith("@@")), len(lines))  # (past the ---/+++ header)
+    while i < len(lines):  # (pair a block of removed lines with the block of added ones after it)
+        removed, end = _block(lines, i, "-")
+        added, end = _block(lines, end, "+")
+        for old, new in zip(removed, added, strict=False):
+            focus[old] = focus[new] = len(posixpath.commonprefix([lines[old][1:], lines[new][1:]]))
+        i = max(i + 1, end)
+    return "\n".join(_cut_at(line, focus[n], limit) for n, line in enumerate(lines))
+
+
+def _block(lines: list[str], start: int, sign: str) -> tuple[list[int], int]:
+    """The indexes of the `sign` lines from `start` on (a "\\ No newline" among them is skipped),
+    and where they end."""
+    taken, end = [], start
+    while end < len(lines) and (lines[end].startswith(sign) or lines[end].startswith("\\")):
+        if lines[end].startswith(sign):
+            taken.append(end)
+        end += 1
+    return taken, end
+
+
+def _cut_at(line: str, focus: int, limit: int) -> str:
+    if len(line) <= limit + 1:  # (+1: the line's sign)
+        return line
+    start = max(0, min(focus - limit // 4, len(line) - 1 - limit))
+    shown = line[1 + start : 1 + start + limit]
+    before = f"… [{start} characters] " if start else ""
+    return f"{line[0]}{before}{shown}… [line cut: {len(line) - 1} characters]"
+
+
 def _lines_with_ends(text: str) -> list[str]:
     *whole, last = text.split("\n")
     return [f"{line}\n" for line in whole] + ([last] if last else [])

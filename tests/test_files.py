@@ -31,7 +31,7 @@ from sandbox.errors import (
     PermissionDenied,
     SpecialFile,
 )
-from sandbox.files import MAX_READ_CHARS, MAX_TEXT_BYTES, WHOLE_READ_BYTES, Files
+from sandbox.files import MAX_READ_CHARS, MAX_TEXT_BYTES, WHOLE_READ_BYTES, Files, shorten_diff_lines, unified_diff
 from sandbox.files import _text_window as text_window
 from tests.processes import Watcher, output_until_exit
 
@@ -843,3 +843,15 @@ async def test_editing_through_a_symlink_whose_target_became_a_named_pipe_is_ref
     with pytest.raises(SpecialFile, match="named pipe"):
         await asyncio.wait_for(sb.edit("pipe-link.txt", "bye", "again"), 10)
     assert (await asyncio.wait_for(sb.stat("pipe-link.txt"), 10)).symlink_target == "pipe-target.txt"
+
+
+def test_a_diff_of_long_lines_is_cut_around_each_change() -> None:
+    """Each side of a change inside a long line is shown around where it differs (a removed line
+    that starts with `-- `, an SQL comment, is no diff header); short lines stay as they are."""
+    before = "short\n-- " + "a" * 5000 + "OLD" + "b" * 5000 + "\n" + "c" * 3000 + "\n"
+    after = before.replace("OLD", "NEW").replace("short", "shorter")
+    lines = shorten_diff_lines(unified_diff("/f.sql", before, after), limit=200).splitlines()
+    assert (lines[3], lines[5]) == ("-short", "+shorter")  # (difflib: the removed lines, then the added)
+    assert "aOLDb" in lines[4] and "aNEWb" in lines[6] and all(len(line) < 300 for line in lines)
+    assert lines[4].startswith("-… [4953 characters] ") and lines[4].endswith("… [line cut: 10006 characters]")
+    assert lines[7] == " " + "c" * 200 + "… [line cut: 3000 characters]"  # (context: its start)

@@ -139,6 +139,14 @@ async def test_file_and_shell_tools(where: str, transport: str, ssh_pool_env: di
             )
         )
         assert edited["replacements"] == 2 and "+x = 3" in edited["diff"]
+        # an edit inside a long line (minified code) shows both sides of the change, each line cut around it
+        await client.call_tool("write", {"path": "min.js", "content": "x" * 100_000 + "NEEDLE" + "y" * 100_000})
+        changed = structured(
+            await client.call_tool("edit", {"path": "min.js", "old_string": "NEEDLE", "new_string": "REPLACED"})
+        )
+        minus, plus = [line for line in changed["diff"].splitlines() if line[:1] in "-+" and line[1:3] not in "--++"]
+        assert "xNEEDLEy" in minus and "xREPLACEDy" in plus and len(changed["diff"]) < 5000, changed["diff"][:300]
+        assert minus.startswith("-… [99500 characters] ") and plus.endswith("… [line cut: 200008 characters]")
         multi = structured(
             await client.call_tool(
                 "multi_edit",

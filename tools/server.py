@@ -35,7 +35,7 @@ from providers.registry import profile_of
 from sandbox import SSHEndpoint
 from sandbox.errors import InvalidArgument, JobNotFound, SandboxError, validation_problems
 from sandbox.executor import MAX_OUTPUT_CHARS, cap_text, signal_name
-from sandbox.files import MAX_READ_CHARS, Edit, EditResult, Image
+from sandbox.files import MAX_READ_CHARS, Edit, EditResult, Image, shorten_diff_lines
 from tunnels import Tunnel, listening_ports
 
 from . import results as R
@@ -505,7 +505,9 @@ def edited(result: EditResult) -> CallToolResult:
     file) keeps its head and tail."""
     # (surrogateescape: a path that is not UTF-8 is in the diff's header as os.fsdecode spells it)
     diff, _ = cap_text(
-        result.diff.encode("utf-8", "surrogateescape"), MAX_OUTPUT_CHARS, "\n[diff cut; read the file for the rest]"
+        shorten_diff_lines(result.diff).encode("utf-8", "surrogateescape"),
+        MAX_OUTPUT_CHARS,
+        "\n[diff cut; read the file for the rest]",
     )
     return ok(
         R.EditResult(path=result.path, replacements=result.replacements, diff=diff),
