@@ -218,7 +218,8 @@ class Search:
         if await self._has_rg():
             argv = ["rg", "--files", "--hidden", "--glob", "!.git", "--null", "--no-config"]
             argv += [f"--max-depth={depth}"] if depth else []
-            argv += ["--glob", name] if (name := _basename_filter(narrowed)) else []
+            # (as a file type: a --glob would list the .gitignore'd files it matches, overriding the ignore)
+            argv += ["--type-add", f"tether:{name}", "-t", "tether"] if (name := _basename_filter(narrowed)) else []
             argv += ["--", root]
         else:
             argv = ["find", *_walk(root, depth), "-print0"]
@@ -486,13 +487,13 @@ def _narrowed(root: str, pattern: str) -> tuple[str, str, int | None]:
 
 
 def _basename_filter(pattern: str) -> str | None:
-    """A --glob for rg that every file the pattern matches passes (its last part: to rg, a glob
-    without '/' is matched against the name alone), or None when there is none that is safe: a
-    backslash (an escape, which rg reads after its own rules), braces (may hold a '/'), `**`, a leading '!'
-    or '#', brackets (rg knows no [[:digit:]], and refuses an unclosed '['), blanks at either end
-    (which rg trims)."""
+    """A glob of file names for rg that every file the pattern matches passes (its last part), or
+    None when there is none that is safe: a backslash (an escape, which rg reads after its own
+    rules), braces (may hold a '/'), `**`, a leading '!' or '#', brackets (rg knows no
+    [[:digit:]], and refuses an unclosed '['), blanks at either end (which rg trims), ':' and ','
+    (which a file type's definition gives meanings of their own)."""
     last = pattern.rsplit("/", 1)[-1]
-    unsafe = ("**", "\\", "[", "]")
+    unsafe = ("**", "\\", "[", "]", ":", ",")
     if last in ("*", "") or "{" in pattern or any(u in last for u in unsafe) or last[0] in "!#" or last != last.strip():
         return None
     return last

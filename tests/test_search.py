@@ -271,6 +271,17 @@ async def test_glob_is_newest_first_and_respects_depth(sb: Sandbox, tree: str) -
         await sb.glob("*/../*.md", tree)
 
 
+async def test_glob_skips_gitignored_files_as_grep_does(sb: Sandbox) -> None:
+    tree = await make_tree(sb)
+    await sb.makedirs(f"{tree}/.git")
+    await sb.write(f"{tree}/.gitignore", "ignored.md\nbuild/\n")
+    await sb.write(f"{tree}/ignored.md", "x")
+    await sb.write(f"{tree}/build/out.md", "x")
+    assert (await sb.glob("*.md", tree)).files == [f"{tree}/README.md"]
+    assert (await sb.glob("**/*.md", tree)).files == [f"{tree}/README.md"]
+    assert (await sb.glob("*", tree)).files == [f"{tree}/.gitignore", f"{tree}/README.md"]
+
+
 async def test_glob_lists_only_where_a_match_can_lie(box: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
     """A `*` at the top of a big tree, or `deep/dir/*.txt`, lists no more than it must: a listing of
     the whole tree would be cut short (here at 4 KiB) and miss the matches."""
