@@ -224,6 +224,7 @@ async def test_file_and_shell_tools(where: str, transport: str, ssh_pool_env: di
             ("grep", {"pattern": "y", "-i": True}, "unknown parameter '-i' (did you mean 'case_insensitive'?)"),
             ("run", {"command": "sleep 5", "timeout": 500}, "unknown parameter 'timeout' (did you mean 'timeout_ms'?)"),
             ("read", {"file_path": "app.py"}, "unknown parameter 'file_path' (did you mean 'path'?)"),
+            ("job_output", {"job_id": "j-1", "timeout": 500}, "unknown parameter 'timeout' (did you mean 'wait_ms'?)"),
             ("edit", {"path": "app.py", "old_string": "y", "new_string": "z", "replaceal": True}, "'replace_all'?"),
         ]:
             refused = await client.call_tool(tool, arguments)

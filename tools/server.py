@@ -352,17 +352,17 @@ class TetherServer(MCPServer):
             ) from exc.__cause__
 
 
-# What agents trained on other tool sets send, and what tether calls it.
+# What agents trained on other tool sets send, and what tether calls it (in the tools that have it).
 _SAID_ELSEWHERE = {
-    "file_path": "path",
-    "timeout": "timeout_ms",
-    "replaceAll": "replace_all",
-    "-i": "case_insensitive",
-    "-n": "line_numbers",
-    "-A": "after",
-    "-B": "before",
-    "-C": "context",
-    "run_in_bg": "run_in_background",
+    "file_path": ("path",),
+    "timeout": ("timeout_ms", "wait_ms"),
+    "replaceAll": ("replace_all",),
+    "-i": ("case_insensitive",),
+    "-n": ("line_numbers",),
+    "-A": ("after",),
+    "-B": ("before",),
+    "-C": ("context",),
+    "run_in_bg": ("run_in_background",),
 }
 
 
@@ -404,8 +404,8 @@ def unknown_parameters(unknown: list[str], known: list[str]) -> str:
     """What is wrong, with the likely meant name for each, and the tool's parameters."""
     parts = []
     for key in unknown:
-        guess = _SAID_ELSEWHERE.get(key)
-        if guess not in known:
+        guess = next((name for name in _SAID_ELSEWHERE.get(key, ()) if name in known), None)
+        if guess is None:
             close = difflib.get_close_matches(key, known, n=1)
             guess = close[0] if close else None
         parts.append(f"unknown parameter {key!r}" + (f" (did you mean {guess!r}?)" if guess else ""))
