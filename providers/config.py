@@ -230,9 +230,9 @@ def load_pools(config: dict[str, Any] | None = None, environ: dict[str, str] | N
     config = read_config() if config is None else config
     registry.register_from_config(config)
     entries = config.get("pools")
+    if entries is not None and not isinstance(entries, list):  # (`pools = {}` or `false` too)
+        raise ConfigError(f"{config_path()}: `pools` must be an array of tables ([[pools]])")
     if entries:
-        if not isinstance(entries, list):
-            raise ConfigError(f"{config_path()}: `pools` must be an array of tables ([[pools]])")
         pools = [parse_pool(e) for e in entries]
         names = [p.name for p in pools]
         duplicates = sorted({n for n in names if names.count(n) > 1})

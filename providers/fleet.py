@@ -392,7 +392,8 @@ class Fleet:
         names neither) and its idle timeout. (Its TTL: see `_expiry`.)"""
         update: dict[str, Any] = {"idle_timeout_s": request.idle_timeout_s or self.defaults.idle_timeout_s}
         if not request.pool and not request.provider and not _says_what_it_needs(request):
-            update.update(pool=self.defaults.pool, provider=self.defaults.provider)
+            # (a default pool wins over a default provider, which is for when no pool is named)
+            update.update(pool=self.defaults.pool, provider=None if self.defaults.pool else self.defaults.provider)
         return request.model_copy(update=update)
 
     def _cleanup_done(self, cleanup: asyncio.Future[bool]) -> None:

@@ -190,7 +190,7 @@ async def test_defaults_pool_goes_first_but_does_not_overrule_what_a_request_nee
 
     monkeypatch.setenv("TETHER_STATE_DIR", str(tmp_path))
     config = {
-        "defaults": {"pool": "gpu"},
+        "defaults": {"pool": "gpu", "provider": "local"},  # (the pool wins: provider is for when none is named)
         "pools": [
             {"name": "gpu", "provider": "ssh", "config": {"host": "me@gpu.example"}},
             {"name": "laptop", "provider": "local", "config": {"resources": {"timeoutSec": 60}, "owner": "mark"}},
@@ -237,6 +237,8 @@ def test_runtime_provides_overrides_the_substrate() -> None:
         ('[[pools]]\nname = "d"\nprovider = "daytona"\nconfig = { resources = { cpu = 4.0 } }', "cpu: unknown key"),
         ('[[pools]]\nname = "e"\nprovider = "e2b"\nconfig = { resources = { timeoutSec = 60 } }', "resources: unknown"),
         ("pools = [1]", "each pool is a table"),
+        ("pools = {}", "array of tables"),  # (an empty table is no empty list of pools)
+        ("pools = false", "array of tables"),
         ("providers = [1]", "array of tables"),
         (
             '[[pools]]\nname = "s"\nprovider = "ssh"\nconfig = { host = "me@h" }\n'
