@@ -432,6 +432,17 @@ def test_pause_and_resume_for_people_and_for_scripts(tmp_path: Path) -> None:
     assert json.loads(paused.stdout) == {"id": sandbox_id, "name": json.loads(up.stdout)["name"], "status": "paused"}
     resumed = tether("resume", sandbox_id, env=env)
     assert resumed.returncode == 0 and resumed.stdout.startswith("resumed ") and resumed.stdout.endswith(": running\n")
+    # its provider's plugin gone from the config: what the ledger knows is still shown
+    config.write_text('[[pools]]\nname = "pauses"\nprovider = "local"\n')
+    for args in (("info", sandbox_id), ("info", sandbox_id, "--json")):
+        shown = tether(*args, env=env)
+        assert shown.returncode == 0 and sandbox_id in shown.stdout, shown.stderr
+        assert "provider 'pausing', which is no longer configured" in shown.stdout, shown.stdout
+    assert json.loads(tether("info", sandbox_id, "--json", env=env).stdout)["capabilities"] is None
+    config.write_text(
+        '[[providers]]\nname = "pausing"\nclass = "tests.test_lifecycle:PausingProvider"\n\n'
+        '[[pools]]\nname = "pauses"\nprovider = "pausing"\n'
+    )
     assert tether("down", sandbox_id, env=env).returncode == 0
 
 

@@ -343,11 +343,15 @@ def info_command(args: argparse.Namespace) -> int:
             except (SandboxError, ProviderError) as exc:
                 unreachable = str(exc)
             record = fleet.record(record.id)  # (as get found it: its endpoint now, or its end)
+        try:
+            capabilities = R.sandbox_capabilities(fleet, record)  # (MCP's shape, as sandbox_info's)
+        except ProviderError as exc:  # (its provider's plugin gone from the config, say)
+            capabilities, unreachable = None, unreachable or str(exc)
         row: dict[str, Any] = {
             **(record_json(record, fleet) if args.json else record_row(record)),
             "status_reason": record.status_reason,
             "external_id": record.external_id,
-            "capabilities": R.sandbox_capabilities(fleet, record),  # (MCP's shape, as sandbox_info's)
+            "capabilities": capabilities,
         }
         if box is not None:
             try:
