@@ -11,7 +11,7 @@ from typing import TypeVar
 import asyncssh
 
 from .endpoint import SSHEndpoint
-from .errors import ConnectionLost, ShellsBusy
+from .errors import ConnectionLost, ConnectTimeout, ShellsBusy
 from .pool import CONNECTION_GONE, ConnectionPool, Lease
 from .shell import DEFAULT_TETHER_DIR, PersistentShell, ShellDied, ShellInfo
 
@@ -251,6 +251,7 @@ class ShellPool:
         self._idle_timer = _IdleTimer(idle_timeout, self._close_idle)
         self._idle: list[_Slot] = []
         self._count = 0  # open or opening
+        self._starting = 0  # login shells given a session and not yet ready
         self._changed = asyncio.Condition()
         self._closing: set[asyncio.Task[None]] = set()
         self.info: ShellInfo | None = None
@@ -259,12 +260,19 @@ class ShellPool:
     async def borrow(self, timeout: float | None = None) -> AsyncIterator[PersistentShell]:
         """A shell for one command. A shell that failed is closed rather than returned. Raises
         ShellsBusy when none is free within `timeout` seconds (every session the server allows in
-        use: its MaxSessions, shared with other sandboxes on the same endpoint); a shell that is
-        booting gets the boot timeout, however short `timeout` is."""
+        use: its MaxSessions, shared with other sandboxes on the same endpoint), ConnectTimeout when
+        a login shell was still starting then; a shell that is booting gets the boot timeout,
+        however short `timeout` is."""
         wait = None if timeout is None else max(timeout, self.boot_timeout)
         try:
-            slot = self.try_borrow_idle() or await asyncio.wait_for(self._acquire(), wait)
-        except TimeoutError:
+            slot = self.try_borrow_idle() or await self._acquire_within(wait)
+        except TimeoutError as exc:
+            if exc.args == ("starting",):
+                raise ConnectTimeout(
+                    f"no shell on {self._endpoint.display} was ready within {wait:g}s: a login shell was still "
+                    "starting (its start-up files hang or wait on something: a stale lock, say "
+                    "~/.pyenv/shims/.pyenv-shim); the command did not run"
+                ) from None
             raise ShellsBusy(
                 f"no shell on {self._endpoint.display} became free within {wait:g}s: every session the "
                 "server allows (its MaxSessions) is in use; the command did not run. Try again, or end "
@@ -309,6 +317,21 @@ class ShellPool:
             await running
         return slot
 
+    async def _acquire_within(self, wait: float | None) -> _Slot:
+        """`_acquire`, or TimeoutError after `wait` seconds: TimeoutError("starting") when a login
+        shell was starting then (asked before the cancel, which ends the start)."""
+        acquiring = asyncio.ensure_future(self._acquire())
+        try:
+            done, _ = await asyncio.wait({acquiring}, timeout=wait)
+            if not done:
+                raise TimeoutError("starting" if self._starting else "busy")
+            return acquiring.result()
+        finally:
+            if not acquiring.done():
+                acquiring.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await acquiring
+
     async def _acquire(self) -> _Slot:
         loop = asyncio.get_running_loop()
         burst_at = loop.time() + BURST_AFTER_S
@@ -325,11 +348,7 @@ class ShellPool:
                     await asyncio.wait_for(self._changed.wait(), None if bursting else burst_at - loop.time())
         # Opening a shell may wait for a session (the server's MaxSessions); a shell another caller
         # gives back meanwhile is taken instead, and the opening, if it still completes, goes idle.
-        opening = asyncio.ensure_future(
-            self._pool.open_session(
-                self._endpoint, lambda conn: PersistentShell.start(conn, self.boot_timeout, self.tether_dir)
-            )
-        )
+        opening = asyncio.ensure_future(self._pool.open_session(self._endpoint, self._start_shell))
         try:
             while True:
                 await self._until_done_or_given_back(opening)
@@ -349,6 +368,13 @@ class ShellPool:
                 opening.cancel()
             opening.add_done_callback(self._opened_late)
             raise
+
+    async def _start_shell(self, conn: asyncssh.SSHClientConnection) -> PersistentShell:
+        self._starting += 1
+        try:
+            return await PersistentShell.start(conn, self.boot_timeout, self.tether_dir)
+        finally:
+            self._starting -= 1
 
     async def _until_done_or_given_back(self, waiting: asyncio.Future[object]) -> None:
         """Wait until `waiting` is done or an idle shell is there, whichever comes first."""

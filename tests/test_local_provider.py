@@ -614,6 +614,9 @@ async def test_a_login_shell_that_hangs_in_its_profile_is_named_as_the_cause(
         async with Sandbox(box.endpoint, boot_timeout=0.5) as slow:
             with pytest.raises(ConnectTimeout, match=r"within 0.5s: its start-up files hang.*SHELL -lx -c true"):
                 await slow.run("true")
+            # a short timeout (`tether exec --timeout 2`) waits out the boot all the same, and says why
+            with pytest.raises(ConnectTimeout, match=r"within 0.5s.*start-up files hang"):
+                await slow.run("true", timeout=0.1)
             assert (await slow.stat(str(sandbox_root(box.id) / "work"))).type == "directory"  # (SFTP: no shell)
 
 
