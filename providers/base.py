@@ -18,7 +18,7 @@ from sandbox import ConnectionPool, SSHEndpoint
 from sandbox.errors import InvalidArgument
 from sandbox.executor import build_env
 
-from .config import MAX_TIMEOUT_S, LocalPoolConfig, Pool
+from .config import MAX_TIMEOUT_S, LocalPoolConfig, Pool, usable_gpu
 from .errors import Unsupported
 from .ledger import SANDBOX_ID
 from .profiles import LOCAL_AUTH_MODES, CapabilityProfile, Substrate
@@ -75,10 +75,7 @@ class Request(BaseModel):
     @field_validator("gpu")
     @classmethod
     def _usable_gpu(cls, value: str | None) -> str | None:
-        kind, colon, count = (value or "").partition(":")
-        if value is not None and (not kind.strip() or (colon and not (count.isdigit() and int(count) > 0))):
-            raise ValueError(f"{value!r} is not a GPU: write its type, and a count after a colon for more (a100:2)")
-        return value
+        return usable_gpu(value)
 
     @field_validator("name")
     @classmethod

@@ -44,7 +44,7 @@ class Resources(_Strict):
 
     cpu: float = Field(2.0, gt=0, description="vCPU count (float)")
     memoryMB: int = Field(2048, gt=0, description="Memory in MiB")
-    timeoutSec: int = Field(3600, gt=0, description="Sandbox timeout in seconds (the TTL)")
+    timeoutSec: int = Field(3600, gt=0, le=MAX_TIMEOUT_S, description="Sandbox timeout in seconds (the TTL)")
 
 
 # Daytona's page: "Idle workspaces automatically enter an archived state after autoStopInterval
@@ -58,6 +58,7 @@ class DaytonaResources(_Strict):
     timeoutSec: int | None = Field(
         None,
         gt=0,
+        le=MAX_TIMEOUT_S,
         description="Sets the auto-stop interval, ceil(timeoutSec / 60) minutes (unset: 30), after which an idle "
         "workspace is archived; not a TTL",
     )
@@ -106,6 +107,14 @@ class E2BPoolConfig(_Strict):
     )
 
 
+def usable_gpu(value: str | None) -> str | None:
+    """`value` when it is a GPU spec (a type, and a count over 0 after a colon), else ValueError."""
+    kind, colon, count = (value or "").partition(":")
+    if value is not None and (not kind.strip() or (colon and not (count.isdigit() and int(count) > 0))):
+        raise ValueError(f"{value!r} is not a GPU: write its type, and a count after a colon for more (a100:2)")
+    return value
+
+
 def gpu_type_and_count(spec: str) -> tuple[str, int]:
     """A GPU as Modal spells it, type and an optional count: "A100:2" → ("A100", 2), "h100" → ("h100", 1)."""
     kind, _, n = spec.partition(":")
@@ -117,6 +126,11 @@ class ModalPoolConfig(_Strict):
     gpu: str | None = Field(None, description="GPU type (e.g. a10g, a100, h100); omit for CPU-only")
     entrypoint: list[str] = Field(default_factory=lambda: list(DONMAI_COMMAND), description="Sandbox entrypoint")
     resources: Resources = Field(default_factory=Resources)
+
+    @field_validator("gpu")
+    @classmethod
+    def _usable_gpu(cls, value: str | None) -> str | None:
+        return usable_gpu(value)
 
     def ttl(self) -> tuple[int, bool]:
         """Modal's sandbox timeout (Modal ends the sandbox then: a TTL), and whether this pool's

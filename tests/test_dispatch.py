@@ -237,6 +237,11 @@ def test_runtime_provides_overrides_the_substrate() -> None:
         ('[[pools]]\nname = "d"\nprovider = "daytona"\nconfig = { resources = { cpu = 4.0 } }', "cpu: unknown key"),
         ('[[pools]]\nname = "e"\nprovider = "e2b"\nconfig = { resources = { timeoutSec = 60 } }', "resources: unknown"),
         ("pools = [1]", "each pool is a table"),
+        ('[[pools]]\nname = "m"\nprovider = "modal"\nconfig = { gpu = "a100:0" }', "'a100:0' is not a GPU"),
+        (
+            '[[pools]]\nname = "m"\nprovider = "modal"\nconfig = { resources = { timeoutSec = 100000000000 } }',
+            "timeoutSec: Input should be less than or equal",
+        ),
         ("pools = {}", "array of tables"),  # (an empty table is no empty list of pools)
         ("pools = false", "array of tables"),
         ("providers = [1]", "array of tables"),
