@@ -1238,6 +1238,10 @@ async def test_tunnel_tools_over_mcp() -> None:
         assert port in info["listening_ports"]
         opened = structured(await client.call_tool("tunnel_open", {"port": port, "path": "/"}))
         assert opened["backend"] == "local" and opened["headers"] == {}
+        # tether's own ports there are no server of the sandbox's: its SSH server, the tunnel's listener
+        listed_ports = structured(await client.call_tool("sandbox_info", {}))["listening_ports"]
+        assert port in listed_ports and info["ssh"]["port"] not in listed_ports
+        assert int(opened["url"].split(":")[2].split("/")[0]) not in listed_ports
         async with httpx.AsyncClient() as http:
             assert (await http.get(opened["url"])).status_code == 200
         listed = structured(await client.call_tool("tunnel_list", {}))

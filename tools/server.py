@@ -36,7 +36,7 @@ from sandbox import SSHEndpoint
 from sandbox.errors import InvalidArgument, JobNotFound, SandboxError, validation_problems
 from sandbox.executor import MAX_OUTPUT_CHARS, cap_text, signal_name
 from sandbox.files import MAX_READ_CHARS, Edit, EditResult, Image, shorten_diff_lines
-from tunnels import Tunnel, listening_ports
+from tunnels import Tunnel
 
 from . import results as R
 from . import tether_version
@@ -668,7 +668,7 @@ def register_lifecycle_tools(server: MCPServer, state: ServerState) -> None:
             return await box.cwd() if running else None
 
         async def ask_ports() -> list[int]:
-            return await listening_ports(box) if running else []
+            return await state.tunnels.listening(box) if running else []
 
         # Asked together (each is a round trip or more); what the box cannot answer is left out.
         answers = await asyncio.gather(ask_capacity(), ask_jobs(), ask_cwd(), ask_ports(), return_exceptions=True)

@@ -16,7 +16,7 @@ from .base import Backend, BackendName, Opened, PreviewSource, Tunnel, TunnelErr
 from .channels import Notifier
 from .check import CHECK_TIMEOUT, NothingListens, answers, verify
 from .local import LocalBackend, LocalForward
-from .ports import loopback_for, tethers_own
+from .ports import listening_ports, loopback_for, tethers_own
 from .provider import NoProviderURLs, ProviderBackend
 from .relay import RelayBackend, RelayConfig
 
@@ -151,6 +151,11 @@ class TunnelManager:
             why = "no [relay] is configured in config.toml" if backend == "relay" else "its provider has no URLs"
             raise TunnelError(f"backend {backend} is not available for this sandbox: {why}")
         return [available[backend]]
+
+    async def listening(self, box: Sandbox) -> list[int]:
+        """The ports listening in `box`, but for tether's own there (this process's local tunnels,
+        a local sandbox's SSH server): the servers that run in it, as sandbox_info shows them."""
+        return sorted(set(await listening_ports(box)) - tethers_own(box, self._listeners()))
 
     def _listeners(self, *also: Opened) -> set[int]:
         """The ports this process listens on for local tunnels (those of `also` too): a sandbox on
