@@ -202,8 +202,8 @@ def kill_processes_of(sandbox_id: str) -> None:
 
 
 def _profiles_running(pids: list[int]) -> set[int]:
-    """Those of `pids` in the process group of a login shell (`SHELL -l`, which the embedded server
-    starts as a session leader) with more in it than the shell: the shell and what its profile runs."""
+    """Those of `pids` in the process group of a login shell (which the embedded server starts as a
+    session leader) with more in it than the shell: the shell and what its profile runs."""
     groups: dict[int, list[int]] = {}
     for pid in pids:
         try:
@@ -215,8 +215,10 @@ def _profiles_running(pids: list[int]) -> set[int]:
 
 
 def _is_login_shell(pid: int) -> bool:
+    """`SHELL -l`, as a session's shell runs, or `SHELL -l -c ...`, as tether's own shells start in
+    a shell that is not sh-like (zsh, fish: see sandbox.shell.BOOT_COMMAND)."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:] == [b"-l", b""]
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:2] == [b"-l"]
     except OSError:
         return False
 

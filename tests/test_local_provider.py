@@ -29,6 +29,7 @@ from sandbox import Sandbox, search
 from sandbox.connect import dial
 from sandbox.errors import ConnectTimeout, FileOperationError, InvalidArgument, IsADirectory, SandboxEnded
 from sandbox.hostkeys import HostKeyPins
+from sandbox.shell import BOOT_COMMAND
 from sandbox.state import StateStore
 from tests.mcp_support import tether
 from tests.processes import fake_nvidia_smi, leaf_sleep, running, wait_until_gone, wait_until_running
@@ -578,8 +579,9 @@ async def test_a_session_closed_while_its_profile_runs_lets_the_profile_finish(
             assert not held.exists(), "the profile was cut short, its lock left behind"
 
 
+@pytest.mark.parametrize("command", [None, BOOT_COMMAND], ids=["session", "tethers-shell"])
 async def test_a_sandbox_ended_while_a_login_shell_reads_its_profile_lets_the_profile_finish(
-    tmp_path: Path, fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+    command: str | None, tmp_path: Path, fleet: Fleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same lock, when the sandbox ends (`tether down` from another shell) while a session is
     still open and its login shell is in the middle of its profile: the profile's processes are let
@@ -593,7 +595,7 @@ async def test_a_sandbox_ended_while_a_login_shell_reads_its_profile_lets_the_pr
     box = await fleet.create(Request(provider="local"))
     conn = await dial(box.endpoint, HostKeyPins(StateStore(tmp_path / "pins.db")))
     async with conn:
-        await conn.create_process()
+        await conn.create_process(command)  # (tether's own, in zsh: `zsh -l -c 'exec /bin/sh'`)
         for _ in range(100):
             if held.exists():
                 break
