@@ -53,7 +53,12 @@ def rejection_reasons(request: Request, pool: Pool, availability: Availability) 
     substrate = pool.substrate()
     missing = [k for k in request.requirement_kinds() if k not in substrate.requirement_kinds]
     if missing:
-        reasons.append(f"lacks requirement kinds {', '.join(missing)} (add them to the pool's runtime_provides)")
+        fix = (
+            "configure a [[pools]] entry for a machine that has them"
+            if pool.implicit
+            else "if its machines have them, add them to its runtime_provides"
+        )
+        reasons.append(f"lacks requirement kinds {', '.join(missing)} ({fix})")
     missing_runtimes = [k for k in request.runtime_kinds if k not in substrate.runtime_kinds]
     if missing_runtimes:
         reasons.append(f"lacks runtime kinds {', '.join(missing_runtimes)}")

@@ -88,8 +88,16 @@ def test_a_failed_dispatch_lists_every_pools_reason() -> None:
         choose_pool(Request(requirements=["gpu", "toolchain:go"]), POOLS, everything_available)
     reasons = {r.pool: r.reasons for r in caught.value.rejections}
     assert set(reasons) == {p.name for p in POOLS}
-    assert reasons["laptop"] == ("lacks requirement kinds gpu (add them to the pool's runtime_provides)",)
-    assert reasons["modal-gpu"] == ("lacks requirement kinds toolchain:go (add them to the pool's runtime_provides)",)
+    fix = "(if its machines have them, add them to its runtime_provides)"
+    assert reasons["laptop"] == (f"lacks requirement kinds gpu {fix}",)
+    assert reasons["modal-gpu"] == (f"lacks requirement kinds toolchain:go {fix}",)
+    # an implicit pool (no config): there is no runtime_provides to edit, nor should a GPU be claimed
+    implicit = [Pool(name="local", provider="local", implicit=True)]
+    with pytest.raises(DispatchError) as alone:
+        choose_pool(Request(gpu="a100"), implicit, everything_available)
+    assert alone.value.rejections[0].reasons == (
+        "lacks requirement kinds gpu (configure a [[pools]] entry for a machine that has them)",
+    )
     assert "inactive (set active = true in config.toml)" in reasons["ci-box"]
     message = str(caught.value)
     assert (

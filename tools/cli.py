@@ -945,9 +945,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tether",
         description="Give AI agents real computers over SSH.",
-        epilog="environment: TETHER_STATE_DIR (state: the ledger, keys; default ~/.local/state/tether), "
-        "TETHER_CONFIG (default ~/.config/tether/config.toml), TETHER_MCP_TOKEN (tether mcp over HTTP). "
-        "`tether COMMAND --help` for a command's options.",
+        epilog="environment: TETHER_STATE_DIR (state: the ledger, keys; default $XDG_STATE_HOME/tether, else "
+        "~/.local/state/tether), TETHER_CONFIG (default ~/.config/tether/config.toml), "
+        "TETHER_MCP_TOKEN (tether mcp over HTTP). `tether COMMAND --help` for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"tether {tether_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

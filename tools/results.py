@@ -149,7 +149,7 @@ class SandboxList(Result):
 
     def text(self) -> str:
         if not self.sandboxes:
-            return "no sandboxes; create one with sandbox_create (or just use a tool: a local one is made)"
+            return "no sandboxes; create one with sandbox_create, or just use a tool: the default sandbox is made then"
         lines = [
             f"{s.id}  {s.name}  {s.provider}/{s.pool}  {s.status}" + ("  (default)" if s.id == self.default else "")
             for s in self.sandboxes
