@@ -519,6 +519,31 @@ def test_a_signal_stops_the_stdio_server_and_tears_down(stop: signal.Signals) ->
             process.kill()
 
 
+def test_a_signal_as_a_request_comes_in_stops_the_stdio_server_cleanly() -> None:
+    """Stopped just as a call arrives, the SDK's relay of it finds its stream closed: that is the
+    stop, not a crash (no traceback, exit 0), and what the call made is torn down."""
+    started = time.time()
+    for _ in range(4):  # (the window is narrow: it was hit three times in four)
+        process = tether_process("mcp", stdin=subprocess.PIPE)
+        assert process.stdin and process.stdout and process.stderr
+        process.stdin.write(json.dumps(INITIALIZE) + "\n")
+        process.stdin.flush()
+        process.stdout.readline()
+        call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "sandbox_create"}}
+        for message in ({"jsonrpc": "2.0", "method": "notifications/initialized"}, call):
+            process.stdin.write(json.dumps(message) + "\n")
+        process.stdin.flush()
+        process.send_signal(signal.SIGINT)
+        try:
+            assert process.wait(30) == 0
+            said = process.stderr.read()
+            assert "Traceback" not in said, said
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert [r for r in Ledger().list() if r.created_at >= started and r.status != "terminated"] == []
+
+
 class SlowTeardownProvider(LocalProvider):
     """A local machine whose termination takes two seconds, like a cloud API's."""
 
@@ -616,6 +641,12 @@ def test_a_token_with_whitespace_is_refused_at_start(token: str) -> None:
     """No client could send it (HTTP strips a header value's edges): refused, not silently useless."""
     with pytest.raises(HTTPSecurityError, match="whitespace"):
         resolve_token("0.0.0.0", False, {"TETHER_MCP_TOKEN": token})
+
+
+def test_a_token_http_clients_cannot_send_is_refused_at_start() -> None:
+    """(httpx, under the official client, refuses such a header before anything is sent.)"""
+    with pytest.raises(HTTPSecurityError, match="other than ASCII"):
+        resolve_token("0.0.0.0", False, {"TETHER_MCP_TOKEN": "pässwörd-0123456789"})
 
 
 def test_a_request_with_a_lone_surrogate_gets_an_answer() -> None:

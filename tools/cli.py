@@ -204,20 +204,36 @@ def mcp_command(args: argparse.Namespace) -> int:
         assert task is not None
         loop = asyncio.get_running_loop()
 
+        signalled = asyncio.Event()
+
         def stop() -> None:
-            if state.stopping or task.cancelling():
+            if state.stopping or signalled.is_set():
                 with contextlib.suppress(OSError):  # (after SIGHUP the terminal may be gone)
                     print("tether mcp: stopping; tearing down the sandboxes it created", file=sys.stderr, flush=True)
                 return
+            signalled.set()
             task.cancel()
 
         for sig in (signal.SIGINT, *STOP_SIGNALS):
             loop.add_signal_handler(sig, stop)
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await serve_stdio(server)
+        except asyncio.CancelledError:
+            pass
+        except BaseExceptionGroup as group:
+            # Stopped as a request came in: the SDK's relay of it may then find its stream closed
+            # (anyio's BrokenResourceError), which is the stop, not a failure to report.
+            if not signalled.is_set() or group.split(_closed_stream)[1] is not None:
+                raise
 
     asyncio.run(stdio())
     return 0
+
+
+def _closed_stream(exc: BaseException) -> bool:
+    import anyio
+
+    return isinstance(exc, (anyio.BrokenResourceError, anyio.ClosedResourceError, asyncio.CancelledError))
 
 
 @command("demo")

@@ -74,6 +74,8 @@ def resolve_token(
     if token is not None and any(c.isspace() for c in token):
         # (a client cannot send it: HTTP strips a header value's edges, and a space splits it)
         raise HTTPSecurityError("TETHER_MCP_TOKEN contains whitespace; use 16 or more random characters without")
+    if token is not None and not token.isascii():
+        raise HTTPSecurityError("TETHER_MCP_TOKEN has characters other than ASCII, which HTTP clients cannot send")
     if token is not None and len(token) < 16:
         raise HTTPSecurityError("TETHER_MCP_TOKEN is too short; use at least 16 random characters")
     return token
