@@ -255,10 +255,7 @@ async def _send(
 
     async def write(data: bytes, offset: int) -> None:
         nonlocal done
-        try:
-            await f.write(data, offset)
-        finally:
-            pieces.release()
+        await f.write(data, offset)
         done += len(data)
         if progress is not None:
             progress(done, size)
@@ -276,7 +273,7 @@ async def _send(
                 if not data:
                     pieces.release()
                     break
-                group.create_task(write(data, offset))
+                _releasing(pieces, group.create_task(write(data, offset)))
     if done != size:
         raise FileOperationError(str(local), f"{local} changed size while it was copied; copy it again")
 
@@ -290,24 +287,28 @@ async def _receive(
 
     async def read(f: asyncssh.SFTPClientFile, offset: int) -> None:
         nonlocal done
-        try:
-            async for at, data in await f.read_parallel(min(PIECE, size - offset), offset):
-                view = memoryview(data)
-                while view:  # (a full disk writes short: the rest is not dropped, it fails)
-                    written = os.pwrite(fd, view, at)
-                    view, at = view[written:], at + written
-                done += len(data)
-                if progress is not None:
-                    progress(done, size)
-        finally:
-            pieces.release()
+        async for at, data in await f.read_parallel(min(PIECE, size - offset), offset):
+            view = memoryview(data)
+            while view:  # (a full disk writes short: the rest is not dropped, it fails)
+                written = os.pwrite(fd, view, at)
+                view, at = view[written:], at + written
+            done += len(data)
+            if progress is not None:
+                progress(done, size)
 
     async with sftp.open(remote, "rb", block_size=-1, max_requests=MAX_REQUESTS) as f, task_group() as group:
         for offset in range(0, size, PIECE):
             await pieces.acquire()
-            group.create_task(read(f, offset))
+            _releasing(pieces, group.create_task(read(f, offset)))
     if done != size:  # (it shrank meanwhile)
         raise FileOperationError(remote, f"{remote} changed size while it was copied; copy it again")
+
+
+def _releasing(pieces: asyncio.Semaphore, task: asyncio.Task[None]) -> None:
+    """Give `task`'s piece back when it is done, however: a finally in its body would not run for
+    a task cancelled before it started (one piece failed, the group cancelled the rest), and the
+    sandbox's later copies would wait for that piece for good."""
+    task.add_done_callback(lambda _: pieces.release())
 
 
 def current_umask() -> int:

@@ -455,6 +455,31 @@ async def test_a_copy_whose_sftp_session_ended_says_so_and_the_next_one_works(
         await box.run(["rm", "-f", "first.bin", "again.bin"])
 
 
+async def test_copies_cut_off_by_lost_connections_leave_the_next_copies_working(
+    own_sshd: SSHD, client_key: Path, pool: ConnectionPool, tmp_path: Path
+) -> None:
+    """A copy cut off mid-way (the connection killed) gives back every piece it held, the pieces
+    whose turn had not come among them: the sandbox's next copies go on, not wait for good."""
+    async with Sandbox(endpoint_for(own_sshd, client_key), pool=pool) as box:
+        source = tmp_path / "big.bin"
+        source.write_bytes(os.urandom(64 << 20))
+        await box.upload(source, "whole.bin")
+
+        def cut(done: int, total: int) -> None:
+            if done > total // 8:
+                own_sshd.kill_connections()
+
+        for _ in range(2):
+            with pytest.raises(ConnectionLost):
+                await asyncio.wait_for(box.upload(source, "cut.bin", progress=cut), 60)
+            with pytest.raises(ConnectionLost):
+                await asyncio.wait_for(box.download("whole.bin", tmp_path / "cut.bin", progress=cut), 60)
+        assert await asyncio.wait_for(box.upload(source, "again.bin"), 60) == 64 << 20
+        await asyncio.wait_for(box.download("again.bin", tmp_path / "back.bin"), 60)
+        assert (tmp_path / "back.bin").read_bytes() == source.read_bytes()
+        await box.run(["rm", "-f", "whole.bin", "cut.bin", "again.bin"])
+
+
 async def test_local_links_are_followed_and_pipes_and_devices_refused(sb: Sandbox, tmp_path: Path) -> None:
     """cp's rules on this machine's side: a download through a symlink replaces the file it names;
     a pipe or a device is never replaced by a plain file (nor read: /dev/zero never ends)."""
