@@ -189,16 +189,16 @@ class Jobs:
         Each look costs one round of SFTP requests sent together (the exit file, the pid until it is
         known, both output sizes) and, while the job runs, one builtin-only call to a shell.
         """
+        deadline = time.monotonic() + max(0, wait_ms) / 1000  # (from the call: the wait below counts)
         directory = await self._directory(job_id)
         # One reader at a time per job: two calls sent together would both read from the same
         # position and return the same output twice.
         async with self._readers.hold(directory):
-            return await self._output(job_id, directory, wait_ms, max_chars)
+            return await self._output(job_id, directory, deadline, max_chars)
 
-    async def _output(self, job_id: str, directory: str, wait_ms: int, max_chars: int) -> JobOutput:
+    async def _output(self, job_id: str, directory: str, deadline: float, max_chars: int) -> JobOutput:
         cursor = self._cursors.setdefault(job_id, _Cursor())
         read_before = (cursor.stdout, cursor.stderr)
-        deadline = time.monotonic() + max(0, wait_ms) / 1000
         process: str | None = None
         while True:
             exit_code, process, out_size, err_size = await self._sftp.retrying(

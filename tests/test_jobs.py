@@ -276,6 +276,16 @@ async def test_output_read_by_calls_sent_together_is_returned_once(sb: Sandbox) 
     assert sorted((o.stdout, o.stderr) for o in outputs) == [("", "")] * 3 + [("hello\n", "world\n")]
 
 
+async def test_waits_sent_together_each_end_when_their_own_wait_does(sb: Sandbox) -> None:
+    """Reads of one job take turns, but each call's wait_ms counts from the call, not from its turn."""
+    job = await sb.start_job("sleep 30")
+    started = time.monotonic()
+    outputs = await asyncio.gather(*(sb.job_output(job.id, wait_ms=1500) for _ in range(3)))
+    assert all(o.stdout == "" and o.exit_code is None for o in outputs)
+    assert time.monotonic() - started < 3.5  # (one after the other, they took 4.5 s)
+    await sb.job_kill(job.id, "KILL")
+
+
 async def test_list_copes_with_hundreds_of_jobs(sb: Sandbox) -> None:
     """Four small files per job, read for every job at once, would exhaust sftp-server's descriptors
     (1024 under a usual limit) on a box that has run a few hundred jobs."""
