@@ -275,8 +275,8 @@ class ShellPool:
                 ) from None
             raise ShellsBusy(
                 f"no shell on {self._endpoint.display} became free within {wait:g}s: every session the "
-                "server allows (its MaxSessions) is in use; the command did not run. Try again, or end "
-                "background work that holds sessions"
+                "server allows (its MaxSessions) is in use, or the server is not answering; the command "
+                "did not run. Try again, or end background work that holds sessions"
             ) from None
         healthy = False
         try:
@@ -370,11 +370,21 @@ class ShellPool:
             raise
 
     async def _start_shell(self, conn: asyncssh.SSHClientConnection) -> PersistentShell:
-        self._starting += 1
+        """A new shell; while its login shell runs its start-up files, it counts as starting (a
+        session that never opens, on a connection that stopped answering, does not)."""
+        counted = False
+
+        def channel_open() -> None:
+            nonlocal counted
+            if not counted:
+                counted = True
+                self._starting += 1
+
         try:
-            return await PersistentShell.start(conn, self.boot_timeout, self.tether_dir)
+            return await PersistentShell.start(conn, self.boot_timeout, self.tether_dir, channel_open)
         finally:
-            self._starting -= 1
+            if counted:
+                self._starting -= 1
 
     async def _until_done_or_given_back(self, waiting: asyncio.Future[object]) -> None:
         """Wait until `waiting` is done or an idle shell is there, whichever comes first."""

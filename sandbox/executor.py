@@ -329,13 +329,20 @@ class Executor:
     ) -> tuple[Finished, bool]:
         pid: int | None = None
         try:
-            pid = await shell.begin(command_id, cwd, script, exports, fallback)
-            if began is not None:
-                began.set()
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(timeout):  # (the start too: a frozen connection never reports it)
+                    pid = await shell.begin(command_id, cwd, script, exports, fallback)
+                    if began is not None:
+                        began.set()
                     return await shell.finish(command_id), False
             except TimeoutError:
+                if pid is None:
+                    # It may start yet: then it is killed, before the discarded shell closes.
+                    shell.before_close = functools.partial(self._kill_when_started, shell, command_id)
+                    raise ConnectionLost(
+                        f"the command was not even started within its {timeout:g}s: the box or the connection "
+                        "is not answering; its shell was discarded (try again)"
+                    ) from None
                 await self.signal_group(pid, "KILL")
                 try:
                     async with asyncio.timeout(KILL_GRACE_SECONDS):

@@ -514,27 +514,38 @@ class PersistentShell:
 
     @classmethod
     async def start(
-        cls, conn: asyncssh.SSHClientConnection, timeout: float, tether_dir: str = DEFAULT_TETHER_DIR
+        cls,
+        conn: asyncssh.SSHClientConnection,
+        timeout: float,
+        tether_dir: str = DEFAULT_TETHER_DIR,
+        channel_open: Callable[[], None] = lambda: None,
     ) -> PersistentShell:
         """Open the channel, start the login shell and wait for it to report ready.
 
         Raises:
             ConnectTimeout: the shell did not report ready within `timeout` (a profile that waits
-                for input, or a login shell that cannot run `-l -c`).
+                for input, or a login shell that cannot run `-l -c`). `channel_open` is called once
+                its session is open and the login shell runs.
             asyncssh.ChannelOpenError: the server refused the channel (the pool handles it).
         """
         init = _INIT.replace("__TETHER_DIR__", _shell_word(tether_dir))
         try:
-            return await cls._start(conn, BOOT_COMMAND, timeout, init)
+            return await cls._start(conn, BOOT_COMMAND, timeout, init, channel_open)
         except ShellDied:
             # Login shells that don't understand `-l -c` (csh, tcsh) exit at once: fall back to sh -l.
-            return await cls._start(conn, FALLBACK_BOOT_COMMAND, timeout, init)
+            return await cls._start(conn, FALLBACK_BOOT_COMMAND, timeout, init, channel_open)
 
     @classmethod
     async def _start(
-        cls, conn: asyncssh.SSHClientConnection, command: str, timeout: float, init: str
+        cls,
+        conn: asyncssh.SSHClientConnection,
+        command: str,
+        timeout: float,
+        init: str,
+        channel_open: Callable[[], None],
     ) -> PersistentShell:
         process = await conn.create_process(command, encoding=None)
+        channel_open()
         nonce = secrets.token_hex(8)
         try:
             process.stdin.write(init.replace("__NONCE__", nonce).encode("utf-8", "surrogateescape"))

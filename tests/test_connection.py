@@ -180,6 +180,28 @@ async def test_keepalive_notices_a_silent_peer_and_the_next_call_redials(
                     os.kill(pid, signal.SIGKILL)
 
 
+async def test_a_command_on_a_frozen_connection_ends_within_its_timeout(
+    own_sshd: SSHD, client_key: Path, pool: ConnectionPool
+) -> None:
+    """The server stops answering (keepalive slower than the command's timeout): the command is
+    not even started, and says so when its timeout is up, not when keepalive gives up on the peer."""
+    endpoint = endpoint_for(own_sshd, client_key, keepalive_interval=60)
+    async with Sandbox(endpoint, pool=pool) as box:
+        assert (await box.run("echo one")).stdout == "one\n"
+        frozen = own_sshd.connection_pids()
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(ConnectionLost, match=r"not even started within its 2s: the box or the connection"):
+                await asyncio.wait_for(box.run("echo two", timeout=2), 30)
+            assert time.monotonic() - started < 10
+        finally:
+            for pid in frozen:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
 async def test_idle_channels_and_connections_are_closed(own_sshd: SSHD, client_key: Path, tmp_path: Path) -> None:
     pool = ConnectionPool(HostKeyPins(StateStore(tmp_path / "s.db")), idle_close=0.2)
     endpoint = endpoint_for(own_sshd, client_key)
