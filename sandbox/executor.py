@@ -154,6 +154,10 @@ def _head_tail(head_source: str, tail_source: str, size: int, max_chars: int, no
     return f"{head}\n… [{hidden} bytes not shown] …\n{tail}{note}"
 
 
+# At least this long (or the command's timeout, if longer) for a shell to report a command started.
+START_BOUND_S = 10.0
+
+
 class Executor:
     """Runs commands through a sandbox's shell pool; output files are read back over SFTP."""
 
@@ -329,20 +333,25 @@ class Executor:
     ) -> tuple[Finished, bool]:
         pid: int | None = None
         try:
+            # A start takes a round trip: one not reported in time means a connection that stopped
+            # answering (keepalive may take a minute to say so), not a command that ran long.
+            bound = max(timeout, START_BOUND_S)
             try:
-                async with asyncio.timeout(timeout):  # (the start too: a frozen connection never reports it)
+                async with asyncio.timeout(bound):
                     pid = await shell.begin(command_id, cwd, script, exports, fallback)
-                    if began is not None:
-                        began.set()
+            except TimeoutError:
+                # It may start yet: then it is killed, before the discarded shell closes.
+                shell.before_close = functools.partial(self._kill_when_started, shell, command_id)
+                raise ConnectionLost(
+                    f"the command was not even started within {bound:g}s: the box or the connection is not "
+                    "answering; its shell was discarded (try again)"
+                ) from None
+            if began is not None:
+                began.set()
+            try:
+                async with asyncio.timeout(timeout):
                     return await shell.finish(command_id), False
             except TimeoutError:
-                if pid is None:
-                    # It may start yet: then it is killed, before the discarded shell closes.
-                    shell.before_close = functools.partial(self._kill_when_started, shell, command_id)
-                    raise ConnectionLost(
-                        f"the command was not even started within its {timeout:g}s: the box or the connection "
-                        "is not answering; its shell was discarded (try again)"
-                    ) from None
                 await self.signal_group(pid, "KILL")
                 try:
                     async with asyncio.timeout(KILL_GRACE_SECONDS):
