@@ -205,6 +205,20 @@ class SSHD:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
+    @contextlib.contextmanager
+    def frozen_connections(self) -> Iterator[None]:
+        """The connections' sshd processes stopped (a peer that stops answering, its TCP still up)
+        for the block, and killed after it."""
+        frozen = self.connection_pids()
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in frozen:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             # Signal sshd itself, not runuser: runuser sleeps two seconds after forwarding a signal.

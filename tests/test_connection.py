@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
 import secrets
-import signal
 import socket
 import subprocess
 import time
@@ -164,20 +162,13 @@ async def test_keepalive_notices_a_silent_peer_and_the_next_call_redials(
     endpoint = endpoint_for(own_sshd, client_key, keepalive_interval=0.2)
     async with Sandbox(endpoint, pool=pool) as box:
         assert (await box.run("echo one")).stdout == "one\n"
-        frozen = own_sshd.connection_pids()
-        for pid in frozen:
-            os.kill(pid, signal.SIGSTOP)
-        try:
+        with own_sshd.frozen_connections():
             deadline = time.monotonic() + 5
             while pool.stats(endpoint) and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
             assert pool.stats(endpoint) == []  # the dead connection was dropped by keepalive
             assert (await box.read_text("/etc/hostname")) != ""
             assert (await box.run("echo two")).stdout == "two\n"
-        finally:
-            for pid in frozen:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
 
 
 async def test_a_command_on_a_frozen_connection_ends_within_its_timeout(
@@ -188,18 +179,11 @@ async def test_a_command_on_a_frozen_connection_ends_within_its_timeout(
     endpoint = endpoint_for(own_sshd, client_key, keepalive_interval=60)
     async with Sandbox(endpoint, pool=pool) as box:
         assert (await box.run("echo one")).stdout == "one\n"
-        frozen = own_sshd.connection_pids()
-        for pid in frozen:
-            os.kill(pid, signal.SIGSTOP)
-        try:
+        with own_sshd.frozen_connections():
             started = time.monotonic()
             with pytest.raises(ConnectionLost, match=r"not even started within 10s: the box or the connection"):
                 await asyncio.wait_for(box.run("echo two", timeout=2), 30)
             assert time.monotonic() - started < 20  # (keepalive: 60 s, and three missed)
-        finally:
-            for pid in frozen:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
 
 
 async def test_idle_channels_and_connections_are_closed(own_sshd: SSHD, client_key: Path, tmp_path: Path) -> None:
