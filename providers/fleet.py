@@ -461,12 +461,7 @@ class Fleet:
             raise SandboxGone(ref, f"being terminated ({ending})")
         if record.status in ("provisioning", "failed"):
             raise ProviderError(f"sandbox {ref!r} is {record.status}; wait, or destroy it and create another")
-        if record.expired():
-            # Past its TTL: ended now, not used until a reaper comes by (a CLI command runs none).
-            try:
-                await self.destroy(record.id, "expired (TTL)")
-            except ProviderError as exc:
-                log.warning("could not terminate expired sandbox %s (gc will retry): %s", record.id, exc)
+        if await self.end_if_expired(record):
             raise SandboxGone(ref, "expired (its TTL ran out)")
         box = self._open.get(record.id)
         provider = self._provider_of(record)
@@ -487,6 +482,17 @@ class Fleet:
         assert box is not None
         box.verified_at = time.monotonic()
         return box
+
+    async def end_if_expired(self, record: SandboxRecord) -> bool:
+        """End the sandbox if it is past its TTL, not when a reaper comes by (a CLI command runs
+        none); whether it was. A failure to end it is logged, and gc retries."""
+        if not record.expired():
+            return False
+        try:
+            await self.destroy(record.id, "expired (TTL)")
+        except ProviderError as exc:
+            log.warning("could not terminate expired sandbox %s (gc will retry): %s", record.id, exc)
+        return True
 
     async def destroy(self, ref: str, reason: str = "destroyed") -> CostEvent:
         """Terminate a sandbox and record its cost event (idempotent: a second call returns the first

@@ -4,16 +4,12 @@ providers, so the wiring lives here)."""
 
 from __future__ import annotations
 
-import logging
-
-from providers import Fleet, ProviderError, SandboxNotFound
+from providers import Fleet, SandboxNotFound
 from tunnels import Notifier, PreviewSource, PreviewURL, Tunnel, TunnelManager, load_channels, load_relay
 
 # How often a process holding tunnels looks for their sandboxes having ended elsewhere (`tether down`
 # in another shell, another process's reaper): a tunnel to a machine that is gone must not linger.
 ENDED_CHECK_SECONDS = 2.0
-
-log = logging.getLogger(__name__)
 
 
 def fleet_notifier(fleet: Fleet) -> Notifier:
@@ -57,12 +53,7 @@ async def close_tunnels_of_ended_sandboxes(fleet: Fleet, tunnels: TunnelManager)
         except SandboxNotFound:
             live = False
         else:
-            live = record.live and not record.expired()
-            if record.live and not live:
-                try:
-                    await fleet.destroy(sandbox_id, "expired (TTL)")
-                except ProviderError as exc:
-                    log.warning("could not terminate expired sandbox %s (gc will retry): %s", sandbox_id, exc)
+            live = record.live and not await fleet.end_if_expired(record)
         if not live:
             await tunnels.close_for_sandbox(sandbox_id)
             ended.append(sandbox_id)
