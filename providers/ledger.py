@@ -513,6 +513,11 @@ class Ledger:
                 )
         return abandoned
 
+    def tunnel(self, tunnel_id: str) -> dict[str, Any] | None:
+        """The record of one tunnel, open or closed; None when there is none of that id."""
+        rows = self.store.query("SELECT * FROM tunnels WHERE id = ?", (tunnel_id,))
+        return dict(rows[0]) if rows else None
+
     def tunnels(self, sandbox_id: str | None = None, open_only: bool = True) -> list[dict[str, Any]]:
         clauses, params = [], []
         if sandbox_id:

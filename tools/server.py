@@ -1072,10 +1072,10 @@ def register_tunnel_tools(server: MCPServer, state: ServerState) -> None:
         if tunnel_id not in {t.id for t in state.tunnels.list()}:
             # Not open here: another live process's (which alone can close it), one closed already, or none.
             state.fleet.ledger.close_abandoned_tunnels()
-            held = [row for row in state.fleet.ledger.tunnels(open_only=False) if row["id"] == tunnel_id]
-            if held and held[0]["status"] == "open":
+            held = state.fleet.ledger.tunnel(tunnel_id)
+            if held and held["status"] == "open":
                 raise InvalidArgument(
-                    f"tunnel {tunnel_id} is held by another tether process (pid {held[0]['owner_pid']}); close "
+                    f"tunnel {tunnel_id} is held by another tether process (pid {held['owner_pid']}); close "
                     "it there (Ctrl-C on `tether tunnel`, or that server's tunnel_close)"
                 )
             if held:  # closed already: closing again changes nothing, as the tool's idempotent hint promises
