@@ -264,20 +264,7 @@ class ShellPool:
         a login shell was still starting then; a shell that is booting gets the boot timeout,
         however short `timeout` is."""
         wait = None if timeout is None else max(timeout, self.boot_timeout)
-        try:
-            slot = self.try_borrow_idle() or await self._acquire_within(wait)
-        except TimeoutError as exc:
-            if exc.args == ("starting",):
-                raise ConnectTimeout(
-                    f"no shell on {self._endpoint.display} was ready within {wait:g}s: a login shell was still "
-                    "starting (its start-up files hang or wait on something: a stale lock, say "
-                    "~/.pyenv/shims/.pyenv-shim); the command did not run"
-                ) from None
-            raise ShellsBusy(
-                f"no shell on {self._endpoint.display} became free within {wait:g}s: every session the "
-                "server allows (its MaxSessions) is in use, or the server is not answering; the command "
-                "did not run. Try again, or end background work that holds sessions"
-            ) from None
+        slot = self.try_borrow_idle() or await self._acquire_within(wait)
         healthy = False
         try:
             yield slot.shell
@@ -318,14 +305,24 @@ class ShellPool:
         return slot
 
     async def _acquire_within(self, wait: float | None) -> _Slot:
-        """`_acquire`, or TimeoutError after `wait` seconds: TimeoutError("starting") when a login
-        shell was starting then (asked before the cancel, which ends the start)."""
+        """`_acquire`, or after `wait` seconds the error that says why there was none. Whether a
+        login shell was starting is asked before the cancel, which ends the start."""
         acquiring = asyncio.ensure_future(self._acquire())
         try:
             done, _ = await asyncio.wait({acquiring}, timeout=wait)
-            if not done:
-                raise TimeoutError("starting" if self._starting else "busy")
-            return acquiring.result()
+            if done:
+                return acquiring.result()
+            if self._starting:
+                raise ConnectTimeout(
+                    f"no shell on {self._endpoint.display} was ready within {wait:g}s: a login shell was still "
+                    "starting (its start-up files hang or wait on something: a stale lock, say "
+                    "~/.pyenv/shims/.pyenv-shim); the command did not run"
+                )
+            raise ShellsBusy(
+                f"no shell on {self._endpoint.display} became free within {wait:g}s: every session the "
+                "server allows (its MaxSessions) is in use, or the server is not answering; the command "
+                "did not run. Try again, or end background work that holds sessions"
+            )
         finally:
             if not acquiring.done():
                 acquiring.cancel()
