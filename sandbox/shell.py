@@ -299,8 +299,7 @@ __t_run() {
   { [ "$__o" -ef /dev/fd/7 ] && [ "$__e" -ef /dev/fd/8 ]; } 2>/dev/null || {
     [ -r "$__o" ] && [ -r "$__e" ] && command exec 7<"$__o" 8<"$__e"; __g=$((__g + 1)); }
   __t_spawn "$2" "$3" "$4" "$__c" "$5"
-  __p=$!; __lp=
-  [ "$__TPG" = none ] || __lp=$__p  # (the command's own process group, when it has one)
+  __p=$!; __lp=$__p  # (its process group's id; without groups, no group has it, and nothing is found)
   printf '%s S %s\0' "$1" "$__p"
   wait "$__p" 2>/dev/null; __x=$?
   __cwd=
