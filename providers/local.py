@@ -22,7 +22,7 @@ from pathlib import Path
 
 from sandbox import SSHEndpoint
 from sandbox.jobs import STOP_ALL_JOBS
-from sandbox.state import process_running
+from sandbox.state import proc_stat, process_running
 
 from .base import (
     Capacity,
@@ -206,11 +206,8 @@ def _profiles_running(pids: list[int]) -> set[int]:
     session leader) with more in it than the shell: the shell and what its profile runs."""
     groups: dict[int, list[int]] = {}
     for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
-        except OSError:
-            continue
-        groups.setdefault(int(fields[2]), []).append(pid)  # (state, ppid, pgrp, session, ...)
+        if stat := proc_stat(pid):
+            groups.setdefault(int(stat[2]), []).append(pid)  # (state, ppid, pgrp, ...)
     return {pid for group, members in groups.items() if len(members) > 1 and _is_login_shell(group) for pid in members}
 
 

@@ -66,6 +66,15 @@ def state_dir() -> Path:
     return path
 
 
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, pgrp, session, ...; the
+    name, in parentheses, may hold anything); None without /proc, or once the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return None
+
+
 def process_running(pid: int) -> bool:
     """Whether `pid` is a live process on this machine (a zombie, exited but not reaped, is not)."""
     try:
@@ -74,22 +83,19 @@ def process_running(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no /proc (macOS): kill(0) is all we know
-    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
+    stat = proc_stat(pid)  # (None without /proc, macOS: kill(0) is all we know)
+    return stat is None or stat[:1] != ["Z"]
 
 
 def process_stamp(pid: int) -> str | None:
     """What tells the process `pid` now is from another that had that pid before (after it ended,
     or a reboot): the boot's id and the process's start time, where /proc says them; else None."""
+    stat = proc_stat(pid)
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        started = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19]
-    except (OSError, IndexError):
+    except OSError:
         return None
-    return f"{boot}:{started}"
+    return f"{boot}:{stat[19]}" if stat is not None and len(stat) > 19 else None
 
 
 def config_path() -> Path:
